@@ -1,0 +1,94 @@
+"""Static KV cache: allocated once, per-row lengths on the device, rollback by setting lengths."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+
+def _free_device_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on ``device`` in bytes, or None when it cannot be told (CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+class StaticKVCache:
+    """Keys and values for ``num_layers`` layers, shape (num_layers, max_batch, kv_heads, max_len, head_dim).
+
+    ``lengths`` (max_batch,) int64 lives on the cache's device: the number of valid positions of each
+    row. Positions at or beyond a row's length hold stale data that attention never reads (queries at
+    position p only see keys 0..p, and every position is rewritten before it is read again), so
+    rolling back is ``set_lengths`` and never a copy.
+    """
+
+    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> None:
+        for name, value in (("num_layers", num_layers), ("max_batch", max_batch), ("kv_heads", kv_heads),
+                            ("max_len", max_len), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"StaticKVCache: {name} must be a positive int, got {value!r}")
+        device = torch.device(device)
+        shape = (num_layers, max_batch, kv_heads, max_len, head_dim)
+        element = torch.empty((), dtype=dtype).element_size()
+        needed = 2 * element * num_layers * max_batch * kv_heads * max_len * head_dim
+        free = _free_device_bytes(device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"KV cache of shape {shape} in {dtype} needs {needed / 2**20:.1f} MiB but only "
+                f"{free / 2**20:.1f} MiB are free on {device}; lower max_batch or max_len"
+            )
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def max_batch(self) -> int:
+        return self.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def layer(self, index: int):
+        """(k, v) of one layer, each (max_batch, kv_heads, max_len, head_dim)."""
+        return self.k[index], self.v[index]
+
+    def check_fits(self, batch: int, needed_len: int) -> None:
+        """Raise a clear error if ``batch`` rows of ``needed_len`` positions do not fit."""
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
+        if needed_len > self.max_len:
+            raise ValueError(
+                f"sequence needs {needed_len} cache positions but the cache holds max_len={self.max_len}"
+            )
+
+    def set_lengths(self, lengths: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """Set per-row valid lengths (rollback or commit); lengths: (B,) int64."""
+        if rows is None:
+            self.lengths[: lengths.shape[0]].copy_(lengths)
+        else:
+            self.lengths[rows] = lengths.to(self.lengths.device)
+
+    def reset(self) -> None:
+        self.lengths.zero_()

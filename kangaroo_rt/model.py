@@ -1,0 +1,191 @@
+"""Llama-family decoder (llama, mistral, qwen2) over a static KV cache, with layer-range forward.
+
+Parameter names follow transformers without the ``model.`` prefix (``layers.3.self_attn.q_proj.weight``,
+``lm_head.weight``), so a checkpoint maps onto this module by stripping one prefix. One ``positions``
+tensor (B, q) drives RoPE, the causal mask and where the cache is written (gpt-fast's ``input_pos``).
+
+Kangaroo runs ``forward_layers(h, pos, 0, l, cache)`` to draft and ``forward_layers(h, pos, l, N, cache)``
+to verify; ``embed``, ``norm`` and ``lm_head`` are callable on their own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import StaticKVCache
+from .config import ModelConfig
+from .reference import rope_cos_sin
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) fp32, with linear or Llama-3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif config.rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_len / low
+        high_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """One Llama attention block writing its keys/values into a static cache layer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        """x: (B, q, D); positions: (B, q); cos/sin: (B, q, head_dim); caches: (B_max, Hkv, T, hd)."""
+        b, q_len, _ = x.shape
+        q = self.q_proj(x).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        q = ops.apply_rope(q, cos, sin)
+        k = ops.apply_rope(k, cos, sin)
+        ops.cache_append(k_cache, v_cache, k, v, positions)
+        out = ops.attention(q, k_cache, v_cache, positions, kv_len)  # (B, Hq, q, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), positions, cos, sin, k_cache, v_cache, kv_len)
+        h, x = ops.add_rms_norm(attn, h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return h + self.mlp(x)
+
+
+class Transformer(nn.Module):
+    """The target model. Build with :func:`kangaroo_rt.loading.load_model` or :meth:`random`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0, std: float = 0.02,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Transformer":
+        """Random weights (normal(0, std) matrices, unit norms), seeded: for tests and benchmarks."""
+        model = cls(config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+        return model.to(dtype=dtype, device=device).eval()
+
+    # -- pieces ---------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (B, q) int64 -> (B, q, D)."""
+        return self.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions: (B, q) -> cos, sin (B, q, head_dim) in the model dtype."""
+        return rope_cos_sin(positions, self.inv_freq, self.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (B, q, D) -> (B, q, V) logits."""
+        return self.lm_head(self.norm(hidden))
+
+    def new_cache(self, max_batch: int, max_len: int) -> StaticKVCache:
+        c = self.config
+        return StaticKVCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, max_len, c.head_dim,
+                             dtype=self.dtype, device=self.device)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int,
+                       cache: StaticKVCache, kv_len: Optional[int] = None,
+                       rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Run layers ``start..end-1`` on hidden (B, q, D) at positions (B, q), writing their KV.
+
+        kv_len: cache slots attention reads (>= max position + 1); None reads the whole cache.
+        rope: precomputed ``self.rope(positions)`` to share between calls at the same positions.
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range {start}..{end} is outside 0..{self.num_layers}")
+        cos, sin = rope if rope is not None else self.rope(positions)
+        for i in range(start, end):
+            k_cache, v_cache = cache.layer(i)
+            hidden = self.layers[i](hidden, positions, cos, sin, k_cache, v_cache, kv_len)
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                kv_len: Optional[int] = None) -> torch.Tensor:
+        """All layers: input_ids (B, q), positions (B, q) -> logits (B, q, V)."""
+        h = self.forward_layers(self.embed(input_ids), positions, 0, self.num_layers, cache, kv_len)
+        return self.head(h)

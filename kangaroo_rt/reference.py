@@ -1,0 +1,161 @@
+"""Plain-torch reference of every op on the decode path.
+
+These are the semantics the Triton and CUDA versions are tested against, and the CPU path of the
+runtime. Shapes are given on every tensor argument. Reductions (norms, softmax) run in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D); weight: (D,). Matches transformers' LlamaRMSNorm bit for bit in fp32."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm: returns (new_residual = x + residual, rms_norm(new_residual))."""
+    new_residual = x + residual
+    return new_residual, rms_norm(new_residual, weight, eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """positions: (B, q) int64; inv_freq: (D/2,) fp32 -> cos, sin: (B, q, D) in ``dtype``."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # (B, q, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, q, D); cos/sin: (B, q, D). Non-interleaved (rotate-half) convention of HF Llama."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+    """Write k/v at per-row positions, in place.
+
+    k_cache, v_cache: (B_max, Hkv, T_max, D); k, v: (B, Hkv, q, D); positions: (B, q) int64, each < T_max.
+    Rows 0..B-1 of the cache are written.
+    """
+    batch = k.shape[0]
+    rows = torch.arange(batch, device=k.device)[:, None]  # (B, 1)
+    # Advanced indices on dims 0 and 2 around a slice put the indexed dims first: (B, q, Hkv, D).
+    k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+              kv_len: Optional[int] = None) -> torch.Tensor:
+    """Causal attention of new queries over a static cache, per-row positions, GQA without repeat.
+
+    q: (B, Hq, q, D); k_cache, v_cache: (B_max, Hkv, T_max, D) already holding the new keys;
+    positions: (B, q) int64, the absolute position of each query. Query at position p sees keys
+    0..p of its own row. kv_len: how many cache slots to read (>= max(positions) + 1; default all).
+    Returns (B, Hq, q, D).
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    group = n_heads // n_kv
+    t = k_cache.shape[2] if kv_len is None else kv_len
+    k = k_cache[:batch, :, :t]  # (B, Hkv, T, D)
+    v = v_cache[:batch, :, :t]
+    # (B, Hkv, group * q, D): the query heads that share one kv head are stacked along the rows.
+    qg = q.reshape(batch, n_kv, group * q_len, head_dim)
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * (head_dim ** -0.5)  # (B, Hkv, G*q, T)
+    key_pos = torch.arange(t, device=q.device)
+    visible = key_pos[None, None, :] <= positions[:, :, None]  # (B, q, T)
+    visible = visible[:, None, None].expand(batch, 1, group, q_len, t).reshape(batch, 1, group * q_len, t)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float())  # (B, Hkv, G*q, D)
+    return out.reshape(batch, n_heads, q_len, head_dim).to(q.dtype)
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (transformers' order and tie rules) -> probabilities.
+
+    logits: (..., V) -> probs (..., V) in fp32, rows summing to 1.
+    """
+    scores = logits.float() / max(float(temperature), 1e-6)
+    vocab = scores.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def greedy_with_confidence(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """logits: (B, V) -> (argmax token (B,) int64, its softmax probability (B,) fp32)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    conf, token = probs.max(dim=-1)
+    return token, conf
+
+
+def accept_greedy(drafts: torch.Tensor, n_drafts: torch.Tensor,
+                  target_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance.
+
+    drafts: (B, K) int64, -1 beyond each row's draft length; n_drafts: (B,) int64;
+    target_tokens: (B, K+1) int64, the target's argmax at each verified position.
+    Returns (accepted (B,) int64 in [0, n_drafts], next_token (B,) int64: correction or bonus).
+    """
+    k = drafts.shape[1]
+    idx = torch.arange(k, device=drafts.device)
+    match = (drafts == target_tokens[:, :k]) & (idx[None, :] < n_drafts[:, None])
+    accepted = match.long().cumprod(dim=1).sum(dim=1)
+    next_token = target_tokens.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, next_token
+
+
+def accept_sampling(drafts: torch.Tensor, n_drafts: torch.Tensor, target_probs: torch.Tensor,
+                    draft_probs: torch.Tensor, uniforms: torch.Tensor,
+                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling acceptance (Leviathan et al. / Chen et al.), lossless for ``target_probs``.
+
+    drafts: (B, K) int64 (-1 placeholders); n_drafts: (B,); target_probs: (B, K+1, V);
+    draft_probs: (B, K, V) (the distribution each draft was sampled from); uniforms: (B, K) in [0, 1).
+    Draft i is accepted with probability min(1, p_i(d)/q_i(d)); at the first rejection j the next
+    token is sampled from normalize(max(p_j - q_j, 0)); after a full acceptance it is sampled from p_k.
+    Returns (accepted (B,), next_token (B,)).
+    """
+    batch, k = drafts.shape
+    idx = torch.arange(k, device=drafts.device)
+    safe = drafts.clamp(min=0)[..., None]  # (B, K, 1)
+    p_d = target_probs[:, :k].gather(2, safe).squeeze(2)  # (B, K)
+    q_d = draft_probs.gather(2, safe).squeeze(2)
+    ok = (uniforms * q_d < p_d) & (idx[None, :] < n_drafts[:, None])
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    p_next = target_probs.gather(1, accepted[:, None, None].expand(batch, 1, target_probs.shape[-1])).squeeze(1)
+    rejected = accepted < n_drafts
+    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], dim=1)  # (B, K+1, V)
+    q_next = q_pad.gather(1, accepted[:, None, None].expand(batch, 1, q_pad.shape[-1])).squeeze(1)
+    residual = (p_next - q_next).clamp(min=0)
+    norm = residual.sum(-1, keepdim=True)
+    # A rejection implies p != q, so the residual has mass; guard against fp round-off anyway.
+    residual = torch.where(norm > 0, residual / norm.clamp(min=1e-30), p_next)
+    dist = torch.where(rejected[:, None], residual, p_next)
+    next_token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+    return accepted, next_token

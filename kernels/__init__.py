@@ -1,0 +1,1 @@
+"""Triton kernels, installed as kangaroo_rt.kernels; see kangaroo_rt.ops"""
