@@ -1,0 +1,158 @@
+"""The Kangaroo adapter: RMSNorm -> one Llama attention block -> residual -> RMSNorm.
+
+It reads the target's hidden state after layer ``l-1`` (``hidden_states[l]`` in HF numbering), uses the
+target's head layout and RoPE, keeps its own one-layer static KV cache, and feeds the target's
+``lm_head`` (the target's final norm is not applied on the draft path).
+
+Checkpoint format (the official one): a folder with ``config.json`` (a LlamaConfig with
+``num_hidden_layers: 1``) and ``pytorch_model.bin`` holding exactly ``norm.weight``,
+``layers.0.input_layernorm.weight`` and ``layers.0.self_attn.{q,k,v,o}_proj.weight``. We load it strictly
+(``weights_only=True``) and also read and write ``model.safetensors``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .cache import StaticKVCache
+from .config import ModelConfig
+from .loading import _load_bin, _load_safetensors, _read_json, assign_state_dict
+from .model import Attention, RMSNorm
+
+PathLike = Union[str, os.PathLike]
+ADAPTER_KEYS = (
+    "norm.weight",
+    "layers.0.input_layernorm.weight",
+    "layers.0.self_attn.q_proj.weight",
+    "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight",
+    "layers.0.self_attn.o_proj.weight",
+)
+# Fields of the adapter's config.json that must equal the target's.
+_MATCHING_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+class _AdapterLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+
+
+class Adapter(nn.Module):
+    """The draft head's body. ``forward`` returns the normed state that ``target.lm_head`` turns into logits."""
+
+    def __init__(self, target_config: ModelConfig) -> None:
+        super().__init__()
+        # The official adapter is a bias-free Llama block whatever the target's q/k/v bias.
+        self.config = dataclasses.replace(target_config, qkv_bias=False, o_bias=False, num_hidden_layers=1)
+        self.layers = nn.ModuleList([_AdapterLayer(self.config)])
+        self.norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+
+    @classmethod
+    def random(cls, target_config: ModelConfig, seed: int = 0, std: float = 0.02,
+               dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> "Adapter":
+        """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded."""
+        adapter = cls(target_config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in adapter.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+        return adapter.to(dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def new_cache(self, max_batch: int, max_len: int) -> StaticKVCache:
+        c = self.config
+        return StaticKVCache(1, max_batch, c.num_key_value_heads, max_len, c.head_dim,
+                             dtype=self.dtype, device=self.device)
+
+    def forward(self, exit_hidden: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, cache: StaticKVCache, kv_len: Optional[int] = None) -> torch.Tensor:
+        """exit_hidden: (B, q, D) at positions (B, q); cos/sin from the target's RoPE -> (B, q, D)."""
+        layer = self.layers[0]
+        k_cache, v_cache = cache.layer(0)
+        x = exit_hidden + layer.self_attn(layer.input_layernorm(exit_hidden), positions, cos, sin,
+                                          k_cache, v_cache, kv_len)
+        return self.norm(x)
+
+    # -- checkpoint format --------------------------------------------------------------------
+    def official_config(self) -> Dict[str, object]:
+        c = self.config
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "max_position_embeddings": c.max_position_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def save_pretrained(self, folder: PathLike, safetensors: bool = False) -> None:
+        """Write the official format (``pytorch_model.bin``) or, with ``safetensors=True``, ``model.safetensors``."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        if safetensors:
+            from safetensors.torch import save_file
+            save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(self.official_config(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, folder: PathLike, target_config: ModelConfig, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device] = "cpu") -> "Adapter":
+        """Load strictly; raise naming mismatched config fields or missing/unexpected/mis-shaped keys."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"adapter folder {folder} does not exist")
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in adapter folder {folder}")
+        cfg = _read_json(config_path)
+        layers = cfg.get("num_hidden_layers", 1)
+        if layers != 1:
+            raise ValueError(f"adapter config.json has num_hidden_layers={layers}; the Kangaroo adapter has 1")
+        cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+        target = dataclasses.asdict(target_config)
+        mismatched = [f"{k}: adapter {cfg.get(k)!r} vs target {target[k]!r}"
+                      for k in _MATCHING_FIELDS if cfg.get(k) != target[k]]
+        if mismatched:
+            raise ValueError(f"adapter {folder} was made for another model: {'; '.join(mismatched)}")
+        st = os.path.join(folder, "model.safetensors")
+        binary = os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(st):
+            tensors = _load_safetensors(st)
+        elif os.path.isfile(binary):
+            tensors = _load_bin(binary)
+        else:
+            raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in adapter folder {folder}")
+        with torch.device("meta"):
+            adapter = cls(target_config)
+        dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
+        assign_state_dict(adapter, tensors, folder, dtype, torch.device(device))
+        return adapter

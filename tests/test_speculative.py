@@ -1,0 +1,264 @@
+"""Kangaroo decoding is lossless: greedy token equality and sampling in distribution."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import kangaroo_rt as K
+from kangaroo_rt.testing import agreeing_pair, random_target, tiny_config
+
+N_PROMPTS = 50
+MAX_NEW = 16
+
+
+def _prompts(n, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 14, (n,), generator=gen).tolist()
+    return [torch.randint(0, vocab, (t,), generator=gen) for t in lengths]
+
+
+def _batch(prompts):
+    """Left-padded (B, T) ids and attention mask, as a transformers user would pass them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _new_tokens(seqs, prompt_width, n_new):
+    return seqs[:, prompt_width:prompt_width + n_new]
+
+
+@pytest.fixture(scope="module")
+def setups():
+    cfg = tiny_config(num_layers=4)
+    out = {}
+    for exit_layer in (1, 2):
+        target, agreeing = agreeing_pair(cfg, exit_layer)
+        random_adapter = K.Adapter.random(cfg, seed=7, std=cfg.hidden_size ** -0.5)
+        out[exit_layer] = (target, {"agreeing": agreeing, "random": random_adapter})
+    return cfg, out
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(setups):
+    """Each prompt decoded alone with plain AR: the reference every Kangaroo run must equal."""
+    cfg, models = setups
+    prompts = _prompts(N_PROMPTS, cfg.vocab_size)
+    refs = {}
+    for exit_layer, (target, _) in models.items():
+        m = K.KangarooModel(target, None, exit_layer=exit_layer)
+        refs[exit_layer] = [K.generate(m, p[None], max_new_tokens=MAX_NEW, kangaroo=None)[0, len(p):]
+                            for p in prompts]
+    return prompts, refs
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2])
+@pytest.mark.parametrize("adapter_kind", ["agreeing", "random"])
+def test_greedy_lossless_matrix(setups, plain_greedy, exit_layer, adapter_kind):
+    _, models = setups
+    prompts, refs = plain_greedy
+    target, adapters = models[exit_layer]
+    model = K.KangarooModel(target, adapters[adapter_kind], exit_layer=exit_layer)
+    total_rounds = total_tokens = 0
+    for batch_size, gamma, eta in itertools.product((1, 3, 8), (1, 4, 6), (0.0, 0.6, 1.0)):
+        kcfg = K.KangarooConfig(gamma=gamma, eta=eta)
+        for start in range(0, N_PROMPTS, batch_size):
+            chunk = prompts[start:start + batch_size]
+            ids, mask = _batch(chunk)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, kangaroo=kcfg,
+                                 return_dict_in_generate=True)
+            got = out.sequences[:, ids.shape[1]:]
+            for i, ref in enumerate(refs[exit_layer][start:start + batch_size]):
+                assert torch.equal(got[i], ref), (batch_size, gamma, eta, start + i)
+            total_rounds += sum(out.rounds)
+            total_tokens += sum(sum(a) for a in out.stats.accepted_lengths)
+            assert all(max(d, default=0) <= gamma for d in out.stats.draft_lengths)
+            if eta == 1.0:  # a top-1 probability is never >= 1 here: exactly one draft per round
+                assert all(set(d) <= {0, 1} for d in out.stats.draft_lengths)
+    mat = total_tokens / total_rounds
+    # Acceptance must reflect the adapter: the agreeing one accepts far more than the random one.
+    assert mat > (1.5 if adapter_kind == "agreeing" else 1.0)
+
+
+def test_agreeing_adapter_accepts_more_than_random(setups, plain_greedy):
+    _, models = setups
+    prompts, _ = plain_greedy
+    target, adapters = models[2]
+    ids, mask = _batch(prompts[:8])
+    mats = {}
+    for kind, adapter in adapters.items():
+        m = K.KangarooModel(target, adapter, exit_layer=2)
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW,
+                         kangaroo=K.KangarooConfig(gamma=6, eta=0.0), return_dict_in_generate=True)
+        mats[kind] = out.stats.summary()["mat"]
+    assert mats["agreeing"] > mats["random"] + 0.5, mats
+
+
+def test_full_acceptance_and_catch_up():
+    """An adapter that is the target itself (1-layer target, exit 1... emulated by a deep-identity target)."""
+    cfg = tiny_config(num_layers=3)
+    target, adapter = agreeing_pair(cfg, 2, deep_scale=0.0)  # layers >= 2 do nothing: drafts always agree
+    model = K.KangarooModel(target, adapter, exit_layer=2)
+    ids = torch.randint(0, cfg.vocab_size, (3, 7))
+    ref = model.generate(ids, max_new_tokens=30, kangaroo=None)
+    out = model.generate(ids, max_new_tokens=30, kangaroo=K.KangarooConfig(gamma=4, eta=0.0),
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    # Every round accepts all 4 drafts plus the bonus, except the last one capped by max_new_tokens.
+    for row in out.stats.accepted_lengths:
+        assert row[:-1] == [5] * (len(row) - 1)
+    assert out.acceptance_by_position == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_exact_max_new_tokens_and_eos():
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 2)
+    ids = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(3))
+    plain = K.KangarooModel(target, adapter, exit_layer=2)
+    ref = plain.generate(ids, max_new_tokens=20, kangaroo=None)
+    for n in (1, 2, 7, 20):
+        out = plain.generate(ids, max_new_tokens=n, kangaroo=K.KangarooConfig(gamma=6, eta=0.0))
+        assert out.shape == (4, 6 + n)
+        assert torch.equal(out, ref[:, :6 + n])
+    # EOS: pick a token the reference emits mid-way in row 0; every row stops right after its first EOS.
+    eos = int(ref[0, 6 + 5])
+    out = plain.generate(ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=-1,
+                         kangaroo=K.KangarooConfig(gamma=6, eta=0.0))
+    ref_eos = plain.generate(ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=-1, kangaroo=None)
+    assert torch.equal(out, ref_eos)
+    first = (ref[0, 6:] == eos).nonzero()[0].item()
+    assert out[0, 6 + first] == eos and bool((out[0, 6 + first + 1:] == -1).all())
+
+
+def _first_tokens_counts(model, prompt, n_tokens, kangaroo, samples, seed, **sampling):
+    counts = {}
+    ids = prompt[None].expand(samples, -1)
+    out = model.generate(ids, max_new_tokens=n_tokens, do_sample=True, kangaroo=kangaroo, seed=seed,
+                         ignore_eos=True, **sampling)
+    for row in out[:, prompt.shape[0]:].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts
+
+
+def _chi_square_p(counts_a, counts_b):
+    """Two-sample chi-square test of homogeneity; returns the p-value (scipy)."""
+    from scipy.stats import chi2_contingency
+    keys = sorted(set(counts_a) | set(counts_b))
+    table = [[counts_a.get(k, 0) for k in keys], [counts_b.get(k, 0) for k in keys]]
+    return chi2_contingency(table)[1]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_sampling_matches_target_distribution(sampling):
+    # Tiny vocabulary so that the joint distribution of the first 2 tokens has few cells.
+    cfg = tiny_config(vocab_size=8, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64)
+    target = random_target(cfg, seed=5)
+    # An adapter that disagrees often, so that rejections and residual sampling are exercised.
+    adapter = K.Adapter.random(cfg, seed=11, std=cfg.hidden_size ** -0.5)
+    model = K.KangarooModel(target, adapter, exit_layer=1)
+    prompt = torch.tensor([1, 2, 3])
+    samples = 3000
+    plain = _first_tokens_counts(model, prompt, 2, None, samples, seed=1, **sampling)
+    spec = _first_tokens_counts(model, prompt, 2, K.KangarooConfig(gamma=3, eta=0.0), samples, seed=2, **sampling)
+    p_value = _chi_square_p(plain, spec)
+    assert p_value > 1e-3, (p_value, plain, spec)
+
+
+def test_sampling_detects_a_wrong_distribution():
+    """The chi-square check has power: plain sampling at two temperatures is told apart."""
+    cfg = tiny_config(vocab_size=8, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64)
+    model = K.KangarooModel(random_target(cfg, seed=5), None, exit_layer=1)
+    prompt = torch.tensor([1, 2, 3])
+    a = _first_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
+    b = _first_tokens_counts(model, prompt, 2, None, 3000, seed=2, temperature=0.6)
+    assert _chi_square_p(a, b) < 1e-3
+
+
+def test_sampling_seeded_reproducible():
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 2)
+    model = K.KangarooModel(target, adapter, exit_layer=2)
+    ids = torch.randint(0, cfg.vocab_size, (3, 5))
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.95, seed=123)
+    a, b = model.generate(ids, **kw), model.generate(ids, **kw)
+    assert torch.equal(a, b)
+    c = model.generate(ids, **{**kw, "seed": 124})
+    assert not torch.equal(a, c)
+
+
+def test_rows_do_not_depend_on_each_other_under_sampling_greedy_mix():
+    """temperature=0 with do_sample=True is greedy, and equals plain greedy."""
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 1)
+    model = K.KangarooModel(target, adapter, exit_layer=1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    ref = model.generate(ids, max_new_tokens=10, kangaroo=None)
+    out = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.0)
+    assert torch.equal(ref, out)
+
+
+def test_stats_are_consistent():
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 2)
+    model = K.KangarooModel(target, adapter, exit_layer=2, kangaroo=K.KangarooConfig(gamma=5, eta=0.6))
+    ids = torch.randint(0, cfg.vocab_size, (3, 6))
+    out = model.generate(ids, max_new_tokens=25, return_dict_in_generate=True)
+    s = out.stats
+    for r in range(3):
+        # The first token comes from the prefill; every other token from a round.
+        assert sum(s.accepted_lengths[r]) + 1 == s.new_tokens[r] == 25
+        assert len(s.accepted_lengths[r]) == s.rounds[r] == len(s.draft_lengths[r])
+        assert all(1 <= a <= d + 1 for a, d in zip(s.accepted_lengths[r], s.draft_lengths[r]))
+    summary = s.summary()
+    assert math.isclose(summary["mat"], sum(map(sum, s.accepted_lengths)) / sum(s.rounds))
+    assert sum(summary["accepted_length_histogram"].values()) == sum(s.rounds)
+    acc = summary["acceptance_by_position"]
+    assert len(acc) == 5 and all(0.0 <= a <= 1.0 for a in acc)
+    assert 0.0 < summary["draft_time_fraction"] < 1.0
+    assert out.draft_steps == [sum(d) for d in s.draft_lengths]
+
+
+class _Recorder:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_tokens():
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 2)
+    model = K.KangarooModel(target, adapter, exit_layer=2)
+    ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    rec = _Recorder()
+    out = model.generate(ids, max_new_tokens=15, streamer=rec)
+    assert rec.ended and torch.equal(rec.chunks[0], ids)
+    assert torch.equal(torch.cat([c.flatten() for c in rec.chunks[1:]]), out[0, 6:])
+    assert len(rec.chunks) > 2
+
+
+def test_works_with_transformers_text_streamer(capsys):
+    from transformers import TextStreamer
+
+    class _Tok:
+        def decode(self, ids, **kw):
+            return "".join(chr(65 + (int(i) % 26)) for i in ids)
+
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, 2)
+    model = K.KangarooModel(target, adapter, exit_layer=2)
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    out = model.generate(ids, max_new_tokens=10, streamer=TextStreamer(_Tok(), skip_prompt=True))
+    printed = capsys.readouterr().out.strip()
+    assert printed == _Tok().decode(out[0, 4:])
