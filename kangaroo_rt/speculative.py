@@ -52,14 +52,14 @@ class DecodeStats:
     def mean_draft_length(self) -> List[float]:
         return [sum(d) / len(d) if d else 0.0 for d in self.draft_lengths]
 
-    def acceptance_by_position(self) -> List[float]:
-        """Over all rows: P(draft i accepted | draft i proposed), for i = 1..gamma."""
+    def acceptance_by_position(self) -> List[Optional[float]]:
+        """Over all rows: P(draft i accepted | draft i proposed), for i = 1..gamma (None: never proposed)."""
         width = max((len(a) for a in self.position_attempts), default=0)
         out = []
         for i in range(width):
             tried = sum(a[i] for a in self.position_attempts)
             ok = sum(a[i] for a in self.position_accepts)
-            out.append(ok / tried if tried else 0.0)
+            out.append(ok / tried if tried else None)
         return out
 
     def accepted_length_histogram(self) -> dict:

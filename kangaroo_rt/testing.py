@@ -38,9 +38,9 @@ def random_target(config: ModelConfig, seed: int = 0, head_scale: float = 1.0) -
 
 
 def agreeing_pair(config: ModelConfig, exit_layer: int, seed: int = 0,
-                  deep_scale: float = 0.2) -> Tuple[Transformer, Adapter]:
+                  deep_scale: float = 0.2, head_scale: float = 1.0) -> Tuple[Transformer, Adapter]:
     """(target, adapter) whose drafts mostly agree with the target (see the module docstring)."""
-    target = random_target(config, seed=seed)
+    target = random_target(config, seed=seed, head_scale=head_scale)
     with torch.no_grad():
         for layer in target.layers[exit_layer:]:
             layer.self_attn.o_proj.weight.mul_(deep_scale)

@@ -220,7 +220,7 @@ def test_stats_are_consistent():
     assert math.isclose(summary["mat"], sum(map(sum, s.accepted_lengths)) / sum(s.rounds))
     assert sum(summary["accepted_length_histogram"].values()) == sum(s.rounds)
     acc = summary["acceptance_by_position"]
-    assert len(acc) == 5 and all(0.0 <= a <= 1.0 for a in acc)
+    assert len(acc) == 5 and all(a is None or 0.0 <= a <= 1.0 for a in acc) and acc[0] is not None
     assert 0.0 < summary["draft_time_fraction"] < 1.0
     assert out.draft_steps == [sum(d) for d in s.draft_lengths]
 
