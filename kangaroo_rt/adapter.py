@@ -17,8 +17,10 @@ import os
 from typing import Dict, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import reference
 from .cache import StaticKVCache
 from .config import ModelConfig
 from .loading import _load_bin, _load_safetensors, _read_json, assign_state_dict
@@ -89,6 +91,26 @@ class Adapter(nn.Module):
         x = exit_hidden + layer.self_attn(layer.input_layernorm(exit_hidden), positions, cos, sin,
                                           k_cache, v_cache, kv_len)
         return self.norm(x)
+
+    def forward_train(self, exit_hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal forward for training (plain torch, differentiable).
+
+        exit_hidden: (B, T, D) for positions 0..T-1; cos/sin: (B, T, head_dim) -> (B, T, D).
+        """
+        layer = self.layers[0]
+        attn = layer.self_attn
+        b, t, _ = exit_hidden.shape
+        x = layer.input_layernorm(exit_hidden)
+        q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, attn.n_kv, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, attn.n_kv, attn.head_dim).transpose(1, 2)
+        q, k = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+        group = attn.n_heads // attn.n_kv
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+        out = attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+        return self.norm(exit_hidden + out)
 
     # -- checkpoint format --------------------------------------------------------------------
     def official_config(self) -> Dict[str, object]:
