@@ -97,6 +97,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .adapter import Adapter
+    from .loading import load_model
+    from .train.data import load_examples
+    from .train.states import Dumped, OnTheFly, dump_states, first_tokens
+    from .train.trainer import TrainConfig, Trainer, export_adapter, init_distributed
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    target = load_model(args.model, dtype=dtype, device=device)
+    rank, world = init_distributed(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+    examples, report = load_examples(args.data, tokenizer, max_length=args.max_length, template=args.template,
+                                     packing=args.packing)
+    if rank == 0:
+        print(f"data: {report}", file=sys.stderr)
+    n_eval = min(args.eval_prompts, max(0, len(examples) - 1))
+    held, train_examples = examples[:n_eval], examples[n_eval:]
+    if args.dump:
+        if rank == 0:
+            dump_states(target, args.exit_layer, train_examples, args.dump, progress=not args.no_progress)
+        if world > 1:
+            torch.distributed.barrier()
+        source = Dumped(args.dump, device, dtype=target.dtype)
+        if source.exit_layer != args.exit_layer:
+            raise ValueError(f"dump {args.dump} was made for exit layer {source.exit_layer}, not {args.exit_layer}")
+    else:
+        source = OnTheFly(target, args.exit_layer, train_examples)
+    adapter = (Adapter.from_pretrained(args.init_adapter, target.config, dtype=torch.float32, device=device)
+               if args.init_adapter else Adapter.random(target.config, seed=args.seed, device=device))
+    cfg = TrainConfig(steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip,
+                      clip_value=args.clip_value, amp=args.amp, seed=args.seed, out_dir=args.out,
+                      save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
+                      progress=not args.no_progress)
+    trainer = Trainer(target, adapter, args.exit_layer, source, cfg,
+                      eval_prompts=first_tokens(held, n_eval, max_prompt=args.eval_prompt_len))
+    trainer.train(resume=not args.no_resume)
+    if rank == 0:
+        folder = export_adapter(adapter.to(target.dtype), os.path.join(args.out, "adapter"), args.exit_layer)
+        print(f"adapter exported to {folder} (official format + safetensors)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kangaroo-rt", description="Kangaroo self-speculative decoding runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train-adapter", help="train a Kangaroo adapter for a local target (torchrun for DDP)")
+    tr.add_argument("--model", required=True, help="local HF checkpoint folder of the target")
+    tr.add_argument("--data", required=True, help="ShareGPT JSON/JSONL, {'text': ...} JSONL or a raw text file")
+    tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, adapter/")
+    tr.add_argument("--tokenizer")
+    tr.add_argument("--exit-layer", type=int, default=2)
+    tr.add_argument("--template", default="auto", choices=["auto", "vicuna", "chat_template", "none"])
+    tr.add_argument("--max-length", type=int, default=2048)
+    tr.add_argument("--packing", action="store_true")
+    tr.add_argument("--dump", help="folder for an offline hidden-state dump (resumable); default: on the fly")
+    tr.add_argument("--init-adapter", help="start from this adapter folder instead of a fresh one")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--micro-batch", type=int, default=4)
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--lr", type=float, default=5e-5)
+    tr.add_argument("--warmup-steps", type=int, default=50)
+    tr.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    tr.add_argument("--clip", default="value", choices=["value", "norm", "none"])
+    tr.add_argument("--clip-value", type=float, default=0.5)
+    tr.add_argument("--amp", choices=["bf16", "fp16"])
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--save-every", type=int, default=100)
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--eval-every", type=int, default=0)
+    tr.add_argument("--eval-prompts", type=int, default=8, help="examples held out for acceptance evaluation")
+    tr.add_argument("--eval-prompt-len", type=int, default=64)
+    tr.add_argument("--no-resume", action="store_true")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    tr.set_defaults(func=cmd_train_adapter)
     return parser
 
 
