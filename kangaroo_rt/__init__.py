@@ -10,6 +10,7 @@ Quick use::
 from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import KangarooConfig, ModelConfig, SamplingConfig
+from .embedded import load_default, load_tokenizer
 from .generate import GenerateOutput, KangarooModel, generate
 from .loading import load_model, save_model
 from .model import Transformer
@@ -28,6 +29,8 @@ __all__ = [
     "StaticKVCache",
     "Transformer",
     "generate",
+    "load_default",
+    "load_tokenizer",
     "load_model",
     "save_model",
 ]

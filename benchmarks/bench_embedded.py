@@ -1,0 +1,117 @@
+"""Kangaroo vs this project's plain decoding on the embedded model, side by side in one run.
+
+For each held-out prompt (batch 1, greedy) the two methods run interleaved on identical weights and
+cache; tokens must be identical (a mismatch is reported and fails the run). Prints a table and
+writes JSON to benchmarks/results/ (or --out).
+
+    PYTHONPATH=. python benchmarks/bench_embedded.py --prompts 24 --max-new-tokens 128
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kangaroo_rt.config import KangarooConfig  # noqa: E402
+from kangaroo_rt.generate import KangarooModel  # noqa: E402
+
+ASSETS = os.path.join(ROOT, "kangaroo_rt", "assets", "embedded")
+
+
+def load_prompts(limit: Optional[int] = None, path: Optional[str] = None) -> List[torch.Tensor]:
+    """Token ids of the embedded model's held-out prompts."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(ASSETS)
+    with open(path or os.path.join(ASSETS, "heldout_prompts.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [tok(r["prompt"], return_tensors="pt").input_ids for r in rows[:limit]]
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measure(target, adapter, exit_layer: int, prompts: List[torch.Tensor], gamma: int, eta: float,
+            max_new_tokens: int) -> Dict:
+    """Interleaved plain / Kangaroo decoding of every prompt; returns totals and ratios."""
+    model = KangarooModel(target, adapter, exit_layer=exit_layer, kangaroo=KangarooConfig(gamma=gamma, eta=eta))
+    model.generate(prompts[0], max_new_tokens=8, ignore_eos=True)  # warm-up, allocates the caches
+    t_plain = t_kg = 0.0
+    tokens = rounds = accepted = 0
+    attempts = [0] * gamma
+    accepts = [0] * gamma
+    mismatches = 0
+    draft_s = verify_s = 0.0
+    for ids in prompts:
+        plain, dt_p = _time(lambda: model.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True, kangaroo=None))
+        out, dt_k = _time(lambda: model.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True,
+                                                 return_dict_in_generate=True))
+        mismatches += int(not torch.equal(plain, out.sequences))
+        t_plain += dt_p
+        t_kg += dt_k
+        tokens += max_new_tokens
+        s = out.stats
+        rounds += s.rounds[0]
+        accepted += sum(s.accepted_lengths[0])
+        attempts = [a + b for a, b in zip(attempts, s.position_attempts[0])]
+        accepts = [a + b for a, b in zip(accepts, s.position_accepts[0])]
+        draft_s += s.draft_time_s
+        verify_s += s.verify_time_s
+    return {"gamma": gamma, "eta": eta, "exit_layer": exit_layer, "prompts": len(prompts),
+            "new_tokens_per_prompt": max_new_tokens, "plain_tokens_per_s": tokens / t_plain,
+            "kangaroo_tokens_per_s": tokens / t_kg, "speedup": t_plain / t_kg, "mat": accepted / max(1, rounds),
+            "acceptance_by_position": [a / t if t else None for a, t in zip(accepts, attempts)],
+            "draft_time_fraction": draft_s / max(1e-9, draft_s + verify_s), "greedy_mismatches": mismatches}
+
+
+def main() -> int:
+    from kangaroo_rt import load_default
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--gamma", type=int, help="default: the shipped tuned value")
+    parser.add_argument("--eta", type=float, help="default: the shipped tuned value")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_default()
+    gamma = args.gamma if args.gamma is not None else model.kangaroo.gamma
+    eta = args.eta if args.eta is not None else model.kangaroo.eta
+    r = measure(model.target, model.adapter, model.exit_layer, load_prompts(args.prompts), gamma, eta,
+                args.max_new_tokens)
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    r.update({"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__})
+    print(f"| method   | tokens/s | speedup | MAT  |\n|----------|----------|---------|------|\n"
+          f"| plain    | {r['plain_tokens_per_s']:8.1f} | 1.00x   |  -   |\n"
+          f"| kangaroo | {r['kangaroo_tokens_per_s']:8.1f} | {r['speedup']:.2f}x   | {r['mat']:.2f} |")
+    print(f"exit layer {r['exit_layer']}, gamma {gamma}, eta {eta}, {r['prompts']} prompts x {args.max_new_tokens} "
+          f"tokens, {device}; acceptance by position "
+          f"{[None if a is None else round(a, 2) for a in r['acceptance_by_position']]}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_embedded.json")
+    with open(path, "w") as f:
+        json.dump(r, f, indent=2)
+    print(f"wrote {path}")
+    if r["greedy_mismatches"]:
+        print(f"ERROR: {r['greedy_mismatches']} prompts decoded differently by Kangaroo and plain decoding")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
