@@ -23,8 +23,8 @@ from torch import nn
 from . import reference
 from .cache import StaticKVCache
 from .config import ModelConfig
-from .loading import _load_bin, _load_safetensors, _read_json, assign_state_dict
-from .model import Attention, RMSNorm
+from .loading import _load_bin, _load_safetensors, assign_state_dict, read_folder_config
+from .model import Attention, RMSNorm, init_random
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_KEYS = (
@@ -60,15 +60,7 @@ class Adapter(nn.Module):
     def random(cls, target_config: ModelConfig, seed: int = 0, std: float = 0.02,
                dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> "Adapter":
         """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded."""
-        adapter = cls(target_config)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in adapter.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=gen)
-        return adapter.to(dtype=dtype, device=device)
+        return init_random(cls(target_config), seed, std).to(dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,12 +142,7 @@ class Adapter(nn.Module):
                         device: Union[str, torch.device] = "cpu") -> "Adapter":
         """Load strictly; raise naming mismatched config fields or missing/unexpected/mis-shaped keys."""
         folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"adapter folder {folder} does not exist")
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"no config.json in adapter folder {folder}")
-        cfg = _read_json(config_path)
+        cfg = read_folder_config(folder, "adapter")
         layers = cfg.get("num_hidden_layers", 1)
         if layers != 1:
             raise ValueError(f"adapter config.json has num_hidden_layers={layers}; the Kangaroo adapter has 1")

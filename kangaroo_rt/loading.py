@@ -40,6 +40,17 @@ def _read_json(path: str) -> Dict[str, Any]:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def read_folder_config(folder: PathLike, what: str = "checkpoint") -> Dict[str, Any]:
+    """The ``config.json`` of a local folder; FileNotFoundError naming what is missing."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} folder {folder} does not exist (only local paths are supported)")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {what} folder {folder}")
+    return _read_json(config_path)
+
+
 def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -141,12 +152,7 @@ def load_model(source: Union[PathLike, Any], dtype: Optional[torch.dtype] = None
     device = torch.device(device)
     if isinstance(source, (str, os.PathLike)):
         folder = os.fspath(source)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint folder {folder} does not exist (only local paths are supported)")
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"no config.json in {folder}")
-        config_dict = _read_json(config_path)
+        config_dict = read_folder_config(folder)
         config = ModelConfig.from_hf_dict(config_dict)
         dtype = dtype or default_dtype(device, config_dict)
         raw = read_tensors(weight_files(folder))

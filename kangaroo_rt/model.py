@@ -45,6 +45,18 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
+def init_random(module: nn.Module, seed: int, std: float) -> nn.Module:
+    """Seeded init in place: norm weights 1, every other parameter normal(0, std). Returns ``module``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return module
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -127,15 +139,7 @@ class Transformer(nn.Module):
     def random(cls, config: ModelConfig, seed: int = 0, std: float = 0.02,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Transformer":
         """Random weights (normal(0, std) matrices, unit norms), seeded: for tests and benchmarks."""
-        model = cls(config)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=gen)
-        return model.to(dtype=dtype, device=device).eval()
+        return init_random(cls(config), seed, std).to(dtype=dtype, device=device).eval()
 
     # -- pieces ---------------------------------------------------------------------------------
     @property

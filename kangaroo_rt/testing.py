@@ -7,6 +7,8 @@ full acceptance with the bonus token and the adapter's two-position catch-up.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -50,3 +52,13 @@ def agreeing_pair(config: ModelConfig, exit_layer: int, seed: int = 0,
         adapter.layers[0].self_attn.o_proj.weight.mul_(0.1)
         adapter.norm.weight.copy_(target.norm.weight)
     return target, adapter
+
+
+def edit_config(folder: str, **changes) -> None:
+    """Update fields of ``folder/config.json`` in place (for tests of mismatched checkpoints)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)

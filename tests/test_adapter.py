@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kangaroo_rt
+from kangaroo_rt.testing import edit_config
 from kangaroo_rt import Adapter, KangarooConfig, KangarooModel, ModelConfig, load_model
 from kangaroo_rt.adapter import ADAPTER_KEYS
 
@@ -49,19 +50,12 @@ def _write_official(folder, cfg, tensors=None, **config_changes):
                 num_hidden_layers=1, num_attention_heads=cfg.num_attention_heads,
                 num_key_value_heads=cfg.num_key_value_heads).save_pretrained(folder)
     if config_changes:
-        _edit_config(folder, **config_changes)
+        edit_config(folder, **config_changes)
     tensors = _official_dict(cfg) if tensors is None else tensors
     torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
     return tensors
 
 
-def _edit_config(folder, **changes):
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
 
 
 def test_adapter_keys_are_the_official_ones():

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kangaroo_rt
+from kangaroo_rt.testing import edit_config
 from kangaroo_rt import load_model, save_model
 
 B, T = 2, 7
@@ -67,13 +68,6 @@ def _save_bin(hf, folder, shards=1):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
 
 
-def _edit_config(folder, **changes):
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +325,7 @@ def test_bin_with_arbitrary_objects_is_refused(hf, tmp_path):
 
 def test_unknown_architecture(saved, tmp_path):
     folder = _copy_folder(saved, tmp_path / "ck")
-    _edit_config(folder, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    edit_config(folder, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="gpt2"):
         load_model(folder)
 
@@ -352,16 +346,16 @@ def test_unsupported_rope_type(saved, tmp_path, key):
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
     if key == "rope_parameters":
         rope["rope_theta"] = 10000.0
-        _edit_config(folder, rope_parameters=rope, rope_scaling=None)
+        edit_config(folder, rope_parameters=rope, rope_scaling=None)
     else:
-        _edit_config(folder, rope_scaling=rope, rope_parameters=None)
+        edit_config(folder, rope_scaling=rope, rope_parameters=None)
     with pytest.raises(ValueError, match=r"unsupported rope_scaling type 'yarn'"):
         load_model(folder)
 
 
 def test_unsupported_hidden_act(saved, tmp_path):
     folder = _copy_folder(saved, tmp_path / "ck")
-    _edit_config(folder, hidden_act="gelu")
+    edit_config(folder, hidden_act="gelu")
     with pytest.raises(ValueError, match=r"hidden_act='gelu'"):
         load_model(folder)
 
