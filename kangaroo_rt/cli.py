@@ -35,27 +35,64 @@ def _timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print("kangaroo-rt demo: no embedded trained model ships yet, so this runs a seeded RANDOM-WEIGHT\n"
+DEMO_PROMPT = (
+    "import os\n"
+    "\n"
+    "\n"
+    "def read_lines(path):\n"
+    "    \"\"\"Return the lines of the file at *path*.\"\"\"\n"
+)
+
+
+def _demo_random(args: argparse.Namespace) -> int:
+    print("kangaroo-rt demo: the embedded trained model is not present, so this runs a seeded RANDOM-WEIGHT\n"
           "16-layer Llama-shaped model (d=256, vocab 4096) with an adapter constructed to agree with it.\n"
           "Tokens are ids, not text; the speedup is real for this model on this machine.\n")
     model = _demo_model(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=gen)
-    kw = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen)
     model.generate(prompt, max_new_tokens=4, kangaroo=None)  # warm-up: allocate caches
+    kw = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     plain, t_plain = _timed(lambda: model.generate(prompt, kangaroo=None, **kw), model.device)
     out, t_kg = _timed(lambda: model.generate(prompt, return_dict_in_generate=True, **kw), model.device)
-    same = torch.equal(plain, out.sequences)
-    n = args.max_new_tokens
+    print(f"new tokens: {out.sequences[0, prompt.shape[1]:].tolist()}")
+    return _report(args.max_new_tokens, t_plain, t_kg, out, torch.equal(plain, out.sequences))
+
+
+def _report(n: int, t_plain: float, t_kg: float, out, same: bool) -> int:
     summary = out.stats.summary()
-    print(f"new tokens: {out.sequences[0, args.prompt_len:].tolist()}")
+    accept = [None if a is None else round(a, 2) for a in summary["acceptance_by_position"]]
     print(f"plain decoding : {n / t_plain:8.1f} tokens/s")
-    print(f"kangaroo       : {n / t_kg:8.1f} tokens/s   MAT {summary['mat']:.2f}   "
-          f"acceptance by position {[None if a is None else round(a, 2) for a in summary['acceptance_by_position']]}")
+    print(f"kangaroo       : {n / t_kg:8.1f} tokens/s   MAT {summary['mat']:.2f}   acceptance by position {accept}")
     print(f"speedup        : {t_plain / t_kg:.2f}x  (same run, {'identical' if same else 'DIFFERENT'} tokens)")
     return 0 if same else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .embedded import ASSETS, load_default, load_tokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not os.path.isfile(os.path.join(ASSETS, "adapter", "kangaroo.json")):
+        return _demo_random(args)
+    from transformers import TextStreamer
+
+    model, tok = load_default(), load_tokenizer()
+    k = model.kangaroo
+    print(f"kangaroo-rt demo: the embedded {model.config.num_hidden_layers}-layer model trained on the Python "
+          f"standard library,\nKangaroo exit layer {model.exit_layer}, gamma {k.gamma}, eta {k.eta}; greedy.\n")
+    prompts = [DEMO_PROMPT] + ([args.prompt] if args.prompt else [])
+    status = 0
+    for text in prompts:
+        ids = tok(text, return_tensors="pt").input_ids
+        kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
+        print("-" * 72 + "\n" + text, end="", flush=True)
+        model.generate(ids, streamer=TextStreamer(tok, skip_prompt=True), **kw)
+        print("-" * 72)
+        plain, t_plain = _timed(lambda: model.generate(ids, kangaroo=None, **kw), model.device)
+        out, t_kg = _timed(lambda: model.generate(ids, return_dict_in_generate=True, **kw), model.device)
+        n = out.sequences.shape[1] - ids.shape[1]
+        status |= _report(n, t_plain, t_kg, out, torch.equal(plain, out.sequences))
+    return status
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -149,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate with and without Kangaroo and print the measured speedup")
     demo.add_argument("--max-new-tokens", type=int, default=128)
-    demo.add_argument("--prompt-len", type=int, default=32)
+    demo.add_argument("--prompt", help="a second prompt to complete after the default one")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

@@ -6,13 +6,17 @@ Stages (each resumable; ``all`` runs them in order):
   train    the adapter with kangaroo_rt.train.Trainer on the dump
   tune     gamma/eta by measured speed on held-out prompts (benchmarks/bench_embedded.py's measurement)
   export   adapter in the official format + kangaroo.json with the tuned settings
+  card     the model card (after benchmarks/bench_embedded.py has run)
 
-    python scripts/train_embedded_adapter.py all --exit-layer 2
+    python scripts/train_embedded_adapter.py all --exit-layer 2     # prompts .. export
+    PYTHONPATH=. python benchmarks/bench_embedded.py                  # the side-by-side measurement
+    python scripts/train_embedded_adapter.py card                     # the model card from the records
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -148,7 +152,69 @@ def stage_export(args) -> None:
     print(f"exported adapter to {folder}")
 
 
-STAGES = {"prompts": stage_prompts, "dump": stage_dump, "train": stage_train, "tune": stage_tune, "export": stage_export}
+def stage_card(args) -> None:
+    """The model card, from the recorded summaries and benchmarks/results/bench_embedded.json."""
+    with open(os.path.join(OUT, "pretrain_summary.json")) as f:
+        pre = json.load(f)
+    with open(os.path.join(OUT, "adapter", "kangaroo.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(WORK, f"tune_l{settings['exit_layer']}.json")) as f:
+        tune = json.load(f)
+    with open(os.path.join(ROOT, "benchmarks", "results", "bench_embedded.json")) as f:
+        bench = json.load(f)
+    with open(os.path.join(OUT, "corpus_manifest.json")) as f:
+        manifest = json.load(f)
+    m = pre["model"]
+    n_params = sum(t.numel() for t in load_model(OUT).parameters())
+    files = manifest["files"]
+    held_loss = pre["final_held_out_loss"]
+    accept = ", ".join("-" if a is None else f"{a:.2f}" for a in bench["acceptance_by_position"])
+    rows = "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |" for r in tune["results"])
+    card = f"""# kangaroo_rt embedded model
+
+A small Llama-architecture code model, its byte-level BPE tokenizer and its Kangaroo adapter, trained
+by this repository on this repository's CI-class machine so that the tests, the demo and the CPU
+benchmarks run on a real, trained model. It completes Python code; it is not a general assistant.
+
+## Data
+CPython {manifest['python']} standard-library sources (`*.py`, test packages excluded), PSF License
+Agreement. {len(files)} files, {sum(f['bytes'] for f in files) / 1e6:.1f} MB; files whose path hash is
+0 mod 32 ({sum(f['split'] == 'held_out' for f in files)} files) are held out. Every file and its SHA-256
+is listed in `corpus_manifest.json`.
+
+## Model
+Llama ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, MLP {m['intermediate_size']}, {m['num_attention_heads']} heads,
+{m['num_key_value_heads']} KV heads, head dim {m['hidden_size'] // m['num_attention_heads']}, vocab {m['vocab_size']}, tied embeddings,
+RoPE theta {m['rope_theta']}), {n_params / 1e6:.1f} M parameters, shipped as fp16 safetensors; `transformers`'
+`LlamaForCausalLM` loads this folder too. Trained by `scripts/train_embedded.py` (seeded, resumable):
+{pre['steps']} steps of {pre['train']['batch']} x {pre['train']['seq_len']} tokens ({pre['tokens_seen'] / 1e6:.1f} M tokens), AdamW
+lr {pre['train']['lr']} cosine to {pre['train']['min_lr_ratio']}x, in {pre['train_minutes']:.0f} minutes on 2 CPU cores
+(torch {pre['torch']}). Held-out loss {held_loss:.3f} nats/token (perplexity {math.exp(held_loss):.1f}).
+
+## Kangaroo adapter
+The official format in `adapter/` (`config.json` + `pytorch_model.bin`), exit layer {settings['exit_layer']}, trained by
+`scripts/train_embedded_adapter.py` with `kangaroo_rt.train` on {settings['adapter_windows']} windows of 256 training tokens
+(hidden states dumped once), {settings['adapter_steps']} steps, lr {settings['adapter_lr']}, clipping by norm 1.0; output norm
+initialised from the target's final norm. Tuned on held-out prompts by measured speed:
+
+| gamma | eta | MAT | speedup |
+|---|---|---|---|
+{rows}
+
+Shipped settings: gamma {settings['gamma']}, eta {settings['eta']} (`adapter/kangaroo.json`).
+
+## Measured (benchmarks/bench_embedded.py, {bench['date']}, {bench['device']})
+{bench['prompts']} held-out prompts x {bench['new_tokens_per_prompt']} new tokens, batch 1, greedy, both methods in one run:
+plain {bench['plain_tokens_per_s']:.1f} tokens/s, Kangaroo {bench['kangaroo_tokens_per_s']:.1f} tokens/s, **{bench['speedup']:.2f}x**,
+MAT {bench['mat']:.2f}, acceptance by draft position {accept}; greedy mismatches: {bench['greedy_mismatches']}.
+"""
+    with open(os.path.join(OUT, "README.md"), "w") as f:
+        f.write(card)
+    print(card)
+
+
+STAGES = {"prompts": stage_prompts, "dump": stage_dump, "train": stage_train, "tune": stage_tune, "export": stage_export,
+          "card": stage_card}
 
 
 def main() -> None:
@@ -163,7 +229,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     for name, fn in STAGES.items():
-        if args.stage in (name, "all"):
+        if args.stage == name or (args.stage == "all" and name != "card"):
             fn(args)
 
 

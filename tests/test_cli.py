@@ -89,3 +89,9 @@ def test_generate_json(tmp_path, model_dir, capsys):
 def test_generate_requires_adapter_or_no_kangaroo(model_dir):
     with pytest.raises(SystemExit, match="--adapter is required"):
         main(["generate", "--model", model_dir, "--prompt", "x"])
+
+
+def test_demo_runs_and_checks_losslessness(capsys):
+    assert main(["demo", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "identical tokens" in out
