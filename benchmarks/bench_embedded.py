@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 from kangaroo_rt.config import KangarooConfig  # noqa: E402
 from kangaroo_rt.generate import KangarooModel  # noqa: E402
 
-ASSETS = os.path.join(ROOT, "kangaroo_rt", "assets", "embedded")
+ASSETS = os.environ.get("EMBEDDED_OUT", os.path.join(ROOT, "kangaroo_rt", "assets", "embedded"))
 
 
 def load_prompts(limit: Optional[int] = None, path: Optional[str] = None) -> List[torch.Tensor]:

@@ -24,8 +24,9 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORK = os.path.join(ROOT, "runs", "embedded")
-OUT = os.path.join(ROOT, "kangaroo_rt", "assets", "embedded")
+# Overridable for dry runs of the pipeline on a scratch folder.
+WORK = os.environ.get("EMBEDDED_WORK", os.path.join(ROOT, "runs", "embedded"))
+OUT = os.environ.get("EMBEDDED_OUT", os.path.join(ROOT, "kangaroo_rt", "assets", "embedded"))
 EOS = "<|endoftext|>"
 
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4,

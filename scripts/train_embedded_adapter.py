@@ -31,8 +31,9 @@ from kangaroo_rt.loading import load_model  # noqa: E402
 from kangaroo_rt.train.states import Dumped, dump_states  # noqa: E402
 from kangaroo_rt.train.trainer import TrainConfig, Trainer, export_adapter  # noqa: E402
 
-WORK = os.path.join(ROOT, "runs", "embedded")
-OUT = os.path.join(ROOT, "kangaroo_rt", "assets", "embedded")
+# Overridable for dry runs of the pipeline on a scratch folder.
+WORK = os.environ.get("EMBEDDED_WORK", os.path.join(ROOT, "runs", "embedded"))
+OUT = os.environ.get("EMBEDDED_OUT", os.path.join(ROOT, "kangaroo_rt", "assets", "embedded"))
 SEQ = 256
 
 
