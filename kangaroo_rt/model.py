@@ -88,9 +88,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
-        q = ops.apply_rope(q, cos, sin)
-        k = ops.apply_rope(k, cos, sin)
-        ops.cache_append(k_cache, v_cache, k, v, positions)
+        q = ops.rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions)  # k, v now in the cache
         out = ops.attention(q, k_cache, v_cache, positions, kv_len)  # (B, Hq, q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
 

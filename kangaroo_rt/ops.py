@@ -1,14 +1,21 @@
 """One entry point per op on the decode path; the model and the Kangaroo loop call only these.
 
-Each op has a registry of implementations by backend. Dispatch picks, per call, the first backend in
-the preference order ``cuda -> triton -> torch`` that has an implementation and supports the
-tensor's device; ``KANGAROO_RT_BACKEND=torch|triton|cuda`` (or :func:`set_backend`) forces one.
-The torch backend (``kangaroo_rt.reference``) serves every op on every device.
-:func:`backend_table` tells which backend serves each op on a given device.
+Each op has a registry of implementations by backend. Dispatch picks the first backend in the
+preference order ``cuda -> triton -> torch`` that has an implementation and supports the tensor's
+device; ``KANGAROO_RT_BACKEND=torch|triton|cuda`` (or :func:`set_backend`) forces one. The choice is
+cached per (op, device type, forced backend), so a call costs two environment reads and a dict lookup.
+The torch backend (``kangaroo_rt.reference``) serves every op on every device and is the automatic
+choice on CPU; Triton kernels (``kernels/``, imported at their first dispatch, never at
+``import kangaroo_rt``) serve CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` only when the
+triton backend is forced. :func:`backend_table` tells which backend serves each op on a given device.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -20,13 +27,77 @@ BACKENDS = ("cuda", "triton", "torch")
 # op name -> backend -> (implementation, device types it runs on)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {}
 _forced: Optional[str] = None
+# (op, device type, requested backend, TRITON_INTERPRET) -> (backend name, implementation)
+_RESOLVED: Dict[Tuple[str, str, Optional[str], Optional[str]], Tuple[str, Callable]] = {}
+
+
+class LazyKernel:
+    """A Triton launcher loaded on first use: ``import kangaroo_rt`` never imports triton."""
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module = module
+        self.attr = attr
+        self._fn: Optional[Callable] = None
+
+    def load(self) -> Callable:
+        if self._fn is None:
+            self._fn = getattr(load_kernel_module(self.module), self.attr)
+        return self._fn
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyKernel(kangaroo_rt.kernels.{self.module}.{self.attr})"
+
+
+def _register_kernels_folder() -> None:
+    """Make the repository's top-level ``kernels/`` importable as ``kangaroo_rt.kernels``.
+
+    An install maps it there (setup.py ``package_dir``); a source checkout run with ``PYTHONPATH=.``
+    does not, so the folder next to the package is registered by hand.
+    """
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        raise ImportError(f"kangaroo_rt.kernels is not installed and {folder} does not exist")
+    spec = importlib.util.spec_from_file_location("kangaroo_rt.kernels", init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kangaroo_rt.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["kangaroo_rt.kernels"]
+        raise
+
+
+def load_kernel_module(name: str):
+    """``kangaroo_rt.kernels.<name>``, from the install or from the checkout's ``kernels/`` folder."""
+    full = f"kangaroo_rt.kernels.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name != "kangaroo_rt.kernels":
+            raise
+    _register_kernels_folder()
+    return importlib.import_module(full)
+
+
+def triton_available() -> bool:
+    """Whether triton is importable (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def register(op: str, backend: str, fn: Callable, device_types: Tuple[str, ...]) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types."""
+    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types.
+
+    Device type ``"interpret"`` means CPU tensors under ``TRITON_INTERPRET=1``; such an implementation
+    is used on CPU only when its backend is forced (the torch reference is the fast CPU path).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = (fn, tuple(device_types))
+    _RESOLVED.clear()
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -48,27 +119,52 @@ def _requested_backend() -> Optional[str]:
     return None
 
 
-def _device_ok(device_types: Tuple[str, ...], device: torch.device) -> bool:
-    if device.type in device_types:
+def _device_ok(device_types: Tuple[str, ...], device_type: str, forced: bool, interpret: bool) -> bool:
+    if device_type in device_types:
         return True
-    # Under the Triton interpreter, Triton kernels run on CPU tensors.
-    return device.type == "cpu" and "interpret" in device_types and os.environ.get("TRITON_INTERPRET") == "1"
+    # Under the Triton interpreter, Triton kernels run on CPU tensors, but only when asked for.
+    return forced and interpret and device_type == "cpu" and "interpret" in device_types
+
+
+def _usable(backend: str, fn: Callable) -> Optional[Callable]:
+    """The callable behind ``fn``, loading a lazy kernel; None when it cannot be loaded."""
+    if not isinstance(fn, LazyKernel):
+        return fn
+    if backend == "triton" and not triton_available():
+        return None
+    try:
+        return fn.load()
+    except ImportError as exc:
+        warnings.warn(f"{fn!r} could not be loaded ({exc}); using another backend", RuntimeWarning)
+        return None
+
+
+def _resolve_uncached(op: str, device_type: str, wanted: Optional[str], interpret: bool) -> Tuple[str, Callable]:
+    impls = _REGISTRY[op]
+    if wanted is not None:
+        if wanted in impls and _device_ok(impls[wanted][1], device_type, True, interpret):
+            fn = _usable(wanted, impls[wanted][0])
+            if fn is not None:
+                return wanted, fn
+        # A forced backend that lacks this op falls back to the reference, never to another kernel.
+        return "torch", impls["torch"][0]
+    for name in BACKENDS:
+        if name in impls and _device_ok(impls[name][1], device_type, False, interpret):
+            fn = _usable(name, impls[name][0])
+            if fn is not None:
+                return name, fn
+    raise RuntimeError(f"no backend implements {op} on {device_type}")
 
 
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
-    """(backend name, implementation) that serves ``op`` on ``device``."""
-    impls = _REGISTRY[op]
+    """(backend name, implementation) that serves ``op`` on ``device``; cached per (op, device type, choice)."""
     wanted = _requested_backend()
-    if wanted is not None:
-        if wanted in impls and _device_ok(impls[wanted][1], device):
-            return wanted, impls[wanted][0]
-        if wanted != "torch":
-            # A forced backend that lacks this op falls back to the reference, never to another kernel.
-            return "torch", impls["torch"][0]
-    for name in BACKENDS:
-        if name in impls and _device_ok(impls[name][1], device):
-            return name, impls[name][0]
-    raise RuntimeError(f"no backend implements {op} on {device}")
+    interpret = os.environ.get("TRITON_INTERPRET")
+    key = (op, device.type, wanted, interpret)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve_uncached(op, device.type, wanted, interpret == "1")
+    return hit
 
 
 def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
@@ -78,9 +174,26 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
-for _name in ("rms_norm", "add_rms_norm", "apply_rope", "cache_append", "attention", "process_logits",
-              "greedy_with_confidence", "accept_greedy", "accept_sampling"):
+_TORCH_OPS = ("rms_norm", "add_rms_norm", "apply_rope", "cache_append", "rope_cache_append", "attention",
+              "process_logits", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
+              "accept_greedy_commit")
+for _name in _TORCH_OPS:
     register(_name, "torch", getattr(reference, _name), _ALL)
+
+# op -> (module in kernels/, launcher): Triton kernels, one file per op, loaded at first dispatch.
+TRITON_KERNELS = {
+    "rms_norm": ("rms_norm", "rms_norm"),
+    "add_rms_norm": ("rms_norm", "add_rms_norm"),
+    "rope_cache_append": ("rope_cache_append", "rope_cache_append"),
+    "attention": ("attention", "attention"),
+    "greedy_with_confidence": ("sampling", "greedy_with_confidence"),
+    "accept_greedy": ("accept", "accept_greedy"),
+    "accept_sampling": ("accept", "accept_sampling"),
+    "commit_tokens": ("accept", "commit_tokens"),
+    "accept_greedy_commit": ("accept", "accept_greedy_commit"),
+}
+for _name, (_module, _attr) in TRITON_KERNELS.items():
+    register(_name, "triton", LazyKernel(_module, _attr), ("cuda", "interpret"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,6 +209,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, q, D); cos/sin: (B, q, D)."""
     return resolve("apply_rope", x.device)[1](x, cos, sin)
+
+
+def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
+    """Rotate q (B, Hq, q, D) and k (B, Hkv, q, D), write rotated k and v into the caches at positions (B, q).
+
+    Returns the rotated q (B, Hq, q, D); cos/sin: (B, q, D).
+    """
+    return resolve("rope_cache_append", q.device)[1](q, k, v, cos, sin, k_cache, v_cache, positions)
 
 
 def cache_append(k_cache, v_cache, k, v, positions) -> None:
@@ -127,3 +248,14 @@ def accept_sampling(drafts, n_drafts, target_probs, draft_probs, uniforms, gener
     """See :func:`kangaroo_rt.reference.accept_sampling`."""
     return resolve("accept_sampling", drafts.device)[1](drafts, n_drafts, target_probs, draft_probs,
                                                         uniforms, generator)
+
+
+def commit_tokens(out, n_gen, finished, tokens, count, eos, max_new):
+    """See :func:`kangaroo_rt.reference.commit_tokens` (in place on out / n_gen / finished)."""
+    return resolve("commit_tokens", tokens.device)[1](out, n_gen, finished, tokens, count, eos, max_new)
+
+
+def accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos, max_new):
+    """See :func:`kangaroo_rt.reference.accept_greedy_commit` (fused accept + commit, no host sync)."""
+    return resolve("accept_greedy_commit", drafts.device)[1](drafts, n_drafts, target_tokens, out, n_gen,
+                                                             finished, pos, eos, max_new)

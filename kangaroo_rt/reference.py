@@ -59,6 +59,17 @@ def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
 
 
+def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE on q and k, then the cache append of the rotated k and of v (the fused op's semantics).
+
+    q: (B, Hq, q, D); k, v: (B, Hkv, q, D); cos, sin: (B, q, D); k_cache, v_cache: (B_max, Hkv, T_max, D);
+    positions: (B, q) int64. Writes the caches in place and returns the rotated q (B, Hq, q, D).
+    """
+    cache_append(k_cache, v_cache, apply_rope(k, cos, sin), v, positions)
+    return apply_rope(q, cos, sin)
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
               kv_len: Optional[int] = None) -> torch.Tensor:
     """Causal attention of new queries over a static cache, per-row positions, GQA without repeat.
@@ -141,21 +152,88 @@ def accept_sampling(drafts: torch.Tensor, n_drafts: torch.Tensor, target_probs: 
     token is sampled from normalize(max(p_j - q_j, 0)); after a full acceptance it is sampled from p_k.
     Returns (accepted (B,), next_token (B,)).
     """
-    batch, k = drafts.shape
+    accepted = accept_sampling_counts(drafts, n_drafts, target_probs, draft_probs, uniforms)
+    return accepted, sample_after_acceptance(accepted, n_drafts, target_probs, draft_probs, generator)
+
+
+def accept_sampling_counts(drafts: torch.Tensor, n_drafts: torch.Tensor, target_probs: torch.Tensor,
+                           draft_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The acceptance half of :func:`accept_sampling`: accepted counts (B,) int64.
+
+    Draft i is accepted when ``uniforms[i] * q_i(d_i) < p_i(d_i)``, for i < n_drafts, up to the first
+    rejection. Shapes as in :func:`accept_sampling`.
+    """
+    k = drafts.shape[1]
     idx = torch.arange(k, device=drafts.device)
     safe = drafts.clamp(min=0)[..., None]  # (B, K, 1)
     p_d = target_probs[:, :k].gather(2, safe).squeeze(2)  # (B, K)
     q_d = draft_probs.gather(2, safe).squeeze(2)
     ok = (uniforms * q_d < p_d) & (idx[None, :] < n_drafts[:, None])
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
-    p_next = target_probs.gather(1, accepted[:, None, None].expand(batch, 1, target_probs.shape[-1])).squeeze(1)
+    return ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
+
+
+def sample_after_acceptance(accepted: torch.Tensor, n_drafts: torch.Tensor, target_probs: torch.Tensor,
+                            draft_probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The token after the accepted run (B,): from normalize(max(p_j - q_j, 0)) at a rejection j,
+    from p_k after a fully accepted chain. accepted, n_drafts: (B,); probs as in :func:`accept_sampling`."""
+    batch = accepted.shape[0]
+    vocab = target_probs.shape[-1]
+    p_next = target_probs.gather(1, accepted[:, None, None].expand(batch, 1, vocab)).squeeze(1)
     rejected = accepted < n_drafts
-    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], dim=1)  # (B, K+1, V)
-    q_next = q_pad.gather(1, accepted[:, None, None].expand(batch, 1, q_pad.shape[-1])).squeeze(1)
+    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, vocab)], dim=1)  # (B, K+1, V)
+    q_next = q_pad.gather(1, accepted[:, None, None].expand(batch, 1, vocab)).squeeze(1)
     residual = (p_next - q_next).clamp(min=0)
     norm = residual.sum(-1, keepdim=True)
     # A rejection implies p != q, so the residual has mass; guard against fp round-off anyway.
     residual = torch.where(norm > 0, residual / norm.clamp(min=1e-30), p_next)
     dist = torch.where(rejected[:, None], residual, p_next)
-    next_token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
-    return accepted, next_token
+    return torch.multinomial(dist, 1, generator=generator).squeeze(1)
+
+
+def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
+                  count: torch.Tensor, eos: Optional[torch.Tensor], max_new: int) -> torch.Tensor:
+    """Append the first ``count`` tokens of each row to the output buffer, stopping after an EOS. In place.
+
+    out: (B, W) int64 with W >= max_new + n, its last column a trash slot; n_gen: (B,) int64 tokens
+    generated so far; finished: (B,) bool (finished rows commit nothing); tokens: (B, n) int64;
+    count: (B,) int64; eos: (E,) int64 ids or None. Row b's valid tokens go to
+    ``out[b, n_gen[b]:]``; then ``n_gen += committed`` and ``finished |= hit EOS or n_gen >= max_new``.
+    Returns the number of tokens committed per row (B,) int64.
+    """
+    n = tokens.shape[1]
+    idx = torch.arange(n, device=tokens.device)
+    valid = (idx[None, :] < count[:, None]) & ~finished[:, None]
+    hit_eos = torch.zeros_like(valid)
+    if eos is not None:
+        hit_eos = torch.isin(tokens, eos) & valid
+        # Keep tokens up to and including the first EOS.
+        after_eos = (hit_eos.long().cumsum(dim=1) - hit_eos.long()) > 0
+        valid = valid & ~after_eos
+    committed = valid.long().sum(dim=1)
+    trash = out.shape[1] - 1
+    cols = torch.where(valid, n_gen[:, None] + idx[None, :], torch.full_like(idx, trash)[None, :])
+    out.scatter_(1, cols, tokens)  # invalid entries land in the trash column
+    n_gen += committed
+    finished |= hit_eos.any(dim=1) | (n_gen >= max_new)
+    return committed
+
+
+def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_tokens: torch.Tensor,
+                         out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
+                         eos: Optional[torch.Tensor],
+                         max_new: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance fused with the commit of one Kangaroo round, all in place, no host sync.
+
+    drafts: (B, K) int64 (-1 placeholders); n_drafts: (B,); target_tokens: (B, K+1) int64; out, n_gen,
+    finished, eos, max_new as in :func:`commit_tokens`; pos: (B,) int64 position of each row's newest
+    token, advanced by ``accepted + 1`` on rows that were not finished. Commits the accepted drafts and
+    the correction/bonus token (up to an EOS). Returns (accepted (B,), next_token (B,), committed (B,)).
+    """
+    accepted, next_token = accept_greedy(drafts, n_drafts, target_tokens)
+    run = torch.cat([drafts, torch.zeros_like(next_token)[:, None]], dim=1)  # (B, K+1)
+    run.scatter_(1, accepted[:, None], next_token[:, None])
+    was_active = ~finished
+    committed = commit_tokens(out, n_gen, finished, run, accepted + 1, eos, max_new)
+    pos += torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
+    return accepted, next_token, committed
+

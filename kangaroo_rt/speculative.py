@@ -10,8 +10,9 @@ State per row lives in device tensors: ``pos`` (position of the newest uncommitt
    drafts. Stopped rows are masked. The first adapter call of a round takes two positions
    (``pos - 1`` and ``pos``): after a fully accepted chain the adapter has no KV for the last draft.
 2. verify: target layers ``l..N-1`` once over the stacked exit states ``(B, K+1, D)``.
-3. accept (``ops.accept_greedy`` / ``ops.accept_sampling``), commit up to EOS, and roll back by
-   moving ``pos``: stale cache entries past it are never read, so nothing is copied.
+3. accept and commit up to EOS (greedy: ``ops.accept_greedy_commit``, one fused op that also advances
+   ``pos``; sampling: ``ops.accept_sampling`` then ``ops.commit_tokens``), and roll back by moving
+   ``pos``: stale cache entries past it are never read, so nothing is copied.
 """
 from __future__ import annotations
 
@@ -153,22 +154,7 @@ class Decoder:
 
         Returns the number of tokens actually committed per row (B,).
         """
-        n = tokens.shape[1]
-        idx = torch.arange(n, device=tokens.device)
-        valid = (idx[None, :] < count[:, None]) & ~rows.finished[:, None]
-        hit_eos = torch.zeros_like(valid)
-        if eos is not None:
-            hit_eos = torch.isin(tokens, eos) & valid
-            # Keep tokens up to and including the first EOS.
-            after_eos = (hit_eos.long().cumsum(dim=1) - hit_eos.long()) > 0
-            valid = valid & ~after_eos
-        committed = valid.long().sum(dim=1)
-        trash = rows.out.shape[1] - 1
-        cols = torch.where(valid, rows.n_gen[:, None] + idx[None, :], torch.full_like(idx, trash)[None, :])
-        rows.out.scatter_(1, cols, tokens)  # invalid entries land in the trash column
-        rows.n_gen += committed
-        rows.finished |= hit_eos.any(dim=1) | (rows.n_gen >= max_new)
-        return committed
+        return ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos, max_new)
 
     # -- prefill -----------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampling: SamplingConfig, max_new: int,
@@ -279,20 +265,22 @@ class Decoder:
         h = target.forward_layers(stacked, vpos, l, target.num_layers, self.cache, kv_len=base_len + k)
         logits = target.head(h)  # (B, K+1, V)
         chain = drafts[:, :k]
+        was_active = ~rows.finished
         if sampling.greedy:
-            accepted, nxt = ops.accept_greedy(chain, n_drafts, logits.argmax(dim=-1))
+            # Accept, commit up to EOS and advance pos, in place and on the device.
+            accepted, nxt, committed = ops.accept_greedy_commit(chain, n_drafts, logits.argmax(dim=-1), rows.out,
+                                                                rows.n_gen, rows.finished, rows.pos, eos, max_new)
         else:
             p = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
             q = torch.stack(draft_probs, dim=1) if draft_probs else p[:, :0]
             u = torch.rand(b, k, device=dev, generator=gen)
             accepted, nxt = ops.accept_sampling(chain, n_drafts, p, q, u, gen)
-        run = torch.cat([chain, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
-        run.scatter_(1, accepted[:, None], nxt[:, None])
-        was_active = ~rows.finished
-        committed = self._commit(rows, run, accepted + 1, eos, max_new)
+            run = torch.cat([chain, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
+            run.scatter_(1, accepted[:, None], nxt[:, None])
+            committed = self._commit(rows, run, accepted + 1, eos, max_new)
+            rows.pos += torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
         rows_idx = torch.arange(b, device=dev)
         rows.e_prev = stacked[rows_idx, accepted]
-        rows.pos = pos0 + torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
         rows.t0 = nxt
         self.cache.set_lengths(rows.pos)
         self.adapter_cache.set_lengths(rows.pos)

@@ -1,0 +1,114 @@
+"""Shared harness of the kernel microbenchmarks (benchmarks/bench_<kernel>.py).
+
+On a CUDA GPU each case is timed for the Triton kernel and the torch reference with
+``triton.testing.do_bench``, and reported as time, achieved GB/s and the fraction of a measured
+device-to-device copy bandwidth. Without a GPU a script says so and exits 0, unless ``--interpret``
+asks for a smoke run of tiny shapes under the Triton interpreter (the timings then mean nothing).
+Results go to ``<out>/<script>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="folder for the JSON results (default benchmarks/results)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="no GPU: smoke-run tiny shapes under TRITON_INTERPRET=1 (timings are meaningless)")
+    args = parser.parse_args()
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    return args
+
+
+def setup(name: str, args: argparse.Namespace):
+    """-> (device, smoke) or exit 0 when there is nothing to measure here."""
+    import torch
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    if torch.cuda.is_available() and not args.interpret:
+        return torch.device("cuda"), False
+    if not args.interpret:
+        print(f"{name}: needs a GPU for timings (no CUDA device here); run with --interpret for a CPU smoke run")
+        sys.exit(0)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print(f"{name}: triton is not installed; nothing to run")
+        sys.exit(0)
+    print(f"{name}: smoke run under the Triton interpreter on CPU, tiny shapes; timings are not meaningful")
+    return torch.device("cpu"), True
+
+
+def time_ms(fn: Callable[[], object], smoke: bool) -> float:
+    """Median milliseconds per call."""
+    if smoke:
+        import time
+
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_bandwidth_gbs(device, smoke: bool) -> Optional[float]:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    if smoke:
+        return None
+    import torch
+
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), smoke)
+    return 2 * src.numel() / ms / 1e6
+
+
+def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool) -> List[Dict]:
+    """cases: dicts with "case" (str), "bytes" (int, minimum traffic), "triton" and "torch" callables,
+    and optionally "check" (callable raising on a wrong result). Prints a table, writes JSON."""
+    import torch
+
+    bandwidth = copy_bandwidth_gbs(device, smoke)
+    rows = []
+    print(f"{'case':<44} {'triton ms':>10} {'torch ms':>10} {'speedup':>8} {'GB/s':>8} {'% copy bw':>9}")
+    for case in cases:
+        if "check" in case:
+            case["check"]()
+        t_triton = time_ms(case["triton"], smoke)
+        t_torch = time_ms(case["torch"], smoke)
+        gbs = case["bytes"] / t_triton / 1e6
+        row = {"case": case["case"], "triton_ms": t_triton, "torch_ms": t_torch, "speedup": t_torch / t_triton,
+               "bytes": case["bytes"], "triton_gbs": gbs, "torch_gbs": case["bytes"] / t_torch / 1e6,
+               "fraction_of_copy_bw": (gbs / bandwidth) if bandwidth else None}
+        rows.append(row)
+        frac = f"{100 * row['fraction_of_copy_bw']:.1f}" if bandwidth else "-"
+        print(f"{case['case']:<44} {t_triton:>10.4f} {t_torch:>10.4f} {row['speedup']:>7.2f}x {gbs:>8.1f} {frac:>9}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    result = {
+        "benchmark": name,
+        "device": device_name,
+        "smoke_run": smoke,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "copy_bandwidth_gbs": bandwidth,
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}{'-smoke' if smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return rows

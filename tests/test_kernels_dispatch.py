@@ -1,0 +1,106 @@
+"""kangaroo_rt.ops dispatch of the Triton kernels, their loading, and the whole model on the triton backend."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernel_checks import kernel_module
+import kangaroo_rt as K
+from kangaroo_rt import ops, reference
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_OPS = set(ops.TRITON_KERNELS)
+
+
+def _run_python(code, **env):
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cpu_dispatch_is_torch_unless_triton_is_forced(monkeypatch):
+    kernel_module("rms_norm")
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    assert set(ops.backend_table("cpu").values()) == {"torch"}  # even with TRITON_INTERPRET=1
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
+    table = ops.backend_table("cpu")
+    assert {op for op, backend in table.items() if backend == "triton"} == KERNEL_OPS
+    assert table["process_logits"] == "torch"  # no kernel: the forced backend falls back to the reference
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert set(ops.backend_table("cpu").values()) == {"torch"}  # no interpreter: CPU tensors stay on torch
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    assert set(ops.backend_table("cuda").values()) == {"torch"}
+
+
+def test_cuda_prefers_triton_and_falls_back_without_it(monkeypatch):
+    kernel_module("rms_norm")
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    table = ops.backend_table("cuda")
+    assert {op for op, backend in table.items() if backend == "triton"} == KERNEL_OPS
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    ops._RESOLVED.clear()
+    try:
+        assert set(ops.backend_table("cuda").values()) == {"torch"}
+    finally:
+        ops._RESOLVED.clear()
+
+
+def test_set_backend_forces_and_restores(monkeypatch):
+    kernel_module("rms_norm")
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    ops.set_backend("triton")
+    try:
+        assert ops.resolve("rms_norm", torch.device("cpu"))[0] == "triton"
+        x, w = torch.randn(2, 3, 32), torch.randn(32)
+        torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+    finally:
+        ops.set_backend(None)
+    assert ops.resolve("rms_norm", torch.device("cpu"))[0] == "torch"
+
+
+def test_import_does_not_import_triton():
+    res = _run_python("import sys, kangaroo_rt, kangaroo_rt.ops as o; o.backend_table('cpu'); "
+                      "assert 'triton' not in sys.modules, 'triton imported'; print('ok')")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_kernels_load_from_a_source_checkout():
+    """With PYTHONPATH=. and no install, kernels/ is registered as kangaroo_rt.kernels by hand."""
+    pytest.importorskip("triton")
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import kangaroo_rt.ops as o\n"
+        "m = o.load_kernel_module('rms_norm')\n"
+        "print(sys.modules['kangaroo_rt.kernels'].__file__)\n"
+        "print(m.__name__)\n"
+    )
+    res = _run_python(code, TRITON_INTERPRET="1")
+    assert res.returncode == 0, res.stderr
+    init_file, name = res.stdout.split()
+    assert os.path.samefile(init_file, os.path.join(ROOT, "kernels", "__init__.py"))
+    assert name == "kangaroo_rt.kernels.rms_norm"
+
+
+def test_full_model_on_triton_backend_gives_the_torch_tokens(monkeypatch):
+    """Greedy generation (plain and Kangaroo, batch 2, ragged prompts) with every kernel under the
+    interpreter equals the torch backend token for token."""
+    kernel_module("attention")
+    cfg = tiny_config(num_layers=3, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=64, eos_token_id=5)
+    target, adapter = agreeing_pair(cfg, 1)
+    model = K.KangarooModel(target, adapter, exit_layer=1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, cfg.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a shorter, left-padded prompt
+    kw = dict(attention_mask=mask, max_new_tokens=6)
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    plain = model.generate(ids, kangaroo=None, **kw)
+    spec = model.generate(ids, kangaroo=K.KangarooConfig(gamma=3, eta=0.0), **kw)
+    assert torch.equal(plain, spec)
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
+    assert ops.backend_table("cpu")["attention"] == "triton"
+    assert torch.equal(model.generate(ids, kangaroo=K.KangarooConfig(gamma=3, eta=0.0), **kw), plain)
