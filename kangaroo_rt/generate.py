@@ -11,6 +11,7 @@ from .adapter import Adapter
 from .config import KangarooConfig, ModelConfig, SamplingConfig
 from .loading import load_model
 from .model import Transformer
+from .graphs import cuda_graphs_enabled, runner_for
 from .speculative import DecodeStats, Decoder
 
 _MODEL_DEFAULT: Any = object()  # sentinel: "use the model's own KangarooConfig"
@@ -181,14 +182,17 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
              eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
              streamer: Any = None, return_dict_in_generate: bool = False,
              kangaroo: Optional[KangarooConfig] = _MODEL_DEFAULT, seed: Optional[int] = None,
-             ignore_eos: bool = False):
+             ignore_eos: bool = False, cuda_graphs: Optional[bool] = None):
     """Generate like ``transformers``' ``generate`` with Kangaroo self-speculative decoding.
 
     Output equals the target's own decode: token for token under greedy (``do_sample=False`` or
     ``temperature=0``), in distribution under sampling. ``kangaroo=None`` (or ``gamma=0``) runs plain
     autoregressive decoding over the same cache. ``eos_token_id=None`` takes the model config's EOS;
-    ``ignore_eos=True`` always produces exactly ``max_new_tokens``. Returns the (B, T + new) sequences,
-    or a :class:`GenerateOutput` with statistics when ``return_dict_in_generate``.
+    ``ignore_eos=True`` always produces exactly ``max_new_tokens``. ``cuda_graphs`` (None: on for CUDA
+    devices, see :func:`kangaroo_rt.graphs.cuda_graphs_enabled`) runs greedy Kangaroo in fixed-shape
+    rounds replayed from CUDA graphs (:mod:`kangaroo_rt.graphs`; eager off CUDA), with the same tokens.
+    Returns the (B, T + new) sequences, or a :class:`GenerateOutput` with statistics when
+    ``return_dict_in_generate``.
     """
     if not isinstance(model, KangarooModel):
         raise ValueError(f"model must be a KangarooModel, got {type(model).__name__}")
@@ -239,8 +243,13 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
                 streamer.put(out[0, sent[0]:n].cpu())
                 sent[0] = n
 
-    out, n_gen, stats = model.decoder.decode(packed, lengths, max_new_tokens, sampling, kcfg, eos, gen,
-                                             on_tokens=on_tokens)
+    use_graphs = cuda_graphs_enabled(cuda_graphs, device)  # validates the option whatever the path
+    if kcfg is not None and sampling.greedy and use_graphs:
+        out, n_gen, stats = runner_for(model).decode(packed, lengths, max_new_tokens, kcfg, eos,
+                                                     fixed_max_len=model.max_len, on_tokens=on_tokens)
+    else:
+        out, n_gen, stats = model.decoder.decode(packed, lengths, max_new_tokens, sampling, kcfg, eos, gen,
+                                                 on_tokens=on_tokens)
     if streamer is not None:
         streamer.end()
     width = int(n_gen.max())
