@@ -180,6 +180,12 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kangaroo-rt", description="Kangaroo self-speculative decoding runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     tr.set_defaults(func=cmd_train_adapter)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="Spec-Bench-style benchmark: kangaroo_rt AR / Kangaroo vs transformers "
+                           "generate / assisted (embedded model by default; --smoke for a random tiny one)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

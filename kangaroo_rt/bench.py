@@ -1,0 +1,636 @@
+"""Spec-Bench-style end-to-end benchmark: this project's plain decoding and Kangaroo against
+transformers' ``generate`` and its early-exit assisted generation, in one process, on identical
+prompts and weights, interleaved prompt by prompt.
+
+Prompts come from a Spec-Bench-format JSONL (``question_id``, ``category``, ``turns``; the first turn
+of each question, in the Vicuna v1.1 template by default) or, by default, from the embedded model's
+held-out code prompts. Decoding is greedy at batch 1 (the Spec-Bench protocol); every method's tokens
+are compared with this project's plain decoding and any mismatch is reported with its first index.
+
+Speedups are ratios of tokens/s over the same prompts in the same run (equal to Spec-Bench's ratio of
+wall times whenever the methods produce the same tokens). MAT counts the bonus token.
+
+``kangaroo-rt bench`` and ``benchmarks/spec_bench.py`` both call :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import KangarooConfig
+
+TEMPLATES = ("auto", "vicuna", "none")
+BASELINES = ("hf_generate", "ar")  # speedups are reported against each of these that ran
+# A tiny fixed prompt set in Spec-Bench format for --smoke without --questions.
+SMOKE_QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a short note about kangaroos."]},
+    {"question_id": 2, "category": "writing", "turns": ["Describe a quiet morning in two sentences."]},
+    {"question_id": 3, "category": "math_reasoning", "turns": ["What is 17 times 23? Explain step by step."]},
+    {"question_id": 4, "category": "math_reasoning", "turns": ["A train leaves at 3pm at 60 km/h; when is it 90 km away?"]},
+]
+
+
+@dataclass
+class Prompt:
+    question_id: Any
+    category: str
+    ids: torch.Tensor  # (1, T) int64
+
+
+@dataclass
+class Method:
+    """One decoding method. ``run(ids (1, T)) -> (new token ids (n,), DecodeStats or None)``."""
+
+    name: str
+    label: str
+    run: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, Any]]] = None
+    reason: Optional[str] = None  # why it is unavailable (run is None)
+    kangaroo: bool = False  # reports MAT / acceptance / draft-verify split
+
+    @property
+    def available(self) -> bool:
+        return self.run is not None
+
+
+@dataclass
+class Tally:
+    """Totals of one method over a group of prompts."""
+
+    tokens: int = 0
+    time_s: float = 0.0
+    rounds: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    attempts: List[int] = field(default_factory=list)
+    accepts: List[int] = field(default_factory=list)
+
+    def add(self, tokens: int, time_s: float, stats: Any) -> None:
+        self.tokens += tokens
+        self.time_s += time_s
+        if stats is None:
+            return
+        self.rounds += sum(stats.rounds)
+        self.accepted += sum(sum(a) for a in stats.accepted_lengths)
+        self.draft_s += stats.draft_time_s
+        self.verify_s += stats.verify_time_s
+        for row_attempts, row_accepts in zip(stats.position_attempts, stats.position_accepts):
+            width = max(len(self.attempts), len(row_attempts))
+            self.attempts += [0] * (width - len(self.attempts))
+            self.accepts += [0] * (width - len(self.accepts))
+            for i, (t, a) in enumerate(zip(row_attempts, row_accepts)):
+                self.attempts[i] += t
+                self.accepts[i] += a
+
+    def as_dict(self, kangaroo: bool) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"tokens": self.tokens, "time_s": self.time_s,
+                             "tokens_per_s": self.tokens / self.time_s if self.time_s > 0 else None}
+        if kangaroo:
+            busy = self.draft_s + self.verify_s
+            d.update({"rounds": self.rounds, "mat": self.accepted / self.rounds if self.rounds else None,
+                      "acceptance_by_position": [a / t if t else None for a, t in zip(self.accepts, self.attempts)],
+                      "draft_time_s": self.draft_s, "verify_time_s": self.verify_s,
+                      "draft_time_fraction": self.draft_s / busy if busy > 0 else None})
+        return d
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+def read_questions(path: str) -> List[Dict[str, Any]]:
+    """Spec-Bench-format JSONL -> list of {question_id, category, turns}; names the bad line on error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"questions file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            missing = [k for k in ("question_id", "category", "turns") if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing field(s) {missing} (Spec-Bench format: question_id, "
+                                 "category, turns)")
+            if not isinstance(row["turns"], list) or not row["turns"] or not isinstance(row["turns"][0], str):
+                raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no questions")
+    return rows
+
+
+def heldout_questions(path: str) -> List[Dict[str, Any]]:
+    """The embedded model's held-out code prompts ({file, line, prompt} JSONL) as category 'code'."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"held-out prompts {path} do not exist; pass --questions FILE.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"question_id": f"{r.get('file', '?')}:{r.get('line', i)}", "category": "code", "turns": [r["prompt"]]}
+            for i, r in enumerate(rows)]
+
+
+def format_turn(text: str, template: str) -> str:
+    """The model input for a first user turn: Vicuna v1.1 (as Spec-Bench) or the raw text."""
+    if template == "none":
+        return text
+    if template == "vicuna":
+        from .train.data import VICUNA_SYSTEM
+
+        return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
+    raise ValueError(f"template must be 'vicuna' or 'none' here, got {template!r}")
+
+
+def byte_ids(text: str) -> List[int]:
+    """UTF-8 bytes as token ids: the smoke model's 'tokenizer' (its vocabulary has 256 ids)."""
+    return list(text.encode("utf-8"))
+
+
+def build_prompts(questions: Sequence[Dict[str, Any]], encode: Callable[[str], List[int]], template: str,
+                  limit: Optional[int] = None, max_prompt_tokens: Optional[int] = None) -> List[Prompt]:
+    """Encode the first turn of each question; ``max_prompt_tokens`` keeps the last tokens of long ones."""
+    prompts = []
+    for q in questions[:limit]:
+        ids = encode(format_turn(q["turns"][0], template))
+        if max_prompt_tokens is not None:
+            ids = ids[-max_prompt_tokens:]
+        if not ids:
+            raise ValueError(f"question {q['question_id']} encodes to no tokens")
+        prompts.append(Prompt(q["question_id"], str(q["category"]), torch.tensor([ids], dtype=torch.long)))
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Optional[int],
+                ignore_eos: bool) -> List[Method]:
+    """This project's plain decoding and Kangaroo (default op dispatch; on CUDA also torch-only ops)."""
+    from . import ops
+
+    kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    if eos is not None and not ignore_eos:
+        kw["eos_token_id"] = eos
+
+    def plain(ids: torch.Tensor):
+        seq = model.generate(ids, kangaroo=None, **kw)
+        return seq[0, ids.shape[1]:], None
+
+    def kangaroo(ids: torch.Tensor):
+        out = model.generate(ids, kangaroo=kcfg, return_dict_in_generate=True, **kw)
+        return out.sequences[0, ids.shape[1]:], out.stats
+
+    def kangaroo_torch_ops(ids: torch.Tensor):
+        ops.set_backend("torch")
+        try:
+            return kangaroo(ids)
+        finally:
+            ops.set_backend(None)
+
+    backends = sorted(set(ops.backend_table(model.device).values()))
+    methods = [Method("ar", "kangaroo_rt plain decoding", plain),
+               Method("kangaroo", f"kangaroo_rt Kangaroo ({'/'.join(backends)} ops)", kangaroo, kangaroo=True)]
+    if model.device.type == "cuda":
+        methods.append(Method("kangaroo_torch_ops", "kangaroo_rt Kangaroo, torch reference ops", kangaroo_torch_ops,
+                              kangaroo=True))
+        methods.append(Method("kangaroo_graphs", "kangaroo_rt Kangaroo, CUDA graphs",
+                              reason="no CUDA-graph decode path in this build (kangaroo_rt.graphs)"))
+    return methods
+
+
+def hf_methods(folder: str, dtype: torch.dtype, device: torch.device, exit_layer: int, max_new_tokens: int,
+               eos: Optional[int], ignore_eos: bool) -> List[Method]:
+    """transformers ``generate`` (eager attention, the Spec-Bench baseline) and assisted generation with
+    an early-exit assistant (``assistant_early_exit``, LayerSkip-style); 'unsupported' entries instead
+    of errors when transformers or the feature is missing or the checkpoint does not load."""
+    names = [("hf_generate", "transformers generate (eager)"),
+             ("hf_assisted_early_exit", f"transformers assisted, early-exit assistant (layer {exit_layer})")]
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM, GenerationConfig
+    except ImportError as e:
+        return [Method(n, label, reason=f"transformers is not installed ({e})") for n, label in names]
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        hf = hf.to(device).eval()
+    except Exception as e:  # any loading failure makes the baselines unavailable, never the run
+        return [Method(n, label, reason=f"transformers could not load {folder}: {type(e).__name__}: {e}")
+                for n, label in names]
+    stop = None if ignore_eos else eos
+    if ignore_eos:  # generate() fills unset (None) fields from the model's own generation config
+        hf.generation_config.eos_token_id = None
+    pad = eos if eos is not None else 0
+    base = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
+
+    def runner(gen_config: Any):
+        @torch.no_grad()
+        def run(ids: torch.Tensor):
+            seq = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+            return seq[0, ids.shape[1]:], None
+        return run
+
+    methods = [Method(names[0][0], names[0][1], runner(GenerationConfig(**base)))]
+    if hasattr(GenerationConfig(), "assistant_early_exit"):
+        methods.append(Method(names[1][0], names[1][1],
+                              runner(GenerationConfig(assistant_early_exit=exit_layer, **base))))
+    else:
+        methods.append(Method(names[1][0], names[1][1], reason=f"unsupported: transformers "
+                              f"{transformers.__version__} has no assistant_early_exit"))
+    return methods
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="spec_bench", unit="prompt", file=sys.stderr)
+
+
+def first_mismatch(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    """Index of the first differing token (the shorter length when one is a prefix), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: torch.device, progress: bool = True,
+                on_failure: Optional[Callable[[Method, Exception], None]] = None) -> Tuple[Dict, List[Dict]]:
+    """Run every available method on every prompt, interleaved (the order rotates from prompt to prompt).
+
+    Returns ({group: {method: Tally}} with groups = categories + 'overall', mismatches vs 'ar').
+    A method that raises is reported through ``on_failure`` and dropped from the rest of the run.
+    """
+    live = [m for m in methods if m.available]
+    if not prompts:
+        raise ValueError("no prompts to run")
+    warm = prompts[0].ids[:, -16:].to(device)
+    for m in list(live):  # warm-up on a short prompt: caches, kernels, lazy imports
+        try:
+            m.run(warm)
+        except Exception as e:
+            _fail(m, e, live, on_failure)
+    tallies: Dict[str, Dict[str, Tally]] = {}
+    mismatches: List[Dict] = []
+    bar = _progress(len(prompts), progress)
+    for i, p in enumerate(prompts):
+        ids = p.ids.to(device)
+        order = live[i % len(live):] + live[:i % len(live)] if live else []
+        outputs: Dict[str, List[int]] = {}
+        for m in order:
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                new, stats = m.run(ids)
+                _sync(device)
+                dt = time.perf_counter() - t0
+            except Exception as e:
+                _fail(m, e, live, on_failure)
+                continue
+            outputs[m.name] = new.tolist()
+            for group in (p.category, "overall"):
+                tallies.setdefault(group, {}).setdefault(m.name, Tally()).add(len(outputs[m.name]), dt, stats)
+        ref = outputs.get("ar")
+        for name, toks in outputs.items():
+            if ref is not None and name != "ar":
+                at = first_mismatch(ref, toks)
+                if at is not None:
+                    mismatches.append({"question_id": p.question_id, "category": p.category, "method": name,
+                                       "reference": "ar", "first_index": at, "reference_tokens": len(ref),
+                                       "method_tokens": len(toks)})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return tallies, mismatches
+
+
+def _fail(m: Method, e: Exception, live: List[Method], on_failure) -> None:
+    if m in live:
+        live.remove(m)
+    m.run, m.reason = None, f"failed: {type(e).__name__}: {e}"
+    if on_failure is not None:
+        on_failure(m, e)
+
+
+def summarize(tallies: Dict[str, Dict[str, Tally]], methods: Sequence[Method]) -> Dict[str, Dict[str, Dict]]:
+    """{group: {method: totals + speedup_vs {baseline: ratio of tokens/s}}}; 'overall' comes last."""
+    kinds = {m.name: m.kangaroo for m in methods}
+    groups = sorted(g for g in tallies if g != "overall") + (["overall"] if "overall" in tallies else [])
+    out: Dict[str, Dict[str, Dict]] = {}
+    for g in groups:
+        rows = {name: t.as_dict(kinds.get(name, False)) for name, t in tallies[g].items()}
+        for row in rows.values():
+            row["speedup_vs"] = {b: row["tokens_per_s"] / rows[b]["tokens_per_s"]
+                                 for b in BASELINES if b in rows and rows[b]["tokens_per_s"] and row["tokens_per_s"]}
+        out[g] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+def _fmt(x: Optional[float], spec: str, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def format_table(summary: Dict[str, Dict[str, Dict]], methods: Sequence[Method]) -> str:
+    """Markdown tables: overall per method, then per category the speedups."""
+    names = [m.name for m in methods if any(m.name in rows for rows in summary.values())]
+    lines = ["| method | tokens/s | vs HF generate | vs kangaroo_rt AR | MAT | draft time |",
+             "|---|---|---|---|---|---|"]
+    overall = summary.get("overall", {})
+    for name in names:
+        r = overall.get(name)
+        if r is None:
+            continue
+        sp = r["speedup_vs"]
+        lines.append(f"| {name} | {_fmt(r['tokens_per_s'], '.1f')} | {_fmt(sp.get('hf_generate'), '.2f', 'x')} | "
+                     f"{_fmt(sp.get('ar'), '.2f', 'x')} | {_fmt(r.get('mat'), '.2f')} | "
+                     f"{_fmt(None if r.get('draft_time_fraction') is None else 100 * r['draft_time_fraction'], '.0f', '%')} |")
+    base = "hf_generate" if "hf_generate" in overall else "ar"
+    cats = [g for g in summary if g != "overall"]
+    if len(cats) > 1 or (cats and cats[0] != "overall"):
+        lines += ["", f"speedup vs {base} by category (MAT of kangaroo in brackets)", "",
+                  "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for g in cats + ["overall"]:
+            cells = []
+            for name in names:
+                r = summary[g].get(name)
+                cell = _fmt(None if r is None else r["speedup_vs"].get(base), ".2f", "x")
+                if r is not None and r.get("mat") is not None and name == "kangaroo":
+                    cell += f" ({r['mat']:.2f})"
+                cells.append(cell)
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: Dict[str, Dict[str, Dict]], path_stem: str, title: str) -> List[str]:
+    """Two PNGs: speedup by category (vs HF generate, else vs AR) and acceptance by draft position."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'kangaroo_rt[bench]')", file=sys.stderr)
+        return []
+    groups = list(summary)
+    base = "hf_generate" if "hf_generate" in summary.get("overall", {}) else "ar"
+    names = [n for n in dict.fromkeys(n for g in groups for n in summary[g]) if n != base]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        vals = [summary[g].get(name, {}).get("speedup_vs", {}).get(base, 0.0) for g in groups]
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=name)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(f"speedup vs {base}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [f"{path_stem}-speedup.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in groups:
+        acc = summary[g].get("kangaroo", {}).get("acceptance_by_position")
+        if acc:
+            xs = [i + 1 for i, a in enumerate(acc) if a is not None]
+            ax.plot(xs, [a for a in acc if a is not None], marker="o", label=g,
+                    linewidth=2.5 if g == "overall" else 1.0)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("P(accepted | proposed)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(f"{path_stem}-acceptance.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="target checkpoint folder (HF layout); default: the embedded model")
+    parser.add_argument("--adapter", help="adapter folder (official format); default: MODEL/adapter")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--questions", help="Spec-Bench-format JSONL (question_id, category, turns); "
+                        "default: the embedded model's held-out code prompts")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES,
+                        help="prompt format of the first turn; auto: vicuna for --questions, none for code prompts")
+    parser.add_argument("--prompts", type=int, help="use the first N prompts only")
+    parser.add_argument("--max-prompt-tokens", type=int, help="keep only the last N tokens of longer prompts")
+    parser.add_argument("--max-new-tokens", type=int, help="default 128 (smoke: 24)")
+    parser.add_argument("--exit-layer", type=int, help="default: adapter/kangaroo.json, else 2")
+    parser.add_argument("--gamma", type=int, help="default: adapter/kangaroo.json, else 6")
+    parser.add_argument("--eta", type=float, help="default: adapter/kangaroo.json, else 0.6")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="default float32 on CPU, float16 on CUDA (Spec-Bench)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any token mismatch, HF included")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run on a random tiny model (byte 'tokenizer'); numbers mean nothing")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help="folder for spec_bench-<device>.json and the PNG plots")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _settings(adapter_dir: Optional[str]) -> Dict[str, Any]:
+    path = os.path.join(adapter_dir, "kangaroo.json") if adapter_dir else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, scratch: str):
+    """-> (KangarooModel, HF folder, encode, eos id, questions, template, description)."""
+    from .generate import KangarooModel
+
+    if args.smoke:
+        from .loading import save_model
+        from .testing import agreeing_pair, tiny_config
+
+        cfg = tiny_config(vocab_size=256, hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2,
+                          intermediate_size=128)
+        exit_layer = args.exit_layer or 2
+        target, adapter = agreeing_pair(cfg, exit_layer=exit_layer, seed=0, deep_scale=0.1, head_scale=4.0)
+        save_model(target, scratch)
+        model = KangarooModel.from_pretrained(scratch, adapter.to(dtype=dtype, device=device), exit_layer=exit_layer,
+                                              dtype=dtype, device=device)
+        questions = read_questions(args.questions) if args.questions else SMOKE_QUESTIONS
+        template = "none" if args.template == "auto" else args.template
+        return model, scratch, byte_ids, None, questions, template, {}, "random tiny agreeing pair (smoke)"
+    from .embedded import ASSETS
+
+    folder = args.model or ASSETS
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        hint = ("the embedded model is not present (its weights may still be training); "
+                if args.model is None else "")
+        raise FileNotFoundError(f"{hint}no config.json in {folder}: pass --model/--adapter/--tokenizer, or --smoke")
+    adapter_dir = args.adapter or os.path.join(folder, "adapter")
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist (pass --adapter)")
+    settings = _settings(adapter_dir)
+    exit_layer = args.exit_layer or settings.get("exit_layer", 2)
+    model = KangarooModel.from_pretrained(folder, adapter_dir, exit_layer=exit_layer, dtype=dtype, device=device)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or folder)
+    if args.questions:
+        questions, template = read_questions(args.questions), "vicuna"
+    else:
+        questions, template = heldout_questions(os.path.join(ASSETS, "heldout_prompts.jsonl")), "none"
+    if args.template != "auto":
+        template = args.template
+    eos = tok.eos_token_id
+    if eos is None and model.config.eos_token_ids:
+        eos = model.config.eos_token_ids[0]
+
+    def encode(text: str) -> List[int]:
+        return tok(text).input_ids
+
+    return model, folder, encode, eos, questions, template, settings, folder
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark for parsed arguments; returns the exit status (1 on a lossless violation)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    with tempfile.TemporaryDirectory(prefix="kangaroo_bench_") as scratch:
+        model, folder, encode, eos, questions, template, settings, what = _load(args, device, dtype, scratch)
+        limit = args.prompts or (4 if args.smoke else None)
+        max_prompt = args.max_prompt_tokens or (48 if args.smoke else None)
+        max_new = args.max_new_tokens or (24 if args.smoke else 128)
+        kcfg = KangarooConfig(gamma=args.gamma if args.gamma is not None else settings.get("gamma", 6),
+                              eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
+        prompts = build_prompts(questions, encode, template, limit, max_prompt)
+        methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
+        if args.no_hf:
+            methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
+        else:
+            methods += hf_methods(folder, dtype, device, model.exit_layer, max_new, eos, args.ignore_eos)
+        print(f"spec_bench: {what}; {len(prompts)} prompts, {max_new} new tokens max, greedy, batch 1, "
+              f"{str(dtype).replace('torch.', '')} on {device_name(device)}")
+        print(f"Kangaroo exit layer {model.exit_layer}, gamma {kcfg.gamma}, eta {kcfg.eta}; template {template}")
+        for m in methods:
+            if not m.available:
+                print(f"  {m.name}: {m.reason}")
+
+        def failed(m: Method, e: Exception) -> None:
+            print(f"ERROR: method {m.name} failed and is dropped: {type(e).__name__}: {e}", file=sys.stderr)
+
+        tallies, mismatches = run_methods(prompts, methods, device, progress=not args.no_progress,
+                                          on_failure=failed)
+    summary = summarize(tallies, methods)
+    print(format_table(summary, methods))
+    result = {
+        "benchmark": "spec_bench", "smoke_run": bool(args.smoke), "device": device_name(device),
+        "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "transformers": _version("transformers"), "model": what, "prompts_source": args.questions or "embedded heldout",
+        "template": template, "prompts": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
+        "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
+        "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
+        "methods": {m.name: {"label": m.label, "available": m.available, "reason": m.reason} for m in methods},
+        "results": summary, "greedy_mismatches": mismatches,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"spec_bench-{'smoke' if args.smoke else device.type}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    plots = [] if args.no_plots else plot(summary, stem, f"{what}, {result['device']}")
+    print("wrote " + ", ".join([stem + ".json"] + plots))
+    return _verdict(mismatches, methods, args.strict)
+
+
+def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool) -> int:
+    status = 0
+    for name in ("ar", "kangaroo"):
+        m = next((m for m in methods if m.name == name), None)
+        if m is not None and not m.available:
+            print(f"ERROR: {name} did not run: {m.reason}", file=sys.stderr)
+            status = 1
+    if not mismatches:
+        print("greedy tokens: all methods identical to kangaroo_rt plain decoding")
+        return status
+    ours = [x for x in mismatches if not x["method"].startswith("hf_")]
+    bar = "!" * 72
+    print(f"{bar}\nGREEDY TOKEN MISMATCH vs kangaroo_rt plain decoding ({len(mismatches)} prompt/method pairs):",
+          file=sys.stderr)
+    for x in mismatches:
+        print(f"  {x['method']:<24} question {x['question_id']} ({x['category']}): first differing token "
+              f"{x['first_index']} (lengths {x['reference_tokens']} vs {x['method_tokens']})", file=sys.stderr)
+    if not ours:
+        print("only transformers differs: fp round-off between implementations can flip a near-tie; "
+              "--strict makes this an error", file=sys.stderr)
+    print(bar, file=sys.stderr)
+    return 1 if ours or strict else status
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"spec_bench: error: {e}", file=sys.stderr)
+        return 2
