@@ -13,12 +13,18 @@ State per row lives in device tensors: ``pos`` (position of the newest uncommitt
 3. accept and commit up to EOS (greedy: ``ops.accept_greedy_commit``, one fused op that also advances
    ``pos``; sampling: ``ops.accept_sampling`` then ``ops.commit_tokens``), and roll back by moving
    ``pos``: stale cache entries past it are never read, so nothing is copied.
+
+``max_new`` is one int for the batch (``generate``) or a (B,) tensor of per-row limits (the engine): a row
+never drafts past its own limit, so a round never commits past it either. Token choice goes through a
+sampler: :class:`BatchSampling` (one config and generator for the batch) or :class:`RowSampling` (per-row
+configs and generators, for batches that mix requests). :class:`CacheRowsView` lets a prefill write
+chosen cache rows while other rows are mid-generation.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -103,6 +109,162 @@ class _Rows:
     stats_rounds: List[int] = field(default_factory=list)
 
 
+MaxNew = Union[int, torch.Tensor]  # one limit for every row, or a (B,) int64 tensor of per-row limits
+
+
+def _op_limit(max_new: MaxNew, rows: _Rows) -> int:
+    """The ``max_new`` int the commit ops take. Per-row limits are enforced by the draft cap (a row never
+    commits more than its limit) and by :func:`_finish_at_limit`; the ops then get a limit no row reaches."""
+    return max_new if isinstance(max_new, int) else rows.out.shape[1]
+
+
+def _finish_at_limit(rows: _Rows, max_new: MaxNew) -> None:
+    if isinstance(max_new, torch.Tensor):
+        rows.finished |= rows.n_gen >= max_new
+
+
+class BatchSampling:
+    """One :class:`SamplingConfig` and one generator for the whole batch (what ``generate`` uses)."""
+
+    def __init__(self, sampling: SamplingConfig, gen: Optional[torch.Generator]) -> None:
+        self.sampling = sampling
+        self.gen = gen
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.greedy
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> tokens (B,)."""
+        sampling = self.sampling
+        if sampling.greedy:
+            return logits.argmax(dim=-1)
+        probs = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+
+    def draft(self, logits: torch.Tensor, active: torch.Tensor):
+        """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
+        sampling = self.sampling
+        if sampling.greedy:
+            d, conf = ops.greedy_with_confidence(logits)
+            return d, conf, None
+        q = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        d = torch.multinomial(q, 1, generator=self.gen).squeeze(1)
+        return d, q.max(dim=-1).values, q
+
+    def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
+               draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sampling acceptance. chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
+        sampling = self.sampling
+        b, k = chain.shape
+        p = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        q = torch.stack(draft_probs, dim=1) if draft_probs else p[:, :0]
+        u = torch.rand(b, k, device=chain.device, generator=self.gen)
+        return ops.accept_sampling(chain, n_drafts, p, q, u, self.gen)
+
+
+class RowSampling:
+    """Per-row sampling parameters and generators (the engine's batches mix requests).
+
+    ``rows[r]`` is ``(SamplingConfig, generator)`` for row r, or None for a free slot (treated as greedy,
+    consumes no randomness). A row draws random numbers only from its own generator, and only as many as
+    its own drafts and tokens need, in the same order as a batch of one under :class:`BatchSampling`:
+    a seeded request gets the tokens it would get alone, whatever else is in the batch (up to
+    floating-point differences between batched and single-row kernels).
+    """
+
+    def __init__(self, rows: Sequence[Optional[Tuple[SamplingConfig, Optional[torch.Generator]]]]) -> None:
+        self.rows = list(rows)
+        self.sampled = [r for r, item in enumerate(self.rows) if item is not None and not item[0].greedy]
+
+    @property
+    def greedy(self) -> bool:
+        return not self.sampled
+
+    def _probs(self, r: int, logits: torch.Tensor) -> torch.Tensor:
+        sampling = self.rows[r][0]
+        return ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> tokens (B,)."""
+        tokens = logits.argmax(dim=-1)
+        for r in self.sampled:
+            probs = self._probs(r, logits[r:r + 1])
+            tokens[r] = torch.multinomial(probs, 1, generator=self.rows[r][1])[0, 0]
+        return tokens
+
+    def draft(self, logits: torch.Tensor, active: torch.Tensor):
+        """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
+        d, conf = ops.greedy_with_confidence(logits)
+        if self.greedy:
+            return d, conf, None
+        q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        on = active.tolist()
+        for r in self.sampled:
+            if not on[r]:
+                continue
+            q_r = self._probs(r, logits[r:r + 1])
+            q[r] = q_r[0]
+            d[r] = torch.multinomial(q_r, 1, generator=self.rows[r][1])[0, 0]
+            conf[r] = q_r.max()
+        return d, conf, q
+
+    def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
+               draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Greedy rows accept greedily, sampled rows by speculative sampling with their own generator.
+        chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
+        accepted, nxt = ops.accept_greedy(chain, n_drafts, logits.argmax(dim=-1))
+        k = chain.shape[1]
+        q_all = torch.stack(draft_probs, dim=1) if draft_probs else None  # (B, K, V)
+        counts = n_drafts.tolist()
+        for r in self.sampled:
+            gen = self.rows[r][1]
+            p = self._probs(r, logits[r:r + 1])  # (1, K+1, V)
+            q = q_all[r:r + 1] if q_all is not None else p[:, :0]
+            u = torch.zeros(1, k, device=chain.device)
+            u[:, :counts[r]] = torch.rand(1, counts[r], device=chain.device, generator=gen)
+            a_r, n_r = ops.accept_sampling(chain[r:r + 1], n_drafts[r:r + 1], p, q, u, gen)
+            accepted[r], nxt[r] = a_r[0], n_r[0]
+        return accepted, nxt
+
+
+Sampler = Union[BatchSampling, RowSampling]
+
+
+def _sampler(sampling: Union[SamplingConfig, Sampler], gen: Optional[torch.Generator]) -> Sampler:
+    if isinstance(sampling, (BatchSampling, RowSampling)):
+        return sampling
+    return BatchSampling(sampling, gen)
+
+
+class CacheRowsView:
+    """Rows ``start..stop-1`` of a :class:`StaticKVCache` as a cache of their own (views, no copy): the
+    model writes and reads row ``start + i`` when it is given batch row ``i``."""
+
+    def __init__(self, cache: StaticKVCache, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= cache.max_batch:
+            raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {cache.max_batch} rows")
+        self.k = cache.k[:, start:stop]
+        self.v = cache.v[:, start:stop]
+        self.lengths = cache.lengths[start:stop]
+
+    @property
+    def max_batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, index: int):
+        """(k, v) of one layer, each (rows, kv_heads, max_len, head_dim)."""
+        return self.k[index], self.v[index]
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """lengths: (rows,) int64."""
+        self.lengths.copy_(lengths)
+
+
 class Decoder:
     """Runs generation for a target (+ optional adapter) over caches it owns and reuses."""
 
@@ -140,27 +302,25 @@ class Decoder:
 
     # -- token selection -------------------------------------------------------------------------
     @staticmethod
-    def _select(logits: torch.Tensor, sampling: SamplingConfig, gen: Optional[torch.Generator]) -> torch.Tensor:
-        """logits (B, V) -> tokens (B,)."""
-        if sampling.greedy:
-            return logits.argmax(dim=-1)
-        probs = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
-
-    @staticmethod
     def _commit(rows: _Rows, tokens: torch.Tensor, count: torch.Tensor, eos: Optional[torch.Tensor],
-                max_new: int) -> torch.Tensor:
+                max_new: MaxNew) -> torch.Tensor:
         """Append tokens (B, n) of which the first ``count`` (B,) are valid, stopping after an EOS.
 
         Returns the number of tokens actually committed per row (B,).
         """
-        return ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos, max_new)
+        committed = ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos,
+                                      _op_limit(max_new, rows))
+        _finish_at_limit(rows, max_new)
+        return committed
 
     # -- prefill -----------------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampling: SamplingConfig, max_new: int,
-                gamma: int, eos: Optional[torch.Tensor], gen: Optional[torch.Generator]) -> _Rows:
-        """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks the first token."""
+    def prefill_logits(self, ids: torch.Tensor, lengths: torch.Tensor, cache=None, adapter_cache=None):
+        """ids: (B, T) right-padded prompts; lengths: (B,). Writes the prompts' KV into ``cache`` (default: the
+        decoder's own; a :class:`CacheRowsView` targets chosen rows) and returns (next-token logits (B, V),
+        exit state at the last prompt position (B, D) or None without an adapter)."""
         target = self.target
+        cache = self.cache if cache is None else cache
+        adapter_cache = self.adapter_cache if adapter_cache is None else adapter_cache
         b, t = ids.shape
         positions = torch.arange(t, device=ids.device).expand(b, t)
         rope = target.rope(positions)
@@ -169,14 +329,20 @@ class Decoder:
         e_prev = None
         if self.adapter is not None:
             l = self.exit_layer
-            exit_states = target.forward_layers(h, positions, 0, l, self.cache, kv_len=t, rope=rope)
-            self.adapter(exit_states, positions, *rope, self.adapter_cache, kv_len=t)
-            h = target.forward_layers(exit_states, positions, l, target.num_layers, self.cache, kv_len=t, rope=rope)
+            exit_states = target.forward_layers(h, positions, 0, l, cache, kv_len=t, rope=rope)
+            self.adapter(exit_states, positions, *rope, adapter_cache, kv_len=t)
+            h = target.forward_layers(exit_states, positions, l, target.num_layers, cache, kv_len=t, rope=rope)
             e_prev = exit_states[rows_idx, lengths - 1]
         else:
-            h = target.forward_layers(h, positions, 0, target.num_layers, self.cache, kv_len=t, rope=rope)
-        logits = target.head(h[rows_idx, lengths - 1])  # (B, V)
-        first = self._select(logits, sampling, gen)
+            h = target.forward_layers(h, positions, 0, target.num_layers, cache, kv_len=t, rope=rope)
+        return target.head(h[rows_idx, lengths - 1]), e_prev
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampling: Union[SamplingConfig, Sampler],
+                max_new: int, gamma: int, eos: Optional[torch.Tensor], gen: Optional[torch.Generator]) -> _Rows:
+        """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks the first token."""
+        b = ids.shape[0]
+        logits, e_prev = self.prefill_logits(ids, lengths)  # (B, V)
+        first = _sampler(sampling, gen).select(logits)
         rows = _Rows(
             out=torch.zeros(b, max_new + gamma + 2, dtype=torch.long, device=ids.device),
             n_gen=torch.zeros(b, dtype=torch.long, device=ids.device),
@@ -190,11 +356,12 @@ class Decoder:
         return rows
 
     # -- plain decoding ----------------------------------------------------------------------------
-    def ar_step(self, rows: _Rows, sampling: SamplingConfig, max_new: int, eos: Optional[torch.Tensor],
-                gen: Optional[torch.Generator]) -> torch.Tensor:
+    def ar_step(self, rows: _Rows, sampling: Union[SamplingConfig, Sampler], max_new: MaxNew,
+                eos: Optional[torch.Tensor], gen: Optional[torch.Generator]) -> torch.Tensor:
+        """One plain decoding step for every unfinished row; max_new: int or (B,) int64 per-row limits."""
         kv_len = int(rows.pos.max()) + 1
         logits = self.target(rows.t0[:, None], rows.pos[:, None], self.cache, kv_len=kv_len)[:, -1]
-        tok = self._select(logits, sampling, gen)
+        tok = _sampler(sampling, gen).select(logits)
         active = ~rows.finished
         committed = self._commit(rows, tok[:, None], torch.ones_like(rows.pos), eos, max_new)
         rows.pos += active.long()
@@ -203,10 +370,12 @@ class Decoder:
         return committed
 
     # -- Kangaroo ------------------------------------------------------------------------------------
-    def kangaroo_round(self, rows: _Rows, kcfg: KangarooConfig, sampling: SamplingConfig, max_new: int,
-                       eos: Optional[torch.Tensor], gen: Optional[torch.Generator], stats: DecodeStats,
-                       timed: bool) -> torch.Tensor:
+    def kangaroo_round(self, rows: _Rows, kcfg: KangarooConfig, sampling: Union[SamplingConfig, Sampler],
+                       max_new: MaxNew, eos: Optional[torch.Tensor], gen: Optional[torch.Generator],
+                       stats: DecodeStats, timed: bool) -> torch.Tensor:
+        """One draft-verify-accept round; max_new: int or (B,) int64 per-row limits. Returns committed (B,)."""
         target, adapter, l = self.target, self.adapter, self.exit_layer
+        sampler = _sampler(sampling, gen)
         dev = rows.pos.device
         b = rows.pos.shape[0]
         gamma, eta = kcfg.gamma, float(kcfg.eta)
@@ -244,12 +413,8 @@ class Decoder:
                 a_in, a_pos, a_rope = e_s, pos_s, rope_s
             y = adapter(a_in, a_pos, *a_rope, self.adapter_cache, kv_len=base_len + s)[:, -1]
             logits = target.lm_head(y)  # (B, V)
-            if sampling.greedy:
-                d, conf = ops.greedy_with_confidence(logits)
-            else:
-                q = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-                d = torch.multinomial(q, 1, generator=gen).squeeze(1)
-                conf = q.max(dim=-1).values
+            d, conf, q = sampler.draft(logits, active)
+            if q is not None:
                 draft_probs.append(q)
             drafts[:, s] = torch.where(active, d, torch.full_like(d, -1))
             n_drafts += active.long()
@@ -266,15 +431,14 @@ class Decoder:
         logits = target.head(h)  # (B, K+1, V)
         chain = drafts[:, :k]
         was_active = ~rows.finished
-        if sampling.greedy:
+        if sampler.greedy:
             # Accept, commit up to EOS and advance pos, in place and on the device.
             accepted, nxt, committed = ops.accept_greedy_commit(chain, n_drafts, logits.argmax(dim=-1), rows.out,
-                                                                rows.n_gen, rows.finished, rows.pos, eos, max_new)
+                                                                rows.n_gen, rows.finished, rows.pos, eos,
+                                                                _op_limit(max_new, rows))
+            _finish_at_limit(rows, max_new)
         else:
-            p = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-            q = torch.stack(draft_probs, dim=1) if draft_probs else p[:, :0]
-            u = torch.rand(b, k, device=dev, generator=gen)
-            accepted, nxt = ops.accept_sampling(chain, n_drafts, p, q, u, gen)
+            accepted, nxt = sampler.accept(chain, n_drafts, logits, draft_probs)
             run = torch.cat([chain, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
             run.scatter_(1, accepted[:, None], nxt[:, None])
             committed = self._commit(rows, run, accepted + 1, eos, max_new)
