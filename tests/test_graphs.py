@@ -1,0 +1,200 @@
+"""The fixed-shape round path of kangaroo_rt.graphs on CPU: bucket/buffer logic, mode choice, and tokens
+equal to plain greedy and to the eager Kangaroo loop (the code CUDA graphs capture, run eagerly)."""
+import pytest
+import torch
+
+import kangaroo_rt as K
+from kangaroo_rt import graphs
+from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+EOS = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config(num_layers=4, eos_token_id=EOS)
+    target, adapter = agreeing_pair(cfg, 2)
+    return K.KangarooModel(target, adapter, exit_layer=2)
+
+
+def _ragged(batch, vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(EOS + 1, vocab, (batch, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    for r in range(1, batch, 2):
+        mask[r, : 1 + r % 5] = 0  # left padding of different widths
+    return ids, mask
+
+
+def test_bucket_for():
+    assert [graphs.bucket_for(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert graphs.bucket_for(17) == 32 and graphs.bucket_for(33) == 48
+    assert graphs.bucket_for(3, (2, 6)) == 6 and graphs.bucket_for(7, (2, 6)) == 12
+    for bad in (0, -1, 2.0, None):
+        with pytest.raises(ValueError, match="batch"):
+            graphs.bucket_for(bad)
+    with pytest.raises(ValueError, match="buckets"):
+        graphs.bucket_for(1, (4, 2))
+
+
+def test_capacity_and_eos_slots():
+    assert graphs.capacity_for(1, None) == 256 and graphs.capacity_for(257, None) == 512
+    assert graphs.capacity_for(100, 300) == 300
+    with pytest.raises(ValueError, match="max_len=300"):
+        graphs.capacity_for(301, 300)
+    assert [graphs.eos_slots_for(n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 4, 8]
+
+
+def test_cuda_graphs_flag(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("KANGAROO_RT_CUDA_GRAPHS", raising=False)
+    assert graphs.cuda_graphs_enabled(None, cuda) and not graphs.cuda_graphs_enabled(None, cpu)
+    assert graphs.cuda_graphs_enabled(True, cpu) and not graphs.cuda_graphs_enabled(False, cuda)
+    monkeypatch.setenv("KANGAROO_RT_CUDA_GRAPHS", "0")
+    assert not graphs.cuda_graphs_enabled(None, cuda)
+    monkeypatch.setenv("KANGAROO_RT_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="KANGAROO_RT_CUDA_GRAPHS"):
+        graphs.cuda_graphs_enabled(None, cuda)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        graphs.cuda_graphs_enabled(1, cpu)
+
+
+def test_round_buffers_load_pads_rows():
+    st = RoundBuffers.allocate(4, gamma=3, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
+                               width=20, eos_slots=2)
+    assert st.out.shape == (4, 20) and st.exits.shape == (4, 4, 8) and st.log_active.shape == (21, 4)
+    out = torch.tensor([[11, 0], [12, 0]])
+    st.rounds.fill_(5)
+    st.load(out, torch.tensor([1, 1]), torch.tensor([False, True]), torch.tensor([7, 4]), torch.tensor([11, 12]),
+            torch.ones(2, 8), max_new=10, eos=torch.tensor([3]))
+    assert st.out[:, 0].tolist() == [11, 12, 0, 0] and st.n_gen.tolist() == [1, 1, 0, 0]
+    assert st.finished.tolist() == [False, True, True, True]
+    assert st.pos.tolist() == [7, 4, 1, 1]  # padding rows at 1: the catch-up position pos - 1 stays >= 0
+    assert st.eos.tolist() == [3, -1] and st.max_new.tolist() == [10] * 4 and int(st.rounds) == 0
+    assert st.e_prev[2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="bucket"):
+        st.load(torch.zeros(5, 1, dtype=torch.long), *(torch.zeros(5, dtype=torch.long),) * 1,
+                torch.zeros(5, dtype=torch.bool), *(torch.zeros(5, dtype=torch.long),) * 2, torch.zeros(5, 8),
+                max_new=4, eos=None)
+    with pytest.raises(ValueError, match="output buffer"):
+        st.load(out, torch.tensor([1, 1]), torch.tensor([False, False]), torch.tensor([7, 4]),
+                torch.tensor([11, 12]), torch.ones(2, 8), max_new=19, eos=None)
+    with pytest.raises(ValueError, match="EOS ids"):
+        st.load(out, torch.tensor([1, 1]), torch.tensor([False, False]), torch.tensor([7, 4]),
+                torch.tensor([11, 12]), torch.ones(2, 8), max_new=5, eos=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="buffer sizes"):
+        RoundBuffers.allocate(2, gamma=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
+                              width=20, eos_slots=1)
+
+
+def test_mode_chooser_tries_each_mode_then_keeps_the_fastest():
+    chooser = ModeChooser(trials=2)
+    entry = _Entry(buffers=None)
+    seconds = {"sync": 3.0, "blocks": 1.0, "ext_loop": 2.0}
+    order = []
+    for _ in range(6):
+        mode = chooser.next_mode(entry, list(seconds))
+        order.append(mode)
+        chooser.record(entry, mode, seconds[mode] * 10, useful_rounds=10)
+    assert sorted(order) == sorted(list(seconds) * 2)
+    assert chooser.next_mode(entry, list(seconds)) == "blocks" and entry.chosen == "blocks"
+    entry.disabled.add("blocks")
+    assert chooser.next_mode(entry, list(seconds)) == "ext_loop"  # a mode that failed is never picked again
+    chooser.record(entry, "sync", 1.0, useful_rounds=0)  # a call with no round teaches nothing
+    assert len(entry.timings["sync"]) == 2
+    with pytest.raises(RuntimeError, match="no host-loop mode"):
+        chooser.next_mode(_Entry(buffers=None), [])
+
+
+@pytest.mark.parametrize("batch,gamma,eta", [(1, 1, 0.0), (3, 4, 0.6), (5, 6, 0.0), (8, 3, 0.3)])
+def test_fixed_shape_rounds_equal_plain_and_eager(model, batch, gamma, eta):
+    ids, mask = _ragged(batch, model.config.vocab_size, seed=batch)
+    kc = K.KangarooConfig(gamma=gamma, eta=eta)
+    kw = dict(attention_mask=mask, max_new_tokens=18)
+    plain = model.generate(ids, kangaroo=None, **kw)
+    eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
+    fixed = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
+    assert torch.equal(eager.sequences, plain)
+    assert torch.equal(fixed.sequences, plain)
+    assert graphs.runner_for(model).last_mode == "sync"  # the fixed-shape path ran
+    assert fixed.stats.accepted_lengths == eager.stats.accepted_lengths
+    assert fixed.stats.draft_lengths == eager.stats.draft_lengths
+    assert fixed.stats.position_accepts == eager.stats.position_accepts
+    assert fixed.stats.new_tokens == eager.stats.new_tokens
+    assert max(fixed.mat) > 1.0  # drafts were accepted: the chain path was exercised
+
+
+def _committed_cache(model, lengths, n_gen):
+    """Every cache entry at a committed position (0 .. T + n_gen - 3 of each row), target and adapter."""
+    d = model.decoder
+    keep = []
+    for r, (t, n) in enumerate(zip(lengths.tolist(), n_gen)):
+        stop = t + n - 2
+        for c in (d.cache, d.adapter_cache):
+            keep += [c.k[:, r, :, :stop].clone(), c.v[:, r, :, :stop].clone()]
+    return keep
+
+
+def test_fixed_shape_rounds_write_the_eager_cache(model):
+    """The masked extra draft steps never corrupt a committed cache slot, and the adapter's catch-up
+    position is recomputed from the right exit state (drafts alone are too robust to show this)."""
+    ids, mask = _ragged(4, model.config.vocab_size, seed=2)
+    kc = K.KangarooConfig(gamma=4, eta=0.0)
+    kw = dict(attention_mask=mask, max_new_tokens=20, kangaroo=kc, return_dict_in_generate=True)
+    eager = model.generate(ids, cuda_graphs=False, **kw)
+    ref = _committed_cache(model, mask.sum(1), eager.stats.new_tokens)
+    fixed = model.generate(ids, cuda_graphs=True, **kw)
+    assert fixed.stats.new_tokens == eager.stats.new_tokens
+    got = _committed_cache(model, mask.sum(1), fixed.stats.new_tokens)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_budget_and_blocks_mode(model):
+    """Rows that hit EOS early, per-call budgets down to one token, and the sync-free block schedule."""
+    ids, mask = _ragged(4, model.config.vocab_size, seed=11)
+    kc = K.KangarooConfig(gamma=3, eta=0.0)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=24, kangaroo=None, eos_token_id=[EOS, 17, 40])
+    runner = graphs.runner_for(model)
+    for mode in ("sync", "blocks"):
+        runner.mode = mode
+        try:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=24, kangaroo=kc, cuda_graphs=True,
+                                 eos_token_id=[EOS, 17, 40])
+        finally:
+            runner.mode = "auto"
+        assert torch.equal(out, plain), mode
+        assert runner.last_mode == mode
+    one = model.generate(ids, attention_mask=mask, max_new_tokens=1, kangaroo=kc, cuda_graphs=True)
+    assert torch.equal(one, model.generate(ids, attention_mask=mask, max_new_tokens=1, kangaroo=None))
+
+
+def test_buffers_are_reused_and_dropped_when_the_cache_moves(model):
+    ids, mask = _ragged(3, model.config.vocab_size, seed=5)
+    kc = K.KangarooConfig(gamma=2, eta=0.0)
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
+    runner = graphs.runner_for(model)
+    assert runner is graphs.runner_for(model)
+    entry = runner.entry(4, kc, 1)
+    model.generate(ids[:1], max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
+    assert runner.entry(4, kc, 1) is entry  # same bucket and settings: same static buffers
+    assert model.decoder.cache.max_batch >= 4 and model.decoder.cache.max_len % graphs.LENGTH_QUANTUM == 0
+    long_ids = torch.randint(EOS + 1, model.config.vocab_size, (2, 300))
+    model.generate(long_ids, max_new_tokens=4, kangaroo=kc, cuda_graphs=True)  # the cache grows past 256
+    assert runner.entry(4, kc, 1) is not entry
+    assert runner.captures == 0  # nothing is captured off CUDA
+
+
+def test_runner_bad_input(model):
+    with pytest.raises(ValueError, match="adapter"):
+        GraphRunner(K.KangarooModel(model.target, None).decoder)
+    with pytest.raises(ValueError, match="mode"):
+        GraphRunner(model.decoder, mode="fast")
+    runner = GraphRunner(model.decoder)
+    ids = torch.randint(0, 50, (1, 4))
+    with pytest.raises(ValueError, match="gamma"):
+        runner.decode(ids, torch.tensor([4]), 4, K.KangarooConfig(gamma=0), None)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        model.generate(ids, max_new_tokens=2, cuda_graphs="yes")
