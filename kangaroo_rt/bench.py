@@ -180,7 +180,8 @@ def _sync(device: torch.device) -> None:
 
 def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Optional[int],
                 ignore_eos: bool) -> List[Method]:
-    """This project's plain decoding and Kangaroo (default op dispatch; on CUDA also torch-only ops)."""
+    """This project's plain decoding and Kangaroo: eager with the default op dispatch; on CUDA also with
+    CUDA graphs and eager with the torch reference ops only."""
     from . import ops
 
     kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
@@ -191,25 +192,29 @@ def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Opti
         seq = model.generate(ids, kangaroo=None, **kw)
         return seq[0, ids.shape[1]:], None
 
-    def kangaroo(ids: torch.Tensor):
-        out = model.generate(ids, kangaroo=kcfg, return_dict_in_generate=True, **kw)
-        return out.sequences[0, ids.shape[1]:], out.stats
+    def kangaroo_with(graphs: bool):
+        def run(ids: torch.Tensor):
+            out = model.generate(ids, kangaroo=kcfg, return_dict_in_generate=True, cuda_graphs=graphs, **kw)
+            return out.sequences[0, ids.shape[1]:], out.stats
+        return run
 
     def kangaroo_torch_ops(ids: torch.Tensor):
         ops.set_backend("torch")
         try:
-            return kangaroo(ids)
+            return kangaroo_with(False)(ids)
         finally:
             ops.set_backend(None)
 
-    backends = sorted(set(ops.backend_table(model.device).values()))
+    backends = "/".join(sorted(set(ops.backend_table(model.device).values())))
     methods = [Method("ar", "kangaroo_rt plain decoding", plain),
-               Method("kangaroo", f"kangaroo_rt Kangaroo ({'/'.join(backends)} ops)", kangaroo, kangaroo=True)]
+               Method("kangaroo", f"kangaroo_rt Kangaroo, eager ({backends} ops)", kangaroo_with(False), kangaroo=True)]
     if model.device.type == "cuda":
-        methods.append(Method("kangaroo_torch_ops", "kangaroo_rt Kangaroo, torch reference ops", kangaroo_torch_ops,
-                              kangaroo=True))
-        methods.append(Method("kangaroo_graphs", "kangaroo_rt Kangaroo, CUDA graphs",
-                              reason="no CUDA-graph decode path in this build (kangaroo_rt.graphs)"))
+        methods.append(Method("kangaroo_graphs", f"kangaroo_rt Kangaroo, CUDA graphs ({backends} ops)",
+                              kangaroo_with(True), kangaroo=True))
+        methods.append(Method("kangaroo_torch_ops", "kangaroo_rt Kangaroo, eager, torch reference ops",
+                              kangaroo_torch_ops, kangaroo=True))
+    else:
+        methods.append(Method("kangaroo_graphs", "kangaroo_rt Kangaroo, CUDA graphs", reason="CUDA only"))
     return methods
 
 
@@ -577,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "spec_bench", "smoke_run": bool(args.smoke), "device": device_name(device),
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "transformers": _version("transformers"), "model": what, "prompts_source": args.questions or "embedded heldout",
+        "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or "embedded heldout",
         "template": template, "prompts": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},

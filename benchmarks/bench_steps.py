@@ -1,0 +1,394 @@
+"""Step latency vs the memory floor, for 7B- and 13B-like Llama shapes with random fp16 weights on a GPU.
+
+Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
+  plain       one decode step of the whole model (the AR baseline)
+  draft@l     one Kangaroo draft step: layers 0..l-1 on one token, the adapter, the LM head, argmax
+  shallow@l   layers 0..l-1 only (the last step of a draft chain)
+  verify@l/k  layers l..N-1 on k = gamma+1 stacked exit states, final norm, LM head, argmax (l: the
+              paper's exit layer, 2 for 7B and 3 for 13B)
+at batch 1, 4, 16 and context 512 / 2048. Each step's floor is the bytes it must read (weights of the
+layers it runs + the KV cache it attends over + the KV it writes; activations and logits excluded)
+divided by the device-to-device copy bandwidth measured in the same run.
+
+From these latencies, the end-to-end speedup of Kangaroo over plain decoding is modeled at fixed
+gamma (no eta early stop): E[tokens/round] = 1 + sum_i prod_{j<=i} a_j for per-position acceptance
+a_j, round time = gamma * draft + shallow + verify(gamma + 1), speedup = E * plain / round, best gamma
+reported, for constant acceptance profiles, for --acceptance, and for the embedded model's profile
+measured by spec_bench / bench_embedded (newest non-smoke JSON under benchmarks/results/).
+
+Without CUDA (or with --smoke) a tiny shape runs on the CPU and the script says so; its numbers
+only prove the script works.
+
+    PYTHONPATH=. python benchmarks/bench_steps.py [--out DIR] [--shapes 7B,13B] [--acceptance 0.8,0.7,0.6]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kangaroo_rt import ops  # noqa: E402
+from kangaroo_rt.adapter import Adapter  # noqa: E402
+from kangaroo_rt.config import ModelConfig  # noqa: E402
+from kangaroo_rt.model import Transformer, rope_inv_freq  # noqa: E402
+
+NAME = "bench_steps"
+# name -> (config, the paper's exit layer)
+SHAPES: Dict[str, Tuple[ModelConfig, int]] = {
+    "7B": (ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32), 2),
+    "13B": (ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40), 3),
+}
+SMOKE_SHAPE = (ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2), 2)
+CONSTANT_PROFILES = (0.6, 0.7, 0.8, 0.9)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (also the default without CUDA)")
+    p.add_argument("--shapes", default="7B,13B", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--exit-layers", default="1,2,3", help="draft steps measured at these exit layers")
+    p.add_argument("--verify-tokens", default="2,3,4,5,6,7,8", help="k = gamma + 1 values for verify steps")
+    p.add_argument("--acceptance", help="extra per-position acceptance profile for the model, e.g. 0.8,0.7,0.6")
+    p.add_argument("--profile-from", help="results JSON with acceptance_by_position (default: newest non-smoke "
+                   "spec_bench-*.json / bench_embedded.json under benchmarks/results)")
+    p.add_argument("--no-graphs", action="store_true", help="eager timings only")
+    args = p.parse_args(argv)
+    for name in ("batches", "contexts", "exit_layers", "verify_tokens"):
+        try:
+            values = [int(v) for v in getattr(args, name).split(",") if v.strip()]
+        except ValueError:
+            p.error(f"--{name.replace('_', '-')} must be a comma list of integers")
+        if not values or min(values) <= 0:
+            p.error(f"--{name.replace('_', '-')} needs positive integers")
+        setattr(args, name, values)
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in args.shapes if s not in SHAPES]
+    if bad:
+        p.error(f"unknown shape(s) {bad}; known: {sorted(SHAPES)}")
+    if args.acceptance:
+        try:
+            args.acceptance = [float(v) for v in args.acceptance.split(",")]
+        except ValueError:
+            p.error("--acceptance must be a comma list of probabilities")
+        if not all(0.0 <= a <= 1.0 for a in args.acceptance):
+            p.error("--acceptance values must lie in [0, 1]")
+    return args
+
+
+# ------------------------------------------------------------------------------------------- models
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Tuple[Transformer, Adapter]:
+    """Target + adapter with random weights made directly on ``device`` in ``dtype`` (no fp32 host copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            target, adapter = Transformer(config), Adapter(config)
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = config.hidden_size ** -0.5
+    for module in (target, adapter):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+    target.inv_freq = rope_inv_freq(config).to(device)
+    return target.eval(), adapter.eval()
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def cpu_copy_bandwidth_gbs() -> float:
+    """Bytes read + written per second by a 64 MiB host copy (best of 5), in GB/s."""
+    src = torch.empty(64 * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = min(_wall(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * src.numel() / best / 1e9
+
+
+def _wall(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds per call (triton's do_bench on CUDA, median of 5 wall times on CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    return 1e3 * statistics.median(_wall(fn) for _ in range(5))
+
+
+def graph_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_ms(graph.replay, device)
+    finally:
+        del graph
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+class Steps:
+    """The step functions of one shape over caches of ``max_batch`` rows and ``max_len`` positions."""
+
+    def __init__(self, target: Transformer, adapter: Adapter, max_batch: int, max_len: int) -> None:
+        self.target, self.adapter = target, adapter
+        self.cache = target.new_cache(max_batch, max_len)
+        self.adapter_cache = adapter.new_cache(max_batch, max_len)
+        cfg = target.config
+        self.elt = torch.empty((), dtype=target.dtype).element_size()
+        self.kv_bytes_per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * self.elt  # one layer, one row
+        self.layer_bytes = [param_bytes(layer) for layer in target.layers]
+        self.head_bytes = param_bytes(target.lm_head) + param_bytes(target.norm)
+        self.adapter_bytes = param_bytes(adapter)
+
+    def _inputs(self, batch: int, context: int, q: int):
+        dev = self.target.device
+        pos = context + torch.arange(q, device=dev)[None, :].expand(batch, q).contiguous()  # (B, q)
+        tokens = torch.randint(0, self.target.config.vocab_size, (batch, q), device=dev)  # (B, q)
+        return tokens, pos
+
+    def _kv(self, layers: int, batch: int, context: int, q: int) -> int:
+        return layers * batch * (context + 2 * q) * self.kv_bytes_per_pos  # read context + q, write q
+
+    def plain(self, batch: int, context: int) -> Tuple[Callable[[], object], int]:
+        t = self.target
+        tokens, pos = self._inputs(batch, context, 1)
+
+        def step():
+            return t(tokens, pos, self.cache, kv_len=context + 1)[:, -1].argmax(dim=-1)
+
+        n = t.num_layers
+        return step, sum(self.layer_bytes) + self.head_bytes + self._kv(n, batch, context, 1)
+
+    def draft(self, batch: int, context: int, exit_layer: int, with_adapter: bool = True):
+        t, a = self.target, self.adapter
+        tokens, pos = self._inputs(batch, context, 1)
+        rope = t.rope(pos)
+
+        def step():
+            e = t.forward_layers(t.embed(tokens), pos, 0, exit_layer, self.cache, kv_len=context + 1, rope=rope)
+            if not with_adapter:
+                return e
+            y = a(e, pos, *rope, self.adapter_cache, kv_len=context + 1)[:, -1]
+            return ops.greedy_with_confidence(t.lm_head(y))
+
+        bytes_ = sum(self.layer_bytes[:exit_layer]) + self._kv(exit_layer, batch, context, 1)
+        if with_adapter:
+            bytes_ += self.adapter_bytes + param_bytes(t.lm_head) + self._kv(1, batch, context, 1)
+        return step, bytes_
+
+    def verify(self, batch: int, context: int, exit_layer: int, k: int):
+        t = self.target
+        _, pos = self._inputs(batch, context, k)
+        states = torch.randn(batch, k, t.config.hidden_size, device=t.device, dtype=t.dtype)  # (B, k, D)
+        rope = t.rope(pos)
+
+        def step():
+            h = t.forward_layers(states, pos, exit_layer, t.num_layers, self.cache, kv_len=context + k, rope=rope)
+            return t.head(h).argmax(dim=-1)
+
+        n = t.num_layers - exit_layer
+        return step, sum(self.layer_bytes[exit_layer:]) + self.head_bytes + self._kv(n, batch, context, k)
+
+
+def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argparse.Namespace, device: torch.device,
+                  dtype: torch.dtype, bandwidth_gbs: float) -> List[Dict]:
+    """Draft and shallow steps at every exit layer of ``args``; verify steps at ``verify_exit`` (the paper's)."""
+    target, adapter = random_model(config, dtype, device)
+    exits = sorted({l for l in args.exit_layers if l < config.num_hidden_layers} | {verify_exit})
+    steps = Steps(target, adapter, max(args.batches), max(args.contexts) + max(args.verify_tokens) + 1)
+    rows: List[Dict] = []
+    use_graphs = device.type == "cuda" and not args.no_graphs
+    print(f"\n{name}: {config.num_hidden_layers} layers, d {config.hidden_size}, vocab {config.vocab_size}, "
+          f"{sum(steps.layer_bytes) / 1e9:.2f} GB of layer weights ({dtype})")
+    print(f"{'step':<14} {'B':>3} {'ctx':>5} {'eager ms':>9} {'graph ms':>9} {'floor ms':>9} {'% of floor':>10}")
+    with torch.no_grad():
+        for batch in args.batches:
+            for context in args.contexts:
+                cases = [("plain", None, 1, steps.plain(batch, context))]
+                cases += [(f"draft@{l}", l, 1, steps.draft(batch, context, l)) for l in exits]
+                cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
+                cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
+                          for k in args.verify_tokens]
+                for label, exit_layer, q, (fn, nbytes) in cases:
+                    eager = time_ms(fn, device)
+                    graph, graph_error = None, None
+                    if use_graphs:
+                        try:
+                            graph = graph_ms(fn, device)
+                        except Exception as e:  # a step that cannot be captured is reported, not fatal
+                            graph_error = f"{type(e).__name__}: {e}"
+                    best = min(t for t in (eager, graph) if t is not None)
+                    floor = nbytes / (bandwidth_gbs * 1e9) * 1e3
+                    rows.append({"shape": name, "step": label.split("@")[0], "exit_layer": exit_layer, "tokens": q,
+                                 "batch": batch, "context": context, "eager_ms": eager, "graph_ms": graph,
+                                 "graph_error": graph_error, "bytes": nbytes, "floor_ms": floor,
+                                 "fraction_of_floor": floor / best})
+                    print(f"{label:<14} {batch:>3} {context:>5} {eager:>9.3f} "
+                          f"{'-' if graph is None else f'{graph:.3f}':>9} {floor:>9.3f} {100 * floor / best:>9.1f}%")
+    del steps, target, adapter
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- model of speedup
+
+def expected_tokens(profile: Sequence[float], gamma: int) -> float:
+    """1 + sum_{i<=gamma} prod_{j<=i} a_j; positions past the profile reuse its last value."""
+    total, run = 1.0, 1.0
+    for i in range(gamma):
+        run *= profile[min(i, len(profile) - 1)]
+        total += run
+    return total
+
+
+def modeled_speedups(rows: List[Dict], profiles: Dict[str, List[float]], exit_layers: Dict[str, int]) -> List[Dict]:
+    """Best-gamma modeled speedup per (shape, batch, context, profile) from the measured step times."""
+    def best_ms(r: Dict) -> float:
+        return min(t for t in (r["eager_ms"], r["graph_ms"]) if t is not None)
+
+    table = {(r["shape"], r["step"], r["exit_layer"], r["tokens"], r["batch"], r["context"]): best_ms(r) for r in rows}
+    out = []
+    for (shape, step, _, _, batch, context), plain in sorted(table.items()):
+        if step != "plain":
+            continue
+        l = exit_layers[shape]
+        draft, shallow = table.get((shape, "draft", l, 1, batch, context)), table.get((shape, "shallow", l, 1, batch, context))
+        for pname, profile in profiles.items():
+            best = None
+            for k in sorted({key[3] for key in table if key[0] == shape and key[1] == "verify"}):
+                verify = table.get((shape, "verify", l, k, batch, context))
+                if None in (draft, shallow, verify):
+                    continue
+                gamma = k - 1
+                tokens = expected_tokens(profile, gamma)
+                speedup = tokens * plain / (gamma * draft + shallow + verify)
+                if best is None or speedup > best["speedup"]:
+                    best = {"shape": shape, "batch": batch, "context": context, "exit_layer": l, "profile": pname,
+                            "gamma": gamma, "expected_tokens_per_round": tokens, "speedup": speedup}
+            if best is not None:
+                out.append(best)
+    return out
+
+
+def find_profile(path: Optional[str]) -> Tuple[Optional[List[float]], Optional[str]]:
+    """The embedded model's measured acceptance by position from a results JSON (newest non-smoke)."""
+    if path:
+        candidates = [path]
+    else:
+        folder = os.path.join(ROOT, "benchmarks", "results")
+        candidates = [p for p in glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)
+                      if os.path.basename(p).startswith(("spec_bench-", "bench_embedded"))]
+    found = []
+    for p in candidates:
+        try:
+            with open(p) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("smoke_run") or (data.get("benchmark") == "spec_bench" and not data.get("embedded_model")):
+            continue
+        acc = data.get("acceptance_by_position") or data.get("results", {}).get("overall", {}).get(
+            "kangaroo", {}).get("acceptance_by_position")
+        if acc and all(a is not None for a in acc):
+            found.append((data.get("date", ""), p, acc))
+    if not found:
+        return None, None
+    _, p, acc = max(found)
+    return acc, p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke:
+        print(f"{NAME}: {'--smoke' if args.smoke else 'no CUDA device'}: tiny shape on the CPU in fp32; "
+              "the numbers only show that the script works (7B/13B shapes need a GPU)")
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = {"smoke": SMOKE_SHAPE}
+        args.batches, args.contexts, args.exit_layers, args.verify_tokens = [1, 2], [32], [1, 2], [2, 3]
+        bandwidth = cpu_copy_bandwidth_gbs()
+        device_name = "cpu"
+    else:
+        import kernel_bench_utils as kb
+
+        device, dtype = torch.device("cuda"), torch.float16
+        shapes = {s: SHAPES[s] for s in args.shapes}
+        bandwidth = kb.copy_bandwidth_gbs(device, smoke=False)
+        device_name = torch.cuda.get_device_name(device)
+    print(f"{NAME}: {device_name}, measured copy bandwidth {bandwidth:.1f} GB/s (read + write); "
+          f"ops {sorted(set(ops.backend_table(device).values()))}")
+    rows: List[Dict] = []
+    for name, (config, exit_layer) in shapes.items():
+        rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth)
+    profiles = {f"constant {a}": [a] for a in CONSTANT_PROFILES}
+    if args.acceptance:
+        profiles["--acceptance"] = args.acceptance
+    embedded, source = find_profile(args.profile_from)
+    if embedded:
+        profiles["embedded model (measured)"] = embedded
+    else:
+        print("no measured embedded-model acceptance profile found (run spec_bench on the embedded model first)")
+    model = modeled_speedups(rows, profiles, {n: e for n, (_, e) in shapes.items()})
+    print("\nmodeled Kangaroo speedup over plain decoding (best gamma, fixed-length drafts):")
+    print(f"{'shape':<6} {'B':>3} {'ctx':>5} {'profile':<28} {'gamma':>5} {'tok/round':>9} {'speedup':>8}")
+    for m in model:
+        print(f"{m['shape']:<6} {m['batch']:>3} {m['context']:>5} {m['profile']:<28} {m['gamma']:>5} "
+              f"{m['expected_tokens_per_round']:>9.2f} {m['speedup']:>7.2f}x")
+    result = {"benchmark": NAME, "smoke_run": smoke, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "copy_bandwidth_gbs": bandwidth, "ops_backends": ops.backend_table(device), "rows": rows,
+              "profiles": profiles, "embedded_profile_source": source, "modeled_speedup": model}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{NAME}{'-smoke' if smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
