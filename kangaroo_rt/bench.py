@@ -582,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "spec_bench", "smoke_run": bool(args.smoke), "device": device_name(device),
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or "embedded heldout",
+        "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or ("built-in smoke prompts" if args.smoke else "embedded held-out code prompts"),
         "template": template, "prompts": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},

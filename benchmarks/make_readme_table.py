@@ -1,0 +1,192 @@
+"""Regenerate README.md's performance tables from the committed results JSON.
+
+Reads every ``*.json`` under benchmarks/results/ (recursively; smoke runs and the gpu_suite summary are
+skipped), keeps the newest result of each benchmark per device, and rewrites only the block between
+``<!-- perf:begin -->`` and ``<!-- perf:end -->`` in README.md. Nothing is typed in by hand: every
+number in the block comes from a results file, which the block names with its device and date.
+
+    python benchmarks/make_readme_table.py            # rewrite the block
+    python benchmarks/make_readme_table.py --check    # exit 1 if the block is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+REPRODUCE = """Reproduce: CPU, the embedded model (all four methods, greedy, batch 1):
+`kangaroo-rt bench --out benchmarks/results/cpu-$(date +%Y%m%d) && python benchmarks/make_readme_table.py`;
+GPU, everything (extension build, GPU tests, kernel and step benchmarks, end to end):
+`OUT=benchmarks/results/gpu-$(date +%Y%m%d) bash benchmarks/gpu_suite.sh && python benchmarks/make_readme_table.py`."""
+
+
+def load_results(folder: str) -> List[Tuple[str, Dict]]:
+    """(path relative to the repo, data) of every non-smoke benchmark JSON under ``folder``."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"make_readme_table: cannot read {path}: {e}")
+        if not isinstance(data, dict) or data.get("smoke_run") or data.get("benchmark") in (None, "gpu_suite"):
+            continue
+        out.append((os.path.relpath(path, ROOT), data))
+    return out
+
+
+def newest_per_device(results: List[Tuple[str, Dict]], benchmark: str) -> List[Tuple[str, Dict]]:
+    best: Dict[str, Tuple[str, Dict]] = {}
+    for path, data in results:
+        if data.get("benchmark") != benchmark:
+            continue
+        key = str(data.get("device"))
+        if key not in best or str(data.get("date", "")) > str(best[key][1].get("date", "")):
+            best[key] = (path, data)
+    return [best[k] for k in sorted(best)]
+
+
+def _x(v: Optional[float], spec: str = ".2f", suffix: str = "x") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def spec_bench_section(path: str, d: Dict) -> List[str]:
+    overall = d["results"].get("overall", {})
+    lines = [f"**End to end** ({d['model'] if not d.get('embedded_model') else 'the embedded model'}, "
+             f"{d['prompts']} prompts from {d['prompts_source']}, up to {d['max_new_tokens']} new tokens, greedy, "
+             f"batch 1, {d['dtype']}; exit layer {d['exit_layer']}, gamma {d['gamma']}, eta {d['eta']}) on "
+             f"**{d['device']}**, {d['date'][:10]}, `{path}`:", "",
+             "| method | tokens/s | speedup vs HF generate | speedup vs kangaroo_rt AR | MAT |", "|---|---|---|---|---|"]
+    for name, info in d["methods"].items():
+        r = overall.get(name)
+        if r is None:
+            lines.append(f"| {name} | {info.get('reason') or 'did not run'} | | | |")
+            continue
+        sp = r.get("speedup_vs", {})
+        lines.append(f"| {name} | {_x(r.get('tokens_per_s'), '.1f', '')} | {_x(sp.get('hf_generate'))} | "
+                     f"{_x(sp.get('ar'))} | {_x(r.get('mat'), '.2f', '')} |")
+    k = overall.get("kangaroo", {})
+    if k.get("acceptance_by_position"):
+        acc = ", ".join("-" if a is None else f"{a:.2f}" for a in k["acceptance_by_position"])
+        frac = k.get("draft_time_fraction")
+        lines += ["", f"Kangaroo acceptance by draft position: {acc}; drafting takes "
+                      f"{_x(None if frac is None else 100 * frac, '.0f', '%')} of decode time."]
+    cats = [c for c in d["results"] if c != "overall"]
+    if len(cats) > 1:
+        base = "hf_generate" if "hf_generate" in overall else "ar"
+        names = [n for n in d["methods"] if n in overall and n != base]
+        lines += ["", f"Speedup vs {base} by category:", "", "| category | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for c in cats + ["overall"]:
+            lines.append(f"| {c} | " + " | ".join(
+                _x(d["results"][c].get(n, {}).get("speedup_vs", {}).get(base)) for n in names) + " |")
+    mism = d.get("greedy_mismatches") or []
+    lines += ["", "Greedy tokens of all methods identical." if not mism else
+              f"**Greedy token mismatches: {len(mism)}** (first: {mism[0]['method']} on question "
+              f"{mism[0]['question_id']} at token {mism[0]['first_index']})."]
+    return lines
+
+
+def steps_section(path: str, d: Dict) -> List[str]:
+    rows = d["rows"]
+
+    def best(r: Dict) -> float:
+        return min(t for t in (r["eager_ms"], r.get("graph_ms")) if t is not None)
+
+    index = {(r["shape"], r["step"], r["exit_layer"], r["tokens"], r["batch"], r["context"]): r for r in rows}
+    verify_k = {shape: max((k[3] for k in index if k[:2] == (shape, "verify") and k[3] <= 7), default=None)
+                for shape in {r["shape"] for r in rows}}
+    lines = [f"**Step latency vs the memory floor** (random {d['dtype']} weights, floor = weights + KV bytes / "
+             f"copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s measured in the same run; best of eager and "
+             f"CUDA graph) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
+             "| shape | batch | context | plain step ms (% of floor) | draft step ms (exit layer) | "
+             "verify ms (tokens) | verify / plain |", "|---|---|---|---|---|---|---|"]
+    for (shape, step, _, _, b, ctx), r in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5])):
+        if step != "plain":
+            continue
+        k = verify_k[shape]
+        verify = next((v for key, v in index.items() if key[:2] == (shape, "verify") and key[3] == k
+                       and key[4:] == (b, ctx)), None)
+        draft = None if verify is None else index.get((shape, "draft", verify["exit_layer"], 1, b, ctx))
+        draft_cell = "-" if draft is None else f"{best(draft):.2f} ({draft['exit_layer']})"
+        verify_cell = "-" if verify is None else f"{best(verify):.2f} ({k})"
+        ratio_cell = "-" if verify is None else f"{best(verify) / best(r):.2f}"
+        lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | "
+                     f"{draft_cell} | {verify_cell} | {ratio_cell} |")
+    model = d.get("modeled_speedup") or []
+    if model:
+        profiles = sorted({m["profile"] for m in model})
+        lines += ["", "Modeled Kangaroo speedup from these latencies (best gamma, fixed-length drafts):", "",
+                  "| shape | batch | context | " + " | ".join(profiles) + " |", "|---" * (len(profiles) + 3) + "|"]
+        keys = sorted({(m["shape"], m["batch"], m["context"]) for m in model})
+        for key in keys:
+            cells = []
+            for p in profiles:
+                m = next((m for m in model if (m["shape"], m["batch"], m["context"]) == key and m["profile"] == p), None)
+                cells.append("-" if m is None else f"{m['speedup']:.2f}x (gamma {m['gamma']})")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
+    lines = ["**Kernel microbenchmarks** (Triton vs the torch reference):", "",
+             "| benchmark | case | device | Triton ms | torch ms | % of copy bandwidth |", "|---|---|---|---|---|---|"]
+    for path, d in items:
+        for r in d["rows"]:
+            frac = r.get("fraction_of_copy_bw")
+            lines.append(f"| {d['benchmark']} | {r['case']} | {d['device']} | {r['triton_ms']:.4f} | "
+                         f"{r['torch_ms']:.4f} | {'-' if frac is None else f'{100 * frac:.0f}%'} |")
+    return lines
+
+
+def render(results: List[Tuple[str, Dict]]) -> str:
+    parts: List[List[str]] = []
+    for path, d in newest_per_device(results, "spec_bench"):
+        parts.append(spec_bench_section(path, d))
+    for path, d in newest_per_device(results, "bench_steps"):
+        parts.append(steps_section(path, d))
+    kernel_names = sorted({d["benchmark"] for _, d in results if d["benchmark"] not in ("spec_bench", "bench_steps")
+                           and isinstance(d.get("rows"), list) and d["rows"] and "triton_ms" in d["rows"][0]})
+    kernels = [item for name in kernel_names for item in newest_per_device(results, name)]
+    if kernels:
+        parts.append(kernels_section(kernels))
+    if not parts:
+        parts.append(["No measured results are committed yet (benchmarks/results/ holds none but smoke runs)."])
+    body = "\n\n".join("\n".join(p) for p in parts)
+    return f"{BEGIN}\n<!-- generated by benchmarks/make_readme_table.py from benchmarks/results/; do not edit -->\n" \
+           f"{body}\n\n{REPRODUCE}\n{END}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--check", action="store_true", help="exit 1 if the README block is out of date")
+    args = p.parse_args(argv)
+    with open(args.readme, encoding="utf-8") as f:
+        text = f.read()
+    start, stop = text.find(BEGIN), text.find(END)
+    if start < 0 or stop < start:
+        print(f"make_readme_table: {args.readme} has no {BEGIN} ... {END} block", file=sys.stderr)
+        return 2
+    block = render(load_results(args.results))
+    new = text[:start] + block + text[stop + len(END):]
+    if args.check:
+        if new != text:
+            print(f"make_readme_table: the performance block of {args.readme} is out of date", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+    print(f"{'updated' if new != text else 'unchanged'}: {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
