@@ -1,0 +1,441 @@
+"""Step-level API for serving stacks: requests join and leave between steps (continuous batching).
+
+::
+
+    engine = Engine(model, max_batch=8, max_len=1024)
+    rid = engine.add_request(prompt_ids, RequestParams(max_new_tokens=64, temperature=0.7, seed=1))
+    while engine.has_unfinished():
+        for out in engine.step():          # new tokens of every running request
+            print(out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+
+Every request owns one row ("slot") of a static KV cache allocated once for ``max_batch`` rows of
+``max_len`` positions. :meth:`Engine.step` first admits waiting requests into free slots (prefill into that
+slot's cache row, while other slots are mid-generation), then runs one Kangaroo round (or one plain
+decoding step) over the occupied slots with per-row lengths, limits and sampling parameters, and finally
+frees the slots of finished requests. Free slots are masked like finished rows; the round runs over
+slots ``0..k`` where ``k`` is the highest occupied slot (requests take the lowest free slot).
+
+Guarantees:
+
+- greedy requests (``temperature == 0``) get exactly the target model's greedy tokens, the same as
+  :func:`kangaroo_rt.generate` on that prompt alone, whatever else is in the batch, up to fp32 round-off
+  between batched and single-row kernels (the tests check token equality on CPU);
+- a sampled request draws random numbers only from its own generator (seeded by ``seed``, else from
+  torch's global RNG when it is added), in the same order as ``generate(prompt, do_sample=True,
+  seed=seed)`` on that prompt alone, so a seeded request gets those same tokens, whatever else is in the
+  batch, with the same fp32 proviso;
+- a request that can never fit the cache is refused at :meth:`Engine.add_request` with an
+  :class:`AdmissionError` saying why; one that fits waits for a free slot (up to ``max_queue`` waiting).
+
+The engine is not thread-safe: call it from one thread (a server serializes calls with a lock).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .adapter import Adapter
+from .config import KangarooConfig, SamplingConfig
+from .generate import KangarooModel, _check_adapter_matches, _check_exit_layer, _eos_tensor
+from .model import Transformer
+from .speculative import CacheRowsView, DecodeStats, Decoder, RowSampling, _Rows
+
+_MODEL_DEFAULT: Any = object()  # sentinel: "take it from the model"
+
+
+class AdmissionError(ValueError):
+    """A request the engine refuses. ``reason``: ``"too_long"`` (it can never fit the cache),
+    ``"queue_full"`` (``max_queue`` requests already wait; retry later) or ``"invalid"`` (bad input)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class RequestParams:
+    """Per-request generation settings.
+
+    ``max_new_tokens=None`` generates until EOS or until the cache row is full. ``temperature=0`` is
+    greedy; otherwise tokens are sampled after temperature, top-k and top-p (in that order), from a
+    generator seeded with ``seed`` (None: drawn from torch's global RNG at :meth:`Engine.add_request`).
+    """
+
+    max_new_tokens: Optional[int] = 16
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        m = self.max_new_tokens
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
+            raise ValueError(f"max_new_tokens must be a positive int or None, got {m!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2 ** 63):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and isinstance(self.top_k, bool):
+            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
+        self.sampling_config()  # validates temperature, top_k, top_p
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(do_sample=self.temperature > 0, temperature=float(self.temperature),
+                              top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass
+class RequestOutput:
+    """What one :meth:`Engine.step` produced for one request."""
+
+    request_id: str
+    new_token_ids: List[int]  # tokens generated in this step
+    finished: bool
+    finish_reason: Optional[str]  # "stop" (an EOS token, included in the tokens), "length", None if running
+    num_prompt_tokens: int
+    num_generated_tokens: int  # tokens generated so far, this step's included
+    rounds: int  # Kangaroo rounds this request has taken part in (0 in plain decoding)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: torch.Tensor  # (T,) int64 on the model's device
+    max_new: int
+    sampling: SamplingConfig
+    gen: Optional[torch.Generator]
+    slot: int = -1
+    sent: int = 0
+    rounds: int = 0
+
+
+def _slice_rows(rows: _Rows, start: int, stop: int) -> _Rows:
+    """Rows ``start..stop-1`` as views (in-place updates reach ``rows``; reassigned fields do not)."""
+    return _Rows(out=rows.out[start:stop], n_gen=rows.n_gen[start:stop], finished=rows.finished[start:stop],
+                 pos=rows.pos[start:stop], t0=rows.t0[start:stop],
+                 e_prev=None if rows.e_prev is None else rows.e_prev[start:stop])
+
+
+class Engine:
+    """Continuous-batching decode engine over one static KV cache (see the module docstring).
+
+    model: a :class:`KangarooModel` (its target, adapter and exit layer are used) or a target
+    :class:`Transformer` (then ``adapter`` and ``kangaroo.exit_layer`` or ``exit_layer`` say how to draft).
+    adapter: overrides the model's adapter. kangaroo: the model's own config by default; ``None`` or
+    ``gamma=0`` (or no adapter) decodes plainly. max_len: cache positions per slot (prompt + new tokens
+    + ``gamma + 1`` for drafting); default the model's ``max_len`` or ``min(2048, max_position_embeddings)``.
+    eos_token_id: the model config's EOS by default; ``ignore_eos=True`` stops on length only.
+    max_queue: how many requests may wait for a slot before :meth:`add_request` refuses more.
+    """
+
+    def __init__(self, model: Union[KangarooModel, Transformer], adapter: Optional[Adapter] = None,
+                 max_batch: int = 8, max_len: Optional[int] = None,
+                 kangaroo: Optional[KangarooConfig] = _MODEL_DEFAULT, exit_layer: Optional[int] = None,
+                 eos_token_id: Union[None, int, Sequence[int]] = None, ignore_eos: bool = False,
+                 max_queue: int = 1024) -> None:
+        if isinstance(model, KangarooModel):
+            target = model.target
+            adapter = adapter if adapter is not None else model.adapter
+            exit_layer = exit_layer if exit_layer is not None else model.exit_layer
+            if kangaroo is _MODEL_DEFAULT:
+                kangaroo = model.kangaroo
+            if max_len is None:
+                max_len = model.max_len
+        elif isinstance(model, Transformer):
+            target = model
+            if kangaroo is _MODEL_DEFAULT:
+                kangaroo = KangarooConfig()
+        else:
+            raise ValueError(f"model must be a KangarooModel or a Transformer, got {type(model).__name__}")
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise ValueError(f"adapter must be an Adapter or None, got {type(adapter).__name__}")
+        if kangaroo is not None and not isinstance(kangaroo, KangarooConfig):
+            raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kangaroo).__name__}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_len is None:
+            max_len = min(2048, target.config.max_position_embeddings)
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        self.kangaroo = kangaroo if (kangaroo is not None and kangaroo.gamma > 0 and adapter is not None) else None
+        if self.kangaroo is not None:
+            _check_adapter_matches(adapter.config, target.config)
+            if self.kangaroo.exit_layer is not None:
+                exit_layer = self.kangaroo.exit_layer
+            exit_layer = 2 if exit_layer is None else exit_layer
+            _check_exit_layer(exit_layer, target.num_layers)
+        self.gamma = self.kangaroo.gamma if self.kangaroo is not None else 0
+        if max_len < self.gamma + 3:
+            raise ValueError(f"max_len={max_len} leaves no room for a 1-token prompt, 1 new token and "
+                             f"gamma + 1 = {self.gamma + 1} drafting positions; use max_len >= {self.gamma + 3}")
+        self.target = target
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.max_queue = max_queue
+        self.device = target.device
+        vocab = target.config.vocab_size
+        self.eos = None if ignore_eos else _eos_tensor(eos_token_id, target.config, vocab, self.device)
+        self._eos_ids = set() if self.eos is None else set(self.eos.tolist())
+        self.decoder = Decoder(target, adapter if self.kangaroo is not None else None, exit_layer)
+        self.decoder.ensure_caches(max_batch, max_len, fixed_max_len=max_len)
+        dev, i64 = self.device, dict(dtype=torch.long, device=self.device)
+        self._rows = _Rows(
+            out=torch.zeros(max_batch, max_len + self.gamma + 2, **i64),
+            n_gen=torch.zeros(max_batch, **i64),
+            finished=torch.ones(max_batch, dtype=torch.bool, device=dev),
+            pos=torch.ones(max_batch, **i64),  # free slots sit at position 1 (drafting reads pos - 1)
+            t0=torch.zeros(max_batch, **i64),
+            e_prev=(torch.zeros(max_batch, target.config.hidden_size, dtype=target.dtype, device=dev)
+                    if self.kangaroo is not None else None),
+        )
+        self._max_new = torch.zeros(max_batch, **i64)  # (max_batch,) per-slot limits
+        self._slots: List[Optional[_Request]] = [None] * max_batch
+        self._waiting: Deque[_Request] = deque()
+        self._requests: Dict[str, _Request] = {}
+        self._counters = dict(added=0, finished=0, aborted=0, refused=0, prompt_tokens=0, generated_tokens=0,
+                              steps=0, rounds=0, round_tokens=0, draft_tokens=0)
+        self._position_attempts = [0] * self.gamma
+        self._position_accepts = [0] * self.gamma
+        self._times = dict(prefill=0.0, draft=0.0, verify=0.0, step=0.0)
+
+    # -- admission -------------------------------------------------------------------------------------
+    def capacity(self, prompt_len: int) -> int:
+        """How many new tokens fit after a prompt of ``prompt_len`` tokens (<= 0: the prompt does not fit)."""
+        return self.max_len - prompt_len - self.gamma - 1
+
+    def _as_prompt(self, prompt_ids: Any) -> torch.Tensor:
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+                prompt_ids = prompt_ids[0]
+            if prompt_ids.dim() != 1:
+                raise AdmissionError("invalid", f"prompt_ids must be 1-D (or (1, T)), got shape {tuple(prompt_ids.shape)}")
+            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool or prompt_ids.is_complex():
+                raise AdmissionError("invalid", f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
+            ids = prompt_ids.to(device=self.device, dtype=torch.long)
+        elif isinstance(prompt_ids, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+                raise AdmissionError("invalid", "prompt_ids must be a list of int token ids")
+            ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
+        else:
+            raise AdmissionError("invalid", f"prompt_ids must be a list of ints or a tensor, got {type(prompt_ids).__name__}")
+        if ids.numel() == 0:
+            raise AdmissionError("invalid", "the prompt is empty; it needs at least one token")
+        vocab = self.target.config.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise AdmissionError("invalid", f"prompt_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
+        return ids
+
+    def add_request(self, prompt_ids: Union[Sequence[int], torch.Tensor], params: Optional[RequestParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; it starts at the next :meth:`step` that finds a free slot. Returns its id.
+
+        Raises :class:`AdmissionError` when the request can never fit the cache (``reason="too_long"``),
+        when ``max_queue`` requests already wait (``"queue_full"``) or on bad input (``"invalid"``).
+        """
+        try:
+            if params is None:
+                params = RequestParams()
+            if not isinstance(params, RequestParams):
+                raise AdmissionError("invalid", f"params must be a RequestParams, got {type(params).__name__}")
+            if request_id is not None and (not isinstance(request_id, str) or not request_id):
+                raise AdmissionError("invalid", f"request_id must be a non-empty str, got {request_id!r}")
+            if request_id in self._requests:
+                raise AdmissionError("invalid", f"request id {request_id!r} is already in use")
+            ids = self._as_prompt(prompt_ids)
+            n = ids.numel()
+            room = self.capacity(n)
+            wanted = params.max_new_tokens if params.max_new_tokens is not None else max(room, 1)
+            if wanted > room:
+                fits = (f"at most {room} new tokens fit after this prompt" if room > 0 else
+                        f"prompts of at most {self.max_len - self.gamma - 2} tokens fit")
+                raise AdmissionError(
+                    "too_long",
+                    f"prompt of {n} tokens + max_new_tokens {wanted} + {self.gamma + 1} drafting positions needs "
+                    f"{n + wanted + self.gamma + 1} cache positions but the engine's max_len is {self.max_len}; {fits}")
+            if len(self._waiting) >= self.max_queue:
+                raise AdmissionError("queue_full", f"{len(self._waiting)} requests are already waiting "
+                                                   f"(max_queue={self.max_queue}); retry later")
+        except AdmissionError:
+            self._counters["refused"] += 1
+            raise
+        sampling = params.sampling_config()
+        gen = None
+        if not sampling.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        req = _Request(rid, ids, wanted, sampling, gen)
+        self._requests[rid] = req
+        self._waiting.append(req)
+        self._counters["added"] += 1
+        self._counters["prompt_tokens"] += n
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request and free its slot at once. False if the id is unknown
+        (never added, already finished or already aborted). An aborted request gets no more outputs."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req.slot < 0:
+            self._waiting.remove(req)
+        else:
+            self._free(req.slot)
+        self._counters["aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        self._rows.finished[slot] = True
+        self._rows.pos[slot] = 1
+        self._rows.t0[slot] = 0
+
+    def _prefill(self, req: _Request, slot: int) -> None:
+        """Prefill ``req`` into cache row ``slot`` and pick its first token; other slots are untouched."""
+        d = self.decoder
+        cache = CacheRowsView(d.cache, slot, slot + 1)
+        adapter_cache = CacheRowsView(d.adapter_cache, slot, slot + 1) if d.adapter is not None else None
+        lengths = torch.tensor([req.prompt.numel()], dtype=torch.long, device=self.device)
+        logits, e_prev = d.prefill_logits(req.prompt[None], lengths, cache, adapter_cache)  # (1, V)
+        first = RowSampling([(req.sampling, req.gen)]).select(logits)
+        rows = self._rows
+        rows.n_gen[slot] = 0
+        rows.finished[slot] = False
+        rows.pos[slot] = lengths[0]
+        rows.t0[slot] = first[0]
+        if e_prev is not None:
+            rows.e_prev[slot] = e_prev[0]
+        self._max_new[slot] = req.max_new
+        d._commit(_slice_rows(rows, slot, slot + 1), first[:, None], torch.ones_like(lengths), self.eos,
+                  self._max_new[slot:slot + 1])
+        cache.set_lengths(lengths)
+        req.slot = slot
+        self._slots[slot] = req
+
+    # -- one step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> List[RequestOutput]:
+        """Admit waiting requests into free slots, run one round over the occupied slots, free the finished
+        ones. Returns one output per request that got tokens or finished in this step."""
+        t_start = time.perf_counter()
+        while self._waiting and None in self._slots:
+            req = self._waiting.popleft()
+            t0 = time.perf_counter()
+            self._prefill(req, self._slots.index(None))
+            self._times["prefill"] += time.perf_counter() - t0
+        occupied = [s for s, r in enumerate(self._slots) if r is not None]
+        if not occupied:
+            return []
+        n = occupied[-1] + 1
+        rows = _slice_rows(self._rows, 0, n)
+        live = rows.finished.logical_not().tolist()
+        sampler = RowSampling([(r.sampling, r.gen) if r is not None and live[s] else None
+                               for s, r in enumerate(self._slots[:n])])
+        if any(live):
+            self._advance(rows, sampler, n)
+        outputs = self._collect(n)
+        self._counters["steps"] += 1
+        self._times["step"] += time.perf_counter() - t_start
+        return outputs
+
+    def _advance(self, rows: _Rows, sampler: RowSampling, n: int) -> None:
+        d, max_new = self.decoder, self._max_new[:n]
+        if self.kangaroo is None:
+            d.ar_step(rows, sampler, max_new, self.eos, None)
+        else:
+            stats = DecodeStats(rounds=[0] * n, new_tokens=[0] * n, accepted_lengths=[[] for _ in range(n)],
+                                draft_lengths=[[] for _ in range(n)],
+                                position_attempts=[[0] * self.gamma for _ in range(n)],
+                                position_accepts=[[0] * self.gamma for _ in range(n)])
+            d.kangaroo_round(rows, self.kangaroo, sampler, max_new, self.eos, None, stats, timed=False)
+            self._rows.e_prev[:n].copy_(rows.e_prev)
+            self._fold(stats, n)
+        self._rows.t0[:n].copy_(rows.t0)
+
+    def _fold(self, stats: DecodeStats, n: int) -> None:
+        c = self._counters
+        for s in range(n):
+            req = self._slots[s]
+            if req is not None:
+                req.rounds += stats.rounds[s]
+            c["rounds"] += stats.rounds[s]
+            c["round_tokens"] += sum(stats.accepted_lengths[s])
+            c["draft_tokens"] += sum(stats.draft_lengths[s])
+            for i in range(self.gamma):
+                self._position_attempts[i] += stats.position_attempts[s][i]
+                self._position_accepts[i] += stats.position_accepts[s][i]
+        self._times["draft"] += stats.draft_time_s
+        self._times["verify"] += stats.verify_time_s
+
+    def _collect(self, n: int) -> List[RequestOutput]:
+        n_gen = self._rows.n_gen[:n].tolist()
+        finished = self._rows.finished[:n].tolist()
+        outputs = []
+        for s in range(n):
+            req = self._slots[s]
+            if req is None or (n_gen[s] == req.sent and not finished[s]):
+                continue
+            new = self._rows.out[s, req.sent:n_gen[s]].tolist()
+            req.sent = n_gen[s]
+            self._counters["generated_tokens"] += len(new)
+            reason = None
+            if finished[s]:
+                last = self._rows.out[s, n_gen[s] - 1].item() if n_gen[s] else None
+                reason = "stop" if last in self._eos_ids else "length"
+                self._free(s)
+                del self._requests[req.request_id]
+                self._counters["finished"] += 1
+            outputs.append(RequestOutput(req.request_id, new, finished[s], reason, req.prompt.numel(), n_gen[s],
+                                         req.rounds))
+        return outputs
+
+    # -- metrics ------------------------------------------------------------------------------------------
+    def metrics(self) -> Dict[str, Any]:
+        """Counters since construction: requests, tokens, steps, MAT (tokens per Kangaroo round, bonus token
+        included), acceptance rate per draft position, queue length, time spent by phase."""
+        c = self._counters
+        acceptance = [a / t if t else None for a, t in zip(self._position_accepts, self._position_attempts)]
+        return {
+            "mode": "kangaroo" if self.kangaroo is not None else "plain",
+            "slots_total": self.max_batch,
+            "max_len": self.max_len,
+            "requests_running": self.num_running,
+            "requests_waiting": self.num_waiting,
+            "requests_added_total": c["added"],
+            "requests_finished_total": c["finished"],
+            "requests_aborted_total": c["aborted"],
+            "requests_refused_total": c["refused"],
+            "prompt_tokens_total": c["prompt_tokens"],
+            "generated_tokens_total": c["generated_tokens"],
+            "steps_total": c["steps"],
+            "rounds_total": c["rounds"],
+            "mat": c["round_tokens"] / c["rounds"] if c["rounds"] else 0.0,
+            "mean_draft_length": c["draft_tokens"] / c["rounds"] if c["rounds"] else 0.0,
+            "acceptance_by_position": acceptance,
+            "prefill_time_s": self._times["prefill"],
+            "draft_time_s": self._times["draft"],
+            "verify_time_s": self._times["verify"],
+            "step_time_s": self._times["step"],
+        }
+
+
+__all__ = ["AdmissionError", "Engine", "RequestOutput", "RequestParams"]
