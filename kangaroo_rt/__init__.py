@@ -11,6 +11,7 @@ from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import KangarooConfig, ModelConfig, SamplingConfig
 from .embedded import load_default, load_tokenizer
+from .engine import AdmissionError, Engine, RequestOutput, RequestParams
 from .generate import GenerateOutput, KangarooModel, generate
 from .loading import load_model, save_model
 from .model import Transformer
@@ -20,11 +21,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdmissionError",
     "DecodeStats",
+    "Engine",
     "GenerateOutput",
     "KangarooConfig",
     "KangarooModel",
     "ModelConfig",
+    "RequestOutput",
+    "RequestParams",
     "SamplingConfig",
     "StaticKVCache",
     "Transformer",
