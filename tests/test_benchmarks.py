@@ -1,0 +1,217 @@
+"""CI smoke of the benchmarks: the Spec-Bench harness (kangaroo_rt.bench / kangaroo-rt bench), bench_steps,
+the README table generator, and gpu_suite.sh --dry-run (which smoke-runs every benchmarks/bench_*.py)."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kangaroo_rt import bench, cli
+from kangaroo_rt.config import KangarooConfig
+from kangaroo_rt.generate import KangarooModel
+from kangaroo_rt.loading import save_model
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+
+QUESTIONS = [
+    {"question_id": 7, "category": "qa", "turns": ["Who wrote the Iliad?"]},
+    {"question_id": 8, "category": "translation", "turns": ["Translate 'good morning' into German.", "And French?"]},
+    {"question_id": 9, "category": "qa", "turns": ["How far is the Moon from the Earth?"]},
+]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tmp_path_factory):
+    """One spec_bench smoke run with every method, on Spec-Bench-format questions of two categories."""
+    tmp = tmp_path_factory.mktemp("spec_bench")
+    questions = _write_jsonl(tmp / "question.jsonl", QUESTIONS)
+    out = tmp / "out"
+    rc = bench.main(["--smoke", "--questions", questions, "--max-new-tokens", "12", "--out", str(out),
+                     "--no-progress", "--gamma", "4", "--eta", "0.3"])
+    with open(out / "spec_bench-smoke.json") as f:
+        return rc, json.load(f), out
+
+
+def test_spec_bench_smoke_runs_all_methods_and_agrees(smoke_result):
+    rc, result, out = smoke_result
+    assert rc == 0
+    assert result["greedy_mismatches"] == []
+    assert result["smoke_run"] and result["prompts"] == 3 and result["gamma"] == 4
+    for name in ("ar", "kangaroo", "hf_generate", "hf_assisted_early_exit"):
+        assert result["methods"][name]["available"], result["methods"][name]
+    assert not result["methods"]["kangaroo_graphs"]["available"]  # CUDA only
+    assert set(result["results"]) == {"qa", "translation", "overall"}
+    overall = result["results"]["overall"]
+    assert {r["tokens"] for r in overall.values()} == {3 * 12}  # ignore-eos not needed: the smoke model has no EOS
+    k = overall["kangaroo"]
+    assert 1.0 <= k["mat"] <= 5.0 and k["rounds"] > 0
+    assert len(k["acceptance_by_position"]) == 4 and 0.0 < k["draft_time_fraction"] < 1.0
+    assert k["speedup_vs"]["hf_generate"] == pytest.approx(k["tokens_per_s"] / overall["hf_generate"]["tokens_per_s"])
+    assert result["results"]["qa"]["ar"]["tokens"] == 2 * 12
+    for png in ("spec_bench-smoke-speedup.png", "spec_bench-smoke-acceptance.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_cli_bench_smoke(tmp_path, capsys):
+    rc = cli.main(["bench", "--smoke", "--no-hf", "--prompts", "1", "--max-new-tokens", "6", "--out", str(tmp_path),
+                   "--no-plots", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "| kangaroo |" in text and "skipped (--no-hf)" in text
+    assert (tmp_path / "spec_bench-smoke.json").exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["bench", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_read_questions_names_the_bad_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({"question_id": 2, "turns": ["x"]}) + "\n")
+    with pytest.raises(ValueError, match=r"q.jsonl:2: missing field\(s\) \['category'\]"):
+        bench.read_questions(str(path))
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match="q.jsonl:1: not valid JSON"):
+        bench.read_questions(str(path))
+
+
+def test_first_mismatch():
+    assert bench.first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert bench.first_mismatch([1, 2, 3], [1, 2]) == 2
+
+
+def _tiny(eos_token_id=None):
+    cfg = tiny_config(vocab_size=256, hidden_size=64, num_layers=6, eos_token_id=eos_token_id)
+    target, adapter = agreeing_pair(cfg, exit_layer=2, deep_scale=0.1, head_scale=4.0)
+    return target, adapter
+
+
+def test_mismatches_are_reported_with_first_index_and_fail(capsys):
+    target, adapter = _tiny()
+    model = KangarooModel(target, adapter, exit_layer=2)
+    methods = bench.our_methods(model, KangarooConfig(gamma=4, eta=0.3), 10, None, True)
+    kangaroo = next(m for m in methods if m.name == "kangaroo")
+    honest = kangaroo.run
+
+    def corrupted(ids):
+        new, stats = honest(ids)
+        new = new.clone()
+        new[3] = (new[3] + 1) % 256
+        return new, stats
+
+    kangaroo.run = corrupted
+    def last_differs(ids):
+        new = methods[0].run(ids)[0].clone()
+        new[-1] = (new[-1] + 1) % 256
+        return new, None
+
+    hf_like = bench.Method("hf_generate", "fake baseline differing at the last token", last_differs)
+    prompts = bench.build_prompts(QUESTIONS, bench.byte_ids, "none")
+    tallies, mismatches = bench.run_methods(prompts, methods + [hf_like], torch.device("cpu"), progress=False)
+    assert {(m["method"], m["first_index"]) for m in mismatches} >= {("kangaroo", 3)}
+    assert [m["first_index"] for m in mismatches if m["method"] == "hf_generate"] == [9, 9, 9]
+    assert bench._verdict(mismatches, methods, strict=False) == 1
+    assert "GREEDY TOKEN MISMATCH" in capsys.readouterr().err
+    only_hf = [m for m in mismatches if m["method"] == "hf_generate"]
+    assert bench._verdict(only_hf, methods, strict=False) == 0
+    assert bench._verdict(only_hf, methods, strict=True) == 1
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_eos_handling_matches_transformers(tmp_path, ignore_eos):
+    target, adapter = _tiny()
+    model = KangarooModel(target, adapter, exit_layer=2)
+    ids = torch.tensor([bench.byte_ids("def read_lines(path):")])
+    free = model.generate(ids, max_new_tokens=20, ignore_eos=True)[0, ids.shape[1]:].tolist()
+    eos = free[4]  # a token the model emits early: stopping there is observable
+    target.config.eos_token_id = eos
+    save_model(target, tmp_path)
+    methods = (bench.our_methods(model, KangarooConfig(gamma=4, eta=0.3), 20, eos, ignore_eos)
+               + bench.hf_methods(str(tmp_path), torch.float32, torch.device("cpu"), 2, 20, eos, ignore_eos))
+    expected = free if ignore_eos else free[:free.index(eos) + 1]
+    for m in methods:
+        if m.available:
+            assert m.run(ids)[0].tolist() == expected, m.name
+    assert {m.name for m in methods if m.available} >= {"ar", "kangaroo", "hf_generate", "hf_assisted_early_exit"}
+
+
+def test_bench_steps_smoke(tmp_path):
+    steps = _script("bench_steps")
+    profile = tmp_path / "spec_bench-cpu.json"
+    profile.write_text(json.dumps({"benchmark": "spec_bench", "smoke_run": False, "embedded_model": True,
+                                   "date": "2026-01-01", "results": {"overall": {"kangaroo": {
+                                       "acceptance_by_position": [0.9, 0.8, 0.7]}}}}))
+    out = tmp_path / "out"
+    assert steps.main(["--smoke", "--out", str(out), "--acceptance", "0.8,0.7", "--profile-from", str(profile)]) == 0
+    with open(out / "bench_steps-smoke.json") as f:
+        result = json.load(f)
+    assert result["smoke_run"] and result["copy_bandwidth_gbs"] > 0
+    assert {r["step"] for r in result["rows"]} == {"plain", "draft", "shallow", "verify"}
+    assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in result["rows"])
+    plain = next(r for r in result["rows"] if r["step"] == "plain")
+    verify = [r for r in result["rows"] if r["step"] == "verify"]
+    assert all(v["bytes"] < plain["bytes"] for v in verify)  # verify skips the shallow layers
+    assert {m["profile"] for m in result["modeled_speedup"]} >= {"--acceptance", "embedded model (measured)"}
+    assert result["profiles"]["embedded model (measured)"] == [0.9, 0.8, 0.7]
+    assert steps.expected_tokens([0.5], 2) == pytest.approx(1.75)
+    assert steps.expected_tokens([1.0, 0.5], 3) == pytest.approx(1 + 1 + 0.5 + 0.25)
+
+
+def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
+    _, result, _ = smoke_result
+    make = _script("make_readme_table")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{make.BEGIN}\nold\n{make.END}\n\noutro\n")
+    results = tmp_path / "results" / "cpu-x"
+    results.mkdir(parents=True)
+    (results / "smoke.json").write_text(json.dumps(result))  # smoke runs never reach the README
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
+    assert "No measured results" in readme.read_text()
+    measured = dict(result, smoke_run=False, device="Test CPU")
+    (results / "spec_bench-cpu.json").write_text(json.dumps(measured))
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 1
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\noutro\n") and "old" not in text
+    assert "**Test CPU**" in text and "| hf_assisted_early_exit |" in text
+    kangaroo = result["results"]["overall"]["kangaroo"]
+    assert f"| kangaroo | {kangaroo['tokens_per_s']:.1f} |" in text
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 0
+
+
+def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_suite.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    with open(tmp_path / "gpu_suite.json") as f:
+        summary = json.load(f)
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert summary["mode"] == "dry-run" and summary["status"] == "ok"
+    assert steps["build_extension"]["status"] == steps["pytest_gpu"]["status"] == "skipped"
+    for path in glob.glob(os.path.join(BENCH_DIR, "bench_*.py")):
+        step = steps[os.path.basename(path)[:-3]]
+        assert step["status"] == "ok" or (step["status"] == "skipped" and step["note"]), step
+    assert steps["bench_steps"]["status"] == steps["spec_bench"]["status"] == "ok"
+    assert {"bench_steps-smoke", "spec_bench-smoke"} <= set(summary["results"])
