@@ -268,9 +268,6 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                                  "fraction_of_floor": floor / best})
                     print(f"{label:<14} {batch:>3} {context:>5} {eager:>9.3f} "
                           f"{'-' if graph is None else f'{graph:.3f}':>9} {floor:>9.3f} {100 * floor / best:>9.1f}%")
-    del steps, target, adapter
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -364,6 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict] = []
     for name, (config, exit_layer) in shapes.items():
         rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth)
+        if device.type == "cuda":  # the shape's weights and caches are gone with measure_shape's frame
+            torch.cuda.empty_cache()
     profiles = {f"constant {a}": [a] for a in CONSTANT_PROFILES}
     if args.acceptance:
         profiles["--acceptance"] = args.acceptance

@@ -559,6 +559,8 @@ def run(args: argparse.Namespace) -> int:
         kcfg = KangarooConfig(gamma=args.gamma if args.gamma is not None else settings.get("gamma", 6),
                               eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
         prompts = build_prompts(questions, encode, template, limit, max_prompt)
+        # One cache size for the whole run: no reallocation (or graph re-capture) inside a timed call.
+        model.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
         methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
         if args.no_hf:
             methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
@@ -595,10 +597,13 @@ def run(args: argparse.Namespace) -> int:
         json.dump(result, f, indent=2)
     plots = [] if args.no_plots else plot(summary, stem, f"{what}, {result['device']}")
     print("wrote " + ", ".join([stem + ".json"] + plots))
-    return _verdict(mismatches, methods, args.strict)
+    return _verdict(mismatches, methods, args.strict, exact=dtype == torch.float32)
 
 
-def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool) -> int:
+def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool, exact: bool = True) -> int:
+    """Exit status: 1 when one of our methods did not run, or differs from plain decoding in fp32 (a
+    lossless violation), or on any mismatch with ``strict``. In half precision a verify pass over k
+    tokens and k single-token steps round differently, so a near-tie may flip: reported, not fatal."""
     status = 0
     for name in ("ar", "kangaroo"):
         m = next((m for m in methods if m.name == name), None)
@@ -618,8 +623,11 @@ def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool) ->
     if not ours:
         print("only transformers differs: fp round-off between implementations can flip a near-tie; "
               "--strict makes this an error", file=sys.stderr)
+    elif not exact:
+        print("kangaroo_rt methods differ in half precision, where a near-tie may flip between a k-token verify "
+              "and single-token steps; fp32 must match exactly; --strict makes this an error", file=sys.stderr)
     print(bar, file=sys.stderr)
-    return 1 if ours or strict else status
+    return 1 if (ours and exact) or strict else status
 
 
 def _version(package: str) -> Optional[str]:
