@@ -1,4 +1,4 @@
-"""``kangaroo-rt`` command line: ``demo`` and ``generate``."""
+"""``kangaroo-rt`` command line: ``demo``, ``generate``, ``train-adapter``, ``bench`` and ``serve``."""
 from __future__ import annotations
 
 import argparse
@@ -186,6 +186,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import load_engine, serve
+    except ImportError as e:
+        raise SystemExit(f"kangaroo-rt serve: {e}")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine, tokenizer = load_engine(args.model, args.adapter, args.tokenizer, exit_layer=args.exit_layer,
+                                    gamma=args.gamma, eta=args.eta, no_kangaroo=args.no_kangaroo, dtype=args.dtype,
+                                    device=args.device, max_batch=args.max_batch, max_len=args.max_len,
+                                    max_queue=args.max_queue)
+    m = engine.metrics()
+    print(f"kangaroo-rt serve: {m['mode']} decoding, {engine.max_batch} slots x {engine.max_len} positions, "
+          f"model name {args.served_model_name!r}, http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(engine, tokenizer, host=args.host, port=args.port, model_name=args.served_model_name,
+          log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kangaroo-rt", description="Kangaroo self-speculative decoding runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
                            "generate / assisted (embedded model by default; --smoke for a random tiny one)")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                         "/health, /metrics); needs the [serve] extra")
+    srv.add_argument("--model", help="local HF checkpoint folder of the target (default: the embedded model)")
+    srv.add_argument("--adapter", help="adapter folder (official format); omit with --no-kangaroo")
+    srv.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    srv.add_argument("--exit-layer", type=int, default=2)
+    srv.add_argument("--gamma", type=int, help="max draft steps (default: the model's, else 6)")
+    srv.add_argument("--eta", type=float, help="draft confidence threshold (default: the model's, else 0.6)")
+    srv.add_argument("--no-kangaroo", action="store_true", help="plain autoregressive decoding")
+    srv.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together")
+    srv.add_argument("--max-len", type=int, help="cache positions per slot (prompt + completion + gamma + 1)")
+    srv.add_argument("--max-queue", type=int, default=1024, help="requests that may wait for a slot (then 429)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default="kangaroo-rt", help="the 'model' clients must send")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    srv.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
