@@ -7,7 +7,9 @@ cached per (op, device type, forced backend), so a call costs two environment re
 The torch backend (``kangaroo_rt.reference``) serves every op on every device and is the automatic
 choice on CPU; Triton kernels (``kernels/``, imported at their first dispatch, never at
 ``import kangaroo_rt``) serve CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` only when the
-triton backend is forced. :func:`backend_table` tells which backend serves each op on a given device.
+triton backend is forced. The CUDA extension's ops (``kangaroo_rt._C`` through :mod:`kangaroo_rt._ext`,
+imported at the first CUDA dispatch) come first on CUDA tensors when it was built; when it was not, one
+warning says so and the next backend serves. :func:`backend_table` tells which backend serves each op on a given device.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import _ext, reference
 
 BACKENDS = ("cuda", "triton", "torch")
 
@@ -49,6 +51,23 @@ class LazyKernel:
 
     def __repr__(self) -> str:
         return f"LazyKernel(kangaroo_rt.kernels.{self.module}.{self.attr})"
+
+
+class LazyExtensionOp(LazyKernel):
+    """An op of the CUDA extension ``kangaroo_rt._C`` (wrapped by :mod:`kangaroo_rt._ext`), loaded on the
+    first dispatch to a CUDA tensor; never imported by ``import kangaroo_rt``."""
+
+    def __init__(self, attr: str) -> None:
+        super().__init__("_ext", attr)
+
+    def load(self) -> Callable:
+        if self._fn is None:
+            _ext.load()  # ImportError saying why and how to build it
+            self._fn = getattr(_ext, self.attr)
+        return self._fn
+
+    def __repr__(self) -> str:
+        return f"LazyExtensionOp(kangaroo_rt._C.{self.attr})"
 
 
 def _register_kernels_folder() -> None:
@@ -132,6 +151,8 @@ def _usable(backend: str, fn: Callable) -> Optional[Callable]:
         return fn
     if backend == "triton" and not triton_available():
         return None
+    if backend == "cuda" and not _ext.is_available():  # not built: said once, then Triton / torch serve
+        return None
     try:
         return fn.load()
     except ImportError as exc:
@@ -194,6 +215,10 @@ TRITON_KERNELS = {
 }
 for _name, (_module, _attr) in TRITON_KERNELS.items():
     register(_name, "triton", LazyKernel(_module, _attr), ("cuda", "interpret"))
+
+# The CUDA extension's ops (csrc/), preferred on CUDA tensors when kangaroo_rt._C was built.
+for _name in _ext.OPS:
+    register(_name, "cuda", LazyExtensionOp(_name), ("cuda",))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
