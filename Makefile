@@ -25,7 +25,7 @@ $(VENV_PYTHON):
 # torch goes first, in its own pip call, so that nothing installed after it pulls another torch build.
 $(STAMP): setup.py pyproject.toml | $(VENV_PYTHON)
 	$(VENV_PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,hf,bench]"
+	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,hf,bench,serve]"
 	@echo '$(SPECS)' > $(STAMP)
 
 test: venv

@@ -110,10 +110,11 @@ setup(
     },
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "dev": ["pytest>=7", "transformers>=4.45", "safetensors", "tokenizers", "scipy"],
+        "dev": ["pytest>=7", "transformers>=4.45", "safetensors", "tokenizers", "scipy", "openai>=1.30", "httpx"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "bench": ["matplotlib", "tqdm"],
         "triton": ["triton>=3.0"],
+        "serve": ["fastapi>=0.100", "uvicorn>=0.23"],
     },
     entry_points={"console_scripts": ["kangaroo-rt = kangaroo_rt.cli:main"]},
     ext_modules=ext_modules,
