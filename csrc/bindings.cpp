@@ -284,7 +284,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accept_greedy", &accept_greedy, "drafts (B, K), n_drafts (B,), target (B, K+1) -> (accepted, next_token)");
   m.def("commit_tokens", &commit_tokens, "commit (B, n) tokens into out at n_gen, in place; returns committed (B,)");
   m.def("accept_greedy_commit", &accept_greedy_commit, "fused greedy accept + commit + pos update, in place");
-  m.def("replay_rounds", &replay_rounds, "launch graph executables (ints) in order, `rounds` times, on the current stream");
+  m.def("replay_rounds", &replay_rounds,
+        "launch graph executables (ints) in order, `rounds` times, on the current stream");
   m.def("while_graph_supported", []() { return kr_while_graph_supported() != 0; });
   m.def("cuda_runtime_version", &cuda_runtime_version);
   pybind11::class_<WhileGraph>(m, "WhileGraph")
