@@ -89,6 +89,17 @@ def write_tiny_checkpoint(folder: str, seed: int = 0) -> Dict[str, str]:
     return {"model": model_dir, "adapter": adapter_dir, "tokenizer": model_dir}
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print(result: Dict[str, Any]) -> None:
+    print(f"host: {result['host']['cpu']}, {result['host']['cpus']} CPUs, server threads "
+          f"{result['host']['server_threads'] or 'default'}")
     print(f"server: {result['server']}   load: {result['clients']} clients x {result['requests_per_client']} "
           f"requests x {len(result['rounds'])} rounds, max_tokens {result['max_tokens']}")
     print(f"{'round':>5} {'ok':>5} {'err':>4} {'wall s':>7} {'req/s':>6} {'tok/s':>7} "
@@ -312,8 +325,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result = {
         "benchmark": "bench_server",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                 "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                 "server_threads": args.threads, "python": platform.python_version()},
         "server": url if args.url else ("tiny random model" if args.tiny else (args.model or "embedded model")),
         "mode": "plain" if args.no_kangaroo else "kangaroo",
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
