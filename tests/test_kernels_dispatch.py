@@ -38,6 +38,9 @@ def test_cpu_dispatch_is_torch_unless_triton_is_forced(monkeypatch):
 def test_cuda_prefers_triton_and_falls_back_without_it(monkeypatch):
     kernel_module("rms_norm")
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    # Without the CUDA extension (a built one outranks Triton for its own ops).
+    monkeypatch.setattr(ops._ext, "is_available", lambda: False)
+    ops._RESOLVED.clear()
     table = ops.backend_table("cuda")
     assert {op for op, backend in table.items() if backend == "triton"} == KERNEL_OPS
     monkeypatch.setattr(ops, "triton_available", lambda: False)
