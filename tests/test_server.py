@@ -118,18 +118,22 @@ def test_openai_client_completions_chat_and_streams(which, request):
     chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
-    assert text == c.choices[0].text and len(chunks) >= 3
+    assert text == c.choices[0].text and len(chunks) >= 2
     assert chunks[-1].usage.completion_tokens == len(ref)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.choices[0].finish_reason
 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
-    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
-    assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
-    streamed = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
-                                                   stream=True))
-    assert streamed[0].choices[0].delta.role == "assistant"
-    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == chat.choices[0].message.content
-    assert streamed[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    if srv.tok.chat_template is None:  # the server says so instead of guessing a template
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model=NAME, messages=messages, max_tokens=10)
+    else:
+        chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
+        streamed = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
+                                                       temperature=0, stream=True))
+        assert streamed[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == chat.choices[0].message.content
+        assert streamed[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
     kw = dict(model=NAME, prompt=prompt, max_tokens=10, temperature=0.9, seed=7)
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
