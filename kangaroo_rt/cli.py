@@ -168,7 +168,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
                if args.init_adapter else Adapter.random(target.config, seed=args.seed, device=device))
     cfg = TrainConfig(steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip,
-                      clip_value=args.clip_value, amp=args.amp, seed=args.seed, out_dir=args.out,
+                      clip_value=args.clip_value, labels=args.labels, amp=args.amp, seed=args.seed,
+                      out_dir=args.out,
                       save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
                       progress=not args.no_progress)
     trainer = Trainer(target, adapter, args.exit_layer, source, cfg,
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
     tr.add_argument("--clip", default="value", choices=["value", "norm", "none"])
     tr.add_argument("--clip-value", type=float, default=0.5)
+    tr.add_argument("--labels", default="soft", choices=["soft", "top1"],
+                    help="distill the target's distribution (soft, the paper) or only its argmax (top1: what "
+                         "greedy verification accepts; calibrates the draft confidence for eta)")
     tr.add_argument("--amp", choices=["bf16", "fp16"])
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save-every", type=int, default=100)

@@ -54,10 +54,42 @@ def test_lr_schedule():
     assert lr_factor(50, TrainConfig(steps=110, warmup_steps=0, schedule="constant")) == 1.0
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="step"), dict(clip="max"), dict(amp="int8"), dict(lr=0.0)])
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="step"), dict(clip="max"), dict(amp="int8"), dict(lr=0.0),
+                                 dict(labels="hard")])
 def test_bad_train_config(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_top1_labels_are_cross_entropy_on_the_target_argmax():
+    torch.manual_seed(0)
+    target, adapter, source, _ = make_problem()
+    b = source.batch(list(range(4)))
+    with torch.no_grad():
+        soft, n, agree_soft = distill_loss(target, adapter, b["exit"], b["final"], b["mask"])
+        top1, n_top1, agree = distill_loss(target, adapter, b["exit"], b["final"], b["mask"], labels="top1")
+        pos = torch.arange(b["exit"].shape[1]).expand(b["exit"].shape[:2])
+        draft = target.lm_head(adapter.forward_train(b["exit"], *target.rope(pos)))[b["mask"]]
+        teacher = target.head(b["final"])[b["mask"]].argmax(-1)
+    expected = torch.nn.functional.cross_entropy(draft, teacher, reduction="sum")
+    torch.testing.assert_close(top1, expected, rtol=1e-5, atol=1e-4)
+    assert int(n) == int(n_top1) == teacher.numel() and int(agree) == int(agree_soft)
+    assert not torch.allclose(soft, top1)  # the soft loss also carries the target's entropy
+    with pytest.raises(ValueError, match="labels"):
+        distill_loss(target, adapter, b["exit"], b["final"], b["mask"], labels="argmax")
+
+
+def test_top1_labels_raise_agreement():
+    torch.manual_seed(0)
+    target, adapter, source, held = make_problem()
+    from kangaroo_rt.train.states import OnTheFly
+    held_source = OnTheFly(target, 2, held)
+    cfg = TrainConfig(steps=150, micro_batch=8, lr=1e-2, warmup_steps=10, clip="norm", clip_value=1.0,
+                      labels="top1", progress=False, log_every=50)
+    _, top1_0 = _agreement(target, adapter, held_source)
+    Trainer(target, adapter, 2, source, cfg).train()
+    _, top1_1 = _agreement(target, adapter, held_source)
+    assert top1_1 > top1_0 + 0.1, (top1_0, top1_1)
 
 
 def test_exact_resume(tmp_path):

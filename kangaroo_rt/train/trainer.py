@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..adapter import Adapter
 from ..model import Transformer
-from .loss import distill_loss
+from .loss import LABELS, distill_loss
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     clip: str = "value"  # value (the paper: 0.5) | norm | none
     clip_value: float = 0.5
+    labels: str = "soft"  # soft (the paper: the target's distribution) | top1 (its argmax; see distill_loss)
     amp: Optional[str] = None  # bf16 | fp16 autocast on CUDA
     seed: int = 0
     out_dir: Optional[str] = None
@@ -52,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.clip not in ("value", "norm", "none"):
             raise ValueError(f"clip must be value, norm or none, got {self.clip!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.lr <= 0:
@@ -134,9 +137,11 @@ class Trainer:
             batch = self.source.batch(chunk)
             if autocast is not None:
                 with autocast:
-                    total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"])
+                    total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
+                                               labels=cfg.labels)
             else:
-                total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"])
+                total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
+                                           labels=cfg.labels)
             (total / max(1, n_global)).backward()
             loss_sum += float(total.detach())
             n_local += int(n)
