@@ -95,6 +95,10 @@ def test_attention_against_repeat_kv_sdpa(b, hq, hkv, q_len, d):
     start[0] = t_max - q_len  # a row that fills the cache
     positions = start[:, None] + torch.arange(q_len)[None]
     out = ops.attention(q, kc, vc, positions)
+    math = reference.attention_math(q, kc, vc, positions)  # the spelled-out path (torch < 2.5)
+    torch.testing.assert_close(math, out, atol=1e-5, rtol=1e-5)
+    kv_len = int(positions.max()) + 1
+    torch.testing.assert_close(reference.attention(q, kc, vc, positions, kv_len), out, atol=1e-6, rtol=1e-6)
     for i in range(b):
         n_keys = int(positions[i, -1]) + 1
         k = kc[i, :, :n_keys].repeat_interleave(hq // hkv, dim=0)
@@ -114,6 +118,31 @@ def test_cache_append_writes_only_given_positions():
     torch.testing.assert_close(kc[0, :, :3], k[0])
     torch.testing.assert_close(vc[1, :, 5:8], v[1])
     assert kc[1, :, :5].abs().sum() == 0 and kc[2].abs().sum() == 0 and kc[0, :, 3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_rope_cache_append_equals_rope_then_append(q_len):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, q_len, 64, generator=gen)
+    k, v = torch.randn(2, 2, q_len, 64, generator=gen), torch.randn(2, 2, q_len, 64, generator=gen)
+    positions = torch.tensor([[3], [11]]) + torch.arange(q_len)[None]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    cos, sin = reference.rope_cos_sin(positions, inv_freq, torch.float32)
+    kc, vc = torch.zeros(3, 2, 20, 64), torch.zeros(3, 2, 20, 64)
+    q_rot = reference.rope_cache_append(q, k, v, cos, sin, kc, vc, positions)
+    kc_ref, vc_ref = torch.zeros_like(kc), torch.zeros_like(vc)
+    reference.cache_append(kc_ref, vc_ref, reference.apply_rope(k, cos, sin), v, positions)
+    assert torch.equal(q_rot, reference.apply_rope(q, cos, sin))
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def test_rms_norm_fp32_fast_path_is_the_spelled_out_formula_bit_for_bit():
+    x, w = torch.randn(4, 7, 256) * 3, torch.randn(256)
+    xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.equal(reference.rms_norm(x, w, 1e-5), w * xf)
+    half = reference.rms_norm(x.half(), w.half(), 1e-5)  # the explicit path: fp32 statistics, cast, scale
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), w * xf, atol=2e-2, rtol=2e-2)
 
 
 def test_rms_norm_and_fused_add():
