@@ -39,8 +39,11 @@ def load_prompts(limit: Optional[int] = None, path: Optional[str] = None) -> Lis
 
 
 def _time(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -86,24 +89,33 @@ def main() -> int:
     parser.add_argument("--gamma", type=int, help="default: the shipped tuned value")
     parser.add_argument("--eta", type=float, help="default: the shipped tuned value")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--smoke", action="store_true", help="2 prompts x 16 tokens, marked as a smoke run")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
+    if args.smoke:
+        args.prompts, args.max_new_tokens = 2, 16
     torch.set_num_threads(args.threads)
-    model = load_default()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_default(device=device)
     gamma = args.gamma if args.gamma is not None else model.kangaroo.gamma
     eta = args.eta if args.eta is not None else model.kangaroo.eta
-    r = measure(model.target, model.adapter, model.exit_layer, load_prompts(args.prompts), gamma, eta,
-                args.max_new_tokens)
-    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
-    r.update({"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__})
+    prompts = [p.to(device) for p in load_prompts(args.prompts)]
+    r = measure(model.target, model.adapter, model.exit_layer, prompts, gamma, eta, args.max_new_tokens)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    r.update({"benchmark": "bench_embedded", "smoke_run": args.smoke, "device": name,
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__})
     print(f"| method   | tokens/s | speedup | MAT  |\n|----------|----------|---------|------|\n"
           f"| plain    | {r['plain_tokens_per_s']:8.1f} | 1.00x   |  -   |\n"
           f"| kangaroo | {r['kangaroo_tokens_per_s']:8.1f} | {r['speedup']:.2f}x   | {r['mat']:.2f} |")
     print(f"exit layer {r['exit_layer']}, gamma {gamma}, eta {eta}, {r['prompts']} prompts x {args.max_new_tokens} "
-          f"tokens, {device}; acceptance by position "
+          f"tokens, {name}; acceptance by position "
           f"{[None if a is None else round(a, 2) for a in r['acceptance_by_position']]}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_embedded.json")
+    path = os.path.join(args.out, "bench_embedded-smoke.json" if args.smoke else "bench_embedded.json")
     with open(path, "w") as f:
         json.dump(r, f, indent=2)
     print(f"wrote {path}")

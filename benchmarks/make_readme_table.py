@@ -133,6 +133,18 @@ def steps_section(path: str, d: Dict) -> List[str]:
     return lines
 
 
+def embedded_section(path: str, d: Dict) -> List[str]:
+    accept = ", ".join("-" if a is None else f"{a:.2f}" for a in d["acceptance_by_position"])
+    return [f"**Kangaroo vs plain decoding on the embedded model** ({d['device']}, {d['date']}, torch {d['torch']}, "
+            f"`{path}`): {d['prompts']} held-out prompts x {d['new_tokens_per_prompt']} new tokens, batch 1, greedy, "
+            f"exit layer {d['exit_layer']}, gamma {d['gamma']}, eta {d['eta']}; greedy mismatches: "
+            f"{d['greedy_mismatches']}.", "",
+            "| method | tokens/s | speedup | MAT |", "|---|---|---|---|",
+            f"| plain decoding | {d['plain_tokens_per_s']:.1f} | 1.00x | - |",
+            f"| Kangaroo | {d['kangaroo_tokens_per_s']:.1f} | {d['speedup']:.2f}x | {d['mat']:.2f} |", "",
+            f"Acceptance by draft position: {accept}."]
+
+
 def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
     lines = ["**Kernel microbenchmarks** (Triton vs the torch reference):", "",
              "| benchmark | case | device | Triton ms | torch ms | % of copy bandwidth |", "|---|---|---|---|---|---|"]
@@ -148,9 +160,12 @@ def render(results: List[Tuple[str, Dict]]) -> str:
     parts: List[List[str]] = []
     for path, d in newest_per_device(results, "spec_bench"):
         parts.append(spec_bench_section(path, d))
+    for path, d in newest_per_device(results, "bench_embedded"):
+        parts.append(embedded_section(path, d))
     for path, d in newest_per_device(results, "bench_steps"):
         parts.append(steps_section(path, d))
-    kernel_names = sorted({d["benchmark"] for _, d in results if d["benchmark"] not in ("spec_bench", "bench_steps")
+    kernel_names = sorted({d["benchmark"] for _, d in results
+                           if d["benchmark"] not in ("spec_bench", "bench_steps", "bench_embedded")
                            and isinstance(d.get("rows"), list) and d["rows"] and "triton_ms" in d["rows"][0]})
     kernels = [item for name in kernel_names for item in newest_per_device(results, name)]
     if kernels:

@@ -199,6 +199,16 @@ def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
     kangaroo = result["results"]["overall"]["kangaroo"]
     assert f"| kangaroo | {kangaroo['tokens_per_s']:.1f} |" in text
     assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 0
+    embedded = {"benchmark": "bench_embedded", "smoke_run": False, "device": "Test CPU", "date": "2026-12-01",
+                "torch": "2.13.0", "prompts": 24, "new_tokens_per_prompt": 128, "exit_layer": 2, "gamma": 6,
+                "eta": 0.6, "greedy_mismatches": 0, "plain_tokens_per_s": 30.0, "kangaroo_tokens_per_s": 48.6,
+                "speedup": 1.62, "mat": 2.9, "acceptance_by_position": [0.7, 0.65, None]}
+    (results / "bench_embedded.json").write_text(json.dumps(embedded))
+    (results / "bench_embedded-smoke.json").write_text(json.dumps(dict(embedded, smoke_run=True, speedup=9.0)))
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
+    text = readme.read_text()
+    assert "| Kangaroo | 48.6 | 1.62x | 2.90 |" in text and "9.00x" not in text
+    assert "Acceptance by draft position: 0.70, 0.65, -." in text
 
 
 def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
