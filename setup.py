@@ -106,7 +106,7 @@ setup(
     packages=_packages(),
     package_dir={"kangaroo_rt.kernels": "kernels"},
     package_data={
-        "kangaroo_rt": [f"assets/**/*.{ext}" for ext in ("json", "safetensors", "bin", "md", "txt")],
+        "kangaroo_rt": [f"assets/**/*.{ext}" for ext in ("json", "jsonl", "safetensors", "bin", "md", "txt")],
     },
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

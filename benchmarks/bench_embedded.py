@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Dict, List, Optional
@@ -22,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kangaroo_rt.bench import device_name  # noqa: E402
 from kangaroo_rt.config import KangarooConfig  # noqa: E402
 from kangaroo_rt.generate import KangarooModel  # noqa: E402
 
@@ -102,10 +102,7 @@ def main() -> int:
     eta = args.eta if args.eta is not None else model.kangaroo.eta
     prompts = [p.to(device) for p in load_prompts(args.prompts)]
     r = measure(model.target, model.adapter, model.exit_layer, prompts, gamma, eta, args.max_new_tokens)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    name = device_name(device)
     r.update({"benchmark": "bench_embedded", "smoke_run": args.smoke, "device": name,
               "date": datetime.date.today().isoformat(), "torch": torch.__version__})
     print(f"| method   | tokens/s | speedup | MAT  |\n|----------|----------|---------|------|\n"

@@ -35,12 +35,12 @@ def _timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
+# No trailing newline: the tokenizer merges a newline with the next line's indentation, so a prompt that
+# ends in a bare newline tells the model that the next line starts at column 0.
 DEMO_PROMPT = (
-    "import os\n"
-    "\n"
-    "\n"
-    "def read_lines(path):\n"
-    "    \"\"\"Return the lines of the file at *path*.\"\"\"\n"
+    "class Queue:\n"
+    "    def __init__(self, maxsize=0):\n"
+    "        self.maxsize = maxsize"
 )
 
 
