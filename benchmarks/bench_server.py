@@ -2,8 +2,8 @@
 
 Starts ``kangaroo-rt serve`` as a subprocess on a free 127.0.0.1 port (or targets ``--url``), warms it
 up, then runs ``--rounds`` rounds of ``--clients`` concurrent clients sending ``--requests`` requests
-each (alternating streamed and plain completions and chat completions). Prints throughput, latency and
-time-to-first-token percentiles, errors, the server's resident memory (RSS) after warm-up and after
+each (alternating streamed and plain completions and, when the tokenizer has a chat template, chat
+completions). Prints throughput, latency and time-to-first-token percentiles, errors, the server's resident memory (RSS) after warm-up and after
 each round, and the server's own metrics (MAT, slots freed); writes JSON to benchmarks/results/ or --out.
 Exit status 1 when any request failed or a slot stayed occupied.
 
@@ -157,10 +157,26 @@ def percentiles(values: List[float]) -> Dict[str, Optional[float]]:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(v)}
 
 
-async def one_request(client: Any, model: str, i: int, max_tokens: int) -> Dict[str, Any]:
-    """Request i of a client: alternates completions / chat and plain / streamed."""
+async def chat_supported(url: str, model: str, timeout: float) -> bool:
+    """Whether the server answers /v1/chat/completions (a tokenizer without a chat template gets a 400)."""
+    from openai import AsyncOpenAI, BadRequestError
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout)
+    try:
+        await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        return True
+    except BadRequestError as exc:
+        if "chat template" in str(exc):
+            return False
+        raise
+    finally:
+        await client.close()
+
+
+async def one_request(client: Any, model: str, i: int, max_tokens: int, chat_ok: bool = True) -> Dict[str, Any]:
+    """Request i of a client: alternates completions / chat (when ``chat_ok``) and plain / streamed."""
     prompt = PROMPTS[i % len(PROMPTS)]
-    chat, stream = (i // 2) % 2 == 1, i % 2 == 1
+    chat, stream = chat_ok and (i // 2) % 2 == 1, i % 2 == 1
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     if chat:
@@ -189,7 +205,7 @@ async def one_request(client: Any, model: str, i: int, max_tokens: int) -> Dict[
 
 
 async def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int,
-                    timeout: float) -> Dict[str, Any]:
+                    timeout: float, chat_ok: bool = True) -> Dict[str, Any]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout)
@@ -199,7 +215,7 @@ async def run_round(url: str, model: str, clients: int, requests: int, max_token
     async def worker(c: int) -> None:
         for r in range(requests):
             try:
-                results.append(await one_request(client, model, c * requests + r, max_tokens))
+                results.append(await one_request(client, model, c * requests + r, max_tokens, chat_ok))
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
@@ -305,12 +321,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 sys.stderr.write(log.read().decode(errors="replace")[-4000:])
             raise
         pid = proc.pid if proc is not None else None
-        asyncio.run(run_round(url, args.served_model_name, 2, 1, args.max_tokens, args.timeout))  # warm-up
+        chat_ok = asyncio.run(chat_supported(url, args.served_model_name, args.timeout))
+        if not chat_ok:
+            print("the served tokenizer has no chat template: the load uses /v1/completions only", file=sys.stderr)
+        asyncio.run(run_round(url, args.served_model_name, 2, 1, args.max_tokens, args.timeout, chat_ok))  # warm-up
         rss_warm = rss_mib(pid)
         rounds, rss_after = [], []
         for _ in range(args.rounds):
             rounds.append(asyncio.run(run_round(url, args.served_model_name, args.clients, args.requests,
-                                                args.max_tokens, args.timeout)))
+                                                args.max_tokens, args.timeout, chat_ok)))
             rss_after.append(rss_mib(pid))
         metrics = parse_metrics(http_get(f"{url}/metrics"))
     finally:
@@ -327,6 +346,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                  "server_threads": args.threads, "python": platform.python_version()},
+        "endpoints": "completions and chat" if chat_ok else "completions (no chat template)",
         "server": url if args.url else ("tiny random model" if args.tiny else (args.model or "embedded model")),
         "mode": "plain" if args.no_kangaroo else "kangaroo",
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
