@@ -3,8 +3,9 @@
 Starts ``kangaroo-rt serve`` as a subprocess on a free 127.0.0.1 port (or targets ``--url``), warms it
 up, then runs ``--rounds`` rounds of ``--clients`` concurrent clients sending ``--requests`` requests
 each (alternating streamed and plain completions and, when the tokenizer has a chat template, chat
-completions). Prints throughput, latency and time-to-first-token percentiles, errors, the server's resident memory (RSS) after warm-up and after
-each round, and the server's own metrics (MAT, slots freed); writes JSON to benchmarks/results/ or --out.
+completions). Prints throughput, latency and time-to-first-token percentiles, errors, the server's
+resident memory (RSS) after warm-up and after each round, and the server's own metrics (MAT, slots
+freed); writes JSON to benchmarks/results/ or --out.
 Exit status 1 when any request failed or a slot stayed occupied.
 
     PYTHONPATH=. python benchmarks/bench_server.py                       # the embedded model
