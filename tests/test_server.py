@@ -250,6 +250,8 @@ def test_bench_server_small_load_through_the_cli(tmp_path):
                              "--max-batch", "3", "--threads", "1", "--out", str(out)])
     assert all(r["errors"] == 0 and r["ok"] == 8 for r in res["rounds"])
     assert res["server_metrics"]["kangaroo_rt_requests_running"] == 0
-    assert res["server_metrics"]["kangaroo_rt_requests_finished_total"] == 2 + 16
+    # 1 chat-support probe + 2 warm-up requests + 2 rounds x 8
+    assert res["server_metrics"]["kangaroo_rt_requests_finished_total"] == 1 + 2 + 16
+    assert res["endpoints"] == "completions and chat"
     assert res["rounds"][0]["latency_s"]["p50"] > 0 and res["rss_mib"]["after_rounds"][1] is not None
     assert json.loads(out.read_text())["clients"] == 4
