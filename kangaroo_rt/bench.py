@@ -536,7 +536,9 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     def encode(text: str) -> List[int]:
         return tok(text).input_ids
 
-    return model, folder, encode, eos, questions, template, settings, folder
+    # a name, not a machine-specific absolute path, for the JSON and the plot titles
+    what = "embedded model" if not args.model else os.path.basename(os.path.normpath(folder))
+    return model, folder, encode, eos, questions, template, settings, what
 
 
 def run(args: argparse.Namespace) -> int:
