@@ -23,19 +23,15 @@ sys.path.insert(0, ROOT)
 
 from kangaroo_rt.bench import device_name  # noqa: E402
 from kangaroo_rt.config import KangarooConfig  # noqa: E402
+from kangaroo_rt.embedded import heldout_prompt_ids  # noqa: E402
 from kangaroo_rt.generate import KangarooModel  # noqa: E402
 
 ASSETS = os.environ.get("EMBEDDED_OUT", os.path.join(ROOT, "kangaroo_rt", "assets", "embedded"))
 
 
-def load_prompts(limit: Optional[int] = None, path: Optional[str] = None) -> List[torch.Tensor]:
-    """Token ids of the embedded model's held-out prompts."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast.from_pretrained(ASSETS)
-    with open(path or os.path.join(ASSETS, "heldout_prompts.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [tok(r["prompt"], return_tensors="pt").input_ids for r in rows[:limit]]
+def load_prompts(limit: Optional[int] = None) -> List[torch.Tensor]:
+    """Token ids of the embedded model's held-out prompts (in ``EMBEDDED_OUT`` when set)."""
+    return heldout_prompt_ids(limit, ASSETS)
 
 
 def _time(fn):

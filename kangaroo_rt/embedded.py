@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -33,8 +33,16 @@ def load_default(dtype: Optional[torch.dtype] = None, device: Union[str, torch.d
                                          device=device, kangaroo=kangaroo)
 
 
-def load_tokenizer():
+def load_tokenizer(folder: str = ASSETS):
     """The embedded model's tokenizer (transformers ``PreTrainedTokenizerFast``)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(ASSETS)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def heldout_prompt_ids(limit: Optional[int] = None, folder: str = ASSETS) -> List[torch.Tensor]:
+    """Token ids (1, T) of the first ``limit`` held-out completion prompts (``heldout_prompts.jsonl``)."""
+    tok = load_tokenizer(folder)
+    with open(os.path.join(folder, "heldout_prompts.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [tok(r["prompt"], return_tensors="pt").input_ids for r in rows[:limit]]

@@ -1,12 +1,11 @@
 """The shipped embedded model: loads in kangaroo_rt and transformers alike, adapter strict, lossless, MAT."""
-import json
 import os
 
 import pytest
 import torch
 
 import kangaroo_rt as K
-from kangaroo_rt.embedded import ASSETS
+from kangaroo_rt.embedded import ASSETS, heldout_prompt_ids
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "adapter", "kangaroo.json")),
                                 reason="the embedded model's assets are not present")
@@ -17,17 +16,9 @@ def model():
     return K.load_default()
 
 
-def _held_out(n):
-    """Token ids of the first ``n`` held-out prompts (as benchmarks/bench_embedded.py reads them)."""
-    tok = K.load_tokenizer()
-    with open(os.path.join(ASSETS, "heldout_prompts.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [tok(r["prompt"], return_tensors="pt").input_ids for r in rows[:n]]
-
-
 @pytest.fixture(scope="module")
 def prompts():
-    return _held_out(8)
+    return heldout_prompt_ids(8)
 
 
 def test_same_logits_as_transformers(model, prompts):
@@ -63,7 +54,7 @@ def test_mat_on_held_out_prompts(model):
     """The model card's protocol (benchmarks/bench_embedded.py): 24 held-out prompts x 128 new tokens,
     batch 1, greedy, the shipped gamma and eta."""
     out = [model.generate(ids, max_new_tokens=128, ignore_eos=True, return_dict_in_generate=True)
-           for ids in _held_out(24)]
+           for ids in heldout_prompt_ids(24)]
     mat = sum(sum(o.stats.accepted_lengths[0]) for o in out) / sum(o.stats.rounds[0] for o in out)
     print(f"embedded model MAT on 24 held-out prompts x 128 tokens: {mat:.2f}")
     assert mat >= 2.5
