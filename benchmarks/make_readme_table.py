@@ -156,16 +156,13 @@ def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
     return lines
 
 
+# Benchmarks with a section of their own, in README order; any other result with Triton/torch rows is a kernel.
+SECTIONS = {"spec_bench": spec_bench_section, "bench_embedded": embedded_section, "bench_steps": steps_section}
+
+
 def render(results: List[Tuple[str, Dict]]) -> str:
-    parts: List[List[str]] = []
-    for path, d in newest_per_device(results, "spec_bench"):
-        parts.append(spec_bench_section(path, d))
-    for path, d in newest_per_device(results, "bench_embedded"):
-        parts.append(embedded_section(path, d))
-    for path, d in newest_per_device(results, "bench_steps"):
-        parts.append(steps_section(path, d))
-    kernel_names = sorted({d["benchmark"] for _, d in results
-                           if d["benchmark"] not in ("spec_bench", "bench_steps", "bench_embedded")
+    parts = [section(path, d) for name, section in SECTIONS.items() for path, d in newest_per_device(results, name)]
+    kernel_names = sorted({d["benchmark"] for _, d in results if d["benchmark"] not in SECTIONS
                            and isinstance(d.get("rows"), list) and d["rows"] and "triton_ms" in d["rows"][0]})
     kernels = [item for name in kernel_names for item in newest_per_device(results, name)]
     if kernels:

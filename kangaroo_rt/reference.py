@@ -104,9 +104,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
         return attention_math(q, k_cache, v_cache, positions, kv_len)
     batch = q.shape[0]
     t = k_cache.shape[2] if kv_len is None else kv_len
-    out = torch.nn.functional.scaled_dot_product_attention(
+    return torch.nn.functional.scaled_dot_product_attention(
         q, k_cache[:batch, :, :t], v_cache[:batch, :, :t], attn_mask=_visible(positions, t), enable_gqa=True)
-    return out
 
 
 def attention_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
@@ -118,7 +117,7 @@ def attention_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     t = k_cache.shape[2] if kv_len is None else kv_len
     k = k_cache[:batch, :, :t]  # (B, Hkv, T, D)
     v = v_cache[:batch, :, :t]
-    # (B, Hkv, group, q, D): the query heads that share one kv head are stacked along the rows.
+    # (B, Hkv, group * q, D): the query heads that share one kv head are stacked along the rows.
     qg = q.reshape(batch, n_kv, group * q_len, head_dim)
     scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * (head_dim ** -0.5)  # (B, Hkv, G*q, T)
     scores = scores.view(batch, n_kv, group, q_len, t).masked_fill(~_visible(positions, t)[:, None], float("-inf"))

@@ -8,6 +8,7 @@ the same update as one process with the same global batch, up to floating-point 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -132,14 +133,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, n_local, agree = 0.0, 0, 0
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-                    if cfg.amp and self.device.type == "cuda" else None)
+                    if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
         for chunk in chunks:
             batch = self.source.batch(chunk)
-            if autocast is not None:
-                with autocast:
-                    total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
-                                               labels=cfg.labels)
-            else:
+            with autocast:
                 total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
                                            labels=cfg.labels)
             (total / max(1, n_global)).backward()
