@@ -4,8 +4,11 @@
 Shapes: a 7B-like target (32 layers, d 4096, 32 heads, vocab 32000, random fp16 weights, exit layer 2)
 and the embedded model when its assets are present. Writes ``<out>/bench_graphs.json``.
 
-Without a GPU it runs a smoke test of the same code on a tiny fp32 model on CPU (eager fixed-shape rounds
-vs the eager decoder, no graphs) and says so: those timings describe nothing but that CPU.
+Without a GPU (or with --smoke) it runs a smoke test of the same code on a tiny fp32 model on CPU (eager
+fixed-shape rounds vs the eager decoder, no graphs), says so and writes ``bench_graphs-smoke.json``: those
+timings describe nothing but that CPU.
+
+    PYTHONPATH=. python benchmarks/bench_graphs.py [--out DIR] [--reps N] [--smoke]
 """
 from __future__ import annotations
 
@@ -143,9 +146,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny fp32 model on the CPU (also the default without CUDA)")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    result = {"benchmark": "bench_graphs", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    if args.reps < 1:
+        parser.error(f"--reps must be positive, got {args.reps}")
+    cuda = torch.cuda.is_available() and not args.smoke
+    result = {"benchmark": "bench_graphs", "smoke_run": not cuda,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "extension_built": _ext.is_built()}
     kc = K.KangarooConfig(gamma=6, eta=0.0)
     cases = []
@@ -160,7 +168,8 @@ def main() -> int:
         cases.append(("embedded", lambda: K.load_default(device="cuda"), (1, 4)))  # skipped below if absent
     else:
         result["device"] = f"CPU ({platform.processor() or platform.machine()}), smoke run: no graphs are captured"
-        print("bench_graphs: no CUDA device; smoke run of the fixed-shape rounds on a tiny CPU model "
+        reason = "--smoke" if args.smoke else "no CUDA device"
+        print(f"bench_graphs: {reason}: smoke run of the fixed-shape rounds on a tiny CPU model "
               "(timings describe this CPU only, nothing about graphs)")
         from kangaroo_rt.testing import agreeing_pair, tiny_config
 
@@ -189,7 +198,7 @@ def main() -> int:
         if cuda:
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_graphs.json")
+    path = os.path.join(args.out, f"bench_graphs{'' if cuda else '-smoke'}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")

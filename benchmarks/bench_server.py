@@ -11,7 +11,10 @@ Exit status 1 when any request failed or a slot stayed occupied.
     PYTHONPATH=. python benchmarks/bench_server.py                       # the embedded model
     PYTHONPATH=. python benchmarks/bench_server.py --tiny                # a random tiny model (smoke)
     PYTHONPATH=. python benchmarks/bench_server.py --model M --adapter A --clients 32 --requests 5
+    PYTHONPATH=. python benchmarks/bench_server.py --device cuda --dtype float16   # the server on a GPU
 """
+# gpu_suite: needs fastapi uvicorn openai
+# gpu_suite: gpu-args --device cuda
 from __future__ import annotations
 
 import argparse
@@ -246,13 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, help="server torch threads")
+    p.add_argument("--device", default="cpu", help="the server's device (kangaroo-rt serve --device)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the server's weight dtype")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=5, help="requests per client per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds (RSS is read after each)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request client timeout (s)")
     p.add_argument("--startup-timeout", type=float, default=180.0)
-    p.add_argument("--out", help="JSON path (default benchmarks/results/bench_server_<time>.json)")
+    p.add_argument("--out", help="JSON path, or a folder for bench_server.json "
+                   "(default benchmarks/results/bench_server_<time>.json)")
     return p
 
 
@@ -308,6 +314,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 cmd.append("--no-kangaroo")
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            cmd += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
             port = free_port()
             cmd += ["--port", str(port)]
             url = f"http://127.0.0.1:{port}"
@@ -347,6 +354,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                  "server_threads": args.threads, "python": platform.python_version()},
+        "server_device": None if args.url else args.device, "server_dtype": None if args.url else args.dtype,
         "endpoints": "completions and chat" if chat_ok else "completions (no chat template)",
         "server": url if args.url else ("tiny random model" if args.tiny else (args.model or "embedded model")),
         "mode": "plain" if args.no_kangaroo else "kangaroo",
@@ -359,6 +367,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     _print(result)
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"bench_server_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
+    if os.path.isdir(out):
+        out = os.path.join(out, "bench_server.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

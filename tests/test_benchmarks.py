@@ -224,5 +224,24 @@ def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
     for path in glob.glob(os.path.join(BENCH_DIR, "bench_*.py")):
         step = steps[os.path.basename(path)[:-3]]
         assert step["status"] == "ok" or (step["status"] == "skipped" and step["note"]), step
-    assert steps["bench_steps"]["status"] == steps["spec_bench"]["status"] == "ok"
-    assert {"bench_steps-smoke", "spec_bench-smoke"} <= set(summary["results"])
+    assert steps["bench_steps"]["status"] == steps["spec_bench"]["status"] == steps["bench_graphs"]["status"] == "ok"
+    assert {"bench_steps-smoke", "spec_bench-smoke", "bench_graphs-smoke"} <= set(summary["results"])
+    assert summary["results"]["bench_graphs-smoke"]["smoke_run"] is True
+    names = [s["name"] for s in summary["steps"]]
+    assert names[:5] == ["build_extension", "pytest_gpu", "bench_graphs", "bench_steps", "spec_bench"], names
+    assert summary["skipped_over_budget"] == [] and summary["elapsed_s"] <= summary["budget_s"]
+
+
+def test_gpu_suite_only_runs_the_named_steps_and_skips_what_overruns_the_budget(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, SUITE_BUDGET="0")
+    proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_suite.sh"), "--dry-run", "--only",
+                           "spec_bench,bench_accept"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    with open(tmp_path / "gpu_suite.json") as f:
+        summary = json.load(f)
+    assert [s["name"] for s in summary["steps"]] == ["spec_bench", "bench_accept"]
+    assert all(s["status"] == "skipped" and s["note"].startswith("over budget") for s in summary["steps"])
+    assert summary["skipped_over_budget"] == ["spec_bench", "bench_accept"] and summary["results"] == {}
+    bad = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_suite.sh"), "--dry-run", "--only"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--only needs" in bad.stdout

@@ -245,9 +245,9 @@ def test_health_and_prometheus_metrics(tiny):
 
 def test_bench_server_small_load_through_the_cli(tmp_path):
     """kangaroo-rt serve --model/--adapter in a subprocess, 4 clients x 2 requests, twice: no errors, slots freed."""
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench_server.json"  # --out names a folder, as gpu_suite.sh passes it
     res = bench_server.main(["--tiny", "--clients", "4", "--requests", "2", "--rounds", "2", "--max-tokens", "16",
-                             "--max-batch", "3", "--threads", "1", "--out", str(out)])
+                             "--max-batch", "3", "--threads", "1", "--out", str(tmp_path)])
     assert all(r["errors"] == 0 and r["ok"] == 8 for r in res["rounds"])
     assert res["server_metrics"]["kangaroo_rt_requests_running"] == 0
     # 1 chat-support probe + 2 warm-up requests + 2 rounds x 8
