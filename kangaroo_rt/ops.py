@@ -14,8 +14,10 @@ warning says so and the next backend serves. :func:`backend_table` tells which b
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -107,6 +109,38 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Triton's interpreter before 3.7 keeps a reduction's result as a one-element array rather than a scalar,
+# so kernels that use one as a loop bound (attention) or store one (accept, sampling) fail under
+# TRITON_INTERPRET=1 there. Compiled Triton is not affected: 3.6 compiles every kernel (tests/triton_aot.py).
+MIN_INTERPRETER_TRITON = (3, 7)
+_interpreter_checked: Optional[bool] = None
+
+
+def triton_interpreter_supported() -> Tuple[bool, str]:
+    """(whether this triton's interpreter runs the kernels of kernels/, why not), read from package metadata."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False, "triton is not installed"
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match.group(1)), int(match.group(2))) < MIN_INTERPRETER_TRITON:
+        need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+        return False, (f"triton {version}'s interpreter (TRITON_INTERPRET=1) cannot run kangaroo_rt's kernels "
+                       f"(it needs triton >= {need}; compiled kernels on a GPU are not affected)")
+    return True, ""
+
+
+def _interpreter_ok() -> bool:
+    """triton_interpreter_supported(), warned once when it is not."""
+    global _interpreter_checked
+    if _interpreter_checked is None:
+        ok, why = triton_interpreter_supported()
+        if not ok:
+            warnings.warn(f"{why}: the torch reference serves CPU tensors", RuntimeWarning)
+        _interpreter_checked = ok
+    return _interpreter_checked
+
+
 def register(op: str, backend: str, fn: Callable, device_types: Tuple[str, ...]) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types.
 
@@ -142,7 +176,7 @@ def _device_ok(device_types: Tuple[str, ...], device_type: str, forced: bool, in
     if device_type in device_types:
         return True
     # Under the Triton interpreter, Triton kernels run on CPU tensors, but only when asked for.
-    return forced and interpret and device_type == "cpu" and "interpret" in device_types
+    return forced and interpret and device_type == "cpu" and "interpret" in device_types and _interpreter_ok()
 
 
 def _usable(backend: str, fn: Callable) -> Optional[Callable]:

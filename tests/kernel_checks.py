@@ -20,8 +20,12 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 def kernel_module(name):
     """kangaroo_rt.kernels.<name>, skipping the calling test when triton is not installed."""
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+        ok, why = ops.triton_interpreter_supported()
+        if not ok:
+            pytest.skip(why)
     return ops.load_kernel_module(name)
 
 

@@ -35,6 +35,32 @@ def test_cpu_dispatch_is_torch_unless_triton_is_forced(monkeypatch):
     assert set(ops.backend_table("cuda").values()) == {"torch"}
 
 
+def test_an_interpreter_too_old_for_the_kernels_leaves_cpu_tensors_on_torch(monkeypatch):
+    """Triton < 3.7's interpreter cannot run the kernels: forced triton on CPU falls back, warned once."""
+    import importlib.metadata
+    import warnings
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.6.0" if name == "triton" else
+                        real_version(name))
+    monkeypatch.setattr(ops, "_interpreter_checked", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
+    ok, why = ops.triton_interpreter_supported()
+    assert not ok and "3.6.0" in why and ">= 3.7" in why
+    ops._RESOLVED.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = ops.backend_table("cpu"), ops.backend_table("cpu")
+        assert set(first.values()) == set(second.values()) == {"torch"}
+        assert len([w for w in caught if "interpreter" in str(w.message)]) == 1
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.7.1")
+        assert ops.triton_interpreter_supported() == (True, "")
+    finally:
+        ops._RESOLVED.clear()
+
+
 def test_cuda_prefers_triton_and_falls_back_without_it(monkeypatch):
     kernel_module("rms_norm")
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
