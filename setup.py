@@ -62,6 +62,9 @@ def _cuda_extension():
         return skip(f"torch {torch.__version__} was built without CUDA")
     if CUDA_HOME is None:
         return skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return skip(f"the CUDA toolkit torch found, CUDA_HOME={CUDA_HOME}, has no include/cuda_runtime.h "
+                    "(an nvcc wrapper on PATH?): set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda")
 
     max_jobs = os.environ.get("MAX_JOBS", "").strip()
     if max_jobs and not (max_jobs.isdigit() and int(max_jobs) > 0):

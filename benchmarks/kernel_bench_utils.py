@@ -45,6 +45,12 @@ def setup(name: str, args: argparse.Namespace):
     except ImportError:
         print(f"{name}: triton is not installed; nothing to run")
         sys.exit(0)
+    from kangaroo_rt import ops
+
+    ok, why = ops.triton_interpreter_supported()
+    if not ok:
+        print(f"{name}: {why}; nothing to run")
+        sys.exit(0)
     print(f"{name}: smoke run under the Triton interpreter on CPU, tiny shapes; timings are not meaningful")
     return torch.device("cpu"), True
 

@@ -84,9 +84,11 @@ def test_bindings_compile_against_cuda_torch(tmp_path):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    if CUDA_HOME is None:
-        pytest.skip("no CUDA toolkit found by torch (CUDA_HOME)")
-    include = os.path.join(CUDA_HOME, "include")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME, "/usr/local/cuda"]
+    includes = [os.path.join(c, "include") for c in candidates if c]
+    include = next((i for i in includes if os.path.isfile(os.path.join(i, "cuda_runtime.h"))), None)
+    if include is None:
+        pytest.skip(f"no cuda_runtime.h under {includes} (set CUDA_HOME to the CUDA toolkit)")
     flags = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
                                                    f"-I{CSRC}"]
     res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
