@@ -9,13 +9,13 @@
 # SUITE_BUDGET or a benchmark's "# gpu_suite: needs MODULE..." line names a module this Python lacks.
 # Writes every script's JSON/text/PNG plus one summary, gpu_suite.json, to $OUT if set, else to
 # benchmarks/results/gpu-<date>/ (dry run: a fresh temporary folder). Exit status 1 if any step failed.
-# Environment: PYTHON (default python), SUITE_BUDGET seconds for the whole suite (default 540: one device
+# Environment: PYTHON (default python, else python3), SUITE_BUDGET seconds for the whole suite (default 540: one device
 # call may run 600 s), BENCH_TIMEOUT seconds per benchmark script (default 240).
 # A benchmark script may carry, after its docstring, "# gpu_suite: needs MOD..." and "# gpu_suite: gpu-args ARG...".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 MIN_STEP_S=20  # a step is not started with less than this left of the budget
