@@ -17,13 +17,15 @@ def main():
     from kangaroo_rt import ops, reference
 
     mod = ops.load_kernel_module("accept")
+    torch.manual_seed(0)
     shapes = [(2, 3, 97)] if smoke else [(1, 6, 32000), (8, 6, 32000), (64, 6, 32000)]
     eos = torch.tensor([2], device=device)
     cases = []
     for b, k, vocab in shapes:
         target = torch.randint(3, vocab, (b, k + 1), device=device)
         drafts = target[:, :k].clone()
-        drafts[:, k // 2] += 1  # rejected halfway
+        # rejected halfway: another token in [3, vocab) (a bare + 1 could reach vocab and index past the probs)
+        drafts[:, k // 2] = (drafts[:, k // 2] - 2) % (vocab - 3) + 3
         n_drafts = torch.full((b,), k, device=device)
         out = torch.zeros(b, 4096, dtype=torch.long, device=device)
         n_gen = torch.zeros(b, dtype=torch.long, device=device)
