@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step stopped at its time limit still leaves everything it printed in its log
 PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
@@ -126,7 +127,7 @@ elif [ "$dry_run" -eq 1 ]; then
     record pytest_gpu skipped 0 "dry run: pytest -m gpu needs a CUDA GPU"
 else
     run_step pytest_gpu "$dest/pytest-gpu.txt" 300 \
-        "$PYTHON" -m pytest -m gpu -q tests --durations=15 --junitxml="$dest/pytest-gpu.xml"
+        "$PYTHON" -m pytest -m gpu -v tests --durations=15 --junitxml="$dest/pytest-gpu.xml"  # -v: a line per test
 fi
 
 # 3. the benchmarks, most wanted first; the dry run passes each one's smoke flag (--smoke, else --interpret)
