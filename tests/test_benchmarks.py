@@ -1,7 +1,6 @@
 """CI smoke of the benchmarks: the Spec-Bench harness (kangaroo_rt.bench / kangaroo-rt bench), bench_steps,
 the README table generator, and gpu_suite.sh --dry-run (which smoke-runs every benchmarks/bench_*.py)."""
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,27 +9,19 @@ import sys
 import pytest
 import torch
 
+from bench_loader import BENCH_DIR, load_benchmark
 from kangaroo_rt import bench, cli
 from kangaroo_rt.config import KangarooConfig
 from kangaroo_rt.generate import KangarooModel
 from kangaroo_rt.loading import save_model
 from kangaroo_rt.testing import agreeing_pair, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(ROOT, "benchmarks")
 
 QUESTIONS = [
     {"question_id": 7, "category": "qa", "turns": ["Who wrote the Iliad?"]},
     {"question_id": 8, "category": "translation", "turns": ["Translate 'good morning' into German.", "And French?"]},
     {"question_id": 9, "category": "qa", "turns": ["How far is the Moon from the Earth?"]},
 ]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_jsonl(path, rows):
@@ -158,7 +149,7 @@ def test_eos_handling_matches_transformers(tmp_path, ignore_eos):
 
 
 def test_bench_steps_smoke(tmp_path):
-    steps = _script("bench_steps")
+    steps = load_benchmark("bench_steps")
     profile = tmp_path / "spec_bench-cpu.json"
     profile.write_text(json.dumps({"benchmark": "spec_bench", "smoke_run": False, "embedded_model": True,
                                    "date": "2026-01-01", "results": {"overall": {"kangaroo": {
@@ -181,7 +172,7 @@ def test_bench_steps_smoke(tmp_path):
 
 def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
     _, result, _ = smoke_result
-    make = _script("make_readme_table")
+    make = load_benchmark("make_readme_table")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n\n{make.BEGIN}\nold\n{make.END}\n\noutro\n")
     results = tmp_path / "results" / "cpu-x"

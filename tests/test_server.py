@@ -1,5 +1,4 @@
 """OpenAI-compatible server: the official openai client, malformed requests, disconnects, a small load run."""
-import importlib.util
 import json
 import os
 import threading
@@ -14,21 +13,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import kangaroo_rt as K  # noqa: E402
+from bench_loader import load_benchmark  # noqa: E402
 from kangaroo_rt.embedded import ASSETS  # noqa: E402
 from kangaroo_rt.server import EngineRunner, create_app, load_engine  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "test-model"
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_server", os.path.join(ROOT, "benchmarks", "bench_server.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_server = _bench_module()
+bench_server = load_benchmark("bench_server")
 EMBEDDED = os.path.isfile(os.path.join(ASSETS, "adapter", "kangaroo.json"))
 
 
