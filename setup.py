@@ -36,6 +36,28 @@ def _read_build_flag():
     return value
 
 
+def _has_cuda_headers(folder):
+    return os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h"))
+
+
+def _set_cuda_home():
+    """Without CUDA_HOME/CUDA_PATH, torch guesses the toolkit from the folder of ``nvcc`` on PATH, which a
+    wrapper script (/usr/local/bin/nvcc) misleads: point CUDA_HOME at nvcc's real toolkit or /usr/local/cuda
+    when that guess would have no headers. Runs before torch.utils.cpp_extension reads it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    if guess is None or _has_cuda_headers(guess):
+        return
+    for candidate in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if _has_cuda_headers(candidate):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for kangaroo_rt._C, or ([], {}) for a pure-Python install."""
     flag = _read_build_flag()
@@ -52,6 +74,7 @@ def _cuda_extension():
 
     if not os.path.isfile(os.path.join(ROOT, "csrc", "bindings.cpp")):
         return skip("csrc/bindings.cpp not found")
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -62,9 +85,9 @@ def _cuda_extension():
         return skip(f"torch {torch.__version__} was built without CUDA")
     if CUDA_HOME is None:
         return skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
-        return skip(f"the CUDA toolkit torch found, CUDA_HOME={CUDA_HOME}, has no include/cuda_runtime.h "
-                    "(an nvcc wrapper on PATH?): set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda")
+    if not _has_cuda_headers(CUDA_HOME):
+        return skip(f"the CUDA toolkit torch found, CUDA_HOME={CUDA_HOME}, has no include/cuda_runtime.h: "
+                    "set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda")
 
     max_jobs = os.environ.get("MAX_JOBS", "").strip()
     if max_jobs and not (max_jobs.isdigit() and int(max_jobs) > 0):

@@ -107,15 +107,6 @@ elif [ "$dry_run" -eq 1 ]; then
 elif [ ! -f csrc/bindings.cpp ]; then
     record build_extension skipped 0 "csrc/bindings.cpp not present"
 else
-    if [ -z "${CUDA_HOME:-}" ]; then  # torch guesses from nvcc's folder, which a wrapper script on PATH misleads
-        nvcc_path=$(command -v nvcc || true)
-        for candidate in ${nvcc_path:+"$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"} /usr/local/cuda; do
-            if [ -f "$candidate/include/cuda_runtime.h" ]; then
-                export CUDA_HOME="$candidate"
-                break
-            fi
-        done
-    fi
     run_step build_extension "$dest/build.log" 300 \
         env KANGAROO_RT_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 fi
