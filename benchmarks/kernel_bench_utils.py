@@ -40,14 +40,9 @@ def setup(name: str, args: argparse.Namespace):
     if not args.interpret:
         print(f"{name}: needs a GPU for timings (no CUDA device here); run with --interpret for a CPU smoke run")
         sys.exit(0)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print(f"{name}: triton is not installed; nothing to run")
-        sys.exit(0)
     from kangaroo_rt import ops
 
-    ok, why = ops.triton_interpreter_supported()
+    ok, why = ops.triton_interpreter_supported()  # also says when triton is not installed
     if not ok:
         print(f"{name}: {why}; nothing to run")
         sys.exit(0)
