@@ -63,7 +63,7 @@ class Launch:
                 tuple(sorted(self.options.items())))
 
     def describe(self) -> str:
-        consts = ", ".join(f"{k}={v}" for k, v in self.constexprs.items() if self.signature[k] == "constexpr")
+        consts = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
         ptrs = ",".join(sorted({t[1:] for t in self.signature.values() if t.startswith("*")}))
         opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.fn.__name__}[{ptrs}]({consts}; {opts})"
@@ -209,6 +209,7 @@ def check(archs: Sequence[int], modules: Sequence[str] = MODULES, echo: Callable
     launches = record_launches(modules)
     echo(f"{len(launches)} distinct launches of {len(modules)} kernel files, archs {', '.join(map(str, archs))}")
     for arch in archs:
+        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
         for launch in launches:
             start = time.perf_counter()
             try:
@@ -221,8 +222,8 @@ def check(archs: Sequence[int], modules: Sequence[str] = MODULES, echo: Callable
             line = f"sm_{arch} {launch.describe()}: shared {shared} B, {time.perf_counter() - start:.1f} s"
             if not compiled.asm.get("cubin"):
                 failures.append(f"{line}: no cubin")
-            elif shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[80]):
-                failures.append(f"{line}: over the {SHARED_LIMIT.get(arch, SHARED_LIMIT[80])} B per-block limit")
+            elif shared > limit:
+                failures.append(f"{line}: over the {limit} B per-block limit")
             echo(line)
     return failures
 
