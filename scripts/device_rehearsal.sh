@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rehearse the GPU machine's software on a CPU machine before spending device time (run from anywhere):
-#   bash scripts/device_rehearsal.sh              # venv (first time: ~3 GB of downloads), clone, build, checks
+#   bash scripts/device_rehearsal.sh              # venv (first time: 5.1 GB here), clone, build, checks
 #   bash scripts/device_rehearsal.sh --quick      # the same without the full CPU test suite
 # The lent GPU machine runs Python 3.12, torch 2.11 + CUDA 13.0, triton 3.6 and transformers 5.17, with no
 # fastapi/uvicorn/openai and no installs allowed; this project's CI runs newer torch/triton. This script:
