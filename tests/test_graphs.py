@@ -1,7 +1,12 @@
 """The fixed-shape round path of kangaroo_rt.graphs on CPU: bucket/buffer logic, mode choice, and tokens
-equal to plain greedy and to the eager Kangaroo loop (the code CUDA graphs capture, run eagerly)."""
+equal to plain greedy and to the eager Kangaroo loop (the code CUDA graphs capture, run eagerly), and an
+op-by-op audit of each step for what capture forbids."""
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kangaroo_rt as K
 from kangaroo_rt import graphs
@@ -185,6 +190,81 @@ def test_buffers_are_reused_and_dropped_when_the_cache_moves(model):
     model.generate(long_ids, max_new_tokens=4, kangaroo=kc, cuda_graphs=True)  # the cache grows past 256
     assert runner.entry(4, kc, 1) is not entry
     assert runner.captures == 0  # nothing is captured off CUDA
+
+
+# aten ops that read device memory on the host (a sync: illegal while a CUDA graph is being captured) or give
+# data-dependent shapes, and the op behind torch.tensor(host data).
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_static",
+                 "masked_select", "_unique2", "unique_dim", "unique_consecutive", "lift_fresh", "lift_fresh_copy"}
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+class CaptureAudit(TorchDispatchMode):
+    """Records, per aten op, what would break a CUDA graph of the code it watches: host syncs, and tensor
+    inputs that are neither in ``allowed`` (static buffers, weights, caches) nor made by an earlier op
+    (a graph bakes such a tensor's address in; whoever owns it may free or replace it)."""
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = {_storage(t) for t in allowed}
+        self.made = set()
+        self.ops = 0
+        self.problems = []
+
+    def _note(self, kind, what):
+        self.problems.append((kind, f"{kind}: {what}\n" + "".join(traceback.format_stack(limit=5)[:-2])))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if func._schema.name.split("::")[-1] in HOST_SYNC_OPS:
+            self._note("host sync", str(func))
+        for a in tree_flatten((args, kwargs))[0]:
+            if isinstance(a, torch.Tensor) and _storage(a) not in self.allowed and _storage(a) not in self.made:
+                self._note("foreign input", f"{tuple(a.shape)} {a.dtype} of {func}")
+        out = func(*args, **kwargs)
+        self.made.update(_storage(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+        return out
+
+
+def _static_tensors(model, buffers):
+    d = model.decoder
+    tensors = [t for t in vars(buffers).values() if isinstance(t, torch.Tensor)]
+    for module in (model.target, model.adapter):
+        tensors += list(module.parameters()) + list(module.buffers())
+    for cache in (d.cache, d.adapter_cache):
+        tensors += [cache.k, cache.v, cache.lengths]
+    return tensors
+
+
+def test_round_steps_are_capturable(model):
+    """What CUDA graph capture needs of every step, checked op by op on CPU: no host sync, no data-dependent
+    shape, and only static buffers, weights, caches and the step's own intermediates as inputs."""
+    ids, mask = _ragged(3, model.config.vocab_size, seed=4)
+    kc = K.KangarooConfig(gamma=4, eta=0.6)
+    model.generate(ids, attention_mask=mask, max_new_tokens=10, kangaroo=kc, cuda_graphs=True,
+                   eos_token_id=[EOS, 17])
+    runner = graphs.runner_for(model)
+    entry = runner.entry(4, kc, graphs.eos_slots_for(2))
+    allowed = _static_tensors(model, entry.buffers)
+    for name, step in dict(runner._steps(kc.gamma)).items():
+        audit = CaptureAudit(allowed)
+        with audit:
+            step(entry.buffers, kc)
+        assert audit.ops > 50, name  # the audit saw the step's ops
+        assert not audit.problems, f"step {name!r}:\n" + "\n".join(text for _, text in audit.problems[:3])
+    # The audit flags what it should: a sync, a tensor from host data, a tensor kept outside the buffers.
+    outside = torch.ones(4)
+    audit = CaptureAudit(allowed)
+    with audit:
+        bool(entry.buffers.finished.all())
+        entry.buffers.conf.add_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        entry.buffers.conf.mul_(outside)
+    kinds = [kind for kind, _ in audit.problems]  # torch.tensor: lift_fresh of a tensor made outside aten
+    assert kinds == ["host sync", "host sync", "foreign input", "foreign input"], audit.problems
 
 
 def test_runner_bad_input(model):
