@@ -95,7 +95,10 @@ def test_no_memory_growth_over_1000_generate_calls(model):
 
 
 def test_host_time_per_graph_launch_is_below_30_us(model):
-    """Host time of one draft step = one graph replay (measured over no-op rounds: every row finished)."""
+    """Host time of one draft step = one graph replay (measured over no-op rounds: every row finished).
+
+    Short bursts (10 rounds, 80 launches) after a sync, best of 5: a long burst would fill the GPU's launch
+    queue and then time the device instead of the host."""
     kc = K.KangarooConfig(gamma=6, eta=0.0)
     ids, mask = _ragged(4, seed=3)
     model.generate(ids, attention_mask=mask, max_new_tokens=8, kangaroo=kc)
@@ -103,21 +106,23 @@ def test_host_time_per_graph_launch_is_below_30_us(model):
     entry = runner.entry(4, kc, 1)
     assert entry.graphs, "nothing was captured"
     entry.buffers.finished.fill_(True)
-    rounds, launches = 50, 50 * (kc.gamma + 2)
+    rounds, launches = 10, 10 * (kc.gamma + 2)
     for measure_eager in (False, True):
         saved = entry.graphs
         if measure_eager:
             entry.graphs = {}
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            runner.run_round(entry, kc)
-        host = (time.perf_counter() - start) / launches
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                runner.run_round(entry, kc)
+            best = min(best, (time.perf_counter() - start) / launches)
         torch.cuda.synchronize()
         entry.graphs = saved
-        print(f"host time per draft step ({'eager' if measure_eager else 'graph'}): {host * 1e6:.1f} us")
+        print(f"host time per draft step ({'eager' if measure_eager else 'graph'}): {best * 1e6:.1f} us")
         if not measure_eager:
-            assert host < 30e-6, f"{host * 1e6:.1f} us per graph launch"
+            assert best < 30e-6, f"{best * 1e6:.1f} us per graph launch"
 
 
 @pytest.fixture()
