@@ -19,8 +19,9 @@ every cache slot is rewritten before it is read. Attention reads ``kv_len = cach
 (positions mask the rest). So the tokens equal the eager :meth:`Decoder.kangaroo_round` and plain
 greedy decoding, token for token.
 
-Graphs are captured per key (batch bucket, gamma, eta, exit layer, EOS slots, cache and weights) on
-the first call that needs them, with one memory pool shared by all of them, and reused by later
+Graphs are captured per key (batch bucket, gamma, exit layer, EOS slots, cache and weights) on the
+first call that needs them (``eta``, the token budget and the EOS ids live in device buffers, so any
+value reuses the key's graphs), with one memory pool shared by all of them, and reused by later
 ``generate`` calls. Off CUDA the same step functions run eagerly (the path the CPU tests exercise).
 
 Host loop modes (``mode``):
@@ -117,6 +118,7 @@ class RoundBuffers:
     e_prev: torch.Tensor  # (Bk, D) exit state at pos - 1
     max_new: torch.Tensor  # (Bk,) int64 per-row token budget
     eos: torch.Tensor  # (E,) int64 EOS ids, -1 in unused slots
+    eta: torch.Tensor  # (1,) fp32 confidence threshold
     cap: torch.Tensor  # (Bk,) int64 drafts allowed this round
     active: torch.Tensor  # (Bk,) bool row still drafting
     conf: torch.Tensor  # (Bk,) fp32 confidence of the newest draft
@@ -145,6 +147,7 @@ class RoundBuffers:
             finished=torch.ones(bucket, dtype=torch.bool, device=device), pos=torch.ones(bucket, **i64),
             t0=torch.zeros(bucket, **i64), e_prev=torch.zeros(bucket, hidden, dtype=dtype, device=device),
             max_new=torch.zeros(bucket, **i64), eos=torch.full((eos_slots,), -1, **i64),
+            eta=torch.zeros(1, dtype=torch.float32, device=device),
             cap=torch.zeros(bucket, **i64), active=torch.zeros(bucket, dtype=torch.bool, device=device),
             conf=torch.zeros(bucket, dtype=torch.float32, device=device), x=torch.zeros(bucket, **i64),
             step=torch.zeros(1, **i64), drafts=torch.full((bucket, gamma), -1, **i64),
@@ -164,11 +167,12 @@ class RoundBuffers:
         return self.out.shape[1]
 
     def load(self, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
-             t0: torch.Tensor, e_prev: torch.Tensor, max_new: int, eos: Optional[torch.Tensor]) -> None:
+             t0: torch.Tensor, e_prev: torch.Tensor, max_new: int, eos: Optional[torch.Tensor],
+             eta: float = 0.0) -> None:
         """Copy the state after prefill of B <= bucket rows in; the other rows become finished padding.
 
         out: (B, >=1) int64 with the first token in column 0; n_gen, pos, t0: (B,) int64; finished: (B,)
-        bool; e_prev: (B, D); eos: (E,) int64 or None.
+        bool; e_prev: (B, D); eos: (E,) int64 or None; eta: the round's confidence threshold.
         """
         b = n_gen.shape[0]
         if b > self.bucket:
@@ -188,6 +192,7 @@ class RoundBuffers:
         self.e_prev.zero_()
         self.e_prev[:b].copy_(e_prev)
         self.max_new.fill_(max_new)
+        self.eta.fill_(eta)
         self.eos.fill_(-1)
         if n_eos:
             self.eos[:n_eos].copy_(eos.reshape(-1))
@@ -228,10 +233,11 @@ class ModeChooser:
         entry.chosen = min(modes, key=lambda m: _median(entry.timings[m]))
         return entry.chosen
 
-    @staticmethod
-    def record(entry: _Entry, mode: str, seconds: float, useful_rounds: int) -> None:
-        if useful_rounds > 0:
-            entry.timings.setdefault(mode, []).append(seconds / useful_rounds)
+    def record(self, entry: _Entry, mode: str, seconds: float, useful_rounds: int) -> None:
+        """Keep a timing while the mode is still on trial (a long-running server adds nothing once chosen)."""
+        samples = entry.timings.setdefault(mode, [])
+        if useful_rounds > 0 and entry.chosen is None and len(samples) < self.trials:
+            samples.append(seconds / useful_rounds)
 
 
 def _median(values: List[float]) -> float:
@@ -287,7 +293,7 @@ class GraphRunner:
             self._entries.clear()
             self._storage_id = storage
         d = self.decoder
-        key = (bucket, kcfg.gamma, float(kcfg.eta), d.exit_layer, eos_slots)
+        key = (bucket, kcfg.gamma, d.exit_layer, eos_slots)
         e = self._entries.get(key)
         if e is None:
             t = d.target
@@ -344,7 +350,7 @@ class GraphRunner:
         rope = target.rope(pos)
         e = target.forward_layers(target.embed(st.x[:, None]), pos, 0, l, d.cache, kv_len=kv_len, rope=rope)
         st.exits.index_copy_(1, s, e)
-        active = st.active & (st.conf >= float(kcfg.eta)) & (s < st.cap)
+        active = st.active & (st.conf >= st.eta) & (s < st.cap)
         y = d.adapter(e, pos, *rope, d.adapter_cache, kv_len=kv_len)[:, -1]
         token, conf = ops.greedy_with_confidence(target.lm_head(y))
         st.drafts.index_copy_(1, s, torch.where(active, token, torch.full_like(token, -1))[:, None])
@@ -491,7 +497,7 @@ class GraphRunner:
         cuda = ids.device.type == "cuda"
         start = time.perf_counter()
         rows = d.prefill(ids, lengths, SamplingConfig(), max_new, gamma, eos, None)
-        st.load(rows.out, rows.n_gen, rows.finished, rows.pos, rows.t0, rows.e_prev, max_new, eos)
+        st.load(rows.out, rows.n_gen, rows.finished, rows.pos, rows.t0, rows.e_prev, max_new, eos, float(kcfg.eta))
         stats.prefill_time_s = time.perf_counter() - start
         if on_tokens is not None:
             on_tokens(st.out[:b], st.n_gen[:b])

@@ -107,7 +107,9 @@ def test_mode_chooser_tries_each_mode_then_keeps_the_fastest():
     entry.disabled.add("blocks")
     assert chooser.next_mode(entry, list(seconds)) == "ext_loop"  # a mode that failed is never picked again
     chooser.record(entry, "sync", 1.0, useful_rounds=0)  # a call with no round teaches nothing
-    assert len(entry.timings["sync"]) == 2
+    for _ in range(100):  # once chosen, calls add no samples: a server's timings do not grow
+        chooser.record(entry, chooser.next_mode(entry, list(seconds)), 1.0, useful_rounds=5)
+    assert {m: len(t) for m, t in entry.timings.items()} == {m: 2 for m in seconds}
     with pytest.raises(RuntimeError, match="no host-loop mode"):
         chooser.next_mode(_Entry(buffers=None), [])
 
@@ -185,6 +187,13 @@ def test_buffers_are_reused_and_dropped_when_the_cache_moves(model):
     model.generate(ids[:1], max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
     model.generate(ids, attention_mask=mask, max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
     assert runner.entry(4, kc, 1) is entry  # same bucket and settings: same static buffers
+    for eta in (0.2, 0.9):  # eta lives in a device buffer: every value reuses the key's buffers (and graphs)
+        other = K.KangarooConfig(gamma=2, eta=eta)
+        kw = dict(attention_mask=mask, max_new_tokens=12, kangaroo=other, return_dict_in_generate=True)
+        fixed = model.generate(ids, cuda_graphs=True, **kw)
+        eager = model.generate(ids, cuda_graphs=False, **kw)
+        assert runner.entry(4, other, 1) is entry
+        assert torch.equal(fixed.sequences, eager.sequences) and fixed.stats.draft_lengths == eager.stats.draft_lengths
     assert model.decoder.cache.max_batch >= 4 and model.decoder.cache.max_len % graphs.LENGTH_QUANTUM == 0
     long_ids = torch.randint(EOS + 1, model.config.vocab_size, (2, 300))
     model.generate(long_ids, max_new_tokens=4, kangaroo=kc, cuda_graphs=True)  # the cache grows past 256
