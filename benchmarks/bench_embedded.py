@@ -5,6 +5,10 @@ cache; tokens must be identical (a mismatch is reported and fails the run). Prin
 writes JSON to benchmarks/results/ (or --out).
 
     PYTHONPATH=. python benchmarks/bench_embedded.py --prompts 24 --max-new-tokens 128
+
+``--skip N`` measures the prompts after the first N (scripts/train_embedded_adapter.py tunes gamma/eta
+on the first 12 by default: ``--skip 12`` measures only prompts the tuning never saw) and writes
+``bench_embedded-skipN.json``.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ def main() -> int:
     from kangaroo_rt import load_default
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=24, help="how many prompts to measure")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--gamma", type=int, help="default: the shipped tuned value")
     parser.add_argument("--eta", type=float, help="default: the shipped tuned value")
@@ -91,24 +96,30 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.prompts, args.max_new_tokens = 2, 16
+    if args.prompts < 1 or args.skip < 0 or args.max_new_tokens < 1:
+        parser.error("--prompts and --max-new-tokens must be positive and --skip >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_default(device=device)
     gamma = args.gamma if args.gamma is not None else model.kangaroo.gamma
     eta = args.eta if args.eta is not None else model.kangaroo.eta
-    prompts = [p.to(device) for p in load_prompts(args.prompts)]
+    prompts = [p.to(device) for p in load_prompts(args.skip + args.prompts)[args.skip:]]
+    if len(prompts) < args.prompts:
+        parser.error(f"only {len(prompts)} held-out prompts are left after skipping {args.skip}")
     r = measure(model.target, model.adapter, model.exit_layer, prompts, gamma, eta, args.max_new_tokens)
     name = device_name(device)
     r.update({"benchmark": "bench_embedded", "smoke_run": args.smoke, "device": name,
-              "date": datetime.date.today().isoformat(), "torch": torch.__version__})
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__, "skipped_prompts": args.skip})
     print(f"| method   | tokens/s | speedup | MAT  |\n|----------|----------|---------|------|\n"
           f"| plain    | {r['plain_tokens_per_s']:8.1f} | 1.00x   |  -   |\n"
           f"| kangaroo | {r['kangaroo_tokens_per_s']:8.1f} | {r['speedup']:.2f}x   | {r['mat']:.2f} |")
-    print(f"exit layer {r['exit_layer']}, gamma {gamma}, eta {eta}, {r['prompts']} prompts x {args.max_new_tokens} "
-          f"tokens, {name}; acceptance by position "
+    after = f" (after the first {args.skip})" if args.skip else ""
+    print(f"exit layer {r['exit_layer']}, gamma {gamma}, eta {eta}, {r['prompts']} prompts{after} x "
+          f"{args.max_new_tokens} tokens, {name}; acceptance by position "
           f"{[None if a is None else round(a, 2) for a in r['acceptance_by_position']]}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_embedded-smoke.json" if args.smoke else "bench_embedded.json")
+    stem = "bench_embedded" + (f"-skip{args.skip}" if args.skip else "") + ("-smoke" if args.smoke else "")
+    path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(r, f, indent=2)
     print(f"wrote {path}")

@@ -1,7 +1,8 @@
 """Regenerate README.md's performance tables from the committed results JSON.
 
 Reads every ``*.json`` under benchmarks/results/ (recursively; smoke runs and the gpu_suite summary are
-skipped), keeps the newest result of each benchmark per device, and rewrites only the block between
+skipped), keeps the newest result of each benchmark per device (and per prompt subset: ``skipped_prompts``),
+and rewrites only the block between
 ``<!-- perf:begin -->`` and ``<!-- perf:end -->`` in README.md. Nothing is typed in by hand: every
 number in the block comes from a results file, which the block names with its device and date.
 
@@ -45,7 +46,7 @@ def newest_per_device(results: List[Tuple[str, Dict]], benchmark: str) -> List[T
     for path, data in results:
         if data.get("benchmark") != benchmark:
             continue
-        key = str(data.get("device"))
+        key = (str(data.get("device")), int(data.get("skipped_prompts") or 0))
         if key not in best or str(data.get("date", "")) > str(best[key][1].get("date", "")):
             best[key] = (path, data)
     return [best[k] for k in sorted(best)]
@@ -135,8 +136,12 @@ def steps_section(path: str, d: Dict) -> List[str]:
 
 def embedded_section(path: str, d: Dict) -> List[str]:
     accept = ", ".join("-" if a is None else f"{a:.2f}" for a in d["acceptance_by_position"])
+    skipped = int(d.get("skipped_prompts") or 0)
+    which = f"{d['prompts']} held-out prompts" + (
+        f" after the first {skipped} (scripts/train_embedded_adapter.py tunes gamma/eta on the first 12)"
+        if skipped else "")
     return [f"**Kangaroo vs plain decoding on the embedded model** ({d['device']}, {d['date']}, torch {d['torch']}, "
-            f"`{path}`): {d['prompts']} held-out prompts x {d['new_tokens_per_prompt']} new tokens, batch 1, greedy, "
+            f"`{path}`): {which} x {d['new_tokens_per_prompt']} new tokens, batch 1, greedy, "
             f"exit layer {d['exit_layer']}, gamma {d['gamma']}, eta {d['eta']}; greedy mismatches: "
             f"{d['greedy_mismatches']}.", "",
             "| method | tokens/s | speedup | MAT |", "|---|---|---|---|",

@@ -200,6 +200,12 @@ def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
     text = readme.read_text()
     assert "| Kangaroo | 48.6 | 1.62x | 2.90 |" in text and "9.00x" not in text
     assert "Acceptance by draft position: 0.70, 0.65, -." in text
+    later = dict(embedded, prompts=33, skipped_prompts=12, speedup=1.41, kangaroo_tokens_per_s=42.3, mat=2.5)
+    (results / "bench_embedded-skip12.json").write_text(json.dumps(later))  # a subset: a section of its own
+    assert make.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
+    text = readme.read_text()
+    assert "| Kangaroo | 48.6 | 1.62x | 2.90 |" in text and "| Kangaroo | 42.3 | 1.41x | 2.50 |" in text
+    assert "33 held-out prompts after the first 12" in text and "24 held-out prompts x" in text
 
 
 def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
