@@ -254,9 +254,14 @@ def _static_tensors(model, buffers):
     return tensors
 
 
-def test_round_steps_are_capturable(model):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_round_steps_are_capturable(model, model_type):
     """What CUDA graph capture needs of every step, checked op by op on CPU: no host sync, no data-dependent
-    shape, and only static buffers, weights, caches and the step's own intermediates as inputs."""
+    shape, and only static buffers, weights, caches and the step's own intermediates as inputs (also for
+    qkv biases and a tied head)."""
+    if model_type != "llama":
+        cfg = tiny_config(num_layers=4, eos_token_id=EOS, model_type=model_type, tie_word_embeddings=True)
+        model = K.KangarooModel(*agreeing_pair(cfg, 2), exit_layer=2)
     ids, mask = _ragged(3, model.config.vocab_size, seed=4)
     kc = K.KangarooConfig(gamma=4, eta=0.6)
     model.generate(ids, attention_mask=mask, max_new_tokens=10, kangaroo=kc, cuda_graphs=True,
