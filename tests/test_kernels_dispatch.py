@@ -8,7 +8,7 @@ import torch
 
 from kernel_checks import kernel_module
 import kangaroo_rt as K
-from kangaroo_rt import ops, reference
+from kangaroo_rt import graphs, ops, reference
 from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,3 +133,14 @@ def test_full_model_on_triton_backend_gives_the_torch_tokens(monkeypatch):
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
     assert ops.backend_table("cpu")["attention"] == "triton"
     assert torch.equal(model.generate(ids, kangaroo=K.KangarooConfig(gamma=3, eta=0.0), **kw), plain)
+    # The fixed-shape rounds CUDA graphs capture, on the kernels: attention over the whole cache (kv_len =
+    # max_len), a bucket of 4 rows for 3 (one finished padding row), the fused accept + commit.
+    ids3, mask3 = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[1:]])
+    kw3 = dict(kw, attention_mask=mask3)
+    want = model.generate(ids3, kangaroo=None, **kw3)
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    assert torch.equal(want, model.generate(ids3, kangaroo=None, **kw3))
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
+    got = model.generate(ids3, kangaroo=K.KangarooConfig(gamma=3, eta=0.3), cuda_graphs=True, **kw3)
+    assert graphs.runner_for(model).last_mode == "sync"
+    assert torch.equal(got, want)
