@@ -32,9 +32,9 @@ from kangaroo_rt.config import ModelConfig  # noqa: E402
 from kangaroo_rt.model import Transformer  # noqa: E402
 
 
-def _time_ms(fn, cuda: bool, reps: int) -> float:
-    """Median milliseconds per call (CUDA events on a GPU, perf_counter on CPU)."""
-    for _ in range(3):
+def _time_ms(fn, cuda: bool, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds per call (CUDA events on a GPU, perf_counter on CPU) after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     samples = []
     for _ in range(reps):
@@ -125,8 +125,8 @@ def _loops(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int
     out = model.generate(ids, cuda_graphs=False, **kw)
     rounds = max(out.stats.rounds)
     row = {"batch": batch, "max_new": max_new, "rounds": rounds,
-           "eager_decoder_ms_per_round": _time_ms(lambda: model.generate(ids, cuda_graphs=False, **kw), cuda, reps)
-           / rounds}
+           "eager_decoder_ms_per_round": _time_ms(lambda: model.generate(ids, cuda_graphs=False, **kw), cuda, reps,
+                                                  warmup=1) / rounds}
     runner = graphs.runner_for(model)
     model.generate(ids, cuda_graphs=True, **kw)
     entry = runner.entry(graphs.bucket_for(batch), kc, 1)
@@ -134,7 +134,7 @@ def _loops(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int
         runner.mode = mode
         try:
             row[f"{mode}_ms_per_round"] = _time_ms(lambda: model.generate(ids, cuda_graphs=True, **kw), cuda,
-                                                   reps) / rounds
+                                                   reps, warmup=1) / rounds
         except RuntimeError as exc:
             row[f"{mode}_error"] = str(exc)
         finally:
@@ -167,8 +167,9 @@ def main() -> int:
         result["while_graph_supported"] = _ext.supports_while_graph() if _ext.is_built() else False
         cfg = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=32)
-        cases.append(("7b-like fp16 random", lambda: _random_model(cfg, torch.float16, "cuda"), (1, 8)))
-        cases.append(("embedded", lambda: K.load_default(device="cuda"), (1, 4)))  # skipped below if absent
+        # (name, build, batches, (prompt, new tokens per timed generate call))
+        cases.append(("7b-like fp16 random", lambda: _random_model(cfg, torch.float16, "cuda"), (1, 8), (128, 64)))
+        cases.append(("embedded", lambda: K.load_default(device="cuda"), (1, 4), (128, 128)))  # skipped if absent
     else:
         result["device"] = f"CPU ({platform.processor() or platform.machine()}), smoke run: no graphs are captured"
         reason = "--smoke" if args.smoke else "no CUDA device"
@@ -180,30 +181,39 @@ def main() -> int:
             target, adapter = agreeing_pair(tiny_config(num_layers=4), 2)
             return K.KangarooModel(target, adapter, exit_layer=2)
 
-        cases.append(("tiny fp32 (CPU smoke)", tiny, (1, 4)))
+        cases.append(("tiny fp32 (CPU smoke)", tiny, (1, 4), (8, 24)))
         args.reps = min(args.reps, 3)
     result["cases"] = []
-    for name, build, batches in cases:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_graphs{'' if cuda else '-smoke'}.json")
+
+    def save(complete: bool) -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        result["complete"] = complete
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+    for name, build, batches, (prompt, max_new) in cases:
         try:
             model = build()
         except Exception as exc:
             result["cases"].append({"model": name, "skipped": f"{type(exc).__name__}: {exc}"})
             print(f"{name}: skipped ({exc})")
             continue
-        prompt, max_new = (128, 128) if cuda else (8, 24)
-        case = {"model": name, "gamma": kc.gamma, "eta": kc.eta, "prompt": prompt,
-                "steps": [_steps(model, b, kc, prompt, cuda, args.reps) for b in batches],
-                "loops": [_loops(model, b, kc, prompt, max_new, cuda, max(2, args.reps // 4)) for b in batches]}
+        case = {"model": name, "gamma": kc.gamma, "eta": kc.eta, "prompt": prompt, "max_new": max_new,
+                "steps": [], "loops": []}
         result["cases"].append(case)
-        for row in case["steps"] + case["loops"]:
+        jobs = [("steps", b, lambda b=b: _steps(model, b, kc, prompt, cuda, args.reps)) for b in batches]
+        jobs += [("loops", b, lambda b=b: _loops(model, b, kc, prompt, max_new, cuda, max(2, args.reps // 4)))
+                 for b in batches]
+        for kind, _, job in jobs:
+            row = job()
+            case[kind].append(row)
+            save(complete=False)
             print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-        del model
+        del model, jobs
         if cuda:
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_graphs{'' if cuda else '-smoke'}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    save(complete=True)
     print(f"wrote {path}")
     return 0
 
