@@ -358,11 +358,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device_name = torch.cuda.get_device_name(device)
     print(f"{NAME}: {device_name}, measured copy bandwidth {bandwidth:.1f} GB/s (read + write); "
           f"ops {sorted(set(ops.backend_table(device).values()))}")
-    rows: List[Dict] = []
-    for name, (config, exit_layer) in shapes.items():
-        rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth)
-        if device.type == "cuda":  # the shape's weights and caches are gone with measure_shape's frame
-            torch.cuda.empty_cache()
     profiles = {f"constant {a}": [a] for a in CONSTANT_PROFILES}
     if args.acceptance:
         profiles["--acceptance"] = args.acceptance
@@ -371,20 +366,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profiles["embedded model (measured)"] = embedded
     else:
         print("no measured embedded-model acceptance profile found (run spec_bench on the embedded model first)")
-    model = modeled_speedups(rows, profiles, {n: e for n, (_, e) in shapes.items()})
+    exit_layers = {n: e for n, (_, e) in shapes.items()}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{NAME}{'-smoke' if smoke else ''}.json")
+    rows: List[Dict] = []
+
+    def save(complete: bool) -> List[Dict]:
+        """Write the JSON of the rows so far (after every shape: a run stopped at its time limit keeps them)."""
+        model = modeled_speedups(rows, profiles, exit_layers)
+        result = {"benchmark": NAME, "smoke_run": smoke, "device": device_name,
+                  "dtype": str(dtype).replace("torch.", ""), "complete": complete,
+                  "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+                  "copy_bandwidth_gbs": bandwidth, "ops_backends": ops.backend_table(device), "rows": rows,
+                  "profiles": profiles, "embedded_profile_source": source, "modeled_speedup": model}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        return model
+
+    for name, (config, exit_layer) in shapes.items():
+        rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth)
+        if device.type == "cuda":  # the shape's weights and caches are gone with measure_shape's frame
+            torch.cuda.empty_cache()
+        save(complete=False)
+    model = save(complete=True)
     print("\nmodeled Kangaroo speedup over plain decoding (best gamma, fixed-length drafts):")
     print(f"{'shape':<6} {'B':>3} {'ctx':>5} {'profile':<28} {'gamma':>5} {'tok/round':>9} {'speedup':>8}")
     for m in model:
         print(f"{m['shape']:<6} {m['batch']:>3} {m['context']:>5} {m['profile']:<28} {m['gamma']:>5} "
               f"{m['expected_tokens_per_round']:>9.2f} {m['speedup']:>7.2f}x")
-    result = {"benchmark": NAME, "smoke_run": smoke, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "copy_bandwidth_gbs": bandwidth, "ops_backends": ops.backend_table(device), "rows": rows,
-              "profiles": profiles, "embedded_profile_source": source, "modeled_speedup": model}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{NAME}{'-smoke' if smoke else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
     print(f"wrote {path}")
     return 0
 
