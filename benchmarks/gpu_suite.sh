@@ -68,6 +68,11 @@ wanted() {  # wanted NAME: false (and nothing recorded) when --only leaves NAME 
     [ -z "$only" ] || [[ "$only" == *",$1,"* ]]
 }
 
+step_limit() {  # step_limit CAP_S: seconds a step starting now may run, min(cap, budget left)
+    local left=$(( SUITE_BUDGET - ($(date +%s) - suite_start) ))
+    echo $(( $1 < left ? $1 : left ))
+}
+
 run_step() {  # run_step NAME LOGFILE CAP_S COMMAND...: runs it with min(cap, budget left), records the outcome
     local name="$1" log="$2" cap="$3" start rc left limit
     shift 3
@@ -76,7 +81,7 @@ run_step() {  # run_step NAME LOGFILE CAP_S COMMAND...: runs it with min(cap, bu
         record "$name" skipped 0 "over budget: ${left}s of SUITE_BUDGET=${SUITE_BUDGET}s left"
         return
     fi
-    limit=$(( cap < left ? cap : left ))
+    limit=$(step_limit "$cap")
     start=$(date +%s)
     timeout "$limit" "$@" > "$log" 2>&1
     rc=$?
@@ -170,8 +175,9 @@ run_spec_bench() {  # the end-to-end harness
         run_step spec_bench "$dest/spec_bench.txt" "$BENCH_TIMEOUT" "$PYTHON" benchmarks/spec_bench.py --smoke \
             --prompts 2 --max-new-tokens 8 --no-hf --no-progress --out "$dest"
     elif [ "$embedded_present" -eq 1 ]; then
+        # Prompts stop at 2/3 of the step's time, leaving the rest for loading, the table, JSON and plots.
         run_step spec_bench "$dest/spec_bench.txt" "$BENCH_TIMEOUT" "$PYTHON" benchmarks/spec_bench.py --device cuda \
-            --prompts 24 --no-progress --out "$dest"
+            --prompts 24 --no-progress --time-limit $(( $(step_limit "$BENCH_TIMEOUT") * 2 / 3 )) --out "$dest"
     else
         echo "the embedded model is not present: spec_bench runs on the random tiny model on the GPU instead"
         run_step spec_bench "$dest/spec_bench.txt" "$BENCH_TIMEOUT" "$PYTHON" benchmarks/spec_bench.py --smoke \

@@ -282,11 +282,14 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
 
 
 def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: torch.device, progress: bool = True,
-                on_failure: Optional[Callable[[Method, Exception], None]] = None) -> Tuple[Dict, List[Dict]]:
+                on_failure: Optional[Callable[[Method, Exception], None]] = None,
+                time_limit_s: Optional[float] = None) -> Tuple[Dict, List[Dict], int]:
     """Run every available method on every prompt, interleaved (the order rotates from prompt to prompt).
 
-    Returns ({group: {method: Tally}} with groups = categories + 'overall', mismatches vs 'ar').
-    A method that raises is reported through ``on_failure`` and dropped from the rest of the run.
+    Returns ({group: {method: Tally}} with groups = categories + 'overall', mismatches vs 'ar', prompts
+    measured). A method that raises is reported through ``on_failure`` and dropped from the rest of the run.
+    With ``time_limit_s``, no prompt is started once that many seconds have passed (every method still
+    runs every prompt it starts, so the ratios stay over the same prompts).
     """
     live = [m for m in methods if m.available]
     if not prompts:
@@ -300,7 +303,12 @@ def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: to
     tallies: Dict[str, Dict[str, Tally]] = {}
     mismatches: List[Dict] = []
     bar = _progress(len(prompts), progress)
+    start = time.perf_counter()
+    measured = 0
     for i, p in enumerate(prompts):
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            break
+        measured += 1
         ids = p.ids.to(device)
         order = live[i % len(live):] + live[:i % len(live)] if live else []
         outputs: Dict[str, List[int]] = {}
@@ -329,7 +337,7 @@ def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: to
             bar.update(1)
     if bar is not None:
         bar.close()
-    return tallies, mismatches
+    return tallies, mismatches, measured
 
 
 def _fail(m: Method, e: Exception, live: List[Method], on_failure) -> None:
@@ -461,6 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="auto", choices=TEMPLATES,
                         help="prompt format of the first turn; auto: vicuna for --questions, none for code prompts")
     parser.add_argument("--prompts", type=int, help="use the first N prompts only")
+    parser.add_argument("--time-limit", type=float,
+                        help="start no prompt after this many seconds of measuring (the JSON says how many ran)")
     parser.add_argument("--max-prompt-tokens", type=int, help="keep only the last N tokens of longer prompts")
     parser.add_argument("--max-new-tokens", type=int, help="default 128 (smoke: 24)")
     parser.add_argument("--exit-layer", type=int, help="default: adapter/kangaroo.json, else 2")
@@ -549,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "threads"):
+    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "threads", "time_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -578,8 +588,10 @@ def run(args: argparse.Namespace) -> int:
         def failed(m: Method, e: Exception) -> None:
             print(f"ERROR: method {m.name} failed and is dropped: {type(e).__name__}: {e}", file=sys.stderr)
 
-        tallies, mismatches = run_methods(prompts, methods, device, progress=not args.no_progress,
-                                          on_failure=failed)
+        tallies, mismatches, measured = run_methods(prompts, methods, device, progress=not args.no_progress,
+                                                    on_failure=failed, time_limit_s=args.time_limit)
+    if measured < len(prompts):
+        print(f"spec_bench: --time-limit {args.time_limit:g} s reached: {measured} of {len(prompts)} prompts measured")
     summary = summarize(tallies, methods)
     print(format_table(summary, methods))
     result = {
@@ -587,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or ("built-in smoke prompts" if args.smoke else "embedded held-out code prompts"),
-        "template": template, "prompts": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
+        "template": template, "prompts": measured, "prompts_selected": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
         "methods": {m.name: {"label": m.label, "available": m.available, "reason": m.reason} for m in methods},

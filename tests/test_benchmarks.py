@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -119,7 +120,8 @@ def test_mismatches_are_reported_with_first_index_and_fail(capsys):
 
     hf_like = bench.Method("hf_generate", "fake baseline differing at the last token", last_differs)
     prompts = bench.build_prompts(QUESTIONS, bench.byte_ids, "none")
-    tallies, mismatches = bench.run_methods(prompts, methods + [hf_like], torch.device("cpu"), progress=False)
+    tallies, mismatches, measured = bench.run_methods(prompts, methods + [hf_like], torch.device("cpu"),
+                                                      progress=False)
     assert {(m["method"], m["first_index"]) for m in mismatches} >= {("kangaroo", 3)}
     assert [m["first_index"] for m in mismatches if m["method"] == "hf_generate"] == [9, 9, 9]
     assert bench._verdict(mismatches, methods, strict=False) == 1
@@ -128,6 +130,24 @@ def test_mismatches_are_reported_with_first_index_and_fail(capsys):
     only_hf = [m for m in mismatches if m["method"] == "hf_generate"]
     assert bench._verdict(only_hf, methods, strict=False) == 0
     assert bench._verdict(only_hf, methods, strict=True) == 1
+    assert measured == len(prompts) == 3
+
+
+def test_time_limit_stops_between_prompts():
+    """No prompt starts after the limit; every method runs each prompt that did start."""
+    calls = []
+
+    def slow(ids):
+        calls.append(ids.shape[1])
+        time.sleep(0.05)
+        return ids[0, :4], None
+
+    prompts = bench.build_prompts(QUESTIONS, bench.byte_ids, "none")
+    methods = [bench.Method("ar", "slow", slow), bench.Method("kangaroo", "slow too", slow)]
+    tallies, _, measured = bench.run_methods(prompts, methods, torch.device("cpu"), progress=False,
+                                             time_limit_s=0.01)
+    assert measured == 1 and len(calls) == 2 + 2  # warm-up, then the first prompt by both methods
+    assert {name: t.tokens for name, t in tallies["overall"].items()} == {"ar": 4, "kangaroo": 4}
 
 
 @pytest.mark.parametrize("ignore_eos", [True, False])
