@@ -39,6 +39,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from .adapter import Adapter
 from .config import KangarooConfig, SamplingConfig
 from .generate import KangarooModel, _check_adapter_matches, _check_exit_layer, _eos_tensor
@@ -332,10 +333,14 @@ class Engine:
         self._slots[slot] = req
 
     # -- one step ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self) -> List[RequestOutput]:
         """Admit waiting requests into free slots, run one round over the occupied slots, free the finished
         ones. Returns one output per request that got tokens or finished in this step."""
+        with ops.device_context(self.device):
+            return self._step()
+
+    @torch.no_grad()
+    def _step(self) -> List[RequestOutput]:
         t_start = time.perf_counter()
         while self._waiting and None in self._slots:
             req = self._waiting.popleft()

@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from .adapter import Adapter
 from .config import KangarooConfig, ModelConfig, SamplingConfig
 from .loading import load_model
@@ -244,12 +245,13 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
                 sent[0] = n
 
     use_graphs = cuda_graphs_enabled(cuda_graphs, device)  # validates the option whatever the path
-    if kcfg is not None and sampling.greedy and use_graphs:
-        out, n_gen, stats = runner_for(model).decode(packed, lengths, max_new_tokens, kcfg, eos,
-                                                     fixed_max_len=model.max_len, on_tokens=on_tokens)
-    else:
-        out, n_gen, stats = model.decoder.decode(packed, lengths, max_new_tokens, sampling, kcfg, eos, gen,
-                                                 on_tokens=on_tokens)
+    with ops.device_context(device):
+        if kcfg is not None and sampling.greedy and use_graphs:
+            out, n_gen, stats = runner_for(model).decode(packed, lengths, max_new_tokens, kcfg, eos,
+                                                         fixed_max_len=model.max_len, on_tokens=on_tokens)
+        else:
+            out, n_gen, stats = model.decoder.decode(packed, lengths, max_new_tokens, sampling, kcfg, eos, gen,
+                                                     on_tokens=on_tokens)
     if streamer is not None:
         streamer.end()
     width = int(n_gen.max())

@@ -13,6 +13,7 @@ warning says so and the next backend serves. :func:`backend_table` tells which b
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -20,7 +21,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 
@@ -139,6 +140,15 @@ def _interpreter_ok() -> bool:
             warnings.warn(f"{why}: the torch reference serves CPU tensors", RuntimeWarning)
         _interpreter_checked = ok
     return _interpreter_checked
+
+
+def device_context(device: torch.device) -> ContextManager:
+    """Make ``device`` the current CUDA device for what runs inside (nothing off CUDA). Triton launches, CUDA
+    graph capture and replay use the current device, not the tensors': a model on ``cuda:1`` needs this at
+    every entry point (``generate``, ``Engine.step``)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def register(op: str, backend: str, fn: Callable, device_types: Tuple[str, ...]) -> None:

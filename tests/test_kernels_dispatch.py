@@ -90,6 +90,33 @@ def test_set_backend_forces_and_restores(monkeypatch):
     assert ops.resolve("rms_norm", torch.device("cpu"))[0] == "torch"
 
 
+def test_entry_points_make_the_model_device_current(monkeypatch):
+    """Triton launches and graph capture go to the current CUDA device: generate and Engine.step make the
+    model's device current (a model on cuda:1 would otherwise launch on cuda:0)."""
+    import contextlib
+
+    cuda1 = ops.device_context(torch.device("cuda", 1))  # built without touching CUDA
+    assert isinstance(cuda1, torch.cuda.device) and cuda1.idx == 1
+    assert isinstance(ops.device_context(torch.device("cpu")), contextlib.nullcontext)
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(ops, "device_context", recording)
+    target, adapter = agreeing_pair(tiny_config(num_layers=3), 1)
+    model = K.KangarooModel(target, adapter, exit_layer=1)
+    ids = torch.randint(0, 90, (1, 5))
+    for kc, graphs_on in ((None, False), (K.KangarooConfig(gamma=2), False), (K.KangarooConfig(gamma=2), True)):
+        model.generate(ids, max_new_tokens=3, kangaroo=kc, cuda_graphs=graphs_on)
+    engine = K.Engine(model, max_batch=1, max_len=32)
+    engine.add_request(ids[0].tolist())
+    engine.step()
+    assert entered == [torch.device("cpu")] * 4
+
+
 def test_import_does_not_import_triton():
     res = _run_python("import sys, kangaroo_rt, kangaroo_rt.ops as o; o.backend_table('cpu'); "
                       "assert 'triton' not in sys.modules, 'triton imported'; print('ok')")
