@@ -6,6 +6,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..adapter import Adapter
 from ..model import Transformer
 
@@ -39,7 +40,7 @@ def distill_loss(target: Transformer, adapter: Adapter, exit_hidden: torch.Tenso
     agree = torch.zeros((), dtype=torch.long, device=y.device)
     for lo in range(0, y.shape[0], chunk):
         draft_logits = target.lm_head(y[lo:lo + chunk]).float()
-        with torch.no_grad():
+        with torch.no_grad(), ops.device_context(target.device):  # the norm may be a Triton kernel
             teacher_logits = target.head(final_hidden[lo:lo + chunk].to(target.dtype)).float()
             teacher_top1 = teacher_logits.argmax(-1)
         if labels == "soft":

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import torch
 
+from .. import ops
 from ..model import Transformer
 
 if TYPE_CHECKING:  # anything with input_ids and loss_mask lists works
@@ -28,8 +29,11 @@ def target_states(target: Transformer, exit_layer: int, input_ids: torch.Tensor)
     positions = torch.arange(t, device=input_ids.device).expand(b, t)
     cache = target.new_cache(b, t)
     rope = target.rope(positions)
-    exit_hidden = target.forward_layers(target.embed(input_ids), positions, 0, exit_layer, cache, kv_len=t, rope=rope)
-    final = target.forward_layers(exit_hidden, positions, exit_layer, target.num_layers, cache, kv_len=t, rope=rope)
+    with ops.device_context(target.device):  # Triton kernels launch on the current device
+        exit_hidden = target.forward_layers(target.embed(input_ids), positions, 0, exit_layer, cache, kv_len=t,
+                                            rope=rope)
+        final = target.forward_layers(exit_hidden, positions, exit_layer, target.num_layers, cache, kv_len=t,
+                                      rope=rope)
     return exit_hidden, final
 
 
