@@ -247,6 +247,12 @@ def _lower_median(values: List[float]) -> float:
     return s[(len(s) - 1) // 2]
 
 
+def _captures(device: torch.device) -> bool:
+    """Whether rounds on ``device`` are captured as CUDA graphs (tests/test_graphs_emulated.py swaps in an
+    emulation of capture and replay to run the CUDA host-loop code on CPU)."""
+    return device.type == "cuda"
+
+
 def _new_cuda_graph():
     """A CUDAGraph that keeps its cudaGraph_t (for the while node) where this torch can."""
     try:
@@ -306,7 +312,7 @@ class GraphRunner:
         return e
 
     def available_modes(self, entry: _Entry) -> List[str]:
-        if self.decoder.target.device.type != "cuda":
+        if not _captures(self.decoder.target.device):
             return ["sync", "blocks"]
         from . import _ext
 
@@ -496,7 +502,7 @@ class GraphRunner:
         stats = DecodeStats(rounds=[0] * b, new_tokens=[0] * b, accepted_lengths=[[] for _ in range(b)],
                             draft_lengths=[[] for _ in range(b)], position_attempts=[[0] * gamma for _ in range(b)],
                             position_accepts=[[0] * gamma for _ in range(b)])
-        cuda = ids.device.type == "cuda"
+        cuda = _captures(ids.device)
         start = time.perf_counter()
         rows = d.prefill(ids, lengths, SamplingConfig(), max_new, gamma, eos, None)
         st.load(rows.out, rows.n_gen, rows.finished, rows.pos, rows.t0, rows.e_prev, max_new, eos, float(kcfg.eta))

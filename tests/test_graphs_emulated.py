@@ -1,0 +1,241 @@
+"""The CUDA host-loop code of kangaroo_rt.graphs on CPU, over an emulation of CUDA graphs.
+
+Capture records every aten op the steps run (in round order), with their tensor arguments, and then puts
+the state back as it was (a real capture runs nothing). Replay re-runs the recorded ops on the same tensors and writes each
+result into the tensor the capture produced, so memory addresses stay fixed and no Python code of the
+step runs again. A value that capture baked in from Python therefore stays frozen, exactly as on a GPU.
+The extension's loops are emulated by their C semantics: ``replay_rounds`` launches the executables in
+order, and ``WhileGraph`` repeats its bodies while some row is unfinished and the bound allows.
+
+This runs the code lines that otherwise execute only on a GPU: capture, graph replay, the ``blocks``,
+``ext_loop`` and ``while_graph`` loops, ``auto``, and the fallback when a mode fails.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import kangaroo_rt as K
+from kangaroo_rt import _ext, graphs
+from kangaroo_rt.graphs import GraphRunner
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+EOS = 3
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: the ops recorded at capture, re-run by replay()."""
+
+    handles = {}  # raw handle (an int, as torch gives) -> graph
+
+    def __init__(self, *args, **kwargs):
+        self.ops = []
+        self.replays = 0
+        FakeGraph.handles[id(self)] = self
+
+    def instantiate(self):
+        pass
+
+    def replay(self):
+        self.replays += 1
+        for func, args, kwargs, captured in self.ops:
+            fresh = func(*args, **kwargs)
+            for old, new in zip(tree_flatten(captured)[0], tree_flatten(fresh)[0]):
+                if isinstance(old, torch.Tensor) and old is not new:
+                    old.copy_(new)
+
+    def raw_cuda_graph(self):
+        return id(self)
+
+    def raw_cuda_graph_exec(self):
+        return id(self)
+
+
+class FakeExtension:
+    """kangaroo_rt._C's loops, by their C semantics (csrc/graph_loop.cu)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def replay_rounds(self, execs, rounds):
+        self.calls.append(("replay_rounds", len(execs), rounds))
+        for _ in range(rounds):
+            for handle in execs:
+                FakeGraph.handles[handle].replay()
+
+    def WhileGraph(self, bodies, finished, iters, max_iters):  # noqa: N802 (the extension's class name)
+        ext = self
+
+        class _While:
+            def launch(self):
+                ext.calls.append(("while_graph", len(bodies), max_iters))
+                it = int(iters)
+                while not bool(finished.all()) and it < max_iters:
+                    for handle in bodies:
+                        FakeGraph.handles[handle].replay()
+                    it += 1
+                    iters.fill_(it)
+
+        return _While()
+
+
+@pytest.fixture()
+def emulated(monkeypatch):
+    """CPU tensors count as captured; torch.cuda's graph, stream and sync calls are the emulation's."""
+    state = {"tensors": lambda: []}
+    ext = FakeExtension()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        with _Recorder(g.ops):
+            yield
+
+    capture = GraphRunner._capture
+
+    def capture_undone(self, entry, kcfg):
+        """Record the steps in round order (each on the state the previous one left, so indices are in
+        range as in a real round), then undo it all: a real capture runs nothing."""
+        saved = [(t, t.clone()) for t in state["tensors"]()]
+        capture(self, entry, kcfg)
+        for t, copy in saved:
+            t.copy_(copy)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(graphs, "_captures", lambda device: True)
+    monkeypatch.setattr(graphs, "_new_cuda_graph", FakeGraph)
+    monkeypatch.setattr(GraphRunner, "_capture", capture_undone)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(_ext, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "supports_while_graph", lambda: True)
+    monkeypatch.setattr(_ext, "load", lambda: ext)
+    state["ext"] = ext
+    return state
+
+
+def _state_tensors(model):
+    """Everything a capture could change: every key's static buffers and both caches."""
+    d = model.decoder
+    runner = graphs.runner_for(model)
+    tensors = [d.cache.k, d.cache.v, d.cache.lengths, d.adapter_cache.k, d.adapter_cache.v, d.adapter_cache.lengths]
+    for entry in runner._entries.values():
+        tensors += [t for t in vars(entry.buffers).values() if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+@pytest.fixture()
+def model():
+    cfg = tiny_config(num_layers=4, eos_token_id=EOS)
+    target, adapter = agreeing_pair(cfg, 2)
+    return K.KangarooModel(target, adapter, exit_layer=2)
+
+
+def _prompts(batch, vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(EOS + 1, vocab, (batch, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    for r in range(1, batch, 2):
+        mask[r, : 1 + r % 5] = 0
+    return ids, mask
+
+
+def test_every_host_loop_mode_over_emulated_graphs(model, emulated):
+    emulated["tensors"] = lambda: _state_tensors(model)
+    ids, mask = _prompts(3, model.config.vocab_size, seed=7)
+    kc = K.KangarooConfig(gamma=4, eta=0.3)
+    kw = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[EOS, 11])
+    plain = model.generate(ids, kangaroo=None, **kw)
+    eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
+    runner = graphs.runner_for(model)
+    for mode in graphs.MODES:
+        runner.mode = mode
+        try:
+            out = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
+        finally:
+            runner.mode = "auto"
+        assert runner.last_mode == mode
+        assert torch.equal(out.sequences, plain), mode
+        assert out.stats.accepted_lengths == eager.stats.accepted_lengths, mode
+    assert runner.captures == 4  # first, mid, last, verify: once, then replayed by every mode
+    entry = runner.entry(4, kc, graphs.eos_slots_for(2))
+    assert entry.graphs["mid"].replays > entry.graphs["verify"].replays > 0
+    kinds = {call[0] for call in emulated["ext"].calls}
+    assert kinds == {"replay_rounds", "while_graph"}
+    for _ in range(2 * len(graphs.MODES) + 1):  # auto: every mode on trial, then the fastest kept
+        assert torch.equal(model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw), plain)
+    assert entry.chosen in graphs.MODES and runner.captures == 4
+
+
+def test_a_failing_mode_falls_back_to_sync_and_is_not_tried_again(model, emulated):
+    emulated["tensors"] = lambda: _state_tensors(model)
+    ids, mask = _prompts(2, model.config.vocab_size, seed=3)
+    kc = K.KangarooConfig(gamma=3, eta=0.0)
+    kw = dict(attention_mask=mask, max_new_tokens=12)
+    plain = model.generate(ids, kangaroo=None, **kw)
+
+    def broken(execs, rounds):
+        raise RuntimeError("cudaGraphLaunch failed (emulated)")
+
+    emulated["ext"].replay_rounds = broken
+    runner = graphs.runner_for(model)
+    runner.mode = "ext_loop"
+    try:
+        with pytest.warns(RuntimeWarning, match="'ext_loop' failed"):
+            out = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
+        assert torch.equal(out, plain) and runner.last_mode == "sync"
+        entry = runner.entry(2, kc, 1)
+        assert "ext_loop" in entry.disabled and "ext_loop" not in runner.available_modes(entry)
+    finally:
+        runner.mode = "auto"
+
+
+def test_the_emulation_catches_a_value_baked_in_at_capture(model, emulated, monkeypatch):
+    """A middle step that takes its index from a Python counter works eagerly and breaks once captured:
+    the capture freezes the counter's value, as a real CUDA graph would."""
+    emulated["tensors"] = lambda: _state_tensors(model)
+    ids, mask = _prompts(2, model.config.vocab_size, seed=5)
+    kc = K.KangarooConfig(gamma=4, eta=0.0)
+    kw = dict(attention_mask=mask, max_new_tokens=16)
+    plain = model.generate(ids, kangaroo=None, **kw)
+    honest = GraphRunner._draft_mid
+    calls = [0]
+
+    def python_counter_mid(self, st, kcfg):
+        calls[0] = calls[0] % (kcfg.gamma - 1) + 1
+        st.step.fill_(calls[0])  # a Python value: a graph keeps the one it saw at capture
+        honest(self, st, kcfg)
+
+    monkeypatch.setattr(GraphRunner, "_draft_mid", python_counter_mid)
+    runner = graphs.runner_for(model)
+    runner.mode = "sync"
+    try:
+        with monkeypatch.context() as m:  # eager fixed-shape rounds: the counter stays in step
+            m.setattr(graphs, "_captures", lambda device: False)
+            assert torch.equal(model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw), plain)
+        calls[0] = 0
+        captured = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
+    finally:
+        runner.mode = "auto"
+    assert runner.captures == 4
+    assert not torch.equal(captured, plain)
