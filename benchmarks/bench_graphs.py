@@ -81,6 +81,7 @@ def _random_model(cfg: ModelConfig, dtype: torch.dtype, device: str) -> K.Kangar
     return K.KangarooModel(target.eval(), adapter.eval(), exit_layer=2)
 
 
+@torch.no_grad()  # as generate runs the steps: an eager step timed with autograd on would pay for its graph
 def _steps(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int, cuda: bool, reps: int) -> dict:
     """Per-step latency eager vs graph on no-op rounds (every row finished: full compute, nothing committed)."""
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=model.device)

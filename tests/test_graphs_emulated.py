@@ -50,6 +50,7 @@ class FakeGraph:
     def instantiate(self):
         pass
 
+    @torch.no_grad()  # a graph replays kernels: no autograd
     def replay(self):
         self.replays += 1
         for func, args, kwargs, captured in self.ops:
@@ -239,3 +240,17 @@ def test_the_emulation_catches_a_value_baked_in_at_capture(model, emulated, monk
         runner.mode = "auto"
     assert runner.captures == 4
     assert not torch.equal(captured, plain)
+
+
+def test_bench_graphs_graph_rows_over_emulated_graphs(model, emulated):
+    """bench_graphs' per-step rows on the graph path (the columns a GPU run fills), on CPU clocks."""
+    from bench_loader import load_benchmark
+
+    emulated["tensors"] = lambda: _state_tensors(model)
+    bench = load_benchmark("bench_graphs")
+    row = bench._steps(model, 2, K.KangarooConfig(gamma=3, eta=0.0), prompt=6, cuda=False, reps=2)
+    for key in ("draft_step_graph_ms", "verify_step_graph_ms", "draft_step_speedup", "verify_step_speedup",
+                "host_us_per_step_graph", "host_us_per_step_eager"):
+        assert row[key] > 0, key
+    entry = graphs.runner_for(model).entry(2, K.KangarooConfig(gamma=3, eta=0.0), 1)
+    assert entry.graphs["mid"].replays > 0 and entry.graphs["verify"].replays > 0
