@@ -254,3 +254,19 @@ def test_bench_graphs_graph_rows_over_emulated_graphs(model, emulated):
         assert row[key] > 0, key
     entry = graphs.runner_for(model).entry(2, K.KangarooConfig(gamma=3, eta=0.0), 1)
     assert entry.graphs["mid"].replays > 0 and entry.graphs["verify"].replays > 0
+
+
+@pytest.mark.parametrize("batch", range(1, 9))
+def test_emulated_graphs_equal_eager_and_plain_for_batch_1_to_8(model, emulated, batch):
+    """tests/test_gpu_graphs.py's first check, over the emulation: buckets 1, 2, 4, 8 with padding rows."""
+    emulated["tensors"] = lambda: _state_tensors(model)
+    ids, mask = _prompts(batch, model.config.vocab_size, seed=batch)
+    kw = dict(attention_mask=mask, max_new_tokens=16)
+    plain = model.generate(ids, kangaroo=None, **kw)
+    for gamma, eta in ((1, 0.0), (4, 0.6), (6, 0.0)):
+        kc = K.KangarooConfig(gamma=gamma, eta=eta)
+        eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
+        graph = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
+        assert torch.equal(eager.sequences, plain) and torch.equal(graph.sequences, plain), (gamma, eta)
+        assert graph.stats.accepted_lengths == eager.stats.accepted_lengths
+    assert graphs.runner_for(model).captures == 3 + 4 + 4  # per gamma: first, mid (gamma > 1), last, verify
