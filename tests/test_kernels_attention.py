@@ -58,9 +58,16 @@ def test_attention_kv_len_and_stale_slots_are_never_read():
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_attention_split_choice_fills_the_gpu_only_on_cuda():
+def test_attention_split_choice_fills_the_gpu_only_on_cuda(monkeypatch):
     attn = kernel_module("attention")
     assert attn.choose_num_splits(2, 4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(attn, "_sm_count", lambda index: 132)  # an H100 SXM, without asking a GPU
+    gpu = torch.device("cuda", 0)
+    assert attn.choose_num_splits(32, 256, gpu) == 1  # short contexts: one pass
+    assert attn.choose_num_splits(200, 4096, gpu) == 1  # rows x heads already fill the SMs
+    assert attn.choose_num_splits(32, 512, gpu) == 2  # at most one split per 256 keys
+    assert attn.choose_num_splits(32, 8192, gpu) == 9  # about two programs per SM
+    assert attn.choose_num_splits(1, 1 << 20, gpu) == 64  # capped
 
 
 @pytest.mark.gpu
