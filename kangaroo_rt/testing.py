@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -62,3 +62,35 @@ def edit_config(folder: str, **changes) -> None:
     cfg.update(changes)
     with open(path, "w") as f:
         json.dump(cfg, f)
+
+
+def ragged_prompts(batch: int, vocab_size: int, seed: int, length: int = 9, low: int = 0,
+                   device: str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ids (batch, length) with tokens in [low, vocab_size), attention mask): odd rows left-padded by
+    1 to 5 positions (different widths), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab_size, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for r in range(1, batch, 2):
+        mask[r, : 1 + r % 5] = 0
+    return ids.to(device), mask.to(device)
+
+
+GRAPH_SETTINGS = ((1, 0.0), (4, 0.6), (6, 0.0))  # (gamma, eta): no middle step, eta stops, full chains
+
+
+def check_graphs_match_eager_and_plain(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                                       settings: Sequence[Tuple[int, float]] = GRAPH_SETTINGS) -> None:
+    """Kangaroo through the fixed-shape (CUDA graph) rounds and through the eager loop both give plain greedy
+    decoding's tokens, and the same accepted lengths, for every (gamma, eta); AssertionError otherwise."""
+    from .config import KangarooConfig
+
+    kw = dict(attention_mask=mask, max_new_tokens=max_new_tokens)
+    plain = model.generate(ids, kangaroo=None, **kw)
+    for gamma, eta in settings:
+        kc = KangarooConfig(gamma=gamma, eta=eta)
+        eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
+        graph = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
+        assert torch.equal(eager.sequences, plain), f"eager Kangaroo != plain greedy (gamma={gamma}, eta={eta})"
+        assert torch.equal(graph.sequences, plain), f"graph Kangaroo != plain greedy (gamma={gamma}, eta={eta})"
+        assert graph.stats.accepted_lengths == eager.stats.accepted_lengths, (gamma, eta)

@@ -10,7 +10,8 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs, ops, reference
-from kangaroo_rt.testing import agreeing_pair, tiny_config
+from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, ragged_prompts,
+                                 tiny_config)
 
 pytestmark = pytest.mark.gpu
 EOS = 3
@@ -26,26 +27,13 @@ def model():
 
 
 def _ragged(batch, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(EOS + 1, 512, (batch, 11), generator=gen)
-    mask = torch.ones_like(ids)
-    for r in range(1, batch, 2):
-        mask[r, : r % 7 + 1] = 0
-    return ids.cuda(), mask.cuda()
+    return ragged_prompts(batch, 512, seed, length=11, low=EOS + 1, device="cuda")
 
 
 @pytest.mark.parametrize("batch", range(1, 9))
 def test_graph_equals_eager_equals_plain_greedy(model, batch):
     ids, mask = _ragged(batch, seed=batch)
-    kw = dict(attention_mask=mask, max_new_tokens=40)
-    plain = model.generate(ids, kangaroo=None, **kw)
-    for gamma, eta in ((1, 0.0), (4, 0.6), (6, 0.0)):
-        kc = K.KangarooConfig(gamma=gamma, eta=eta)
-        eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
-        graph = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
-        assert torch.equal(eager.sequences, plain), (gamma, eta)
-        assert torch.equal(graph.sequences, plain), (gamma, eta)
-        assert graph.stats.accepted_lengths == eager.stats.accepted_lengths
+    check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=40)
     runner = graphs.runner_for(model)
     assert runner.captures > 0 and runner.last_mode is not None
 

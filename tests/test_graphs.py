@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import graphs
 from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
-from kangaroo_rt.testing import agreeing_pair, tiny_config
+from kangaroo_rt.testing import agreeing_pair, ragged_prompts, tiny_config
 
 EOS = 3
 
@@ -24,12 +24,7 @@ def model():
 
 
 def _ragged(batch, vocab, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(EOS + 1, vocab, (batch, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    for r in range(1, batch, 2):
-        mask[r, : 1 + r % 5] = 0  # left padding of different widths
-    return ids, mask
+    return ragged_prompts(batch, vocab, seed, low=EOS + 1)
 
 
 def test_bucket_for():

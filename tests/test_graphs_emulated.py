@@ -1,10 +1,10 @@
 """The CUDA host-loop code of kangaroo_rt.graphs on CPU, over an emulation of CUDA graphs.
 
 Capture records every aten op the steps run (in round order), with their tensor arguments, and then puts
-the state back as it was (a real capture runs nothing). Replay re-runs the recorded ops on the same tensors and writes each
-result into the tensor the capture produced, so memory addresses stay fixed and no Python code of the
-step runs again. A value that capture baked in from Python therefore stays frozen, exactly as on a GPU.
-The extension's loops are emulated by their C semantics: ``replay_rounds`` launches the executables in
+the state back as it was (a real capture runs nothing). Replay re-runs the recorded ops on the same
+tensors and writes each result into the tensor the capture produced, so memory addresses stay fixed and
+no Python code of the step runs again. A value that capture baked in from Python therefore stays
+frozen, exactly as on a GPU. The extension's loops are emulated by their C semantics: ``replay_rounds`` launches the executables in
 order, and ``WhileGraph`` repeats its bodies while some row is unfinished and the bound allows.
 
 This runs the code lines that otherwise execute only on a GPU: capture, graph replay, the ``blocks``,
@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs
 from kangaroo_rt.graphs import GraphRunner
-from kangaroo_rt.testing import agreeing_pair, tiny_config
+from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, ragged_prompts,
+                                 tiny_config)
 
 EOS = 3
 
@@ -153,12 +154,7 @@ def model():
 
 
 def _prompts(batch, vocab, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(EOS + 1, vocab, (batch, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    for r in range(1, batch, 2):
-        mask[r, : 1 + r % 5] = 0
-    return ids, mask
+    return ragged_prompts(batch, vocab, seed, low=EOS + 1)
 
 
 def test_every_host_loop_mode_over_emulated_graphs(model, emulated):
@@ -261,12 +257,5 @@ def test_emulated_graphs_equal_eager_and_plain_for_batch_1_to_8(model, emulated,
     """tests/test_gpu_graphs.py's first check, over the emulation: buckets 1, 2, 4, 8 with padding rows."""
     emulated["tensors"] = lambda: _state_tensors(model)
     ids, mask = _prompts(batch, model.config.vocab_size, seed=batch)
-    kw = dict(attention_mask=mask, max_new_tokens=16)
-    plain = model.generate(ids, kangaroo=None, **kw)
-    for gamma, eta in ((1, 0.0), (4, 0.6), (6, 0.0)):
-        kc = K.KangarooConfig(gamma=gamma, eta=eta)
-        eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
-        graph = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
-        assert torch.equal(eager.sequences, plain) and torch.equal(graph.sequences, plain), (gamma, eta)
-        assert graph.stats.accepted_lengths == eager.stats.accepted_lengths
+    check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=16)
     assert graphs.runner_for(model).captures == 3 + 4 + 4  # per gamma: first, mid (gamma > 1), last, verify
