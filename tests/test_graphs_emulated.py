@@ -4,8 +4,9 @@ Capture records every aten op the steps run (in round order), with their tensor 
 the state back as it was (a real capture runs nothing). Replay re-runs the recorded ops on the same
 tensors and writes each result into the tensor the capture produced, so memory addresses stay fixed and
 no Python code of the step runs again. A value that capture baked in from Python therefore stays
-frozen, exactly as on a GPU. The extension's loops are emulated by their C semantics: ``replay_rounds`` launches the executables in
-order, and ``WhileGraph`` repeats its bodies while some row is unfinished and the bound allows.
+frozen, exactly as on a GPU. The extension's loops are emulated by their C semantics: ``replay_rounds``
+launches the executables in order, and ``WhileGraph`` repeats its bodies while some row is unfinished
+and the bound allows.
 
 This runs the code lines that otherwise execute only on a GPU: capture, graph replay, the ``blocks``,
 ``ext_loop`` and ``while_graph`` loops, ``auto``, and the fallback when a mode fails.
