@@ -203,10 +203,10 @@ def main() -> int:
         case = {"model": name, "gamma": kc.gamma, "eta": kc.eta, "prompt": prompt, "max_new": max_new,
                 "steps": [], "loops": []}
         result["cases"].append(case)
-        jobs = [("steps", b, lambda b=b: _steps(model, b, kc, prompt, cuda, args.reps)) for b in batches]
-        jobs += [("loops", b, lambda b=b: _loops(model, b, kc, prompt, max_new, cuda, max(2, args.reps // 4)))
+        jobs = [("steps", lambda b=b: _steps(model, b, kc, prompt, cuda, args.reps)) for b in batches]
+        jobs += [("loops", lambda b=b: _loops(model, b, kc, prompt, max_new, cuda, max(2, args.reps // 4)))
                  for b in batches]
-        for kind, _, job in jobs:
+        for kind, job in jobs:
             row = job()
             case[kind].append(row)
             save(complete=False)

@@ -2,9 +2,9 @@
 
 Reads every ``*.json`` under benchmarks/results/ (recursively; smoke runs and the gpu_suite summary are
 skipped), keeps the newest result of each benchmark per device (and per prompt subset: ``skipped_prompts``),
-and rewrites only the block between
-``<!-- perf:begin -->`` and ``<!-- perf:end -->`` in README.md. Nothing is typed in by hand: every
-number in the block comes from a results file, which the block names with its device and date.
+and rewrites only the block between ``<!-- perf:begin -->`` and ``<!-- perf:end -->`` in README.md.
+Nothing is typed in by hand: every number in the block comes from a results file, which the block names
+with its device and date.
 
     python benchmarks/make_readme_table.py            # rewrite the block
     python benchmarks/make_readme_table.py --check    # exit 1 if the block is out of date

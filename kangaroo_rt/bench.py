@@ -304,11 +304,11 @@ def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: to
     mismatches: List[Dict] = []
     bar = _progress(len(prompts), progress)
     start = time.perf_counter()
-    measured = 0
+    measured = len(prompts)
     for i, p in enumerate(prompts):
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            measured = i
             break
-        measured += 1
         ids = p.ids.to(device)
         order = live[i % len(live):] + live[:i % len(live)] if live else []
         outputs: Dict[str, List[int]] = {}
@@ -599,7 +599,8 @@ def run(args: argparse.Namespace) -> int:
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or ("built-in smoke prompts" if args.smoke else "embedded held-out code prompts"),
-        "template": template, "prompts": measured, "prompts_selected": len(prompts), "max_new_tokens": max_new, "ignore_eos": bool(args.ignore_eos),
+        "template": template, "prompts": measured, "prompts_selected": len(prompts), "max_new_tokens": max_new,
+        "ignore_eos": bool(args.ignore_eos),
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
         "methods": {m.name: {"label": m.label, "available": m.available, "reason": m.reason} for m in methods},

@@ -154,13 +154,9 @@ def model():
     return K.KangarooModel(target, adapter, exit_layer=2)
 
 
-def _prompts(batch, vocab, seed):
-    return ragged_prompts(batch, vocab, seed, low=EOS + 1)
-
-
 def test_every_host_loop_mode_over_emulated_graphs(model, emulated):
     emulated["tensors"] = lambda: _state_tensors(model)
-    ids, mask = _prompts(3, model.config.vocab_size, seed=7)
+    ids, mask = ragged_prompts(3, model.config.vocab_size, seed=7, low=EOS + 1)
     kc = K.KangarooConfig(gamma=4, eta=0.3)
     kw = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[EOS, 11])
     plain = model.generate(ids, kangaroo=None, **kw)
@@ -187,7 +183,7 @@ def test_every_host_loop_mode_over_emulated_graphs(model, emulated):
 
 def test_a_failing_mode_falls_back_to_sync_and_is_not_tried_again(model, emulated):
     emulated["tensors"] = lambda: _state_tensors(model)
-    ids, mask = _prompts(2, model.config.vocab_size, seed=3)
+    ids, mask = ragged_prompts(2, model.config.vocab_size, seed=3, low=EOS + 1)
     kc = K.KangarooConfig(gamma=3, eta=0.0)
     kw = dict(attention_mask=mask, max_new_tokens=12)
     plain = model.generate(ids, kangaroo=None, **kw)
@@ -212,7 +208,7 @@ def test_the_emulation_catches_a_value_baked_in_at_capture(model, emulated, monk
     """A middle step that takes its index from a Python counter works eagerly and breaks once captured:
     the capture freezes the counter's value, as a real CUDA graph would."""
     emulated["tensors"] = lambda: _state_tensors(model)
-    ids, mask = _prompts(2, model.config.vocab_size, seed=5)
+    ids, mask = ragged_prompts(2, model.config.vocab_size, seed=5, low=EOS + 1)
     kc = K.KangarooConfig(gamma=4, eta=0.0)
     kw = dict(attention_mask=mask, max_new_tokens=16)
     plain = model.generate(ids, kangaroo=None, **kw)
@@ -257,6 +253,6 @@ def test_bench_graphs_graph_rows_over_emulated_graphs(model, emulated):
 def test_emulated_graphs_equal_eager_and_plain_for_batch_1_to_8(model, emulated, batch):
     """tests/test_gpu_graphs.py's first check, over the emulation: buckets 1, 2, 4, 8 with padding rows."""
     emulated["tensors"] = lambda: _state_tensors(model)
-    ids, mask = _prompts(batch, model.config.vocab_size, seed=batch)
+    ids, mask = ragged_prompts(batch, model.config.vocab_size, seed=batch, low=EOS + 1)
     check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=16)
     assert graphs.runner_for(model).captures == 3 + 4 + 4  # per gamma: first, mid (gamma > 1), last, verify
