@@ -10,7 +10,7 @@
 #      imports it and checks that its ops reject CPU tensors with a clear error;
 #   4. runs benchmarks/gpu_suite.sh --dry-run and (unless --quick) pytest -m "not gpu" under
 #      TRITON_INTERPRET=1 with PYTHONPATH=. only, as on the device.
-# Environment: DEVICE_PYTHON (default python3.12, else python3), DEVICE_TORCH (2.11.0), DEVICE_TRITON (3.6.0),
+# Environment: DEVICE_PYTHON (default: python3.12 on PATH or under ~/.pyenv, else python3), DEVICE_TORCH (2.11.0), DEVICE_TRITON (3.6.0),
 # DEVICE_TRANSFORMERS (5.17.0), REHEARSAL_VENV, MAX_JOBS. Exit status 1 if a check failed.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,13 @@ DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
 DEVICE_TRITON="${DEVICE_TRITON:-3.6.0}"
 DEVICE_TRANSFORMERS="${DEVICE_TRANSFORMERS:-5.17.0}"
 if [ -z "${DEVICE_PYTHON:-}" ]; then
-    DEVICE_PYTHON=$(command -v python3.12 || command -v python3)
+    # the first that runs: a pyenv shim is on PATH even when its version is not selected (and then fails)
+    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3; do
+        if "$candidate" -c "" > /dev/null 2>&1; then
+            DEVICE_PYTHON="$candidate"
+            break
+        fi
+    done
 fi
 venv="${REHEARSAL_VENV:-$HOME/.cache/kangaroo_rt/device-venv}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
