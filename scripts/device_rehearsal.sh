@@ -10,15 +10,15 @@
 #      imports it and checks that its ops reject CPU tensors with a clear error;
 #   4. runs benchmarks/gpu_suite.sh --dry-run and (unless --quick) pytest -m "not gpu" under
 #      TRITON_INTERPRET=1 with PYTHONPATH=. only, as on the device.
-# Environment: DEVICE_PYTHON (default: python3.12 on PATH or under ~/.pyenv, else python3), DEVICE_TORCH (2.11.0), DEVICE_TRITON (3.6.0),
-# DEVICE_TRANSFORMERS (5.17.0), REHEARSAL_VENV, MAX_JOBS. Exit status 1 if a check failed.
+# Environment: DEVICE_PYTHON (default: python3.12 on PATH or under ~/.pyenv, else python3), DEVICE_TORCH (2.11.0),
+# DEVICE_TRITON (3.6.0), DEVICE_TRANSFORMERS (5.17.0), REHEARSAL_VENV, MAX_JOBS. Exit status 1 if a check failed.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 quick=0
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "device_rehearsal.sh: unknown argument $arg (expected --quick)"; exit 2 ;;
     esac
 done
