@@ -91,6 +91,41 @@ def check_graphs_match_eager_and_plain(model, ids: torch.Tensor, mask: torch.Ten
         kc = KangarooConfig(gamma=gamma, eta=eta)
         eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
         graph = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
-        assert torch.equal(eager.sequences, plain), f"eager Kangaroo != plain greedy (gamma={gamma}, eta={eta})"
-        assert torch.equal(graph.sequences, plain), f"graph Kangaroo != plain greedy (gamma={gamma}, eta={eta})"
+        for name, out in (("eager", eager.sequences), ("graph", graph.sequences)):
+            assert torch.equal(out, plain), (f"{name} Kangaroo != plain greedy (gamma={gamma}, eta={eta}): "
+                                             + difference_report(model.target, ids, mask, plain, out))
         assert graph.stats.accepted_lengths == eager.stats.accepted_lengths, (gamma, eta)
+
+
+@torch.no_grad()
+def next_token_margin(target: Transformer, prefix: torch.Tensor) -> Tuple[int, float, float]:
+    """(greedy token, top-1 minus top-2 logit, largest |logit|) of the target's next-token logits after
+    prefix (T,) int64, from one fresh full forward pass."""
+    t = prefix.numel()
+    positions = torch.arange(t, device=target.device)[None]
+    logits = target(prefix[None].to(target.device), positions, target.new_cache(1, t))[0, -1].float()
+    top = logits.topk(2)
+    return int(top.indices[0]), float(top.values[0] - top.values[1]), float(logits.abs().max())
+
+
+def difference_report(target: Transformer, ids: torch.Tensor, mask: torch.Tensor, want: torch.Tensor,
+                      got: torch.Tensor) -> str:
+    """Where ``got`` first departs from ``want`` (both (B, T + new) after prompts ids (B, T) with mask), and the
+    target's top-2 logit margin there, also in units of the dtype's round-off at the largest logit. A margin of
+    the order of the rounding error the layers accumulate means the two paths broke a near-tie differently
+    (kernels of different shapes round differently); a margin far above it means a bug."""
+    if want.shape != got.shape:
+        return f"shapes differ: {tuple(want.shape)} vs {tuple(got.shape)}"
+    diff = (want != got).nonzero()
+    if diff.numel() == 0:
+        return "no difference"
+    row, col = diff[0].tolist()
+    t = ids.shape[1]
+    where = f"row {row}, column {col}: {want[row, col].item()} expected, {got[row, col].item()} got"
+    if col < t:
+        return where + " (inside the prompt)"
+    prefix = torch.cat([ids[row][mask[row].bool()], want[row, t:col]])
+    _, margin, scale = next_token_margin(target, prefix)
+    ulps = margin / max(torch.finfo(target.dtype).eps * scale, torch.finfo(torch.float32).tiny)
+    return (where + f" (new token {col - t}); the target's top-2 logit margin there is {margin:.3g}, "
+            f"{ulps:.3g}x the {target.dtype} round-off of its largest logit ({scale:.3g})")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kangaroo_rt as K
-from kangaroo_rt.testing import agreeing_pair, tiny_config
+from kangaroo_rt.testing import agreeing_pair, difference_report, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,8 @@ def test_greedy_lossless_fp32_cuda():
     plain = model.generate(ids, max_new_tokens=32, kangaroo=None)
     for gamma, eta in ((1, 0.0), (4, 0.6), (6, 0.0)):
         out = model.generate(ids, max_new_tokens=32, kangaroo=K.KangarooConfig(gamma=gamma, eta=eta))
-        assert torch.equal(out, plain), (gamma, eta)
+        assert torch.equal(out, plain), (f"gamma={gamma}, eta={eta}: "
+                                         + difference_report(model.target, ids, torch.ones_like(ids), plain, out))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

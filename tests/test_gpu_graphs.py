@@ -10,8 +10,8 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs, ops, reference
-from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, ragged_prompts,
-                                 tiny_config)
+from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, difference_report,
+                                 ragged_prompts, tiny_config)
 
 pytestmark = pytest.mark.gpu
 EOS = 3
@@ -56,11 +56,13 @@ def test_every_host_loop_mode_gives_the_same_tokens(model):
             runner.mode = mode
             out = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
             assert runner.last_mode == mode
-            assert torch.equal(out, plain), mode
+            assert torch.equal(out, plain), f"{mode}: " + difference_report(model.target, ids, mask, plain, out)
     finally:
         runner.mode = "auto"
     for _ in range(2 * len(modes) + 1):  # auto: each mode timed, then the fastest kept
-        assert torch.equal(model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw), plain)
+        out = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
+        assert torch.equal(out, plain), f"auto ({runner.last_mode}): " + difference_report(model.target, ids, mask,
+                                                                                            plain, out)
     assert entry.chosen in modes
 
 
@@ -216,4 +218,4 @@ def test_while_graph_runs_the_loop_on_the_device(ext, model):
     finally:
         runner.mode = "auto"
     assert runner.last_mode == "while_graph"
-    assert torch.equal(out, plain)
+    assert torch.equal(out, plain), difference_report(model.target, ids, mask, plain, out)

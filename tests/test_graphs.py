@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import graphs
 from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
-from kangaroo_rt.testing import agreeing_pair, ragged_prompts, tiny_config
+from kangaroo_rt.testing import agreeing_pair, difference_report, next_token_margin, ragged_prompts, tiny_config
 
 EOS = 3
 
@@ -130,6 +130,35 @@ def test_fixed_shape_rounds_equal_plain_and_eager(model, batch, gamma, eta):
     assert fixed.stats.position_accepts == eager.stats.position_accepts
     assert fixed.stats.new_tokens == eager.stats.new_tokens
     assert max(fixed.mat) > 1.0  # drafts were accepted: the chain path was exercised
+
+
+def test_difference_report_names_the_first_departure_and_its_margin(model):
+    """The report the graph == plain checks print on a failure: the first differing token, and the target's
+    top-2 margin there from a fresh forward pass (which must reproduce plain greedy, padding included)."""
+    vocab, new = model.config.vocab_size, 6
+    ids, mask = _ragged(3, vocab, seed=7)  # row 1 is left-padded
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, kangaroo=None)
+    t = ids.shape[1]
+    prefixes = {}
+    for row in range(3):
+        for i in range(new):
+            prefixes[row, i] = torch.cat([ids[row][mask[row].bool()], plain[row, t:t + i]])
+            token, margin, scale = next_token_margin(model.target, prefixes[row, i])
+            assert token == plain[row, t + i].item() and 0 < margin <= 2 * scale, (row, i)
+            if token == EOS:
+                break
+    bad = plain.clone()
+    bad[2, t] = (bad[2, t] + 1) % vocab
+    bad[1, t + 4:] = (bad[1, t + 4:] + 1) % vocab  # later differences are not reported
+    report = difference_report(model.target, ids, mask, plain, bad)
+    assert report.startswith(f"row 1, column {t + 4}: {plain[1, t + 4].item()} expected, {bad[1, t + 4].item()} got")
+    _, margin, _ = next_token_margin(model.target, prefixes[1, 4])
+    assert f"(new token 4); the target's top-2 logit margin there is {margin:.3g}" in report
+    assert difference_report(model.target, ids, mask, plain, plain) == "no difference"
+    assert difference_report(model.target, ids, mask, plain, plain[:, :-1]).startswith("shapes differ")
+    in_prompt = plain.clone()
+    in_prompt[0, 2] += 1
+    assert difference_report(model.target, ids, mask, plain, in_prompt).endswith("(inside the prompt)")
 
 
 def _committed_cache(model, lengths, n_gen):
