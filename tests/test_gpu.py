@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kangaroo_rt as K
-from kangaroo_rt.testing import agreeing_pair, difference_report, tiny_config
+from kangaroo_rt.testing import agreeing_pair, assert_same_tokens, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -21,8 +21,7 @@ def test_greedy_lossless_fp32_cuda():
     plain = model.generate(ids, max_new_tokens=32, kangaroo=None)
     for gamma, eta in ((1, 0.0), (4, 0.6), (6, 0.0)):
         out = model.generate(ids, max_new_tokens=32, kangaroo=K.KangarooConfig(gamma=gamma, eta=eta))
-        assert torch.equal(out, plain), (f"gamma={gamma}, eta={eta}: "
-                                         + difference_report(model.target, ids, torch.ones_like(ids), plain, out))
+        assert_same_tokens(model.target, ids, torch.ones_like(ids), plain, out, f"gamma={gamma}, eta={eta}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -10,7 +10,7 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs, ops, reference
-from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, difference_report,
+from kangaroo_rt.testing import (agreeing_pair, assert_same_tokens, check_graphs_match_eager_and_plain,
                                  ragged_prompts, tiny_config)
 
 pytestmark = pytest.mark.gpu
@@ -56,13 +56,12 @@ def test_every_host_loop_mode_gives_the_same_tokens(model):
             runner.mode = mode
             out = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
             assert runner.last_mode == mode
-            assert torch.equal(out, plain), f"{mode}: " + difference_report(model.target, ids, mask, plain, out)
+            assert_same_tokens(model.target, ids, mask, plain, out, mode)
     finally:
         runner.mode = "auto"
     for _ in range(2 * len(modes) + 1):  # auto: each mode timed, then the fastest kept
         out = model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)
-        assert torch.equal(out, plain), f"auto ({runner.last_mode}): " + difference_report(model.target, ids, mask,
-                                                                                            plain, out)
+        assert_same_tokens(model.target, ids, mask, plain, out, f"auto ({runner.last_mode})")
     assert entry.chosen in modes
 
 
@@ -218,4 +217,4 @@ def test_while_graph_runs_the_loop_on_the_device(ext, model):
     finally:
         runner.mode = "auto"
     assert runner.last_mode == "while_graph"
-    assert torch.equal(out, plain), difference_report(model.target, ids, mask, plain, out)
+    assert_same_tokens(model.target, ids, mask, plain, out, "while_graph")

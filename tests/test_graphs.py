@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import graphs
 from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
-from kangaroo_rt.testing import agreeing_pair, difference_report, next_token_margin, ragged_prompts, tiny_config
+from kangaroo_rt.testing import (agreeing_pair, assert_same_tokens, difference_report, next_token_margin,
+                                 ragged_prompts, tiny_config)
 
 EOS = 3
 
@@ -155,6 +156,10 @@ def test_difference_report_names_the_first_departure_and_its_margin(model):
     _, margin, _ = next_token_margin(model.target, prefixes[1, 4])
     assert f"(new token 4); the target's top-2 logit margin there is {margin:.3g}" in report
     assert difference_report(model.target, ids, mask, plain, plain) == "no difference"
+    assert_same_tokens(model.target, ids, mask, plain, plain.clone(), "equal")
+    with pytest.raises(AssertionError) as failure:
+        assert_same_tokens(model.target, ids, mask, plain, bad, "planted")
+    assert str(failure.value) == "planted: " + report
     assert difference_report(model.target, ids, mask, plain, plain[:, :-1]).startswith("shapes differ")
     in_prompt = plain.clone()
     in_prompt[0, 2] += 1
