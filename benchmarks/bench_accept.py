@@ -35,7 +35,7 @@ def main():
         def commit(fn, a=(drafts, n_drafts, target, out, n_gen, finished, pos)):
             a[4].zero_()
             a[6].zero_()
-            return fn(*a, eos, 4000)
+            return fn(*a, eos)
 
         cases.append({"case": f"accept_greedy_commit B{b} K{k}", "bytes": 3 * b * (k + 1) * 8,
                       "triton": lambda c=commit: c(mod.accept_greedy_commit),

@@ -21,7 +21,7 @@ __device__ void greedy_count(int64_t b, const int64_t* drafts, int64_t sd0, int6
 template <typename TokenAt>
 __device__ int64_t commit_row(int64_t b, TokenAt token_at, int64_t count, int64_t* out, int64_t out_row_stride,
                               int64_t out_width, int64_t* n_gen, uint8_t* finished, const int64_t* eos,
-                              int64_t n_eos, int64_t max_new) {
+                              int64_t n_eos) {
   const bool was_finished = finished[b] != 0;
   int64_t gen = n_gen[b];
   int64_t committed = 0;
@@ -37,7 +37,7 @@ __device__ int64_t commit_row(int64_t b, TokenAt token_at, int64_t count, int64_
   }
   gen += committed;
   n_gen[b] = gen;
-  finished[b] = (was_finished || hit || gen >= max_new) ? 1 : 0;
+  finished[b] = (was_finished || hit) ? 1 : 0;
   return committed;
 }
 
@@ -52,28 +52,26 @@ __global__ void accept_greedy_kernel(const int64_t* drafts, int64_t sd0, int64_t
 __global__ void commit_tokens_kernel(const int64_t* tokens, int64_t stk0, int64_t stk1, int64_t n,
                                      const int64_t* count, int64_t* out, int64_t out_row_stride, int64_t out_width,
                                      int64_t* n_gen, uint8_t* finished, const int64_t* eos, int64_t n_eos,
-                                     int64_t max_new, int64_t batch, int64_t* committed) {
+                                     int64_t batch, int64_t* committed) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const int64_t c = count[b] < n ? count[b] : n;
   auto token_at = [&](int64_t i) { return tokens[b * stk0 + i * stk1]; };
-  committed[b] = commit_row(b, token_at, c, out, out_row_stride, out_width, n_gen, finished, eos, n_eos, max_new);
+  committed[b] = commit_row(b, token_at, c, out, out_row_stride, out_width, n_gen, finished, eos, n_eos);
 }
 
 __global__ void accept_greedy_commit_kernel(const int64_t* drafts, int64_t sd0, int64_t sd1, const int64_t* n_drafts,
                                             const int64_t* target, int64_t st0, int64_t st1, int64_t batch, int64_t k,
                                             int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
                                             uint8_t* finished, int64_t* pos, const int64_t* eos, int64_t n_eos,
-                                            int64_t max_new, int64_t* accepted, int64_t* next_token,
-                                            int64_t* committed) {
+                                            int64_t* accepted, int64_t* next_token, int64_t* committed) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   int64_t a, nxt;
   greedy_count(b, drafts, sd0, sd1, n_drafts, target, st0, st1, k, &a, &nxt);
   const bool was_active = finished[b] == 0;
   auto token_at = [&](int64_t i) { return i == a ? nxt : drafts[b * sd0 + i * sd1]; };
-  committed[b] = commit_row(b, token_at, a + 1, out, out_row_stride, out_width, n_gen, finished, eos, n_eos,
-                            max_new);
+  committed[b] = commit_row(b, token_at, a + 1, out, out_row_stride, out_width, n_gen, finished, eos, n_eos);
   if (was_active) pos[b] += a + 1;
   accepted[b] = a;
   next_token[b] = nxt;
@@ -95,12 +93,12 @@ extern "C" cudaError_t kr_accept_greedy(const int64_t* drafts, int64_t sd0, int6
 extern "C" cudaError_t kr_commit_tokens(const int64_t* tokens, int64_t stk0, int64_t stk1, int64_t n,
                                         const int64_t* count, int64_t* out, int64_t out_row_stride, int64_t out_width,
                                         int64_t* n_gen, uint8_t* finished, const int64_t* eos, int64_t n_eos,
-                                        int64_t max_new, int64_t batch, int64_t* committed, cudaStream_t stream) {
+                                        int64_t batch, int64_t* committed, cudaStream_t stream) {
   if (batch <= 0) return cudaSuccess;
   if (eos == nullptr) n_eos = 0;
   commit_tokens_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(tokens, stk0, stk1, n, count, out, out_row_stride,
-                                                                   out_width, n_gen, finished, eos, n_eos, max_new,
-                                                                   batch, committed);
+                                                                   out_width, n_gen, finished, eos, n_eos, batch,
+                                                                   committed);
   return cudaGetLastError();
 }
 
@@ -109,12 +107,12 @@ extern "C" cudaError_t kr_accept_greedy_commit(const int64_t* drafts, int64_t sd
                                                int64_t st1, int64_t batch, int64_t k, int64_t* out,
                                                int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
                                                uint8_t* finished, int64_t* pos, const int64_t* eos, int64_t n_eos,
-                                               int64_t max_new, int64_t* accepted, int64_t* next_token,
-                                               int64_t* committed, cudaStream_t stream) {
+                                               int64_t* accepted, int64_t* next_token, int64_t* committed,
+                                               cudaStream_t stream) {
   if (batch <= 0) return cudaSuccess;
   if (eos == nullptr) n_eos = 0;
   accept_greedy_commit_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(
       drafts, sd0, sd1, n_drafts, target, st0, st1, batch, k, out, out_row_stride, out_width, n_gen, finished, pos,
-      eos, n_eos, max_new, accepted, next_token, committed);
+      eos, n_eos, accepted, next_token, committed);
   return cudaGetLastError();
 }

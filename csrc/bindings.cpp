@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> accept_greedy(const at::Tensor& drafts, const
 }
 
 at::Tensor commit_tokens(at::Tensor out, at::Tensor n_gen, at::Tensor finished, const at::Tensor& tokens,
-                         const at::Tensor& count, const c10::optional<at::Tensor>& eos, int64_t max_new) {
+                         const at::Tensor& count, const c10::optional<at::Tensor>& eos) {
   const char* what = "commit_tokens";
   TORCH_CHECK(tokens.is_cuda(), "kangaroo_rt._C.commit_tokens: tokens must be a CUDA tensor");
   check_long(tokens, 2, "tokens", what);
@@ -178,14 +178,14 @@ at::Tensor commit_tokens(at::Tensor out, at::Tensor n_gen, at::Tensor finished, 
   check_cuda(kr_commit_tokens(tokens.data_ptr<int64_t>(), tokens.stride(0), tokens.stride(1), tokens.size(1),
                               c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), out.stride(0), out.size(1),
                               n_gen.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()),
-                              e.first, e.second, max_new, batch, committed.data_ptr<int64_t>(), stream()),
+                              e.first, e.second, batch, committed.data_ptr<int64_t>(), stream()),
              what);
   return committed;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy_commit(
     const at::Tensor& drafts, const at::Tensor& n_drafts, const at::Tensor& target_tokens, at::Tensor out,
-    at::Tensor n_gen, at::Tensor finished, at::Tensor pos, const c10::optional<at::Tensor>& eos, int64_t max_new) {
+    at::Tensor n_gen, at::Tensor finished, at::Tensor pos, const c10::optional<at::Tensor>& eos) {
   const char* what = "accept_greedy_commit";
   TORCH_CHECK(drafts.is_cuda(), "kangaroo_rt._C.accept_greedy_commit: drafts must be a CUDA tensor");
   check_long(drafts, 2, "drafts", what);
@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy_commit(
                                      target_tokens.stride(1), batch, k, out.data_ptr<int64_t>(), out.stride(0),
                                      out.size(1), n_gen.data_ptr<int64_t>(),
                                      reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()), pos.data_ptr<int64_t>(),
-                                     e.first, e.second, max_new, accepted.data_ptr<int64_t>(),
+                                     e.first, e.second, accepted.data_ptr<int64_t>(),
                                      next_token.data_ptr<int64_t>(), committed.data_ptr<int64_t>(), stream()),
              what);
   return {accepted, next_token, committed};

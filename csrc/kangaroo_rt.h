@@ -48,7 +48,7 @@ cudaError_t kr_accept_greedy(const int64_t* drafts, int64_t sd0, int64_t sd1, co
 // finished (one byte per row) in place; writes committed (B,). eos: (n_eos,) int64, may be NULL.
 cudaError_t kr_commit_tokens(const int64_t* tokens, int64_t stk0, int64_t stk1, int64_t n, const int64_t* count,
                              int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
-                             uint8_t* finished, const int64_t* eos, int64_t n_eos, int64_t max_new, int64_t batch,
+                             uint8_t* finished, const int64_t* eos, int64_t n_eos, int64_t batch,
                              int64_t* committed, cudaStream_t stream);
 
 // Greedy acceptance fused with the commit and the position update of one round (pos += accepted + 1 on
@@ -57,8 +57,7 @@ cudaError_t kr_accept_greedy_commit(const int64_t* drafts, int64_t sd0, int64_t 
                                     const int64_t* target, int64_t st0, int64_t st1, int64_t batch, int64_t k,
                                     int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
                                     uint8_t* finished, int64_t* pos, const int64_t* eos, int64_t n_eos,
-                                    int64_t max_new, int64_t* accepted, int64_t* next_token, int64_t* committed,
-                                    cudaStream_t stream);
+                                    int64_t* accepted, int64_t* next_token, int64_t* committed, cudaStream_t stream);
 
 // Host round loop: launch the graph executables execs[0..n_execs-1] in order, `rounds` times, on stream.
 cudaError_t kr_replay_rounds(const cudaGraphExec_t* execs, int n_execs, int64_t rounds, cudaStream_t stream);

@@ -121,22 +121,21 @@ def accept_greedy(drafts: torch.Tensor, n_drafts: torch.Tensor,
 
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
-                  count: torch.Tensor, eos: Optional[torch.Tensor], max_new: int) -> torch.Tensor:
+                  count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.commit_tokens` (in place; the trash column is never written)."""
     if not (_long_ok(tokens) and _state_ok(out, n_gen, finished)):
-        return reference.commit_tokens(out, n_gen, finished, tokens, count, eos, max_new)
-    return load().commit_tokens(out, n_gen, finished, tokens, count, eos, int(max_new))
+        return reference.commit_tokens(out, n_gen, finished, tokens, count, eos)
+    return load().commit_tokens(out, n_gen, finished, tokens, count, eos)
 
 
 def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_tokens: torch.Tensor,
                          out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
-                         eos: Optional[torch.Tensor],
-                         max_new: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         eos: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`kangaroo_rt.reference.accept_greedy_commit`: one launch, in place, no host sync."""
     if not (_long_ok(drafts, target_tokens) and _state_ok(out, n_gen, finished, pos)):
-        return reference.accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos, max_new)
+        return reference.accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos)
     accepted, next_token, committed = load().accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen,
-                                                                  finished, pos, eos, int(max_new))
+                                                                  finished, pos, eos)
     return accepted, next_token, committed
 
 

@@ -381,14 +381,13 @@ class GraphRunner:
         """Deep layers over (Bk, gamma+1), head, fused accept + commit, per-row limits, round log."""
         d = self.decoder
         target = d.target
-        bucket, width = st.bucket, st.width
+        bucket = st.bucket
         vpos = st.pos[:, None] + torch.arange(kcfg.gamma + 1, device=st.pos.device)[None, :]
         h = target.forward_layers(st.exits, vpos, d.exit_layer, target.num_layers, d.cache, kv_len=d.cache.max_len)
         target_tokens = target.head(h).argmax(dim=-1)  # (Bk, gamma+1)
         was_active = ~st.finished
-        # max_new=width never triggers inside the op: the per-row budget (the cap) bounds the commit.
         accepted, nxt, committed = ops.accept_greedy_commit(st.drafts, st.n_drafts, target_tokens, st.out,
-                                                            st.n_gen, st.finished, st.pos, st.eos, width)
+                                                            st.n_gen, st.finished, st.pos, st.eos)
         st.finished.logical_or_(st.n_gen >= st.max_new)
         rows = torch.arange(bucket, device=st.pos.device)
         st.e_prev.copy_(st.exits[rows, accepted])

@@ -319,12 +319,12 @@ def accept_sampling(drafts, n_drafts, target_probs, draft_probs, uniforms, gener
                                                         uniforms, generator)
 
 
-def commit_tokens(out, n_gen, finished, tokens, count, eos, max_new):
+def commit_tokens(out, n_gen, finished, tokens, count, eos):
     """See :func:`kangaroo_rt.reference.commit_tokens` (in place on out / n_gen / finished)."""
-    return resolve("commit_tokens", tokens.device)[1](out, n_gen, finished, tokens, count, eos, max_new)
+    return resolve("commit_tokens", tokens.device)[1](out, n_gen, finished, tokens, count, eos)
 
 
-def accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos, max_new):
+def accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos):
     """See :func:`kangaroo_rt.reference.accept_greedy_commit` (fused accept + commit, no host sync)."""
     return resolve("accept_greedy_commit", drafts.device)[1](drafts, n_drafts, target_tokens, out, n_gen,
-                                                             finished, pos, eos, max_new)
+                                                             finished, pos, eos)

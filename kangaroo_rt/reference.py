@@ -220,13 +220,14 @@ def sample_after_acceptance(accepted: torch.Tensor, n_drafts: torch.Tensor, targ
 
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
-                  count: torch.Tensor, eos: Optional[torch.Tensor], max_new: int) -> torch.Tensor:
+                  count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
     """Append the first ``count`` tokens of each row to the output buffer, stopping after an EOS. In place.
 
-    out: (B, W) int64 with W >= max_new + n, its last column a trash slot; n_gen: (B,) int64 tokens
+    out: (B, W) int64 with W >= n_gen + n + 1, its last column a trash slot; n_gen: (B,) int64 tokens
     generated so far; finished: (B,) bool (finished rows commit nothing); tokens: (B, n) int64;
     count: (B,) int64; eos: (E,) int64 ids or None. Row b's valid tokens go to
-    ``out[b, n_gen[b]:]``; then ``n_gen += committed`` and ``finished |= hit EOS or n_gen >= max_new``.
+    ``out[b, n_gen[b]:]``; then ``n_gen += committed`` and ``finished |= hit EOS``
+    (per-row token limits are the caller's: ``finished |= n_gen >= max_new``, once, after the commit).
     Returns the number of tokens committed per row (B,) int64.
     """
     n = tokens.shape[1]
@@ -243,18 +244,17 @@ def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor
     cols = torch.where(valid, n_gen[:, None] + idx[None, :], torch.full_like(idx, trash)[None, :])
     out.scatter_(1, cols, tokens)  # invalid entries land in the trash column
     n_gen += committed
-    finished |= hit_eos.any(dim=1) | (n_gen >= max_new)
+    finished |= hit_eos.any(dim=1)
     return committed
 
 
 def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_tokens: torch.Tensor,
                          out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
-                         eos: Optional[torch.Tensor],
-                         max_new: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         eos: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy acceptance fused with the commit of one Kangaroo round, all in place, no host sync.
 
     drafts: (B, K) int64 (-1 placeholders); n_drafts: (B,); target_tokens: (B, K+1) int64; out, n_gen,
-    finished, eos, max_new as in :func:`commit_tokens`; pos: (B,) int64 position of each row's newest
+    finished, eos as in :func:`commit_tokens`; pos: (B,) int64 position of each row's newest
     token, advanced by ``accepted + 1`` on rows that were not finished. Commits the accepted drafts and
     the correction/bonus token (up to an EOS). Returns (accepted (B,), next_token (B,), committed (B,)).
     """
@@ -262,7 +262,7 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
     run = torch.cat([drafts, torch.zeros_like(next_token)[:, None]], dim=1)  # (B, K+1)
     run.scatter_(1, accepted[:, None], next_token[:, None])
     was_active = ~finished
-    committed = commit_tokens(out, n_gen, finished, run, accepted + 1, eos, max_new)
+    committed = commit_tokens(out, n_gen, finished, run, accepted + 1, eos)
     pos += torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
     return accepted, next_token, committed
 

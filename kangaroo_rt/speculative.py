@@ -112,15 +112,10 @@ class _Rows:
 MaxNew = Union[int, torch.Tensor]  # one limit for every row, or a (B,) int64 tensor of per-row limits
 
 
-def _op_limit(max_new: MaxNew, rows: _Rows) -> int:
-    """The ``max_new`` int the commit ops take. Per-row limits are enforced by the draft cap (a row never
-    commits more than its limit) and by :func:`_finish_at_limit`; the ops then get a limit no row reaches."""
-    return max_new if isinstance(max_new, int) else rows.out.shape[1]
-
-
 def _finish_at_limit(rows: _Rows, max_new: MaxNew) -> None:
-    if isinstance(max_new, torch.Tensor):
-        rows.finished |= rows.n_gen >= max_new
+    """Rows that reached their token limit finish (the commit ops only stop at EOS; the draft cap keeps a
+    round from committing past the limit)."""
+    rows.finished |= rows.n_gen >= max_new
 
 
 class BatchSampling:
@@ -308,8 +303,7 @@ class Decoder:
 
         Returns the number of tokens actually committed per row (B,).
         """
-        committed = ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos,
-                                      _op_limit(max_new, rows))
+        committed = ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos)
         _finish_at_limit(rows, max_new)
         return committed
 
@@ -434,8 +428,7 @@ class Decoder:
         if sampler.greedy:
             # Accept, commit up to EOS and advance pos, in place and on the device.
             accepted, nxt, committed = ops.accept_greedy_commit(chain, n_drafts, logits.argmax(dim=-1), rows.out,
-                                                                rows.n_gen, rows.finished, rows.pos, eos,
-                                                                _op_limit(max_new, rows))
+                                                                rows.n_gen, rows.finished, rows.pos, eos)
             _finish_at_limit(rows, max_new)
         else:
             accepted, nxt = sampler.accept(chain, n_drafts, logits, draft_probs)

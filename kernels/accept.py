@@ -23,7 +23,7 @@ from kangaroo_rt import reference
 def _commit_row(
     b, run, idx, count,  # row index; (BLOCK,) int64 candidate tokens; (BLOCK,) slot index; scalar count
     out_ptr, out_row_stride, out_width,
-    n_gen_ptr, finished_ptr, eos_ptr, n_eos, max_new,
+    n_gen_ptr, finished_ptr, eos_ptr, n_eos,
     HAS_EOS: tl.constexpr,
 ):
     """Commit ``run[:count]`` of row ``b`` up to its first EOS; returns the number committed."""
@@ -40,7 +40,7 @@ def _commit_row(
     cols = n_gen + idx
     tl.store(out_ptr + b * out_row_stride + cols, run, mask=valid & (cols < out_width))
     n_gen = n_gen + committed
-    done = was_finished | (tl.max(hit.to(tl.int32), axis=0) > 0) | (n_gen >= max_new)
+    done = was_finished | (tl.max(hit.to(tl.int32), axis=0) > 0)
     tl.store(n_gen_ptr + b, n_gen)
     tl.store(finished_ptr + b, done.to(tl.uint8))
     return committed
@@ -83,7 +83,7 @@ def _accept_greedy_commit_kernel(
     finished_ptr,  # (B,) uint8 (a bool tensor's bytes), in place
     pos_ptr,  # (B,) int64, in place
     eos_ptr,  # (E,) int64
-    sdb, sdk, stb, stk, K, out_row_stride, out_width, n_eos, max_new,
+    sdb, sdk, stb, stk, K, out_row_stride, out_width, n_eos,
     HAS_EOS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -93,7 +93,7 @@ def _accept_greedy_commit_kernel(
     run = tl.where(idx == accepted, next_token, d)
     was_active = tl.load(finished_ptr + b) == 0
     committed = _commit_row(b, run, idx, accepted + 1, out_ptr, out_row_stride, out_width,
-                            n_gen_ptr, finished_ptr, eos_ptr, n_eos, max_new, HAS_EOS)
+                            n_gen_ptr, finished_ptr, eos_ptr, n_eos, HAS_EOS)
     pos = tl.load(pos_ptr + b)
     tl.store(pos_ptr + b, tl.where(was_active, pos + accepted + 1, pos))
     tl.store(accepted_ptr + b, accepted)
@@ -107,7 +107,7 @@ def _commit_kernel(
     count_ptr,  # (B,) int64
     committed_ptr,  # (B,) int64 out
     out_ptr, n_gen_ptr, finished_ptr, eos_ptr,  # as in _accept_greedy_commit_kernel
-    stb, stn, n, out_row_stride, out_width, n_eos, max_new,
+    stb, stn, n, out_row_stride, out_width, n_eos,
     HAS_EOS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -116,7 +116,7 @@ def _commit_kernel(
     run = tl.load(tokens_ptr + b * stb + idx * stn, mask=idx < n, other=0)
     count = tl.minimum(tl.load(count_ptr + b), n)
     committed = _commit_row(b, run, idx, count, out_ptr, out_row_stride, out_width,
-                            n_gen_ptr, finished_ptr, eos_ptr, n_eos, max_new, HAS_EOS)
+                            n_gen_ptr, finished_ptr, eos_ptr, n_eos, HAS_EOS)
     tl.store(committed_ptr + b, committed)
 
 
@@ -190,7 +190,7 @@ def accept_sampling_counts(drafts: torch.Tensor, n_drafts: torch.Tensor, target_
 
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
-                  count: torch.Tensor, eos: Optional[torch.Tensor], max_new: int) -> torch.Tensor:
+                  count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.commit_tokens` (in place; the trash column is never written)."""
     batch, n = tokens.shape
     committed = torch.zeros(batch, dtype=torch.long, device=tokens.device)
@@ -198,14 +198,13 @@ def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor
     if batch:
         _commit_kernel[(batch,)](tokens, count, committed, out, n_gen, finished.view(torch.uint8), eos_t,
                                  tokens.stride(0), tokens.stride(1), n, out.stride(0), out.shape[1],
-                                 n_eos, int(max_new), HAS_EOS=has_eos, BLOCK=_block(n), num_warps=1)
+                                 n_eos, HAS_EOS=has_eos, BLOCK=_block(n), num_warps=1)
     return committed
 
 
 def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_tokens: torch.Tensor,
                          out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
-                         eos: Optional[torch.Tensor],
-                         max_new: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         eos: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`kangaroo_rt.reference.accept_greedy_commit`: one launch, in place, no host sync."""
     batch, k = drafts.shape
     accepted = torch.empty(batch, dtype=torch.long, device=drafts.device)
@@ -217,6 +216,6 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
             drafts, n_drafts, target_tokens, accepted, next_token, committed,
             out, n_gen, finished.view(torch.uint8), pos, eos_t,
             drafts.stride(0), drafts.stride(1), *target_tokens.stride(), k, out.stride(0), out.shape[1],
-            n_eos, int(max_new), HAS_EOS=has_eos, BLOCK=_block(k), num_warps=1,
+            n_eos, HAS_EOS=has_eos, BLOCK=_block(k), num_warps=1,
         )
     return accepted, next_token, committed

@@ -172,16 +172,15 @@ def test_extension_accept_and_commit_match_reference(ext):
         drafts = torch.where(torch.rand(b, k, generator=gen) < 0.7, target[:, :k], noise)
         drafts = torch.where(torch.arange(k)[None] < n_drafts[:, None], drafts, torch.full_like(drafts, -1))
         eos = torch.tensor([5]) if trial % 2 else None
-        width, max_new = 20, 12
+        width = 20
         state = dict(out=torch.zeros(b, width, dtype=torch.long), n_gen=torch.randint(0, 10, (b,), generator=gen),
                      finished=torch.rand(b, generator=gen) < 0.2, pos=torch.randint(1, 30, (b,), generator=gen))
         ref = {n: t.clone() for n, t in state.items()}
         dev = {n: t.cuda() for n, t in state.items()}
         args = (drafts, n_drafts, target)
         got = ext.accept_greedy_commit(*(a.cuda() for a in args), dev["out"], dev["n_gen"], dev["finished"],
-                                       dev["pos"], None if eos is None else eos.cuda(), max_new)
-        want = reference.accept_greedy_commit(*args, ref["out"], ref["n_gen"], ref["finished"], ref["pos"], eos,
-                                              max_new)
+                                       dev["pos"], None if eos is None else eos.cuda())
+        want = reference.accept_greedy_commit(*args, ref["out"], ref["n_gen"], ref["finished"], ref["pos"], eos)
         for g, w in zip(got, want):
             assert torch.equal(g.cpu(), w), trial
         for n in state:
@@ -196,8 +195,8 @@ def test_extension_accept_and_commit_match_reference(ext):
         st2 = {n: t.clone() for n, t in state.items()}
         dv2 = {n: t.cuda() for n, t in state.items()}
         c_got = ext.commit_tokens(dv2["out"], dv2["n_gen"], dv2["finished"], tokens.cuda(), count.cuda(),
-                                  None if eos is None else eos.cuda(), max_new)
-        c_want = reference.commit_tokens(st2["out"], st2["n_gen"], st2["finished"], tokens, count, eos, max_new)
+                                  None if eos is None else eos.cuda())
+        c_want = reference.commit_tokens(st2["out"], st2["n_gen"], st2["finished"], tokens, count, eos)
         assert torch.equal(c_got.cpu(), c_want)
         assert torch.equal(dv2["out"].cpu()[:, :-1], st2["out"][:, :-1])
         assert torch.equal(dv2["n_gen"].cpu(), st2["n_gen"])

@@ -8,7 +8,7 @@ from kangaroo_rt import reference
 EOS = 3
 
 
-def _python_round(drafts, n_drafts, target, out, n_gen, finished, pos, eos, max_new):
+def _python_round(drafts, n_drafts, target, out, n_gen, finished, pos, eos):
     """Greedy acceptance + commit, one row at a time, on Python lists (mutated in place)."""
     accepted, nxt, committed = [], [], []
     for r, (row, n, tgt) in enumerate(zip(drafts, n_drafts, target)):
@@ -17,11 +17,11 @@ def _python_round(drafts, n_drafts, target, out, n_gen, finished, pos, eos, max_
             j += 1
         accepted.append(j)
         nxt.append(tgt[j])
-        committed.append(_python_commit_row(r, row[:j] + [tgt[j]], out, n_gen, finished, eos, max_new))
+        committed.append(_python_commit_row(r, row[:j] + [tgt[j]], out, n_gen, finished, eos))
     return [accepted, nxt, committed]
 
 
-def _python_commit_row(r, run, out, n_gen, finished, eos, max_new):
+def _python_commit_row(r, run, out, n_gen, finished, eos):
     if finished[r]:
         return 0
     done = 0
@@ -33,13 +33,13 @@ def _python_commit_row(r, run, out, n_gen, finished, eos, max_new):
         if tok in eos:
             hit = True
             break
-    finished[r] = hit or n_gen[r] >= max_new
+    finished[r] = hit
     return done
 
 
-def _python_accept_commit(drafts, n_drafts, target, out, n_gen, finished, pos, eos, max_new):
+def _python_accept_commit(drafts, n_drafts, target, out, n_gen, finished, pos, eos):
     was_active = [not f for f in finished]
-    acc, nxt, com = _python_round(drafts, n_drafts, target, out, n_gen, finished, pos, eos, max_new)
+    acc, nxt, com = _python_round(drafts, n_drafts, target, out, n_gen, finished, pos, eos)
     for r, on in enumerate(was_active):
         if on:
             pos[r] += acc[r] + 1
@@ -54,16 +54,17 @@ def _state(batch, width, gen):
     return out, n_gen, finished, pos
 
 
-def _run_all(fn, drafts, n_drafts, target, state, eos, max_new):
+def _run_all(fn, drafts, n_drafts, target, state, eos):
     out, n_gen, finished, pos = (t.clone() for t in state)
-    res = fn(drafts, n_drafts, target, out, n_gen, finished, pos, eos, max_new)
+    res = fn(drafts, n_drafts, target, out, n_gen, finished, pos, eos)
     return [[t.tolist() for t in res], out[:, :-1].tolist(), n_gen.tolist(), finished.tolist(), pos.tolist()]
 
 
 def test_accept_greedy_commit_cases():
     mod = kernel_module("accept")
     eos = torch.tensor([EOS])
-    # rows: no drafts; all accepted (bonus); EOS inside the accepted run; finished row; reaches max_new;
+    # rows: no drafts; all accepted (bonus); EOS inside the accepted run; finished row; passes 8 tokens (the
+    # ops know no token limit: the caller's finished |= n_gen >= max_new does);
     # the correction is EOS; placeholder after n_drafts.
     drafts = torch.tensor([[-1, -1, -1], [4, 5, 6], [4, EOS, 6], [4, 5, 6], [4, 5, 6], [4, 9, 9], [4, -1, -1]])
     n_drafts = torch.tensor([0, 3, 3, 3, 3, 3, 1])
@@ -71,10 +72,10 @@ def test_accept_greedy_commit_cases():
                            [4, EOS, 6, 8], [4, 5, 6, 8]])
     state = (torch.zeros(7, 16, dtype=torch.long), torch.tensor([0, 1, 2, 3, 7, 0, 0]),
              torch.tensor([False, False, False, True, False, False, False]), torch.tensor([5, 6, 7, 8, 9, 10, 11]))
-    got = _run_all(mod.accept_greedy_commit, drafts, n_drafts, target, state, eos, 8)
-    ref = _run_all(reference.accept_greedy_commit, drafts, n_drafts, target, state, eos, 8)
+    got = _run_all(mod.accept_greedy_commit, drafts, n_drafts, target, state, eos)
+    ref = _run_all(reference.accept_greedy_commit, drafts, n_drafts, target, state, eos)
     py_state = [t.tolist() for t in state]
-    py = _python_accept_commit(drafts.tolist(), n_drafts.tolist(), target.tolist(), *py_state, [EOS], 8)
+    py = _python_accept_commit(drafts.tolist(), n_drafts.tolist(), target.tolist(), *py_state, [EOS])
     assert got == ref
     assert got[0] == py
     assert got[1] == [row[:-1] for row in py_state[0]] and got[2:] == py_state[1:]
@@ -82,7 +83,7 @@ def test_accept_greedy_commit_cases():
     assert accepted == [0, 3, 3, 3, 3, 1, 1]
     assert nxt == [7, 8, 8, 8, 8, EOS, 5]
     assert committed == [1, 4, 2, 0, 4, 2, 2]
-    assert got[3] == [False, False, True, True, True, True, False]  # n_gen 11 >= 8 for row 4
+    assert got[3] == [False, False, True, True, False, True, False]  # row 4 (n_gen 11) runs on
 
 
 @pytest.mark.parametrize("n_eos", [0, 1, 2])
@@ -98,10 +99,10 @@ def test_accept_greedy_commit_random_against_python(n_eos):
         drafts = torch.where(torch.rand(b, k, generator=gen) < 0.8, target[:, :k], torch.randint(0, v, (b, k), generator=gen))
         drafts = torch.where(torch.arange(k)[None] < n[:, None], drafts, -1)
         state = _state(b, 12 + k, gen)
-        got = _run_all(mod.accept_greedy_commit, drafts, n, target, state, eos, 10)
-        assert got == _run_all(reference.accept_greedy_commit, drafts, n, target, state, eos, 10)
+        got = _run_all(mod.accept_greedy_commit, drafts, n, target, state, eos)
+        assert got == _run_all(reference.accept_greedy_commit, drafts, n, target, state, eos)
         py_state = [t.tolist() for t in state]
-        py = _python_accept_commit(drafts.tolist(), n.tolist(), target.tolist(), *py_state, eos_ids, 10)
+        py = _python_accept_commit(drafts.tolist(), n.tolist(), target.tolist(), *py_state, eos_ids)
         assert got[0] == py
         assert got[1] == [row[:-1] for row in py_state[0]] and got[2:] == py_state[1:]
         acc, nxt = mod.accept_greedy(drafts, n, target)
@@ -121,10 +122,10 @@ def test_commit_tokens_against_python():
         results = []
         for fn in (mod.commit_tokens, reference.commit_tokens):
             o, g, f = out.clone(), n_gen.clone(), finished.clone()
-            c = fn(o, g, f, tokens, count, eos, 9)
+            c = fn(o, g, f, tokens, count, eos)
             results.append((c.tolist(), o[:, :-1].tolist(), g.tolist(), f.tolist()))
         assert results[0] == results[1]
-        com = [_python_commit_row(r, tokens[r, :count[r]].tolist(), py[0], py[1], py[2], [EOS] if eos is not None else [], 9)
+        com = [_python_commit_row(r, tokens[r, :count[r]].tolist(), py[0], py[1], py[2], [EOS] if eos is not None else [])
                for r in range(b)]
         assert results[0] == (com, [row[:-1] for row in py[0]], py[1], py[2])
 

@@ -161,8 +161,8 @@ def _calls_accept(mod):
         finished = _meta(b, dtype=torch.bool)
         mod.accept_greedy(drafts, n_drafts, target)
         for eos in (None, _long(2)):
-            mod.accept_greedy_commit(drafts, n_drafts, target, out, n_gen, finished, pos, eos, 128)
-            mod.commit_tokens(out, n_gen, finished, target, n_drafts, eos, 128)
+            mod.accept_greedy_commit(drafts, n_drafts, target, out, n_gen, finished, pos, eos)
+            mod.commit_tokens(out, n_gen, finished, target, n_drafts, eos)
         probs = _meta(b, k + 1, 32000, dtype=torch.float32)
         mod.accept_sampling_counts(drafts, n_drafts, probs, probs[:, :k], _meta(b, k, dtype=torch.float32))
 
