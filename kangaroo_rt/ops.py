@@ -10,6 +10,14 @@ choice on CPU; Triton kernels (``kernels/``, imported at their first dispatch, n
 triton backend is forced. The CUDA extension's ops (``kangaroo_rt._C`` through :mod:`kangaroo_rt._ext`,
 imported at the first CUDA dispatch) come first on CUDA tensors when it was built; when it was not, one
 warning says so and the next backend serves. :func:`backend_table` tells which backend serves each op on a given device.
+
+Two rules keep a kernel from being the wrong choice at run time:
+
+- Kernels have no backward: a call that autograd records (grad enabled and an input that requires grad, as
+  in adapter training) is served by the torch reference, whatever the backend.
+- A kernel backend that loads but cannot run (an extension with no kernel image for this GPU, a Triton that
+  cannot compile) raises at its first call: one warning says so, and from then on the next backend serves
+  that op on that device type.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, ContextManager, Dict, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -34,6 +42,8 @@ _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {}
 _forced: Optional[str] = None
 # (op, device type, requested backend, TRITON_INTERPRET) -> (backend name, implementation)
 _RESOLVED: Dict[Tuple[str, str, Optional[str], Optional[str]], Tuple[str, Callable]] = {}
+# (op, device type, backend) whose implementation raised at its first call: dispatch skips them.
+_BROKEN: Set[Tuple[str, str, str]] = set()
 
 
 class LazyKernel:
@@ -204,17 +214,53 @@ def _usable(backend: str, fn: Callable) -> Optional[Callable]:
         return None
 
 
+class _FirstRun:
+    """A kernel backend's implementation until its first call returns.
+
+    A backend that loads but cannot run raises there (no kernel image for this GPU, a Triton compile error):
+    the (op, device type, backend) is then marked broken, one line of warning says so, and the call is served
+    again by the backend dispatch picks next. ValueError and TypeError are the caller's bad inputs and pass
+    through. After one good call the plain implementation replaces this wrapper in the cache.
+    """
+
+    def __init__(self, op: str, device_type: str, backend: str, fn: Callable, key: Tuple) -> None:
+        self.op, self.device_type, self.backend, self.fn, self.key = op, device_type, backend, fn, key
+
+    def __call__(self, *args, **kwargs):
+        try:
+            result = self.fn(*args, **kwargs)
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:
+            _BROKEN.add((self.op, self.device_type, self.backend))
+            _RESOLVED.clear()
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            backend, fn = resolve(self.op, torch.device(self.device_type))
+            warnings.warn(f"kangaroo_rt: the {self.backend} backend's {self.op} failed on {self.device_type} "
+                          f"({type(exc).__name__}: {first_line}); {backend} serves it from now on", RuntimeWarning,
+                          stacklevel=3)
+            return fn(*args, **kwargs)
+        if _RESOLVED.get(self.key, (None, None))[1] is self:
+            _RESOLVED[self.key] = (self.backend, self.fn)
+        return result
+
+
 def _resolve_uncached(op: str, device_type: str, wanted: Optional[str], interpret: bool) -> Tuple[str, Callable]:
     impls = _REGISTRY[op]
+
+    def works(name: str) -> bool:
+        return (name in impls and (op, device_type, name) not in _BROKEN
+                and _device_ok(impls[name][1], device_type, wanted is not None, interpret))
+
     if wanted is not None:
-        if wanted in impls and _device_ok(impls[wanted][1], device_type, True, interpret):
+        if works(wanted):
             fn = _usable(wanted, impls[wanted][0])
             if fn is not None:
                 return wanted, fn
-        # A forced backend that lacks this op falls back to the reference, never to another kernel.
+        # A forced backend that lacks this op (or cannot run it) falls back to the reference, never to another kernel.
         return "torch", impls["torch"][0]
     for name in BACKENDS:
-        if name in impls and _device_ok(impls[name][1], device_type, False, interpret):
+        if works(name):
             fn = _usable(name, impls[name][0])
             if fn is not None:
                 return name, fn
@@ -222,14 +268,24 @@ def _resolve_uncached(op: str, device_type: str, wanted: Optional[str], interpre
 
 
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
-    """(backend name, implementation) that serves ``op`` on ``device``; cached per (op, device type, choice)."""
+    """(backend name, implementation) that serves ``op`` on ``device``; cached per (op, device type, choice).
+    A kernel backend's implementation comes wrapped by :class:`_FirstRun` until its first call returns."""
     wanted = _requested_backend()
     interpret = os.environ.get("TRITON_INTERPRET")
     key = (op, device.type, wanted, interpret)
     hit = _RESOLVED.get(key)
     if hit is None:
-        hit = _RESOLVED[key] = _resolve_uncached(op, device.type, wanted, interpret == "1")
+        name, fn = _resolve_uncached(op, device.type, wanted, interpret == "1")
+        hit = _RESOLVED[key] = (name, fn if name == "torch" else _FirstRun(op, device.type, name, fn, key))
     return hit
+
+
+def _serve(op: str, device: torch.device, *differentiable: torch.Tensor) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``; the torch reference when autograd records
+    through any of ``differentiable`` (no kernel has a backward)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return _REGISTRY[op]["torch"][0]
+    return resolve(op, device)[1]
 
 
 def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
@@ -267,17 +323,17 @@ for _name in _ext.OPS:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: (..., D) -> (..., D)."""
-    return resolve("rms_norm", x.device)[1](x, weight, eps)
+    return _serve("rms_norm", x.device, x, weight)(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """-> (x + residual, rms_norm(x + residual))."""
-    return resolve("add_rms_norm", x.device)[1](x, residual, weight, eps)
+    return _serve("add_rms_norm", x.device, x, residual, weight)(x, residual, weight, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, q, D); cos/sin: (B, q, D)."""
-    return resolve("apply_rope", x.device)[1](x, cos, sin)
+    return _serve("apply_rope", x.device, x, cos, sin)(x, cos, sin)
 
 
 def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
@@ -285,22 +341,22 @@ def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.T
 
     Returns the rotated q (B, Hq, q, D); cos/sin: (B, q, D).
     """
-    return resolve("rope_cache_append", q.device)[1](q, k, v, cos, sin, k_cache, v_cache, positions)
+    return _serve("rope_cache_append", q.device, q, k, v, cos, sin)(q, k, v, cos, sin, k_cache, v_cache, positions)
 
 
 def cache_append(k_cache, v_cache, k, v, positions) -> None:
     """Write k/v (B, Hkv, q, D) into the caches (B_max, Hkv, T_max, D) at positions (B, q)."""
-    return resolve("cache_append", k.device)[1](k_cache, v_cache, k, v, positions)
+    return _serve("cache_append", k.device, k, v)(k_cache, v_cache, k, v, positions)
 
 
 def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
     """q: (B, Hq, q, D) over the cache with per-row positions (B, q) -> (B, Hq, q, D)."""
-    return resolve("attention", q.device)[1](q, k_cache, v_cache, positions, kv_len)
+    return _serve("attention", q.device, q, k_cache, v_cache)(q, k_cache, v_cache, positions, kv_len)
 
 
 def process_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
     """(..., V) logits -> (..., V) fp32 probabilities after temperature / top-k / top-p."""
-    return resolve("process_logits", logits.device)[1](logits, temperature, top_k, top_p)
+    return _serve("process_logits", logits.device, logits)(logits, temperature, top_k, top_p)
 
 
 def greedy_with_confidence(logits):
