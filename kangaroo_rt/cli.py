@@ -141,9 +141,9 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .train.data import load_examples
     from .train.states import Dumped, OnTheFly, dump_states, first_tokens
-    from .train.trainer import TrainConfig, Trainer, export_adapter, init_distributed
+    from .train.trainer import TrainConfig, Trainer, export_adapter, init_distributed, local_device
 
-    device = torch.device(args.device)
+    device = local_device(args.device)  # cuda:LOCAL_RANK under torchrun
     dtype = getattr(torch, args.dtype) if args.dtype else None
     target = load_model(args.model, dtype=dtype, device=device)
     rank, world = init_distributed(device)

@@ -46,6 +46,14 @@ class GenerateOutput:
         return self.stats.wall_time_s
 
 
+def _check_adapter_placement(adapter: Adapter, target: Transformer) -> None:
+    """The adapter runs on the target's hidden states and feeds the target's lm_head: same dtype, same device."""
+    if adapter.dtype != target.dtype or adapter.device != target.device:
+        raise ValueError(f"the adapter is {adapter.dtype} on {adapter.device} but the target is {target.dtype} on "
+                         f"{target.device}; convert the adapter first: adapter.to(dtype={target.dtype}, "
+                         f"device='{target.device}') (KangarooModel.from_pretrained does this when it loads one)")
+
+
 class KangarooModel:
     """A target model plus an optional Kangaroo adapter exiting at ``exit_layer``.
 
@@ -61,6 +69,7 @@ class KangarooModel:
         _check_exit_layer(exit_layer, target.num_layers)
         if adapter is not None:
             _check_adapter_matches(adapter.config, target.config)
+            _check_adapter_placement(adapter, target)
         if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
         self.target = target

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kangaroo_rt
-from kangaroo_rt.testing import edit_config
+from checks import edit_config
 from kangaroo_rt import Adapter, KangarooConfig, KangarooModel, ModelConfig, load_model
 from kangaroo_rt.adapter import ADAPTER_KEYS
 
@@ -251,6 +251,17 @@ def test_kangaroo_model_rejects_adapter_for_other_target():
     other_vocab = Adapter.random(_cfg(vocab_size=50))
     with pytest.raises(ValueError, match="vocab_size: adapter 50 vs target 97"):
         KangarooModel(target, other_vocab, exit_layer=2)
+
+
+def test_kangaroo_model_rejects_adapter_of_another_dtype():
+    """A bf16 target with the trainer's fp32 adapter: a clear error naming both and the conversion, not a
+    dtype mismatch deep in the first draft step."""
+    target = kangaroo_rt.Transformer.random(_cfg()).to(torch.bfloat16)
+    adapter = Adapter.random(_cfg())
+    with pytest.raises(ValueError, match=r"adapter is torch.float32 on cpu but the target is torch.bfloat16.*adapter.to"):
+        KangarooModel(target, adapter, exit_layer=2)
+    model = KangarooModel(target, adapter.to(torch.bfloat16), exit_layer=2)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape == (1, 7)
 
 
 def test_from_pretrained_rejects_adapter_folder_for_other_target(tmp_path):

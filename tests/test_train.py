@@ -10,7 +10,9 @@ import torch
 import kangaroo_rt as K
 from kangaroo_rt.train.loss import distill_loss
 from kangaroo_rt.train.states import Dumped, dump_states
-from kangaroo_rt.train.trainer import TrainConfig, Trainer, export_adapter, lr_factor
+from kangaroo_rt import ops, reference
+from kangaroo_rt.train import trainer as trainer_module
+from kangaroo_rt.train.trainer import TrainConfig, Trainer, export_adapter, local_device, lr_factor
 from train_fixtures import make_problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +116,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     worker = os.path.join(HERE, "ddp_worker.py")
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+    # --standalone: a free port of torchrun's choosing, so concurrent runs do not collide on a fixed one.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     worker, str(two), "2", "1", "6"], check=True, env=env, timeout=300, capture_output=True)
     subprocess.run([sys.executable, worker, str(one), "2", "2", "6"], check=True, env=env, timeout=300)
     a, b = torch.load(two), torch.load(one)
@@ -166,3 +169,75 @@ def test_export_loads_strictly(tmp_path):
     model = K.KangarooModel(target, loaded, exit_layer=2)
     ids = torch.randint(0, 64, (2, 5))
     assert torch.equal(model.generate(ids, max_new_tokens=8), model.generate(ids, max_new_tokens=8, kangaroo=None))
+
+
+def _small_trainer(**cfg):
+    target, adapter, source, held = make_problem(n_train=8, n_held=1)
+    config = TrainConfig(**{"steps": 2, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 1, "progress": False, **cfg})
+    return Trainer(target, adapter, 2, source, config, eval_prompts=[held[0].input_ids[:4]])
+
+
+def test_train_step_backpropagates_when_the_norm_is_a_kernel(monkeypatch):
+    """On CUDA the adapter's RMSNorm dispatches to a kernel with no backward; training must not go through it."""
+    def kernel_without_backward(x, weight, eps):
+        with torch.no_grad():
+            return reference.rms_norm(x, weight, eps)
+
+    monkeypatch.setitem(ops._REGISTRY, "rms_norm", dict(ops._REGISTRY["rms_norm"],
+                                                        triton=(kernel_without_backward, ("cpu",))))
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
+    ops._RESOLVED.clear()
+    try:
+        assert ops.resolve("rms_norm", torch.device("cpu"))[0] == "triton"
+        trainer = _small_trainer()
+        before = trainer.adapter.norm.weight.detach().clone()
+        m = trainer.train_step()
+    finally:
+        ops._RESOLVED.clear()
+    assert m["tokens"] > 0 and not torch.equal(trainer.adapter.norm.weight, before)
+
+
+def test_fp32_adapter_against_a_bf16_target_trains_and_evaluates():
+    """The CLI's default: fp32 adapter weights, a half-precision target, no --amp."""
+    trainer = _small_trainer()
+    trainer.target.to(torch.bfloat16)
+    assert trainer.adapter.dtype == torch.float32
+    m = trainer.train_step()
+    assert m["loss"] > 0 and trainer.adapter.dtype == torch.float32
+    assert trainer.evaluate()["eval_mat"] >= 1.0
+    assert trainer.adapter.dtype == torch.float32 and trainer.adapter.training  # evaluated a copy
+
+
+def test_distributed_statistics_live_on_the_trainers_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: the per-step statistics go to the trainer's device (checked here
+    on CPU with a stand-in all_reduce over a two-rank world that sums equal halves)."""
+    trainer = _small_trainer()
+    reduced = []
+
+    def all_reduce(t, op=None):
+        reduced.append(t)
+        t.mul_(2)
+
+    monkeypatch.setattr(trainer_module.dist, "all_reduce", all_reduce)
+    trainer.world = 2
+    m = trainer.train_step()
+    stats = reduced[-1]
+    assert stats.dtype == torch.float64 and stats.shape == (3,) and stats.device == trainer.device
+    assert all(t.device == trainer.device for t in reduced)
+    assert m["tokens"] == int(stats[1])
+    trainer.device = torch.device("meta")
+    assert trainer._stats_tensor([1.0, 2, 3]).device == torch.device("meta")
+
+
+def test_local_device_follows_torchrun(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_device("cuda") == torch.device("cuda") and local_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cuda") == torch.device("cuda", 3)
+    assert local_device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
+    assert local_device("cpu") == torch.device("cpu")
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert trainer_module.init_distributed(torch.device("cuda", 3)) == (0, 1)
+    assert current == [torch.device("cuda", 3)]

@@ -39,7 +39,9 @@ def distill_loss(target: Transformer, adapter: Adapter, exit_hidden: torch.Tenso
     total = y.new_zeros(())
     agree = torch.zeros((), dtype=torch.long, device=y.device)
     for lo in range(0, y.shape[0], chunk):
-        draft_logits = target.lm_head(y[lo:lo + chunk]).float()
+        # y is the adapter's dtype (fp32 master weights against a half target without --amp): the frozen lm_head
+        # runs in its own dtype, and the cast passes the gradient back to the adapter.
+        draft_logits = target.lm_head(y[lo:lo + chunk].to(target.lm_head.weight.dtype)).float()
         with torch.no_grad(), ops.device_context(target.device):  # the norm may be a Triton kernel
             teacher_logits = target.head(final_hidden[lo:lo + chunk].to(target.dtype)).float()
             teacher_top1 = teacher_logits.argmax(-1)

@@ -9,12 +9,13 @@ the same update as one process with the same global batch, up to floating-point 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -75,9 +76,23 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def local_device(device: Union[str, torch.device]) -> torch.device:
+    """This process's device by torchrun's conventions: under torchrun (``LOCAL_RANK`` set) a CUDA device
+    without an index is ``cuda:LOCAL_RANK``, so every rank of a node gets its own GPU. Call it before
+    loading the model; :func:`init_distributed` makes the device current."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def init_distributed(device: torch.device) -> Tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+    """(rank, world size); initialises the process group when launched by torchrun (nccl on CUDA, with
+    ``device``, from :func:`local_device`, made current first as NCCL requires; gloo otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
@@ -147,7 +162,7 @@ class Trainer:
         if self.world > 1:
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            stats = torch.tensor([loss_sum, n_local, agree], dtype=torch.float64)
+            stats = self._stats_tensor([loss_sum, n_local, agree])
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             loss_sum, n_local, agree = float(stats[0]), int(stats[1]), int(stats[2])
         if cfg.clip == "value":
@@ -161,6 +176,10 @@ class Trainer:
         return {"step": self.step, "loss": loss_sum / max(1, n_local), "top1": agree / max(1, n_local),
                 "tokens": n_local, "lr": lr}
 
+    def _stats_tensor(self, values: List[float]) -> torch.Tensor:
+        """(3,) float64 on the trainer's device: NCCL reduces CUDA tensors only (gloo takes either)."""
+        return torch.tensor(values, dtype=torch.float64, device=self.device)
+
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
@@ -169,7 +188,10 @@ class Trainer:
         from ..generate import KangarooModel
 
         self.adapter.eval()
-        model = KangarooModel(self.target, self.adapter, exit_layer=self.exit_layer,
+        adapter = self.adapter
+        if adapter.dtype != self.target.dtype:  # fp32 master weights against a half target: decode with a copy
+            adapter = copy.deepcopy(adapter).to(dtype=self.target.dtype)
+        model = KangarooModel(self.target, adapter, exit_layer=self.exit_layer,
                               kangaroo=KangarooConfig(gamma=6, eta=0.0))
         rounds = tokens = 0
         attempts: List[int] = [0] * 6
@@ -262,4 +284,4 @@ def export_adapter(adapter: Adapter, folder: str, exit_layer: int, extra: Option
     return folder
 
 
-__all__ = ["TrainConfig", "Trainer", "lr_factor", "init_distributed", "export_adapter"]
+__all__ = ["TrainConfig", "Trainer", "lr_factor", "local_device", "init_distributed", "export_adapter"]
