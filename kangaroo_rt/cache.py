@@ -10,7 +10,10 @@ def _free_device_bytes(device: torch.device) -> Optional[int]:
     """Free memory on ``device`` in bytes, or None when it cannot be told (CPU: available RAM)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        # Blocks torch's caching allocator holds but no tensor uses (a replaced cache's, say) are free to torch,
+        # though mem_get_info counts them as taken.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:

@@ -321,3 +321,13 @@ def test_model_config_rope_scaling_without_factor():
     with pytest.raises(ValueError, match="needs a 'factor'"):
         _cfg(rope_scaling={"rope_type": "linear"})
 
+
+
+def test_free_memory_counts_the_caching_allocators_unused_blocks(monkeypatch):
+    """mem_get_info counts blocks torch's allocator reserved but no tensor uses as taken; torch can reuse them."""
+    from kangaroo_rt import cache
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**20, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 900 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300 * 2**20)
+    assert cache._free_device_bytes(torch.device("cuda", 0)) == 700 * 2**20
