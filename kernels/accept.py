@@ -148,6 +148,12 @@ def _block(k: int) -> int:
     return max(16, triton.next_power_of_2(k + 1))
 
 
+def _state_ok(out: torch.Tensor, *rows: torch.Tensor) -> bool:
+    """In-place state the kernels index as ``ptr + b`` (rows) and ``ptr + b * stride + col`` (out): 1-D
+    contiguous rows, unit column stride. Other layouts go to the reference, as the CUDA extension's do."""
+    return out.dim() == 2 and out.stride(1) == 1 and all(t.dim() == 1 and t.is_contiguous() for t in rows)
+
+
 def _eos_args(eos: Optional[torch.Tensor], device: torch.device):
     if eos is None or eos.numel() == 0:
         return torch.empty(1, dtype=torch.long, device=device), 0, False
@@ -159,6 +165,7 @@ def accept_greedy(drafts: torch.Tensor, n_drafts: torch.Tensor,
                   target_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """drafts: (B, K) int64; n_drafts: (B,); target_tokens: (B, K+1) -> (accepted (B,), next_token (B,))."""
     batch, k = drafts.shape
+    n_drafts = n_drafts.to(torch.long).contiguous()  # (B,) read as ptr + b
     accepted = torch.empty(batch, dtype=torch.long, device=drafts.device)
     next_token = torch.empty_like(accepted)
     if batch:
@@ -180,6 +187,7 @@ def accept_sampling_counts(drafts: torch.Tensor, n_drafts: torch.Tensor, target_
                            draft_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.accept_sampling_counts`: accepted counts (B,) int64."""
     batch, k = drafts.shape
+    n_drafts = n_drafts.to(torch.long).contiguous()  # (B,) read as ptr + b
     accepted = torch.zeros(batch, dtype=torch.long, device=drafts.device)
     if batch and k:
         _accept_sampling_kernel[(batch,)](drafts, n_drafts, target_probs, draft_probs, uniforms, accepted,
@@ -191,8 +199,12 @@ def accept_sampling_counts(drafts: torch.Tensor, n_drafts: torch.Tensor, target_
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
                   count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
-    """See :func:`kangaroo_rt.reference.commit_tokens` (in place; the trash column is never written)."""
+    """See :func:`kangaroo_rt.reference.commit_tokens` (in place). Valid tokens are written at columns < W;
+    invalid ones are skipped, never written to the trash column."""
+    if not _state_ok(out, n_gen, finished):
+        return reference.commit_tokens(out, n_gen, finished, tokens, count, eos)
     batch, n = tokens.shape
+    count = count.to(torch.long).contiguous()  # (B,) read as ptr + b
     committed = torch.zeros(batch, dtype=torch.long, device=tokens.device)
     eos_t, n_eos, has_eos = _eos_args(eos, tokens.device)
     if batch:
@@ -206,7 +218,10 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
                          out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
                          eos: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`kangaroo_rt.reference.accept_greedy_commit`: one launch, in place, no host sync."""
+    if not _state_ok(out, n_gen, finished, pos):
+        return reference.accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos)
     batch, k = drafts.shape
+    n_drafts = n_drafts.to(torch.long).contiguous()  # (B,) read as ptr + b
     accepted = torch.empty(batch, dtype=torch.long, device=drafts.device)
     next_token = torch.empty_like(accepted)
     committed = torch.empty_like(accepted)

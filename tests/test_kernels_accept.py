@@ -163,3 +163,44 @@ def test_accept_sampling_against_python_and_reference():
         assert torch.equal(nxt, ref_nxt)  # same residual sampler, same random stream
         if k:
             assert acc[-1] == k and acc[0] == 0
+
+
+def _strided(t):
+    """t (B,) as a view with stride 2 into a buffer whose other elements are a sentinel."""
+    buf = torch.full((2 * t.shape[0],), 99, dtype=t.dtype) if t.dtype != torch.bool else torch.ones(2 * t.shape[0],
+                                                                                                      dtype=torch.bool)
+    view = buf[::2]
+    view.copy_(t)
+    return buf, view
+
+
+def test_strided_per_row_state():
+    """Per-row state given as strided views (a column of a (B, 2) tensor, say): the kernels index rows as
+    ptr + b, so strided read-only rows are made contiguous and strided in-place rows go to the reference."""
+    mod = kernel_module("accept")
+    gen = torch.Generator().manual_seed(7)
+    b, k = 5, 3
+    target = torch.randint(0, 6, (b, k + 1), generator=gen)
+    drafts = torch.where(torch.rand(b, k, generator=gen) < 0.7, target[:, :k], 5)
+    n_drafts = torch.tensor([0, 1, 3, 3, 2])
+    eos = torch.tensor([EOS])
+    out, n_gen, finished, pos = _state(b, 12, gen)
+    want = _run_all(reference.accept_greedy_commit, drafts, n_drafts, target, (out, n_gen, finished, pos), eos)
+    bufs, views = zip(*(_strided(t) for t in (n_drafts, n_gen, finished, pos)))
+    o = out.clone()
+    res = mod.accept_greedy_commit(drafts, views[0], target, o, views[1], views[2], views[3], eos)
+    got = [[t.tolist() for t in res], o[:, :-1].tolist(), views[1].tolist(), views[2].tolist(), views[3].tolist()]
+    assert got == want
+    assert all(bool((buf[1::2] == (True if buf.dtype == torch.bool else 99)).all()) for buf in bufs)  # untouched
+    assert [t.tolist() for t in mod.accept_greedy(drafts, views[0], target)] == want[0][:2]
+
+    count = torch.tensor([0, 1, 4, 2, 3])
+    tokens = target
+    o1, g1, f1 = out.clone(), n_gen.clone(), finished.clone()
+    c1 = reference.commit_tokens(o1, g1, f1, tokens, count, eos)
+    (_, count_v), (gbuf, g2), (_, f2) = _strided(count), _strided(n_gen), _strided(finished)
+    o2 = out.clone()
+    c2 = mod.commit_tokens(o2, g2, f2, tokens, count_v, eos)
+    assert [c2.tolist(), o2[:, :-1].tolist(), g2.tolist(), f2.tolist()] == [c1.tolist(), o1[:, :-1].tolist(),
+                                                                           g1.tolist(), f1.tolist()]
+    assert bool((gbuf[1::2] == 99).all())
