@@ -45,7 +45,22 @@ void check_row_state(const at::Tensor& t, int64_t batch, at::ScalarType type, co
               what, ": ", name, " must be a contiguous 1-D ", type, " tensor of >= ", batch, " rows");
 }
 
+// Read-only per-row input (n_drafts, count): one value per row, any integer type (made int64 and contiguous).
+void check_rows(const at::Tensor& t, int64_t batch, const char* name, const char* what) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "kangaroo_rt._C.", what, ": ", name, " must be (", batch,
+              ",), got ", t.sizes());
+}
+
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Runs a launcher and checks what it returns. The launchers end with cudaGetLastError(), which also reports an
+// earlier, unrelated failure on this thread (left by another library, say): that is cleared first, so an
+// error names this launch.
+template <typename Launcher>
+void run_launcher(const char* what, Launcher&& launcher) {
+  (void)cudaGetLastError();
+  check_cuda(launcher(), what);
+}
 
 std::pair<const int64_t*, int64_t> eos_args(const c10::optional<at::Tensor>& eos, at::Tensor& holder,
                                             const at::Tensor& like) {
@@ -76,11 +91,12 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const c10::opt
     if (r2.stride(-1) != 1) r2 = r2.contiguous();
     new_residual = at::empty(x.sizes(), x.options());
   }
-  check_cuda(kr_rms_norm(x2.data_ptr(), x2.stride(0), r2.defined() ? r2.data_ptr() : nullptr,
-                         r2.defined() ? r2.stride(0) : 0, new_residual.defined() ? new_residual.data_ptr() : nullptr,
-                         n_cols, w.data_ptr(), out.data_ptr(), n_cols, x2.size(0), n_cols, static_cast<float>(eps),
-                         code, stream()),
-             what);
+  run_launcher(what, [&] {
+    return kr_rms_norm(x2.data_ptr(), x2.stride(0), r2.defined() ? r2.data_ptr() : nullptr,
+                       r2.defined() ? r2.stride(0) : 0, new_residual.defined() ? new_residual.data_ptr() : nullptr,
+                       n_cols, w.data_ptr(), out.data_ptr(), n_cols, x2.size(0), n_cols, static_cast<float>(eps),
+                       code, stream());
+  });
   return {new_residual, out};
 }
 
@@ -133,7 +149,7 @@ at::Tensor rope_cache_append(const at::Tensor& q, const at::Tensor& k, const at:
   }
   for (int i = 0; i < 3; ++i) { a.scos[i] = c.stride(i); a.ssin[i] = s.stride(i); }
   a.spos[0] = p.stride(0); a.spos[1] = p.stride(1);
-  check_cuda(kr_rope_cache_append(&a, code, stream()), what);
+  run_launcher(what, [&] { return kr_rope_cache_append(&a, code, stream()); });
   return q_out;
 }
 
@@ -148,13 +164,15 @@ std::tuple<at::Tensor, at::Tensor> accept_greedy(const at::Tensor& drafts, const
   const int64_t batch = drafts.size(0), k = drafts.size(1);
   TORCH_CHECK(target_tokens.size(0) == batch && target_tokens.size(1) == k + 1,
               "kangaroo_rt._C.accept_greedy: target_tokens must be (", batch, ", ", k + 1, ")");
+  check_rows(n_drafts, batch, "n_drafts", what);
   const c10::cuda::CUDAGuard guard(drafts.device());
   at::Tensor n = n_drafts.to(at::kLong).contiguous();
   at::Tensor accepted = at::empty({batch}, drafts.options()), next_token = at::empty({batch}, drafts.options());
-  check_cuda(kr_accept_greedy(drafts.data_ptr<int64_t>(), drafts.stride(0), drafts.stride(1), n.data_ptr<int64_t>(),
-                              target_tokens.data_ptr<int64_t>(), target_tokens.stride(0), target_tokens.stride(1),
-                              batch, k, accepted.data_ptr<int64_t>(), next_token.data_ptr<int64_t>(), stream()),
-             what);
+  run_launcher(what, [&] {
+    return kr_accept_greedy(drafts.data_ptr<int64_t>(), drafts.stride(0), drafts.stride(1), n.data_ptr<int64_t>(),
+                            target_tokens.data_ptr<int64_t>(), target_tokens.stride(0), target_tokens.stride(1),
+                            batch, k, accepted.data_ptr<int64_t>(), next_token.data_ptr<int64_t>(), stream());
+  });
   return {accepted, next_token};
 }
 
@@ -170,16 +188,18 @@ at::Tensor commit_tokens(at::Tensor out, at::Tensor n_gen, at::Tensor finished, 
   check_row_state(finished, batch, at::kBool, "finished", what);
   TORCH_CHECK(out.size(0) >= batch && out.stride(1) == 1, "kangaroo_rt._C.commit_tokens: out must be (>= ", batch,
               ", W) with unit column stride");
+  check_rows(count, batch, "count", what);
   const c10::cuda::CUDAGuard guard(tokens.device());
   at::Tensor c = count.to(at::kLong).contiguous();
   at::Tensor eos_holder;
   auto e = eos_args(eos, eos_holder, tokens);
   at::Tensor committed = at::empty({batch}, tokens.options());
-  check_cuda(kr_commit_tokens(tokens.data_ptr<int64_t>(), tokens.stride(0), tokens.stride(1), tokens.size(1),
-                              c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), out.stride(0), out.size(1),
-                              n_gen.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()),
-                              e.first, e.second, batch, committed.data_ptr<int64_t>(), stream()),
-             what);
+  run_launcher(what, [&] {
+    return kr_commit_tokens(tokens.data_ptr<int64_t>(), tokens.stride(0), tokens.stride(1), tokens.size(1),
+                            c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), out.stride(0), out.size(1),
+                            n_gen.data_ptr<int64_t>(), reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()),
+                            e.first, e.second, batch, committed.data_ptr<int64_t>(), stream());
+  });
   return committed;
 }
 
@@ -202,20 +222,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy_commit(
   check_row_state(pos, batch, at::kLong, "pos", what);
   TORCH_CHECK(out.size(0) >= batch && out.stride(1) == 1, "kangaroo_rt._C.accept_greedy_commit: out must be (>= ",
               batch, ", W) with unit column stride");
+  check_rows(n_drafts, batch, "n_drafts", what);
   const c10::cuda::CUDAGuard guard(drafts.device());
   at::Tensor n = n_drafts.to(at::kLong).contiguous();
   at::Tensor eos_holder;
   auto e = eos_args(eos, eos_holder, drafts);
   at::Tensor accepted = at::empty({batch}, drafts.options());
   at::Tensor next_token = at::empty({batch}, drafts.options()), committed = at::empty({batch}, drafts.options());
-  check_cuda(kr_accept_greedy_commit(drafts.data_ptr<int64_t>(), drafts.stride(0), drafts.stride(1),
-                                     n.data_ptr<int64_t>(), target_tokens.data_ptr<int64_t>(), target_tokens.stride(0),
-                                     target_tokens.stride(1), batch, k, out.data_ptr<int64_t>(), out.stride(0),
-                                     out.size(1), n_gen.data_ptr<int64_t>(),
-                                     reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()), pos.data_ptr<int64_t>(),
-                                     e.first, e.second, accepted.data_ptr<int64_t>(),
-                                     next_token.data_ptr<int64_t>(), committed.data_ptr<int64_t>(), stream()),
-             what);
+  run_launcher(what, [&] {
+    return kr_accept_greedy_commit(drafts.data_ptr<int64_t>(), drafts.stride(0), drafts.stride(1),
+                                   n.data_ptr<int64_t>(), target_tokens.data_ptr<int64_t>(), target_tokens.stride(0),
+                                   target_tokens.stride(1), batch, k, out.data_ptr<int64_t>(), out.stride(0),
+                                   out.size(1), n_gen.data_ptr<int64_t>(),
+                                   reinterpret_cast<uint8_t*>(finished.data_ptr<bool>()), pos.data_ptr<int64_t>(),
+                                   e.first, e.second, accepted.data_ptr<int64_t>(),
+                                   next_token.data_ptr<int64_t>(), committed.data_ptr<int64_t>(), stream());
+  });
   return {accepted, next_token, committed};
 }
 
@@ -227,7 +249,9 @@ void replay_rounds(const std::vector<int64_t>& execs, int64_t rounds) {
     TORCH_CHECK(h != 0, "kangaroo_rt._C.replay_rounds: a null cudaGraphExec_t was given");
     handles.push_back(reinterpret_cast<cudaGraphExec_t>(h));
   }
-  check_cuda(kr_replay_rounds(handles.data(), static_cast<int>(handles.size()), rounds, stream()), "replay_rounds");
+  run_launcher("replay_rounds", [&] {
+    return kr_replay_rounds(handles.data(), static_cast<int>(handles.size()), rounds, stream());
+  });
 }
 
 // A device-side round loop over captured graphs; keeps the tensors its condition kernel reads alive.
@@ -260,7 +284,7 @@ class WhileGraph {
 
   void launch() {
     const c10::cuda::CUDAGuard guard(finished_.device());
-    check_cuda(kr_while_graph_launch(graph_, stream()), "WhileGraph.launch");
+    run_launcher("WhileGraph.launch", [&] { return kr_while_graph_launch(graph_, stream()); });
   }
 
  private:

@@ -122,7 +122,9 @@ def accept_greedy(drafts: torch.Tensor, n_drafts: torch.Tensor,
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
                   count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
-    """See :func:`kangaroo_rt.reference.commit_tokens` (in place; the trash column is never written)."""
+    """See :func:`kangaroo_rt.reference.commit_tokens` (in place). Unlike the reference, which scatters masked
+    entries into the trash column, csrc/accept.cu writes only valid tokens, at columns < W; the trash
+    column's contents are unspecified either way."""
     if not (_long_ok(tokens) and _state_ok(out, n_gen, finished)):
         return reference.commit_tokens(out, n_gen, finished, tokens, count, eos)
     return load().commit_tokens(out, n_gen, finished, tokens, count, eos)

@@ -151,3 +151,26 @@ def test_extension_is_lazy_optional_and_said_once():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_bindings_check_row_inputs_and_clear_stale_errors():
+    """bindings.cpp, read as text (its behaviour needs a GPU; tests/test_gpu_kernels_realistic.py runs it):
+    every launcher goes through run_launcher, which clears an earlier error before the launch, so that the
+    launcher's cudaGetLastError names this launch; n_drafts and count are checked to be (B,) before a kernel
+    reads B values from them."""
+    import re
+
+    with open(os.path.join(CSRC, "bindings.cpp")) as f:
+        text = f.read()
+    helper = text[text.index("void run_launcher("):]
+    assert helper.index("cudaGetLastError()") < helper.index("launcher()")
+    launches = set(re.findall(r"\b(kr_(?!while_graph_create|while_graph_destroy|while_graph_supported)\w+)\(", text))
+    assert launches, "no launcher calls found"
+    for name in launches:
+        for call in re.finditer(rf"\b{name}\(", text):
+            before = text[max(0, call.start() - 60):call.start()]
+            assert "run_launcher(" in before, f"{name} is called outside run_launcher"
+    for fn, rows in (("accept_greedy", "n_drafts"), ("commit_tokens", "count"), ("accept_greedy_commit", "n_drafts")):
+        body = text[re.search(rf"\n[\w:<>, ]+ {fn}\(", text).start():]
+        body = body[:body.index("\n}\n")]
+        assert f'check_rows({rows}, batch, "{rows}", what)' in body, fn
