@@ -56,14 +56,25 @@ def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
                  positions: torch.Tensor) -> None:
     """Write k/v at per-row positions, in place.
 
-    k_cache, v_cache: (B_max, Hkv, T_max, D); k, v: (B, Hkv, q, D); positions: (B, q) int64, each < T_max.
-    Rows 0..B-1 of the cache are written.
+    k_cache, v_cache: (B_max, Hkv, T_max, D); k, v: (B, Hkv, q, D); positions: (B, q) int64.
+    Rows 0..B-1 of the cache are written. A position outside [0, T_max) writes nothing, as in the Triton
+    and CUDA kernels (a kernel cannot raise, and a check here would cost a host sync).
     """
-    batch = k.shape[0]
+    batch, q_len, t_max = k.shape[0], k.shape[2], k_cache.shape[2]
+    positions = positions.expand(batch, q_len)
     rows = torch.arange(batch, device=k.device)[:, None]  # (B, 1)
-    # Advanced indices on dims 0 and 2 around a slice put the indexed dims first: (B, q, Hkv, D).
-    k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+    ok = (positions >= 0) & (positions < t_max)  # (B, q)
+    # Skipped without a host sync: an out-of-range entry rewrites its row's first in-range entry (same slot,
+    # same value), or, in a row with none, the value its clamped slot already holds.
+    first = ok.long().argmax(dim=1)  # (B,)
+    any_ok = ok.any(dim=1)[:, None, None, None]  # (B, 1, 1, 1)
+    slots = torch.where(ok, positions, positions.gather(1, first[:, None])).clamp(0, t_max - 1)  # (B, q)
+    keep = ok[:, :, None, None]  # (B, q, 1, 1)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        # Advanced indices on dims 0 and 2 around a slice put the indexed dims first: (B, q, Hkv, D).
+        new = new.transpose(1, 2).to(cache.dtype)
+        stand_in = torch.where(any_ok, new[rows[:, 0], first][:, None], cache[rows, :, slots])
+        cache[rows, :, slots] = torch.where(keep, new, stand_in)
 
 
 def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -71,7 +82,8 @@ def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     """RoPE on q and k, then the cache append of the rotated k and of v (the fused op's semantics).
 
     q: (B, Hq, q, D); k, v: (B, Hkv, q, D); cos, sin: (B, q, D); k_cache, v_cache: (B_max, Hkv, T_max, D);
-    positions: (B, q) int64. Writes the caches in place and returns the rotated q (B, Hq, q, D).
+    positions: (B, q) int64. Writes the caches in place (nothing at positions outside [0, T_max), see
+    :func:`cache_append`) and returns the rotated q (B, Hq, q, D).
     """
     n_heads = q.shape[1]
     if q.dtype == k.dtype:  # one rotation of q and k stacked along the heads: half the launches

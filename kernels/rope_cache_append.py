@@ -2,7 +2,8 @@
 
 One program per (row, token) handles every head of that token: it rotates the ``Hq`` query heads into
 a new tensor, and rotates the ``Hkv`` key heads and writes them, and the values, into the static
-cache at ``positions[b, t]``. Rotate-half (non-interleaved) convention of HF Llama, computed in fp32. The same
+cache at ``positions[b, t]`` (nothing for a position outside [0, T_max), as in the reference and the CUDA
+kernel). Rotate-half (non-interleaved) convention of HF Llama, computed in fp32. The same
 launcher serves draft (q_len 1), verify (gamma+1) and prefill (the whole prompt).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _rope_cache_append_kernel(
     k_cache_ptr, v_cache_ptr,  # (B_max, Hkv, T_max, D)
     pos_ptr,  # (B, q) int64
     q_out_ptr,  # (B, Hq, q, D) contiguous, out
-    q_len, n_q_heads, n_kv_heads,
+    q_len, n_q_heads, n_kv_heads, max_len,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -61,7 +62,7 @@ def _rope_cache_append_kernel(
 
     p = tl.load(pos_ptr + b * spb + t * spt)
     hk = tl.arange(0, BLOCK_HKV).to(tl.int64)
-    hk_ok = hk < n_kv_heads
+    hk_ok = (hk < n_kv_heads) & (p >= 0) & (p < max_len)  # a position outside the cache writes nothing
     r1, r2 = _rotate(k_ptr + b * skb + t * skt, skh, skd, hk, d, hk_ok, cos1, cos2, sin1, sin2, HALF)
     dst = k_cache_ptr + b * skcb + p * skct + hk[:, None] * skch
     tl.store(dst + d[None, :] * skcd, r1.to(k_cache_ptr.dtype.element_ty), mask=hk_ok[:, None])
@@ -77,8 +78,8 @@ def _rope_cache_append_kernel(
 def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """q: (B, Hq, q, D); k, v: (B, Hkv, q, D); cos, sin: (B, q, D); caches (B_max, Hkv, T_max, D);
-    positions: (B, q) int64. Writes the rotated k and v into the caches; returns the rotated q.
-    A head_dim that is not a power of two goes to the torch reference."""
+    positions: (B, q) int64. Writes the rotated k and v into the caches (nothing at positions outside
+    [0, T_max)); returns the rotated q. A head_dim that is not a power of two goes to the torch reference."""
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv = k.shape[1]
     if head_dim < 2 or head_dim & (head_dim - 1):  # the kernel tiles power-of-two halves
@@ -91,7 +92,7 @@ def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     positions = positions.expand(batch, q_len)
     _rope_cache_append_kernel[(batch * q_len,)](
         q, k, v, cos, sin, k_cache, v_cache, positions, q_out,
-        q_len, n_q_heads, n_kv,
+        q_len, n_q_heads, n_kv, k_cache.shape[2],
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(),
         *k_cache.stride(), *v_cache.stride(), *positions.stride(),
         HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HKV=triton.next_power_of_2(n_kv),

@@ -79,3 +79,35 @@ def test_non_power_of_two_head_dim_uses_the_reference():
     q_ref = reference.rope_cache_append(q, k, v, cos, sin, kc_ref, vc_ref, positions)
     torch.testing.assert_close(mod.rope_cache_append(q, k, v, cos, sin, kc, vc, positions), q_ref)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def _rope_backends():
+    """(name, rope_cache_append) of every backend that can run here: the reference, Triton (GPU or
+    interpreter), the CUDA extension when built and a GPU is present."""
+    from kangaroo_rt import _ext
+
+    yield "torch", reference.rope_cache_append
+    yield "triton", kernel_module("rope_cache_append").rope_cache_append
+    if torch.cuda.is_available() and _ext.is_available():
+        yield "cuda", _ext.rope_cache_append
+
+
+def test_positions_outside_the_cache_write_nothing_on_every_backend():
+    """One semantics on the three backends: a position < 0 or >= T_max writes no key or value (a kernel
+    cannot raise without a host sync), every in-range one is written, q is rotated regardless."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, cos, sin, kc, vc, _ = _case(3, 4, 2, 4, 32, 8, device=device)
+    positions = torch.tensor([[5, 6, 7, 8], [-1, 0, 1, 2], [8, 9, -3, 100]], device=device)  # row 2: none in range
+    rotated_k = reference.apply_rope(k, cos, sin)
+    want_k, want_v = kc.clone(), vc.clone()
+    for b in range(3):
+        for t in range(4):
+            p = int(positions[b, t])
+            if 0 <= p < 8:
+                want_k[b, :, p], want_v[b, :, p] = rotated_k[b, :, t], v[b, :, t]
+    for name, fn in _rope_backends():
+        k_cache, v_cache = kc.clone(), vc.clone()
+        q_out = fn(q, k, v, cos, sin, k_cache, v_cache, positions)
+        torch.testing.assert_close(q_out, reference.apply_rope(q, cos, sin), msg=name)
+        torch.testing.assert_close(k_cache, want_k, msg=name)
+        assert torch.equal(v_cache, want_v), name
