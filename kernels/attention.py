@@ -7,9 +7,14 @@ the new chunk and ragged across rows.
 GQA without repeating k/v: one program serves one kv head of one row and a block of ``BLOCK_M`` query
 rows taken from the ``group * q_len`` (query head, token) pairs that share that kv head, so each key
 block is loaded once for the whole group (decode q_len 1, verify q_len gamma+1, prefill q_len in the
-hundreds all map onto the same tiles). Flash-decoding: when rows x kv heads do not fill the GPU, the key
-range is split over ``num_splits`` programs that write unnormalised partial outputs with their running
-max and sum, and a second kernel merges them. Softmax statistics and both products are fp32.
+hundreds all map onto the same tiles). Softmax statistics and both products are fp32.
+
+Flash-decoding (split-K) for decode and verify on CUDA: the key range is cut into splits of a fixed
+``SPLIT_KEYS`` positions, each split's program writes an unnormalised partial output with its running max
+and sum, and a second kernel merges them in split order, skipping splits in which a query saw no key. The
+split boundaries are a function of position alone, not of ``kv_len``: a CUDA graph's call over the whole
+cache (kv_len = capacity) and an eager call over the live length give the same bits, and the split count is
+a runtime argument, so a growing context never recompiles the kernels.
 """
 from __future__ import annotations
 
@@ -22,23 +27,25 @@ import triton.language as tl
 
 from kangaroo_rt import reference
 
+SPLIT_KEYS = 256
+_BLOCK_M_MAX = 64  # query rows per program  # keys per split-K split (a multiple of every BLOCK_N)
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: exp(_NEG - _NEG) stays 1, never NaN
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["kv_len", "split_size", "num_splits"])
 def _attention_kernel(
     q_ptr,  # (B, Hq, q, D), any strides
     k_ptr, v_ptr,  # (B_max, Hkv, T_max, D) caches
     pos_ptr,  # (B, q) int64 absolute positions of the queries
-    out_ptr,  # (B, Hq, q, D) contiguous, written when NUM_SPLITS == 1
-    part_acc_ptr,  # (B, Hq, q, S, D) fp32 unnormalised partial outputs, when NUM_SPLITS > 1
+    out_ptr,  # (B, Hq, q, D) contiguous, written when not SPLIT
+    part_acc_ptr,  # (B, Hq, q, S, D) fp32 unnormalised partial outputs, when SPLIT
     part_stats_ptr,  # (B, Hq, q, S, 2) fp32 running max and sum-exp per split
-    n_kv_heads, q_len, group, kv_len, split_size, scale,
+    n_kv_heads, q_len, group, kv_len, split_size, num_splits, scale,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     spb, spt,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,39 +90,45 @@ def _attention_kernel(
         m_i = m_new
 
     out_row = (b * n_kv_heads * group + head) * q_len + t  # (BLOCK_M,) row of the (B*Hq*q, ...) outputs
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
     else:
-        part = out_row * NUM_SPLITS + pid_s
+        part = out_row * num_splits + pid_s
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(part_stats_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_stats_ptr + part * 2 + 1, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _attention_merge_kernel(
     part_acc_ptr,  # (R, S, D) fp32
     part_stats_ptr,  # (R, S, 2) fp32
     out_ptr,  # (R, D)
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    num_splits,
     HEAD_DIM: tl.constexpr,
 ):
+    """One output row: the splits in order, those where the row saw no key (sum 0) skipped exactly, so
+    trailing empty splits (a call over the whole cache) change no bit."""
     row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S).to(tl.int64)
-    s_ok = s < NUM_SPLITS
     d = tl.arange(0, HEAD_DIM).to(tl.int64)
-    base = row * NUM_SPLITS + s
-    m = tl.load(part_stats_ptr + base * 2, mask=s_ok, other=_NEG)
-    l = tl.load(part_stats_ptr + base * 2 + 1, mask=s_ok, other=0.0)
-    acc = tl.load(part_acc_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-    m_all = tl.max(m, axis=0)
-    w = tl.exp(m - m_all)  # (BLOCK_S,): 0 for splits that saw no key
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    base = row * num_splits
+    m_all = tl.load(part_stats_ptr + base * 2)
+    for s in range(1, num_splits):
+        m_all = tl.maximum(m_all, tl.load(part_stats_ptr + (base + s) * 2))
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    l_all = tl.zeros([1], dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.load(part_stats_ptr + (base + s) * 2)
+        l = tl.load(part_stats_ptr + (base + s) * 2 + 1)
+        w = tl.exp(m - m_all)
+        seen = l > 0
+        acc = tl.where(seen, acc + tl.load(part_acc_ptr + (base + s) * HEAD_DIM + d) * w, acc)
+        l_all = tl.where(seen, l_all + l * w, l_all)
+    l_all = tl.where(l_all > 0, l_all, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, (acc / l_all).to(out_ptr.dtype.element_ty))
 
 
 def supports(head_dim: int) -> bool:
@@ -128,21 +141,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_num_splits(programs: int, kv_len: int, device: torch.device) -> int:
-    """How many key splits fill the GPU: 1 unless rows x kv heads x query blocks leave SMs idle."""
-    if device.type != "cuda" or kv_len < 512:
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(kv_len, 256), triton.cdiv(2 * sms, programs), 64))
+def choose_split_size(query_rows: int, device: torch.device) -> int:
+    """Keys per split-K split, or 0 for one pass over all keys. Split on CUDA when the ``group * q_len``
+    query rows of a kv head fit one query block (decode, verify): their partial outputs are a few percent of
+    the keys read. Prefill's chunks keep one pass. Never a function of kv_len or the batch, so that every
+    path (graph over the capacity, eager over the live length, any bucket) splits alike."""
+    return SPLIT_KEYS if device.type == "cuda" and query_rows <= _BLOCK_M_MAX else 0
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-              kv_len: Optional[int] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+              kv_len: Optional[int] = None, split_size: Optional[int] = None) -> torch.Tensor:
     """q: (B, Hq, q, D); k_cache, v_cache: (B_max, Hkv, T_max, D); positions: (B, q) int64;
-    kv_len: cache slots to read (default all); num_splits: key splits (default: chosen for the device).
-    Returns (B, Hq, q, D) in q's dtype. Head dims the kernel does not tile go to the torch reference."""
+    kv_len: cache slots to read (default all); split_size: keys per split-K split, 0 for none (default:
+    :func:`choose_split_size`). Returns (B, Hq, q, D) in q's dtype. Head dims the kernel does not tile go to
+    the torch reference."""
     batch, n_heads, q_len, head_dim = q.shape
     n_kv = k_cache.shape[1]
     if not supports(head_dim):
@@ -156,27 +168,30 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
         return out
     positions = positions.expand(batch, q_len)
     n_rows = group * q_len
-    block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
+    block_m = max(16, min(_BLOCK_M_MAX, triton.next_power_of_2(n_rows)))
     block_n = 64 if head_dim <= 64 else 32
     m_blocks = triton.cdiv(n_rows, block_m)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch * n_kv * m_blocks, kv_len, q.device)
-    split_size = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(kv_len, split_size)
-    if num_splits > 1:
+    if split_size is None:
+        split_size = choose_split_size(n_rows, q.device)
+    if split_size < 0:
+        raise ValueError(f"split_size must be >= 0, got {split_size}")
+    split = split_size > 0
+    # Split boundaries at multiples of split_size: splits past the rows' positions (kv_len = capacity) are empty.
+    num_splits = triton.cdiv(kv_len, split_size) if split else 1
+    if not split:
+        split_size = kv_len
+    if split:
         part_acc = torch.empty((batch, n_heads, q_len, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_stats = torch.empty((batch, n_heads, q_len, num_splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_stats = out
     _attention_kernel[(batch * n_kv, m_blocks, num_splits)](
         q, k_cache, v_cache, positions, out, part_acc, part_stats,
-        n_kv, q_len, group, kv_len, split_size, head_dim ** -0.5,
+        n_kv, q_len, group, kv_len, split_size, num_splits, head_dim ** -0.5,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *positions.stride(),
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        SPLIT=split, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )
-    if num_splits > 1:
-        _attention_merge_kernel[(batch * n_heads * q_len,)](
-            part_acc, part_stats, out,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4,
-        )
+    if split:
+        _attention_merge_kernel[(batch * n_heads * q_len,)](part_acc, part_stats, out, num_splits,
+                                                            HEAD_DIM=head_dim, num_warps=4)
     return out

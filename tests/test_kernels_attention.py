@@ -20,25 +20,25 @@ def _case(b, hq, hkv, q_len, d, t_max, dtype=torch.float32, device="cpu", seed=0
     return cast(q), cast(kc), cast(vc), positions.to(device)
 
 
-# (batch, q heads, kv heads, q_len, head_dim, max_len, num_splits): GQA ratios 1/4/8, q_len 1..7,
+# (batch, q heads, kv heads, q_len, head_dim, max_len, keys per split or 0): GQA ratios 1/4/8, q_len 1..7,
 # head dims 16/64/128, a split-K merge with empty and partial splits, and a prefill-sized chunk.
 SHAPES = [
-    (1, 4, 4, 1, 64, 40, 1),
-    (3, 8, 2, 7, 64, 40, 1),
-    (2, 8, 1, 3, 128, 40, 1),
-    (8, 2, 2, 1, 64, 24, 1),
-    (4, 8, 1, 5, 128, 130, 3),
-    (2, 4, 1, 2, 16, 130, 2),
+    (1, 4, 4, 1, 64, 40, 0),
+    (3, 8, 2, 7, 64, 40, 0),
+    (2, 8, 1, 3, 128, 40, 0),
+    (8, 2, 2, 1, 64, 24, 0),
+    (4, 8, 1, 5, 128, 130, 48),
+    (2, 4, 1, 2, 16, 130, 64),
     (5, 4, 4, 6, 32, 70, None),
     (2, 4, 1, 40, 32, 48, None),
 ]
 
 
-@pytest.mark.parametrize("b,hq,hkv,q_len,d,t_max,splits", SHAPES)
-def test_attention_matches_reference(b, hq, hkv, q_len, d, t_max, splits):
+@pytest.mark.parametrize("b,hq,hkv,q_len,d,t_max,split", SHAPES)
+def test_attention_matches_reference(b, hq, hkv, q_len, d, t_max, split):
     attn = kernel_module("attention")
     q, kc, vc, positions = _case(b, hq, hkv, q_len, d, t_max)
-    out = attn.attention(q, kc, vc, positions, None, splits)
+    out = attn.attention(q, kc, vc, positions, None, split)
     torch.testing.assert_close(out, reference.attention(q, kc, vc, positions), atol=2e-5, rtol=1e-5)
 
 
@@ -53,21 +53,34 @@ def test_attention_kv_len_and_stale_slots_are_never_read():
         stale = slice(int(positions[row, -1]) + 1, None)
         kc[row, :, stale] = float("nan")
         vc[row, :, stale] = float("nan")
-    for splits in (1, 2):
-        out = attn.attention(q, kc, vc, positions, kv_len, splits)
+    for split in (0, 32):
+        out = attn.attention(q, kc, vc, positions, kv_len, split)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_attention_split_choice_fills_the_gpu_only_on_cuda(monkeypatch):
+def test_attention_splits_decode_and_verify_on_cuda_only():
+    """Split-K is chosen from the query rows of a kv head alone: never from kv_len or the batch, which differ
+    between a graph's call (capacity, bucket) and an eager one (live length, batch)."""
     attn = kernel_module("attention")
-    assert attn.choose_num_splits(2, 4096, torch.device("cpu")) == 1
-    monkeypatch.setattr(attn, "_sm_count", lambda index: 132)  # an H100 SXM, without asking a GPU
     gpu = torch.device("cuda", 0)
-    assert attn.choose_num_splits(32, 256, gpu) == 1  # short contexts: one pass
-    assert attn.choose_num_splits(200, 4096, gpu) == 1  # rows x heads already fill the SMs
-    assert attn.choose_num_splits(32, 512, gpu) == 2  # at most one split per 256 keys
-    assert attn.choose_num_splits(32, 8192, gpu) == 9  # about two programs per SM
-    assert attn.choose_num_splits(1, 1 << 20, gpu) == 64  # capped
+    assert attn.choose_split_size(4, torch.device("cpu")) == 0
+    assert attn.choose_split_size(4, gpu) == attn.choose_split_size(8 * 8, gpu) == attn.SPLIT_KEYS  # decode, verify
+    assert attn.choose_split_size(4 * 300, gpu) == 0  # prefill: one pass
+
+
+@pytest.mark.parametrize("split", [0, 64])
+def test_graph_and_eager_calls_give_the_same_bits(split):
+    """A CUDA graph's call reads the whole cache (kv_len = capacity), an eager one the live length: split
+    boundaries at fixed positions, empty splits skipped, the merge in split order, so the bits agree (and,
+    with the split count a runtime argument, no recompile as the context grows)."""
+    attn = kernel_module("attention")
+    q, kc, vc, positions = _case(3, 8, 2, 3, 32, 512, seed=2)
+    positions = torch.tensor([[130, 131, 132], [5, 6, 7], [297, 298, 299]])
+    live = int(positions.max()) + 1
+    graph = attn.attention(q, kc, vc, positions, None, split)  # capacity 512: 8 splits of 64, 3 of them empty
+    for kv_len in (live, live + 13, 384):
+        assert torch.equal(attn.attention(q, kc, vc, positions, kv_len, split), graph), kv_len
+    torch.testing.assert_close(graph, reference.attention(q, kc, vc, positions), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -48,7 +48,7 @@ def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
         "mod = ops.load_kernel_module('attention')\n"
         "with aot.recording(mod) as log:\n"
         "    q = aot._long(1, 1, 4, 64).transpose(1, 2)\n"
-        "    mod.attention(q, aot._meta(1, 4, 64, 64), aot._meta(1, 4, 64, 64), aot._long(1, 1), num_splits=1)\n"
+        "    mod.attention(q, aot._meta(1, 4, 64, 64), aot._meta(1, 4, 64, 64), aot._long(1, 1), split_size=0)\n"
         "launch = log[0]\n"
         "assert launch.signature['q_ptr'] == '*i64' and launch.signature['k_ptr'] == '*fp16', launch.signature\n"
         "try:\n"

@@ -145,13 +145,15 @@ def _calls_rope_cache_append(mod):
 
 
 def _calls_attention(mod):
-    # (B, Hq, Hkv, q_len, D, T_max, key splits): decode, GQA verify with split-K (and the merge), prefill
-    cases = [(1, 32, 32, 1, 128, 2048, 1), (8, 32, 8, 7, 128, 4096, 8), (2, 32, 32, 300, 128, 512, 1)]
+    # (B, Hq, Hkv, q_len, D, T_max, keys per split or 0): decode and GQA verify with split-K (and the merge),
+    # prefill and a verify in one pass
+    cases = [(1, 32, 32, 1, 128, 2048, mod.SPLIT_KEYS), (8, 32, 8, 7, 128, 4096, mod.SPLIT_KEYS),
+             (2, 32, 32, 300, 128, 512, 0)]
     for dtype in DTYPES:
-        for b, hq, hkv, q_len, d, t, splits in cases + ([(4, 32, 8, 7, 64, 1024, 4)] if dtype == torch.float16 else []):
+        for b, hq, hkv, q_len, d, t, split in cases + ([(4, 32, 8, 7, 64, 1024, 0)] if dtype == torch.float16 else []):
             q = _meta(b, q_len, hq, d, dtype=dtype).transpose(1, 2)  # strided as the model passes it
             caches = _meta(b, hkv, t, d, dtype=dtype), _meta(b, hkv, t, d, dtype=dtype)
-            mod.attention(q, *caches, _long(b, q_len), num_splits=splits)
+            mod.attention(q, *caches, _long(b, q_len), split_size=split)
 
 
 def _calls_accept(mod):
