@@ -81,21 +81,21 @@ def test_non_power_of_two_head_dim_uses_the_reference():
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
-def _rope_backends():
-    """(name, rope_cache_append) of every backend that can run here: the reference, Triton (GPU or
-    interpreter), the CUDA extension when built and a GPU is present."""
+def _rope_backends(device):
+    """(name, rope_cache_append) of every backend that runs on ``device``: the reference, Triton (the
+    interpreter on CPU), the CUDA extension on a GPU when it is built."""
     from kangaroo_rt import _ext
 
     yield "torch", reference.rope_cache_append
     yield "triton", kernel_module("rope_cache_append").rope_cache_append
-    if torch.cuda.is_available() and _ext.is_available():
-        yield "cuda", _ext.rope_cache_append
+    if device == "cuda" and _ext.is_built():
+        yield "cuda", _ext.load().rope_cache_append
 
 
-def test_positions_outside_the_cache_write_nothing_on_every_backend():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_positions_outside_the_cache_write_nothing_on_every_backend(device):
     """One semantics on the three backends: a position < 0 or >= T_max writes no key or value (a kernel
     cannot raise without a host sync), every in-range one is written, q is rotated regardless."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, cos, sin, kc, vc, _ = _case(3, 4, 2, 4, 32, 8, device=device)
     positions = torch.tensor([[5, 6, 7, 8], [-1, 0, 1, 2], [8, 9, -3, 100]], device=device)  # row 2: none in range
     rotated_k = reference.apply_rope(k, cos, sin)
@@ -105,7 +105,7 @@ def test_positions_outside_the_cache_write_nothing_on_every_backend():
             p = int(positions[b, t])
             if 0 <= p < 8:
                 want_k[b, :, p], want_v[b, :, p] = rotated_k[b, :, t], v[b, :, t]
-    for name, fn in _rope_backends():
+    for name, fn in _rope_backends(device):
         k_cache, v_cache = kc.clone(), vc.clone()
         q_out = fn(q, k, v, cos, sin, k_cache, v_cache, positions)
         torch.testing.assert_close(q_out, reference.apply_rope(q, cos, sin), msg=name)
