@@ -52,6 +52,11 @@ def _time_ms(fn, cuda: bool, reps: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
+# Host time one graph launch may take (a draft step's replay): a wall-clock figure, so reported here rather than
+# asserted by a test; the JSON's host_us_per_step_graph_within_target says whether a run met it.
+HOST_US_TARGET = 30.0
+
+
 def _host_us(fn, n: int, tries: int = 5) -> float:
     """Host microseconds per call of ``fn`` (launches only), best of ``tries`` bursts of ``n`` calls, each
     burst after a sync: keep ``n`` small, or the GPU's launch queue fills and the device is timed instead."""
@@ -112,6 +117,7 @@ def _steps(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int
         row["verify_step_speedup"] = row["verify_step_eager_ms"] / row["verify_step_graph_ms"]
         launches = kc.gamma + 2
         row["host_us_per_step_graph"] = _host_us(lambda: runner.run_round(entry, kc), 2) / launches
+        row["host_us_per_step_graph_within_target"] = row["host_us_per_step_graph"] < HOST_US_TARGET
         saved, entry.graphs = entry.graphs, {}
         row["host_us_per_step_eager"] = _host_us(lambda: runner.run_round(entry, kc), 1, tries=3) / launches
         entry.graphs = saved

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # All GPU validation in one command, on a machine with a CUDA GPU (no installs; run from anywhere):
 #   bash benchmarks/gpu_suite.sh                    # real run when CUDA is available, else the dry run below
-#   bash benchmarks/gpu_suite.sh --dry-run          # CPU: skips the GPU parts (says which), smoke-runs every benchmark
+#   bash benchmarks/gpu_suite.sh --dry-run          # CPU: skips the GPU parts (says which), collects the GPU tests,
+#                                                   # smoke-runs every benchmark
 #   bash benchmarks/gpu_suite.sh --only a,b         # only these steps (names as in gpu_suite.json), e.g. a rerun
-# Steps, most wanted first: build the CUDA extension in place, pytest -m gpu, bench_graphs, bench_steps, the
-# end-to-end harness (benchmarks/spec_bench.py) on the embedded model (a random tiny model when it is absent),
-# then every other benchmarks/bench_*.py. A step is skipped, with the reason, when its time would overrun
-# SUITE_BUDGET or a benchmark's "# gpu_suite: needs MODULE..." line names a module this Python lacks.
+# Steps, most wanted first: build the CUDA extension in place, pytest -m gpu, compute-sanitizer memcheck over the
+# kernel tests (when the image has it), bench_graphs, bench_steps, the end-to-end harness (benchmarks/spec_bench.py)
+# on the embedded model (a random tiny model when it is absent), then every other benchmarks/bench_*.py. A step is
+# skipped, with the reason, when its time would overrun SUITE_BUDGET or a benchmark's "# gpu_suite: needs MODULE..."
+# line names a module this Python lacks.
 # Writes every script's JSON/text/PNG plus one summary, gpu_suite.json, to $OUT if set, else to
 # benchmarks/results/gpu-<date>/ (dry run: a fresh temporary folder). Exit status 1 if any step failed.
 # Environment: PYTHON (default python, else python3), SUITE_BUDGET seconds for the whole suite (default 540: one device
@@ -22,7 +24,7 @@ BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 MIN_STEP_S=20  # a step is not started with less than this left of the budget
 suite_start=$(date +%s)
 
-usage() { sed -n '2,14p' "$0"; }
+usage() { sed -n '2,16p' "$0"; }
 dry_run=0
 only=""
 while [ "$#" -gt 0 ]; do
@@ -119,11 +121,28 @@ fi
 # 2. the GPU tests
 if ! wanted pytest_gpu; then
     :
-elif [ "$dry_run" -eq 1 ]; then
-    record pytest_gpu skipped 0 "dry run: pytest -m gpu needs a CUDA GPU"
+elif [ "$dry_run" -eq 1 ]; then  # the GPU tests cannot run here, but they must import and collect
+    run_step pytest_gpu "$dest/pytest-gpu.txt" 120 "$PYTHON" -m pytest -m gpu --collect-only -q tests
 else
     run_step pytest_gpu "$dest/pytest-gpu.txt" 300 \
         "$PYTHON" -m pytest -m gpu -v tests --durations=15 --junitxml="$dest/pytest-gpu.xml"  # -v: a line per test
+fi
+
+# 2b. compute-sanitizer memcheck over the GPU kernel tests (the extension's ops, the Triton kernels), without
+# torch's caching allocator so that an access past a tensor's end lands outside any allocation
+sanitizer=$(command -v compute-sanitizer || { [ -x /usr/local/cuda/bin/compute-sanitizer ] \
+    && echo /usr/local/cuda/bin/compute-sanitizer; })
+if ! wanted memcheck; then
+    :
+elif [ "$dry_run" -eq 1 ]; then
+    record memcheck skipped 0 "dry run: compute-sanitizer needs a CUDA GPU"
+elif [ -z "$sanitizer" ]; then
+    record memcheck skipped 0 "compute-sanitizer is not in this image"
+else
+    run_step memcheck "$dest/memcheck.txt" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
+        --error-exitcode 1 "$PYTHON" -m pytest -m gpu -q -x tests/test_gpu_graphs.py tests/test_kernels_rms_norm.py \
+        tests/test_kernels_rope_cache_append.py tests/test_kernels_sampling.py tests/test_gpu_realistic.py \
+        -k "extension or tolerance_rule or outside_the_cache or greedy_with_confidence or split_k"
 fi
 
 # 3. the benchmarks, most wanted first; the dry run passes each one's smoke flag (--smoke, else --interpret)

@@ -237,7 +237,10 @@ def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
         summary = json.load(f)
     steps = {s["name"]: s for s in summary["steps"]}
     assert summary["mode"] == "dry-run" and summary["status"] == "ok"
-    assert steps["build_extension"]["status"] == steps["pytest_gpu"]["status"] == "skipped"
+    assert steps["build_extension"]["status"] == steps["memcheck"]["status"] == "skipped"
+    assert steps["pytest_gpu"]["status"] == "ok"  # the GPU tests collect on CPU
+    collected = open(tmp_path / "pytest-gpu.txt").read()
+    assert "tests/test_gpu_realistic.py::" in collected and "tests/test_gpu_graphs.py::" in collected
     for path in glob.glob(os.path.join(BENCH_DIR, "bench_*.py")):
         step = steps[os.path.basename(path)[:-3]]
         assert step["status"] == "ok" or (step["status"] == "skipped" and step["note"]), step
@@ -245,7 +248,8 @@ def test_gpu_suite_dry_run_smoke_runs_every_benchmark(tmp_path):
     assert {"bench_steps-smoke", "spec_bench-smoke", "bench_graphs-smoke"} <= set(summary["results"])
     assert summary["results"]["bench_graphs-smoke"]["smoke_run"] is True
     names = [s["name"] for s in summary["steps"]]
-    assert names[:5] == ["build_extension", "pytest_gpu", "bench_graphs", "bench_steps", "spec_bench"], names
+    assert names[:6] == ["build_extension", "pytest_gpu", "memcheck", "bench_graphs", "bench_steps", "spec_bench"], \
+        names
     assert summary["skipped_over_budget"] == [] and summary["elapsed_s"] <= summary["budget_s"]
 
 

@@ -1,10 +1,9 @@
 """CUDA graphs and the CUDA extension on a GPU: graph == eager == plain greedy, every host-loop mode, the
-extension's ops vs the reference, no memory growth over 1000 generate calls, host time per graph launch.
+extension's ops vs the reference, no memory growth over 1000 generate calls. Host time per graph launch is a
+measurement, not a test: benchmarks/bench_graphs.py reports it against its 30 us target.
 
 Run on a GPU machine (benchmarks/gpu_suite.sh builds the extension first): ``pytest -m gpu tests/test_gpu_graphs.py``.
 """
-import time
-
 import pytest
 import torch
 
@@ -81,38 +80,6 @@ def test_no_memory_growth_over_1000_generate_calls(model):
     assert runner.captures == captures, "graphs were captured again"
     assert torch.cuda.memory_allocated() - allocated <= 0, "allocated memory grew"
     assert torch.cuda.memory_reserved() - reserved <= 2 * 2**20, "reserved memory grew"  # one allocator segment
-
-
-@torch.no_grad()  # as generate runs the steps (the eager comparison would otherwise record autograd graphs)
-def test_host_time_per_graph_launch_is_below_30_us(model):
-    """Host time of one draft step = one graph replay (measured over no-op rounds: every row finished).
-
-    Short bursts (10 rounds, 80 launches) after a sync, best of 5: a long burst would fill the GPU's launch
-    queue and then time the device instead of the host."""
-    kc = K.KangarooConfig(gamma=6, eta=0.0)
-    ids, mask = _ragged(4, seed=3)
-    model.generate(ids, attention_mask=mask, max_new_tokens=8, kangaroo=kc)
-    runner = graphs.runner_for(model)
-    entry = runner.entry(4, kc, 1)
-    assert entry.graphs, "nothing was captured"
-    entry.buffers.finished.fill_(True)
-    rounds, launches = 10, 10 * (kc.gamma + 2)
-    for measure_eager in (False, True):
-        saved = entry.graphs
-        if measure_eager:
-            entry.graphs = {}
-        best = float("inf")
-        for _ in range(5):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(rounds):
-                runner.run_round(entry, kc)
-            best = min(best, (time.perf_counter() - start) / launches)
-        torch.cuda.synchronize()
-        entry.graphs = saved
-        print(f"host time per draft step ({'eager' if measure_eager else 'graph'}): {best * 1e6:.1f} us")
-        if not measure_eager:
-            assert best < 30e-6, f"{best * 1e6:.1f} us per graph launch"
 
 
 @pytest.fixture()
