@@ -61,6 +61,8 @@ def cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     and CUDA kernels (a kernel cannot raise, and a check here would cost a host sync).
     """
     batch, q_len, t_max = k.shape[0], k.shape[2], k_cache.shape[2]
+    if batch * q_len == 0:
+        return
     positions = positions.expand(batch, q_len)
     rows = torch.arange(batch, device=k.device)[:, None]  # (B, 1)
     ok = (positions >= 0) & (positions < t_max)  # (B, q)
