@@ -11,11 +11,6 @@ import torch
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded")
 
 
-def default_path() -> str:
-    """Folder of the embedded model (HF layout: config.json, model.safetensors, tokenizer.json, adapter/)."""
-    return ASSETS
-
-
 def load_default(dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"):
     """The embedded model as a ready :class:`KangarooModel` with its tuned exit layer, gamma and eta."""
     from .config import KangarooConfig

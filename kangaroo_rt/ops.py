@@ -295,7 +295,7 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
-_TORCH_OPS = ("rms_norm", "add_rms_norm", "apply_rope", "cache_append", "rope_cache_append", "attention",
+_TORCH_OPS = ("rms_norm", "add_rms_norm", "rope_cache_append", "attention",
               "process_logits", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
               "accept_greedy_commit")
 for _name in _TORCH_OPS:
@@ -331,22 +331,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return _serve("add_rms_norm", x.device, x, residual, weight)(x, residual, weight, eps)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, q, D); cos/sin: (B, q, D)."""
-    return _serve("apply_rope", x.device, x, cos, sin)(x, cos, sin)
-
-
 def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
     """Rotate q (B, Hq, q, D) and k (B, Hkv, q, D), write rotated k and v into the caches at positions (B, q).
 
     Returns the rotated q (B, Hq, q, D); cos/sin: (B, q, D).
     """
     return _serve("rope_cache_append", q.device, q, k, v, cos, sin)(q, k, v, cos, sin, k_cache, v_cache, positions)
-
-
-def cache_append(k_cache, v_cache, k, v, positions) -> None:
-    """Write k/v (B, Hkv, q, D) into the caches (B_max, Hkv, T_max, D) at positions (B, q)."""
-    return _serve("cache_append", k.device, k, v)(k_cache, v_cache, k, v, positions)
 
 
 def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:

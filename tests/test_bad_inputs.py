@@ -171,15 +171,6 @@ def test_cache_non_positive_sizes(field):
         StaticKVCache(**sizes)
 
 
-def test_cache_check_fits():
-    cache = StaticKVCache(1, 2, 1, 8, 4)
-    cache.check_fits(2, 8)
-    with pytest.raises(ValueError, match="batch 3 exceeds the cache's max_batch 2"):
-        cache.check_fits(3, 8)
-    with pytest.raises(ValueError, match="needs 9 cache positions"):
-        cache.check_fits(2, 9)
-
-
 # -- Kangaroo knobs ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan"), "0.5"])

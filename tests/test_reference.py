@@ -114,7 +114,7 @@ def test_cache_append_writes_only_given_positions():
     k = torch.randn(2, 2, 3, 4)
     v = torch.randn(2, 2, 3, 4)
     pos = torch.tensor([[0, 1, 2], [5, 6, 7]])
-    ops.cache_append(kc, vc, k, v, pos)
+    reference.cache_append(kc, vc, k, v, pos)
     torch.testing.assert_close(kc[0, :, :3], k[0])
     torch.testing.assert_close(vc[1, :, 5:8], v[1])
     assert kc[1, :, :5].abs().sum() == 0 and kc[2].abs().sum() == 0 and kc[0, :, 3:].abs().sum() == 0
@@ -156,7 +156,7 @@ def test_rms_norm_and_fused_add():
 
 def test_backend_table_and_override(monkeypatch):
     table = ops.backend_table("cpu")
-    assert set(table) >= {"attention", "accept_greedy", "rms_norm", "cache_append"}
+    assert set(table) >= {"attention", "accept_greedy", "rms_norm", "rope_cache_append"}
     assert all(b in ops.BACKENDS for b in table.values())
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
     assert set(ops.backend_table("cpu").values()) == {"torch"}
