@@ -91,10 +91,10 @@ def _steps(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int
     """Per-step latency eager vs graph on no-op rounds (every row finished: full compute, nothing committed)."""
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=model.device)
     model.generate(ids, max_new_tokens=8, kangaroo=kc, cuda_graphs=True, ignore_eos=True)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     entry = runner.entry(graphs.bucket_for(batch), kc, 1)
     st = entry.buffers
-    st.finished.fill_(True)
+    st.state.finished.fill_(True)
     row = {"batch": batch}
 
     def mid_eager():
@@ -134,7 +134,7 @@ def _loops(model: K.KangarooModel, batch: int, kc: K.KangarooConfig, prompt: int
     row = {"batch": batch, "max_new": max_new, "rounds": rounds,
            "eager_decoder_ms_per_round": _time_ms(lambda: model.generate(ids, cuda_graphs=False, **kw), cuda, reps,
                                                   warmup=1) / rounds}
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     model.generate(ids, cuda_graphs=True, **kw)
     entry = runner.entry(graphs.bucket_for(batch), kc, 1)
     for mode in runner.available_modes(entry) if cuda else ["sync", "blocks"]:

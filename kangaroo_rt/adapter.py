@@ -22,7 +22,7 @@ from torch import nn
 
 from . import reference
 from .cache import StaticKVCache
-from .config import ModelConfig
+from .config import ModelConfig, check_adapter_matches
 from .loading import _load_bin, _load_safetensors, assign_state_dict, read_folder_config
 from .model import Attention, RMSNorm, init_random
 
@@ -35,8 +35,6 @@ ADAPTER_KEYS = (
     "layers.0.self_attn.v_proj.weight",
     "layers.0.self_attn.o_proj.weight",
 )
-# Fields of the adapter's config.json that must equal the target's.
-_MATCHING_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
 class _AdapterLayer(nn.Module):
@@ -146,12 +144,7 @@ class Adapter(nn.Module):
         layers = cfg.get("num_hidden_layers", 1)
         if layers != 1:
             raise ValueError(f"adapter config.json has num_hidden_layers={layers}; the Kangaroo adapter has 1")
-        cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
-        target = dataclasses.asdict(target_config)
-        mismatched = [f"{k}: adapter {cfg.get(k)!r} vs target {target[k]!r}"
-                      for k in _MATCHING_FIELDS if cfg.get(k) != target[k]]
-        if mismatched:
-            raise ValueError(f"adapter {folder} was made for another model: {'; '.join(mismatched)}")
+        check_adapter_matches(cfg, target_config, what=f"adapter {folder}")
         st = os.path.join(folder, "model.safetensors")
         binary = os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(st):

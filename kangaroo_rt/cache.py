@@ -1,4 +1,4 @@
-"""Static KV cache: allocated once, per-row lengths on the device, rollback by setting lengths."""
+"""Static KV cache: allocated once and reused; rollback moves positions, nothing is copied."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -28,10 +28,9 @@ def _free_device_bytes(device: torch.device) -> Optional[int]:
 class StaticKVCache:
     """Keys and values for ``num_layers`` layers, shape (num_layers, max_batch, kv_heads, max_len, head_dim).
 
-    ``lengths`` (max_batch,) int64 lives on the cache's device: the number of valid positions of each
-    row. Positions at or beyond a row's length hold stale data that attention never reads (queries at
-    position p only see keys 0..p, and every position is rewritten before it is read again), so
-    rolling back is ``set_lengths`` and never a copy.
+    The cache keeps no lengths: the decoder's per-row positions say what is valid. Slots past a row's
+    position hold stale data that attention never reads (a query at position p sees keys 0..p only, and every
+    slot is rewritten before it is read again), so rolling back is moving the positions, never a copy.
     """
 
     def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -55,7 +54,6 @@ class StaticKVCache:
         self.device = device
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
 
     @property
     def num_layers(self) -> int:
@@ -76,22 +74,3 @@ class StaticKVCache:
     def layer(self, index: int):
         """(k, v) of one layer, each (max_batch, kv_heads, max_len, head_dim)."""
         return self.k[index], self.v[index]
-
-    def check_fits(self, batch: int, needed_len: int) -> None:
-        """Raise a clear error if ``batch`` rows of ``needed_len`` positions do not fit."""
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
-        if needed_len > self.max_len:
-            raise ValueError(
-                f"sequence needs {needed_len} cache positions but the cache holds max_len={self.max_len}"
-            )
-
-    def set_lengths(self, lengths: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
-        """Set per-row valid lengths (rollback or commit); lengths: (B,) int64."""
-        if rows is None:
-            self.lengths[: lengths.shape[0]].copy_(lengths)
-        else:
-            self.lengths[rows] = lengths.to(self.lengths.device)
-
-    def reset(self) -> None:
-        self.lengths.zero_()

@@ -6,9 +6,7 @@ so a bad ``config.json`` or a bad keyword argument fails before anything is allo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -181,18 +179,6 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id"),
         )
 
-    @classmethod
-    def from_json_file(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d)
-
 
 @dataclass
 class KangarooConfig:
@@ -245,9 +231,50 @@ class SamplingConfig:
         return (not self.do_sample) or self.temperature == 0
 
 
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that re-runs validation."""
-    return dataclasses.replace(cfg, **changes)
+# Fields of an adapter's config that must equal its target's.
+ADAPTER_MATCHING_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
 
 
-__all__ = ["ModelConfig", "KangarooConfig", "SamplingConfig", "SUPPORTED_ARCHITECTURES", "replace"]
+def check_adapter_matches(adapter: Union[ModelConfig, Dict[str, Any]], target: ModelConfig,
+                          what: str = "the adapter") -> None:
+    """Raise ValueError naming every field of :data:`ADAPTER_MATCHING_FIELDS` where ``adapter`` (a config, or
+    a ``config.json`` dictionary with HF defaults) differs from ``target``."""
+    if isinstance(adapter, ModelConfig):
+        adapter = dataclasses.asdict(adapter)
+    else:
+        adapter = dict(adapter)
+        adapter.setdefault("num_key_value_heads", adapter.get("num_attention_heads"))
+        hidden, heads = adapter.get("hidden_size"), adapter.get("num_attention_heads")
+        if adapter.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            adapter["head_dim"] = hidden // heads
+    bad = [f"{f}: adapter {adapter.get(f)!r} vs target {getattr(target, f)!r}"
+           for f in ADAPTER_MATCHING_FIELDS if adapter.get(f) != getattr(target, f)]
+    if bad:
+        raise ValueError(f"{what} was made for another model: {'; '.join(bad)}")
+
+
+def check_exit_layer(exit_layer: Any, num_layers: int) -> None:
+    """exit_layer must be an int in [1, num_layers - 1]."""
+    if not isinstance(exit_layer, int) or isinstance(exit_layer, bool):
+        raise ValueError(f"exit_layer must be an int, got {exit_layer!r}")
+    if not 1 <= exit_layer < num_layers:
+        raise ValueError(f"exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer target, got {exit_layer}")
+
+
+def eos_ids(eos_token_id: Union[None, int, Sequence[int]], config: ModelConfig) -> List[int]:
+    """The EOS ids to stop on: ``eos_token_id`` (an id or a list), or the config's when None; each checked to
+    be a token id of the vocabulary."""
+    if eos_token_id is None:
+        ids = config.eos_token_ids
+    elif isinstance(eos_token_id, int):
+        ids = [eos_token_id]
+    else:
+        ids = list(eos_token_id)
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < config.vocab_size:
+            raise ValueError(f"eos_token_id {i!r} is not a token id in [0, {config.vocab_size})")
+    return ids
+
+
+__all__ = ["ModelConfig", "KangarooConfig", "SamplingConfig", "SUPPORTED_ARCHITECTURES", "check_adapter_matches",
+           "check_exit_layer", "eos_ids"]

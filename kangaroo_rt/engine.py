@@ -40,11 +40,9 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .adapter import Adapter
-from .config import KangarooConfig, SamplingConfig
-from .generate import KangarooModel, _check_adapter_matches, _check_exit_layer, _eos_tensor
-from .model import Transformer
-from .speculative import CacheRowsView, DecodeStats, Decoder, RowSampling, _Rows
+from .config import KangarooConfig, SamplingConfig, check_exit_layer, eos_ids
+from .generate import KangarooModel
+from .speculative import CacheRowsView, DecodeState, DecodeStats, Decoder, RowSampling
 
 _MODEL_DEFAULT: Any = object()  # sentinel: "take it from the model"
 
@@ -116,63 +114,42 @@ class _Request:
     rounds: int = 0
 
 
-def _slice_rows(rows: _Rows, start: int, stop: int) -> _Rows:
-    """Rows ``start..stop-1`` as views (in-place updates reach ``rows``; reassigned fields do not)."""
-    return _Rows(out=rows.out[start:stop], n_gen=rows.n_gen[start:stop], finished=rows.finished[start:stop],
-                 pos=rows.pos[start:stop], t0=rows.t0[start:stop],
-                 e_prev=None if rows.e_prev is None else rows.e_prev[start:stop])
-
-
 class Engine:
     """Continuous-batching decode engine over one static KV cache (see the module docstring).
 
-    model: a :class:`KangarooModel` (its target, adapter and exit layer are used) or a target
-    :class:`Transformer` (then ``adapter`` and ``kangaroo.exit_layer`` or ``exit_layer`` say how to draft).
-    adapter: overrides the model's adapter. kangaroo: the model's own config by default; ``None`` or
-    ``gamma=0`` (or no adapter) decodes plainly. max_len: cache positions per slot (prompt + new tokens
-    + ``gamma + 1`` for drafting); default the model's ``max_len`` or ``min(2048, max_position_embeddings)``.
-    eos_token_id: the model config's EOS by default; ``ignore_eos=True`` stops on length only.
-    max_queue: how many requests may wait for a slot before :meth:`add_request` refuses more.
+    model: a :class:`KangarooModel` (its target, adapter and exit layer; the engine allocates caches of its
+    own). kangaroo: the model's own config by default; ``None`` or ``gamma=0`` (or no adapter) decodes
+    plainly. max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for drafting); default
+    the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the model config's EOS by
+    default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may wait for a slot
+    before :meth:`add_request` refuses more.
     """
 
-    def __init__(self, model: Union[KangarooModel, Transformer], adapter: Optional[Adapter] = None,
-                 max_batch: int = 8, max_len: Optional[int] = None,
-                 kangaroo: Optional[KangarooConfig] = _MODEL_DEFAULT, exit_layer: Optional[int] = None,
+    def __init__(self, model: KangarooModel, max_batch: int = 8, max_len: Optional[int] = None,
+                 kangaroo: Optional[KangarooConfig] = _MODEL_DEFAULT,
                  eos_token_id: Union[None, int, Sequence[int]] = None, ignore_eos: bool = False,
                  max_queue: int = 1024) -> None:
-        if isinstance(model, KangarooModel):
-            target = model.target
-            adapter = adapter if adapter is not None else model.adapter
-            exit_layer = exit_layer if exit_layer is not None else model.exit_layer
-            if kangaroo is _MODEL_DEFAULT:
-                kangaroo = model.kangaroo
-            if max_len is None:
-                max_len = model.max_len
-        elif isinstance(model, Transformer):
-            target = model
-            if kangaroo is _MODEL_DEFAULT:
-                kangaroo = KangarooConfig()
-        else:
-            raise ValueError(f"model must be a KangarooModel or a Transformer, got {type(model).__name__}")
-        if adapter is not None and not isinstance(adapter, Adapter):
-            raise ValueError(f"adapter must be an Adapter or None, got {type(adapter).__name__}")
+        if not isinstance(model, KangarooModel):
+            raise ValueError(f"model must be a KangarooModel, got {type(model).__name__}")
+        target = model.target
+        if kangaroo is _MODEL_DEFAULT:
+            kangaroo = model.kangaroo
         if kangaroo is not None and not isinstance(kangaroo, KangarooConfig):
             raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kangaroo).__name__}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if max_len is None:
-            max_len = min(2048, target.config.max_position_embeddings)
+            max_len = model.max_len or min(2048, target.config.max_position_embeddings)
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-        self.kangaroo = kangaroo if (kangaroo is not None and kangaroo.gamma > 0 and adapter is not None) else None
-        if self.kangaroo is not None:
-            _check_adapter_matches(adapter.config, target.config)
-            if self.kangaroo.exit_layer is not None:
-                exit_layer = self.kangaroo.exit_layer
-            exit_layer = 2 if exit_layer is None else exit_layer
-            _check_exit_layer(exit_layer, target.num_layers)
-        self.gamma = self.kangaroo.gamma if self.kangaroo is not None else 0
+        use = kangaroo is not None and kangaroo.gamma > 0 and model.adapter is not None
+        self.kangaroo = kangaroo if use else None
+        exit_layer = model.exit_layer
+        if use and kangaroo.exit_layer is not None:
+            exit_layer = kangaroo.exit_layer
+            check_exit_layer(exit_layer, target.num_layers)
+        self.gamma = kangaroo.gamma if use else 0
         if max_len < self.gamma + 3:
             raise ValueError(f"max_len={max_len} leaves no room for a 1-token prompt, 1 new token and "
                              f"gamma + 1 = {self.gamma + 1} drafting positions; use max_len >= {self.gamma + 3}")
@@ -181,22 +158,13 @@ class Engine:
         self.max_len = max_len
         self.max_queue = max_queue
         self.device = target.device
-        vocab = target.config.vocab_size
-        self.eos = None if ignore_eos else _eos_tensor(eos_token_id, target.config, vocab, self.device)
-        self._eos_ids = set() if self.eos is None else set(self.eos.tolist())
-        self.decoder = Decoder(target, adapter if self.kangaroo is not None else None, exit_layer)
-        self.decoder.ensure_caches(max_batch, max_len, fixed_max_len=max_len)
-        dev, i64 = self.device, dict(dtype=torch.long, device=self.device)
-        self._rows = _Rows(
-            out=torch.zeros(max_batch, max_len + self.gamma + 2, **i64),
-            n_gen=torch.zeros(max_batch, **i64),
-            finished=torch.ones(max_batch, dtype=torch.bool, device=dev),
-            pos=torch.ones(max_batch, **i64),  # free slots sit at position 1 (drafting reads pos - 1)
-            t0=torch.zeros(max_batch, **i64),
-            e_prev=(torch.zeros(max_batch, target.config.hidden_size, dtype=target.dtype, device=dev)
-                    if self.kangaroo is not None else None),
-        )
-        self._max_new = torch.zeros(max_batch, **i64)  # (max_batch,) per-slot limits
+        stop_ids = [] if ignore_eos else eos_ids(eos_token_id, target.config)
+        self.eos = torch.tensor(stop_ids, dtype=torch.long, device=self.device) if stop_ids else None
+        self._eos_ids = set(stop_ids)
+        self.decoder = Decoder(target, model.adapter if use else None, exit_layer, max_len=max_len)
+        self.decoder.ensure_caches(max_batch, max_len)
+        self._state = DecodeState.allocate(max_batch, max_len + self.gamma + 2, self.device,
+                                           target.config.hidden_size if use else None, target.dtype, self.eos)
         self._slots: List[Optional[_Request]] = [None] * max_batch
         self._waiting: Deque[_Request] = deque()
         self._requests: Dict[str, _Request] = {}
@@ -306,9 +274,9 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
-        self._rows.finished[slot] = True
-        self._rows.pos[slot] = 1
-        self._rows.t0[slot] = 0
+        self._state.finished[slot] = True
+        self._state.pos[slot] = 1
+        self._state.token[slot] = 0
 
     def _prefill(self, req: _Request, slot: int) -> None:
         """Prefill ``req`` into cache row ``slot`` and pick its first token; other slots are untouched."""
@@ -318,17 +286,15 @@ class Engine:
         lengths = torch.tensor([req.prompt.numel()], dtype=torch.long, device=self.device)
         logits, e_prev = d.prefill_logits(req.prompt[None], lengths, cache, adapter_cache)  # (1, V)
         first = RowSampling([(req.sampling, req.gen)]).select(logits)
-        rows = self._rows
-        rows.n_gen[slot] = 0
-        rows.finished[slot] = False
-        rows.pos[slot] = lengths[0]
-        rows.t0[slot] = first[0]
+        row = self._state.rows(slot, slot + 1)
+        row.n_gen.zero_()
+        row.finished.zero_()
+        row.pos.copy_(lengths)
+        row.token.copy_(first)
+        row.max_new.fill_(req.max_new)
         if e_prev is not None:
-            rows.e_prev[slot] = e_prev[0]
-        self._max_new[slot] = req.max_new
-        d._commit(_slice_rows(rows, slot, slot + 1), first[:, None], torch.ones_like(lengths), self.eos,
-                  self._max_new[slot:slot + 1])
-        cache.set_lengths(lengths)
+            row.e_prev.copy_(e_prev)
+        row.commit(first[:, None], torch.ones_like(lengths))
         req.slot = slot
         self._slots[slot] = req
 
@@ -344,37 +310,31 @@ class Engine:
         t_start = time.perf_counter()
         while self._waiting and None in self._slots:
             req = self._waiting.popleft()
-            t0 = time.perf_counter()
+            t_prefill = time.perf_counter()
             self._prefill(req, self._slots.index(None))
-            self._times["prefill"] += time.perf_counter() - t0
+            self._times["prefill"] += time.perf_counter() - t_prefill
         occupied = [s for s, r in enumerate(self._slots) if r is not None]
         if not occupied:
             return []
         n = occupied[-1] + 1
-        rows = _slice_rows(self._rows, 0, n)
-        live = rows.finished.logical_not().tolist()
-        sampler = RowSampling([(r.sampling, r.gen) if r is not None and live[s] else None
-                               for s, r in enumerate(self._slots[:n])])
+        state = self._state.rows(0, n)
+        live = state.finished.logical_not().tolist()
+        state.sampler = RowSampling([(r.sampling, r.gen) if r is not None and live[s] else None
+                                     for s, r in enumerate(self._slots[:n])])
         if any(live):
-            self._advance(rows, sampler, n)
+            self._advance(state)
         outputs = self._collect(n)
         self._counters["steps"] += 1
         self._times["step"] += time.perf_counter() - t_start
         return outputs
 
-    def _advance(self, rows: _Rows, sampler: RowSampling, n: int) -> None:
-        d, max_new = self.decoder, self._max_new[:n]
+    def _advance(self, state: DecodeState) -> None:
         if self.kangaroo is None:
-            d.ar_step(rows, sampler, max_new, self.eos, None)
+            self.decoder.ar_step(state)
         else:
-            stats = DecodeStats(rounds=[0] * n, new_tokens=[0] * n, accepted_lengths=[[] for _ in range(n)],
-                                draft_lengths=[[] for _ in range(n)],
-                                position_attempts=[[0] * self.gamma for _ in range(n)],
-                                position_accepts=[[0] * self.gamma for _ in range(n)])
-            d.kangaroo_round(rows, self.kangaroo, sampler, max_new, self.eos, None, stats, timed=False)
-            self._rows.e_prev[:n].copy_(rows.e_prev)
-            self._fold(stats, n)
-        self._rows.t0[:n].copy_(rows.t0)
+            stats = DecodeStats.empty(state.batch, self.gamma)
+            self.decoder.kangaroo_round(state, self.kangaroo, stats, timed=False)
+            self._fold(stats, state.batch)
 
     def _fold(self, stats: DecodeStats, n: int) -> None:
         c = self._counters
@@ -392,19 +352,19 @@ class Engine:
         self._times["verify"] += stats.verify_time_s
 
     def _collect(self, n: int) -> List[RequestOutput]:
-        n_gen = self._rows.n_gen[:n].tolist()
-        finished = self._rows.finished[:n].tolist()
+        n_gen = self._state.n_gen[:n].tolist()
+        finished = self._state.finished[:n].tolist()
         outputs = []
         for s in range(n):
             req = self._slots[s]
             if req is None or (n_gen[s] == req.sent and not finished[s]):
                 continue
-            new = self._rows.out[s, req.sent:n_gen[s]].tolist()
+            new = self._state.out[s, req.sent:n_gen[s]].tolist()
             req.sent = n_gen[s]
             self._counters["generated_tokens"] += len(new)
             reason = None
             if finished[s]:
-                last = self._rows.out[s, n_gen[s] - 1].item() if n_gen[s] else None
+                last = self._state.out[s, n_gen[s] - 1].item() if n_gen[s] else None
                 reason = "stop" if last in self._eos_ids else "length"
                 self._free(s)
                 del self._requests[req.request_id]

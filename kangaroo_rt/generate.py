@@ -9,10 +9,10 @@ import torch
 
 from . import ops
 from .adapter import Adapter
-from .config import KangarooConfig, ModelConfig, SamplingConfig
+from .config import KangarooConfig, ModelConfig, SamplingConfig, check_adapter_matches, check_exit_layer, eos_ids
+from .graphs import GraphRunner, cuda_graphs_enabled
 from .loading import load_model
 from .model import Transformer
-from .graphs import cuda_graphs_enabled, runner_for
 from .speculative import DecodeStats, Decoder
 
 _MODEL_DEFAULT: Any = object()  # sentinel: "use the model's own KangarooConfig"
@@ -66,9 +66,9 @@ class KangarooModel:
         if not isinstance(target, Transformer):
             raise ValueError(f"target must be a kangaroo_rt Transformer, got {type(target).__name__}; "
                              "use KangarooModel.from_pretrained for checkpoints and transformers models")
-        _check_exit_layer(exit_layer, target.num_layers)
+        check_exit_layer(exit_layer, target.num_layers)
         if adapter is not None:
-            _check_adapter_matches(adapter.config, target.config)
+            check_adapter_matches(adapter.config, target.config)
             _check_adapter_placement(adapter, target)
         if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
@@ -77,7 +77,8 @@ class KangarooModel:
         self.exit_layer = exit_layer
         self.kangaroo = kangaroo if kangaroo is not None else KangarooConfig()
         self.max_len = max_len
-        self.decoder = Decoder(target, adapter, exit_layer)
+        self.decoder = Decoder(target, adapter, exit_layer, max_len=max_len)
+        self._graph_runner: Optional[GraphRunner] = None
 
     @classmethod
     def from_pretrained(cls, target: Union[str, os.PathLike, Any], adapter: Union[str, os.PathLike, Adapter, None] = None,
@@ -105,38 +106,16 @@ class KangarooModel:
     def dtype(self) -> torch.dtype:
         return self.target.dtype
 
+    @property
+    def graph_runner(self) -> GraphRunner:
+        """The fixed-shape (CUDA graph) rounds over this model's decoder and caches, made on first use."""
+        if self._graph_runner is None:
+            self._graph_runner = GraphRunner(self.decoder)
+        return self._graph_runner
+
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """See :func:`kangaroo_rt.generate`."""
         return generate(self, input_ids, **kwargs)
-
-
-def _check_exit_layer(exit_layer: Any, num_layers: int) -> None:
-    if not isinstance(exit_layer, int) or isinstance(exit_layer, bool):
-        raise ValueError(f"exit_layer must be an int, got {exit_layer!r}")
-    if not 1 <= exit_layer < num_layers:
-        raise ValueError(f"exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer target, got {exit_layer}")
-
-
-def _check_adapter_matches(adapter_cfg: ModelConfig, target_cfg: ModelConfig) -> None:
-    fields = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
-    bad = [f"{f}: adapter {getattr(adapter_cfg, f)} vs target {getattr(target_cfg, f)}"
-           for f in fields if getattr(adapter_cfg, f) != getattr(target_cfg, f)]
-    if bad:
-        raise ValueError(f"the adapter was made for another model: {'; '.join(bad)}")
-
-
-def _eos_tensor(eos_token_id: Union[None, int, Sequence[int]], config: ModelConfig, vocab: int,
-                device: torch.device) -> Optional[torch.Tensor]:
-    if eos_token_id is None:
-        ids = config.eos_token_ids
-    elif isinstance(eos_token_id, int):
-        ids = [eos_token_id]
-    else:
-        ids = list(eos_token_id)
-    for i in ids:
-        if not isinstance(i, int) or not 0 <= i < vocab:
-            raise ValueError(f"eos_token_id {i!r} is not a token id in [0, {vocab})")
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def _prepare_prompts(input_ids: Any, attention_mask: Any, vocab: int):
@@ -221,7 +200,7 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
         kcfg = None
     exit_layer = model.exit_layer
     if kcfg is not None and kcfg.exit_layer is not None:
-        _check_exit_layer(kcfg.exit_layer, model.target.num_layers)
+        check_exit_layer(kcfg.exit_layer, model.target.num_layers)
         exit_layer = kcfg.exit_layer
     vocab = model.config.vocab_size
     device = model.device
@@ -231,14 +210,12 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
     batch = original.shape[0]
     if streamer is not None and batch != 1:
         raise ValueError("streamers support batch size 1 only (as in transformers)")
-    eos = None if ignore_eos else _eos_tensor(eos_token_id, model.config, vocab, device)
+    stop_ids = [] if ignore_eos else eos_ids(eos_token_id, model.config)
+    eos = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
-    gamma = kcfg.gamma if kcfg is not None else 0
-    needed = packed.shape[1] + max_new_tokens + gamma + 1
-    model.decoder.ensure_caches(batch, needed, fixed_max_len=model.max_len)
     model.decoder.exit_layer = exit_layer
     gen = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
 
@@ -256,8 +233,8 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
     use_graphs = cuda_graphs_enabled(cuda_graphs, device)  # validates the option whatever the path
     with ops.device_context(device):
         if kcfg is not None and sampling.greedy and use_graphs:
-            out, n_gen, stats = runner_for(model).decode(packed, lengths, max_new_tokens, kcfg, eos,
-                                                         fixed_max_len=model.max_len, on_tokens=on_tokens)
+            out, n_gen, stats = model.graph_runner.decode(packed, lengths, max_new_tokens, kcfg, eos,
+                                                          on_tokens=on_tokens)
         else:
             out, n_gen, stats = model.decoder.decode(packed, lengths, max_new_tokens, sampling, kcfg, eos, gen,
                                                      on_tokens=on_tokens)

@@ -1,44 +1,21 @@
 """Fixed-shape Kangaroo rounds on static buffers: CUDA-graph capture and replay, and its eager twin.
 
-:class:`GraphRunner` wraps a :class:`~kangaroo_rt.speculative.Decoder` (its model calls, its caches and
-its prefill) and runs greedy Kangaroo rounds whose shapes never change, so that each step can be
-captured once and replayed:
+:class:`GraphRunner` runs greedy Kangaroo over a :class:`~kangaroo_rt.speculative.Decoder`'s caches in rounds
+whose shapes never change, made of the decoder's own round steps (so the tokens equal the eager
+:meth:`Decoder.kangaroo_round` and plain greedy decoding): ``first`` (caps, draft step 0 with the adapter's
+catch-up), ``mid`` (draft steps 1..gamma-1, the index in a device buffer, so one graph serves them all),
+``last`` (shallow layers only) and ``verify`` (verify + accept, then the round log). The chain always has
+``gamma + 1`` steps with stopped and padding rows masked, and attention reads the whole cache (positions mask
+the rest). Each step is captured once per key (bucket, gamma, exit layer, EOS slots, caches and weights) into
+one shared pool; ``eta``, the limits and the EOS ids are device buffers, so any value reuses the graphs. Off
+CUDA the steps run eagerly.
 
-- ``first`` (draft step 0): embedding -> layers ``0..l-1`` -> the adapter's two-position catch-up ->
-  head -> argmax and confidence;
-- ``mid`` (draft steps ``1..gamma-1``): the same on one position; the step index lives in a device
-  buffer, so one graph serves every middle step;
-- ``last`` (step ``gamma``): layers ``0..l-1`` only;
-- ``verify``: layers ``l..N-1`` over the ``(B, gamma+1)`` exit states, head, argmax and the fused
-  accept + commit kernel, then the per-row limits and the round log.
-
-The draft chain always has ``gamma + 1`` steps: rows that stopped drafting (confidence below ``eta``,
-their ``max_new_tokens`` cap, finished rows, padding rows of the bucket) are masked exactly as the
-eager loop masks them, and the extra positions they compute lie past what the round commits, where
-every cache slot is rewritten before it is read. Attention reads ``kv_len = cache.max_len`` slots
-(positions mask the rest). So the tokens equal the eager :meth:`Decoder.kangaroo_round` and plain
-greedy decoding, token for token.
-
-Graphs are captured per key (batch bucket, gamma, exit layer, EOS slots, cache and weights) on the
-first call that needs them (``eta``, the token budget and the EOS ids live in device buffers, so any
-value reuses the key's graphs), with one memory pool shared by all of them, and reused by later
-``generate`` calls. Off CUDA the same step functions run eagerly (the path the CPU tests exercise).
-
-Host loop modes (``mode``):
-
-- ``sync``: one host sync per round (reading whether every row finished);
-- ``blocks``: run ``ceil(max remaining / (gamma + 1))`` rounds without a sync (no row can finish its
-  token budget sooner), then sync once; rounds after every row hit EOS are no-ops on the device;
-- ``ext_loop``: the ``blocks`` schedule, with the graph launches of a block issued by the C++ loop of
-  ``kangaroo_rt._C`` (needs the extension and ``CUDAGraph.raw_cuda_graph_exec``);
-- ``while_graph``: one launch of a CUDA conditional while-node graph (CUDA >= 12.4, the extension)
-  whose body is the round and whose condition is "some row still active", set on the device;
-- ``auto``: times every available mode on the first calls of a key (per useful round) and keeps the
-  fastest.
-
-PyTorch captures ``torch.cond`` as a conditional *if* node (``CUDAGraphCaptureControlFlowOpDispatchMode``)
-but has no while-loop node, and its branches must be functional while our layers write the KV cache in
-place: the device-side loop is therefore the extension's.
+Host loop modes (``mode``): ``sync`` (a host sync per round); ``blocks`` (``ceil(max remaining / (gamma + 1))``
+rounds, which must all run, then one sync); ``ext_loop`` (the ``blocks`` schedule, launched by the C++ loop of
+``kangaroo_rt._C``); ``while_graph`` (one launch of a CUDA >= 12.4 conditional while node of the extension,
+looping on the device while some row is active: torch captures ``torch.cond`` as an *if* node only, with
+functional branches, while our layers write the cache in place); ``auto`` (each available mode timed on the
+first calls of a key, per useful round, then the fastest kept). See docs/design.md.
 """
 from __future__ import annotations
 
@@ -51,9 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
 from .config import KangarooConfig, SamplingConfig
-from .speculative import DecodeStats, Decoder
+from .speculative import BatchSampling, DecodeState, DecodeStats, Decoder, DraftChain
 
 BUCKETS: Tuple[int, ...] = (1, 2, 4, 8, 16)
 LENGTH_QUANTUM = 256  # cache capacity is rounded up to a multiple of this (fewer reallocations, captures)
@@ -110,23 +86,10 @@ def cuda_graphs_enabled(flag: Optional[bool], device: torch.device) -> bool:
 class RoundBuffers:
     """Static state of one bucket: every tensor a round reads or writes (allocated once, reused)."""
 
-    out: torch.Tensor  # (Bk, W) int64 generated tokens, last column a trash slot
-    n_gen: torch.Tensor  # (Bk,) int64
-    finished: torch.Tensor  # (Bk,) bool; padding rows are finished
-    pos: torch.Tensor  # (Bk,) int64 position of t0
-    t0: torch.Tensor  # (Bk,) int64 newest token, not yet in the cache
-    e_prev: torch.Tensor  # (Bk, D) exit state at pos - 1
-    max_new: torch.Tensor  # (Bk,) int64 per-row token budget
-    eos: torch.Tensor  # (E,) int64 EOS ids, -1 in unused slots
+    state: DecodeState  # the rows (padding rows finished); eos (E,) with -1 in unused slots
+    chain: DraftChain
     eta: torch.Tensor  # (1,) fp32 confidence threshold
-    cap: torch.Tensor  # (Bk,) int64 drafts allowed this round
-    active: torch.Tensor  # (Bk,) bool row still drafting
-    conf: torch.Tensor  # (Bk,) fp32 confidence of the newest draft
-    x: torch.Tensor  # (Bk,) int64 newest draft token
     step: torch.Tensor  # (1,) int64 index of the next middle draft step
-    drafts: torch.Tensor  # (Bk, gamma) int64, -1 beyond n_drafts
-    n_drafts: torch.Tensor  # (Bk,) int64
-    exits: torch.Tensor  # (Bk, gamma+1, D) exit states of the chain
     rounds: torch.Tensor  # (1,) int64 rounds in which some row was active
     loop_iters: torch.Tensor  # (1,) int64 iterations of the device while loop (a safety bound)
     log_committed: torch.Tensor  # (R+1, Bk) int64 per round; row R is a trash row
@@ -142,60 +105,49 @@ class RoundBuffers:
             raise ValueError(f"bad buffer sizes: bucket={bucket}, gamma={gamma}, width={width}, eos_slots={eos_slots}")
         i64 = dict(dtype=torch.long, device=device)
         log = (width + 1, bucket)
-        return cls(
-            out=torch.zeros(bucket, width, **i64), n_gen=torch.zeros(bucket, **i64),
-            finished=torch.ones(bucket, dtype=torch.bool, device=device), pos=torch.ones(bucket, **i64),
-            t0=torch.zeros(bucket, **i64), e_prev=torch.zeros(bucket, hidden, dtype=dtype, device=device),
-            max_new=torch.zeros(bucket, **i64), eos=torch.full((eos_slots,), -1, **i64),
-            eta=torch.zeros(1, dtype=torch.float32, device=device),
-            cap=torch.zeros(bucket, **i64), active=torch.zeros(bucket, dtype=torch.bool, device=device),
-            conf=torch.zeros(bucket, dtype=torch.float32, device=device), x=torch.zeros(bucket, **i64),
-            step=torch.zeros(1, **i64), drafts=torch.full((bucket, gamma), -1, **i64),
-            n_drafts=torch.zeros(bucket, **i64),
-            exits=torch.zeros(bucket, gamma + 1, hidden, dtype=dtype, device=device),
-            rounds=torch.zeros(1, **i64), loop_iters=torch.zeros(1, **i64),
-            log_committed=torch.zeros(log, **i64), log_drafts=torch.zeros(log, **i64),
-            log_accepted=torch.zeros(log, **i64), log_active=torch.zeros(log, dtype=torch.bool, device=device),
-        )
+        state = DecodeState.allocate(bucket, width, device, hidden, dtype, eos=torch.full((eos_slots,), -1, **i64))
+        state.sampler = BatchSampling(SamplingConfig(), None)  # greedy
+        return cls(state=state, chain=DraftChain.allocate(bucket, gamma, hidden, dtype, device),
+                   eta=torch.zeros(1, dtype=torch.float32, device=device), step=torch.zeros(1, **i64),
+                   rounds=torch.zeros(1, **i64), loop_iters=torch.zeros(1, **i64),
+                   log_committed=torch.zeros(log, **i64), log_drafts=torch.zeros(log, **i64),
+                   log_accepted=torch.zeros(log, **i64), log_active=torch.zeros(log, dtype=torch.bool, device=device))
 
     @property
     def bucket(self) -> int:
-        return self.out.shape[0]
+        return self.state.batch
 
     @property
     def width(self) -> int:
-        return self.out.shape[1]
+        return self.state.out.shape[1]
 
-    def load(self, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, pos: torch.Tensor,
-             t0: torch.Tensor, e_prev: torch.Tensor, max_new: int, eos: Optional[torch.Tensor],
-             eta: float = 0.0) -> None:
-        """Copy the state after prefill of B <= bucket rows in; the other rows become finished padding.
+    def tensors(self) -> List[torch.Tensor]:
+        """Every static tensor (what a capture may read and write)."""
+        return [t for part in (self, self.state, self.chain) for t in vars(part).values() if isinstance(t, torch.Tensor)]
 
-        out: (B, >=1) int64 with the first token in column 0; n_gen, pos, t0: (B,) int64; finished: (B,)
-        bool; e_prev: (B, D); eos: (E,) int64 or None; eta: the round's confidence threshold.
-        """
-        b = n_gen.shape[0]
+    def load(self, prefilled: DecodeState, eta: float = 0.0) -> None:
+        """Copy the state of B <= bucket rows after prefill in (the first token in column 0 of ``out``); the
+        other rows become finished padding. eta: the round's confidence threshold."""
+        st, b = self.state, prefilled.batch
         if b > self.bucket:
             raise ValueError(f"batch {b} does not fit the bucket of {self.bucket} rows")
-        if max_new + 2 > self.width:
-            raise ValueError(f"max_new_tokens={max_new} does not fit the output buffer of {self.width} columns")
+        if int(prefilled.max_new.max()) + 2 > self.width:
+            raise ValueError(f"max_new_tokens={int(prefilled.max_new.max())} does not fit the output buffer of "
+                             f"{self.width} columns")
+        eos = prefilled.eos
         n_eos = 0 if eos is None else eos.numel()
-        if n_eos > self.eos.numel():
-            raise ValueError(f"{n_eos} EOS ids do not fit {self.eos.numel()} slots")
-        self.out.zero_()
-        self.out[:b, :1].copy_(out[:, :1])
-        for dst, src, pad in ((self.n_gen, n_gen, 0), (self.pos, pos, 1), (self.t0, t0, 0)):
+        if n_eos > st.eos.numel():
+            raise ValueError(f"{n_eos} EOS ids do not fit {st.eos.numel()} slots")
+        st.out.zero_()
+        st.out[:b, :1].copy_(prefilled.out[:, :1])
+        for name, pad in (("n_gen", 0), ("pos", 1), ("token", 0), ("max_new", 0), ("finished", True), ("e_prev", 0)):
+            dst = getattr(st, name)
             dst.fill_(pad)
-            dst[:b].copy_(src)
-        self.finished.fill_(True)
-        self.finished[:b].copy_(finished)
-        self.e_prev.zero_()
-        self.e_prev[:b].copy_(e_prev)
-        self.max_new.fill_(max_new)
+            dst[:b].copy_(getattr(prefilled, name))
         self.eta.fill_(eta)
-        self.eos.fill_(-1)
+        st.eos.fill_(-1)
         if n_eos:
-            self.eos[:n_eos].copy_(eos.reshape(-1))
+            st.eos[:n_eos].copy_(eos.reshape(-1))
         self.rounds.zero_()
         self.log_active.zero_()
 
@@ -324,82 +276,35 @@ class GraphRunner:
                 modes.append("while_graph")
         return [m for m in modes if m not in entry.disabled]
 
-    # -- the steps (captured on CUDA, eager elsewhere) ------------------------------------------------
+    # -- the steps (captured on CUDA, eager elsewhere): the decoder's round, at fixed shapes -------------
     def _draft_first(self, st: RoundBuffers, kcfg: KangarooConfig) -> None:
-        """Draft step 0: shallow layers on t0, the adapter on (pos - 1, pos), head, argmax."""
-        d = self.decoder
-        target, l, kv_len = d.target, d.exit_layer, d.cache.max_len
-        cap = (st.max_new - st.n_gen - 1).clamp(min=0, max=kcfg.gamma)
-        cap = torch.where(st.finished, torch.zeros_like(cap), cap)
-        st.cap.copy_(cap)
-        pos = st.pos[:, None]  # (Bk, 1)
-        rope = target.rope(pos)
-        e = target.forward_layers(target.embed(st.t0[:, None]), pos, 0, l, d.cache, kv_len=kv_len, rope=rope)
-        st.exits[:, 0].copy_(e[:, 0])
-        a_pos = torch.cat([pos - 1, pos], dim=1)  # (Bk, 2)
-        a_in = torch.cat([st.e_prev[:, None], e], dim=1)
-        y = d.adapter(a_in, a_pos, *target.rope(a_pos), d.adapter_cache, kv_len=kv_len)[:, -1]
-        token, conf = ops.greedy_with_confidence(target.lm_head(y))
-        active = cap > 0
-        st.drafts.fill_(-1)
-        st.drafts[:, 0].copy_(torch.where(active, token, torch.full_like(token, -1)))
-        st.n_drafts.copy_(active.long())
-        st.active.copy_(active)
-        st.conf.copy_(conf)
-        st.x.copy_(token)
+        """Draft step 0: the round's caps, shallow layers on the newest token, the adapter's catch-up, head."""
+        d, kv_len = self.decoder, self.decoder.cache.max_len
+        d.begin_round(st.state, st.chain)
+        d.draft_step(st.state, st.chain, 0, kv_len, *d.shallow_step(st.state, st.chain, 0, kv_len))
         st.step.fill_(1)
 
     def _draft_mid(self, st: RoundBuffers, kcfg: KangarooConfig) -> None:
         """Draft step s = ``st.step`` in 1..gamma-1 (read on the device)."""
-        d = self.decoder
-        target, l, kv_len = d.target, d.exit_layer, d.cache.max_len
-        s = st.step  # (1,)
-        pos = (st.pos + s)[:, None]
-        rope = target.rope(pos)
-        e = target.forward_layers(target.embed(st.x[:, None]), pos, 0, l, d.cache, kv_len=kv_len, rope=rope)
-        st.exits.index_copy_(1, s, e)
-        active = st.active & (st.conf >= st.eta) & (s < st.cap)
-        y = d.adapter(e, pos, *rope, d.adapter_cache, kv_len=kv_len)[:, -1]
-        token, conf = ops.greedy_with_confidence(target.lm_head(y))
-        st.drafts.index_copy_(1, s, torch.where(active, token, torch.full_like(token, -1))[:, None])
-        st.n_drafts.add_(active.long())
-        st.active.copy_(active)
-        st.conf.copy_(conf)
-        st.x.copy_(token)
+        d, kv_len = self.decoder, self.decoder.cache.max_len
+        shallow = d.shallow_step(st.state, st.chain, st.step, kv_len)
+        st.chain.keep_drafting(st.step, st.eta)
+        d.draft_step(st.state, st.chain, st.step, kv_len, *shallow)
         st.step.add_(1)
 
     def _draft_last(self, st: RoundBuffers, kcfg: KangarooConfig) -> None:
         """Step gamma: shallow layers only (its exit state is verified, it drafts nothing)."""
-        d = self.decoder
-        target = d.target
-        pos = (st.pos + kcfg.gamma)[:, None]
-        e = target.forward_layers(target.embed(st.x[:, None]), pos, 0, d.exit_layer, d.cache,
-                                  kv_len=d.cache.max_len)
-        st.exits[:, kcfg.gamma].copy_(e[:, 0])
+        self.decoder.shallow_step(st.state, st.chain, kcfg.gamma, self.decoder.cache.max_len)
 
     def _verify(self, st: RoundBuffers, kcfg: KangarooConfig) -> None:
-        """Deep layers over (Bk, gamma+1), head, fused accept + commit, per-row limits, round log."""
+        """The decoder's verify + accept over all gamma + 1 positions, then the round log (on the device)."""
         d = self.decoder
-        target = d.target
-        bucket = st.bucket
-        vpos = st.pos[:, None] + torch.arange(kcfg.gamma + 1, device=st.pos.device)[None, :]
-        h = target.forward_layers(st.exits, vpos, d.exit_layer, target.num_layers, d.cache, kv_len=d.cache.max_len)
-        target_tokens = target.head(h).argmax(dim=-1)  # (Bk, gamma+1)
-        was_active = ~st.finished
-        accepted, nxt, committed = ops.accept_greedy_commit(st.drafts, st.n_drafts, target_tokens, st.out,
-                                                            st.n_gen, st.finished, st.pos, st.eos)
-        st.finished.logical_or_(st.n_gen >= st.max_new)
-        rows = torch.arange(bucket, device=st.pos.device)
-        st.e_prev.copy_(st.exits[rows, accepted])
-        st.t0.copy_(nxt)
-        d.cache.set_lengths(st.pos)
-        d.adapter_cache.set_lengths(st.pos)
+        was_active, accepted, committed = d.verify(st.state, st.chain, kcfg.gamma, d.cache.max_len)
         any_active = was_active.any()
         slot = torch.where(any_active, st.rounds, torch.full_like(st.rounds, st.log_active.shape[0] - 1))
-        st.log_committed.index_copy_(0, slot, committed[None])
-        st.log_drafts.index_copy_(0, slot, st.n_drafts[None])
-        st.log_accepted.index_copy_(0, slot, accepted[None])
-        st.log_active.index_copy_(0, slot, was_active[None])
+        for log, value in ((st.log_committed, committed), (st.log_drafts, st.chain.n_drafts),
+                           (st.log_accepted, accepted), (st.log_active, was_active)):
+            log.index_copy_(0, slot, value[None])
         st.rounds.add_(any_active.long())
 
     def _steps(self, gamma: int) -> List[Tuple[str, Callable]]:
@@ -415,13 +320,13 @@ class GraphRunner:
             for name, _ in self._steps(kcfg.gamma):
                 entry.graphs[name].replay()
             return
-        t0 = time.perf_counter()
+        t_start = time.perf_counter()
         for name, fn in self._steps(kcfg.gamma):
             if name == "verify" and times is not None:
-                t1 = time.perf_counter()
+                t_verify = time.perf_counter()
                 fn(entry.buffers, kcfg)
-                times[0] += t1 - t0
-                times[1] += time.perf_counter() - t1
+                times[0] += t_verify - t_start
+                times[1] += time.perf_counter() - t_verify
             else:
                 fn(entry.buffers, kcfg)
 
@@ -442,7 +347,7 @@ class GraphRunner:
 
     def _block_rounds(self, st: RoundBuffers, batch: int, gamma: int) -> int:
         """Rounds that every schedule must still run (one host sync): 0 when every row finished."""
-        finished, n_gen, max_new = (t[:batch] for t in (st.finished, st.n_gen, st.max_new))
+        finished, n_gen, max_new = (t[:batch] for t in (st.state.finished, st.state.n_gen, st.state.max_new))
         remaining = torch.where(finished, torch.zeros_like(n_gen), max_new - n_gen).max()
         return math.ceil(int(remaining) / (gamma + 1))
 
@@ -450,10 +355,10 @@ class GraphRunner:
               on_tokens: Optional[Callable], times: Optional[List[float]]) -> None:
         st = entry.buffers
         if mode == "sync":
-            while not bool(st.finished[:batch].all()):
+            while not bool(st.state.finished[:batch].all()):
                 self.run_round(entry, kcfg, times)
                 if on_tokens is not None:
-                    on_tokens(st.out[:batch], st.n_gen[:batch])
+                    on_tokens(st.state.out[:batch], st.state.n_gen[:batch])
         elif mode == "blocks":
             while True:
                 n = self._block_rounds(st, batch, kcfg.gamma)
@@ -475,7 +380,7 @@ class GraphRunner:
 
             if entry.while_graph is None:
                 raws = [entry.graphs[name].raw_cuda_graph() for name, _ in self._steps(kcfg.gamma)]
-                entry.while_graph = _ext.load().WhileGraph(raws, st.finished, st.loop_iters, st.width + 1)
+                entry.while_graph = _ext.load().WhileGraph(raws, st.state.finished, st.loop_iters, st.width + 1)
             st.loop_iters.zero_()
             entry.while_graph.launch()
         else:
@@ -484,7 +389,7 @@ class GraphRunner:
     # -- the whole call ------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, lengths: torch.Tensor, max_new: int, kcfg: KangarooConfig,
-               eos: Optional[torch.Tensor], fixed_max_len: Optional[int] = None,
+               eos: Optional[torch.Tensor],
                on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
         """Greedy Kangaroo over ids (B, T) right-padded, lengths (B,). Returns (out (B, max_new), n_gen (B,),
         stats), as :meth:`Decoder.decode` does."""
@@ -494,20 +399,18 @@ class GraphRunner:
         b = ids.shape[0]
         gamma = kcfg.gamma
         bucket = bucket_for(b, self.buckets)
-        needed = ids.shape[1] + max_new + gamma + 1
-        d.ensure_caches(bucket, capacity_for(needed, fixed_max_len), fixed_max_len=fixed_max_len)
+        # One allocation, at the bucket's rows and a rounded length (the caches never shrink, so a key's
+        # graphs stay valid until a larger request moves the caches).
+        d.ensure_caches(bucket, capacity_for(ids.shape[1] + max_new + gamma + 1, d.max_len))
         entry = self.entry(bucket, kcfg, eos_slots_for(0 if eos is None else eos.numel()))
         st = entry.buffers
-        stats = DecodeStats(rounds=[0] * b, new_tokens=[0] * b, accepted_lengths=[[] for _ in range(b)],
-                            draft_lengths=[[] for _ in range(b)], position_attempts=[[0] * gamma for _ in range(b)],
-                            position_accepts=[[0] * gamma for _ in range(b)])
+        stats = DecodeStats.empty(b, gamma)
         cuda = _captures(ids.device)
         start = time.perf_counter()
-        rows = d.prefill(ids, lengths, SamplingConfig(), max_new, gamma, eos, None)
-        st.load(rows.out, rows.n_gen, rows.finished, rows.pos, rows.t0, rows.e_prev, max_new, eos, float(kcfg.eta))
+        st.load(d.prefill(ids, lengths, st.state.sampler, max_new, gamma, eos), float(kcfg.eta))
         stats.prefill_time_s = time.perf_counter() - start
         if on_tokens is not None:
-            on_tokens(st.out[:b], st.n_gen[:b])
+            on_tokens(st.state.out[:b], st.state.n_gen[:b])
         times = None if cuda else [0.0, 0.0]
         if cuda and not entry.graphs and "capture" not in entry.disabled:
             self._warm_up_and_capture(entry, kcfg, b, on_tokens)
@@ -517,6 +420,8 @@ class GraphRunner:
             mode = self.mode if self.mode in self.available_modes(entry) else "sync"
         else:
             mode = self.chooser.next_mode(entry, ["sync"] if not cuda else self.available_modes(entry))
+        if cuda:  # prefill and capture are not the loop's: the timer starts on an idle device
+            torch.cuda.synchronize(ids.device)
         t_loop = time.perf_counter()
         rounds_before = int(st.rounds)
         try:
@@ -536,9 +441,13 @@ class GraphRunner:
         stats.wall_time_s = time.perf_counter() - start
         if times is not None:
             stats.draft_time_s, stats.verify_time_s = times
-        self._fill_stats(stats, st, b, gamma)
+        n = int(st.rounds)
+        logs = (st.log_active, st.log_committed, st.log_drafts, st.log_accepted)
+        for active, committed, drafts, accepted in zip(*(log[:n, :b].tolist() for log in logs)):
+            stats.add_round(active, committed, drafts, accepted)
+        stats.new_tokens = st.state.n_gen[:b].tolist()
         self.last_mode = mode
-        return st.out[:b, :max_new].clone(), st.n_gen[:b].clone(), stats
+        return st.state.out[:b, :max_new].clone(), st.state.n_gen[:b].clone(), stats
 
     def _warm_up_and_capture(self, entry: _Entry, kcfg: KangarooConfig, batch: int,
                              on_tokens: Optional[Callable]) -> None:
@@ -550,39 +459,10 @@ class GraphRunner:
             self.run_round(entry, kcfg)
         torch.cuda.current_stream().wait_stream(side)
         if on_tokens is not None:
-            on_tokens(entry.buffers.out[:batch], entry.buffers.n_gen[:batch])
+            on_tokens(entry.buffers.state.out[:batch], entry.buffers.state.n_gen[:batch])
         try:
             self._capture(entry, kcfg)
         except RuntimeError as exc:
             entry.graphs = {}
             entry.disabled.add("capture")
             warnings.warn(f"kangaroo_rt graphs: capture failed ({exc}); running these rounds eagerly", RuntimeWarning)
-
-    @staticmethod
-    def _fill_stats(stats: DecodeStats, st: RoundBuffers, batch: int, gamma: int) -> None:
-        """Per-row statistics from the device round log (one host read)."""
-        n = int(st.rounds)
-        active = st.log_active[:n, :batch].T.tolist()
-        committed = st.log_committed[:n, :batch].T.tolist()
-        drafts = st.log_drafts[:n, :batch].T.tolist()
-        accepted = st.log_accepted[:n, :batch].T.tolist()
-        stats.new_tokens = st.n_gen[:batch].tolist()
-        for r in range(batch):
-            for i in range(n):
-                if not active[r][i]:
-                    continue
-                stats.rounds[r] += 1
-                stats.accepted_lengths[r].append(committed[r][i])
-                stats.draft_lengths[r].append(drafts[r][i])
-                for j in range(drafts[r][i]):
-                    stats.position_attempts[r][j] += 1
-                    stats.position_accepts[r][j] += int(j < accepted[r][i])
-
-
-def runner_for(model) -> GraphRunner:
-    """The :class:`GraphRunner` attached to a KangarooModel (created on first use, then reused)."""
-    runner = getattr(model, "_graph_runner", None)
-    if runner is None or runner.decoder is not model.decoder:
-        runner = GraphRunner(model.decoder)
-        model._graph_runner = runner
-    return runner

@@ -1,24 +1,16 @@
 """The decoding core: prefill, plain autoregressive steps, and Kangaroo rounds, batched and ragged.
 
-State per row lives in device tensors: ``pos`` (position of the newest uncommitted token ``t0``),
-``n_gen`` (tokens generated), ``finished``. A Kangaroo round:
+A batch's state is a :class:`DecodeState` of device tensors. A Kangaroo round is written once, as the steps of
+:class:`Decoder`: :meth:`~Decoder.begin_round` (each row's draft cap), per step :meth:`~Decoder.shallow_step`
+(layers ``0..l-1``), :meth:`DraftChain.keep_drafting` (``eta`` and the cap) and :meth:`~Decoder.draft_step`
+(adapter, then :meth:`~Decoder.propose`: head and token choice), then :meth:`~Decoder.verify` (layers
+``l..N-1``, accept, commit up to EOS and the limits, rollback by moving ``pos``) and
+:meth:`DecodeStats.add_round`. The eager loop (:meth:`Decoder.kangaroo_round`) stops drafting when no row
+drafts and attends over the live length; :mod:`kangaroo_rt.graphs` runs the same steps at fixed shapes.
 
-1. draft: step ``s`` runs target layers ``0..l-1`` on the newest token at ``pos + s`` (writing the
-   shallow KV); rows that may still draft run the adapter and the LM head, giving draft ``d_{s+1}``
-   and its confidence. A row stops drafting once ``s`` reaches its cap (``gamma`` or what is left of
-   ``max_new_tokens``) or its last draft's confidence fell below ``eta``; the loop ends when no row
-   drafts. Stopped rows are masked. The first adapter call of a round takes two positions
-   (``pos - 1`` and ``pos``): after a fully accepted chain the adapter has no KV for the last draft.
-2. verify: target layers ``l..N-1`` once over the stacked exit states ``(B, K+1, D)``.
-3. accept and commit up to EOS (greedy: ``ops.accept_greedy_commit``, one fused op that also advances
-   ``pos``; sampling: ``ops.accept_sampling`` then ``ops.commit_tokens``), and roll back by moving
-   ``pos``: stale cache entries past it are never read, so nothing is copied.
-
-``max_new`` is one int for the batch (``generate``) or a (B,) tensor of per-row limits (the engine): a row
-never drafts past its own limit, so a round never commits past it either. Token choice goes through a
-sampler: :class:`BatchSampling` (one config and generator for the batch) or :class:`RowSampling` (per-row
-configs and generators, for batches that mix requests). :class:`CacheRowsView` lets a prefill write
-chosen cache rows while other rows are mid-generation.
+Token choice goes through a sampler: :class:`BatchSampling` (one config and generator for the batch) or
+:class:`RowSampling` (per-row configs and generators, for batches that mix requests). :class:`CacheRowsView`
+lets a prefill write chosen cache rows while other rows are mid-generation. See docs/design.md.
 """
 from __future__ import annotations
 
@@ -49,6 +41,25 @@ class DecodeStats:
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
+
+    @classmethod
+    def empty(cls, batch: int, gamma: int) -> "DecodeStats":
+        return cls(rounds=[0] * batch, new_tokens=[0] * batch, accepted_lengths=[[] for _ in range(batch)],
+                   draft_lengths=[[] for _ in range(batch)], position_attempts=[[0] * gamma for _ in range(batch)],
+                   position_accepts=[[0] * gamma for _ in range(batch)])
+
+    def add_round(self, active: Sequence[bool], committed: Sequence[int], n_drafts: Sequence[int],
+                  accepted: Sequence[int]) -> None:
+        """Count one round: per row whether it took part, tokens committed, drafts proposed, drafts accepted."""
+        for r, on in enumerate(active):
+            if not on:
+                continue
+            self.rounds[r] += 1
+            self.accepted_lengths[r].append(committed[r])
+            self.draft_lengths[r].append(n_drafts[r])
+            for i in range(n_drafts[r]):
+                self.position_attempts[r][i] += 1
+                self.position_accepts[r][i] += int(i < accepted[r])
 
     @property
     def mat(self) -> List[float]:
@@ -96,28 +107,6 @@ class DecodeStats:
         }
 
 
-@dataclass
-class _Rows:
-    """Device-side decode state of a batch."""
-
-    out: torch.Tensor  # (B, max_new + gamma + 2) int64, generated tokens; the last column is a trash slot
-    n_gen: torch.Tensor  # (B,) int64
-    finished: torch.Tensor  # (B,) bool
-    pos: torch.Tensor  # (B,) int64, position of t0
-    t0: torch.Tensor  # (B,) int64, newest token, not yet in the cache
-    e_prev: Optional[torch.Tensor] = None  # (B, D) exit state at pos - 1 (Kangaroo only)
-    stats_rounds: List[int] = field(default_factory=list)
-
-
-MaxNew = Union[int, torch.Tensor]  # one limit for every row, or a (B,) int64 tensor of per-row limits
-
-
-def _finish_at_limit(rows: _Rows, max_new: MaxNew) -> None:
-    """Rows that reached their token limit finish (the commit ops only stop at EOS; the draft cap keeps a
-    round from committing past the limit)."""
-    rows.finished |= rows.n_gen >= max_new
-
-
 class BatchSampling:
     """One :class:`SamplingConfig` and one generator for the whole batch (what ``generate`` uses)."""
 
@@ -141,11 +130,11 @@ class BatchSampling:
         """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
         sampling = self.sampling
         if sampling.greedy:
-            d, conf = ops.greedy_with_confidence(logits)
-            return d, conf, None
+            token, conf = ops.greedy_with_confidence(logits)
+            return token, conf, None
         q = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        d = torch.multinomial(q, 1, generator=self.gen).squeeze(1)
-        return d, q.max(dim=-1).values, q
+        token = torch.multinomial(q, 1, generator=self.gen).squeeze(1)
+        return token, q.max(dim=-1).values, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +179,9 @@ class RowSampling:
 
     def draft(self, logits: torch.Tensor, active: torch.Tensor):
         """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
-        d, conf = ops.greedy_with_confidence(logits)
+        token, conf = ops.greedy_with_confidence(logits)
         if self.greedy:
-            return d, conf, None
+            return token, conf, None
         q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         on = active.tolist()
         for r in self.sampled:
@@ -200,9 +189,9 @@ class RowSampling:
                 continue
             q_r = self._probs(r, logits[r:r + 1])
             q[r] = q_r[0]
-            d[r] = torch.multinomial(q_r, 1, generator=self.rows[r][1])[0, 0]
+            token[r] = torch.multinomial(q_r, 1, generator=self.rows[r][1])[0, 0]
             conf[r] = q_r.max()
-        return d, conf, q
+        return token, conf, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,12 +215,6 @@ class RowSampling:
 Sampler = Union[BatchSampling, RowSampling]
 
 
-def _sampler(sampling: Union[SamplingConfig, Sampler], gen: Optional[torch.Generator]) -> Sampler:
-    if isinstance(sampling, (BatchSampling, RowSampling)):
-        return sampling
-    return BatchSampling(sampling, gen)
-
-
 class CacheRowsView:
     """Rows ``start..stop-1`` of a :class:`StaticKVCache` as a cache of their own (views, no copy): the
     model writes and reads row ``start + i`` when it is given batch row ``i``."""
@@ -241,7 +224,6 @@ class CacheRowsView:
             raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {cache.max_batch} rows")
         self.k = cache.k[:, start:stop]
         self.v = cache.v[:, start:stop]
-        self.lengths = cache.lengths[start:stop]
 
     @property
     def max_batch(self) -> int:
@@ -255,30 +237,128 @@ class CacheRowsView:
         """(k, v) of one layer, each (rows, kv_heads, max_len, head_dim)."""
         return self.k[index], self.v[index]
 
-    def set_lengths(self, lengths: torch.Tensor) -> None:
-        """lengths: (rows,) int64."""
-        self.lengths.copy_(lengths)
+
+@dataclass
+class DecodeState:
+    """The device-side state of a batch being decoded, one row per sequence (rows are updated in place, so a
+    :meth:`rows` view of an engine's slots is decoded directly).
+
+    ``out`` (B, W) int64 holds the tokens generated so far (its last column is a trash slot for masked
+    writes); ``n_gen`` (B,) counts them; ``finished`` (B,) bool; ``pos`` (B,) int64 is the position of
+    ``token`` (B,), the newest token, which is not in the cache yet; ``max_new`` (B,) int64 is each row's
+    token limit; ``eos`` (E,) int64 the EOS ids (or None); ``e_prev`` (B, D) the exit state at ``pos - 1``
+    (Kangaroo only, else None); ``sampler`` picks tokens (:class:`BatchSampling` or :class:`RowSampling`).
+    """
+
+    out: torch.Tensor
+    n_gen: torch.Tensor
+    finished: torch.Tensor
+    pos: torch.Tensor
+    token: torch.Tensor
+    max_new: torch.Tensor
+    eos: Optional[torch.Tensor] = None
+    e_prev: Optional[torch.Tensor] = None
+    sampler: Optional["Sampler"] = None
+
+    @classmethod
+    def allocate(cls, batch: int, width: int, device: torch.device, hidden: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, eos: Optional[torch.Tensor] = None) -> "DecodeState":
+        """Empty rows: finished, at position 1 (drafting reads ``pos - 1``); ``e_prev`` (batch, hidden) when
+        ``hidden`` is given."""
+        i64 = dict(dtype=torch.long, device=device)
+        return cls(out=torch.zeros(batch, width, **i64), n_gen=torch.zeros(batch, **i64),
+                   finished=torch.ones(batch, dtype=torch.bool, device=device), pos=torch.ones(batch, **i64),
+                   token=torch.zeros(batch, **i64), max_new=torch.zeros(batch, **i64), eos=eos,
+                   e_prev=None if hidden is None else torch.zeros(batch, hidden, dtype=dtype, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    def rows(self, start: int, stop: int) -> "DecodeState":
+        """Rows ``start..stop-1`` as views: what the decoder does to them reaches this state."""
+        return DecodeState(out=self.out[start:stop], n_gen=self.n_gen[start:stop],
+                           finished=self.finished[start:stop], pos=self.pos[start:stop],
+                           token=self.token[start:stop], max_new=self.max_new[start:stop], eos=self.eos,
+                           e_prev=None if self.e_prev is None else self.e_prev[start:stop], sampler=self.sampler)
+
+    def finish_at_limit(self) -> None:
+        """Rows that reached their token limit finish (the commit ops stop at EOS only)."""
+        self.finished |= self.n_gen >= self.max_new
+
+    def commit(self, tokens: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B, n), the first ``count`` (B,) of each row valid, stopping after an EOS and at the
+        row's limit. Returns the tokens committed per row (B,)."""
+        committed = ops.commit_tokens(self.out, self.n_gen, self.finished, tokens, count, self.eos)
+        self.finish_at_limit()
+        return committed
+
+
+@dataclass
+class DraftChain:
+    """One round's draft chain, at fixed shapes (the graph rounds keep one per bucket and reuse it).
+
+    ``cap`` (B,) drafts allowed this round; ``active`` (B,) bool rows still drafting; ``conf`` (B,) fp32
+    confidence of the newest draft; ``x`` (B,) the token the next step embeds; ``drafts`` (B, gamma) int64,
+    -1 past ``n_drafts`` (B,); ``exits`` (B, gamma + 1, D) the exit states to verify; ``probs``: the draft
+    distributions (B, V) per step under sampling (empty under greedy).
+    """
+
+    cap: torch.Tensor
+    active: torch.Tensor
+    conf: torch.Tensor
+    x: torch.Tensor
+    drafts: torch.Tensor
+    n_drafts: torch.Tensor
+    exits: torch.Tensor
+    probs: List[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, batch: int, gamma: int, hidden: int, dtype: torch.dtype, device: torch.device) -> "DraftChain":
+        i64 = dict(dtype=torch.long, device=device)
+        return cls(cap=torch.zeros(batch, **i64), active=torch.zeros(batch, dtype=torch.bool, device=device),
+                   conf=torch.zeros(batch, dtype=torch.float32, device=device), x=torch.zeros(batch, **i64),
+                   drafts=torch.full((batch, gamma), -1, **i64), n_drafts=torch.zeros(batch, **i64),
+                   exits=torch.zeros(batch, gamma + 1, hidden, dtype=dtype, device=device))
+
+    def keep_drafting(self, step: Union[int, torch.Tensor], eta: Union[float, torch.Tensor]) -> None:
+        """Before draft step ``step`` >= 1: rows whose last draft's confidence fell below ``eta``, or that
+        reached their cap, stop."""
+        self.active &= (self.conf >= eta) & (step < self.cap)
+
+
+def _put(buffer: torch.Tensor, step: Union[int, torch.Tensor], value: torch.Tensor) -> None:
+    """buffer[:, step] = value; ``step`` an int or a (1,) device tensor (no host read)."""
+    if isinstance(step, int):
+        buffer[:, step] = value
+    else:
+        buffer.index_copy_(1, step, value[:, None])
 
 
 class Decoder:
-    """Runs generation for a target (+ optional adapter) over caches it owns and reuses."""
+    """Runs generation for a target (+ optional adapter) over caches it owns and reuses.
 
-    def __init__(self, target: Transformer, adapter: Optional[Adapter] = None, exit_layer: Optional[int] = None):
+    ``max_len`` fixes the cache capacity (None: the caches grow to what a call needs)."""
+
+    def __init__(self, target: Transformer, adapter: Optional[Adapter] = None, exit_layer: Optional[int] = None,
+                 max_len: Optional[int] = None):
         self.target = target
         self.adapter = adapter
         self.exit_layer = exit_layer
+        self.max_len = max_len
         self.cache: Optional[StaticKVCache] = None
         self.adapter_cache: Optional[StaticKVCache] = None
 
-    def ensure_caches(self, batch: int, max_len: int, fixed_max_len: Optional[int] = None) -> None:
-        """Allocate (or grow) the caches; with ``fixed_max_len`` the capacity never changes."""
-        if fixed_max_len is not None:
-            if max_len > fixed_max_len:
+    def ensure_caches(self, batch: int, max_len: int) -> None:
+        """Make the caches hold at least ``batch`` rows of ``max_len`` positions (the fixed ``max_len``
+        when set). A cache that must grow is reallocated once, never smaller than before in either dimension."""
+        if self.max_len is not None:
+            if max_len > self.max_len:
                 raise ValueError(
                     f"prompt + max_new_tokens (+ gamma + 1 for drafting) needs {max_len} cache positions but "
-                    f"the model's cache holds max_len={fixed_max_len}"
+                    f"the model's cache holds max_len={self.max_len}"
                 )
-            max_len = fixed_max_len
+            max_len = self.max_len
         window = self.target.config.sliding_window
         if window is not None and max_len > window:
             raise ValueError(
@@ -287,25 +367,15 @@ class Decoder:
             )
         c = self.cache
         if c is None or c.max_batch < batch or c.max_len < max_len:
+            if c is not None:
+                batch, max_len = max(batch, c.max_batch), max(max_len, c.max_len)
             self.cache = None  # free the old one before allocating
             self.cache = self.target.new_cache(batch, max_len)
         if self.adapter is not None:
-            a = self.adapter_cache
-            if a is None or a.max_batch < batch or a.max_len < self.cache.max_len:
+            a, c = self.adapter_cache, self.cache
+            if a is None or a.max_batch < c.max_batch or a.max_len < c.max_len:
                 self.adapter_cache = None
-                self.adapter_cache = self.adapter.new_cache(self.cache.max_batch, self.cache.max_len)
-
-    # -- token selection -------------------------------------------------------------------------
-    @staticmethod
-    def _commit(rows: _Rows, tokens: torch.Tensor, count: torch.Tensor, eos: Optional[torch.Tensor],
-                max_new: MaxNew) -> torch.Tensor:
-        """Append tokens (B, n) of which the first ``count`` (B,) are valid, stopping after an EOS.
-
-        Returns the number of tokens actually committed per row (B,).
-        """
-        committed = ops.commit_tokens(rows.out, rows.n_gen, rows.finished, tokens, count, eos)
-        _finish_at_limit(rows, max_new)
-        return committed
+                self.adapter_cache = self.adapter.new_cache(c.max_batch, c.max_len)
 
     # -- prefill -----------------------------------------------------------------------------------
     def prefill_logits(self, ids: torch.Tensor, lengths: torch.Tensor, cache=None, adapter_cache=None):
@@ -331,138 +401,136 @@ class Decoder:
             h = target.forward_layers(h, positions, 0, target.num_layers, cache, kv_len=t, rope=rope)
         return target.head(h[rows_idx, lengths - 1]), e_prev
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampling: Union[SamplingConfig, Sampler],
-                max_new: int, gamma: int, eos: Optional[torch.Tensor], gen: Optional[torch.Generator]) -> _Rows:
-        """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks the first token."""
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampler: "Sampler", max_new: int, gamma: int,
+                eos: Optional[torch.Tensor]) -> DecodeState:
+        """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks and commits the first token."""
         b = ids.shape[0]
         logits, e_prev = self.prefill_logits(ids, lengths)  # (B, V)
-        first = _sampler(sampling, gen).select(logits)
-        rows = _Rows(
-            out=torch.zeros(b, max_new + gamma + 2, dtype=torch.long, device=ids.device),
-            n_gen=torch.zeros(b, dtype=torch.long, device=ids.device),
-            finished=torch.zeros(b, dtype=torch.bool, device=ids.device),
-            pos=lengths.clone(),
-            t0=first,
-            e_prev=e_prev,
-        )
-        self._commit(rows, first[:, None], torch.ones_like(lengths), eos, max_new)
-        self.cache.set_lengths(lengths)
-        return rows
+        first = sampler.select(logits)
+        i64 = dict(dtype=torch.long, device=ids.device)
+        state = DecodeState(out=torch.zeros(b, max_new + gamma + 2, **i64), n_gen=torch.zeros(b, **i64),
+                            finished=torch.zeros(b, dtype=torch.bool, device=ids.device), pos=lengths.clone(),
+                            token=first, max_new=torch.full((b,), max_new, **i64), eos=eos, e_prev=e_prev,
+                            sampler=sampler)
+        state.commit(first[:, None], torch.ones_like(lengths))
+        return state
 
     # -- plain decoding ----------------------------------------------------------------------------
-    def ar_step(self, rows: _Rows, sampling: Union[SamplingConfig, Sampler], max_new: MaxNew,
-                eos: Optional[torch.Tensor], gen: Optional[torch.Generator]) -> torch.Tensor:
-        """One plain decoding step for every unfinished row; max_new: int or (B,) int64 per-row limits."""
-        kv_len = int(rows.pos.max()) + 1
-        logits = self.target(rows.t0[:, None], rows.pos[:, None], self.cache, kv_len=kv_len)[:, -1]
-        tok = _sampler(sampling, gen).select(logits)
-        active = ~rows.finished
-        committed = self._commit(rows, tok[:, None], torch.ones_like(rows.pos), eos, max_new)
-        rows.pos += active.long()
-        rows.t0 = tok
-        self.cache.set_lengths(rows.pos)
+    def ar_step(self, state: DecodeState) -> torch.Tensor:
+        """One plain decoding step for every unfinished row. Returns the tokens committed per row (B,)."""
+        kv_len = int(state.pos.max()) + 1
+        logits = self.target(state.token[:, None], state.pos[:, None], self.cache, kv_len=kv_len)[:, -1]
+        token = state.sampler.select(logits)
+        active = ~state.finished
+        committed = state.commit(token[:, None], torch.ones_like(state.pos))
+        state.pos += active.long()
+        state.token.copy_(token)
         return committed
 
-    # -- Kangaroo ------------------------------------------------------------------------------------
-    def kangaroo_round(self, rows: _Rows, kcfg: KangarooConfig, sampling: Union[SamplingConfig, Sampler],
-                       max_new: MaxNew, eos: Optional[torch.Tensor], gen: Optional[torch.Generator],
-                       stats: DecodeStats, timed: bool) -> torch.Tensor:
-        """One draft-verify-accept round; max_new: int or (B,) int64 per-row limits. Returns committed (B,)."""
-        target, adapter, l = self.target, self.adapter, self.exit_layer
-        sampler = _sampler(sampling, gen)
-        dev = rows.pos.device
-        b = rows.pos.shape[0]
-        gamma, eta = kcfg.gamma, float(kcfg.eta)
-        cap = (max_new - rows.n_gen - 1).clamp(min=0, max=gamma)
-        cap = torch.where(rows.finished, torch.zeros_like(cap), cap)
-        active = cap > 0
-        pos0 = rows.pos
-        base_len = int(pos0.max()) + 1
-        drafts = torch.full((b, max(gamma, 1)), -1, dtype=torch.long, device=dev)
-        n_drafts = torch.zeros(b, dtype=torch.long, device=dev)
-        draft_probs: List[torch.Tensor] = []
-        exits: List[torch.Tensor] = []
-        conf = None
-        x = rows.t0
-        t_start = time.perf_counter()
-        s = 0
-        while True:
-            pos_s = (pos0 + s)[:, None]  # (B, 1)
-            rope_s = target.rope(pos_s)
-            e_s = target.forward_layers(target.embed(x[:, None]), pos_s, 0, l, self.cache,
-                                        kv_len=base_len + s, rope=rope_s)  # (B, 1, D)
-            exits.append(e_s)
-            if s == gamma:
-                break
-            if s > 0:
-                active = active & (conf >= eta)
-            active = active & (s < cap)
-            if not bool(active.any()):
-                break
-            if s == 0:  # two-position catch-up: the exit state at pos - 1 and the new one
-                a_in = torch.cat([rows.e_prev[:, None], e_s], dim=1)
-                a_pos = torch.stack([pos0 - 1, pos0], dim=1)
-                a_rope = target.rope(a_pos)
-            else:
-                a_in, a_pos, a_rope = e_s, pos_s, rope_s
-            y = adapter(a_in, a_pos, *a_rope, self.adapter_cache, kv_len=base_len + s)[:, -1]
-            logits = target.lm_head(y)  # (B, V)
-            d, conf, q = sampler.draft(logits, active)
-            if q is not None:
-                draft_probs.append(q)
-            drafts[:, s] = torch.where(active, d, torch.full_like(d, -1))
-            n_drafts += active.long()
-            x = d
-            s += 1
-        k = len(exits) - 1
-        if timed and dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t_mid = time.perf_counter()
+    # -- one Kangaroo round, step by step (the graph rounds call the same steps) ----------------------
+    def begin_round(self, state: DecodeState, chain: DraftChain) -> None:
+        """Each row's draft cap: ``gamma``, or what is left of its limit after the round's bonus token."""
+        gamma = chain.drafts.shape[1]
+        cap = (state.max_new - state.n_gen - 1).clamp(min=0, max=gamma)
+        chain.cap.copy_(torch.where(state.finished, torch.zeros_like(cap), cap))
+        chain.active.copy_(chain.cap > 0)
+        chain.drafts.fill_(-1)
+        chain.n_drafts.zero_()
+        chain.x.copy_(state.token)
+        chain.probs.clear()
 
-        stacked = torch.cat(exits, dim=1)  # (B, K+1, D)
-        vpos = pos0[:, None] + torch.arange(k + 1, device=dev)[None, :]
-        h = target.forward_layers(stacked, vpos, l, target.num_layers, self.cache, kv_len=base_len + k)
-        logits = target.head(h)  # (B, K+1, V)
-        chain = drafts[:, :k]
-        was_active = ~rows.finished
-        if sampler.greedy:
-            # Accept, commit up to EOS and advance pos, in place and on the device.
-            accepted, nxt, committed = ops.accept_greedy_commit(chain, n_drafts, logits.argmax(dim=-1), rows.out,
-                                                                rows.n_gen, rows.finished, rows.pos, eos)
-            _finish_at_limit(rows, max_new)
+    def shallow_step(self, state: DecodeState, chain: DraftChain, step: Union[int, torch.Tensor], kv_len: int):
+        """Target layers ``0..l-1`` on ``chain.x`` at ``pos + step``: writes the shallow KV and
+        ``chain.exits[:, step]``. Returns (exit state (B, 1, D), positions (B, 1), their rope)."""
+        target = self.target
+        pos = (state.pos + step)[:, None]
+        rope = target.rope(pos)
+        exit_state = target.forward_layers(target.embed(chain.x[:, None]), pos, 0, self.exit_layer, self.cache,
+                                           kv_len=kv_len, rope=rope)
+        _put(chain.exits, step, exit_state[:, 0])
+        return exit_state, pos, rope
+
+    def draft_step(self, state: DecodeState, chain: DraftChain, step: Union[int, torch.Tensor], kv_len: int,
+                   exit_state: torch.Tensor, pos: torch.Tensor, rope) -> None:
+        """The adapter on the exit state of ``step`` (step 0 also on ``e_prev`` at ``pos - 1``), then
+        :meth:`propose`; rows in ``chain.active`` get the draft ``chain.drafts[:, step]``, the others -1."""
+        if isinstance(step, int) and step == 0:  # two-position catch-up
+            a_in = torch.cat([state.e_prev[:, None], exit_state], dim=1)
+            pos = torch.cat([pos - 1, pos], dim=1)
+            rope = self.target.rope(pos)
         else:
-            accepted, nxt = sampler.accept(chain, n_drafts, logits, draft_probs)
-            run = torch.cat([chain, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
-            run.scatter_(1, accepted[:, None], nxt[:, None])
-            committed = self._commit(rows, run, accepted + 1, eos, max_new)
-            rows.pos += torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
-        rows_idx = torch.arange(b, device=dev)
-        rows.e_prev = stacked[rows_idx, accepted]
-        rows.t0 = nxt
-        self.cache.set_lengths(rows.pos)
-        self.adapter_cache.set_lengths(rows.pos)
-        if timed and dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t_end = time.perf_counter()
-        stats.draft_time_s += t_mid - t_start
-        stats.verify_time_s += t_end - t_mid
-        self._record(stats, was_active, committed, n_drafts, accepted, gamma)
-        return committed
+            a_in = exit_state
+        hidden = self.adapter(a_in, pos, *rope, self.adapter_cache, kv_len=kv_len)[:, -1]
+        token, conf, probs = self.propose(hidden, state.sampler, chain.active)
+        if probs is not None:
+            chain.probs.append(probs)
+        _put(chain.drafts, step, torch.where(chain.active, token, torch.full_like(token, -1)))
+        chain.n_drafts.add_(chain.active.long())
+        chain.conf.copy_(conf)
+        chain.x.copy_(token)
 
-    @staticmethod
-    def _record(stats: DecodeStats, was_active: torch.Tensor, committed: torch.Tensor, n_drafts: torch.Tensor,
-                accepted: torch.Tensor, gamma: int) -> None:
-        act = was_active.tolist()
-        com, nd, acc = committed.tolist(), n_drafts.tolist(), accepted.tolist()
-        for r, on in enumerate(act):
-            if not on:
-                continue
-            stats.rounds[r] += 1
-            stats.accepted_lengths[r].append(com[r])
-            stats.draft_lengths[r].append(nd[r])
-            for i in range(nd[r]):
-                stats.position_attempts[r][i] += 1
-                stats.position_accepts[r][i] += int(i < acc[r])
+    def propose(self, hidden: torch.Tensor, sampler: "Sampler", active: torch.Tensor):
+        """The draft head: the adapter's output (B, D) -> (draft token (B,), confidence (B,), draft
+        distribution (B, V) or None under greedy). The one place that maps a draft state to a draft token."""
+        return sampler.draft(self.target.lm_head(hidden), active)
+
+    def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
+        """Target layers ``l..N-1`` over the first ``k + 1`` exit states, the head, acceptance and commit (up to
+        EOS and the row limits), ``pos`` advanced past the committed tokens, ``token`` and ``e_prev`` set for the
+        next round. Returns (rows that were active (B,) bool, accepted drafts (B,), committed tokens (B,))."""
+        target = self.target
+        exits = chain.exits[:, :k + 1]
+        vpos = state.pos[:, None] + torch.arange(k + 1, device=state.pos.device)[None, :]
+        h = target.forward_layers(exits, vpos, self.exit_layer, target.num_layers, self.cache, kv_len=kv_len)
+        logits = target.head(h)  # (B, K+1, V)
+        drafts = chain.drafts[:, :k]
+        was_active = ~state.finished
+        if state.sampler.greedy:  # accept, commit up to EOS and advance pos, in place and on the device
+            accepted, nxt, committed = ops.accept_greedy_commit(drafts, chain.n_drafts, logits.argmax(dim=-1),
+                                                                state.out, state.n_gen, state.finished, state.pos,
+                                                                state.eos)
+            state.finish_at_limit()
+        else:
+            accepted, nxt = state.sampler.accept(drafts, chain.n_drafts, logits, chain.probs)
+            run = torch.cat([drafts, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
+            run.scatter_(1, accepted[:, None], nxt[:, None])
+            committed = state.commit(run, accepted + 1)
+            state.pos += torch.where(was_active, accepted + 1, torch.zeros_like(accepted))
+        state.e_prev.copy_(exits[torch.arange(state.batch, device=accepted.device), accepted])
+        state.token.copy_(nxt)
+        return was_active, accepted, committed
+
+    def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:
+        """One draft-verify-accept round, eagerly: drafting stops when no row drafts, attention reads the live
+        length. Returns the tokens committed per row (B,)."""
+        gamma, eta = kcfg.gamma, float(kcfg.eta)
+        t = self.target
+        chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
+        base_len = int(state.pos.max()) + 1
+        cuda = timed and state.pos.device.type == "cuda"
+        t_start = time.perf_counter()
+        self.begin_round(state, chain)
+        step = 0
+        while True:
+            exit_state, pos, rope = self.shallow_step(state, chain, step, base_len + step)
+            if step == gamma:
+                break
+            if step > 0:
+                chain.keep_drafting(step, eta)
+            if not bool(chain.active.any()):
+                break
+            self.draft_step(state, chain, step, base_len + step, exit_state, pos, rope)
+            step += 1
+        if cuda:
+            torch.cuda.synchronize(state.pos.device)
+        t_mid = time.perf_counter()
+        was_active, accepted, committed = self.verify(state, chain, step, base_len + step)
+        if cuda:
+            torch.cuda.synchronize(state.pos.device)
+        stats.draft_time_s += t_mid - t_start
+        stats.verify_time_s += time.perf_counter() - t_mid
+        stats.add_round(was_active.tolist(), committed.tolist(), chain.n_drafts.tolist(), accepted.tolist())
+        return committed
 
     # -- the whole call ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -470,31 +538,27 @@ class Decoder:
                kcfg: Optional[KangarooConfig], eos: Optional[torch.Tensor], gen: Optional[torch.Generator],
                on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
                timed: bool = True):
-        """Generate up to ``max_new`` tokens per row. Returns (out (B, max_new), n_gen (B,), stats).
-
-        on_tokens(out, n_gen) is called after every commit (streaming).
-        """
+        """Generate up to ``max_new`` tokens per row of ids (B, T) right-padded, lengths (B,). Returns
+        (out (B, max_new), n_gen (B,), stats). on_tokens(out, n_gen) is called after every commit (streaming)."""
         use_kangaroo = kcfg is not None and kcfg.gamma > 0 and self.adapter is not None
         gamma = kcfg.gamma if use_kangaroo else 0
         b = ids.shape[0]
-        stats = DecodeStats(rounds=[0] * b, new_tokens=[0] * b, accepted_lengths=[[] for _ in range(b)],
-                            draft_lengths=[[] for _ in range(b)],
-                            position_attempts=[[0] * gamma for _ in range(b)],
-                            position_accepts=[[0] * gamma for _ in range(b)])
-        t0 = time.perf_counter()
-        rows = self.prefill(ids, lengths, sampling, max_new, gamma, eos, gen)
-        stats.prefill_time_s = time.perf_counter() - t0
+        self.ensure_caches(b, ids.shape[1] + max_new + gamma + 1)
+        stats = DecodeStats.empty(b, gamma)
+        start = time.perf_counter()
+        state = self.prefill(ids, lengths, BatchSampling(sampling, gen), max_new, gamma, eos)
+        stats.prefill_time_s = time.perf_counter() - start
         if on_tokens is not None:
-            on_tokens(rows.out, rows.n_gen)
-        while not bool(rows.finished.all()):
+            on_tokens(state.out, state.n_gen)
+        while not bool(state.finished.all()):
             if use_kangaroo:
-                self.kangaroo_round(rows, kcfg, sampling, max_new, eos, gen, stats, timed)
+                self.kangaroo_round(state, kcfg, stats, timed)
             else:
-                self.ar_step(rows, sampling, max_new, eos, gen)
+                self.ar_step(state)
             if on_tokens is not None:
-                on_tokens(rows.out, rows.n_gen)
+                on_tokens(state.out, state.n_gen)
         if timed and ids.device.type == "cuda":
             torch.cuda.synchronize(ids.device)
-        stats.wall_time_s = time.perf_counter() - t0
-        stats.new_tokens = rows.n_gen.tolist()
-        return rows.out[:, :max_new], rows.n_gen, stats
+        stats.wall_time_s = time.perf_counter() - start
+        stats.new_tokens = state.n_gen.tolist()
+        return state.out[:, :max_new], state.n_gen, stats

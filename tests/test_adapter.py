@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kangaroo_rt
-from kangaroo_rt.testing import edit_config
+from checks import edit_config
 from kangaroo_rt import Adapter, KangarooConfig, KangarooModel, ModelConfig, load_model
 from kangaroo_rt.adapter import ADAPTER_KEYS
 

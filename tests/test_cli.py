@@ -6,7 +6,7 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt.cli import main
-from test_train_data import make_tokenizer
+from tiny_tokenizer import make_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -181,14 +181,15 @@ def test_admission_control(pair):
 def test_engine_from_a_bare_target_and_bad_construction():
     cfg = tiny_config(num_layers=3)
     target = random_target(cfg)
-    engine = Engine(target, max_batch=2, max_len=40)  # no adapter: plain decoding
+    engine = Engine(K.KangarooModel(target, None, exit_layer=1), max_batch=2, max_len=40)  # no adapter: plain
     assert engine.metrics()["mode"] == "plain"
     rid = engine.add_request([1, 2, 3], RequestParams(max_new_tokens=4))
     outs = [o for _ in range(6) for o in engine.step()]
     assert sum(len(o.new_token_ids) for o in outs if o.request_id == rid) == 4
     with pytest.raises(ValueError, match="max_len=4 leaves no room"):
-        Engine(target, K.Adapter.random(cfg), max_len=4, kangaroo=K.KangarooConfig(gamma=6), exit_layer=1)
-    with pytest.raises(ValueError, match="KangarooModel or a Transformer"):
-        Engine("model")
+        Engine(K.KangarooModel(target, K.Adapter.random(cfg), exit_layer=1), max_len=4,
+               kangaroo=K.KangarooConfig(gamma=6))
+    with pytest.raises(ValueError, match="must be a KangarooModel"):
+        Engine(target)  # a bare target: wrap it in a KangarooModel
     with pytest.raises(ValueError, match="max_batch"):
-        Engine(target, max_batch=0)
+        Engine(K.KangarooModel(target, None, exit_layer=1), max_batch=0)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import kangaroo_rt as K
-from kangaroo_rt.testing import agreeing_pair, assert_same_tokens, tiny_config
+from checks import assert_same_tokens
+from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 pytestmark = pytest.mark.gpu
 

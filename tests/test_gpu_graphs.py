@@ -9,8 +9,8 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs, ops, reference
-from kangaroo_rt.testing import (agreeing_pair, assert_same_tokens, check_graphs_match_eager_and_plain,
-                                 ragged_prompts, tiny_config)
+from checks import assert_same_tokens, check_graphs_match_eager_and_plain, ragged_prompts
+from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 pytestmark = pytest.mark.gpu
 EOS = 3
@@ -33,7 +33,7 @@ def _ragged(batch, seed):
 def test_graph_equals_eager_equals_plain_greedy(model, batch):
     ids, mask = _ragged(batch, seed=batch)
     check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=40)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     assert runner.captures > 0 and runner.last_mode is not None
 
 
@@ -42,7 +42,7 @@ def test_every_host_loop_mode_gives_the_same_tokens(model):
     kc = K.KangarooConfig(gamma=5, eta=0.3)
     kw = dict(attention_mask=mask, max_new_tokens=48, eos_token_id=[EOS, 9])
     plain = model.generate(ids, kangaroo=None, **kw)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     model.generate(ids, kangaroo=kc, cuda_graphs=True, **kw)  # capture
     entry = runner.entry(8, kc, 2)
     modes = runner.available_modes(entry)
@@ -71,7 +71,7 @@ def test_no_memory_growth_over_1000_generate_calls(model):
     for b in batches:  # capture every bucket first
         model.generate(prompts[b][0], attention_mask=prompts[b][1], max_new_tokens=8, kangaroo=kc)
     torch.cuda.synchronize()
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     captures, allocated, reserved = runner.captures, torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     for i in range(1000):
         b = batches[i % len(batches)]
@@ -176,7 +176,7 @@ def test_while_graph_runs_the_loop_on_the_device(ext, model):
     ids, mask = _ragged(3, seed=8)
     kc = K.KangarooConfig(gamma=4, eta=0.0)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=64, kangaroo=None, ignore_eos=True)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     runner.mode = "while_graph"
     try:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=64, kangaroo=kc, ignore_eos=True)

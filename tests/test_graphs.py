@@ -11,8 +11,9 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import graphs
 from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
-from kangaroo_rt.testing import (agreeing_pair, assert_same_tokens, difference_report, next_token_margin,
-                                 ragged_prompts, tiny_config)
+from kangaroo_rt.speculative import DecodeState
+from checks import assert_same_tokens, difference_report, next_token_margin, ragged_prompts
+from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 EOS = 3
 
@@ -62,28 +63,34 @@ def test_cuda_graphs_flag(monkeypatch):
 
 
 def test_round_buffers_load_pads_rows():
-    st = RoundBuffers.allocate(4, gamma=3, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
-                               width=20, eos_slots=2)
-    assert st.out.shape == (4, 20) and st.exits.shape == (4, 4, 8) and st.log_active.shape == (21, 4)
-    out = torch.tensor([[11, 0], [12, 0]])
-    st.rounds.fill_(5)
-    st.load(out, torch.tensor([1, 1]), torch.tensor([False, True]), torch.tensor([7, 4]), torch.tensor([11, 12]),
-            torch.ones(2, 8), max_new=10, eos=torch.tensor([3]))
+    bufs = RoundBuffers.allocate(4, gamma=3, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
+                                 width=20, eos_slots=2)
+    st = bufs.state
+    assert st.out.shape == (4, 20) and bufs.chain.exits.shape == (4, 4, 8) and bufs.log_active.shape == (21, 4)
+
+    def prefilled(batch=2, max_new=10, eos=None, finished=(False, True)):
+        state = DecodeState.allocate(batch, 2, torch.device("cpu"), hidden=8, eos=eos)
+        state.out[:, 0] = torch.arange(11, 11 + batch)
+        state.n_gen.fill_(1)
+        state.finished.copy_(torch.tensor(finished[:batch] + (False,) * (batch - len(finished))))
+        state.pos.copy_(torch.arange(batch) * -3 + 7)
+        state.max_new.fill_(max_new)
+        state.e_prev.fill_(1.0)
+        return state
+
+    bufs.rounds.fill_(5)
+    bufs.load(prefilled(eos=torch.tensor([3])))
     assert st.out[:, 0].tolist() == [11, 12, 0, 0] and st.n_gen.tolist() == [1, 1, 0, 0]
     assert st.finished.tolist() == [False, True, True, True]
     assert st.pos.tolist() == [7, 4, 1, 1]  # padding rows at 1: the catch-up position pos - 1 stays >= 0
-    assert st.eos.tolist() == [3, -1] and st.max_new.tolist() == [10] * 4 and int(st.rounds) == 0
+    assert st.eos.tolist() == [3, -1] and st.max_new.tolist() == [10, 10, 0, 0] and int(bufs.rounds) == 0
     assert st.e_prev[2:].abs().sum() == 0
     with pytest.raises(ValueError, match="bucket"):
-        st.load(torch.zeros(5, 1, dtype=torch.long), *(torch.zeros(5, dtype=torch.long),) * 1,
-                torch.zeros(5, dtype=torch.bool), *(torch.zeros(5, dtype=torch.long),) * 2, torch.zeros(5, 8),
-                max_new=4, eos=None)
+        bufs.load(prefilled(batch=5, max_new=4))
     with pytest.raises(ValueError, match="output buffer"):
-        st.load(out, torch.tensor([1, 1]), torch.tensor([False, False]), torch.tensor([7, 4]),
-                torch.tensor([11, 12]), torch.ones(2, 8), max_new=19, eos=None)
+        bufs.load(prefilled(max_new=19))
     with pytest.raises(ValueError, match="EOS ids"):
-        st.load(out, torch.tensor([1, 1]), torch.tensor([False, False]), torch.tensor([7, 4]),
-                torch.tensor([11, 12]), torch.ones(2, 8), max_new=5, eos=torch.tensor([1, 2, 3]))
+        bufs.load(prefilled(max_new=5, eos=torch.tensor([1, 2, 3])))
     with pytest.raises(ValueError, match="buffer sizes"):
         RoundBuffers.allocate(2, gamma=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
                               width=20, eos_slots=1)
@@ -125,7 +132,7 @@ def test_fixed_shape_rounds_equal_plain_and_eager(model, batch, gamma, eta):
     fixed = model.generate(ids, kangaroo=kc, cuda_graphs=True, return_dict_in_generate=True, **kw)
     assert torch.equal(eager.sequences, plain)
     assert torch.equal(fixed.sequences, plain)
-    assert graphs.runner_for(model).last_mode == "sync"  # the fixed-shape path ran
+    assert model.graph_runner.last_mode == "sync"  # the fixed-shape path ran
     assert fixed.stats.accepted_lengths == eager.stats.accepted_lengths
     assert fixed.stats.draft_lengths == eager.stats.draft_lengths
     assert fixed.stats.position_accepts == eager.stats.position_accepts
@@ -197,7 +204,7 @@ def test_eos_budget_and_blocks_mode(model):
     ids, mask = _ragged(4, model.config.vocab_size, seed=11)
     kc = K.KangarooConfig(gamma=3, eta=0.0)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=24, kangaroo=None, eos_token_id=[EOS, 17, 40])
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     for mode in ("sync", "blocks"):
         runner.mode = mode
         try:
@@ -215,8 +222,8 @@ def test_buffers_are_reused_and_dropped_when_the_cache_moves(model):
     ids, mask = _ragged(3, model.config.vocab_size, seed=5)
     kc = K.KangarooConfig(gamma=2, eta=0.0)
     model.generate(ids, attention_mask=mask, max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
-    runner = graphs.runner_for(model)
-    assert runner is graphs.runner_for(model)
+    runner = model.graph_runner
+    assert runner is model.graph_runner
     entry = runner.entry(4, kc, 1)
     model.generate(ids[:1], max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
     model.generate(ids, attention_mask=mask, max_new_tokens=6, kangaroo=kc, cuda_graphs=True)
@@ -275,11 +282,11 @@ class CaptureAudit(TorchDispatchMode):
 
 def _static_tensors(model, buffers):
     d = model.decoder
-    tensors = [t for t in vars(buffers).values() if isinstance(t, torch.Tensor)]
+    tensors = buffers.tensors()
     for module in (model.target, model.adapter):
         tensors += list(module.parameters()) + list(module.buffers())
     for cache in (d.cache, d.adapter_cache):
-        tensors += [cache.k, cache.v, cache.lengths]
+        tensors += [cache.k, cache.v]
     return tensors
 
 
@@ -295,7 +302,7 @@ def test_round_steps_are_capturable(model, model_type):
     kc = K.KangarooConfig(gamma=4, eta=0.6)
     model.generate(ids, attention_mask=mask, max_new_tokens=10, kangaroo=kc, cuda_graphs=True,
                    eos_token_id=[EOS, 17])
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     entry = runner.entry(4, kc, graphs.eos_slots_for(2))
     allowed = _static_tensors(model, entry.buffers)
     for name, step in dict(runner._steps(kc.gamma)).items():
@@ -308,9 +315,9 @@ def test_round_steps_are_capturable(model, model_type):
     outside = torch.ones(4)
     audit = CaptureAudit(allowed)
     with audit:
-        bool(entry.buffers.finished.all())
-        entry.buffers.conf.add_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-        entry.buffers.conf.mul_(outside)
+        bool(entry.buffers.state.finished.all())
+        entry.buffers.chain.conf.add_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        entry.buffers.chain.conf.mul_(outside)
     kinds = [kind for kind, _ in audit.problems]  # torch.tensor: lift_fresh of a tensor made outside aten
     assert kinds == ["host sync", "host sync", "foreign input", "foreign input"], audit.problems
 

@@ -12,6 +12,7 @@ This runs the code lines that otherwise execute only on a GPU: capture, graph re
 ``ext_loop`` and ``while_graph`` loops, ``auto``, and the fallback when a mode fails.
 """
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ from torch.utils._pytree import tree_flatten
 import kangaroo_rt as K
 from kangaroo_rt import _ext, graphs
 from kangaroo_rt.graphs import GraphRunner
-from kangaroo_rt.testing import (agreeing_pair, check_graphs_match_eager_and_plain, ragged_prompts,
-                                 tiny_config)
+from kangaroo_rt.speculative import Decoder
+from checks import check_graphs_match_eager_and_plain, ragged_prompts
+from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 EOS = 3
 
@@ -140,10 +142,10 @@ def emulated(monkeypatch):
 def _state_tensors(model):
     """Everything a capture could change: every key's static buffers and both caches."""
     d = model.decoder
-    runner = graphs.runner_for(model)
-    tensors = [d.cache.k, d.cache.v, d.cache.lengths, d.adapter_cache.k, d.adapter_cache.v, d.adapter_cache.lengths]
+    runner = model.graph_runner
+    tensors = [d.cache.k, d.cache.v, d.adapter_cache.k, d.adapter_cache.v]
     for entry in runner._entries.values():
-        tensors += [t for t in vars(entry.buffers).values() if isinstance(t, torch.Tensor)]
+        tensors += entry.buffers.tensors()
     return tensors
 
 
@@ -161,7 +163,7 @@ def test_every_host_loop_mode_over_emulated_graphs(model, emulated):
     kw = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[EOS, 11])
     plain = model.generate(ids, kangaroo=None, **kw)
     eager = model.generate(ids, kangaroo=kc, cuda_graphs=False, return_dict_in_generate=True, **kw)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     for mode in graphs.MODES:
         runner.mode = mode
         try:
@@ -192,7 +194,7 @@ def test_a_failing_mode_falls_back_to_sync_and_is_not_tried_again(model, emulate
         raise RuntimeError("cudaGraphLaunch failed (emulated)")
 
     emulated["ext"].replay_rounds = broken
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     runner.mode = "ext_loop"
     try:
         with pytest.warns(RuntimeWarning, match="'ext_loop' failed"):
@@ -221,7 +223,7 @@ def test_the_emulation_catches_a_value_baked_in_at_capture(model, emulated, monk
         honest(self, st, kcfg)
 
     monkeypatch.setattr(GraphRunner, "_draft_mid", python_counter_mid)
-    runner = graphs.runner_for(model)
+    runner = model.graph_runner
     runner.mode = "sync"
     try:
         with monkeypatch.context() as m:  # eager fixed-shape rounds: the counter stays in step
@@ -249,7 +251,7 @@ def test_bench_graphs_graph_rows_over_emulated_graphs(model, emulated):
     for key in ("draft_step_graph_ms", "verify_step_graph_ms", "draft_step_speedup", "verify_step_speedup",
                 "host_us_per_step_graph", "host_us_per_step_eager"):
         assert row[key] > 0, key
-    entry = graphs.runner_for(model).entry(2, K.KangarooConfig(gamma=3, eta=0.0), 1)
+    entry = model.graph_runner.entry(2, K.KangarooConfig(gamma=3, eta=0.0), 1)
     assert entry.graphs["mid"].replays > 0 and entry.graphs["verify"].replays > 0
 
 
@@ -259,4 +261,64 @@ def test_emulated_graphs_equal_eager_and_plain_for_batch_1_to_8(model, emulated,
     emulated["tensors"] = lambda: _state_tensors(model)
     ids, mask = ragged_prompts(batch, model.config.vocab_size, seed=batch, low=EOS + 1)
     check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=16)
-    assert graphs.runner_for(model).captures == 3 + 4 + 4  # per gamma: first, mid (gamma > 1), last, verify
+    assert model.graph_runner.captures == 3 + 4 + 4  # per gamma: first, mid (gamma > 1), last, verify
+
+
+def test_a_larger_request_reallocates_the_caches_once_and_they_never_shrink(model, emulated, monkeypatch):
+    """Issue 19.4: a request that needs a larger bucket or a longer cache reallocates once, to the bucket's rows and
+    the rounded length, never fewer rows or positions than before; after the largest request nothing moves, and
+    each bucket is captured once more at most."""
+    emulated["tensors"] = lambda: _state_tensors(model)
+    allocations = []
+    new_cache = model.target.new_cache
+    monkeypatch.setattr(model.target, "new_cache", lambda rows, length: allocations.append((rows, length))
+                        or new_cache(rows, length))
+    vocab = model.config.vocab_size
+    kc = K.KangarooConfig(gamma=3, eta=0.0)
+    one, three = (ragged_prompts(b, vocab, seed=b, low=EOS + 1) for b in (1, 3))
+    long = ragged_prompts(1, vocab, seed=9, length=260, low=EOS + 1)  # needs more than 256 positions
+
+    def run(prompts):
+        model.generate(prompts[0], attention_mask=prompts[1], max_new_tokens=8, kangaroo=kc, cuda_graphs=True)
+
+    run(one)
+    assert allocations == [(1, 256)]  # not (1, 21) first
+    run(three)
+    assert allocations[1:] == [(4, 256)]  # the bucket's rows, at once
+    run(long)
+    assert allocations[2:] == [(4, 512)]  # longer, and still 4 rows
+    runner = model.graph_runner
+    captures = runner.captures
+    for _ in range(2):
+        for prompts in (one, three, long):
+            run(prompts)
+    assert len(allocations) == 3
+    assert runner.captures == captures + 4  # bucket 4 once more (the caches moved under it), then nothing
+
+
+def test_auto_does_not_charge_the_prefill_to_the_first_mode_timed(model, emulated, monkeypatch):
+    """Issue 19.10: auto's per-mode timings start on an idle device. On a clock that only the emulated device
+    moves, the device still works on the prefill for a second when the host returns and a synchronize waits
+    for it: no mode's timing may include that second."""
+    emulated["tensors"] = lambda: _state_tensors(model)
+    clock, busy = [0.0], [0.0]
+    prefill = Decoder.prefill
+
+    def prefill_left_running(self, *args, **kwargs):
+        busy[0] = 1.0
+        return prefill(self, *args, **kwargs)
+
+    def synchronize(*args):
+        clock[0] += busy[0]
+        busy[0] = 0.0
+
+    monkeypatch.setattr(Decoder, "prefill", prefill_left_running)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(graphs, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    ids, mask = ragged_prompts(2, model.config.vocab_size, seed=11, low=EOS + 1)
+    kc = K.KangarooConfig(gamma=3, eta=0.0)
+    for _ in range(3):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, kangaroo=kc, cuda_graphs=True)
+    timings = model.graph_runner.entry(2, kc, 1).timings
+    assert sum(len(t) for t in timings.values()) == 3
+    assert all(t == 0.0 for ts in timings.values() for t in ts), timings

@@ -169,5 +169,5 @@ def test_full_model_on_triton_backend_gives_the_torch_tokens(monkeypatch):
     assert torch.equal(want, model.generate(ids3, kangaroo=None, **kw3))
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
     got = model.generate(ids3, kangaroo=K.KangarooConfig(gamma=3, eta=0.3), cuda_graphs=True, **kw3)
-    assert graphs.runner_for(model).last_mode == "sync"
+    assert model.graph_runner.last_mode == "sync"
     assert torch.equal(got, want)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kangaroo_rt
-from kangaroo_rt.testing import edit_config
+from checks import edit_config
 from kangaroo_rt import load_model, save_model
 
 B, T = 2, 7

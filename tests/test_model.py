@@ -147,7 +147,6 @@ def test_static_cache_is_reused_across_calls():
     cache = model.decoder.cache
     model.generate(ids[:1, :3], max_new_tokens=6, kangaroo=None)
     assert model.decoder.cache is cache  # smaller request: no reallocation
-    assert cache.lengths[0].item() == 3 + 6 - 1  # the last token is never written
 
 
 def test_sliding_window_beyond_the_window_is_refused():
