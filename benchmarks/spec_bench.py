@@ -5,7 +5,7 @@ Kangaroo, transformers `generate` (eager) and transformers assisted generation w
 assistant. Greedy, batch 1; all methods' tokens are checked against plain decoding.
 
     PYTHONPATH=. python benchmarks/spec_bench.py                        # embedded model, held-out code prompts
-    PYTHONPATH=. python benchmarks/spec_bench.py --questions ../shared/data/spec_bench/question.jsonl \\
+    PYTHONPATH=. python benchmarks/spec_bench.py --questions path/to/spec_bench/question.jsonl \\
         --model TARGET --adapter ADAPTER --device cuda                   # Spec-Bench prompts on a GPU
     PYTHONPATH=. python benchmarks/spec_bench.py --smoke                # seconds, random tiny model
 """

@@ -30,7 +30,7 @@ def kernel_module(name):
 
 
 def assert_tolerance_rule(kernel_out, torch_out, exact, slack=None):
-    """DESIGN.md section 5: the kernel's max error vs an fp64 result is at most 2x the torch
+    """docs/design.md, "Backends and the tolerance rule": the kernel's max error vs an fp64 result is at most 2x the torch
     implementation's error in the same dtype (plus a few ulps of the output, for exactly-rounded cases)."""
     exact = exact.double()
     err_kernel = (kernel_out.double() - exact).abs().max().item()
