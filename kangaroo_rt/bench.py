@@ -29,7 +29,7 @@ import torch
 
 from .config import KangarooConfig
 
-TEMPLATES = ("auto", "vicuna", "none")
+TEMPLATES = ("auto", "chat", "vicuna", "none")
 BASELINES = ("hf_generate", "ar")  # speedups are reported against each of these that ran
 # A tiny fixed prompt set in Spec-Bench format for --smoke without --questions.
 SMOKE_QUESTIONS = [
@@ -143,7 +143,7 @@ def heldout_questions(path: str) -> List[Dict[str, Any]]:
 
 def format_turn(text: str, template: str) -> str:
     """The model input for a first user turn: Vicuna v1.1 (as Spec-Bench) or the raw text."""
-    if template == "none":
+    if template in ("none", "chat"):  # "chat": the tokenizer's chat template is applied by the encoder
         return text
     if template == "vicuna":
         from .train.data import VICUNA_SYSTEM
@@ -461,13 +461,16 @@ def device_name(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------- entry point
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="target checkpoint folder (HF layout); default: the embedded model")
-    parser.add_argument("--adapter", help="adapter folder (official format); default: MODEL/adapter")
+    parser.add_argument("--model", help="a model name (embedded, smollm2; see kangaroo_rt.models) or a target "
+                        "checkpoint folder (HF layout); default: the embedded model")
+    parser.add_argument("--adapter", help="adapter folder (official format); default: the named model's shipped "
+                        "adapter, else MODEL/adapter")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--questions", help="Spec-Bench-format JSONL (question_id, category, turns); "
                         "default: the embedded model's held-out code prompts")
     parser.add_argument("--template", default="auto", choices=TEMPLATES,
-                        help="prompt format of the first turn; auto: vicuna for --questions, none for code prompts")
+                        help="prompt format of the first turn; auto: the tokenizer's chat template (chat) when it has one, "
+                        "else vicuna, for --questions; none for code prompts")
     parser.add_argument("--prompts", type=int, help="use the first N prompts only")
     parser.add_argument("--time-limit", type=float,
                         help="start no prompt after this many seconds of measuring (the JSON says how many ran)")
@@ -518,23 +521,24 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
         template = "none" if args.template == "auto" else args.template
         return model, scratch, byte_ids, None, questions, template, {}, "random tiny agreeing pair (smoke)"
     from .embedded import ASSETS
+    from .models import REGISTRY, resolve
 
-    folder = args.model or ASSETS
+    named = args.model is None or args.model in REGISTRY
+    resolved = resolve(args.model, args.adapter)
+    folder = resolved.folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        hint = ("the embedded model is not present (its weights may still be training); "
-                if args.model is None else "")
-        raise FileNotFoundError(f"{hint}no config.json in {folder}: pass --model/--adapter/--tokenizer, or --smoke")
-    adapter_dir = args.adapter or os.path.join(folder, "adapter")
+        raise FileNotFoundError(f"no config.json in {folder}: pass --model/--adapter/--tokenizer, or --smoke")
+    adapter_dir = resolved.adapter or os.path.join(folder, "adapter")
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist (pass --adapter)")
-    settings = _settings(adapter_dir)
+    settings = resolved.settings
     exit_layer = args.exit_layer or settings.get("exit_layer", 2)
     model = KangarooModel.from_pretrained(folder, adapter_dir, exit_layer=exit_layer, dtype=dtype, device=device)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or folder)
     if args.questions:
-        questions, template = read_questions(args.questions), "vicuna"
+        questions, template = read_questions(args.questions), ("chat" if tok.chat_template else "vicuna")
     else:
         questions, template = heldout_questions(os.path.join(ASSETS, "heldout_prompts.jsonl")), "none"
     if args.template != "auto":
@@ -544,10 +548,13 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
         eos = model.config.eos_token_ids[0]
 
     def encode(text: str) -> List[int]:
+        if template == "chat":
+            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
         return tok(text).input_ids
 
     # a name, not a machine-specific absolute path, for the JSON and the plot titles
-    what = "embedded model" if not args.model else os.path.basename(os.path.normpath(folder))
+    what = f"{resolved.name} model" if named else os.path.basename(os.path.normpath(folder))
     return model, folder, encode, eos, questions, template, settings, what
 
 

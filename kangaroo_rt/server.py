@@ -597,18 +597,19 @@ def load_engine(model: Optional[str] = None, adapter: Optional[str] = None, toke
                 exit_layer: int = 2, gamma: Optional[int] = None, eta: Optional[float] = None,
                 no_kangaroo: bool = False, dtype: Optional[str] = None, device: str = "cpu", max_batch: int = 8,
                 max_len: Optional[int] = None, max_queue: int = 1024) -> Tuple[Engine, Any]:
-    """(engine, tokenizer) for a local target folder (+ adapter folder), or for the embedded model when
-    ``model`` is None. EOS: the model config's ids plus the tokenizer's ``eos_token_id``."""
+    """(engine, tokenizer) for a local target folder (+ adapter folder), or for a named model of
+    :mod:`kangaroo_rt.models` (None: the embedded one) with its shipped adapter and settings. EOS: the model config's ids plus the tokenizer's ``eos_token_id``."""
     import torch
 
     from .config import KangarooConfig
     from .generate import KangarooModel
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if model is None:
-        from .embedded import load_default, load_tokenizer
+    from . import models
 
-        kmodel, tok = load_default(dtype=torch_dtype, device=device), load_tokenizer()
+    if model is None or model in models.REGISTRY:
+        name = model or "embedded"
+        kmodel, tok = models.load_named(name, dtype=torch_dtype, device=device), models.load_tokenizer(name)
         base = kmodel.kangaroo
     else:
         from transformers import AutoTokenizer
