@@ -11,21 +11,13 @@ import torch
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded")
 
 
-def load_default(dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"):
-    """The embedded model as a ready :class:`KangarooModel` with its tuned exit layer, gamma and eta."""
-    from .config import KangarooConfig
-    from .generate import KangarooModel
+def load_default(dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+                 name: str = "embedded"):
+    """A named model of :mod:`kangaroo_rt.models` (default: the embedded one) as a ready :class:`KangarooModel`
+    with its shipped adapter and tuned exit layer, gamma and eta. ``smollm2`` must be fetched first."""
+    from .models import load_named
 
-    adapter = os.path.join(ASSETS, "adapter")
-    settings_path = os.path.join(adapter, "kangaroo.json")
-    if not os.path.isfile(settings_path):
-        raise FileNotFoundError(f"the embedded model is not present in {ASSETS} (expected adapter/kangaroo.json); "
-                                "train it with scripts/train_embedded.py and scripts/train_embedded_adapter.py")
-    with open(settings_path) as f:
-        settings = json.load(f)
-    kangaroo = KangarooConfig(gamma=settings["gamma"], eta=settings["eta"])
-    return KangarooModel.from_pretrained(ASSETS, adapter, exit_layer=settings["exit_layer"], dtype=dtype,
-                                         device=device, kangaroo=kangaroo)
+    return load_named(name, dtype=dtype, device=device)
 
 
 def load_tokenizer(folder: str = ASSETS):
