@@ -157,6 +157,18 @@ def byte_ids(text: str) -> List[int]:
     return list(text.encode("utf-8"))
 
 
+def per_category(questions: Sequence[Dict[str, Any]], k: int) -> List[Dict[str, Any]]:
+    """The first ``k`` questions of every category, in file order (a stratified subset of Spec-Bench)."""
+    taken: Dict[str, int] = {}
+    out = []
+    for q in questions:
+        c = str(q["category"])
+        if taken.get(c, 0) < k:
+            taken[c] = taken.get(c, 0) + 1
+            out.append(q)
+    return out
+
+
 def build_prompts(questions: Sequence[Dict[str, Any]], encode: Callable[[str], List[int]], template: str,
                   limit: Optional[int] = None, max_prompt_tokens: Optional[int] = None) -> List[Prompt]:
     """Encode the first turn of each question; ``max_prompt_tokens`` keeps the last tokens of long ones."""
@@ -472,6 +484,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt format of the first turn; auto: the tokenizer's chat template (chat) when it has one, "
                         "else vicuna, for --questions; none for code prompts")
     parser.add_argument("--prompts", type=int, help="use the first N prompts only")
+    parser.add_argument("--per-category", type=int, help="use the first N prompts of each category only")
     parser.add_argument("--time-limit", type=float,
                         help="start no prompt after this many seconds of measuring (the JSON says how many ran)")
     parser.add_argument("--max-prompt-tokens", type=int, help="keep only the last N tokens of longer prompts")
@@ -566,12 +579,14 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("prompts", "max_prompt_tokens", "max_new_tokens", "threads", "time_limit"):
+    for name in ("prompts", "per_category", "max_prompt_tokens", "max_new_tokens", "threads", "time_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     with tempfile.TemporaryDirectory(prefix="kangaroo_bench_") as scratch:
         model, folder, encode, eos, questions, template, settings, what = _load(args, device, dtype, scratch)
+        if args.per_category:
+            questions = per_category(questions, args.per_category)
         limit = args.prompts or (4 if args.smoke else None)
         max_prompt = args.max_prompt_tokens or (48 if args.smoke else None)
         max_new = args.max_new_tokens or (24 if args.smoke else 128)
@@ -605,8 +620,9 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "spec_bench", "smoke_run": bool(args.smoke), "device": device_name(device),
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and not args.model, "prompts_source": args.questions or ("built-in smoke prompts" if args.smoke else "embedded held-out code prompts"),
-        "template": template, "prompts": measured, "prompts_selected": len(prompts), "max_new_tokens": max_new,
+        "transformers": _version("transformers"), "model": what, "embedded_model": not args.smoke and args.model in (None, "embedded"), "prompts_source": args.questions or ("built-in smoke prompts" if args.smoke else "embedded held-out code prompts"),
+        "template": template, "prompts": measured, "prompts_selected": len(prompts), "per_category": args.per_category,
+        "max_new_tokens": max_new,
         "ignore_eos": bool(args.ignore_eos),
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},

@@ -266,3 +266,16 @@ def test_gpu_suite_only_runs_the_named_steps_and_skips_what_overruns_the_budget(
     bad = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_suite.sh"), "--dry-run", "--only"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--only needs" in bad.stdout
+
+
+def test_per_category_takes_the_first_n_of_each_category_in_file_order():
+    from kangaroo_rt.bench import per_category, read_questions
+
+    questions = read_questions(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data", "spec_bench",
+                                            "question.jsonl"))
+    picked = per_category(questions, 2)
+    counts = {}
+    for q in picked:
+        counts[q["category"]] = counts.get(q["category"], 0) + 1
+    assert set(counts) == {q["category"] for q in questions} and set(counts.values()) == {2}
+    assert [q["question_id"] for q in picked] == [q["question_id"] for q in questions if q in picked]
