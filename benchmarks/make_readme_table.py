@@ -46,7 +46,7 @@ def newest_per_device(results: List[Tuple[str, Dict]], benchmark: str) -> List[T
     for path, data in results:
         if data.get("benchmark") != benchmark:
             continue
-        key = (str(data.get("device")), int(data.get("skipped_prompts") or 0))
+        key = (str(data.get("device")), str(data.get("model")), int(data.get("skipped_prompts") or 0))
         if key not in best or str(data.get("date", "")) > str(best[key][1].get("date", "")):
             best[key] = (path, data)
     return [best[k] for k in sorted(best)]
