@@ -150,6 +150,21 @@ def embedded_section(path: str, d: Dict) -> List[str]:
             f"Acceptance by draft position: {accept}."]
 
 
+def cpu_dtype_section(path: str, d: Dict) -> List[str]:
+    base = d["results"][0]
+    lines = [f"**CPU dtype for {d['model']}** ({d['device']}, {d['date']}, `{path}`): {d['prompts']} chat prompts x up to "
+             f"{d['new_tokens_per_prompt']} new tokens, batch 1, greedy, each method in the dtype of its row; "
+             f"recommended: **{d['recommended']}**.", "",
+             f"| dtype | HF generate tok/s | plain tok/s | plain vs {base['dtype']} | Kangaroo tok/s | Kangaroo/plain "
+             "| Kangaroo == plain | plain == HF |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        n = r["prompts"]
+        lines.append(f"| {r['dtype']} | {r['hf_tokens_per_s']:.1f} | {r['plain_tokens_per_s']:.1f} | "
+                     f"{r['plain_tokens_per_s'] / base['plain_tokens_per_s']:.2f}x | {r['kangaroo_tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {n - r['greedy_mismatches']}/{n} | {n - r['hf_mismatches']}/{n} |")
+    return lines
+
+
 def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
     lines = ["**Kernel microbenchmarks** (Triton vs the torch reference):", "",
              "| benchmark | case | device | Triton ms | torch ms | % of copy bandwidth |", "|---|---|---|---|---|---|"]
@@ -162,7 +177,8 @@ def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
 
 
 # Benchmarks with a section of their own, in README order; any other result with Triton/torch rows is a kernel.
-SECTIONS = {"spec_bench": spec_bench_section, "bench_embedded": embedded_section, "bench_steps": steps_section}
+SECTIONS = {"spec_bench": spec_bench_section, "bench_cpu_dtype": cpu_dtype_section, "bench_embedded": embedded_section,
+            "bench_steps": steps_section}
 
 
 def render(results: List[Tuple[str, Dict]]) -> str:

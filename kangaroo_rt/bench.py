@@ -494,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, help="default: adapter/kangaroo.json, else 0.6")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="default float32 on CPU, float16 on CUDA (Spec-Bench)")
+                        help="default on CPU: the adapter's kangaroo.json cpu_dtype, else float32; float16 on CUDA")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
@@ -571,12 +571,23 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     return model, folder, encode, eos, questions, template, settings, what
 
 
+def _default_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; on CPU the dtype the adapter's kangaroo.json recommends (``cpu_dtype``), else fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    if args.smoke:
+        return torch.float32
+    from .models import preferred_dtype, resolve
+
+    return preferred_dtype(resolve(args.model, args.adapter).settings, device) or torch.float32
+
+
 def run(args: argparse.Namespace) -> int:
     """The benchmark for parsed arguments; returns the exit status (1 on a lossless violation)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else _default_dtype(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("prompts", "per_category", "max_prompt_tokens", "max_new_tokens", "threads", "time_limit"):

@@ -13,6 +13,10 @@ import torch
 from .config import KangarooConfig
 
 
+DTYPE_HELP = ("default: on CPU the adapter's measured cpu_dtype (kangaroo.json) or float32; elsewhere the checkpoint's "
+              "dtype or float16")
+
+
 def _demo_model(seed: int):
     """The demo's model. Until the embedded trained model ships, a seeded random-weight target with an
     adapter built to agree with it (kangaroo_rt.testing.agreeing_pair)."""
@@ -117,10 +121,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .generate import KangarooModel
 
-    from .models import load_tokenizer, resolve
+    from .models import load_tokenizer, preferred_dtype, resolve
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     r = resolve(args.model, args.adapter)
+    dtype = getattr(torch, args.dtype) if args.dtype else preferred_dtype(r.settings, args.device)
     if not args.no_kangaroo and r.adapter is None:
         raise SystemExit("kangaroo-rt generate: --adapter is required unless --no-kangaroo or a named model")
     kcfg = None if args.no_kangaroo else KangarooConfig(gamma=_pick(args.gamma, r.settings, "gamma", 6),
@@ -275,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=DTYPE_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
 
@@ -345,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default="kangaroo-rt", help="the 'model' clients must send")
     srv.add_argument("--device", default="cpu")
-    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=DTYPE_HELP)
     srv.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=cmd_serve)

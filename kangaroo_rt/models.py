@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+Settings = Dict[str, Union[int, float, str]]  # an adapter's kangaroo.json
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
@@ -202,8 +203,9 @@ def fetch(name: str, wheel: Optional[str] = None, force: bool = False) -> str:
     return folder
 
 
-def settings(name: str) -> Dict[str, Union[int, float]]:
-    """The shipped Kangaroo settings of a named model (``adapter/kangaroo.json``: exit_layer, gamma, eta)."""
+def settings(name: str) -> Settings:
+    """The shipped Kangaroo settings of a named model (``adapter/kangaroo.json``: exit_layer, gamma, eta, and
+    ``cpu_dtype`` where benchmarks/bench_cpu_dtype.py chose one)."""
     path = os.path.join(entry(name).adapter_folder, "kangaroo.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no shipped adapter for model {name!r} (expected {path})")
@@ -218,11 +220,23 @@ class Resolved:
 
     folder: str
     adapter: Optional[str]
-    settings: Dict[str, Union[int, float]]
+    settings: Settings
     name: Optional[str] = None
 
 
-def _adapter_settings(adapter: Optional[str]) -> Dict[str, Union[int, float]]:
+def preferred_dtype(settings: Settings,
+                    device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The dtype an adapter's settings recommend on ``device`` (``cpu_dtype``, measured on CPU by
+    benchmarks/bench_cpu_dtype.py), or None: the loaders' own default then applies."""
+    name = settings.get("cpu_dtype") if torch.device(device).type == "cpu" else None
+    if name is None:
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"kangaroo.json: cpu_dtype must be float32, bfloat16 or float16, not {name!r}")
+    return getattr(torch, name)
+
+
+def _adapter_settings(adapter: Optional[str]) -> Settings:
     path = os.path.join(adapter, "kangaroo.json") if adapter else ""
     if path and os.path.isfile(path):
         with open(path) as f:
@@ -242,12 +256,14 @@ def resolve(model: Optional[str], adapter: Optional[str] = None) -> Resolved:
 
 def load_named(name: str, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
                fetch_if_missing: bool = False):
-    """A named model as a ready :class:`KangarooModel` with its shipped adapter, exit layer, gamma and eta."""
+    """A named model as a ready :class:`KangarooModel` with its shipped adapter, exit layer, gamma and eta (and,
+    when ``dtype`` is None, the dtype its settings recommend for ``device``)."""
     from .config import KangarooConfig
     from .generate import KangarooModel
 
     folder = model_folder(name, fetch_if_missing=fetch_if_missing)
     s = settings(name)
+    dtype = dtype or preferred_dtype(s, device)
     return KangarooModel.from_pretrained(folder, entry(name).adapter_folder, exit_layer=s["exit_layer"], dtype=dtype,
                                          device=device, kangaroo=KangarooConfig(gamma=s["gamma"], eta=s["eta"]))
 

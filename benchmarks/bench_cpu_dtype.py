@@ -1,0 +1,122 @@
+"""Which dtype should a named model decode in on this machine? Measured, not assumed.
+
+For each dtype, in one run on the same prompts (chat-templated, batch 1, greedy): transformers ``generate``,
+this project's plain decoding and Kangaroo with the model's shipped adapter. Every method runs in the dtype it
+is compared in; the lossless checks are within a dtype (Kangaroo == plain == transformers greedy). The dtype
+with the fastest Kangaroo decoding among those where every check held is the recommendation; the registry's
+``cpu_dtype`` in the shipped ``kangaroo.json`` records the choice.
+
+    PYTHONPATH=. python benchmarks/bench_cpu_dtype.py --model smollm2 --threads 2
+
+Prints a table and writes ``benchmarks/results/cpu_dtype-<model>.json`` (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from bench_embedded import measure  # noqa: E402
+
+from kangaroo_rt import models  # noqa: E402
+from kangaroo_rt.adapter import Adapter  # noqa: E402
+from kangaroo_rt.bench import device_name  # noqa: E402
+from kangaroo_rt.loading import load_model  # noqa: E402
+
+# Not Spec-Bench, not training prompts: four everyday chat requests.
+PROMPTS = ["What is the capital of France, and what is it known for?",
+           "Explain in a few sentences how a refrigerator keeps food cold.",
+           "Write a short email asking a colleague to move a meeting to Friday.",
+           "List three good habits for a healthy sleep schedule and say why each helps."]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _hf_tokens_per_s(hf, prompts: List[torch.Tensor], new_tokens: int, want: List[torch.Tensor]) -> Dict:
+    """transformers greedy decoding of every prompt (stopping at EOS, as ``want`` did): speed and how many
+    differ from ``want``."""
+    hf.generate(prompts[0], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+    seconds, tokens, mismatches = 0.0, 0, 0
+    for ids, ours in zip(prompts, want):
+        t_start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        seconds += time.perf_counter() - t_start
+        tokens += out.shape[1] - ids.shape[1]
+        mismatches += int(out.tolist() != ours.tolist())
+    return {"hf_tokens_per_s": tokens / seconds, "hf_mismatches": mismatches}
+
+
+def _plain_sequences(target, prompts: List[torch.Tensor], new_tokens: int) -> List[torch.Tensor]:
+    from kangaroo_rt.generate import KangarooModel
+
+    model = KangarooModel(target, None)
+    return [model.generate(ids, max_new_tokens=new_tokens, kangaroo=None) for ids in prompts]  # stops at EOS
+
+
+def main() -> int:
+    from transformers import AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=[n for n in models.REGISTRY if n != "embedded"])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be positive")
+    torch.set_num_threads(args.threads)
+    folder = models.model_folder(args.model)
+    shipped = models.settings(args.model)
+    tok = models.load_tokenizer(args.model)
+    prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]]) for p in PROMPTS]
+    rows = []
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        target = load_model(folder, dtype=dtype)
+        adapter = Adapter.from_pretrained(models.entry(args.model).adapter_folder, target.config, dtype=dtype)
+        r = measure(target, adapter, shipped["exit_layer"], prompts, gamma=shipped["gamma"], eta=shipped["eta"],
+                    max_new_tokens=args.max_new_tokens)
+        plain = _plain_sequences(target, prompts, args.max_new_tokens)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        r.update(_hf_tokens_per_s(hf, prompts, args.max_new_tokens, plain), dtype=name)
+        r["lossless"] = r["greedy_mismatches"] == 0 and r["hf_mismatches"] == 0
+        rows.append(r)
+        del hf, target, adapter
+        print(f"{name}: plain {r['plain_tokens_per_s']:.1f} tok/s, kangaroo {r['kangaroo_tokens_per_s']:.1f}, "
+              f"hf {r['hf_tokens_per_s']:.1f}", flush=True)
+    base = next(r for r in rows if r["dtype"] == args.dtypes[0])
+    print(f"\n| dtype | HF tok/s | plain tok/s | Kangaroo tok/s | plain vs {base['dtype']} plain | Kangaroo/plain "
+          "| MAT | Kangaroo==plain | plain==HF |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['hf_tokens_per_s']:.1f} | {r['plain_tokens_per_s']:.1f} | "
+              f"{r['kangaroo_tokens_per_s']:.1f} | {r['plain_tokens_per_s'] / base['plain_tokens_per_s']:.2f}x | "
+              f"{r['speedup']:.2f}x | {r['mat']:.2f} | {len(prompts) - r['greedy_mismatches']}/{len(prompts)} | "
+              f"{len(prompts) - r['hf_mismatches']}/{len(prompts)} |")
+    lossless = [r for r in rows if r["lossless"]]
+    best = max(lossless, key=lambda r: r["kangaroo_tokens_per_s"])["dtype"] if lossless else None
+    print(f"\nrecommended CPU dtype for {args.model}: {best} (fastest Kangaroo decoding where every check held)")
+    record = {"benchmark": "bench_cpu_dtype", "model": args.model, "device": device_name(torch.device("cpu")),
+              "threads": args.threads, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "prompts": len(prompts), "new_tokens_per_prompt": args.max_new_tokens, "adapter_settings": shipped,
+              "results": rows, "recommended": best}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"cpu_dtype-{args.model}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
+    return 0 if best else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
