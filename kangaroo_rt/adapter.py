@@ -53,6 +53,18 @@ class Adapter(nn.Module):
         self.config = dataclasses.replace(target_config, qkv_bias=False, o_bias=False, num_hidden_layers=1)
         self.layers = nn.ModuleList([_AdapterLayer(self.config)])
         self.norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+        # Optional draft vocabulary (kangaroo_rt.draft_vocab): sorted (K,) int64 ids; None drafts over all tokens.
+        self.register_buffer("draft_ids", None, persistent=False)
+        self.draft_vocab_source: Optional[str] = None
+
+    def set_draft_vocab(self, ids: Optional[torch.Tensor], source: str = "user") -> "Adapter":
+        """Draft over ``ids`` (sorted, unique, in range; see :mod:`kangaroo_rt.draft_vocab`), or over the full
+        vocabulary with None. Takes effect for decoders built afterwards (a new KangarooModel or Engine)."""
+        from .draft_vocab import check_ids
+
+        self.draft_ids = None if ids is None else check_ids(ids, self.config.vocab_size).to(self.device)
+        self.draft_vocab_source = None if ids is None else source
+        return self
 
     @classmethod
     def random(cls, target_config: ModelConfig, seed: int = 0, std: float = 0.02,
@@ -123,7 +135,8 @@ class Adapter(nn.Module):
         }
 
     def save_pretrained(self, folder: PathLike, safetensors: bool = False) -> None:
-        """Write the official format (``pytorch_model.bin``) or, with ``safetensors=True``, ``model.safetensors``."""
+        """Write the official format (``pytorch_model.bin``) or, with ``safetensors=True``, ``model.safetensors``;
+        a draft vocabulary goes beside it (``draft_vocab.safetensors``, K and source in config.json)."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
@@ -134,11 +147,16 @@ class Adapter(nn.Module):
             torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.official_config(), f, indent=2)
+        if self.draft_ids is not None:
+            from .draft_vocab import save
+
+            save(folder, self.draft_ids, self.config.vocab_size, self.draft_vocab_source or "user")
 
     @classmethod
     def from_pretrained(cls, folder: PathLike, target_config: ModelConfig, dtype: Optional[torch.dtype] = None,
                         device: Union[str, torch.device] = "cpu") -> "Adapter":
-        """Load strictly; raise naming mismatched config fields or missing/unexpected/mis-shaped keys."""
+        """Load strictly; raise naming mismatched config fields or missing/unexpected/mis-shaped keys. A
+        ``draft_vocab.safetensors`` in the folder is loaded and checked too (sorted, unique, in range)."""
         folder = os.fspath(folder)
         cfg = read_folder_config(folder, "adapter")
         layers = cfg.get("num_hidden_layers", 1)
@@ -157,4 +175,9 @@ class Adapter(nn.Module):
             adapter = cls(target_config)
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
         assign_state_dict(adapter, tensors, folder, dtype, torch.device(device))
+        from .draft_vocab import load as load_draft_vocab
+
+        ids = load_draft_vocab(folder, target_config.vocab_size)
+        if ids is not None:
+            adapter.set_draft_vocab(ids, source=cfg.get("draft_vocab_source") or "unknown")
         return adapter

@@ -174,6 +174,29 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft_vocab(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from . import draft_vocab
+    from .loading import read_folder_config
+    from .train.data import load_examples
+
+    vocab_size = read_folder_config(args.adapter, "adapter")["vocab_size"]
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    examples, report = load_examples(args.data, tokenizer, max_length=args.max_length, template=args.template)
+    print(f"data: {report}", file=sys.stderr)
+    answers = [[t for t, m in zip(e.input_ids, e.loss_mask) if m] for e in examples]
+    counts = draft_vocab.count_tokens(answers, vocab_size)
+    always = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size]
+    ids = draft_vocab.from_counts(counts, args.size, always=always)
+    covered = counts[ids].sum().item() / max(1, counts.sum().item())
+    source = f"{args.size} most frequent answer tokens of {os.path.basename(os.path.normpath(args.data))}"
+    path = draft_vocab.save(args.adapter, ids, vocab_size, source, counts=counts)
+    print(f"wrote {path}: {args.size} of {vocab_size} tokens ({len(always)} special), covering {100 * covered:.1f}% "
+          f"of {int(counts.sum())} answer tokens", file=sys.stderr)
+    return 0
+
+
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -324,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     tr.set_defaults(func=cmd_train_adapter)
+
+    dv = sub.add_parser("draft-vocab", help="give an adapter a draft vocabulary: the K most frequent tokens of the "
+                                            "answers in its training data (cheaper draft steps, same output)")
+    dv.add_argument("--adapter", required=True, help="adapter folder to write draft_vocab.safetensors into")
+    dv.add_argument("--data", required=True, help="the adapter's training data (formats as train-adapter)")
+    dv.add_argument("--tokenizer", required=True, help="tokenizer folder (usually the target's)")
+    dv.add_argument("--size", type=int, required=True, help="K, the number of draft tokens")
+    dv.add_argument("--template", default="auto", choices=["auto", "vicuna", "chat_template", "none"])
+    dv.add_argument("--max-length", type=int, default=2048)
+    dv.set_defaults(func=cmd_draft_vocab)
 
     from .bench import add_arguments as add_bench_arguments
 

@@ -24,6 +24,7 @@ from . import ops
 from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import KangarooConfig, SamplingConfig
+from .draft_vocab import DraftHead
 from .model import Transformer
 
 
@@ -346,6 +347,9 @@ class Decoder:
         self.adapter = adapter
         self.exit_layer = exit_layer
         self.max_len = max_len
+        # The adapter's draft vocabulary, if any: the head's K rows gathered once (kangaroo_rt.draft_vocab).
+        ids = None if adapter is None else adapter.draft_ids
+        self.draft_head = None if ids is None else DraftHead(target.lm_head.weight, ids)
         self.cache: Optional[StaticKVCache] = None
         self.adapter_cache: Optional[StaticKVCache] = None
 
@@ -471,8 +475,13 @@ class Decoder:
 
     def propose(self, hidden: torch.Tensor, sampler: "Sampler", active: torch.Tensor):
         """The draft head: the adapter's output (B, D) -> (draft token (B,), confidence (B,), draft
-        distribution (B, V) or None under greedy). The one place that maps a draft state to a draft token."""
-        return sampler.draft(self.target.lm_head(hidden), active)
+        distribution (B, V) or None under greedy). The one place that maps a draft state to a draft token.
+        With a draft vocabulary the choice, its confidence and q are over the K subset logits; the token and
+        q are mapped back to the full vocabulary (q is zero outside the subset)."""
+        if self.draft_head is None:
+            return sampler.draft(self.target.lm_head(hidden), active)
+        sub, conf, q = sampler.draft(self.draft_head(hidden), active)
+        return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
     def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
         """Target layers ``l..N-1`` over the first ``k + 1`` exit states, the head, acceptance and commit (up to

@@ -322,3 +322,15 @@ def test_auto_does_not_charge_the_prefill_to_the_first_mode_timed(model, emulate
     timings = model.graph_runner.entry(2, kc, 1).timings
     assert sum(len(t) for t in timings.values()) == 3
     assert all(t == 0.0 for ts in timings.values() for t in ts), timings
+
+
+def test_emulated_graphs_with_a_draft_vocabulary_equal_eager_and_plain(emulated):
+    """The graph rounds call the same propose: the subset head, gathered once, is captured like the full one."""
+    cfg = tiny_config(num_layers=4, eos_token_id=EOS)
+    target, adapter = agreeing_pair(cfg, 2)
+    adapter.set_draft_vocab(torch.arange(0, cfg.vocab_size, 3))
+    model = K.KangarooModel(target, adapter, exit_layer=2)
+    emulated["tensors"] = lambda: _state_tensors(model)
+    ids, mask = ragged_prompts(3, cfg.vocab_size, seed=3, low=EOS + 1)
+    check_graphs_match_eager_and_plain(model, ids, mask, max_new_tokens=16)
+    assert model.graph_runner.captures > 0

@@ -135,12 +135,15 @@ def test_exact_max_new_tokens_and_eos():
     assert out[0, 6 + first] == eos and bool((out[0, 6 + first + 1:] == -1).all())
 
 
-def _first_tokens_counts(model, prompt, n_tokens, kangaroo, samples, seed, **sampling):
+def _speculated_tokens_counts(model, prompt, n_tokens, kangaroo, samples, seed, **sampling):
+    """Counts of the joint values of new tokens 2..n_tokens+1 over ``samples`` rows. The first new token
+    comes from the prefill, before any draft: it is left out, and the tokens counted are the ones a round
+    drafts and verifies (with max_new_tokens 2 a round would have one token left and draft nothing)."""
     counts = {}
     ids = prompt[None].expand(samples, -1)
-    out = model.generate(ids, max_new_tokens=n_tokens, do_sample=True, kangaroo=kangaroo, seed=seed,
+    out = model.generate(ids, max_new_tokens=n_tokens + 1, do_sample=True, kangaroo=kangaroo, seed=seed,
                          ignore_eos=True, **sampling)
-    for row in out[:, prompt.shape[0]:].tolist():
+    for row in out[:, prompt.shape[0] + 1:].tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     return counts
 
@@ -153,21 +156,47 @@ def _chi_square_p(counts_a, counts_b):
     return chi2_contingency(table)[1]
 
 
+@pytest.mark.parametrize("draft_ids", [None, [0, 2, 3, 6]], ids=["full-vocab", "draft-vocab"])
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
-def test_sampling_matches_target_distribution(sampling):
-    # Tiny vocabulary so that the joint distribution of the first 2 tokens has few cells.
+def test_sampling_matches_target_distribution(sampling, draft_ids):
+    # Tiny vocabulary so that the joint distribution of the 2 speculated tokens has few cells.
     cfg = tiny_config(vocab_size=8, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
                       intermediate_size=64)
     target = random_target(cfg, seed=5)
-    # An adapter that disagrees often, so that rejections and residual sampling are exercised.
+    # An adapter that disagrees often, so that rejections and residual sampling are exercised. With a draft
+    # vocabulary q lives on 4 of the 8 tokens: the other 4 reach the output only through the residual.
     adapter = K.Adapter.random(cfg, seed=11, std=cfg.hidden_size ** -0.5)
+    adapter.set_draft_vocab(None if draft_ids is None else torch.tensor(draft_ids))
     model = K.KangarooModel(target, adapter, exit_layer=1)
     prompt = torch.tensor([1, 2, 3])
     samples = 3000
-    plain = _first_tokens_counts(model, prompt, 2, None, samples, seed=1, **sampling)
-    spec = _first_tokens_counts(model, prompt, 2, K.KangarooConfig(gamma=3, eta=0.0), samples, seed=2, **sampling)
+    plain = _speculated_tokens_counts(model, prompt, 2, None, samples, seed=1, **sampling)
+    spec = _speculated_tokens_counts(model, prompt, 2, K.KangarooConfig(gamma=3, eta=0.0), samples, seed=2, **sampling)
     p_value = _chi_square_p(plain, spec)
     assert p_value > 1e-3, (p_value, plain, spec)
+
+
+def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch):
+    """The check above has power over the speculative path: acceptance fed a q other than the one the drafts
+    were sampled from (shifted by one token) changes the output distribution, and the test sees it."""
+    from kangaroo_rt.speculative import Decoder
+
+    cfg = tiny_config(vocab_size=8, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64)
+    model = K.KangarooModel(random_target(cfg, seed=5), K.Adapter.random(cfg, seed=11, std=cfg.hidden_size ** -0.5),
+                            exit_layer=1)
+    prompt = torch.tensor([1, 2, 3])
+    propose = Decoder.propose
+
+    def wrong_q(self, hidden, sampler, active):
+        token, conf, q = propose(self, hidden, sampler, active)
+        return token, conf, None if q is None else q.roll(1, dims=-1)
+
+    plain = _speculated_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
+    monkeypatch.setattr(Decoder, "propose", wrong_q)
+    spec = _speculated_tokens_counts(model, prompt, 2, K.KangarooConfig(gamma=3, eta=0.0), 3000, seed=2,
+                                     temperature=1.0)
+    assert _chi_square_p(plain, spec) < 1e-3
 
 
 def test_sampling_detects_a_wrong_distribution():
@@ -176,8 +205,8 @@ def test_sampling_detects_a_wrong_distribution():
                       intermediate_size=64)
     model = K.KangarooModel(random_target(cfg, seed=5), None, exit_layer=1)
     prompt = torch.tensor([1, 2, 3])
-    a = _first_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
-    b = _first_tokens_counts(model, prompt, 2, None, 3000, seed=2, temperature=0.6)
+    a = _speculated_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
+    b = _speculated_tokens_counts(model, prompt, 2, None, 3000, seed=2, temperature=0.6)
     assert _chi_square_p(a, b) < 1e-3
 
 
