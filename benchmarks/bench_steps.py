@@ -3,6 +3,8 @@
 Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
   plain       one decode step of the whole model (the AR baseline)
   draft@l     one Kangaroo draft step: layers 0..l-1 on one token, the adapter, the LM head, argmax
+  draftK@l    the same over a draft vocabulary of K tokens (kangaroo_rt.draft_vocab: a K-row head), for
+              each K of --draft-vocab below the shape's vocabulary, at the shape's exit layer
   shallow@l   layers 0..l-1 only (the last step of a draft chain)
   verify@l/k  layers l..N-1 on k = gamma+1 stacked exit states, final norm, LM head, argmax (l: the
               paper's exit layer, 2 for 7B and 3 for 13B)
@@ -17,7 +19,8 @@ reported, for constant acceptance profiles, for --acceptance, and for the embedd
 measured by spec_bench / bench_embedded (newest non-smoke JSON under benchmarks/results/).
 
 Without CUDA (or with --smoke) a tiny shape runs on the CPU and the script says so; its numbers
-only prove the script works.
+only prove the script works. ``--device cpu`` runs the named shapes on the CPU for real (e.g. the SmolLM2
+shape: ``--device cpu --shapes smollm2 --batches 1 --contexts 512 --verify-tokens 4``).
 
     PYTHONPATH=. python benchmarks/bench_steps.py [--out DIR] [--shapes 7B,13B] [--acceptance 0.8,0.7,0.6]
 """
@@ -42,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kangaroo_rt import ops  # noqa: E402
 from kangaroo_rt.adapter import Adapter  # noqa: E402
 from kangaroo_rt.config import ModelConfig  # noqa: E402
+from kangaroo_rt.draft_vocab import DraftHead  # noqa: E402
 from kangaroo_rt.model import Transformer, rope_inv_freq  # noqa: E402
 
 NAME = "bench_steps"
@@ -51,6 +55,11 @@ SHAPES: Dict[str, Tuple[ModelConfig, int]] = {
                        num_attention_heads=32, num_key_value_heads=32), 2),
     "13B": (ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40, num_key_value_heads=40), 3),
+    "llama3-8B": (ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0), 2),
+    "smollm2": (ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                            tie_word_embeddings=True), 1),
 }
 SMOKE_SHAPE = (ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                            num_attention_heads=4, num_key_value_heads=2), 2)
@@ -70,8 +79,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile-from", help="results JSON with acceptance_by_position (default: newest non-smoke "
                    "spec_bench-*.json / bench_embedded.json under benchmarks/results)")
     p.add_argument("--no-graphs", action="store_true", help="eager timings only")
+    p.add_argument("--draft-vocab", default="32768,16384,8192,4096",
+                   help="draft-vocabulary sizes K timed beside the full-head draft step (sizes >= vocab skipped)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else a --smoke run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default float16 on CUDA, float32 on the CPU")
     args = p.parse_args(argv)
-    for name in ("batches", "contexts", "exit_layers", "verify_tokens"):
+    for name in ("batches", "contexts", "exit_layers", "verify_tokens", "draft_vocab"):
         try:
             values = [int(v) for v in getattr(args, name).split(",") if v.strip()]
         except ValueError:
@@ -202,21 +216,29 @@ class Steps:
         n = t.num_layers
         return step, sum(self.layer_bytes) + self.head_bytes + self._kv(n, batch, context, 1)
 
-    def draft(self, batch: int, context: int, exit_layer: int, with_adapter: bool = True):
+    def draft(self, batch: int, context: int, exit_layer: int, with_adapter: bool = True,
+              draft_vocab: Optional[int] = None):
+        """A draft step; ``draft_vocab`` K: over the head's first K rows (a K-token draft vocabulary; which
+        rows does not change the cost), mapped back to full ids as the decoder does."""
         t, a = self.target, self.adapter
         tokens, pos = self._inputs(batch, context, 1)
         rope = t.rope(pos)
+        head = None if draft_vocab is None else DraftHead(t.lm_head.weight, torch.arange(draft_vocab))
 
         def step():
             e = t.forward_layers(t.embed(tokens), pos, 0, exit_layer, self.cache, kv_len=context + 1, rope=rope)
             if not with_adapter:
                 return e
             y = a(e, pos, *rope, self.adapter_cache, kv_len=context + 1)[:, -1]
-            return ops.greedy_with_confidence(t.lm_head(y))
+            if head is None:
+                return ops.greedy_with_confidence(t.lm_head(y))
+            token, conf = ops.greedy_with_confidence(head(y))
+            return head.full_ids(token), conf
 
         bytes_ = sum(self.layer_bytes[:exit_layer]) + self._kv(exit_layer, batch, context, 1)
         if with_adapter:
-            bytes_ += self.adapter_bytes + param_bytes(t.lm_head) + self._kv(1, batch, context, 1)
+            head_bytes = param_bytes(t.lm_head) if head is None else head.weight.numel() * self.elt
+            bytes_ += self.adapter_bytes + head_bytes + self._kv(1, batch, context, 1)
         return step, bytes_
 
     def verify(self, batch: int, context: int, exit_layer: int, k: int):
@@ -249,6 +271,9 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
             for context in args.contexts:
                 cases = [("plain", None, 1, steps.plain(batch, context))]
                 cases += [(f"draft@{l}", l, 1, steps.draft(batch, context, l)) for l in exits]
+                cases += [(f"draftK{k}@{verify_exit}", verify_exit, 1,
+                           steps.draft(batch, context, verify_exit, draft_vocab=k))
+                          for k in args.draft_vocab if k < config.vocab_size]
                 cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
@@ -262,7 +287,10 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                             graph_error = f"{type(e).__name__}: {e}"
                     best = min(t for t in (eager, graph) if t is not None)
                     floor = nbytes / (bandwidth_gbs * 1e9) * 1e3
-                    rows.append({"shape": name, "step": label.split("@")[0], "exit_layer": exit_layer, "tokens": q,
+                    kind = label.split("@")[0]
+                    vocab = int(kind[len("draftK"):]) if kind.startswith("draftK") else None
+                    rows.append({"shape": name, "step": "draft_vocab" if vocab else kind, "draft_vocab": vocab,
+                                 "exit_layer": exit_layer, "tokens": q,
                                  "batch": batch, "context": context, "eager_ms": eager, "graph_ms": graph,
                                  "graph_error": graph_error, "bytes": nbytes, "floor_ms": floor,
                                  "fraction_of_floor": floor / best})
@@ -287,7 +315,8 @@ def modeled_speedups(rows: List[Dict], profiles: Dict[str, List[float]], exit_la
     def best_ms(r: Dict) -> float:
         return min(t for t in (r["eager_ms"], r["graph_ms"]) if t is not None)
 
-    table = {(r["shape"], r["step"], r["exit_layer"], r["tokens"], r["batch"], r["context"]): best_ms(r) for r in rows}
+    table = {(r["shape"], r["step"], r["exit_layer"], r["tokens"], r["batch"], r["context"]): best_ms(r) for r in rows
+             if r["step"] != "draft_vocab"}
     out = []
     for (shape, step, _, _, batch, context), plain in sorted(table.items()):
         if step != "plain":
@@ -340,19 +369,29 @@ def find_profile(path: Optional[str]) -> Tuple[Optional[List[float]], Optional[s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    smoke = args.smoke or not torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{NAME}: --device cuda but no CUDA device is available")
+    smoke = args.smoke or (args.device is None and not torch.cuda.is_available())
     if smoke:
         print(f"{NAME}: {'--smoke' if args.smoke else 'no CUDA device'}: tiny shape on the CPU in fp32; "
               "the numbers only show that the script works (7B/13B shapes need a GPU)")
         device, dtype = torch.device("cpu"), torch.float32
         shapes = {"smoke": SMOKE_SHAPE}
         args.batches, args.contexts, args.exit_layers, args.verify_tokens = [1, 2], [32], [1, 2], [2, 3]
+        args.draft_vocab = [64]
         bandwidth = cpu_copy_bandwidth_gbs()
         device_name = "cpu"
+    elif args.device == "cpu":
+        from kangaroo_rt.bench import device_name as describe
+
+        device, dtype = torch.device("cpu"), getattr(torch, args.dtype or "float32")
+        shapes = {s: SHAPES[s] for s in args.shapes}
+        bandwidth = cpu_copy_bandwidth_gbs()
+        device_name = describe(device)
     else:
         import kernel_bench_utils as kb
 
-        device, dtype = torch.device("cuda"), torch.float16
+        device, dtype = torch.device("cuda"), getattr(torch, args.dtype or "float16")
         shapes = {s: SHAPES[s] for s in args.shapes}
         bandwidth = kb.copy_bandwidth_gbs(device, smoke=False)
         device_name = torch.cuda.get_device_name(device)

@@ -119,6 +119,22 @@ def steps_section(path: str, d: Dict) -> List[str]:
         ratio_cell = "-" if verify is None else f"{best(verify) / best(r):.2f}"
         lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | "
                      f"{draft_cell} | {verify_cell} | {ratio_cell} |")
+    subsets = [r for r in rows if r["step"] == "draft_vocab"]
+    if subsets:
+        sizes = sorted({r["draft_vocab"] for r in subsets}, reverse=True)
+        lines += ["", "Draft step over a draft vocabulary of K tokens (ms, and vs the full-vocabulary draft step):", "",
+                  "| shape | batch | context | full vocabulary | " + " | ".join(f"K={k}" for k in sizes) + " |",
+                  "|---" * (len(sizes) + 4) + "|"]
+        for key in sorted({(r["shape"], r["batch"], r["context"], r["exit_layer"]) for r in subsets}):
+            full = index.get((key[0], "draft", key[3], 1, key[1], key[2]))
+            cells = []
+            for k in sizes:
+                r = next((r for r in subsets if (r["shape"], r["batch"], r["context"], r["exit_layer"]) == key
+                          and r["draft_vocab"] == k), None)
+                cells.append("-" if r is None else f"{best(r):.2f}" + ("" if full is None else
+                                                                        f" ({best(full) / best(r):.2f}x)"))
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {'-' if full is None else f'{best(full):.2f}'} | "
+                         + " | ".join(cells) + " |")
     model = d.get("modeled_speedup") or []
     if model:
         profiles = sorted({m["profile"] for m in model})

@@ -179,7 +179,11 @@ def test_bench_steps_smoke(tmp_path):
     with open(out / "bench_steps-smoke.json") as f:
         result = json.load(f)
     assert result["smoke_run"] and result["copy_bandwidth_gbs"] > 0
-    assert {r["step"] for r in result["rows"]} == {"plain", "draft", "shallow", "verify"}
+    assert {r["step"] for r in result["rows"]} == {"plain", "draft", "draft_vocab", "shallow", "verify"}
+    for sub in (r for r in result["rows"] if r["step"] == "draft_vocab"):  # a 64-row head reads less than 256 rows
+        full = next(r for r in result["rows"] if r["step"] == "draft" and r["exit_layer"] == sub["exit_layer"]
+                    and (r["batch"], r["context"]) == (sub["batch"], sub["context"]))
+        assert sub["draft_vocab"] == 64 and sub["bytes"] < full["bytes"]
     assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in result["rows"])
     plain = next(r for r in result["rows"] if r["step"] == "plain")
     verify = [r for r in result["rows"] if r["step"] == "verify"]
