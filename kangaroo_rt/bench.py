@@ -230,6 +230,33 @@ def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Opti
     return methods
 
 
+def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[str], kcfg: KangarooConfig,
+                        max_new_tokens: int, eos: Optional[int], ignore_eos: bool) -> List[Method]:
+    """Kangaroo with the adapter's draft vocabulary resized to each of ``sizes`` ("full": none), side by side
+    with ``kangaroo`` (the adapter as shipped): one KangarooModel per size over the same target weights."""
+    import copy
+
+    from . import draft_vocab
+    from .generate import KangarooModel
+
+    methods = []
+    for size in sizes:
+        name = f"kangaroo_vocab_{size}"
+        adapter = copy.deepcopy(model.adapter)
+        if size == "full":
+            adapter.set_draft_vocab(None)
+        else:
+            if adapter_dir is None:
+                raise ValueError("--draft-vocab needs the adapter folder's draft_vocab.safetensors")
+            adapter.set_draft_vocab(draft_vocab.resize(adapter_dir, int(size)), source=f"resized to {size}")
+        variant = KangarooModel(model.target, adapter, exit_layer=model.exit_layer, kangaroo=kcfg,
+                                max_len=model.max_len)
+        label = "full vocabulary" if size == "full" else f"{size}-token draft vocabulary"
+        run = our_methods(variant, kcfg, max_new_tokens, eos, ignore_eos)[1].run
+        methods.append(Method(name, f"kangaroo_rt Kangaroo, {label}", run, kangaroo=True))
+    return methods
+
+
 def hf_methods(folder: str, dtype: torch.dtype, device: torch.device, exit_layer: int, max_new_tokens: int,
                eos: Optional[int], ignore_eos: bool) -> List[Method]:
     """transformers ``generate`` (eager attention, the Spec-Bench baseline) and assisted generation with
@@ -498,6 +525,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--draft-vocab", nargs="+", metavar="K", type=_vocab_size,
+                        help="also run Kangaroo with the adapter's draft vocabulary resized to each K ('full': the "
+                             "whole vocabulary), in the same run (kangaroo_vocab_K methods)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on any token mismatch, HF included")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long run on a random tiny model (byte 'tokenizer'); numbers mean nothing")
@@ -571,6 +601,21 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     return model, folder, encode, eos, questions, template, settings, what
 
 
+def _vocab_size(text: str) -> str:
+    if text != "full" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"a draft vocabulary size is a positive integer or 'full', not {text!r}")
+    return text
+
+
+def adapter_folder(args: argparse.Namespace, folder: str) -> Optional[str]:
+    """The adapter folder a run uses (as _load resolves it), or None for the smoke run's in-memory adapter."""
+    if args.smoke:
+        return None
+    from .models import resolve
+
+    return resolve(args.model, args.adapter).adapter or os.path.join(folder, "adapter")
+
+
 def _default_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     """fp16 on CUDA; on CPU the dtype the adapter's kangaroo.json recommends (``cpu_dtype``), else fp32."""
     if device.type == "cuda":
@@ -605,8 +650,12 @@ def run(args: argparse.Namespace) -> int:
                               eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
         prompts = build_prompts(questions, encode, template, limit, max_prompt)
         # One cache size for the whole run: no reallocation (or graph re-capture) inside a timed call.
-        model.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
+        # (KangarooModel.max_len is only read at construction: the decoder holds the capacity it enforces.)
+        model.max_len = model.decoder.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
         methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
+        if args.draft_vocab:
+            methods += draft_vocab_methods(model, adapter_folder(args, folder), args.draft_vocab, kcfg, max_new, eos,
+                                           args.ignore_eos)
         if args.no_hf:
             methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
         else:

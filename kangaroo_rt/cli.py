@@ -191,7 +191,7 @@ def cmd_draft_vocab(args: argparse.Namespace) -> int:
     ids = draft_vocab.from_counts(counts, args.size, always=always)
     covered = counts[ids].sum().item() / max(1, counts.sum().item())
     source = f"{args.size} most frequent answer tokens of {os.path.basename(os.path.normpath(args.data))}"
-    path = draft_vocab.save(args.adapter, ids, vocab_size, source, counts=counts)
+    path = draft_vocab.save(args.adapter, ids, vocab_size, source, counts=counts, always=always)
     print(f"wrote {path}: {args.size} of {vocab_size} tokens ({len(always)} special), covering {100 * covered:.1f}% "
           f"of {int(counts.sum())} answer tokens", file=sys.stderr)
     return 0

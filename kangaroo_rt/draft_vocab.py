@@ -16,7 +16,8 @@ target's own:
   logits, so a subset drafts at least as long at the same ``eta``.
 
 On disk: ``draft_vocab.safetensors`` beside the adapter, holding ``ids`` (K,) int64, strictly increasing, and
-optionally ``counts`` (V,) int64 (the token counts it was built from, so that a smaller K can be derived), and
+optionally ``counts`` (V,) int64 and ``always`` (the token counts and always-included ids it was built from, so
+that another K can be derived the same way: :func:`resize`), and
 ``draft_vocab_size`` / ``draft_vocab_source`` in the adapter's ``config.json``. Without the file, drafting uses
 the full vocabulary and the folder is the official adapter format.
 """
@@ -90,7 +91,7 @@ def from_counts(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> 
 
 
 def save(folder: PathLike, ids: torch.Tensor, vocab_size: int, source: str,
-         counts: Optional[torch.Tensor] = None) -> str:
+         counts: Optional[torch.Tensor] = None, always: Sequence[int] = ()) -> str:
     """Write ``draft_vocab.safetensors`` into an adapter folder and record K and ``source`` in its
     ``config.json``. Returns the file's path."""
     from safetensors.torch import save_file
@@ -102,6 +103,7 @@ def save(folder: PathLike, ids: torch.Tensor, vocab_size: int, source: str,
         if counts.shape != (vocab_size,):
             raise ValueError(f"counts must have shape ({vocab_size},), got {tuple(counts.shape)}")
         tensors["counts"] = counts.to(torch.int64).cpu().contiguous()
+        tensors["always"] = torch.tensor(sorted({int(a) for a in always}), dtype=torch.int64)
     path = os.path.join(folder, FILE)
     save_file(tensors, path, metadata={"source": source})
     config_path = os.path.join(folder, "config.json")
@@ -141,6 +143,22 @@ def load_counts(folder: PathLike) -> Optional[torch.Tensor]:
         return None
     with safe_open(path, framework="pt") as f:
         return f.get_tensor("counts") if "counts" in f.keys() else None
+
+
+def resize(folder: PathLike, size: int) -> torch.Tensor:
+    """The ids of a ``size``-token vocabulary built like the folder's own (same counts, same always-included
+    ids): what the folder would hold had it been built with K = ``size``."""
+    from safetensors import safe_open
+
+    path = os.path.join(os.fspath(folder), FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {FILE}: build one with `kangaroo-rt draft-vocab`")
+    with safe_open(path, framework="pt") as f:
+        if "counts" not in f.keys():
+            raise ValueError(f"{path} stores no token counts, so no other size can be derived from it")
+        counts = f.get_tensor("counts")
+        always = f.get_tensor("always").tolist() if "always" in f.keys() else []
+    return from_counts(counts, size, always)
 
 
 class DraftHead(nn.Module):

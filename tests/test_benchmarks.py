@@ -72,6 +72,28 @@ def test_cli_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "spec_bench-smoke.json").exists() and not list(tmp_path.glob("*.png"))
 
 
+def test_bench_draft_vocab_sizes_side_by_side(tmp_path):
+    """--draft-vocab K...: Kangaroo per draft-vocabulary size in the same run, all equal to plain decoding."""
+    import shutil
+
+    from kangaroo_rt import draft_vocab, models
+
+    shutil.copytree(os.path.join(models.ASSETS, "embedded"), tmp_path / "embedded")
+    adapter = tmp_path / "embedded" / "adapter"
+    vocab = json.loads((adapter / "config.json").read_text())["vocab_size"]
+    counts = torch.arange(vocab, 0, -1)  # a made-up frequency order: low ids first
+    draft_vocab.save(adapter, draft_vocab.from_counts(counts, 512, always=[0]), vocab, "test", counts, always=[0])
+    rc = cli.main(["bench", "--model", str(tmp_path / "embedded"), "--no-hf", "--prompts", "2", "--max-new-tokens", "8",
+                   "--draft-vocab", "full", "64", "--out", str(tmp_path / "out"), "--no-plots", "--no-progress"])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "spec_bench-cpu.json").read_text())
+    assert {"kangaroo", "kangaroo_vocab_full", "kangaroo_vocab_64"} <= set(result["results"]["overall"])
+    assert result["methods"]["kangaroo_vocab_64"]["label"].endswith("64-token draft vocabulary")
+    assert not result["greedy_mismatches"]
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--draft-vocab", "0"])
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err

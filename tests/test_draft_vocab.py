@@ -193,6 +193,9 @@ def test_cli_builds_a_vocabulary_from_the_answers_of_the_training_data(tmp_path)
     counts = draft_vocab.load_counts(tmp_path / "adapter")
     counted = set(counts.nonzero().flatten().tolist())
     assert counted <= ids and counts.sum() % 4 == 0  # 4 identical answers (+ EOS); every counted token kept
+    assert draft_vocab.resize(tmp_path / "adapter", 40).tolist() == sorted(ids)  # derived as it was built
+    smaller = set(draft_vocab.resize(tmp_path / "adapter", 6).tolist())
+    assert len(smaller) == 6 and {tok.eos_token_id, tok.bos_token_id} <= smaller
     prompt_only = set(tok(" joke number", add_special_tokens=False)["input_ids"]) - set(
         tok(" " + answer, add_special_tokens=False)["input_ids"])
     assert prompt_only and not prompt_only & counted  # prompts are not counted, only answers
