@@ -136,13 +136,11 @@ class Engine:
             kangaroo = model.kangaroo
         if kangaroo is not None and not isinstance(kangaroo, KangarooConfig):
             raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kangaroo).__name__}")
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if max_len is None:
             max_len = model.max_len or min(2048, target.config.max_position_embeddings)
-        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         use = kangaroo is not None and kangaroo.gamma > 0 and model.adapter is not None
         self.kangaroo = kangaroo if use else None
         exit_layer = model.exit_layer
