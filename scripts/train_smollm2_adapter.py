@@ -433,7 +433,8 @@ def stage_card(args) -> None:
 (special tokens always in) instead of all 49152, a {v['size']}-row head instead of the full one; verification
 keeps the full head, so output is unchanged. Answer tokens inside it: {100 * v['train_answer_tokens_inside']:.1f}% of
 the train split, {100 * v['dev_answer_tokens_inside']:.1f}% of the dev split. The tuning above drafted over the
-{rec['tune'].get('draft_vocab_size')} most frequent.
+{rec['tune'].get('draft_vocab_size')} most frequent; K itself is the fastest of the sizes that `kangaroo-rt bench --draft-vocab`
+compared side by side on the Spec-Bench prompts (the README's performance section has the table).
 """
     card = f"""# Kangaroo adapter for SmolLM2-135M-Instruct
 
