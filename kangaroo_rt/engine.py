@@ -284,15 +284,7 @@ class Engine:
         lengths = torch.tensor([req.prompt.numel()], dtype=torch.long, device=self.device)
         logits, e_prev = d.prefill_logits(req.prompt[None], lengths, cache, adapter_cache)  # (1, V)
         first = RowSampling([(req.sampling, req.gen)]).select(logits)
-        row = self._state.rows(slot, slot + 1)
-        row.n_gen.zero_()
-        row.finished.zero_()
-        row.pos.copy_(lengths)
-        row.token.copy_(first)
-        row.max_new.fill_(req.max_new)
-        if e_prev is not None:
-            row.e_prev.copy_(e_prev)
-        row.commit(first[:, None], torch.ones_like(lengths))
+        self._state.rows(slot, slot + 1).start(first, lengths, req.max_new, e_prev)
         req.slot = slot
         self._slots[slot] = req
 

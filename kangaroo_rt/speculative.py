@@ -283,6 +283,19 @@ class DecodeState:
                            token=self.token[start:stop], max_new=self.max_new[start:stop], eos=self.eos,
                            e_prev=None if self.e_prev is None else self.e_prev[start:stop], sampler=self.sampler)
 
+    def start(self, first: torch.Tensor, lengths: torch.Tensor, max_new: int,
+              e_prev: Optional[torch.Tensor] = None) -> None:
+        """Start every row after its prefill: prompt lengths (B,) are the positions of the first tokens (B,),
+        which are committed; ``e_prev`` (B, D) is the exit state at the last prompt position."""
+        self.n_gen.zero_()
+        self.finished.zero_()
+        self.pos.copy_(lengths)
+        self.token.copy_(first)
+        self.max_new.fill_(max_new)
+        if e_prev is not None:
+            self.e_prev.copy_(e_prev)
+        self.commit(first[:, None], torch.ones_like(lengths))
+
     def finish_at_limit(self) -> None:
         """Rows that reached their token limit finish (the commit ops stop at EOS only)."""
         self.finished |= self.n_gen >= self.max_new
@@ -408,15 +421,10 @@ class Decoder:
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampler: "Sampler", max_new: int, gamma: int,
                 eos: Optional[torch.Tensor]) -> DecodeState:
         """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks and commits the first token."""
-        b = ids.shape[0]
         logits, e_prev = self.prefill_logits(ids, lengths)  # (B, V)
-        first = sampler.select(logits)
-        i64 = dict(dtype=torch.long, device=ids.device)
-        state = DecodeState(out=torch.zeros(b, max_new + gamma + 2, **i64), n_gen=torch.zeros(b, **i64),
-                            finished=torch.zeros(b, dtype=torch.bool, device=ids.device), pos=lengths.clone(),
-                            token=first, max_new=torch.full((b,), max_new, **i64), eos=eos, e_prev=e_prev,
-                            sampler=sampler)
-        state.commit(first[:, None], torch.ones_like(lengths))
+        state = DecodeState.allocate(ids.shape[0], max_new + gamma + 2, ids.device, eos=eos)
+        state.e_prev, state.sampler = e_prev, sampler
+        state.start(sampler.select(logits), lengths, max_new)
         return state
 
     # -- plain decoding ----------------------------------------------------------------------------
