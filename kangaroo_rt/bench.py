@@ -190,25 +190,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _generate_kwargs(max_new_tokens: int, eos: Optional[int], ignore_eos: bool) -> Dict[str, Any]:
+    kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    if eos is not None and not ignore_eos:
+        kw["eos_token_id"] = eos
+    return kw
+
+
+def _kangaroo_runner(model: Any, kcfg: KangarooConfig, kw: Dict[str, Any], graphs: bool = False) -> Callable:
+    """``run(ids (1, T)) -> (new token ids, DecodeStats)`` of Kangaroo decoding with ``model``."""
+    def run(ids: torch.Tensor):
+        out = model.generate(ids, kangaroo=kcfg, return_dict_in_generate=True, cuda_graphs=graphs, **kw)
+        return out.sequences[0, ids.shape[1]:], out.stats
+    return run
+
+
 def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Optional[int],
                 ignore_eos: bool) -> List[Method]:
     """This project's plain decoding and Kangaroo: eager with the default op dispatch; on CUDA also with
     CUDA graphs and eager with the torch reference ops only."""
     from . import ops
 
-    kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
-    if eos is not None and not ignore_eos:
-        kw["eos_token_id"] = eos
+    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos)
 
     def plain(ids: torch.Tensor):
         seq = model.generate(ids, kangaroo=None, **kw)
         return seq[0, ids.shape[1]:], None
 
     def kangaroo_with(graphs: bool):
-        def run(ids: torch.Tensor):
-            out = model.generate(ids, kangaroo=kcfg, return_dict_in_generate=True, cuda_graphs=graphs, **kw)
-            return out.sequences[0, ids.shape[1]:], out.stats
-        return run
+        return _kangaroo_runner(model, kcfg, kw, graphs)
 
     def kangaroo_torch_ops(ids: torch.Tensor):
         ops.set_backend("torch")
@@ -252,7 +262,7 @@ def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[
         variant = KangarooModel(model.target, adapter, exit_layer=model.exit_layer, kangaroo=kcfg,
                                 max_len=model.max_len)
         label = "full vocabulary" if size == "full" else f"{size}-token draft vocabulary"
-        run = our_methods(variant, kcfg, max_new_tokens, eos, ignore_eos)[1].run
+        run = _kangaroo_runner(variant, kcfg, _generate_kwargs(max_new_tokens, eos, ignore_eos))
         methods.append(Method(name, f"kangaroo_rt Kangaroo, {label}", run, kangaroo=True))
     return methods
 
@@ -537,14 +547,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _settings(adapter_dir: Optional[str]) -> Dict[str, Any]:
-    path = os.path.join(adapter_dir, "kangaroo.json") if adapter_dir else ""
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
-
-
 def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, scratch: str):
     """-> (KangarooModel, HF folder, encode, eos id, questions, template, description)."""
     from .generate import KangarooModel
@@ -571,7 +573,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     folder = resolved.folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"no config.json in {folder}: pass --model/--adapter/--tokenizer, or --smoke")
-    adapter_dir = resolved.adapter or os.path.join(folder, "adapter")
+    adapter_dir = adapter_folder(args, folder)
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist (pass --adapter)")
     settings = resolved.settings
@@ -608,7 +610,8 @@ def _vocab_size(text: str) -> str:
 
 
 def adapter_folder(args: argparse.Namespace, folder: str) -> Optional[str]:
-    """The adapter folder a run uses (as _load resolves it), or None for the smoke run's in-memory adapter."""
+    """The adapter folder a run uses (--adapter, a named model's shipped one, else ``folder``/adapter), or None
+    for the smoke run's in-memory adapter."""
     if args.smoke:
         return None
     from .models import resolve

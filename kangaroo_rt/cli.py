@@ -187,7 +187,7 @@ def cmd_draft_vocab(args: argparse.Namespace) -> int:
     print(f"data: {report}", file=sys.stderr)
     answers = [[t for t, m in zip(e.input_ids, e.loss_mask) if m] for e in examples]
     counts = draft_vocab.count_tokens(answers, vocab_size)
-    always = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size]
+    always = draft_vocab.special_ids(tokenizer, vocab_size)
     ids = draft_vocab.from_counts(counts, args.size, always=always)
     covered = counts[ids].sum().item() / max(1, counts.sum().item())
     source = f"{args.size} most frequent answer tokens of {os.path.basename(os.path.normpath(args.data))}"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,16 +61,18 @@ def count_tokens(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.T
     """(V,) int64 occurrence counts of the ids in ``sequences``."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for seq in sequences:
-        if len(seq):
-            counts += torch.bincount(check_tokens(seq, vocab_size), minlength=vocab_size)
+        t = torch.as_tensor(list(seq), dtype=torch.int64)
+        if t.numel() == 0:
+            continue
+        if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+            raise ValueError(f"token id outside the vocabulary [0, {vocab_size}) in the counted data")
+        counts += torch.bincount(t, minlength=vocab_size)
     return counts
 
 
-def check_tokens(seq: Sequence[int], vocab_size: int) -> torch.Tensor:
-    t = torch.as_tensor(list(seq), dtype=torch.int64)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-        raise ValueError(f"token id outside the vocabulary [0, {vocab_size}) in the counted data")
-    return t
+def special_ids(tokenizer, vocab_size: int) -> List[int]:
+    """The tokenizer's special tokens inside the vocabulary: what every draft vocabulary includes."""
+    return sorted({i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size})
 
 
 def from_counts(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
@@ -115,18 +117,22 @@ def save(folder: PathLike, ids: torch.Tensor, vocab_size: int, source: str,
     return path
 
 
-def load(folder: PathLike, vocab_size: int) -> Optional[torch.Tensor]:
-    """The (K,) draft ids stored in an adapter folder, checked, or None when it has no draft vocabulary."""
-    from safetensors import safe_open
+def _read(folder: PathLike) -> Tuple[str, Optional[Dict[str, torch.Tensor]]]:
+    """(path of the folder's draft_vocab.safetensors, its tensors or None when there is no such file)."""
+    from safetensors.torch import load_file
 
     path = os.path.join(os.fspath(folder), FILE)
-    if not os.path.isfile(path):
+    return path, (load_file(path) if os.path.isfile(path) else None)
+
+
+def load(folder: PathLike, vocab_size: int) -> Optional[torch.Tensor]:
+    """The (K,) draft ids stored in an adapter folder, checked, or None when it has no draft vocabulary."""
+    path, tensors = _read(folder)
+    if tensors is None:
         return None
-    with safe_open(path, framework="pt") as f:
-        if "ids" not in f.keys():
-            raise ValueError(f"{path} has no 'ids' tensor")
-        ids = f.get_tensor("ids")
-    ids = check_ids(ids, vocab_size, what=path)
+    if "ids" not in tensors:
+        raise ValueError(f"{path} has no 'ids' tensor")
+    ids = check_ids(tensors["ids"], vocab_size, what=path)
     with open(os.path.join(os.fspath(folder), "config.json")) as f:
         recorded = json.load(f).get("draft_vocab_size")
     if recorded is not None and recorded != ids.numel():
@@ -136,29 +142,19 @@ def load(folder: PathLike, vocab_size: int) -> Optional[torch.Tensor]:
 
 def load_counts(folder: PathLike) -> Optional[torch.Tensor]:
     """The token counts a folder's draft vocabulary was built from, if it stored them."""
-    from safetensors import safe_open
-
-    path = os.path.join(os.fspath(folder), FILE)
-    if not os.path.isfile(path):
-        return None
-    with safe_open(path, framework="pt") as f:
-        return f.get_tensor("counts") if "counts" in f.keys() else None
+    return (_read(folder)[1] or {}).get("counts")
 
 
 def resize(folder: PathLike, size: int) -> torch.Tensor:
     """The ids of a ``size``-token vocabulary built like the folder's own (same counts, same always-included
     ids): what the folder would hold had it been built with K = ``size``."""
-    from safetensors import safe_open
-
-    path = os.path.join(os.fspath(folder), FILE)
-    if not os.path.isfile(path):
+    path, tensors = _read(folder)
+    if tensors is None:
         raise FileNotFoundError(f"{folder} has no {FILE}: build one with `kangaroo-rt draft-vocab`")
-    with safe_open(path, framework="pt") as f:
-        if "counts" not in f.keys():
-            raise ValueError(f"{path} stores no token counts, so no other size can be derived from it")
-        counts = f.get_tensor("counts")
-        always = f.get_tensor("always").tolist() if "always" in f.keys() else []
-    return from_counts(counts, size, always)
+    if "counts" not in tensors:
+        raise ValueError(f"{path} stores no token counts, so no other size can be derived from it")
+    always = tensors["always"].tolist() if "always" in tensors else []
+    return from_counts(tensors["counts"], size, always)
 
 
 class DraftHead(nn.Module):

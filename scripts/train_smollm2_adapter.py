@@ -345,7 +345,7 @@ def _draft_vocab(args):
     vocab_size = read_folder_config(models.model_folder("smollm2"))["vocab_size"]
     answers = [r["response_ids"] for r in _read_jsonl(_path("responses.jsonl")) if r["split"] == "train"]
     counts = draft_vocab.count_tokens(answers, vocab_size)
-    always = sorted({i for i in tok.all_special_ids if 0 <= i < vocab_size} | {EOS})
+    always = sorted(set(draft_vocab.special_ids(tok, vocab_size)) | {EOS})
     size = args.draft_vocab_size
     return (None if not size else draft_vocab.from_counts(counts, size, always)), counts, always
 

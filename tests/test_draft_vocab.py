@@ -1,5 +1,7 @@
 """Drafting over a frequent-token vocabulary: the id list, its file, the gathered head, and losslessness
-(greedy equality for several K, batches, CUDA-graph rounds under the CPU emulation, the Engine)."""
+(greedy equality for several K, batches, the Engine; the emulated CUDA-graph rounds are in
+tests/test_graphs_emulated.py)."""
+import copy
 import json
 
 import pytest
@@ -93,15 +95,9 @@ def _prompts(n, seed=0):
     return [torch.randint(0, VOCAB, (int(t),), generator=gen) for t in torch.randint(3, 12, (n,), generator=gen)]
 
 
-def _frequent_ids(target, prompts, k):
-    """K ids that the target itself emits most on these prompts (what a real vocabulary file holds)."""
-    plain = K.KangarooModel(target, None)
-    emitted = [plain.generate(p[None], max_new_tokens=12, kangaroo=None)[0, len(p):].tolist() for p in prompts]
-    return draft_vocab.from_counts(draft_vocab.count_tokens(emitted, VOCAB), k)
-
-
 @pytest.fixture(scope="module")
 def pair():
+    """(target, agreeing adapter, prompts, plain greedy sequences (1, T + 14) of each prompt)."""
     cfg = tiny_config(vocab_size=VOCAB, num_layers=4)
     target, adapter = agreeing_pair(cfg, exit_layer=1)
     prompts = _prompts(12)
@@ -110,12 +106,19 @@ def pair():
     return target, adapter, prompts, refs
 
 
+def _with_vocab(pair, k):
+    """A copy of the pair's adapter drafting over the K ids the target itself emits most on the prompts
+    (what a real vocabulary file holds)."""
+    _, base, prompts, refs = pair
+    emitted = [ref[0, len(p):].tolist() for p, ref in zip(prompts, refs)]
+    ids = draft_vocab.from_counts(draft_vocab.count_tokens(emitted, VOCAB), k)
+    return copy.deepcopy(base).set_draft_vocab(ids)
+
+
 @pytest.mark.parametrize("k", [1, 8, 32, VOCAB])
 def test_greedy_equals_plain_for_any_draft_vocabulary(pair, k):
-    target, adapter, prompts, refs = pair
-    adapter = K.Adapter.random(target.config).requires_grad_(False)
-    adapter.load_state_dict(pair[1].state_dict())
-    adapter.set_draft_vocab(_frequent_ids(target, prompts, k))
+    target, _, prompts, refs = pair
+    adapter = _with_vocab(pair, k)
     model = K.KangarooModel(target, adapter, exit_layer=1, kangaroo=K.KangarooConfig(gamma=4, eta=0.0))
     proposed = []
     for p, ref in zip(prompts, refs):
@@ -127,11 +130,9 @@ def test_greedy_equals_plain_for_any_draft_vocabulary(pair, k):
 
 def test_drafts_come_only_from_the_subset(pair):
     """Every drafted id is in the vocabulary: the draft step never proposes a token outside it."""
-    target, base, prompts, _ = pair
-    ids = _frequent_ids(target, prompts, 6)
-    adapter = K.Adapter.random(target.config)
-    adapter.load_state_dict(base.state_dict())
-    adapter.set_draft_vocab(ids)
+    target, _, prompts, _ = pair
+    adapter = _with_vocab(pair, 6)
+    ids = adapter.draft_ids
     model = K.KangarooModel(target, adapter, exit_layer=1, kangaroo=K.KangarooConfig(gamma=4, eta=0.0))
     seen = []
     original = model.decoder.propose
@@ -147,11 +148,10 @@ def test_drafts_come_only_from_the_subset(pair):
     assert seen and set(seen) <= set(ids.tolist())
 
 
-def test_batches_graph_rounds_and_engine_with_a_draft_vocabulary(pair):
-    target, base, prompts, refs = pair
-    adapter = K.Adapter.random(target.config)
-    adapter.load_state_dict(base.state_dict())
-    adapter.set_draft_vocab(_frequent_ids(target, prompts, 16))
+def test_batches_and_the_engine_with_a_draft_vocabulary(pair):
+    """(The CUDA-graph rounds with a draft vocabulary: tests/test_graphs_emulated.py.)"""
+    target, _, prompts, refs = pair
+    adapter = _with_vocab(pair, 16)
     kcfg = K.KangarooConfig(gamma=3, eta=0.3)
     model = K.KangarooModel(target, adapter, exit_layer=1, kangaroo=kcfg)
     width = max(len(p) for p in prompts)
