@@ -653,8 +653,7 @@ def run(args: argparse.Namespace) -> int:
                               eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
         prompts = build_prompts(questions, encode, template, limit, max_prompt)
         # One cache size for the whole run: no reallocation (or graph re-capture) inside a timed call.
-        # (KangarooModel.max_len is only read at construction: the decoder holds the capacity it enforces.)
-        model.max_len = model.decoder.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
+        model.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
         methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
         if args.draft_vocab:
             methods += draft_vocab_methods(model, adapter_folder(args, folder), args.draft_vocab, kcfg, max_new, eos,

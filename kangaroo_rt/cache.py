@@ -74,3 +74,13 @@ class StaticKVCache:
     def layer(self, index: int):
         """(k, v) of one layer, each (max_batch, kv_heads, max_len, head_dim)."""
         return self.k[index], self.v[index]
+
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """Rows ``start..stop-1`` as a cache of their own (views, no copy): the model writes and reads row
+        ``start + i`` when it is given batch row ``i``."""
+        if not 0 <= start < stop <= self.max_batch:
+            raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {self.max_batch} rows")
+        view = object.__new__(StaticKVCache)
+        view.k, view.v, view.dtype, view.device = self.k[:, start:stop], self.v[:, start:stop], self.dtype, self.device
+        view.shape = tuple(view.k.shape)
+        return view

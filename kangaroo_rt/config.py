@@ -60,9 +60,7 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"ModelConfig.{name}", getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
@@ -204,8 +202,7 @@ class KangarooConfig:
             raise ValueError(f"eta must be a float in [0, 1], got {self.eta!r}")
         if not 0.0 <= float(self.eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if self.exit_layer is not None and (not isinstance(self.exit_layer, int) or self.exit_layer <= 0):
-            raise ValueError(f"exit_layer must be a positive int, got {self.exit_layer!r}")
+        check_positive_int("exit_layer", self.exit_layer, allow_none=True)
 
 
 @dataclass
@@ -219,10 +216,10 @@ class SamplingConfig:
     top_p: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0 or math.isnan(self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0 or math.isnan(t):
+            raise ValueError(f"temperature must be a number >= 0, got {t!r}")
+        check_positive_int("top_k", self.top_k, allow_none=True)
         if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
@@ -253,6 +250,12 @@ def check_adapter_matches(adapter: Union[ModelConfig, Dict[str, Any]], target: M
         raise ValueError(f"{what} was made for another model: {'; '.join(bad)}")
 
 
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """``value`` must be an int > 0 (a bool is not), or None when ``allow_none``."""
+    if not (allow_none and value is None) and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
 def check_exit_layer(exit_layer: Any, num_layers: int) -> None:
     """exit_layer must be an int in [1, num_layers - 1]."""
     if not isinstance(exit_layer, int) or isinstance(exit_layer, bool):
@@ -277,4 +280,4 @@ def eos_ids(eos_token_id: Union[None, int, Sequence[int]], config: ModelConfig) 
 
 
 __all__ = ["ModelConfig", "KangarooConfig", "SamplingConfig", "SUPPORTED_ARCHITECTURES", "check_adapter_matches",
-           "check_exit_layer", "eos_ids"]
+           "check_exit_layer", "check_positive_int", "eos_ids"]

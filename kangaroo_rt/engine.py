@@ -40,11 +40,9 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .config import KangarooConfig, SamplingConfig, check_exit_layer, eos_ids
-from .generate import KangarooModel
-from .speculative import CacheRowsView, DecodeState, DecodeStats, Decoder, RowSampling
-
-_MODEL_DEFAULT: Any = object()  # sentinel: "take it from the model"
+from .config import KangarooConfig, SamplingConfig, check_positive_int, eos_ids
+from .generate import _MODEL_DEFAULT, KangarooModel, prepare_prompts
+from .speculative import DecodeState, DecodeStats, Decoder, RowSampling
 
 
 class AdmissionError(ValueError):
@@ -72,16 +70,10 @@ class RequestParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        m = self.max_new_tokens
-        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
-            raise ValueError(f"max_new_tokens must be a positive int or None, got {m!r}")
+        check_positive_int("max_new_tokens", self.max_new_tokens, allow_none=True)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2 ** 63):
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and isinstance(self.top_k, bool):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         self.sampling_config()  # validates temperature, top_k, top_p
 
     def sampling_config(self) -> SamplingConfig:
@@ -111,15 +103,15 @@ class _Request:
     gen: Optional[torch.Generator]
     slot: int = -1
     sent: int = 0
-    rounds: int = 0
+    rounds_before: int = 0  # the slot's round count when the request took it
 
 
 class Engine:
     """Continuous-batching decode engine over one static KV cache (see the module docstring).
 
     model: a :class:`KangarooModel` (its target, adapter and exit layer; the engine allocates caches of its
-    own). kangaroo: the model's own config by default; ``None`` or ``gamma=0`` (or no adapter) decodes
-    plainly. max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for drafting); default
+    own). kangaroo: as in :meth:`KangarooModel.kangaroo_plan` (the model's own config by default; ``None`` or
+    ``gamma=0`` decodes plainly). max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for drafting); default
     the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the model config's EOS by
     default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may wait for a slot
     before :meth:`add_request` refuses more.
@@ -132,22 +124,12 @@ class Engine:
         if not isinstance(model, KangarooModel):
             raise ValueError(f"model must be a KangarooModel, got {type(model).__name__}")
         target = model.target
-        if kangaroo is _MODEL_DEFAULT:
-            kangaroo = model.kangaroo
-        if kangaroo is not None and not isinstance(kangaroo, KangarooConfig):
-            raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kangaroo).__name__}")
+        self.kangaroo, exit_layer = model.kangaroo_plan(kangaroo)
         if max_len is None:
             max_len = model.max_len or min(2048, target.config.max_position_embeddings)
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_queue", max_queue)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        use = kangaroo is not None and kangaroo.gamma > 0 and model.adapter is not None
-        self.kangaroo = kangaroo if use else None
-        exit_layer = model.exit_layer
-        if use and kangaroo.exit_layer is not None:
-            exit_layer = kangaroo.exit_layer
-            check_exit_layer(exit_layer, target.num_layers)
-        self.gamma = kangaroo.gamma if use else 0
+            check_positive_int(name, value)
+        self.gamma = self.kangaroo.gamma if self.kangaroo is not None else 0
         if max_len < self.gamma + 3:
             raise ValueError(f"max_len={max_len} leaves no room for a 1-token prompt, 1 new token and "
                              f"gamma + 1 = {self.gamma + 1} drafting positions; use max_len >= {self.gamma + 3}")
@@ -159,18 +141,17 @@ class Engine:
         stop_ids = [] if ignore_eos else eos_ids(eos_token_id, target.config)
         self.eos = torch.tensor(stop_ids, dtype=torch.long, device=self.device) if stop_ids else None
         self._eos_ids = set(stop_ids)
-        self.decoder = Decoder(target, model.adapter if use else None, exit_layer, max_len=max_len)
+        self.decoder = Decoder(target, model.adapter if self.kangaroo is not None else None, exit_layer, max_len=max_len)
         self.decoder.ensure_caches(max_batch, max_len)
         self._state = DecodeState.allocate(max_batch, max_len + self.gamma + 2, self.device,
-                                           target.config.hidden_size if use else None, target.dtype, self.eos)
+                                           target.config.hidden_size if self.kangaroo is not None else None, target.dtype, self.eos)
         self._slots: List[Optional[_Request]] = [None] * max_batch
         self._waiting: Deque[_Request] = deque()
         self._requests: Dict[str, _Request] = {}
         self._counters = dict(added=0, finished=0, aborted=0, refused=0, prompt_tokens=0, generated_tokens=0,
-                              steps=0, rounds=0, round_tokens=0, draft_tokens=0)
-        self._position_attempts = [0] * self.gamma
-        self._position_accepts = [0] * self.gamma
-        self._times = dict(prefill=0.0, draft=0.0, verify=0.0, step=0.0)
+                              steps=0)
+        self._stats = DecodeStats.empty(max_batch, self.gamma, history=False)  # per slot, totals since construction
+        self._step_time_s = 0.0
 
     # -- admission -------------------------------------------------------------------------------------
     def capacity(self, prompt_len: int) -> int:
@@ -178,27 +159,20 @@ class Engine:
         return self.max_len - prompt_len - self.gamma - 1
 
     def _as_prompt(self, prompt_ids: Any) -> torch.Tensor:
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
-                prompt_ids = prompt_ids[0]
-            if prompt_ids.dim() != 1:
-                raise AdmissionError("invalid", f"prompt_ids must be 1-D (or (1, T)), got shape {tuple(prompt_ids.shape)}")
-            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool or prompt_ids.is_complex():
-                raise AdmissionError("invalid", f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
-            ids = prompt_ids.to(device=self.device, dtype=torch.long)
-        elif isinstance(prompt_ids, (list, tuple)):
+        """A list of ids or a tensor (T,) or (1, T), validated as ``generate`` validates its prompts -> (T,) int64."""
+        if isinstance(prompt_ids, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
                 raise AdmissionError("invalid", "prompt_ids must be a list of int token ids")
-            ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
-        else:
+            prompt_ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+        elif not isinstance(prompt_ids, torch.Tensor):
             raise AdmissionError("invalid", f"prompt_ids must be a list of ints or a tensor, got {type(prompt_ids).__name__}")
-        if ids.numel() == 0:
-            raise AdmissionError("invalid", "the prompt is empty; it needs at least one token")
-        vocab = self.target.config.vocab_size
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.numel():
-            raise AdmissionError("invalid", f"prompt_ids contain ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
-        return ids
+        if prompt_ids.dim() > 2 or (prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1):
+            raise AdmissionError("invalid", f"prompt_ids must be 1-D (or (1, T)), got shape {tuple(prompt_ids.shape)}")
+        try:
+            _, packed, _ = prepare_prompts(prompt_ids.to(self.device), None, self.target.config.vocab_size)
+        except ValueError as exc:
+            raise AdmissionError("invalid", str(exc).replace("input_ids", "prompt_ids")) from None
+        return packed[0]
 
     def add_request(self, prompt_ids: Union[Sequence[int], torch.Tensor], params: Optional[RequestParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -278,14 +252,11 @@ class Engine:
 
     def _prefill(self, req: _Request, slot: int) -> None:
         """Prefill ``req`` into cache row ``slot`` and pick its first token; other slots are untouched."""
-        d = self.decoder
-        cache = CacheRowsView(d.cache, slot, slot + 1)
-        adapter_cache = CacheRowsView(d.adapter_cache, slot, slot + 1) if d.adapter is not None else None
+        state = self._state.rows(slot, slot + 1)
+        state.sampler = RowSampling([(req.sampling, req.gen)])
         lengths = torch.tensor([req.prompt.numel()], dtype=torch.long, device=self.device)
-        logits, e_prev = d.prefill_logits(req.prompt[None], lengths, cache, adapter_cache)  # (1, V)
-        first = RowSampling([(req.sampling, req.gen)]).select(logits)
-        self._state.rows(slot, slot + 1).start(first, lengths, req.max_new, e_prev)
-        req.slot = slot
+        self.decoder.prefill(req.prompt[None], lengths, state, req.max_new, first_row=slot)
+        req.slot, req.rounds_before = slot, self._stats.rounds[slot]
         self._slots[slot] = req
 
     # -- one step ----------------------------------------------------------------------------------------
@@ -302,7 +273,7 @@ class Engine:
             req = self._waiting.popleft()
             t_prefill = time.perf_counter()
             self._prefill(req, self._slots.index(None))
-            self._times["prefill"] += time.perf_counter() - t_prefill
+            self._stats.prefill_time_s += time.perf_counter() - t_prefill
         occupied = [s for s, r in enumerate(self._slots) if r is not None]
         if not occupied:
             return []
@@ -311,35 +282,14 @@ class Engine:
         live = state.finished.logical_not().tolist()
         state.sampler = RowSampling([(r.sampling, r.gen) if r is not None and live[s] else None
                                      for s, r in enumerate(self._slots[:n])])
-        if any(live):
-            self._advance(state)
+        if any(live) and self.kangaroo is None:
+            self.decoder.ar_step(state)
+        elif any(live):
+            self.decoder.kangaroo_round(state, self.kangaroo, self._stats, timed=False)
         outputs = self._collect(n)
         self._counters["steps"] += 1
-        self._times["step"] += time.perf_counter() - t_start
+        self._step_time_s += time.perf_counter() - t_start
         return outputs
-
-    def _advance(self, state: DecodeState) -> None:
-        if self.kangaroo is None:
-            self.decoder.ar_step(state)
-        else:
-            stats = DecodeStats.empty(state.batch, self.gamma)
-            self.decoder.kangaroo_round(state, self.kangaroo, stats, timed=False)
-            self._fold(stats, state.batch)
-
-    def _fold(self, stats: DecodeStats, n: int) -> None:
-        c = self._counters
-        for s in range(n):
-            req = self._slots[s]
-            if req is not None:
-                req.rounds += stats.rounds[s]
-            c["rounds"] += stats.rounds[s]
-            c["round_tokens"] += sum(stats.accepted_lengths[s])
-            c["draft_tokens"] += sum(stats.draft_lengths[s])
-            for i in range(self.gamma):
-                self._position_attempts[i] += stats.position_attempts[s][i]
-                self._position_accepts[i] += stats.position_accepts[s][i]
-        self._times["draft"] += stats.draft_time_s
-        self._times["verify"] += stats.verify_time_s
 
     def _collect(self, n: int) -> List[RequestOutput]:
         n_gen = self._state.n_gen[:n].tolist()
@@ -360,15 +310,14 @@ class Engine:
                 del self._requests[req.request_id]
                 self._counters["finished"] += 1
             outputs.append(RequestOutput(req.request_id, new, finished[s], reason, req.prompt.numel(), n_gen[s],
-                                         req.rounds))
+                                         self._stats.rounds[s] - req.rounds_before))
         return outputs
 
     # -- metrics ------------------------------------------------------------------------------------------
     def metrics(self) -> Dict[str, Any]:
         """Counters since construction: requests, tokens, steps, MAT (tokens per Kangaroo round, bonus token
         included), acceptance rate per draft position, queue length, time spent by phase."""
-        c = self._counters
-        acceptance = [a / t if t else None for a, t in zip(self._position_accepts, self._position_attempts)]
+        c, stats = self._counters, self._stats.summary()
         return {
             "mode": "kangaroo" if self.kangaroo is not None else "plain",
             "slots_total": self.max_batch,
@@ -382,14 +331,14 @@ class Engine:
             "prompt_tokens_total": c["prompt_tokens"],
             "generated_tokens_total": c["generated_tokens"],
             "steps_total": c["steps"],
-            "rounds_total": c["rounds"],
-            "mat": c["round_tokens"] / c["rounds"] if c["rounds"] else 0.0,
-            "mean_draft_length": c["draft_tokens"] / c["rounds"] if c["rounds"] else 0.0,
-            "acceptance_by_position": acceptance,
-            "prefill_time_s": self._times["prefill"],
-            "draft_time_s": self._times["draft"],
-            "verify_time_s": self._times["verify"],
-            "step_time_s": self._times["step"],
+            "rounds_total": stats["rounds"],
+            "mat": stats["mat"],
+            "mean_draft_length": stats["mean_draft_length"],
+            "acceptance_by_position": stats["acceptance_by_position"],
+            "prefill_time_s": self._stats.prefill_time_s,
+            "draft_time_s": self._stats.draft_time_s,
+            "verify_time_s": self._stats.verify_time_s,
+            "step_time_s": self._step_time_s,
         }
 
 

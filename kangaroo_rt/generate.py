@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import ops
 from .adapter import Adapter
-from .config import KangarooConfig, ModelConfig, SamplingConfig, check_adapter_matches, check_exit_layer, eos_ids
+from .config import (KangarooConfig, ModelConfig, SamplingConfig, check_adapter_matches, check_exit_layer,
+                     check_positive_int, eos_ids)
 from .graphs import GraphRunner, cuda_graphs_enabled
 from .loading import load_model
 from .model import Transformer
@@ -70,13 +71,11 @@ class KangarooModel:
         if adapter is not None:
             check_adapter_matches(adapter.config, target.config)
             _check_adapter_placement(adapter, target)
-        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        check_positive_int("max_len", max_len, allow_none=True)
         self.target = target
         self.adapter = adapter
         self.exit_layer = exit_layer
         self.kangaroo = kangaroo if kangaroo is not None else KangarooConfig()
-        self.max_len = max_len
         self.decoder = Decoder(target, adapter, exit_layer, max_len=max_len)
         self._graph_runner: Optional[GraphRunner] = None
 
@@ -107,19 +106,44 @@ class KangarooModel:
         return self.target.dtype
 
     @property
+    def max_len(self) -> Optional[int]:
+        """The fixed cache capacity (None: the caches grow to what each call needs); the decoder enforces it."""
+        return self.decoder.max_len
+
+    @max_len.setter
+    def max_len(self, value: Optional[int]) -> None:
+        check_positive_int("max_len", value, allow_none=True)
+        self.decoder.max_len = value
+
+    @property
     def graph_runner(self) -> GraphRunner:
         """The fixed-shape (CUDA graph) rounds over this model's decoder and caches, made on first use."""
         if self._graph_runner is None:
             self._graph_runner = GraphRunner(self.decoder)
         return self._graph_runner
 
+    def kangaroo_plan(self, kangaroo: Any = _MODEL_DEFAULT) -> Tuple[Optional[KangarooConfig], int]:
+        """What a call decodes with: (the Kangaroo config, None for plain decoding; its exit layer). ``kangaroo``:
+        by default the model's own, or plain decoding when the model has no adapter; None or ``gamma=0``
+        decodes plainly; any other config needs an adapter."""
+        kcfg = self.kangaroo if kangaroo is _MODEL_DEFAULT else kangaroo
+        if kcfg is not None and not isinstance(kcfg, KangarooConfig):
+            raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kcfg).__name__}")
+        if kcfg is not None and kcfg.gamma > 0 and self.adapter is None and kangaroo is not _MODEL_DEFAULT:
+            raise ValueError("Kangaroo decoding needs an adapter; load one or pass kangaroo=None for plain decoding")
+        if kcfg is None or kcfg.gamma == 0 or self.adapter is None:
+            return None, self.exit_layer
+        if kcfg.exit_layer is not None:
+            check_exit_layer(kcfg.exit_layer, self.target.num_layers)
+        return kcfg, kcfg.exit_layer or self.exit_layer
+
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """See :func:`kangaroo_rt.generate`."""
         return generate(self, input_ids, **kwargs)
 
 
-def _prepare_prompts(input_ids: Any, attention_mask: Any, vocab: int):
-    """Validate and right-align prompts. Returns (input_ids 2-D, packed (B, T) right-padded, lengths (B,))."""
+def prepare_prompts(input_ids: Any, attention_mask: Any, vocab: int):
+    """Validate and right-align prompts (ValueError names what is wrong). Returns (input_ids 2-D, packed (B, T) right-padded, lengths (B,))."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -185,28 +209,14 @@ def generate(model: KangarooModel, input_ids: torch.Tensor, attention_mask: Opti
     """
     if not isinstance(model, KangarooModel):
         raise ValueError(f"model must be a KangarooModel, got {type(model).__name__}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     sampling = SamplingConfig(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
-    kcfg = model.kangaroo if kangaroo is _MODEL_DEFAULT else kangaroo
-    if kcfg is not None and not isinstance(kcfg, KangarooConfig):
-        raise ValueError(f"kangaroo must be a KangarooConfig or None, got {type(kcfg).__name__}")
-    if kcfg is not None and kcfg.gamma > 0 and model.adapter is None:
-        if kangaroo is _MODEL_DEFAULT:
-            kcfg = None
-        else:
-            raise ValueError("Kangaroo decoding needs an adapter; load one or pass kangaroo=None for plain decoding")
-    if kcfg is not None and kcfg.gamma == 0:
-        kcfg = None
-    exit_layer = model.exit_layer
-    if kcfg is not None and kcfg.exit_layer is not None:
-        check_exit_layer(kcfg.exit_layer, model.target.num_layers)
-        exit_layer = kcfg.exit_layer
+    kcfg, exit_layer = model.kangaroo_plan(kangaroo)
     vocab = model.config.vocab_size
     device = model.device
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.to(device)
-    original, packed, lengths = _prepare_prompts(input_ids, attention_mask, vocab)
+    original, packed, lengths = prepare_prompts(input_ids, attention_mask, vocab)
     batch = original.shape[0]
     if streamer is not None and batch != 1:
         raise ValueError("streamers support batch size 1 only (as in transformers)")

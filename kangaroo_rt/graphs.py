@@ -24,12 +24,14 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import KangarooConfig, SamplingConfig
-from .speculative import BatchSampling, DecodeState, DecodeStats, Decoder, DraftChain
+from . import _ext
+from .config import KangarooConfig, SamplingConfig, check_positive_int
+from .speculative import BatchSampling, DecodeState, DecodeStats, Decoder, DraftChain, clock
 
 BUCKETS: Tuple[int, ...] = (1, 2, 4, 8, 16)
 LENGTH_QUANTUM = 256  # cache capacity is rounded up to a multiple of this (fewer reallocations, captures)
@@ -39,8 +41,7 @@ AUTO_TRIALS = 2  # calls timed per mode before ``auto`` picks one
 
 def bucket_for(batch: int, buckets: Sequence[int] = BUCKETS) -> int:
     """The smallest bucket >= ``batch``; beyond the largest, the next multiple of the largest."""
-    if not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    check_positive_int("batch", batch)
     if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
         raise ValueError(f"buckets must be increasing positive ints, got {tuple(buckets)!r}")
     for b in buckets:
@@ -48,18 +49,6 @@ def bucket_for(batch: int, buckets: Sequence[int] = BUCKETS) -> int:
             return b
     top = buckets[-1]
     return -(-batch // top) * top
-
-
-def capacity_for(needed: int, fixed_max_len: Optional[int], quantum: int = LENGTH_QUANTUM) -> int:
-    """Cache positions to allocate: the model's fixed ``max_len``, or ``needed`` rounded up to ``quantum``."""
-    if needed <= 0:
-        raise ValueError(f"needed must be positive, got {needed}")
-    if fixed_max_len is not None:
-        if needed > fixed_max_len:
-            raise ValueError(f"prompt + max_new_tokens (+ gamma + 1 for drafting) needs {needed} cache positions "
-                             f"but the model's cache holds max_len={fixed_max_len}")
-        return fixed_max_len
-    return -(-needed // quantum) * quantum
 
 
 def eos_slots_for(n_eos: int) -> int:
@@ -92,10 +81,7 @@ class RoundBuffers:
     step: torch.Tensor  # (1,) int64 index of the next middle draft step
     rounds: torch.Tensor  # (1,) int64 rounds in which some row was active
     loop_iters: torch.Tensor  # (1,) int64 iterations of the device while loop (a safety bound)
-    log_committed: torch.Tensor  # (R+1, Bk) int64 per round; row R is a trash row
-    log_drafts: torch.Tensor  # (R+1, Bk) int64
-    log_accepted: torch.Tensor  # (R+1, Bk) int64
-    log_active: torch.Tensor  # (R+1, Bk) bool
+    log: torch.Tensor  # (R+1, 4, Bk) int64 per round: the arguments of DecodeStats.add_round; row R is a trash row
 
     @classmethod
     def allocate(cls, bucket: int, gamma: int, hidden: int, dtype: torch.dtype, device: torch.device,
@@ -104,14 +90,12 @@ class RoundBuffers:
         if bucket <= 0 or gamma <= 0 or width < gamma + 3 or eos_slots <= 0:
             raise ValueError(f"bad buffer sizes: bucket={bucket}, gamma={gamma}, width={width}, eos_slots={eos_slots}")
         i64 = dict(dtype=torch.long, device=device)
-        log = (width + 1, bucket)
         state = DecodeState.allocate(bucket, width, device, hidden, dtype, eos=torch.full((eos_slots,), -1, **i64))
         state.sampler = BatchSampling(SamplingConfig(), None)  # greedy
         return cls(state=state, chain=DraftChain.allocate(bucket, gamma, hidden, dtype, device),
                    eta=torch.zeros(1, dtype=torch.float32, device=device), step=torch.zeros(1, **i64),
                    rounds=torch.zeros(1, **i64), loop_iters=torch.zeros(1, **i64),
-                   log_committed=torch.zeros(log, **i64), log_drafts=torch.zeros(log, **i64),
-                   log_accepted=torch.zeros(log, **i64), log_active=torch.zeros(log, dtype=torch.bool, device=device))
+                   log=torch.zeros(width + 1, 4, bucket, **i64))
 
     @property
     def bucket(self) -> int:
@@ -125,36 +109,29 @@ class RoundBuffers:
         """Every static tensor (what a capture may read and write)."""
         return [t for part in (self, self.state, self.chain) for t in vars(part).values() if isinstance(t, torch.Tensor)]
 
-    def load(self, prefilled: DecodeState, eta: float = 0.0) -> None:
-        """Copy the state of B <= bucket rows after prefill in (the first token in column 0 of ``out``); the
-        other rows become finished padding. eta: the round's confidence threshold."""
-        st, b = self.state, prefilled.batch
-        if b > self.bucket:
-            raise ValueError(f"batch {b} does not fit the bucket of {self.bucket} rows")
-        if int(prefilled.max_new.max()) + 2 > self.width:
-            raise ValueError(f"max_new_tokens={int(prefilled.max_new.max())} does not fit the output buffer of "
-                             f"{self.width} columns")
-        eos = prefilled.eos
+    def rows(self, batch: int, max_new: int, eta: float, eos: Optional[torch.Tensor]) -> DecodeState:
+        """Set up a call of ``batch`` <= bucket rows: the others become finished padding, at position 1 (the
+        catch-up reads ``pos - 1``); ``eta`` and the EOS ids are loaded. Returns rows ``0..batch-1``, to prefill."""
+        st = self.state
         n_eos = 0 if eos is None else eos.numel()
+        if batch > self.bucket:
+            raise ValueError(f"batch {batch} does not fit the bucket of {self.bucket} rows")
+        if max_new + 2 > self.width:
+            raise ValueError(f"max_new_tokens={max_new} does not fit the output buffer of {self.width} columns")
         if n_eos > st.eos.numel():
             raise ValueError(f"{n_eos} EOS ids do not fit {st.eos.numel()} slots")
-        st.out.zero_()
-        st.out[:b, :1].copy_(prefilled.out[:, :1])
-        for name, pad in (("n_gen", 0), ("pos", 1), ("token", 0), ("max_new", 0), ("finished", True), ("e_prev", 0)):
-            dst = getattr(st, name)
-            dst.fill_(pad)
-            dst[:b].copy_(getattr(prefilled, name))
-        self.eta.fill_(eta)
-        st.eos.fill_(-1)
+        for t, pad in ((st.out, 0), (st.n_gen, 0), (st.pos, 1), (st.token, 0), (st.max_new, 0), (st.finished, True),
+                       (st.e_prev, 0), (st.eos, -1), (self.rounds, 0)):
+            t.fill_(pad)
         if n_eos:
             st.eos[:n_eos].copy_(eos.reshape(-1))
-        self.rounds.zero_()
-        self.log_active.zero_()
+        self.eta.fill_(eta)
+        return st.rows(0, batch)
 
 
 @dataclass
 class _Entry:
-    """What one key owns: its buffers, captured graphs (CUDA) and mode timings."""
+    """What one key owns: its buffers, captured graphs (CUDA) and the ``auto`` mode's timings."""
 
     buffers: RoundBuffers
     graphs: Dict[str, object] = field(default_factory=dict)  # step name -> torch.cuda.CUDAGraph
@@ -163,40 +140,23 @@ class _Entry:
     timings: Dict[str, List[float]] = field(default_factory=dict)  # mode -> seconds per useful round
     chosen: Optional[str] = None
 
-
-class ModeChooser:
-    """Picks the fastest host-loop mode per key from measured seconds per useful round."""
-
-    def __init__(self, trials: int = AUTO_TRIALS) -> None:
-        if trials <= 0:
-            raise ValueError(f"trials must be positive, got {trials}")
-        self.trials = trials
-
-    def next_mode(self, entry: _Entry, available: Sequence[str]) -> str:
-        """The mode to run now: an untried (or under-tried) one first, then the fastest (lower median)."""
-        modes = [m for m in available if m not in entry.disabled]
+    def next_mode(self, available: Sequence[str], trials: int = AUTO_TRIALS) -> str:
+        """``auto``'s mode to run now: one still on trial, else the fastest by its lower median (of two trials
+        the faster, so that a one-off cost in a mode's first call, building its while graph say, does not decide)."""
+        modes = [m for m in available if m not in self.disabled]
         if not modes:
             raise RuntimeError("no host-loop mode is available")
-        if entry.chosen in modes:
-            return entry.chosen
-        for m in modes:
-            if len(entry.timings.get(m, [])) < self.trials:
-                return m
-        entry.chosen = min(modes, key=lambda m: _lower_median(entry.timings[m]))
-        return entry.chosen
+        if self.chosen not in modes:
+            on_trial = [m for m in modes if len(self.timings.get(m, ())) < trials]
+            self.chosen = None if on_trial else min(modes, key=lambda m: sorted(self.timings[m])[(trials - 1) // 2])
+            return on_trial[0] if on_trial else self.chosen
+        return self.chosen
 
-    def record(self, entry: _Entry, mode: str, seconds: float, useful_rounds: int) -> None:
+    def record(self, mode: str, seconds: float, useful_rounds: int, trials: int = AUTO_TRIALS) -> None:
         """Keep a timing while the mode is still on trial (a long-running server adds nothing once chosen)."""
-        samples = entry.timings.setdefault(mode, [])
-        if useful_rounds > 0 and entry.chosen is None and len(samples) < self.trials:
+        samples = self.timings.setdefault(mode, [])
+        if useful_rounds > 0 and self.chosen is None and len(samples) < trials:
             samples.append(seconds / useful_rounds)
-
-
-def _lower_median(values: List[float]) -> float:
-    """The lower median: of two trials the faster, so that a one-off cost in a mode's first call (building
-    its while graph, say) does not decide."""
-    s = sorted(values)
-    return s[(len(s) - 1) // 2]
 
 
 def _captures(device: torch.device) -> bool:
@@ -230,7 +190,6 @@ class GraphRunner:
         self.decoder = decoder
         self.buckets = tuple(buckets)
         self.mode = mode
-        self.chooser = ModeChooser()
         self._entries: Dict[tuple, _Entry] = {}
         self._storage_id: Optional[tuple] = None
         self._pool = None
@@ -264,12 +223,8 @@ class GraphRunner:
         return e
 
     def available_modes(self, entry: _Entry) -> List[str]:
-        if not _captures(self.decoder.target.device):
-            return ["sync", "blocks"]
-        from . import _ext
-
         modes = ["sync", "blocks"]
-        if _ext.is_available():
+        if _captures(self.decoder.target.device) and _ext.is_available():
             if all(hasattr(g, "raw_cuda_graph_exec") for g in entry.graphs.values()):
                 modes.append("ext_loop")
             if _ext.supports_while_graph() and all(hasattr(g, "raw_cuda_graph") for g in entry.graphs.values()):
@@ -301,10 +256,8 @@ class GraphRunner:
         d = self.decoder
         was_active, accepted, committed = d.verify(st.state, st.chain, kcfg.gamma, d.cache.max_len)
         any_active = was_active.any()
-        slot = torch.where(any_active, st.rounds, torch.full_like(st.rounds, st.log_active.shape[0] - 1))
-        for log, value in ((st.log_committed, committed), (st.log_drafts, st.chain.n_drafts),
-                           (st.log_accepted, accepted), (st.log_active, was_active)):
-            log.index_copy_(0, slot, value[None])
+        slot = torch.where(any_active, st.rounds, torch.full_like(st.rounds, st.log.shape[0] - 1))
+        st.log.index_copy_(0, slot, torch.stack([was_active.long(), committed, st.chain.n_drafts, accepted])[None])
         st.rounds.add_(any_active.long())
 
     def _steps(self, gamma: int) -> List[Tuple[str, Callable]]:
@@ -312,145 +265,68 @@ class GraphRunner:
         steps += [("mid", self._draft_mid)] * (gamma - 1)
         return steps + [("last", self._draft_last), ("verify", self._verify)]
 
-    # -- one round and blocks of rounds -------------------------------------------------------------
-    def run_round(self, entry: _Entry, kcfg: KangarooConfig, times: Optional[List[float]] = None) -> None:
-        """One round: graph replays when captured, else the steps eagerly (``times`` accumulates draft and
-        verify seconds when given)."""
+    # -- one round, the loops, capture ----------------------------------------------------------------
+    def run_round(self, entry: _Entry, kcfg: KangarooConfig, stats: Optional[DecodeStats] = None) -> None:
+        """One round: graph replays when captured, else the steps eagerly (adding their draft and verify seconds
+        to ``stats`` when given)."""
         if entry.graphs:
             for name, _ in self._steps(kcfg.gamma):
                 entry.graphs[name].replay()
             return
         t_start = time.perf_counter()
-        for name, fn in self._steps(kcfg.gamma):
-            if name == "verify" and times is not None:
+        for name, step in self._steps(kcfg.gamma):
+            if name == "verify" and stats is not None:
                 t_verify = time.perf_counter()
-                fn(entry.buffers, kcfg)
-                times[0] += t_verify - t_start
-                times[1] += time.perf_counter() - t_verify
+                stats.draft_time_s += t_verify - t_start
+            step(entry.buffers, kcfg)
+        if stats is not None:
+            stats.verify_time_s += time.perf_counter() - t_verify
+
+    def _loop(self, entry: _Entry, mode: str, kcfg: KangarooConfig, batch: int, emit: Callable[[], None],
+              stats: Optional[DecodeStats]) -> None:
+        st = entry.buffers
+        if mode == "sync":
+            while not bool(st.state.finished[:batch].all()):
+                self.run_round(entry, kcfg, stats)
+                emit()
+        elif mode == "while_graph":
+            if entry.while_graph is None:
+                raws = [entry.graphs[name].raw_cuda_graph() for name, _ in self._steps(kcfg.gamma)]
+                entry.while_graph = _ext.load().WhileGraph(raws, st.state.finished, st.loop_iters, st.width + 1)
+            st.loop_iters.zero_()
+            entry.while_graph.launch()
+        else:  # blocks of ceil(max remaining / (gamma + 1)) rounds, which must all run, then one sync
+            if mode == "ext_loop":
+                execs = [entry.graphs[name].raw_cuda_graph_exec() for name, _ in self._steps(kcfg.gamma)]
+                run_rounds = partial(_ext.load().replay_rounds, execs)
             else:
-                fn(entry.buffers, kcfg)
+                def run_rounds(n: int) -> None:
+                    for _ in range(n):
+                        self.run_round(entry, kcfg, stats)
+            live = st.state.rows(0, batch)
+            while True:
+                remaining = torch.where(live.finished, torch.zeros_like(live.n_gen), live.max_new - live.n_gen).max()
+                n = math.ceil(int(remaining) / (kcfg.gamma + 1))
+                if n == 0:
+                    break
+                run_rounds(n)
 
     def _capture(self, entry: _Entry, kcfg: KangarooConfig) -> None:
         """Capture the four step graphs into the shared pool (after an eager round warmed them up)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graphs = {}
-        for name, fn in dict(self._steps(kcfg.gamma)).items():
+        for name, step in dict(self._steps(kcfg.gamma)).items():
             g = _new_cuda_graph()
             with torch.cuda.graph(g, pool=self._pool):
-                fn(entry.buffers, kcfg)
+                step(entry.buffers, kcfg)
             if hasattr(g, "instantiate"):
                 g.instantiate()
             graphs[name] = g
             self.captures += 1
         entry.graphs = graphs
 
-    def _block_rounds(self, st: RoundBuffers, batch: int, gamma: int) -> int:
-        """Rounds that every schedule must still run (one host sync): 0 when every row finished."""
-        finished, n_gen, max_new = (t[:batch] for t in (st.state.finished, st.state.n_gen, st.state.max_new))
-        remaining = torch.where(finished, torch.zeros_like(n_gen), max_new - n_gen).max()
-        return math.ceil(int(remaining) / (gamma + 1))
-
-    def _loop(self, entry: _Entry, mode: str, kcfg: KangarooConfig, batch: int,
-              on_tokens: Optional[Callable], times: Optional[List[float]]) -> None:
-        st = entry.buffers
-        if mode == "sync":
-            while not bool(st.state.finished[:batch].all()):
-                self.run_round(entry, kcfg, times)
-                if on_tokens is not None:
-                    on_tokens(st.state.out[:batch], st.state.n_gen[:batch])
-        elif mode == "blocks":
-            while True:
-                n = self._block_rounds(st, batch, kcfg.gamma)
-                if n == 0:
-                    break
-                for _ in range(n):
-                    self.run_round(entry, kcfg, times)
-        elif mode == "ext_loop":
-            from . import _ext
-
-            execs = [entry.graphs[name].raw_cuda_graph_exec() for name, _ in self._steps(kcfg.gamma)]
-            while True:
-                n = self._block_rounds(st, batch, kcfg.gamma)
-                if n == 0:
-                    break
-                _ext.load().replay_rounds(execs, n)
-        elif mode == "while_graph":
-            from . import _ext
-
-            if entry.while_graph is None:
-                raws = [entry.graphs[name].raw_cuda_graph() for name, _ in self._steps(kcfg.gamma)]
-                entry.while_graph = _ext.load().WhileGraph(raws, st.state.finished, st.loop_iters, st.width + 1)
-            st.loop_iters.zero_()
-            entry.while_graph.launch()
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-
-    # -- the whole call ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor, lengths: torch.Tensor, max_new: int, kcfg: KangarooConfig,
-               eos: Optional[torch.Tensor],
-               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
-        """Greedy Kangaroo over ids (B, T) right-padded, lengths (B,). Returns (out (B, max_new), n_gen (B,),
-        stats), as :meth:`Decoder.decode` does."""
-        if kcfg is None or kcfg.gamma <= 0:
-            raise ValueError("GraphRunner runs Kangaroo rounds: pass a KangarooConfig with gamma >= 1")
-        d = self.decoder
-        b = ids.shape[0]
-        gamma = kcfg.gamma
-        bucket = bucket_for(b, self.buckets)
-        # One allocation, at the bucket's rows and a rounded length (the caches never shrink, so a key's
-        # graphs stay valid until a larger request moves the caches).
-        d.ensure_caches(bucket, capacity_for(ids.shape[1] + max_new + gamma + 1, d.max_len))
-        entry = self.entry(bucket, kcfg, eos_slots_for(0 if eos is None else eos.numel()))
-        st = entry.buffers
-        stats = DecodeStats.empty(b, gamma)
-        cuda = _captures(ids.device)
-        start = time.perf_counter()
-        st.load(d.prefill(ids, lengths, st.state.sampler, max_new, gamma, eos), float(kcfg.eta))
-        stats.prefill_time_s = time.perf_counter() - start
-        if on_tokens is not None:
-            on_tokens(st.state.out[:b], st.state.n_gen[:b])
-        times = None if cuda else [0.0, 0.0]
-        if cuda and not entry.graphs and "capture" not in entry.disabled:
-            self._warm_up_and_capture(entry, kcfg, b, on_tokens)
-        if on_tokens is not None or (cuda and not entry.graphs):
-            mode = "sync"
-        elif self.mode != "auto":
-            mode = self.mode if self.mode in self.available_modes(entry) else "sync"
-        else:
-            mode = self.chooser.next_mode(entry, ["sync"] if not cuda else self.available_modes(entry))
-        if cuda:  # prefill and capture are not the loop's: the timer starts on an idle device
-            torch.cuda.synchronize(ids.device)
-        t_loop = time.perf_counter()
-        rounds_before = int(st.rounds)
-        try:
-            self._loop(entry, mode, kcfg, b, on_tokens, times)
-        except RuntimeError as exc:
-            if mode == "sync":
-                raise
-            warnings.warn(f"kangaroo_rt graphs: host-loop mode {mode!r} failed ({exc}); using 'sync'", RuntimeWarning)
-            entry.disabled.add(mode)
-            self._loop(entry, "sync", kcfg, b, on_tokens, times)
-            mode = "sync"
-        if cuda:
-            torch.cuda.synchronize(ids.device)
-        useful = int(st.rounds) - rounds_before
-        if self.mode == "auto":
-            self.chooser.record(entry, mode, time.perf_counter() - t_loop, useful)
-        stats.wall_time_s = time.perf_counter() - start
-        if times is not None:
-            stats.draft_time_s, stats.verify_time_s = times
-        n = int(st.rounds)
-        logs = (st.log_active, st.log_committed, st.log_drafts, st.log_accepted)
-        for active, committed, drafts, accepted in zip(*(log[:n, :b].tolist() for log in logs)):
-            stats.add_round(active, committed, drafts, accepted)
-        stats.new_tokens = st.state.n_gen[:b].tolist()
-        self.last_mode = mode
-        return st.state.out[:b, :max_new].clone(), st.state.n_gen[:b].clone(), stats
-
-    def _warm_up_and_capture(self, entry: _Entry, kcfg: KangarooConfig, batch: int,
-                             on_tokens: Optional[Callable]) -> None:
+    def _warm_up_and_capture(self, entry: _Entry, kcfg: KangarooConfig, emit: Callable[[], None]) -> None:
         """Run the first round eagerly on a side stream (a real round: it warms Triton, cuBLAS and the
         allocator up), then capture; a failed capture disables graphs for this key with a warning."""
         side = torch.cuda.Stream()
@@ -458,11 +334,60 @@ class GraphRunner:
         with torch.cuda.stream(side):
             self.run_round(entry, kcfg)
         torch.cuda.current_stream().wait_stream(side)
-        if on_tokens is not None:
-            on_tokens(entry.buffers.state.out[:batch], entry.buffers.state.n_gen[:batch])
+        emit()
         try:
             self._capture(entry, kcfg)
         except RuntimeError as exc:
             entry.graphs = {}
             entry.disabled.add("capture")
             warnings.warn(f"kangaroo_rt graphs: capture failed ({exc}); running these rounds eagerly", RuntimeWarning)
+
+    # -- the whole call ------------------------------------------------------------------------------
+    def decode(self, ids: torch.Tensor, lengths: torch.Tensor, max_new: int, kcfg: KangarooConfig,
+               eos: Optional[torch.Tensor],
+               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
+        """Greedy Kangaroo over ids (B, T) right-padded, lengths (B,): :meth:`Decoder.decode` on this runner's
+        static rows, with the rounds run here. Returns (out (B, max_new), n_gen (B,), stats)."""
+        if kcfg is None or kcfg.gamma <= 0:
+            raise ValueError("GraphRunner runs Kangaroo rounds: pass a KangarooConfig with gamma >= 1")
+        d, b = self.decoder, ids.shape[0]
+        bucket = bucket_for(b, self.buckets)
+        # One allocation, at the bucket's rows and a rounded length (the caches never shrink, so a key's
+        # graphs stay valid until a larger request moves the caches).
+        d.ensure_caches(bucket, ids.shape[1] + max_new + kcfg.gamma + 1, LENGTH_QUANTUM)
+        entry = self.entry(bucket, kcfg, eos_slots_for(0 if eos is None else eos.numel()))
+        rows = entry.buffers.rows(b, max_new, float(kcfg.eta), eos)
+        run = partial(self._run, entry, kcfg, b, streaming=on_tokens is not None)
+        return d.decode(ids, lengths, max_new, SamplingConfig(), kcfg, eos, None, on_tokens, state=rows, rounds=run)
+
+    def _run(self, entry: _Entry, kcfg: KangarooConfig, batch: int, stats: DecodeStats, emit: Callable[[], None],
+             streaming: bool) -> None:
+        """Every round of a call, after its prefill: capture on a key's first call, pick the host-loop mode, run
+        it (falling back to ``sync`` if it fails), time it for ``auto``, and fill ``stats`` from the round log."""
+        st, device = entry.buffers, self.decoder.target.device
+        cuda = _captures(device)
+        if cuda and not entry.graphs and "capture" not in entry.disabled:
+            self._warm_up_and_capture(entry, kcfg, emit)
+        if streaming or (cuda and not entry.graphs):
+            mode = "sync"
+        elif self.mode != "auto":
+            mode = self.mode if self.mode in self.available_modes(entry) else "sync"
+        else:
+            mode = entry.next_mode(self.available_modes(entry) if cuda else ["sync"])
+        t_loop = clock(device, cuda)  # prefill and capture are not the loop's: the timer starts on an idle device
+        rounds_before = int(st.rounds)
+        timing = None if cuda else stats
+        try:
+            self._loop(entry, mode, kcfg, batch, emit, timing)
+        except RuntimeError as exc:
+            if mode == "sync":
+                raise
+            warnings.warn(f"kangaroo_rt graphs: host-loop mode {mode!r} failed ({exc}); using 'sync'", RuntimeWarning)
+            entry.disabled.add(mode)
+            mode = "sync"
+            self._loop(entry, mode, kcfg, batch, emit, timing)
+        if self.mode == "auto":
+            entry.record(mode, clock(device, cuda) - t_loop, int(st.rounds) - rounds_before)
+        for round_log in st.log[:int(st.rounds), :, :batch].tolist():
+            stats.add_round(*round_log)
+        self.last_mode = mode

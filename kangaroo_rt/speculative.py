@@ -9,12 +9,12 @@ A batch's state is a :class:`DecodeState` of device tensors. A Kangaroo round is
 drafts and attends over the live length; :mod:`kangaroo_rt.graphs` runs the same steps at fixed shapes.
 
 Token choice goes through a sampler: :class:`BatchSampling` (one config and generator for the batch) or
-:class:`RowSampling` (per-row configs and generators, for batches that mix requests). :class:`CacheRowsView`
-lets a prefill write chosen cache rows while other rows are mid-generation. See docs/design.md.
+:class:`RowSampling` (per-row configs and generators, for batches that mix requests). See docs/design.md.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -30,34 +30,43 @@ from .model import Transformer
 
 @dataclass
 class DecodeStats:
-    """Per-row statistics of one decode call (lists have one entry per row)."""
+    """Per-row statistics of decoding (lists have one entry per row). ``history=False`` keeps the totals only
+    (``accepted_lengths`` and ``draft_lengths`` stay empty): what a long-running engine needs."""
 
     rounds: List[int]
     new_tokens: List[int]
-    accepted_lengths: List[List[int]]  # tokens committed per round, bonus included
-    draft_lengths: List[List[int]]  # drafts proposed per round
+    committed: List[int]  # tokens committed in rounds, bonus included
+    drafted: List[int]  # drafts proposed
+    accepted_lengths: List[List[int]]  # per round: tokens committed, bonus included
+    draft_lengths: List[List[int]]  # per round: drafts proposed
     position_attempts: List[List[int]]  # [row][i]: rounds in which draft i+1 was proposed
     position_accepts: List[List[int]]  # [row][i]: rounds in which draft i+1 was accepted
+    histogram: Counter = field(default_factory=Counter)  # tokens committed in a round -> rounds (all rows)
+    history: bool = True
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
 
     @classmethod
-    def empty(cls, batch: int, gamma: int) -> "DecodeStats":
-        return cls(rounds=[0] * batch, new_tokens=[0] * batch, accepted_lengths=[[] for _ in range(batch)],
-                   draft_lengths=[[] for _ in range(batch)], position_attempts=[[0] * gamma for _ in range(batch)],
-                   position_accepts=[[0] * gamma for _ in range(batch)])
+    def empty(cls, batch: int, gamma: int, history: bool = True) -> "DecodeStats":
+        rows = range(batch)
+        return cls(rounds=[0] * batch, new_tokens=[0] * batch, committed=[0] * batch, drafted=[0] * batch,
+                   accepted_lengths=[[] for _ in rows], draft_lengths=[[] for _ in rows],
+                   position_attempts=[[0] * gamma for _ in rows], position_accepts=[[0] * gamma for _ in rows],
+                   history=history)
 
-    def add_round(self, active: Sequence[bool], committed: Sequence[int], n_drafts: Sequence[int],
+    def add_round(self, active: Sequence[int], committed: Sequence[int], n_drafts: Sequence[int],
                   accepted: Sequence[int]) -> None:
         """Count one round: per row whether it took part, tokens committed, drafts proposed, drafts accepted."""
-        for r, on in enumerate(active):
-            if not on:
-                continue
+        for r in (r for r, on in enumerate(active) if on):
             self.rounds[r] += 1
-            self.accepted_lengths[r].append(committed[r])
-            self.draft_lengths[r].append(n_drafts[r])
+            self.committed[r] += committed[r]
+            self.drafted[r] += n_drafts[r]
+            self.histogram[committed[r]] += 1
+            if self.history:
+                self.accepted_lengths[r].append(committed[r])
+                self.draft_lengths[r].append(n_drafts[r])
             for i in range(n_drafts[r]):
                 self.position_attempts[r][i] += 1
                 self.position_accepts[r][i] += int(i < accepted[r])
@@ -65,28 +74,19 @@ class DecodeStats:
     @property
     def mat(self) -> List[float]:
         """Mean accepted tokens per round (bonus token included), per row."""
-        return [sum(a) / len(a) if a else 0.0 for a in self.accepted_lengths]
+        return [c / n if n else 0.0 for c, n in zip(self.committed, self.rounds)]
 
     @property
     def mean_draft_length(self) -> List[float]:
-        return [sum(d) / len(d) if d else 0.0 for d in self.draft_lengths]
+        return [d / n if n else 0.0 for d, n in zip(self.drafted, self.rounds)]
 
     def acceptance_by_position(self) -> List[Optional[float]]:
         """Over all rows: P(draft i accepted | draft i proposed), for i = 1..gamma (None: never proposed)."""
-        width = max((len(a) for a in self.position_attempts), default=0)
-        out = []
-        for i in range(width):
-            tried = sum(a[i] for a in self.position_attempts)
-            ok = sum(a[i] for a in self.position_accepts)
-            out.append(ok / tried if tried else None)
-        return out
+        tried, ok = ([sum(column) for column in zip(*rows)] for rows in (self.position_attempts, self.position_accepts))
+        return [a / t if t else None for a, t in zip(ok, tried)]
 
     def accepted_length_histogram(self) -> dict:
-        hist: dict = {}
-        for row in self.accepted_lengths:
-            for n in row:
-                hist[n] = hist.get(n, 0) + 1
-        return dict(sorted(hist.items()))
+        return dict(sorted(self.histogram.items()))
 
     @property
     def draft_time_fraction(self) -> float:
@@ -95,17 +95,21 @@ class DecodeStats:
 
     def summary(self) -> dict:
         rounds = sum(self.rounds)
-        tokens = sum(sum(a) for a in self.accepted_lengths)
         return {
             "rounds": rounds,
-            "mat": tokens / rounds if rounds else 0.0,
+            "mat": sum(self.committed) / rounds if rounds else 0.0,
             "new_tokens": sum(self.new_tokens),
-            "mean_draft_length": (sum(sum(d) for d in self.draft_lengths) / rounds) if rounds else 0.0,
+            "mean_draft_length": sum(self.drafted) / rounds if rounds else 0.0,
             "acceptance_by_position": self.acceptance_by_position(),
             "accepted_length_histogram": self.accepted_length_histogram(),
             "draft_time_fraction": self.draft_time_fraction,
             "wall_time_s": self.wall_time_s,
         }
+
+
+def _probs(sampling: SamplingConfig, logits: torch.Tensor) -> torch.Tensor:
+    """logits (..., V) -> probabilities after temperature, top-k and top-p (fp32)."""
+    return ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 class BatchSampling:
@@ -121,30 +125,23 @@ class BatchSampling:
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
-        sampling = self.sampling
-        if sampling.greedy:
+        if self.greedy:
             return logits.argmax(dim=-1)
-        probs = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+        return torch.multinomial(_probs(self.sampling, logits), 1, generator=self.gen).squeeze(1)
 
     def draft(self, logits: torch.Tensor, active: torch.Tensor):
         """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
-        sampling = self.sampling
-        if sampling.greedy:
-            token, conf = ops.greedy_with_confidence(logits)
-            return token, conf, None
-        q = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        token = torch.multinomial(q, 1, generator=self.gen).squeeze(1)
-        return token, q.max(dim=-1).values, q
+        if self.greedy:
+            return (*ops.greedy_with_confidence(logits), None)
+        q = _probs(self.sampling, logits)
+        return torch.multinomial(q, 1, generator=self.gen).squeeze(1), q.max(dim=-1).values, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sampling acceptance. chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
-        sampling = self.sampling
-        b, k = chain.shape
-        p = ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        p = _probs(self.sampling, logits)
         q = torch.stack(draft_probs, dim=1) if draft_probs else p[:, :0]
-        u = torch.rand(b, k, device=chain.device, generator=self.gen)
+        u = torch.rand(chain.shape, device=chain.device, generator=self.gen)
         return ops.accept_sampling(chain, n_drafts, p, q, u, self.gen)
 
 
@@ -166,16 +163,12 @@ class RowSampling:
     def greedy(self) -> bool:
         return not self.sampled
 
-    def _probs(self, r: int, logits: torch.Tensor) -> torch.Tensor:
-        sampling = self.rows[r][0]
-        return ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
         tokens = logits.argmax(dim=-1)
         for r in self.sampled:
-            probs = self._probs(r, logits[r:r + 1])
-            tokens[r] = torch.multinomial(probs, 1, generator=self.rows[r][1])[0, 0]
+            sampling, gen = self.rows[r]
+            tokens[r] = torch.multinomial(_probs(sampling, logits[r:r + 1]), 1, generator=gen)[0, 0]
         return tokens
 
     def draft(self, logits: torch.Tensor, active: torch.Tensor):
@@ -185,13 +178,11 @@ class RowSampling:
             return token, conf, None
         q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         on = active.tolist()
-        for r in self.sampled:
-            if not on[r]:
-                continue
-            q_r = self._probs(r, logits[r:r + 1])
-            q[r] = q_r[0]
-            token[r] = torch.multinomial(q_r, 1, generator=self.rows[r][1])[0, 0]
-            conf[r] = q_r.max()
+        for r in (r for r in self.sampled if on[r]):
+            sampling, gen = self.rows[r]
+            q[r] = _probs(sampling, logits[r:r + 1])[0]
+            token[r] = torch.multinomial(q[r:r + 1], 1, generator=gen)[0, 0]
+            conf[r] = q[r].max()
         return token, conf, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
@@ -199,14 +190,13 @@ class RowSampling:
         """Greedy rows accept greedily, sampled rows by speculative sampling with their own generator.
         chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
         accepted, nxt = ops.accept_greedy(chain, n_drafts, logits.argmax(dim=-1))
-        k = chain.shape[1]
         q_all = torch.stack(draft_probs, dim=1) if draft_probs else None  # (B, K, V)
         counts = n_drafts.tolist()
         for r in self.sampled:
-            gen = self.rows[r][1]
-            p = self._probs(r, logits[r:r + 1])  # (1, K+1, V)
+            sampling, gen = self.rows[r]
+            p = _probs(sampling, logits[r:r + 1])  # (1, K+1, V)
             q = q_all[r:r + 1] if q_all is not None else p[:, :0]
-            u = torch.zeros(1, k, device=chain.device)
+            u = torch.zeros(1, chain.shape[1], device=chain.device)
             u[:, :counts[r]] = torch.rand(1, counts[r], device=chain.device, generator=gen)
             a_r, n_r = ops.accept_sampling(chain[r:r + 1], n_drafts[r:r + 1], p, q, u, gen)
             accepted[r], nxt[r] = a_r[0], n_r[0]
@@ -214,29 +204,6 @@ class RowSampling:
 
 
 Sampler = Union[BatchSampling, RowSampling]
-
-
-class CacheRowsView:
-    """Rows ``start..stop-1`` of a :class:`StaticKVCache` as a cache of their own (views, no copy): the
-    model writes and reads row ``start + i`` when it is given batch row ``i``."""
-
-    def __init__(self, cache: StaticKVCache, start: int, stop: int) -> None:
-        if not 0 <= start < stop <= cache.max_batch:
-            raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {cache.max_batch} rows")
-        self.k = cache.k[:, start:stop]
-        self.v = cache.v[:, start:stop]
-
-    @property
-    def max_batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def layer(self, index: int):
-        """(k, v) of one layer, each (rows, kv_heads, max_len, head_dim)."""
-        return self.k[index], self.v[index]
 
 
 @dataclass
@@ -366,66 +333,54 @@ class Decoder:
         self.cache: Optional[StaticKVCache] = None
         self.adapter_cache: Optional[StaticKVCache] = None
 
-    def ensure_caches(self, batch: int, max_len: int) -> None:
-        """Make the caches hold at least ``batch`` rows of ``max_len`` positions (the fixed ``max_len``
-        when set). A cache that must grow is reallocated once, never smaller than before in either dimension."""
-        if self.max_len is not None:
-            if max_len > self.max_len:
-                raise ValueError(
-                    f"prompt + max_new_tokens (+ gamma + 1 for drafting) needs {max_len} cache positions but "
-                    f"the model's cache holds max_len={self.max_len}"
-                )
-            max_len = self.max_len
+    def ensure_caches(self, batch: int, needed: int, quantum: int = 1) -> None:
+        """Make the caches hold at least ``batch`` rows of ``needed`` positions rounded up to ``quantum`` (or the
+        fixed ``max_len``). A cache that must grow is reallocated once, never smaller than before in either
+        dimension."""
+        if self.max_len is not None and needed > self.max_len:
+            raise ValueError(f"prompt + max_new_tokens (+ gamma + 1 for drafting) needs {needed} cache positions but "
+                             f"the model's cache holds max_len={self.max_len}")
+        length = self.max_len if self.max_len is not None else -(-needed // quantum) * quantum
         window = self.target.config.sliding_window
-        if window is not None and max_len > window:
-            raise ValueError(
-                f"sequence needs {max_len} positions but the model's sliding_window is {window}; "
-                "sliding-window attention is not supported beyond the window"
-            )
-        c = self.cache
-        if c is None or c.max_batch < batch or c.max_len < max_len:
-            if c is not None:
-                batch, max_len = max(batch, c.max_batch), max(max_len, c.max_len)
-            self.cache = None  # free the old one before allocating
-            self.cache = self.target.new_cache(batch, max_len)
+        if window is not None and length > window:
+            raise ValueError(f"sequence needs {length} positions but the model's sliding_window is {window}; "
+                             "sliding-window attention is not supported beyond the window")
+        self._grow("cache", self.target.new_cache, batch, length)
         if self.adapter is not None:
-            a, c = self.adapter_cache, self.cache
-            if a is None or a.max_batch < c.max_batch or a.max_len < c.max_len:
-                self.adapter_cache = None
-                self.adapter_cache = self.adapter.new_cache(c.max_batch, c.max_len)
+            self._grow("adapter_cache", self.adapter.new_cache, self.cache.max_batch, self.cache.max_len)
+
+    def _grow(self, name: str, new_cache: Callable[[int, int], StaticKVCache], batch: int, length: int) -> None:
+        old = getattr(self, name)
+        if old is None or old.max_batch < batch or old.max_len < length:
+            if old is not None:
+                batch, length = max(batch, old.max_batch), max(length, old.max_len)
+            setattr(self, name, None)  # free the old one before allocating
+            del old
+            setattr(self, name, new_cache(batch, length))
 
     # -- prefill -----------------------------------------------------------------------------------
-    def prefill_logits(self, ids: torch.Tensor, lengths: torch.Tensor, cache=None, adapter_cache=None):
-        """ids: (B, T) right-padded prompts; lengths: (B,). Writes the prompts' KV into ``cache`` (default: the
-        decoder's own; a :class:`CacheRowsView` targets chosen rows) and returns (next-token logits (B, V),
-        exit state at the last prompt position (B, D) or None without an adapter)."""
-        target = self.target
-        cache = self.cache if cache is None else cache
-        adapter_cache = self.adapter_cache if adapter_cache is None else adapter_cache
-        b, t = ids.shape
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, state: DecodeState, max_new: int,
+                first_row: int = 0) -> None:
+        """ids: (B, T) right-padded prompts; lengths: (B,). Writes the prompts' KV into cache rows ``first_row``
+        onwards (the others are untouched: the engine prefills a request while others are mid-generation), then
+        starts ``state``'s rows: the first token, picked by ``state.sampler``, is committed."""
+        target, (b, t) = self.target, ids.shape
+        cache = self.cache.rows(first_row, first_row + b)
+        adapter_cache = None if self.adapter_cache is None else self.adapter_cache.rows(first_row, first_row + b)
         positions = torch.arange(t, device=ids.device).expand(b, t)
         rope = target.rope(positions)
         h = target.embed(ids)
-        rows_idx = torch.arange(b, device=ids.device)
+        last = (torch.arange(b, device=ids.device), lengths - 1)
         e_prev = None
         if self.adapter is not None:
             l = self.exit_layer
             exit_states = target.forward_layers(h, positions, 0, l, cache, kv_len=t, rope=rope)
             self.adapter(exit_states, positions, *rope, adapter_cache, kv_len=t)
             h = target.forward_layers(exit_states, positions, l, target.num_layers, cache, kv_len=t, rope=rope)
-            e_prev = exit_states[rows_idx, lengths - 1]
+            e_prev = exit_states[last]
         else:
             h = target.forward_layers(h, positions, 0, target.num_layers, cache, kv_len=t, rope=rope)
-        return target.head(h[rows_idx, lengths - 1]), e_prev
-
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, sampler: "Sampler", max_new: int, gamma: int,
-                eos: Optional[torch.Tensor]) -> DecodeState:
-        """ids: (B, T) right-padded prompts; lengths: (B,). Fills the caches, picks and commits the first token."""
-        logits, e_prev = self.prefill_logits(ids, lengths)  # (B, V)
-        state = DecodeState.allocate(ids.shape[0], max_new + gamma + 2, ids.device, eos=eos)
-        state.e_prev, state.sampler = e_prev, sampler
-        state.start(sampler.select(logits), lengths, max_new)
-        return state
+        state.start(state.sampler.select(target.head(h[last])), lengths, max_new, e_prev)
 
     # -- plain decoding ----------------------------------------------------------------------------
     def ar_step(self, state: DecodeState) -> torch.Tensor:
@@ -524,7 +479,7 @@ class Decoder:
         t = self.target
         chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
         base_len = int(state.pos.max()) + 1
-        cuda = timed and state.pos.device.type == "cuda"
+        sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
         self.begin_round(state, chain)
         step = 0
@@ -538,14 +493,10 @@ class Decoder:
                 break
             self.draft_step(state, chain, step, base_len + step, exit_state, pos, rope)
             step += 1
-        if cuda:
-            torch.cuda.synchronize(state.pos.device)
-        t_mid = time.perf_counter()
+        t_verify = clock(state.pos.device, sync)
         was_active, accepted, committed = self.verify(state, chain, step, base_len + step)
-        if cuda:
-            torch.cuda.synchronize(state.pos.device)
-        stats.draft_time_s += t_mid - t_start
-        stats.verify_time_s += time.perf_counter() - t_mid
+        stats.draft_time_s += t_verify - t_start
+        stats.verify_time_s += clock(state.pos.device, sync) - t_verify
         stats.add_round(was_active.tolist(), committed.tolist(), chain.n_drafts.tolist(), accepted.tolist())
         return committed
 
@@ -553,29 +504,48 @@ class Decoder:
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, lengths: torch.Tensor, max_new: int, sampling: SamplingConfig,
                kcfg: Optional[KangarooConfig], eos: Optional[torch.Tensor], gen: Optional[torch.Generator],
-               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-               timed: bool = True):
+               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None, timed: bool = True,
+               state: Optional[DecodeState] = None,
+               rounds: Optional[Callable[[DecodeStats, Callable[[], None]], None]] = None):
         """Generate up to ``max_new`` tokens per row of ids (B, T) right-padded, lengths (B,). Returns
-        (out (B, max_new), n_gen (B,), stats). on_tokens(out, n_gen) is called after every commit (streaming)."""
+        (out (B, max_new), n_gen (B,), stats). on_tokens(out, n_gen) is called after every commit (streaming).
+
+        :mod:`kangaroo_rt.graphs` passes the rows of its static buffers as ``state`` (its caches already hold
+        them) and runs the rounds itself: ``rounds(stats, emit)`` decodes every row to the end, calling ``emit``
+        after each round when streaming. Without them the rows are fresh and rounds run eagerly."""
         use_kangaroo = kcfg is not None and kcfg.gamma > 0 and self.adapter is not None
         gamma = kcfg.gamma if use_kangaroo else 0
         b = ids.shape[0]
-        self.ensure_caches(b, ids.shape[1] + max_new + gamma + 1)
+        if state is None:
+            self.ensure_caches(b, ids.shape[1] + max_new + gamma + 1)
+            state = DecodeState.allocate(b, max_new + gamma + 2, ids.device, eos=eos, dtype=self.target.dtype,
+                                         hidden=None if self.adapter is None else self.target.config.hidden_size)
+        state.sampler = BatchSampling(sampling, gen)
         stats = DecodeStats.empty(b, gamma)
         start = time.perf_counter()
-        state = self.prefill(ids, lengths, BatchSampling(sampling, gen), max_new, gamma, eos)
+        self.prefill(ids, lengths, state, max_new)
         stats.prefill_time_s = time.perf_counter() - start
-        if on_tokens is not None:
-            on_tokens(state.out, state.n_gen)
+
+        def emit() -> None:
+            if on_tokens is not None:
+                on_tokens(state.out, state.n_gen)
+
+        emit()
+        if rounds is not None:
+            rounds(stats, emit)
         while not bool(state.finished.all()):
             if use_kangaroo:
                 self.kangaroo_round(state, kcfg, stats, timed)
             else:
                 self.ar_step(state)
-            if on_tokens is not None:
-                on_tokens(state.out, state.n_gen)
-        if timed and ids.device.type == "cuda":
-            torch.cuda.synchronize(ids.device)
-        stats.wall_time_s = time.perf_counter() - start
+            emit()
+        stats.wall_time_s = clock(ids.device, timed and ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
-        return state.out[:, :max_new], state.n_gen, stats
+        return state.out[:, :max_new].clone(), state.n_gen.clone(), stats
+
+
+def clock(device: torch.device, sync: bool) -> float:
+    """``time.perf_counter()``, after the work queued on ``device`` is done when ``sync`` (a CUDA device)."""
+    if sync:
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -221,7 +221,7 @@ def test_kangaroo_not_a_config(model):
 
 @pytest.mark.parametrize("temperature", [-1, float("nan")])
 def test_temperature(model, temperature):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         model.generate(_ids(), max_new_tokens=2, do_sample=True, temperature=temperature)
 
 

@@ -10,8 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 import kangaroo_rt as K
 from kangaroo_rt import graphs
-from kangaroo_rt.graphs import GraphRunner, ModeChooser, RoundBuffers, _Entry
-from kangaroo_rt.speculative import DecodeState
+from kangaroo_rt.graphs import GraphRunner, RoundBuffers, _Entry
 from checks import assert_same_tokens, difference_report, next_token_margin, ragged_prompts
 from kangaroo_rt.testing import agreeing_pair, tiny_config
 
@@ -40,11 +39,20 @@ def test_bucket_for():
         graphs.bucket_for(1, (4, 2))
 
 
-def test_capacity_and_eos_slots():
-    assert graphs.capacity_for(1, None) == 256 and graphs.capacity_for(257, None) == 512
-    assert graphs.capacity_for(100, 300) == 300
+def test_cache_capacity_and_eos_slots(model):
+    """Caches are rounded up to the quantum (or the fixed max_len), and grow, never shrink, in either dimension."""
+    d = K.KangarooModel(model.target, model.adapter, exit_layer=2).decoder
+    d.ensure_caches(1, 1, graphs.LENGTH_QUANTUM)
+    assert (d.cache.max_batch, d.cache.max_len) == (1, 256)
+    d.ensure_caches(2, 257, graphs.LENGTH_QUANTUM)
+    assert (d.cache.max_batch, d.cache.max_len) == (2, 512)
+    d.ensure_caches(1, 3)
+    assert (d.cache.max_batch, d.cache.max_len) == (d.adapter_cache.max_batch, d.adapter_cache.max_len) == (2, 512)
+    fixed = K.KangarooModel(model.target, model.adapter, exit_layer=2, max_len=300).decoder
+    fixed.ensure_caches(1, 100, graphs.LENGTH_QUANTUM)
+    assert fixed.cache.max_len == 300
     with pytest.raises(ValueError, match="max_len=300"):
-        graphs.capacity_for(301, 300)
+        fixed.ensure_caches(1, 301, graphs.LENGTH_QUANTUM)
     assert [graphs.eos_slots_for(n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 4, 8]
 
 
@@ -62,64 +70,54 @@ def test_cuda_graphs_flag(monkeypatch):
         graphs.cuda_graphs_enabled(1, cpu)
 
 
-def test_round_buffers_load_pads_rows():
+def test_round_buffers_rows_pad_the_rest_of_the_bucket():
     bufs = RoundBuffers.allocate(4, gamma=3, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
                                  width=20, eos_slots=2)
     st = bufs.state
-    assert st.out.shape == (4, 20) and bufs.chain.exits.shape == (4, 4, 8) and bufs.log_active.shape == (21, 4)
-
-    def prefilled(batch=2, max_new=10, eos=None, finished=(False, True)):
-        state = DecodeState.allocate(batch, 2, torch.device("cpu"), hidden=8, eos=eos)
-        state.out[:, 0] = torch.arange(11, 11 + batch)
-        state.n_gen.fill_(1)
-        state.finished.copy_(torch.tensor(finished[:batch] + (False,) * (batch - len(finished))))
-        state.pos.copy_(torch.arange(batch) * -3 + 7)
-        state.max_new.fill_(max_new)
-        state.e_prev.fill_(1.0)
-        return state
-
-    bufs.rounds.fill_(5)
-    bufs.load(prefilled(eos=torch.tensor([3])))
-    assert st.out[:, 0].tolist() == [11, 12, 0, 0] and st.n_gen.tolist() == [1, 1, 0, 0]
-    assert st.finished.tolist() == [False, True, True, True]
-    assert st.pos.tolist() == [7, 4, 1, 1]  # padding rows at 1: the catch-up position pos - 1 stays >= 0
-    assert st.eos.tolist() == [3, -1] and st.max_new.tolist() == [10, 10, 0, 0] and int(bufs.rounds) == 0
-    assert st.e_prev[2:].abs().sum() == 0
+    assert st.out.shape == (4, 20) and bufs.chain.exits.shape == (4, 4, 8) and bufs.log.shape == (21, 4, 4)
+    for t in (st.out, st.n_gen, st.token, st.max_new, bufs.rounds):
+        t.fill_(5)  # what an earlier call left
+    st.e_prev.fill_(1.0)
+    st.finished.zero_()
+    rows = bufs.rows(2, max_new=10, eta=0.5, eos=torch.tensor([3]))
+    assert rows.batch == 2 and rows.out.data_ptr() == st.out.data_ptr()  # a view: prefill writes the buffers
+    assert st.finished.tolist() == [True] * 4 and st.pos.tolist() == [1] * 4  # padding at 1: pos - 1 stays >= 0
+    assert st.out.abs().sum() == st.n_gen.abs().sum() == st.max_new.abs().sum() == st.e_prev.abs().sum() == 0
+    assert st.eos.tolist() == [3, -1] and int(bufs.rounds) == 0 and float(bufs.eta) == 0.5
     with pytest.raises(ValueError, match="bucket"):
-        bufs.load(prefilled(batch=5, max_new=4))
+        bufs.rows(5, max_new=4, eta=0.0, eos=None)
     with pytest.raises(ValueError, match="output buffer"):
-        bufs.load(prefilled(max_new=19))
+        bufs.rows(2, max_new=19, eta=0.0, eos=None)
     with pytest.raises(ValueError, match="EOS ids"):
-        bufs.load(prefilled(max_new=5, eos=torch.tensor([1, 2, 3])))
+        bufs.rows(2, max_new=5, eta=0.0, eos=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="buffer sizes"):
         RoundBuffers.allocate(2, gamma=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
                               width=20, eos_slots=1)
 
 
-def test_mode_chooser_tries_each_mode_then_keeps_the_fastest():
-    chooser = ModeChooser(trials=2)
+def test_auto_tries_each_mode_then_keeps_the_fastest():
     entry = _Entry(buffers=None)
     seconds = {"sync": 3.0, "blocks": 1.0, "ext_loop": 2.0}
     order = []
     for _ in range(6):
-        mode = chooser.next_mode(entry, list(seconds))
+        mode = entry.next_mode(list(seconds))
         order.append(mode)
-        chooser.record(entry, mode, seconds[mode] * 10, useful_rounds=10)
+        entry.record(mode, seconds[mode] * 10, useful_rounds=10)
     assert sorted(order) == sorted(list(seconds) * 2)
-    assert chooser.next_mode(entry, list(seconds)) == "blocks" and entry.chosen == "blocks"
+    assert entry.next_mode(list(seconds)) == "blocks" and entry.chosen == "blocks"
     entry.disabled.add("blocks")
-    assert chooser.next_mode(entry, list(seconds)) == "ext_loop"  # a mode that failed is never picked again
-    chooser.record(entry, "sync", 1.0, useful_rounds=0)  # a call with no round teaches nothing
+    assert entry.next_mode(list(seconds)) == "ext_loop"  # a mode that failed is never picked again
+    entry.record("sync", 1.0, useful_rounds=0)  # a call with no round teaches nothing
     for _ in range(100):  # once chosen, calls add no samples: a server's timings do not grow
-        chooser.record(entry, chooser.next_mode(entry, list(seconds)), 1.0, useful_rounds=5)
+        entry.record(entry.next_mode(list(seconds)), 1.0, useful_rounds=5)
     assert {m: len(t) for m, t in entry.timings.items()} == {m: 2 for m in seconds}
     with pytest.raises(RuntimeError, match="no host-loop mode"):
-        chooser.next_mode(_Entry(buffers=None), [])
+        _Entry(buffers=None).next_mode([])
     entry = _Entry(buffers=None)  # a slow first call (a one-off set-up cost) does not rule a mode out
     for mode, first, then in (("sync", 2.0, 2.0), ("while_graph", 9.0, 1.0)):
-        chooser.record(entry, mode, first, useful_rounds=1)
-        chooser.record(entry, mode, then, useful_rounds=1)
-    assert chooser.next_mode(entry, ["sync", "while_graph"]) == "while_graph"
+        entry.record(mode, first, useful_rounds=1)
+        entry.record(mode, then, useful_rounds=1)
+    assert entry.next_mode(["sync", "while_graph"]) == "while_graph"
 
 
 @pytest.mark.parametrize("batch,gamma,eta", [(1, 1, 0.0), (3, 4, 0.6), (5, 6, 0.0), (8, 3, 0.3)])

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kangaroo_rt as K
-from kangaroo_rt import _ext, graphs
+from kangaroo_rt import _ext, graphs, speculative
 from kangaroo_rt.graphs import GraphRunner
 from kangaroo_rt.speculative import Decoder
 from checks import check_graphs_match_eager_and_plain, ragged_prompts
@@ -314,7 +314,7 @@ def test_auto_does_not_charge_the_prefill_to_the_first_mode_timed(model, emulate
 
     monkeypatch.setattr(Decoder, "prefill", prefill_left_running)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    monkeypatch.setattr(graphs, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     ids, mask = ragged_prompts(2, model.config.vocab_size, seed=11, low=EOS + 1)
     kc = K.KangarooConfig(gamma=3, eta=0.0)
     for _ in range(3):
