@@ -111,10 +111,10 @@ class Engine:
 
     model: a :class:`KangarooModel` (its target, adapter and exit layer; the engine allocates caches of its
     own). kangaroo: as in :meth:`KangarooModel.kangaroo_plan` (the model's own config by default; ``None`` or
-    ``gamma=0`` decodes plainly). max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for drafting); default
-    the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the model config's EOS by
-    default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may wait for a slot
-    before :meth:`add_request` refuses more.
+    ``gamma=0`` decodes plainly). max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for
+    drafting); default the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the
+    model config's EOS by default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may
+    wait for a slot before :meth:`add_request` refuses more.
     """
 
     def __init__(self, model: KangarooModel, max_batch: int = 8, max_len: Optional[int] = None,
@@ -141,10 +141,12 @@ class Engine:
         stop_ids = [] if ignore_eos else eos_ids(eos_token_id, target.config)
         self.eos = torch.tensor(stop_ids, dtype=torch.long, device=self.device) if stop_ids else None
         self._eos_ids = set(stop_ids)
-        self.decoder = Decoder(target, model.adapter if self.kangaroo is not None else None, exit_layer, max_len=max_len)
+        adapter = model.adapter if self.kangaroo is not None else None
+        self.decoder = Decoder(target, adapter, exit_layer, max_len=max_len)
         self.decoder.ensure_caches(max_batch, max_len)
-        self._state = DecodeState.allocate(max_batch, max_len + self.gamma + 2, self.device,
-                                           target.config.hidden_size if self.kangaroo is not None else None, target.dtype, self.eos)
+        hidden = None if adapter is None else target.config.hidden_size
+        self._state = DecodeState.allocate(max_batch, max_len + self.gamma + 2, self.device, hidden, target.dtype,
+                                           self.eos)
         self._slots: List[Optional[_Request]] = [None] * max_batch
         self._waiting: Deque[_Request] = deque()
         self._requests: Dict[str, _Request] = {}
@@ -246,9 +248,7 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
-        self._state.finished[slot] = True
-        self._state.pos[slot] = 1
-        self._state.token[slot] = 0
+        self._state.rows(slot, slot + 1).clear()
 
     def _prefill(self, req: _Request, slot: int) -> None:
         """Prefill ``req`` into cache row ``slot`` and pick its first token; other slots are untouched."""

@@ -1,21 +1,19 @@
 """Fixed-shape Kangaroo rounds on static buffers: CUDA-graph capture and replay, and its eager twin.
 
-:class:`GraphRunner` runs greedy Kangaroo over a :class:`~kangaroo_rt.speculative.Decoder`'s caches in rounds
-whose shapes never change, made of the decoder's own round steps (so the tokens equal the eager
-:meth:`Decoder.kangaroo_round` and plain greedy decoding): ``first`` (caps, draft step 0 with the adapter's
-catch-up), ``mid`` (draft steps 1..gamma-1, the index in a device buffer, so one graph serves them all),
-``last`` (shallow layers only) and ``verify`` (verify + accept, then the round log). The chain always has
-``gamma + 1`` steps with stopped and padding rows masked, and attention reads the whole cache (positions mask
-the rest). Each step is captured once per key (bucket, gamma, exit layer, EOS slots, caches and weights) into
-one shared pool; ``eta``, the limits and the EOS ids are device buffers, so any value reuses the graphs. Off
-CUDA the steps run eagerly.
+:class:`GraphRunner` runs greedy Kangaroo over a :class:`~kangaroo_rt.speculative.Decoder`'s caches with the
+decoder's own round steps at fixed shapes (so the tokens equal the eager rounds and plain greedy decoding):
+``first`` (caps, draft step 0 with the adapter's catch-up), ``mid`` (draft steps 1..gamma-1, the index in a
+device buffer, so one graph serves them all), ``last`` (shallow layers only) and ``verify`` (verify + accept,
+then the round log). Every round runs ``gamma + 1`` steps with stopped and padding rows masked, and attention
+reads the whole cache. Each step is captured once per key (bucket, gamma, exit layer, EOS slots, caches and
+weights) into one shared pool; ``eta``, the limits and the EOS ids are device buffers. Off CUDA the steps run
+eagerly.
 
-Host loop modes (``mode``): ``sync`` (a host sync per round); ``blocks`` (``ceil(max remaining / (gamma + 1))``
-rounds, which must all run, then one sync); ``ext_loop`` (the ``blocks`` schedule, launched by the C++ loop of
-``kangaroo_rt._C``); ``while_graph`` (one launch of a CUDA >= 12.4 conditional while node of the extension,
-looping on the device while some row is active: torch captures ``torch.cond`` as an *if* node only, with
-functional branches, while our layers write the cache in place); ``auto`` (each available mode timed on the
-first calls of a key, per useful round, then the fastest kept). See docs/design.md.
+Host-loop modes (``mode``): ``sync`` (a host sync per round), ``blocks`` (as many rounds as must all run, then
+one sync), ``ext_loop`` (that schedule launched from C++ by ``kangaroo_rt._C``), ``while_graph`` (a CUDA >= 12.4
+conditional while node of the extension: ``torch.cond`` captures only an *if* node with functional branches,
+and our layers write the cache in place), and ``auto`` (each mode timed on a key's first calls, then the
+fastest kept). See docs/design.md.
 """
 from __future__ import annotations
 
@@ -120,9 +118,9 @@ class RoundBuffers:
             raise ValueError(f"max_new_tokens={max_new} does not fit the output buffer of {self.width} columns")
         if n_eos > st.eos.numel():
             raise ValueError(f"{n_eos} EOS ids do not fit {st.eos.numel()} slots")
-        for t, pad in ((st.out, 0), (st.n_gen, 0), (st.pos, 1), (st.token, 0), (st.max_new, 0), (st.finished, True),
-                       (st.e_prev, 0), (st.eos, -1), (self.rounds, 0)):
-            t.fill_(pad)
+        st.clear()
+        st.eos.fill_(-1)
+        self.rounds.zero_()
         if n_eos:
             st.eos[:n_eos].copy_(eos.reshape(-1))
         self.eta.fill_(eta)

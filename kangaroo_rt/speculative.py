@@ -231,13 +231,21 @@ class DecodeState:
     @classmethod
     def allocate(cls, batch: int, width: int, device: torch.device, hidden: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, eos: Optional[torch.Tensor] = None) -> "DecodeState":
-        """Empty rows: finished, at position 1 (drafting reads ``pos - 1``); ``e_prev`` (batch, hidden) when
-        ``hidden`` is given."""
+        """Empty rows (see :meth:`clear`); ``e_prev`` (batch, hidden) when ``hidden`` is given."""
         i64 = dict(dtype=torch.long, device=device)
-        return cls(out=torch.zeros(batch, width, **i64), n_gen=torch.zeros(batch, **i64),
-                   finished=torch.ones(batch, dtype=torch.bool, device=device), pos=torch.ones(batch, **i64),
-                   token=torch.zeros(batch, **i64), max_new=torch.zeros(batch, **i64), eos=eos,
-                   e_prev=None if hidden is None else torch.zeros(batch, hidden, dtype=dtype, device=device))
+        state = cls(out=torch.empty(batch, width, **i64), n_gen=torch.empty(batch, **i64),
+                    finished=torch.empty(batch, dtype=torch.bool, device=device), pos=torch.empty(batch, **i64),
+                    token=torch.empty(batch, **i64), max_new=torch.empty(batch, **i64), eos=eos,
+                    e_prev=None if hidden is None else torch.empty(batch, hidden, dtype=dtype, device=device))
+        state.clear()
+        return state
+
+    def clear(self) -> None:
+        """Make every row empty padding: finished, nothing generated, at position 1 (drafting reads ``pos - 1``)."""
+        for t, value in ((self.out, 0), (self.n_gen, 0), (self.finished, True), (self.pos, 1), (self.token, 0),
+                         (self.max_new, 0), (self.e_prev, 0)):
+            if t is not None:
+                t.fill_(value)
 
     @property
     def batch(self) -> int:

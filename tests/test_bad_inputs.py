@@ -150,10 +150,28 @@ def test_mistral_beyond_sliding_window():
         KangarooModel(mistral, None).generate(_ids(1, 5), max_new_tokens=10, kangaroo=None)
 
 
-@pytest.mark.parametrize("bad", [0, -5, 2.0])
+@pytest.mark.parametrize("bad", [0, -5, 2.0, True])
 def test_kangaroo_model_max_len(target, bad):
     with pytest.raises(ValueError, match="max_len must be a positive int"):
         KangarooModel(target, None, max_len=bad)
+    model = KangarooModel(target, None)
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        model.max_len = bad
+    model.max_len = 12  # the decoder holds the capacity it enforces
+    assert model.decoder.max_len == 12
+    with pytest.raises(ValueError, match="needs 14 cache positions but the model's cache holds max_len=12"):
+        model.generate(_ids(1, 5), max_new_tokens=8, kangaroo=None)
+
+
+def test_cache_rows_are_views_of_the_cache():
+    cache = StaticKVCache(2, 4, 1, 8, 2)
+    rows = cache.rows(1, 3)
+    assert (rows.max_batch, rows.max_len, rows.num_layers) == (2, 8, 2)
+    rows.layer(1)[0][1].fill_(7.0)  # row 1 of the view is row 2 of the cache
+    assert cache.k[1, 2].eq(7.0).all() and cache.k[1, [0, 1, 3]].eq(0.0).all()
+    for start, stop in ((3, 5), (2, 2), (-1, 1)):
+        with pytest.raises(ValueError, match="outside the cache's 4 rows"):
+            cache.rows(start, stop)
 
 
 def test_cache_larger_than_memory_fails_before_allocating():

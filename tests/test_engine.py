@@ -191,5 +191,9 @@ def test_engine_from_a_bare_target_and_bad_construction():
                kangaroo=K.KangarooConfig(gamma=6))
     with pytest.raises(ValueError, match="must be a KangarooModel"):
         Engine(target)  # a bare target: wrap it in a KangarooModel
+    with pytest.raises(ValueError, match="Kangaroo decoding needs an adapter"):  # as generate says
+        Engine(K.KangarooModel(target, None, exit_layer=1), kangaroo=K.KangarooConfig(gamma=2))
+    with pytest.raises(ValueError, match="exit_layer must be in"):
+        Engine(K.KangarooModel(target, K.Adapter.random(cfg), exit_layer=1), kangaroo=K.KangarooConfig(exit_layer=3))
     with pytest.raises(ValueError, match="max_batch"):
         Engine(K.KangarooModel(target, None, exit_layer=1), max_batch=0)

@@ -252,6 +252,20 @@ def test_stats_are_consistent():
     assert len(acc) == 5 and all(a is None or 0.0 <= a <= 1.0 for a in acc) and acc[0] is not None
     assert 0.0 < summary["draft_time_fraction"] < 1.0
     assert out.draft_steps == [sum(d) for d in s.draft_lengths]
+    assert s.mat == [sum(a) / len(a) for a in s.accepted_lengths]
+    # The same rounds counted without history (the engine's totals) give the same totals and keep no lists.
+    totals = K.DecodeStats.empty(3, 5, history=False)
+    for i in range(max(s.rounds)):
+        per_row = [(r, s.accepted_lengths[r][i], s.draft_lengths[r][i]) for r in range(3) if i < s.rounds[r]]
+        active, committed, drafts, accepted = [0] * 3, [0] * 3, [0] * 3, [0] * 3
+        for r, a, d in per_row:
+            active[r], committed[r], drafts[r], accepted[r] = 1, a, d, a - 1
+        totals.add_round(active, committed, drafts, accepted)
+    assert totals.accepted_lengths == totals.draft_lengths == [[], [], []]
+    assert (totals.rounds, totals.committed, totals.drafted) == (s.rounds, s.committed, s.drafted)
+    assert totals.position_attempts == s.position_attempts and totals.position_accepts == s.position_accepts
+    assert {k: v for k, v in totals.summary().items() if "time" not in k and k != "new_tokens"} == \
+        {k: v for k, v in summary.items() if "time" not in k and k != "new_tokens"}
 
 
 class _Recorder:
