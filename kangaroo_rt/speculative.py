@@ -482,7 +482,8 @@ class Decoder:
 
     def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:
         """One draft-verify-accept round, eagerly: drafting stops when no row drafts, attention reads the live
-        length. Returns the tokens committed per row (B,)."""
+        length. ``timed``: on CUDA, synchronize so that the draft and verify seconds in ``stats`` are the device's
+        (the engine does not). Returns the tokens committed per row (B,)."""
         gamma, eta = kcfg.gamma, float(kcfg.eta)
         t = self.target
         chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
@@ -512,7 +513,7 @@ class Decoder:
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, lengths: torch.Tensor, max_new: int, sampling: SamplingConfig,
                kcfg: Optional[KangarooConfig], eos: Optional[torch.Tensor], gen: Optional[torch.Generator],
-               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None, timed: bool = True,
+               on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
                state: Optional[DecodeState] = None,
                rounds: Optional[Callable[[DecodeStats, Callable[[], None]], None]] = None):
         """Generate up to ``max_new`` tokens per row of ids (B, T) right-padded, lengths (B,). Returns
@@ -543,11 +544,11 @@ class Decoder:
             rounds(stats, emit)
         while not bool(state.finished.all()):
             if use_kangaroo:
-                self.kangaroo_round(state, kcfg, stats, timed)
+                self.kangaroo_round(state, kcfg, stats, timed=True)
             else:
                 self.ar_step(state)
             emit()
-        stats.wall_time_s = clock(ids.device, timed and ids.device.type == "cuda") - start
+        stats.wall_time_s = clock(ids.device, ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
         return state.out[:, :max_new].clone(), state.n_gen.clone(), stats
 
