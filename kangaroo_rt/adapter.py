@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import draft_vocab, reference
 from .cache import StaticKVCache
 from .config import ModelConfig, check_adapter_matches
 from .loading import _load_bin, _load_safetensors, assign_state_dict, read_folder_config
@@ -60,9 +60,7 @@ class Adapter(nn.Module):
     def set_draft_vocab(self, ids: Optional[torch.Tensor], source: str = "user") -> "Adapter":
         """Draft over ``ids`` (sorted, unique, in range; see :mod:`kangaroo_rt.draft_vocab`), or over the full
         vocabulary with None. Takes effect for decoders built afterwards (a new KangarooModel or Engine)."""
-        from .draft_vocab import check_ids
-
-        self.draft_ids = None if ids is None else check_ids(ids, self.config.vocab_size).to(self.device)
+        self.draft_ids = None if ids is None else draft_vocab.check_ids(ids, self.config.vocab_size).to(self.device)
         self.draft_vocab_source = None if ids is None else source
         return self
 
@@ -148,9 +146,7 @@ class Adapter(nn.Module):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.official_config(), f, indent=2)
         if self.draft_ids is not None:
-            from .draft_vocab import save
-
-            save(folder, self.draft_ids, self.config.vocab_size, self.draft_vocab_source or "user")
+            draft_vocab.save(folder, self.draft_ids, self.config.vocab_size, self.draft_vocab_source or "user")
 
     @classmethod
     def from_pretrained(cls, folder: PathLike, target_config: ModelConfig, dtype: Optional[torch.dtype] = None,
@@ -175,9 +171,7 @@ class Adapter(nn.Module):
             adapter = cls(target_config)
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
         assign_state_dict(adapter, tensors, folder, dtype, torch.device(device))
-        from .draft_vocab import load as load_draft_vocab
-
-        ids = load_draft_vocab(folder, target_config.vocab_size)
+        ids = draft_vocab.load(folder, target_config.vocab_size)
         if ids is not None:
             adapter.set_draft_vocab(ids, source=cfg.get("draft_vocab_source") or "unknown")
         return adapter

@@ -217,22 +217,20 @@ def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Opti
         seq = model.generate(ids, kangaroo=None, **kw)
         return seq[0, ids.shape[1]:], None
 
-    def kangaroo_with(graphs: bool):
-        return _kangaroo_runner(model, kcfg, kw, graphs)
-
     def kangaroo_torch_ops(ids: torch.Tensor):
         ops.set_backend("torch")
         try:
-            return kangaroo_with(False)(ids)
+            return _kangaroo_runner(model, kcfg, kw)(ids)
         finally:
             ops.set_backend(None)
 
     backends = "/".join(sorted(set(ops.backend_table(model.device).values())))
     methods = [Method("ar", "kangaroo_rt plain decoding", plain),
-               Method("kangaroo", f"kangaroo_rt Kangaroo, eager ({backends} ops)", kangaroo_with(False), kangaroo=True)]
+               Method("kangaroo", f"kangaroo_rt Kangaroo, eager ({backends} ops)", _kangaroo_runner(model, kcfg, kw),
+                      kangaroo=True)]
     if model.device.type == "cuda":
         methods.append(Method("kangaroo_graphs", f"kangaroo_rt Kangaroo, CUDA graphs ({backends} ops)",
-                              kangaroo_with(True), kangaroo=True))
+                              _kangaroo_runner(model, kcfg, kw, graphs=True), kangaroo=True))
         methods.append(Method("kangaroo_torch_ops", "kangaroo_rt Kangaroo, eager, torch reference ops",
                               kangaroo_torch_ops, kangaroo=True))
     else:
@@ -249,6 +247,7 @@ def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[
     from . import draft_vocab
     from .generate import KangarooModel
 
+    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos)
     methods = []
     for size in sizes:
         name = f"kangaroo_vocab_{size}"
@@ -262,8 +261,8 @@ def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[
         variant = KangarooModel(model.target, adapter, exit_layer=model.exit_layer, kangaroo=kcfg,
                                 max_len=model.max_len)
         label = "full vocabulary" if size == "full" else f"{size}-token draft vocabulary"
-        run = _kangaroo_runner(variant, kcfg, _generate_kwargs(max_new_tokens, eos, ignore_eos))
-        methods.append(Method(name, f"kangaroo_rt Kangaroo, {label}", run, kangaroo=True))
+        methods.append(Method(name, f"kangaroo_rt Kangaroo, {label}", _kangaroo_runner(variant, kcfg, kw),
+                              kangaroo=True))
     return methods
 
 
@@ -548,7 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, scratch: str):
-    """-> (KangarooModel, HF folder, encode, eos id, questions, template, description)."""
+    """-> (KangarooModel, HF folder, adapter folder (None for the smoke run's in-memory adapter), encode, eos id,
+    questions, template, settings, description)."""
     from .generate import KangarooModel
 
     if args.smoke:
@@ -564,7 +564,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
                                               dtype=dtype, device=device)
         questions = read_questions(args.questions) if args.questions else SMOKE_QUESTIONS
         template = "none" if args.template == "auto" else args.template
-        return model, scratch, byte_ids, None, questions, template, {}, "random tiny agreeing pair (smoke)"
+        return model, scratch, None, byte_ids, None, questions, template, {}, "random tiny agreeing pair (smoke)"
     from .embedded import ASSETS
     from .models import REGISTRY, resolve
 
@@ -573,7 +573,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     folder = resolved.folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"no config.json in {folder}: pass --model/--adapter/--tokenizer, or --smoke")
-    adapter_dir = adapter_folder(args, folder)
+    adapter_dir = resolved.adapter or os.path.join(folder, "adapter")
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist (pass --adapter)")
     settings = resolved.settings
@@ -600,23 +600,13 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
 
     # a name, not a machine-specific absolute path, for the JSON and the plot titles
     what = f"{resolved.name} model" if named else os.path.basename(os.path.normpath(folder))
-    return model, folder, encode, eos, questions, template, settings, what
+    return model, folder, adapter_dir, encode, eos, questions, template, settings, what
 
 
 def _vocab_size(text: str) -> str:
     if text != "full" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"a draft vocabulary size is a positive integer or 'full', not {text!r}")
     return text
-
-
-def adapter_folder(args: argparse.Namespace, folder: str) -> Optional[str]:
-    """The adapter folder a run uses (--adapter, a named model's shipped one, else ``folder``/adapter), or None
-    for the smoke run's in-memory adapter."""
-    if args.smoke:
-        return None
-    from .models import resolve
-
-    return resolve(args.model, args.adapter).adapter or os.path.join(folder, "adapter")
 
 
 def _default_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -643,7 +633,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     with tempfile.TemporaryDirectory(prefix="kangaroo_bench_") as scratch:
-        model, folder, encode, eos, questions, template, settings, what = _load(args, device, dtype, scratch)
+        model, folder, adapter_dir, encode, eos, questions, template, settings, what = _load(args, device, dtype,
+                                                                                             scratch)
         if args.per_category:
             questions = per_category(questions, args.per_category)
         limit = args.prompts or (4 if args.smoke else None)
@@ -656,8 +647,7 @@ def run(args: argparse.Namespace) -> int:
         model.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
         methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
         if args.draft_vocab:
-            methods += draft_vocab_methods(model, adapter_folder(args, folder), args.draft_vocab, kcfg, max_new, eos,
-                                           args.ignore_eos)
+            methods += draft_vocab_methods(model, adapter_dir, args.draft_vocab, kcfg, max_new, eos, args.ignore_eos)
         if args.no_hf:
             methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
         else:

@@ -282,10 +282,11 @@ class Engine:
         live = state.finished.logical_not().tolist()
         state.sampler = RowSampling([(r.sampling, r.gen) if r is not None and live[s] else None
                                      for s, r in enumerate(self._slots[:n])])
-        if any(live) and self.kangaroo is None:
-            self.decoder.ar_step(state)
-        elif any(live):
-            self.decoder.kangaroo_round(state, self.kangaroo, self._stats, timed=False)
+        if any(live):
+            if self.kangaroo is None:
+                self.decoder.ar_step(state)
+            else:
+                self.decoder.kangaroo_round(state, self.kangaroo, self._stats, timed=False)
         outputs = self._collect(n)
         self._counters["steps"] += 1
         self._step_time_s += time.perf_counter() - t_start

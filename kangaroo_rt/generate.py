@@ -143,7 +143,8 @@ class KangarooModel:
 
 
 def prepare_prompts(input_ids: Any, attention_mask: Any, vocab: int):
-    """Validate and right-align prompts (ValueError names what is wrong). Returns (input_ids 2-D, packed (B, T) right-padded, lengths (B,))."""
+    """Validate and right-align prompts (ValueError names what is wrong). Returns (input_ids 2-D, packed (B, T)
+    right-padded, lengths (B,))."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):

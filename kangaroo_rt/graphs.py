@@ -345,7 +345,8 @@ class GraphRunner:
                eos: Optional[torch.Tensor],
                on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None):
         """Greedy Kangaroo over ids (B, T) right-padded, lengths (B,): :meth:`Decoder.decode` on this runner's
-        static rows, with the rounds run here. Returns (out (B, max_new), n_gen (B,), stats)."""
+        static rows, with the rounds run here. Returns (out (B, max_new), n_gen (B,), stats), copied out of the
+        buffers that the next call reuses."""
         if kcfg is None or kcfg.gamma <= 0:
             raise ValueError("GraphRunner runs Kangaroo rounds: pass a KangarooConfig with gamma >= 1")
         d, b = self.decoder, ids.shape[0]
@@ -356,7 +357,9 @@ class GraphRunner:
         entry = self.entry(bucket, kcfg, eos_slots_for(0 if eos is None else eos.numel()))
         rows = entry.buffers.rows(b, max_new, float(kcfg.eta), eos)
         run = partial(self._run, entry, kcfg, b, streaming=on_tokens is not None)
-        return d.decode(ids, lengths, max_new, SamplingConfig(), kcfg, eos, None, on_tokens, state=rows, rounds=run)
+        out, n_gen, stats = d.decode(ids, lengths, max_new, SamplingConfig(), kcfg, eos, None, on_tokens, state=rows,
+                                     rounds=run)
+        return out.clone(), n_gen.clone(), stats
 
     def _run(self, entry: _Entry, kcfg: KangarooConfig, batch: int, stats: DecodeStats, emit: Callable[[], None],
              streaming: bool) -> None:

@@ -550,7 +550,7 @@ class Decoder:
             emit()
         stats.wall_time_s = clock(ids.device, ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
-        return state.out[:, :max_new].clone(), state.n_gen.clone(), stats
+        return state.out[:, :max_new], state.n_gen, stats
 
 
 def clock(device: torch.device, sync: bool) -> float:
