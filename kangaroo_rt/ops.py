@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
@@ -83,36 +84,46 @@ class LazyExtensionOp(LazyKernel):
         return f"LazyExtensionOp(kangaroo_rt._C.{self.attr})"
 
 
-def _register_kernels_folder() -> None:
-    """Make the repository's top-level ``kernels/`` importable as ``kangaroo_rt.kernels``.
+def _register_checkout_kernels() -> None:
+    """In a source checkout, make the top-level ``kernels/`` folder the package ``kangaroo_rt.kernels``.
 
-    An install maps it there (setup.py ``package_dir``); a source checkout run with ``PYTHONPATH=.``
-    does not, so the folder next to the package is registered by hand.
+    ``kernels/`` has no ``__init__.py`` on purpose: a folder without one is only a namespace portion
+    (PEP 420), which the import system ranks below every regular module or package of the same name
+    anywhere on ``sys.path``. So a clone's root on ``sys.path`` (``python -m pytest``, ``python -c``)
+    can never shadow another distribution's top-level ``kernels`` (Hugging Face's, which transformers
+    imports). A wheel ships the folder inside the package (setup.py ``package_dir``), where the import
+    system finds ``kangaroo_rt.kernels`` by itself. A checkout (``PYTHONPATH=.`` or an editable
+    install, whose finder does not resolve a namespace subpackage of a regular package) has the folder
+    beside the package instead; this registers it, as the import system would a namespace package.
+    Runs once, at ``import kangaroo_rt``: a stat and a spec lookup, nothing imported.
     """
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
-        raise ImportError(f"kangaroo_rt.kernels is not installed and {folder} does not exist")
-    spec = importlib.util.spec_from_file_location("kangaroo_rt.kernels", init, submodule_search_locations=[folder])
+    name = "kangaroo_rt.kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "kernels")
+    if not (os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(folder)):
+        return  # not a checkout: load_kernel_module says what is missing
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [folder]
     module = importlib.util.module_from_spec(spec)
-    sys.modules["kangaroo_rt.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["kangaroo_rt.kernels"]
-        raise
+    sys.modules[name] = module
+    setattr(sys.modules["kangaroo_rt"], "kernels", module)
 
 
 def load_kernel_module(name: str):
-    """``kangaroo_rt.kernels.<name>``, from the install or from the checkout's ``kernels/`` folder."""
-    full = f"kangaroo_rt.kernels.{name}"
+    """``kangaroo_rt.kernels.<name>``: from the package in an install, from ``kernels/`` in a checkout."""
     try:
-        return importlib.import_module(full)
+        return importlib.import_module(f"kangaroo_rt.kernels.{name}")
     except ModuleNotFoundError as exc:
         if exc.name != "kangaroo_rt.kernels":
             raise
-    _register_kernels_folder()
-    return importlib.import_module(full)
+        raise ModuleNotFoundError("kangaroo_rt.kernels is missing: neither the installed package has kernels/ "
+                                  "nor is this a source checkout with a top-level kernels/ folder; reinstall "
+                                  "kangaroo_rt", name=exc.name) from None
+
+
+_register_checkout_kernels()
 
 
 def triton_available() -> bool:

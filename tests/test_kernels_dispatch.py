@@ -124,21 +124,21 @@ def test_import_does_not_import_triton():
 
 
 def test_kernels_load_from_a_source_checkout():
-    """With PYTHONPATH=. and no install, kernels/ is registered as kangaroo_rt.kernels by hand."""
+    """With PYTHONPATH=. and no install finder, kernels/ is registered as the package kangaroo_rt.kernels."""
     pytest.importorskip("triton")
     code = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
-        "import kangaroo_rt.ops as o\n"
-        "m = o.load_kernel_module('rms_norm')\n"
-        "print(sys.modules['kangaroo_rt.kernels'].__file__)\n"
-        "print(m.__name__)\n"
+        "import kangaroo_rt.kernels.rms_norm as m\n"
+        "print(*sys.modules['kangaroo_rt.kernels'].__path__)\n"
+        "print(m.__name__, m.__file__)\n"
     )
     res = _run_python(code, TRITON_INTERPRET="1")
     assert res.returncode == 0, res.stderr
-    init_file, name = res.stdout.split()
-    assert os.path.samefile(init_file, os.path.join(ROOT, "kernels", "__init__.py"))
+    folder, name, path = res.stdout.split()
+    assert os.path.samefile(folder, os.path.join(ROOT, "kernels"))
     assert name == "kangaroo_rt.kernels.rms_norm"
+    assert os.path.samefile(path, os.path.join(ROOT, "kernels", "rms_norm.py"))
 
 
 def test_full_model_on_triton_backend_gives_the_torch_tokens(monkeypatch):
