@@ -8,6 +8,12 @@ Checkpoint format (the official one): a folder with ``config.json`` (a LlamaConf
 ``num_hidden_layers: 1``) and ``pytorch_model.bin`` holding exactly ``norm.weight``,
 ``layers.0.input_layernorm.weight`` and ``layers.0.self_attn.{q,k,v,o}_proj.weight``. We load it strictly
 (``weights_only=True``) and also read and write ``model.safetensors``.
+
+The MLP variant (the paper's FFN ablation): after the attention residual, ``x = x + MLP(RMSNorm_post(x))``
+with an MLP of the target's shape (SiLU-gated, ``intermediate_size``), then the output norm. It is stored in
+the same format with ``"kangaroo_adapter_mlp": true`` in config.json and exactly four more keys,
+:data:`MLP_KEYS` (the Llama names of a decoder layer's second half); each variant loads strictly with
+exactly the keys its config implies.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from . import draft_vocab, reference
 from .cache import StaticKVCache
 from .config import ModelConfig, check_adapter_matches
 from .loading import _load_bin, _load_safetensors, assign_state_dict, read_folder_config
-from .model import Attention, RMSNorm, init_random
+from .model import MLP, Attention, RMSNorm, init_random
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_KEYS = (
@@ -35,23 +41,40 @@ ADAPTER_KEYS = (
     "layers.0.self_attn.v_proj.weight",
     "layers.0.self_attn.o_proj.weight",
 )
+MLP_KEYS = (
+    "layers.0.post_attention_layernorm.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight",
+    "layers.0.mlp.down_proj.weight",
+)
+MLP_FLAG = "kangaroo_adapter_mlp"  # config.json: true for the MLP variant
 
 
 class _AdapterLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, mlp: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
+        if mlp:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = MLP(config)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(norm(x)) for the MLP variant, x itself for the paper's adapter. x: (B, q, D)."""
+        if not hasattr(self, "mlp"):
+            return x
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Adapter(nn.Module):
     """The draft head's body. ``forward`` returns the normed state that ``target.lm_head`` turns into logits."""
 
-    def __init__(self, target_config: ModelConfig) -> None:
+    def __init__(self, target_config: ModelConfig, mlp: bool = False) -> None:
         super().__init__()
         # The official adapter is a bias-free Llama block whatever the target's q/k/v bias.
         self.config = dataclasses.replace(target_config, qkv_bias=False, o_bias=False, num_hidden_layers=1)
-        self.layers = nn.ModuleList([_AdapterLayer(self.config)])
+        self.mlp = bool(mlp)
+        self.layers = nn.ModuleList([_AdapterLayer(self.config, self.mlp)])
         self.norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
         # Optional draft vocabulary (kangaroo_rt.draft_vocab): sorted (K,) int64 ids; None drafts over all tokens.
         self.register_buffer("draft_ids", None, persistent=False)
@@ -66,9 +89,16 @@ class Adapter(nn.Module):
 
     @classmethod
     def random(cls, target_config: ModelConfig, seed: int = 0, std: float = 0.02,
-               dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> "Adapter":
-        """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded."""
-        return init_random(cls(target_config), seed, std).to(dtype=dtype, device=device)
+               dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+               mlp: bool = False) -> "Adapter":
+        """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded; ``mlp`` adds the
+        MLP block."""
+        return init_random(cls(target_config, mlp=mlp), seed, std).to(dtype=dtype, device=device)
+
+    @property
+    def keys(self) -> tuple:
+        """The checkpoint keys of this variant, exactly."""
+        return ADAPTER_KEYS + (MLP_KEYS if self.mlp else ())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,7 +120,7 @@ class Adapter(nn.Module):
         k_cache, v_cache = cache.layer(0)
         x = exit_hidden + layer.self_attn(layer.input_layernorm(exit_hidden), positions, cos, sin,
                                           k_cache, v_cache, kv_len)
-        return self.norm(x)
+        return self.norm(layer.feed_forward(x))
 
     def forward_train(self, exit_hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal forward for training (plain torch, differentiable).
@@ -110,7 +140,7 @@ class Adapter(nn.Module):
         v = v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
         out = attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
-        return self.norm(exit_hidden + out)
+        return self.norm(layer.feed_forward(exit_hidden + out))
 
     # -- checkpoint format --------------------------------------------------------------------
     def official_config(self) -> Dict[str, object]:
@@ -130,6 +160,7 @@ class Adapter(nn.Module):
             "max_position_embeddings": c.max_position_embeddings,
             "hidden_act": "silu",
             "torch_dtype": str(self.dtype).replace("torch.", ""),
+            **({MLP_FLAG: True} if self.mlp else {}),
         }
 
     def save_pretrained(self, folder: PathLike, safetensors: bool = False) -> None:
@@ -167,8 +198,11 @@ class Adapter(nn.Module):
             tensors = _load_bin(binary)
         else:
             raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in adapter folder {folder}")
+        mlp = cfg.get(MLP_FLAG, False)
+        if not isinstance(mlp, bool):
+            raise ValueError(f"adapter {folder}: config.json {MLP_FLAG} must be true or false, got {mlp!r}")
         with torch.device("meta"):
-            adapter = cls(target_config)
+            adapter = cls(target_config, mlp=mlp)
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
         assign_state_dict(adapter, tensors, folder, dtype, torch.device(device))
         ids = draft_vocab.load(folder, target_config.vocab_size)

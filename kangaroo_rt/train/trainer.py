@@ -45,6 +45,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between acceptance evaluations (0: off)
     eval_max_new_tokens: int = 32
+    dev_every: int = 0  # steps between dev top-1 agreements on the trainer's dev_source (0: off)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,9 +105,14 @@ class Trainer:
     """Trains ``adapter`` against the frozen ``target`` on a batch ``source`` (OnTheFly or Dumped)."""
 
     def __init__(self, target: Transformer, adapter: Adapter, exit_layer: int, source: Any, cfg: TrainConfig,
-                 eval_prompts: Optional[List[List[int]]] = None) -> None:
+                 eval_prompts: Optional[List[List[int]]] = None, dev_source: Any = None,
+                 draft_ids: Optional[torch.Tensor] = None) -> None:
+        """source: OnTheFly, Dumped (exit and final states) or a :class:`~kangaroo_rt.train.topk.TopKDump`
+        (exit states and the target's top-k); dev_source: the same kind, for the dev top-1 curve;
+        draft_ids: train and measure against the K-row head of this draft vocabulary (top-k sources only)."""
         self.target, self.adapter, self.exit_layer, self.source, self.cfg = target, adapter, exit_layer, source, cfg
         self.eval_prompts = eval_prompts or []
+        self.dev_source, self.draft_ids = dev_source, draft_ids
         for p in target.parameters():
             p.requires_grad_(False)
         adapter.train()
@@ -116,6 +122,7 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
+        self.token_updates = 0  # trained positions summed over every step so far (checkpointed)
         self.weights = [source.weight(i) for i in range(len(source))]
         if sum(self.weights) == 0:
             raise ValueError("the training data has no trained positions (every loss mask is empty)")
@@ -150,10 +157,8 @@ class Trainer:
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                     if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
         for chunk in chunks:
-            batch = self.source.batch(chunk)
             with autocast:
-                total, n, a = distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
-                                           labels=cfg.labels)
+                total, n, a = self.batch_loss(self.source, chunk)
             (total / max(1, n_global)).backward()
             loss_sum += float(total.detach())
             n_local += int(n)
@@ -173,8 +178,37 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"step": self.step, "loss": loss_sum / max(1, n_local), "top1": agree / max(1, n_local),
+        self.token_updates += n_local
+        return {"step": self.step, "token_updates": self.token_updates, "loss": loss_sum / max(1, n_local), "top1": agree / max(1, n_local),
                 "tokens": n_local, "lr": lr}
+
+    def batch_loss(self, source: Any, indices: List[int]):
+        """(loss sum, trained positions, top-1 agreements) of the adapter on ``source``'s examples ``indices``."""
+        batch = source.batch(indices)
+        if "topk_ids" not in batch:
+            return distill_loss(self.target, self.adapter, batch["exit"], batch["final"], batch["mask"],
+                                labels=self.cfg.labels)
+        from .topk import topk_loss
+
+        exit_hidden = batch["exit"].to(self.device, self.adapter.dtype)
+        b, t, _ = exit_hidden.shape
+        cos, sin = self.target.rope(torch.arange(t, device=self.device).expand(b, t))
+        y = self.adapter.forward_train(exit_hidden, cos.to(self.adapter.dtype), sin.to(self.adapter.dtype))
+        return topk_loss(self.target.lm_head.weight, y, batch["mask"].to(self.device),
+                         batch["topk_ids"].to(self.device), batch["topk_logp"].to(self.device),
+                         draft_ids=self.draft_ids, labels=self.cfg.labels)
+
+    @torch.no_grad()
+    def dev_top1(self, batch_size: int = 8) -> float:
+        """Top-1 agreement of the adapter's draft with the target's argmax over every trained dev position."""
+        was_training = self.adapter.training
+        self.adapter.eval()
+        n = agree = 0
+        for lo in range(0, len(self.dev_source), batch_size):
+            _, k, a = self.batch_loss(self.dev_source, list(range(lo, min(len(self.dev_source), lo + batch_size))))
+            n, agree = n + int(k), agree + int(a)
+        self.adapter.train(was_training)
+        return agree / max(1, n)
 
     def _stats_tensor(self, values: List[float]) -> torch.Tensor:
         """(3,) float64 on the trainer's device: NCCL reduces CUDA tensors only (gloo takes either)."""
@@ -217,6 +251,7 @@ class Trainer:
         tmp = path + ".tmp"
         torch.save({"adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "step": self.step, "config": asdict(self.cfg),
+                    "token_updates": self.token_updates,
                     "exit_layer": self.exit_layer}, tmp)
         os.replace(tmp, path)
 
@@ -228,6 +263,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.token_updates = int(state.get("token_updates", 0))
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self, resume: bool = True, stop_at: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -247,14 +283,21 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training adapter", unit="step",
                    disable=not cfg.progress or self.rank != 0)
         t0 = time.perf_counter()
+        updates = 0
         try:
             last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
             while self.step < last:
                 m = self.train_step()
                 m["time_s"] = time.perf_counter() - t0
+                updates += m["tokens"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}",
+                                tok_upd_s=f"{updates / max(1e-9, m['time_s']):.0f}")
                 records = [m] if (self.step % cfg.log_every == 0 or self.step == cfg.steps) else []
+                if cfg.dev_every and self.dev_source is not None and self.rank == 0 \
+                        and (self.step % cfg.dev_every == 0 or self.step == last):
+                    records.append({"step": self.step, "token_updates": self.token_updates,
+                                    "dev_top1": self.dev_top1()})
                 if cfg.eval_every and self.eval_prompts and (self.step % cfg.eval_every == 0 or self.step == cfg.steps) \
                         and self.rank == 0:
                     records.append(self.evaluate())
