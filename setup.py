@@ -1,19 +1,28 @@
 """Packaging for kangaroo_rt.
 
-The pure-Python install always works. The optional CUDA extension ``kangaroo_rt._C`` (csrc/*.cu +
-csrc/bindings.cpp) is built only when asked for or when everything it needs is present:
+The pure-Python install always works. Two optional extensions, built independently of each other:
 
-    KANGAROO_RT_BUILD_CUDA=0      never build it (pure-Python install)
+- ``kangaroo_rt._cpu``, the CPU kernels (csrc/cpu/*.cpp, plain C++17 with a C ABI, + csrc/cpu_bindings.cpp):
+  the decode path's linear layers. Builds in under a minute on 2 cores with MAX_JOBS=1 (csrc/cpu/*.cpp take
+  seconds; the rest is the torch headers of cpu_bindings.cpp).
+- ``kangaroo_rt._C``, the CUDA kernels (csrc/*.cu + csrc/bindings.cpp).
+
+    KANGAROO_RT_BUILD_CPU=0       never build kangaroo_rt._cpu
+    KANGAROO_RT_BUILD_CPU=1       build it; fail with a clear error when that is impossible
+    KANGAROO_RT_BUILD_CPU unset   build it when csrc/cpu_bindings.cpp exists, torch is importable here and a
+                                  C++ compiler is found (CXX, else c++ on PATH); otherwise say why in one line
+    KANGAROO_RT_BUILD_CUDA=0      never build kangaroo_rt._C
     KANGAROO_RT_BUILD_CUDA=1      build it; fail with a clear error when that is impossible
     KANGAROO_RT_BUILD_CUDA unset  build it when csrc/bindings.cpp exists, torch has CUDA
                                   (torch.version.cuda) and a CUDA toolkit is found (CUDA_HOME / nvcc);
-                                  otherwise say why in one line and install pure-Python
+                                  otherwise say why in one line
     MAX_JOBS                      parallel compile jobs (read by torch's ninja build)
     TORCH_CUDA_ARCH_LIST          target architectures, default "8.0;9.0"
 
-torch is imported only when the extension may be built. Under pip's default build isolation torch is
-not importable, so a CUDA build needs ``pip install --no-build-isolation`` (or
-``python setup.py build_ext --inplace``).
+torch is imported only when an extension may be built. Under pip's default build isolation torch is not
+importable, so either extension needs ``pip install --no-build-isolation`` (``make venv`` passes it) or
+``python setup.py build_ext --inplace``. The CPU kernels are compiled without -ffast-math and with
+-ffp-contract=off: their fixed reduction order (csrc/cpu/linear.cpp) needs strict IEEE arithmetic.
 """
 import glob
 import os
@@ -29,11 +38,18 @@ def _say(message):
     print(f"kangaroo_rt setup: {message}", file=sys.stderr)
 
 
-def _read_build_flag():
-    value = os.environ.get("KANGAROO_RT_BUILD_CUDA", "").strip()
+def _read_build_flag(name="KANGAROO_RT_BUILD_CUDA"):
+    value = os.environ.get(name, "").strip()
     if value not in ("", "0", "1"):
-        raise SystemExit(f"kangaroo_rt setup: KANGAROO_RT_BUILD_CUDA must be 0 or 1, got {value!r}")
+        raise SystemExit(f"kangaroo_rt setup: {name} must be 0 or 1, got {value!r}")
     return value
+
+
+def _max_jobs():
+    max_jobs = os.environ.get("MAX_JOBS", "").strip()
+    if max_jobs and not (max_jobs.isdigit() and int(max_jobs) > 0):
+        raise SystemExit(f"kangaroo_rt setup: MAX_JOBS must be a positive integer, got {max_jobs!r}")
+    return max_jobs
 
 
 def _has_cuda_headers(folder):
@@ -59,17 +75,17 @@ def _set_cuda_home():
 
 
 def _cuda_extension():
-    """Return (ext_modules, cmdclass) for kangaroo_rt._C, or ([], {}) for a pure-Python install."""
+    """Return (ext_modules, cmdclass) for kangaroo_rt._C, or ([], {}) when it is not built."""
     flag = _read_build_flag()
     if flag == "0":
-        _say("KANGAROO_RT_BUILD_CUDA=0: pure-Python install (no kangaroo_rt._C)")
+        _say("KANGAROO_RT_BUILD_CUDA=0: no kangaroo_rt._C (CUDA ops use Triton/torch)")
         return [], {}
     forced = flag == "1"
 
     def skip(reason):
         if forced:
             raise SystemExit(f"kangaroo_rt setup: KANGAROO_RT_BUILD_CUDA=1 but kangaroo_rt._C cannot be built: {reason}")
-        _say(f"pure-Python install (no kangaroo_rt._C): {reason}")
+        _say(f"no kangaroo_rt._C (CUDA ops use Triton/torch): {reason}")
         return [], {}
 
     if not os.path.isfile(os.path.join(ROOT, "csrc", "bindings.cpp")):
@@ -89,9 +105,7 @@ def _cuda_extension():
         return skip(f"the CUDA toolkit torch found, CUDA_HOME={CUDA_HOME}, has no include/cuda_runtime.h: "
                     "set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda")
 
-    max_jobs = os.environ.get("MAX_JOBS", "").strip()
-    if max_jobs and not (max_jobs.isdigit() and int(max_jobs) > 0):
-        raise SystemExit(f"kangaroo_rt setup: MAX_JOBS must be a positive integer, got {max_jobs!r}")
+    max_jobs = _max_jobs()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
     sources = cuda_sources + [os.path.join("csrc", "bindings.cpp")]
@@ -101,6 +115,64 @@ def _cuda_extension():
         name="kangaroo_rt._C",
         sources=sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+def _cxx_compiler():
+    """The C++ compiler the build would use (CXX, else c++), when it is on PATH."""
+    import shlex
+    import shutil
+
+    words = shlex.split(os.environ.get("CXX", "").strip() or "c++")
+    return shutil.which(words[0]) if words else None
+
+
+def _cpu_extension():
+    """Return (ext_modules, cmdclass) for kangaroo_rt._cpu, or ([], {}) when it is not built."""
+    flag = _read_build_flag("KANGAROO_RT_BUILD_CPU")
+    if flag == "0":
+        _say("KANGAROO_RT_BUILD_CPU=0: no kangaroo_rt._cpu (CPU linear layers use torch)")
+        return [], {}
+    forced = flag == "1"
+
+    def skip(reason):
+        if forced:
+            raise SystemExit(f"kangaroo_rt setup: KANGAROO_RT_BUILD_CPU=1 but kangaroo_rt._cpu cannot be built: "
+                             f"{reason}")
+        _say(f"no kangaroo_rt._cpu (CPU linear layers use torch): {reason}")
+        return [], {}
+
+    bindings = os.path.join("csrc", "cpu_bindings.cpp")
+    if not os.path.isfile(os.path.join(ROOT, bindings)):
+        return skip(f"{bindings} not found")
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        return skip(f"torch is not importable in the build environment ({exc}); "
+                    "use pip install --no-build-isolation")
+    compiler = _cxx_compiler()
+    if compiler is None:
+        return skip("no C++ compiler found (set CXX or put c++ on PATH)")
+    if sys.platform == "win32":
+        return skip("the build flags are written for GCC and Clang; Windows is not supported")
+    max_jobs = _max_jobs()
+    flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    link = []
+    # at::parallel_for is an inline template: with torch's OpenMP backend it must be compiled with -fopenmp, or
+    # it runs serially (the loader then shares torch's libgomp, already loaded).
+    if torch.backends.openmp.is_available() and sys.platform != "darwin":
+        flags.append("-fopenmp")
+        link.append("-fopenmp")
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources.append(bindings)
+    _say(f"building kangaroo_rt._cpu from {len(sources)} files with {compiler}, MAX_JOBS={max_jobs or 'default'}")
+    extension = CppExtension(
+        name="kangaroo_rt._cpu",
+        sources=sources,
+        extra_compile_args=flags,
+        extra_link_args=link,
     )
     return [extension], {"build_ext": BuildExtension}
 
@@ -120,7 +192,10 @@ def _long_description():
         return f.read()
 
 
-ext_modules, cmdclass = _cuda_extension()
+cpu_modules, cpu_cmdclass = _cpu_extension()
+cuda_modules, cuda_cmdclass = _cuda_extension()
+ext_modules = cpu_modules + cuda_modules
+cmdclass = {**cpu_cmdclass, **cuda_cmdclass}
 
 setup(
     name="kangaroo_rt",

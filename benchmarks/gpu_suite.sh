@@ -115,7 +115,7 @@ elif [ ! -f csrc/bindings.cpp ]; then
     record build_extension skipped 0 "csrc/bindings.cpp not present"
 else
     run_step build_extension "$dest/build.log" 300 \
-        env KANGAROO_RT_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace
+        env KANGAROO_RT_BUILD_CUDA=1 KANGAROO_RT_BUILD_CPU=0 "$PYTHON" setup.py build_ext --inplace  # _C only
 fi
 
 # 2. the GPU tests

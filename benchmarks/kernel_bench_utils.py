@@ -76,6 +76,23 @@ def copy_bandwidth_gbs(device, smoke: bool) -> Optional[float]:
     return 2 * src.numel() / ms / 1e6
 
 
+def cpu_read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Host DRAM read bandwidth: bytes per second of ``tensor.sum`` over an fp32 buffer of ``nbytes`` (best of
+    ``repeats``, on torch's threads), in GB/s. A buffer far larger than the last-level cache reads from DRAM."""
+    import time
+
+    import torch
+
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best / 1e9
+
+
 def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool) -> List[Dict]:
     """cases: dicts with "case" (str), "bytes" (int, minimum traffic), "triton" and "torch" callables,
     and optionally "check" (callable raising on a wrong result). Prints a table, writes JSON."""

@@ -28,8 +28,9 @@ import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from . import ops
 
 FILE = "draft_vocab.safetensors"
 PathLike = Union[str, os.PathLike]
@@ -172,7 +173,7 @@ class DraftHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, D) -> subset logits (B, K)."""
-        return F.linear(hidden, self.weight)
+        return ops.linear(hidden, self.weight)
 
     def full_ids(self, sub: torch.Tensor) -> torch.Tensor:
         """sub (B,) indices into the subset -> (B,) full-vocabulary ids."""

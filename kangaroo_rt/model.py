@@ -57,6 +57,12 @@ def init_random(module: nn.Module, seed: int, std: float) -> nn.Module:
     return module
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through :func:`ops.linear`: on CPU, the extension's kernel reads each weight once per call
+    and gives every row the bits it has alone, whatever the row count (verify == single steps)."""
+    return ops.linear(x, layer.weight, layer.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -85,12 +91,12 @@ class Attention(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         """x: (B, q, D); positions: (B, q); cos/sin: (B, q, head_dim); caches: (B_max, Hkv, T, hd)."""
         b, q_len, _ = x.shape
-        q = self.q_proj(x).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        q = _linear(self.q_proj, x).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = _linear(self.k_proj, x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        v = _linear(self.v_proj, x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         q = ops.rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions)  # k, v now in the cache
         out = ops.attention(q, k_cache, v_cache, positions, kv_len)  # (B, Hq, q, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
+        return _linear(self.o_proj, out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -101,7 +107,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -162,7 +168,7 @@ class Transformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, q, D) -> (B, q, V) logits."""
-        return self.lm_head(self.norm(hidden))
+        return _linear(self.lm_head, self.norm(hidden))
 
     def new_cache(self, max_batch: int, max_len: int) -> StaticKVCache:
         c = self.config

@@ -1,15 +1,20 @@
 """One entry point per op on the decode path; the model and the Kangaroo loop call only these.
 
 Each op has a registry of implementations by backend. Dispatch picks the first backend in the
-preference order ``cuda -> triton -> torch`` that has an implementation and supports the tensor's
-device; ``KANGAROO_RT_BACKEND=torch|triton|cuda`` (or :func:`set_backend`) forces one. The choice is
+preference order ``cuda -> cpu -> triton -> torch`` that has an implementation and supports the tensor's
+device; ``KANGAROO_RT_BACKEND=torch|triton|cuda|cpu`` (or :func:`set_backend`) forces one. The choice is
 cached per (op, device type, forced backend), so a call costs two environment reads and a dict lookup.
 The torch backend (``kangaroo_rt.reference``) serves every op on every device and is the automatic
-choice on CPU; Triton kernels (``kernels/``, imported at their first dispatch, never at
-``import kangaroo_rt``) serve CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` only when the
-triton backend is forced. The CUDA extension's ops (``kangaroo_rt._C`` through :mod:`kangaroo_rt._ext`,
-imported at the first CUDA dispatch) come first on CUDA tensors when it was built; when it was not, one
-warning says so and the next backend serves. :func:`backend_table` tells which backend serves each op on a given device.
+choice on CPU for every op the CPU extension lacks; Triton kernels (``kernels/``, imported at their first
+dispatch, never at ``import kangaroo_rt``) serve CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``
+only when the triton backend is forced. The CUDA extension's ops (``kangaroo_rt._C`` through
+:mod:`kangaroo_rt._ext`, imported at the first CUDA dispatch) come first on CUDA tensors when it was built;
+when it was not, one warning says so and the next backend serves. The CPU extension's ops (``linear``:
+``kangaroo_rt._cpu`` through :mod:`kangaroo_rt._cpu_ext`, imported at the first CPU dispatch) come first on
+CPU tensors when it was built (``make venv`` builds it); when it was not, torch serves them without a warning.
+Its linear kernel gives every row the bits it has alone, whatever the batch, which Kangaroo's exact
+verification needs and torch's CPU linear does not promise. :func:`backend_table` tells which backend serves
+each op on a given device.
 
 Two rules keep a kernel from being the wrong choice at run time:
 
@@ -34,9 +39,9 @@ from typing import Callable, ContextManager, Dict, Optional, Set, Tuple
 
 import torch
 
-from . import _ext, reference
+from . import _cpu_ext, _ext, reference
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "cpu", "triton", "torch")
 
 # op name -> backend -> (implementation, device types it runs on)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Tuple[str, ...]]]] = {}
@@ -82,6 +87,23 @@ class LazyExtensionOp(LazyKernel):
 
     def __repr__(self) -> str:
         return f"LazyExtensionOp(kangaroo_rt._C.{self.attr})"
+
+
+class LazyCpuOp(LazyKernel):
+    """An op of the CPU extension ``kangaroo_rt._cpu`` (wrapped by :mod:`kangaroo_rt._cpu_ext`), loaded on the
+    first dispatch to a CPU tensor; never imported by ``import kangaroo_rt``."""
+
+    def __init__(self, attr: str) -> None:
+        super().__init__("_cpu_ext", attr)
+
+    def load(self) -> Callable:
+        if self._fn is None:
+            _cpu_ext.load()  # ImportError saying why and how to build it
+            self._fn = getattr(_cpu_ext, self.attr)
+        return self._fn
+
+    def __repr__(self) -> str:
+        return f"LazyCpuOp(kangaroo_rt._cpu.{self.attr})"
 
 
 def _register_checkout_kernels() -> None:
@@ -218,6 +240,8 @@ def _usable(backend: str, fn: Callable) -> Optional[Callable]:
         return None
     if backend == "cuda" and not _ext.is_available():  # not built: said once, then Triton / torch serve
         return None
+    if backend == "cpu" and not _cpu_ext.is_available():  # not built: torch serves (said once if it fails to load)
+        return None
     try:
         return fn.load()
     except ImportError as exc:
@@ -306,7 +330,7 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
-_TORCH_OPS = ("rms_norm", "add_rms_norm", "rope_cache_append", "attention",
+_TORCH_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention",
               "process_logits", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
               "accept_greedy_commit")
 for _name in _TORCH_OPS:
@@ -330,6 +354,18 @@ for _name, (_module, _attr) in TRITON_KERNELS.items():
 # The CUDA extension's ops (csrc/), preferred on CUDA tensors when kangaroo_rt._C was built.
 for _name in _ext.OPS:
     register(_name, "cuda", LazyExtensionOp(_name), ("cuda",))
+
+# The CPU extension's ops (csrc/cpu/), preferred on CPU tensors when kangaroo_rt._cpu was built.
+for _name in _cpu_ext.OPS:
+    register(_name, "cpu", LazyCpuOp(_name), ("cpu",))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: (..., K) @ weight (N, K)^T (+ bias (N,)) -> (..., N), as ``torch.nn.functional.linear``. On CPU with the
+    CPU extension, fp32/bf16 rows get the bits they have alone whatever the batch (csrc/cpu/linear.cpp)."""
+    if bias is None:
+        return _serve("linear", x.device, x, weight)(x, weight, None)
+    return _serve("linear", x.device, x, weight, bias)(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -32,6 +32,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return new_residual, rms_norm(new_residual, weight, eps)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N): ``torch.nn.functional.linear``."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """positions: (B, q) int64; inv_freq: (D/2,) fp32 -> cos, sin: (B, q, D) in ``dtype``."""
@@ -96,6 +101,9 @@ def rope_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     return apply_rope(q, cos, sin)
 
 
+INVARIANT_MAX_QUERIES = 64  # on CPU, attention over at most this many queries runs one query at a time
+
+
 def _visible(positions: torch.Tensor, t: int) -> torch.Tensor:
     """(B, q) absolute query positions -> (B, 1, q, T) bool: key slot j is visible to a query at p iff j <= p."""
     key_pos = torch.arange(t, device=positions.device)
@@ -114,6 +122,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     One fused ``scaled_dot_product_attention`` call (``enable_gqa``, torch >= 2.5), which on CPU is the
     fast path: about a quarter of the launches of :func:`attention_math`, which has the same semantics.
     """
+    q_len = q.shape[2]
+    if q.device.type == "cpu" and 1 < q_len <= INVARIANT_MAX_QUERIES:
+        # A batched CPU matmul rounds a query row differently with the number of rows: one query at a time
+        # gives a verify pass over k+1 tokens the bits of k+1 single steps (row-count invariance, exact
+        # Kangaroo == plain in every dtype). Prefill (more queries) keeps the batched, compute-bound call.
+        return torch.cat([attention(q[:, :, i:i + 1].contiguous(), k_cache, v_cache, positions[:, i:i + 1], kv_len)
+                          for i in range(q_len)], dim=2)
     if not _SDPA_GQA or q.dtype != k_cache.dtype:
         return attention_math(q, k_cache, v_cache, positions, kv_len)
     batch = q.shape[0]

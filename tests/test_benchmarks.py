@@ -216,6 +216,30 @@ def test_bench_steps_smoke(tmp_path):
     assert steps.expected_tokens([1.0, 0.5], 3) == pytest.approx(1 + 1 + 0.5 + 0.25)
 
 
+def test_bench_linear_quick(tmp_path):
+    """benchmarks/bench_linear.py --quick: every table row and fused comparison, in the JSON."""
+    from kangaroo_rt import _cpu_ext
+
+    if not _cpu_ext.is_built():
+        pytest.skip("kangaroo_rt._cpu is not built (KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .)")
+    linear = load_benchmark("bench_linear")
+    threads = torch.get_num_threads()
+    try:
+        assert linear.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "bench_linear-smoke.json") as f:
+        result = json.load(f)
+    assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512", "avx2", "portable")
+    assert result["other_processes_cores"] is None or result["other_processes_cores"] >= 0
+    assert [(r["weights"], r["rows"]) for r in result["rows"]] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
+    for r in result["rows"]:
+        assert r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["kernel_ms"])
+        assert r["kernel_gbs"] == pytest.approx(r["bytes"] / r["kernel_ms"] / 1e6)
+    assert {(f["weights"], f["group"], f["rows"], f["impl"]) for f in result["fused"]} == {
+        (w, g, m, i) for w in ("fp32", "bf16") for g in ("qkv", "gate_up") for m in (1, 8) for i in ("kernel", "torch")}
+
+
 def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
     _, result, _ = smoke_result
     make = load_benchmark("make_readme_table")

@@ -8,7 +8,7 @@ import torch
 
 from kernel_checks import kernel_module
 import kangaroo_rt as K
-from kangaroo_rt import graphs, ops, reference
+from kangaroo_rt import _cpu_ext, graphs, ops, reference
 from kangaroo_rt.testing import agreeing_pair, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,14 +21,21 @@ def _run_python(code, **env):
                           timeout=300)
 
 
+def _without_cpu_extension_ops(table):
+    """The table less the ops the CPU extension serves on CPU when it is built (tests/test_linear.py)."""
+    assert all(backend == ("cpu" if op in _cpu_ext.OPS and _cpu_ext.is_available() else "torch")
+               for op, backend in table.items() if backend in ("cpu", "torch")), table
+    return {op: backend for op, backend in table.items() if op not in _cpu_ext.OPS}
+
+
 def test_cpu_dispatch_is_torch_unless_triton_is_forced(monkeypatch):
     kernel_module("rms_norm")
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
-    assert set(ops.backend_table("cpu").values()) == {"torch"}  # even with TRITON_INTERPRET=1
+    assert set(_without_cpu_extension_ops(ops.backend_table("cpu")).values()) == {"torch"}  # TRITON_INTERPRET=1 too
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "triton")
     table = ops.backend_table("cpu")
     assert {op for op, backend in table.items() if backend == "triton"} == KERNEL_OPS
-    assert table["process_logits"] == "torch"  # no kernel: the forced backend falls back to the reference
+    assert table["process_logits"] == table["linear"] == "torch"  # no kernel: forced backend -> the reference
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert set(ops.backend_table("cpu").values()) == {"torch"}  # no interpreter: CPU tensors stay on torch
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")

@@ -1,0 +1,238 @@
+"""Microbenchmark of the CPU linear kernel (csrc/cpu/linear.cpp through kangaroo_rt._cpu) against torch's F.linear,
+on the decode path's shapes, cold cache.
+
+Each pass runs every matrix of a SmolLM2-135M-shaped model once, in order: 30 layers x {q 576x576, k 192x576,
+v 192x576, o 576x576, gate 1536x576, up 1536x576, down 576x1536} and the tied 49152x576 head (538 MB in fp32,
+269 MB in bf16: far more than the last-level cache, so every weight comes from DRAM, as in decoding). For
+M = 1, 2, 4, 8, 16, 32, 64 activation rows, with fp32 weights (fp32 activations) and bf16 weights (bf16
+activations, as a bf16 model decodes), it reports the median time per pass, the GB/s of weight bytes and their
+fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
+rows vs one row. Then fused projections, kernel and torch alike: q/k/v as one (960, 576) weight and gate/up as
+one (3072, 576), one call per layer, against separate calls. Kernel and torch passes alternate, so that a load
+from another process hits both; how many cores other processes kept busy meanwhile is measured and recorded
+(from /proc/stat, less this process's own CPU time): above ~0.1 the numbers are not clean.
+
+    PYTHONPATH=. python benchmarks/bench_linear.py [--threads 2] [--out DIR] [--quick]
+
+Prints a table and writes ``<out>/bench_linear.json`` (``bench_linear-smoke.json`` with --quick: a tiny model,
+two row counts; the numbers only show that the script works). Without kangaroo_rt._cpu it says so and exits 0.
+"""
+# gpu_suite: gpu-args --quick
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import kernel_bench_utils as kb  # noqa: E402
+
+from kangaroo_rt import _cpu_ext  # noqa: E402
+from kangaroo_rt.bench import device_name  # noqa: E402
+
+NAME = "bench_linear"
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+FUSED_ROWS = (1, 8)
+# (name, N, K) of one SmolLM2-135M layer, and of the tied head
+LAYER = (("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576), ("gate", 1536, 576),
+         ("up", 1536, 576), ("down", 576, 1536))
+HEAD = ("head", 49152, 576)
+LAYERS = 30
+QUICK_LAYERS, QUICK_HEAD, QUICK_ROWS = 2, ("head", 1024, 576), (1, 8)
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed passes per case (median reported)")
+    p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
+                   help="a tiny model and two row counts: shows the script works (tests, gpu_suite --dry-run)")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        p.error("--threads and --repeats must be positive")
+    return args
+
+
+def _model(dtype: torch.dtype, layers: int, head: Tuple[str, int, int]) -> List[Tuple[str, torch.Tensor]]:
+    """(name, weight (N, K)) of every matrix, in the order a decode step reads them; each its own allocation."""
+    gen = torch.Generator().manual_seed(0)
+    mats = []
+    for layer in range(layers):
+        for name, n, k in LAYER:
+            mats.append((f"{layer}.{name}", (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)))
+    mats.append((head[0], (torch.randn(head[1], head[2], generator=gen) / head[2] ** 0.5).to(dtype)))
+    return mats
+
+
+def _pass(linear: Callable, mats: List[Tuple[str, torch.Tensor]], xs: Dict[int, torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for _, w in mats:
+            linear(xs[w.shape[1]], w)
+    return run
+
+
+def _time_pair(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Median seconds per call of each function, their calls interleaved."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: page faults, thread pool
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class OtherLoad:
+    """Cores kept busy by other processes between start() and stop() (Linux /proc/stat); None elsewhere."""
+
+    def __init__(self) -> None:
+        self.wall, self.own, self.busy = 0.0, 0.0, None
+
+    @staticmethod
+    def _busy_s() -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal (guest is within user)
+        except (OSError, ValueError):
+            return None
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def start(self) -> None:
+        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), self._busy_s()
+
+    def stop(self) -> Optional[float]:
+        busy = self._busy_s()
+        if busy is None or self.busy is None:
+            return None
+        others = (busy - self.busy) - (time.process_time() - self.own)
+        return max(0.0, others / (time.perf_counter() - self.wall))
+
+
+def _check(cpu, mats: List[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """The kernel agrees with torch, and a row's bits do not depend on the batch (tests/test_linear.py does it
+    thoroughly); a benchmark of wrong numbers would be worthless."""
+    w = mats[4][1]
+    x = torch.randn(8, w.shape[1]).to(dtype)
+    got = cpu.linear(x, w)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=tol, rtol=tol)
+    if not all(torch.equal(cpu.linear(x[i:i + 1], w)[0], got[i]) for i in range(x.shape[0])):
+        raise AssertionError("a row's result depends on the batch")
+
+
+def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float) -> Tuple[List[Dict], List[Dict]]:
+    dtype = WEIGHTS[label]
+    layers, head = (QUICK_LAYERS, QUICK_HEAD) if args.quick else (LAYERS, HEAD)
+    mats = _model(dtype, layers, head)
+    _check(cpu, mats, dtype)
+    nbytes = sum(w.numel() * w.element_size() for _, w in mats)
+    rows: List[Dict] = []
+    for m in QUICK_ROWS if args.quick else ROWS:
+        xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for _, w in mats}}
+        t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "torch": _pass(F.linear, mats, xs)}, args.repeats)
+        row = {"weights": label, "rows": m, "bytes": nbytes, "kernel_ms": 1e3 * t["kernel"],
+               "torch_ms": 1e3 * t["torch"], "kernel_gbs": nbytes / t["kernel"] / 1e9,
+               "torch_gbs": nbytes / t["torch"] / 1e9, "speedup": t["torch"] / t["kernel"]}
+        row["kernel_fraction_of_read_bw"] = row["kernel_gbs"] / bandwidth
+        row["torch_fraction_of_read_bw"] = row["torch_gbs"] / bandwidth
+        one = next((r for r in rows if r["rows"] == 1), row)
+        row["kernel_vs_m1"] = row["kernel_ms"] / one["kernel_ms"]
+        row["torch_vs_m1"] = row["torch_ms"] / one["torch_ms"]
+        rows.append(row)
+        print(f"{label:>5} {m:>3} {row['kernel_ms']:>9.2f} {row['torch_ms']:>9.2f} {row['kernel_gbs']:>7.1f} "
+              f"{100 * row['kernel_fraction_of_read_bw']:>5.0f}% {row['torch_gbs']:>7.1f} "
+              f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
+              f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x", flush=True)
+    fused = measure_fused(cpu, label, mats, args)
+    return rows, fused
+
+
+def measure_fused(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
+    """Per layer, one call on the concatenated weight against one call per projection, over every layer."""
+    by_name = dict(mats)
+    layers = QUICK_LAYERS if args.quick else LAYERS
+    results = []
+    for group, parts in FUSED.items():
+        separate = [by_name[f"{layer}.{p}"] for layer in range(layers) for p in parts]
+        fused = [torch.cat([by_name[f"{layer}.{p}"] for p in parts]) for layer in range(layers)]
+        nbytes = sum(w.numel() * w.element_size() for w in fused)
+        for m in QUICK_ROWS if args.quick else FUSED_ROWS:
+            x = torch.randn(m, separate[0].shape[1]).to(separate[0].dtype)
+            for impl, linear in (("kernel", cpu.linear), ("torch", F.linear)):
+                t = _time_pair({"fused": lambda: [linear(x, w) for w in fused],
+                                "separate": lambda: [linear(x, w) for w in separate]}, args.repeats)
+                row = {"weights": label, "group": group, "rows": m, "impl": impl, "bytes": nbytes,
+                       "fused_ms": 1e3 * t["fused"], "separate_ms": 1e3 * t["separate"],
+                       "fused_gbs": nbytes / t["fused"] / 1e9, "separate_gbs": nbytes / t["separate"] / 1e9,
+                       "separate_vs_fused": t["separate"] / t["fused"]}
+                results.append(row)
+        del fused
+    return results
+
+
+def _print_fused(fused: List[Dict]) -> None:
+    print(f"\nfused projections ({'+'.join(FUSED['qkv'])} and {'+'.join(FUSED['gate_up'])} per layer, every layer):")
+    print(f"{'w':>5} {'group':>8} {'M':>3} {'impl':>7} {'fused ms':>9} {'separate ms':>11} {'fused GB/s':>10} "
+          f"{'separate/fused':>14}")
+    for r in fused:
+        print(f"{r['weights']:>5} {r['group']:>8} {r['rows']:>3} {r['impl']:>7} {r['fused_ms']:>9.3f} "
+              f"{r['separate_ms']:>11.3f} {r['fused_gbs']:>10.1f} {r['separate_vs_fused']:>13.2f}x")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if not _cpu_ext.is_available():
+        print(f"{NAME}: kangaroo_rt._cpu is not built (KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation "
+              "-e .); nothing to measure")
+        return 0
+    cpu = _cpu_ext.load()
+    torch.set_num_threads(args.threads)
+    load = OtherLoad()
+    load.start()
+    bandwidth = kb.cpu_read_bandwidth_gbs(64 * 2**20 if args.quick else 512 * 2**20)
+    where = device_name(torch.device("cpu"))
+    print(f"{NAME}: {where}, kernel variant {cpu.isa()}, DRAM read bandwidth {bandwidth:.1f} GB/s "
+          f"(torch.sum, {args.threads} threads)"
+          + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
+    print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
+          f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7}")
+    rows: List[Dict] = []
+    fused: List[Dict] = []
+    for label in WEIGHTS:
+        r, f = measure_weights(cpu, label, args, bandwidth)
+        rows += r
+        fused += f
+    _print_fused(fused)
+    others = load.stop()
+    result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
+              "isa": cpu.isa(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "repeats": args.repeats,
+              "other_processes_cores": others, "rows": rows,
+              "fused": fused}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    shared = "unknown" if others is None else f"{others:.2f} cores"
+    print(f"other processes kept {shared} busy during the run (above ~0.1 the numbers are not clean)\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+// CPU linear kernel of the decode path: y = x W^T (+ bias) for a handful of activation rows, fp32 weights or
+// bf16 weights (widened exactly to fp32), fp32 accumulation. See kr_cpu.h for the contract.
+//
+// Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
+// W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
+// from DRAM once and is re-read from L1 for the other groups. Meanwhile the block two ahead is prefetched into
+// L2, its requests spread evenly over the groups' K loops: that lets the arithmetic of 8 rows hide under the
+// DRAM read (without it, 8 rows cost 1.4x one row in fp32; with it, 1.05x).
+//
+// The reduction order, which makes a row's bits independent of the batch (Kangaroo's verification over k + 1
+// tokens must give the bits of k + 1 single steps): y[m, n] is computed as if on 16 fp32 lanes. Lane l starts
+// at +0 and accumulates w[n, k] * x[m, k] for k = l, l + 16, l + 32, ... in increasing k, one fused multiply-add
+// each; the last, partial chunk of 16 is zero-padded (lanes past K accumulate 0 * 0). The lanes are then summed
+// by a fixed tree, s8[i] = a[i] + a[i+8], s4[i] = s8[i] + s8[i+4], s2[i] = s4[i] + s4[i+2], s = s2[0] + s2[1],
+// and the bias, if any, is added last. Nothing in that sequence depends on M, on the row's place among the rows,
+// on how rows are grouped into register blocks or passes, or on the thread split [n_begin, n_end). Every
+// variant (AVX-512, AVX2 + FMA as two 8-lane halves, portable C++ with std::fma) performs exactly this
+// sequence, so on a platform without excess precision (x86-64, AArch64) the results are the same bits whichever
+// variant runs. That needs strict IEEE arithmetic: no -ffast-math, no contraction of a * b + c (the build passes
+// -ffp-contract=off; the kernels only ever add or call an explicit FMA).
+//
+// AVX512-BF16's vdpbf16ps is not used: it rounds fp32 activations to bf16 and flushes denormals, so it would not
+// give the bits of the exact widen-then-FMA path (and the results would depend on the CPU); widening a bf16
+// weight is a 16-bit shift, cheap next to the DRAM read of the weight.
+#include "kr_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define KR_CPU_X86 1
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+// GCC 12 warns that the _mm*_undefined_*() placeholders inside its own AVX-512 intrinsics are uninitialized
+// (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#else
+#define KR_CPU_X86 0
+#endif
+
+namespace {
+
+constexpr int kLanes = 16;  // the virtual vector width that fixes the reduction order
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_bits_to_float(v); }
+
+// The fixed 16 -> 1 summation tree of the header comment.
+inline float tree16(const float* a) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+  return s2a + s2b;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Portable C++: one output element at a time; a W row stays in L1 while every activation row runs against it.
+
+template <typename WT>
+void rows_portable(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, const float* bias, float* y,
+                   int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const int64_t k_full = K - K % kLanes;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const WT* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      float acc[kLanes] = {};
+      for (int64_t k = 0; k < k_full; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] = std::fma(to_float(wr[k + l]), xr[k + l], acc[l]);
+      if (k_full < K) {
+        for (int l = 0; l < kLanes; ++l) {
+          const bool in = k_full + l < K;
+          acc[l] = std::fma(in ? to_float(wr[k_full + l]) : 0.0f, in ? xr[k_full + l] : 0.0f, acc[l]);
+        }
+      }
+      const float s = tree16(acc);
+      y[m * ldy + n] = bias != nullptr ? s + bias[n] : s;
+    }
+  }
+}
+
+#if KR_CPU_X86
+
+#define KR_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define KR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+// Register blocks: NB rows of W by MB activation rows, one accumulator (two ymm halves on AVX2) per pair.
+// AVX-512: 16 accumulators, 4 x and 1 w register; AVX2 (16 ymm): 12 accumulators, 3 x and 1 w.
+constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
+constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
+// Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
+// into L1 evicts the block being read when K is large).
+constexpr int kPrefetchBlocks = 2;
+
+// Software prefetch into L2 of the block kPrefetchBlocks ahead of the current one. The register groups of a block
+// (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
+// at an even rate whatever M.
+struct Prefetch {
+  const char* begin = nullptr;  // nullptr: nothing to prefetch
+  int64_t bytes = 0;
+  int64_t issued = 0;
+
+  // The slice of group `group` of `groups`; nothing when W (tail_bytes from the block's start on) ends before.
+  static Prefetch slice(const void* block, int64_t block_bytes, int64_t tail_bytes, int64_t group, int64_t groups) {
+    Prefetch p;
+    if (kPrefetchBlocks == 0 || (kPrefetchBlocks + 1) * block_bytes > tail_bytes) return p;
+    const int64_t lo = block_bytes * group / groups, hi = block_bytes * (group + 1) / groups;
+    p.begin = static_cast<const char*>(block) + kPrefetchBlocks * block_bytes + lo;
+    p.bytes = hi - lo;
+    return p;
+  }
+
+  // After the step that ends at k of k_total: the slice's first k / k_total has been requested.
+  KR_TARGET_AVX2 inline void step(int64_t k, int64_t k_total) {
+    if (begin == nullptr) return;
+    const int64_t until = bytes * k / k_total;
+    for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_T1);
+  }
+};
+
+// ----- AVX-512: one zmm is the 16 lanes.
+
+KR_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+KR_TARGET_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+KR_TARGET_AVX512 inline __m512 load16_tail(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+KR_TARGET_AVX512 inline __m512 load16_tail(const uint16_t* p, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+KR_TARGET_AVX512 inline float tree16_avx512(__m512 a) {
+  const __m256 lo = _mm512_castps512_ps256(a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  const __m256 s8 = _mm256_add_ps(lo, hi);                                                // a[i] + a[i+8]
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));  // s8[i] + s8[i+4]
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                // s4[i] + s4[i+2]
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));                              // s2[0] + s2[1]
+}
+
+// The same tree on four accumulators at once -> [tree(a), tree(b), tree(c), tree(d)]: every add pairs the lanes
+// tree16 pairs (a commuted pair is the same add), so the sums are the same bits.
+KR_TARGET_AVX512 inline __m128 tree16x4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));  // [s8(a) | s8(b)]
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));  // [s8(c) | s8(d)]
+  const __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));  // [s4(a) .. s4(d)]
+  const __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, _MM_SHUFFLE(1, 0, 3, 2)));    // s4[i] + s4[i+2]
+  const __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, _MM_SHUFFLE(2, 3, 0, 1)));    // s2[0] + s2[1]
+  const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, s1));
+}
+
+// y[m, j] for m < MB, j < NB of the block at w (NB rows of W, row stride K), x (MB rows, row stride ldx); pf's
+// slice of a later block is requested along the K loop.
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX512 void tile_avx512(const float* x, int64_t ldx, const WT* w, Prefetch pf, int64_t K,
+                                  const float* bias, float* y, int64_t ldy) {
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+  const int64_t k_full = K - K % kLanes;
+  for (int64_t k = 0; k < k_full; k += kLanes) {
+    pf.step(k + kLanes, k_full);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = load16(w + j * K + k);
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
+    }
+  }
+  if (k_full < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k_full)) - 1u);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k_full);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = load16_tail(w + j * K + k_full, mask);
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
+    }
+  }
+  if constexpr (NB % 4 == 0) {
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; j += 4) {
+        __m128 s = tree16x4_avx512(acc[j][m], acc[j + 1][m], acc[j + 2][m], acc[j + 3][m]);
+        if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
+        _mm_storeu_ps(y + m * ldy + j, s);
+      }
+  } else {
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) {
+        const float s = tree16_avx512(acc[j][m]);
+        y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
+      }
+  }
+}
+
+// tile_avx512<NB, mb> for a group of 1 <= mb <= MB rows.
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX512 void group_avx512(int mb, const float* x, int64_t ldx, const WT* w, Prefetch pf, int64_t K,
+                                   const float* bias, float* y, int64_t ldy) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return group_avx512<NB, MB - 1>(mb, x, ldx, w, pf, K, bias, y, ldy);
+  }
+  tile_avx512<NB, MB>(x, ldx, w, pf, K, bias, y, ldy);
+}
+
+template <typename WT>
+KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
+                                  const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int NB = kNbAvx512, MB = kMbAvx512;
+  constexpr int64_t kBytes = sizeof(WT);
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    const WT* block = w + n * K;
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    const int64_t groups = (M + MB - 1) / MB;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
+      group_avx512<NB, MB>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
+    }
+  }
+  for (; n < n_end; ++n) {
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      group_avx512<1, MB>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
+    }
+  }
+}
+
+// ----- AVX2 + FMA: the 16 lanes are two ymm, lanes 0-7 and 8-15.
+
+KR_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+KR_TARGET_AVX2 inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+KR_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);                                                // a[i] + a[i+8]
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));  // s8[i] + s8[i+4]
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                // s4[i] + s4[i+2]
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));                              // s2[0] + s2[1]
+}
+
+// One chunk of 16 k's: x rows at x (stride ldx), W rows at w (stride ldw).
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX2 inline void chunk_avx2(const float* x, int64_t ldx, const WT* w, int64_t ldw, __m256 (&lo)[NB][MB],
+                                      __m256 (&hi)[NB][MB]) {
+  __m256 xv[MB];
+  for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx);
+  for (int j = 0; j < NB; ++j) {
+    const __m256 wv = load8(w + j * ldw);
+    for (int m = 0; m < MB; ++m) lo[j][m] = _mm256_fmadd_ps(wv, xv[m], lo[j][m]);
+  }
+  for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + 8);
+  for (int j = 0; j < NB; ++j) {
+    const __m256 wv = load8(w + j * ldw + 8);
+    for (int m = 0; m < MB; ++m) hi[j][m] = _mm256_fmadd_ps(wv, xv[m], hi[j][m]);
+  }
+}
+
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX2 void tile_avx2(const float* x, int64_t ldx, const WT* w, Prefetch pf, int64_t K,
+                              const float* bias, float* y, int64_t ldy) {
+  __m256 lo[NB][MB], hi[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) lo[j][m] = hi[j][m] = _mm256_setzero_ps();
+  const int64_t k_full = K - K % kLanes;
+  for (int64_t k = 0; k < k_full; k += kLanes) {
+    pf.step(k + kLanes, k_full);
+    chunk_avx2<NB, MB>(x + k, ldx, w + k, K, lo, hi);
+  }
+  if (k_full < K) {  // the zero-padded last chunk, from copies
+    float xt[MB][kLanes] = {};
+    WT wt[NB][kLanes] = {};
+    for (int m = 0; m < MB; ++m) std::memcpy(xt[m], x + m * ldx + k_full, (K - k_full) * sizeof(float));
+    for (int j = 0; j < NB; ++j) std::memcpy(wt[j], w + j * K + k_full, (K - k_full) * sizeof(WT));
+    chunk_avx2<NB, MB>(&xt[0][0], kLanes, &wt[0][0], kLanes, lo, hi);
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) {
+      const float s = tree16_avx2(lo[j][m], hi[j][m]);
+      y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
+    }
+}
+
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX2 void group_avx2(int mb, const float* x, int64_t ldx, const WT* w, Prefetch pf, int64_t K,
+                               const float* bias, float* y, int64_t ldy) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return group_avx2<NB, MB - 1>(mb, x, ldx, w, pf, K, bias, y, ldy);
+  }
+  tile_avx2<NB, MB>(x, ldx, w, pf, K, bias, y, ldy);
+}
+
+template <typename WT>
+KR_TARGET_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
+                              const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int NB = kNbAvx2, MB = kMbAvx2;
+  constexpr int64_t kBytes = sizeof(WT);
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    const WT* block = w + n * K;
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    const int64_t groups = (M + MB - 1) / MB;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
+      group_avx2<NB, MB>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
+    }
+  }
+  for (; n < n_end; ++n) {
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      group_avx2<1, MB>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
+    }
+  }
+}
+
+#endif  // KR_CPU_X86
+
+// ---------------------------------------------------------------------------------------------------------------
+// Variant choice, once per process.
+
+bool cpu_runs(int isa) {
+  switch (isa) {
+    case KR_CPU_ISA_PORTABLE: return true;
+#if KR_CPU_X86 && (defined(__GNUC__) || defined(__clang__))
+    case KR_CPU_ISA_AVX2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case KR_CPU_ISA_AVX512:
+      __builtin_cpu_init();  // the checks include the OS's support for the AVX-512 register state
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+#endif
+    default: return false;
+  }
+}
+
+struct IsaChoice {
+  int isa = KR_CPU_ISA_INVALID;
+  std::string error;
+};
+
+IsaChoice choose_isa() {
+  IsaChoice choice;
+  int best = KR_CPU_ISA_PORTABLE;
+  for (int isa : {KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2}) {
+    if (cpu_runs(isa)) {
+      best = isa;
+      break;
+    }
+  }
+  const char* env = std::getenv("KANGAROO_RT_CPU_ISA");
+  if (env == nullptr || *env == '\0') {
+    choice.isa = best;
+    return choice;
+  }
+  const std::string wanted(env);
+  int isa = KR_CPU_ISA_INVALID;
+  for (int candidate : {KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE})
+    if (wanted == kr_cpu_isa_name(candidate)) isa = candidate;
+  if (isa == KR_CPU_ISA_INVALID) {
+    choice.error = "KANGAROO_RT_CPU_ISA=" + wanted + " is not one of avx512, avx2, portable (unset it for the best "
+                   "variant this CPU runs, " + kr_cpu_isa_name(best) + ")";
+  } else if (!cpu_runs(isa)) {
+    choice.error = "KANGAROO_RT_CPU_ISA=" + wanted + " asks for a variant this CPU cannot run (the best it runs is " +
+                   kr_cpu_isa_name(best) + ")";
+  } else {
+    choice.isa = isa;
+  }
+  return choice;
+}
+
+const IsaChoice& process_isa() {
+  static const IsaChoice choice = choose_isa();  // thread-safe, once
+  return choice;
+}
+
+template <typename WT>
+void run_rows(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N, const float* bias,
+              float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  switch (isa) {
+#if KR_CPU_X86
+    case KR_CPU_ISA_AVX512: rows_avx512(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end); return;
+    case KR_CPU_ISA_AVX2: rows_avx2(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end); return;
+#endif
+    default: rows_portable(x, M, K, ldx, w, bias, y, ldy, n_begin, n_end); return;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int kr_cpu_isa(void) { return process_isa().isa; }
+
+const char* kr_cpu_isa_error(void) { return process_isa().error.c_str(); }
+
+const char* kr_cpu_isa_name(int isa) {
+  switch (isa) {
+    case KR_CPU_ISA_AVX512: return "avx512";
+    case KR_CPU_ISA_AVX2: return "avx2";
+    case KR_CPU_ISA_PORTABLE: return "portable";
+    default: return "invalid";
+  }
+}
+
+int kr_cpu_isa_supported(int isa) { return cpu_runs(isa) ? 1 : 0; }
+
+int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, int w_dtype,
+                           int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  if (!cpu_runs(isa)) return KR_CPU_BAD_ISA;
+  if (M < 0 || K < 0 || N < 0 || n_begin < 0 || n_end < n_begin || n_end > N || (M > 1 && ldx < K) ||
+      (M > 1 && ldy < n_end) || (w_dtype != KR_CPU_FLOAT32 && w_dtype != KR_CPU_BFLOAT16))
+    return KR_CPU_BAD_ARGUMENT;
+  if (M == 0 || n_begin == n_end) return KR_CPU_OK;
+  if (y == nullptr || (K > 0 && (x == nullptr || w == nullptr))) return KR_CPU_BAD_ARGUMENT;  // K = 0: y = bias
+  // Passes of at most KR_CPU_MAX_ROWS_PER_PASS rows keep the activations a pass re-reads in L2. Rows are
+  // independent, so where a pass boundary falls changes no bits.
+  for (int64_t m0 = 0; m0 < M; m0 += KR_CPU_MAX_ROWS_PER_PASS) {
+    const int64_t rows = std::min<int64_t>(KR_CPU_MAX_ROWS_PER_PASS, M - m0);
+    if (w_dtype == KR_CPU_FLOAT32)
+      run_rows(isa, x + m0 * ldx, rows, K, ldx, static_cast<const float*>(w), N, bias, y + m0 * ldy, ldy, n_begin,
+               n_end);
+    else
+      run_rows(isa, x + m0 * ldx, rows, K, ldx, static_cast<const uint16_t*>(w), N, bias, y + m0 * ldy, ldy,
+               n_begin, n_end);
+  }
+  return KR_CPU_OK;
+}
+
+int kr_cpu_linear_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, int w_dtype, int64_t N,
+                       const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const int isa = kr_cpu_isa();
+  if (isa == KR_CPU_ISA_INVALID) return KR_CPU_BAD_ISA;
+  return kr_cpu_linear_rows_isa(isa, x, M, K, ldx, w, w_dtype, N, bias, y, ldy, n_begin, n_end);
+}
+
+}  // extern "C"

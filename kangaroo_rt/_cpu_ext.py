@@ -1,0 +1,93 @@
+"""Lazy, optional loading of the CPU extension ``kangaroo_rt._cpu`` and its ops with reference fallbacks.
+
+``import kangaroo_rt`` never imports the extension: :mod:`kangaroo_rt.ops` looks for it (a ``find_spec``, nothing
+imported) and loads it at the first dispatch of one of its ops to a CPU tensor (backend "cpu"). When it was not
+built (``KANGAROO_RT_BUILD_CPU=0``, an install under pip's build isolation, no C++ compiler) the torch reference
+serves, without a warning: that is an ordinary install. When it was built but does not load, one warning says why.
+Build it with ``KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .`` (see setup.py).
+
+The op wrappers here take the exact signatures of :mod:`kangaroo_rt.reference` and route the inputs the kernels
+do not cover (other dtypes or devices, mixed dtypes, a non-contiguous weight, bad shapes) to the reference, which
+computes them or raises torch's own error. ``KANGAROO_RT_CPU_ISA`` naming a variant this CPU cannot run makes the
+kernels raise ValueError at every call: it is a request that cannot be met, so it is never silently ignored.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+from typing import Optional
+
+import torch
+
+from . import reference
+
+_MODULE = "kangaroo_rt._cpu"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_loaded = None
+_load_error: Optional[str] = None
+_warned = False
+
+
+def is_built() -> bool:
+    """Whether ``kangaroo_rt._cpu`` exists (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(_MODULE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load():
+    """The extension module; ImportError with the reason and the build command when it cannot be loaded."""
+    global _loaded, _load_error
+    if _loaded is not None:
+        return _loaded
+    if _load_error is None:
+        try:
+            _loaded = importlib.import_module(_MODULE)
+            return _loaded
+        except ImportError as exc:
+            _load_error = str(exc) or type(exc).__name__
+    raise ImportError(f"{_MODULE} is not available ({_load_error}); build it with "
+                      "`KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .` (needs a C++ compiler)")
+
+
+def is_available() -> bool:
+    """Whether the extension loads. Not built: False, silently. Built but not loadable: False, said once."""
+    global _warned
+    if _loaded is not None:
+        return True
+    if not is_built():
+        return False
+    try:
+        load()
+        return True
+    except ImportError as exc:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"kangaroo_rt: CPU ops use torch because {exc}", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def _linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Inputs the kernel computes as torch.nn.functional.linear would: dense CPU tensors of one dtype, fp32 or
+    bf16, a contiguous (N, K) weight, x (..., K), bias (N,) or None. (Called on every linear of a decode step:
+    attribute checks only.)"""
+    dtype = x.dtype
+    if not (dtype in _KERNEL_DTYPES and weight.dtype == dtype and x.is_cpu and weight.is_cpu
+            and x.layout == torch.strided and weight.layout == torch.strided and weight.dim() == 2
+            and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and weight.is_contiguous()):
+        return False
+    return bias is None or (bias.dtype == dtype and bias.is_cpu and bias.layout == torch.strided
+                            and bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N) in x's dtype. Each output row has the bits it
+    has when computed alone, whatever the other rows (csrc/cpu/linear.cpp)."""
+    if not _linear_ok(x, weight, bias):
+        return reference.linear(x, weight, bias)
+    return load().linear(x, weight, bias)
+
+
+OPS = ("linear",)

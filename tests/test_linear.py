@@ -1,0 +1,226 @@
+"""The CPU linear kernel (csrc/cpu/linear.cpp through kangaroo_rt._cpu) and ops.linear: accuracy against fp64 by
+the tolerance rule, bit-for-bit independence of a row's result from the batch, the thread count and the ISA
+variant, clear errors for inputs the kernel refuses, and ops.linear's routing of those to torch."""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_checks import assert_tolerance_rule
+from kangaroo_rt import _cpu_ext, ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISAS = ("avx512", "avx2", "portable")
+DTYPES = (torch.float32, torch.bfloat16)
+KS = (1, 15, 17, 33, 576, 1539)
+NS = (1, 3, 5, 17, 576)
+MS = (0, 1, 2, 5, 8, 64, 65, 130)
+BUILD_HINT = "KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e ."
+
+
+def test_extension_is_built_where_required():
+    """make test sets KANGAROO_RT_REQUIRE_CPU_EXT=1 (make venv builds the extension), so that the kernel tests
+    below cannot all skip unnoticed."""
+    if os.environ.get("KANGAROO_RT_REQUIRE_CPU_EXT") == "1":
+        assert _cpu_ext.is_built(), f"kangaroo_rt._cpu is not built; build it with `{BUILD_HINT}`"
+        _cpu_ext.load()
+    elif not _cpu_ext.is_built():
+        pytest.skip("kangaroo_rt._cpu is not built and KANGAROO_RT_REQUIRE_CPU_EXT is not 1")
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    if not _cpu_ext.is_built():
+        pytest.skip(f"kangaroo_rt._cpu is not built ({BUILD_HINT})")
+    return _cpu_ext.load()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, cpu):
+    if request.param not in cpu.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} variant")
+    return request.param
+
+
+def _inputs(m, k, n, w_dtype, x_dtype, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed * 1000 + m * 7 + k * 3 + n)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(w_dtype)
+    b = torch.randn(n, generator=gen).to(w_dtype) if bias else None
+    return x, w, b
+
+
+def _fp64(x, w, b):
+    out = x.double() @ w.double().T
+    return out + b.double() if b is not None else out
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=["w_fp32", "w_bf16"])
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=["x_fp32", "x_bf16"])
+def test_matches_fp64_by_the_tolerance_rule(cpu, isa, w_dtype, x_dtype):
+    """Every (K, N) of the odd shapes, M cycling through 0..130 (65 and 130 cross a pass of 64 rows), bias on
+    and off; torch's F.linear in x's dtype is the comparison."""
+    for i, (k, n) in enumerate(itertools.product(KS, NS)):
+        m, bias = MS[i % len(MS)], i % 2 == 0
+        x, w, b = _inputs(m, k, n, w_dtype, x_dtype, bias)
+        got = cpu.linear_with_isa(x, w, b, isa)
+        assert got.shape == (m, n) and got.dtype == x_dtype, (got.shape, got.dtype)
+        if m == 0:
+            continue
+        want = F.linear(x, w.to(x_dtype), None if b is None else b.to(x_dtype))
+        assert_tolerance_rule(got, want, _fp64(x, w, b))
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=["w_fp32", "w_bf16"])
+def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype):
+    """linear(x)[i] == linear(x[i:i+1])[0] for every i; a row moved to another position among other rows, and
+    batches of every group size, give the same bits."""
+    m, k, n = 70, 1539, 37  # a pass boundary at 64; K and N not multiples of any vector width
+    x, w, b = _inputs(m, k, n, w_dtype, torch.float32, True, seed=1)
+    full = cpu.linear_with_isa(x, w, b, isa)
+    for i in range(m):
+        assert torch.equal(cpu.linear_with_isa(x[i:i + 1], w, b, isa)[0], full[i]), i
+    for rows in (2, 3, 4, 5, 8, 13, 64, 65):
+        assert torch.equal(cpu.linear_with_isa(x[:rows], w, b, isa), full[:rows]), rows
+    others, _, _ = _inputs(m, k, n, w_dtype, torch.float32, False, seed=2)
+    for i, place in ((0, 0), (5, 3), (69, 40), (17, 66)):
+        mixed = torch.cat([others[:place], x[i:i + 1], others[place:]])
+        assert torch.equal(cpu.linear_with_isa(mixed, w, b, isa)[place], full[i]), (i, place)
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cpu.linear_with_isa(x[perm], w, b, isa), full[perm])
+
+
+def test_every_variant_gives_the_same_bits(cpu):
+    """The variants run one reduction order, so they agree exactly (which also pins the order down)."""
+    for k, n, m, w_dtype in ((1539, 37, 9, torch.float32), (33, 17, 5, torch.bfloat16), (576, 576, 3, torch.float32),
+                             (1, 5, 2, torch.bfloat16)):
+        x, w, b = _inputs(m, k, n, w_dtype, torch.float32, True, seed=4)
+        results = {isa: cpu.linear_with_isa(x, w, b, isa) for isa in cpu.supported_isas()}
+        first = next(iter(results.values()))
+        assert all(torch.equal(r, first) for r in results.values()), (k, n, m, list(results))
+
+
+def test_thread_count_changes_no_bits(cpu):
+    x, w, b = _inputs(8, 576, 1536, torch.bfloat16, torch.float32, True, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.linear(x, w, b)
+        torch.set_num_threads(2)
+        two = cpu.linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_shapes_strides_and_empty_inputs(cpu):
+    w, b = torch.randn(17, 33), torch.randn(17)
+    x = torch.randn(2, 3, 33)
+    out = cpu.linear(x, w, b)
+    assert out.shape == (2, 3, 17) and torch.equal(out, cpu.linear(x.reshape(6, 33), w, b).reshape(2, 3, 17))
+    wide = torch.randn(4, 50)
+    assert torch.equal(cpu.linear(wide[:, :33], w), cpu.linear(wide[:, :33].contiguous(), w))  # row stride 50
+    cols = torch.randn(33, 4).T  # column stride 4
+    assert torch.equal(cpu.linear(cols, w), cpu.linear(cols.contiguous(), w))
+    assert torch.equal(cpu.linear(x[0, 0], w), cpu.linear(x[0, :1], w)[0])  # a 1-D x
+    assert cpu.linear(torch.randn(0, 33), w).shape == (0, 17)
+    assert cpu.linear(torch.randn(2, 0, 33), w, b).shape == (2, 0, 17)
+    assert cpu.linear(torch.randn(3, 33), torch.randn(0, 33)).shape == (3, 0)
+    assert torch.equal(cpu.linear(torch.randn(3, 0), torch.randn(5, 0), b[:5]), b[:5].expand(3, 5))
+
+
+def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        cpu.linear(x, torch.randn(8, 4).T)
+    with pytest.raises(TypeError, match="x must be float32 or bfloat16, got Half"):
+        cpu.linear(x.half(), w)
+    with pytest.raises(TypeError, match="weight must be float32 or bfloat16, got Double"):
+        cpu.linear(x, w.double())
+    with pytest.raises(ValueError, match=r"x must be \(..., K\) with K = weight.shape\[1\] = 8"):
+        cpu.linear(torch.randn(2, 7), w)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K\)"):
+        cpu.linear(x, torch.randn(8))
+    with pytest.raises(ValueError, match=r"bias must be \(N,\) with N = 4"):
+        cpu.linear(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="must be CPU tensors, got meta"):
+        cpu.linear(x.to("meta"), w.to("meta"))
+    with pytest.raises(ValueError, match="unknown variant sse9"):
+        cpu.linear_with_isa(x, w, None, "sse9")
+
+
+def test_ops_linear_routes_what_the_kernel_does_not_cover_to_torch(cpu, monkeypatch):
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    ops._RESOLVED.clear()
+    x, w, b = torch.randn(3, 24), torch.randn(5, 24), torch.randn(5)
+    assert torch.equal(ops.linear(x, w, b), cpu.linear(x, w, b))
+    assert all(torch.equal(ops.linear(x[i:i + 1], w, b)[0], ops.linear(x, w, b)[i]) for i in range(3))
+    assert torch.equal(ops.linear(x.bfloat16(), w.bfloat16()), cpu.linear(x.bfloat16(), w.bfloat16()))
+    strided = torch.randn(24, 5).T
+    torch.testing.assert_close(ops.linear(x, strided, b), F.linear(x, strided, b))
+    torch.testing.assert_close(ops.linear(x.half(), w.half()), F.linear(x.half(), w.half()))
+    assert ops.linear(x.to("meta"), w.to("meta")).device.type == "meta"
+    with pytest.raises(RuntimeError):  # torch's own error for mixed dtypes, as on every backend
+        ops.linear(x, w.bfloat16())
+    with pytest.raises(RuntimeError):
+        ops.linear(torch.randn(3, 23), w)
+    wg = w.clone().requires_grad_()
+    out = ops.linear(x, wg, b)  # autograd records: the torch reference serves
+    out.sum().backward()
+    torch.testing.assert_close(wg.grad, x.sum(0).expand(5, 24))
+    with torch.no_grad():
+        assert torch.equal(ops.linear(x, wg, b), cpu.linear(x, w, b))
+
+
+def test_backend_table(cpu, monkeypatch):
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    ops._RESOLVED.clear()
+    assert ops.backend_table("cpu")["linear"] == "cpu"
+    assert ops.backend_table("cuda")["linear"] == "torch"
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    assert ops.backend_table("cpu")["linear"] == "torch"
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "cpu")
+    assert ops.backend_table("cpu")["linear"] == "cpu" and ops.backend_table("cpu")["rms_norm"] == "torch"
+
+
+CHILD = r"""
+import os, sys, torch
+import kangaroo_rt._cpu as cpu
+from kangaroo_rt import ops
+x, w = torch.randn(3, 40), torch.randn(9, 40)
+try:
+    name = cpu.isa()
+except ValueError as exc:
+    try:
+        ops.linear(x, w)
+    except ValueError as exc2:
+        print("error", exc2)
+        sys.exit(0)
+    sys.exit("ops.linear ignored the bad request")
+assert torch.equal(cpu.linear(x, w), cpu.linear_with_isa(x, w, None, name))
+assert torch.equal(ops.linear(x, w), cpu.linear(x, w))
+print("isa", name)
+"""
+
+
+def _child(value):
+    env = dict(os.environ, PYTHONPATH=ROOT, KANGAROO_RT_CPU_ISA=value)
+    res = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.strip()
+
+
+def test_kangaroo_rt_cpu_isa_forces_a_lower_variant_or_is_an_error(cpu):
+    best = cpu.supported_isas()[0]
+    assert _child("") == f"isa {best}" and cpu.isa() in cpu.supported_isas()
+    assert _child("portable") == "isa portable"
+    out = _child("sse9")
+    assert out.startswith("error") and "KANGAROO_RT_CPU_ISA=sse9 is not one of avx512, avx2, portable" in out
+    missing = [isa for isa in ISAS if isa not in cpu.supported_isas()]
+    if missing:
+        out = _child(missing[0])
+        assert out.startswith("error") and "this CPU cannot run" in out, out

@@ -1,0 +1,75 @@
+"""Row-count invariance of the CPU decode path: a verify pass over k+1 tokens gives, bit for bit, the logits of
+k+1 single steps, in fp32 and bf16, so Kangaroo equals plain decoding exactly in every dtype (issue 28).
+
+It needs the CPU extension's linear kernel (torch's CPU GEMM rounds a row differently with the row count) and
+attention that runs one query at a time on CPU (kangaroo_rt.reference.attention)."""
+import pytest
+import torch
+
+import kangaroo_rt as K
+from kangaroo_rt import _cpu_ext, ops
+from kangaroo_rt.model import Transformer
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+pytestmark = pytest.mark.skipif(not _cpu_ext.is_built(), reason="the CPU extension kangaroo_rt._cpu is not built")
+
+# SmolLM2's layer shapes (hidden 576, 9 query / 3 KV heads of 64, MLP 1536), fewer layers and a smaller vocabulary.
+SMOL = dict(hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=2048)
+
+
+def _logits(model, ids, prompt, split, batch_rows=None):
+    """Prefill ``prompt`` tokens, then the rest one token at a time (split) or in one pass -> (B, n, V)."""
+    b, n = ids.shape
+    cache = model.new_cache(b, n + 4)
+    model(ids[:, :prompt], torch.arange(prompt).expand(b, prompt), cache, kv_len=n + 4)
+    if split:
+        return torch.cat([model(ids[:, t:t + 1], torch.full((b, 1), t), cache, kv_len=n + 4)
+                          for t in range(prompt, n)], dim=1)
+    return model(ids[:, prompt:], torch.arange(prompt, n).expand(b, n - prompt), cache, kv_len=n + 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+@torch.no_grad()
+def test_verify_logits_equal_single_steps_bit_for_bit(dtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = Transformer.random(tiny_config(num_layers=3, **SMOL), seed=0, dtype=dtype)
+        ids = torch.randint(0, SMOL["vocab_size"], (1, 14), generator=torch.Generator().manual_seed(1))
+        for k1 in (2, 5, 7):  # k+1 tokens in one verify pass
+            single = _logits(model, ids[:, :7 + k1], 7, split=True)
+            verify = _logits(model, ids[:, :7 + k1], 7, split=False)
+            assert torch.equal(single, verify), (dtype, k1, (single.float() - verify.float()).abs().max())
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def test_the_linear_op_of_the_model_is_the_cpu_kernel():
+    assert ops.backend_table("cpu")["linear"] == "cpu"
+
+
+@torch.no_grad()
+def test_without_the_invariant_kernel_verify_and_single_steps_part(monkeypatch):
+    """The test above can fail: with torch's linear (the torch backend forced) a verify row rounds differently."""
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)
+    ids = torch.randint(0, SMOL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    single = _logits(model, ids, 7, split=True)
+    verify = _logits(model, ids, 7, split=False)
+    assert not torch.equal(single, verify)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kangaroo_equals_plain_in_bf16_too(dtype):
+    cfg = tiny_config(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                      vocab_size=97)
+    target, adapter = agreeing_pair(cfg, 2)
+    model = K.KangarooModel(target.to(dtype), adapter.to(dtype), exit_layer=2)
+    ids = torch.randint(0, cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(3))
+    for gamma in (1, 3, 6):
+        plain = model.generate(ids, max_new_tokens=24, kangaroo=None, ignore_eos=True)
+        spec = model.generate(ids, max_new_tokens=24, kangaroo=K.KangarooConfig(gamma=gamma, eta=0.0),
+                              ignore_eos=True)
+        assert torch.equal(plain, spec), (dtype, gamma)
