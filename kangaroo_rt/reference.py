@@ -124,11 +124,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     """
     q_len = q.shape[2]
     if q.device.type == "cpu" and 1 < q_len <= INVARIANT_MAX_QUERIES:
-        # A batched CPU matmul rounds a query row differently with the number of rows: one query at a time
-        # gives a verify pass over k+1 tokens the bits of k+1 single steps (row-count invariance, exact
-        # Kangaroo == plain in every dtype). Prefill (more queries) keeps the batched, compute-bound call.
-        return torch.cat([attention(q[:, :, i:i + 1].contiguous(), k_cache, v_cache, positions[:, i:i + 1], kv_len)
-                          for i in range(q_len)], dim=2)
+        # A batched CPU matmul rounds a query row differently with the number of rows, and the fused kernel
+        # with the number of key slots: one query at a time, reading the slots a single step at its position
+        # reads (max position + 1), gives a verify pass over k+1 tokens the bits of k+1 single steps
+        # (row-count invariance: exact Kangaroo == plain in every dtype). Prefill (more queries) keeps the
+        # batched, compute-bound call.
+        last = positions.max(dim=0).values.tolist()  # (q,) the largest position of each query column
+        return torch.cat([attention(q[:, :, i:i + 1].contiguous(), k_cache, v_cache, positions[:, i:i + 1],
+                                    last[i] + 1) for i in range(q_len)], dim=2)
     if not _SDPA_GQA or q.dtype != k_cache.dtype:
         return attention_math(q, k_cache, v_cache, positions, kv_len)
     batch = q.shape[0]

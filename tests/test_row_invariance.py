@@ -18,12 +18,13 @@ SMOL = dict(hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536
 
 
 def _logits(model, ids, prompt, split, batch_rows=None):
-    """Prefill ``prompt`` tokens, then the rest one token at a time (split) or in one pass -> (B, n, V)."""
+    """Prefill ``prompt`` tokens, then the rest one token at a time (split) or in one pass over more key slots
+    than it needs -> (B, n, V)."""
     b, n = ids.shape
     cache = model.new_cache(b, n + 4)
     model(ids[:, :prompt], torch.arange(prompt).expand(b, prompt), cache, kv_len=n + 4)
     if split:
-        return torch.cat([model(ids[:, t:t + 1], torch.full((b, 1), t), cache, kv_len=n + 4)
+        return torch.cat([model(ids[:, t:t + 1], torch.full((b, 1), t), cache, kv_len=t + 1)  # as the decoder
                           for t in range(prompt, n)], dim=1)
     return model(ids[:, prompt:], torch.arange(prompt, n).expand(b, n - prompt), cache, kv_len=n + 4)
 
@@ -73,3 +74,18 @@ def test_kangaroo_equals_plain_in_bf16_too(dtype):
         spec = model.generate(ids, max_new_tokens=24, kangaroo=K.KangarooConfig(gamma=gamma, eta=0.0),
                               ignore_eos=True)
         assert torch.equal(plain, spec), (dtype, gamma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_verify_reading_more_key_slots_than_a_single_step_gives_its_bits(dtype):
+    """The decoder's verify reads the slots of its last query (kv_len = p + k + 1) while the single step at p reads
+    p + 1: the extra, masked slots must not change the first queries' bits (the fused CPU kernel blocks over
+    the slots it is given)."""
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0, dtype=dtype)
+    ids = torch.randint(0, SMOL["vocab_size"], (1, 80), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(1, 96)
+    model(ids[:, :70], torch.arange(70)[None], cache, kv_len=70)
+    single = torch.cat([model(ids[:, t:t + 1], torch.tensor([[t]]), cache, kv_len=t + 1) for t in range(70, 76)], 1)
+    verify = model(ids[:, 70:76], torch.arange(70, 76)[None], cache, kv_len=96)
+    assert torch.equal(single, verify)
