@@ -73,37 +73,22 @@ class LazyKernel:
 
 
 class LazyExtensionOp(LazyKernel):
-    """An op of the CUDA extension ``kangaroo_rt._C`` (wrapped by :mod:`kangaroo_rt._ext`), loaded on the
-    first dispatch to a CUDA tensor; never imported by ``import kangaroo_rt``."""
+    """An op of a compiled extension, loaded at its first dispatch, never by ``import kangaroo_rt``: the CUDA
+    extension ``kangaroo_rt._C`` (wrapped by :mod:`kangaroo_rt._ext`) by default, or the CPU extension
+    ``kangaroo_rt._cpu`` (wrapped by :mod:`kangaroo_rt._cpu_ext`) with ``wrapper=_cpu_ext``."""
 
-    def __init__(self, attr: str) -> None:
-        super().__init__("_ext", attr)
-
-    def load(self) -> Callable:
-        if self._fn is None:
-            _ext.load()  # ImportError saying why and how to build it
-            self._fn = getattr(_ext, self.attr)
-        return self._fn
-
-    def __repr__(self) -> str:
-        return f"LazyExtensionOp(kangaroo_rt._C.{self.attr})"
-
-
-class LazyCpuOp(LazyKernel):
-    """An op of the CPU extension ``kangaroo_rt._cpu`` (wrapped by :mod:`kangaroo_rt._cpu_ext`), loaded on the
-    first dispatch to a CPU tensor; never imported by ``import kangaroo_rt``."""
-
-    def __init__(self, attr: str) -> None:
-        super().__init__("_cpu_ext", attr)
+    def __init__(self, attr: str, wrapper=_ext) -> None:
+        super().__init__(wrapper.__name__.rpartition(".")[2], attr)
+        self.wrapper = wrapper
 
     def load(self) -> Callable:
         if self._fn is None:
-            _cpu_ext.load()  # ImportError saying why and how to build it
-            self._fn = getattr(_cpu_ext, self.attr)
+            self.wrapper.load()  # ImportError saying why and how to build it
+            self._fn = getattr(self.wrapper, self.attr)
         return self._fn
 
     def __repr__(self) -> str:
-        return f"LazyCpuOp(kangaroo_rt._cpu.{self.attr})"
+        return f"LazyExtensionOp({self.wrapper._MODULE}.{self.attr})"
 
 
 def _register_checkout_kernels() -> None:
@@ -357,7 +342,7 @@ for _name in _ext.OPS:
 
 # The CPU extension's ops (csrc/cpu/), preferred on CPU tensors when kangaroo_rt._cpu was built.
 for _name in _cpu_ext.OPS:
-    register(_name, "cpu", LazyCpuOp(_name), ("cpu",))
+    register(_name, "cpu", LazyExtensionOp(_name, _cpu_ext), ("cpu",))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -190,9 +190,9 @@ def _curve(out_dir: str):
 def stage_study(args) -> None:
     """Every (kind, exit layer, variant) of the study on --study-budget token-updates; dev top-1 curves."""
     os.makedirs(STUDY, exist_ok=True)
-    for kind in args.kinds:
-        for exit_layer in args.exits:
-            for mlp in (False, True):
+    for mlp in [v == "mlp" for v in args.variants]:
+        for kind in args.kinds:
+            for exit_layer in args.exits:
                 name = _run_name(kind, exit_layer, mlp)
                 out_dir = _path("study", name)
                 record = os.path.join(STUDY, name + ".json")
@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--stop-after-s", type=float, default=None, help="time-box the dump")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--variants", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"],
+                        help="adapter variants of the study, in this order: the paper's, and with an MLP block")
     parser.add_argument("--study-budget", type=int, default=1_000_000, help="token-updates per study run")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
