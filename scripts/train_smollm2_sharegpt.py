@@ -15,7 +15,7 @@ Stages, each resumable (a stage cut off at any moment continues where it stopped
 
     python scripts/train_smollm2_sharegpt.py all
 Work files go to runs/sharegpt (SHAREGPT_WORK overrides); nothing there is committed except what the study
-copies into kangaroo_rt/assets/smollm2/study/ (small records and checkpoints).
+copies into benchmarks/results/smollm2-sharegpt-study/ (records, curves, fp16 adapters of a few MB).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from kangaroo_rt.loading import load_model  # noqa: E402
 from train_smollm2_adapter import _batched_generate, _plain_model, _read_jsonl, _write_jsonl  # noqa: E402
 
 WORK = os.environ.get("SHAREGPT_WORK", os.path.join(ROOT, "runs", "sharegpt"))
-STUDY = os.path.join(models.ASSETS, "smollm2", "study")  # committed: records, curves, small checkpoints
+STUDY = os.path.join(ROOT, "benchmarks", "results", "smollm2-sharegpt-study")  # committed: records, curves, adapters
 BENCHMARKS = [os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl")]
 EOS = 2  # <|im_end|>
 KINDS = ("tf", "self")  # teacher-forced ShareGPT text; the model's own answers (self-distilled)

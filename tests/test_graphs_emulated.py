@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kangaroo_rt as K
-from kangaroo_rt import _ext, graphs, speculative
+from kangaroo_rt import _ext, graphs, reference, speculative
 from kangaroo_rt.graphs import GraphRunner
 from kangaroo_rt.speculative import Decoder
 from checks import check_graphs_match_eager_and_plain, ragged_prompts
@@ -124,6 +124,11 @@ def emulated(monkeypatch):
             pass
 
     monkeypatch.setattr(graphs, "_captures", lambda device: True)
+    # The CPU-only paths a CUDA graph never takes stay out of its emulation: the CPU extension's linear (not a
+    # dispatcher op, so the recorder could not replay it; torch serves, as every op did on CPU before it) and
+    # attention one query at a time, which reads host values (kangaroo_rt.reference).
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    monkeypatch.setattr(reference, "INVARIANT_MAX_QUERIES", 1)
     monkeypatch.setattr(graphs, "_new_cuda_graph", FakeGraph)
     monkeypatch.setattr(GraphRunner, "_capture", capture_undone)
     monkeypatch.setattr(torch.cuda, "graph", graph)

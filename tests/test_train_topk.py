@@ -35,12 +35,13 @@ def test_dump_holds_every_exit_and_the_targets_topk(problem, tmp_path):
             ids, mask = pad_batch([e], target.device)
             exit_hidden, final = target_states(target, exit_layer, ids)
             b = dump.batch([i])
-            torch.testing.assert_close(b["exit"][0], exit_hidden[0].to(torch.bfloat16).float())
+            # stored in bf16; a batch of other lengths may round a state to the neighbouring bf16 value
+            torch.testing.assert_close(b["exit"][0], exit_hidden[0].float(), atol=1e-2, rtol=1e-2)
             assert torch.equal(b["mask"][0], mask[0])
             logp = torch.log_softmax(target.head(final[0]).float(), -1)
             values, top = logp.topk(5, -1)
             assert torch.equal(b["topk_ids"][0], top)
-            torch.testing.assert_close(b["topk_logp"][0], values.half().float())
+            torch.testing.assert_close(b["topk_logp"][0], values.half().float(), atol=4e-3, rtol=1e-3)
 
 
 def test_dump_resumes_and_refuses_other_settings(problem, tmp_path):
