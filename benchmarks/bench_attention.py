@@ -1,6 +1,7 @@
-"""Microbenchmark of kernels/attention.py (decode / verify / prefill over the static cache) vs the torch reference.
+"""Microbenchmark of kernels/attention.py (decode / verify / prefill over the static cache) vs the torch reference;
+with --cpu, of the CPU extension's attention (csrc/cpu/attention.cpp) at SmolLM2's decode and verify shapes.
 
-    python benchmarks/bench_attention.py [--out DIR] [--interpret]
+    python benchmarks/bench_attention.py [--out DIR] [--interpret | --cpu [--threads N]]
 """
 import kernel_bench_utils as kb
 
@@ -14,6 +15,8 @@ def main():
 
     from kangaroo_rt import ops, reference
 
+    if args.cpu:
+        return kb.run_cases(NAME, _cpu_cases(), args, device, smoke)
     attn = ops.load_kernel_module("attention")
     dtype = torch.float32 if smoke else torch.float16
     # (batch, q heads, kv heads, q_len, context, head_dim): 7B-like (32 heads of 128), GQA 4:1, prefill.
@@ -42,6 +45,34 @@ def main():
             "torch": lambda q=q, kc=kc, vc=vc, p=positions: reference.attention(q, kc, vc, p),
         })
     kb.run_cases(NAME, cases, args, device, smoke)
+
+
+
+def _cpu_cases():
+    """SmolLM2-135M (9 query heads, 3 kv heads of 64): a plain step, verify over 5 and 7 tokens, batch 4."""
+    import torch
+
+    from kangaroo_rt import _cpu_ext, reference
+
+    cpu = _cpu_ext.load()
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, q_len, ctx in ((1, 1, 512), (1, 5, 512), (1, 7, 512), (1, 1, 2048), (4, 5, 512)):
+            hq, hkv, d = 9, 3, 64
+            q = torch.randn(b, q_len, hq, d, dtype=dtype).transpose(1, 2)
+            kc = torch.randn(b, hkv, ctx + q_len, d, dtype=dtype)
+            vc = torch.randn_like(kc)
+            positions = (ctx + torch.arange(q_len))[None].expand(b, q_len).contiguous()
+            es = q.element_size()
+            cases.append({
+                "case": f"B{b} Hq{hq} Hkv{hkv} q{q_len} ctx{ctx} d{d} {str(dtype)[6:]}",
+                "bytes": 2 * b * hkv * (ctx + q_len) * d * es + 2 * q.numel() * es,
+                "check": lambda a=(q, kc, vc, positions): torch.testing.assert_close(
+                    cpu.attention(*a, None), reference.attention(*a), atol=2e-2, rtol=2e-2),
+                "cpu": lambda a=(q, kc, vc, positions): cpu.attention(*a, None),
+                "torch": lambda a=(q, kc, vc, positions): reference.attention(*a),
+            })
+    return cases
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Microbenchmark of kernels/rope_cache_append.py (RoPE + KV-cache append) vs the torch reference.
+"""Microbenchmark of kernels/rope_cache_append.py (RoPE + KV-cache append) vs the torch reference; with --cpu, of
+the CPU extension's (csrc/cpu/rope_cache_append.cpp) at SmolLM2's decode and verify shapes.
 
-    python benchmarks/bench_rope_cache_append.py [--out DIR] [--interpret]
+    python benchmarks/bench_rope_cache_append.py [--out DIR] [--interpret | --cpu [--threads N]]
 """
 import kernel_bench_utils as kb
 
@@ -14,14 +15,21 @@ def main():
 
     from kangaroo_rt import ops, reference
 
-    mod = ops.load_kernel_module("rope_cache_append")
-    dtype = torch.float32 if smoke else torch.float16
-    # (batch, q heads, kv heads, q_len, max_len, head_dim)
-    shapes = ([(2, 4, 2, 3, 16, 64)] if smoke else
-              [(1, 32, 32, 1, 4096, 128), (8, 32, 32, 7, 2048, 128), (8, 32, 8, 1, 4096, 128),
-               (1, 32, 32, 300, 4096, 128)])
+    if args.cpu:
+        from kangaroo_rt import _cpu_ext
+
+        mod, dtypes = _cpu_ext.load(), (torch.float32, torch.bfloat16)
+        shapes = [(1, 9, 3, 1, 2048, 64), (1, 9, 3, 7, 2048, 64), (4, 9, 3, 5, 2048, 64), (1, 9, 3, 300, 2048, 64)]
+    else:
+        mod = ops.load_kernel_module("rope_cache_append")
+        dtypes = (torch.float32 if smoke else torch.float16,)
+        # (batch, q heads, kv heads, q_len, max_len, head_dim)
+        shapes = ([(2, 4, 2, 3, 16, 64)] if smoke else
+                  [(1, 32, 32, 1, 4096, 128), (8, 32, 32, 7, 2048, 128), (8, 32, 8, 1, 4096, 128),
+                   (1, 32, 32, 300, 4096, 128)])
+    kernel = "cpu" if args.cpu else "triton"
     cases = []
-    for b, hq, hkv, q_len, t_max, d in shapes:
+    for dtype, (b, hq, hkv, q_len, t_max, d) in [(dt, sh) for dt in dtypes for sh in shapes]:
         q = torch.randn(b, q_len, hq, d, device=device, dtype=dtype).transpose(1, 2)
         k = torch.randn(b, q_len, hkv, d, device=device, dtype=dtype).transpose(1, 2)
         v = torch.randn(b, q_len, hkv, d, device=device, dtype=dtype).transpose(1, 2)
@@ -35,7 +43,7 @@ def main():
         cases.append({
             "case": f"B{b} Hq{hq} Hkv{hkv} q{q_len} d{d} {str(dtype)[6:]}",
             "bytes": nbytes,
-            "triton": lambda a=(q, k, v, cos, sin, kc, vc, positions): mod.rope_cache_append(*a),
+            kernel: lambda a=(q, k, v, cos, sin, kc, vc, positions): mod.rope_cache_append(*a),
             "torch": lambda a=(q, k, v, cos, sin, kc, vc, positions): reference.rope_cache_append(*a),
         })
     kb.run_cases(NAME, cases, args, device, smoke)

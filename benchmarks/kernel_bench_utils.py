@@ -4,7 +4,9 @@ On a CUDA GPU each case is timed for the Triton kernel and the torch reference w
 ``triton.testing.do_bench``, and reported as time, achieved GB/s and the fraction of a measured
 device-to-device copy bandwidth. Without a GPU a script says so and exits 0, unless ``--interpret``
 asks for a smoke run of tiny shapes under the Triton interpreter (the timings then mean nothing).
-Results go to ``<out>/<script>.json``.
+``--cpu`` times the CPU extension's kernel of the same op (csrc/cpu/, kangaroo_rt._cpu) against the torch
+reference instead, at decode shapes, with the fraction of the DRAM read bandwidth measured in the same run.
+Results go to ``<out>/<script>.json`` (``<script>-cpu.json`` with --cpu).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ def parse_args(description: str) -> argparse.Namespace:
                         help="folder for the JSON results (default benchmarks/results)")
     parser.add_argument("--interpret", action="store_true",
                         help="no GPU: smoke-run tiny shapes under TRITON_INTERPRET=1 (timings are meaningless)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the CPU extension's kernel (kangaroo_rt._cpu) against torch, on CPU tensors")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads with --cpu (default 2)")
     args = parser.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -35,6 +40,15 @@ def setup(name: str, args: argparse.Namespace):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo not in sys.path:
         sys.path.insert(0, repo)
+    if args.cpu:
+        from kangaroo_rt import _cpu_ext
+
+        if not _cpu_ext.is_available():
+            print(f"{name}: kangaroo_rt._cpu is not built (KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation "
+                  "-e .); nothing to run")
+            sys.exit(0)
+        torch.set_num_threads(args.threads)
+        return torch.device("cpu"), False
     if torch.cuda.is_available() and not args.interpret:
         return torch.device("cuda"), False
     if not args.interpret:
@@ -48,6 +62,21 @@ def setup(name: str, args: argparse.Namespace):
         sys.exit(0)
     print(f"{name}: smoke run under the Triton interpreter on CPU, tiny shapes; timings are not meaningful")
     return torch.device("cpu"), True
+
+
+def cpu_time_ms(fn: Callable[[], object], min_s: float = 0.3, warmup: int = 10) -> float:
+    """Median milliseconds per call on the host, over at least ``min_s`` seconds of calls."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 20 or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def time_ms(fn: Callable[[], object], smoke: bool) -> float:
@@ -94,38 +123,54 @@ def cpu_read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float
 
 
 def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool) -> List[Dict]:
-    """cases: dicts with "case" (str), "bytes" (int, minimum traffic), "triton" and "torch" callables,
-    and optionally "check" (callable raising on a wrong result). Prints a table, writes JSON."""
+    """cases: dicts with "case" (str), "bytes" (int, minimum traffic), the kernel's callable ("triton", or "cpu"
+    with --cpu) and "torch", and optionally "check" (callable raising on a wrong result). Prints a table, writes
+    JSON."""
     import torch
 
-    bandwidth = copy_bandwidth_gbs(device, smoke)
+    on_cpu = getattr(args, "cpu", False)
+    kernel = "cpu" if on_cpu else "triton"
+    if on_cpu:
+        bandwidth, limit = cpu_read_bandwidth_gbs(), "% DRAM bw"
+        timer = lambda fn: cpu_time_ms(fn)  # noqa: E731
+    else:
+        bandwidth, limit = copy_bandwidth_gbs(device, smoke), "% copy bw"
+        timer = lambda fn: time_ms(fn, smoke)  # noqa: E731
     rows = []
-    print(f"{'case':<44} {'triton ms':>10} {'torch ms':>10} {'speedup':>8} {'GB/s':>8} {'% copy bw':>9}")
+    print(f"{'case':<44} {kernel + ' ms':>10} {'torch ms':>10} {'speedup':>8} {'GB/s':>8} {limit:>9}")
     for case in cases:
         if "check" in case:
             case["check"]()
-        t_triton = time_ms(case["triton"], smoke)
-        t_torch = time_ms(case["torch"], smoke)
-        gbs = case["bytes"] / t_triton / 1e6
-        row = {"case": case["case"], "triton_ms": t_triton, "torch_ms": t_torch, "speedup": t_torch / t_triton,
-               "bytes": case["bytes"], "triton_gbs": gbs, "torch_gbs": case["bytes"] / t_torch / 1e6,
-               "fraction_of_copy_bw": (gbs / bandwidth) if bandwidth else None}
+        t_kernel = timer(case[kernel])
+        t_torch = timer(case["torch"])
+        gbs = case["bytes"] / t_kernel / 1e6
+        row = {"case": case["case"], f"{kernel}_ms": t_kernel, "torch_ms": t_torch, "speedup": t_torch / t_kernel,
+               "bytes": case["bytes"], f"{kernel}_gbs": gbs, "torch_gbs": case["bytes"] / t_torch / 1e6,
+               ("fraction_of_read_bw" if on_cpu else "fraction_of_copy_bw"): (gbs / bandwidth) if bandwidth else None}
         rows.append(row)
-        frac = f"{100 * row['fraction_of_copy_bw']:.1f}" if bandwidth else "-"
-        print(f"{case['case']:<44} {t_triton:>10.4f} {t_torch:>10.4f} {row['speedup']:>7.2f}x {gbs:>8.1f} {frac:>9}")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+        frac = f"{100 * gbs / bandwidth:.1f}" if bandwidth else "-"
+        print(f"{case['case']:<44} {t_kernel:>10.4f} {t_torch:>10.4f} {row['speedup']:>7.2f}x {gbs:>8.1f} {frac:>9}")
+    if on_cpu:
+        from kangaroo_rt import _cpu_ext
+        from kangaroo_rt.bench import device_name
+
+        device_label = f"{device_name(device)}, {_cpu_ext.load().isa()} variant"
+    else:
+        device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     result = {
         "benchmark": name,
-        "device": device_name,
+        "kernel": "kangaroo_rt._cpu" if on_cpu else "triton",
+        "device": device_label,
         "smoke_run": smoke,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "copy_bandwidth_gbs": bandwidth,
+        **({"read_bandwidth_gbs": bandwidth} if on_cpu else
+           {"triton": __import__("triton").__version__, "copy_bandwidth_gbs": bandwidth}),
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{name}{'-smoke' if smoke else ''}.json")
+    suffix = "-cpu" if on_cpu else ("-smoke" if smoke else "")
+    path = os.path.join(args.out, f"{name}{suffix}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -105,6 +108,193 @@ at::Tensor linear_with_isa(const at::Tensor& x, const at::Tensor& weight, const 
   return linear_with(x, weight, bias, isa_by_name(isa));
 }
 
+// ---- The other ops of a decode layer (csrc/cpu/{rms_norm,rope_cache_append,attention}.cpp).
+
+// Below this many multiply-adds per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinWorkPerTask = 32 * 1024;
+
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_task));
+}
+
+int dtype_code(const at::Tensor& t, const char* what, const char* name) {
+  TORCH_CHECK_TYPE(kernel_dtype(t.scalar_type()), what, ": ", name, " must be float32 or bfloat16, got ",
+                   t.scalar_type());
+  return weight_dtype_code(t.scalar_type());
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, const char* name) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.device().is_cpu(), what, ": ", name,
+                    " must be a dense CPU tensor, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), what, ": ", name, " must be ", ref.scalar_type(),
+                   " like the other inputs, got ", t.scalar_type());
+}
+
+// A (..., D) tensor as rows of unit column stride: (pointer owner, row stride).
+std::pair<at::Tensor, int64_t> as_rows(const at::Tensor& t, int64_t D) {
+  at::Tensor r = t.reshape({-1, D});
+  if (r.size(0) > 0 && (r.stride(1) != 1 || (r.size(0) > 1 && r.stride(0) < D))) r = r.contiguous();
+  return {r, r.size(0) > 1 ? r.stride(0) : D};
+}
+
+void run_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight, double eps,
+                  at::Tensor& out, at::Tensor* residual_out, const char* what) {
+  const int dtype = dtype_code(x, what, "x");
+  check_like(x, x, what, "x");
+  check_like(weight, x, what, "weight");
+  const int64_t D = weight.numel();
+  TORCH_CHECK_VALUE(weight.dim() == 1 && D > 0 && x.dim() >= 1 && x.size(-1) == D, what,
+                    ": x must be (..., D) and weight (D,), got ", x.sizes(), " and ", weight.sizes());
+  const std::pair<at::Tensor, int64_t> x_rows = as_rows(x, D);
+  const at::Tensor& xr = x_rows.first;
+  const int64_t ld_x = x_rows.second;
+  at::Tensor w = weight.contiguous();
+  at::Tensor rr;
+  int64_t ld_res = D;
+  if (residual != nullptr) {
+    check_like(*residual, x, what, "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), what, ": residual must have x's shape ", x.sizes(), ", got ",
+                      residual->sizes());
+    std::tie(rr, ld_res) = as_rows(*residual, D);
+  }
+  const int64_t M = xr.size(0);
+  out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (residual_out != nullptr) *residual_out = at::empty_like(out);
+  const int isa = process_isa();
+  const void* xp = xr.const_data_ptr();
+  const void* rp = residual != nullptr ? rr.const_data_ptr() : nullptr;
+  void* rop = residual_out != nullptr ? residual_out->mutable_data_ptr() : nullptr;
+  void* op = out.mutable_data_ptr();
+  const void* wp = w.const_data_ptr();
+  at::parallel_for(0, M, grain_for(D), [&](int64_t m0, int64_t m1) {
+    const int rc = kr_cpu_rms_norm_rows(isa, dtype, xp, ld_x, rp, ld_res, wp, D, static_cast<float>(eps), op, rop,
+                                        m0, m1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+}
+
+// x: (..., D), weight: (D,), one dtype (fp32 or bf16) -> (..., D).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor out;
+  run_rms_norm(x, nullptr, weight, eps, out, nullptr, "kangaroo_rt._cpu.rms_norm");
+  return out;
+}
+
+// -> (x + residual, rms_norm(x + residual)).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  at::Tensor out, new_residual;
+  run_rms_norm(x, &residual, weight, eps, out, &new_residual, "kangaroo_rt._cpu.add_rms_norm");
+  return {new_residual, out};
+}
+
+void check_head_tensor(const at::Tensor& t, const at::Tensor& ref, int64_t B, int64_t H, int64_t Q, int64_t D,
+                       const char* what, const char* name) {
+  check_like(t, ref, what, name);
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == Q && t.size(3) == D, what,
+                    ": ", name, " must be (", B, ", ", H, ", ", Q, ", ", D, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(D == 0 || t.stride(3) == 1 || t.numel() == 0, what, ": ", name,
+                    " must have a unit stride on its last dimension, got strides ", t.strides());
+}
+
+void check_cache(const at::Tensor& c, const at::Tensor& ref, int64_t B, int64_t Hkv, int64_t D, const char* what,
+                 const char* name) {
+  check_like(c, ref, what, name);
+  TORCH_CHECK_VALUE(c.dim() == 4 && c.size(0) >= B && c.size(1) == Hkv && c.size(3) == D && c.stride(3) == 1, what,
+                    ": ", name, " must be (B_max >= ", B, ", ", Hkv, ", T, ", D, ") with a unit last stride, got ",
+                    c.sizes(), " strides ", c.strides());
+}
+
+at::Tensor check_positions(const at::Tensor& positions, int64_t B, int64_t Q, const char* what) {
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong && positions.device().is_cpu(), what,
+                   ": positions must be a CPU int64 tensor, got ", positions.scalar_type(), " on ",
+                   positions.device());
+  TORCH_CHECK_VALUE(positions.dim() == 2, what, ": positions must be (B, q), got ", positions.sizes());
+  return positions.expand({B, Q});
+}
+
+// q: (B, Hq, Q, D); k, v: (B, Hkv, Q, D); cos, sin: (B, Q, D); caches (B_max, Hkv, T, D); positions (B, Q)
+// -> rotated q (B, Hq, Q, D); rotated k and v written into the caches at the positions.
+at::Tensor rope_cache_append(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                             const at::Tensor& positions) {
+  const char* what = "kangaroo_rt._cpu.rope_cache_append";
+  const int dtype = dtype_code(q, what, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, what, ": q and k must be (B, H, q, D), got ", q.sizes(), " and ",
+                    k.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK_VALUE(D % 2 == 0 && D > 0, what, ": the head size must be even, got ", D);
+  check_head_tensor(q, q, B, Hq, Q, D, what, "q");
+  check_head_tensor(k, q, B, Hkv, Q, D, what, "k");
+  check_head_tensor(v, q, B, Hkv, Q, D, what, "v");
+  for (const at::Tensor* t : {&cos, &sin}) {
+    check_like(*t, q, what, "cos/sin");
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == Q && t->size(2) == D, what,
+                      ": cos and sin must be (", B, ", ", Q, ", ", D, "), got ", t->sizes());
+  }
+  check_cache(k_cache, q, B, Hkv, D, what, "k_cache");
+  check_cache(v_cache, q, B, Hkv, D, what, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), what,
+                    ": k_cache and v_cache must have one shape and layout");
+  at::Tensor pos = check_positions(positions, B, Q, what);
+  at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor q_out = at::empty({B, Hq, Q, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  kr_cpu_rope_args a{};
+  a.dtype = dtype;
+  a.batch = B, a.n_heads = Hq, a.n_kv_heads = Hkv, a.q_len = Q, a.head_dim = D, a.max_len = k_cache.size(2);
+  a.q = q.const_data_ptr(), a.k = k.const_data_ptr(), a.v = v.const_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    a.q_stride[d] = q.stride(d), a.k_stride[d] = k.stride(d), a.v_stride[d] = v.stride(d);
+    a.cache_stride[d] = k_cache.stride(d);
+  }
+  a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
+  a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
+  a.k_cache = k_cache.mutable_data_ptr(), a.v_cache = v_cache.mutable_data_ptr(), a.q_out = q_out.mutable_data_ptr();
+  const int isa = process_isa();
+  at::parallel_for(0, B * Q, grain_for((Hq + 2 * Hkv) * D), [&](int64_t t0, int64_t t1) {
+    const int rc = kr_cpu_rope_cache_append(isa, &a, t0, t1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+  return q_out;
+}
+
+// q: (B, Hq, Q, D); caches (B_max, Hkv, T, D) holding the new keys; positions (B, Q); kv_len: slots to read
+// (default T) -> (B, Hq, Q, D).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& positions, c10::optional<int64_t> kv_len) {
+  const char* what = "kangaroo_rt._cpu.attention";
+  const int dtype = dtype_code(q, what, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4, what, ": q and the caches must be 4-d, got ", q.sizes(),
+                    " and ", k_cache.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, what, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
+                    Hkv, ")");
+  check_head_tensor(q, q, B, Hq, Q, D, what, "q");
+  check_cache(k_cache, q, B, Hkv, D, what, "k_cache");
+  check_cache(v_cache, q, B, Hkv, D, what, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), what,
+                    ": k_cache and v_cache must have one shape and layout");
+  const int64_t T = k_cache.size(2);
+  const int64_t slots = kv_len.has_value() ? *kv_len : T;
+  TORCH_CHECK_VALUE(0 <= slots && slots <= T, what, ": kv_len must be in [0, ", T, "], got ", slots);
+  at::Tensor pos = check_positions(positions, B, Q, what);
+  at::Tensor out = at::empty({B, Hq, Q, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  kr_cpu_attention_args a{};
+  a.dtype = dtype;
+  a.batch = B, a.n_heads = Hq, a.n_kv_heads = Hkv, a.q_len = Q, a.head_dim = D, a.kv_len = slots;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  a.q = q.const_data_ptr(), a.k_cache = k_cache.const_data_ptr(), a.v_cache = v_cache.const_data_ptr();
+  for (int d = 0; d < 3; ++d) a.q_stride[d] = q.stride(d), a.cache_stride[d] = k_cache.stride(d);
+  a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
+  a.out = out.mutable_data_ptr();
+  const int isa = process_isa();
+  at::parallel_for(0, B * Hq, grain_for(2 * Q * std::max<int64_t>(1, slots) * D), [&](int64_t t0, int64_t t1) {
+    const int rc = kr_cpu_attention(isa, &a, t0, t1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+  return out;
+}
+
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
 std::vector<std::string> supported_isas() {
@@ -125,6 +315,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_with_isa", &linear_with_isa, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>(),
         "linear() with a given variant (avx512, avx2, portable), for tests and benchmarks");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>(), "RMSNorm of x (..., D) by weight (D,), one dtype (fp32/bf16)");
+  m.def("add_rms_norm", &add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>(), "-> (x + residual, rms_norm(x + residual))");
+  m.def("rope_cache_append", &rope_cache_append, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"),
+        py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
+        py::call_guard<py::gil_scoped_release>(),
+        "RoPE on q and k, rotated k and v written into the caches at positions; -> rotated q (B, Hq, q, D)");
+  m.def("attention", &attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"),
+        py::arg("kv_len") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "causal attention of q (B, Hq, q, D) over the caches at per-row positions (B, q) -> (B, Hq, q, D); "
+        "each query's bits do not depend on the others");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;

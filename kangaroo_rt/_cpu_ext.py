@@ -90,4 +90,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return load().linear(x, weight, bias)
 
 
-OPS = ("linear",)
+def _dense(*tensors: torch.Tensor) -> bool:
+    """Dense CPU tensors of one kernel dtype."""
+    dtype = tensors[0].dtype
+    return dtype in _KERNEL_DTYPES and all(t.dtype == dtype and t.is_cpu and t.layout == torch.strided
+                                           for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D); weight: (D,) -> (..., D). Row by row in a fixed order (csrc/cpu/rms_norm.cpp)."""
+    if not (_dense(x, weight) and weight.dim() == 1 and x.dim() >= 1 and x.shape[-1] == weight.shape[0] > 0):
+        return reference.rms_norm(x, weight, eps)
+    return load().rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """-> (x + residual, rms_norm(x + residual)); shapes as :func:`kangaroo_rt.reference.add_rms_norm`."""
+    if not (_dense(x, residual, weight) and weight.dim() == 1 and x.dim() >= 1 and x.shape == residual.shape
+            and x.shape[-1] == weight.shape[0] > 0):
+        return reference.add_rms_norm(x, residual, weight, eps)
+    return load().add_rms_norm(x, residual, weight, eps)
+
+
+def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
+    """RoPE on q (B, Hq, q, D) and k (B, Hkv, q, D), k and v written into the caches at positions (B, q);
+    -> rotated q. Bits of :func:`kangaroo_rt.reference.rope_cache_append` (csrc/cpu/rope_cache_append.cpp)."""
+    if not (_dense(q, k, v, cos, sin, k_cache, v_cache) and q.dim() == k.dim() == v.dim() == k_cache.dim() == 4
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1
+            and positions.dtype == torch.int64 and positions.is_cpu):
+        return reference.rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions)
+    return load().rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions)
+
+
+def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
+    """Causal attention of q (B, Hq, q, D) over the caches at per-row positions (B, q) -> (B, Hq, q, D).
+
+    Up to ``reference.INVARIANT_MAX_QUERIES`` queries (plain, draft and verify steps) each query runs alone in a
+    fixed order (csrc/cpu/attention.cpp): a verify pass has the bits of single steps. Prefill (more queries) is
+    compute-bound and keeps torch's fused kernel, which is faster there.
+    """
+    if not (q.dim() == 4 and 0 < q.shape[2] <= reference.INVARIANT_MAX_QUERIES and _dense(q, k_cache, v_cache)
+            and q.stride(-1) == 1 and k_cache.dim() == 4 and k_cache.stride(-1) == 1
+            and positions.dtype == torch.int64 and positions.is_cpu):
+        return reference.attention(q, k_cache, v_cache, positions, kv_len)
+    return load().attention(q, k_cache, v_cache, positions, kv_len)
+
+
+OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention")

@@ -54,6 +54,66 @@ int kr_cpu_linear_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const 
 int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, int w_dtype,
                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
+// ---- The other ops of a decode layer. Each runs one fixed sequence of operations per output element that does
+// not depend on how many rows, tokens or heads are in the call, nor on the task split, nor on the variant:
+// verification over k + 1 tokens gives the bits of k + 1 single steps. Tensors are of one dtype (a kr_cpu_dtype)
+// with a unit stride on their last dimension; other strides are in elements. Tasks [task_begin, task_end) let a
+// caller split a call over threads.
+
+// RMSNorm of rows, fused with the residual add before it when residual != NULL:
+//   h = x + residual (stored to residual_out, rounded to the dtype), out = weight * (h / sqrt(mean(h^2) + eps)),
+// in fp32 with the dtype's rounding where torch rounds (bf16: the normalized row, then its product by weight).
+//   x, residual: (M, D) with row strides ld_x, ld_res; weight: (D,); out, residual_out: (M, D) contiguous.
+// Tasks are rows, [m_begin, m_end).
+int kr_cpu_rms_norm_rows(int isa, int dtype, const void* x, int64_t ld_x, const void* residual, int64_t ld_res,
+                         const void* weight, int64_t D, float eps, void* out, void* residual_out, int64_t m_begin,
+                         int64_t m_end);
+
+// Rotary embedding (rotate-half convention) of q and k, and the append of the rotated k and of v to the cache.
+typedef struct kr_cpu_rope_args {
+  int dtype;
+  int64_t batch, n_heads, n_kv_heads, q_len, head_dim, max_len;  // B, Hq, Hkv, Q, D, cache slots T
+  const void* q;                                                 // (B, Hq, Q, D)
+  int64_t q_stride[3];                                           //   strides of B, H, Q
+  const void* k;                                                 // (B, Hkv, Q, D)
+  int64_t k_stride[3];
+  const void* v;  // (B, Hkv, Q, D)
+  int64_t v_stride[3];
+  const void* cos;  // (B, Q, D) contiguous
+  const void* sin;  // (B, Q, D) contiguous
+  const int64_t* positions;  // (B, Q): cache slot of each token; outside [0, T) writes nothing
+  int64_t pos_stride[2];
+  void* k_cache;  // (B_max >= B, Hkv, T, D)
+  void* v_cache;
+  int64_t cache_stride[3];  // strides of B, H, T (both caches)
+  void* q_out;              // (B, Hq, Q, D) contiguous: the rotated q
+} kr_cpu_rope_args;
+
+// Tasks are tokens b * Q + i. Each element is x * cos + rotate_half(x) * sin with torch's roundings (bf16: each
+// product and the sum), so the bits are those of kangaroo_rt.reference.rope_cache_append.
+int kr_cpu_rope_cache_append(int isa, const kr_cpu_rope_args* a, int64_t task_begin, int64_t task_end);
+
+// Causal attention of new queries over the static cache: the query at position p of row b attends to that row's
+// cache slots 0..min(p, kv_len - 1), none when p < 0 (output 0). GQA: query head h reads kv head h / (Hq / Hkv).
+typedef struct kr_cpu_attention_args {
+  int dtype;
+  int64_t batch, n_heads, n_kv_heads, q_len, head_dim, kv_len;  // B, Hq, Hkv, Q, D, readable slots
+  float scale;                                                  // softmax scale, 1 / sqrt(D) for Llama
+  const void* q;                                                // (B, Hq, Q, D)
+  int64_t q_stride[3];
+  const void* k_cache;  // (B_max >= B, Hkv, T >= kv_len, D)
+  const void* v_cache;
+  int64_t cache_stride[3];
+  const int64_t* positions;  // (B, Q)
+  int64_t pos_stride[2];
+  void* out;  // (B, Hq, Q, D) contiguous
+} kr_cpu_attention_args;
+
+// Tasks are (row, query head) pairs b * Hq + h. Per query: scores q.k_j * scale by the fixed 16-lane dot, their
+// max, e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, in j order)
+// / l. Nothing depends on the other queries, on Q or on kv_len beyond the slots read.
+int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end);
+
 #ifdef __cplusplus
 }
 #endif

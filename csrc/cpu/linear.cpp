@@ -30,8 +30,9 @@
 #include <cstring>
 #include <string>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define KR_CPU_X86 1
+#include "kr_cpu_common.h"
+
+#if KR_CPU_X86
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 // GCC 12 warns that the _mm*_undefined_*() placeholders inside its own AVX-512 intrinsics are uninitialized
@@ -39,32 +40,13 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#else
-#define KR_CPU_X86 0
 #endif
 
 namespace {
 
-constexpr int kLanes = 16;  // the virtual vector width that fixes the reduction order
-
-inline float bf16_bits_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return bf16_bits_to_float(v); }
-
-// The fixed 16 -> 1 summation tree of the header comment.
-inline float tree16(const float* a) {
-  float s8[8], s4[4];
-  for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
-  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
-  return s2a + s2b;
-}
+using kr_cpu::kLanes;
+using kr_cpu::to_float;
+using kr_cpu::tree16;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Portable C++: one output element at a time; a W row stays in L1 while every activation row runs against it.
@@ -93,9 +75,6 @@ void rows_portable(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* 
 }
 
 #if KR_CPU_X86
-
-#define KR_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define KR_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 // Register blocks: NB rows of W by MB activation rows, one accumulator (two ymm halves on AVX2) per pair.
 // AVX-512: 16 accumulators, 4 x and 1 w register; AVX2 (16 ymm): 12 accumulators, 3 x and 1 w.

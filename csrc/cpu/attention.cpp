@@ -1,0 +1,265 @@
+// CPU attention of the decode path: a handful of new queries per row (a plain step's 1, a verification's k + 1)
+// over the static KV cache, with per-row positions and GQA. See kr_cpu.h for the contract.
+//
+// Why not torch's fused SDPA: on CPU it rounds a query's result differently with the number of queries and of
+// masked key slots in the call, so a verify pass would not give the bits of single steps, and for one query it
+// costs about 100 us a layer here, where the arithmetic takes a few. Each (row, query head) is one task: it
+// reads its kv head's keys once per query (they stay in L2 between the queries of one task) and runs the fixed
+// sequence of kr_cpu.h. The loops over 16-lane arrays vectorize at the variant's width with the same bits.
+#include <algorithm>
+#include <vector>
+
+#include "kr_cpu.h"
+#include "kr_cpu_common.h"
+
+#if KR_CPU_X86
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC bug 105593, as in linear.cpp
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
+
+namespace {
+
+using kr_cpu::kLanes;
+
+template <typename T>
+KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
+  const int64_t D = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  const int64_t d_pad = (D + kLanes - 1) / kLanes * kLanes;
+  static thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(2 * d_pad + std::max<int64_t>(a.kv_len, 1)));
+  float* qf = scratch.data();  // (d_pad,) the query, widened and zero-padded
+  float* acc = qf + d_pad;     // (d_pad,) sum_j e_j v_j
+  float* s = acc + d_pad;      // (kv_len,) scores, then their exponentials
+  const T* q = static_cast<const T*>(a.q);
+  const T* k_cache = static_cast<const T*>(a.k_cache);
+  const T* v_cache = static_cast<const T*>(a.v_cache);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.n_heads, h = task % a.n_heads, g = h / group;
+    const T* kb = k_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
+    const T* vb = v_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
+    for (int64_t i = 0; i < a.q_len; ++i) {
+      const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
+      const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
+      T* o = out + ((b * a.n_heads + h) * a.q_len + i) * D;
+      if (n == 0) {
+        for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
+        continue;
+      }
+      const T* qr = q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
+      for (int64_t d = 0; d < d_pad; ++d) qf[d] = d < D ? kr_cpu::to_float(qr[d]) : 0.0f;
+      float m = -3.402823466e38f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float sj = kr_cpu::dot_fixed(qf, kb + j * a.cache_stride[2], D) * a.scale;
+        s[j] = sj;
+        m = std::max(m, sj);
+      }
+      for (int64_t j = 0; j < n; ++j) s[j] = kr_cpu::exp_nonpositive(s[j] - m);
+      const float l = kr_cpu::sum_fixed(s, n);
+      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vr = vb + j * a.cache_stride[2];
+        const float e = s[j];
+        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + e * kr_cpu::to_float(vr[d]);
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(acc[d] / l);
+    }
+  }
+}
+
+template <typename T>
+void attend_portable(const kr_cpu_attention_args& a, int64_t t0, int64_t t1) { attend_tasks<T>(a, t0, t1); }
+
+#if KR_CPU_X86
+template <typename T>
+KR_TARGET_AVX2 void attend_avx2(const kr_cpu_attention_args& a, int64_t t0, int64_t t1) { attend_tasks<T>(a, t0, t1); }
+
+// ----- AVX-512 with intrinsics, for head sizes that are a multiple of 16 up to kMaxChunks * 16: the same
+// operations as attend_tasks in the same order (so the same bits), with the per-key trees of the scores done 16
+// keys at a time (a transpose that adds exactly the pairs tree16 adds) and the output accumulated in registers.
+
+constexpr int kMaxChunks = 8;  // head_dim <= 128
+
+KR_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+KR_TARGET_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+KR_TARGET_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+// kr_cpu::float_to_bf16_bits on 16 lanes: round to nearest even, NaN -> 0x7fc0.
+KR_TARGET_AVX512 inline void store16(uint16_t* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+// Lane t of the result is tree16(v[t]) for t < 16: the pairs (i, i + 8), (i, i + 4), (i, i + 2), (0, 1) of each
+// vector are added by four rounds of shuffles, each round halving the vectors; a final permute puts key t in lane t.
+KR_TARGET_AVX512 inline __m512 tree16x16(const __m512* v) {
+  __m512 x[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: s8 of v[2i]; 8-15: s8 of v[2i+1]
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // quarter k: s4 of v[4i + k]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // quarter k: (s2a, s2b) of v[8i + k], then of v[8i + 4 + k]
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // quarter k, lane m: s2a + s2b of v[4m + k]
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i where = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(where, s);
+}
+
+// kr_cpu::exp_nonpositive on 16 lanes, operation for operation.
+KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.42860682030941723e-06f)));
+  __m512 p = _mm512_set1_ps(1.98412698412698413e-04f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.38888888888888889e-03f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.33333333333333333e-03f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.16666666666666667e-02f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.66666666666666667e-01f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// One query over n >= 1 keys. x > -87 in exp16 matters only where the scalar clamps: max with -87 is the same
+// select. The score of key j is the fixed-order dot times the scale; the max is exact in any order.
+template <typename T, int C>
+KR_TARGET_AVX512 void attend_query_avx512(const float* qf, const T* kb, const T* vb, int64_t stride_t, int64_t n,
+                                          float scale, float* s, T* o) {
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qf + 16 * c);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-3.402823466e38f);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
+    __m512 part[16];
+    for (int t = 0; t < 16; ++t) {
+      if (t < cnt) {
+        const T* kr = kb + (j0 + t) * stride_t;
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) acc = _mm512_add_ps(acc, _mm512_mul_ps(qv[c], load16(kr + 16 * c)));
+        part[t] = acc;
+      } else {
+        part[t] = _mm512_setzero_ps();
+      }
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
+    const __m512 sc = _mm512_mul_ps(tree16x16(part), vscale);
+    _mm512_mask_storeu_ps(s + j0, live, sc);
+    vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 lanes = _mm512_setzero_ps();  // the 16 lanes of sum_fixed
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
+    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j0), m)));
+    _mm512_mask_storeu_ps(s + j0, live, e);
+    lanes = _mm512_add_ps(lanes, e);  // lanes past n add +0, as sum_fixed's zero padding
+  }
+  float lane_sums[16];
+  _mm512_storeu_ps(lane_sums, lanes);
+  const __m512 l = _mm512_set1_ps(kr_cpu::tree16(lane_sums));
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = vb + j * stride_t;
+    const __m512 e = _mm512_set1_ps(s[j]);
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(e, load16(vr + 16 * c)));
+  }
+  for (int c = 0; c < C; ++c) store16(o + 16 * c, _mm512_div_ps(acc[c], l));
+}
+
+template <typename T, int C>
+KR_TARGET_AVX512 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
+  const int64_t D = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  static thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(16 * C + (a.kv_len + 15) / 16 * 16 + 16));
+  float* qf = scratch.data();
+  float* s = qf + 16 * C;
+  const T* q = static_cast<const T*>(a.q);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.n_heads, h = task % a.n_heads, g = h / group;
+    const T* kb = static_cast<const T*>(a.k_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
+    const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
+    for (int64_t i = 0; i < a.q_len; ++i) {
+      const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
+      const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
+      T* o = out + ((b * a.n_heads + h) * a.q_len + i) * D;
+      if (n == 0) {
+        for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
+        continue;
+      }
+      const T* qr = q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
+      for (int64_t d = 0; d < D; ++d) qf[d] = kr_cpu::to_float(qr[d]);
+      attend_query_avx512<T, C>(qf, kb, vb, a.cache_stride[2], n, a.scale, s, o);
+    }
+  }
+}
+
+template <typename T>
+KR_TARGET_AVX512 void attend_avx512(const kr_cpu_attention_args& a, int64_t t0, int64_t t1) {
+  switch (a.head_dim) {
+    case 16: attend_tasks_avx512<T, 1>(a, t0, t1); return;
+    case 32: attend_tasks_avx512<T, 2>(a, t0, t1); return;
+    case 48: attend_tasks_avx512<T, 3>(a, t0, t1); return;
+    case 64: attend_tasks_avx512<T, 4>(a, t0, t1); return;
+    case 80: attend_tasks_avx512<T, 5>(a, t0, t1); return;
+    case 96: attend_tasks_avx512<T, 6>(a, t0, t1); return;
+    case 112: attend_tasks_avx512<T, 7>(a, t0, t1); return;
+    case 128: attend_tasks_avx512<T, kMaxChunks>(a, t0, t1); return;
+    default: attend_tasks<T>(a, t0, t1); return;
+  }
+}
+#endif
+
+template <typename T>
+void attend(int isa, const kr_cpu_attention_args& a, int64_t t0, int64_t t1) {
+  switch (isa) {
+#if KR_CPU_X86
+    case KR_CPU_ISA_AVX512: attend_avx512<T>(a, t0, t1); return;
+    case KR_CPU_ISA_AVX2: attend_avx2<T>(a, t0, t1); return;
+#endif
+    default: attend_portable<T>(a, t0, t1); return;
+  }
+}
+
+}  // namespace
+
+extern "C" int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (a == nullptr || a->batch < 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads != 0 ||
+      a->q_len < 0 || a->head_dim <= 0 || a->kv_len < 0 || task_begin < 0 || task_end < task_begin ||
+      task_end > a->batch * a->n_heads || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
+    return KR_CPU_BAD_ARGUMENT;
+  if (task_begin == task_end || a->q_len == 0) return KR_CPU_OK;
+  if (a->q == nullptr || a->k_cache == nullptr || a->v_cache == nullptr || a->positions == nullptr ||
+      a->out == nullptr)
+    return KR_CPU_BAD_ARGUMENT;
+  if (a->dtype == KR_CPU_FLOAT32)
+    attend<float>(isa, *a, task_begin, task_end);
+  else
+    attend<uint16_t>(isa, *a, task_begin, task_end);
+  return KR_CPU_OK;
+}

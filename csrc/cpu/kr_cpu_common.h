@@ -1,0 +1,115 @@
+// Helpers shared by the CPU kernels of csrc/cpu/ (internal: not part of the C ABI of kr_cpu.h).
+//
+// Element types: fp32, or bf16 passed as its uint16 bits. Widening bf16 to fp32 is exact; narrowing rounds to
+// nearest even, as torch does, so a kernel that computes in fp32 and stores bf16 rounds once, where torch would.
+//
+// Fixed reduction orders: a reduction over n terms is computed as if on 16 fp32 lanes (lane l takes the terms
+// l, l + 16, ... in increasing order, zero-padded at the end), then summed by the tree of tree16. The kernels
+// written with these helpers only ever multiply and add (never a contracted a * b + c: the build passes
+// -ffp-contract=off), so the compiler may vectorize them at any width and the bits stay those of the source.
+#pragma once
+
+#include <stdint.h>
+
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define KR_CPU_X86 1
+#define KR_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define KR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define KR_CPU_X86 0
+#endif
+
+#define KR_INLINE inline __attribute__((always_inline))
+
+namespace kr_cpu {
+
+constexpr int kLanes = 16;  // the virtual vector width that fixes every reduction order
+
+KR_INLINE float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even; NaN -> the canonical quiet NaN (as c10::BFloat16).
+KR_INLINE uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+KR_INLINE float to_float(float v) { return v; }
+KR_INLINE float to_float(uint16_t v) { return bf16_bits_to_float(v); }
+
+template <typename T>
+KR_INLINE T from_float(float v);
+template <>
+KR_INLINE float from_float<float>(float v) { return v; }
+template <>
+KR_INLINE uint16_t from_float<uint16_t>(float v) { return float_to_bf16_bits(v); }
+
+// The value an element of type T holds after a float result is stored in it (fp32: itself; bf16: rounded).
+template <typename T>
+KR_INLINE float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// The fixed 16 -> 1 summation tree.
+KR_INLINE float tree16(const float* a) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+  return s2a + s2b;
+}
+
+// sum_k a[k] * b[k] over k < n in the fixed order, a already fp32 and zero-padded to a multiple of 16.
+template <typename T>
+KR_INLINE float dot_fixed(const float* a, const T* b, int64_t n) {
+  float acc[kLanes] = {};
+  const int64_t full = n - n % kLanes;
+  for (int64_t k = 0; k < full; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + a[k + l] * to_float(b[k + l]);
+  if (full < n)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + (full + l < n ? a[full + l] * to_float(b[full + l]) : 0.0f);
+  return tree16(acc);
+}
+
+// sum_k a[k] over k < n in the fixed order.
+KR_INLINE float sum_fixed(const float* a, int64_t n) {
+  float acc[kLanes] = {};
+  const int64_t full = n - n % kLanes;
+  for (int64_t k = 0; k < full; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + a[k + l];
+  if (full < n)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + (full + l < n ? a[full + l] : 0.0f);
+  return tree16(acc);
+}
+
+// exp(x) for x <= 0 in plain multiplies and adds (so that a loop of it vectorizes, with the same bits at every
+// width): x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial
+// (relative error below 1e-8 there), times 2^n built in the exponent bits. x below -87 gives exp(-87) (about
+// 1.6e-38), which next to the 1 that a softmax's largest term contributes is 0.
+KR_INLINE float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693145751953125f;  // ln2 split in two for an exact n * ln2_hi
+  r = r - n * 1.42860682030941723e-06f;
+  float p = 1.98412698412698413e-04f;  // 1/7!
+  p = p * r + 1.38888888888888889e-03f;
+  p = p * r + 8.33333333333333333e-03f;
+  p = p * r + 4.16666666666666667e-02f;
+  p = p * r + 1.66666666666666667e-01f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace kr_cpu

@@ -1,0 +1,207 @@
+"""The CPU extension's decode-layer ops (csrc/cpu/{rms_norm,rope_cache_append,attention}.cpp through
+kangaroo_rt._cpu_ext): accuracy against fp64 by the tolerance rule (rope: the reference's bits), bit-for-bit
+independence of a query's or row's result from the rest of the call, from the thread count and from the ISA
+variant, clear errors for refused inputs, and dispatch (what the kernels do not cover goes to torch)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernel_checks import assert_tolerance_rule
+from kangaroo_rt import _cpu_ext, ops, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    if not _cpu_ext.is_built():
+        pytest.skip("kangaroo_rt._cpu is not built (KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .)")
+    return _cpu_ext.load()
+
+
+def _attention_case(b, hq, hkv, q_len, d, t_max, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kc = torch.randn(b + 1, hkv, t_max, d, generator=gen).to(dtype)
+    vc = torch.randn(b + 1, hkv, t_max, d, generator=gen).to(dtype)
+    q = torch.randn(b, q_len, hq, d, generator=gen).transpose(1, 2).to(dtype)  # strided, as the model passes it
+    start = torch.randint(0, t_max - q_len + 1, (b,), generator=gen)
+    start[0] = t_max - q_len
+    positions = start[:, None] + torch.arange(q_len)[None]
+    return q, kc, vc, positions
+
+
+def _fp64_attention(q, kc, vc, positions, kv_len=None):
+    return reference.attention_math(q.double(), kc.double(), vc.double(), positions, kv_len)
+
+
+# (batch, q heads, kv heads, q_len, head_dim, slots): SmolLM2's 9/3 x 64, GQA 1/4/8, head dims not a multiple of
+# 16, a single key, and the largest verify the kernel serves (64 queries).
+ATTENTION_SHAPES = [(1, 9, 3, 1, 64, 600), (1, 9, 3, 7, 64, 600), (3, 8, 2, 5, 64, 40), (2, 8, 1, 3, 128, 40),
+                    (2, 4, 4, 2, 24, 33), (1, 2, 1, 1, 8, 1), (2, 4, 1, 64, 32, 100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,hq,hkv,q_len,d,t_max", ATTENTION_SHAPES)
+def test_attention_matches_fp64_by_the_tolerance_rule(cpu, dtype, b, hq, hkv, q_len, d, t_max):
+    q, kc, vc, positions = _attention_case(b, hq, hkv, q_len, d, t_max, dtype)
+    out = cpu.attention(q, kc, vc, positions, None)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    assert_tolerance_rule(out, reference.attention(q, kc, vc, positions), _fp64_attention(q, kc, vc, positions))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_a_query_has_the_bits_it_has_alone(cpu, dtype):
+    """A verify pass over k + 1 queries gives each query the bits of a single step at its position, whatever
+    kv_len (beyond the slots it reads) and whatever the other rows of the batch."""
+    q, kc, vc, positions = _attention_case(3, 9, 3, 6, 64, 80, dtype, seed=1)
+    together = cpu.attention(q, kc, vc, positions, 80)
+    for row in range(3):
+        for i in range(6):
+            p = int(positions[row, i])
+            alone = cpu.attention(q[row:row + 1, :, i:i + 1], kc[row:row + 1], vc[row:row + 1],
+                                  positions[row:row + 1, i:i + 1], p + 1)
+            assert torch.equal(alone, together[row:row + 1, :, i:i + 1]), (row, i)
+
+
+def test_attention_reads_only_visible_slots_and_masks_negative_positions(cpu):
+    """Slots past a query's position or past kv_len are never read (NaN there changes nothing); a query at a
+    negative position sees no key and gives 0, as torch's fused kernel does."""
+    q, kc, vc, positions = _attention_case(2, 4, 2, 3, 32, 50, torch.float32, seed=2)
+    positions[1] = torch.tensor([-1, 4, 5])
+    kv_len = int(positions.max()) + 1
+    ref = cpu.attention(q, kc, vc, positions, kv_len)
+    torch.testing.assert_close(ref[:, :, 1:], reference.attention(q, kc, vc, positions, kv_len)[:, :, 1:])
+    for row in range(2):
+        kc[row, :, int(positions[row, -1]) + 1:] = float("nan")
+        vc[row, :, int(positions[row, -1]) + 1:] = float("nan")
+    out = cpu.attention(q, kc, vc, positions, kv_len)
+    assert torch.equal(out, ref)
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
+
+
+RMS_SHAPES = [(1, 576), (5, 7, 576), (3, 17), (2, 1000), (0, 64), (4, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", RMS_SHAPES)
+def test_rms_norm_and_add_rms_norm_match_fp64_by_the_tolerance_rule(cpu, dtype, shape):
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    res = torch.randn(shape, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    if x.numel() == 0:
+        assert cpu.rms_norm(x, w, 1e-5).shape == shape and cpu.add_rms_norm(x, res, w, 1e-5)[1].shape == shape
+        return
+    exact = reference.rms_norm(x.double(), w.double(), 1e-5)
+    assert_tolerance_rule(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), exact)
+    new_res, normed = cpu.add_rms_norm(x, res, w, 1e-5)
+    ref_res, ref_normed = reference.add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(new_res, ref_res)  # one rounded add, as torch does it
+    assert_tolerance_rule(normed, ref_normed, reference.rms_norm(new_res.double(), w.double(), 1e-5))
+
+
+def test_rms_norm_rows_are_independent_and_strided_rows_work(cpu):
+    x = torch.randn(9, 2, 300)[:, 0]  # (9, 300) rows with a stride of 600
+    w = torch.randn(300)
+    together = cpu.rms_norm(x, w, 1e-6)
+    for i in range(9):
+        assert torch.equal(cpu.rms_norm(x[i:i + 1].contiguous(), w, 1e-6), together[i:i + 1])
+
+
+ROPE_SHAPES = [(1, 9, 3, 1, 64, 16), (3, 8, 2, 7, 64, 32), (2, 4, 4, 3, 128, 8), (2, 2, 1, 5, 6, 12)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,hq,hkv,q_len,d,t_max", ROPE_SHAPES)
+def test_rope_cache_append_gives_the_reference_bits(cpu, dtype, b, hq, hkv, q_len, d, t_max):
+    gen = torch.Generator().manual_seed(b * 10 + q_len)
+    q = torch.randn(b, q_len, hq, d, generator=gen).transpose(1, 2).to(dtype)
+    k = torch.randn(b, q_len, hkv, d, generator=gen).transpose(1, 2).to(dtype)
+    v = torch.randn(b, q_len, hkv, d, generator=gen).transpose(1, 2).to(dtype)
+    positions = torch.randint(-2, t_max + 2, (b, q_len), generator=gen)  # some outside the cache: not written
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = reference.rope_cos_sin(positions.clamp(min=0), inv_freq, dtype)
+    caches = [torch.randn(b + 1, hkv, t_max, d, generator=gen).to(dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    out = cpu.rope_cache_append(q, k, v, cos, sin, caches[0], caches[1], positions)
+    ref = reference.rope_cache_append(q, k, v, cos, sin, ref_caches[0], ref_caches[1], positions)
+    assert torch.equal(out, ref)
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+
+
+_VARIANT_SCRIPT = r"""
+import hashlib, json, sys, torch
+sys.path.insert(0, "tests")
+from test_cpu_ext import _attention_case
+from kangaroo_rt import _cpu_ext
+cpu = _cpu_ext.load()
+digest = {}
+for dtype in (torch.float32, torch.bfloat16):
+    q, kc, vc, pos = _attention_case(2, 9, 3, 5, 72, 300, dtype, seed=3)
+    outs = [cpu.attention(q, kc, vc, pos, None), cpu.rms_norm(kc[0], vc[0, 0, 0], 1e-5)]
+    outs += list(cpu.add_rms_norm(kc[1], vc[1], vc[0, 0, 0], 1e-5))
+    for d, t_max in ((64, 77), (128, 45), (16, 3)):  # head sizes with an AVX-512 path of their own
+        q, kc, vc, pos = _attention_case(2, 4, 2, 3, d, t_max, dtype, seed=d)
+        outs.append(cpu.attention(q, kc, vc, pos, None))
+    for i, t in enumerate(outs):
+        digest[f"{dtype}-{i}"] = hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
+print(json.dumps({"isa": cpu.isa(), "digest": digest}))
+"""
+
+
+def test_every_variant_and_thread_count_gives_the_same_bits(cpu):
+    """The variant is fixed per process (KANGAROO_RT_CPU_ISA); each one, at 1 and 2 threads, computes the same
+    bits, since the kernels' loops only fix the order of their adds, not the vector width."""
+    results = {}
+    for isa in cpu.supported_isas():
+        for threads in ("1", "2"):
+            env = dict(os.environ, KANGAROO_RT_CPU_ISA=isa, OMP_NUM_THREADS=threads)
+            out = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-2000:]
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            assert got["isa"] == isa
+            results[(isa, threads)] = got["digest"]
+    first = next(iter(results.values()))
+    assert all(d == first for d in results.values()), list(results)
+
+
+def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
+    q, kc, vc, positions = _attention_case(1, 4, 2, 2, 16, 20, torch.float32)
+    with pytest.raises(TypeError, match="k_cache must be Float like the other inputs"):
+        cpu.attention(q, kc.bfloat16(), vc, positions, None)
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
+        cpu.attention(q[:, :3], kc, vc, positions, None)
+    with pytest.raises(ValueError, match="kv_len must be in"):
+        cpu.attention(q, kc, vc, positions, 21)
+    with pytest.raises(TypeError, match="positions must be a CPU int64"):
+        cpu.attention(q, kc, vc, positions.int(), None)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), 1e-5)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        cpu.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="head size must be even"):
+        cpu.rope_cache_append(torch.randn(1, 2, 1, 5), torch.randn(1, 1, 1, 5), torch.randn(1, 1, 1, 5),
+                              torch.randn(1, 1, 5), torch.randn(1, 1, 5), torch.zeros(1, 1, 4, 5),
+                              torch.zeros(1, 1, 4, 5), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_dispatch_serves_decode_ops_and_leaves_the_rest_to_torch(cpu, monkeypatch):
+    monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
+    table = ops.backend_table("cpu")
+    for op in ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention"):
+        assert table[op] == "cpu", (op, table)
+    # prefill-sized attention (more queries than INVARIANT_MAX_QUERIES) and fp64 inputs go to the reference
+    q, kc, vc, positions = _attention_case(1, 4, 2, reference.INVARIANT_MAX_QUERIES + 1, 16, 100, torch.float32)
+    assert torch.equal(ops.attention(q, kc, vc, positions), reference.attention(q, kc, vc, positions))
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    assert torch.equal(ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
+    q, kc, vc, positions = _attention_case(1, 4, 2, 3, 16, 20, torch.float32)
+    assert torch.equal(ops.attention(q, kc, vc, positions), cpu.attention(q, kc, vc, positions, None))
