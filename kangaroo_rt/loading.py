@@ -143,7 +143,7 @@ def _build(config: ModelConfig, tensors: Dict[str, torch.Tensor], source: str, d
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)
-    return model.eval()
+    return model.eval().fuse_projections()
 
 
 GGUF_REQUIREMENTS = ("gguf", "accelerate")  # what transformers' GGUF loader needs beside it
@@ -222,7 +222,9 @@ def save_model(model: Transformer, folder: PathLike, dtype: Optional[torch.dtype
             continue
         name = k if k == "lm_head.weight" else f"model.{k}"
         t = v.detach().to("cpu")
-        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        # a copy of its own: fused projections share memory (model.FusedRows), which safetensors refuses
+        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).clone(
+            memory_format=torch.contiguous_format)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")

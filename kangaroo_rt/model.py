@@ -63,6 +63,61 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return ops.linear(x, layer.weight, layer.bias)
 
 
+class FusedRows:
+    """Linear layers that read one input, served by one call: their weights (and biases) concatenated along the
+    output rows into one tensor, and each layer's parameters made views of its rows.
+
+    The layers keep their parameters (names, state dict, in-place loading all work as before); the fused tensor
+    only shares their memory. It serves while every layer's weight is still the view it was given (a
+    ``.to()``, a re-assigned parameter or a load with ``assign=True`` ends that; the layers are then called one
+    by one) and while no gradient is wanted for them. One kernel call streams all the rows: on CPU the
+    extension's linear gives each output the bits it has alone, so fusing changes no result.
+    """
+
+    def __init__(self, layers: Tuple[nn.Linear, ...]) -> None:
+        weights = [layer.weight for layer in layers]
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = torch.cat([w.detach() for w in weights])  # (sum N, K)
+        biases = [layer.bias for layer in layers]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # (sum N,)
+        start = 0
+        for layer, n in zip(layers, self.sizes):
+            layer.weight.data = self.weight[start:start + n]
+            if self.bias is not None:
+                layer.bias.data = self.bias[start:start + n]
+            start += n
+        self._ptrs = self._pointers(layers)
+
+    @staticmethod
+    def fusable(layers: Tuple[nn.Linear, ...]) -> bool:
+        w0 = layers[0].weight
+        return (w0.device.type != "meta" and all(
+            layer.weight.dtype == w0.dtype and layer.weight.device == w0.device and layer.weight.dim() == 2
+            and layer.weight.shape[1] == w0.shape[1] and (layer.bias is None) == (layers[0].bias is None)
+            for layer in layers))
+
+    @staticmethod
+    def _pointers(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
+        return tuple(t.data_ptr() for layer in layers for t in (layer.weight, layer.bias) if t is not None)
+
+    def serves(self, layers: Tuple[nn.Linear, ...]) -> bool:
+        """Whether one call on the fused tensor computes the layers now (this object keeps the fused memory
+        alive, so equal pointers mean the parameters are still views of it)."""
+        if torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers):
+            return False
+        return self._pointers(layers) == self._ptrs
+
+    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """x: (..., K) -> one (..., N_i) view per layer."""
+        return ops.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _fused_call(fused: Optional[FusedRows], layers: Tuple[nn.Linear, ...], x: torch.Tensor):
+    if fused is not None and fused.serves(layers):
+        return fused(x)
+    return tuple(_linear(layer, x) for layer in layers)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -86,14 +141,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.o_bias)
+        self.qkv: Optional[FusedRows] = None  # see fuse()
+
+    def fuse(self) -> bool:
+        """Serve q/k/v by one call over their concatenated weights (:class:`FusedRows`); False if they cannot."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = FusedRows(layers) if FusedRows.fusable(layers) else None
+        return self.qkv is not None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         """x: (B, q, D); positions: (B, q); cos/sin: (B, q, head_dim); caches: (B_max, Hkv, T, hd)."""
         b, q_len, _ = x.shape
-        q = _linear(self.q_proj, x).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = _linear(self.k_proj, x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
-        v = _linear(self.v_proj, x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = _fused_call(self.qkv, (self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         q = ops.rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions)  # k, v now in the cache
         out = ops.attention(q, k_cache, v_cache, positions, kv_len)  # (B, Hq, q, hd)
         return _linear(self.o_proj, out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
@@ -105,9 +168,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: Optional[FusedRows] = None  # see fuse()
+
+    def fuse(self) -> bool:
+        """Serve gate and up by one call over their concatenated weights (:class:`FusedRows`)."""
+        layers = (self.gate_proj, self.up_proj)
+        self.gate_up = FusedRows(layers) if FusedRows.fusable(layers) else None
+        return self.gate_up is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
+        gate, up = _fused_call(self.gate_up, (self.gate_proj, self.up_proj), x)
+        return _linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -143,7 +214,23 @@ class Transformer(nn.Module):
     def random(cls, config: ModelConfig, seed: int = 0, std: float = 0.02,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Transformer":
         """Random weights (normal(0, std) matrices, unit norms), seeded: for tests and benchmarks."""
-        return init_random(cls(config), seed, std).to(dtype=dtype, device=device).eval()
+        return init_random(cls(config), seed, std).to(dtype=dtype, device=device).eval().fuse_projections()
+
+    def fuse_projections(self) -> "Transformer":
+        """Make every layer serve q/k/v and gate/up by one call each (:class:`FusedRows`: the parameters become
+        views of the fused tensors, memory is not doubled). Loading does this; after ``.to()`` it is redone."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self._fused = True
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .float() / .cuda() give the parameters new memory, which ends the fused views: fuse again.
+        result = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return result
 
     # -- pieces ---------------------------------------------------------------------------------
     @property

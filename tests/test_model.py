@@ -157,3 +157,54 @@ def test_sliding_window_beyond_the_window_is_refused():
     model.generate(ids, max_new_tokens=8, kangaroo=None)  # fits in the window
     with pytest.raises(ValueError, match="sliding_window"):
         model.generate(ids, max_new_tokens=40, kangaroo=None)
+
+
+def _unfused_copy(model):
+    """The same weights with every projection called on its own (no FusedRows)."""
+    other = K.Transformer(model.config)
+    other.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    other.inv_freq = model.inv_freq
+    return other.eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_projections_change_no_result_and_keep_the_parameters(model_type, tmp_path):
+    """q/k/v and gate/up served by one call each give the per-layer results (bit for bit on the CPU extension,
+    whose rows are independent); parameter names, the state dict, in-place loading, .to() and saving are as
+    without fusion."""
+    model = random_target(tiny_config(model_type=model_type), seed=3)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    with torch.no_grad():
+        assert attn.qkv is not None and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.k_proj.weight.data_ptr() == attn.qkv.weight[attn.n_heads * attn.head_dim:].data_ptr()
+    plain = _unfused_copy(model)
+    assert plain.layers[0].self_attn.qkv is None
+    assert set(plain.state_dict()) == set(model.state_dict())
+    ids = torch.randint(0, 97, (2, 6))
+    pos = torch.arange(6)[None].expand(2, 6)
+    with torch.no_grad():
+        fused_logits = model(ids, pos, model.new_cache(2, 16))
+        plain_logits = plain(ids, pos, plain.new_cache(2, 16))
+        if K.ops.backend_table("cpu")["linear"] == "cpu":
+            assert torch.equal(fused_logits, plain_logits)
+        torch.testing.assert_close(fused_logits, plain_logits)
+        # in-place loading writes through the views into the fused tensor
+        new_q = torch.randn_like(attn.q_proj.weight)
+        model.load_state_dict({**model.state_dict(), "layers.0.self_attn.q_proj.weight": new_q})
+        assert torch.equal(attn.qkv.weight[:new_q.shape[0]], new_q)
+        # .to() gives the parameters new memory and fuses again
+        model.to(torch.float64)
+        assert attn.qkv.weight.dtype == torch.float64 and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+    # a re-assigned parameter ends the fused call: the layers are then called one by one
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        assert not attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+    # gradients flow to the parameters (the fused call is not used while autograd records)
+    model.float()
+    mlp.gate_proj.weight.requires_grad_(True)
+    with torch.enable_grad():
+        assert not mlp.gate_up.serves((mlp.gate_proj, mlp.up_proj))
+        mlp(torch.randn(1, 2, 64)).sum().backward()
+    assert mlp.gate_proj.weight.grad is not None
+    K.save_model(model, tmp_path / "saved")  # safetensors refuses shared memory: saving copies
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
