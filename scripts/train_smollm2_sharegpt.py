@@ -87,17 +87,22 @@ def stage_data(args) -> None:
     print(f"data: {data.report}\nteacher-forced set: {len(chosen)} conversations, {tokens} tokens")
 
 
-def _answer_prompts(source: str, out: str, limit_tokens: int, args, desc: str) -> None:
-    """The model's own greedy answers (bf16, batched) to the prompts of ``source``, appended to ``out`` in
-    resumable chunks until ``limit_tokens`` answer tokens or the prompts run out."""
+def _answer_prompts(source: str, out: str, limit_tokens: int, args, desc: str,
+                    skip_longer_than: int | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The model's own greedy answers (batched) to the prompts of ``source``, appended to ``out`` in resumable
+    chunks until ``limit_tokens`` answer tokens or the prompts run out. Prompts are cut to --max-prompt-tokens,
+    or, with ``skip_longer_than``, prompts of more tokens are left out (a cut prompt is an odd request, and on
+    two cores the prefill of long prompts costs more than the answers)."""
+    tok = models.load_tokenizer("smollm2")
     rows = _read_jsonl(_path(source))
+    if skip_longer_than is not None:
+        rows = [r for r in rows if len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= skip_longer_than]
     done = _read_jsonl(_path(out)) if os.path.isfile(_path(out)) else []
     made = sum(sum(d["loss_mask"]) for d in done)
     if made >= limit_tokens or len(done) >= len(rows):
         return
     torch.set_num_threads(args.threads)
-    tok = models.load_tokenizer("smollm2")
-    model = _plain_model(torch.bfloat16)
+    model = _plain_model(dtype)
     start, new = time.perf_counter(), 0
     lo = len(done)
     while lo < len(rows) and made < limit_tokens:
@@ -120,7 +125,9 @@ def stage_devset(args) -> None:
 
 
 def stage_selfdistill(args) -> None:
-    _answer_prompts("train_prompts.jsonl", "examples_self.jsonl", args.self_tokens, args, "self-distilled answers")
+    # fp32: the answers decoding in the shipped cpu_dtype gives, which is what the adapter has to predict
+    _answer_prompts("train_prompts.jsonl", "examples_self.jsonl", args.self_tokens, args, "self-distilled answers",
+                    skip_longer_than=args.self_max_prompt_tokens, dtype=torch.float32)
 
 
 def _dump_folder(kind: str) -> str:
@@ -257,6 +264,8 @@ def main() -> None:
     parser.add_argument("--self-tokens", type=int, default=300_000, help="answer tokens of the self-distilled set")
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--self-max-prompt-tokens", type=int, default=160,
+                        help="selfdistill answers only first turns of at most this many tokens")
     parser.add_argument("--batch", type=int, default=16, help="rows per batched generation")
     parser.add_argument("--exits", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--topk", type=int, default=16)
