@@ -221,6 +221,9 @@ setup(
         "serve": ["fastapi>=0.100", "uvicorn>=0.23"],
         # `kangaroo-rt fetch smollm2` and .gguf targets: transformers' GGUF loader (versions it was checked with)
         "gguf": ["gguf==0.19.0", "accelerate==1.16.0"],
+        # `kangaroo-rt bench --llama-cpp`: llama.cpp as a baseline. Compiles llama.cpp from source (about 20 minutes
+        # on 2 cores), so it is never in `make venv`'s extras; see the README, "llama.cpp baseline".
+        "llamacpp": ["llama-cpp-python==0.3.36", "gguf==0.19.0"],
     },
     entry_points={"console_scripts": ["kangaroo-rt = kangaroo_rt.cli:main"]},
     ext_modules=ext_modules,

@@ -31,6 +31,7 @@ from .config import KangarooConfig
 
 TEMPLATES = ("auto", "chat", "vicuna", "none")
 BASELINES = ("hf_generate", "ar")  # speedups are reported against each of these that ran
+EXTERNAL_PREFIXES = ("hf_", "llama_cpp_")  # other runtimes: their token differences are reported, not fatal
 # A tiny fixed prompt set in Spec-Bench format for --smoke without --questions.
 SMOKE_QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a short note about kangaroos."]},
@@ -537,6 +538,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-vocab", nargs="+", metavar="K", type=_vocab_size,
                         help="also run Kangaroo with the adapter's draft vocabulary resized to each K ('full': the "
                              "whole vocabulary), in the same run (kangaroo_vocab_K methods)")
+    parser.add_argument("--llama-cpp", nargs="*", metavar="PRECISION",
+                        help="also run llama.cpp (llama-cpp-python, an optional extra) on the named model's GGUF: "
+                             "'shipped' (the file it comes in, e.g. Q4_1) and/or the same weights as F32, F16, BF16; "
+                             "no value: all four (llama_cpp_<precision> methods)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on any token mismatch, HF included")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long run on a random tiny model (byte 'tokenizer'); numbers mean nothing")
@@ -603,6 +608,12 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     return model, folder, adapter_dir, encode, eos, questions, template, settings, what
 
 
+def _registry_names() -> Sequence[str]:
+    from .models import REGISTRY
+
+    return tuple(REGISTRY)
+
+
 def _vocab_size(text: str) -> str:
     if text != "full" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"a draft vocabulary size is a positive integer or 'full', not {text!r}")
@@ -652,6 +663,13 @@ def run(args: argparse.Namespace) -> int:
             methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
         else:
             methods += hf_methods(folder, dtype, device, model.exit_layer, max_new, eos, args.ignore_eos)
+        if args.llama_cpp is not None:
+            from . import llama_cpp
+
+            name = args.model if not args.smoke and args.model in _registry_names() else None
+            methods += llama_cpp.methods(name, args.llama_cpp or llama_cpp.PRECISIONS,
+                                         args.threads or torch.get_num_threads(), model.max_len, max_new, eos,
+                                         args.ignore_eos, Method)
         print(f"spec_bench: {what}; {len(prompts)} prompts, {max_new} new tokens max, greedy, batch 1, "
               f"{str(dtype).replace('torch.', '')} on {device_name(device)}")
         print(f"Kangaroo exit layer {model.exit_layer}, gamma {kcfg.gamma}, eta {kcfg.eta}; template {template}")
@@ -703,7 +721,7 @@ def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool, ex
     if not mismatches:
         print("greedy tokens: all methods identical to kangaroo_rt plain decoding")
         return status
-    ours = [x for x in mismatches if not x["method"].startswith("hf_")]
+    ours = [x for x in mismatches if not x["method"].startswith(EXTERNAL_PREFIXES)]
     bar = "!" * 72
     print(f"{bar}\nGREEDY TOKEN MISMATCH vs kangaroo_rt plain decoding ({len(mismatches)} prompt/method pairs):",
           file=sys.stderr)
@@ -711,8 +729,9 @@ def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool, ex
         print(f"  {x['method']:<24} question {x['question_id']} ({x['category']}): first differing token "
               f"{x['first_index']} (lengths {x['reference_tokens']} vs {x['method_tokens']})", file=sys.stderr)
     if not ours:
-        print("only transformers differs: fp round-off between implementations can flip a near-tie; "
-              "--strict makes this an error", file=sys.stderr)
+        print("only other runtimes differ (transformers, llama.cpp): fp round-off between implementations can flip a "
+              "near-tie, and a GGUF of another precision is another model; --strict makes this an error",
+              file=sys.stderr)
     elif not exact:
         print("kangaroo_rt methods differ in half precision, where a near-tie may flip between a k-token verify "
               "and single-token steps; fp32 must match exactly; --strict makes this an error", file=sys.stderr)
