@@ -12,6 +12,8 @@ Stages, each resumable (a stage cut off at any moment continues where it stopped
   study        adapters per (data kind, exit layer, variant) on one token-update budget, against the draft
                vocabulary's K-row head; dev top-1 learning curves; checkpoints every few minutes
   curves       study.json + study.png (dev top-1 against token-updates) from the runs' metrics
+  vocab        a draft vocabulary (--draft-vocab tokens) from the training answers, with its dev coverage
+  rank         measured end-to-end speed on dev prompts of every study adapter, against plain decoding
 
     python scripts/train_smollm2_sharegpt.py all
 Work files go to runs/sharegpt (SHAREGPT_WORK overrides); nothing there is committed except what the study
@@ -152,15 +154,54 @@ def stage_dump(args) -> None:
         print(f"dump {kind}: {len(index['shards'])}/{index['num_shards']} shards")
 
 
-def _run_name(kind: str, exit_layer: int, mlp: bool) -> str:
-    return f"{kind}_l{exit_layer}_{'mlp' if mlp else 'attn'}"
+def _run_name(kind: str, exit_layer: int, mlp: bool, vocab: int = 4096) -> str:
+    """Runs against the shipped 4096-token vocabulary keep their first names; other vocabularies are named."""
+    return f"{kind}_l{exit_layer}_{'mlp' if mlp else 'attn'}" + ("" if vocab == 4096 and not os.path.isdir(VOCAB)
+                                                                 else f"_v{vocab}")
+
+
+VOCAB = os.path.join(STUDY, "draft_vocab")  # committed: the draft vocabulary built by the vocab stage
 
 
 def _draft_ids(vocab_size: int):
-    """The shipped draft vocabulary of the SmolLM2 adapter (drafting only ever uses its K-row head)."""
+    """The draft vocabulary the study trains against (drafting only ever uses its K-row head): the vocab stage's,
+    else the shipped adapter's."""
     from kangaroo_rt import draft_vocab
 
+    if os.path.isfile(os.path.join(VOCAB, "draft_vocab.safetensors")):
+        return draft_vocab.load(VOCAB, vocab_size)
     return draft_vocab.load(models.entry("smollm2").adapter_folder, vocab_size)
+
+
+def stage_vocab(args) -> None:
+    """A --draft-vocab-token draft vocabulary from the training answers (self-distilled answers and the
+    teacher-forced loss tokens): the most frequent tokens, specials always in. Coverage of the dev answers is
+    recorded; the dev set itself is not counted."""
+    from kangaroo_rt import draft_vocab
+
+    if os.path.isfile(os.path.join(VOCAB, "draft_vocab.safetensors")):
+        return
+    tok = models.load_tokenizer("smollm2")
+    vocab_size = len(tok)
+    answers = []
+    for kind in ("self", "tf"):
+        if os.path.isfile(_path(SETS[kind])):
+            answers += [[t for t, m in zip(d["input_ids"], d["loss_mask"]) if m] for d in _read_jsonl(_path(SETS[kind]))]
+    counts = draft_vocab.count_tokens(answers, vocab_size)
+    always = draft_vocab.special_ids(tok, vocab_size)
+    ids = draft_vocab.from_counts(counts, args.draft_vocab, always=always)
+    os.makedirs(VOCAB, exist_ok=True)
+    dev = [t for d in _read_jsonl(_path(SETS["dev"])) for t, m in zip(d["input_ids"], d["loss_mask"]) if m]
+    inside = set(ids.tolist())
+    shipped = set(draft_vocab.load(models.entry("smollm2").adapter_folder, vocab_size).tolist())
+    report = {"size": int(ids.numel()), "answer_tokens_counted": int(counts.sum()),
+              "dev_coverage": sum(t in inside for t in dev) / len(dev),
+              "shipped_vocab_dev_coverage": sum(t in shipped for t in dev) / len(dev)}
+    with open(os.path.join(VOCAB, "config.json"), "w") as f:
+        json.dump({"what": "draft vocabulary of the ShareGPT study", **report}, f, indent=2)
+    draft_vocab.save(VOCAB, ids, vocab_size, f"ShareGPT training answers ({report['answer_tokens_counted']} tokens)",
+                     counts=counts, always=always)
+    print(f"vocab: {report}")
 
 
 def _train_run(args, kind: str, exit_layer: int, mlp: bool, budget: int, out_dir: str):
@@ -197,10 +238,11 @@ def _curve(out_dir: str):
 def stage_study(args) -> None:
     """Every (kind, exit layer, variant) of the study on --study-budget token-updates; dev top-1 curves."""
     os.makedirs(STUDY, exist_ok=True)
+    vocab = int(_draft_ids(49152).numel())
     for mlp in [v == "mlp" for v in args.variants]:
         for kind in args.kinds:
             for exit_layer in args.exits:
-                name = _run_name(kind, exit_layer, mlp)
+                name = _run_name(kind, exit_layer, mlp, vocab)
                 out_dir = _path("study", name)
                 record = os.path.join(STUDY, name + ".json")
                 if os.path.isfile(record):
@@ -215,7 +257,7 @@ def stage_study(args) -> None:
                                "distinct_tokens": trainer.source.num_tokens, "partial_dump": args.partial,
                                "token_updates": trainer.token_updates, "dev_top1": curve[-1]["dev_top1"],
                                "curve": curve, "micro_batch": args.micro_batch, "lr": args.lr,
-                               "labels": args.labels}, f, indent=2)
+                               "labels": args.labels, "draft_vocab": vocab}, f, indent=2)
                 trainer.adapter.to(torch.float16).save_pretrained(os.path.join(STUDY, "adapters", name),
                                                                   safetensors=True)
                 print(f"study: {name}: dev top-1 {curve[-1]['dev_top1']:.3f} after {trainer.token_updates} updates")
@@ -250,8 +292,79 @@ def stage_curves(args) -> None:
         print(f"{name:18s} dev top-1 {r['dev_top1']:.3f}  ({r['token_updates']} token-updates)")
 
 
-STAGES = {"data": stage_data, "devset": stage_devset, "selfdistill": stage_selfdistill, "dump": stage_dump,
-          "study": stage_study, "curves": stage_curves}
+def _timed_decode(model, prompts, max_new: int, kcfg):
+    """(seconds, tokens, rounds, committed, outputs) of greedy decoding of each prompt in turn."""
+    total, tokens, rounds, committed, outs = 0.0, 0, 0, 0, []
+    for ids in prompts:
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new, eos_token_id=EOS, kangaroo=kcfg,
+                             return_dict_in_generate=True)
+        total += time.perf_counter() - start
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        outs.append(new)
+        tokens += len(new)
+        if kcfg is not None and out.stats is not None:
+            rounds += sum(out.stats.rounds)
+            committed += sum(out.stats.committed)
+    return total, tokens, rounds, committed, outs
+
+
+def _dev_prompts(n: int):
+    from train_smollm2_adapter import _chat_ids
+
+    tok = models.load_tokenizer("smollm2")
+    rows = _read_jsonl(_path("dev_prompts.jsonl"))[-n:]  # the dev set's answers come from the first rows' prompts
+    return [torch.tensor([_chat_ids(tok, tok.decode(tok(r["prompt"], add_special_tokens=False)["input_ids"][:128]))])
+            for r in rows]
+
+
+def stage_rank(args) -> None:
+    """Measured end-to-end speed on dev prompts (fp32, greedy, batch 1, --rank-tokens new tokens) of every study
+    adapter of the current vocabulary, against plain decoding in the same run; tokens checked equal.
+    rank.json, best first. Pause every other job first: this is a timing."""
+    from kangaroo_rt.adapter import Adapter
+    from kangaroo_rt.config import KangarooConfig
+    from kangaroo_rt.generate import KangarooModel
+
+    torch.set_num_threads(args.threads)
+    target = load_model(models.model_folder("smollm2"), dtype=torch.float32)
+    ids = _draft_ids(target.config.vocab_size)
+    prompts = _dev_prompts(args.rank_prompts)
+    plain = KangarooModel(target, None, exit_layer=1)
+    plain.max_len = 1024
+    _timed_decode(plain, prompts[:1], 8, None)  # warm-up
+    plain_s, plain_tokens, _, _, reference = _timed_decode(plain, prompts, args.rank_tokens, None)
+    rows = []
+    for f in sorted(os.listdir(STUDY)):
+        if not f.endswith(".json") or f in ("study.json", "rank.json", "tune.json"):
+            continue
+        with open(os.path.join(STUDY, f)) as fh:
+            rec = json.load(fh)
+        if rec.get("draft_vocab", 4096) != ids.numel():
+            continue
+        name = f[:-5]
+        adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=torch.float32)
+        adapter.set_draft_vocab(ids, source="study")
+        model = KangarooModel(target, adapter, exit_layer=rec["exit_layer"])
+        model.max_len = 1024
+        kcfg = KangarooConfig(gamma=args.gamma, eta=args.eta)
+        _timed_decode(model, prompts[:1], 8, kcfg)
+        secs, tokens, rounds, committed, outs = _timed_decode(model, prompts, args.rank_tokens, kcfg)
+        row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
+               "dev_top1": rec["dev_top1"], "mat": committed / max(rounds, 1),
+               "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
+               "identical": outs == reference}
+        rows.append(row)
+        print(f"rank: {name:22s} speedup {row['speedup']:.2f}x  MAT {row['mat']:.2f}  top-1 {row['dev_top1']:.3f}"
+              f"  identical {row['identical']}")
+    rows.sort(key=lambda r: -r["speedup"])
+    with open(os.path.join(STUDY, "rank.json"), "w") as f:
+        json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
+                   "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
+
+
+STAGES = {"data": stage_data, "devset": stage_devset, "selfdistill": stage_selfdistill, "vocab": stage_vocab,
+          "dump": stage_dump, "study": stage_study, "curves": stage_curves, "rank": stage_rank}
 
 
 def main() -> None:
@@ -284,6 +397,11 @@ def main() -> None:
     parser.add_argument("--partial", action="store_true",
                         help="train on the finished shards of a dump still being written (a preliminary study)")
     parser.add_argument("--stop-after-steps", type=int, default=None, help="time-box a training run")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="tokens of the vocab stage's draft vocabulary")
+    parser.add_argument("--rank-prompts", type=int, default=12, help="dev prompts the rank stage decodes")
+    parser.add_argument("--rank-tokens", type=int, default=64, help="new tokens per prompt in the rank stage")
+    parser.add_argument("--gamma", type=int, default=6, help="rank stage: max draft steps")
+    parser.add_argument("--eta", type=float, default=0.4, help="rank stage: confidence threshold")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     for name, fn in STAGES.items():
