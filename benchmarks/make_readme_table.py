@@ -46,7 +46,8 @@ def newest_per_device(results: List[Tuple[str, Dict]], benchmark: str) -> List[T
     for path, data in results:
         if data.get("benchmark") != benchmark:
             continue
-        key = (str(data.get("device")), str(data.get("model")), int(data.get("skipped_prompts") or 0))
+        key = (str(data.get("device")), str(data.get("model")), int(data.get("skipped_prompts") or 0),
+               str(data.get("dtype") or ""))  # a float32 and a bfloat16 run of one model are two results
         if key not in best or str(data.get("date", "")) > str(best[key][1].get("date", "")):
             best[key] = (path, data)
     return [best[k] for k in sorted(best)]
@@ -87,9 +88,17 @@ def spec_bench_section(path: str, d: Dict) -> List[str]:
             lines.append(f"| {c} | " + " | ".join(
                 _x(d["results"][c].get(n, {}).get("speedup_vs", {}).get(base)) for n in names) + " |")
     mism = d.get("greedy_mismatches") or []
-    lines += ["", "Greedy tokens of all methods identical." if not mism else
-              f"**Greedy token mismatches: {len(mism)}** (first: {mism[0]['method']} on question "
-              f"{mism[0]['question_id']} at token {mism[0]['first_index']})."]
+    if not mism:
+        lines += ["", "Greedy tokens of all methods identical."]
+        return lines
+    by_method: Dict[str, List[Dict]] = {}
+    for x in mism:
+        by_method.setdefault(x["method"], []).append(x)
+    same = [n for n in d["methods"] if n in overall and n != "ar" and n not in by_method]
+    parts = [f"{n} on {len(xs)} of {d['prompts']} prompts (first at token {min(x['first_index'] for x in xs)})"
+             for n, xs in by_method.items()]
+    lines += ["", f"Greedy tokens vs kangaroo_rt plain decoding: identical for {', '.join(same) or 'none'}; "
+                  f"**differ** for {'; '.join(parts)}."]
     return lines
 
 
@@ -182,13 +191,17 @@ def cpu_dtype_section(path: str, d: Dict) -> List[str]:
 
 
 def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
-    lines = ["**Kernel microbenchmarks** (Triton vs the torch reference):", "",
-             "| benchmark | case | device | Triton ms | torch ms | % of copy bandwidth |", "|---|---|---|---|---|---|"]
+    lines = ["**Kernel microbenchmarks** (the kernel vs the torch reference in the same run; Triton on a GPU against its "
+             "copy bandwidth, the CPU extension (`--cpu`) against the DRAM read bandwidth):", "",
+             "| benchmark | case | device | kernel | kernel ms | torch ms | speedup | % of bandwidth |",
+             "|---|---|---|---|---|---|---|---|"]
     for path, d in items:
         for r in d["rows"]:
-            frac = r.get("fraction_of_copy_bw")
-            lines.append(f"| {d['benchmark']} | {r['case']} | {d['device']} | {r['triton_ms']:.4f} | "
-                         f"{r['torch_ms']:.4f} | {'-' if frac is None else f'{100 * frac:.0f}%'} |")
+            kernel = "cpu" if "cpu_ms" in r else "triton"
+            frac = r.get("fraction_of_read_bw", r.get("fraction_of_copy_bw"))
+            lines.append(f"| {d['benchmark']} | {r['case']} | {d['device']} | {kernel} | {r[kernel + '_ms']:.4f} | "
+                         f"{r['torch_ms']:.4f} | {r['torch_ms'] / r[kernel + '_ms']:.2f}x | "
+                         f"{'-' if frac is None else f'{100 * frac:.0f}%'} |")
     return lines
 
 
@@ -200,7 +213,8 @@ SECTIONS = {"spec_bench": spec_bench_section, "bench_cpu_dtype": cpu_dtype_secti
 def render(results: List[Tuple[str, Dict]]) -> str:
     parts = [section(path, d) for name, section in SECTIONS.items() for path, d in newest_per_device(results, name)]
     kernel_names = sorted({d["benchmark"] for _, d in results if d["benchmark"] not in SECTIONS
-                           and isinstance(d.get("rows"), list) and d["rows"] and "triton_ms" in d["rows"][0]})
+                           and isinstance(d.get("rows"), list) and d["rows"]
+                           and ("triton_ms" in d["rows"][0] or "cpu_ms" in d["rows"][0])})
     kernels = [item for name in kernel_names for item in newest_per_device(results, name)]
     if kernels:
         parts.append(kernels_section(kernels))

@@ -9,11 +9,12 @@ choice on CPU for every op the CPU extension lacks; Triton kernels (``kernels/``
 dispatch, never at ``import kangaroo_rt``) serve CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``
 only when the triton backend is forced. The CUDA extension's ops (``kangaroo_rt._C`` through
 :mod:`kangaroo_rt._ext`, imported at the first CUDA dispatch) come first on CUDA tensors when it was built;
-when it was not, one warning says so and the next backend serves. The CPU extension's ops (``linear``:
-``kangaroo_rt._cpu`` through :mod:`kangaroo_rt._cpu_ext`, imported at the first CPU dispatch) come first on
-CPU tensors when it was built (``make venv`` builds it); when it was not, torch serves them without a warning.
-Its linear kernel gives every row the bits it has alone, whatever the batch, which Kangaroo's exact
-verification needs and torch's CPU linear does not promise. :func:`backend_table` tells which backend serves
+when it was not, one warning says so and the next backend serves. The CPU extension's ops (``linear``,
+``rms_norm``, ``add_rms_norm``, ``rope_cache_append``, ``attention``: ``kangaroo_rt._cpu`` through
+:mod:`kangaroo_rt._cpu_ext`, imported at the first CPU dispatch) come first on CPU tensors when it was built
+(``make venv`` builds it); when it was not, torch serves them without a warning.
+Its kernels give every row (and every query) the bits it has alone, whatever the batch, which Kangaroo's
+exact verification needs and torch's CPU ops do not promise. :func:`backend_table` tells which backend serves
 each op on a given device.
 
 Two rules keep a kernel from being the wrong choice at run time:
