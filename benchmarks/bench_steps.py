@@ -129,7 +129,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
                 else:
                     p.normal_(0.0, std, generator=gen)
     target.inv_freq = rope_inv_freq(config).to(device)
-    return target.eval(), adapter.eval()
+    return target.eval().fuse_projections(), adapter.eval()  # fused q/k/v and gate/up, as loading does
 
 
 def param_bytes(module: torch.nn.Module) -> int:

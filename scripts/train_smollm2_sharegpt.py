@@ -144,7 +144,7 @@ def stage_dump(args) -> None:
 
     torch.set_num_threads(args.threads)
     target = load_model(models.model_folder("smollm2"), dtype=torch.bfloat16)
-    for kind in ("dev", "tf", "self"):
+    for kind in args.dump_sets:
         if not os.path.isfile(_path(SETS[kind])):
             print(f"dump: no {SETS[kind]} yet (run its stage first); skipped")
             continue
@@ -384,6 +384,8 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=16)
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--stop-after-s", type=float, default=None, help="time-box the dump")
+    parser.add_argument("--dump-sets", nargs="+", default=list(SETS), choices=list(SETS),
+                        help="the sets the dump stage dumps, in this order")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--variants", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"],
                         help="adapter variants of the study, in this order: the paper's, and with an MLP block")
