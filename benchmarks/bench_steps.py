@@ -2,6 +2,8 @@
 
 Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
   plain       one decode step of the whole model (the AR baseline)
+  plain_per_op  on the CPU with kangaroo_rt._cpu: the same step with the layers' ops called one by one from
+              Python instead of the one-call layer stack (what that call saves)
   draft@l     one Kangaroo draft step: layers 0..l-1 on one token, the adapter, the LM head, argmax
   draftK@l    the same over a draft vocabulary of K tokens (kangaroo_rt.draft_vocab: a K-row head), for
               each K of --draft-vocab below the shape's vocabulary, at the shape's exit layer
@@ -42,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kangaroo_rt import ops  # noqa: E402
+from kangaroo_rt import _cpu_ext, ops  # noqa: E402
 from kangaroo_rt.adapter import Adapter  # noqa: E402
 from kangaroo_rt.config import ModelConfig  # noqa: E402
 from kangaroo_rt.draft_vocab import DraftHead  # noqa: E402
@@ -216,6 +218,20 @@ class Steps:
         n = t.num_layers
         return step, sum(self.layer_bytes) + self.head_bytes + self._kv(n, batch, context, 1)
 
+    def plain_per_op(self, batch: int, context: int) -> Tuple[Callable[[], object], int]:
+        """The plain step with every layer's ops called one by one from Python (the CPU path before the one-call
+        layer stack, ``_cpu.decoder_layers``): what that call saves."""
+        step, nbytes = self.plain(batch, context)
+
+        def per_op():
+            self.target._cpu_stack = lambda *args: None  # an instance attribute shadows the method
+            try:
+                return step()
+            finally:
+                del self.target._cpu_stack
+
+        return per_op, nbytes
+
     def draft(self, batch: int, context: int, exit_layer: int, with_adapter: bool = True,
               draft_vocab: Optional[int] = None):
         """A draft step; ``draft_vocab`` K: over the head's first K rows (a K-token draft vocabulary; which
@@ -270,6 +286,8 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
         for batch in args.batches:
             for context in args.contexts:
                 cases = [("plain", None, 1, steps.plain(batch, context))]
+                if device.type == "cpu" and _cpu_ext.is_available():
+                    cases.append(("plain_per_op", None, 1, steps.plain_per_op(batch, context)))
                 cases += [(f"draft@{l}", l, 1, steps.draft(batch, context, l)) for l in exits]
                 cases += [(f"draftK{k}@{verify_exit}", verify_exit, 1,
                            steps.draft(batch, context, verify_exit, draft_vocab=k))

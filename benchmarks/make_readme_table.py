@@ -114,19 +114,22 @@ def steps_section(path: str, d: Dict) -> List[str]:
     lines = [f"**Step latency vs the memory floor** (random {d['dtype']} weights, floor = weights + KV bytes / "
              f"copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s measured in the same run; best of eager and "
              f"CUDA graph) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
-             "| shape | batch | context | plain step ms (% of floor) | draft step ms (exit layer) | "
-             "verify ms (tokens) | verify / plain |", "|---|---|---|---|---|---|---|"]
+             "| shape | batch | context | plain step ms (% of floor) | plain step, ops one by one, ms | "
+             "draft step ms (exit layer) | verify ms (tokens) | verify / plain step, by tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for (shape, step, _, _, b, ctx), r in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5])):
         if step != "plain":
             continue
         k = verify_k[shape]
-        verify = next((v for key, v in index.items() if key[:2] == (shape, "verify") and key[3] == k
-                       and key[4:] == (b, ctx)), None)
+        verifies = sorted((key[3], v) for key, v in index.items() if key[:2] == (shape, "verify") and key[4:] == (b, ctx))
+        verify = next((v for tokens, v in verifies if tokens == k), None)
         draft = None if verify is None else index.get((shape, "draft", verify["exit_layer"], 1, b, ctx))
+        per_op = index.get((shape, "plain_per_op", None, 1, b, ctx))
         draft_cell = "-" if draft is None else f"{best(draft):.2f} ({draft['exit_layer']})"
         verify_cell = "-" if verify is None else f"{best(verify):.2f} ({k})"
-        ratio_cell = "-" if verify is None else f"{best(verify) / best(r):.2f}"
-        lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | "
+        ratio_cell = ", ".join(f"{tokens}: {best(v) / best(r):.2f}" for tokens, v in verifies) or "-"
+        per_op_cell = "-" if per_op is None else f"{best(per_op):.2f}"
+        lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | {per_op_cell} | "
                      f"{draft_cell} | {verify_cell} | {ratio_cell} |")
     subsets = [r for r in rows if r["step"] == "draft_vocab"]
     if subsets:

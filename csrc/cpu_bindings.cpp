@@ -295,6 +295,60 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   return out;
 }
 
+// ---- A stack of decoder layers in one call: kangaroo_rt.model.DecoderLayer.forward written over the functions
+// above, so the bits are those of the per-op path (the same kernels on the same inputs), without a Python
+// round trip per op (about a dozen per layer: dispatch, checks and module calls cost ~100 us a layer at one token).
+
+// Per layer, in this order: input norm (D,), fused q/k/v weight (Hq*Dh + 2*Hkv*Dh, D), o weight (D, Hq*Dh),
+// post-attention norm (D,), fused gate/up weight (2*I, D), down weight (D, I).
+constexpr size_t kLayerWeights = 6;
+
+// hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer; qkv_bias,
+// o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer -> hidden after
+// the layers, their keys and values written into the caches.
+at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+                          const at::Tensor& sin, const std::vector<at::Tensor>& weights,
+                          const std::vector<c10::optional<at::Tensor>>& qkv_bias,
+                          const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
+                          std::vector<at::Tensor> v_caches, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                          double eps, c10::optional<int64_t> kv_len) {
+  const char* what = "kangaroo_rt._cpu.decoder_layers";
+  const size_t layers = k_caches.size();
+  TORCH_CHECK_VALUE(weights.size() == kLayerWeights * layers && qkv_bias.size() == layers &&
+                        o_bias.size() == layers && v_caches.size() == layers,
+                    what, ": expected ", kLayerWeights, " weights, 2 biases and 2 caches per layer, got ",
+                    weights.size(), " weights, ", qkv_bias.size(), " + ", o_bias.size(), " biases and ",
+                    k_caches.size(), " + ", v_caches.size(), " caches");
+  TORCH_CHECK_VALUE(hidden.dim() == 3, what, ": hidden must be (B, q, D), got ", hidden.sizes());
+  const int64_t B = hidden.size(0), Q = hidden.size(1);
+  const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
+  const int isa = process_isa();
+  at::Tensor h = hidden;
+  for (size_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = &weights[kLayerWeights * i];
+    TORCH_CHECK_VALUE(w[1].dim() == 2 && w[1].size(0) == q_width + 2 * kv_width && w[4].dim() == 2 &&
+                          w[4].size(0) % 2 == 0,
+                      what, ": layer ", i, ": the fused q/k/v weight must have ", q_width + 2 * kv_width,
+                      " rows and the fused gate/up weight an even number, got ", w[1].sizes(), " and ", w[4].sizes());
+    const at::Tensor x = rms_norm(h, w[0], eps);
+    const std::vector<at::Tensor> qkv = linear_with(x, w[1], qkv_bias[i], isa).split_with_sizes(
+        {q_width, kv_width, kv_width}, -1);
+    const at::Tensor q = qkv[0].view({B, Q, n_heads, head_dim}).transpose(1, 2);
+    const at::Tensor k = qkv[1].view({B, Q, n_kv_heads, head_dim}).transpose(1, 2);
+    const at::Tensor v = qkv[2].view({B, Q, n_kv_heads, head_dim}).transpose(1, 2);
+    const at::Tensor q_rot = rope_cache_append(q, k, v, cos, sin, k_caches[i], v_caches[i], positions);
+    const at::Tensor attn = attention(q_rot, k_caches[i], v_caches[i], positions, kv_len);
+    const at::Tensor o = linear_with(attn.transpose(1, 2).reshape({B, Q, q_width}), w[2], o_bias[i], isa);
+    at::Tensor normed;
+    std::tie(h, normed) = add_rms_norm(o, h, w[3], eps);
+    const int64_t inter = w[4].size(0) / 2;
+    const std::vector<at::Tensor> gate_up = linear_with(normed, w[4], c10::nullopt, isa).split_with_sizes(
+        {inter, inter}, -1);
+    h = h + linear_with(at::silu(gate_up[0]) * gate_up[1], w[5], c10::nullopt, isa);
+  }
+  return h;
+}
+
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
 std::vector<std::string> supported_isas() {
@@ -327,6 +381,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_len") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "causal attention of q (B, Hq, q, D) over the caches at per-row positions (B, q) -> (B, Hq, q, D); "
         "each query's bits do not depend on the others");
+  m.def("decoder_layers", &decoder_layers, py::arg("hidden"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
+        py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
+        py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("kv_len") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "a stack of Llama decoder layers (fused q/k/v and gate/up weights) over the static cache in one call; "
+        "the bits of the per-op path");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;

@@ -137,3 +137,13 @@ def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
 
 
 OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention")
+
+
+def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,
+                   n_kv_heads: int, head_dim: int, eps: float, kv_len=None) -> torch.Tensor:
+    """A stack of decoder layers in one call (csrc/cpu_bindings.cpp): the ops of :data:`OPS` in the order
+    ``kangaroo_rt.model.DecoderLayer`` calls them, on the same kernels, so the same bits without a Python round
+    trip per op. The caller (``Transformer.forward_layers``) checks that every op would be served by this
+    extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up)."""
+    return load().decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches,
+                                 n_heads, n_kv_heads, head_dim, eps, kv_len)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _cpu_ext, ops
 from .cache import StaticKVCache
 from .config import ModelConfig
-from .reference import rope_cos_sin
+from .reference import INVARIANT_MAX_QUERIES, rope_cos_sin
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -223,6 +223,7 @@ class Transformer(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         self._fused = True
+        self.__dict__.pop("_stacks", None)  # the one-call layer stacks (_cpu_stack) are built again
         return self
 
     def _apply(self, fn, recurse: bool = True):
@@ -274,10 +275,59 @@ class Transformer(nn.Module):
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range {start}..{end} is outside 0..{self.num_layers}")
         cos, sin = rope if rope is not None else self.rope(positions)
+        stack = self._cpu_stack(hidden, positions, start, end)
+        if stack is not None:
+            c = self.config
+            k_caches, v_caches = zip(*(cache.layer(i) for i in range(start, end)))
+            return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, list(k_caches), list(v_caches),
+                                           c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                           c.rms_norm_eps, kv_len)
         for i in range(start, end):
             k_cache, v_cache = cache.layer(i)
             hidden = self.layers[i](hidden, positions, cos, sin, k_cache, v_cache, kv_len)
         return hidden
+
+    _STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention")
+
+    def _cpu_stack(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int):
+        """(weights, qkv biases, o biases) for :func:`kangaroo_rt._cpu_ext.decoder_layers` over layers
+        ``start..end-1``, or None when the per-op path must serve: that call gives the per-op path's bits, so it
+        is taken only where every op of those layers would go to the CPU extension anyway (CPU tensors of one
+        kernel dtype, no autograd, at most ``INVARIANT_MAX_QUERIES`` queries, q/k/v and gate/up fused, no backend
+        forced away from it). The lists are built once per layer range and kept while every parameter of those
+        layers is still the tensor it was (checked per call: a dict lookup and a pointer per parameter)."""
+        if not (hidden.device.type == "cpu" and end > start and hidden.dim() == 3
+                and 0 < hidden.shape[1] <= INVARIANT_MAX_QUERIES and hidden.dtype == self.dtype
+                and hidden.dtype in _cpu_ext._KERNEL_DTYPES and positions.dtype == torch.int64
+                and not torch.is_grad_enabled() and _cpu_ext.is_available()
+                and all(ops.resolve(op, hidden.device)[0] == "cpu" for op in self._STACK_OPS)):
+            return None
+        stacks = self.__dict__.setdefault("_stacks", {})
+        entry = stacks.get((start, end))
+        if entry is None or not all(params.get(name) is p and p.data_ptr() == ptr for params, name, p, ptr in entry[1]):
+            entry = stacks[(start, end)] = self._build_stack(start, end)
+        return entry[0] if entry is not None else None
+
+    def _build_stack(self, start: int, end: int):
+        """-> ((weights, qkv biases, o biases), what to watch), or None when a layer is not fused."""
+        weights, qkv_bias, o_bias, watch = [], [], [], []
+        for layer in self.layers[start:end]:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv is None or mlp.gate_up is None or not (
+                    attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+                    and mlp.gate_up.serves((mlp.gate_proj, mlp.up_proj))):
+                return None
+            weights += [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight,
+                        layer.post_attention_layernorm.weight, mlp.gate_up.weight, mlp.down_proj.weight]
+            qkv_bias.append(attn.qkv.bias)
+            o_bias.append(attn.o_proj.bias)
+            for module in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
+                           attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                watch += [(module._parameters, name, p, p.data_ptr())
+                          for name, p in module._parameters.items() if p is not None]
+        if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights):
+            return None
+        return (weights, qkv_bias, o_bias), watch
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                 kv_len: Optional[int] = None) -> torch.Tensor:

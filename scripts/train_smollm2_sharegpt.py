@@ -263,13 +263,22 @@ def stage_study(args) -> None:
                 print(f"study: {name}: dev top-1 {curve[-1]['dev_top1']:.3f} after {trainer.token_updates} updates")
 
 
-def stage_curves(args) -> None:
-    """study.json (every finished run) and study.png (dev top-1 against token-updates)."""
+def _study_records() -> dict:
+    """{run name: record} of every finished study run (the JSON files with a learning curve; the folder also holds
+    study.json, rank.json and data_report.json)."""
     runs = {}
     for f in sorted(os.listdir(STUDY)) if os.path.isdir(STUDY) else []:
-        if f.endswith(".json") and f != "study.json":
+        if f.endswith(".json"):
             with open(os.path.join(STUDY, f)) as fh:
-                runs[f[:-5]] = json.load(fh)
+                rec = json.load(fh)
+            if isinstance(rec, dict) and "curve" in rec:
+                runs[f[:-5]] = rec
+    return runs
+
+
+def stage_curves(args) -> None:
+    """study.json (every finished run) and study.png (dev top-1 against token-updates)."""
+    runs = _study_records()
     with open(os.path.join(STUDY, "study.json"), "w") as f:
         json.dump({name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}, f, indent=2)
     import matplotlib
@@ -334,20 +343,11 @@ def stage_rank(args) -> None:
     plain.max_len = 1024
     _timed_decode(plain, prompts[:1], 8, None)  # warm-up
     plain_s, plain_tokens, _, _, reference = _timed_decode(plain, prompts, args.rank_tokens, None)
+    kcfg = KangarooConfig(gamma=args.gamma, eta=args.eta)
     rows = []
-    for f in sorted(os.listdir(STUDY)):
-        if not f.endswith(".json") or f in ("study.json", "rank.json", "tune.json"):
-            continue
-        with open(os.path.join(STUDY, f)) as fh:
-            rec = json.load(fh)
-        if rec.get("draft_vocab", 4096) != ids.numel():
-            continue
-        name = f[:-5]
-        adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=torch.float32)
-        adapter.set_draft_vocab(ids, source="study")
-        model = KangarooModel(target, adapter, exit_layer=rec["exit_layer"])
+
+    def measure(name: str, model, rec: dict) -> None:
         model.max_len = 1024
-        kcfg = KangarooConfig(gamma=args.gamma, eta=args.eta)
         _timed_decode(model, prompts[:1], 8, kcfg)
         secs, tokens, rounds, committed, outs = _timed_decode(model, prompts, args.rank_tokens, kcfg)
         row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
@@ -355,8 +355,18 @@ def stage_rank(args) -> None:
                "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
                "identical": outs == reference}
         rows.append(row)
-        print(f"rank: {name:22s} speedup {row['speedup']:.2f}x  MAT {row['mat']:.2f}  top-1 {row['dev_top1']:.3f}"
+        print(f"rank: {name:22s} speedup {row['speedup']:.2f}x  MAT {row['mat']:.2f}  top-1 {row['dev_top1']}"
               f"  identical {row['identical']}")
+
+    shipped = models.entry("smollm2").adapter_folder  # the reference: the adapter that ships today
+    measure("shipped", KangarooModel.from_pretrained(target, shipped, exit_layer=models.settings("smollm2")["exit_layer"]),
+            {"kind": "shipped", "exit_layer": models.settings("smollm2")["exit_layer"], "mlp": False, "dev_top1": None})
+    for name, rec in _study_records().items():
+        if rec.get("draft_vocab", 4096) != ids.numel():
+            continue
+        adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=torch.float32)
+        adapter.set_draft_vocab(ids, source="study")
+        measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     rows.sort(key=lambda r: -r["speedup"])
     with open(os.path.join(STUDY, "rank.json"), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,

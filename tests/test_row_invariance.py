@@ -89,3 +89,60 @@ def test_verify_reading_more_key_slots_than_a_single_step_gives_its_bits(dtype):
     single = torch.cat([model(ids[:, t:t + 1], torch.tensor([[t]]), cache, kv_len=t + 1) for t in range(70, 76)], 1)
     verify = model(ids[:, 70:76], torch.arange(70, 76)[None], cache, kv_len=96)
     assert torch.equal(single, verify)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@torch.no_grad()
+def test_the_one_call_layer_stack_gives_the_bits_of_the_per_op_path(dtype, qkv_bias, monkeypatch):
+    """forward_layers runs a whole layer range in one extension call (_cpu_ext.decoder_layers) where every op would
+    go to the extension; hidden states, logits and the caches it writes equal the per-op path's bit for bit, for
+    decode steps (1 query) and verify passes (several), rows at different positions, and a partial layer range."""
+    model = Transformer.random(tiny_config(num_layers=3, model_type="qwen2" if qkv_bias else "llama", **SMOL),
+                               seed=0, dtype=dtype)
+    assert (model.layers[0].self_attn.q_proj.bias is not None) == qkv_bias
+    calls = []
+    real, stack = _cpu_ext.decoder_layers, Transformer._cpu_stack
+    monkeypatch.setattr(_cpu_ext, "decoder_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, SMOL["vocab_size"], (2, 12), generator=gen)
+
+    def run(per_op: bool):
+        monkeypatch.setattr(Transformer, "_cpu_stack", (lambda *a: None) if per_op else stack)
+        cache = model.new_cache(2, 24)
+        out = [model(ids[:, :6], torch.arange(6).expand(2, 6), cache, kv_len=24)]  # a short prefill
+        for t in range(6, 8):  # decode steps, the rows one position apart
+            pos = torch.tensor([[t], [t + 1]])
+            out.append(model(ids[:, t:t + 1], pos, cache, kv_len=t + 2))
+        pos = torch.tensor([[8, 9, 10], [9, 10, 11]])  # a verify pass over three tokens
+        h = model.forward_layers(model.embed(ids[:, 8:11]), pos, 0, 1, cache, kv_len=12)  # draft layers only
+        out += [h, model.head(model.forward_layers(h, pos, 1, 3, cache, kv_len=12))]
+        return out, [t.clone() for i in range(3) for t in cache.layer(i)]
+
+    calls.clear()
+    fast, fast_cache = run(per_op=False)
+    assert len(calls) == 5, "the stack was not used for the prefill, decode and verify steps"
+    calls.clear()
+    slow, slow_cache = run(per_op=True)
+    assert not calls
+    for a, b in zip(fast + fast_cache, slow + slow_cache):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+
+
+@torch.no_grad()
+def test_the_layer_stack_steps_aside_where_an_op_would_not_use_the_extension(monkeypatch):
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)
+    h = torch.randn(1, 1, SMOL["hidden_size"])
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    assert model._cpu_stack(h, pos, 0, 2) is not None
+    assert model._cpu_stack(h, pos, 1, 1) is None  # an empty range
+    assert model._cpu_stack(torch.randn(1, 65, SMOL["hidden_size"]), pos, 0, 2) is None  # prefill: SDPA serves
+    assert model._cpu_stack(h.double(), pos, 0, 2) is None
+    with torch.enable_grad():
+        assert model._cpu_stack(h, pos, 0, 2) is None
+    monkeypatch.setenv("KANGAROO_RT_BACKEND", "torch")
+    assert model._cpu_stack(h, pos, 0, 2) is None
+    monkeypatch.delenv("KANGAROO_RT_BACKEND")
+    model.layers[1].mlp.gate_proj.weight = torch.nn.Parameter(model.layers[1].mlp.gate_proj.weight.clone())
+    assert model._cpu_stack(h, pos, 0, 2) is None  # gate/up no longer fused: per op, one call per layer
+    assert model._cpu_stack(h, pos, 0, 1) is not None
