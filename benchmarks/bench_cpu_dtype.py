@@ -2,9 +2,12 @@
 
 For each dtype, in one run on the same prompts (chat-templated, batch 1, greedy): transformers ``generate``,
 this project's plain decoding and Kangaroo with the model's shipped adapter. Every method runs in the dtype it
-is compared in; the lossless checks are within a dtype (Kangaroo == plain == transformers greedy). The dtype
-with the fastest Kangaroo decoding among those where every check held is the recommendation; the registry's
-``cpu_dtype`` in the shipped ``kangaroo.json`` records the choice.
+is compared in; the checks are within a dtype. Kangaroo == plain (losslessness) must hold in every dtype; plain ==
+transformers greedy must hold in float32, where both compute in the same precision. In a 16-bit dtype it is
+reported, not required: two implementations round bf16/fp16 differently (this project's CPU kernel accumulates
+a row in fp32 in one fixed order and rounds once; torch's GEMM blocks by shape), so a near-tie can flip. The
+fastest Kangaroo decoding among the dtypes whose checks held is the recommendation: speed alone decides between
+them. The registry's ``cpu_dtype`` in the shipped ``kangaroo.json`` records the choice.
 
     PYTHONPATH=. python benchmarks/bench_cpu_dtype.py --model smollm2 --threads 2
 
@@ -90,7 +93,7 @@ def main() -> int:
         plain = _plain_sequences(target, prompts, args.max_new_tokens)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         r.update(_hf_tokens_per_s(hf, prompts, args.max_new_tokens, plain), dtype=name)
-        r["lossless"] = r["greedy_mismatches"] == 0 and r["hf_mismatches"] == 0
+        r["lossless"] = r["greedy_mismatches"] == 0 and (name != "float32" or r["hf_mismatches"] == 0)
         rows.append(r)
         del hf, target, adapter
         print(f"{name}: plain {r['plain_tokens_per_s']:.1f} tok/s, kangaroo {r['kangaroo_tokens_per_s']:.1f}, "
@@ -105,7 +108,8 @@ def main() -> int:
               f"{len(prompts) - r['hf_mismatches']}/{len(prompts)} |")
     lossless = [r for r in rows if r["lossless"]]
     best = max(lossless, key=lambda r: r["kangaroo_tokens_per_s"])["dtype"] if lossless else None
-    print(f"\nrecommended CPU dtype for {args.model}: {best} (fastest Kangaroo decoding where every check held)")
+    print(f"\nrecommended CPU dtype for {args.model}: {best} (fastest Kangaroo decoding where Kangaroo == plain, and "
+          "plain == transformers in float32)")
     record = {"benchmark": "bench_cpu_dtype", "model": args.model, "device": device_name(torch.device("cpu")),
               "threads": args.threads, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens_per_prompt": args.max_new_tokens, "adapter_settings": shipped,

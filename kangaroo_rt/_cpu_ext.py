@@ -84,8 +84,16 @@ def _linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N) in x's dtype. Each output row has the bits it
-    has when computed alone, whatever the other rows (csrc/cpu/linear.cpp)."""
-    if not _linear_ok(x, weight, bias):
+    has when computed alone, whatever the other rows (csrc/cpu/linear.cpp).
+
+    Except in a prefill: bf16 x with more than ``reference.INVARIANT_MAX_QUERIES`` tokens on its second-to-last
+    axis (a (B, q, K) prompt of q > 64, or an (M, K) matrix of M > 64) goes to torch, whose oneDNN GEMM uses
+    AVX512-BF16's dot products where the CPU has them (measured here: about 2.2x the kernel at 256-600 rows, which
+    widens bf16 to fp32 and is FMA-bound there). Its bits depend on the row count, as attention's do over more than
+    64 queries; decode, draft and verify steps never have that many tokens a row, and a prompt's prefill is shared
+    by plain and Kangaroo decoding. In fp32 the kernel stays: it is faster than torch's GEMM at every size here."""
+    if not _linear_ok(x, weight, bias) or (
+            x.dtype == torch.bfloat16 and x.dim() >= 2 and x.shape[-2] > reference.INVARIANT_MAX_QUERIES):
         return reference.linear(x, weight, bias)
     return load().linear(x, weight, bias)
 

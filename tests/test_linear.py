@@ -226,3 +226,21 @@ def test_kangaroo_rt_cpu_isa_forces_a_lower_variant_or_is_an_error(cpu):
     if missing:
         out = _child(missing[0])
         assert out.startswith("error") and "this CPU cannot run" in out, out
+
+
+def test_a_bf16_prefill_goes_to_torch_and_decode_rows_to_the_kernel(cpu):
+    """ops.linear on bf16: more than 64 tokens on the second-to-last axis (a prefill) is torch's GEMM, fewer the
+    kernel with its row-count invariant bits; fp32 is the kernel at every size."""
+    from kangaroo_rt import reference
+
+    w = torch.randn(40, 96, dtype=torch.bfloat16)
+    limit = reference.INVARIANT_MAX_QUERIES
+    for q, torch_serves in ((1, False), (limit, False), (limit + 1, True), (130, True)):
+        x = torch.randn(2, q, 96, dtype=torch.bfloat16)
+        got = ops.linear(x, w)
+        want = F.linear(x, w) if torch_serves else cpu.linear(x, w)
+        assert torch.equal(got, want), q
+    x = torch.randn(3, 7, 96, dtype=torch.bfloat16)  # 21 rows in a call of 7 tokens each: the kernel
+    assert torch.equal(ops.linear(x, w), cpu.linear(x, w))
+    x32, w32 = torch.randn(130, 96), torch.randn(40, 96)
+    assert torch.equal(ops.linear(x32, w32), cpu.linear(x32, w32))
