@@ -22,6 +22,7 @@ copies into benchmarks/results/smollm2-sharegpt-study/ (records, curves, fp16 ad
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -35,6 +36,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from kangaroo_rt import models  # noqa: E402
+from kangaroo_rt.bench import device_name  # noqa: E402
 from kangaroo_rt.loading import load_model  # noqa: E402
 from train_smollm2_adapter import _batched_generate, _plain_model, _read_jsonl, _write_jsonl  # noqa: E402
 
@@ -154,10 +156,12 @@ def stage_dump(args) -> None:
         print(f"dump {kind}: {len(index['shards'])}/{index['num_shards']} shards")
 
 
-def _run_name(kind: str, exit_layer: int, mlp: bool, vocab: int = 4096) -> str:
-    """Runs against the shipped 4096-token vocabulary keep their first names; other vocabularies are named."""
-    return f"{kind}_l{exit_layer}_{'mlp' if mlp else 'attn'}" + ("" if vocab == 4096 and not os.path.isdir(VOCAB)
-                                                                 else f"_v{vocab}")
+def _run_name(kind: str, exit_layer: int, mlp: bool, vocab: int = 4096, budget: int = 1_000_000) -> str:
+    """Runs against the shipped 4096-token vocabulary keep their first names; other vocabularies are named, and so
+    are budgets other than the study's 1 M token-updates (``_3M``: a longer run of the same configuration)."""
+    return (f"{kind}_l{exit_layer}_{'mlp' if mlp else 'attn'}"
+            + ("" if vocab == 4096 and not os.path.isdir(VOCAB) else f"_v{vocab}")
+            + ("" if budget == 1_000_000 else f"_{budget / 1e6:g}M"))
 
 
 VOCAB = os.path.join(STUDY, "draft_vocab")  # committed: the draft vocabulary built by the vocab stage
@@ -242,7 +246,7 @@ def stage_study(args) -> None:
     for mlp in [v == "mlp" for v in args.variants]:
         for kind in args.kinds:
             for exit_layer in args.exits:
-                name = _run_name(kind, exit_layer, mlp, vocab)
+                name = _run_name(kind, exit_layer, mlp, vocab, args.study_budget)
                 out_dir = _path("study", name)
                 record = os.path.join(STUDY, name + ".json")
                 if os.path.isfile(record):
@@ -328,15 +332,17 @@ def _dev_prompts(n: int):
 
 
 def stage_rank(args) -> None:
-    """Measured end-to-end speed on dev prompts (fp32, greedy, batch 1, --rank-tokens new tokens) of every study
-    adapter of the current vocabulary, against plain decoding in the same run; tokens checked equal.
-    rank.json, best first. Pause every other job first: this is a timing."""
+    """Measured end-to-end speed on dev prompts (greedy, batch 1, --rank-tokens new tokens, in the shipped
+    ``cpu_dtype`` unless --rank-dtype) of the shipped adapter and every study adapter of the current vocabulary,
+    against plain decoding in the same run; tokens checked equal. rank.json, best first. Pause every other job
+    first: this is a timing."""
     from kangaroo_rt.adapter import Adapter
     from kangaroo_rt.config import KangarooConfig
     from kangaroo_rt.generate import KangarooModel
 
     torch.set_num_threads(args.threads)
-    target = load_model(models.model_folder("smollm2"), dtype=torch.float32)
+    dtype = getattr(torch, args.rank_dtype or models.settings("smollm2")["cpu_dtype"])
+    target = load_model(models.model_folder("smollm2"), dtype=dtype)
     ids = _draft_ids(target.config.vocab_size)
     prompts = _dev_prompts(args.rank_prompts)
     plain = KangarooModel(target, None, exit_layer=1)
@@ -358,18 +364,21 @@ def stage_rank(args) -> None:
         print(f"rank: {name:22s} speedup {row['speedup']:.2f}x  MAT {row['mat']:.2f}  top-1 {row['dev_top1']}"
               f"  identical {row['identical']}")
 
-    shipped = models.entry("smollm2").adapter_folder  # the reference: the adapter that ships today
-    measure("shipped", KangarooModel.from_pretrained(target, shipped, exit_layer=models.settings("smollm2")["exit_layer"]),
-            {"kind": "shipped", "exit_layer": models.settings("smollm2")["exit_layer"], "mlp": False, "dev_top1": None})
+    shipped_exit = models.settings("smollm2")["exit_layer"]  # the reference: the adapter that ships today
+    shipped = Adapter.from_pretrained(models.entry("smollm2").adapter_folder, target.config, dtype=dtype)
+    measure("shipped", KangarooModel(target, shipped, exit_layer=shipped_exit),
+            {"kind": "shipped", "exit_layer": shipped_exit, "mlp": False, "dev_top1": None})
     for name, rec in _study_records().items():
         if rec.get("draft_vocab", 4096) != ids.numel():
             continue
-        adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=torch.float32)
+        adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=dtype)
         adapter.set_draft_vocab(ids, source="study")
         measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     rows.sort(key=lambda r: -r["speedup"])
     with open(os.path.join(STUDY, "rank.json"), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
+                   "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
+                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
 
 
@@ -414,6 +423,8 @@ def main() -> None:
     parser.add_argument("--rank-tokens", type=int, default=64, help="new tokens per prompt in the rank stage")
     parser.add_argument("--gamma", type=int, default=6, help="rank stage: max draft steps")
     parser.add_argument("--eta", type=float, default=0.4, help="rank stage: confidence threshold")
+    parser.add_argument("--rank-dtype", choices=["float32", "bfloat16"],
+                        help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     for name, fn in STAGES.items():
