@@ -349,33 +349,37 @@ def stage_rank(args) -> None:
     plain.max_len = 1024
     _timed_decode(plain, prompts[:1], 8, None)  # warm-up
     plain_s, plain_tokens, _, _, reference = _timed_decode(plain, prompts, args.rank_tokens, None)
-    kcfg = KangarooConfig(gamma=args.gamma, eta=args.eta)
     rows = []
 
     def measure(name: str, model, rec: dict) -> None:
         model.max_len = 1024
-        _timed_decode(model, prompts[:1], 8, kcfg)
-        secs, tokens, rounds, committed, outs = _timed_decode(model, prompts, args.rank_tokens, kcfg)
-        row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
-               "dev_top1": rec["dev_top1"], "mat": committed / max(rounds, 1),
-               "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
-               "identical": outs == reference}
-        rows.append(row)
-        print(f"rank: {name:22s} speedup {row['speedup']:.2f}x  MAT {row['mat']:.2f}  top-1 {row['dev_top1']}"
-              f"  identical {row['identical']}")
+        for gamma in args.gamma:
+            for eta in args.eta:
+                kcfg = KangarooConfig(gamma=gamma, eta=eta)
+                _timed_decode(model, prompts[:1], 8, kcfg)
+                secs, tokens, rounds, committed, outs = _timed_decode(model, prompts, args.rank_tokens, kcfg)
+                row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
+                       "dev_top1": rec["dev_top1"], "gamma": gamma, "eta": eta, "mat": committed / max(rounds, 1),
+                       "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
+                       "identical": outs == reference}
+                rows.append(row)
+                print(f"rank: {name:16s} gamma {gamma} eta {eta:.2f}  speedup {row['speedup']:.2f}x  MAT "
+                      f"{row['mat']:.2f}  top-1 {row['dev_top1']}  identical {row['identical']}")
 
-    shipped_exit = models.settings("smollm2")["exit_layer"]  # the reference: the adapter that ships today
-    shipped = Adapter.from_pretrained(models.entry("smollm2").adapter_folder, target.config, dtype=dtype)
-    measure("shipped", KangarooModel(target, shipped, exit_layer=shipped_exit),
-            {"kind": "shipped", "exit_layer": shipped_exit, "mlp": False, "dev_top1": None})
-    for name, rec in _study_records().items():
-        if rec.get("draft_vocab", 4096) != ids.numel():
-            continue
+    runs = {name: rec for name, rec in _study_records().items()
+            if rec.get("draft_vocab", 4096) == ids.numel() and (not args.runs or name in args.runs)}
+    if not args.runs or "shipped" in args.runs:
+        shipped_exit = models.settings("smollm2")["exit_layer"]  # the reference: the adapter that ships today
+        shipped = Adapter.from_pretrained(models.entry("smollm2").adapter_folder, target.config, dtype=dtype)
+        measure("shipped", KangarooModel(target, shipped, exit_layer=shipped_exit),
+                {"kind": "shipped", "exit_layer": shipped_exit, "mlp": False, "dev_top1": None})
+    for name, rec in runs.items():
         adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=dtype)
         adapter.set_draft_vocab(ids, source="study")
         measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     rows.sort(key=lambda r: -r["speedup"])
-    with open(os.path.join(STUDY, "rank.json"), "w") as f:
+    out = "rank.json" if not args.runs else "tune.json"
+    with open(os.path.join(STUDY, out), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
                    "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -421,8 +425,11 @@ def main() -> None:
     parser.add_argument("--draft-vocab", type=int, default=8192, help="tokens of the vocab stage's draft vocabulary")
     parser.add_argument("--rank-prompts", type=int, default=12, help="dev prompts the rank stage decodes")
     parser.add_argument("--rank-tokens", type=int, default=64, help="new tokens per prompt in the rank stage")
-    parser.add_argument("--gamma", type=int, default=6, help="rank stage: max draft steps")
-    parser.add_argument("--eta", type=float, default=0.4, help="rank stage: confidence threshold")
+    parser.add_argument("--gamma", type=int, nargs="+", default=[6], help="rank stage: max draft steps (a grid)")
+    parser.add_argument("--eta", type=float, nargs="+", default=[0.4], help="rank stage: confidence thresholds")
+    parser.add_argument("--runs", nargs="+",
+                        help="rank stage: only these adapters ('shipped' and study run names), written to tune.json "
+                             "instead of rank.json: tuning gamma and eta with grids of --gamma and --eta")
     parser.add_argument("--rank-dtype", choices=["float32", "bfloat16"],
                         help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
