@@ -193,6 +193,20 @@ def cpu_dtype_section(path: str, d: Dict) -> List[str]:
     return lines
 
 
+def linear_section(path: str, d: Dict) -> List[str]:
+    """benchmarks/bench_linear.py: the CPU linear kernel against torch per row count, cold cache."""
+    lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 90 layer matrices and head streamed cold, "
+             f"{d['threads']} threads, variant {d['isa']}; DRAM read bandwidth {d['read_bandwidth_gbs']:.0f} GB/s "
+             f"measured in the same run) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
+             "| weights | rows | kernel ms | torch ms | kernel GB/s (% of read bandwidth) | kernel vs torch | "
+             "kernel vs 1 row |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['weights']} | {r['rows']} | {r['kernel_ms']:.2f} | {r['torch_ms']:.2f} | "
+                     f"{r['kernel_gbs']:.1f} ({100 * r['kernel_fraction_of_read_bw']:.0f}%) | {r['speedup']:.2f}x | "
+                     f"{r['kernel_vs_m1']:.2f}x |")
+    return lines
+
+
 def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
     lines = ["**Kernel microbenchmarks** (the kernel vs the torch reference in the same run; Triton on a GPU against its "
              "copy bandwidth, the CPU extension (`--cpu`) against the DRAM read bandwidth):", "",
@@ -210,7 +224,7 @@ def kernels_section(items: List[Tuple[str, Dict]]) -> List[str]:
 
 # Benchmarks with a section of their own, in README order; any other result with Triton/torch rows is a kernel.
 SECTIONS = {"spec_bench": spec_bench_section, "bench_cpu_dtype": cpu_dtype_section, "bench_embedded": embedded_section,
-            "bench_steps": steps_section}
+            "bench_steps": steps_section, "bench_linear": linear_section}
 
 
 def render(results: List[Tuple[str, Dict]]) -> str:
