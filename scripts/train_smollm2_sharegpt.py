@@ -129,9 +129,11 @@ def stage_devset(args) -> None:
 
 
 def stage_selfdistill(args) -> None:
-    # fp32: the answers decoding in the shipped cpu_dtype gives, which is what the adapter has to predict
+    # the answers decoding in the shipped cpu_dtype gives, which is what the adapter has to predict (a set begun in
+    # another dtype is continued in this one: the first 576 answers of 2026-12-04 are fp32, the rest bf16)
     _answer_prompts("train_prompts.jsonl", "examples_self.jsonl", args.self_tokens, args, "self-distilled answers",
-                    skip_longer_than=args.self_max_prompt_tokens, dtype=torch.float32)
+                    skip_longer_than=args.self_max_prompt_tokens,
+                    dtype=getattr(torch, args.self_dtype or models.settings("smollm2")["cpu_dtype"]))
 
 
 def _dump_folder(kind: str) -> str:
@@ -400,6 +402,8 @@ def main() -> None:
     parser.add_argument("--self-tokens", type=int, default=300_000, help="answer tokens of the self-distilled set")
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--self-dtype", choices=["float32", "bfloat16"],
+                        help="selfdistill: the dtype of the answers (default: the shipped cpu_dtype)")
     parser.add_argument("--self-max-prompt-tokens", type=int, default=160,
                         help="selfdistill answers only first turns of at most this many tokens")
     parser.add_argument("--batch", type=int, default=16, help="rows per batched generation")
