@@ -294,8 +294,9 @@ class Transformer(nn.Module):
         ``start..end-1``, or None when the per-op path must serve: that call gives the per-op path's bits, so it
         is taken only where every op of those layers would go to the CPU extension anyway (CPU tensors of one
         kernel dtype, no autograd, at most ``INVARIANT_MAX_QUERIES`` queries, q/k/v and gate/up fused, no backend
-        forced away from it). The lists are built once per layer range and kept while every parameter of those
-        layers is still the tensor it was (checked per call: a dict lookup and a pointer per parameter)."""
+        forced away from it). The lists are built once per layer range and kept while every module and parameter
+        of those layers is still the one it was, parameters at the same memory (checked per call: a dict lookup per
+        module and parameter, and a pointer per parameter)."""
         if not (hidden.device.type == "cpu" and end > start and hidden.dim() == 3
                 and 0 < hidden.shape[1] <= INVARIANT_MAX_QUERIES and hidden.dtype == self.dtype
                 and hidden.dtype in _cpu_ext._KERNEL_DTYPES and positions.dtype == torch.int64
@@ -304,15 +305,23 @@ class Transformer(nn.Module):
             return None
         stacks = self.__dict__.setdefault("_stacks", {})
         entry = stacks.get((start, end))
-        if entry is None or not all(params.get(name) is p and p.data_ptr() == ptr for params, name, p, ptr in entry[1]):
+        if entry is None or not all(owner.get(name) is obj and (ptr is None or obj.data_ptr() == ptr)
+                                    for owner, name, obj, ptr in entry[1]):
             entry = stacks[(start, end)] = self._build_stack(start, end)
         return entry[0] if entry is not None else None
 
     def _build_stack(self, start: int, end: int):
-        """-> ((weights, qkv biases, o biases), what to watch), or None when a layer is not fused."""
+        """-> ((weights, qkv biases, o biases), what to watch: (owner dict, name, module or parameter, pointer or
+        None)), or None when a layer is not fused."""
         weights, qkv_bias, o_bias, watch = [], [], [], []
-        for layer in self.layers[start:end]:
+        for i in range(start, end):
+            layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
+            watch += [(self.layers._modules, str(i), layer, None)]
+            watch += [(owner._modules, name, owner._modules[name], None) for owner, names in (
+                (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+                (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
+                for name in names]
             if attn.qkv is None or mlp.gate_up is None or not (
                     attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
                     and mlp.gate_up.serves((mlp.gate_proj, mlp.up_proj))):

@@ -146,3 +146,9 @@ def test_the_layer_stack_steps_aside_where_an_op_would_not_use_the_extension(mon
     model.layers[1].mlp.gate_proj.weight = torch.nn.Parameter(model.layers[1].mlp.gate_proj.weight.clone())
     assert model._cpu_stack(h, pos, 0, 2) is None  # gate/up no longer fused: per op, one call per layer
     assert model._cpu_stack(h, pos, 0, 1) is not None
+    before = model._cpu_stack(h, pos, 0, 1)
+    old = model.layers[0].self_attn.o_proj
+    model.layers[0].self_attn.o_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    after = model._cpu_stack(h, pos, 0, 1)  # a replaced module is seen: its new weight is what the stack calls
+    assert after is not None and after[0][2] is model.layers[0].self_attn.o_proj.weight
+    assert before[0][2] is old.weight
