@@ -130,7 +130,7 @@ def stage_devset(args) -> None:
 
 def stage_selfdistill(args) -> None:
     # the answers decoding in the shipped cpu_dtype gives, which is what the adapter has to predict (a set begun in
-    # another dtype is continued in this one: the first 576 answers of 2026-12-04 are fp32, the rest bf16)
+    # another dtype is continued in this one: the first 640 answers of 2026-12-04 are fp32, the rest bf16)
     _answer_prompts("train_prompts.jsonl", "examples_self.jsonl", args.self_tokens, args, "self-distilled answers",
                     skip_longer_than=args.self_max_prompt_tokens,
                     dtype=getattr(torch, args.self_dtype or models.settings("smollm2")["cpu_dtype"]))
@@ -380,7 +380,7 @@ def stage_rank(args) -> None:
         adapter.set_draft_vocab(ids, source="study")
         measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     rows.sort(key=lambda r: -r["speedup"])
-    out = "rank.json" if not args.runs else "tune.json"
+    out = args.rank_out or ("rank.json" if not args.runs else "tune.json")
     with open(os.path.join(STUDY, out), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
                    "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
@@ -434,6 +434,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+",
                         help="rank stage: only these adapters ('shipped' and study run names), written to tune.json "
                              "instead of rank.json: tuning gamma and eta with grids of --gamma and --eta")
+    parser.add_argument("--rank-out", help="rank stage: the file it writes in the study folder (default rank.json, "
+                                           "or tune.json with --runs); name it to keep an earlier grid")
     parser.add_argument("--rank-dtype", choices=["float32", "bfloat16"],
                         help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
