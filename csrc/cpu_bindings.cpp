@@ -28,19 +28,20 @@ int process_isa() {
 }
 
 int isa_by_name(const std::string& name) {
-  for (int isa : {KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE}) {
+  for (int isa : {KR_CPU_ISA_AVX512_BF16, KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE}) {
     if (name == kr_cpu_isa_name(isa)) {
       TORCH_CHECK_VALUE(kr_cpu_isa_supported(isa), "kangaroo_rt._cpu: this CPU cannot run the ", name, " variant");
       return isa;
     }
   }
-  TORCH_CHECK_VALUE(false, "kangaroo_rt._cpu: unknown variant ", name, " (avx512, avx2, portable)");
+  TORCH_CHECK_VALUE(false, "kangaroo_rt._cpu: unknown variant ", name, " (avx512_bf16, avx512, avx2, portable)");
   return KR_CPU_ISA_INVALID;
 }
 
 // x: (..., K) fp32 or bf16; weight: (N, K) fp32 or bf16, contiguous; bias: (N,) fp32 or bf16 -> (..., N) in x's
-// dtype. bf16 activations are widened to fp32 (exact) and the fp32 result is rounded to bf16 at the end, as
-// torch's bf16 linear does. Rows are independent: any number of them, computed in passes of at most
+// dtype. bf16 activations with bf16 weights take kr_cpu_linear_rows_bf16 (vdpbf16ps's order); bf16 activations
+// with fp32 weights are widened to fp32 (exact). The fp32 result is rounded to bf16 at the end, as torch's bf16
+// linear does. Rows are independent: any number of them, computed in passes of at most
 // KR_CPU_MAX_ROWS_PER_PASS, gives each row the bits it has alone.
 at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int isa) {
   const char* what = "kangaroo_rt._cpu.linear";
@@ -72,14 +73,15 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
   int64_t M = 1;
   for (int64_t d : out_shape) M *= d;
   out_shape.push_back(N);
+  const bool pairs = x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16;
   at::Tensor x2 = x.reshape({M, K});
-  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
+  if (!pairs && x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
   if (M > 0 && K > 0 && (x2.stride(1) != 1 || (M > 1 && x2.stride(0) < K))) x2 = x2.contiguous();
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
 
   if (M > 0 && N > 0) {
-    const float* xp = x2.const_data_ptr<float>();
+    const void* xp = x2.const_data_ptr();
     const void* wp = weight.const_data_ptr();
     const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
     float* yp = y.mutable_data_ptr<float>();
@@ -91,7 +93,11 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
     // Each task takes a contiguous run of whole row blocks; a row's bits do not depend on the split.
     at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
       const int64_t n_begin = b0 * KR_CPU_ROW_BLOCK, n_end = std::min(N, b1 * KR_CPU_ROW_BLOCK);
-      const int rc = kr_cpu_linear_rows_isa(isa, xp, M, K, ldx, wp, w_dtype, N, bp, yp, N, n_begin, n_end);
+      const int rc =
+          pairs ? kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(xp), M, K, ldx,
+                                          static_cast<const uint16_t*>(wp), N, bp, yp, N, n_begin, n_end)
+                : kr_cpu_linear_rows_isa(isa, static_cast<const float*>(xp), M, K, ldx, wp, w_dtype, N, bp, yp, N,
+                                         n_begin, n_end);
       TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
     });
   }
@@ -353,7 +359,7 @@ std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
-  for (int isa : {KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE})
+  for (int isa : {KR_CPU_ISA_AVX512_BF16, KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE})
     if (kr_cpu_isa_supported(isa)) names.emplace_back(kr_cpu_isa_name(isa));
   return names;
 }
@@ -368,7 +374,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each row's bits are those it has alone");
   m.def("linear_with_isa", &linear_with_isa, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>(),
-        "linear() with a given variant (avx512, avx2, portable), for tests and benchmarks");
+        "linear() with a given variant (avx512_bf16, avx512, avx2, portable), for tests and benchmarks");
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(), "RMSNorm of x (..., D) by weight (D,), one dtype (fp32/bf16)");
   m.def("add_rms_norm", &add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),

@@ -87,9 +87,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     has when computed alone, whatever the other rows (csrc/cpu/linear.cpp).
 
     Except in a prefill: bf16 x with more than ``reference.INVARIANT_MAX_QUERIES`` tokens on its second-to-last
-    axis (a (B, q, K) prompt of q > 64, or an (M, K) matrix of M > 64) goes to torch, whose oneDNN GEMM uses
-    AVX512-BF16's dot products where the CPU has them (measured here: about 2.2x the kernel at 256-600 rows, which
-    widens bf16 to fp32 and is FMA-bound there). Its bits depend on the row count, as attention's do over more than
+    axis (a (B, q, K) prompt of q > 64, or an (M, K) matrix of M > 64) goes to torch, whose blocked oneDNN GEMM
+    over AVX512-BF16's dot products is 1.0-1.5x the kernel at 128-600 rows here (the kernel is tuned for a
+    handful of rows; docs/design.md). Its bits depend on the row count, as attention's do over more than
     64 queries; decode, draft and verify steps never have that many tokens a row, and a prompt's prefill is shared
     by plain and Kangaroo decoding. In fp32 the kernel stays: it is faster than torch's GEMM at every size here."""
     if not _linear_ok(x, weight, bias) or (

@@ -232,7 +232,7 @@ def test_bench_linear_quick(tmp_path):
         torch.set_num_threads(threads)
     with open(tmp_path / "bench_linear-smoke.json") as f:
         result = json.load(f)
-    assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512", "avx2", "portable")
+    assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512_bf16", "avx512", "avx2", "portable")
     assert result["other_processes_cores"] is None or result["other_processes_cores"] >= 0
     assert [(r["weights"], r["rows"]) for r in result["rows"]] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
     for r in result["rows"]:

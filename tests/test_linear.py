@@ -14,7 +14,7 @@ from kernel_checks import assert_tolerance_rule
 from kangaroo_rt import _cpu_ext, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISAS = ("avx512", "avx2", "portable")
+ISAS = ("avx512_bf16", "avx512", "avx2", "portable")
 DTYPES = (torch.float32, torch.bfloat16)
 KS = (1, 15, 17, 33, 576, 1539)
 NS = (1, 3, 5, 17, 576)
@@ -75,18 +75,19 @@ def test_matches_fp64_by_the_tolerance_rule(cpu, isa, w_dtype, x_dtype):
         assert_tolerance_rule(got, want, _fp64(x, w, b))
 
 
-@pytest.mark.parametrize("w_dtype", DTYPES, ids=["w_fp32", "w_bf16"])
-def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype):
+@pytest.mark.parametrize("w_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)], ids=["fp32", "w_bf16", "bf16"])
+def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype, x_dtype):
     """linear(x)[i] == linear(x[i:i+1])[0] for every i; a row moved to another position among other rows, and
-    batches of every group size, give the same bits."""
+    batches of every group size, give the same bits (bf16 x bf16 is the dot-product order)."""
     m, k, n = 70, 1539, 37  # a pass boundary at 64; K and N not multiples of any vector width
-    x, w, b = _inputs(m, k, n, w_dtype, torch.float32, True, seed=1)
+    x, w, b = _inputs(m, k, n, w_dtype, x_dtype, True, seed=1)
     full = cpu.linear_with_isa(x, w, b, isa)
     for i in range(m):
         assert torch.equal(cpu.linear_with_isa(x[i:i + 1], w, b, isa)[0], full[i]), i
     for rows in (2, 3, 4, 5, 8, 13, 64, 65):
         assert torch.equal(cpu.linear_with_isa(x[:rows], w, b, isa), full[:rows]), rows
-    others, _, _ = _inputs(m, k, n, w_dtype, torch.float32, False, seed=2)
+    others, _, _ = _inputs(m, k, n, w_dtype, x_dtype, False, seed=2)
     for i, place in ((0, 0), (5, 3), (69, 40), (17, 66)):
         mixed = torch.cat([others[:place], x[i:i + 1], others[place:]])
         assert torch.equal(cpu.linear_with_isa(mixed, w, b, isa)[place], full[i]), (i, place)
@@ -96,12 +97,52 @@ def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype):
 
 def test_every_variant_gives_the_same_bits(cpu):
     """The variants run one reduction order, so they agree exactly (which also pins the order down)."""
-    for k, n, m, w_dtype in ((1539, 37, 9, torch.float32), (33, 17, 5, torch.bfloat16), (576, 576, 3, torch.float32),
-                             (1, 5, 2, torch.bfloat16)):
-        x, w, b = _inputs(m, k, n, w_dtype, torch.float32, True, seed=4)
+    for k, n, m, w_dtype, x_dtype in ((1539, 37, 9, torch.float32, torch.float32),
+                                      (33, 17, 5, torch.bfloat16, torch.float32),
+                                      (576, 576, 3, torch.float32, torch.float32),
+                                      (1, 5, 2, torch.bfloat16, torch.float32),
+                                      (1539, 37, 9, torch.bfloat16, torch.bfloat16),
+                                      (33, 17, 5, torch.bfloat16, torch.bfloat16),
+                                      (1, 5, 2, torch.bfloat16, torch.bfloat16)):
+        x, w, b = _inputs(m, k, n, w_dtype, x_dtype, True, seed=4)
         results = {isa: cpu.linear_with_isa(x, w, b, isa) for isa in cpu.supported_isas()}
         first = next(iter(results.values()))
         assert all(torch.equal(r, first) for r in results.values()), (k, n, m, list(results))
+
+
+def _flush(t: torch.Tensor) -> torch.Tensor:
+    """Denormals to the zero of their sign (DAZ / FTZ)."""
+    return torch.where(t.abs() < torch.finfo(torch.float32).tiny, t * 0, t)
+
+
+def _pair_order(x: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
+    """kr_cpu_linear_rows_bf16's order in torch fp32 ops: 16 lanes, per chunk of 32 k's the odd k of the lane's
+    pair and then the even one, every result flushed, the tree, the bias; rounded to bf16. A product of two bf16
+    is exact in fp32 (above the denormal range), so product-then-add is the fused multiply-add."""
+    m, k = x.shape
+    pad = (-k) % 32 if k % 32 else 0
+    xs = _flush(F.pad(x.float(), (0, pad))).view(m, 1, -1, 16, 2)
+    ws = _flush(F.pad(w.float(), (0, pad))).view(1, w.shape[0], -1, 16, 2)
+    acc = torch.zeros(m, w.shape[0], 16)
+    for c in range(xs.shape[2]):
+        acc = _flush(acc + xs[:, :, c, :, 1] * ws[:, :, c, :, 1])
+        acc = _flush(acc + xs[:, :, c, :, 0] * ws[:, :, c, :, 0])
+    s8 = _flush(acc[..., :8] + acc[..., 8:])
+    s4 = _flush(s8[..., :4] + s8[..., 4:])
+    s = _flush(_flush(s4[..., 0] + s4[..., 2]) + _flush(s4[..., 1] + s4[..., 3]))
+    if b is not None:
+        s = _flush(s + _flush(b.float()))
+    return s.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k", (1, 31, 32, 33, 100, 576))
+def test_bf16_pairs_follow_the_dot_product_order(cpu, isa, k):
+    """bf16 x bf16 is computed in vdpbf16ps's order, denormal inputs read as zero (some x are bf16 denormals)."""
+    x, w, b = _inputs(6, k, 9, torch.bfloat16, torch.bfloat16, True, seed=7)
+    x[0, ::3] = torch.tensor(3e-39).bfloat16()  # bf16 denormals: read as 0
+    x[1, ::2] = -x[1, ::2] * 1e-30  # tiny, but products stay normal
+    got = cpu.linear_with_isa(x, w, b, isa)
+    assert torch.equal(got.view(torch.int16), _pair_order(x, w, b).view(torch.int16))
 
 
 def test_thread_count_changes_no_bits(cpu):
@@ -221,7 +262,7 @@ def test_kangaroo_rt_cpu_isa_forces_a_lower_variant_or_is_an_error(cpu):
     assert _child("") == f"isa {best}" and cpu.isa() in cpu.supported_isas()
     assert _child("portable") == "isa portable"
     out = _child("sse9")
-    assert out.startswith("error") and "KANGAROO_RT_CPU_ISA=sse9 is not one of avx512, avx2, portable" in out
+    assert out.startswith("error") and "KANGAROO_RT_CPU_ISA=sse9 is not one of avx512_bf16, avx512, avx2, portable" in out
     missing = [isa for isa in ISAS if isa not in cpu.supported_isas()]
     if missing:
         out = _child(missing[0])

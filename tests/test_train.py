@@ -117,8 +117,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     worker = os.path.join(HERE, "ddp_worker.py")
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     # --standalone: a free port of torchrun's choosing, so concurrent runs do not collide on a fixed one.
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    worker, str(two), "2", "1", "6"], check=True, env=env, timeout=300, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          worker, str(two), "2", "1", "6"], env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     subprocess.run([sys.executable, worker, str(one), "2", "2", "6"], check=True, env=env, timeout=300)
     a, b = torch.load(two), torch.load(one)
     initial = make_problem()[1].state_dict()

@@ -238,6 +238,7 @@ template <typename T>
 void attend(int isa, const kr_cpu_attention_args& a, int64_t t0, int64_t t1) {
   switch (isa) {
 #if KR_CPU_X86
+    case KR_CPU_ISA_AVX512_BF16:  // only the bf16 x bf16 linear uses the bf16 dot product
     case KR_CPU_ISA_AVX512: attend_avx512<T>(a, t0, t1); return;
     case KR_CPU_ISA_AVX2: attend_avx2<T>(a, t0, t1); return;
 #endif

@@ -12,7 +12,15 @@ extern "C" {
 enum kr_cpu_dtype { KR_CPU_FLOAT32 = 0, KR_CPU_BFLOAT16 = 2 };
 
 // Instruction-set variants of the kernels, lowest first. All of them compute the same bits (see linear.cpp).
-enum kr_cpu_isa_code { KR_CPU_ISA_INVALID = -1, KR_CPU_ISA_PORTABLE = 0, KR_CPU_ISA_AVX2 = 1, KR_CPU_ISA_AVX512 = 2 };
+// avx512_bf16 is avx512 plus AVX512-BF16's dot product, which only the bf16 x bf16 linear uses; every other op
+// runs its avx512 code there.
+enum kr_cpu_isa_code {
+  KR_CPU_ISA_INVALID = -1,
+  KR_CPU_ISA_PORTABLE = 0,
+  KR_CPU_ISA_AVX2 = 1,
+  KR_CPU_ISA_AVX512 = 2,
+  KR_CPU_ISA_AVX512_BF16 = 3
+};
 
 // Return codes.
 enum kr_cpu_status { KR_CPU_OK = 0, KR_CPU_BAD_ARGUMENT = 1, KR_CPU_BAD_ISA = 2 };
@@ -24,7 +32,7 @@ enum kr_cpu_status { KR_CPU_OK = 0, KR_CPU_BAD_ARGUMENT = 1, KR_CPU_BAD_ISA = 2 
 // Activation rows per pass over the weights: more rows are processed in passes of at most this many.
 #define KR_CPU_MAX_ROWS_PER_PASS 64
 
-// The variant this process uses: the best this CPU runs, or the lower one KANGAROO_RT_CPU_ISA=avx512|avx2|portable
+// The variant this process uses: the best this CPU runs, or the lower one KANGAROO_RT_CPU_ISA=avx512_bf16|avx512|avx2|portable
 // names. Chosen at the first call and fixed for the process. KR_CPU_ISA_INVALID when KANGAROO_RT_CPU_ISA is not
 // a variant's name or names one this CPU cannot run; kr_cpu_isa_error() then says which.
 int kr_cpu_isa(void);
@@ -32,7 +40,7 @@ int kr_cpu_isa(void);
 // "" when kr_cpu_isa() is valid, otherwise why not (a static string).
 const char* kr_cpu_isa_error(void);
 
-// "avx512", "avx2", "portable", or "invalid" for any other code.
+// "avx512_bf16", "avx512", "avx2", "portable", or "invalid" for any other code.
 const char* kr_cpu_isa_name(int isa);
 
 // Whether this CPU (and its operating system) runs the variant.
@@ -53,6 +61,16 @@ int kr_cpu_linear_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const 
 // The same with a given variant (tests, benchmarks); KR_CPU_BAD_ISA when this CPU cannot run it.
 int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, int w_dtype,
                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for bf16 x and bf16 w, as kr_cpu_linear_rows, in the order of
+// AVX512-BF16's dot product (vdpbf16ps), which half the instructions of widening to fp32 feed: on 16 fp32 lanes,
+// lane l takes, for each chunk of 32 k's in increasing order, first the odd k = 32c + 2l + 1 and then the even
+// k = 32c + 2l, each as one fused multiply-add; the last chunk is zero-padded; then tree16, then the bias. The
+// whole computation flushes denormals, inputs and results, to zero, as vdpbf16ps does (every variant performs
+// this, so all give the same bits). x: (M, K) bf16 bits, row stride ldx; w: (N, K) bf16 bits, contiguous; bias:
+// (N,) fp32 or NULL; y: (M, N) fp32, row stride ldy.
+int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
+                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
 // ---- The other ops of a decode layer. Each runs one fixed sequence of operations per output element that does
 // not depend on how many rows, tokens or heads are in the call, nor on the task split, nor on the variant:

@@ -17,6 +17,7 @@
 #define KR_CPU_X86 1
 #define KR_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define KR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define KR_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 #else
 #define KR_CPU_X86 0
 #endif
@@ -32,6 +33,15 @@ KR_INLINE float bf16_bits_to_float(uint16_t bits) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// A denormal fp32 value as the zero of its sign (what DAZ does to an input and FTZ to a result); others as they are.
+KR_INLINE float flush_denormal(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
 }
 
 // Round to nearest even; NaN -> the canonical quiet NaN (as c10::BFloat16).

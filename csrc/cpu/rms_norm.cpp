@@ -76,6 +76,7 @@ void norm(int isa, const void* x, int64_t ld_x, const void* res, int64_t ld_res,
   T* rot = static_cast<T*>(res_out);
   switch (isa) {
 #if KR_CPU_X86
+    case KR_CPU_ISA_AVX512_BF16:  // only the bf16 x bf16 linear uses the bf16 dot product
     case KR_CPU_ISA_AVX512: norm_avx512<T>(xt, ld_x, rt, ld_res, wt, D, eps, ot, rot, m0, m1); return;
     case KR_CPU_ISA_AVX2: norm_avx2<T>(xt, ld_x, rt, ld_res, wt, D, eps, ot, rot, m0, m1); return;
 #endif
