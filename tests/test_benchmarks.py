@@ -240,6 +240,8 @@ def test_bench_linear_quick(tmp_path):
         assert r["kernel_gbs"] == pytest.approx(r["bytes"] / r["kernel_ms"] / 1e6)
     assert {(f["weights"], f["group"], f["rows"], f["impl"]) for f in result["fused"]} == {
         (w, g, m, i) for w in ("fp32", "bf16") for g in ("qkv", "gate_up") for m in (1, 8) for i in ("kernel", "torch")}
+    assert [(p["weights"], p["rows"]) for p in result["prefill"]] == [("fp32", 8), ("bf16", 8)]
+    assert all(p["kernel_gflops"] > 0 and p["torch_gflops"] > 0 for p in result["prefill"])
 
 
 def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):

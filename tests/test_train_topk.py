@@ -44,6 +44,35 @@ def test_dump_holds_every_exit_and_the_targets_topk(problem, tmp_path):
             torch.testing.assert_close(b["topk_logp"][0], values.half().float(), atol=4e-3, rtol=1e-3)
 
 
+def test_a_grown_set_extends_its_dump(problem, tmp_path):
+    """More examples appended to a finished dump's set get shards of their own after the old ones (which stay,
+    bytes and all); the extension resumes like any dump, and the result reads as a dump of the whole set."""
+    target, _, source, _ = problem
+    examples = source.examples
+    first = dump_topk(target, examples[:30], str(tmp_path), (1, 2), k=5, shard_tokens=100, progress=False)
+    old_shards = dict(first["shards"])
+    stamps = {n: os.path.getmtime(tmp_path / n) for n in old_shards}
+    part = dump_topk(target, examples, str(tmp_path), (1, 2), k=5, shard_tokens=100, progress=False,
+                     stop_after_s=0.0)
+    assert len(old_shards) < len(part["shards"]) < part["num_shards"] and part["segments"] == [0, 30]
+    grown = dump_topk(target, examples, str(tmp_path), (1, 2), k=5, shard_tokens=100, progress=False)
+    assert len(grown["shards"]) == grown["num_shards"] and grown["num_examples"] == len(examples)
+    assert all(grown["shards"][n] == old_shards[n] and os.path.getmtime(tmp_path / n) == stamps[n]
+               for n in old_shards)
+    whole = _dump(problem, tmp_path / "whole")
+    for exit_layer in (1, 2):
+        a, b = TopKDump(str(tmp_path), exit_layer), TopKDump(str(tmp_path / "whole"), exit_layer)
+        assert a.lengths == b.lengths and torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+        # other batches of the same examples: the sorted top-k values agree (ids may swap at exact ties)
+        torch.testing.assert_close(a.topk_logp.float(), b.topk_logp.float(), atol=1e-2, rtol=0)
+    assert whole["num_shards"] > 0
+    with pytest.raises(ValueError, match="fingerprint"):  # not an extension: a changed example
+        changed = list(examples[:10]) + [Ex(examples[10].input_ids[:-1], examples[10].loss_mask[:-1])] + list(examples[11:])
+        dump_topk(target, changed, str(tmp_path), (1, 2), k=5, shard_tokens=100, progress=False)
+    with pytest.raises(ValueError, match="num_examples"):  # fewer examples
+        dump_topk(target, examples[:20], str(tmp_path), (1, 2), k=5, shard_tokens=100, progress=False)
+
+
 def test_dump_resumes_and_refuses_other_settings(problem, tmp_path):
     first = _dump(problem, tmp_path, stop_after_s=0.0)  # stops before its second shard
     assert 1 == len(first["shards"]) < first["num_shards"]

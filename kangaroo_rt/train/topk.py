@@ -134,6 +134,10 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
     exits: exit layers to keep (each in 1..N-1); k: top-k kept of the target's distribution; shard_tokens:
     tokens per shard (the unit of resumption); batch_tokens: padded tokens per forward; stop_after_s: stop
     (cleanly, after the shard that crosses it) once this many seconds have passed, to time-box a run; meta: stored in the index as is.
+
+    A set that has grown (a finished dump's examples followed by new ones, as a resumable generation stage
+    appends them) extends the dump: its shards stay and the new examples get shards of their own after them.
+    Any other change of the examples or settings is an error.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -151,16 +155,24 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
                 "num_examples": len(examples), "fingerprint": examples_fingerprint(examples),
                 "hidden_size": target.config.hidden_size, "num_layers": target.num_layers,
                 "target_dtype": str(target.dtype).replace("torch.", "")}
-    ranges = _shard_ranges(examples, shard_tokens)
-    index = {**settings, "num_shards": len(ranges), "shards": {}, "meta": meta or {}}
+    segments = [0]  # where each appended part of the set begins: shards never straddle two parts
+    index = {**settings, "shards": {}, "meta": meta or {}}
     if os.path.isfile(index_path):
         with open(index_path) as f:
             old = json.load(f)
         differ = [key for key, value in settings.items() if old.get(key) != value]
-        if differ:
+        if differ and _grown(old, examples, differ):
+            old_n = _old_examples(old)
+            old.update(settings)
+            old["segments"] = old.get("segments", [0]) + [old_n]
+            print(f"dump {folder}: {len(examples) - old_n} new examples after the {old_n} already dumped")
+        elif differ:
             raise ValueError(f"{folder} holds a dump made with other settings ({', '.join(differ)} differ); "
                              "use another folder or delete it")
         index = old
+        segments = index.get("segments", [0])
+    ranges = _segment_ranges(examples, segments, shard_tokens)
+    index["num_shards"] = len(ranges)
     total_tokens = sum(len(e.input_ids) for e in examples)
     bar = tqdm(total=total_tokens, desc=f"dumping exits {exits} + top-{k}", unit="tok", disable=not progress,
                smoothing=0.05)
@@ -190,6 +202,25 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
             break
     bar.close()
     return index
+
+
+def _old_examples(old: dict) -> int:
+    return int(old["num_examples"])
+
+
+def _grown(old: dict, examples: Sequence, differ: List[str]) -> bool:
+    """Whether ``examples`` are a finished dump's examples with more after them (only the examples differ)."""
+    n = _old_examples(old)
+    return (set(differ) <= {"num_examples", "fingerprint"} and len(old["shards"]) == old["num_shards"]
+            and n < len(examples) and examples_fingerprint(examples[:n]) == old["fingerprint"])
+
+
+def _segment_ranges(examples: Sequence, segments: Sequence[int], shard_tokens: int) -> List[range]:
+    """The shards of each appended part of the set, in order (one part when the set never grew)."""
+    ranges: List[range] = []
+    for lo, hi in zip(segments, list(segments[1:]) + [len(examples)]):
+        ranges += [range(lo + r.start, lo + r.stop) for r in _shard_ranges(examples[lo:hi], shard_tokens)]
+    return ranges
 
 
 def read_index(folder: str) -> dict:
