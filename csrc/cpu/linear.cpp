@@ -153,6 +153,34 @@ struct Prefetch {
   }
 };
 
+// The row loop every SIMD variant shares: blocks of NB rows of W, each run against the activation rows in groups
+// of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kPrefetchBlocks
+// ahead requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
+// into each variant's rows function, so that the group functions, of the same target, inline as well.
+template <int NB, int MB, typename XT, typename WT, auto Group, auto Single>
+KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
+                              const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t kBytes = sizeof(WT);
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    const WT* block = w + n * K;
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    const int64_t groups = (M + MB - 1) / MB;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
+      Group(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
+    }
+  }
+  for (; n < n_end; ++n) {
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      Single(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
+    }
+  }
+}
+
 // ----- AVX-512: one zmm is the 16 lanes.
 
 KR_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -193,6 +221,25 @@ KR_TARGET_AVX512 inline __m128 tree16x4_avx512(__m512 a, __m512 b, __m512 c, __m
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, s1));
 }
 
+// y[m, j] = tree16(acc[j][m]) (+ bias[j]) for the NB x MB accumulators of a tile.
+template <int NB, int MB>
+KR_TARGET_AVX512 inline void store_tile_avx512(const __m512 (&acc)[NB][MB], const float* bias, float* y, int64_t ldy) {
+  if constexpr (NB % 4 == 0) {
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; j += 4) {
+        __m128 s = tree16x4_avx512(acc[j][m], acc[j + 1][m], acc[j + 2][m], acc[j + 3][m]);
+        if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
+        _mm_storeu_ps(y + m * ldy + j, s);
+      }
+  } else {
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) {
+        const float s = tree16_avx512(acc[j][m]);
+        y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
+      }
+  }
+}
+
 // y[m, j] for m < MB, j < NB of the block at w (NB rows of W, row stride K), x (MB rows, row stride ldx); pf's
 // slice of a later block is requested along the K loop.
 template <int NB, int MB, typename WT>
@@ -220,20 +267,7 @@ KR_TARGET_AVX512 void tile_avx512(const float* x, int64_t ldx, const WT* w, Pref
       for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
     }
   }
-  if constexpr (NB % 4 == 0) {
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NB; j += 4) {
-        __m128 s = tree16x4_avx512(acc[j][m], acc[j + 1][m], acc[j + 2][m], acc[j + 3][m]);
-        if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
-        _mm_storeu_ps(y + m * ldy + j, s);
-      }
-  } else {
-    for (int j = 0; j < NB; ++j)
-      for (int m = 0; m < MB; ++m) {
-        const float s = tree16_avx512(acc[j][m]);
-        y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
-      }
-  }
+  store_tile_avx512<NB, MB>(acc, bias, y, ldy);
 }
 
 // tile_avx512<NB, mb> for a group of 1 <= mb <= MB rows.
@@ -250,25 +284,8 @@ template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
-  constexpr int64_t kBytes = sizeof(WT);
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    const WT* block = w + n * K;
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    const int64_t groups = (M + MB - 1) / MB;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
-      group_avx512<NB, MB>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
-    }
-  }
-  for (; n < n_end; ++n) {
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      group_avx512<1, MB>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
-    }
-  }
+  for_each_group<NB, MB, float, WT, group_avx512<NB, MB, WT>, group_avx512<1, MB, WT>>(x, M, K, ldx, w, N, bias, y,
+                                                                                       ldy, n_begin, n_end);
 }
 
 // ----- AVX2 + FMA: the 16 lanes are two ymm, lanes 0-7 and 8-15.
@@ -285,6 +302,17 @@ KR_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));  // s8[i] + s8[i+4]
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                // s4[i] + s4[i+2]
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));                              // s2[0] + s2[1]
+}
+
+// y[m, j] = tree16 of lanes lo[j][m] (0-7) and hi[j][m] (8-15) (+ bias[j]) for the accumulators of a tile.
+template <int NB, int MB>
+KR_TARGET_AVX2 inline void store_tile_avx2(const __m256 (&lo)[NB][MB], const __m256 (&hi)[NB][MB], const float* bias,
+                                           float* y, int64_t ldy) {
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) {
+      const float s = tree16_avx2(lo[j][m], hi[j][m]);
+      y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
+    }
 }
 
 // One chunk of 16 k's: x rows at x (stride ldx), W rows at w (stride ldw).
@@ -322,11 +350,7 @@ KR_TARGET_AVX2 void tile_avx2(const float* x, int64_t ldx, const WT* w, Prefetch
     for (int j = 0; j < NB; ++j) std::memcpy(wt[j], w + j * K + k_full, (K - k_full) * sizeof(WT));
     chunk_avx2<NB, MB>(&xt[0][0], kLanes, &wt[0][0], kLanes, lo, hi);
   }
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < MB; ++m) {
-      const float s = tree16_avx2(lo[j][m], hi[j][m]);
-      y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
-    }
+  store_tile_avx2<NB, MB>(lo, hi, bias, y, ldy);
 }
 
 template <int NB, int MB, typename WT>
@@ -342,25 +366,8 @@ template <typename WT>
 KR_TARGET_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                               const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   constexpr int NB = kNbAvx2, MB = kMbAvx2;
-  constexpr int64_t kBytes = sizeof(WT);
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    const WT* block = w + n * K;
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    const int64_t groups = (M + MB - 1) / MB;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
-      group_avx2<NB, MB>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
-    }
-  }
-  for (; n < n_end; ++n) {
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      group_avx2<1, MB>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
-    }
-  }
+  for_each_group<NB, MB, float, WT, group_avx2<NB, MB, WT>, group_avx2<1, MB, WT>>(x, M, K, ldx, w, N, bias, y, ldy,
+                                                                                   n_begin, n_end);
 }
 
 // ----- bf16 x bf16 (vdpbf16ps's order) on x86: the caller holds a FlushDenormals for the whole call.
@@ -427,20 +434,7 @@ KR_TARGET_AVX512_BF16 void tile_bf16_avx512(const uint16_t* x, int64_t ldx, cons
     const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
     chunk_bf16_avx512<NB, MB, kHw, true>(x + k_full, ldx, w + k_full, K, mask, acc);
   }
-  if constexpr (NB % 4 == 0) {
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NB; j += 4) {
-        __m128 s = tree16x4_avx512(acc[j][m], acc[j + 1][m], acc[j + 2][m], acc[j + 3][m]);
-        if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
-        _mm_storeu_ps(y + m * ldy + j, s);
-      }
-  } else {
-    for (int j = 0; j < NB; ++j)
-      for (int m = 0; m < MB; ++m) {
-        const float s = tree16_avx512(acc[j][m]);
-        y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
-      }
-  }
+  store_tile_avx512<NB, MB>(acc, bias, y, ldy);
 }
 
 template <int NB, int MB, bool kHw>
@@ -459,25 +453,8 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                             int64_t n_end) {
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
-  constexpr int64_t kBytes = sizeof(uint16_t);
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    const uint16_t* block = w + n * K;
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    const int64_t groups = (M + MB - 1) / MB;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
-      group_bf16_avx512<NB, MB, kHw>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
-    }
-  }
-  for (; n < n_end; ++n) {
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      group_bf16_avx512<1, MB, kHw>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
-    }
-  }
+  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
+      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
 // AVX2: lanes 0-7 hold the pairs of k's 0-15 of a chunk, lanes 8-15 those of k's 16-31; two FMAs per pair as in
@@ -522,11 +499,7 @@ KR_TARGET_AVX2 void tile_bf16_avx2(const uint16_t* x, int64_t ldx, const uint16_
     half_bf16_avx2<NB, MB>(&xt[0][0], kPairChunk, &wt[0][0], kPairChunk, lo);
     half_bf16_avx2<NB, MB>(&xt[0][16], kPairChunk, &wt[0][16], kPairChunk, hi);
   }
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < MB; ++m) {
-      const float s = tree16_avx2(lo[j][m], hi[j][m]);
-      y[m * ldy + j] = bias != nullptr ? s + bias[j] : s;
-    }
+  store_tile_avx2<NB, MB>(lo, hi, bias, y, ldy);
 }
 
 template <int NB, int MB>
@@ -541,25 +514,8 @@ KR_TARGET_AVX2 void group_bf16_avx2(int mb, const uint16_t* x, int64_t ldx, cons
 KR_TARGET_AVX2 void rows_bf16_avx2(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                                    const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   constexpr int NB = kNbAvx2Bf16, MB = kMbAvx2Bf16;
-  constexpr int64_t kBytes = sizeof(uint16_t);
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    const uint16_t* block = w + n * K;
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    const int64_t groups = (M + MB - 1) / MB;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      const Prefetch pf = Prefetch::slice(block, NB * K * kBytes, (N - n) * K * kBytes, m / MB, groups);
-      group_bf16_avx2<NB, MB>(mb, x + m * ldx, ldx, block, pf, K, b, y + m * ldy + n, ldy);
-    }
-  }
-  for (; n < n_end; ++n) {
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    for (int64_t m = 0; m < M; m += MB) {
-      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-      group_bf16_avx2<1, MB>(mb, x + m * ldx, ldx, w + n * K, Prefetch(), K, b, y + m * ldy + n, ldy);
-    }
-  }
+  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx2<NB, MB>, group_bf16_avx2<1, MB>>(x, M, K, ldx, w, N, bias,
+                                                                                              y, ldy, n_begin, n_end);
 }
 
 #endif  // KR_CPU_X86
