@@ -204,6 +204,10 @@ def linear_section(path: str, d: Dict) -> List[str]:
         lines.append(f"| {r['weights']} | {r['rows']} | {r['kernel_ms']:.2f} | {r['torch_ms']:.2f} | "
                      f"{r['kernel_gbs']:.1f} ({100 * r['kernel_fraction_of_read_bw']:.0f}%) | {r['speedup']:.2f}x | "
                      f"{r['kernel_vs_m1']:.2f}x |")
+    if d.get("parts"):
+        lines += ["", "One row, the head alone and the layer matrices alone: " + "; ".join(
+            f"{p['weights']} {p['part']} {p['kernel_gbs']:.1f} GB/s ({100 * p['kernel_fraction_of_read_bw']:.0f}%, "
+            f"{p['calls']} calls)" for p in d["parts"]) + "."]
     if d.get("prefill"):
         lines += ["", "Prefill (weights in cache, compute-bound; `_cpu_ext.linear` sends bf16 calls of more than 64 "
                   "rows to torch):", "", "| weights | rows | kernel GFLOP/s | torch GFLOP/s | kernel vs torch |",

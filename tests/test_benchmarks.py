@@ -242,6 +242,8 @@ def test_bench_linear_quick(tmp_path):
         (w, g, m, i) for w in ("fp32", "bf16") for g in ("qkv", "gate_up") for m in (1, 8) for i in ("kernel", "torch")}
     assert [(p["weights"], p["rows"]) for p in result["prefill"]] == [("fp32", 8), ("bf16", 8)]
     assert all(p["kernel_gflops"] > 0 and p["torch_gflops"] > 0 for p in result["prefill"])
+    assert [(p["weights"], p["part"]) for p in result["parts"]] == [(w, p) for w in ("fp32", "bf16") for p in ("head", "layers")]
+    assert all(p["kernel_gbs"] == pytest.approx(p["bytes"] / p["kernel_ms"] / 1e6) for p in result["parts"])
 
 
 def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
