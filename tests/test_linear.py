@@ -110,6 +110,38 @@ def test_every_variant_gives_the_same_bits(cpu):
         assert all(torch.equal(r, first) for r in results.values()), (k, n, m, list(results))
 
 
+def test_bf16_pairs_flush_as_x86_does_at_the_smallest_normal(cpu):
+    """An FMA whose exact result lies just below 2^-126 but rounds up to 2^-126 with denormals on is tiny for x86's
+    FTZ (tininess after rounding to 24 bits, unbounded exponent): vdpbf16ps gives 0, and so must every variant.
+    Odd pair first: 2^-63 * 2^-63 = 2^-126; then the even pair adds -2^-150."""
+    w = torch.tensor([[2.0 ** -75, 2.0 ** -63], [2.0 ** -75, 2.0 ** -63]]).bfloat16()
+    x = torch.tensor([[-2.0 ** -75, 2.0 ** -63], [2.0 ** -75, 2.0 ** -63]]).bfloat16()
+    for isa in cpu.supported_isas():
+        y = cpu.linear_with_isa(x, w, None, isa).float()
+        assert y[0, 0].item() == 0.0, isa  # 2^-126 - 2^-150: tiny, flushed
+        assert y[1, 1].item() == 2.0 ** -126, isa  # 2^-126 + 2^-150 rounds to 2^-126: kept
+
+
+@pytest.mark.parametrize("exponents", [(54, 75), (0, 255)], ids=["near_underflow", "any_finite"])
+def test_bf16_pairs_agree_across_variants_on_random_bits(cpu, exponents):
+    """Random bf16 bit patterns, finite: products whose sums straddle 2^-126 (exponent fields 54..74, some
+    denormal inputs), or anything finite (overflow to inf, inf - inf). Every variant gives the same bits, which on
+    a CPU with AVX512-BF16 also checks the emulation against the instruction."""
+    gen = torch.Generator().manual_seed(11 + exponents[0])
+
+    def bits(shape):
+        sign = torch.randint(0, 2, shape, generator=gen, dtype=torch.int32) << 15
+        exp = torch.randint(exponents[0], exponents[1], shape, generator=gen, dtype=torch.int32)
+        exp = torch.where(torch.rand(shape, generator=gen) < 0.05, torch.zeros_like(exp), exp)  # denormals
+        mant = torch.randint(0, 128, shape, generator=gen, dtype=torch.int32)
+        return (sign | (exp << 7) | mant).to(torch.int16).view(torch.bfloat16)
+
+    x, w, b = bits((64, 97)), bits((33, 97)), bits((33,))
+    results = {isa: cpu.linear_with_isa(x, w, b, isa).view(torch.int16) for isa in cpu.supported_isas()}
+    first = next(iter(results.values()))
+    assert all(torch.equal(r, first) for r in results.values()), list(results)
+
+
 def _flush(t: torch.Tensor) -> torch.Tensor:
     """Denormals to the zero of their sign (DAZ / FTZ)."""
     return torch.where(t.abs() < torch.finfo(torch.float32).tiny, t * 0, t)

@@ -63,7 +63,7 @@ int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_
                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for bf16 x and bf16 w, as kr_cpu_linear_rows, in the order of
-// AVX512-BF16's dot product (vdpbf16ps), which half the instructions of widening to fp32 feed: on 16 fp32 lanes,
+// AVX512-BF16's dot product (vdpbf16ps), one instruction for 32 multiply-adds on bf16 pairs: on 16 fp32 lanes,
 // lane l takes, for each chunk of 32 k's in increasing order, first the odd k = 32c + 2l + 1 and then the even
 // k = 32c + 2l, each as one fused multiply-add; the last chunk is zero-padded; then tree16, then the bias. The
 // whole computation flushes denormals, inputs and results, to zero, as vdpbf16ps does (every variant performs

@@ -1,5 +1,6 @@
-// CPU linear kernel of the decode path: y = x W^T (+ bias) for a handful of activation rows, fp32 weights or
-// bf16 weights (widened exactly to fp32), fp32 accumulation. See kr_cpu.h for the contract.
+// CPU linear kernel of the decode path: y = x W^T (+ bias) for a handful of activation rows, fp32 accumulation:
+// fp32 activations with fp32 weights or bf16 weights (widened exactly to fp32), and bf16 activations with bf16
+// weights in the order of AVX512-BF16's dot product (below). See kr_cpu.h for the contract.
 //
 // Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
 // W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
@@ -85,8 +86,20 @@ void rows_portable(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* 
 }
 
 // bf16 x bf16 in vdpbf16ps's order (see the top of this file), each operation flushing denormals as DAZ + FTZ do.
+// x86's FTZ judges a result tiny after rounding it to 24 bits as if the exponent were unbounded, so an exact result
+// just below 2^-126 that rounds up to 2^-126 in fp32 (denormals on) can still be tiny there and flush: the scaled
+// recomputation decides those (scaling by 2^24 is exact here: a result near 2^-126 from bf16 products and a
+// flushed accumulator has operands far from overflow).
 KR_INLINE float fma_ftz(float a, float b, float c) {
-  return flush_denormal(std::fma(flush_denormal(a), flush_denormal(b), flush_denormal(c)));
+  a = flush_denormal(a);
+  b = flush_denormal(b);
+  c = flush_denormal(c);
+  const float r = std::fma(a, b, c);
+  if (std::fabs(r) == 0x1p-126f) {
+    const float scaled = std::fma(a * 0x1p24f, b, c * 0x1p24f);
+    if (std::fabs(scaled) < 0x1p-102f) return std::copysign(0.0f, scaled);
+  }
+  return flush_denormal(r);
 }
 
 KR_INLINE float add_ftz(float a, float b) { return flush_denormal(flush_denormal(a) + flush_denormal(b)); }
@@ -447,7 +460,8 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
 }
 
 // kHw = false never reaches an AVX512-BF16 instruction: only chunk_bf16_avx512's kHw branch has one (the target
-// attribute is shared so that one template serves both).
+// attribute is shared so that one template serves both; objdump of the build shows vdpbf16ps only in the kHw = true
+// instantiations, and the compiler emits it only from the intrinsic).
 template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
