@@ -207,7 +207,7 @@ setup(
     packages=_packages(),
     package_dir={"kangaroo_rt.kernels": "kernels"},
     package_data={
-        "kangaroo_rt": [f"assets/**/*.{ext}" for ext in ("json", "jsonl", "safetensors", "bin", "md", "txt")],
+        "kangaroo_rt": [f"assets/**/*.{ext}" for ext in ("json", "jsonl", "safetensors", "bin", "md", "txt", "png")],
     },
     # Lower bounds only: a user's own environment may hold anything newer. The versions the suite last passed
     # with are pinned in constraints.txt (`make venv` installs with it, `make lock` moves it). Add an upper bound

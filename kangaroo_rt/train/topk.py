@@ -209,10 +209,12 @@ def _old_examples(old: dict) -> int:
 
 
 def _grown(old: dict, examples: Sequence, differ: List[str]) -> bool:
-    """Whether ``examples`` are a finished dump's examples with more after them (only the examples differ)."""
+    """Whether ``examples`` are a dump's examples with more after them (only the examples differ). The old dump
+    need not be finished: a segment's shards do not depend on what follows it."""
+    if not set(differ) <= {"num_examples", "fingerprint"}:
+        return False
     n = _old_examples(old)
-    return (set(differ) <= {"num_examples", "fingerprint"} and len(old["shards"]) == old["num_shards"]
-            and n < len(examples) and examples_fingerprint(examples[:n]) == old["fingerprint"])
+    return n < len(examples) and examples_fingerprint(examples[:n]) == old["fingerprint"]
 
 
 def _segment_ranges(examples: Sequence, segments: Sequence[int], shard_tokens: int) -> List[range]:
