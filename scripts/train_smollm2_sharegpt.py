@@ -588,6 +588,9 @@ def stage_card(args) -> None:
                    f"{min(ts['fp32_answers'], ts['answers'])} were decoded in float32, the rest in bfloat16")
     else:
         trained = f"{ts['answers']} conversations, {ts['tokens']} tokens"
+    first_pos = "" if not sb or not sb["acceptance_by_position"] or sb["acceptance_by_position"][0] is None else (
+        f" On the held-out run's {sb['max_new_tokens']}-token answers the first draft of a round was accepted "
+        f"{100 * sb['acceptance_by_position'][0]:.0f}% of the time.")
     kinds = ""
     if len({r["kind"] for r in rec["study"].values()}) > 1:
         kinds = (f"\n\nTwo kinds of targets were compared on it: **teacher-forced** (the paper's), the target's "
@@ -655,8 +658,10 @@ Kangaroo against plain decoding in the same run ({rec['tune']['date'][:10]}):
 
 ## Limitations
 SmolLM2-135M is small: its first layers and a one-block adapter agree with its next token
-{100 * run['dev_top1']:.0f}% of the time on dev answers, so chains of accepted drafts are short. Greedy output equals
-the target's whatever the adapter (tested); with sampling the output distribution is the target's.
+{100 * run['dev_top1']:.0f}% of the time on dev answers, averaged over whole answers of up to
+{ts.get('max_new_tokens', 256)} tokens, whose later tokens are the easier ones.{first_pos} ShareGPT repeats some
+conversations, so a few dev first turns also occur among the train ones. Greedy output equals the target's whatever
+the adapter (tested); with sampling the output distribution is the target's.
 """
     with open(os.path.join(ASSET, "README.md"), "w") as f:
         f.write(card)
