@@ -262,11 +262,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7}")
-    parts: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
+    measured: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
     for label in WEIGHTS:
         for key, values in measure_weights(cpu, label, args, bandwidth).items():
-            parts[key] += values
-    rows, fused, prefill = parts["rows"], parts["fused"], parts["prefill"]
+            measured[key] += values
+    rows, fused, prefill = measured["rows"], measured["fused"], measured["prefill"]
     _print_fused(fused)
     _print_prefill(prefill)
     others = load.stop()
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "isa": cpu.isa(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
-              "fused": fused, "prefill": prefill, "parts": parts["parts"]}
+              "fused": fused, "prefill": prefill, "parts": measured["parts"]}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
     with open(path, "w") as f:

@@ -135,8 +135,8 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
     tokens per shard (the unit of resumption); batch_tokens: padded tokens per forward; stop_after_s: stop
     (cleanly, after the shard that crosses it) once this many seconds have passed, to time-box a run; meta: stored in the index as is.
 
-    A set that has grown (a finished dump's examples followed by new ones, as a resumable generation stage
-    appends them) extends the dump: its shards stay and the new examples get shards of their own after them.
+    A set that has grown (a dump's examples, finished or not, followed by new ones, as a resumable generation
+    stage appends them) extends the dump: its shards stay and the new examples get shards of their own after them.
     Any other change of the examples or settings is an error.
     """
     from safetensors.torch import save_file
@@ -162,7 +162,7 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
             old = json.load(f)
         differ = [key for key, value in settings.items() if old.get(key) != value]
         if differ and _grown(old, examples, differ):
-            old_n = _old_examples(old)
+            old_n = int(old["num_examples"])
             old.update(settings)
             old["segments"] = old.get("segments", [0]) + [old_n]
             print(f"dump {folder}: {len(examples) - old_n} new examples after the {old_n} already dumped")
@@ -204,16 +204,12 @@ def dump_topk(target: Transformer, examples: Sequence, folder: str, exits: Seque
     return index
 
 
-def _old_examples(old: dict) -> int:
-    return int(old["num_examples"])
-
-
 def _grown(old: dict, examples: Sequence, differ: List[str]) -> bool:
     """Whether ``examples`` are a dump's examples with more after them (only the examples differ). The old dump
     need not be finished: a segment's shards do not depend on what follows it."""
     if not set(differ) <= {"num_examples", "fingerprint"}:
         return False
-    n = _old_examples(old)
+    n = int(old["num_examples"])
     return n < len(examples) and examples_fingerprint(examples[:n]) == old["fingerprint"]
 
 
