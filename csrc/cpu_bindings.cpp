@@ -293,6 +293,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   for (int d = 0; d < 3; ++d) a.q_stride[d] = q.stride(d), a.cache_stride[d] = k_cache.stride(d);
   a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
   a.out = out.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d) a.out_stride[d] = out.stride(d);
   const int isa = process_isa();
   at::parallel_for(0, B * Hq, grain_for(2 * Q * std::max<int64_t>(1, slots) * D), [&](int64_t t0, int64_t t1) {
     const int rc = kr_cpu_attention(isa, &a, t0, t1);
@@ -301,17 +302,58 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   return out;
 }
 
-// ---- A stack of decoder layers in one call: kangaroo_rt.model.DecoderLayer.forward written over the functions
-// above, so the bits are those of the per-op path (the same kernels on the same inputs), without a Python
-// round trip per op (about a dozen per layer: dispatch, checks and module calls cost ~100 us a layer at one token).
+// out = silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16) and shape, unit last stride.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  const char* what = "kangaroo_rt._cpu.silu_mul";
+  const int dtype = dtype_code(gate, what, "gate");
+  check_like(gate, gate, what, "gate");
+  check_like(up, gate, what, "up");
+  TORCH_CHECK_VALUE(gate.dim() >= 1 && gate.sizes() == up.sizes(), what,
+                    ": gate and up must have one shape (..., n), got ", gate.sizes(), " and ", up.sizes());
+  const int64_t n = gate.size(-1);
+  at::Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const std::pair<at::Tensor, int64_t> g = as_rows(gate, n), u = as_rows(up, n);
+  const int isa = process_isa();
+  const void* gp = g.first.const_data_ptr();
+  const void* up_ = u.first.const_data_ptr();
+  void* op = out.mutable_data_ptr();
+  at::parallel_for(0, g.first.size(0), grain_for(16 * n), [&](int64_t m0, int64_t m1) {
+    const int rc = kr_cpu_silu_mul_rows(isa, dtype, gp, g.second, up_, u.second, n, op, n, m0, m1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+  return out;
+}
+
+// ---- A stack of decoder layers in one call (csrc/cpu/decoder.cpp): kangaroo_rt.model.DecoderLayer.forward on the
+// kernels of the functions above, so the bits of the per-op path, on one set of threads and without a torch call
+// per op (about a dozen per layer: dispatch, checks, allocations and a thread fork each cost ~45 us a layer).
 
 // Per layer, in this order: input norm (D,), fused q/k/v weight (Hq*Dh + 2*Hkv*Dh, D), o weight (D, Hq*Dh),
 // post-attention norm (D,), fused gate/up weight (2*I, D), down weight (D, I).
 constexpr size_t kLayerWeights = 6;
 
+void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* what, size_t layer,
+                  const char* name) {
+  check_like(w, ref, what, name);
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous(), what, ": layer ",
+                    layer, ": ", name, " must be a contiguous (", rows, ", ", cols, "), got ", w.sizes(), " strides ",
+                    w.strides());
+}
+
+// An optional bias as fp32 (N,), or an undefined tensor.
+at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias, int64_t N, const char* what, size_t layer) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->layout() == at::kStrided && bias->device().is_cpu() && kernel_dtype(bias->scalar_type()) &&
+                        bias->dim() == 1 && bias->size(0) == N,
+                    what, ": layer ", layer, ": a bias must be a float32 or bfloat16 CPU tensor of shape (", N,
+                    ",), got ", bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
 // hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer; qkv_bias,
-// o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer -> hidden after
-// the layers, their keys and values written into the caches.
+// o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer, all of one
+// layout -> hidden after the layers, their keys and values written into the caches.
 at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& weights,
                           const std::vector<c10::optional<at::Tensor>>& qkv_bias,
@@ -325,34 +367,88 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                     what, ": expected ", kLayerWeights, " weights, 2 biases and 2 caches per layer, got ",
                     weights.size(), " weights, ", qkv_bias.size(), " + ", o_bias.size(), " biases and ",
                     k_caches.size(), " + ", v_caches.size(), " caches");
+  const int dtype = dtype_code(hidden, what, "hidden");
+  check_like(hidden, hidden, what, "hidden");
   TORCH_CHECK_VALUE(hidden.dim() == 3, what, ": hidden must be (B, q, D), got ", hidden.sizes());
-  const int64_t B = hidden.size(0), Q = hidden.size(1);
+  TORCH_CHECK_VALUE(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
+                    what, ": bad head layout: ", n_heads, " query heads, ", n_kv_heads, " kv heads of size ",
+                    head_dim);
+  const int64_t B = hidden.size(0), Q = hidden.size(1), D = hidden.size(2);
   const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
-  const int isa = process_isa();
-  at::Tensor h = hidden;
+  at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
+  if (layers == 0 || out.numel() == 0) return out;
+  const int64_t inter = weights[4].dim() == 2 ? weights[4].size(0) / 2 : 0;
+  TORCH_CHECK_VALUE(inter > 0, what, ": the fused gate/up weight must have an even, positive number of rows, got ",
+                    weights[4].sizes());
+  std::vector<kr_cpu_decoder_layer> ls(layers);
+  std::vector<at::Tensor> biases;  // fp32 copies, kept alive for the call
+  const at::Tensor& cache0 = k_caches[0];
   for (size_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[kLayerWeights * i];
-    TORCH_CHECK_VALUE(w[1].dim() == 2 && w[1].size(0) == q_width + 2 * kv_width && w[4].dim() == 2 &&
-                          w[4].size(0) % 2 == 0,
-                      what, ": layer ", i, ": the fused q/k/v weight must have ", q_width + 2 * kv_width,
-                      " rows and the fused gate/up weight an even number, got ", w[1].sizes(), " and ", w[4].sizes());
-    const at::Tensor x = rms_norm(h, w[0], eps);
-    const std::vector<at::Tensor> qkv = linear_with(x, w[1], qkv_bias[i], isa).split_with_sizes(
-        {q_width, kv_width, kv_width}, -1);
-    const at::Tensor q = qkv[0].view({B, Q, n_heads, head_dim}).transpose(1, 2);
-    const at::Tensor k = qkv[1].view({B, Q, n_kv_heads, head_dim}).transpose(1, 2);
-    const at::Tensor v = qkv[2].view({B, Q, n_kv_heads, head_dim}).transpose(1, 2);
-    const at::Tensor q_rot = rope_cache_append(q, k, v, cos, sin, k_caches[i], v_caches[i], positions);
-    const at::Tensor attn = attention(q_rot, k_caches[i], v_caches[i], positions, kv_len);
-    const at::Tensor o = linear_with(attn.transpose(1, 2).reshape({B, Q, q_width}), w[2], o_bias[i], isa);
-    at::Tensor normed;
-    std::tie(h, normed) = add_rms_norm(o, h, w[3], eps);
-    const int64_t inter = w[4].size(0) / 2;
-    const std::vector<at::Tensor> gate_up = linear_with(normed, w[4], c10::nullopt, isa).split_with_sizes(
-        {inter, inter}, -1);
-    h = h + linear_with(at::silu(gate_up[0]) * gate_up[1], w[5], c10::nullopt, isa);
+    for (int j : {0, 3}) {
+      check_like(w[j], hidden, what, "a norm weight");
+      TORCH_CHECK_VALUE(w[j].dim() == 1 && w[j].size(0) == D && w[j].is_contiguous(), what, ": layer ", i,
+                        ": norm weights must be contiguous (", D, ",), got ", w[j].sizes());
+    }
+    check_matrix(w[1], hidden, q_width + 2 * kv_width, D, what, i, "the fused q/k/v weight");
+    check_matrix(w[2], hidden, D, q_width, what, i, "the o weight");
+    check_matrix(w[4], hidden, 2 * inter, D, what, i, "the fused gate/up weight");
+    check_matrix(w[5], hidden, D, inter, what, i, "the down weight");
+    for (const at::Tensor* c : {&k_caches[i], &v_caches[i]}) {
+      check_cache(*c, hidden, B, n_kv_heads, head_dim, what, "a cache");
+      TORCH_CHECK_VALUE(c->sizes() == cache0.sizes() && c->strides() == cache0.strides(), what,
+                        ": every layer's k and v caches must have one shape and layout, got ", c->sizes(), " strides ",
+                        c->strides(), " and ", cache0.sizes(), " strides ", cache0.strides());
+    }
+    kr_cpu_decoder_layer& L = ls[i];
+    L.input_norm = w[0].const_data_ptr(), L.qkv = w[1].const_data_ptr(), L.o = w[2].const_data_ptr();
+    L.post_norm = w[3].const_data_ptr(), L.gate_up = w[4].const_data_ptr(), L.down = w[5].const_data_ptr();
+    for (auto [bias, n, slot] : {std::make_tuple(&qkv_bias[i], q_width + 2 * kv_width, &L.qkv_bias),
+                                 std::make_tuple(&o_bias[i], D, &L.o_bias)}) {
+      at::Tensor f = bias_as_float(*bias, n, what, i);
+      *slot = f.defined() ? f.const_data_ptr<float>() : nullptr;
+      if (f.defined()) biases.push_back(std::move(f));
+    }
+    L.k_cache = k_caches[i].mutable_data_ptr(), L.v_cache = v_caches[i].mutable_data_ptr();
   }
-  return h;
+  for (const at::Tensor* t : {&cos, &sin}) {
+    check_like(*t, hidden, what, "cos/sin");
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == Q && t->size(2) == head_dim, what,
+                      ": cos and sin must be (", B, ", ", Q, ", ", head_dim, "), got ", t->sizes());
+  }
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const at::Tensor pos = check_positions(positions, B, Q, what);
+  const int64_t T = cache0.size(2);
+  const int64_t slots = kv_len.has_value() ? *kv_len : T;
+  TORCH_CHECK_VALUE(0 <= slots && slots <= T, what, ": kv_len must be in [0, ", T, "], got ", slots);
+
+  kr_cpu_decoder_args a{};
+  a.dtype = dtype;
+  a.batch = B, a.q_len = Q, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads;
+  a.head_dim = head_dim, a.intermediate = inter, a.max_len = T, a.kv_len = slots;
+  a.eps = static_cast<float>(eps), a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  a.n_layers = static_cast<int64_t>(layers), a.layers = ls.data();
+  for (int d = 0; d < 3; ++d) a.cache_stride[d] = cache0.stride(d);
+  a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
+  a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
+  a.hidden = out.mutable_data_ptr();
+  a.threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bytes = kr_cpu_decoder_workspace_bytes(&a);
+  TORCH_CHECK_VALUE(bytes >= 0, what, ": impossible sizes");
+  const at::Tensor workspace = at::zeros({bytes}, out.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  const int isa = process_isa();
+  const int checked = kr_cpu_decoder_check(isa, &a);
+  TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
+  // One task per thread; each runs the whole stack, claiming chunks of every op (see decoder.cpp). Fewer threads
+  // (a nested call runs inline) compute the same bits.
+  std::vector<int> status(static_cast<size_t>(a.threads), KR_CPU_OK);
+  at::parallel_for(0, a.threads, 1, [&](int64_t t0, int64_t t1) {
+    status[static_cast<size_t>(t0)] = kr_cpu_decoder_layers(isa, &a);
+  });
+  for (int rc : status)
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  return out;
 }
 
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
@@ -387,6 +483,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_len") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "causal attention of q (B, Hq, q, D) over the caches at per-row positions (B, q) -> (B, Hq, q, D); "
         "each query's bits do not depend on the others");
+  m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>(),
+        "silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16): the activation of a Llama MLP");
   m.def("decoder_layers", &decoder_layers, py::arg("hidden"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
         py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("kv_len") = py::none(),

@@ -144,7 +144,16 @@ def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
     return load().attention(q, k_cache, v_cache, positions, kv_len)
 
 
-OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention")
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, (..., n) each -> (..., n) (csrc/cpu/silu_mul.cpp): torch's roundings with the kernels' own
+    exp, elementwise, so the layer stack computes it without torch."""
+    if not (_dense(gate, up) and gate.dim() >= 1 and gate.shape == up.shape and gate.stride(-1) == 1
+            and up.stride(-1) == 1):
+        return reference.silu_mul(gate, up)
+    return load().silu_mul(gate, up)
+
+
+OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul")
 
 
 def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,

@@ -178,7 +178,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = _fused_call(self.gate_up, (self.gate_proj, self.up_proj), x)
-        return _linear(self.down_proj, F.silu(gate) * up)
+        return _linear(self.down_proj, ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -287,7 +287,7 @@ class Transformer(nn.Module):
             hidden = self.layers[i](hidden, positions, cos, sin, k_cache, v_cache, kv_len)
         return hidden
 
-    _STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention")
+    _STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul")
 
     def _cpu_stack(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int):
         """(weights, qkv biases, o biases) for :func:`kangaroo_rt._cpu_ext.decoder_layers` over layers

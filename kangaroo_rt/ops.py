@@ -316,7 +316,7 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
-_TORCH_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention",
+_TORCH_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul",
               "process_logits", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
               "accept_greedy_commit")
 for _name in _TORCH_OPS:
@@ -362,6 +362,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """-> (x + residual, rms_norm(x + residual))."""
     return _serve("add_rms_norm", x.device, x, residual, weight)(x, residual, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: (..., n) each -> (..., n), the activation of a Llama MLP."""
+    return _serve("silu_mul", gate.device, gate, up)(gate, up)
 
 
 def rope_cache_append(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:

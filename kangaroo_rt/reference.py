@@ -37,6 +37,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up, gate and up (..., n) -> (..., n)."""
+    return torch.nn.functional.silu(gate) * up
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """positions: (B, q) int64; inv_freq: (D/2,) fp32 -> cos, sin: (B, q, D) in ``dtype``."""

@@ -1,4 +1,4 @@
-"""The CPU extension's decode-layer ops (csrc/cpu/{rms_norm,rope_cache_append,attention}.cpp through
+"""The CPU extension's decode-layer ops (csrc/cpu/{rms_norm,rope_cache_append,attention,silu_mul,decoder}.cpp through
 kangaroo_rt._cpu_ext): accuracy against fp64 by the tolerance rule (rope: the reference's bits), bit-for-bit
 independence of a query's or row's result from the rest of the call, from the thread count and from the ISA
 variant, clear errors for refused inputs, and dispatch (what the kernels do not cover goes to torch)."""
@@ -113,6 +113,43 @@ def test_rms_norm_rows_are_independent_and_strided_rows_work(cpu):
         assert torch.equal(cpu.rms_norm(x[i:i + 1].contiguous(), w, 1e-6), together[i:i + 1])
 
 
+SILU_SHAPES = [(1, 1536), (5, 7, 96), (3, 17), (2, 1), (0, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SILU_SHAPES)
+def test_silu_mul_matches_fp64_by_the_tolerance_rule(cpu, dtype, shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    fused = (4 * torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)).to(dtype)
+    gate, up = fused.split(shape[-1], dim=-1)  # strided halves of one tensor, as the fused gate/up gives them
+    out = cpu.silu_mul(gate, up)
+    assert out.shape == shape and out.dtype == dtype
+    if out.numel():
+        exact = reference.silu_mul(gate.double(), up.double())
+        assert_tolerance_rule(out, reference.silu_mul(gate, up), exact)
+
+
+def test_silu_mul_over_the_whole_float_range(cpu):
+    """exp's clamps: silu(x) -> x far right, -> -0 far left (exp(-x) overflows to inf), NaN stays NaN."""
+    x = torch.tensor([-1e30, -200.0, -104.0, -88.8, -88.7, -87.5, -20.0, -1e-30, 0.0, 1e-30, 20.0, 87.5, 89.0, 1e30,
+                      float("inf"), float("-inf"), float("nan")])
+    out = cpu.silu_mul(x, torch.ones_like(x))
+    ref = reference.silu_mul(x, torch.ones_like(x))
+    exact = reference.silu_mul(x.double(), torch.ones_like(x).double())
+    finite = x.isfinite()  # -88.8: exp(88.8) overflows fp32, so both give -0 where fp64 has -2.4e-37
+    assert_tolerance_rule(out[finite], ref[finite], exact[finite])
+    assert torch.equal(out[finite].signbit(), ref[finite].signbit())
+    assert out[-3] == float("inf") and out[-1].isnan() and out[-2].isnan()  # -inf / (1 + inf): as torch, NaN
+    assert torch.equal(out.isnan(), reference.silu_mul(x, torch.ones_like(x)).isnan())
+
+
+def test_silu_mul_elements_do_not_depend_on_the_rest_of_the_call(cpu):
+    g, u = torch.randn(6, 1000), torch.randn(6, 1000)
+    together = cpu.silu_mul(g, u)
+    for i in range(6):
+        assert torch.equal(cpu.silu_mul(g[i, 3:517], u[i, 3:517]), together[i, 3:517])
+
+
 ROPE_SHAPES = [(1, 9, 3, 1, 64, 16), (3, 8, 2, 7, 64, 32), (2, 4, 4, 3, 128, 8), (2, 2, 1, 5, 6, 12)]
 
 
@@ -134,10 +171,50 @@ def test_rope_cache_append_gives_the_reference_bits(cpu, dtype, b, hq, hkv, q_le
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
 
 
+def _stack_inputs(dtype=torch.float32):
+    """A random 3-layer stack (GQA, q/k/v biases, head size 24, I = 200) and the arguments of a 5-token prefill:
+    (weights, qkv biases, o biases, k caches, v caches, (hidden, positions, cos, sin))."""
+    from kangaroo_rt.model import Transformer
+    from kangaroo_rt.testing import tiny_config
+
+    model = Transformer.random(tiny_config(num_layers=3, model_type="qwen2", hidden_size=96, num_heads=4,
+                                           num_kv_heads=2, intermediate_size=200), seed=1, dtype=dtype)
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        weights, qkv_bias, o_bias = model._build_stack(0, 3)[0]
+    k_caches, v_caches = map(list, zip(*(cache.layer(i) for i in range(3))))
+    pos = torch.arange(5).expand(2, 5)
+    h = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
+    return list(weights), list(qkv_bias), list(o_bias), k_caches, v_caches, (h, pos, *model.rope(pos))
+
+
+def _stack_case(dtype):
+    """A 3-layer decoder stack (GQA, q/k/v biases, head size 24) over a prefill of 5 tokens, then a step of
+    2 rows at different positions: its hidden states and caches (decoder.cpp)."""
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.model import Transformer
+    from kangaroo_rt.testing import tiny_config
+
+    model = Transformer.random(tiny_config(num_layers=3, model_type="qwen2", hidden_size=96, num_heads=4,
+                                           num_kv_heads=2, intermediate_size=200), seed=1, dtype=dtype)
+    cache = model.new_cache(2, 16)
+    gen = torch.Generator().manual_seed(7)
+    outs = []
+    torch.set_grad_enabled(False)  # the stack serves no autograd
+    for pos in (torch.arange(5).expand(2, 5), torch.tensor([[5], [3]])):
+        h = torch.randn(2, pos.shape[1], 96, generator=gen).to(dtype)
+        cos, sin = model.rope(pos)
+        weights, qkv_bias, o_bias = model._build_stack(0, 3)[0]
+        k_caches, v_caches = zip(*(cache.layer(i) for i in range(3)))
+        outs.append(_cpu_ext.decoder_layers(h, pos, cos, sin, weights, qkv_bias, o_bias, list(k_caches),
+                                            list(v_caches), 4, 2, 24, 1e-6, 16))
+    return outs + [t for i in range(3) for t in cache.layer(i)]
+
+
 _VARIANT_SCRIPT = r"""
 import hashlib, json, sys, torch
 sys.path.insert(0, "tests")
-from test_cpu_ext import _attention_case
+from test_cpu_ext import _attention_case, _stack_case
 from kangaroo_rt import _cpu_ext
 cpu = _cpu_ext.load()
 digest = {}
@@ -148,6 +225,9 @@ for dtype in (torch.float32, torch.bfloat16):
     for d, t_max in ((64, 77), (128, 45), (16, 3)):  # head sizes with an AVX-512 path of their own
         q, kc, vc, pos = _attention_case(2, 4, 2, 3, d, t_max, dtype, seed=d)
         outs.append(cpu.attention(q, kc, vc, pos, None))
+    gate_up = torch.randn(3, 2, 2 * 80, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
+    outs.append(cpu.silu_mul(gate_up[..., :80], gate_up[..., 80:]))
+    outs += _stack_case(dtype)
     for i, t in enumerate(outs):
         digest[f"{dtype}-{i}"] = hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
 print(json.dumps({"isa": cpu.isa(), "digest": digest}))
@@ -187,6 +267,19 @@ def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
         cpu.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
     with pytest.raises(ValueError, match="residual must have x's shape"):
         cpu.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="gate and up must have one shape"):
+        cpu.silu_mul(torch.randn(2, 8), torch.randn(2, 9))
+    with pytest.raises(TypeError, match="up must be Float like the other inputs"):
+        cpu.silu_mul(torch.randn(2, 8), torch.randn(2, 8).bfloat16())
+    weights, qkv_bias, o_bias, k_caches, v_caches, args = _stack_inputs()
+    with pytest.raises(ValueError, match=r"layer 1: the o weight must be a contiguous \(96, 96\)"):
+        cpu.decoder_layers(*args[:4], weights[:8] + [weights[8].t()] + weights[9:], qkv_bias, o_bias, k_caches,
+                           v_caches, 4, 2, 24, 1e-6, 16)
+    with pytest.raises(ValueError, match="one shape and layout"):
+        cpu.decoder_layers(*args[:4], weights, qkv_bias, o_bias, k_caches[:2] + [k_caches[2][:, :, :8]], v_caches,
+                           4, 2, 24, 1e-6, 16)
+    with pytest.raises(ValueError, match="kv_len must be in"):
+        cpu.decoder_layers(*args[:4], weights, qkv_bias, o_bias, k_caches, v_caches, 4, 2, 24, 1e-6, 17)
     with pytest.raises(ValueError, match="head size must be even"):
         cpu.rope_cache_append(torch.randn(1, 2, 1, 5), torch.randn(1, 1, 1, 5), torch.randn(1, 1, 1, 5),
                               torch.randn(1, 1, 5), torch.randn(1, 1, 5), torch.zeros(1, 1, 4, 5),
@@ -196,7 +289,7 @@ def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
 def test_dispatch_serves_decode_ops_and_leaves_the_rest_to_torch(cpu, monkeypatch):
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
     table = ops.backend_table("cpu")
-    for op in ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention"):
+    for op in ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul"):
         assert table[op] == "cpu", (op, table)
     # prefill-sized attention (more queries than INVARIANT_MAX_QUERIES) and fp64 inputs go to the reference
     q, kc, vc, positions = _attention_case(1, 4, 2, reference.INVARIANT_MAX_QUERIES + 1, 16, 100, torch.float32)

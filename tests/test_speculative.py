@@ -305,3 +305,14 @@ def test_works_with_transformers_text_streamer(capsys):
     out = model.generate(ids, max_new_tokens=10, streamer=TextStreamer(_Tok(), skip_prompt=True))
     printed = capsys.readouterr().out.strip()
     assert printed == _Tok().decode(out[0, 4:])
+
+
+def test_greedy_tokens_is_argmax_with_its_first_index_on_ties_in_every_dtype():
+    from kangaroo_rt.speculative import greedy_tokens
+
+    logits = torch.randn(3, 5, 1000).round(decimals=1)  # many exact ties at the maximum
+    logits[0, 0, [7, 300, 999]] = 50.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = logits.to(dtype)
+        assert torch.equal(greedy_tokens(x), x.argmax(dim=-1)), dtype
+    assert greedy_tokens(logits.bfloat16())[0, 0] == 7

@@ -44,7 +44,7 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
     for (int64_t i = 0; i < a.q_len; ++i) {
       const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
       const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
-      T* o = out + ((b * a.n_heads + h) * a.q_len + i) * D;
+      T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
       if (n == 0) {
         for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
         continue;
@@ -206,7 +206,7 @@ KR_TARGET_AVX512 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_
     for (int64_t i = 0; i < a.q_len; ++i) {
       const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
       const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
-      T* o = out + ((b * a.n_heads + h) * a.q_len + i) * D;
+      T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
       if (n == 0) {
         for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
         continue;

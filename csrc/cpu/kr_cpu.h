@@ -124,13 +124,68 @@ typedef struct kr_cpu_attention_args {
   int64_t cache_stride[3];
   const int64_t* positions;  // (B, Q)
   int64_t pos_stride[2];
-  void* out;  // (B, Hq, Q, D) contiguous
+  void* out;  // (B, Hq, Q, D)
+  int64_t out_stride[3];  // strides of B, H, Q (contiguous: Hq * Q * D, Q * D, D)
 } kr_cpu_attention_args;
 
 // Tasks are (row, query head) pairs b * Hq + h. Per query: scores q.k_j * scale by the fixed 16-lane dot, their
 // max, e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, in j order)
 // / l. Nothing depends on the other queries, on Q or on kv_len beyond the slots read.
 int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end);
+
+// SwiGLU's activation, out = silu(gate) * up, elementwise over rows of n elements: silu(x) = x / (1 + exp(-x)) with
+// kr_cpu's fixed exp, rounded to the dtype, then the product rounded (torch's roundings; not its exp). gate, up,
+// out: (M, n) with row strides ld_gate, ld_up, ld_out. Tasks are rows, [m_begin, m_end).
+int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, const void* up, int64_t ld_up,
+                         int64_t n, void* out, int64_t ld_out, int64_t m_begin, int64_t m_end);
+
+// ---- A stack of Llama decoder layers in one call (decoder.cpp): per layer, the ops above in the order of
+// kangaroo_rt.model.DecoderLayer (input norm, fused q/k/v linear, RoPE + cache append, attention, o linear,
+// residual add + post-attention norm, fused gate/up linear, silu * up, down linear + residual add), each output
+// element by the same function as the per-op path, so the same bits. Every thread that takes part calls
+// kr_cpu_decoder_layers with the same arguments; the work of each op is cut into chunks that the threads claim
+// as they come, and an op starts once every chunk of the one before is done. Any number of threads, one
+// included, computes the whole stack, with the same bits.
+
+typedef struct kr_cpu_decoder_layer {
+  const void* input_norm;  // (D,)
+  const void* qkv;         // (Hq * Dh + 2 * Hkv * Dh, D) contiguous: q rows, then k, then v
+  const float* qkv_bias;   // (Hq * Dh + 2 * Hkv * Dh,) fp32, or NULL
+  const void* o;           // (D, Hq * Dh) contiguous
+  const float* o_bias;     // (D,) fp32, or NULL
+  const void* post_norm;   // (D,)
+  const void* gate_up;     // (2 * I, D) contiguous: gate rows, then up rows
+  const void* down;        // (D, I) contiguous
+  void* k_cache;           // (B_max >= B, Hkv, T, Dh) with the strides cache_stride (unit last stride)
+  void* v_cache;
+} kr_cpu_decoder_layer;
+
+typedef struct kr_cpu_decoder_args {
+  int dtype;
+  int64_t batch, q_len, hidden_size, n_heads, n_kv_heads, head_dim, intermediate;  // B, Q, D, Hq, Hkv, Dh, I
+  int64_t max_len, kv_len;  // cache slots T; slots attention reads (<= T)
+  float eps, scale;         // RMSNorm epsilon; softmax scale
+  int64_t n_layers;
+  const kr_cpu_decoder_layer* layers;  // (n_layers,)
+  int64_t cache_stride[3];             // strides of B, H, T of every layer's caches
+  const void* cos;                     // (B, Q, Dh) contiguous
+  const void* sin;
+  const int64_t* positions;  // (B, Q)
+  int64_t pos_stride[2];
+  void* hidden;       // (B * Q, D) contiguous: the input, overwritten by the output
+  int64_t threads;    // how many threads are expected to call (sizes the chunks; any number may)
+  void* workspace;    // kr_cpu_decoder_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+} kr_cpu_decoder_args;
+
+// Bytes of workspace the call needs; -1 for impossible sizes.
+int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a);
+
+// KR_CPU_OK when kr_cpu_decoder_layers can run these arguments (sizes, pointers, variant), checked once before
+// the threads start, so that no thread stops alone.
+int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a);
+
+// One thread's part of the stack (see above). Returns a kr_cpu_status.
+int kr_cpu_decoder_layers(int isa, const kr_cpu_decoder_args* a);
 
 #ifdef __cplusplus
 }
