@@ -23,7 +23,9 @@ namespace {
 constexpr int64_t kPhasesPerLayer = 9;
 constexpr int64_t kCounterStride = 16;  // int64s per phase: "next" and "done" on separate 64-byte lines
 constexpr int64_t kMinChunkWeightBytes = 32 * 1024;
-constexpr int64_t kChunksPerThread = 2;  // of a linear: more chunks balance better but stream worse (measured)
+// A linear's claims take 1 / (kGuide * threads) of the rows left (see Phases::run). Measured on SmolLM2 (2 threads):
+// 1 streams the layers at 59-66 GB/s, 2 at 52-56, 4 at 47; fixed chunks of 1/4 to 1/16 of a matrix, 52-55.
+constexpr int64_t kGuide = 1;
 constexpr int64_t kSiluChunk = 512;      // elements of a row per silu chunk
 
 int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -80,22 +82,34 @@ KR_INLINE void spin_pause() {
 #endif
 }
 
-// The ops of the stack in order, each a set of chunks claimed through its own pair of counters.
+// The ops of the stack in order, each a set of items (row blocks, rows, tokens, heads) claimed in chunks through
+// its own pair of counters: "next" (the first unclaimed item) and "done" (items finished).
 class Phases {
  public:
-  Phases(int64_t* counters, int64_t* status) : counters_(counters), status_(status) {}
+  Phases(int64_t* counters, int64_t* status, int64_t threads)
+      : counters_(counters), status_(status), threads_(threads) {}
 
+  // body(begin, end) over chunks of items: each claim takes max(min_claim, remaining / (guide * threads)) items
+  // (guided self-scheduling: large chunks first, which stream well, small ones last, which keep the threads
+  // finishing together), or one item with guide = 0.
   template <typename Body>
-  void run(int64_t n_chunks, Body&& body) {
+  void run(int64_t n_items, int64_t min_claim, int64_t guide, Body&& body) {
     int64_t* next = counters_ + index_ * kCounterStride;
     int64_t* done = next + kCounterStride / 2;
     ++index_;
-    for (int64_t c; (c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < n_chunks;) {
-      const int rc = body(c);
+    for (;;) {
+      int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end;
+      do {
+        if (begin >= n_items) break;
+        const int64_t take = guide > 0 ? std::max(min_claim, (n_items - begin) / (guide * threads_)) : 1;
+        end = std::min(n_items, begin + take);
+      } while (!__atomic_compare_exchange_n(next, &begin, end, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+      if (begin >= n_items) break;
+      const int rc = body(begin, end);
       if (rc != KR_CPU_OK) __atomic_store_n(status_, static_cast<int64_t>(rc), __ATOMIC_RELAXED);
-      __atomic_fetch_add(done, 1, __ATOMIC_RELEASE);  // publishes this chunk's writes
+      __atomic_fetch_add(done, end - begin, __ATOMIC_RELEASE);  // publishes this chunk's writes
     }
-    for (int spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < n_chunks; ++spins) {
+    for (int spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < n_items; ++spins) {
       if (spins < 2000)
         spin_pause();
       else
@@ -103,9 +117,16 @@ class Phases {
     }
   }
 
+  // One item per claim.
+  template <typename Body>
+  void each(int64_t n_items, Body&& body) {
+    run(n_items, 1, 0, [&](int64_t begin, int64_t) { return body(begin); });
+  }
+
  private:
   int64_t* counters_;
   int64_t* status_;
+  int64_t threads_;
   int64_t index_ = 0;
 };
 
@@ -118,12 +139,10 @@ void linear_phase(Phases& ph, int isa, const kr_cpu_decoder_args& a, const T* x,
                   const void* w, int64_t N, const float* bias, T* dst, int64_t ld_dst, bool add, float* yf) {
   const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
   const int64_t block_bytes = KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
-  int64_t per_chunk = ceil_div(n_blocks, kChunksPerThread * std::max<int64_t>(1, a.threads));
-  per_chunk = std::max(per_chunk, ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes)));
-  const int64_t n_chunks = ceil_div(n_blocks, per_chunk);
+  const int64_t min_blocks = ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes));
   constexpr bool kFloat = sizeof(T) == 4;
-  ph.run(n_chunks, [&](int64_t c) -> int {
-    const int64_t n0 = c * per_chunk * KR_CPU_ROW_BLOCK, n1 = std::min(N, (c + 1) * per_chunk * KR_CPU_ROW_BLOCK);
+  ph.run(n_blocks, min_blocks, kGuide, [&](int64_t b0, int64_t b1) -> int {
+    const int64_t n0 = b0 * KR_CPU_ROW_BLOCK, n1 = std::min(N, b1 * KR_CPU_ROW_BLOCK);
     const bool direct = kFloat && !add;
     float* y = direct ? reinterpret_cast<float*>(dst) : yf;
     const int64_t ldy = direct ? ld_dst : N;
@@ -148,7 +167,8 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
   const Sizes s = sizes_of(a);
   const Layout l = layout_of(a);
   char* ws = static_cast<char*>(a.workspace);
-  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), reinterpret_cast<int64_t*>(ws + l.status));
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), reinterpret_cast<int64_t*>(ws + l.status),
+            std::max<int64_t>(1, a.threads));
   T* h = static_cast<T*>(a.hidden);
   T* xn = reinterpret_cast<T*>(ws + l.xn);
   T* qkv = reinterpret_cast<T*>(ws + l.qkv);
@@ -164,7 +184,7 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
 
   for (int64_t li = 0; li < a.n_layers; ++li) {
     const kr_cpu_decoder_layer& L = a.layers[li];
-    ph.run(ceil_div(s.M, norm_rows), [&](int64_t c) {  // xn = input_norm(h)
+    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // xn = input_norm(h)
       return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
                                   c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
@@ -182,7 +202,7 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     r.cos = a.cos, r.sin = a.sin, r.positions = a.positions;
     r.pos_stride[0] = a.pos_stride[0], r.pos_stride[1] = a.pos_stride[1];
     r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot;
-    ph.run(B * Q, [&](int64_t c) { return kr_cpu_rope_cache_append(isa, &r, c, c + 1); });
+    ph.each(B * Q, [&](int64_t c) { return kr_cpu_rope_cache_append(isa, &r, c, c + 1); });
 
     kr_cpu_attention_args t{};  // q_rot (B, Hq, Q, Dh) contiguous -> attn laid out (B, Q, Hq, Dh): o's input rows
     t.dtype = a.dtype;
@@ -193,15 +213,15 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     for (int d = 0; d < 3; ++d) t.cache_stride[d] = a.cache_stride[d];
     t.positions = a.positions, t.pos_stride[0] = a.pos_stride[0], t.pos_stride[1] = a.pos_stride[1];
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
-    ph.run(B * Hq, [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
+    ph.each(B * Hq, [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
     linear_phase<T>(ph, isa, a, attn, s.M, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
-    ph.run(ceil_div(s.M, norm_rows), [&](int64_t c) {  // h = o + h (in place), xn = post_norm(h)
+    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // h = o + h (in place), xn = post_norm(h)
       return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, xn, h, c * norm_rows,
                                   std::min(s.M, (c + 1) * norm_rows));
     });
     linear_phase<T>(ph, isa, a, xn, s.M, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
-    ph.run(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
+    ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
       const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
       const int64_t n = std::min(kSiluChunk, s.I - j0);
       const T* g = gu + m * 2 * s.I + j0;
