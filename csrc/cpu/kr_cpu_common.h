@@ -98,12 +98,10 @@ KR_INLINE float sum_fixed(const float* a, int64_t n) {
   return tree16(acc);
 }
 
-// exp(x) for x <= 0 in plain multiplies and adds (so that a loop of it vectorizes, with the same bits at every
-// width): x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial
-// (relative error below 1e-8 there), times 2^n built in the exponent bits. x below -87 gives exp(-87) (about
-// 1.6e-38), which next to the 1 that a softmax's largest term contributes is 0.
-KR_INLINE float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+// exp(r) and n for x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2, in plain multiplies and adds (so that a loop of
+// it vectorizes, with the same bits at every width): exp(r) by its degree-7 Taylor polynomial (relative error below
+// 1e-8 there). x must lie in [-87, 88.7].
+KR_INLINE float exp_reduced(float x, float* n_out) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (x * 1.44269504088896341f + magic) - magic;
   float r = x - n * 0.693145751953125f;  // ln2 split in two for an exact n * ln2_hi
@@ -116,34 +114,34 @@ KR_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  *n_out = n;
+  return p;
+}
+
+// 2^n for an integer-valued n in [-126, 127], built in the exponent bits.
+KR_INLINE float exp2_integer(float n) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return scale;
 }
 
-// exp(x) for any x with the operations of exp_nonpositive: x clamped to [-87, 88.7] (below, exp(-87) ~ 1.6e-38
-// stands for the underflow; x above 88.72 gives +inf, as exp overflows there), 2^n built as 2^(n-1) * 2 when
-// n = 128. Relative error below 1e-7 (a few ulp) elsewhere.
+// exp(x) for x <= 0: exp(r) * 2^n. x below -87 gives exp(-87) (about 1.6e-38), which next to the 1 that a
+// softmax's largest term contributes is 0.
+KR_INLINE float exp_nonpositive(float x) {
+  float n;
+  const float p = exp_reduced(x < -87.0f ? -87.0f : x, &n);
+  return p * exp2_integer(n);
+}
+
+// exp(x) for any x with the same operations: x clamped to [-87, 88.7] (below, exp(-87) stands for the underflow;
+// x above 88.72 gives +inf, as exp overflows there), 2^n built as 2^(n-1) * 2 when n = 128. Relative error below
+// 1e-7 (a few ulp) elsewhere.
 KR_INLINE float exp_fixed(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.7f ? 88.7f : x);
-  const float magic = 12582912.0f;
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723e-06f;
-  float p = 1.98412698412698413e-04f;
-  p = p * r + 1.38888888888888889e-03f;
-  p = p * r + 8.33333333333333333e-03f;
-  p = p * r + 4.16666666666666667e-02f;
-  p = p * r + 1.66666666666666667e-01f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  float n;
+  const float p = exp_reduced(x < -87.0f ? -87.0f : (x > 88.7f ? 88.7f : x), &n);
   const float top = n > 127.0f ? 1.0f : 0.0f;
-  const int32_t bits = (static_cast<int32_t>(n - top) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float e = (p * scale) * (1.0f + top);
+  const float e = (p * exp2_integer(n - top)) * (1.0f + top);
   return x > 88.72283935546875f ? __builtin_inff() : e;
 }
 
