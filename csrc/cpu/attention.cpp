@@ -63,7 +63,7 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
       for (int64_t j = 0; j < n; ++j) {
         const T* vr = vb + j * a.cache_stride[2];
         const float e = s[j];
-        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] + e * kr_cpu::to_float(vr[d]);
+        for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(e, kr_cpu::to_float(vr[d]), acc[d]);
       }
       for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(acc[d] / l);
     }
@@ -157,7 +157,7 @@ KR_TARGET_AVX512 void attend_query_avx512(const float* qf, const T* kb, const T*
       if (t < cnt) {
         const T* kr = kb + (j0 + t) * stride_t;
         __m512 acc = _mm512_setzero_ps();
-        for (int c = 0; c < C; ++c) acc = _mm512_add_ps(acc, _mm512_mul_ps(qv[c], load16(kr + 16 * c)));
+        for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), acc);
         part[t] = acc;
       } else {
         part[t] = _mm512_setzero_ps();
@@ -185,7 +185,7 @@ KR_TARGET_AVX512 void attend_query_avx512(const float* qf, const T* kb, const T*
   for (int64_t j = 0; j < n; ++j) {
     const T* vr = vb + j * stride_t;
     const __m512 e = _mm512_set1_ps(s[j]);
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(e, load16(vr + 16 * c)));
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(e, load16(vr + 16 * c), acc[c]);
   }
   for (int c = 0; c < C; ++c) store16(o + 16 * c, _mm512_div_ps(acc[c], l));
 }

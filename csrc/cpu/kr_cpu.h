@@ -128,9 +128,10 @@ typedef struct kr_cpu_attention_args {
   int64_t out_stride[3];  // strides of B, H, Q (contiguous: Hq * Q * D, Q * D, D)
 } kr_cpu_attention_args;
 
-// Tasks are (row, query head) pairs b * Hq + h. Per query: scores q.k_j * scale by the fixed 16-lane dot, their
-// max, e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, in j order)
-// / l. Nothing depends on the other queries, on Q or on kv_len beyond the slots read.
+// Tasks are (row, query head) pairs b * Hq + h. Per query: scores q.k_j * scale by the fixed 16-lane dot (fused
+// multiply-adds), their max, e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j,
+// out = (sum_j e_j v_j, fused multiply-adds in j order) / l. Nothing depends on the other queries, on Q or on
+// kv_len beyond the slots read.
 int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end);
 
 // SwiGLU's activation, out = silu(gate) * up, elementwise over rows of n elements: silu(x) = x / (1 + exp(-x)) with

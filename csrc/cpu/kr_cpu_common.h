@@ -5,12 +5,14 @@
 //
 // Fixed reduction orders: a reduction over n terms is computed as if on 16 fp32 lanes (lane l takes the terms
 // l, l + 16, ... in increasing order, zero-padded at the end), then summed by the tree of tree16. The kernels
-// written with these helpers only ever multiply and add (never a contracted a * b + c: the build passes
-// -ffp-contract=off), so the compiler may vectorize them at any width and the bits stay those of the source.
+// written with these helpers multiply and add, and fuse a multiply-add only where the source says so (std::fma;
+// never a contracted a * b + c: the build passes -ffp-contract=off), so the compiler may vectorize them at any
+// width and the bits stay those of the source.
 #pragma once
 
 #include <stdint.h>
 
+#include <cmath>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -75,15 +77,17 @@ KR_INLINE float tree16(const float* a) {
   return s2a + s2b;
 }
 
-// sum_k a[k] * b[k] over k < n in the fixed order, a already fp32 and zero-padded to a multiple of 16.
+// sum_k a[k] * b[k] over k < n in the fixed order, each term one fused multiply-add into its lane (std::fma:
+// one rounding, whatever the instruction set), a already fp32 and zero-padded to a multiple of 16.
 template <typename T>
 KR_INLINE float dot_fixed(const float* a, const T* b, int64_t n) {
   float acc[kLanes] = {};
   const int64_t full = n - n % kLanes;
   for (int64_t k = 0; k < full; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + a[k + l] * to_float(b[k + l]);
+    for (int l = 0; l < kLanes; ++l) acc[l] = std::fma(a[k + l], to_float(b[k + l]), acc[l]);
   if (full < n)
-    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + (full + l < n ? a[full + l] * to_float(b[full + l]) : 0.0f);
+    for (int l = 0; l < kLanes; ++l) acc[l] = full + l < n ? std::fma(a[full + l], to_float(b[full + l]), acc[l])
+                                                           : acc[l] + 0.0f;  // a zero-padded lane: fma(0, 0, acc)
   return tree16(acc);
 }
 
