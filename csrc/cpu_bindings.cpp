@@ -373,6 +373,9 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   TORCH_CHECK_VALUE(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
                     what, ": bad head layout: ", n_heads, " query heads, ", n_kv_heads, " kv heads of size ",
                     head_dim);
+  constexpr int64_t kMaxHeadElements = int64_t{1} << 31;  // keeps every width and product below far from overflow
+  TORCH_CHECK_VALUE(n_heads <= kMaxHeadElements / head_dim, what, ": ", n_heads, " heads of size ", head_dim,
+                    " are too many");
   const int64_t B = hidden.size(0), Q = hidden.size(1), D = hidden.size(2);
   const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
   at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
@@ -447,7 +450,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     status[static_cast<size_t>(t0)] = kr_cpu_decoder_layers(isa, &a);
   });
   for (int rc : status)
-    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
+                ")");
   return out;
 }
 

@@ -276,7 +276,7 @@ class Transformer(nn.Module):
             raise ValueError(f"layer range {start}..{end} is outside 0..{self.num_layers}")
         cos, sin = rope if rope is not None else self.rope(positions)
         stack = self._cpu_stack(hidden, positions, start, end)
-        if stack is not None:
+        if stack is not None and cos.dtype == sin.dtype == hidden.dtype:
             c = self.config
             k_caches, v_caches = zip(*(cache.layer(i) for i in range(start, end)))
             return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, list(k_caches), list(v_caches),
@@ -334,8 +334,9 @@ class Transformer(nn.Module):
                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 watch += [(module._parameters, name, p, p.data_ptr())
                           for name, p in module._parameters.items() if p is not None]
-        if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights):
-            return None
+        if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or any(
+                b is not None and b.dtype != self.dtype for b in qkv_bias + o_bias):
+            return None  # the per-op path sends a bias of another dtype to torch, with other bits
         return (weights, qkv_bias, o_bias), watch
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,

@@ -131,7 +131,8 @@ def test_silu_mul_matches_fp64_by_the_tolerance_rule(cpu, dtype, shape):
 
 def test_silu_mul_over_the_whole_float_range(cpu):
     """exp's clamps: silu(x) -> x far right, -> -0 far left (exp(-x) overflows to inf), NaN stays NaN."""
-    x = torch.tensor([-1e30, -200.0, -104.0, -88.8, -88.7, -87.5, -20.0, -1e-30, 0.0, 1e-30, 20.0, 87.5, 89.0, 1e30,
+    x = torch.tensor([-1e30, -200.0, -104.0, -88.8, -88.72283935546875, -88.71, -88.7, -87.5, -20.0, -1e-30, 0.0,
+                      1e-30, 20.0, 87.5, 89.0, 1e30,
                       float("inf"), float("-inf"), float("nan")])
     out = cpu.silu_mul(x, torch.ones_like(x))
     ref = reference.silu_mul(x, torch.ones_like(x))
@@ -225,6 +226,10 @@ for dtype in (torch.float32, torch.bfloat16):
     for d, t_max in ((64, 77), (128, 45), (16, 3)):  # head sizes with an AVX-512 path of their own
         q, kc, vc, pos = _attention_case(2, 4, 2, 3, d, t_max, dtype, seed=d)
         outs.append(cpu.attention(q, kc, vc, pos, None))
+    q, kc, vc, pos = _attention_case(1, 6, 2, 3, 64, 40, dtype, seed=9)
+    q[0, 1, 0, 5] = float("nan")  # one query's scores all NaN; the other heads untouched
+    kc[0, 1, 7, 3] = float("inf")  # one key's scores +-inf or NaN for the heads of kv head 1
+    outs.append(cpu.attention(q, kc, vc, pos, None).isnan().float())
     gate_up = torch.randn(3, 2, 2 * 80, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
     outs.append(cpu.silu_mul(gate_up[..., :80], gate_up[..., 80:]))
     outs += _stack_case(dtype)
@@ -298,3 +303,27 @@ def test_dispatch_serves_decode_ops_and_leaves_the_rest_to_torch(cpu, monkeypatc
     assert torch.equal(ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
     q, kc, vc, positions = _attention_case(1, 4, 2, 3, 16, 20, torch.float32)
     assert torch.equal(ops.attention(q, kc, vc, positions), cpu.attention(q, kc, vc, positions, None))
+
+
+def test_the_stack_keeps_the_last_write_when_a_row_repeats_a_position(cpu, monkeypatch):
+    """Two tokens of a row at one position write one cache slot: the stack, like the per-op path, keeps the last."""
+    from kangaroo_rt.model import Transformer
+    from kangaroo_rt.testing import tiny_config
+
+    model = Transformer.random(tiny_config(num_layers=2, hidden_size=96, num_heads=4, num_kv_heads=2), seed=2)
+    pos = torch.tensor([[3, 3, 4], [6, 7, 7]])
+    h = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(1))
+
+    def run(per_op):
+        if per_op:
+            monkeypatch.setattr(Transformer, "_cpu_stack", lambda *a: None)
+        cache = model.new_cache(2, 12)
+        with torch.no_grad():
+            out = model.forward_layers(h, pos, 0, 2, cache, kv_len=12)
+        monkeypatch.undo()
+        return [out] + [t for i in range(2) for t in cache.layer(i)]
+
+    fast = run(per_op=False)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(fast, run(per_op=False)))
+    assert all(torch.equal(a, b) for a, b in zip(fast, run(per_op=True)))

@@ -43,7 +43,7 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
     const T* vb = v_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
     for (int64_t i = 0; i < a.q_len; ++i) {
       const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
-      const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
+      const int64_t n = p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
       T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
       if (n == 0) {
         for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
@@ -124,7 +124,7 @@ KR_TARGET_AVX512 inline __m512 tree16x16(const __m512* v) {
 
 // kr_cpu::exp_nonpositive on 16 lanes, operation for operation.
 KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // a NaN x stays NaN, as in the scalar select
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
   __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
@@ -166,7 +166,7 @@ KR_TARGET_AVX512 void attend_query_avx512(const float* qf, const T* kb, const T*
     const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
     const __m512 sc = _mm512_mul_ps(tree16x16(part), vscale);
     _mm512_mask_storeu_ps(s + j0, live, sc);
-    vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
+    vmax = _mm512_mask_max_ps(vmax, live, sc, vmax);  // a NaN score is skipped, as by std::max(m, sj)
   }
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
   __m512 lanes = _mm512_setzero_ps();  // the 16 lanes of sum_fixed
@@ -205,7 +205,7 @@ KR_TARGET_AVX512 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_
     const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
     for (int64_t i = 0; i < a.q_len; ++i) {
       const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
-      const int64_t n = p < 0 ? 0 : std::min(p + 1, a.kv_len);
+      const int64_t n = p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
       T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
       if (n == 0) {
         for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);

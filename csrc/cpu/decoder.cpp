@@ -3,7 +3,7 @@
 // The per-op path (kangaroo_rt.model.DecoderLayer calling each op) costs about 45 us a layer at one token beyond
 // its weight stream: a dozen torch dispatches, allocations and views, and a thread fork and join per op. Here
 // the threads start once for the whole stack and meet between ops at a counter: each op's work is cut into
-// chunks (output-row blocks of a linear, rows of a norm, tokens of RoPE, heads of attention) that the threads
+// chunks (output-row blocks of a linear, rows of a norm, batch rows of RoPE, heads of attention) that the threads
 // claim one at a time, and a thread moves on to the next op when the last chunk of this one is done. A chunk
 // runs the per-op kernel on its slice, and those kernels give each output element the same bits whatever the
 // slice, so the stack has the per-op path's bits for any number of threads. Buffers live in one workspace.
@@ -105,7 +105,12 @@ class Phases {
         end = std::min(n_items, begin + take);
       } while (!__atomic_compare_exchange_n(next, &begin, end, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
       if (begin >= n_items) break;
-      const int rc = body(begin, end);
+      int rc;
+      try {
+        rc = body(begin, end);
+      } catch (...) {  // (a kernel's scratch allocation): the chunk still counts as done, or the others would wait
+        rc = KR_CPU_FAILED;
+      }
       if (rc != KR_CPU_OK) __atomic_store_n(status_, static_cast<int64_t>(rc), __ATOMIC_RELAXED);
       __atomic_fetch_add(done, end - begin, __ATOMIC_RELEASE);  // publishes this chunk's writes
     }
@@ -202,7 +207,8 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     r.cos = a.cos, r.sin = a.sin, r.positions = a.positions;
     r.pos_stride[0] = a.pos_stride[0], r.pos_stride[1] = a.pos_stride[1];
     r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot;
-    ph.each(B * Q, [&](int64_t c) { return kr_cpu_rope_cache_append(isa, &r, c, c + 1); });
+    // A row's tokens in one chunk, in order: two tokens at one position write one slot, and the last one must win.
+    ph.each(B, [&](int64_t b) { return kr_cpu_rope_cache_append(isa, &r, b * Q, (b + 1) * Q); });
 
     kr_cpu_attention_args t{};  // q_rot (B, Hq, Q, Dh) contiguous -> attn laid out (B, Q, Hq, Dh): o's input rows
     t.dtype = a.dtype;

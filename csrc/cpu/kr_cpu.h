@@ -23,7 +23,7 @@ enum kr_cpu_isa_code {
 };
 
 // Return codes.
-enum kr_cpu_status { KR_CPU_OK = 0, KR_CPU_BAD_ARGUMENT = 1, KR_CPU_BAD_ISA = 2 };
+enum kr_cpu_status { KR_CPU_OK = 0, KR_CPU_BAD_ARGUMENT = 1, KR_CPU_BAD_ISA = 2, KR_CPU_FAILED = 3 };
 
 // Output rows per block: a caller that splits [0, N) over threads should cut it at multiples of this, so that
 // every thread runs whole register blocks (any split gives the same bits; this one is just the fastest).

@@ -104,7 +104,7 @@ KR_INLINE float sum_fixed(const float* a, int64_t n) {
 
 // exp(r) and n for x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2, in plain multiplies and adds (so that a loop of
 // it vectorizes, with the same bits at every width): exp(r) by its degree-7 Taylor polynomial (relative error below
-// 1e-8 there). x must lie in [-87, 88.7].
+// 1e-8 there). x must lie in [-87, 88.73] (or be NaN).
 KR_INLINE float exp_reduced(float x, float* n_out) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (x * 1.44269504088896341f + magic) - magic;
@@ -122,9 +122,10 @@ KR_INLINE float exp_reduced(float x, float* n_out) {
   return p;
 }
 
-// 2^n for an integer-valued n in [-126, 127], built in the exponent bits.
+// 2^n for an integer-valued n in [-126, 127], built in the exponent bits (a NaN n, from a NaN x, gives 1: the
+// polynomial is NaN already).
 KR_INLINE float exp2_integer(float n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) * (1 << 23);
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return scale;
@@ -138,15 +139,16 @@ KR_INLINE float exp_nonpositive(float x) {
   return p * exp2_integer(n);
 }
 
-// exp(x) for any x with the same operations: x clamped to [-87, 88.7] (below, exp(-87) stands for the underflow;
-// x above 88.72 gives +inf, as exp overflows there), 2^n built as 2^(n-1) * 2 when n = 128. Relative error below
-// 1e-7 (a few ulp) elsewhere.
+// exp(x) for any x with the same operations: below -87, exp(-87) stands for the underflow; from 88.7228394 (the
+// first float above ln(FLT_MAX)) on, +inf, as exp overflows there; 2^n built as 2^(n-1) * 2 when n = 128. Relative
+// error below 1e-7 (a few ulp) elsewhere; NaN stays NaN.
 KR_INLINE float exp_fixed(float x) {
+  constexpr float kOverflow = 88.72283935546875f;
   float n;
-  const float p = exp_reduced(x < -87.0f ? -87.0f : (x > 88.7f ? 88.7f : x), &n);
+  const float p = exp_reduced(x < -87.0f ? -87.0f : (x > kOverflow ? kOverflow : x), &n);
   const float top = n > 127.0f ? 1.0f : 0.0f;
   const float e = (p * exp2_integer(n - top)) * (1.0f + top);
-  return x > 88.72283935546875f ? __builtin_inff() : e;
+  return x >= kOverflow ? __builtin_inff() : e;
 }
 
 }  // namespace kr_cpu
