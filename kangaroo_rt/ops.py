@@ -291,8 +291,16 @@ def _resolve_uncached(op: str, device_type: str, wanted: Optional[str], interpre
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
     """(backend name, implementation) that serves ``op`` on ``device``; cached per (op, device type, choice).
     A kernel backend's implementation comes wrapped by :class:`_FirstRun` until its first call returns."""
-    wanted = _requested_backend()
-    interpret = os.environ.get("TRITON_INTERPRET")
+    return _resolve_as(op, device, _requested_backend(), os.environ.get("TRITON_INTERPRET"))
+
+
+def backends(names: Tuple[str, ...], device: torch.device) -> Tuple[str, ...]:
+    """The backend that serves each op of ``names`` on ``device`` (the environment read once for all)."""
+    wanted, interpret = _requested_backend(), os.environ.get("TRITON_INTERPRET")
+    return tuple(_resolve_as(op, device, wanted, interpret)[0] for op in names)
+
+
+def _resolve_as(op: str, device: torch.device, wanted: Optional[str], interpret: Optional[str]):
     key = (op, device.type, wanted, interpret)
     hit = _RESOLVED.get(key)
     if hit is None:
