@@ -210,7 +210,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .train.data import load_examples
     from .train.states import Dumped, OnTheFly, dump_states, first_tokens
-    from .train.trainer import TrainConfig, Trainer, export_adapter, init_distributed, local_device
+    from .train.trainer import (TrainConfig, Trainer, export_adapter, finish_distributed, init_distributed,
+                                local_device)
 
     device = local_device(args.device)  # cuda:LOCAL_RANK under torchrun
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -247,6 +248,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     if rank == 0:
         folder = export_adapter(adapter.to(target.dtype), os.path.join(args.out, "adapter"), args.exit_layer)
         print(f"adapter exported to {folder} (official format + safetensors)", file=sys.stderr)
+    del trainer
+    finish_distributed()
     return 0
 
 
