@@ -38,6 +38,18 @@ int isa_by_name(const std::string& name) {
   return KR_CPU_ISA_INVALID;
 }
 
+// An optional bias (N,), float32 or bfloat16, as the fp32 (N,) the kernels add; an undefined tensor without one.
+at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias, int64_t N, const std::string& what) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->layout() == at::kStrided && bias->device().is_cpu(), what,
+                    ": bias must be a dense CPU tensor, got ", bias->device());
+  TORCH_CHECK_TYPE(kernel_dtype(bias->scalar_type()), what, ": bias must be float32 or bfloat16, got ",
+                   bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, what, ": bias must be (N,) with N = ", N, ", got shape ",
+                    bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
 // x: (..., K) fp32 or bf16; weight: (N, K) fp32 or bf16, contiguous; bias: (N,) fp32 or bf16 -> (..., N) in x's
 // dtype. bf16 activations with bf16 weights take kr_cpu_linear_rows_bf16 (vdpbf16ps's order); bf16 activations
 // with fp32 weights are widened to fp32 (exact). The fp32 result is rounded to bf16 at the end, as torch's bf16
@@ -58,16 +70,7 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
                     ", got shape ", x.sizes());
   TORCH_CHECK_VALUE(weight.is_contiguous(), what, ": weight must be contiguous (row-major (N, K), as nn.Linear ",
                     "stores it), got strides ", weight.strides());
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->layout() == at::kStrided && bias->device().is_cpu(), what,
-                      ": bias must be a dense CPU tensor, got ", bias->device());
-    TORCH_CHECK_TYPE(kernel_dtype(bias->scalar_type()), what, ": bias must be float32 or bfloat16, got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, what, ": bias must be (N,) with N = ", N, ", got shape ",
-                      bias->sizes());
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = bias_as_float(bias, N, what);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   int64_t M = 1;
@@ -211,6 +214,16 @@ void check_cache(const at::Tensor& c, const at::Tensor& ref, int64_t B, int64_t 
                     c.sizes(), " strides ", c.strides());
 }
 
+// RoPE's cos and sin tables: (B, Q, D) each, of ref's dtype.
+void check_rope_tables(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ref, int64_t B, int64_t Q,
+                       int64_t D, const char* what) {
+  for (const at::Tensor* t : {&cos, &sin}) {
+    check_like(*t, ref, what, "cos/sin");
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == Q && t->size(2) == D, what,
+                      ": cos and sin must be (", B, ", ", Q, ", ", D, "), got ", t->sizes());
+  }
+}
+
 at::Tensor check_positions(const at::Tensor& positions, int64_t B, int64_t Q, const char* what) {
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong && positions.device().is_cpu(), what,
                    ": positions must be a CPU int64 tensor, got ", positions.scalar_type(), " on ",
@@ -233,11 +246,7 @@ at::Tensor rope_cache_append(const at::Tensor& q, const at::Tensor& k, const at:
   check_head_tensor(q, q, B, Hq, Q, D, what, "q");
   check_head_tensor(k, q, B, Hkv, Q, D, what, "k");
   check_head_tensor(v, q, B, Hkv, Q, D, what, "v");
-  for (const at::Tensor* t : {&cos, &sin}) {
-    check_like(*t, q, what, "cos/sin");
-    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == Q && t->size(2) == D, what,
-                      ": cos and sin must be (", B, ", ", Q, ", ", D, "), got ", t->sizes());
-  }
+  check_rope_tables(cos, sin, q, B, Q, D, what);
   check_cache(k_cache, q, B, Hkv, D, what, "k_cache");
   check_cache(v_cache, q, B, Hkv, D, what, "v_cache");
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), what,
@@ -341,16 +350,6 @@ void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int6
                     w.strides());
 }
 
-// An optional bias as fp32 (N,), or an undefined tensor.
-at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias, int64_t N, const char* what, size_t layer) {
-  if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  TORCH_CHECK_VALUE(bias->layout() == at::kStrided && bias->device().is_cpu() && kernel_dtype(bias->scalar_type()) &&
-                        bias->dim() == 1 && bias->size(0) == N,
-                    what, ": layer ", layer, ": a bias must be a float32 or bfloat16 CPU tensor of shape (", N,
-                    ",), got ", bias->sizes());
-  return bias->to(at::kFloat).contiguous();
-}
-
 // hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer; qkv_bias,
 // o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer, all of one
 // layout -> hidden after the layers, their keys and values written into the caches.
@@ -408,17 +407,13 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     L.post_norm = w[3].const_data_ptr(), L.gate_up = w[4].const_data_ptr(), L.down = w[5].const_data_ptr();
     for (auto [bias, n, slot] : {std::make_tuple(&qkv_bias[i], q_width + 2 * kv_width, &L.qkv_bias),
                                  std::make_tuple(&o_bias[i], D, &L.o_bias)}) {
-      at::Tensor f = bias_as_float(*bias, n, what, i);
+      at::Tensor f = bias_as_float(*bias, n, std::string(what) + ": layer " + std::to_string(i));
       *slot = f.defined() ? f.const_data_ptr<float>() : nullptr;
       if (f.defined()) biases.push_back(std::move(f));
     }
     L.k_cache = k_caches[i].mutable_data_ptr(), L.v_cache = v_caches[i].mutable_data_ptr();
   }
-  for (const at::Tensor* t : {&cos, &sin}) {
-    check_like(*t, hidden, what, "cos/sin");
-    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == Q && t->size(2) == head_dim, what,
-                      ": cos and sin must be (", B, ", ", Q, ", ", head_dim, "), got ", t->sizes());
-  }
+  check_rope_tables(cos, sin, hidden, B, Q, head_dim, what);
   const at::Tensor c = cos.contiguous(), s = sin.contiguous();
   const at::Tensor pos = check_positions(positions, B, Q, what);
   const int64_t T = cache0.size(2);

@@ -275,8 +275,8 @@ class Transformer(nn.Module):
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range {start}..{end} is outside 0..{self.num_layers}")
         cos, sin = rope if rope is not None else self.rope(positions)
-        stack = self._cpu_stack(hidden, positions, start, end)
-        if stack is not None and cos.dtype == sin.dtype == hidden.dtype:
+        stack = self._cpu_stack(hidden, positions, start, end) if cos.dtype == sin.dtype == hidden.dtype else None
+        if stack is not None:
             c = self.config
             k_caches, v_caches = zip(*(cache.layer(i) for i in range(start, end)))
             return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, list(k_caches), list(v_caches),
@@ -321,12 +321,12 @@ class Transformer(nn.Module):
     def _build_stack(self, start: int, end: int):
         """-> ((weights, qkv biases, o biases), what to watch: (slots (owner dict, name), the objects in them, their
         ids, the parameters among them, their pointers)), or None when a layer is not fused."""
-        weights, qkv_bias, o_bias, watch = [], [], [], []
+        weights, qkv_bias, o_bias, slots, params = [], [], [], [], []
         for i in range(start, end):
             layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
-            watch += [(self.layers._modules, str(i), layer, None)]
-            watch += [(owner._modules, name, owner._modules[name], None) for owner, names in (
+            slots += [(self.layers._modules, str(i))]
+            slots += [(owner._modules, name) for owner, names in (
                 (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
                 (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
                 for name in names]
@@ -340,15 +340,15 @@ class Transformer(nn.Module):
             o_bias.append(attn.o_proj.bias)
             for module in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                watch += [(module._parameters, name, p, p.data_ptr())
-                          for name, p in module._parameters.items() if p is not None]
+                named = [(name, p) for name, p in module._parameters.items() if p is not None]
+                slots += [(module._parameters, name) for name, _ in named]
+                params += [p for _, p in named]
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or any(
                 b is not None and b.dtype != self.dtype for b in qkv_bias + o_bias):
             return None  # the per-op path sends a bias of another dtype to torch, with other bits
-        params = [obj for _, _, obj, ptr in watch if ptr is not None]
-        objects = [obj for _, _, obj, _ in watch]
-        return (weights, qkv_bias, o_bias), ([(owner, name) for owner, name, _, _ in watch], objects,
-                                             [id(obj) for obj in objects], params, [p.data_ptr() for p in params])
+        objects = [owner[name] for owner, name in slots]
+        return (weights, qkv_bias, o_bias), (slots, objects, [id(obj) for obj in objects], params,
+                                             [p.data_ptr() for p in params])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                 kv_len: Optional[int] = None) -> torch.Tensor:

@@ -172,9 +172,9 @@ def test_rope_cache_append_gives_the_reference_bits(cpu, dtype, b, hq, hkv, q_le
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
 
 
-def _stack_inputs(dtype=torch.float32):
-    """A random 3-layer stack (GQA, q/k/v biases, head size 24, I = 200) and the arguments of a 5-token prefill:
-    (weights, qkv biases, o biases, k caches, v caches, (hidden, positions, cos, sin))."""
+def _stack_model(dtype):
+    """A random 3-layer stack (GQA, q/k/v biases, head size 24, I = 200), its fused weights and biases, and a cache of
+    2 rows x 16 slots: (model, (weights, qkv biases, o biases), k caches, v caches)."""
     from kangaroo_rt.model import Transformer
     from kangaroo_rt.testing import tiny_config
 
@@ -182,34 +182,33 @@ def _stack_inputs(dtype=torch.float32):
                                            num_kv_heads=2, intermediate_size=200), seed=1, dtype=dtype)
     cache = model.new_cache(2, 16)
     with torch.no_grad():
-        weights, qkv_bias, o_bias = model._build_stack(0, 3)[0]
+        stack = model._build_stack(0, 3)[0]
     k_caches, v_caches = map(list, zip(*(cache.layer(i) for i in range(3))))
+    return model, stack, k_caches, v_caches
+
+
+def _stack_inputs(dtype=torch.float32):
+    """_stack_model's stack and the arguments of a 5-token prefill: (weights, qkv biases, o biases, k caches,
+    v caches, (hidden, positions, cos, sin))."""
+    model, (weights, qkv_bias, o_bias), k_caches, v_caches = _stack_model(dtype)
     pos = torch.arange(5).expand(2, 5)
     h = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
     return list(weights), list(qkv_bias), list(o_bias), k_caches, v_caches, (h, pos, *model.rope(pos))
 
 
 def _stack_case(dtype):
-    """A 3-layer decoder stack (GQA, q/k/v biases, head size 24) over a prefill of 5 tokens, then a step of
-    2 rows at different positions: its hidden states and caches (decoder.cpp)."""
+    """_stack_model's stack over a prefill of 5 tokens, then a step of 2 rows at different positions: its hidden
+    states and caches (decoder.cpp)."""
     from kangaroo_rt import _cpu_ext
-    from kangaroo_rt.model import Transformer
-    from kangaroo_rt.testing import tiny_config
 
-    model = Transformer.random(tiny_config(num_layers=3, model_type="qwen2", hidden_size=96, num_heads=4,
-                                           num_kv_heads=2, intermediate_size=200), seed=1, dtype=dtype)
-    cache = model.new_cache(2, 16)
+    model, stack, k_caches, v_caches = _stack_model(dtype)
     gen = torch.Generator().manual_seed(7)
     outs = []
     torch.set_grad_enabled(False)  # the stack serves no autograd
     for pos in (torch.arange(5).expand(2, 5), torch.tensor([[5], [3]])):
         h = torch.randn(2, pos.shape[1], 96, generator=gen).to(dtype)
-        cos, sin = model.rope(pos)
-        weights, qkv_bias, o_bias = model._build_stack(0, 3)[0]
-        k_caches, v_caches = zip(*(cache.layer(i) for i in range(3)))
-        outs.append(_cpu_ext.decoder_layers(h, pos, cos, sin, weights, qkv_bias, o_bias, list(k_caches),
-                                            list(v_caches), 4, 2, 24, 1e-6, 16))
-    return outs + [t for i in range(3) for t in cache.layer(i)]
+        outs.append(_cpu_ext.decoder_layers(h, pos, *model.rope(pos), *stack, k_caches, v_caches, 4, 2, 24, 1e-6, 16))
+    return outs + k_caches + v_caches
 
 
 _VARIANT_SCRIPT = r"""
