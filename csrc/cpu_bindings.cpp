@@ -82,12 +82,16 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
   if (M > 0 && K > 0 && (x2.stride(1) != 1 || (M > 1 && x2.stride(0) < K))) x2 = x2.contiguous();
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // bf16 activations: each task rounds the rows it computed into out itself (no second pass over y afterwards).
+  const bool round_out = x.scalar_type() != at::kFloat;
+  at::Tensor out = round_out ? at::empty({M, N}, x.options()) : y;
 
   if (M > 0 && N > 0) {
     const void* xp = x2.const_data_ptr();
     const void* wp = weight.const_data_ptr();
     const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
     float* yp = y.mutable_data_ptr<float>();
+    uint16_t* op = round_out ? static_cast<uint16_t*>(out.mutable_data_ptr()) : nullptr;
     const int w_dtype = weight_dtype_code(weight.scalar_type());
     const int64_t row_bytes = K * static_cast<int64_t>(weight.element_size());
     const int64_t block_bytes = std::max<int64_t>(1, KR_CPU_ROW_BLOCK * row_bytes);
@@ -102,10 +106,12 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
                 : kr_cpu_linear_rows_isa(isa, static_cast<const float*>(xp), M, K, ldx, wp, w_dtype, N, bp, yp, N,
                                          n_begin, n_end);
       TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+      for (int64_t m = 0; round_out && m < M; ++m)
+        TORCH_CHECK(kr_cpu_round_bf16(isa, yp + m * N + n_begin, op + m * N + n_begin, n_end - n_begin) == KR_CPU_OK,
+                    what, ": rounding to bf16 failed");
     });
   }
-  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
-  return y.view(out_shape);
+  return out.view(out_shape);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

@@ -177,6 +177,26 @@ def test_bf16_pairs_follow_the_dot_product_order(cpu, isa, k):
     assert torch.equal(got.view(torch.int16), _pair_order(x, w, b).view(torch.int16))
 
 
+def test_bf16_outputs_are_rounded_as_torch_rounds(cpu, isa):
+    """With bf16 activations each task rounds its fp32 rows itself (kr_cpu_round_bf16): the bits of torch's
+    float -> bf16 over random bit patterns (infinities, denormals) and exact ties, at a vector tail too."""
+    gen = torch.Generator().manual_seed(11)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (1037,), generator=gen, dtype=torch.int64).to(torch.int32)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x7F7F8000, 0x00008000, 0x7F800000, 0x7FC00001, 0xFF800001 - 2 ** 32],
+                        dtype=torch.int64).to(torch.int32)
+    values = torch.cat([bits, ties]).view(torch.float32)
+    values = torch.where(values == 0, torch.ones_like(values), values)  # -0 * 1 + 0 is +0: keep signed zeros out
+    w = values[:, None].contiguous()  # (N, 1): y[0, n] = w[n] exactly
+    one = torch.ones(1, 1)
+    expected = cpu.linear_with_isa(one, w, None, isa).to(torch.bfloat16)
+    got = cpu.linear_with_isa(one.bfloat16(), w, None, isa)
+    assert got.dtype == torch.bfloat16
+    nan = values.isnan()
+    assert torch.equal(got[0, ~nan].view(torch.int16), expected[0, ~nan].view(torch.int16))
+    # a NaN becomes c10::BFloat16's canonical 0x7fc0 (torch's vectorized cast keeps the sign and upper payload)
+    assert int(nan.sum()) > 0 and bool((got[0, nan].view(torch.int16) == 0x7FC0).all())
+
+
 def test_thread_count_changes_no_bits(cpu):
     x, w, b = _inputs(8, 576, 1536, torch.bfloat16, torch.float32, True, seed=5)
     threads = torch.get_num_threads()

@@ -156,6 +156,16 @@ void linear_phase(Phases& ph, int isa, const kr_cpu_decoder_args& a, const T* x,
                           : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, K,
                                                     static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
     if (rc != KR_CPU_OK || direct) return rc;
+    if constexpr (!kFloat) {
+      if (!add) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int rr = kr_cpu_round_bf16(isa, y + m * ldy + n0, reinterpret_cast<uint16_t*>(dst + m * ld_dst) + n0,
+                                           n1 - n0);
+          if (rr != KR_CPU_OK) return rr;
+        }
+        return KR_CPU_OK;
+      }
+    }
     for (int64_t m = 0; m < M; ++m) {
       T* d = dst + m * ld_dst;
       const float* ym = y + m * ldy;

@@ -72,6 +72,11 @@ int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_
 int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
+// dst[i] = src[i] rounded to bf16 (nearest even; NaN -> the canonical quiet NaN 0x7fc0, as c10::BFloat16), for
+// i < n: how a linear with bf16 activations stores its fp32 rows, inside the task that computed them. Every variant
+// gives the same bits. Returns a kr_cpu_status.
+int kr_cpu_round_bf16(int isa, const float* src, uint16_t* dst, int64_t n);
+
 // ---- The other ops of a decode layer. Each runs one fixed sequence of operations per output element that does
 // not depend on how many rows, tokens or heads are in the call, nor on the task split, nor on the variant:
 // verification over k + 1 tokens gives the bits of k + 1 single steps. Tensors are of one dtype (a kr_cpu_dtype)

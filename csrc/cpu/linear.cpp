@@ -532,6 +532,21 @@ KR_TARGET_AVX2 void rows_bf16_avx2(const uint16_t* x, int64_t M, int64_t K, int6
                                                                                               y, ldy, n_begin, n_end);
 }
 
+// float -> bf16 bits, 16 at a time: (u + 0x7fff + ((u >> 16) & 1)) >> 16, NaN -> 0x7fc0 (float_to_bf16_bits).
+KR_TARGET_AVX512 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7fc0);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias),
+                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = kr_cpu::float_to_bf16_bits(src[i]);
+}
+
 #endif  // KR_CPU_X86
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -696,6 +711,19 @@ int kr_cpu_linear_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const 
   const int isa = kr_cpu_isa();
   if (isa == KR_CPU_ISA_INVALID) return KR_CPU_BAD_ISA;
   return kr_cpu_linear_rows_isa(isa, x, M, K, ldx, w, w_dtype, N, bias, y, ldy, n_begin, n_end);
+}
+
+int kr_cpu_round_bf16(int isa, const float* src, uint16_t* dst, int64_t n) {
+  if (!cpu_runs(isa)) return KR_CPU_BAD_ISA;
+  if (n < 0 || (n > 0 && (src == nullptr || dst == nullptr))) return KR_CPU_BAD_ARGUMENT;
+#if KR_CPU_X86
+  if (isa >= KR_CPU_ISA_AVX512) {
+    round_bf16_avx512(src, dst, n);
+    return KR_CPU_OK;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = kr_cpu::float_to_bf16_bits(src[i]);
+  return KR_CPU_OK;
 }
 
 }  // extern "C"
