@@ -135,6 +135,14 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // Register blocks: NB rows of W by MB activation rows, one accumulator (two ymm halves on AVX2) per pair.
 // AVX-512: 16 accumulators, 4 x and 1 w register; AVX2 (16 ymm): 12 accumulators, 3 x and 1 w.
 constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
+// bf16 x bf16 (AVX512-BF16) with 2-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
+// the activation rows, in one group, so that only 2 rows of W stream at a time. Measured here on SmolLM2-shaped
+// random weights, 2 threads, interleaved runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
+// 5.18-5.20 / 5.48-5.51 ms against 5.67-5.69 / 5.84-5.88 with 4 x 4 blocks. One row keeps 4 x 4, and so do 5 or
+// more rows, slower in these blocks (vdpbf16ps's latency is exposed by the few accumulators). The same blocks for fp32 were faster
+// alone on the model's matrices but not inside the layer stack, and slower with bf16 weights widened to fp32: they
+// stay 4 x 4.
+constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
 // into L1 evicts the block being read when K is large).
@@ -459,6 +467,18 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
   tile_bf16_avx512<NB, MB, kHw>(x, ldx, w, pf, K, bias, y, ldy);
 }
 
+// The few-rows blocks of bf16 x bf16, in a function of their own: inlined into rows_bf16_avx512 with the 4 x 4
+// blocks, they made one row about 10% slower in the layer stack (5.1-5.4 against 4.7-4.8 ms a plain step).
+template <bool kHw>
+__attribute__((noinline)) KR_TARGET_AVX512_BF16 void rows_few_bf16_avx512(const uint16_t* x, int64_t M, int64_t K,
+                                                                          int64_t ldx, const uint16_t* w, int64_t N,
+                                                                          const float* bias, float* y, int64_t ldy,
+                                                                          int64_t n_begin, int64_t n_end) {
+  constexpr int NB = kNbFewBf16, MB = kFewRowsMaxBf16;
+  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
+      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+}
+
 // kHw = false never reaches an AVX512-BF16 instruction: only chunk_bf16_avx512's kHw branch has one (the target
 // attribute is shared so that one template serves both; objdump of the build shows vdpbf16ps only in the kHw = true
 // instantiations, and the compiler emits it only from the intrinsic).
@@ -466,6 +486,8 @@ template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                             int64_t n_end) {
+  if (M >= 2 && M <= kFewRowsMaxBf16)
+    return rows_few_bf16_avx512<kHw>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
   for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
       x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
