@@ -81,6 +81,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile-from", help="results JSON with acceptance_by_position (default: newest non-smoke "
                    "spec_bench-*.json / bench_embedded.json under benchmarks/results)")
     p.add_argument("--no-graphs", action="store_true", help="eager timings only")
+    p.add_argument("--cpu-repeats", type=int, default=5,
+                   help="wall times per step on the CPU, median reported (default 5; more on a noisy host)")
     p.add_argument("--draft-vocab", default="32768,16384,8192,4096",
                    help="draft-vocabulary sizes K timed beside the full-head draft step (sizes >= vocab skipped)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else a --smoke run")
@@ -106,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error("--acceptance must be a comma list of probabilities")
         if not all(0.0 <= a <= 1.0 for a in args.acceptance):
             p.error("--acceptance values must lie in [0, 1]")
+    if args.cpu_repeats < 1:
+        p.error("--cpu-repeats must be positive")
     return args
 
 
@@ -154,14 +158,14 @@ def _wall(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds per call (triton's do_bench on CUDA, median of 5 wall times on CPU)."""
+def time_ms(fn: Callable[[], object], device: torch.device, cpu_repeats: int = 5) -> float:
+    """Median milliseconds per call (triton's do_bench on CUDA, median of ``cpu_repeats`` wall times on CPU)."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
     fn()
-    return 1e3 * statistics.median(_wall(fn) for _ in range(5))
+    return 1e3 * statistics.median(_wall(fn) for _ in range(cpu_repeats))
 
 
 def graph_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -296,7 +300,7 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
                 for label, exit_layer, q, (fn, nbytes) in cases:
-                    eager = time_ms(fn, device)
+                    eager = time_ms(fn, device, args.cpu_repeats)
                     graph, graph_error = None, None
                     if use_graphs:
                         try:
