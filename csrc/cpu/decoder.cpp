@@ -98,7 +98,7 @@ class Phases {
     int64_t* done = next + kCounterStride / 2;
     ++index_;
     for (;;) {
-      int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end;
+      int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end = begin;  // (set before use; GCC cannot tell)
       do {
         if (begin >= n_items) break;
         const int64_t take = guide > 0 ? std::max(min_claim, (n_items - begin) / (guide * threads_)) : 1;

@@ -137,11 +137,11 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
 // bf16 x bf16 (AVX512-BF16) with 2-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
 // the activation rows, in one group, so that only 2 rows of W stream at a time. Measured here on SmolLM2-shaped
-// random weights, 2 threads, interleaved runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
-// 5.18-5.20 / 5.48-5.51 ms against 5.67-5.69 / 5.84-5.88 with 4 x 4 blocks. One row keeps 4 x 4, and so do 5 or
-// more rows, slower in these blocks (vdpbf16ps's latency is exposed by the few accumulators). The same blocks for fp32 were faster
-// alone on the model's matrices but not inside the layer stack, and slower with bf16 weights widened to fp32: they
-// stay 4 x 4.
+// random weights, 2 threads, interleaved A/B runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
+// 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. One row keeps 4 x 4, and so do 5 or
+// more rows, slower in these blocks (the few accumulators leave vdpbf16ps's latency exposed). The same blocks for
+// fp32 were faster alone on the model's matrices but not inside the layer stack, and slower with bf16 weights
+// widened to fp32: those stay 4 x 4.
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
