@@ -215,8 +215,26 @@ def stage_vocab(args) -> None:
     print(f"vocab: {report}")
 
 
+def _init_weights(adapter, run: str) -> str:
+    """Load the weights of study run ``run`` into ``adapter`` (its fp32 training checkpoint when this machine has
+    it, else its committed fp16 adapter), strictly; -> where they came from. The optimizer starts afresh."""
+    from safetensors.torch import load_file
+
+    ckpt = _path("study", run, "checkpoint.pt")
+    if os.path.isfile(ckpt):
+        state, source = torch.load(ckpt, map_location="cpu", weights_only=True)["adapter"], ckpt
+    else:
+        source = os.path.join(STUDY, "adapters", run, "model.safetensors")
+        if not os.path.isfile(source):
+            raise SystemExit(f"--init-from {run}: neither {ckpt} nor {source} exists (train that run first)")
+        state = load_file(source)
+    adapter.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    return os.path.relpath(source, ROOT)
+
+
 def _train_run(args, kind: str, exit_layer: int, mlp: bool, budget: int, out_dir: str):
-    """Train (resumably) one adapter on ``budget`` token-updates; -> (trainer, log of this run)."""
+    """Train (resumably) one adapter on ``budget`` token-updates, from a random adapter or from --init-from's
+    weights; -> (trainer, log of this run)."""
     from kangaroo_rt.adapter import Adapter
     from kangaroo_rt.train.topk import TopKDump
     from kangaroo_rt.train.trainer import TrainConfig, Trainer
@@ -230,6 +248,8 @@ def _train_run(args, kind: str, exit_layer: int, mlp: bool, budget: int, out_dir
     adapter = Adapter.random(target.config, seed=0, std=0.02, mlp=mlp)
     with torch.no_grad():  # start from the logit lens: the target's own final norm on the exit state
         adapter.norm.weight.copy_(target.norm.weight)
+    if args.init_from:  # a checkpoint of this run resumes over these weights, so loading them each time is harmless
+        print(f"study: starting from {_init_weights(adapter, args.init_from)}")
     cfg = TrainConfig(steps=steps, micro_batch=args.micro_batch, lr=args.lr, betas=(0.9, 0.95),
                       warmup_steps=min(args.warmup, steps // 10), schedule="cosine", clip="norm", clip_value=1.0,
                       labels=args.labels, seed=0, out_dir=out_dir, save_every=args.save_every, log_every=25,
@@ -253,7 +273,7 @@ def stage_study(args) -> None:
     for mlp in [v == "mlp" for v in args.variants]:
         for kind in args.kinds:
             for exit_layer in args.exits:
-                name = _run_name(kind, exit_layer, mlp, vocab, args.study_budget)
+                name = _run_name(kind, exit_layer, mlp, vocab, args.study_budget) + args.run_suffix
                 out_dir = _path("study", name)
                 record = os.path.join(STUDY, name + ".json")
                 if os.path.isfile(record):
@@ -269,7 +289,8 @@ def stage_study(args) -> None:
                                "partial_dump": args.partial,
                                "token_updates": trainer.token_updates, "dev_top1": curve[-1]["dev_top1"],
                                "curve": curve, "micro_batch": args.micro_batch, "lr": args.lr,
-                               "labels": args.labels, "draft_vocab": vocab}, f, indent=2)
+                               "labels": args.labels, "draft_vocab": vocab, "init_from": args.init_from},
+                              f, indent=2)
                 trainer.adapter.to(torch.float16).save_pretrained(os.path.join(STUDY, "adapters", name),
                                                                   safetensors=True)
                 print(f"study: {name}: dev top-1 {curve[-1]['dev_top1']:.3f} after {trainer.token_updates} updates")
@@ -707,6 +728,11 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=10)
     parser.add_argument("--partial", action="store_true",
                         help="train on the finished shards of a dump still being written (a preliminary study)")
+    parser.add_argument("--run-suffix", default="",
+                        help="study stage: appended to each run's name, to tell runs of one configuration apart "
+                             "(e.g. '_d3M': on a grown data set)")
+    parser.add_argument("--init-from", help="study stage: start from this study run's weights instead of a random "
+                                            "adapter (a continuation: fresh optimizer and schedule)")
     parser.add_argument("--stop-after-steps", type=int, default=None, help="time-box a training run")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="tokens of the vocab stage's draft vocabulary")
     parser.add_argument("--rank-prompts", type=int, default=12, help="dev prompts the rank stage decodes")
