@@ -7,7 +7,10 @@ v 192x576, o 576x576, gate 1536x576, up 1536x576, down 576x1536} and the tied 49
 M = 1, 2, 4, 8, 16, 32, 64 activation rows, with fp32 weights (fp32 activations) and bf16 weights (bf16
 activations, as a bf16 model decodes), it reports the median time per pass, the GB/s of weight bytes and their
 fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
-rows vs one row. Then fused projections, kernel and torch alike: q/k/v as one (960, 576) weight and gate/up as
+rows vs one row. The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
+(each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
+("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
+the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one (960, 576) weight and gate/up as
 one (3072, 576), one call per layer, against separate calls. Then prefill: 128 and 512 rows over 4 layers'
 matrices (compute-bound: GFLOP/s, kernel against torch), the numbers behind _cpu_ext.linear's sending bf16
 calls of more than 64 rows to torch. Kernel and torch passes alternate, so that a load
@@ -147,22 +150,30 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
     _check(cpu, mats, dtype)
     nbytes = sum(w.numel() * w.element_size() for _, w in mats)
     rows: List[Dict] = []
+    weights = [w for _, w in mats]
+    k_max = max(w.shape[1] for w in weights)
     for m in QUICK_ROWS if args.quick else ROWS:
-        xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for _, w in mats}}
-        t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "torch": _pass(F.linear, mats, xs)}, args.repeats)
-        row = {"weights": label, "rows": m, "bytes": nbytes, "kernel_ms": 1e3 * t["kernel"],
-               "torch_ms": 1e3 * t["torch"], "kernel_gbs": nbytes / t["kernel"] / 1e9,
-               "torch_gbs": nbytes / t["torch"] / 1e9, "speedup": t["torch"] / t["kernel"]}
-        row["kernel_fraction_of_read_bw"] = row["kernel_gbs"] / bandwidth
-        row["torch_fraction_of_read_bw"] = row["torch_gbs"] / bandwidth
+        xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
+        x_all = torch.randn(m, k_max).to(dtype)
+        out = torch.empty(m, sum(w.shape[0] for w in weights), dtype=dtype)
+        t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "sweep": lambda: cpu.linear_sweep(x_all, weights, out),
+                        "torch": _pass(F.linear, mats, xs)}, args.repeats)
+        row = {"weights": label, "rows": m, "bytes": nbytes}
+        for name in ("kernel", "sweep", "torch"):
+            row[f"{name}_ms"] = 1e3 * t[name]
+            row[f"{name}_gbs"] = nbytes / t[name] / 1e9
+            row[f"{name}_fraction_of_read_bw"] = row[f"{name}_gbs"] / bandwidth
+        row["speedup"] = t["torch"] / t["kernel"]
         one = next((r for r in rows if r["rows"] == 1), row)
-        row["kernel_vs_m1"] = row["kernel_ms"] / one["kernel_ms"]
-        row["torch_vs_m1"] = row["torch_ms"] / one["torch_ms"]
+        for name in ("kernel", "sweep", "torch"):
+            row[f"{name}_vs_m1"] = row[f"{name}_ms"] / one[f"{name}_ms"]
         rows.append(row)
         print(f"{label:>5} {m:>3} {row['kernel_ms']:>9.2f} {row['torch_ms']:>9.2f} {row['kernel_gbs']:>7.1f} "
               f"{100 * row['kernel_fraction_of_read_bw']:>5.0f}% {row['torch_gbs']:>7.1f} "
               f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
-              f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x", flush=True)
+              f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x {row['sweep_ms']:>8.2f} "
+              f"{row['sweep_gbs']:>7.1f} {100 * row['sweep_fraction_of_read_bw']:>5.0f}% {row['sweep_vs_m1']:>6.2f}x",
+              flush=True)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
             "prefill": measure_prefill(cpu, label, mats, args)}
@@ -261,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(torch.sum, {args.threads} threads)"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
-          f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7}")
+          f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7}")
     measured: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
     for label in WEIGHTS:
         for key, values in measure_weights(cpu, label, args, bandwidth).items():

@@ -456,6 +456,57 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   return out;
 }
 
+// x: (M, K_max) fp32 or bf16, contiguous; weights: (N_i, K_i) of x's dtype, contiguous, K_i <= K_max -> (M, sum N_i)
+// (out, when given: a benchmark reuses it rather than fault in a fresh allocation per pass):
+// linear i's output in its own columns, each row's bits those of linear(x[:, :K_i], W_i). One call, one start of
+// the threads, for a whole list of matrices (benchmarks/bench_linear.py: the kernel's stream as the stack drives it).
+at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weights, c10::optional<at::Tensor> out) {
+  const char* what = "kangaroo_rt._cpu.linear_sweep";
+  const int dtype = dtype_code(x, what, "x");
+  check_like(x, x, what, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), what, ": x must be a contiguous (M, K), got ", x.sizes(),
+                    " strides ", x.strides());
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> n_out, n_in;
+  int64_t cols = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    check_like(w, x, what, "a weight");
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && w.size(0) > 0 && w.size(1) > 0 && w.size(1) <= x.size(1),
+                      what, ": weight ", i, " must be a contiguous, non-empty (N, K) with K <= x.shape[1] = ",
+                      x.size(1), ", got ", w.sizes(), " strides ", w.strides());
+    ptrs.push_back(w.const_data_ptr());
+    n_out.push_back(w.size(0));
+    n_in.push_back(w.size(1));
+    cols += w.size(0);
+  }
+  at::Tensor y = out.has_value() ? *out : at::empty({x.size(0), cols}, x.options());
+  if (out.has_value()) {
+    check_like(y, x, what, "out");
+    TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == cols && y.is_contiguous(), what,
+                      ": out must be a contiguous (", x.size(0), ", ", cols, "), got ", y.sizes());
+  }
+  kr_cpu_linear_sweep_args a{};
+  a.dtype = dtype, a.rows = x.size(0), a.n_linears = static_cast<int64_t>(weights.size());
+  a.weights = ptrs.data(), a.n_out = n_out.data(), a.n_in = n_in.data();
+  a.x = x.const_data_ptr(), a.ld_x = x.size(1), a.y = y.mutable_data_ptr(), a.ld_y = cols;
+  a.threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bytes = kr_cpu_linear_sweep_workspace_bytes(&a);
+  TORCH_CHECK_VALUE(bytes >= 0, what, ": impossible sizes");
+  const at::Tensor workspace = at::zeros({bytes}, x.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  const int isa = process_isa();
+  const int checked = kr_cpu_linear_sweep_check(isa, &a);
+  TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
+  if (a.n_linears == 0 || a.rows == 0) return y;
+  std::vector<int> status(static_cast<size_t>(a.threads), KR_CPU_OK);
+  at::parallel_for(0, a.threads, 1, [&](int64_t t0, int64_t) {
+    status[static_cast<size_t>(t0)] = kr_cpu_linear_sweep(isa, &a);
+  });
+  for (int rc : status) TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, ")");
+  return y;
+}
+
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
 std::vector<std::string> supported_isas() {
@@ -496,6 +547,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "a stack of Llama decoder layers (fused q/k/v and gate/up weights) over the static cache in one call; "
         "the bits of the per-op path");
+  m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "
+        "given), for benchmarks");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;

@@ -226,6 +226,41 @@ def test_shapes_strides_and_empty_inputs(cpu):
     assert torch.equal(cpu.linear(torch.randn(3, 0), torch.randn(5, 0), b[:5]), b[:5].expand(3, 5))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (1, 3, 8))
+def test_a_sweep_gives_each_matrix_the_bits_of_its_own_call(cpu, dtype, m):
+    """linear_sweep (bench_linear's one-call pass, the stack's claiming of chunks) against linear() per matrix,
+    bit for bit, over shapes that leave tail row blocks and read a prefix of x, with 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(m)
+    shapes = ((17, 33), (576, 576), (5, 1539), (1536, 576), (3, 1))
+    ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype) for n, k in shapes]
+    x = torch.randn(m, 1539, generator=gen).to(dtype)
+    want = torch.cat([cpu.linear(x[:, :w.shape[1]], w) for w in ws], dim=1)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(cpu.linear_sweep(x, ws), want)
+            out = torch.full_like(want, float("nan"))
+            assert cpu.linear_sweep(x, ws, out=out) is not None and torch.equal(out, want)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu.linear_sweep(x, []).shape == (m, 0)
+    assert cpu.linear_sweep(x[:0], ws).shape == (0, want.shape[1])
+
+
+def test_a_sweep_refuses_what_it_cannot_run(cpu):
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weight 1 must be a contiguous, non-empty \(N, K\) with K <= x.shape\[1\] = 8"):
+        cpu.linear_sweep(x, [torch.randn(3, 8), torch.randn(3, 9)])
+    with pytest.raises(TypeError, match="a weight must be Float like the other inputs, got BFloat16"):
+        cpu.linear_sweep(x, [torch.randn(3, 8).bfloat16()])
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 3\)"):
+        cpu.linear_sweep(x, [torch.randn(3, 8)], out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="x must be a contiguous"):
+        cpu.linear_sweep(torch.randn(8, 2).T, [torch.randn(3, 2)])
+
+
 def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight must be contiguous"):

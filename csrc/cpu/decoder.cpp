@@ -139,9 +139,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // y = x W^T (+ bias) over output rows claimed in chunks of whole row blocks, stored to dst (M, N) of row stride
 // ld_dst in T; with add, dst += y (each rounded to T, as torch's h + linear(x)).
+// x: (M, K) of row stride ldx.
 template <typename T>
-void linear_phase(Phases& ph, int isa, const kr_cpu_decoder_args& a, const T* x, int64_t M, int64_t K,
-                  const void* w, int64_t N, const float* bias, T* dst, int64_t ld_dst, bool add, float* yf) {
+void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N,
+                  const float* bias, T* dst, int64_t ld_dst, bool add, float* yf) {
   const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
   const int64_t block_bytes = KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
   const int64_t min_blocks = ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes));
@@ -151,9 +152,9 @@ void linear_phase(Phases& ph, int isa, const kr_cpu_decoder_args& a, const T* x,
     const bool direct = kFloat && !add;
     float* y = direct ? reinterpret_cast<float*>(dst) : yf;
     const int64_t ldy = direct ? ld_dst : N;
-    const int rc = kFloat ? kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, K, w, KR_CPU_FLOAT32,
-                                                   N, bias, y, ldy, n0, n1)
-                          : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, K,
+    const int rc = kFloat ? kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, ldx, w,
+                                                   KR_CPU_FLOAT32, N, bias, y, ldy, n0, n1)
+                          : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
                                                     static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
     if (rc != KR_CPU_OK || direct) return rc;
     if constexpr (!kFloat) {
@@ -203,7 +204,7 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
       return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
                                   c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
-    linear_phase<T>(ph, isa, a, xn, s.M, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf);
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf);
 
     kr_cpu_rope_args r{};  // q, k, v: column slices of qkv (B*Q, Nqkv) seen as (B, H, Q, Dh)
     r.dtype = a.dtype;
@@ -231,24 +232,84 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
     ph.each(B * Hq, [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
-    linear_phase<T>(ph, isa, a, attn, s.M, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
+    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
     ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // h = o + h (in place), xn = post_norm(h)
       return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, xn, h, c * norm_rows,
                                   std::min(s.M, (c + 1) * norm_rows));
     });
-    linear_phase<T>(ph, isa, a, xn, s.M, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
     ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
       const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
       const int64_t n = std::min(kSiluChunk, s.I - j0);
       const T* g = gu + m * 2 * s.I + j0;
       return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
     });
-    linear_phase<T>(ph, isa, a, act, s.M, s.I, L.down, s.D, nullptr, h, s.D, true, yf);  // h += down(act)
+    linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf);  // h += down(act)
+  }
+  return static_cast<int>(__atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED));
+}
+
+struct SweepLayout {
+  int64_t sync, status, yf, total;
+};
+
+SweepLayout sweep_layout_of(const kr_cpu_linear_sweep_args& a) {
+  int64_t n_max = 0;
+  for (int64_t i = 0; i < a.n_linears; ++i) n_max = std::max(n_max, a.n_out[i]);
+  SweepLayout l{};
+  l.sync = 0;
+  l.status = align64(a.n_linears * kCounterStride * 8);
+  l.yf = l.status + 64;
+  l.total = l.yf + align64(a.dtype == KR_CPU_FLOAT32 ? 0 : a.rows * n_max * 4);
+  return l;
+}
+
+template <typename T>
+int run_sweep(int isa, const kr_cpu_linear_sweep_args& a) {
+  const SweepLayout l = sweep_layout_of(a);
+  char* ws = static_cast<char*>(a.workspace);
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), reinterpret_cast<int64_t*>(ws + l.status),
+            std::max<int64_t>(1, a.threads));
+  int64_t col = 0;
+  for (int64_t i = 0; i < a.n_linears; ++i) {
+    linear_phase<T>(ph, isa, static_cast<const T*>(a.x), a.rows, a.n_in[i], a.ld_x, a.weights[i], a.n_out[i], nullptr,
+                    static_cast<T*>(a.y) + col, a.ld_y, false, reinterpret_cast<float*>(ws + l.yf));
+    col += a.n_out[i];
   }
   return static_cast<int>(__atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED));
 }
 
 }  // namespace
+
+extern "C" int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a) {
+  if (a == nullptr || a->rows < 0 || a->n_linears < 0 || (a->n_linears > 0 && a->n_out == nullptr) ||
+      (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
+    return -1;
+  return sweep_layout_of(*a).total;
+}
+
+extern "C" int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args* a) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (kr_cpu_linear_sweep_workspace_bytes(a) < 0 || a->threads < 1) return KR_CPU_BAD_ARGUMENT;
+  if (a->n_linears == 0 || a->rows == 0) return KR_CPU_OK;
+  if (a->weights == nullptr || a->n_in == nullptr || a->x == nullptr || a->y == nullptr || a->workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  int64_t cols = 0;
+  for (int64_t i = 0; i < a->n_linears; ++i) {
+    if (a->weights[i] == nullptr || a->n_in[i] <= 0 || a->n_in[i] > a->ld_x || a->n_out[i] <= 0)
+      return KR_CPU_BAD_ARGUMENT;
+    cols += a->n_out[i];
+  }
+  return cols <= a->ld_y ? KR_CPU_OK : KR_CPU_BAD_ARGUMENT;
+}
+
+extern "C" int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a) {
+  const int rc = kr_cpu_linear_sweep_check(isa, a);
+  if (rc != KR_CPU_OK) return rc;
+  if (a->n_linears == 0 || a->rows == 0) return KR_CPU_OK;
+  return a->dtype == KR_CPU_FLOAT32 ? run_sweep<float>(isa, *a) : run_sweep<uint16_t>(isa, *a);
+}
 
 extern "C" int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a) {
   if (a == nullptr || a->batch < 0 || a->q_len < 0 || a->hidden_size <= 0 || a->n_heads <= 0 ||

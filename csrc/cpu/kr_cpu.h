@@ -193,6 +193,35 @@ int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a);
 // One thread's part of the stack (see above). Returns a kr_cpu_status.
 int kr_cpu_decoder_layers(int isa, const kr_cpu_decoder_args* a);
 
+// ---- A sweep of linears, for benchmarks: y_i = x W_i^T for i = 0..n-1, one after another on one set of threads that
+// claim chunks of each as the decoder stack claims its linears (the same code), so that a benchmark measures the
+// kernel's stream as the stack drives it, without a call, a thread start and an output allocation per matrix.
+// Every thread that takes part calls kr_cpu_linear_sweep with the same arguments; y_i's bits are those of
+// kr_cpu_linear_rows (bf16: rounded to bf16) for any number of threads.
+typedef struct kr_cpu_linear_sweep_args {
+  int dtype;                   // of x, every weight and y: KR_CPU_FLOAT32 or KR_CPU_BFLOAT16
+  int64_t rows;                // M
+  int64_t n_linears;
+  const void* const* weights;  // (n_linears,): weight i is (n_out[i], n_in[i]) contiguous
+  const int64_t* n_out;        // (n_linears,)
+  const int64_t* n_in;         // (n_linears,), each <= ld_x
+  const void* x;               // (M, ld_x): linear i reads the first n_in[i] columns
+  int64_t ld_x;
+  void* y;                     // (M, ld_y): linear i writes n_out[i] columns after those of linears 0..i-1
+  int64_t ld_y;                // >= the sum of n_out
+  int64_t threads;             // how many threads are expected to call (sizes the chunks; any number may)
+  void* workspace;             // kr_cpu_linear_sweep_workspace_bytes(args) bytes, 64-byte aligned, zeroed
+} kr_cpu_linear_sweep_args;
+
+// Bytes of workspace the call needs; -1 for impossible sizes.
+int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a);
+
+// KR_CPU_OK when kr_cpu_linear_sweep can run these arguments, checked once before the threads start.
+int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args* a);
+
+// One thread's part of the sweep. Returns a kr_cpu_status.
+int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a);
+
 #ifdef __cplusplus
 }
 #endif
