@@ -69,6 +69,8 @@ class Tally:
 
     tokens: int = 0
     time_s: float = 0.0
+    prompts: int = 0
+    prefill_s: Optional[float] = None  # None: the method does not report its prefill
     rounds: int = 0
     accepted: int = 0
     draft_s: float = 0.0
@@ -79,7 +81,11 @@ class Tally:
     def add(self, tokens: int, time_s: float, stats: Any) -> None:
         self.tokens += tokens
         self.time_s += time_s
-        if stats is None:
+        prefill = getattr(stats, "prefill_time_s", None)
+        self.prefill_s = None if prefill is None or (self.prompts and self.prefill_s is None) \
+            else (self.prefill_s or 0.0) + prefill  # None once any prompt lacks it
+        self.prompts += 1
+        if stats is None or not getattr(stats, "rounds", None) or not sum(stats.rounds):
             return
         self.rounds += sum(stats.rounds)
         self.accepted += sum(sum(a) for a in stats.accepted_lengths)
@@ -96,6 +102,10 @@ class Tally:
     def as_dict(self, kangaroo: bool) -> Dict[str, Any]:
         d: Dict[str, Any] = {"tokens": self.tokens, "time_s": self.time_s,
                              "tokens_per_s": self.tokens / self.time_s if self.time_s > 0 else None}
+        decode_s, decode_tokens = self.decode()
+        if decode_s is not None:  # after the prefill, which gives each prompt's first token
+            d.update({"prefill_time_s": self.prefill_s, "decode_tokens": decode_tokens,
+                      "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None})
         if kangaroo:
             busy = self.draft_s + self.verify_s
             d.update({"rounds": self.rounds, "mat": self.accepted / self.rounds if self.rounds else None,
@@ -103,6 +113,30 @@ class Tally:
                       "draft_time_s": self.draft_s, "verify_time_s": self.verify_s,
                       "draft_time_fraction": self.draft_s / busy if busy > 0 else None})
         return d
+
+
+    def decode(self) -> Tuple[Optional[float], int]:
+        """(seconds after the prefills, tokens after each prompt's first), or (None, 0) without prefill times."""
+        if self.prefill_s is None or self.tokens <= self.prompts:
+            return None, 0
+        return self.time_s - self.prefill_s, self.tokens - self.prompts
+
+
+def round_cost(ar: Dict[str, Any], kangaroo: Dict[str, Any]) -> Optional[Dict[str, float]]:
+    """Kangaroo's round in plain decoding steps, from one run's totals (as_dict of 'ar' and a Kangaroo method):
+    drafting (target layers 0..l-1 on each new token, the adapter and the draft head), verification (layers
+    l..N-1, the head and acceptance over the k + 1 tokens) and the rest of a round (the loop's own work), each
+    per round over ar's time per token after the prefill. decode speedup = MAT / round (up to rounding)."""
+    if not (ar.get("decode_tokens") and kangaroo.get("decode_tokens") and kangaroo.get("rounds")):
+        return None
+    step = (ar["time_s"] - ar["prefill_time_s"]) / ar["decode_tokens"]
+    rounds = kangaroo["rounds"]
+    decode_s = kangaroo["time_s"] - kangaroo["prefill_time_s"]
+    draft, verify = kangaroo["draft_time_s"] / rounds / step, kangaroo["verify_time_s"] / rounds / step
+    total = decode_s / rounds / step
+    return {"plain_step_ms": 1e3 * step, "draft": draft, "verify": verify, "other": total - draft - verify,
+            "round": total, "tokens_per_round": kangaroo["decode_tokens"] / rounds,
+            "decode_speedup": (kangaroo["decode_tokens"] / decode_s) / (ar["decode_tokens"] / (ar["time_s"] - ar["prefill_time_s"]))}
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -215,8 +249,8 @@ def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Opti
     kw = _generate_kwargs(max_new_tokens, eos, ignore_eos)
 
     def plain(ids: torch.Tensor):
-        seq = model.generate(ids, kangaroo=None, **kw)
-        return seq[0, ids.shape[1]:], None
+        out = model.generate(ids, kangaroo=None, return_dict_in_generate=True, **kw)
+        return out.sequences[0, ids.shape[1]:], out.stats
 
     def kangaroo_torch_ops(ids: torch.Tensor):
         ops.set_backend("torch")
@@ -404,9 +438,12 @@ def summarize(tallies: Dict[str, Dict[str, Tally]], methods: Sequence[Method]) -
     out: Dict[str, Dict[str, Dict]] = {}
     for g in groups:
         rows = {name: t.as_dict(kinds.get(name, False)) for name, t in tallies[g].items()}
-        for row in rows.values():
+        for name, row in rows.items():
             row["speedup_vs"] = {b: row["tokens_per_s"] / rows[b]["tokens_per_s"]
                                  for b in BASELINES if b in rows and rows[b]["tokens_per_s"] and row["tokens_per_s"]}
+            cost = round_cost(rows["ar"], row) if kinds.get(name) and "ar" in rows else None
+            if cost is not None:
+                row["round_cost_in_plain_steps"] = cost
         out[g] = rows
     return out
 
@@ -431,6 +468,15 @@ def format_table(summary: Dict[str, Dict[str, Dict]], methods: Sequence[Method])
         lines.append(f"| {name} | {_fmt(r['tokens_per_s'], '.1f')} | {_fmt(sp.get('hf_generate'), '.2f', 'x')} | "
                      f"{_fmt(sp.get('ar'), '.2f', 'x')} | {_fmt(r.get('mat'), '.2f')} | "
                      f"{_fmt(None if r.get('draft_time_fraction') is None else 100 * r['draft_time_fraction'], '.0f', '%')} |")
+    costs = [(name, overall[name]["round_cost_in_plain_steps"]) for name in names
+             if "round_cost_in_plain_steps" in overall.get(name, {})]
+    if costs:
+        lines += ["", "Kangaroo's round in plain steps after the prefill (a plain step: ar's time per token there): "
+                  "decode speedup = tokens per round / round", "",
+                  "| method | plain step ms | drafting | verify | other | round | tokens per round | decode speedup |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['plain_step_ms']:.2f} | {c['draft']:.2f} | {c['verify']:.2f} | {c['other']:.2f} | "
+                  f"{c['round']:.2f} | {c['tokens_per_round']:.2f} | {c['decode_speedup']:.2f}x |" for name, c in costs]
     base = "hf_generate" if "hf_generate" in overall else "ar"
     cats = [g for g in summary if g != "overall"]
     if len(cats) > 1 or (cats and cats[0] != "overall"):

@@ -59,6 +59,14 @@ def test_spec_bench_smoke_runs_all_methods_and_agrees(smoke_result):
     assert len(k["acceptance_by_position"]) == 4 and 0.0 < k["draft_time_fraction"] < 1.0
     assert k["speedup_vs"]["hf_generate"] == pytest.approx(k["tokens_per_s"] / overall["hf_generate"]["tokens_per_s"])
     assert result["results"]["qa"]["ar"]["tokens"] == 2 * 12
+    ar = overall["ar"]
+    assert ar["decode_tokens"] == 3 * 11 and 0 < ar["prefill_time_s"] < ar["time_s"]
+    cost = k["round_cost_in_plain_steps"]  # the round in plain steps: an identity of the run's own totals
+    assert cost["tokens_per_round"] == pytest.approx(k["decode_tokens"] / k["rounds"])
+    assert cost["decode_speedup"] == pytest.approx(cost["tokens_per_round"] / cost["round"])
+    assert cost["round"] == pytest.approx(cost["draft"] + cost["verify"] + cost["other"])
+    assert cost["draft"] > 0 and cost["verify"] > 0
+    assert "round_cost_in_plain_steps" not in overall["hf_generate"]
     for png in ("spec_bench-smoke-speedup.png", "spec_bench-smoke-acceptance.png"):
         assert (out / png).stat().st_size > 1000
 
