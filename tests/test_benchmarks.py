@@ -343,3 +343,16 @@ def test_per_category_takes_the_first_n_of_each_category_in_file_order():
         counts[q["category"]] = counts.get(q["category"], 0) + 1
     assert set(counts) == {q["category"] for q in questions} and set(counts.values()) == {2}
     assert [q["question_id"] for q in picked] == [q["question_id"] for q in questions if q in picked]
+
+
+def test_bench_ab_smoke_compares_two_trees(tmp_path):
+    """bench_ab --quick: the working tree against itself (no checkout, no build), every case on both sides."""
+    bench_ab = load_benchmark("bench_ab")
+    assert bench_ab.main(["--quick", "--out", str(tmp_path), "--dtypes", "float32"]) == 0
+    result = json.loads((tmp_path / "bench_ab-smoke.json").read_text())
+    assert result["base"]["commit"] == result["this"]["commit"] and result["rounds"] == 1
+    cases = result["cases"]
+    assert {"float32 linear M=1", "float32 plain", "float32 verify 5"} <= set(cases)
+    for row in cases.values():
+        assert len(row["base"]) == len(row["this"]) == 1 and row["this_vs_base"] > 0
+

@@ -1,0 +1,219 @@
+"""A/B of two builds of the CPU path: this working tree against another revision, in interleaved processes.
+
+A shared host's memory bandwidth drifts (the 2-core AMD EPYC this project measures on read at 45-100 GB/s
+within minutes), so a kernel change is only measurable against the build before it, run alternately in the
+same minutes. bench_ab checks the base revision (--base, default HEAD) out into a git worktree (under the
+temp folder, reused while it is at that commit), builds its CPU extension there, then runs --rounds rounds.
+Each round runs the probe once in each tree, the order alternating, each in a fresh process that imports that
+tree's kangaroo_rt (checked). The probe is this file's, the same code for both sides:
+
+  linear M=m   one pass of a SmolLM2-shaped model's matrices (30 layers' q, k, v, o, gate, up, down and the
+               tied head, cold: every weight from DRAM) through kangaroo_rt._cpu.linear, one call per matrix,
+               m rows, x and weights of the dtype
+  sweep M=m    the same pass in one call (kangaroo_rt._cpu.linear_sweep), when both builds have it
+  plain        bench_steps' SmolLM2-shaped decode step (random weights, context 256): 30 layers, head, argmax
+  verify k     bench_steps' verify step over k tokens at exit layer 1
+
+Every case reports, per side, the median over rounds of each process's median, the spread (lowest and
+highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
+
+    PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32] [--out DIR]
+
+--base-dir DIR uses a tree that is already built as the base instead (no checkout, no build); --quick runs
+a tiny model with one round, against this tree itself unless --base-dir says otherwise (CI and the GPU suite:
+the script works; nothing is checked out or built).
+"""
+# gpu_suite: gpu-args --quick
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NAME = "bench_ab"
+ROWS = (1, 2, 3, 4, 5, 8)
+VERIFY_TOKENS = (2, 3, 4, 5)
+CONTEXT = 256
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="HEAD", help="the revision to compare against (default HEAD)")
+    p.add_argument("--base-dir", help="an already built tree to use as the base instead of checking out --base")
+    p.add_argument("--rounds", type=int, default=5, help="processes per side, alternating (default 5)")
+    p.add_argument("--repeats", type=int, default=9, help="timed repeats per case inside a process (median kept)")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="comma list of bfloat16, float32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
+                   help="a tiny model, one round: shows that the script works")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: one side's measurement
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes if d not in ("bfloat16", "float32")]
+    if bad or not args.dtypes:
+        p.error(f"--dtypes must name bfloat16 and/or float32, got {args.dtypes}")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be positive")
+    if args.quick:
+        args.rounds = 1
+        args.base_dir = args.base_dir or ROOT
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- one side
+
+def probe(args: argparse.Namespace) -> Dict[str, float]:
+    """{case: median ms} in this process, for the kangaroo_rt found on PYTHONPATH (the tree under test)."""
+    import torch
+
+    import kangaroo_rt
+    from kangaroo_rt import _cpu_ext
+
+    tree = os.path.realpath(os.getcwd())
+    if not os.path.realpath(kangaroo_rt.__file__).startswith(tree + os.sep):
+        raise SystemExit(f"{NAME}: imported {kangaroo_rt.__file__}, not the kangaroo_rt of {tree}")
+    if not _cpu_ext.is_available():
+        raise SystemExit(f"{NAME}: {tree} has no built kangaroo_rt._cpu")
+    cpu = _cpu_ext.load()
+    sys.path.insert(0, HERE)  # bench_steps of the tree this file is in (kangaroo_rt is already imported)
+    import bench_steps
+
+    torch.set_num_threads(args.threads)
+    config, exit_layer = bench_steps.SMOKE_SHAPE if args.quick else bench_steps.SHAPES["smollm2"]
+    rows = (1, 4) if args.quick else ROWS
+    out: Dict[str, float] = {}
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    with torch.no_grad():
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            target, adapter = bench_steps.random_model(config, dtype, torch.device("cpu"))
+            mats = [p for layer in target.layers for p in layer.parameters() if p.dim() == 2] + [target.lm_head.weight]
+            for m in rows:
+                xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in mats}}
+                out[f"{name} linear M={m}"] = median_ms(lambda: [cpu.linear(xs[w.shape[1]], w) for w in mats])
+                if hasattr(cpu, "linear_sweep"):  # one call per pass (builds since it exists)
+                    x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
+                    y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
+                    out[f"{name} sweep M={m}"] = median_ms(lambda: cpu.linear_sweep(x, mats, y))
+            steps = bench_steps.Steps(target, adapter, 1, CONTEXT + max(VERIFY_TOKENS) + 1)
+            out[f"{name} plain"] = median_ms(steps.plain(1, CONTEXT)[0])
+            for k in VERIFY_TOKENS:
+                out[f"{name} verify {k}"] = median_ms(steps.verify(1, CONTEXT, exit_layer, k)[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+def _git(*cmd: str, cwd: str = ROOT) -> str:
+    return subprocess.run(["git", *cmd], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def base_tree(args: argparse.Namespace) -> str:
+    """The base tree: --base-dir, or a worktree of --base with its CPU extension built (reused if present)."""
+    if args.base_dir:
+        return os.path.realpath(args.base_dir)
+    sha = _git("rev-parse", "--verify", args.base + "^{commit}")
+    tree = os.path.join(tempfile.gettempdir(), f"kangaroo_rt-ab-{sha[:12]}")
+    if not os.path.isdir(tree):
+        print(f"{NAME}: checking out {args.base} ({sha[:12]}) into {tree}")
+        _git("worktree", "add", "--detach", tree, sha)
+    elif _git("rev-parse", "HEAD", cwd=tree) != sha:
+        raise SystemExit(f"{NAME}: {tree} is not at {sha}; remove it (git worktree remove {tree})")
+    if not any(f.startswith("_cpu") and f.endswith(".so") for f in os.listdir(os.path.join(tree, "kangaroo_rt"))):
+        print(f"{NAME}: building the CPU extension in {tree} (about a minute)")
+        env = {**os.environ, "KANGAROO_RT_BUILD_CUDA": "0", "KANGAROO_RT_BUILD_CPU": "1"}
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    return tree
+
+
+def run_side(tree: str, args: argparse.Namespace) -> Dict[str, float]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--repeats", str(args.repeats), "--dtypes",
+           ",".join(args.dtypes), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    env = {**os.environ, "PYTHONPATH": tree}
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{NAME}: the probe failed in {tree}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(sides: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict]:
+    cases: Dict[str, Dict] = {}
+    for case in sides["this"][0]:
+        if not all(case in r for r in sides["base"]):
+            continue  # a case the base build cannot run (e.g. linear_sweep before it existed)
+        row: Dict = {}
+        for side in ("base", "this"):
+            row[side] = [r[case] for r in sides[side]]
+            row[f"{side}_ms"] = statistics.median(row[side])
+        row["this_vs_base"] = row["this_ms"] / row["base_ms"]
+        cases[case] = row
+    return cases
+
+
+def describe(tree: str) -> Dict[str, object]:
+    return {"tree": tree, "commit": _git("rev-parse", "HEAD", cwd=tree),
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", cwd=tree))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(args)))
+        return 0
+    sys.path.insert(0, ROOT)
+    from kangaroo_rt.bench import device_name
+
+    import torch
+
+    base = base_tree(args)
+    sides: Dict[str, List[Dict[str, float]]] = {"base": [], "this": []}
+    trees = {"base": base, "this": ROOT}
+    for r in range(args.rounds):
+        for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
+            sides[side].append(run_side(trees[side], args))
+            print(f"{NAME}: round {r + 1}/{args.rounds} {side} done", flush=True)
+    cases = summarize(sides)
+    where = device_name(torch.device("cpu"))
+    print(f"\n{NAME}: {where}, {args.rounds} rounds of interleaved processes; base "
+          f"{describe(base)['commit'][:12]}, this tree {describe(ROOT)['commit'][:12]}"
+          + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "")
+          + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
+    print(f"{'case':<24} {'base ms':>9} {'(spread)':>17} {'this ms':>9} {'(spread)':>17} {'this/base':>9}")
+    for case, row in cases.items():
+        spread = {s: f"({min(row[s]):.2f}-{max(row[s]):.2f})" for s in ("base", "this")}
+        print(f"{case:<24} {row['base_ms']:>9.2f} {spread['base']:>17} {row['this_ms']:>9.2f} {spread['this']:>17} "
+              f"{row['this_vs_base']:>8.3f}x")
+    result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "rounds": args.rounds, "repeats": args.repeats, "base": describe(base), "this": describe(ROOT),
+              "context": CONTEXT, "cases": cases}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
