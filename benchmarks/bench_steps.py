@@ -1,7 +1,9 @@
 """Step latency vs the memory floor, for 7B- and 13B-like Llama shapes with random fp16 weights on a GPU.
 
 Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
-  plain       one decode step of the whole model (the AR baseline)
+  plain       one decode step of the whole model (the AR baseline); the argmax of plain and verify steps is
+              the decoder's own (greedy_tokens: 16-bit CPU logits widened to fp32 first, which torch's bf16
+              argmax takes 3-6x as long as)
   plain_per_op  on the CPU with kangaroo_rt._cpu: the same step with the layers' ops called one by one from
               Python instead of the one-call layer stack (what that call saves)
   draft@l     one Kangaroo draft step: layers 0..l-1 on one token, the adapter, the LM head, argmax
@@ -49,6 +51,7 @@ from kangaroo_rt.adapter import Adapter  # noqa: E402
 from kangaroo_rt.config import ModelConfig  # noqa: E402
 from kangaroo_rt.draft_vocab import DraftHead  # noqa: E402
 from kangaroo_rt.model import Transformer, rope_inv_freq  # noqa: E402
+from kangaroo_rt.speculative import greedy_tokens  # noqa: E402
 
 NAME = "bench_steps"
 # name -> (config, the paper's exit layer)
@@ -217,7 +220,7 @@ class Steps:
         tokens, pos = self._inputs(batch, context, 1)
 
         def step():
-            return t(tokens, pos, self.cache, kv_len=context + 1)[:, -1].argmax(dim=-1)
+            return greedy_tokens(t(tokens, pos, self.cache, kv_len=context + 1)[:, -1])
 
         n = t.num_layers
         return step, sum(self.layer_bytes) + self.head_bytes + self._kv(n, batch, context, 1)
@@ -269,7 +272,7 @@ class Steps:
 
         def step():
             h = t.forward_layers(states, pos, exit_layer, t.num_layers, self.cache, kv_len=context + k, rope=rope)
-            return t.head(h).argmax(dim=-1)
+            return greedy_tokens(t.head(h))
 
         n = t.num_layers - exit_layer
         return step, sum(self.layer_bytes[exit_layer:]) + self.head_bytes + self._kv(n, batch, context, k)
