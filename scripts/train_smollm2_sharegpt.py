@@ -539,7 +539,27 @@ def _bench_summary(path: str, shipped: dict) -> dict:
             "speedup": o["kangaroo"]["speedup_vs"]["ar"], "mat": o["kangaroo"].get("mat"),
             "acceptance_by_position": o["kangaroo"]["acceptance_by_position"],
             "draft_time_fraction": o["kangaroo"]["draft_time_fraction"],
+            "round_cost_in_plain_steps": o["kangaroo"].get("round_cost_in_plain_steps"),
             "kangaroo_mismatches": sum(m["method"] == "kangaroo" for m in b.get("greedy_mismatches", []))}
+
+
+def _held_out_text(sb: dict) -> str:
+    """One held-out run, in words."""
+    accept = ", ".join(_fmt(a) for a in sb["acceptance_by_position"])
+    text = (f"`kangaroo-rt bench --model smollm2` on {sb['prompts']} Spec-Bench prompts ({sb['per_category']} per "
+            f"category, none seen in training or tuning), up to {sb['max_new_tokens']} new tokens, {sb['dtype']}, "
+            f"greedy, the shipped settings, on {sb['device']} ({sb['date'][:10]}; `{sb['file']}`): plain decoding "
+            f"{sb['plain_tokens_per_s']:.1f} tok/s, Kangaroo {sb['kangaroo_tokens_per_s']:.1f} tok/s "
+            f"(**{sb['speedup']:.2f}x**), MAT **{_fmt(sb['mat'])}**, acceptance by draft position {accept}.")
+    cost = sb.get("round_cost_in_plain_steps")
+    if cost:
+        text += (f" After the prefill a round costs {cost['round']:.2f} plain steps (drafting {cost['draft']:.2f}, "
+                 f"verification {cost['verify']:.2f}, the rest {cost['other']:.2f}) and yields "
+                 f"{cost['tokens_per_round']:.2f} tokens: {cost['decode_speedup']:.2f}x while decoding.")
+    else:
+        text += f" Drafting is {100 * sb['draft_time_fraction']:.0f}% of Kangaroo's time."
+    return text + (f" Output equals plain decoding's on {sb['prompts'] - sb['kangaroo_mismatches']} of "
+                   f"{sb['prompts']} prompts.")
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -560,7 +580,8 @@ def stage_card(args) -> None:
         raise SystemExit(f"card: {path} is not a record of this script (run the ship stage first)")
     sh = rec["shipped"]
     if args.ship_bench:
-        rec["spec_bench"] = _bench_summary(args.ship_bench, sh)
+        runs = [_bench_summary(b, sh) for b in args.ship_bench]
+        rec["spec_bench"], rec["spec_bench_runs"] = runs[0], runs
         with open(path, "w") as f:
             json.dump(rec, f, indent=1)
     d, run = rec["data"], rec["study"][rec["shipped_run"]]
@@ -574,7 +595,8 @@ def stage_card(args) -> None:
         e2e = rank.get(name)
         return (f"| {name} | {'teacher-forced' if r['kind'] == 'tf' else 'self-distilled'} | {r['exit_layer']} | "
                 f"{'attention + MLP' if r['mlp'] else 'attention (paper)'} | {r['distinct_tokens']} | "
-                f"{r['token_updates'] / 1e6:.1f} M | {r['lr']} | {r['dev_top1']:.3f} | "
+                f"{r['token_updates'] / 1e6:.1f} M | {'argmax' if r['labels'] == 'top1' else 'top-k (soft)'}"
+                f"{' from ' + r['init_from'] if r.get('init_from') else ''} | {r['lr']} | {r['dev_top1']:.3f} | "
                 f"{'-' if e2e is None else format(e2e['speedup'], '.2f') + 'x'} |")
 
     study_rows = "\n".join(study_row(n, r) for n, r in sorted(
@@ -585,15 +607,7 @@ def stage_card(args) -> None:
     if not sb:
         held_out = "Not measured yet (`card --ship-bench`)."
     else:
-        accept = ", ".join(_fmt(a) for a in sb["acceptance_by_position"])
-        held_out = (
-            f"`kangaroo-rt bench --model smollm2` on {sb['prompts']} Spec-Bench prompts ({sb['per_category']} per "
-            f"category, none seen in training or tuning), {sb['max_new_tokens']} new tokens, {sb['dtype']}, greedy, "
-            f"the shipped settings, on {sb['device']} ({sb['date'][:10]}; `{sb['file']}`): plain decoding "
-            f"{sb['plain_tokens_per_s']:.1f} tok/s, Kangaroo {sb['kangaroo_tokens_per_s']:.1f} tok/s "
-            f"(**{sb['speedup']:.2f}x**), MAT **{_fmt(sb['mat'])}**, acceptance by draft position {accept}; drafting "
-            f"is {100 * sb['draft_time_fraction']:.0f}% of Kangaroo's time. Output equals plain decoding's on "
-            f"{sb['prompts'] - sb['kangaroo_mismatches']} of {sb['prompts']} prompts.")
+        held_out = "\n\n".join(_held_out_text(b) for b in rec.get("spec_bench_runs", [sb]))
     rk = rec.get("rank")
     rank_note = "" if not rank else (
         f"The end-to-end column is `rank.json` (each run's fastest setting there): speed against plain decoding on "
@@ -654,8 +668,8 @@ only head drafting uses).
 AdamW (0.9, 0.95) with cosine decay, micro-batches of {run['micro_batch']} examples, clipping by norm 1.0, the
 output norm initialised from the target's final norm. Distinct tokens count prompts too.
 
-| run | data | exit layer | adapter | distinct tokens | token-updates | lr | dev top-1 | end-to-end (dev) |
-|---|---|---|---|---|---|---|---|---|
+| run | data | exit layer | adapter | distinct tokens | token-updates | labels | lr | dev top-1 | end-to-end (dev) |
+|---|---|---|---|---|---|---|---|---|---|
 {study_rows}
 
 {rank_note} Learning curves (dev top-1 against token-updates, every run; the data as JSON under `curves` in
@@ -748,7 +762,9 @@ def main() -> None:
                         help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
     parser.add_argument("--ship-run", help="ship stage: the study run to ship (e.g. self_l2_attn_10M)")
     parser.add_argument("--ship-tune", help="ship stage: its rank-stage grid file in the study folder")
-    parser.add_argument("--ship-bench", help="card stage: the kangaroo-rt bench JSON of the held-out Spec-Bench run")
+    parser.add_argument("--ship-bench", nargs="+",
+                        help="card stage: kangaroo-rt bench JSONs of held-out Spec-Bench runs (e.g. 64 and 1024 new "
+                             "tokens), the first one the headline")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     for name, fn in STAGES.items():
