@@ -182,11 +182,21 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
 def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace,
                   bandwidth: float) -> List[Dict]:
     """One row, the head alone and the layer matrices alone: how far the many small matrices (a few microseconds
-    of call and thread start-up each) pull the whole pass below the head's rate."""
+    of call and thread start-up each) pull the whole pass below the head's rate. And the whole pass read by
+    torch.sum one matrix at a time: what a plain read reaches when the stream stops and starts at each matrix, next
+    to the read bandwidth of one large buffer."""
     parts = {"head": [m for m in mats if m[0] == HEAD[0]], "layers": [m for m in mats if m[0] != HEAD[0]]}
     xs = {k: torch.randn(1, k).to(WEIGHTS[label]) for k in {w.shape[1] for _, w in mats}}
-    t = _time_pair({part: _pass(cpu.linear, ms, xs) for part, ms in parts.items()}, args.repeats)
-    out = []
+    weights = [w for _, w in mats]
+    t = _time_pair({**{part: _pass(cpu.linear, ms, xs) for part, ms in parts.items()},
+                    "read": lambda: [w.sum() for w in weights]}, args.repeats)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    read = {"weights": label, "rows": 1, "part": "torch.sum of each matrix", "bytes": nbytes,
+            "read_ms": 1e3 * t["read"], "read_gbs": nbytes / t["read"] / 1e9,
+            "read_fraction_of_read_bw": nbytes / t["read"] / 1e9 / bandwidth, "calls": len(weights)}
+    print(f"{label:>5}   the same pass read by torch.sum, one call per matrix: {read['read_ms']:8.2f} ms, "
+          f"{read['read_gbs']:6.1f} GB/s ({100 * read['read_fraction_of_read_bw']:.0f}% of read bandwidth)", flush=True)
+    out = [read]
     for part, ms in parts.items():
         nbytes = sum(w.numel() * w.element_size() for _, w in ms)
         out.append({"weights": label, "rows": 1, "part": part, "bytes": nbytes, "kernel_ms": 1e3 * t[part],

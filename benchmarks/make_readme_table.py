@@ -213,9 +213,16 @@ def linear_section(path: str, d: Dict) -> List[str]:
                   "call per pass\" runs the whole pass in one call on one set of threads that claim chunks as the "
                   "decoder stack does (`linear_sweep`): the kernel's stream as the layer stack drives it."]
     if d.get("parts"):
+        kernel = [p for p in d["parts"] if "kernel_gbs" in p]
+        read = [p for p in d["parts"] if "read_gbs" in p]
         lines += ["", "One row, the head alone and the layer matrices alone: " + "; ".join(
             f"{p['weights']} {p['part']} {p['kernel_gbs']:.1f} GB/s ({100 * p['kernel_fraction_of_read_bw']:.0f}%, "
-            f"{p['calls']} calls)" for p in d["parts"]) + "."]
+            f"{p['calls']} calls)" for p in kernel) + "."]
+        if read:
+            lines[-1] += (" The same pass read by `torch.sum` one matrix at a time (a plain read that stops and starts at "
+                          "each matrix, as a decode step's stream does): " + "; ".join(
+                              f"{p['weights']} {p['read_gbs']:.1f} GB/s ({100 * p['read_fraction_of_read_bw']:.0f}%)"
+                              for p in read) + ".")
     if d.get("prefill"):
         lines += ["", "Prefill (weights in cache, compute-bound; `_cpu_ext.linear` sends bf16 calls of more than 64 "
                   "rows to torch):", "", "| weights | rows | kernel GFLOP/s | torch GFLOP/s | kernel vs torch |",

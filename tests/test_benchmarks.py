@@ -250,8 +250,13 @@ def test_bench_linear_quick(tmp_path):
         (w, g, m, i) for w in ("fp32", "bf16") for g in ("qkv", "gate_up") for m in (1, 8) for i in ("kernel", "torch")}
     assert [(p["weights"], p["rows"]) for p in result["prefill"]] == [("fp32", 8), ("bf16", 8)]
     assert all(p["kernel_gflops"] > 0 and p["torch_gflops"] > 0 for p in result["prefill"])
-    assert [(p["weights"], p["part"]) for p in result["parts"]] == [(w, p) for w in ("fp32", "bf16") for p in ("head", "layers")]
-    assert all(p["kernel_gbs"] == pytest.approx(p["bytes"] / p["kernel_ms"] / 1e6) for p in result["parts"])
+    assert [(p["weights"], p["part"]) for p in result["parts"]] == [
+        (w, p) for w in ("fp32", "bf16") for p in ("torch.sum of each matrix", "head", "layers")]
+    for p in result["parts"]:
+        ms, gbs = ("kernel_ms", "kernel_gbs") if "kernel_ms" in p else ("read_ms", "read_gbs")
+        assert p[gbs] == pytest.approx(p["bytes"] / p[ms] / 1e6)
+    for r in result["rows"]:  # the pass in one call (linear_sweep) beside the per-call one
+        assert r["sweep_ms"] > 0 and r["sweep_gbs"] == pytest.approx(r["bytes"] / r["sweep_ms"] / 1e6)
 
 
 def test_make_readme_table_rewrites_only_the_block(smoke_result, tmp_path):
