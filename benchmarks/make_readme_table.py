@@ -196,7 +196,7 @@ def cpu_dtype_section(path: str, d: Dict) -> List[str]:
 def linear_section(path: str, d: Dict) -> List[str]:
     """benchmarks/bench_linear.py: the CPU linear kernel against torch per row count, cold cache."""
     sweep = all("sweep_ms" in r for r in d["rows"])  # results written before the one-call pass have none
-    lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 90 layer matrices and head streamed cold, "
+    lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 210 layer matrices (30 x q, k, v, o, gate, up, down) and head streamed cold, "
              f"{d['threads']} threads, variant {d['isa']}; DRAM read bandwidth {d['read_bandwidth_gbs']:.0f} GB/s "
              f"measured in the same run) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| weights | rows | kernel ms | torch ms | kernel GB/s (% of read bandwidth) | kernel vs torch | "
