@@ -249,6 +249,7 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
   return static_cast<int>(__atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED));
 }
 
+// Byte offsets of a sweep's workspace: a pair of counters per linear, the status, and bf16's fp32 rows.
 struct SweepLayout {
   int64_t sync, status, yf, total;
 };
