@@ -429,12 +429,16 @@ def _set_sizes(name: str, n: Optional[int] = None) -> dict:
 
 
 def _run_examples(rec: dict, index: dict) -> Optional[int]:
-    """How many examples of its set a study run trained on: recorded, or (older records) the whole dump when its
-    tokens are the run's distinct tokens."""
+    """How many examples of its set a study run trained on: recorded, or (older records) the dump's first examples
+    whose tokens are the run's distinct tokens."""
     if "examples" in rec:
         return rec["examples"]
-    dumped = sum(v["tokens"] for v in index["shards"].values())
-    return index["num_examples"] if dumped == rec["distinct_tokens"] else None
+    tokens = 0  # older records: the first examples of a dump that has grown since, up to a shard boundary
+    for shard in sorted(index["shards"].values(), key=lambda v: v["first"]):
+        tokens += shard["tokens"]
+        if tokens == rec["distinct_tokens"]:
+            return shard["first"] + shard["count"]
+    return None
 
 
 def stage_ship(args) -> None:
