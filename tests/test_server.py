@@ -204,7 +204,16 @@ def test_malformed_requests_get_4xx_json_errors(tiny):
     tiny.wait_idle()
 
 
-def test_client_disconnect_frees_the_slot(tiny):
+def test_client_disconnect_frees_the_slot(tiny, monkeypatch):
+    # Each engine step is held back a little, so that 1000 tokens take seconds on any host: on a fast one the tiny
+    # model finished them before the server could notice the non-streaming client below had left (flaky).
+    step = tiny.engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(tiny.engine, "step", slow_step)
     before = tiny.metrics()
     body = {"model": NAME, "prompt": "import os\n", "max_tokens": 1000, "temperature": 0, "stream": True}
     with httpx.Client(base_url=tiny.url, timeout=30) as http:
