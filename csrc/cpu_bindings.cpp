@@ -356,6 +356,30 @@ void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int6
                     w.strides());
 }
 
+// A kernel that runs on one set of threads meeting at counters (the decoder stack, a linear sweep: decoder.cpp):
+// sets args.threads and a zeroed workspace of the size bytes() asks, checks the arguments once before any thread
+// starts (so that no thread stops alone), then runs one task per thread, each calling run(isa, &args) with the
+// same arguments. Fewer threads (a nested call runs inline) compute the same bits.
+template <typename Args>
+void run_one_region(Args& args, int64_t (*bytes)(const Args*), int (*check)(int, const Args*),
+                    int (*run)(int, const Args*), const char* what) {
+  args.threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t n = bytes(&args);
+  TORCH_CHECK_VALUE(n >= 0, what, ": impossible sizes");
+  const at::Tensor workspace = at::zeros({n}, at::TensorOptions().dtype(at::kByte));
+  args.workspace = workspace.data_ptr();
+  const int isa = process_isa();
+  const int checked = check(isa, &args);
+  TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
+  std::vector<int> status(static_cast<size_t>(args.threads), KR_CPU_OK);
+  at::parallel_for(0, args.threads, 1, [&](int64_t t0, int64_t) {
+    status[static_cast<size_t>(t0)] = run(isa, &args);
+  });
+  for (int rc : status)
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
+                ")");
+}
+
 // hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer; qkv_bias,
 // o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer, all of one
 // layout -> hidden after the layers, their keys and values written into the caches.
@@ -436,23 +460,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
   a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
   a.hidden = out.mutable_data_ptr();
-  a.threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t bytes = kr_cpu_decoder_workspace_bytes(&a);
-  TORCH_CHECK_VALUE(bytes >= 0, what, ": impossible sizes");
-  const at::Tensor workspace = at::zeros({bytes}, out.options().dtype(at::kByte));
-  a.workspace = workspace.data_ptr();
-  const int isa = process_isa();
-  const int checked = kr_cpu_decoder_check(isa, &a);
-  TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
-  // One task per thread; each runs the whole stack, claiming chunks of every op (see decoder.cpp). Fewer threads
-  // (a nested call runs inline) compute the same bits.
-  std::vector<int> status(static_cast<size_t>(a.threads), KR_CPU_OK);
-  at::parallel_for(0, a.threads, 1, [&](int64_t t0, int64_t t1) {
-    status[static_cast<size_t>(t0)] = kr_cpu_decoder_layers(isa, &a);
-  });
-  for (int rc : status)
-    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
-                ")");
+  run_one_region(a, kr_cpu_decoder_workspace_bytes, kr_cpu_decoder_check, kr_cpu_decoder_layers, what);
   return out;
 }
 
@@ -490,20 +498,7 @@ at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weig
   a.dtype = dtype, a.rows = x.size(0), a.n_linears = static_cast<int64_t>(weights.size());
   a.weights = ptrs.data(), a.n_out = n_out.data(), a.n_in = n_in.data();
   a.x = x.const_data_ptr(), a.ld_x = x.size(1), a.y = y.mutable_data_ptr(), a.ld_y = cols;
-  a.threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t bytes = kr_cpu_linear_sweep_workspace_bytes(&a);
-  TORCH_CHECK_VALUE(bytes >= 0, what, ": impossible sizes");
-  const at::Tensor workspace = at::zeros({bytes}, x.options().dtype(at::kByte));
-  a.workspace = workspace.data_ptr();
-  const int isa = process_isa();
-  const int checked = kr_cpu_linear_sweep_check(isa, &a);
-  TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
-  if (a.n_linears == 0 || a.rows == 0) return y;
-  std::vector<int> status(static_cast<size_t>(a.threads), KR_CPU_OK);
-  at::parallel_for(0, a.threads, 1, [&](int64_t t0, int64_t) {
-    status[static_cast<size_t>(t0)] = kr_cpu_linear_sweep(isa, &a);
-  });
-  for (int rc : status) TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, ")");
+  run_one_region(a, kr_cpu_linear_sweep_workspace_bytes, kr_cpu_linear_sweep_check, kr_cpu_linear_sweep, what);
   return y;
 }
 
