@@ -10,8 +10,8 @@ fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512
 rows vs one row. The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
-the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one (960, 576) weight and gate/up as
-one (3072, 576), one call per layer, against separate calls. Then prefill: 128 and 512 rows over 4 layers'
+the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one
+(960, 576) weight and gate/up as one (3072, 576), one call per layer, against separate calls. Then prefill: 128 and 512 rows over 4 layers'
 matrices (compute-bound: GFLOP/s, kernel against torch), the numbers behind _cpu_ext.linear's sending bf16
 calls of more than 64 rows to torch. Kernel and torch passes alternate, so that a load
 from another process hits both; how many cores other processes kept busy meanwhile is measured and recorded

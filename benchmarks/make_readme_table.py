@@ -196,7 +196,8 @@ def cpu_dtype_section(path: str, d: Dict) -> List[str]:
 def linear_section(path: str, d: Dict) -> List[str]:
     """benchmarks/bench_linear.py: the CPU linear kernel against torch per row count, cold cache."""
     sweep = all("sweep_ms" in r for r in d["rows"])  # results written before the one-call pass have none
-    lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 210 layer matrices (30 x q, k, v, o, gate, up, down) and head streamed cold, "
+    lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 210 layer matrices (30 x q, k, v, o, gate, up, "
+             "down) and head streamed cold, "
              f"{d['threads']} threads, variant {d['isa']}; DRAM read bandwidth {d['read_bandwidth_gbs']:.0f} GB/s "
              f"measured in the same run) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| weights | rows | kernel ms | torch ms | kernel GB/s (% of read bandwidth) | kernel vs torch | "
@@ -219,8 +220,8 @@ def linear_section(path: str, d: Dict) -> List[str]:
             f"{p['weights']} {p['part']} {p['kernel_gbs']:.1f} GB/s ({100 * p['kernel_fraction_of_read_bw']:.0f}%, "
             f"{p['calls']} calls)" for p in kernel) + "."]
         if read:
-            lines[-1] += (" The same pass read by `torch.sum` one matrix at a time (a plain read that stops and starts at "
-                          "each matrix, as a decode step's stream does): " + "; ".join(
+            lines[-1] += (" The same pass read by `torch.sum` one matrix at a time (a plain read that stops and "
+                          "starts at each matrix, as a decode step's stream does): " + "; ".join(
                               f"{p['weights']} {p['read_gbs']:.1f} GB/s ({100 * p['read_fraction_of_read_bw']:.0f}%)"
                               for p in read) + ".")
     if d.get("prefill"):

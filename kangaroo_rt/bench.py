@@ -82,8 +82,10 @@ class Tally:
         self.tokens += tokens
         self.time_s += time_s
         prefill = getattr(stats, "prefill_time_s", None)
-        self.prefill_s = None if prefill is None or (self.prompts and self.prefill_s is None) \
-            else (self.prefill_s or 0.0) + prefill  # None once any prompt lacks it
+        if prefill is None or (self.prompts and self.prefill_s is None):
+            self.prefill_s = None  # once any prompt lacks it, the totals have none
+        else:
+            self.prefill_s = (self.prefill_s or 0.0) + prefill
         self.prompts += 1
         if stats is None or not getattr(stats, "rounds", None) or not sum(stats.rounds):
             return
@@ -114,7 +116,6 @@ class Tally:
                       "draft_time_fraction": self.draft_s / busy if busy > 0 else None})
         return d
 
-
     def decode(self) -> Tuple[Optional[float], int]:
         """(seconds after the prefills, tokens after each prompt's first), or (None, 0) without prefill times."""
         if self.prefill_s is None or self.tokens <= self.prompts:
@@ -127,16 +128,15 @@ def round_cost(ar: Dict[str, Any], kangaroo: Dict[str, Any]) -> Optional[Dict[st
     drafting (target layers 0..l-1 on each new token, the adapter and the draft head), verification (layers
     l..N-1, the head and acceptance over the k + 1 tokens) and the rest of a round (the loop's own work), each
     per round over ar's time per token after the prefill. decode speedup = MAT / round (up to rounding)."""
-    if not (ar.get("decode_tokens") and kangaroo.get("decode_tokens") and kangaroo.get("rounds")):
+    if not (ar.get("decode_tokens_per_s") and kangaroo.get("decode_tokens_per_s") and kangaroo.get("rounds")):
         return None
-    step = (ar["time_s"] - ar["prefill_time_s"]) / ar["decode_tokens"]
+    step = 1.0 / ar["decode_tokens_per_s"]
     rounds = kangaroo["rounds"]
-    decode_s = kangaroo["time_s"] - kangaroo["prefill_time_s"]
     draft, verify = kangaroo["draft_time_s"] / rounds / step, kangaroo["verify_time_s"] / rounds / step
-    total = decode_s / rounds / step
+    total = kangaroo["decode_tokens"] / kangaroo["decode_tokens_per_s"] / rounds / step
     return {"plain_step_ms": 1e3 * step, "draft": draft, "verify": verify, "other": total - draft - verify,
             "round": total, "tokens_per_round": kangaroo["decode_tokens"] / rounds,
-            "decode_speedup": (kangaroo["decode_tokens"] / decode_s) / (ar["decode_tokens"] / (ar["time_s"] - ar["prefill_time_s"]))}
+            "decode_speedup": kangaroo["decode_tokens_per_s"] / ar["decode_tokens_per_s"]}
 
 
 # ------------------------------------------------------------------------------------------- prompts
