@@ -7,18 +7,19 @@ Bad requests get a 4xx status with an OpenAI-style JSON body ``{"error": {"messa
 slot freed before the next engine step.
 
 One background thread owns the engine and runs :meth:`Engine.step` while there is work; HTTP handlers
-add requests under the engine's lock (from a worker thread, so the event loop never waits for a step)
-and receive their outputs through an asyncio queue.
+hand it their requests to add before its next step (from a worker thread, so the event loop never waits
+for a step) and receive their outputs through an asyncio queue.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Deque, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Literal, Optional, Tuple, Union
 
 from .engine import AdmissionError, Engine, RequestOutput, RequestParams
 
@@ -38,18 +39,28 @@ DISCONNECT_CHECK_S = 0.25  # how often a handler asks whether its client is stil
 
 
 class EngineRunner:
-    """Drives an :class:`Engine` from a background thread for asyncio handlers."""
+    """Drives an :class:`Engine` from a background thread for asyncio handlers.
+
+    Only that thread touches the engine. Other threads hand it work between two steps (:meth:`submit`,
+    :meth:`metrics`) and wait at most one step for it: a lock the stepping thread took back after every step
+    would starve them while requests run (CPython's locks are not fair), so new requests and /metrics would
+    wait for every running request to finish.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards _calls, _aborts, _stop and _accepting
+        self._calls: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._queues: Dict[str, Tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._aborts: Deque[str] = collections.deque()
         self._stop = False
+        self._accepting = False  # the thread runs and will serve queued calls
         self.error: Optional[str] = None
         self._thread = threading.Thread(target=self._loop, name="kangaroo-rt-engine", daemon=True)
 
     def start(self) -> None:
+        with self._cond:
+            self._accepting = True
         self._thread.start()
 
     def stop(self) -> None:
@@ -62,26 +73,44 @@ class EngineRunner:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def submit(self, prompt_ids: List[int], params: RequestParams, loop: asyncio.AbstractEventLoop) -> Tuple[str, asyncio.Queue]:
-        """Add a request (blocks while a step runs: call from a worker thread). Raises AdmissionError."""
-        queue: asyncio.Queue = asyncio.Queue()
+    def _between_steps(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine's thread before its next step and return its result (or raise its error).
+        With no thread stepping the engine (not started, stopped, failed), ``fn`` runs here."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
+            queued = self._accepting
+            if queued:
+                self._calls.append((fn, future))
+                self._cond.notify()
+        return future.result() if queued else fn()
+
+    def submit(self, prompt_ids: List[int], params: RequestParams, loop: asyncio.AbstractEventLoop) -> Tuple[str, asyncio.Queue]:
+        """Add a request before the next step (blocks up to one step: call from a worker thread).
+        Raises AdmissionError, or RuntimeError once the engine has failed or stopped."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def add() -> str:
             if self.error is not None:
                 raise RuntimeError(f"the engine failed earlier: {self.error}")
+            if self._stop or not self._thread.is_alive():
+                raise RuntimeError("the engine is not running")
             rid = self.engine.add_request(prompt_ids, params)
             self._queues[rid] = (loop, queue)
-            self._cond.notify()
-        return rid, queue
+            return rid
+
+        return self._between_steps(add), queue
 
     def abort_soon(self, request_id: str) -> None:
-        """Abort before the next step; never blocks (safe from the event loop and from finalizers). A request
-        whose last output was already delivered is left alone."""
+        """Abort before the next step; never waits for a step (safe from the event loop and from finalizers).
+        A request whose last output was already delivered is left alone."""
         if request_id in self._queues:
-            self._aborts.append(request_id)
+            with self._cond:
+                self._aborts.append(request_id)
+                self._cond.notify()
 
     def metrics(self) -> Dict[str, Any]:
-        with self._cond:
-            return self.engine.metrics()
+        """The engine's metrics, read between two steps (blocks up to one step)."""
+        return self._between_steps(self.engine.metrics)
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
@@ -93,29 +122,53 @@ class EngineRunner:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
+    @staticmethod
+    def _serve(calls: List[Tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+
+    def _take_work(self) -> Tuple[List[Tuple[Callable[[], Any], concurrent.futures.Future]], List[str], bool]:
+        """Wait for work; return the queued calls, the aborts, and whether to stop. On stop the thread
+        accepts no more calls, so that none is left waiting."""
+        with self._cond:
+            while not (self._stop or self._calls or self._aborts or self.engine.has_unfinished()):
+                self._cond.wait()
+            if self._stop:
+                self._accepting = False
+            calls, aborts = list(self._calls), list(self._aborts)
+            self._calls.clear()
+            self._aborts.clear()
+            return calls, aborts, self._stop
+
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._stop and not self.engine.has_unfinished():
-                    self._cond.wait()
-                if self._stop:
-                    return
-                while self._aborts:
-                    rid = self._aborts.popleft()
+            calls, aborts, stop = self._take_work()
+            self._serve(calls)  # after a stop these see _stop and refuse new requests
+            if stop:
+                return
+            for rid in aborts:
+                self.engine.abort(rid)
+                self._queues.pop(rid, None)
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - reported to every waiting client and to /health
+                self.error = f"{type(exc).__name__}: {exc}"
+                for rid in list(self._queues):
                     self.engine.abort(rid)
-                    self._queues.pop(rid, None)
-                if not self.engine.has_unfinished():
-                    continue
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # noqa: BLE001 - reported to every waiting client and to /health
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    for rid in list(self._queues):
-                        self.engine.abort(rid)
-                        self._deliver(rid, RuntimeError(self.error), last=True)
-                    return
-                for out in outputs:
-                    self._deliver(out.request_id, out, last=out.finished)
+                    self._deliver(rid, RuntimeError(self.error), last=True)
+                with self._cond:
+                    self._accepting = False
+                    calls = list(self._calls)
+                    self._calls.clear()
+                self._serve(calls)  # submissions raise (error set); metrics still read
+                return
+            for out in outputs:
+                self._deliver(out.request_id, out, last=out.finished)
 
 
 # -- request bodies -------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """OpenAI-compatible server: the official openai client, malformed requests, disconnects, a small load run."""
+import asyncio
 import json
 import os
 import threading
@@ -232,6 +233,53 @@ def test_client_disconnect_frees_the_slot(tiny, monkeypatch):
         httpx.post(f"{tiny.url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
     m2 = tiny.wait_idle()
     assert m2["kangaroo_rt_requests_aborted_total"] == m["kangaroo_rt_requests_aborted_total"] + 1
+
+
+def test_runner_serves_submissions_and_metrics_between_steps(tiny_dir):
+    """Another thread's metrics and submissions are served between two steps: each waits about one step, and
+    the engine steps between any two of them. CPython's locks are not fair: with a lock the engine thread took
+    back after every step, either side could hold it for seconds (the server's /metrics once waited for a
+    whole request to finish), or a caller in a loop could keep the engine from stepping."""
+    engine, _ = load_engine(tiny_dir["model"], tiny_dir["adapter"], exit_layer=2, gamma=4, eta=0.5,
+                            max_batch=4, max_len=1024)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step  # 1000 tokens now take seconds
+    runner = EngineRunner(engine)
+    runner.start()
+    loop = asyncio.new_event_loop()
+    try:
+        runner.submit([5, 6, 7], K.RequestParams(max_new_tokens=1000), loop)
+        waits, seen = [], []
+
+        def probe():
+            for _ in range(20):
+                t = time.perf_counter()
+                seen.append(runner.metrics())
+                waits.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            runner.submit([8, 9], K.RequestParams(max_new_tokens=4), loop)
+            waits.append(time.perf_counter() - t)
+            seen.append(runner.metrics())
+
+        th = threading.Thread(target=probe)
+        th.start()
+        th.join(timeout=60)
+        assert not th.is_alive()
+        assert max(waits) < 0.5, waits  # a step is ~10 ms; the long request lasts seconds
+        steps = [m["steps_total"] for m in seen]
+        assert all(a < b for a, b in zip(steps, steps[1:])), steps
+        assert [m["requests_running"] for m in seen] == [1] * 20 + [2]
+    finally:
+        runner.stop()
+        loop.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        runner.submit([5], K.RequestParams(max_new_tokens=2), loop)
+    assert runner.metrics()["requests_added_total"] == 2  # read in the caller once the thread has stopped
 
 
 def test_health_and_prometheus_metrics(tiny):
