@@ -11,13 +11,21 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
                tied head, cold: every weight from DRAM) through kangaroo_rt._cpu.linear, one call per matrix,
                m rows, x and weights of the dtype
   sweep M=m    the same pass in one call (kangaroo_rt._cpu.linear_sweep), when both builds have it
-  plain        bench_steps' SmolLM2-shaped decode step (random weights, context 256): 30 layers, head, argmax
+  plain        bench_steps' SmolLM2-shaped decode step (random weights, context --context, default 256): 30
+               layers, head, argmax
   verify k     bench_steps' verify step over k tokens at exit layer 1
+
+  attention    q=Q ctx=T: kangaroo_rt._cpu.attention at SmolLM2's heads (9 query, 3 kv, 64 wide), Q queries
+               over T cached keys, 30 calls (a step's layers)
+
+--cases picks among linear (the linear and sweep rows), steps (plain and verify) and attention (default all
+three); attention's share of a step grows with the context, which --context sets for the steps.
 
 Every case reports, per side, the median over rounds of each process's median, the spread (lowest and
 highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
-    PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
+        [--cases linear,steps,attention] [--context 256] [--out DIR]
 
 --base-dir DIR uses a tree that is already built as the base instead (no checkout, no build); --quick runs
 a tiny model with one round, against this tree itself unless --base-dir says otherwise (CI and the GPU suite:
@@ -43,6 +51,8 @@ NAME = "bench_ab"
 ROWS = (1, 2, 3, 4, 5, 8)
 VERIFY_TOKENS = (2, 3, 4, 5)
 CONTEXT = 256
+CASES = ("linear", "steps", "attention")
+ATTENTION = ((1, 256), (1, 1024), (1, 2048), (3, 1024), (5, 256), (5, 1024))  # (queries, cached keys)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="timed repeats per case inside a process (median kept)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma list of bfloat16, float32")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
+    p.add_argument("--context", type=int, default=CONTEXT,
+                   help=f"tokens in the cache before the plain and verify steps (default {CONTEXT})")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")
@@ -64,6 +77,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--dtypes must name bfloat16 and/or float32, got {args.dtypes}")
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be positive")
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not args.cases or any(c not in CASES for c in args.cases):
+        p.error(f"--cases must name some of {', '.join(CASES)}, got {args.cases}")
+    if args.context < 1:
+        p.error("--context must be positive")
     if args.quick:
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
@@ -90,7 +108,7 @@ def probe(args: argparse.Namespace) -> Dict[str, float]:
 
     torch.set_num_threads(args.threads)
     config, exit_layer = bench_steps.SMOKE_SHAPE if args.quick else bench_steps.SHAPES["smollm2"]
-    rows = (1, 4) if args.quick else ROWS
+    rows = ((1, 4) if args.quick else ROWS) if "linear" in args.cases else ()
     out: Dict[str, float] = {}
 
     def median_ms(fn) -> float:
@@ -114,10 +132,20 @@ def probe(args: argparse.Namespace) -> Dict[str, float]:
                     x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
                     out[f"{name} sweep M={m}"] = median_ms(lambda: cpu.linear_sweep(x, mats, y))
-            steps = bench_steps.Steps(target, adapter, 1, CONTEXT + max(VERIFY_TOKENS) + 1)
-            out[f"{name} plain"] = median_ms(steps.plain(1, CONTEXT)[0])
+            if "attention" in args.cases:
+                shapes = ((1, 16), (3, 16)) if args.quick else ATTENTION
+                for q_len, ctx in shapes:
+                    q = torch.randn(1, 9, q_len, 64).to(dtype)
+                    kc, vc = torch.randn(1, 3, ctx + q_len, 64).to(dtype), torch.randn(1, 3, ctx + q_len, 64).to(dtype)
+                    pos = (ctx + torch.arange(q_len))[None]
+                    out[f"{name} attention q={q_len} ctx={ctx}"] = median_ms(
+                        lambda: [cpu.attention(q, kc, vc, pos, None) for _ in range(30)])
+            if "steps" not in args.cases:
+                continue
+            steps = bench_steps.Steps(target, adapter, 1, args.context + max(VERIFY_TOKENS) + 1)
+            out[f"{name} plain"] = median_ms(steps.plain(1, args.context)[0])
             for k in VERIFY_TOKENS:
-                out[f"{name} verify {k}"] = median_ms(steps.verify(1, CONTEXT, exit_layer, k)[0])
+                out[f"{name} verify {k}"] = median_ms(steps.verify(1, args.context, exit_layer, k)[0])
     return out
 
 
@@ -148,7 +176,8 @@ def base_tree(args: argparse.Namespace) -> str:
 
 def run_side(tree: str, args: argparse.Namespace) -> Dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--repeats", str(args.repeats), "--dtypes",
-           ",".join(args.dtypes), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+           ",".join(args.dtypes), "--threads", str(args.threads), "--cases", ",".join(args.cases), "--context",
+           str(args.context)] + (["--quick"] if args.quick else [])
     env = {**os.environ, "PYTHONPATH": tree}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -196,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = device_name(torch.device("cpu"))
     print(f"\n{NAME}: {where}, {args.rounds} rounds of interleaved processes; base "
           f"{describe(base)['commit'][:12]}, this tree {describe(ROOT)['commit'][:12]}"
-          + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "")
+          + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "") + f"; context {args.context}"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'case':<24} {'base ms':>9} {'(spread)':>17} {'this ms':>9} {'(spread)':>17} {'this/base':>9}")
     for case, row in cases.items():
@@ -206,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "rounds": args.rounds, "repeats": args.repeats, "base": describe(base), "this": describe(ROOT),
-              "context": CONTEXT, "cases": cases}
+              "context": args.context, "cases": cases}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
     with open(path, "w") as f:

@@ -310,7 +310,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   a.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) a.out_stride[d] = out.stride(d);
   const int isa = process_isa();
-  at::parallel_for(0, B * Hq, grain_for(2 * Q * std::max<int64_t>(1, slots) * D), [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = kr_cpu_attention_tasks(&a);
+  const int64_t pairs_per_task = std::max<int64_t>(1, B * Hq * Q / std::max<int64_t>(1, tasks));
+  const int64_t grain = grain_for(2 * pairs_per_task * std::max<int64_t>(1, slots) * D);
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     const int rc = kr_cpu_attention(isa, &a, t0, t1);
     TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
   });

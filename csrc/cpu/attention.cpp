@@ -3,9 +3,12 @@
 //
 // Why not torch's fused SDPA: on CPU it rounds a query's result differently with the number of queries and of
 // masked key slots in the call, so a verify pass would not give the bits of single steps, and for one query it
-// costs about 100 us a layer here, where the arithmetic takes a few. Each (row, query head) is one task: it
-// reads its kv head's keys once per query (they stay in L2 between the queries of one task) and runs the fixed
-// sequence of kr_cpu.h. The loops over 16-lane arrays vectorize at the variant's width with the same bits.
+// costs about 100 us a layer here, where the arithmetic takes a few. A task is a tile of a few (query, head) pairs
+// that read one kv head (GQA's heads of a group, a verify pass's queries): the AVX-512 path widens each key and
+// value once for the whole tile and runs the tile's pairs side by side, which also gives the value sum enough
+// independent accumulators to hide the latency of its fused multiply-adds. Each pair still runs the fixed sequence
+// of kr_cpu.h, alone: a tile changes how many pairs share a load, never an operation of a pair. The loops over
+// 16-lane arrays vectorize at the variant's width with the same bits.
 #include <algorithm>
 #include <vector>
 
@@ -24,9 +27,37 @@ namespace {
 
 using kr_cpu::kLanes;
 
+// Tasks: b * (Hkv * tiles) + g * tiles + t, tile t of the group*Q (query, head) pairs that read kv head g of row b.
+// Pairs are numbered query-major (pair p: query p / group, head g * group + p % group), so that a tile mostly holds
+// the heads of one query, which read the same keys. Tiles split the pairs as evenly as possible.
+struct Tiling {
+  int64_t group, pairs, tiles;
+
+  explicit Tiling(const kr_cpu_attention_args& a)
+      : group(a.n_heads / a.n_kv_heads), pairs(group * a.q_len),
+        tiles(pairs == 0 ? 0 : (pairs + kr_cpu_attention_tile_pairs(a.head_dim) - 1) /
+                                   kr_cpu_attention_tile_pairs(a.head_dim)) {}
+
+  // Row, kv head and pair range [p0, p1) of a task.
+  void task(const kr_cpu_attention_args& a, int64_t task, int64_t* b, int64_t* g, int64_t* p0, int64_t* p1) const {
+    const int64_t t = task % tiles;
+    *g = task / tiles % a.n_kv_heads;
+    *b = task / tiles / a.n_kv_heads;
+    *p0 = t * pairs / tiles;
+    *p1 = (t + 1) * pairs / tiles;
+  }
+};
+
+// The query's key count n (slots 0..n-1; 0 when its position is negative).
+KR_INLINE int64_t visible_keys(const kr_cpu_attention_args& a, int64_t b, int64_t i) {
+  const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
+  return p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
+}
+
 template <typename T>
 KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
-  const int64_t D = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  const int64_t D = a.head_dim;
+  const Tiling tiling(a);
   const int64_t d_pad = (D + kLanes - 1) / kLanes * kLanes;
   static thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(2 * d_pad + std::max<int64_t>(a.kv_len, 1)));
@@ -38,12 +69,13 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
   const T* v_cache = static_cast<const T*>(a.v_cache);
   T* out = static_cast<T*>(a.out);
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t b = task / a.n_heads, h = task % a.n_heads, g = h / group;
+    int64_t b, g, p0, p1;
+    tiling.task(a, task, &b, &g, &p0, &p1);
     const T* kb = k_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
     const T* vb = v_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
-    for (int64_t i = 0; i < a.q_len; ++i) {
-      const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
-      const int64_t n = p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
+      const int64_t n = visible_keys(a, b, i);
       T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
       if (n == 0) {
         for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
@@ -141,80 +173,137 @@ KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-// One query over n >= 1 keys. x > -87 in exp16 matters only where the scalar clamps: max with -87 is the same
-// select. The score of key j is the fixed-order dot times the scale; the max is exact in any order.
-template <typename T, int C>
-KR_TARGET_AVX512 void attend_query_avx512(const float* qf, const T* kb, const T* vb, int64_t stride_t, int64_t n,
-                                          float scale, float* s, T* o) {
-  __m512 qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qf + 16 * c);
+// The NQ pairs of a tile, each one query over its n[q] >= 1 keys, side by side: the same operations per pair as
+// attend_tasks in the same order (so the same bits), each key and value widened once for all of them. The score of
+// key j is the fixed-order dot times the scale, computed for j < max n (the keys past a pair's own n are real keys
+// of the row, read for the others, and their scores are never used); the max is exact in any order. The value sum
+// runs each pair's keys in order, the pairs' chains interleaved. x > -87 in exp16 matters only where the scalar
+// clamps: max with -87 is the same select.
+template <typename T, int C, int NQ>
+KR_TARGET_AVX512 void attend_tile_avx512(const float* qf, const int64_t* n, const T* kb, const T* vb,
+                                         int64_t stride_t, float scale, float* s, int64_t ls, T* const* o) {
+  int64_t n_max = n[0], n_min = n[0];
+  for (int q = 1; q < NQ; ++q) n_max = std::max(n_max, n[q]), n_min = std::min(n_min, n[q]);
+  __m512 qv[NQ][C];
+  for (int q = 0; q < NQ; ++q)
+    for (int c = 0; c < C; ++c) qv[q][c] = _mm512_loadu_ps(qf + q * 16 * C + 16 * c);
   const __m512 vscale = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(-3.402823466e38f);
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
-    __m512 part[16];
+  __m512 vmax[NQ];
+  for (int q = 0; q < NQ; ++q) vmax[q] = _mm512_set1_ps(-3.402823466e38f);
+  __m512 part[NQ][16];
+  for (int64_t j0 = 0; j0 < n_max; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n_max - j0));
     for (int t = 0; t < 16; ++t) {
       if (t < cnt) {
         const T* kr = kb + (j0 + t) * stride_t;
-        __m512 acc = _mm512_setzero_ps();
-        for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), acc);
-        part[t] = acc;
+        __m512 kv[C];
+        for (int c = 0; c < C; ++c) kv[c] = load16(kr + 16 * c);
+        for (int q = 0; q < NQ; ++q) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[q][c], kv[c], acc);
+          part[q][t] = acc;
+        }
       } else {
-        part[t] = _mm512_setzero_ps();
+        for (int q = 0; q < NQ; ++q) part[q][t] = _mm512_setzero_ps();
       }
     }
-    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
-    const __m512 sc = _mm512_mul_ps(tree16x16(part), vscale);
-    _mm512_mask_storeu_ps(s + j0, live, sc);
-    vmax = _mm512_mask_max_ps(vmax, live, sc, vmax);  // a NaN score is skipped, as by std::max(m, sj)
+    for (int q = 0; q < NQ; ++q) {
+      const int64_t live_n = std::min<int64_t>(16, std::max<int64_t>(0, n[q] - j0));
+      const __mmask16 live = static_cast<__mmask16>((1u << live_n) - 1u);
+      const __m512 sc = _mm512_mul_ps(tree16x16(part[q]), vscale);
+      _mm512_mask_storeu_ps(s + q * ls + j0, live, sc);
+      vmax[q] = _mm512_mask_max_ps(vmax[q], live, sc, vmax[q]);  // a NaN score is skipped, as by std::max(m, sj)
+    }
   }
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-  __m512 lanes = _mm512_setzero_ps();  // the 16 lanes of sum_fixed
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
-    const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j0), m)));
-    _mm512_mask_storeu_ps(s + j0, live, e);
-    lanes = _mm512_add_ps(lanes, e);  // lanes past n add +0, as sum_fixed's zero padding
+  float l[NQ];
+  for (int q = 0; q < NQ; ++q) {
+    float* sq = s + q * ls;
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[q]));
+    __m512 lanes = _mm512_setzero_ps();  // the 16 lanes of sum_fixed
+    for (int64_t j0 = 0; j0 < n[q]; j0 += 16) {
+      const int cnt = static_cast<int>(std::min<int64_t>(16, n[q] - j0));
+      const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sq + j0), m)));
+      _mm512_mask_storeu_ps(sq + j0, live, e);
+      lanes = _mm512_add_ps(lanes, e);  // lanes past n add +0, as sum_fixed's zero padding
+    }
+    float lane_sums[16];
+    _mm512_storeu_ps(lane_sums, lanes);
+    l[q] = kr_cpu::tree16(lane_sums);
   }
-  float lane_sums[16];
-  _mm512_storeu_ps(lane_sums, lanes);
-  const __m512 l = _mm512_set1_ps(kr_cpu::tree16(lane_sums));
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
+  __m512 acc[NQ][C];
+  for (int q = 0; q < NQ; ++q)
+    for (int c = 0; c < C; ++c) acc[q][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n_min; ++j) {  // every pair's key
     const T* vr = vb + j * stride_t;
-    const __m512 e = _mm512_set1_ps(s[j]);
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(e, load16(vr + 16 * c), acc[c]);
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(vr + 16 * c);
+    for (int q = 0; q < NQ; ++q) {
+      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
+      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
+    }
   }
-  for (int c = 0; c < C; ++c) store16(o + 16 * c, _mm512_div_ps(acc[c], l));
+  for (int64_t j = n_min; j < n_max; ++j) {  // the keys only some pairs see (a verify pass's later queries)
+    const T* vr = vb + j * stride_t;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(vr + 16 * c);
+    for (int q = 0; q < NQ; ++q) {
+      if (j >= n[q]) continue;
+      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
+      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    const __m512 lq = _mm512_set1_ps(l[q]);
+    for (int c = 0; c < C; ++c) store16(o[q] + 16 * c, _mm512_div_ps(acc[q][c], lq));
+  }
+}
+
+// attend_tile_avx512<T, C, nq> for 1 <= nq <= NQ.
+template <typename T, int C, int NQ>
+KR_TARGET_AVX512 void tile_avx512(int nq, const float* qf, const int64_t* n, const T* kb, const T* vb,
+                                  int64_t stride_t, float scale, float* s, int64_t ls, T* const* o) {
+  if constexpr (NQ > 1) {
+    if (nq < NQ) return tile_avx512<T, C, NQ - 1>(nq, qf, n, kb, vb, stride_t, scale, s, ls, o);
+  }
+  attend_tile_avx512<T, C, NQ>(qf, n, kb, vb, stride_t, scale, s, ls, o);
 }
 
 template <typename T, int C>
 KR_TARGET_AVX512 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
-  const int64_t D = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  constexpr int NQ = 4;  // >= kr_cpu_attention_tile_pairs(16 * C)
+  const int64_t D = a.head_dim;
+  const Tiling tiling(a);
+  const int64_t ls = (a.kv_len + 15) / 16 * 16 + 16;  // a pair's scores
   static thread_local std::vector<float> scratch;
-  scratch.resize(static_cast<size_t>(16 * C + (a.kv_len + 15) / 16 * 16 + 16));
+  scratch.resize(static_cast<size_t>(NQ * 16 * C + NQ * ls));
   float* qf = scratch.data();
-  float* s = qf + 16 * C;
+  float* s = qf + NQ * 16 * C;
   const T* q = static_cast<const T*>(a.q);
   T* out = static_cast<T*>(a.out);
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t b = task / a.n_heads, h = task % a.n_heads, g = h / group;
+    int64_t b, g, p0, p1;
+    tiling.task(a, task, &b, &g, &p0, &p1);
     const T* kb = static_cast<const T*>(a.k_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
     const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
-    for (int64_t i = 0; i < a.q_len; ++i) {
-      const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
-      const int64_t n = p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
-      T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
-      if (n == 0) {
-        for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
+    int nq = 0;
+    int64_t n[NQ];
+    T* o[NQ];
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
+      const int64_t keys = visible_keys(a, b, i);
+      T* oq = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
+      if (keys == 0) {
+        for (int64_t d = 0; d < D; ++d) oq[d] = kr_cpu::from_float<T>(0.0f);
         continue;
       }
       const T* qr = q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
-      for (int64_t d = 0; d < D; ++d) qf[d] = kr_cpu::to_float(qr[d]);
-      attend_query_avx512<T, C>(qf, kb, vb, a.cache_stride[2], n, a.scale, s, o);
+      for (int64_t d = 0; d < D; ++d) qf[nq * 16 * C + d] = kr_cpu::to_float(qr[d]);
+      n[nq] = keys;
+      o[nq] = oq;
+      ++nq;
     }
+    if (nq > 0) tile_avx512<T, C, NQ>(nq, qf, n, kb, vb, a.cache_stride[2], a.scale, s, ls, o);
   }
 }
 
@@ -248,11 +337,20 @@ void attend(int isa, const kr_cpu_attention_args& a, int64_t t0, int64_t t1) {
 
 }  // namespace
 
+extern "C" int64_t kr_cpu_attention_tile_pairs(int64_t head_dim) { return head_dim <= 64 ? 4 : 2; }
+
+extern "C" int64_t kr_cpu_attention_tasks(const kr_cpu_attention_args* a) {
+  if (a == nullptr || a->batch <= 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads != 0 ||
+      a->q_len <= 0 || a->head_dim <= 0)
+    return 0;
+  return a->batch * a->n_kv_heads * Tiling(*a).tiles;
+}
+
 extern "C" int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (a == nullptr || a->batch < 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads != 0 ||
       a->q_len < 0 || a->head_dim <= 0 || a->kv_len < 0 || task_begin < 0 || task_end < task_begin ||
-      task_end > a->batch * a->n_heads || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
+      task_end > kr_cpu_attention_tasks(a) || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return KR_CPU_BAD_ARGUMENT;
   if (task_begin == task_end || a->q_len == 0) return KR_CPU_OK;
   if (a->q == nullptr || a->k_cache == nullptr || a->v_cache == nullptr || a->positions == nullptr ||

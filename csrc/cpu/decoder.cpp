@@ -3,7 +3,7 @@
 // The per-op path (kangaroo_rt.model.DecoderLayer calling each op) costs about 45 us a layer at one token beyond
 // its weight stream: a dozen torch dispatches, allocations and views, and a thread fork and join per op. Here
 // the threads start once for the whole stack and meet between ops at a counter: each op's work is cut into
-// chunks (output-row blocks of a linear, rows of a norm, batch rows of RoPE, heads of attention) that the threads
+// chunks (output-row blocks of a linear, rows of a norm, batch rows of RoPE, tiles of attention) that the threads
 // claim one at a time, and a thread moves on to the next op when the last chunk of this one is done. A chunk
 // runs the per-op kernel on its slice, and those kernels give each output element the same bits whatever the
 // slice, so the stack has the per-op path's bits for any number of threads. Buffers live in one workspace.
@@ -230,7 +230,7 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     for (int d = 0; d < 3; ++d) t.cache_stride[d] = a.cache_stride[d];
     t.positions = a.positions, t.pos_stride[0] = a.pos_stride[0], t.pos_stride[1] = a.pos_stride[1];
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
-    ph.each(B * Hq, [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
+    ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
     linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
     ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // h = o + h (in place), xn = post_norm(h)

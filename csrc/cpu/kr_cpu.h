@@ -133,11 +133,17 @@ typedef struct kr_cpu_attention_args {
   int64_t out_stride[3];  // strides of B, H, Q (contiguous: Hq * Q * D, Q * D, D)
 } kr_cpu_attention_args;
 
-// Tasks are (row, query head) pairs b * Hq + h. Per query: scores q.k_j * scale by the fixed 16-lane dot (fused
-// multiply-adds), their max, e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j,
-// out = (sum_j e_j v_j, fused multiply-adds in j order) / l. Nothing depends on the other queries, on Q or on
-// kv_len beyond the slots read.
+// Tasks are [0, kr_cpu_attention_tasks(a)): tiles of at most kr_cpu_attention_tile_pairs(D) (query, head) pairs
+// that read one kv head of one row (the heads of a GQA group, the queries of a verify pass), each pair in one
+// task. Per pair: scores q.k_j * scale by the fixed 16-lane dot (fused multiply-adds), their max,
+// e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, fused
+// multiply-adds in j order) / l. Nothing depends on the other queries or heads, on the tiling, on Q or on kv_len
+// beyond the slots read.
 int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end);
+
+// The number of attention tasks of a call (0 for an empty or invalid one), and the pairs a tile holds at most.
+int64_t kr_cpu_attention_tasks(const kr_cpu_attention_args* a);
+int64_t kr_cpu_attention_tile_pairs(int64_t head_dim);
 
 // SwiGLU's activation, out = silu(gate) * up, elementwise over rows of n elements: silu(x) = x / (1 + exp(-x)) with
 // kr_cpu's fixed exp, rounded to the dtype, then the product rounded (torch's roundings; not its exp). gate, up,
