@@ -278,8 +278,8 @@ class Transformer(nn.Module):
         stack = self._cpu_stack(hidden, positions, start, end) if cos.dtype == sin.dtype == hidden.dtype else None
         if stack is not None:
             c = self.config
-            k_caches, v_caches = zip(*(cache.layer(i) for i in range(start, end)))
-            return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, list(k_caches), list(v_caches),
+            k_caches, v_caches = cache.layers(start, end)
+            return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, k_caches, v_caches,
                                            c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                            c.rms_norm_eps, kv_len)
         for i in range(start, end):
