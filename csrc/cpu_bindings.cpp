@@ -383,11 +383,39 @@ void run_one_region(Args& args, int64_t (*bytes)(const Args*), int (*check)(int,
                 ")");
 }
 
-// hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer; qkv_bias,
-// o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per layer, all of one
-// layout -> hidden after the layers, their keys and values written into the caches.
+// The layers ls (their pointers set and checked) over out (B, Q, D), the input overwritten by the output: the rope
+// tables, positions and kv_len checked, then the stack run on one set of threads.
+void run_stack(at::Tensor& out, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+               const std::vector<kr_cpu_decoder_layer>& ls, const at::Tensor& cache0, int64_t n_heads,
+               int64_t n_kv_heads, int64_t head_dim, int64_t inter, double eps, c10::optional<int64_t> kv_len,
+               const char* what) {
+  const int64_t B = out.size(0), Q = out.size(1), D = out.size(2);
+  check_rope_tables(cos, sin, out, B, Q, head_dim, what);
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const at::Tensor pos = check_positions(positions, B, Q, what);
+  const int64_t T = cache0.size(2);
+  const int64_t slots = kv_len.has_value() ? *kv_len : T;
+  TORCH_CHECK_VALUE(0 <= slots && slots <= T, what, ": kv_len must be in [0, ", T, "], got ", slots);
+
+  kr_cpu_decoder_args a{};
+  a.dtype = dtype_code(out, what, "hidden");
+  a.batch = B, a.q_len = Q, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads;
+  a.head_dim = head_dim, a.intermediate = inter, a.max_len = T, a.kv_len = slots;
+  a.eps = static_cast<float>(eps), a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  a.n_layers = static_cast<int64_t>(ls.size()), a.layers = ls.data();
+  for (int d = 0; d < 3; ++d) a.cache_stride[d] = cache0.stride(d);
+  a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
+  a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
+  a.hidden = out.mutable_data_ptr();
+  run_one_region(a, kr_cpu_decoder_workspace_bytes, kr_cpu_decoder_check, kr_cpu_decoder_layers, what);
+}
+
+// hidden: (B, Q, D); positions: (B, Q) int64; cos, sin: (B, Q, Dh); weights: kLayerWeights per layer (gate/up and
+// down None: an attention-only layer, whose output is the post-attention norm of h + attention: Kangaroo's
+// adapter); qkv_bias, o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per
+// layer, all of one layout -> hidden after the layers, their keys and values written into the caches.
 at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
-                          const at::Tensor& sin, const std::vector<at::Tensor>& weights,
+                          const at::Tensor& sin, const std::vector<c10::optional<at::Tensor>>& weights,
                           const std::vector<c10::optional<at::Tensor>>& qkv_bias,
                           const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
                           std::vector<at::Tensor> v_caches, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -399,7 +427,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                     what, ": expected ", kLayerWeights, " weights, 2 biases and 2 caches per layer, got ",
                     weights.size(), " weights, ", qkv_bias.size(), " + ", o_bias.size(), " biases and ",
                     k_caches.size(), " + ", v_caches.size(), " caches");
-  const int dtype = dtype_code(hidden, what, "hidden");
+  dtype_code(hidden, what, "hidden");
   check_like(hidden, hidden, what, "hidden");
   TORCH_CHECK_VALUE(hidden.dim() == 3, what, ": hidden must be (B, q, D), got ", hidden.sizes());
   TORCH_CHECK_VALUE(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
@@ -408,18 +436,34 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   constexpr int64_t kMaxHeadElements = int64_t{1} << 31;  // keeps every width and product below far from overflow
   TORCH_CHECK_VALUE(n_heads <= kMaxHeadElements / head_dim, what, ": ", n_heads, " heads of size ", head_dim,
                     " are too many");
-  const int64_t B = hidden.size(0), Q = hidden.size(1), D = hidden.size(2);
+  const int64_t B = hidden.size(0), D = hidden.size(2);
   const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
   at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
   if (layers == 0 || out.numel() == 0) return out;
-  const int64_t inter = weights[4].dim() == 2 ? weights[4].size(0) / 2 : 0;
-  TORCH_CHECK_VALUE(inter > 0, what, ": the fused gate/up weight must have an even, positive number of rows, got ",
-                    weights[4].sizes());
+  const at::Tensor none;
+  auto weight = [&](size_t i, size_t j) -> const at::Tensor& {
+    const c10::optional<at::Tensor>& w = weights[kLayerWeights * i + j];
+    return w.has_value() ? *w : none;
+  };
+  int64_t inter = 0;  // from the first layer with an MLP
+  for (size_t i = 0; i < layers && inter == 0; ++i) {
+    const at::Tensor& gate_up = weight(i, 4);
+    if (!gate_up.defined()) continue;
+    inter = gate_up.dim() == 2 && gate_up.size(0) % 2 == 0 ? gate_up.size(0) / 2 : 0;
+    TORCH_CHECK_VALUE(inter > 0, what, ": the fused gate/up weight must have an even, positive number of rows, got ",
+                      gate_up.sizes());
+  }
   std::vector<kr_cpu_decoder_layer> ls(layers);
   std::vector<at::Tensor> biases;  // fp32 copies, kept alive for the call
   const at::Tensor& cache0 = k_caches[0];
   for (size_t i = 0; i < layers; ++i) {
-    const at::Tensor* w = &weights[kLayerWeights * i];
+    const at::Tensor w[kLayerWeights] = {weight(i, 0), weight(i, 1), weight(i, 2), weight(i, 3), weight(i, 4),
+                                         weight(i, 5)};
+    for (int j : {0, 1, 2, 3})
+      TORCH_CHECK_VALUE(w[j].defined(), what, ": layer ", i, ": only the MLP's weights may be None, got None at ", j);
+    const bool mlp = w[4].defined() || w[5].defined();  // without: attention-only (Kangaroo's adapter)
+    TORCH_CHECK_VALUE(mlp == (w[4].defined() && w[5].defined()), what, ": layer ", i,
+                      ": the gate/up and down weights must both be given or both be None");
     for (int j : {0, 3}) {
       check_like(w[j], hidden, what, "a norm weight");
       TORCH_CHECK_VALUE(w[j].dim() == 1 && w[j].size(0) == D && w[j].is_contiguous(), what, ": layer ", i,
@@ -427,8 +471,10 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     }
     check_matrix(w[1], hidden, q_width + 2 * kv_width, D, what, i, "the fused q/k/v weight");
     check_matrix(w[2], hidden, D, q_width, what, i, "the o weight");
-    check_matrix(w[4], hidden, 2 * inter, D, what, i, "the fused gate/up weight");
-    check_matrix(w[5], hidden, D, inter, what, i, "the down weight");
+    if (mlp) {
+      check_matrix(w[4], hidden, 2 * inter, D, what, i, "the fused gate/up weight");
+      check_matrix(w[5], hidden, D, inter, what, i, "the down weight");
+    }
     for (const at::Tensor* c : {&k_caches[i], &v_caches[i]}) {
       check_cache(*c, hidden, B, n_kv_heads, head_dim, what, "a cache");
       TORCH_CHECK_VALUE(c->sizes() == cache0.sizes() && c->strides() == cache0.strides(), what,
@@ -437,7 +483,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     }
     kr_cpu_decoder_layer& L = ls[i];
     L.input_norm = w[0].const_data_ptr(), L.qkv = w[1].const_data_ptr(), L.o = w[2].const_data_ptr();
-    L.post_norm = w[3].const_data_ptr(), L.gate_up = w[4].const_data_ptr(), L.down = w[5].const_data_ptr();
+    L.post_norm = w[3].const_data_ptr();
+    L.gate_up = mlp ? w[4].const_data_ptr() : nullptr, L.down = mlp ? w[5].const_data_ptr() : nullptr;
     for (auto [bias, n, slot] : {std::make_tuple(&qkv_bias[i], q_width + 2 * kv_width, &L.qkv_bias),
                                  std::make_tuple(&o_bias[i], D, &L.o_bias)}) {
       at::Tensor f = bias_as_float(*bias, n, std::string(what) + ": layer " + std::to_string(i));
@@ -446,24 +493,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     }
     L.k_cache = k_caches[i].mutable_data_ptr(), L.v_cache = v_caches[i].mutable_data_ptr();
   }
-  check_rope_tables(cos, sin, hidden, B, Q, head_dim, what);
-  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
-  const at::Tensor pos = check_positions(positions, B, Q, what);
-  const int64_t T = cache0.size(2);
-  const int64_t slots = kv_len.has_value() ? *kv_len : T;
-  TORCH_CHECK_VALUE(0 <= slots && slots <= T, what, ": kv_len must be in [0, ", T, "], got ", slots);
-
-  kr_cpu_decoder_args a{};
-  a.dtype = dtype;
-  a.batch = B, a.q_len = Q, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads;
-  a.head_dim = head_dim, a.intermediate = inter, a.max_len = T, a.kv_len = slots;
-  a.eps = static_cast<float>(eps), a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  a.n_layers = static_cast<int64_t>(layers), a.layers = ls.data();
-  for (int d = 0; d < 3; ++d) a.cache_stride[d] = cache0.stride(d);
-  a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
-  a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
-  a.hidden = out.mutable_data_ptr();
-  run_one_region(a, kr_cpu_decoder_workspace_bytes, kr_cpu_decoder_check, kr_cpu_decoder_layers, what);
+  run_stack(out, positions, cos, sin, ls, cache0, n_heads, n_kv_heads, head_dim, inter, eps, kv_len, what);
   return out;
 }
 
@@ -543,7 +573,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("kv_len") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
-        "a stack of Llama decoder layers (fused q/k/v and gate/up weights) over the static cache in one call; "
+        "a stack of Llama decoder layers (fused q/k/v and gate/up weights; gate/up and down None: an "
+        "attention-only layer with a normed output, Kangaroo's adapter) over the static cache in one call; "
         "the bits of the per-op path");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import draft_vocab, reference
+from . import _cpu_ext, draft_vocab, reference
 from .cache import StaticKVCache
 from .config import ModelConfig, check_adapter_matches
 from .loading import _load_bin, _load_safetensors, assign_state_dict, read_folder_config
-from .model import MLP, Attention, RMSNorm, init_random
+from .model import MLP, Attention, FusesProjections, RMSNorm, _one_call_serves, init_random
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_KEYS = (
@@ -66,7 +66,7 @@ class _AdapterLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Adapter(nn.Module):
+class Adapter(FusesProjections, nn.Module):
     """The draft head's body. ``forward`` returns the normed state that ``target.lm_head`` turns into logits."""
 
     def __init__(self, target_config: ModelConfig, mlp: bool = False) -> None:
@@ -93,7 +93,17 @@ class Adapter(nn.Module):
                mlp: bool = False) -> "Adapter":
         """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded; ``mlp`` adds the
         MLP block."""
-        return init_random(cls(target_config, mlp=mlp), seed, std).to(dtype=dtype, device=device)
+        return init_random(cls(target_config, mlp=mlp), seed, std).fuse_projections().to(dtype=dtype, device=device)
+
+    def fuse_projections(self) -> "Adapter":
+        """Serve q/k/v (and the MLP variant's gate/up) by one call each (:class:`~kangaroo_rt.model.FusedRows`: the
+        parameters become views of the fused tensors). Loading does this; after ``.to()`` it is redone."""
+        layer = self.layers[0]
+        layer.self_attn.fuse()
+        if self.mlp:
+            layer.mlp.fuse()
+        self._fused = True
+        return self
 
     @property
     def keys(self) -> tuple:
@@ -118,9 +128,31 @@ class Adapter(nn.Module):
         """exit_hidden: (B, q, D) at positions (B, q); cos/sin from the target's RoPE -> (B, q, D)."""
         layer = self.layers[0]
         k_cache, v_cache = cache.layer(0)
+        weights = self._cpu_layer(exit_hidden, positions) if cos.dtype == sin.dtype == exit_hidden.dtype else None
+        if weights is not None:  # the per-op path's bits in one extension call
+            c = self.config
+            return _cpu_ext.decoder_layers(exit_hidden, positions, cos, sin, weights, [None], [None], [k_cache],
+                                           [v_cache], c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                           c.rms_norm_eps, kv_len)
         x = exit_hidden + layer.self_attn(layer.input_layernorm(exit_hidden), positions, cos, sin,
                                           k_cache, v_cache, kv_len)
         return self.norm(layer.feed_forward(x))
+
+    def _cpu_layer(self, exit_hidden: torch.Tensor, positions: torch.Tensor):
+        """The paper's adapter as an attention-only layer of :func:`kangaroo_rt._cpu_ext.decoder_layers` (input norm,
+        fused q/k/v, o, the output norm; no gate/up, no down), or None where the per-op path must serve (see
+        :func:`kangaroo_rt.model._one_call_serves`; the MLP variant; q/k/v not fused; norms of other epsilons)."""
+        layer = self.layers[0]
+        attn = layer.self_attn
+        if self.mlp or attn.qkv is None or not _one_call_serves(exit_hidden, positions, self.dtype):
+            return None
+        if not (attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+                and layer.input_layernorm.eps == self.norm.eps == self.config.rms_norm_eps):
+            return None
+        weights = [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight, self.norm.weight]
+        if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or attn.o_proj.bias is not None:
+            return None
+        return weights + [None, None]
 
     def forward_train(self, exit_hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal forward for training (plain torch, differentiable).
@@ -208,4 +240,4 @@ class Adapter(nn.Module):
         ids = draft_vocab.load(folder, target_config.vocab_size)
         if ids is not None:
             adapter.set_draft_vocab(ids, source=cfg.get("draft_vocab_source") or "unknown")
-        return adapter
+        return adapter.fuse_projections()

@@ -118,6 +118,35 @@ def _fused_call(fused: Optional[FusedRows], layers: Tuple[nn.Linear, ...], x: to
     return tuple(_linear(layer, x) for layer in layers)
 
 
+class FusesProjections:
+    """A module whose projections :meth:`fuse_projections` fuses (:class:`FusedRows`), and fuses again after
+    ``.to()`` / ``.float()`` / ``.cuda()``, which give the parameters new memory and so end the fused views."""
+
+    def fuse_projections(self):
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return result
+
+
+_STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul")
+_ALL_CPU = ("cpu",) * len(_STACK_OPS)
+
+
+def _one_call_serves(hidden: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`kangaroo_rt._cpu_ext.decoder_layers` may serve layers of a module of ``dtype`` on these
+    inputs (RoPE tables of hidden's dtype): only where every op of the per-op path would go to the CPU extension
+    anyway (CPU tensors of one kernel dtype, no autograd, at most ``INVARIANT_MAX_QUERIES`` queries, no backend
+    forced away from it), since that call gives the per-op path's bits."""
+    return (hidden.device.type == "cpu" and hidden.dim() == 3 and 0 < hidden.shape[1] <= INVARIANT_MAX_QUERIES
+            and hidden.dtype == dtype and hidden.dtype in _cpu_ext._KERNEL_DTYPES
+            and positions.dtype == torch.int64 and not torch.is_grad_enabled() and _cpu_ext.is_available()
+            and ops.backends(_STACK_OPS, hidden.device) == _ALL_CPU)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -196,7 +225,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(x)
 
 
-class Transformer(nn.Module):
+class Transformer(FusesProjections, nn.Module):
     """The target model. Build with :func:`kangaroo_rt.loading.load_model` or :meth:`random`."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -225,13 +254,6 @@ class Transformer(nn.Module):
         self._fused = True
         self.__dict__.pop("_stacks", None)  # the one-call layer stacks (_cpu_stack) are built again
         return self
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to() / .float() / .cuda() give the parameters new memory, which ends the fused views: fuse again.
-        result = super()._apply(fn, recurse)
-        if getattr(self, "_fused", False):
-            self.fuse_projections()
-        return result
 
     # -- pieces ---------------------------------------------------------------------------------
     @property
@@ -287,22 +309,13 @@ class Transformer(nn.Module):
             hidden = self.layers[i](hidden, positions, cos, sin, k_cache, v_cache, kv_len)
         return hidden
 
-    _STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul")
-    _ALL_CPU = ("cpu",) * len(_STACK_OPS)
-
     def _cpu_stack(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int):
         """(weights, qkv biases, o biases) for :func:`kangaroo_rt._cpu_ext.decoder_layers` over layers
-        ``start..end-1``, or None when the per-op path must serve: that call gives the per-op path's bits, so it
-        is taken only where every op of those layers would go to the CPU extension anyway (CPU tensors of one
-        kernel dtype, no autograd, at most ``INVARIANT_MAX_QUERIES`` queries, q/k/v and gate/up fused, no backend
-        forced away from it). The lists are built once per layer range and kept while every module and parameter
-        of those layers is still the one it was, parameters at the same memory (checked per call: a dict lookup per
-        module and parameter, and a pointer per parameter)."""
-        if not (hidden.device.type == "cpu" and end > start and hidden.dim() == 3
-                and 0 < hidden.shape[1] <= INVARIANT_MAX_QUERIES and hidden.dtype == self.dtype
-                and hidden.dtype in _cpu_ext._KERNEL_DTYPES and positions.dtype == torch.int64
-                and not torch.is_grad_enabled() and _cpu_ext.is_available()
-                and ops.backends(self._STACK_OPS, hidden.device) == self._ALL_CPU):
+        ``start..end-1``, or None when the per-op path must serve: where :func:`_one_call_serves` says no, or a
+        layer's q/k/v or gate/up are not fused. The lists are built once per layer range and kept while every
+        module and parameter of those layers is still the one it was, parameters at the same memory (checked per
+        call: a dict lookup per module and parameter, and a pointer per parameter)."""
+        if end <= start or not _one_call_serves(hidden, positions, self.dtype):
             return None
         stacks = self.__dict__.setdefault("_stacks", {})
         entry = stacks.get((start, end))

@@ -441,6 +441,15 @@ def _run_examples(rec: dict, index: dict) -> Optional[int]:
     return None
 
 
+def _shipped_settings() -> dict:
+    """kangaroo.json of the adapter that ships now ({} if none)."""
+    path = os.path.join(models.entry("smollm2").adapter_folder, "kangaroo.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def stage_ship(args) -> None:
     """Export --ship-run with its best measured (gamma, eta) of --ship-tune, its draft vocabulary and the training
     record. Everything is read and checked first; the shipped folder is written last. Needs runs/sharegpt (the
@@ -460,7 +469,9 @@ def stage_ship(args) -> None:
     rec = runs[args.ship_run]
     with open(os.path.join(STUDY, args.ship_tune)) as f:
         tune = json.load(f)
-    candidates = [r for r in tune.get("rows", []) if r.get("name") == args.ship_run and r.get("identical")
+    # the rank stage's "shipped" rows measured the adapter that ships now: they count for its run
+    names = {args.ship_run} | ({"shipped"} if _shipped_settings().get("adapter_run") == args.ship_run else set())
+    candidates = [r for r in tune.get("rows", []) if r.get("name") in names and r.get("identical")
                   and "gamma" in r and "eta" in r]
     if not candidates:
         raise SystemExit(f"ship: {args.ship_tune} has no gamma/eta row of {args.ship_run} with output identical to "

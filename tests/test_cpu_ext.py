@@ -284,6 +284,11 @@ def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
                            4, 2, 24, 1e-6, 16)
     with pytest.raises(ValueError, match="kv_len must be in"):
         cpu.decoder_layers(*args[:4], weights, qkv_bias, o_bias, k_caches, v_caches, 4, 2, 24, 1e-6, 17)
+    with pytest.raises(ValueError, match="both be given or both be None"):  # an attention-only layer has neither
+        cpu.decoder_layers(*args[:4], weights[:10] + [None] + weights[11:], qkv_bias, o_bias, k_caches, v_caches,
+                           4, 2, 24, 1e-6, 16)
+    with pytest.raises(ValueError, match="only the MLP's weights may be None"):
+        cpu.decoder_layers(*args[:4], [None] + weights[1:], qkv_bias, o_bias, k_caches, v_caches, 4, 2, 24, 1e-6, 16)
     with pytest.raises(ValueError, match="head size must be even"):
         cpu.rope_cache_append(torch.randn(1, 2, 1, 5), torch.randn(1, 1, 1, 5), torch.randn(1, 1, 1, 5),
                               torch.randn(1, 1, 5), torch.randn(1, 1, 5), torch.zeros(1, 1, 4, 5),

@@ -129,6 +129,52 @@ def test_the_one_call_layer_stack_gives_the_bits_of_the_per_op_path(dtype, qkv_b
         assert torch.equal(a, b), (a.float() - b.float()).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_the_adapter_in_one_call_gives_the_bits_of_its_per_op_path(dtype, monkeypatch):
+    """The paper's adapter runs as one attention-only layer of _cpu_ext.decoder_layers (its output normed); its
+    output and the cache it writes equal the per-op path's bit for bit: a two-position catch-up over rows at
+    different positions, then draft steps. The MLP variant, and a model moved by .to(), keep working (per op or
+    fused again)."""
+    from kangaroo_rt.adapter import Adapter
+
+    config = tiny_config(num_layers=2, **SMOL)
+    target = Transformer.random(config, seed=0, dtype=dtype)
+    calls = []
+    real = _cpu_ext.decoder_layers
+    monkeypatch.setattr(_cpu_ext, "decoder_layers", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+
+    def run(adapter, per_op: bool):
+        monkeypatch.setattr(Adapter, "_cpu_layer", (lambda *a: None) if per_op else real_layer)
+        cache = adapter.new_cache(2, 16)
+        outs = []
+        for pos in (torch.tensor([[3, 4], [6, 7]]), torch.tensor([[5], [8]]), torch.tensor([[6], [9]])):
+            h = torch.randn(2, pos.shape[1], SMOL["hidden_size"], generator=torch.Generator().manual_seed(
+                int(pos[0, 0]))).to(dtype)
+            outs.append(adapter(h, pos, *target.rope(pos), cache, kv_len=int(pos.max()) + 1))
+        return outs + [cache.k.clone(), cache.v.clone()]
+
+    real_layer = Adapter._cpu_layer
+    paper = Adapter.random(config, seed=2, dtype=dtype)
+    assert paper.layers[0].self_attn.qkv is not None and paper.layers[0].self_attn.qkv.serves(
+        (paper.layers[0].self_attn.q_proj, paper.layers[0].self_attn.k_proj, paper.layers[0].self_attn.v_proj))
+    calls.clear()
+    fast = run(paper, per_op=False)
+    assert calls == [6, 6, 6], "the adapter did not run in one call"
+    calls.clear()
+    slow = run(paper, per_op=True)
+    assert not calls
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+    moved = paper.float().to(dtype)  # new memory: fused again
+    assert moved.layers[0].self_attn.qkv.serves((moved.layers[0].self_attn.q_proj, moved.layers[0].self_attn.k_proj,
+                                                 moved.layers[0].self_attn.v_proj))
+    calls.clear()
+    mlp = Adapter.random(config, seed=1, dtype=dtype, mlp=True)
+    run(mlp, per_op=False)
+    assert not calls  # the MLP variant: per op
+
+
 @torch.no_grad()
 def test_the_layer_stack_steps_aside_where_an_op_would_not_use_the_extension(monkeypatch):
     model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)

@@ -233,10 +233,14 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
     ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
     linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
-    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // h = o + h (in place), xn = post_norm(h)
-      return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, xn, h, c * norm_rows,
-                                  std::min(s.M, (c + 1) * norm_rows));
+    // h = o + h (in place), xn = post_norm(h); an attention-only layer: xn = o + h, h = post_norm(xn) (a row's sum
+    // is stored before its norm is written over h)
+    const bool attention_only = L.gate_up == nullptr;
+    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {
+      return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, attention_only ? h : xn,
+                                  attention_only ? xn : h, c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
+    if (attention_only) continue;
     linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
     ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
       const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
@@ -314,7 +318,7 @@ extern "C" int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a) {
 
 extern "C" int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a) {
   if (a == nullptr || a->batch < 0 || a->q_len < 0 || a->hidden_size <= 0 || a->n_heads <= 0 ||
-      a->n_kv_heads <= 0 || a->head_dim <= 0 || a->intermediate <= 0 || a->n_layers < 0 ||
+      a->n_kv_heads <= 0 || a->head_dim <= 0 || a->intermediate < 0 || a->n_layers < 0 ||
       (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
   return layout_of(*a).total;
@@ -332,7 +336,8 @@ extern "C" int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a) {
   for (int64_t i = 0; i < a->n_layers; ++i) {
     const kr_cpu_decoder_layer& L = a->layers[i];
     if (L.input_norm == nullptr || L.qkv == nullptr || L.o == nullptr || L.post_norm == nullptr ||
-        L.gate_up == nullptr || L.down == nullptr || L.k_cache == nullptr || L.v_cache == nullptr)
+        (L.gate_up == nullptr) != (L.down == nullptr) || (L.gate_up != nullptr && a->intermediate == 0) ||
+        L.k_cache == nullptr || L.v_cache == nullptr)
       return KR_CPU_BAD_ARGUMENT;
   }
   return KR_CPU_OK;

@@ -158,6 +158,9 @@ int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, 
 // kr_cpu_decoder_layers with the same arguments; the work of each op is cut into chunks that the threads claim
 // as they come, and an op starts once every chunk of the one before is done. Any number of threads, one
 // included, computes the whole stack, with the same bits.
+//
+// A layer without gate_up and down (both NULL) is attention-only, Kangaroo's adapter: its output is
+// post_norm(h + o(attention)), the normed state (kangaroo_rt.adapter.Adapter.forward), not a residual stream.
 
 typedef struct kr_cpu_decoder_layer {
   const void* input_norm;  // (D,)
@@ -165,16 +168,17 @@ typedef struct kr_cpu_decoder_layer {
   const float* qkv_bias;   // (Hq * Dh + 2 * Hkv * Dh,) fp32, or NULL
   const void* o;           // (D, Hq * Dh) contiguous
   const float* o_bias;     // (D,) fp32, or NULL
-  const void* post_norm;   // (D,)
-  const void* gate_up;     // (2 * I, D) contiguous: gate rows, then up rows
-  const void* down;        // (D, I) contiguous
+  const void* post_norm;   // (D,): the post-attention norm (an attention-only layer: the output's norm)
+  const void* gate_up;     // (2 * I, D) contiguous: gate rows, then up rows; NULL: attention-only (with down)
+  const void* down;        // (D, I) contiguous, or NULL
   void* k_cache;           // (B_max >= B, Hkv, T, Dh) with the strides cache_stride (unit last stride)
   void* v_cache;
 } kr_cpu_decoder_layer;
 
 typedef struct kr_cpu_decoder_args {
   int dtype;
-  int64_t batch, q_len, hidden_size, n_heads, n_kv_heads, head_dim, intermediate;  // B, Q, D, Hq, Hkv, Dh, I
+  int64_t batch, q_len, hidden_size, n_heads, n_kv_heads, head_dim, intermediate;  // B, Q, D, Hq, Hkv, Dh, I (0:
+                                                                                   // attention-only layers)
   int64_t max_len, kv_len;  // cache slots T; slots attention reads (<= T)
   float eps, scale;         // RMSNorm epsilon; softmax scale
   int64_t n_layers;
