@@ -200,7 +200,10 @@ class Adapter(FusesProjections, nn.Module):
         a draft vocabulary goes beside it (``draft_vocab.safetensors``, K and source in config.json)."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        # own copies: fused projections are views of one tensor (FusedRows), which safetensors refuses and the
+        # official format does not have
+        tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in
+                   self.state_dict().items()}
         if safetensors:
             from safetensors.torch import save_file
             save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

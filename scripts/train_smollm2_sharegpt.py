@@ -467,15 +467,18 @@ def stage_ship(args) -> None:
     if args.ship_run not in runs:
         raise SystemExit(f"ship: no finished study run {args.ship_run!r} (have: {', '.join(runs)})")
     rec = runs[args.ship_run]
-    with open(os.path.join(STUDY, args.ship_tune)) as f:
-        tune = json.load(f)
+    tunes = []
+    for name in args.ship_tune:
+        with open(os.path.join(STUDY, name)) as f:
+            tunes.append(json.load(f))
+    tune = tunes[-1]  # the deciding grid; earlier ones are recorded with it
     # the rank stage's "shipped" rows measured the adapter that ships now: they count for its run
     names = {args.ship_run} | ({"shipped"} if _shipped_settings().get("adapter_run") == args.ship_run else set())
     candidates = [r for r in tune.get("rows", []) if r.get("name") in names and r.get("identical")
                   and "gamma" in r and "eta" in r]
     if not candidates:
-        raise SystemExit(f"ship: {args.ship_tune} has no gamma/eta row of {args.ship_run} with output identical to "
-                         "plain decoding (run the rank stage with --runs and grids of --gamma and --eta)")
+        raise SystemExit(f"ship: {args.ship_tune[-1]} has no gamma/eta row of {args.ship_run} with output identical "
+                         "to plain decoding (run the rank stage with --runs and grids of --gamma and --eta)")
     best = max(candidates, key=lambda r: r["speedup"])
     report_path = _path("data_report.json") if os.path.isfile(_path("data_report.json")) else \
         os.path.join(STUDY, "data_report.json")
@@ -515,8 +518,9 @@ def stage_ship(args) -> None:
         "rank": json.load(open(os.path.join(STUDY, "rank.json"))) if os.path.isfile(os.path.join(STUDY, "rank.json"))
         else None,
         "shipped_run": args.ship_run,
-        "tune": tune, "shipped": {"gamma": best["gamma"], "eta": best["eta"], "exit_layer": rec["exit_layer"],
-                                  "mlp": rec["mlp"], "dev_mat": best["mat"], "dev_speedup": best["speedup"]},
+        "tune": tune, "tune_earlier": tunes[:-1], "tune_names": sorted(names),
+        "shipped": {"gamma": best["gamma"], "eta": best["eta"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
+                    "dev_mat": best["mat"], "dev_speedup": best["speedup"]},
     }
     # everything read and checked: now write the shipped folder
     folder = models.entry("smollm2").adapter_folder
@@ -616,8 +620,15 @@ def stage_card(args) -> None:
 
     study_rows = "\n".join(study_row(n, r) for n, r in sorted(
         rec["study"].items(), key=lambda kv: (kv[1]["kind"], kv[1]["mlp"], kv[1]["exit_layer"], kv[1]["token_updates"])))
-    tune_rows = "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |"
-                          for r in rec["tune"]["rows"] if r["name"] == rec["shipped_run"])
+    tune_names = set(rec.get("tune_names", [rec["shipped_run"]]))
+    tunes = rec.get("tune_earlier", []) + [rec["tune"]]
+    tuning = "\n\n".join(
+        f"Tuning on {t['prompts']} dev prompts x {t['new_tokens']} new tokens, {t['dtype']}, Kangaroo against plain "
+        f"decoding in the same run ({t['date'][:10]}):\n\n| gamma | eta | MAT | speedup |\n|---|---|---|---|\n"
+        + "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |"
+                    for r in t["rows"] if r["name"] in tune_names) for t in tunes)
+    if len(tunes) > 1:
+        tuning += "\n\nThe shipped setting is the fastest of the last table."
     sb = rec.get("spec_bench")
     if not sb:
         held_out = "Not measured yet (`card --ship-bench`)."
@@ -696,12 +707,7 @@ output norm initialised from the target's final norm. Distinct tokens count prom
 `{rec['shipped_run']}`: {run['token_updates'] / 1e6:.1f} M token-updates ({run['steps']} steps) over
 {run['distinct_tokens']} distinct tokens; dev top-1 {run['dev_top1']:.3f}.
 
-Tuning on {rec['tune']['prompts']} dev prompts x {rec['tune']['new_tokens']} new tokens, {rec['tune']['dtype']},
-Kangaroo against plain decoding in the same run ({rec['tune']['date'][:10]}):
-
-| gamma | eta | MAT | speedup |
-|---|---|---|---|
-{tune_rows}
+{tuning}
 
 ## Held-out result
 {held_out}
@@ -776,7 +782,9 @@ def main() -> None:
     parser.add_argument("--rank-dtype", choices=["float32", "bfloat16"],
                         help="rank stage: the dtype decoding runs in (default: the shipped cpu_dtype)")
     parser.add_argument("--ship-run", help="ship stage: the study run to ship (e.g. self_l2_attn_10M)")
-    parser.add_argument("--ship-tune", help="ship stage: its rank-stage grid file in the study folder")
+    parser.add_argument("--ship-tune", nargs="+",
+                        help="ship stage: rank-stage grid files in the study folder; the last one decides, the "
+                             "earlier ones are recorded and shown with it")
     parser.add_argument("--ship-bench", nargs="+",
                         help="card stage: kangaroo-rt bench JSONs of held-out Spec-Bench runs (e.g. 64 and 1024 new "
                              "tokens), the first one the headline")
