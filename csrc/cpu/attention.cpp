@@ -54,6 +54,26 @@ KR_INLINE int64_t visible_keys(const kr_cpu_attention_args& a, int64_t b, int64_
   return p < 0 ? 0 : std::min(p, a.kv_len - 1) + 1;  // (p + 1 could overflow)
 }
 
+// The pairs of a task: fn(kb, vb, q row, key count n >= 1, output row) for each pair that sees a key, where kb, vb
+// are the task's kv head; a pair at a negative position gets a zero output.
+template <typename T, typename Fn>
+KR_INLINE void for_each_pair(const kr_cpu_attention_args& a, const Tiling& tiling, int64_t task, Fn&& fn) {
+  int64_t b, g, p0, p1;
+  tiling.task(a, task, &b, &g, &p0, &p1);
+  const T* kb = static_cast<const T*>(a.k_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
+  const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
+  for (int64_t pair = p0; pair < p1; ++pair) {
+    const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
+    const int64_t n = visible_keys(a, b, i);
+    T* o = static_cast<T*>(a.out) + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
+    if (n == 0) {
+      for (int64_t d = 0; d < a.head_dim; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
+      continue;
+    }
+    fn(kb, vb, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2], n, o);
+  }
+}
+
 template <typename T>
 KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
   const int64_t D = a.head_dim;
@@ -64,24 +84,8 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
   float* qf = scratch.data();  // (d_pad,) the query, widened and zero-padded
   float* acc = qf + d_pad;     // (d_pad,) sum_j e_j v_j
   float* s = acc + d_pad;      // (kv_len,) scores, then their exponentials
-  const T* q = static_cast<const T*>(a.q);
-  const T* k_cache = static_cast<const T*>(a.k_cache);
-  const T* v_cache = static_cast<const T*>(a.v_cache);
-  T* out = static_cast<T*>(a.out);
   for (int64_t task = task_begin; task < task_end; ++task) {
-    int64_t b, g, p0, p1;
-    tiling.task(a, task, &b, &g, &p0, &p1);
-    const T* kb = k_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
-    const T* vb = v_cache + b * a.cache_stride[0] + g * a.cache_stride[1];
-    for (int64_t pair = p0; pair < p1; ++pair) {
-      const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
-      const int64_t n = visible_keys(a, b, i);
-      T* o = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
-      if (n == 0) {
-        for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(0.0f);
-        continue;
-      }
-      const T* qr = q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
+    for_each_pair<T>(a, tiling, task, [&](const T* kb, const T* vb, const T* qr, int64_t n, T* o) {
       for (int64_t d = 0; d < d_pad; ++d) qf[d] = d < D ? kr_cpu::to_float(qr[d]) : 0.0f;
       float m = -3.402823466e38f;
       for (int64_t j = 0; j < n; ++j) {
@@ -98,7 +102,7 @@ KR_INLINE void attend_tasks(const kr_cpu_attention_args& a, int64_t task_begin, 
         for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(e, kr_cpu::to_float(vr[d]), acc[d]);
       }
       for (int64_t d = 0; d < D; ++d) o[d] = kr_cpu::from_float<T>(acc[d] / l);
-    }
+    });
   }
 }
 
@@ -272,37 +276,23 @@ KR_TARGET_AVX512 void tile_avx512(int nq, const float* qf, const int64_t* n, con
 template <typename T, int C>
 KR_TARGET_AVX512 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_t task_begin, int64_t task_end) {
   constexpr int NQ = 4;  // >= kr_cpu_attention_tile_pairs(16 * C)
-  const int64_t D = a.head_dim;
   const Tiling tiling(a);
   const int64_t ls = (a.kv_len + 15) / 16 * 16 + 16;  // a pair's scores
   static thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(NQ * 16 * C + NQ * ls));
   float* qf = scratch.data();
   float* s = qf + NQ * 16 * C;
-  const T* q = static_cast<const T*>(a.q);
-  T* out = static_cast<T*>(a.out);
   for (int64_t task = task_begin; task < task_end; ++task) {
-    int64_t b, g, p0, p1;
-    tiling.task(a, task, &b, &g, &p0, &p1);
-    const T* kb = static_cast<const T*>(a.k_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
-    const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
     int nq = 0;
     int64_t n[NQ];
     T* o[NQ];
-    for (int64_t pair = p0; pair < p1; ++pair) {
-      const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
-      const int64_t keys = visible_keys(a, b, i);
-      T* oq = out + b * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
-      if (keys == 0) {
-        for (int64_t d = 0; d < D; ++d) oq[d] = kr_cpu::from_float<T>(0.0f);
-        continue;
-      }
-      const T* qr = q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
-      for (int64_t d = 0; d < D; ++d) qf[nq * 16 * C + d] = kr_cpu::to_float(qr[d]);
+    const T *kb = nullptr, *vb = nullptr;
+    for_each_pair<T>(a, tiling, task, [&](const T* k, const T* v, const T* qr, int64_t keys, T* out) {
+      kb = k, vb = v;
+      for (int64_t d = 0; d < 16 * C; ++d) qf[nq * 16 * C + d] = kr_cpu::to_float(qr[d]);
       n[nq] = keys;
-      o[nq] = oq;
-      ++nq;
-    }
+      o[nq++] = out;
+    });
     if (nq > 0) tile_avx512<T, C, NQ>(nq, qf, n, kb, vb, a.cache_stride[2], a.scale, s, ls, o);
   }
 }
