@@ -75,10 +75,11 @@ class EngineRunner:
 
     def _between_steps(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine's thread before its next step and return its result (or raise its error).
-        With no thread stepping the engine (not started, stopped, failed), ``fn`` runs here."""
+        With no thread stepping the engine (not started, stopped, failed), or called from that thread, ``fn`` runs
+        here."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
-            queued = self._accepting
+            queued = self._accepting and threading.current_thread() is not self._thread  # (it would wait on itself)
             if queued:
                 self._calls.append((fn, future))
                 self._cond.notify()
