@@ -410,6 +410,7 @@ def stage_rank(args) -> None:
     out = args.rank_out or ("rank.json" if not args.runs else "tune.json")
     with open(os.path.join(STUDY, out), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
+                   "shipped_run": _shipped_settings().get("adapter_run"),  # whose rows are named "shipped"
                    "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
@@ -472,8 +473,8 @@ def stage_ship(args) -> None:
         with open(os.path.join(STUDY, name)) as f:
             tunes.append(json.load(f))
     tune = tunes[-1]  # the deciding grid; earlier ones are recorded with it
-    # the rank stage's "shipped" rows measured the adapter that ships now: they count for its run
-    names = {args.ship_run} | ({"shipped"} if _shipped_settings().get("adapter_run") == args.ship_run else set())
+    # a grid's "shipped" rows measured the adapter that shipped when it ran (its "shipped_run")
+    names = {args.ship_run} | ({"shipped"} if tune.get("shipped_run") == args.ship_run else set())
     candidates = [r for r in tune.get("rows", []) if r.get("name") in names and r.get("identical")
                   and "gamma" in r and "eta" in r]
     if not candidates:
@@ -518,7 +519,7 @@ def stage_ship(args) -> None:
         "rank": json.load(open(os.path.join(STUDY, "rank.json"))) if os.path.isfile(os.path.join(STUDY, "rank.json"))
         else None,
         "shipped_run": args.ship_run,
-        "tune": tune, "tune_earlier": tunes[:-1], "tune_names": sorted(names),
+        "tune": tune, "tune_earlier": tunes[:-1],
         "shipped": {"gamma": best["gamma"], "eta": best["eta"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
                     "dev_mat": best["mat"], "dev_speedup": best["speedup"]},
     }
@@ -620,13 +621,24 @@ def stage_card(args) -> None:
 
     study_rows = "\n".join(study_row(n, r) for n, r in sorted(
         rec["study"].items(), key=lambda kv: (kv[1]["kind"], kv[1]["mlp"], kv[1]["exit_layer"], kv[1]["token_updates"])))
-    tune_names = set(rec.get("tune_names", [rec["shipped_run"]]))
     tunes = rec.get("tune_earlier", []) + [rec["tune"]]
+    lineage, name = [], run.get("init_from")  # the runs it continued, newest first
+    while name and name in rec["study"] and name not in lineage:
+        lineage.append(name)
+        name = rec["study"][name].get("init_from")
+    total = run["token_updates"] + sum(rec["study"][n]["token_updates"] for n in lineage)
+    chain = (f", continuing {' <- '.join(f'`{n}`' for n in lineage)} ({total / 1e6:.1f} M token-updates in all)"
+             if lineage else "")
+
+    def tuned(t: dict, r: dict) -> bool:  # a row of the shipped run (its "shipped" rows when it was shipping)
+        return r["name"] == rec["shipped_run"] or (r["name"] == "shipped"
+                                                   and t.get("shipped_run") == rec["shipped_run"])
+
     tuning = "\n\n".join(
         f"Tuning on {t['prompts']} dev prompts x {t['new_tokens']} new tokens, {t['dtype']}, Kangaroo against plain "
         f"decoding in the same run ({t['date'][:10]}):\n\n| gamma | eta | MAT | speedup |\n|---|---|---|---|\n"
         + "\n".join(f"| {r['gamma']} | {r['eta']} | {r['mat']:.2f} | {r['speedup']:.2f}x |"
-                    for r in t["rows"] if r["name"] in tune_names) for t in tunes)
+                    for r in t["rows"] if tuned(t, r)) for t in tunes)
     if len(tunes) > 1:
         tuning += "\n\nThe shipped setting is the fastest of the last table."
     sb = rec.get("spec_bench")
@@ -705,7 +717,7 @@ output norm initialised from the target's final norm. Distinct tokens count prom
 
 ## The shipped run
 `{rec['shipped_run']}`: {run['token_updates'] / 1e6:.1f} M token-updates ({run['steps']} steps) over
-{run['distinct_tokens']} distinct tokens; dev top-1 {run['dev_top1']:.3f}.
+{run['distinct_tokens']} distinct tokens{chain}; dev top-1 {run['dev_top1']:.3f}.
 
 {tuning}
 
