@@ -77,6 +77,7 @@ class Tally:
     verify_s: float = 0.0
     attempts: List[int] = field(default_factory=list)
     accepts: List[int] = field(default_factory=list)
+    verify_by: Dict[int, List[float]] = field(default_factory=dict)  # tokens verified -> [passes, seconds]
 
     def add(self, tokens: int, time_s: float, stats: Any) -> None:
         self.tokens += tokens
@@ -93,6 +94,10 @@ class Tally:
         self.accepted += sum(sum(a) for a in stats.accepted_lengths)
         self.draft_s += stats.draft_time_s
         self.verify_s += stats.verify_time_s
+        for tokens, (passes, seconds) in getattr(stats, "verify_by_tokens", {}).items():
+            entry = self.verify_by.setdefault(tokens, [0, 0.0])
+            entry[0] += passes
+            entry[1] += seconds
         for row_attempts, row_accepts in zip(stats.position_attempts, stats.position_accepts):
             width = max(len(self.attempts), len(row_attempts))
             self.attempts += [0] * (width - len(self.attempts))
@@ -114,6 +119,9 @@ class Tally:
                       "acceptance_by_position": [a / t if t else None for a, t in zip(self.accepts, self.attempts)],
                       "draft_time_s": self.draft_s, "verify_time_s": self.verify_s,
                       "draft_time_fraction": self.draft_s / busy if busy > 0 else None})
+            if self.verify_by:  # rounds timed one by one (not the CUDA-graph host loop)
+                d["verify_by_tokens"] = {str(k): {"passes": int(n), "time_s": t}
+                                         for k, (n, t) in sorted(self.verify_by.items())}
         return d
 
     def decode(self) -> Tuple[Optional[float], int]:
@@ -134,9 +142,15 @@ def round_cost(ar: Dict[str, Any], kangaroo: Dict[str, Any]) -> Optional[Dict[st
     rounds = kangaroo["rounds"]
     draft, verify = kangaroo["draft_time_s"] / rounds / step, kangaroo["verify_time_s"] / rounds / step
     total = kangaroo["decode_tokens"] / kangaroo["decode_tokens_per_s"] / rounds / step
-    return {"plain_step_ms": 1e3 * step, "draft": draft, "verify": verify, "other": total - draft - verify,
+    cost = {"plain_step_ms": 1e3 * step, "draft": draft, "verify": verify, "other": total - draft - verify,
             "round": total, "tokens_per_round": kangaroo["decode_tokens"] / rounds,
             "decode_speedup": kangaroo["decode_tokens_per_s"] / ar["decode_tokens_per_s"]}
+    by = kangaroo.get("verify_by_tokens")
+    if by:  # each verify length: its share of the passes and one pass in plain steps
+        passes = sum(v["passes"] for v in by.values())
+        cost["verify_by_tokens"] = {k: {"share": v["passes"] / passes, "plain_steps": v["time_s"] / v["passes"] / step}
+                                    for k, v in by.items() if v["passes"]}
+    return cost
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -477,6 +491,15 @@ def format_table(summary: Dict[str, Dict[str, Dict]], methods: Sequence[Method])
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {c['plain_step_ms']:.2f} | {c['draft']:.2f} | {c['verify']:.2f} | {c['other']:.2f} | "
                   f"{c['round']:.2f} | {c['tokens_per_round']:.2f} | {c['decode_speedup']:.2f}x |" for name, c in costs]
+        for name, c in costs:
+            by = c.get("verify_by_tokens")
+            if by:
+                keys = sorted(by, key=int)
+                lines += ["", f"{name}: a verify pass by the tokens it ran over (k drafts + 1): share of the passes, "
+                          "and one pass in plain steps", "",
+                          "| tokens | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+                          "| share | " + " | ".join(f"{100 * by[k]['share']:.0f}%" for k in keys) + " |",
+                          "| plain steps | " + " | ".join(f"{by[k]['plain_steps']:.2f}" for k in keys) + " |"]
     base = "hf_generate" if "hf_generate" in overall else "ar"
     cats = [g for g in summary if g != "overall"]
     if len(cats) > 1 or (cats and cats[0] != "overall"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,6 +47,8 @@ class DecodeStats:
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
+    # tokens a verify pass ran over (k + 1, the batch's widest) -> [passes, seconds], where the rounds are timed
+    verify_by_tokens: Dict[int, List[float]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, batch: int, gamma: int, history: bool = True) -> "DecodeStats":
@@ -70,6 +72,12 @@ class DecodeStats:
             for i in range(n_drafts[r]):
                 self.position_attempts[r][i] += 1
                 self.position_accepts[r][i] += int(i < accepted[r])
+
+    def add_verify(self, tokens: int, seconds: float) -> None:
+        """Count one verify pass over ``tokens`` positions that took ``seconds``."""
+        entry = self.verify_by_tokens.setdefault(tokens, [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
 
     @property
     def mat(self) -> List[float]:
@@ -514,7 +522,9 @@ class Decoder:
         t_verify = clock(state.pos.device, sync)
         was_active, accepted, committed = self.verify(state, chain, step, base_len + step)
         stats.draft_time_s += t_verify - t_start
-        stats.verify_time_s += clock(state.pos.device, sync) - t_verify
+        verify_s = clock(state.pos.device, sync) - t_verify
+        stats.verify_time_s += verify_s
+        stats.add_verify(step + 1, verify_s)
         stats.add_round(was_active.tolist(), committed.tolist(), chain.n_drafts.tolist(), accepted.tolist())
         return committed
 

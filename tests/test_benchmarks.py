@@ -66,6 +66,10 @@ def test_spec_bench_smoke_runs_all_methods_and_agrees(smoke_result):
     assert cost["decode_speedup"] == pytest.approx(cost["tokens_per_round"] / cost["round"])
     assert cost["round"] == pytest.approx(cost["draft"] + cost["verify"] + cost["other"])
     assert cost["draft"] > 0 and cost["verify"] > 0
+    by = cost["verify_by_tokens"]  # one verify pass a round, each over k + 1 <= gamma + 1 tokens
+    assert set(by) <= {"1", "2", "3", "4", "5"} and sum(v["share"] for v in by.values()) == pytest.approx(1.0)
+    assert sum(v["passes"] for v in k["verify_by_tokens"].values()) == k["rounds"]
+    assert sum(v["share"] * v["plain_steps"] for v in by.values()) == pytest.approx(cost["verify"])
     assert "round_cost_in_plain_steps" not in overall["hf_generate"]
     for png in ("spec_bench-smoke-speedup.png", "spec_bench-smoke-acceptance.png"):
         assert (out / png).stat().st_size > 1000
