@@ -13,7 +13,8 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
   sweep M=m    the same pass in one call (kangaroo_rt._cpu.linear_sweep), when both builds have it
   plain        bench_steps' SmolLM2-shaped decode step (random weights, context --context, default 256): 30
                layers, head, argmax
-  verify k     bench_steps' verify step over k tokens at exit layer 1
+  verify k     bench_steps' verify step over k tokens at the shape's exit layer (SmolLM2: 2, the shipped
+               adapter's; 1 before 2026-12-05)
 
   attention    q=Q ctx=T: kangaroo_rt._cpu.attention at SmolLM2's heads (9 query, 3 kv, 64 wide), Q queries
                over T cached keys, 30 calls (a step's layers)

@@ -64,7 +64,7 @@ SHAPES: Dict[str, Tuple[ModelConfig, int]] = {
                               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0), 2),
     "smollm2": (ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                             num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
-                            tie_word_embeddings=True), 1),
+                            tie_word_embeddings=True), 2),  # the shipped adapter's exit layer
 }
 SMOKE_SHAPE = (ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                            num_attention_heads=4, num_key_value_heads=2), 2)
