@@ -145,6 +145,20 @@ class EngineRunner:
             return calls, aborts, self._stop
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - outside step(): reported by /health and to submitters
+            if self.error is None:
+                self.error = f"engine thread ended: {type(exc).__name__}: {exc}"
+            raise
+        finally:  # however the thread ends, later calls run in their callers and queued ones are served
+            with self._cond:
+                self._accepting = False
+                calls = list(self._calls)
+                self._calls.clear()
+            self._serve(calls)
+
+    def _run(self) -> None:
         while True:
             calls, aborts, stop = self._take_work()
             self._serve(calls)  # after a stop these see _stop and refuse new requests
