@@ -93,7 +93,7 @@ class Adapter(FusesProjections, nn.Module):
                mlp: bool = False) -> "Adapter":
         """A freshly initialised adapter (normal(0, std) projections, unit norms), seeded; ``mlp`` adds the
         MLP block."""
-        return init_random(cls(target_config, mlp=mlp), seed, std).fuse_projections().to(dtype=dtype, device=device)
+        return init_random(cls(target_config, mlp=mlp), seed, std).to(dtype=dtype, device=device).fuse_projections()
 
     def fuse_projections(self) -> "Adapter":
         """Serve q/k/v (and the MLP variant's gate/up) by one call each (:class:`~kangaroo_rt.model.FusedRows`: the

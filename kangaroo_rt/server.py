@@ -132,13 +132,10 @@ class EngineRunner:
                 future.set_exception(exc)
 
     def _take_work(self) -> Tuple[List[Tuple[Callable[[], Any], concurrent.futures.Future]], List[str], bool]:
-        """Wait for work; return the queued calls, the aborts, and whether to stop. On stop the thread
-        accepts no more calls, so that none is left waiting."""
+        """Wait for work; return the queued calls, the aborts, and whether to stop."""
         with self._cond:
             while not (self._stop or self._calls or self._aborts or self.engine.has_unfinished()):
                 self._cond.wait()
-            if self._stop:
-                self._accepting = False
             calls, aborts = list(self._calls), list(self._aborts)
             self._calls.clear()
             self._aborts.clear()
@@ -176,12 +173,7 @@ class EngineRunner:
                 for rid in list(self._queues):
                     self.engine.abort(rid)
                     self._deliver(rid, RuntimeError(self.error), last=True)
-                with self._cond:
-                    self._accepting = False
-                    calls = list(self._calls)
-                    self._calls.clear()
-                self._serve(calls)  # submissions raise (error set); metrics still read
-                return
+                return  # _loop stops the queue; queued submissions raise (error set), metrics still read
             for out in outputs:
                 self._deliver(out.request_id, out, last=out.finished)
 

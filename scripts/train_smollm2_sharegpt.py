@@ -408,9 +408,10 @@ def stage_rank(args) -> None:
         measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     rows.sort(key=lambda r: -r["speedup"])
     out = args.rank_out or ("rank.json" if not args.runs else "tune.json")
+    shipped_run = models._adapter_settings(models.entry("smollm2").adapter_folder).get("adapter_run")
     with open(os.path.join(STUDY, out), "w") as f:
         json.dump({"prompts": len(prompts), "new_tokens": args.rank_tokens, "gamma": args.gamma, "eta": args.eta,
-                   "shipped_run": _shipped_settings().get("adapter_run"),  # whose rows are named "shipped"
+                   "shipped_run": shipped_run,  # whose rows are named "shipped"
                    "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
                    "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
@@ -440,15 +441,6 @@ def _run_examples(rec: dict, index: dict) -> Optional[int]:
         if tokens == rec["distinct_tokens"]:
             return shard["first"] + shard["count"]
     return None
-
-
-def _shipped_settings() -> dict:
-    """kangaroo.json of the adapter that ships now ({} if none)."""
-    path = os.path.join(models.entry("smollm2").adapter_folder, "kangaroo.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def stage_ship(args) -> None:
