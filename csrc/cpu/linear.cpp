@@ -143,6 +143,11 @@ constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
 // fp32 were faster alone on the model's matrices but not inside the layer stack, and slower with bf16 weights
 // widened to fp32: those stay 4 x 4.
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
+// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512: blocks of 8 rows of W, 8 independent
+// accumulators where 4 x 4 blocks give it 4, which leave vdpbf16ps's latency exposed. Measured (bench_ab, SmolLM2's
+// matrices, 2 threads, two runs): the bf16 pass 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights in cache
+// a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
+constexpr int kNbOneRow = 8;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
 // into L1 evicts the block being read when K is large).
@@ -495,6 +500,10 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                             int64_t n_end) {
   if (M >= 2 && M <= kFewRowsMaxBf16)
     return rows_few_bf16_avx512<kHw>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (M == 1)
+    return for_each_group<kNbOneRow, 1, uint16_t, uint16_t, group_bf16_avx512<kNbOneRow, 1, kHw>,
+                          group_bf16_avx512<1, 1, kHw>>(
+        x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
   for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
       x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
