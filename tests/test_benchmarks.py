@@ -365,3 +365,17 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
     for row in cases.values():
         assert len(row["base"]) == len(row["this"]) == 1 and row["this_vs_base"] > 0
 
+
+
+def test_make_readme_table_keeps_the_newest_days_lengths():
+    """End-to-end runs: the newest per number of new tokens, among the lengths run on the group's newest day."""
+    make = load_benchmark("make_readme_table")
+
+    def run(length: int, date: str, tag: str):
+        return (f"{tag}.json", {"benchmark": "spec_bench", "device": "Test CPU", "model": "m", "dtype": "bfloat16",
+                                "max_new_tokens": length, "date": date})
+
+    results = [run(64, "2026-12-04T10:00", "old64"), run(256, "2026-12-04T11:00", "old256"),
+               run(64, "2026-12-05T09:00", "new64"), run(1024, "2026-12-05T10:00", "new1024"),
+               run(1024, "2026-12-05T08:00", "early1024")]
+    assert [path for path, _ in make.newest_per_device(results, "spec_bench")] == ["new64.json", "new1024.json"]
