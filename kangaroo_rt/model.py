@@ -10,7 +10,7 @@ to verify; ``embed``, ``norm`` and ``lm_head`` are callable on their own.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,25 @@ def _one_call_serves(hidden: torch.Tensor, positions: torch.Tensor, dtype: torch
             and hidden.dtype == dtype and hidden.dtype in _cpu_ext._KERNEL_DTYPES
             and positions.dtype == torch.int64 and not torch.is_grad_enabled() and _cpu_ext.is_available()
             and ops.backends(_STACK_OPS, hidden.device) == _ALL_CPU)
+
+
+class Watch:
+    """What a cached call plan (the argument lists of an extension call) depends on: slots (an owner dict and a
+    name: a module's ``_modules`` or ``_parameters``, or an object's ``__dict__``) and the parameters among them.
+    :meth:`current` says whether every slot still holds its object (compared by id: the watch keeps the objects
+    alive, so an id cannot be reused) and every parameter its memory: two list comprehensions and two list
+    comparisons (a per-item generator cost ~80 us per call over SmolLM2's 30 layers)."""
+
+    def __init__(self, slots: List[Tuple[Dict, str]], params: List[torch.Tensor]) -> None:
+        self.slots = slots
+        self.objects = [owner.get(name) for owner, name in slots]
+        self.ids = [id(obj) for obj in self.objects]
+        self.params = params
+        self.pointers = [p.data_ptr() for p in params]
+
+    def current(self) -> bool:
+        return ([id(owner.get(name)) for owner, name in self.slots] == self.ids
+                and [p.data_ptr() for p in self.params] == self.pointers)
 
 
 class RMSNorm(nn.Module):
@@ -319,21 +338,13 @@ class Transformer(FusesProjections, nn.Module):
             return None
         stacks = self.__dict__.setdefault("_stacks", {})
         entry = stacks.get((start, end))
-        if entry is None or not self._stack_current(entry[1]):
+        if entry is None or not entry[1].current():
             entry = stacks[(start, end)] = self._build_stack(start, end)
         return entry[0] if entry is not None else None
 
-    @staticmethod
-    def _stack_current(watch) -> bool:
-        """Whether every watched slot still holds its object (compared by id: the watch keeps the objects alive, so
-        an id cannot be reused) and every watched parameter its memory. Two list comprehensions and two list
-        comparisons: a per-item generator cost ~80 us per call over SmolLM2's 30 layers."""
-        slots, objects, ids, params, pointers = watch
-        return [id(owner.get(name)) for owner, name in slots] == ids and [p.data_ptr() for p in params] == pointers
-
     def _build_stack(self, start: int, end: int):
-        """-> ((weights, qkv biases, o biases), what to watch: (slots (owner dict, name), the objects in them, their
-        ids, the parameters among them, their pointers)), or None when a layer is not fused."""
+        """-> ((weights, qkv biases, o biases), the :class:`Watch` of the modules and parameters they come from), or
+        None when a layer is not fused."""
         weights, qkv_bias, o_bias, slots, params = [], [], [], [], []
         for i in range(start, end):
             layer = self.layers[i]
@@ -359,9 +370,7 @@ class Transformer(FusesProjections, nn.Module):
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or any(
                 b is not None and b.dtype != self.dtype for b in qkv_bias + o_bias):
             return None  # the per-op path sends a bias of another dtype to torch, with other bits
-        objects = [owner[name] for owner, name in slots]
-        return (weights, qkv_bias, o_bias), (slots, objects, [id(obj) for obj in objects], params,
-                                             [p.data_ptr() for p in params])
+        return (weights, qkv_bias, o_bias), Watch(slots, params)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                 kv_len: Optional[int] = None) -> torch.Tensor:

@@ -198,3 +198,34 @@ def test_the_layer_stack_steps_aside_where_an_op_would_not_use_the_extension(mon
     after = model._cpu_stack(h, pos, 0, 1)  # a replaced module is seen: its new weight is what the stack calls
     assert after is not None and after[0][2] is model.layers[0].self_attn.o_proj.weight
     assert before[0][2] is old.weight
+
+
+@torch.no_grad()
+def test_the_adapter_call_plan_follows_its_modules():
+    """Adapter._cpu_layer keeps its weight list while nothing it comes from changed, and sees every change."""
+    from kangaroo_rt.adapter import Adapter
+
+    config = tiny_config(num_layers=2, **SMOL)
+    adapter = Adapter.random(config, seed=0)
+    h = torch.randn(1, 1, SMOL["hidden_size"])
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    first = adapter._cpu_layer(h, pos)
+    assert first is not None and adapter._cpu_layer(h, pos) is first  # kept
+    attn = adapter.layers[0].self_attn
+    old = attn.o_proj
+    attn.o_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)  # a replaced module
+    replaced = adapter._cpu_layer(h, pos)
+    assert replaced is not first and replaced[2] is attn.o_proj.weight
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.clone())  # q/k/v no longer fused: per op
+    assert adapter._cpu_layer(h, pos) is None
+    attn.fuse()
+    assert adapter._cpu_layer(h, pos) is not None
+    adapter.norm.eps = adapter.norm.eps * 2  # another epsilon than the input norm's: per op
+    assert adapter._cpu_layer(h, pos) is None
+    adapter.norm.eps = adapter.layers[0].input_layernorm.eps
+    assert adapter._cpu_layer(h, pos) is not None
+    with torch.enable_grad():
+        assert adapter._cpu_layer(h, pos) is None
+    moved = adapter.to(torch.bfloat16)  # new memory, fused again
+    weights = moved._cpu_layer(h.bfloat16(), pos)
+    assert weights is not None and weights[1] is moved.layers[0].self_attn.qkv.weight
