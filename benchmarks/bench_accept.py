@@ -1,8 +1,11 @@
-"""Microbenchmark of kernels/accept.py (acceptance + commit of a Kangaroo round) vs the torch reference.
+"""Microbenchmark of kernels/accept.py (acceptance + commit of a Kangaroo round) vs the torch reference; with
+--cpu, of the CPU extension's commit ops (csrc/cpu/accept.cpp: accept_greedy_commit, and commit_tokens as a plain
+decoding step commits one token a row).
 
-These ops move little data: the point is launch count (one kernel instead of a dozen torch ops).
+These ops move little data: the point is launch count (one kernel instead of a dozen torch ops), and on the CPU
+the call count (one call instead of about 25 tensor ops).
 
-    python benchmarks/bench_accept.py [--out DIR] [--interpret]
+    python benchmarks/bench_accept.py [--out DIR] [--interpret | --cpu [--threads N]]
 """
 import kernel_bench_utils as kb
 
@@ -16,7 +19,12 @@ def main():
 
     from kangaroo_rt import ops, reference
 
-    mod = ops.load_kernel_module("accept")
+    if args.cpu:
+        from kangaroo_rt import _cpu_ext
+
+        mod, kernel = _cpu_ext.load(), "cpu"
+    else:
+        mod, kernel = ops.load_kernel_module("accept"), "triton"
     torch.manual_seed(0)
     shapes = [(2, 3, 97)] if smoke else [(1, 6, 32000), (8, 6, 32000), (64, 6, 32000)]
     eos = torch.tensor([2], device=device)
@@ -38,8 +46,19 @@ def main():
             return fn(*a, eos)
 
         cases.append({"case": f"accept_greedy_commit B{b} K{k}", "bytes": 3 * b * (k + 1) * 8,
-                      "triton": lambda c=commit: c(mod.accept_greedy_commit),
+                      kernel: lambda c=commit: c(mod.accept_greedy_commit),
                       "torch": lambda c=commit: c(reference.accept_greedy_commit)})
+        if args.cpu:  # the CPU extension has no sampling kernels; a plain step's one-token commit instead
+            ones = torch.ones(b, dtype=torch.long, device=device)
+
+            def commit_one(fn, a=(out, n_gen, finished, target[:, :1], ones)):
+                a[1].zero_()
+                return fn(*a, eos)
+
+            cases.append({"case": f"commit_tokens B{b} n1", "bytes": 3 * b * 8,
+                          "cpu": lambda c=commit_one: c(mod.commit_tokens),
+                          "torch": lambda c=commit_one: c(reference.commit_tokens)})
+            continue
         p = torch.softmax(torch.randn(b, k + 1, vocab, device=device), -1)
         q = torch.softmax(torch.randn(b, k, vocab, device=device), -1)
         u = torch.rand(b, k, device=device)

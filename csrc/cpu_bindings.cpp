@@ -343,6 +343,94 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// ---- A round's commit and greedy acceptance (csrc/cpu/accept.cpp), in place on the decode state.
+
+void check_tokens(const at::Tensor& t, int64_t dim, const char* what, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim, what, ": ", name,
+                    " must be a ", dim, "-d int64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
+                    t.device());
+}
+
+void check_state_row(const at::Tensor& t, int64_t batch, at::ScalarType type, const char* what, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == type && t.dim() == 1 && t.size(0) >= batch &&
+                        t.is_contiguous(),
+                    what, ": ", name, " must be a contiguous (>= ", batch, ",) ", type, " CPU tensor, got ",
+                    t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// count-like (B,) of any integer type -> contiguous int64
+at::Tensor row_counts(const at::Tensor& t, int64_t batch, const char* what, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1 && t.size(0) == batch && !at::isFloatingType(t.scalar_type()),
+                    what, ": ", name, " must be an integer (", batch, ",) CPU tensor, got ", t.scalar_type(), " ",
+                    t.sizes(), " on ", t.device());
+  return t.to(at::kLong).contiguous();
+}
+
+// eos ids (E,) -> (contiguous int64 holder, pointer, E); (nullptr, 0) when none
+std::pair<const int64_t*, int64_t> eos_ids(const c10::optional<at::Tensor>& eos, at::Tensor& holder, const char* what) {
+  if (!eos.has_value() || eos->numel() == 0) return {nullptr, 0};
+  TORCH_CHECK_VALUE(eos->device().is_cpu() && !at::isFloatingType(eos->scalar_type()), what,
+                    ": eos must be integer ids on the CPU, got ", eos->scalar_type(), " on ", eos->device());
+  holder = eos->reshape({-1}).to(at::kLong).contiguous();
+  return {holder.const_data_ptr<int64_t>(), holder.numel()};
+}
+
+void check_out(const at::Tensor& out, int64_t batch, const char* what) {
+  check_tokens(out, 2, what, "out");
+  TORCH_CHECK_VALUE(out.size(0) >= batch && out.stride(1) == 1, what, ": out must be (>= ", batch,
+                    ", W) with unit column stride, got ", out.sizes(), " strides ", out.strides());
+}
+
+at::Tensor commit_tokens(at::Tensor out, at::Tensor n_gen, at::Tensor finished, const at::Tensor& tokens,
+                         const at::Tensor& count, const c10::optional<at::Tensor>& eos) {
+  const char* what = "kangaroo_rt._cpu.commit_tokens";
+  check_tokens(tokens, 2, what, "tokens");
+  const int64_t batch = tokens.size(0);
+  check_out(out, batch, what);
+  check_state_row(n_gen, batch, at::kLong, what, "n_gen");
+  check_state_row(finished, batch, at::kBool, what, "finished");
+  const at::Tensor c = row_counts(count, batch, what, "count");
+  at::Tensor eos_holder;
+  const auto e = eos_ids(eos, eos_holder, what);
+  at::Tensor committed = at::empty({batch}, tokens.options());
+  const int rc = kr_cpu_commit_tokens(tokens.const_data_ptr<int64_t>(), tokens.stride(0), tokens.stride(1),
+                                      tokens.size(1), c.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(),
+                                      out.stride(0), out.size(1), n_gen.mutable_data_ptr<int64_t>(),
+                                      reinterpret_cast<uint8_t*>(finished.mutable_data_ptr<bool>()), e.first, e.second,
+                                      batch, committed.mutable_data_ptr<int64_t>());
+  TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  return committed;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy_commit(
+    const at::Tensor& drafts, const at::Tensor& n_drafts, const at::Tensor& target_tokens, at::Tensor out,
+    at::Tensor n_gen, at::Tensor finished, at::Tensor pos, const c10::optional<at::Tensor>& eos) {
+  const char* what = "kangaroo_rt._cpu.accept_greedy_commit";
+  check_tokens(drafts, 2, what, "drafts");
+  check_tokens(target_tokens, 2, what, "target_tokens");
+  const int64_t batch = drafts.size(0), k = drafts.size(1);
+  TORCH_CHECK_VALUE(target_tokens.size(0) == batch && target_tokens.size(1) == k + 1, what,
+                    ": target_tokens must be (", batch, ", ", k + 1, "), got ", target_tokens.sizes());
+  check_out(out, batch, what);
+  check_state_row(n_gen, batch, at::kLong, what, "n_gen");
+  check_state_row(finished, batch, at::kBool, what, "finished");
+  check_state_row(pos, batch, at::kLong, what, "pos");
+  const at::Tensor n = row_counts(n_drafts, batch, what, "n_drafts");
+  at::Tensor eos_holder;
+  const auto e = eos_ids(eos, eos_holder, what);
+  at::Tensor accepted = at::empty({batch}, drafts.options()), next_token = at::empty({batch}, drafts.options());
+  at::Tensor committed = at::empty({batch}, drafts.options());
+  const int rc = kr_cpu_accept_greedy_commit(
+      drafts.const_data_ptr<int64_t>(), drafts.stride(0), drafts.stride(1), n.const_data_ptr<int64_t>(),
+      target_tokens.const_data_ptr<int64_t>(), target_tokens.stride(0), target_tokens.stride(1), batch, k,
+      out.mutable_data_ptr<int64_t>(), out.stride(0), out.size(1), n_gen.mutable_data_ptr<int64_t>(),
+      reinterpret_cast<uint8_t*>(finished.mutable_data_ptr<bool>()), pos.mutable_data_ptr<int64_t>(), e.first,
+      e.second, accepted.mutable_data_ptr<int64_t>(), next_token.mutable_data_ptr<int64_t>(),
+      committed.mutable_data_ptr<int64_t>());
+  TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  return {accepted, next_token, committed};
+}
+
 // ---- A stack of decoder layers in one call (csrc/cpu/decoder.cpp): kangaroo_rt.model.DecoderLayer.forward on the
 // kernels of the functions above, so the bits of the per-op path, on one set of threads and without a torch call
 // per op (about a dozen per layer: dispatch, checks, allocations and a thread fork each cost ~45 us a layer).
@@ -580,6 +668,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "
         "given), for benchmarks");
+  m.def("commit_tokens", &commit_tokens, py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("tokens"),
+        py::arg("count"), py::arg("eos") = py::none(),
+        "commit (B, n) tokens into out at n_gen, up to an EOS, in place; -> committed (B,)");
+  m.def("accept_greedy_commit", &accept_greedy_commit, py::arg("drafts"), py::arg("n_drafts"),
+        py::arg("target_tokens"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("pos"),
+        py::arg("eos") = py::none(), "greedy acceptance fused with the commit and the position update, in place; "
+        "-> (accepted, next_token, committed)");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;

@@ -42,6 +42,7 @@ import torch
 from . import ops
 from .config import KangarooConfig, SamplingConfig, check_positive_int, eos_ids
 from .generate import _MODEL_DEFAULT, KangarooModel, prepare_prompts
+from .model import steady
 from .speculative import DecodeState, DecodeStats, Decoder, RowSampling
 
 
@@ -263,7 +264,7 @@ class Engine:
     def step(self) -> List[RequestOutput]:
         """Admit waiting requests into free slots, run one round over the occupied slots, free the finished
         ones. Returns one output per request that got tokens or finished in this step."""
-        with ops.device_context(self.device):
+        with ops.device_context(self.device), steady():  # call plans checked once a step
             return self._step()
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import KangarooConfig, SamplingConfig
 from .draft_vocab import DraftHead
-from .model import Transformer
+from .model import Transformer, steady
 
 
 @dataclass
@@ -561,12 +561,13 @@ class Decoder:
         emit()
         if rounds is not None:
             rounds(stats, emit)
-        while not bool(state.finished.all()):
-            if use_kangaroo:
-                self.kangaroo_round(state, kcfg, stats, timed=True)
-            else:
-                self.ar_step(state)
-            emit()
+        with steady():  # the layer stacks' and the adapter's call plans checked once for the loop
+            while not bool(state.finished.all()):
+                if use_kangaroo:
+                    self.kangaroo_round(state, kcfg, stats, timed=True)
+                else:
+                    self.ar_step(state)
+                emit()
         stats.wall_time_s = clock(ids.device, ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
         return state.out[:, :max_new], state.n_gen, stats

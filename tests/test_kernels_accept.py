@@ -1,9 +1,10 @@
-"""kernels/accept.py (accept kernel, commit) against plain-Python acceptance and the torch reference."""
+"""kernels/accept.py (accept kernel, commit) and csrc/cpu/accept.cpp against plain-Python acceptance and the torch
+reference."""
 import pytest
 import torch
 
 from kernel_checks import kernel_module
-from kangaroo_rt import reference
+from kangaroo_rt import _cpu_ext, reference
 
 EOS = 3
 
@@ -60,8 +61,18 @@ def _run_all(fn, drafts, n_drafts, target, state, eos):
     return [[t.tolist() for t in res], out[:, :-1].tolist(), n_gen.tolist(), finished.tolist(), pos.tolist()]
 
 
-def test_accept_greedy_commit_cases():
-    mod = kernel_module("accept")
+@pytest.fixture(params=["triton", "cpu"])
+def mod(request):
+    """The implementations under test: the Triton kernels (kernels/accept.py) and the CPU extension's
+    (csrc/cpu/accept.cpp, commit_tokens and accept_greedy_commit: kangaroo_rt._cpu_ext's wrappers)."""
+    if request.param == "triton":
+        return kernel_module("accept")
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+    return _cpu_ext
+
+
+def test_accept_greedy_commit_cases(mod):
     eos = torch.tensor([EOS])
     # rows: no drafts; all accepted (bonus); EOS inside the accepted run; finished row; passes 8 tokens (the
     # ops know no token limit: the caller's finished |= n_gen >= max_new does);
@@ -87,8 +98,7 @@ def test_accept_greedy_commit_cases():
 
 
 @pytest.mark.parametrize("n_eos", [0, 1, 2])
-def test_accept_greedy_commit_random_against_python(n_eos):
-    mod = kernel_module("accept")
+def test_accept_greedy_commit_random_against_python(n_eos, mod):
     gen = torch.Generator().manual_seed(n_eos)
     eos_ids = [EOS, 5][:n_eos]
     eos = torch.tensor(eos_ids) if eos_ids else None
@@ -105,12 +115,12 @@ def test_accept_greedy_commit_random_against_python(n_eos):
         py = _python_accept_commit(drafts.tolist(), n.tolist(), target.tolist(), *py_state, eos_ids)
         assert got[0] == py
         assert got[1] == [row[:-1] for row in py_state[0]] and got[2:] == py_state[1:]
-        acc, nxt = mod.accept_greedy(drafts, n, target)
-        assert [acc.tolist(), nxt.tolist()] == got[0][:2]
+        if hasattr(mod, "accept_greedy"):
+            acc, nxt = mod.accept_greedy(drafts, n, target)
+            assert [acc.tolist(), nxt.tolist()] == got[0][:2]
 
 
-def test_commit_tokens_against_python():
-    mod = kernel_module("accept")
+def test_commit_tokens_against_python(mod):
     gen = torch.Generator().manual_seed(3)
     for trial in range(6):
         b, n = 5, 1 + trial
@@ -174,10 +184,9 @@ def _strided(t):
     return buf, view
 
 
-def test_strided_per_row_state():
+def test_strided_per_row_state(mod):
     """Per-row state given as strided views (a column of a (B, 2) tensor, say): the kernels index rows as
     ptr + b, so strided read-only rows are made contiguous and strided in-place rows go to the reference."""
-    mod = kernel_module("accept")
     gen = torch.Generator().manual_seed(7)
     b, k = 5, 3
     target = torch.randint(0, 6, (b, k + 1), generator=gen)
@@ -192,7 +201,8 @@ def test_strided_per_row_state():
     got = [[t.tolist() for t in res], o[:, :-1].tolist(), views[1].tolist(), views[2].tolist(), views[3].tolist()]
     assert got == want
     assert all(bool((buf[1::2] == (True if buf.dtype == torch.bool else 99)).all()) for buf in bufs)  # untouched
-    assert [t.tolist() for t in mod.accept_greedy(drafts, views[0], target)] == want[0][:2]
+    if hasattr(mod, "accept_greedy"):
+        assert [t.tolist() for t in mod.accept_greedy(drafts, views[0], target)] == want[0][:2]
 
     count = torch.tensor([0, 1, 4, 2, 3])
     tokens = target
@@ -204,3 +214,28 @@ def test_strided_per_row_state():
     assert [c2.tolist(), o2[:, :-1].tolist(), g2.tolist(), f2.tolist()] == [c1.tolist(), o1[:, :-1].tolist(),
                                                                            g1.tolist(), f1.tolist()]
     assert bool((gbuf[1::2] == 99).all())
+
+
+def test_cpu_accept_ops_dispatch_and_refuse_bad_inputs():
+    """On CPU tensors the round's commit ops go to the CPU extension when it is built; its bindings name what is
+    wrong with an input the wrappers would have sent to the reference."""
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+    from kangaroo_rt import ops
+
+    table = ops.backend_table("cpu")
+    assert table["accept_greedy_commit"] == "cpu" and table["commit_tokens"] == "cpu"
+    cpu = _cpu_ext.load()
+    drafts, n = torch.tensor([[4, 5]]), torch.tensor([2])
+    target = torch.tensor([[4, 5, 6]])
+    out, n_gen, finished, pos = torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, dtype=torch.long), \
+        torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="target_tokens must be"):
+        cpu.accept_greedy_commit(drafts, n, target[:, :2], out, n_gen, finished, pos, None)
+    with pytest.raises(ValueError, match="finished must be"):
+        cpu.accept_greedy_commit(drafts, n, target, out, n_gen, finished.long(), pos, None)
+    with pytest.raises(ValueError, match="tokens must be"):
+        cpu.commit_tokens(out, n_gen, finished, drafts.float(), n, None)
+    accepted, nxt, committed = cpu.accept_greedy_commit(drafts, n, target, out, n_gen, finished, pos, None)
+    assert (accepted.item(), nxt.item(), committed.item()) == (2, 6, 3)
+    assert out[0, :3].tolist() == [4, 5, 6] and n_gen.item() == 3 and pos.item() == 3

@@ -229,3 +229,30 @@ def test_the_adapter_call_plan_follows_its_modules():
     moved = adapter.to(torch.bfloat16)  # new memory, fused again
     weights = moved._cpu_layer(h.bfloat16(), pos)
     assert weights is not None and weights[1] is moved.layers[0].self_attn.qkv.weight
+
+
+@torch.no_grad()
+def test_steady_checks_a_call_plan_once_per_scope():
+    """Inside model.steady() (a decode call, an engine step) a layer stack's plan is checked at its first use only;
+    a change made inside the scope is seen by the next scope, and outside scopes at once."""
+    from kangaroo_rt.model import steady
+
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)
+    h = torch.randn(1, 1, SMOL["hidden_size"])
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    attn = model.layers[0].self_attn
+
+    def new_o_proj():
+        attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+        return attn.o_proj.weight
+
+    first = model._cpu_stack(h, pos, 0, 1)
+    with steady():
+        assert model._cpu_stack(h, pos, 0, 1) is first  # checked at its first use in the scope
+        new_o_proj()
+        assert model._cpu_stack(h, pos, 0, 1) is first  # not checked again
+    weight = new_o_proj()
+    assert model._cpu_stack(h, pos, 0, 1)[0][2] is weight  # outside a scope: every call checks
+    with steady():
+        weight = new_o_proj()
+        assert model._cpu_stack(h, pos, 0, 1)[0][2] is weight  # a new scope checks again

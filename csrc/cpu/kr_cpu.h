@@ -151,6 +151,24 @@ int64_t kr_cpu_attention_tile_pairs(int64_t head_dim);
 int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, const void* up, int64_t ld_up,
                          int64_t n, void* out, int64_t ld_out, int64_t m_begin, int64_t m_end);
 
+// ---- The commit of a round's tokens and greedy acceptance fused with it (accept.cpp): csrc/accept.cu's semantics.
+// tokens (B, n) of strides (stk0, stk1): row b commits its first min(count[b], n) tokens into out (B, out_width) of
+// row stride out_row_stride from column n_gen[b] on, up to and including the first of the n_eos ids in eos, unless
+// finished[b]; then n_gen[b] += committed[b] and finished[b] |= an EOS was committed. Columns at or past out_width
+// are not written (they count as committed: the caller sizes out).
+int kr_cpu_commit_tokens(const int64_t* tokens, int64_t stk0, int64_t stk1, int64_t n, const int64_t* count,
+                         int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen, uint8_t* finished,
+                         const int64_t* eos, int64_t n_eos, int64_t batch, int64_t* committed);
+
+// Greedy acceptance of drafts (B, k) (strides sd0, sd1) against the target's tokens (B, k + 1) (st0, st1):
+// accepted[b] = the length of the agreeing prefix within n_drafts[b], next_token[b] = the target's token after it;
+// then the commit above of those drafts and next_token, and pos[b] += accepted[b] + 1 on rows not finished before.
+int kr_cpu_accept_greedy_commit(const int64_t* drafts, int64_t sd0, int64_t sd1, const int64_t* n_drafts,
+                                const int64_t* target, int64_t st0, int64_t st1, int64_t batch, int64_t k,
+                                int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
+                                uint8_t* finished, int64_t* pos, const int64_t* eos, int64_t n_eos, int64_t* accepted,
+                                int64_t* next_token, int64_t* committed);
+
 // ---- A stack of Llama decoder layers in one call (decoder.cpp): per layer, the ops above in the order of
 // kangaroo_rt.model.DecoderLayer (input norm, fused q/k/v linear, RoPE + cache append, attention, o linear,
 // residual add + post-attention norm, fused gate/up linear, silu * up, down linear + residual add), each output
