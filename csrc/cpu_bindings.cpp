@@ -1,5 +1,6 @@
 // kangaroo_rt._cpu: pybind11/torch glue over the raw-pointer CPU kernels of csrc/cpu/ (see cpu/kr_cpu.h).
 // kangaroo_rt/_cpu_ext.py routes the inputs these functions refuse to the torch reference.
+#include <climits>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -343,6 +344,43 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// ---- Greedy choices over logits (csrc/cpu/argmax.cpp): rows in parallel.
+
+// logits (..., n) fp32/bf16 -> index (...) int64 and, with conf, the chosen token's softmax probability (...) fp32.
+void run_argmax(const at::Tensor& logits, at::Tensor& index, at::Tensor* conf, const char* what) {
+  const int dtype = dtype_code(logits, what, "logits");
+  check_like(logits, logits, what, "logits");
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) > 0 && logits.size(-1) < INT32_MAX, what,
+                    ": logits must be (..., n) with 0 < n < 2^31, got ", logits.sizes());
+  const int64_t n = logits.size(-1);
+  const std::pair<at::Tensor, int64_t> rows = as_rows(logits, n);
+  const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
+  index = at::empty(lead, logits.options().dtype(at::kLong));
+  if (conf != nullptr) *conf = at::empty(lead, logits.options().dtype(at::kFloat));
+  const int64_t M = rows.first.size(0);
+  if (M == 0) return;
+  const int isa = process_isa();
+  const void* x = rows.first.const_data_ptr();
+  int64_t* ip = index.mutable_data_ptr<int64_t>();
+  float* cp = conf != nullptr ? conf->mutable_data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, grain_for(4 * n), [&](int64_t m0, int64_t m1) {
+    const int rc = kr_cpu_argmax_rows(isa, dtype, x, rows.second, n, ip, cp, m0, m1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+}
+
+at::Tensor argmax(const at::Tensor& logits) {
+  at::Tensor index;
+  run_argmax(logits, index, nullptr, "kangaroo_rt._cpu.argmax");
+  return index;
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_with_confidence(const at::Tensor& logits) {
+  at::Tensor index, conf;
+  run_argmax(logits, index, &conf, "kangaroo_rt._cpu.greedy_with_confidence");
+  return {index, conf};
+}
+
 // ---- A round's commit and greedy acceptance (csrc/cpu/accept.cpp), in place on the decode state.
 
 void check_tokens(const at::Tensor& t, int64_t dim, const char* what, const char* name) {
@@ -668,6 +706,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "
         "given), for benchmarks");
+  m.def("argmax", &argmax, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
+        "logits (..., n) fp32/bf16 -> (...) int64: the first index of the largest value, a NaN the largest");
+  m.def("greedy_with_confidence", &greedy_with_confidence, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
+        "logits (..., n) fp32/bf16 -> (argmax (...) int64, its softmax probability (...) fp32)");
   m.def("commit_tokens", &commit_tokens, py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("tokens"),
         py::arg("count"), py::arg("eos") = py::none(),
         "commit (B, n) tokens into out at n_gen, up to an EOS, in place; -> committed (B,)");

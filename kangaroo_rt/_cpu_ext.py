@@ -153,6 +153,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return load().silu_mul(gate, up)
 
 
+def _logits_ok(logits: torch.Tensor) -> bool:
+    return (logits.dtype in _KERNEL_DTYPES and logits.is_cpu and logits.layout == torch.strided and logits.dim() >= 1
+            and 0 < logits.shape[-1] < 2 ** 31)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """See :func:`kangaroo_rt.reference.argmax` (csrc/cpu/argmax.cpp: the same index, one pass per row)."""
+    if not _logits_ok(logits):
+        return reference.argmax(logits)
+    return load().argmax(logits)
+
+
+def greedy_with_confidence(logits: torch.Tensor):
+    """See :func:`kangaroo_rt.reference.greedy_with_confidence` (csrc/cpu/argmax.cpp): the same token; its
+    probability as 1 / sum_j exp(x_j - max) in a fixed order, within a few ulps of torch's softmax."""
+    if not _logits_ok(logits):
+        return reference.greedy_with_confidence(logits)
+    return load().greedy_with_confidence(logits)
+
+
 def _round_state_ok(tokens: torch.Tensor, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor,
                     *more: torch.Tensor) -> bool:
     """The decode state the commit kernels index by raw pointer: int64 tokens (B, n) and out (>= B, W) of unit
@@ -190,8 +210,8 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
     return accepted, next_token, committed
 
 
-OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul", "commit_tokens",
-       "accept_greedy_commit")
+OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul", "argmax",
+       "greedy_with_confidence", "commit_tokens", "accept_greedy_commit")
 
 
 def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,

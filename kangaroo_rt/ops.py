@@ -325,7 +325,7 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
 _TORCH_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul",
-              "process_logits", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
+              "process_logits", "argmax", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
               "accept_greedy_commit")
 for _name in _TORCH_OPS:
     register(_name, "torch", getattr(reference, _name), _ALL)
@@ -393,6 +393,11 @@ def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
 def process_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
     """(..., V) logits -> (..., V) fp32 probabilities after temperature / top-k / top-p."""
     return _serve("process_logits", logits.device, logits)(logits, temperature, top_k, top_p)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (...,) int64: the first index of the largest logit (a NaN the largest), as ``argmax(-1)``."""
+    return resolve("argmax", logits.device)[1](logits)
 
 
 def greedy_with_confidence(logits):

@@ -232,6 +232,8 @@ for dtype in (torch.float32, torch.bfloat16):
     gate_up = torch.randn(3, 2, 2 * 80, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
     outs.append(cpu.silu_mul(gate_up[..., :80], gate_up[..., 80:]))
     outs += _stack_case(dtype)
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(11)).to(dtype) * 6
+    outs += list(cpu.greedy_with_confidence(logits)) + [cpu.argmax(logits)]
     for i, t in enumerate(outs):
         digest[f"{dtype}-{i}"] = hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
 print(json.dumps({"isa": cpu.isa(), "digest": digest}))
@@ -295,10 +297,46 @@ def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
                               torch.zeros(1, 1, 4, 5), torch.zeros(1, 1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4096, 49152 + 5])
+def test_argmax_and_greedy_confidence_match_torch(cpu, dtype, n):
+    """The first index of the largest value, as torch's argmax (ties, -inf, NaN), and its softmax probability
+    within a few ulps of torch's, over rows of odd lengths, strided rows included."""
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(6, n, generator=gen) * 8).to(dtype)
+    x[1] = x[1].round()  # many ties (in bf16 all the more)
+    x[2] = float("-inf")  # every value -inf: index 0
+    x[3, n // 2] = float("nan")
+    x[3, n - 1] = float("nan")  # the first NaN wins
+    x[4, :] = 0.0  # all equal: index 0, probability 1 / n
+    for rows in (x, x[::2], x.t().contiguous().t()):  # contiguous, every other row, a column-major view
+        want = rows.float().argmax(dim=-1)
+        assert torch.equal(cpu.argmax(rows), want)
+        assert torch.equal(_cpu_ext.argmax(rows), want)
+        token, conf = cpu.greedy_with_confidence(rows)
+        ref_token, ref_conf = reference.greedy_with_confidence(rows)
+        assert torch.equal(token, want)
+        finite = ~ref_conf.isnan()
+        assert torch.equal(conf.isnan(), ~finite)
+        assert torch.allclose(conf[finite], ref_conf[finite], rtol=1e-5, atol=0)
+    batched = x.reshape(2, 3, n)
+    assert torch.equal(cpu.argmax(batched), x.float().argmax(-1).reshape(2, 3))
+
+
+def test_argmax_refuses_what_it_cannot_serve(cpu):
+    with pytest.raises(ValueError, match="logits must be"):
+        cpu.argmax(torch.empty(3, 0))
+    with pytest.raises(TypeError):
+        cpu.argmax(torch.randn(3, 4, dtype=torch.float64))
+    x = torch.randn(3, 4, dtype=torch.float64)  # the wrapper sends it to torch
+    assert torch.equal(_cpu_ext.argmax(x), x.argmax(-1))
+
+
 def test_dispatch_serves_decode_ops_and_leaves_the_rest_to_torch(cpu, monkeypatch):
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
     table = ops.backend_table("cpu")
-    for op in ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul"):
+    for op in ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul", "argmax",
+               "greedy_with_confidence", "commit_tokens", "accept_greedy_commit"):
         assert table[op] == "cpu", (op, table)
     # prefill-sized attention (more queries than INVARIANT_MAX_QUERIES) and fp64 inputs go to the reference
     q, kc, vc, positions = _attention_case(1, 4, 2, reference.INVARIANT_MAX_QUERIES + 1, 16, 100, torch.float32)

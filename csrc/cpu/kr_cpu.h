@@ -151,6 +151,13 @@ int64_t kr_cpu_attention_tile_pairs(int64_t head_dim);
 int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, const void* up, int64_t ld_up,
                          int64_t n, void* out, int64_t ld_out, int64_t m_begin, int64_t m_end);
 
+// ---- Greedy choices over rows of logits (argmax.cpp): x (M, n) of row stride ld, n in [1, 2^31). index[m] = the
+// first index of row m's largest value, a NaN counting as the largest (torch.argmax); with conf, conf[m] = that
+// token's softmax probability, 1 / sum_j exp(x_j - max) in a fixed order (NaN for a row with a NaN or only -inf).
+// Tasks are rows, [m_begin, m_end).
+int kr_cpu_argmax_rows(int isa, int dtype, const void* x, int64_t ld, int64_t n, int64_t* index, float* conf,
+                       int64_t m_begin, int64_t m_end);
+
 // ---- The commit of a round's tokens and greedy acceptance fused with it (accept.cpp): csrc/accept.cu's semantics.
 // tokens (B, n) of strides (stk0, stk1): row b commits its first min(count[b], n) tokens into out (B, out_width) of
 // row stride out_row_stride from column n_gen[b] on, up to and including the first of the n_eos ids in eos, unless
