@@ -166,8 +166,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_with_confidence(logits: torch.Tensor):
-    """See :func:`kangaroo_rt.reference.greedy_with_confidence` (csrc/cpu/argmax.cpp): the same token; its
-    probability as 1 / sum_j exp(x_j - max) in a fixed order, within a few ulps of torch's softmax."""
+    """See :func:`kangaroo_rt.reference.greedy_with_confidence` (csrc/cpu/argmax.cpp): the same token (0 with a NaN
+    probability on a row holding a NaN, +inf or only -inf, where torch's softmax is NaN throughout); its probability
+    as 1 / sum_j exp(x_j - max) in a fixed order, within a few ulps of torch's softmax."""
     if not _logits_ok(logits):
         return reference.greedy_with_confidence(logits)
     return load().greedy_with_confidence(logits)
@@ -190,7 +191,7 @@ def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor
     """See :func:`kangaroo_rt.reference.commit_tokens` (in place; csrc/cpu/accept.cpp). Like the CUDA kernel, it
     writes only the committed tokens, at columns < W: the trash column's contents are unspecified either way."""
     if not (_round_state_ok(tokens, out, n_gen, finished) and count.dim() == 1 and count.shape[0] == tokens.shape[0]
-            and not count.is_floating_point() and count.is_cpu and (eos is None or eos.is_cpu)):
+            and not count.is_floating_point() and count.is_cpu and (eos is None or (eos.is_cpu and not eos.is_floating_point()))):
         return reference.commit_tokens(out, n_gen, finished, tokens, count, eos)
     return load().commit_tokens(out, n_gen, finished, tokens, count, eos)
 
@@ -203,7 +204,7 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
     if not (_round_state_ok(drafts, out, n_gen, finished, pos) and target_tokens.dtype == torch.long
             and target_tokens.is_cpu and target_tokens.shape == (drafts.shape[0], drafts.shape[1] + 1)
             and n_drafts.dim() == 1 and n_drafts.shape[0] == drafts.shape[0] and not n_drafts.is_floating_point()
-            and n_drafts.is_cpu and (eos is None or eos.is_cpu)):
+            and n_drafts.is_cpu and (eos is None or (eos.is_cpu and not eos.is_floating_point()))):
         return reference.accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos)
     accepted, next_token, committed = load().accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen,
                                                                   finished, pos, eos)

@@ -103,6 +103,7 @@ class Adapter(FusesProjections, nn.Module):
         if self.mlp:
             layer.mlp.fuse()
         self._fused = True
+        self.__dict__.pop("_cpu_entry", None)  # the one-call plan (_cpu_layer) is built again
         return self
 
     @property
@@ -155,7 +156,8 @@ class Adapter(FusesProjections, nn.Module):
         """-> (the weights of :meth:`_cpu_layer` or None, the :class:`Watch` of what they come from)."""
         layer = self.layers[0]
         attn = layer.self_attn
-        slots = [(self.__dict__, "mlp"), (self.__dict__, "config"), (self.layers._modules, "0"),
+        slots = [(self.__dict__, "mlp"), (self.__dict__, "config"), (self.config.__dict__, "rms_norm_eps"),
+                 (self.layers._modules, "0"),
                  (self._modules, "norm"), (attn.__dict__, "qkv"), (layer.input_layernorm.__dict__, "eps"),
                  (self.norm.__dict__, "eps")]
         slots += [(owner._modules, name) for owner, names in (

@@ -309,13 +309,14 @@ def test_argmax_and_greedy_confidence_match_torch(cpu, dtype, n):
     x[3, n // 2] = float("nan")
     x[3, n - 1] = float("nan")  # the first NaN wins
     x[4, :] = 0.0  # all equal: index 0, probability 1 / n
+    x[5, n // 3] = float("inf")  # +inf: argmax there; softmax NaN throughout, so index 0 and NaN
     for rows in (x, x[::2], x.t().contiguous().t()):  # contiguous, every other row, a column-major view
         want = rows.float().argmax(dim=-1)
         assert torch.equal(cpu.argmax(rows), want)
         assert torch.equal(_cpu_ext.argmax(rows), want)
         token, conf = cpu.greedy_with_confidence(rows)
         ref_token, ref_conf = reference.greedy_with_confidence(rows)
-        assert torch.equal(token, want)
+        assert torch.equal(token, ref_token)  # (index 0 on the NaN and -inf rows, as torch's softmax + max)
         finite = ~ref_conf.isnan()
         assert torch.equal(conf.isnan(), ~finite)
         assert torch.allclose(conf[finite], ref_conf[finite], rtol=1e-5, atol=0)

@@ -236,6 +236,9 @@ def test_cpu_accept_ops_dispatch_and_refuse_bad_inputs():
         cpu.accept_greedy_commit(drafts, n, target, out, n_gen, finished.long(), pos, None)
     with pytest.raises(ValueError, match="tokens must be"):
         cpu.commit_tokens(out, n_gen, finished, drafts.float(), n, None)
+    eos = torch.tensor([2.0])  # float ids: the wrapper sends them to the reference, which compares by value
+    assert _cpu_ext.commit_tokens(out.clone(), n_gen.clone(), finished.clone(), torch.tensor([[5, 2, 7]]),
+                                  torch.tensor([3]), eos).tolist() == [2]
     accepted, nxt, committed = cpu.accept_greedy_commit(drafts, n, target, out, n_gen, finished, pos, None)
     assert (accepted.item(), nxt.item(), committed.item()) == (2, 6, 3)
     assert out[0, :3].tolist() == [4, 5, 6] and n_gen.item() == 3 and pos.item() == 3

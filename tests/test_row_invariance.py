@@ -224,6 +224,11 @@ def test_the_adapter_call_plan_follows_its_modules():
     assert adapter._cpu_layer(h, pos) is None
     adapter.norm.eps = adapter.layers[0].input_layernorm.eps
     assert adapter._cpu_layer(h, pos) is not None
+    eps = adapter.config.rms_norm_eps
+    adapter.config.rms_norm_eps = eps * 2  # the config edited in place: the call would pass another epsilon
+    assert adapter._cpu_layer(h, pos) is None
+    adapter.config.rms_norm_eps = eps
+    assert adapter._cpu_layer(h, pos) is not None
     with torch.enable_grad():
         assert adapter._cpu_layer(h, pos) is None
     moved = adapter.to(torch.bfloat16)  # new memory, fused again

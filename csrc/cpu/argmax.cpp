@@ -77,8 +77,13 @@ KR_INLINE void rows(const T* x, int64_t ld, int64_t n, int64_t* index, float* co
     float top;
     index[m] = argmax_row(x + m * ld, n, &top);
     if (conf != nullptr) {
-      // a NaN row: NaN, as torch's softmax; every value -inf: NaN too (0 / 0 there)
-      conf[m] = top != top || top == -__builtin_inff() ? __builtin_nanf("") : top_probability(x + m * ld, n, top);
+      // a row with a NaN or +inf, or only -inf: torch's softmax is NaN throughout, and its max is index 0
+      if (top != top || top == __builtin_inff() || top == -__builtin_inff()) {
+        index[m] = 0;
+        conf[m] = __builtin_nanf("");
+      } else {
+        conf[m] = top_probability(x + m * ld, n, top);
+      }
     }
   }
 }

@@ -153,7 +153,8 @@ int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, 
 
 // ---- Greedy choices over rows of logits (argmax.cpp): x (M, n) of row stride ld, n in [1, 2^31). index[m] = the
 // first index of row m's largest value, a NaN counting as the largest (torch.argmax); with conf, conf[m] = that
-// token's softmax probability, 1 / sum_j exp(x_j - max) in a fixed order (NaN for a row with a NaN or only -inf).
+// token's softmax probability, 1 / sum_j exp(x_j - max) in a fixed order, and on a row with a NaN, +inf or only
+// -inf index 0 and NaN (torch's softmax and max there).
 // Tasks are rows, [m_begin, m_end).
 int kr_cpu_argmax_rows(int isa, int dtype, const void* x, int64_t ld, int64_t n, int64_t* index, float* conf,
                        int64_t m_begin, int64_t m_end);
