@@ -11,10 +11,7 @@ NAME = "bench_silu_mul"
 
 def main():
     args = kb.parse_args(__doc__)
-    if not args.cpu:
-        print(f"{NAME}: a CPU kernel; run with --cpu")
-        return
-    device, smoke = kb.setup(NAME, args)
+    device, smoke = kb.setup(NAME, args, cpu_only=True)
     import torch
 
     from kangaroo_rt import _cpu_ext, reference

@@ -33,8 +33,12 @@ def parse_args(description: str) -> argparse.Namespace:
     return args
 
 
-def setup(name: str, args: argparse.Namespace):
-    """-> (device, smoke) or exit 0 when there is nothing to measure here."""
+def setup(name: str, args: argparse.Namespace, cpu_only: bool = False):
+    """-> (device, smoke) or exit 0 when there is nothing to measure here (``cpu_only``: a kernel of the CPU
+    extension alone, which only ``--cpu`` measures)."""
+    if cpu_only and not args.cpu:
+        print(f"{name}: a CPU kernel; run with --cpu")
+        sys.exit(0)
     import torch
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

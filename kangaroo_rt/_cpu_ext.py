@@ -175,23 +175,27 @@ def greedy_with_confidence(logits: torch.Tensor):
 
 
 def _round_state_ok(tokens: torch.Tensor, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor,
-                    *more: torch.Tensor) -> bool:
+                    counts: torch.Tensor, eos: Optional[torch.Tensor], *more: torch.Tensor) -> bool:
     """The decode state the commit kernels index by raw pointer: int64 tokens (B, n) and out (>= B, W) of unit
-    column stride, contiguous (>= B,) int64 counters and bool flags, all on the CPU."""
-    batch = tokens.shape[0] if tokens.dim() == 2 else -1
-    return (tokens.dim() == 2 and tokens.dtype == torch.long and tokens.is_cpu and out.dtype == torch.long
-            and out.is_cpu and out.dim() == 2 and out.shape[0] >= batch and out.stride(1) == 1
-            and finished.dtype == torch.bool and all(
-                t.is_cpu and t.dim() == 1 and t.shape[0] >= batch and t.is_contiguous() for t in (n_gen, finished, *more))
-            and all(t.dtype == torch.long for t in (n_gen, *more)))
+    column stride, contiguous (>= B,) int64 counters (n_gen, ``more``) and bool flags, integer counts (B,) and eos
+    ids, all on the CPU."""
+    if not (tokens.dim() == 2 and tokens.dtype == torch.long and tokens.is_cpu):
+        return False
+    batch = tokens.shape[0]
+    rows = (n_gen, finished, *more)
+    return (out.dtype == torch.long and out.is_cpu and out.dim() == 2 and out.shape[0] >= batch
+            and out.stride(1) == 1 and finished.dtype == torch.bool
+            and all(t.is_cpu and t.dim() == 1 and t.shape[0] >= batch and t.is_contiguous() for t in rows)
+            and all(t.dtype == torch.long for t in (n_gen, *more))
+            and counts.is_cpu and counts.dim() == 1 and counts.shape[0] == batch and not counts.is_floating_point()
+            and (eos is None or (eos.is_cpu and not eos.is_floating_point())))
 
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,
                   count: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.commit_tokens` (in place; csrc/cpu/accept.cpp). Like the CUDA kernel, it
     writes only the committed tokens, at columns < W: the trash column's contents are unspecified either way."""
-    if not (_round_state_ok(tokens, out, n_gen, finished) and count.dim() == 1 and count.shape[0] == tokens.shape[0]
-            and not count.is_floating_point() and count.is_cpu and (eos is None or (eos.is_cpu and not eos.is_floating_point()))):
+    if not _round_state_ok(tokens, out, n_gen, finished, count, eos):
         return reference.commit_tokens(out, n_gen, finished, tokens, count, eos)
     return load().commit_tokens(out, n_gen, finished, tokens, count, eos)
 
@@ -201,14 +205,10 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
                          eos: Optional[torch.Tensor]):
     """See :func:`kangaroo_rt.reference.accept_greedy_commit`: in place, one call (csrc/cpu/accept.cpp) where the
     reference takes about 25 tensor ops."""
-    if not (_round_state_ok(drafts, out, n_gen, finished, pos) and target_tokens.dtype == torch.long
-            and target_tokens.is_cpu and target_tokens.shape == (drafts.shape[0], drafts.shape[1] + 1)
-            and n_drafts.dim() == 1 and n_drafts.shape[0] == drafts.shape[0] and not n_drafts.is_floating_point()
-            and n_drafts.is_cpu and (eos is None or (eos.is_cpu and not eos.is_floating_point()))):
+    if not (_round_state_ok(drafts, out, n_gen, finished, n_drafts, eos, pos) and target_tokens.dtype == torch.long
+            and target_tokens.is_cpu and target_tokens.shape == (drafts.shape[0], drafts.shape[1] + 1)):
         return reference.accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos)
-    accepted, next_token, committed = load().accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen,
-                                                                  finished, pos, eos)
-    return accepted, next_token, committed
+    return load().accept_greedy_commit(drafts, n_drafts, target_tokens, out, n_gen, finished, pos, eos)
 
 
 OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul", "argmax",

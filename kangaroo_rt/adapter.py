@@ -160,14 +160,14 @@ class Adapter(FusesProjections, nn.Module):
                  (self.layers._modules, "0"),
                  (self._modules, "norm"), (attn.__dict__, "qkv"), (layer.input_layernorm.__dict__, "eps"),
                  (self.norm.__dict__, "eps")]
-        slots += [(owner._modules, name) for owner, names in (
-            (layer, ("self_attn", "input_layernorm")), (attn, ("q_proj", "k_proj", "v_proj", "o_proj"))) for name in names]
+        slots += [(layer._modules, name) for name in ("self_attn", "input_layernorm")]
+        slots += [(attn._modules, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
         modules = (layer.input_layernorm, self.norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         slots += [(m._parameters, name) for m in modules for name in m._parameters]
         params = [p for m in modules for p in m._parameters.values() if p is not None]
         watch = Watch(slots, params)
-        if self.mlp or attn.qkv is None or not (attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
-                                                and layer.input_layernorm.eps == self.norm.eps == self.config.rms_norm_eps):
+        same_eps = layer.input_layernorm.eps == self.norm.eps == self.config.rms_norm_eps
+        if self.mlp or attn.qkv is None or not (same_eps and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))):
             return None, watch
         weights = [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight, self.norm.weight]
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or attn.o_proj.bias is not None:
