@@ -540,13 +540,15 @@ void run_stack(at::Tensor& out, const at::Tensor& positions, const at::Tensor& c
 // down None: an attention-only layer, whose output is the post-attention norm of h + attention: Kangaroo's
 // adapter); qkv_bias, o_bias: one per layer (None: no bias); k_caches, v_caches: one (B_max, Hkv, T, Dh) per
 // layer, all of one layout -> hidden after the layers, their keys and values written into the caches.
-at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
-                          const at::Tensor& sin, const std::vector<c10::optional<at::Tensor>>& weights,
-                          const std::vector<c10::optional<at::Tensor>>& qkv_bias,
-                          const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
-                          std::vector<at::Tensor> v_caches, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                          double eps, c10::optional<int64_t> kv_len) {
-  const char* what = "kangaroo_rt._cpu.decoder_layers";
+// The kernel's view of the layers given as weights (kLayerWeights per layer), biases and caches (see decoder_layers),
+// checked against hidden (B, q, D) and the head layout; inter is set from the first layer with an MLP (0: none) and
+// biases keeps the fp32 copies of the biases alive.
+std::vector<kr_cpu_decoder_layer> layers_of(const at::Tensor& hidden, const std::vector<c10::optional<at::Tensor>>& weights,
+                                            const std::vector<c10::optional<at::Tensor>>& qkv_bias,
+                                            const std::vector<c10::optional<at::Tensor>>& o_bias,
+                                            std::vector<at::Tensor>& k_caches, std::vector<at::Tensor>& v_caches,
+                                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t& inter,
+                                            std::vector<at::Tensor>& biases, const char* what) {
   const size_t layers = k_caches.size();
   TORCH_CHECK_VALUE(weights.size() == kLayerWeights * layers && qkv_bias.size() == layers &&
                         o_bias.size() == layers && v_caches.size() == layers,
@@ -564,14 +566,12 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                     " are too many");
   const int64_t B = hidden.size(0), D = hidden.size(2);
   const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
-  at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
-  if (layers == 0 || out.numel() == 0) return out;
   const at::Tensor none;
   auto weight = [&](size_t i, size_t j) -> const at::Tensor& {
     const c10::optional<at::Tensor>& w = weights[kLayerWeights * i + j];
     return w.has_value() ? *w : none;
   };
-  int64_t inter = 0;  // from the first layer with an MLP
+  inter = 0;
   for (size_t i = 0; i < layers && inter == 0; ++i) {
     const at::Tensor& gate_up = weight(i, 4);
     if (!gate_up.defined()) continue;
@@ -580,7 +580,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                       gate_up.sizes());
   }
   std::vector<kr_cpu_decoder_layer> ls(layers);
-  std::vector<at::Tensor> biases;  // fp32 copies, kept alive for the call
+  if (layers == 0) return ls;
   const at::Tensor& cache0 = k_caches[0];
   for (size_t i = 0; i < layers; ++i) {
     const at::Tensor w[kLayerWeights] = {weight(i, 0), weight(i, 1), weight(i, 2), weight(i, 3), weight(i, 4),
@@ -619,8 +619,108 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     }
     L.k_cache = k_caches[i].mutable_data_ptr(), L.v_cache = v_caches[i].mutable_data_ptr();
   }
-  run_stack(out, positions, cos, sin, ls, cache0, n_heads, n_kv_heads, head_dim, inter, eps, kv_len, what);
+  return ls;
+}
+
+at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+                          const at::Tensor& sin, const std::vector<c10::optional<at::Tensor>>& weights,
+                          const std::vector<c10::optional<at::Tensor>>& qkv_bias,
+                          const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
+                          std::vector<at::Tensor> v_caches, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                          double eps, c10::optional<int64_t> kv_len) {
+  const char* what = "kangaroo_rt._cpu.decoder_layers";
+  int64_t inter = 0;
+  std::vector<at::Tensor> biases;  // fp32 copies, kept alive for the call
+  const std::vector<kr_cpu_decoder_layer> ls = layers_of(hidden, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
+                                                         n_kv_heads, head_dim, inter, biases, what);
+  at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
+  if (ls.empty() || out.numel() == 0) return out;
+  run_stack(out, positions, cos, sin, ls, k_caches[0], n_heads, n_kv_heads, head_dim, inter, eps, kv_len, what);
   return out;
+}
+
+// Kangaroo's greedy draft chain of one round (csrc/cpu/draft.cpp), in place on the chain's tensors: the decode state
+// pos, token, n_gen, max_new (B,) int64, finished (B,) bool, e_prev (B, D); the chain cap (B,) int64, active (B,)
+// bool, conf (B,) fp32, x (B,) int64, drafts (B, gamma) int64, n_drafts (B,) int64, exits (B, gamma + 1, D), all
+// contiguous; embed (V, D); rope_cos, rope_sin (T, Dh): the RoPE tables of positions 0..T-1; the target's layers
+// 0..l-1 as decoder_layers takes them, and the adapter's (gate/up and down None); head (N, D) with head_ids (N,)
+// (None: row n is token n) -> k, the drafting steps run.
+int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Tensor& n_gen, const at::Tensor& max_new,
+                    const at::Tensor& finished, const at::Tensor& e_prev, at::Tensor cap, at::Tensor active,
+                    at::Tensor conf, at::Tensor x, at::Tensor drafts, at::Tensor n_drafts, at::Tensor exits,
+                    const at::Tensor& embed, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                    const std::vector<c10::optional<at::Tensor>>& weights,
+                    const std::vector<c10::optional<at::Tensor>>& qkv_bias,
+                    const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
+                    std::vector<at::Tensor> v_caches, const std::vector<c10::optional<at::Tensor>>& adapter_weights,
+                    at::Tensor adapter_k_cache, at::Tensor adapter_v_cache, const at::Tensor& head,
+                    const c10::optional<at::Tensor>& head_ids, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                    double eps, double adapter_eps, int64_t gamma, double eta, int64_t base_len) {
+  const char* what = "kangaroo_rt._cpu.draft_chain";
+  TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
+                    ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
+  const int64_t B = exits.size(0), D = exits.size(2);
+  const at::Tensor probe = exits.narrow(1, 0, 1);  // (B, 1, D): what the layers' checks compare against
+  int64_t inter = 0, adapter_inter = 0;
+  std::vector<at::Tensor> biases;
+  const std::vector<kr_cpu_decoder_layer> ls = layers_of(probe, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
+                                                         n_kv_heads, head_dim, inter, biases, what);
+  std::vector<at::Tensor> ak{adapter_k_cache}, av{adapter_v_cache};
+  const std::vector<c10::optional<at::Tensor>> no_bias(1);
+  const std::vector<kr_cpu_decoder_layer> adapter = layers_of(probe, adapter_weights, no_bias, no_bias, ak, av, n_heads,
+                                                              n_kv_heads, head_dim, adapter_inter, biases, what);
+  TORCH_CHECK_VALUE(!ls.empty() && adapter.size() == 1 && adapter_inter == 0, what,
+                    ": expects at least one target layer and one attention-only adapter layer");
+  TORCH_CHECK_VALUE(ak[0].strides() == k_caches[0].strides() && ak[0].size(2) == k_caches[0].size(2), what,
+                    ": the adapter's caches must have the target's layout");
+  for (const at::Tensor* t : {&pos, &token, &n_gen, &max_new, static_cast<const at::Tensor*>(&cap),
+                              static_cast<const at::Tensor*>(&x), static_cast<const at::Tensor*>(&n_drafts)})
+    check_state_row(*t, B, at::kLong, what, "a (B,) state or chain tensor");
+  for (const at::Tensor* t : {&finished, static_cast<const at::Tensor*>(&active)}) check_state_row(*t, B, at::kBool, what, "a (B,) flag tensor");
+  check_state_row(conf, B, at::kFloat, what, "conf");
+  check_tokens(drafts, 2, what, "drafts");
+  TORCH_CHECK_VALUE(drafts.size(0) == B && drafts.size(1) == gamma && drafts.is_contiguous(), what,
+                    ": drafts must be a contiguous (", B, ", ", gamma, "), got ", drafts.sizes());
+  for (const at::Tensor* t : {&e_prev, &embed, &head, &rope_cos, &rope_sin}) {
+    check_like(*t, exits, what, "a hidden-state, weight or RoPE tensor");
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->is_contiguous(), what, ": e_prev, embed, head and the RoPE tables must be ",
+                      "contiguous 2-d tensors, got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(e_prev.size(0) == B && e_prev.size(1) == D && embed.size(1) == D && head.size(1) == D, what,
+                    ": e_prev (B, D), embed (V, D) and head (N, D) must match exits' D = ", D);
+  const int64_t T = k_caches[0].size(2);
+  TORCH_CHECK_VALUE(rope_cos.sizes() == rope_sin.sizes() && rope_cos.size(0) == T && rope_cos.size(1) == head_dim,
+                    what, ": the RoPE tables must be (T, Dh) = (", T, ", ", head_dim, "), got ", rope_cos.sizes());
+  at::Tensor ids;
+  if (head_ids.has_value()) {
+    check_tokens(*head_ids, 1, what, "head_ids");
+    TORCH_CHECK_VALUE(head_ids->size(0) == head.size(0), what, ": head_ids must have one id per head row");
+    ids = head_ids->contiguous();
+  }
+  int64_t steps = 0;
+  if (B == 0) return steps;
+  kr_cpu_draft_args a{};
+  a.dtype = dtype_code(exits, what, "exits");
+  a.batch = B, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads, a.head_dim = head_dim;
+  a.intermediate = inter, a.max_len = T;
+  a.eps = static_cast<float>(eps), a.adapter_eps = static_cast<float>(adapter_eps);
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  a.gamma = gamma, a.eta = static_cast<float>(eta), a.base_len = base_len;
+  a.exit_layer = static_cast<int64_t>(ls.size()), a.layers = ls.data(), a.adapter = adapter.data();
+  for (int d = 0; d < 3; ++d) a.cache_stride[d] = k_caches[0].stride(d);
+  a.embed = embed.const_data_ptr(), a.vocab = embed.size(0);
+  a.head = head.const_data_ptr(), a.head_rows = head.size(0);
+  a.head_ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  a.rope_cos = rope_cos.const_data_ptr(), a.rope_sin = rope_sin.const_data_ptr();
+  a.pos = pos.const_data_ptr<int64_t>(), a.token = token.const_data_ptr<int64_t>();
+  a.n_gen = n_gen.const_data_ptr<int64_t>(), a.max_new = max_new.const_data_ptr<int64_t>();
+  a.finished = reinterpret_cast<const uint8_t*>(finished.const_data_ptr<bool>()), a.e_prev = e_prev.const_data_ptr();
+  a.cap = cap.mutable_data_ptr<int64_t>(), a.active = reinterpret_cast<uint8_t*>(active.mutable_data_ptr<bool>());
+  a.conf = conf.mutable_data_ptr<float>(), a.x = x.mutable_data_ptr<int64_t>();
+  a.drafts = drafts.mutable_data_ptr<int64_t>(), a.n_drafts = n_drafts.mutable_data_ptr<int64_t>();
+  a.exits = exits.mutable_data_ptr(), a.steps = &steps;
+  run_one_region(a, kr_cpu_draft_workspace_bytes, kr_cpu_draft_check, kr_cpu_draft_chain, what);
+  return steps;
 }
 
 // x: (M, K_max) fp32 or bf16, contiguous; weights: (N_i, K_i) of x's dtype, contiguous, K_i <= K_max -> (M, sum N_i)
@@ -702,6 +802,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a stack of Llama decoder layers (fused q/k/v and gate/up weights; gate/up and down None: an "
         "attention-only layer with a normed output, Kangaroo's adapter) over the static cache in one call; "
         "the bits of the per-op path");
+  m.def("draft_chain", &draft_chain, py::arg("pos"), py::arg("token"), py::arg("n_gen"), py::arg("max_new"),
+        py::arg("finished"), py::arg("e_prev"), py::arg("cap"), py::arg("active"), py::arg("conf"), py::arg("x"),
+        py::arg("drafts"), py::arg("n_drafts"), py::arg("exits"), py::arg("embed"), py::arg("rope_cos"),
+        py::arg("rope_sin"), py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"),
+        py::arg("v_caches"), py::arg("adapter_weights"), py::arg("adapter_k_cache"), py::arg("adapter_v_cache"),
+        py::arg("head"), py::arg("head_ids"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
+        py::arg("eps"), py::arg("adapter_eps"), py::arg("gamma"), py::arg("eta"), py::arg("base_len"),
+        py::call_guard<py::gil_scoped_release>(),
+        "a round's greedy Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), "
+        "in place on the chain's tensors; the bits of the per-step path; -> k, the drafting steps run");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "

@@ -223,3 +223,20 @@ def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_cac
     extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up)."""
     return load().decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches,
                                  n_heads, n_kv_heads, head_dim, eps, kv_len)
+
+
+def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
+                n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
+                base_len: int) -> int:
+    """A round's greedy drafting in one call (csrc/cpu/draft.cpp), in place on ``chain``
+    (:class:`kangaroo_rt.speculative.DraftChain`) from ``state`` (:class:`~kangaroo_rt.speculative.DecodeState`):
+    the bits of the per-step path. ``rope_tables``: cos, sin (T, head_dim) of positions 0..T-1; ``stack``: the
+    target's layers 0..l-1 as :func:`decoder_layers` takes them (weights, qkv biases, o biases); ``caches`` and
+    ``adapter_caches``: (k, v) lists and pairs. The caller (``Decoder._cpu_chain``) checks that every op would be
+    served by this extension. Returns k, the drafting steps run."""
+    weights, qkv_bias, o_bias = stack
+    return load().draft_chain(state.pos, state.token, state.n_gen, state.max_new, state.finished, state.e_prev,
+                              chain.cap, chain.active, chain.conf, chain.x, chain.drafts, chain.n_drafts, chain.exits,
+                              embed, *rope_tables, weights, qkv_bias, o_bias, *caches, adapter_weights,
+                              *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps, adapter_eps,
+                              chain.drafts.shape[1], eta, base_len)

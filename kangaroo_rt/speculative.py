@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
+from . import _cpu_ext, ops
 from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import KangarooConfig, SamplingConfig
@@ -464,7 +464,8 @@ class Decoder:
         With a draft vocabulary the choice, its confidence and q are over the K subset logits; the token and
         q are mapped back to the full vocabulary (q is zero outside the subset)."""
         if self.draft_head is None:
-            return sampler.draft(self.target.lm_head(hidden), active)
+            head = self.target.lm_head
+            return sampler.draft(ops.linear(hidden, head.weight, head.bias), active)
         sub, conf, q = sampler.draft(self.draft_head(hidden), active)
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
@@ -494,6 +495,60 @@ class Decoder:
         state.token.copy_(nxt)
         return was_active, accepted, committed
 
+    def draft_round(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float, base_len: int) -> int:
+        """A round's drafting, step by step: :meth:`begin_round`, then :meth:`shallow_step`,
+        :meth:`DraftChain.keep_drafting` and :meth:`draft_step` until no row drafts or ``gamma`` drafts. The exit
+        states of ``chain.exits[:, :k + 1]`` are set. Returns k, the drafting steps run."""
+        self.begin_round(state, chain)
+        step = 0
+        while True:
+            exit_state, pos, rope = self.shallow_step(state, chain, step, base_len + step)
+            if step == gamma:
+                return step
+            if step > 0:
+                chain.keep_drafting(step, eta)
+            if not bool(chain.active.any()):
+                return step
+            self.draft_step(state, chain, step, base_len + step, exit_state, pos, rope)
+            step += 1
+
+    def _cpu_chain(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float, base_len: int) -> Optional[int]:
+        """:meth:`draft_round` in one extension call (csrc/cpu/draft.cpp), with the same bits, where every op of
+        it would be served by the CPU extension anyway: greedy choice, CPU tensors, the target's layers ``0..l-1``
+        and the adapter each servable in one call, the head served by the extension's linear and argmax. Returns
+        k, or None when the step-by-step path must serve."""
+        target, adapter, l = self.target, self.adapter, self.exit_layer
+        if not state.sampler.greedy or state.e_prev is None or base_len + gamma > self.cache.max_len:
+            return None
+        probe = chain.exits[:, :1]  # (B, 1, D)
+        positions = state.pos[:, None]
+        stack = target._cpu_stack(probe, positions, 0, l)
+        adapter_weights = adapter._cpu_layer(probe, positions)
+        if stack is None or adapter_weights is None or ops.backends(("greedy_with_confidence",), probe.device) != (
+                "cpu",):
+            return None
+        if self.draft_head is not None:
+            head, ids = self.draft_head.weight, self.draft_head.ids
+        elif target.lm_head.bias is None:
+            head, ids = target.lm_head.weight, None
+        else:
+            return None
+        c = target.config
+        return _cpu_ext.draft_chain(state, chain, target.embed_tokens.weight, self._rope_tables(), stack,
+                                    self.cache.layers(0, l), adapter_weights, self.adapter_cache.layer(0), head, ids,
+                                    c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
+                                    adapter.config.rms_norm_eps, eta, base_len)
+
+    def _rope_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, head_dim) of positions 0..T-1 for the cache's T, by :meth:`Transformer.rope` (elementwise,
+        so row p has the bits of ``rope`` at position p), kept while T, the dtype and ``inv_freq`` are the same."""
+        t = self.target
+        key = (self.cache.max_len, t.dtype, t.inv_freq.data_ptr(), t.inv_freq._version)
+        if getattr(self, "_rope_key", None) != key:
+            cos, sin = t.rope(torch.arange(self.cache.max_len, device=t.device)[None])
+            self._rope_table_pair, self._rope_key = (cos[0], sin[0]), key
+        return self._rope_table_pair
+
     def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:
         """One draft-verify-accept round, eagerly: drafting stops when no row drafts, attention reads the live
         length. ``timed``: on CUDA, synchronize so that the draft and verify seconds in ``stats`` are the device's
@@ -504,18 +559,9 @@ class Decoder:
         base_len = int(state.pos.max()) + 1
         sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
-        self.begin_round(state, chain)
-        step = 0
-        while True:
-            exit_state, pos, rope = self.shallow_step(state, chain, step, base_len + step)
-            if step == gamma:
-                break
-            if step > 0:
-                chain.keep_drafting(step, eta)
-            if not bool(chain.active.any()):
-                break
-            self.draft_step(state, chain, step, base_len + step, exit_state, pos, rope)
-            step += 1
+        step = self._cpu_chain(state, chain, gamma, eta, base_len)
+        if step is None:
+            step = self.draft_round(state, chain, gamma, eta, base_len)
         t_verify = clock(state.pos.device, sync)
         was_active, accepted, committed = self.verify(state, chain, step, base_len + step)
         stats.draft_time_s += t_verify - t_start

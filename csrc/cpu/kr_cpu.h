@@ -229,6 +229,65 @@ int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a);
 // One thread's part of the stack (see above). Returns a kr_cpu_status.
 int kr_cpu_decoder_layers(int isa, const kr_cpu_decoder_args* a);
 
+// ---- Kangaroo's greedy draft chain, a whole round's drafting in one call (draft.cpp): what
+// kangaroo_rt.speculative.Decoder does step by step under greedy choice: begin_round (each row's cap of drafts), then
+// per step s the shallow step (the embedding of x, the target's layers 0..l-1 at positions pos + s, the exit state
+// stored to exits[:, s]), keep_drafting (s > 0: a row stops after a draft of confidence < eta or at its cap), and,
+// while a row drafts and s < gamma, the draft step: the adapter (step 0 on two positions, e_prev at pos - 1 and
+// the exit state at pos), the head (the LM head or the draft vocabulary's rows), the greedy choice and its
+// confidence as kr_cpu_argmax_rows gives them, the draft (-1 on rows that stopped) appended. Every op runs on the
+// kernels above with the same arguments as the per-step path, and RoPE's cos and sin are rows of tables made by
+// the same function: the same bits. Rows that stopped are computed with the others (their results are not used).
+// Every thread that takes part calls kr_cpu_draft_chain with the same arguments, as for the decoder stack.
+typedef struct kr_cpu_draft_args {
+  int dtype;
+  int64_t batch, hidden_size, n_heads, n_kv_heads, head_dim, intermediate, max_len;  // B, D, Hq, Hkv, Dh, I, T
+  float eps, adapter_eps, scale;  // the target's and the adapter's RMSNorm epsilon; the softmax scale
+  int64_t gamma;                  // drafts a round at most (>= 1)
+  float eta;                      // confidence threshold
+  int64_t base_len;               // slots the attention of step 0 reads (max(pos) + 1); step s reads base_len + s
+  int64_t exit_layer;             // l >= 1
+  const kr_cpu_decoder_layer* layers;   // (l,): the target's layers 0..l-1 and their caches
+  const kr_cpu_decoder_layer* adapter;  // one attention-only layer (gate_up and down NULL) and its caches
+  int64_t cache_stride[3];              // strides of B, H, T of every cache, the adapter's included
+  const void* embed;                    // (vocab, D) contiguous: the token embedding
+  int64_t vocab;
+  const void* head;         // (head_rows, D) contiguous
+  int64_t head_rows;
+  const int64_t* head_ids;  // (head_rows,): the vocabulary id of each head row, or NULL (row n is id n)
+  const void* rope_cos;     // (T, Dh) contiguous: cos and sin of positions 0..T-1
+  const void* rope_sin;
+  // The decode state, read: (B,) each; e_prev (B, D) contiguous, the exit state at pos - 1. Needs 1 <= pos[b] and
+  // pos[b] + gamma < T.
+  const int64_t* pos;
+  const int64_t* token;
+  const int64_t* n_gen;
+  const int64_t* max_new;
+  const uint8_t* finished;
+  const void* e_prev;
+  // The chain, written: (B,) each; drafts (B, gamma) and exits (B, gamma + 1, D) contiguous.
+  int64_t* cap;
+  uint8_t* active;
+  float* conf;
+  int64_t* x;
+  int64_t* drafts;
+  int64_t* n_drafts;
+  void* exits;
+  int64_t* steps;   // out: the drafting steps run, k (the exit states of exits[:, :k + 1] are set)
+  int64_t threads;  // how many threads are expected to call (sizes the chunks; any number may)
+  void* workspace;  // kr_cpu_draft_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+} kr_cpu_draft_args;
+
+// Bytes of workspace the call needs; -1 for impossible sizes.
+int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a);
+
+// KR_CPU_OK when kr_cpu_draft_chain can run these arguments (sizes, pointers, positions, variant), checked once
+// before the threads start.
+int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a);
+
+// One thread's part of the chain. Returns a kr_cpu_status (KR_CPU_BAD_ARGUMENT for a token outside the vocabulary).
+int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
+
 // ---- A sweep of linears, for benchmarks: y_i = x W_i^T for i = 0..n-1, one after another on one set of threads that
 // claim chunks of each as the decoder stack claims its linears (the same code), so that a benchmark measures the
 // kernel's stream as the stack drives it, without a call, a thread start and an output allocation per matrix.

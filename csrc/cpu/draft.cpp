@@ -1,0 +1,227 @@
+// Kangaroo's greedy draft chain in one call, on one set of threads. See kr_cpu.h for the contract.
+//
+// Drafting a round step by step from Python costs ~0.5 ms beyond the kernels' work (SmolLM2, bf16: per step an
+// embedding, a RoPE table, two extension calls, the head, the choice and a dozen small tensor ops; ~0.14 of a plain
+// step per round). Here the round's steps run on the decoder stack's machinery (kr_cpu_stack.h): the threads start
+// once, and the small serial parts (positions and RoPE rows, the embedding, the bookkeeping of the chain) are
+// one-chunk phases between the stacks' phases.
+#include "kr_cpu_stack.h"
+
+namespace {
+
+using namespace kr_cpu;
+
+// The phases a draft step takes beyond its layers: the shallow step's inputs, the exit state and the control, the
+// adapter's inputs, the head, the choice, the bookkeeping (and begin_round, once).
+constexpr int64_t kStepPhases = 12;
+
+struct DraftLayout {
+  int64_t sync, status, go, h, a_in, pos_s, pos_a, cos_s, sin_s, cos_a, sin_a, logits, yf, idx, cf, shallow, adapter,
+      total;
+};
+
+// The decoder-stack arguments of the shallow layers (q_len 1) and of the adapter (q_len 1, or 2 at step 0); the
+// per-step fields (kv_len, hidden, positions, rope rows) are set by the chain.
+kr_cpu_decoder_args stack_args(const kr_cpu_draft_args& a, bool adapter, int64_t q_len) {
+  kr_cpu_decoder_args s{};
+  s.dtype = a.dtype;
+  s.batch = a.batch, s.q_len = q_len, s.hidden_size = a.hidden_size, s.n_heads = a.n_heads;
+  s.n_kv_heads = a.n_kv_heads, s.head_dim = a.head_dim, s.intermediate = adapter ? 0 : a.intermediate;
+  s.max_len = a.max_len, s.kv_len = a.base_len;
+  s.eps = adapter ? a.adapter_eps : a.eps, s.scale = a.scale;
+  s.n_layers = adapter ? 1 : a.exit_layer, s.layers = adapter ? a.adapter : a.layers;
+  for (int d = 0; d < 3; ++d) s.cache_stride[d] = a.cache_stride[d];
+  s.pos_stride[0] = q_len, s.pos_stride[1] = 1;
+  s.threads = a.threads;
+  return s;
+}
+
+DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
+  const int64_t e = elt_size(a.dtype), B = a.batch, D = a.hidden_size, Dh = a.head_dim, N = a.head_rows;
+  const int64_t phases = 1 + (a.gamma + 1) * (kPhasesPerLayer * a.exit_layer + kStepPhases);
+  DraftLayout l{};
+  int64_t at = 0;
+  auto take = [&at](int64_t bytes) {
+    const int64_t here = at;
+    at += align64(bytes);
+    return here;
+  };
+  l.sync = take(phases * kCounterStride * 8);
+  l.status = take(8);
+  l.go = take(8);
+  l.h = take(B * D * e);
+  l.a_in = take(2 * B * D * e);
+  l.pos_s = take(B * 8);
+  l.pos_a = take(2 * B * 8);
+  l.cos_s = take(B * Dh * e);
+  l.sin_s = take(B * Dh * e);
+  l.cos_a = take(2 * B * Dh * e);
+  l.sin_a = take(2 * B * Dh * e);
+  l.logits = take(B * N * e);
+  l.yf = take(a.dtype == KR_CPU_FLOAT32 ? 0 : B * N * 4);
+  l.idx = take(B * 8);
+  l.cf = take(B * 4);
+  l.shallow = take(StackBuffers(sizes_of(stack_args(a, false, 1)), a.dtype).total);
+  l.adapter = take(StackBuffers(sizes_of(stack_args(a, true, 2)), a.dtype).total);
+  l.total = at;
+  return l;
+}
+
+template <typename T>
+int run_chain(int isa, const kr_cpu_draft_args& a) {
+  const DraftLayout l = draft_layout_of(a);
+  char* ws = static_cast<char*>(a.workspace);
+  int64_t* status = reinterpret_cast<int64_t*>(ws + l.status);
+  int64_t* go = reinterpret_cast<int64_t*>(ws + l.go);
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads));
+  const int64_t B = a.batch, D = a.hidden_size, Dh = a.head_dim, G = a.gamma, N = a.head_rows;
+  T* h = reinterpret_cast<T*>(ws + l.h);
+  T* a_in = reinterpret_cast<T*>(ws + l.a_in);
+  int64_t* pos_s = reinterpret_cast<int64_t*>(ws + l.pos_s);
+  int64_t* pos_a = reinterpret_cast<int64_t*>(ws + l.pos_a);
+  T* cos_s = reinterpret_cast<T*>(ws + l.cos_s);
+  T* sin_s = reinterpret_cast<T*>(ws + l.sin_s);
+  T* cos_a = reinterpret_cast<T*>(ws + l.cos_a);
+  T* sin_a = reinterpret_cast<T*>(ws + l.sin_a);
+  T* logits = reinterpret_cast<T*>(ws + l.logits);
+  float* yf = reinterpret_cast<float*>(ws + l.yf);
+  int64_t* idx = reinterpret_cast<int64_t*>(ws + l.idx);
+  float* cf = reinterpret_cast<float*>(ws + l.cf);
+  const T* embed = static_cast<const T*>(a.embed);
+  const T* rope_cos = static_cast<const T*>(a.rope_cos);
+  const T* rope_sin = static_cast<const T*>(a.rope_sin);
+  T* exits = static_cast<T*>(a.exits);
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T), rope_bytes = static_cast<size_t>(Dh) * sizeof(T);
+  auto rope_row = [&](int64_t p, T* c, T* s) {  // the tables' row of position p (checked to be in range)
+    std::memcpy(c, rope_cos + p * Dh, rope_bytes);
+    std::memcpy(s, rope_sin + p * Dh, rope_bytes);
+  };
+
+  ph.each(1, [&](int64_t) {  // begin_round
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t left = std::min(G, std::max<int64_t>(0, a.max_new[b] - a.n_gen[b] - 1));
+      a.cap[b] = a.finished[b] ? 0 : left;
+      a.active[b] = a.cap[b] > 0;
+      for (int64_t j = 0; j < G; ++j) a.drafts[b * G + j] = -1;
+      a.n_drafts[b] = 0;
+      a.x[b] = a.token[b];
+    }
+    return KR_CPU_OK;
+  });
+  kr_cpu_decoder_args shallow = stack_args(a, false, 1);
+  shallow.hidden = h, shallow.positions = pos_s, shallow.cos = cos_s, shallow.sin = sin_s;
+  for (int64_t step = 0;; ++step) {
+    ph.each(1, [&](int64_t) {  // the shallow step's inputs: positions pos + step, their RoPE rows, the embedding of x
+      int rc = KR_CPU_OK;
+      for (int64_t b = 0; b < B; ++b) {
+        pos_s[b] = a.pos[b] + step;
+        rope_row(pos_s[b], cos_s + b * Dh, sin_s + b * Dh);
+        if (a.x[b] < 0 || a.x[b] >= a.vocab)
+          rc = KR_CPU_BAD_ARGUMENT;
+        else
+          std::memcpy(h + b * D, embed + a.x[b] * D, row_bytes);
+      }
+      return rc;
+    });
+    shallow.kv_len = a.base_len + step;
+    stack_body<T>(ph, isa, shallow, ws + l.shallow);
+    ph.each(1, [&](int64_t) {  // the exit state; keep_drafting; whether a draft step follows
+      for (int64_t b = 0; b < B; ++b) std::memcpy(exits + (b * (G + 1) + step) * D, h + b * D, row_bytes);
+      bool any = false;
+      if (step < G) {
+        for (int64_t b = 0; b < B; ++b) {
+          if (step > 0) a.active[b] = a.active[b] && a.conf[b] >= a.eta && step < a.cap[b];
+          any = any || a.active[b];
+        }
+      }
+      if (!any) *a.steps = step;
+      __atomic_store_n(go, static_cast<int64_t>(any), __ATOMIC_RELAXED);
+      return KR_CPU_OK;
+    });
+    // Every thread reads the flag after the phase's end (which publishes it); a thread that ran ahead alone can only
+    // set it again at the next step's control, and only to stop a chain that this thread would then leave early.
+    if (!__atomic_load_n(go, __ATOMIC_RELAXED)) break;
+
+    // The adapter: at step 0 over (e_prev at pos - 1, the exit state at pos), after that over the exit state in place.
+    const int64_t Q = step == 0 ? 2 : 1;
+    kr_cpu_decoder_args adapter = stack_args(a, true, Q);
+    adapter.kv_len = a.base_len + step;
+    if (Q == 2) {
+      ph.each(1, [&](int64_t) {
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(a_in + 2 * b * D, static_cast<const T*>(a.e_prev) + b * D, row_bytes);
+          std::memcpy(a_in + (2 * b + 1) * D, h + b * D, row_bytes);
+          pos_a[2 * b] = a.pos[b] - 1, pos_a[2 * b + 1] = a.pos[b];
+          rope_row(pos_a[2 * b], cos_a + 2 * b * Dh, sin_a + 2 * b * Dh);
+          rope_row(pos_a[2 * b + 1], cos_a + (2 * b + 1) * Dh, sin_a + (2 * b + 1) * Dh);
+        }
+        return KR_CPU_OK;
+      });
+      adapter.hidden = a_in, adapter.positions = pos_a, adapter.cos = cos_a, adapter.sin = sin_a;
+    } else {
+      adapter.hidden = h, adapter.positions = pos_s, adapter.cos = cos_s, adapter.sin = sin_s;
+    }
+    stack_body<T>(ph, isa, adapter, ws + l.adapter);
+    // The head over each row's last position, then the greedy choice and its confidence per row.
+    const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
+    linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf);
+    ph.each(B, [&](int64_t b) { return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1); });
+    ph.each(1, [&](int64_t) {  // the draft appended where the row drafts; x, conf for the next step
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t token = a.head_ids != nullptr ? a.head_ids[idx[b]] : idx[b];
+        a.drafts[b * G + step] = a.active[b] ? token : -1;
+        a.n_drafts[b] += a.active[b] ? 1 : 0;
+        a.conf[b] = cf[b];
+        a.x[b] = token;
+      }
+      return KR_CPU_OK;
+    });
+  }
+  return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
+}
+
+}  // namespace
+
+extern "C" int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a) {
+  if (a == nullptr || a->batch < 0 || a->hidden_size <= 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
+      a->head_dim <= 0 || a->intermediate < 0 || a->gamma < 1 || a->exit_layer < 1 || a->head_rows <= 0 ||
+      a->head_rows >= (int64_t{1} << 31) || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
+    return -1;
+  return draft_layout_of(*a).total;
+}
+
+extern "C" int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (kr_cpu_draft_workspace_bytes(a) < 0 || a->threads < 1 || a->vocab <= 0 || a->max_len < 1 ||
+      a->base_len < 1 || a->base_len + a->gamma > a->max_len)
+    return KR_CPU_BAD_ARGUMENT;
+  if (a->batch == 0) return KR_CPU_OK;
+  if (a->embed == nullptr || a->head == nullptr || a->rope_cos == nullptr || a->rope_sin == nullptr ||
+      a->pos == nullptr || a->token == nullptr || a->n_gen == nullptr || a->max_new == nullptr ||
+      a->finished == nullptr || a->e_prev == nullptr || a->cap == nullptr || a->active == nullptr ||
+      a->conf == nullptr || a->x == nullptr || a->drafts == nullptr || a->n_drafts == nullptr || a->exits == nullptr ||
+      a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  for (int64_t b = 0; b < a->batch; ++b)
+    if (a->pos[b] < 1 || a->pos[b] + a->gamma >= a->max_len) return KR_CPU_BAD_ARGUMENT;
+  for (int64_t n = 0; a->head_ids != nullptr && n < a->head_rows; ++n)
+    if (a->head_ids[n] < 0 || a->head_ids[n] >= a->vocab) return KR_CPU_BAD_ARGUMENT;
+  if (a->adapter == nullptr || a->adapter->gate_up != nullptr || a->adapter->down != nullptr) return KR_CPU_BAD_ARGUMENT;
+  for (int adapter = 0; adapter < 2; ++adapter) {  // each stack as the decoder stack checks it
+    kr_cpu_decoder_args s = stack_args(*a, adapter == 1, 1 + adapter);
+    s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->exits, s.workspace = a->workspace;
+    const int rc = kr_cpu_decoder_check(isa, &s);
+    if (rc != KR_CPU_OK) return rc;
+  }
+  return KR_CPU_OK;
+}
+
+extern "C" int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a) {
+  const int rc = kr_cpu_draft_check(isa, a);
+  if (rc != KR_CPU_OK) return rc;
+  if (a->batch == 0) {
+    *a->steps = 0;
+    return KR_CPU_OK;
+  }
+  return a->dtype == KR_CPU_FLOAT32 ? run_chain<float>(isa, *a) : run_chain<uint16_t>(isa, *a);
+}

@@ -1,0 +1,249 @@
+// The machinery of csrc/cpu/decoder.cpp's one-call layer stack, shared with draft.cpp (internal: not part of the
+// C ABI of kr_cpu.h). The threads start once and meet between ops at counters: each op's work is cut into chunks
+// (output-row blocks of a linear, rows of a norm, batch rows of RoPE, tiles of attention) that the threads claim
+// one at a time (Phases), and a thread moves on to the next op when the last chunk of this one is done. A chunk runs
+// the per-op kernel on its slice, and those kernels give each output element the same bits whatever the slice.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+
+#include "kr_cpu.h"
+#include "kr_cpu_common.h"
+
+#if KR_CPU_X86
+#include <immintrin.h>
+#endif
+#include <sched.h>
+
+namespace kr_cpu {
+
+
+constexpr int64_t kPhasesPerLayer = 9;
+constexpr int64_t kCounterStride = 16;  // int64s per phase: "next" and "done" on separate 64-byte lines
+constexpr int64_t kMinChunkWeightBytes = 32 * 1024;
+// A linear's claims take 1 / (kGuide * threads) of the rows left (see Phases::run). Measured on SmolLM2 (2 threads):
+// 1 streams the layers at 59-66 GB/s, 2 at 52-56, 4 at 47; fixed chunks of 1/4 to 1/16 of a matrix, 52-55.
+constexpr int64_t kGuide = 1;
+constexpr int64_t kSiluChunk = 512;      // elements of a row per silu chunk
+
+inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+inline int64_t elt_size(int dtype) { return dtype == KR_CPU_FLOAT32 ? 4 : 2; }
+
+struct Sizes {
+  int64_t M, D, Nqkv, QW, I, Ymax;  // rows, hidden, fused q/k/v rows, q width (Hq * Dh), intermediate, widest y
+};
+
+inline Sizes sizes_of(const kr_cpu_decoder_args& a) {
+  Sizes s{};
+  s.M = a.batch * a.q_len;
+  s.D = a.hidden_size;
+  s.QW = a.n_heads * a.head_dim;
+  s.Nqkv = s.QW + 2 * a.n_kv_heads * a.head_dim;
+  s.I = a.intermediate;
+  s.Ymax = std::max({s.Nqkv, s.D, 2 * s.I});
+  return s;
+}
+
+// The scratch rows of a stack's ops, carved out of a workspace: their bytes and offsets.
+struct StackBuffers {
+  int64_t xn, qkv, q_rot, attn, o, gu, act, yf, total;  // byte offsets from the start of the buffers
+
+  StackBuffers(const Sizes& s, int dtype) {
+    const int64_t e = elt_size(dtype);
+    int64_t at = 0;
+    auto take = [&at](int64_t bytes) {
+      const int64_t here = at;
+      at += align64(bytes);
+      return here;
+    };
+    xn = take(s.M * s.D * e);
+    qkv = take(s.M * s.Nqkv * e);
+    q_rot = take(s.M * s.QW * e);
+    attn = take(s.M * s.QW * e);
+    o = take(s.M * s.D * e);
+    gu = take(s.M * 2 * s.I * e);
+    act = take(s.M * s.I * e);
+    yf = take(s.M * s.Ymax * 4);
+    total = at;
+  }
+};
+
+KR_INLINE void spin_pause() {
+#if KR_CPU_X86
+  _mm_pause();
+#endif
+}
+
+// The ops of the stack in order, each a set of items (row blocks, rows, tokens, heads) claimed in chunks through
+// its own pair of counters: "next" (the first unclaimed item) and "done" (items finished).
+class Phases {
+ public:
+  Phases(int64_t* counters, int64_t* status, int64_t threads)
+      : counters_(counters), status_(status), threads_(threads) {}
+
+  // body(begin, end) over chunks of items: each claim takes max(min_claim, remaining / (guide * threads)) items
+  // (guided self-scheduling: large chunks first, which stream well, small ones last, which keep the threads
+  // finishing together), or one item with guide = 0.
+  template <typename Body>
+  void run(int64_t n_items, int64_t min_claim, int64_t guide, Body&& body) {
+    int64_t* next = counters_ + index_ * kCounterStride;
+    int64_t* done = next + kCounterStride / 2;
+    ++index_;
+    for (;;) {
+      int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end = begin;  // (set before use; GCC cannot tell)
+      do {
+        if (begin >= n_items) break;
+        const int64_t take = guide > 0 ? std::max(min_claim, (n_items - begin) / (guide * threads_)) : 1;
+        end = std::min(n_items, begin + take);
+      } while (!__atomic_compare_exchange_n(next, &begin, end, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+      if (begin >= n_items) break;
+      int rc;
+      try {
+        rc = body(begin, end);
+      } catch (...) {  // (a kernel's scratch allocation): the chunk still counts as done, or the others would wait
+        rc = KR_CPU_FAILED;
+      }
+      if (rc != KR_CPU_OK) __atomic_store_n(status_, static_cast<int64_t>(rc), __ATOMIC_RELAXED);
+      __atomic_fetch_add(done, end - begin, __ATOMIC_RELEASE);  // publishes this chunk's writes
+    }
+    for (int spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < n_items; ++spins) {
+      if (spins < 2000)
+        spin_pause();
+      else
+        sched_yield();  // the thread with the last chunk may have lost its core
+    }
+  }
+
+  // One item per claim.
+  template <typename Body>
+  void each(int64_t n_items, Body&& body) {
+    run(n_items, 1, 0, [&](int64_t begin, int64_t) { return body(begin); });
+  }
+
+ private:
+  int64_t* counters_;
+  int64_t* status_;
+  int64_t threads_;
+  int64_t index_ = 0;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// y = x W^T (+ bias) over output rows claimed in chunks of whole row blocks, stored to dst (M, N) of row stride
+// ld_dst in T; with add, dst += y (each rounded to T, as torch's h + linear(x)).
+// x: (M, K) of row stride ldx.
+template <typename T>
+void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N,
+                  const float* bias, T* dst, int64_t ld_dst, bool add, float* yf) {
+  const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
+  const int64_t block_bytes = KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
+  const int64_t min_blocks = ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes));
+  constexpr bool kFloat = sizeof(T) == 4;
+  ph.run(n_blocks, min_blocks, kGuide, [&](int64_t b0, int64_t b1) -> int {
+    const int64_t n0 = b0 * KR_CPU_ROW_BLOCK, n1 = std::min(N, b1 * KR_CPU_ROW_BLOCK);
+    const bool direct = kFloat && !add;
+    float* y = direct ? reinterpret_cast<float*>(dst) : yf;
+    const int64_t ldy = direct ? ld_dst : N;
+    const int rc = kFloat ? kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, ldx, w,
+                                                   KR_CPU_FLOAT32, N, bias, y, ldy, n0, n1)
+                          : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
+                                                    static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
+    if (rc != KR_CPU_OK || direct) return rc;
+    if constexpr (!kFloat) {
+      if (!add) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int rr = kr_cpu_round_bf16(isa, y + m * ldy + n0, reinterpret_cast<uint16_t*>(dst + m * ld_dst) + n0,
+                                           n1 - n0);
+          if (rr != KR_CPU_OK) return rr;
+        }
+        return KR_CPU_OK;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      T* d = dst + m * ld_dst;
+      const float* ym = y + m * ldy;
+      for (int64_t n = n0; n < n1; ++n)
+        d[n] = add ? kr_cpu::from_float<T>(kr_cpu::to_float(d[n]) + kr_cpu::round_to<T>(ym[n]))
+                   : kr_cpu::from_float<T>(ym[n]);
+    }
+    return KR_CPU_OK;
+  });
+}
+
+// The layers of a (over a.hidden, in place) on the threads that share ph, with scratch rows at buffers (laid out as
+// StackBuffers(sizes_of(a), a.dtype) says). Every thread calls it with the same arguments.
+template <typename T>
+void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers) {
+  const Sizes s = sizes_of(a);
+  const StackBuffers l(s, a.dtype);
+  char* ws = buffers;
+  T* h = static_cast<T*>(a.hidden);
+  T* xn = reinterpret_cast<T*>(ws + l.xn);
+  T* qkv = reinterpret_cast<T*>(ws + l.qkv);
+  T* q_rot = reinterpret_cast<T*>(ws + l.q_rot);
+  T* attn = reinterpret_cast<T*>(ws + l.attn);
+  T* o = reinterpret_cast<T*>(ws + l.o);
+  T* gu = reinterpret_cast<T*>(ws + l.gu);
+  T* act = reinterpret_cast<T*>(ws + l.act);
+  float* yf = reinterpret_cast<float*>(ws + l.yf);
+  const int64_t B = a.batch, Q = a.q_len, Dh = a.head_dim, Hq = a.n_heads, Hkv = a.n_kv_heads;
+  const int64_t norm_rows = std::max<int64_t>(1, 4096 / s.D);
+  const int64_t silu_per_row = ceil_div(s.I, kSiluChunk);
+
+  for (int64_t li = 0; li < a.n_layers; ++li) {
+    const kr_cpu_decoder_layer& L = a.layers[li];
+    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // xn = input_norm(h)
+      return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
+                                  c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
+    });
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf);
+
+    kr_cpu_rope_args r{};  // q, k, v: column slices of qkv (B*Q, Nqkv) seen as (B, H, Q, Dh)
+    r.dtype = a.dtype;
+    r.batch = B, r.n_heads = Hq, r.n_kv_heads = Hkv, r.q_len = Q, r.head_dim = Dh, r.max_len = a.max_len;
+    r.q = qkv, r.k = qkv + s.QW, r.v = qkv + s.QW + Hkv * Dh;
+    const int64_t head_strides[3] = {Q * s.Nqkv, Dh, s.Nqkv};
+    for (int d = 0; d < 3; ++d) {
+      r.q_stride[d] = r.k_stride[d] = r.v_stride[d] = head_strides[d];
+      r.cache_stride[d] = a.cache_stride[d];
+    }
+    r.cos = a.cos, r.sin = a.sin, r.positions = a.positions;
+    r.pos_stride[0] = a.pos_stride[0], r.pos_stride[1] = a.pos_stride[1];
+    r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot;
+    // A row's tokens in one chunk, in order: two tokens at one position write one slot, and the last one must win.
+    ph.each(B, [&](int64_t b) { return kr_cpu_rope_cache_append(isa, &r, b * Q, (b + 1) * Q); });
+
+    kr_cpu_attention_args t{};  // q_rot (B, Hq, Q, Dh) contiguous -> attn laid out (B, Q, Hq, Dh): o's input rows
+    t.dtype = a.dtype;
+    t.batch = B, t.n_heads = Hq, t.n_kv_heads = Hkv, t.q_len = Q, t.head_dim = Dh, t.kv_len = a.kv_len;
+    t.scale = a.scale;
+    t.q = q_rot, t.q_stride[0] = Hq * Q * Dh, t.q_stride[1] = Q * Dh, t.q_stride[2] = Dh;
+    t.k_cache = L.k_cache, t.v_cache = L.v_cache;
+    for (int d = 0; d < 3; ++d) t.cache_stride[d] = a.cache_stride[d];
+    t.positions = a.positions, t.pos_stride[0] = a.pos_stride[0], t.pos_stride[1] = a.pos_stride[1];
+    t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
+    ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
+
+    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
+    // h = o + h (in place), xn = post_norm(h); an attention-only layer: xn = o + h, h = post_norm(xn) (a row's sum
+    // is stored before its norm is written over h)
+    const bool attention_only = L.gate_up == nullptr;
+    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {
+      return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, attention_only ? h : xn,
+                                  attention_only ? xn : h, c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
+    });
+    if (attention_only) continue;
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
+    ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
+      const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
+      const int64_t n = std::min(kSiluChunk, s.I - j0);
+      const T* g = gu + m * 2 * s.I + j0;
+      return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
+    });
+    linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf);  // h += down(act)
+  }
+}
+
+}  // namespace kr_cpu

@@ -1,0 +1,129 @@
+"""The greedy draft chain in one extension call (csrc/cpu/draft.cpp, ``Decoder._cpu_chain``) against the step-by-step
+path (``Decoder.draft_round``): the same chain, exit states and caches, bit for bit."""
+import pytest
+import torch
+
+import kangaroo_rt as K
+from kangaroo_rt import _cpu_ext
+from kangaroo_rt.speculative import BatchSampling, DecodeState, Decoder, DraftChain
+from kangaroo_rt.config import SamplingConfig
+from kangaroo_rt.testing import random_target, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+
+
+def _decoder(dtype, exit_layer, draft_ids=None, qwen=False):
+    cfg = tiny_config(num_layers=3, model_type="qwen2" if qwen else "llama")
+    target = random_target(cfg, seed=3).to(dtype)
+    adapter = K.Adapter.random(cfg, seed=5, std=cfg.hidden_size ** -0.5).to(dtype)
+    if draft_ids is not None:
+        adapter.set_draft_vocab(torch.tensor(draft_ids))
+    return Decoder(target, adapter, exit_layer=exit_layer)
+
+
+def _started_state(decoder, batch, gamma, seed):
+    """A batch after prefills of different lengths, one row finished and one near its token limit."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, width = decoder.target.config.vocab_size, 9
+    decoder.ensure_caches(batch, width + 40 + gamma + 1)
+    lengths = torch.randint(3, width + 1, (batch,), generator=gen)
+    ids = torch.randint(0, vocab, (batch, width), generator=gen)
+    state = DecodeState.allocate(batch, 40 + gamma + 2, ids.device, eos=None, dtype=decoder.target.dtype,
+                                 hidden=decoder.target.config.hidden_size)
+    state.sampler = BatchSampling(SamplingConfig(), None)
+    decoder.prefill(ids, lengths, state, 40)
+    if batch > 1:
+        state.finished[1] = True
+        state.max_new[-1] = 3  # a cap below gamma
+    return state
+
+
+def _snapshot(decoder, state, chain):
+    tensors = [chain.cap, chain.active, chain.conf, chain.x, chain.drafts, chain.n_drafts, state.pos, state.token]
+    return [t.clone() for t in tensors] + [decoder.cache.k.clone(), decoder.cache.v.clone(),
+                                           decoder.adapter_cache.k.clone(), decoder.adapter_cache.v.clone()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exit_layer,batch,gamma,eta,draft_ids,qwen", [
+    (1, 1, 4, 0.0, None, False),  # every step drafts: the chain runs to gamma
+    (2, 3, 5, 0.3, None, True),  # rows stop at eta, at their cap, one finished; q/k/v biases
+    (1, 2, 3, 1.1, [0, 2, 3, 6, 40, 96], False),  # only the first draft (confidence <= 1 < eta); a draft vocabulary
+    (2, 4, 6, 0.05, list(range(0, 97, 3)), False),
+])
+def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen):
+    results = []
+    for one_call in (True, False):
+        torch.manual_seed(0)
+        decoder = _decoder(dtype, exit_layer, draft_ids, qwen)
+        with torch.no_grad():
+            state = _started_state(decoder, batch, gamma, seed=11)
+            outs = []
+            for _ in range(3):  # rounds, each verified so that the next starts from a new state
+                chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
+                base_len = int(state.pos.max()) + 1
+                k = (decoder._cpu_chain if one_call else decoder.draft_round)(state, chain, gamma, eta, base_len)
+                assert k is not None
+                outs.append((k, chain.exits[:, :k + 1].clone(), _snapshot(decoder, state, chain)))
+                decoder.verify(state, chain, k, base_len + k)
+        results.append(outs)
+    for (k1, e1, s1), (k2, e2, s2) in zip(*results):
+        assert k1 == k2
+        assert torch.equal(e1, e2)
+        for a, b in zip(s1, s2):
+            assert torch.equal(a, b)
+
+
+def test_rope_tables_hold_the_bits_of_rope_at_each_position():
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder = _decoder(dtype, 1)
+        decoder.ensure_caches(2, 3000)
+        cos, sin = decoder._rope_tables()
+        positions = torch.randint(0, 3000, (5, 3), generator=torch.Generator().manual_seed(1))
+        c, s = decoder.target.rope(positions)
+        assert torch.equal(cos[positions], c) and torch.equal(sin[positions], s)
+        assert decoder._rope_tables()[0] is cos  # kept while T, dtype and inv_freq are the same
+
+
+def test_the_step_by_step_path_serves_where_the_chain_cannot():
+    decoder = _decoder(torch.float32, 1)
+    with torch.no_grad():
+        state = _started_state(decoder, 2, 3, seed=2)
+        chain = DraftChain.allocate(2, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
+        base_len = int(state.pos.max()) + 1
+        state.sampler = BatchSampling(SamplingConfig(do_sample=True), None)
+        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None  # sampling
+        state.sampler = BatchSampling(SamplingConfig(), None)
+        assert decoder._cpu_chain(state, chain, 3, 0.5, decoder.cache.max_len) is None  # past the cache
+    with torch.enable_grad():  # no autograd in the extension's stacks
+        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None
+
+
+def test_a_token_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds():
+    decoder = _decoder(torch.float32, 1)
+    with torch.no_grad():
+        state = _started_state(decoder, 1, 2, seed=4)
+        state.token[0] = decoder.target.config.vocab_size
+        chain = DraftChain.allocate(1, 2, decoder.target.config.hidden_size, torch.float32, state.pos.device)
+        with pytest.raises(RuntimeError, match="status 1"):
+            decoder._cpu_chain(state, chain, 2, 0.5, int(state.pos.max()) + 1)
+
+
+def _chain_case(dtype):
+    """Two rounds of the one-call chain on a batch of 3 (for test_cpu_ext's check across variants and thread
+    counts): the exit states, drafts and caches."""
+    decoder = _decoder(dtype, 2, list(range(0, 97, 2)))
+    outs = []
+    with torch.no_grad():
+        state = _started_state(decoder, 3, 4, seed=6)
+        for _ in range(2):
+            chain = DraftChain.allocate(3, 4, decoder.target.config.hidden_size, dtype, state.pos.device)
+            base_len = int(state.pos.max()) + 1
+            k = decoder._cpu_chain(state, chain, 4, 0.02, base_len)
+            outs += [chain.exits[:, :k + 1].clone(), chain.drafts.clone(), chain.conf.clone()]
+            decoder.verify(state, chain, k, base_len + k)
+    return outs + [decoder.cache.k, decoder.adapter_cache.v]
