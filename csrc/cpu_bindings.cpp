@@ -723,6 +723,96 @@ int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Te
   return steps;
 }
 
+// A target pass with greedy acceptance (csrc/cpu/target_pass.cpp), in place on the decode state pos, token, n_gen,
+// max_new (B,) int64, finished (B,) bool, out (B, W) int64, e_prev (B, D) or None: from embed (V, D) over each row's
+// token (q_len 1: a plain step), or from exits (B, >= q_len, D) with drafts (B, >= q_len - 1) and n_drafts (B,) (a
+// verification); the layers as decoder_layers takes them; norm (D,), head (N, D), RoPE tables (T, Dh) ->
+// (accepted, committed) (B,) int64.
+std::tuple<at::Tensor, at::Tensor> target_pass(
+    at::Tensor pos, at::Tensor token, at::Tensor out, at::Tensor n_gen, at::Tensor finished, const at::Tensor& max_new,
+    const c10::optional<at::Tensor>& eos, c10::optional<at::Tensor> e_prev, const c10::optional<at::Tensor>& embed,
+    const c10::optional<at::Tensor>& exits, const c10::optional<at::Tensor>& drafts,
+    const c10::optional<at::Tensor>& n_drafts, int64_t q_len, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+    const std::vector<c10::optional<at::Tensor>>& weights, const std::vector<c10::optional<at::Tensor>>& qkv_bias,
+    const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
+    std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
+    int64_t n_kv_heads, int64_t head_dim, double eps, int64_t kv_len) {
+  const char* what = "kangaroo_rt._cpu.target_pass";
+  TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
+  TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
+  check_tokens(pos, 1, what, "pos");
+  const int64_t B = pos.size(0);
+  const at::Tensor& src = embed.has_value() ? *embed : *exits;
+  TORCH_CHECK_VALUE(src.dim() == (embed.has_value() ? 2 : 3) && src.is_contiguous() &&
+                        (embed.has_value() || (src.size(0) == B && src.size(1) >= q_len)),
+                    what, ": embed must be a contiguous (V, D), exits a contiguous (B, >= q_len, D), got ",
+                    src.sizes());
+  const int64_t D = src.size(-1);
+  const at::Tensor ref = embed.has_value() ? embed->narrow(0, 0, 1).unsqueeze(0).expand({B, 1, D})
+                                           : exits->narrow(1, 0, q_len);  // (B, q_len, D): what the checks compare
+  int64_t inter = 0;
+  std::vector<at::Tensor> biases;
+  const std::vector<kr_cpu_decoder_layer> ls = layers_of(ref, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
+                                                         n_kv_heads, head_dim, inter, biases, what);
+  TORCH_CHECK_VALUE(!ls.empty(), what, ": expects at least one layer");
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&pos), static_cast<const at::Tensor*>(&token),
+                              static_cast<const at::Tensor*>(&n_gen), &max_new})
+    check_state_row(*t, B, at::kLong, what, "a state row");
+  check_state_row(finished, B, at::kBool, what, "finished");
+  check_out(out, B, what);
+  at::Tensor eos_holder;
+  const auto e = eos_ids(eos, eos_holder, what);
+  for (const at::Tensor* t : {&norm, &head, &rope_cos, &rope_sin}) {
+    check_like(*t, ref, what, "the norm, head or a RoPE table");
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == (t == &norm || t == &head ? D : head_dim), what,
+                      ": the norm (D,), head (N, D) and RoPE tables (T, Dh) must be contiguous, got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(norm.dim() == 1 && head.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
+                        rope_cos.size(0) == k_caches[0].size(2),
+                    what, ": bad norm, head or RoPE table shapes");
+  if (e_prev.has_value()) {
+    check_like(*e_prev, ref, what, "e_prev");
+    TORCH_CHECK_VALUE(e_prev->dim() == 2 && e_prev->size(0) == B && e_prev->size(1) == D && e_prev->is_contiguous(),
+                      what, ": e_prev must be a contiguous (B, D)");
+  }
+  if (q_len > 1) {
+    TORCH_CHECK_VALUE(drafts.has_value() && n_drafts.has_value(), what, ": a verification needs drafts and n_drafts");
+    check_tokens(*drafts, 2, what, "drafts");
+    TORCH_CHECK_VALUE(drafts->size(0) == B && drafts->size(1) >= q_len - 1 && drafts->stride(1) == 1, what,
+                      ": drafts must be (B, >= q_len - 1) of unit column stride, got ", drafts->sizes());
+    check_state_row(*n_drafts, B, at::kLong, what, "n_drafts");
+  }
+  at::Tensor accepted = at::zeros({B}, pos.options()), committed = at::zeros({B}, pos.options());
+  if (B == 0) return {accepted, committed};
+  kr_cpu_target_pass_args a{};
+  a.dtype = dtype_code(ref, what, "hidden");
+  a.batch = B, a.q_len = q_len, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads;
+  a.head_dim = head_dim, a.intermediate = inter, a.max_len = k_caches[0].size(2), a.kv_len = kv_len;
+  a.eps = static_cast<float>(eps), a.norm_eps = static_cast<float>(norm_eps);
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  a.n_layers = static_cast<int64_t>(ls.size()), a.layers = ls.data();
+  for (int d = 0; d < 3; ++d) a.cache_stride[d] = k_caches[0].stride(d);
+  if (embed.has_value())
+    a.embed = embed->const_data_ptr(), a.vocab = embed->size(0);
+  else
+    a.exits = exits->const_data_ptr(), a.exits_stride = exits->stride(0);
+  a.norm = norm.const_data_ptr(), a.head = head.const_data_ptr(), a.head_rows = head.size(0);
+  a.rope_cos = rope_cos.const_data_ptr(), a.rope_sin = rope_sin.const_data_ptr();
+  if (q_len > 1) {
+    a.drafts = drafts->const_data_ptr<int64_t>(), a.drafts_stride = drafts->stride(0);
+    a.n_drafts = n_drafts->const_data_ptr<int64_t>();
+  }
+  a.pos = pos.mutable_data_ptr<int64_t>(), a.token = token.mutable_data_ptr<int64_t>();
+  a.out = out.mutable_data_ptr<int64_t>(), a.out_stride = out.stride(0), a.out_width = out.size(1);
+  a.n_gen = n_gen.mutable_data_ptr<int64_t>();
+  a.finished = reinterpret_cast<uint8_t*>(finished.mutable_data_ptr<bool>());
+  a.max_new = max_new.const_data_ptr<int64_t>(), a.eos = e.first, a.n_eos = e.second;
+  a.e_prev = e_prev.has_value() ? e_prev->mutable_data_ptr() : nullptr;
+  a.accepted = accepted.mutable_data_ptr<int64_t>(), a.committed = committed.mutable_data_ptr<int64_t>();
+  run_one_region(a, kr_cpu_target_pass_workspace_bytes, kr_cpu_target_pass_check, kr_cpu_target_pass, what);
+  return {accepted, committed};
+}
+
 // x: (M, K_max) fp32 or bf16, contiguous; weights: (N_i, K_i) of x's dtype, contiguous, K_i <= K_max -> (M, sum N_i)
 // (out, when given: a benchmark reuses it rather than fault in a fresh allocation per pass):
 // linear i's output in its own columns, each row's bits those of linear(x[:, :K_i], W_i). One call, one start of
@@ -812,6 +902,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "a round's greedy Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), "
         "in place on the chain's tensors; the bits of the per-step path; -> k, the drafting steps run");
+  m.def("target_pass", &target_pass, py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"),
+        py::arg("finished"), py::arg("max_new"), py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"),
+        py::arg("drafts"), py::arg("n_drafts"), py::arg("q_len"), py::arg("rope_cos"), py::arg("rope_sin"),
+        py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
+        py::arg("norm"), py::arg("norm_eps"), py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"),
+        py::arg("head_dim"), py::arg("eps"), py::arg("kv_len"), py::call_guard<py::gil_scoped_release>(),
+        "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy acceptance "
+        "and commit, in place on the decode state; the bits of the step-by-step path; -> (accepted, committed)");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "

@@ -240,3 +240,20 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
                               embed, *rope_tables, weights, qkv_bias, o_bias, *caches, adapter_weights,
                               *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps, adapter_eps,
                               chain.drafts.shape[1], eta, base_len)
+
+
+def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
+                head_dim: int, eps: float, kv_len: int, embed=None, chain=None):
+    """A plain step (``embed`` given: from each row's token) or a verification of ``chain``'s first ``q_len - 1``
+    drafts (from its exit states) with the final norm (an ``RMSNorm``), the head (an ``nn.Linear`` without bias),
+    greedy acceptance and commit in one call (csrc/cpu/target_pass.cpp), in place on ``state``; the bits of the
+    step-by-step path. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension.
+    Returns (accepted, committed) (B,) int64."""
+    weights, qkv_bias, o_bias = stack
+    exits = drafts = n_drafts = e_prev = None
+    if chain is not None:
+        exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
+    return load().target_pass(state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new,
+                              state.eos, e_prev, embed, exits, drafts, n_drafts, q_len, *rope_tables, weights,
+                              qkv_bias, o_bias, *caches, norm.weight, norm.eps, head.weight, n_heads, n_kv_heads,
+                              head_dim, eps, kv_len)

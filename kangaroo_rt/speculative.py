@@ -408,6 +408,9 @@ class Decoder:
     def ar_step(self, state: DecodeState) -> torch.Tensor:
         """One plain decoding step for every unfinished row. Returns the tokens committed per row (B,)."""
         kv_len = int(state.pos.max()) + 1
+        fused = self._cpu_pass(state, None, 0, kv_len)
+        if fused is not None:
+            return fused[1]
         logits = self.target(state.token[:, None], state.pos[:, None], self.cache, kv_len=kv_len)[:, -1]
         token = state.sampler.select(logits)
         active = ~state.finished
@@ -473,13 +476,16 @@ class Decoder:
         """Target layers ``l..N-1`` over the first ``k + 1`` exit states, the head, acceptance and commit (up to
         EOS and the row limits), ``pos`` advanced past the committed tokens, ``token`` and ``e_prev`` set for the
         next round. Returns (rows that were active (B,) bool, accepted drafts (B,), committed tokens (B,))."""
+        was_active = ~state.finished
+        fused = self._cpu_pass(state, chain, k, kv_len)
+        if fused is not None:
+            return was_active, *fused
         target = self.target
         exits = chain.exits[:, :k + 1]
         vpos = state.pos[:, None] + torch.arange(k + 1, device=state.pos.device)[None, :]
         h = target.forward_layers(exits, vpos, self.exit_layer, target.num_layers, self.cache, kv_len=kv_len)
         logits = target.head(h)  # (B, K+1, V)
         drafts = chain.drafts[:, :k]
-        was_active = ~state.finished
         if state.sampler.greedy:  # accept, commit up to EOS and advance pos, in place and on the device
             accepted, nxt, committed = ops.accept_greedy_commit(drafts, chain.n_drafts, greedy_tokens(logits),
                                                                 state.out, state.n_gen, state.finished, state.pos,
@@ -538,6 +544,28 @@ class Decoder:
                                     self.cache.layers(0, l), adapter_weights, self.adapter_cache.layer(0), head, ids,
                                     c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
                                     adapter.config.rms_norm_eps, eta, base_len)
+
+    def _cpu_pass(self, state: DecodeState, chain: Optional[DraftChain], k: int,
+                  kv_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A plain step (``chain`` None) or the verification of ``chain``'s first ``k`` drafts, with the head,
+        greedy acceptance and commit, in one extension call (csrc/cpu/target_pass.cpp) with the same bits and tokens
+        as :meth:`ar_step` / :meth:`verify`, where every op of them would be served by the CPU extension anyway.
+        Returns (accepted, committed) (B,), or None when the step-by-step path must serve."""
+        target = self.target
+        if not state.sampler.greedy or kv_len > self.cache.max_len or target.lm_head.bias is not None:
+            return None
+        start = 0 if chain is None else self.exit_layer
+        positions = state.pos[:, None]
+        probe = chain.exits[:, :k + 1] if chain is not None else torch.empty(
+            state.batch, 1, 0, dtype=target.dtype, device=positions.device)
+        stack = target._cpu_stack(probe, positions, start, target.num_layers)
+        if stack is None or ops.backends(("argmax", "accept_greedy_commit"), positions.device) != ("cpu", "cpu"):
+            return None
+        c = target.config
+        return _cpu_ext.target_pass(state, self._rope_tables(), stack, self.cache.layers(start, target.num_layers),
+                                    target.norm, target.lm_head, k + 1, c.num_attention_heads, c.num_key_value_heads,
+                                    c.head_dim, c.rms_norm_eps, kv_len,
+                                    embed=target.embed_tokens.weight if chain is None else None, chain=chain)
 
     def _rope_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, head_dim) of positions 0..T-1 for the cache's T, by :meth:`Transformer.rope` (elementwise,

@@ -288,6 +288,59 @@ int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a);
 // One thread's part of the chain. Returns a kr_cpu_status (KR_CPU_BAD_ARGUMENT for a token outside the vocabulary).
 int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 
+// ---- A target pass with greedy acceptance in one call (target_pass.cpp): a plain decoding step (the embedding of
+// each row's token at pos, all layers) or Kangaroo's verification (the exit states of a round's k drafts + 1 at
+// pos .. pos + k, layers l..N-1), then the final norm, the LM head, the greedy choice per position and
+// kr_cpu_accept_greedy_commit's acceptance and commit (k = 0: the step's token committed), the rows that reached
+// max_new finished, token set to each row's next token and, for a verification, e_prev to the exit state at the
+// accepted length. What kangaroo_rt.speculative.Decoder.ar_step and .verify do under greedy choice, each op on the
+// kernels above with the same arguments: the same bits and tokens.
+typedef struct kr_cpu_target_pass_args {
+  int dtype;
+  int64_t batch, q_len;  // B; Q = k + 1 positions per row (1 for a plain step)
+  int64_t hidden_size, n_heads, n_kv_heads, head_dim, intermediate, max_len, kv_len;  // D, Hq, Hkv, Dh, I, T, slots
+  float eps, norm_eps, scale;  // the layers' and the final norm's epsilon; the softmax scale
+  int64_t n_layers;
+  const kr_cpu_decoder_layer* layers;  // (n_layers,)
+  int64_t cache_stride[3];
+  const void* embed;  // (vocab, D): the pass starts from the embedding of token (a plain step); NULL: from exits
+  int64_t vocab;
+  const void* exits;  // (B, >= Q, D) of row stride exits_stride (in elements) when embed is NULL
+  int64_t exits_stride;
+  const void* norm;   // (D,)
+  const void* head;   // (head_rows, D) contiguous
+  int64_t head_rows;
+  const void* rope_cos;  // (T, Dh) contiguous: cos and sin of positions 0..T-1; needs pos[b] + Q <= T
+  const void* rope_sin;
+  const int64_t* drafts;  // (B, Q - 1) of row stride drafts_stride, NULL when Q == 1
+  int64_t drafts_stride;
+  const int64_t* n_drafts;  // (B,), NULL when Q == 1
+  // The decode state, in place: (B,) each; out (B, out_width) of row stride out_stride; e_prev (B, D) or NULL.
+  int64_t* pos;
+  int64_t* token;
+  int64_t* out;
+  int64_t out_stride, out_width;
+  int64_t* n_gen;
+  uint8_t* finished;
+  const int64_t* max_new;
+  const int64_t* eos;  // (n_eos,)
+  int64_t n_eos;
+  void* e_prev;
+  int64_t* accepted;   // out (B,)
+  int64_t* committed;  // out (B,)
+  int64_t threads;     // how many threads are expected to call (sizes the chunks; any number may)
+  void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+} kr_cpu_target_pass_args;
+
+// Bytes of workspace the call needs; -1 for impossible sizes.
+int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a);
+
+// KR_CPU_OK when kr_cpu_target_pass can run these arguments, checked once before the threads start.
+int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* a);
+
+// One thread's part of the pass. Returns a kr_cpu_status (KR_CPU_BAD_ARGUMENT for a token outside the vocabulary).
+int kr_cpu_target_pass(int isa, const kr_cpu_target_pass_args* a);
+
 // ---- A sweep of linears, for benchmarks: y_i = x W_i^T for i = 0..n-1, one after another on one set of threads that
 // claim chunks of each as the decoder stack claims its linears (the same code), so that a benchmark measures the
 // kernel's stream as the stack drives it, without a call, a thread start and an output allocation per matrix.

@@ -1,0 +1,157 @@
+// A target pass with greedy acceptance in one call, on one set of threads. See kr_cpu.h for the contract.
+//
+// The step-by-step path (Decoder.ar_step / .verify) spends ~0.1 ms (a plain step) to ~0.27 ms (a verification) in
+// Python around its extension calls on SmolLM2: positions and RoPE rows, the stack call's argument lists, the
+// final norm, the head, the choice, the acceptance and a few state updates, each a call of its own. Here they are
+// phases of one region on the decoder stack's machinery (kr_cpu_stack.h).
+#include "kr_cpu_stack.h"
+
+namespace {
+
+using namespace kr_cpu;
+
+constexpr int64_t kExtraPhases = 6;  // inputs, final norm, head, choice, acceptance (+ one spare)
+
+struct PassLayout {
+  int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
+};
+
+kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
+  kr_cpu_decoder_args s{};
+  s.dtype = a.dtype;
+  s.batch = a.batch, s.q_len = a.q_len, s.hidden_size = a.hidden_size, s.n_heads = a.n_heads;
+  s.n_kv_heads = a.n_kv_heads, s.head_dim = a.head_dim, s.intermediate = a.intermediate;
+  s.max_len = a.max_len, s.kv_len = a.kv_len, s.eps = a.eps, s.scale = a.scale;
+  s.n_layers = a.n_layers, s.layers = a.layers;
+  for (int d = 0; d < 3; ++d) s.cache_stride[d] = a.cache_stride[d];
+  s.pos_stride[0] = a.q_len, s.pos_stride[1] = 1;
+  s.threads = a.threads;
+  return s;
+}
+
+PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
+  const int64_t e = elt_size(a.dtype), M = a.batch * a.q_len, D = a.hidden_size, Dh = a.head_dim, V = a.head_rows;
+  PassLayout l{};
+  int64_t at = 0;
+  auto take = [&at](int64_t bytes) {
+    const int64_t here = at;
+    at += align64(bytes);
+    return here;
+  };
+  l.sync = take((kPhasesPerLayer * a.n_layers + kExtraPhases) * kCounterStride * 8);
+  l.status = take(8);
+  l.h = take(M * D * e);
+  l.xn = take(M * D * e);
+  l.positions = take(M * 8);
+  l.cos = take(M * Dh * e);
+  l.sin = take(M * Dh * e);
+  l.logits = take(M * V * e);
+  l.yf = take(a.dtype == KR_CPU_FLOAT32 ? 0 : M * V * 4);
+  l.idx = take(M * 8);
+  l.next = take(a.batch * 8);
+  l.no_drafts = take(a.batch * 8);
+  l.stack = take(StackBuffers(sizes_of(stack_args(a)), a.dtype).total);
+  l.total = at;
+  return l;
+}
+
+template <typename T>
+int run_pass(int isa, const kr_cpu_target_pass_args& a) {
+  const PassLayout l = pass_layout_of(a);
+  char* ws = static_cast<char*>(a.workspace);
+  int64_t* status = reinterpret_cast<int64_t*>(ws + l.status);
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads));
+  const int64_t B = a.batch, Q = a.q_len, M = B * Q, D = a.hidden_size, Dh = a.head_dim, V = a.head_rows;
+  T* h = reinterpret_cast<T*>(ws + l.h);
+  T* xn = reinterpret_cast<T*>(ws + l.xn);
+  int64_t* positions = reinterpret_cast<int64_t*>(ws + l.positions);
+  T* cos = reinterpret_cast<T*>(ws + l.cos);
+  T* sin = reinterpret_cast<T*>(ws + l.sin);
+  T* logits = reinterpret_cast<T*>(ws + l.logits);
+  int64_t* idx = reinterpret_cast<int64_t*>(ws + l.idx);
+  int64_t* next = reinterpret_cast<int64_t*>(ws + l.next);
+  const T* exits = static_cast<const T*>(a.exits);
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T), rope_bytes = static_cast<size_t>(Dh) * sizeof(T);
+
+  ph.each(1, [&](int64_t) {  // the inputs: positions pos + i, their RoPE rows, the hidden states
+    int rc = KR_CPU_OK;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < Q; ++i) {
+        const int64_t m = b * Q + i, p = a.pos[b] + i;
+        positions[m] = p;
+        std::memcpy(cos + m * Dh, static_cast<const T*>(a.rope_cos) + p * Dh, rope_bytes);
+        std::memcpy(sin + m * Dh, static_cast<const T*>(a.rope_sin) + p * Dh, rope_bytes);
+        if (a.embed == nullptr)
+          std::memcpy(h + m * D, exits + b * a.exits_stride + i * D, row_bytes);
+        else if (a.token[b] < 0 || a.token[b] >= a.vocab)
+          rc = KR_CPU_BAD_ARGUMENT;
+        else
+          std::memcpy(h + m * D, static_cast<const T*>(a.embed) + a.token[b] * D, row_bytes);
+      }
+    }
+    return rc;
+  });
+  kr_cpu_decoder_args s = stack_args(a);
+  s.hidden = h, s.positions = positions, s.cos = cos, s.sin = sin;
+  stack_body<T>(ph, isa, s, ws + l.stack);
+  const int64_t norm_rows = std::max<int64_t>(1, 4096 / D);
+  ph.each(ceil_div(M, norm_rows), [&](int64_t c) {  // the final norm
+    return kr_cpu_rms_norm_rows(isa, a.dtype, h, D, nullptr, 0, a.norm, D, a.norm_eps, xn, nullptr, c * norm_rows,
+                                std::min(M, (c + 1) * norm_rows));
+  });
+  linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
+  ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
+  ph.each(1, [&](int64_t) {  // acceptance and commit, the limits, the next round's token and exit state
+    const int64_t* n_drafts = Q > 1 ? a.n_drafts : reinterpret_cast<const int64_t*>(ws + l.no_drafts);
+    const int rc = kr_cpu_accept_greedy_commit(a.drafts, a.drafts_stride, 1, n_drafts, idx, Q, 1, B, Q - 1, a.out,
+                                               a.out_stride, a.out_width, a.n_gen, a.finished, a.pos, a.eos, a.n_eos,
+                                               a.accepted, next, a.committed);
+    for (int64_t b = 0; rc == KR_CPU_OK && b < B; ++b) {
+      if (a.n_gen[b] >= a.max_new[b]) a.finished[b] = 1;
+      a.token[b] = next[b];
+      if (a.e_prev != nullptr)
+        std::memcpy(static_cast<T*>(a.e_prev) + b * D, exits + b * a.exits_stride + a.accepted[b] * D, row_bytes);
+    }
+    return rc;
+  });
+  return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
+}
+
+}  // namespace
+
+extern "C" int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a) {
+  if (a == nullptr || a->batch < 0 || a->q_len < 1 || a->q_len > KR_CPU_MAX_ROWS_PER_PASS || a->hidden_size <= 0 ||
+      a->n_heads <= 0 || a->n_kv_heads <= 0 || a->head_dim <= 0 || a->intermediate < 0 || a->n_layers < 0 ||
+      a->head_rows <= 0 || a->head_rows >= (int64_t{1} << 31) ||
+      (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
+    return -1;
+  return pass_layout_of(*a).total;
+}
+
+extern "C" int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* a) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (kr_cpu_target_pass_workspace_bytes(a) < 0 || a->threads < 1 || a->n_eos < 0 || a->out_width < 0)
+    return KR_CPU_BAD_ARGUMENT;
+  if (a->batch == 0) return KR_CPU_OK;
+  const bool from_tokens = a->embed != nullptr;
+  if ((from_tokens ? (a->q_len != 1 || a->vocab <= 0) : a->exits == nullptr || a->exits_stride < a->q_len * a->hidden_size) ||
+      (a->q_len > 1 && (a->drafts == nullptr || a->n_drafts == nullptr || a->drafts_stride < a->q_len - 1)) ||
+      (a->e_prev != nullptr && from_tokens) || a->norm == nullptr || a->head == nullptr || a->rope_cos == nullptr ||
+      a->rope_sin == nullptr || a->pos == nullptr || a->token == nullptr || a->out == nullptr || a->n_gen == nullptr ||
+      a->finished == nullptr || a->max_new == nullptr || (a->eos == nullptr && a->n_eos > 0) ||
+      a->accepted == nullptr || a->committed == nullptr || a->workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  for (int64_t b = 0; b < a->batch; ++b)
+    if (a->pos[b] < 0 || a->pos[b] + a->q_len > a->max_len) return KR_CPU_BAD_ARGUMENT;
+  kr_cpu_decoder_args s = stack_args(*a);
+  s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->pos, s.workspace = a->workspace;
+  return kr_cpu_decoder_check(isa, &s);
+}
+
+extern "C" int kr_cpu_target_pass(int isa, const kr_cpu_target_pass_args* a) {
+  const int rc = kr_cpu_target_pass_check(isa, a);
+  if (rc != KR_CPU_OK) return rc;
+  if (a->batch == 0) return KR_CPU_OK;
+  return a->dtype == KR_CPU_FLOAT32 ? run_pass<float>(isa, *a) : run_pass<uint16_t>(isa, *a);
+}

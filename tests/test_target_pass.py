@@ -1,0 +1,102 @@
+"""A target pass in one extension call (csrc/cpu/target_pass.cpp, ``Decoder._cpu_pass``): the plain step and the
+verification equal the step-by-step path (``ar_step`` / ``verify`` with ``_cpu_pass`` off) bit for bit: tokens,
+counters, positions, exit states and caches."""
+import pytest
+import torch
+
+from kangaroo_rt import _cpu_ext
+from kangaroo_rt.speculative import Decoder, DraftChain
+
+from test_draft_chain import _decoder, _started_state
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+
+
+def _state_tensors(decoder, state):
+    return [t.clone() for t in (state.out, state.n_gen, state.finished, state.pos, state.token)] + (
+        [state.e_prev.clone()] if state.e_prev is not None else []) + [decoder.cache.k.clone(), decoder.cache.v.clone()]
+
+
+def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo):
+    torch.manual_seed(0)
+    decoder = _decoder(dtype, exit_layer, None, qwen)
+    if not one_call:
+        decoder._cpu_pass = lambda *args: None
+    snaps = []
+    with torch.no_grad():
+        state = _started_state(decoder, batch, gamma, seed=13)
+        if eos is not None:
+            state.eos = torch.tensor(eos)
+        for _ in range(rounds):
+            if kangaroo:
+                chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
+                base_len = int(state.pos.max()) + 1
+                k = decoder.draft_round(state, chain, gamma, eta, base_len)
+                result = decoder.verify(state, chain, k, base_len + k)
+            else:
+                result = (decoder.ar_step(state),)
+            snaps.append([r.clone() for r in result] + _state_tensors(decoder, state))
+    return snaps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
+    (False, 1, 1, 4, 0.0, False, None),
+    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),  # EOS ids, a finished row, a row at its limit; q/k/v biases
+    (True, 1, 1, 4, 0.0, False, None),  # verification over gamma + 1 positions
+    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
+    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),  # rows finishing at EOS mid-round
+])
+def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer, batch, gamma, eta, qwen, eos):
+    fused = _run(True, dtype, exit_layer, batch, gamma, eta, qwen, eos, 5, kangaroo)
+    steps = _run(False, dtype, exit_layer, batch, gamma, eta, qwen, eos, 5, kangaroo)
+    for a, b in zip(fused, steps):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_the_step_by_step_path_serves_sampling_and_past_the_cache():
+    from kangaroo_rt.config import SamplingConfig
+    from kangaroo_rt.speculative import BatchSampling
+
+    decoder = _decoder(torch.float32, 1)
+    with torch.no_grad():
+        state = _started_state(decoder, 2, 3, seed=2)
+        assert decoder._cpu_pass(state, None, 0, decoder.cache.max_len + 1) is None
+        state.sampler = BatchSampling(SamplingConfig(do_sample=True), None)
+        assert decoder._cpu_pass(state, None, 0, int(state.pos.max()) + 1) is None
+
+
+def test_a_token_outside_the_vocabulary_is_an_error():
+    decoder = _decoder(torch.float32, 1)
+    with torch.no_grad():
+        state = _started_state(decoder, 1, 2, seed=4)
+        state.token[0] = -3
+        with pytest.raises(RuntimeError, match="status 1"):
+            decoder._cpu_pass(state, None, 0, int(state.pos.max()) + 1)
+
+
+def test_generate_uses_it_and_keeps_the_tokens(monkeypatch):
+    """A whole greedy decode, plain and Kangaroo, with both one-call paths on and off: the same sequences."""
+    import kangaroo_rt as K
+
+    decoder = _decoder(torch.bfloat16, 2)
+    model = K.KangarooModel(decoder.target, decoder.adapter, exit_layer=2)
+    prompts = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(3))
+
+    def decode():
+        return [model.generate(prompts, max_new_tokens=20, do_sample=False, **kw) for kw in ({}, {"kangaroo": None})]
+
+    calls, original = [], Decoder._cpu_pass
+    monkeypatch.setattr(Decoder, "_cpu_pass", lambda self, *args: calls.append(1) or original(self, *args))
+    fused = decode()
+    assert calls  # the one-call path ran
+    monkeypatch.setattr(Decoder, "_cpu_pass", lambda self, *args: None)
+    monkeypatch.setattr(Decoder, "_cpu_chain", lambda self, *args: None)
+    for a, b in zip(fused, decode()):
+        assert torch.equal(a, b)
