@@ -577,13 +577,23 @@ class Decoder:
             self._rope_table_pair, self._rope_key = (cos[0], sin[0]), key
         return self._rope_table_pair
 
+    def _chain_for(self, state: DecodeState, gamma: int) -> DraftChain:
+        """A :class:`DraftChain` for this batch size and gamma, allocated once and reused by every round (each
+        round's :meth:`begin_round` resets it)."""
+        t = self.target
+        key = (state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
+        if getattr(self, "_chain_key", None) != key:
+            self._chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
+            self._chain_key = key
+        self._chain.probs.clear()
+        return self._chain
+
     def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:
         """One draft-verify-accept round, eagerly: drafting stops when no row drafts, attention reads the live
         length. ``timed``: on CUDA, synchronize so that the draft and verify seconds in ``stats`` are the device's
         (the engine does not). Returns the tokens committed per row (B,)."""
         gamma, eta = kcfg.gamma, float(kcfg.eta)
-        t = self.target
-        chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
+        chain = self._chain_for(state, gamma)
         base_len = int(state.pos.max()) + 1
         sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
