@@ -40,12 +40,7 @@ DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
   const int64_t e = elt_size(a.dtype), B = a.batch, D = a.hidden_size, Dh = a.head_dim, N = a.head_rows;
   const int64_t phases = 1 + (a.gamma + 1) * (kPhasesPerLayer * a.exit_layer + kStepPhases);
   DraftLayout l{};
-  int64_t at = 0;
-  auto take = [&at](int64_t bytes) {
-    const int64_t here = at;
-    at += align64(bytes);
-    return here;
-  };
+  Carve take;
   l.sync = take(phases * kCounterStride * 8);
   l.status = take(8);
   l.go = take(8);
@@ -63,7 +58,7 @@ DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
   l.cf = take(B * 4);
   l.shallow = take(StackBuffers(sizes_of(stack_args(a, false, 1)), a.dtype).total);
   l.adapter = take(StackBuffers(sizes_of(stack_args(a, true, 2)), a.dtype).total);
-  l.total = at;
+  l.total = take.at;
   return l;
 }
 

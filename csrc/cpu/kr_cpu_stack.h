@@ -46,18 +46,23 @@ inline Sizes sizes_of(const kr_cpu_decoder_args& a) {
   return s;
 }
 
+// Consecutive 64-byte aligned parts of a workspace: take(bytes) returns the next part's offset; at is the size so far.
+struct Carve {
+  int64_t at = 0;
+  int64_t operator()(int64_t bytes) {
+    const int64_t here = at;
+    at += align64(bytes);
+    return here;
+  }
+};
+
 // The scratch rows of a stack's ops, carved out of a workspace: their bytes and offsets.
 struct StackBuffers {
   int64_t xn, qkv, q_rot, attn, o, gu, act, yf, total;  // byte offsets from the start of the buffers
 
   StackBuffers(const Sizes& s, int dtype) {
     const int64_t e = elt_size(dtype);
-    int64_t at = 0;
-    auto take = [&at](int64_t bytes) {
-      const int64_t here = at;
-      at += align64(bytes);
-      return here;
-    };
+    Carve take;
     xn = take(s.M * s.D * e);
     qkv = take(s.M * s.Nqkv * e);
     q_rot = take(s.M * s.QW * e);
@@ -66,7 +71,7 @@ struct StackBuffers {
     gu = take(s.M * 2 * s.I * e);
     act = take(s.M * s.I * e);
     yf = take(s.M * s.Ymax * 4);
-    total = at;
+    total = take.at;
   }
 };
 

@@ -32,12 +32,7 @@ kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
 PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   const int64_t e = elt_size(a.dtype), M = a.batch * a.q_len, D = a.hidden_size, Dh = a.head_dim, V = a.head_rows;
   PassLayout l{};
-  int64_t at = 0;
-  auto take = [&at](int64_t bytes) {
-    const int64_t here = at;
-    at += align64(bytes);
-    return here;
-  };
+  Carve take;
   l.sync = take((kPhasesPerLayer * a.n_layers + kExtraPhases) * kCounterStride * 8);
   l.status = take(8);
   l.h = take(M * D * e);
@@ -51,7 +46,7 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.next = take(a.batch * 8);
   l.no_drafts = take(a.batch * 8);
   l.stack = take(StackBuffers(sizes_of(stack_args(a)), a.dtype).total);
-  l.total = at;
+  l.total = take.at;
   return l;
 }
 
