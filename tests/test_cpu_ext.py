@@ -216,6 +216,7 @@ import hashlib, json, sys, torch
 sys.path.insert(0, "tests")
 from test_cpu_ext import _attention_case, _stack_case
 from test_draft_chain import _chain_case
+from test_target_pass import _pass_case
 from kangaroo_rt import _cpu_ext
 cpu = _cpu_ext.load()
 digest = {}
@@ -232,7 +233,7 @@ for dtype in (torch.float32, torch.bfloat16):
     outs.append(cpu.attention(q, kc, vc, pos, None).isnan().float())
     gate_up = torch.randn(3, 2, 2 * 80, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
     outs.append(cpu.silu_mul(gate_up[..., :80], gate_up[..., 80:]))
-    outs += _stack_case(dtype) + _chain_case(dtype)
+    outs += _stack_case(dtype) + _chain_case(dtype) + _pass_case(dtype)
     logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(11)).to(dtype) * 6
     outs += list(cpu.greedy_with_confidence(logits)) + [cpu.argmax(logits)]
     for i, t in enumerate(outs):

@@ -100,3 +100,11 @@ def test_generate_uses_it_and_keeps_the_tokens(monkeypatch):
     monkeypatch.setattr(Decoder, "_cpu_chain", lambda self, *args: None)
     for a, b in zip(fused, decode()):
         assert torch.equal(a, b)
+
+
+def _pass_case(dtype):
+    """Three plain steps and two Kangaroo rounds through the one-call passes on a batch of 3 (for test_cpu_ext's
+    check across variants and thread counts): the tokens, positions, exit states and caches."""
+    plain = _run(True, dtype, 2, 3, 4, 0.0, True, [5, 17], 3, False)[-1]
+    kangaroo = _run(True, dtype, 2, 3, 4, 0.05, True, [5, 17], 2, True)[-1]
+    return plain + kangaroo
