@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <string>
@@ -485,18 +486,21 @@ void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int6
                     w.strides());
 }
 
-// A kernel that runs on one set of threads meeting at counters (the decoder stack, a linear sweep: decoder.cpp):
-// sets args.threads and a zeroed workspace of the size bytes() asks, checks the arguments once before any thread
-// starts (so that no thread stops alone), then runs one task per thread, each calling run(isa, &args) with the
-// same arguments. Fewer threads (a nested call runs inline) compute the same bits.
+// A kernel that runs on one set of threads meeting at counters (the decoder stack and a linear sweep: decoder.cpp;
+// the draft chain; the target pass): sets args.threads and a workspace of the size bytes() asks (its counters
+// zeroed), checks the arguments once before any thread starts (so that no thread stops alone), then runs one task
+// per thread, each calling run(isa, &args) with the same arguments. Fewer threads (a nested call runs inline)
+// compute the same bits.
 template <typename Args>
-void run_one_region(Args& args, int64_t (*bytes)(const Args*), int (*check)(int, const Args*),
+void run_one_region(Args& args, int64_t (*bytes)(const Args*, int64_t*), int (*check)(int, const Args*),
                     int (*run)(int, const Args*), const char* what) {
   args.threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t n = bytes(&args);
+  int64_t zeroed = 0;
+  const int64_t n = bytes(&args, &zeroed);
   TORCH_CHECK_VALUE(n >= 0, what, ": impossible sizes");
-  const at::Tensor workspace = at::zeros({n}, at::TensorOptions().dtype(at::kByte));
+  const at::Tensor workspace = at::empty({n}, at::TensorOptions().dtype(at::kByte));  // (64-byte aligned)
   args.workspace = workspace.data_ptr();
+  std::memset(args.workspace, 0, static_cast<size_t>(zeroed));  // the counters; the scratch rows need no zeros
   const int isa = process_isa();
   const int checked = check(isa, &args);
   TORCH_CHECK_VALUE(checked == KR_CPU_OK, what, ": the kernel refused its arguments (status ", checked, ")");
@@ -543,7 +547,8 @@ void run_stack(at::Tensor& out, const at::Tensor& positions, const at::Tensor& c
 // The kernel's view of the layers given as weights (kLayerWeights per layer), biases and caches (see decoder_layers),
 // checked against hidden (B, q, D) and the head layout; inter is set from the first layer with an MLP (0: none) and
 // biases keeps the fp32 copies of the biases alive.
-std::vector<kr_cpu_decoder_layer> layers_of(const at::Tensor& hidden, const std::vector<c10::optional<at::Tensor>>& weights,
+std::vector<kr_cpu_decoder_layer> layers_of(const at::Tensor& hidden,
+                                            const std::vector<c10::optional<at::Tensor>>& weights,
                                             const std::vector<c10::optional<at::Tensor>>& qkv_bias,
                                             const std::vector<c10::optional<at::Tensor>>& o_bias,
                                             std::vector<at::Tensor>& k_caches, std::vector<at::Tensor>& v_caches,
@@ -676,7 +681,8 @@ int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Te
   for (const at::Tensor* t : {&pos, &token, &n_gen, &max_new, static_cast<const at::Tensor*>(&cap),
                               static_cast<const at::Tensor*>(&x), static_cast<const at::Tensor*>(&n_drafts)})
     check_state_row(*t, B, at::kLong, what, "a (B,) state or chain tensor");
-  for (const at::Tensor* t : {&finished, static_cast<const at::Tensor*>(&active)}) check_state_row(*t, B, at::kBool, what, "a (B,) flag tensor");
+  for (const at::Tensor* t : {&finished, static_cast<const at::Tensor*>(&active)})
+    check_state_row(*t, B, at::kBool, what, "a (B,) flag tensor");
   check_state_row(conf, B, at::kFloat, what, "conf");
   check_tokens(drafts, 2, what, "drafts");
   TORCH_CHECK_VALUE(drafts.size(0) == B && drafts.size(1) == gamma && drafts.is_contiguous(), what,

@@ -466,10 +466,11 @@ class Decoder:
         distribution (B, V) or None under greedy). The one place that maps a draft state to a draft token.
         With a draft vocabulary the choice, its confidence and q are over the K subset logits; the token and
         q are mapped back to the full vocabulary (q is zero outside the subset)."""
+        rows = hidden[:, None]  # (B, 1, D): one token a row, so ops.linear serves any batch as decode rows
         if self.draft_head is None:
             head = self.target.lm_head
-            return sampler.draft(ops.linear(hidden, head.weight, head.bias), active)
-        sub, conf, q = sampler.draft(self.draft_head(hidden), active)
+            return sampler.draft(ops.linear(rows, head.weight, head.bias)[:, 0], active)
+        sub, conf, q = sampler.draft(self.draft_head(rows)[:, 0], active)
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
     def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
@@ -523,8 +524,9 @@ class Decoder:
         it would be served by the CPU extension anyway: greedy choice, CPU tensors, the target's layers ``0..l-1``
         and the adapter each servable in one call, the head served by the extension's linear and argmax. Returns
         k, or None when the step-by-step path must serve."""
-        target, adapter, l = self.target, self.adapter, self.exit_layer
-        if not state.sampler.greedy or state.e_prev is None or base_len + gamma > self.cache.max_len:
+        target, adapter, l, c = self.target, self.adapter, self.exit_layer, self.target.config
+        if (not state.sampler.greedy or state.e_prev is None or base_len + gamma > self.cache.max_len
+                or chain.drafts.shape[1] != gamma):
             return None
         probe = chain.exits[:, :1]  # (B, 1, D)
         positions = state.pos[:, None]
@@ -539,7 +541,13 @@ class Decoder:
             head, ids = target.lm_head.weight, None
         else:
             return None
-        c = target.config
+        a = adapter.config  # the call runs the adapter with the target's head layout, on caches of one layout
+        if not (_dense_of(target.dtype, head, target.embed_tokens.weight)
+                and (a.num_attention_heads, a.num_key_value_heads, a.head_dim)
+                == (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+                and self.adapter_cache.k.shape[1:] == self.cache.k.shape[1:]
+                and self.adapter_cache.k.stride()[1:] == self.cache.k.stride()[1:]):
+            return None
         return _cpu_ext.draft_chain(state, chain, target.embed_tokens.weight, self._rope_tables(), stack,
                                     self.cache.layers(0, l), adapter_weights, self.adapter_cache.layer(0), head, ids,
                                     c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
@@ -561,6 +569,8 @@ class Decoder:
         stack = target._cpu_stack(probe, positions, start, target.num_layers)
         if stack is None or ops.backends(("argmax", "accept_greedy_commit"), positions.device) != ("cpu", "cpu"):
             return None
+        if not _dense_of(target.dtype, target.lm_head.weight, target.norm.weight, target.embed_tokens.weight):
+            return None  # (the step-by-step path sends these to torch, with other bits)
         c = target.config
         return _cpu_ext.target_pass(state, self._rope_tables(), stack, self.cache.layers(start, target.num_layers),
                                     target.norm, target.lm_head, k + 1, c.num_attention_heads, c.num_key_value_heads,
@@ -652,6 +662,11 @@ class Decoder:
         stats.wall_time_s = clock(ids.device, ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
         return state.out[:, :max_new], state.n_gen, stats
+
+
+def _dense_of(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a contiguous CPU tensor of ``dtype``: what the one-call CPU paths read by pointer."""
+    return all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
 def clock(device: torch.device, sync: bool) -> float:

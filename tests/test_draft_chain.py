@@ -48,14 +48,14 @@ def _snapshot(decoder, state, chain):
                                            decoder.adapter_cache.k.clone(), decoder.adapter_cache.v.clone()]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("exit_layer,batch,gamma,eta,draft_ids,qwen", [
-    (1, 1, 4, 0.0, None, False),  # every step drafts: the chain runs to gamma
-    (2, 3, 5, 0.3, None, True),  # rows stop at eta, at their cap, one finished; q/k/v biases
-    (1, 2, 3, 1.1, [0, 2, 3, 6, 40, 96], False),  # only the first draft (confidence <= 1 < eta); a draft vocabulary
-    (2, 4, 6, 0.05, list(range(0, 97, 3)), False),
-])
-def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen):
+def _round_shapes(outs):
+    """(k, n_drafts) of each round of a _compare run."""
+    return [(k, snap[5].tolist()) for k, _, snap in outs]
+
+
+def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3):
+    """Rounds of the one-call chain and of the step-by-step path from the same state: each round's k, exit states,
+    chain, positions and caches must be equal. Returns the one-call run's rounds."""
     results = []
     for one_call in (True, False):
         torch.manual_seed(0)
@@ -63,7 +63,7 @@ def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta
         with torch.no_grad():
             state = _started_state(decoder, batch, gamma, seed=11)
             outs = []
-            for _ in range(3):  # rounds, each verified so that the next starts from a new state
+            for _ in range(rounds):  # rounds, each verified so that the next starts from a new state
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
                 k = (decoder._cpu_chain if one_call else decoder.draft_round)(state, chain, gamma, eta, base_len)
@@ -76,6 +76,38 @@ def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta
         assert torch.equal(e1, e2)
         for a, b in zip(s1, s2):
             assert torch.equal(a, b)
+    return results[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exit_layer,batch,gamma,eta,draft_ids,qwen,shape", [
+    (1, 1, 4, 0.0, None, False, "full"),  # every step drafts: the chain runs to gamma
+    (2, 3, 5, 0.3, None, True, None),  # rows stop at eta, at their cap, one finished; q/k/v biases
+    (1, 2, 3, 1.1, [0, 2, 3, 6, 40, 96], False, None),  # the first draft only (confidence <= 1 < eta); a draft
+    # vocabulary
+    (2, 4, 6, 0.09, list(range(0, 97, 3)), False, "mixed"),
+])
+def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, shape):
+    rounds = _round_shapes(_compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen))
+    if shape == "full":
+        assert all(k == gamma for k, _ in rounds), rounds
+    if shape == "mixed":  # a row stopped at eta or its cap while another drafted on
+        assert any(0 < n < k for k, ns in rounds for n in ns), rounds
+
+
+def test_chain_equals_the_step_by_step_path_above_64_rows():
+    """bf16 batches of more than 64 rows: the draft head sees one token a row on both paths (ops.linear sends bf16
+    inputs of more than 64 tokens to torch)."""
+    _compare(torch.bfloat16, 1, 65, 3, 0.05, None, False, rounds=2)
+
+
+def test_a_head_the_extension_cannot_read_goes_step_by_step():
+    decoder = _decoder(torch.float32, 1, list(range(0, 97, 2)))
+    decoder.draft_head.weight = decoder.draft_head.weight.t().contiguous().t()  # same values, column-major
+    with torch.no_grad():
+        state = _started_state(decoder, 2, 3, seed=2)
+        chain = DraftChain.allocate(2, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
+        assert decoder._cpu_chain(state, chain, 3, 0.5, int(state.pos.max()) + 1) is None
 
 
 def test_rope_tables_hold_the_bits_of_rope_at_each_position():
@@ -87,6 +119,18 @@ def test_rope_tables_hold_the_bits_of_rope_at_each_position():
         c, s = decoder.target.rope(positions)
         assert torch.equal(cos[positions], c) and torch.equal(sin[positions], s)
         assert decoder._rope_tables()[0] is cos  # kept while T, dtype and inv_freq are the same
+        decoder.ensure_caches(2, 3500)  # the cache grows: so does the table
+        assert decoder._rope_tables()[0].shape[0] == decoder.cache.max_len >= 3500
+
+
+def test_more_threads_than_cores_give_the_same_chains():
+    """Threads that start late (5 on this machine's cores) claim what is left of each phase: the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        _compare(torch.bfloat16, 2, 4, 6, 0.09, list(range(0, 97, 3)), False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_step_by_step_path_serves_where_the_chain_cannot():

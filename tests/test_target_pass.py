@@ -60,6 +60,21 @@ def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer,
             assert torch.equal(x, y)
 
 
+def test_more_threads_than_cores_give_the_same_passes():
+    """Threads that start late (5 on this machine's cores) claim what is left of each phase, some after the others
+    have advanced the state: the same bits and tokens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        for kangaroo in (False, True):
+            fused = _run(True, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo)
+            steps = _run(False, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo)
+            for a, b in zip(fused, steps):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_step_by_step_path_serves_sampling_and_past_the_cache():
     from kangaroo_rt.config import SamplingConfig
     from kangaroo_rt.speculative import BatchSampling

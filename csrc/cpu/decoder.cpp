@@ -70,16 +70,18 @@ int run_sweep(int isa, const kr_cpu_linear_sweep_args& a) {
 
 }  // namespace
 
-extern "C" int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a) {
+extern "C" int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a, int64_t* zeroed_bytes) {
   if (a == nullptr || a->rows < 0 || a->n_linears < 0 || (a->n_linears > 0 && a->n_out == nullptr) ||
       (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
-  return sweep_layout_of(*a).total;
+  const SweepLayout l = sweep_layout_of(*a);
+  if (zeroed_bytes != nullptr) *zeroed_bytes = l.yf;
+  return l.total;
 }
 
 extern "C" int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args* a) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
-  if (kr_cpu_linear_sweep_workspace_bytes(a) < 0 || a->threads < 1) return KR_CPU_BAD_ARGUMENT;
+  if (kr_cpu_linear_sweep_workspace_bytes(a, nullptr) < 0 || a->threads < 1) return KR_CPU_BAD_ARGUMENT;
   if (a->n_linears == 0 || a->rows == 0) return KR_CPU_OK;
   if (a->weights == nullptr || a->n_in == nullptr || a->x == nullptr || a->y == nullptr || a->workspace == nullptr ||
       reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
@@ -100,17 +102,19 @@ extern "C" int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a) {
   return a->dtype == KR_CPU_FLOAT32 ? run_sweep<float>(isa, *a) : run_sweep<uint16_t>(isa, *a);
 }
 
-extern "C" int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a) {
+extern "C" int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a, int64_t* zeroed_bytes) {
   if (a == nullptr || a->batch < 0 || a->q_len < 0 || a->hidden_size <= 0 || a->n_heads <= 0 ||
       a->n_kv_heads <= 0 || a->head_dim <= 0 || a->intermediate < 0 || a->n_layers < 0 ||
       (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
-  return layout_of(*a).total;
+  const Layout l = layout_of(*a);
+  if (zeroed_bytes != nullptr) *zeroed_bytes = l.buffers;
+  return l.total;
 }
 
 extern "C" int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
-  if (kr_cpu_decoder_workspace_bytes(a) < 0 || a->n_heads % a->n_kv_heads != 0 || a->head_dim % 2 != 0 ||
+  if (kr_cpu_decoder_workspace_bytes(a, nullptr) < 0 || a->n_heads % a->n_kv_heads != 0 || a->head_dim % 2 != 0 ||
       a->max_len < 0 || a->kv_len < 0 || a->kv_len > a->max_len || a->threads < 1)
     return KR_CPU_BAD_ARGUMENT;
   if (a->n_layers == 0 || a->batch * a->q_len == 0) return KR_CPU_OK;

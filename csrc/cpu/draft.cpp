@@ -177,17 +177,21 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
 
 }  // namespace
 
-extern "C" int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a) {
+extern "C" int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a, int64_t* zeroed_bytes) {
   if (a == nullptr || a->batch < 0 || a->hidden_size <= 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
       a->head_dim <= 0 || a->intermediate < 0 || a->gamma < 1 || a->exit_layer < 1 || a->head_rows <= 0 ||
       a->head_rows >= (int64_t{1} << 31) || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
-  return draft_layout_of(*a).total;
+  const DraftLayout l = draft_layout_of(*a);
+  if (zeroed_bytes != nullptr) *zeroed_bytes = l.h;
+  return l.total;
 }
 
-extern "C" int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a) {
+// The checks of kr_cpu_draft_check; with state, also the values it reads (positions, head ids), which only the
+// one check before the threads start needs to read.
+static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
-  if (kr_cpu_draft_workspace_bytes(a) < 0 || a->threads < 1 || a->vocab <= 0 || a->max_len < 1 ||
+  if (kr_cpu_draft_workspace_bytes(a, nullptr) < 0 || a->threads < 1 || a->vocab <= 0 || a->max_len < 1 ||
       a->base_len < 1 || a->base_len + a->gamma > a->max_len)
     return KR_CPU_BAD_ARGUMENT;
   if (a->batch == 0) return KR_CPU_OK;
@@ -197,11 +201,12 @@ extern "C" int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a) {
       a->conf == nullptr || a->x == nullptr || a->drafts == nullptr || a->n_drafts == nullptr || a->exits == nullptr ||
       a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
     return KR_CPU_BAD_ARGUMENT;
-  for (int64_t b = 0; b < a->batch; ++b)
+  for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 1 || a->pos[b] + a->gamma >= a->max_len) return KR_CPU_BAD_ARGUMENT;
-  for (int64_t n = 0; a->head_ids != nullptr && n < a->head_rows; ++n)
+  for (int64_t n = 0; state && a->head_ids != nullptr && n < a->head_rows; ++n)
     if (a->head_ids[n] < 0 || a->head_ids[n] >= a->vocab) return KR_CPU_BAD_ARGUMENT;
-  if (a->adapter == nullptr || a->adapter->gate_up != nullptr || a->adapter->down != nullptr) return KR_CPU_BAD_ARGUMENT;
+  if (a->adapter == nullptr || a->adapter->gate_up != nullptr || a->adapter->down != nullptr)
+    return KR_CPU_BAD_ARGUMENT;
   for (int adapter = 0; adapter < 2; ++adapter) {  // each stack as the decoder stack checks it
     kr_cpu_decoder_args s = stack_args(*a, adapter == 1, 1 + adapter);
     s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->exits, s.workspace = a->workspace;
@@ -211,8 +216,10 @@ extern "C" int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a) {
   return KR_CPU_OK;
 }
 
+extern "C" int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a) { return check_chain(isa, a, true); }
+
 extern "C" int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a) {
-  const int rc = kr_cpu_draft_check(isa, a);
+  const int rc = check_chain(isa, a, false);
   if (rc != KR_CPU_OK) return rc;
   if (a->batch == 0) {
     *a->steps = 0;

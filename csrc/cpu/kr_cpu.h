@@ -216,11 +216,13 @@ typedef struct kr_cpu_decoder_args {
   int64_t pos_stride[2];
   void* hidden;       // (B * Q, D) contiguous: the input, overwritten by the output
   int64_t threads;    // how many threads are expected to call (sizes the chunks; any number may)
-  void* workspace;    // kr_cpu_decoder_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+  void* workspace;    // kr_cpu_decoder_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_decoder_args;
 
-// Bytes of workspace the call needs; -1 for impossible sizes.
-int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a);
+// Bytes of workspace the call needs; -1 for impossible sizes. *zeroed_bytes (when not NULL) is set to the
+// leading bytes of it (the threads' counters) that must be zero before the call; the rest may hold anything. The
+// same for the draft chain, the target pass and the sweep below.
+int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a, int64_t* zeroed_bytes);
 
 // KR_CPU_OK when kr_cpu_decoder_layers can run these arguments (sizes, pointers, variant), checked once before
 // the threads start, so that no thread stops alone.
@@ -275,11 +277,11 @@ typedef struct kr_cpu_draft_args {
   void* exits;
   int64_t* steps;   // out: the drafting steps run, k (the exit states of exits[:, :k + 1] are set)
   int64_t threads;  // how many threads are expected to call (sizes the chunks; any number may)
-  void* workspace;  // kr_cpu_draft_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+  void* workspace;  // kr_cpu_draft_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_draft_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes.
-int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a);
+int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a, int64_t* zeroed_bytes);
 
 // KR_CPU_OK when kr_cpu_draft_chain can run these arguments (sizes, pointers, positions, variant), checked once
 // before the threads start.
@@ -329,11 +331,11 @@ typedef struct kr_cpu_target_pass_args {
   int64_t* accepted;   // out (B,)
   int64_t* committed;  // out (B,)
   int64_t threads;     // how many threads are expected to call (sizes the chunks; any number may)
-  void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, zeroed before the call
+  void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_target_pass_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes.
-int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a);
+int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a, int64_t* zeroed_bytes);
 
 // KR_CPU_OK when kr_cpu_target_pass can run these arguments, checked once before the threads start.
 int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* a);
@@ -358,11 +360,11 @@ typedef struct kr_cpu_linear_sweep_args {
   void* y;                     // (M, ld_y): linear i writes n_out[i] columns after those of linears 0..i-1
   int64_t ld_y;                // >= the sum of n_out
   int64_t threads;             // how many threads are expected to call (sizes the chunks; any number may)
-  void* workspace;             // kr_cpu_linear_sweep_workspace_bytes(args) bytes, 64-byte aligned, zeroed
+  void* workspace;             // kr_cpu_linear_sweep_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_linear_sweep_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes.
-int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a);
+int64_t kr_cpu_linear_sweep_workspace_bytes(const kr_cpu_linear_sweep_args* a, int64_t* zeroed_bytes);
 
 // KR_CPU_OK when kr_cpu_linear_sweep can run these arguments, checked once before the threads start.
 int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args* a);

@@ -97,7 +97,9 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
   linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
   ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
   ph.each(1, [&](int64_t) {  // acceptance and commit, the limits, the next round's token and exit state
-    const int64_t* n_drafts = Q > 1 ? a.n_drafts : reinterpret_cast<const int64_t*>(ws + l.no_drafts);
+    int64_t* no_drafts = reinterpret_cast<int64_t*>(ws + l.no_drafts);
+    if (Q == 1) std::fill(no_drafts, no_drafts + B, int64_t{0});
+    const int64_t* n_drafts = Q > 1 ? a.n_drafts : no_drafts;
     const int rc = kr_cpu_accept_greedy_commit(a.drafts, a.drafts_stride, 1, n_drafts, idx, Q, 1, B, Q - 1, a.out,
                                                a.out_stride, a.out_width, a.n_gen, a.finished, a.pos, a.eos, a.n_eos,
                                                a.accepted, next, a.committed);
@@ -114,22 +116,28 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
 
 }  // namespace
 
-extern "C" int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a) {
+extern "C" int64_t kr_cpu_target_pass_workspace_bytes(const kr_cpu_target_pass_args* a, int64_t* zeroed_bytes) {
   if (a == nullptr || a->batch < 0 || a->q_len < 1 || a->q_len > KR_CPU_MAX_ROWS_PER_PASS || a->hidden_size <= 0 ||
       a->n_heads <= 0 || a->n_kv_heads <= 0 || a->head_dim <= 0 || a->intermediate < 0 || a->n_layers < 0 ||
       a->head_rows <= 0 || a->head_rows >= (int64_t{1} << 31) ||
       (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
-  return pass_layout_of(*a).total;
+  const PassLayout l = pass_layout_of(*a);
+  if (zeroed_bytes != nullptr) *zeroed_bytes = l.h;
+  return l.total;
 }
 
-extern "C" int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* a) {
+// The checks of kr_cpu_target_pass_check; with state, also the positions, which the pass itself advances: only the
+// one check before the threads start reads them (a thread starting late would race with the commit).
+static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
-  if (kr_cpu_target_pass_workspace_bytes(a) < 0 || a->threads < 1 || a->n_eos < 0 || a->out_width < 0)
+  if (kr_cpu_target_pass_workspace_bytes(a, nullptr) < 0 || a->threads < 1 || a->n_eos < 0 || a->out_width < 0)
     return KR_CPU_BAD_ARGUMENT;
   if (a->batch == 0) return KR_CPU_OK;
   const bool from_tokens = a->embed != nullptr;
-  if ((from_tokens ? (a->q_len != 1 || a->vocab <= 0) : a->exits == nullptr || a->exits_stride < a->q_len * a->hidden_size) ||
+  const bool bad_source = from_tokens ? (a->q_len != 1 || a->vocab <= 0)
+                                      : (a->exits == nullptr || a->exits_stride < a->q_len * a->hidden_size);
+  if (bad_source ||
       (a->q_len > 1 && (a->drafts == nullptr || a->n_drafts == nullptr || a->drafts_stride < a->q_len - 1)) ||
       (a->e_prev != nullptr && from_tokens) || a->norm == nullptr || a->head == nullptr || a->rope_cos == nullptr ||
       a->rope_sin == nullptr || a->pos == nullptr || a->token == nullptr || a->out == nullptr || a->n_gen == nullptr ||
@@ -137,15 +145,19 @@ extern "C" int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* 
       a->accepted == nullptr || a->committed == nullptr || a->workspace == nullptr ||
       reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
     return KR_CPU_BAD_ARGUMENT;
-  for (int64_t b = 0; b < a->batch; ++b)
+  for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 0 || a->pos[b] + a->q_len > a->max_len) return KR_CPU_BAD_ARGUMENT;
   kr_cpu_decoder_args s = stack_args(*a);
   s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->pos, s.workspace = a->workspace;
   return kr_cpu_decoder_check(isa, &s);
 }
 
+extern "C" int kr_cpu_target_pass_check(int isa, const kr_cpu_target_pass_args* a) {
+  return check_pass(isa, a, true);
+}
+
 extern "C" int kr_cpu_target_pass(int isa, const kr_cpu_target_pass_args* a) {
-  const int rc = kr_cpu_target_pass_check(isa, a);
+  const int rc = check_pass(isa, a, false);
   if (rc != KR_CPU_OK) return rc;
   if (a->batch == 0) return KR_CPU_OK;
   return a->dtype == KR_CPU_FLOAT32 ? run_pass<float>(isa, *a) : run_pass<uint16_t>(isa, *a);
