@@ -144,9 +144,11 @@ def test_stop_strings_cut_the_text_and_free_the_slot(tiny):
     stop = full[10:13]
     assert len(stop) == 3 and full.find(stop) >= 0
     before = tiny.metrics()["kangaroo_rt_requests_aborted_total"]
-    cut = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "@@@@"])
+    # Room for many more tokens than the stop string needs: with 40 the engine could finish the request before the
+    # server's abort at the stop string arrives (a fast engine on this tiny model), and nothing would count as aborted.
+    cut = client.completions.create(model=NAME, prompt=prompt, max_tokens=600, temperature=0, stop=[stop, "@@@@"])
     assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=stop,
+    streamed = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=600, temperature=0, stop=stop,
                                               stream=True))
     assert "".join(ch.choices[0].text for ch in streamed) == cut.choices[0].text
     m = tiny.wait_idle()
