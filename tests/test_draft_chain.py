@@ -1,5 +1,7 @@
 """The greedy draft chain in one extension call (csrc/cpu/draft.cpp, ``Decoder._cpu_chain``) against the step-by-step
 path (``Decoder.draft_round``): the same chain, exit states and caches, bit for bit."""
+import contextlib
+
 import pytest
 import torch
 
@@ -123,14 +125,21 @@ def test_rope_tables_hold_the_bits_of_rope_at_each_position():
         assert decoder._rope_tables()[0].shape[0] == decoder.cache.max_len >= 3500
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's thread count n within, the previous one after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_more_threads_than_cores_give_the_same_chains():
     """Threads that start late (5 on this machine's cores) claim what is left of each phase: the same bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(5)
-    try:
+    with torch_threads(5):
         _compare(torch.bfloat16, 2, 4, 6, 0.09, list(range(0, 97, 3)), False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_step_by_step_path_serves_where_the_chain_cannot():

@@ -7,7 +7,7 @@ import torch
 from kangaroo_rt import _cpu_ext
 from kangaroo_rt.speculative import Decoder, DraftChain
 
-from test_draft_chain import _decoder, _started_state
+from test_draft_chain import _decoder, _started_state, torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,16 +63,12 @@ def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer,
 def test_more_threads_than_cores_give_the_same_passes():
     """Threads that start late (5 on this machine's cores) claim what is left of each phase, some after the others
     have advanced the state: the same bits and tokens."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(5)
-    try:
+    with torch_threads(5):
         for kangaroo in (False, True):
             fused = _run(True, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo)
             steps = _run(False, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo)
             for a, b in zip(fused, steps):
                 assert all(torch.equal(x, y) for x, y in zip(a, b))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_step_by_step_path_serves_sampling_and_past_the_cache():
