@@ -152,6 +152,11 @@ constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
 // into L1 evicts the block being read when K is large).
 constexpr int kPrefetchBlocks = 2;
+// One bf16 activation row (rows_bf16_avx512): no software prefetch. It made the one-row stream slower where it
+// makes 2-8 rows much faster (measured, bench_ab, SmolLM2's matrices, 2 threads, context 600: without it one row
+// 0.87-0.92x, a plain bf16 step 0.84-0.91x; 2-8 rows 1.3-1.7x slower). The fp32 path keeps it: a branch for one
+// row in rows_avx512 made its 2-8 rows 6-22% slower, inlined or not.
+constexpr int kAheadOneRow = 0;
 
 // Software prefetch into L2 of the block kPrefetchBlocks ahead of the current one. The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
@@ -164,10 +169,11 @@ struct Prefetch {
 
   // The slice [lo, lo + bytes of rate) of the block ahead; nothing when W (tail_bytes from the block's start on) ends
   // before it.
-  static Prefetch slice(const void* block, int64_t block_bytes, int64_t tail_bytes, int64_t lo, int64_t rate) {
+  static Prefetch slice(const void* block, int64_t block_bytes, int64_t tail_bytes, int64_t lo, int64_t rate,
+                        int ahead) {
     Prefetch p;
-    if (kPrefetchBlocks == 0 || (kPrefetchBlocks + 1) * block_bytes > tail_bytes) return p;
-    p.begin = static_cast<const char*>(block) + kPrefetchBlocks * block_bytes + lo;
+    if (ahead == 0 || (ahead + 1) * block_bytes > tail_bytes) return p;
+    p.begin = static_cast<const char*>(block) + ahead * block_bytes + lo;
     p.rate = rate;
     return p;
   }
@@ -184,7 +190,7 @@ struct Prefetch {
 // of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kPrefetchBlocks
 // ahead requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
 // into each variant's rows function, so that the group functions, of the same target, inline as well.
-template <int NB, int MB, typename XT, typename WT, auto Group, auto Single>
+template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int kAhead = kPrefetchBlocks>
 KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                               const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   // The groups' first rows and slices of the block ahead, computed once a call: a division per block costs as much
@@ -201,7 +207,7 @@ KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, co
     const float* b = bias != nullptr ? bias + n : nullptr;
     const int64_t tail_bytes = (N - n) * K * static_cast<int64_t>(sizeof(WT));
     for (int64_t g = 0; g < groups; ++g) {
-      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g]);
+      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g], kAhead);
       Group(static_cast<int>(m_at[g + 1] - m_at[g]), x + m_at[g] * ldx, ldx, block, pf, K, b, y + m_at[g] * ldy + n,
             ldy);
     }
@@ -502,7 +508,7 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
     return rows_few_bf16_avx512<kHw>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M == 1)
     return for_each_group<kNbOneRow, 1, uint16_t, uint16_t, group_bf16_avx512<kNbOneRow, 1, kHw>,
-                          group_bf16_avx512<1, 1, kHw>>(
+                          group_bf16_avx512<1, 1, kHw>, kAheadOneRow>(
         x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
   for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
