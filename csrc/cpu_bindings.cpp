@@ -644,6 +644,16 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   return out;
 }
 
+// RoPE tables of positions 0..T-1 (the one-call round's inputs): cos and sin, each a contiguous (T, Dh) like ref.
+void check_rope_rows(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ref, int64_t T, int64_t Dh,
+                     const char* what) {
+  for (const at::Tensor* t : {&cos, &sin}) {
+    check_like(*t, ref, what, "a RoPE table");
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == T && t->size(1) == Dh && t->is_contiguous(), what,
+                      ": the RoPE tables must be contiguous (T, Dh) = (", T, ", ", Dh, "), got ", t->sizes());
+  }
+}
+
 // Kangaroo's greedy draft chain of one round (csrc/cpu/draft.cpp), in place on the chain's tensors: the decode state
 // pos, token, n_gen, max_new (B,) int64, finished (B,) bool, e_prev (B, D); the chain cap (B,) int64, active (B,)
 // bool, conf (B,) fp32, x (B,) int64, drafts (B, gamma) int64, n_drafts (B,) int64, exits (B, gamma + 1, D), all
@@ -687,16 +697,15 @@ int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Te
   check_tokens(drafts, 2, what, "drafts");
   TORCH_CHECK_VALUE(drafts.size(0) == B && drafts.size(1) == gamma && drafts.is_contiguous(), what,
                     ": drafts must be a contiguous (", B, ", ", gamma, "), got ", drafts.sizes());
-  for (const at::Tensor* t : {&e_prev, &embed, &head, &rope_cos, &rope_sin}) {
-    check_like(*t, exits, what, "a hidden-state, weight or RoPE tensor");
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->is_contiguous(), what, ": e_prev, embed, head and the RoPE tables must be ",
-                      "contiguous 2-d tensors, got ", t->sizes());
+  for (const at::Tensor* t : {&e_prev, &embed, &head}) {
+    check_like(*t, exits, what, "a hidden-state or weight tensor");
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->is_contiguous(), what, ": e_prev, embed and head must be contiguous 2-d ",
+                      "tensors, got ", t->sizes());
   }
   TORCH_CHECK_VALUE(e_prev.size(0) == B && e_prev.size(1) == D && embed.size(1) == D && head.size(1) == D, what,
                     ": e_prev (B, D), embed (V, D) and head (N, D) must match exits' D = ", D);
   const int64_t T = k_caches[0].size(2);
-  TORCH_CHECK_VALUE(rope_cos.sizes() == rope_sin.sizes() && rope_cos.size(0) == T && rope_cos.size(1) == head_dim,
-                    what, ": the RoPE tables must be (T, Dh) = (", T, ", ", head_dim, "), got ", rope_cos.sizes());
+  check_rope_rows(rope_cos, rope_sin, exits, T, head_dim, what);
   at::Tensor ids;
   if (head_ids.has_value()) {
     check_tokens(*head_ids, 1, what, "head_ids");
@@ -768,14 +777,13 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
   check_out(out, B, what);
   at::Tensor eos_holder;
   const auto e = eos_ids(eos, eos_holder, what);
-  for (const at::Tensor* t : {&norm, &head, &rope_cos, &rope_sin}) {
-    check_like(*t, ref, what, "the norm, head or a RoPE table");
-    TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == (t == &norm || t == &head ? D : head_dim), what,
-                      ": the norm (D,), head (N, D) and RoPE tables (T, Dh) must be contiguous, got ", t->sizes());
+  for (const at::Tensor* t : {&norm, &head}) {
+    check_like(*t, ref, what, "the norm or the head");
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == D, what,
+                      ": the norm (D,) and head (N, D) must be contiguous, got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(norm.dim() == 1 && head.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
-                        rope_cos.size(0) == k_caches[0].size(2),
-                    what, ": bad norm, head or RoPE table shapes");
+  TORCH_CHECK_VALUE(norm.dim() == 1 && head.dim() == 2, what, ": bad norm or head shapes");
+  check_rope_rows(rope_cos, rope_sin, ref, k_caches[0].size(2), head_dim, what);
   if (e_prev.has_value()) {
     check_like(*e_prev, ref, what, "e_prev");
     TORCH_CHECK_VALUE(e_prev->dim() == 2 && e_prev->size(0) == B && e_prev->size(1) == D && e_prev->is_contiguous(),

@@ -551,7 +551,7 @@ class Decoder:
         return _cpu_ext.draft_chain(state, chain, target.embed_tokens.weight, self._rope_tables(), stack,
                                     self.cache.layers(0, l), adapter_weights, self.adapter_cache.layer(0), head, ids,
                                     c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
-                                    adapter.config.rms_norm_eps, eta, base_len)
+                                    a.rms_norm_eps, eta, base_len)
 
     def _cpu_pass(self, state: DecodeState, chain: Optional[DraftChain], k: int,
                   kv_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -589,13 +589,13 @@ class Decoder:
 
     def _chain_for(self, state: DecodeState, gamma: int) -> DraftChain:
         """A :class:`DraftChain` for this batch size and gamma, allocated once and reused by every round (each
-        round's :meth:`begin_round` resets it)."""
+        round's begin_round, :meth:`begin_round` or the one-call chain's, resets it; ``probs``, which only the
+        step-by-step path fills, only the former)."""
         t = self.target
         key = (state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
         if getattr(self, "_chain_key", None) != key:
             self._chain = DraftChain.allocate(state.batch, gamma, t.config.hidden_size, t.dtype, state.pos.device)
             self._chain_key = key
-        self._chain.probs.clear()
         return self._chain
 
     def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:

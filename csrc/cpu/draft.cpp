@@ -82,15 +82,9 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
   float* yf = reinterpret_cast<float*>(ws + l.yf);
   int64_t* idx = reinterpret_cast<int64_t*>(ws + l.idx);
   float* cf = reinterpret_cast<float*>(ws + l.cf);
-  const T* embed = static_cast<const T*>(a.embed);
-  const T* rope_cos = static_cast<const T*>(a.rope_cos);
-  const T* rope_sin = static_cast<const T*>(a.rope_sin);
   T* exits = static_cast<T*>(a.exits);
-  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T), rope_bytes = static_cast<size_t>(Dh) * sizeof(T);
-  auto rope_row = [&](int64_t p, T* c, T* s) {  // the tables' row of position p (checked to be in range)
-    std::memcpy(c, rope_cos + p * Dh, rope_bytes);
-    std::memcpy(s, rope_sin + p * Dh, rope_bytes);
-  };
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
+  auto rope = [&](int64_t p, T* c, T* s) { rope_row(a.rope_cos, a.rope_sin, p, Dh, c, s); };  // (p checked)
 
   ph.each(1, [&](int64_t) {  // begin_round
     for (int64_t b = 0; b < B; ++b) {
@@ -110,11 +104,8 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       int rc = KR_CPU_OK;
       for (int64_t b = 0; b < B; ++b) {
         pos_s[b] = a.pos[b] + step;
-        rope_row(pos_s[b], cos_s + b * Dh, sin_s + b * Dh);
-        if (a.x[b] < 0 || a.x[b] >= a.vocab)
-          rc = KR_CPU_BAD_ARGUMENT;
-        else
-          std::memcpy(h + b * D, embed + a.x[b] * D, row_bytes);
+        rope(pos_s[b], cos_s + b * Dh, sin_s + b * Dh);
+        if (embed_row(a.embed, a.vocab, a.x[b], D, h + b * D) != KR_CPU_OK) rc = KR_CPU_BAD_ARGUMENT;
       }
       return rc;
     });
@@ -147,8 +138,8 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
           std::memcpy(a_in + 2 * b * D, static_cast<const T*>(a.e_prev) + b * D, row_bytes);
           std::memcpy(a_in + (2 * b + 1) * D, h + b * D, row_bytes);
           pos_a[2 * b] = a.pos[b] - 1, pos_a[2 * b + 1] = a.pos[b];
-          rope_row(pos_a[2 * b], cos_a + 2 * b * Dh, sin_a + 2 * b * Dh);
-          rope_row(pos_a[2 * b + 1], cos_a + (2 * b + 1) * Dh, sin_a + (2 * b + 1) * Dh);
+          rope(pos_a[2 * b], cos_a + 2 * b * Dh, sin_a + 2 * b * Dh);
+          rope(pos_a[2 * b + 1], cos_a + (2 * b + 1) * Dh, sin_a + (2 * b + 1) * Dh);
         }
         return KR_CPU_OK;
       });

@@ -134,6 +134,22 @@ class Phases {
   int64_t index_ = 0;
 };
 
+// A step's inputs that a region gathers itself: the RoPE tables' row of position p ((T, Dh) each, p checked by the
+// caller) into c and s, and a token's embedding row ((vocab, D)) into h (KR_CPU_BAD_ARGUMENT, nothing written, for
+// a token outside [0, vocab)).
+template <typename T>
+void rope_row(const void* cos_table, const void* sin_table, int64_t p, int64_t Dh, T* c, T* s) {
+  std::memcpy(c, static_cast<const T*>(cos_table) + p * Dh, static_cast<size_t>(Dh) * sizeof(T));
+  std::memcpy(s, static_cast<const T*>(sin_table) + p * Dh, static_cast<size_t>(Dh) * sizeof(T));
+}
+
+template <typename T>
+int embed_row(const void* embed, int64_t vocab, int64_t token, int64_t D, T* h) {
+  if (token < 0 || token >= vocab) return KR_CPU_BAD_ARGUMENT;
+  std::memcpy(h, static_cast<const T*>(embed) + token * D, static_cast<size_t>(D) * sizeof(T));
+  return KR_CPU_OK;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // y = x W^T (+ bias) over output rows claimed in chunks of whole row blocks, stored to dst (M, N) of row stride

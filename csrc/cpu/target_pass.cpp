@@ -66,7 +66,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
   int64_t* idx = reinterpret_cast<int64_t*>(ws + l.idx);
   int64_t* next = reinterpret_cast<int64_t*>(ws + l.next);
   const T* exits = static_cast<const T*>(a.exits);
-  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T), rope_bytes = static_cast<size_t>(Dh) * sizeof(T);
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
 
   ph.each(1, [&](int64_t) {  // the inputs: positions pos + i, their RoPE rows, the hidden states
     int rc = KR_CPU_OK;
@@ -74,14 +74,11 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
       for (int64_t i = 0; i < Q; ++i) {
         const int64_t m = b * Q + i, p = a.pos[b] + i;
         positions[m] = p;
-        std::memcpy(cos + m * Dh, static_cast<const T*>(a.rope_cos) + p * Dh, rope_bytes);
-        std::memcpy(sin + m * Dh, static_cast<const T*>(a.rope_sin) + p * Dh, rope_bytes);
+        rope_row(a.rope_cos, a.rope_sin, p, Dh, cos + m * Dh, sin + m * Dh);
         if (a.embed == nullptr)
           std::memcpy(h + m * D, exits + b * a.exits_stride + i * D, row_bytes);
-        else if (a.token[b] < 0 || a.token[b] >= a.vocab)
+        else if (embed_row(a.embed, a.vocab, a.token[b], D, h + m * D) != KR_CPU_OK)
           rc = KR_CPU_BAD_ARGUMENT;
-        else
-          std::memcpy(h + m * D, static_cast<const T*>(a.embed) + a.token[b] * D, row_bytes);
       }
     }
     return rc;
