@@ -26,7 +26,14 @@ Every case reports, per side, the median over rounds of each process's median, t
 highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
-        [--cases linear,steps,attention] [--context 256] [--out DIR]
+        [--cases linear,steps,attention] [--context 256] [--in-process] [--out DIR]
+
+--in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
+base's kangaroo_rt._cpu loaded beside it, swapped under it for each repeat of each case (the order alternating, a
+warm-up call after each swap). A host whose bandwidth drifts between processes then moves both sides alike: two
+builds of the same code measure within 1-2% of each other where separate processes scatter 5-10%. It compares the
+C++ only (the Python is this tree's on both sides), so the two extensions must share their Python-facing API. Each
+of --rounds blocks of --repeats gives a median per case and side; the table's spread is over the blocks.
 
 --base-dir DIR uses a tree that is already built as the base instead (no checkout, no build); --quick runs
 a tiny model with one round, against this tree itself unless --base-dir says otherwise (CI and the GPU suite:
@@ -70,7 +77,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")
+    p.add_argument("--in-process", action="store_true",
+                   help="both builds' extensions in one process, swapped per repeat (see above)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: one side's measurement
+    p.add_argument("--base-module", help=argparse.SUPPRESS)  # internal: --in-process's base kangaroo_rt._cpu
     args = p.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in args.dtypes if d not in ("bfloat16", "float32")]
@@ -91,8 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------- one side
 
-def probe(args: argparse.Namespace) -> Dict[str, float]:
-    """{case: median ms} in this process, for the kangaroo_rt found on PYTHONPATH (the tree under test)."""
+def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
+    """{case: a callable that runs it once} for the kangaroo_rt found on PYTHONPATH (the tree under test). Every
+    callable reaches the extension through ``_cpu_ext.load()`` at each call, so that --in-process can swap the
+    module under it."""
     import torch
 
     import kangaroo_rt
@@ -103,24 +115,14 @@ def probe(args: argparse.Namespace) -> Dict[str, float]:
         raise SystemExit(f"{NAME}: imported {kangaroo_rt.__file__}, not the kangaroo_rt of {tree}")
     if not _cpu_ext.is_available():
         raise SystemExit(f"{NAME}: {tree} has no built kangaroo_rt._cpu")
-    cpu = _cpu_ext.load()
     sys.path.insert(0, HERE)  # bench_steps of the tree this file is in (kangaroo_rt is already imported)
     import bench_steps
 
     torch.set_num_threads(args.threads)
     config, exit_layer = bench_steps.SMOKE_SHAPE if args.quick else bench_steps.SHAPES["smollm2"]
     rows = ((1, 4) if args.quick else ROWS) if "linear" in args.cases else ()
-    out: Dict[str, float] = {}
-
-    def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
-
+    cases: Dict[str, object] = {}
+    cpu = _cpu_ext.load
     with torch.no_grad():
         for name in args.dtypes:
             dtype = getattr(torch, name)
@@ -128,26 +130,78 @@ def probe(args: argparse.Namespace) -> Dict[str, float]:
             mats = [p for layer in target.layers for p in layer.parameters() if p.dim() == 2] + [target.lm_head.weight]
             for m in rows:
                 xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in mats}}
-                out[f"{name} linear M={m}"] = median_ms(lambda: [cpu.linear(xs[w.shape[1]], w) for w in mats])
-                if hasattr(cpu, "linear_sweep"):  # one call per pass (builds since it exists)
+                cases[f"{name} linear M={m}"] = lambda xs=xs, mats=mats: [cpu().linear(xs[w.shape[1]], w) for w in mats]
+                if hasattr(cpu(), "linear_sweep"):  # one call per pass (builds since it exists)
                     x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
-                    out[f"{name} sweep M={m}"] = median_ms(lambda: cpu.linear_sweep(x, mats, y))
+                    cases[f"{name} sweep M={m}"] = lambda x=x, y=y, mats=mats: cpu().linear_sweep(x, mats, y)
             if "attention" in args.cases:
                 shapes = ((1, 16), (3, 16)) if args.quick else ATTENTION
                 for q_len, ctx in shapes:
                     q = torch.randn(1, 9, q_len, 64).to(dtype)
                     kc, vc = torch.randn(1, 3, ctx + q_len, 64).to(dtype), torch.randn(1, 3, ctx + q_len, 64).to(dtype)
                     pos = (ctx + torch.arange(q_len))[None]
-                    out[f"{name} attention q={q_len} ctx={ctx}"] = median_ms(
-                        lambda: [cpu.attention(q, kc, vc, pos, None) for _ in range(30)])
+                    cases[f"{name} attention q={q_len} ctx={ctx}"] = (
+                        lambda q=q, kc=kc, vc=vc, pos=pos: [cpu().attention(q, kc, vc, pos, None) for _ in range(30)])
             if "steps" not in args.cases:
                 continue
             steps = bench_steps.Steps(target, adapter, 1, args.context + max(VERIFY_TOKENS) + 1)
-            out[f"{name} plain"] = median_ms(steps.plain(1, args.context)[0])
+            cases[f"{name} plain"] = steps.plain(1, args.context)[0]
             for k in VERIFY_TOKENS:
-                out[f"{name} verify {k}"] = median_ms(steps.verify(1, args.context, exit_layer, k)[0])
+                cases[f"{name} verify {k}"] = steps.verify(1, args.context, exit_layer, k)[0]
+    return cases
+
+
+def probe(args: argparse.Namespace) -> Dict[str, float]:
+    """{case: median ms} in this process, for the kangaroo_rt found on PYTHONPATH (the tree under test)."""
+    import torch
+
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        for case, fn in probe_cases(args).items():
+            fn()
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            out[case] = 1e3 * statistics.median(times)
     return out
+
+
+def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float]]]:
+    """--in-process: this tree's kangaroo_rt with its own kangaroo_rt._cpu and the base's (args.base_module) loaded
+    side by side. Each repeat of each case runs once per side, the order alternating, the module swapped under
+    ``_cpu_ext.load()`` between them. -> {side: [{case: median ms} per round]}: args.rounds blocks of args.repeats."""
+    import importlib.util
+
+    import torch
+
+    from kangaroo_rt import _cpu_ext
+
+    cases = probe_cases(args)
+    spec = importlib.util.spec_from_file_location("kangaroo_rt_ab_base._cpu", args.base_module)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    modules = {"base": base, "this": _cpu_ext.load()}
+    sides: Dict[str, List[Dict[str, float]]] = {"base": [], "this": []}
+    try:
+        with torch.no_grad():
+            for r in range(args.rounds):
+                times: Dict[str, Dict[str, List[float]]] = {side: {case: [] for case in cases} for side in sides}
+                for i in range(args.repeats):
+                    for case, fn in cases.items():
+                        for side in (("base", "this") if (r * args.repeats + i) % 2 == 0 else ("this", "base")):
+                            _cpu_ext._loaded = modules[side]
+                            fn()  # (the first call after a swap pays for the other side's caches)
+                            start = time.perf_counter()
+                            fn()
+                            times[side][case].append(time.perf_counter() - start)
+                for side in sides:
+                    sides[side].append({c: 1e3 * statistics.median(t) for c, t in times[side].items()})
+    finally:
+        _cpu_ext._loaded = modules["this"]
+    return sides
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -175,15 +229,28 @@ def base_tree(args: argparse.Namespace) -> str:
     return tree
 
 
-def run_side(tree: str, args: argparse.Namespace) -> Dict[str, float]:
+def run_side(tree: str, args: argparse.Namespace, base_module: Optional[str] = None):
+    """The probe in a fresh process in tree: {case: median ms}, or with base_module (--in-process) both sides'
+    rounds, {side: [{case: median ms}]}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--repeats", str(args.repeats), "--dtypes",
            ",".join(args.dtypes), "--threads", str(args.threads), "--cases", ",".join(args.cases), "--context",
-           str(args.context)] + (["--quick"] if args.quick else [])
+           str(args.context), "--rounds", str(args.rounds)] + (["--quick"] if args.quick else [])
+    if base_module is not None:
+        cmd += ["--base-module", base_module]
     env = {**os.environ, "PYTHONPATH": tree}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{NAME}: the probe failed in {tree}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def extension_file(tree: str) -> str:
+    """tree's built kangaroo_rt._cpu (the file)."""
+    folder = os.path.join(tree, "kangaroo_rt")
+    found = sorted(f for f in os.listdir(folder) if f.startswith("_cpu.") and f.endswith(".so"))
+    if not found:
+        raise SystemExit(f"{NAME}: {tree} has no built kangaroo_rt._cpu")
+    return os.path.join(folder, found[0])
 
 
 def summarize(sides: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict]:
@@ -208,7 +275,7 @@ def describe(tree: str) -> Dict[str, object]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args)))
+        print(json.dumps(probe_in_process(args) if args.base_module else probe(args)))
         return 0
     sys.path.insert(0, ROOT)
     from kangaroo_rt.bench import device_name
@@ -218,13 +285,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = base_tree(args)
     sides: Dict[str, List[Dict[str, float]]] = {"base": [], "this": []}
     trees = {"base": base, "this": ROOT}
-    for r in range(args.rounds):
-        for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
-            sides[side].append(run_side(trees[side], args))
-            print(f"{NAME}: round {r + 1}/{args.rounds} {side} done", flush=True)
+    if args.in_process:
+        sides = run_side(ROOT, args, base_module=extension_file(base))
+    else:
+        for r in range(args.rounds):
+            for side in (("base", "this") if r % 2 == 0 else ("this", "base")):
+                sides[side].append(run_side(trees[side], args))
+                print(f"{NAME}: round {r + 1}/{args.rounds} {side} done", flush=True)
     cases = summarize(sides)
     where = device_name(torch.device("cpu"))
-    print(f"\n{NAME}: {where}, {args.rounds} rounds of interleaved processes; base "
+    how = ("rounds in one process (both extensions loaded, swapped per repeat)" if args.in_process
+           else "rounds of interleaved processes")
+    print(f"\n{NAME}: {where}, {args.rounds} {how}; base "
           f"{describe(base)['commit'][:12]}, this tree {describe(ROOT)['commit'][:12]}"
           + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "") + f"; context {args.context}"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
@@ -235,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{row['this_vs_base']:>8.3f}x")
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "rounds": args.rounds, "repeats": args.repeats, "base": describe(base), "this": describe(ROOT),
+              "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
+              "base": describe(base), "this": describe(ROOT),
               "context": args.context, "cases": cases}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")

@@ -366,6 +366,33 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
         assert len(row["base"]) == len(row["this"]) == 1 and row["this_vs_base"] > 0
 
 
+def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monkeypatch):
+    """bench_ab --quick --in-process: both sides in one process; every case runs on the base's module and on this
+    tree's (counted by wrapping the loader), and the tree's own module is back in place afterwards."""
+    bench_ab = load_benchmark("bench_ab")
+    from kangaroo_rt import _cpu_ext
+
+    if not _cpu_ext.is_available():
+        pytest.skip("no CPU extension built")
+    this = _cpu_ext.load()
+    args = bench_ab.parse_args(["--quick", "--in-process", "--dtypes", "float32", "--cases", "linear,attention"])
+    args.base_module = bench_ab.extension_file(bench_ab.ROOT)
+    monkeypatch.chdir(bench_ab.ROOT)
+    seen = []
+    real_load = _cpu_ext.load
+    monkeypatch.setattr(_cpu_ext, "load", lambda: seen.append(_cpu_ext._loaded) or real_load())
+    threads = torch.get_num_threads()
+    try:
+        sides = bench_ab.probe_in_process(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert _cpu_ext._loaded is this
+    assert set(sides) == {"base", "this"} and len(sides["base"]) == len(sides["this"]) == 1
+    assert set(sides["base"][0]) == set(sides["this"][0]) >= {"float32 linear M=1", "float32 attention q=1 ctx=16"}
+    assert all(t > 0 for side in sides.values() for t in side[0].values())
+    used = {id(m) for m in seen}
+    assert id(this) in used and len(used) == 2  # the base's module is another object, and both ran
+
 
 def test_make_readme_table_keeps_the_newest_days_lengths():
     """End-to-end runs: the newest per number of new tokens, among the lengths run on the group's newest day."""

@@ -135,27 +135,31 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // Register blocks: NB rows of W by MB activation rows, one accumulator (two ymm halves on AVX2) per pair.
 // AVX-512: 16 accumulators, 4 x and 1 w register; AVX2 (16 ymm): 12 accumulators, 3 x and 1 w.
 constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
-// bf16 x bf16 (AVX512-BF16) with 2-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
+// bf16 x bf16 (AVX512-BF16) with 3-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
 // the activation rows, in one group, so that only 2 rows of W stream at a time. Measured here on SmolLM2-shaped
 // random weights, 2 threads, interleaved A/B runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
-// 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. One row keeps 4 x 4, and so do 5 or
-// more rows, slower in these blocks (the few accumulators leave vdpbf16ps's latency exposed). The same blocks for
-// fp32 were faster alone on the model's matrices but not inside the layer stack, and slower with bf16 weights
-// widened to fp32: those stay 4 x 4.
+// 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. 5 or more rows keep 4 x 4, slower in
+// these blocks (the few accumulators leave vdpbf16ps's latency exposed). The same blocks for fp32 were faster alone
+// on the model's matrices but not inside the layer stack, and slower with bf16 weights widened to fp32: those stay
+// 4 x 4.
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
-// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512: blocks of 8 rows of W, 8 independent
-// accumulators where 4 x 4 blocks give it 4, which leave vdpbf16ps's latency exposed. Measured (bench_ab, SmolLM2's
-// matrices, 2 threads, two runs): the bf16 pass 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights in cache
-// a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
+// One or two activation rows (a plain step, a draft step; a verification of one draft) of bf16 x bf16 on AVX-512:
+// blocks of 8 rows of W, 8 or 16 independent accumulators where 4 x 4 blocks give one row 4, which leave
+// vdpbf16ps's latency exposed. One row, measured (bench_ab, SmolLM2's matrices, 2 threads, two runs): the bf16 pass
+// 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights in cache a 1536 x 576 matrix 10.7 against 15.0 us.
+// Two rows, measured against the 2 x 4 blocks above (benchmarks/bench_ab.py --in-process, builds at seven code
+// offsets, SmolLM2's matrices, 2 threads): the pass 0.85-0.92x, a verify step over 2 tokens 0.88-0.94x, a plain
+// step 0.96-0.98x, 3-8 rows within 3%. fp32 (twice the bytes, bound by the stream) measured no gain.
 constexpr int kNbOneRow = 8;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
 // into L1 evicts the block being read when K is large).
 constexpr int kPrefetchBlocks = 2;
-// One bf16 activation row (rows_bf16_avx512): no software prefetch. It made the one-row stream slower where it
-// makes 2-8 rows much faster (measured, bench_ab, SmolLM2's matrices, 2 threads, context 600: without it one row
-// 0.87-0.92x, a plain bf16 step 0.84-0.91x; 2-8 rows 1.3-1.7x slower). The fp32 path keeps it: a branch for one
-// row in rows_avx512 made its 2-8 rows 6-22% slower, inlined or not.
+// One or two bf16 activation rows in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the
+// one-row stream slower where it makes 2-8 rows in the smaller blocks much faster (measured, bench_ab, SmolLM2's
+// matrices, 2 threads, context 600: without it one row 0.87-0.92x, a plain bf16 step 0.84-0.91x; 2-8 rows in 2 x 4
+// and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
+// 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
 
 // Software prefetch into L2 of the block kPrefetchBlocks ahead of the current one. The register groups of a block
@@ -485,15 +489,17 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
   tile_bf16_avx512<NB, MB, kHw>(x, ldx, w, pf, K, bias, y, ldy);
 }
 
-// The few-rows blocks of bf16 x bf16, in a function of their own: inlined into rows_bf16_avx512 with the 4 x 4
-// blocks, they made one row about 10% slower in the layer stack (5.1-5.4 against 4.7-4.8 ms a plain step).
-template <bool kHw>
-__attribute__((noinline)) KR_TARGET_AVX512_BF16 void rows_few_bf16_avx512(const uint16_t* x, int64_t M, int64_t K,
-                                                                          int64_t ldx, const uint16_t* w, int64_t N,
-                                                                          const float* bias, float* y, int64_t ldy,
-                                                                          int64_t n_begin, int64_t n_end) {
-  constexpr int NB = kNbFewBf16, MB = kFewRowsMaxBf16;
-  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
+// One row count's loop over the rows of W in a function of its own, with everything it calls inlined into it
+// (flatten), so that a path compiles to the same code whatever the other paths are. The dispatcher passes one and
+// two rows as literals, which the compiler propagates into those paths (their group bookkeeping in for_each_group
+// folds away). Measured (benchmarks/bench_ab.py --in-process): two rows in blocks of 8 rows of W took 0.86-0.92x
+// the time of the 2 x 4 blocks with the row count propagated, 0.96x without; with the paths inlined into one
+// dispatcher, adding the two-row path made one row 6-15% slower.
+template <int NB, int MB, bool kHw, int kAhead>
+__attribute__((noinline, flatten)) KR_TARGET_AVX512_BF16 void rows_path_bf16_avx512(
+    const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, const float* bias, float* y,
+    int64_t ldy, int64_t n_begin, int64_t n_end) {
+  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>, kAhead>(
       x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
@@ -504,15 +510,15 @@ template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                             int64_t n_end) {
-  if (M >= 2 && M <= kFewRowsMaxBf16)
-    return rows_few_bf16_avx512<kHw>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M == 1)
-    return for_each_group<kNbOneRow, 1, uint16_t, uint16_t, group_bf16_avx512<kNbOneRow, 1, kHw>,
-                          group_bf16_avx512<1, 1, kHw>, kAheadOneRow>(
-        x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
-  constexpr int NB = kNbAvx512, MB = kMbAvx512;
-  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>>(
-      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+    return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (M == 2)
+    return rows_path_bf16_avx512<kNbOneRow, 2, kHw, kAheadOneRow>(x, 2, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (M <= kFewRowsMaxBf16)
+    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy,
+                                                                                     n_begin, n_end);
+  return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy, n_begin,
+                                                                           n_end);
 }
 
 // AVX2: lanes 0-7 hold the pairs of k's 0-15 of a chunk, lanes 8-15 those of k's 16-31; two FMAs per pair as in
