@@ -7,7 +7,9 @@ v 192x576, o 576x576, gate 1536x576, up 1536x576, down 576x1536} and the tied 49
 M = 1, 2, 4, 8, 16, 32, 64 activation rows, with fp32 weights (fp32 activations) and bf16 weights (bf16
 activations, as a bf16 model decodes), it reports the median time per pass, the GB/s of weight bytes and their
 fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
-rows vs one row. The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
+rows vs one row, and the hardware's limit for the pass (roof: the weight bytes at the read bandwidth, or its
+multiply-adds, weights x M, at the peak rate of the kernel's inner instruction on these threads, measured in the
+same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it. The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
 the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one
@@ -142,6 +144,21 @@ def _check(cpu, mats: List[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> Non
         raise AssertionError("a row's result depends on the batch")
 
 
+def peak_macs(cpu, label: str, threads: int, quick: bool) -> float:
+    """The best of three measurements of the kernel's multiply-add rate for these weights on these threads
+    (kangaroo_rt._cpu.peak_macs: its inner instruction on register chains), multiply-adds per second."""
+    dtype = "float32" if label == "fp32" else "bfloat16"
+    return max(cpu.peak_macs(dtype, threads, 2_000_000 if quick else 20_000_000) for _ in range(3))
+
+
+def roof(nbytes: int, macs: int, bandwidth: float, peak: float) -> Dict[str, float]:
+    """The hardware's limit for a pass: the weight bytes at the read bandwidth, or its multiply-adds at the peak
+    rate, whichever takes longer (ms)."""
+    memory_ms, compute_ms = 1e3 * nbytes / (bandwidth * 1e9), 1e3 * macs / peak
+    return {"memory_ms": memory_ms, "compute_ms": compute_ms, "roof_ms": max(memory_ms, compute_ms),
+            "bound": "memory" if memory_ms >= compute_ms else "compute"}
+
+
 def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float) -> Dict[str, List[Dict]]:
     """{"rows": per row count, "parts": head / layers at one row, "fused": fused projections, "prefill": ...}"""
     dtype = WEIGHTS[label]
@@ -149,6 +166,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
     mats = _model(dtype, layers, head)
     _check(cpu, mats, dtype)
     nbytes = sum(w.numel() * w.element_size() for _, w in mats)
+    peak = peak_macs(cpu, label, args.threads, args.quick)
     rows: List[Dict] = []
     weights = [w for _, w in mats]
     k_max = max(w.shape[1] for w in weights)
@@ -158,11 +176,13 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
         out = torch.empty(m, sum(w.shape[0] for w in weights), dtype=dtype)
         t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "sweep": lambda: cpu.linear_sweep(x_all, weights, out),
                         "torch": _pass(F.linear, mats, xs)}, args.repeats)
-        row = {"weights": label, "rows": m, "bytes": nbytes}
+        row = {"weights": label, "rows": m, "bytes": nbytes, "peak_macs_per_s": peak,
+               **roof(nbytes, m * sum(w.numel() for w in weights), bandwidth, peak)}
         for name in ("kernel", "sweep", "torch"):
             row[f"{name}_ms"] = 1e3 * t[name]
             row[f"{name}_gbs"] = nbytes / t[name] / 1e9
             row[f"{name}_fraction_of_read_bw"] = row[f"{name}_gbs"] / bandwidth
+            row[f"{name}_fraction_of_roof"] = row["roof_ms"] / row[f"{name}_ms"]
         row["speedup"] = t["torch"] / t["kernel"]
         one = next((r for r in rows if r["rows"] == 1), row)
         for name in ("kernel", "sweep", "torch"):
@@ -172,7 +192,8 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
               f"{100 * row['kernel_fraction_of_read_bw']:>5.0f}% {row['torch_gbs']:>7.1f} "
               f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
               f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x {row['sweep_ms']:>8.2f} "
-              f"{row['sweep_gbs']:>7.1f} {100 * row['sweep_fraction_of_read_bw']:>5.0f}% {row['sweep_vs_m1']:>6.2f}x",
+              f"{row['sweep_gbs']:>7.1f} {100 * row['sweep_fraction_of_read_bw']:>5.0f}% {row['sweep_vs_m1']:>6.2f}x "
+              f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%",
               flush=True)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
@@ -282,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(torch.sum, {args.threads} threads)"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
-          f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7}")
+          f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
+          f"{'roof ms':>7} {'bound':>7} {'%roof':>6}")
     measured: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
     for label in WEIGHTS:
         for key, values in measure_weights(cpu, label, args, bandwidth).items():

@@ -867,6 +867,18 @@ at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weig
 
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
+double peak_macs(const std::string& dtype, int64_t threads, int64_t iters) {
+  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "bfloat16",
+                    "kangaroo_rt._cpu.peak_macs: dtype must be 'float32' or 'bfloat16', got '", dtype, "'");
+  TORCH_CHECK_VALUE(threads >= 1 && threads <= 1024 && iters >= 1,
+                    "kangaroo_rt._cpu.peak_macs: threads must be in 1..1024 and iters positive, got ", threads, ", ",
+                    iters);
+  const double rate = kr_cpu_peak_macs(process_isa(), dtype == "float32" ? KR_CPU_FLOAT32 : KR_CPU_BFLOAT16, threads,
+                                       iters);
+  TORCH_CHECK(rate > 0, "kangaroo_rt._cpu.peak_macs: the measurement failed");
+  return rate;
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
   for (int isa : {KR_CPU_ISA_AVX512_BF16, KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE})
@@ -939,6 +951,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target_tokens"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("pos"),
         py::arg("eos") = py::none(), "greedy acceptance fused with the commit and the position update, in place; "
         "-> (accepted, next_token, committed)");
+  m.def("peak_macs", &peak_macs, py::arg("dtype"), py::arg("threads"), py::arg("iters") = 20000000,
+        py::call_guard<py::gil_scoped_release>(),
+        "multiply-adds per second of the linear kernel's inner instruction for weights of dtype ('float32' or "
+        "'bfloat16') on this many threads together: its arithmetic ceiling");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;

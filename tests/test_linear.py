@@ -281,6 +281,42 @@ def test_bad_inputs_get_a_clear_error_from_the_extension(cpu):
         cpu.linear_with_isa(x, w, None, "sse9")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peak_macs_is_a_ceiling_of_the_kernel_on_cached_weights(cpu, dtype):
+    """peak_macs (bench_linear's compute roof) against the kernel itself on one thread with the weights in L2, where
+    only the arithmetic limits it: the kernel must not beat the ceiling (it stays well below it: loads, stores and
+    the tree: 62-71% of it at 8 rows on the AMD EPYC of 2026-12-05), and the ceiling is not far above it either."""
+    import time
+
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    x, w = torch.randn(8, 512).to(dtype), torch.randn(256, 512).to(dtype)  # 256 / 512 KB of weights: L2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(50):
+            cpu.linear(x, w)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(200):
+                cpu.linear(x, w)
+            best = min(best, (time.perf_counter() - start) / 200)
+        peak = max(cpu.peak_macs(name, 1) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    kernel_rate = x.shape[0] * w.numel() / best
+    assert kernel_rate < 1.1 * peak and peak < 5 * kernel_rate, (kernel_rate, peak)
+
+
+def test_peak_macs_refuses_bad_arguments(cpu):
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        cpu.peak_macs("float16", 1)
+    with pytest.raises(ValueError, match="threads must be in 1..1024 and iters positive"):
+        cpu.peak_macs("float32", 0)
+    with pytest.raises(ValueError, match="threads must be in 1..1024 and iters positive"):
+        cpu.peak_macs("float32", 1, 0)
+
+
 def test_ops_linear_routes_what_the_kernel_does_not_cover_to_torch(cpu, monkeypatch):
     monkeypatch.delenv("KANGAROO_RT_BACKEND", raising=False)
     ops._RESOLVED.clear()

@@ -77,6 +77,13 @@ int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, in
 // gives the same bits. Returns a kr_cpu_status.
 int kr_cpu_round_bf16(int isa, const float* src, uint16_t* dst, int64_t n);
 
+// The multiply-adds per second that `threads` threads reach together with the instruction the linear kernel's
+// variant `isa` uses for weights of `dtype` (vdpbf16ps for bf16 on AVX512-BF16, else the variant's fused
+// multiply-add; scalar std::fma for the portable one), each running `iters` rounds of 12 independent register
+// chains: the arithmetic ceiling a linear of M rows meets at N * K * M multiply-adds (peak.cpp). -1 for an
+// unsupported isa, a dtype other than KR_CPU_FLOAT32 / KR_CPU_BFLOAT16, threads outside 1..1024 or iters < 1.
+double kr_cpu_peak_macs(int isa, int dtype, int64_t threads, int64_t iters);
+
 // ---- The other ops of a decode layer. Each runs one fixed sequence of operations per output element that does
 // not depend on how many rows, tokens or heads are in the call, nor on the task split, nor on the variant:
 // verification over k + 1 tokens gives the bits of k + 1 single steps. Tensors are of one dtype (a kr_cpu_dtype)
