@@ -14,6 +14,9 @@
 
 #if KR_CPU_X86
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC bug 105593, as in linear.cpp
+#endif
 #endif
 
 namespace {
