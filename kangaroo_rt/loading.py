@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
+from . import hugepages
 from .config import ModelConfig
 from .model import Transformer, rope_inv_freq
 
@@ -143,7 +144,10 @@ def _build(config: ModelConfig, tensors: Dict[str, torch.Tensor], source: str, d
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)
-    return model.eval().fuse_projections()
+    model = model.eval().fuse_projections()
+    if device.type == "cpu":
+        hugepages.place(model)  # a decode step streams every weight: 2 MB pages (see kangaroo_rt/hugepages.py)
+    return model
 
 
 GGUF_REQUIREMENTS = ("gguf", "accelerate")  # what transformers' GGUF loader needs beside it

@@ -1,0 +1,86 @@
+"""kangaroo_rt.hugepages: moving a model's CPU weights into one mapping advised for 2 MB pages keeps every value,
+every view relation (fused q/k/v and gate/up, the tied head) and every generated token; loads place weights
+above the size threshold, and KANGAROO_RT_HUGEPAGES=0 turns it off."""
+import os
+
+import pytest
+import torch
+
+from kangaroo_rt import KangarooConfig, KangarooModel, hugepages
+from kangaroo_rt.loading import load_model, save_model
+from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+needs_thp = pytest.mark.skipif(not hugepages.available(), reason="no transparent huge pages to advise here")
+
+
+def _pair(tie: bool = False):
+    config = tiny_config(vocab_size=211, hidden_size=128, num_layers=4, intermediate_size=256,
+                         tie_word_embeddings=tie)
+    return agreeing_pair(config, exit_layer=1, seed=3)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@needs_thp
+@pytest.mark.parametrize("tie", [False, True])
+def test_place_keeps_values_views_and_tokens(tie):
+    target, adapter = _pair(tie)
+    model = KangarooModel(target, adapter, exit_layer=1, kangaroo=KangarooConfig(gamma=4, eta=0.3))
+    ids = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=24)
+        want_plain = model.generate(ids, max_new_tokens=24, kangaroo=None)
+    before = _state(target)
+    old = {name: p.data_ptr() for name, p in target.named_parameters()}
+    moved = hugepages.place(target, min_bytes=0)
+    assert moved >= sum(p.numel() * p.element_size() for p in target.parameters())
+    after = _state(target)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.data_ptr() != old[name] for name, p in target.named_parameters())  # every weight moved
+    ptrs = sorted(p.data_ptr() for p in target.parameters())
+    assert ptrs[-1] - ptrs[0] < moved  # ... into one mapping
+    attn, mlp = target.layers[0].self_attn, target.layers[0].mlp
+    with torch.no_grad():
+        assert attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))  # still views of the fused rows
+        assert mlp.gate_up.serves((mlp.gate_proj, mlp.up_proj))
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()
+    if tie:
+        assert target.lm_head.weight is target.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=24), want)
+        assert torch.equal(model.generate(ids, max_new_tokens=24, kangaroo=None), want_plain)
+    assert torch.equal(want, want_plain)
+
+
+@needs_thp
+def test_loading_places_big_models_and_the_switch_turns_it_off(tmp_path, monkeypatch):
+    target, _ = _pair()
+    save_model(target, tmp_path / "m")
+    size = sum(p.numel() * p.element_size() for p in target.parameters())
+    monkeypatch.setattr(hugepages, "MIN_BYTES", size // 2)  # this tiny model counts as big
+    loaded = load_model(tmp_path / "m", dtype=torch.float32)
+    ptrs = [p.data_ptr() for p in loaded.parameters()]
+    base = min(ptrs)
+    assert max(ptrs) - base < 2 * size and base % 64 == 0
+    monkeypatch.setenv("KANGAROO_RT_HUGEPAGES", "0")
+    assert not hugepages.available()
+    assert hugepages.place(loaded, min_bytes=0) == 0
+    assert [p.data_ptr() for p in loaded.parameters()] == ptrs
+
+
+def test_small_models_and_other_devices_are_left_alone():
+    target, _ = _pair()
+    ptrs = [p.data_ptr() for p in target.parameters()]
+    assert hugepages.place(target) == 0  # under MIN_BYTES
+    assert [p.data_ptr() for p in target.parameters()] == ptrs
+    meta = torch.nn.Linear(4, 4, device="meta")
+    assert hugepages.place(meta, min_bytes=0) == 0
+
+
+def test_huge_page_bytes_reads_this_process():
+    got = hugepages.huge_page_bytes()
+    assert got == -1 or got >= 0
+    if os.path.exists("/proc/self/smaps_rollup"):
+        assert got >= 0
