@@ -10,7 +10,8 @@ allocator does not advise (unless ``THP_MEM_ALLOC_ENABLE=1`` was set before torc
 point into (:class:`kangaroo_rt.model.FusedRows`), into one such mapping, keeping every view a view of the same
 bytes: the values, dtypes, shapes and strides are unchanged, so every result keeps its bits. Measured on SmolLM2
 in bf16 (AMD EPYC, 2 cores; in one process against the same model in 4 KB pages, 8 Spec-Bench prompts x 400 tokens
-twice, alternating): plain decoding 1.03x, Kangaroo 1.03x, every token identical. :func:`kangaroo_rt.loading.load_model`
+twice, alternating: benchmarks/bench_hugepages.py): plain decoding 1.03x, Kangaroo 1.03-1.06x, every token
+identical. :func:`kangaroo_rt.loading.load_model`
 places every model it loads onto the CPU.
 
 ``KANGAROO_RT_HUGEPAGES=0`` turns it off; off Linux, or where huge pages are disabled (``never``), it does nothing.

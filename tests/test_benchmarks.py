@@ -394,6 +394,24 @@ def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monke
     assert id(this) in used and len(used) == 2  # the base's module is another object, and both ran
 
 
+def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
+    """bench_hugepages --smoke: a tiny model in 4 KB and in 2 MB pages, plain and Kangaroo; every output the same."""
+    from kangaroo_rt import hugepages
+
+    bench = load_benchmark("bench_hugepages")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    if not hugepages.available():
+        assert not (tmp_path / "bench_hugepages-smoke.json").exists()
+        return
+    result = json.loads((tmp_path / "bench_hugepages-smoke.json").read_text())
+    assert result["identical_outputs"] and set(result["two_mb_vs_four_kb"]) == {"ar", "kangaroo"}
+    assert set(result["tokens_per_s"]) == {"4k ar", "4k kangaroo", "2m ar", "2m kangaroo"}
+
+
 def test_make_readme_table_keeps_the_newest_days_lengths():
     """End-to-end runs: the newest per number of new tokens, among the lengths run on the group's newest day."""
     make = load_benchmark("make_readme_table")
