@@ -9,7 +9,9 @@ activations, as a bf16 model decodes), it reports the median time per pass, the 
 fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
 rows vs one row, and the hardware's limit for the pass (roof: the weight bytes at the read bandwidth, or its
 multiply-adds, weights x M, at the peak rate of the kernel's inner instruction on these threads, measured in the
-same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it. The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
+same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it; for bf16 also the
+sweep over the same weights in the packed layout (blocks of 8 rows, each one sequential run: _cpu_ext.pack_rows_bf16,
+kr_cpu_linear_rows_bf16_packed) and its time over the row-major sweep's (pk/sw). The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
 the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one
@@ -167,6 +169,9 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
     _check(cpu, mats, dtype)
     nbytes = sum(w.numel() * w.element_size() for _, w in mats)
     peak = peak_macs(cpu, label, args.threads, args.quick)
+    # bf16: the same pass with the weights in the packed layout (_cpu_ext.pack_rows_bf16), for the builds that have it
+    packed = ([_cpu_ext.pack_rows_bf16(w) for w in (w for _, w in mats)]
+              if label == "bf16" and hasattr(_cpu_ext, "pack_rows_bf16") else None)
     rows: List[Dict] = []
     weights = [w for _, w in mats]
     k_max = max(w.shape[1] for w in weights)
@@ -174,8 +179,11 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
         x_all = torch.randn(m, k_max).to(dtype)
         out = torch.empty(m, sum(w.shape[0] for w in weights), dtype=dtype)
-        t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "sweep": lambda: cpu.linear_sweep(x_all, weights, out),
-                        "torch": _pass(F.linear, mats, xs)}, args.repeats)
+        fns = {"kernel": _pass(cpu.linear, mats, xs), "sweep": lambda: cpu.linear_sweep(x_all, weights, out),
+               "torch": _pass(F.linear, mats, xs)}
+        if packed is not None:
+            fns["packed"] = lambda: cpu.linear_sweep(x_all, packed, out, packed=True)
+        t = _time_pair(fns, args.repeats)
         row = {"weights": label, "rows": m, "bytes": nbytes, "peak_macs_per_s": peak,
                **roof(nbytes, m * sum(w.numel() for w in weights), bandwidth, peak)}
         for name in ("kernel", "sweep", "torch"):
@@ -183,6 +191,11 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
             row[f"{name}_gbs"] = nbytes / t[name] / 1e9
             row[f"{name}_fraction_of_read_bw"] = row[f"{name}_gbs"] / bandwidth
             row[f"{name}_fraction_of_roof"] = row["roof_ms"] / row[f"{name}_ms"]
+        if packed is not None:
+            row["packed_ms"] = 1e3 * t["packed"]
+            row["packed_gbs"] = nbytes / t["packed"] / 1e9
+            row["packed_fraction_of_read_bw"] = row["packed_gbs"] / bandwidth
+            row["packed_vs_sweep"] = t["packed"] / t["sweep"]
         row["speedup"] = t["torch"] / t["kernel"]
         one = next((r for r in rows if r["rows"] == 1), row)
         for name in ("kernel", "sweep", "torch"):
@@ -193,7 +206,8 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
               f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
               f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x {row['sweep_ms']:>8.2f} "
               f"{row['sweep_gbs']:>7.1f} {100 * row['sweep_fraction_of_read_bw']:>5.0f}% {row['sweep_vs_m1']:>6.2f}x "
-              f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%",
+              f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%"
+              + (f" {row['packed_ms']:>9.2f} {row['packed_vs_sweep']:>6.2f}x" if packed is not None else ""),
               flush=True)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
@@ -304,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
-          f"{'roof ms':>7} {'bound':>7} {'%roof':>6}")
+          f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
     measured: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
     for label in WEIGHTS:
         for key, values in measure_weights(cpu, label, args, bandwidth).items():

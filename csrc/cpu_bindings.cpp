@@ -831,9 +831,11 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
 // (out, when given: a benchmark reuses it rather than fault in a fresh allocation per pass):
 // linear i's output in its own columns, each row's bits those of linear(x[:, :K_i], W_i). One call, one start of
 // the threads, for a whole list of matrices (benchmarks/bench_linear.py: the kernel's stream as the stack drives it).
-at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weights, c10::optional<at::Tensor> out) {
+at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weights, c10::optional<at::Tensor> out,
+                        bool packed) {
   const char* what = "kangaroo_rt._cpu.linear_sweep";
   const int dtype = dtype_code(x, what, "x");
+  TORCH_CHECK_VALUE(!packed || dtype == KR_CPU_BFLOAT16, what, ": packed weights are bf16 only");
   check_like(x, x, what, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), what, ": x must be a contiguous (M, K), got ", x.sizes(),
                     " strides ", x.strides());
@@ -846,6 +848,8 @@ at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weig
     TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && w.size(0) > 0 && w.size(1) > 0 && w.size(1) <= x.size(1),
                       what, ": weight ", i, " must be a contiguous, non-empty (N, K) with K <= x.shape[1] = ",
                       x.size(1), ", got ", w.sizes(), " strides ", w.strides());
+    TORCH_CHECK_VALUE(!packed || (w.size(0) % KR_CPU_PACK_ROWS == 0 && w.size(1) % 32 == 0), what, ": packed weight ",
+                      i, " must have N a multiple of ", KR_CPU_PACK_ROWS, " and K of 32, got ", w.sizes());
     ptrs.push_back(w.const_data_ptr());
     n_out.push_back(w.size(0));
     n_in.push_back(w.size(1));
@@ -858,7 +862,7 @@ at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weig
                       ": out must be a contiguous (", x.size(0), ", ", cols, "), got ", y.sizes());
   }
   kr_cpu_linear_sweep_args a{};
-  a.dtype = dtype, a.rows = x.size(0), a.n_linears = static_cast<int64_t>(weights.size());
+  a.dtype = dtype, a.rows = x.size(0), a.n_linears = static_cast<int64_t>(weights.size()), a.packed = packed ? 1 : 0;
   a.weights = ptrs.data(), a.n_out = n_out.data(), a.n_in = n_in.data();
   a.x = x.const_data_ptr(), a.ld_x = x.size(1), a.y = y.mutable_data_ptr(), a.ld_y = cols;
   run_one_region(a, kr_cpu_linear_sweep_workspace_bytes, kr_cpu_linear_sweep_check, kr_cpu_linear_sweep, what);
@@ -937,9 +941,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy acceptance "
         "and commit, in place on the decode state; the bits of the step-by-step path; -> (accepted, committed)");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
+        py::arg("packed") = false,
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "
-        "given), for benchmarks");
+        "given), for benchmarks; packed: bf16 weights in the packed layout (_cpu_ext.pack_rows_bf16)");
   m.def("argmax", &argmax, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
         "logits (..., n) fp32/bf16 -> (...) int64: the first index of the largest value, a NaN the largest");
   m.def("greedy_with_confidence", &greedy_with_confidence, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),

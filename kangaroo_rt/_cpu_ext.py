@@ -52,6 +52,19 @@ def load():
                       "`KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .` (needs a C++ compiler)")
 
 
+PACK_ROWS, PACK_K = 8, 32  # csrc/cpu/kr_cpu.h: KR_CPU_PACK_ROWS, the bf16 pair chunk
+
+
+def pack_rows_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) -> the same values in kr_cpu_linear_rows_bf16_packed's layout, as an (N, K) tensor: blocks of
+    8 rows, each block's K in chunks of 32, chunk c of a block its 8 rows' 32 values one after another (a block streams
+    as one run of memory). N must be a multiple of 8 and K of 32."""
+    n, k = weight.shape
+    if n % PACK_ROWS or k % PACK_K:
+        raise ValueError(f"pack_rows_bf16: N must be a multiple of {PACK_ROWS} and K of {PACK_K}, got {tuple(weight.shape)}")
+    return weight.reshape(n // PACK_ROWS, PACK_ROWS, k // PACK_K, PACK_K).permute(0, 2, 1, 3).contiguous().view(n, k)
+
+
 def is_available() -> bool:
     """Whether the extension loads. Not built: False, silently. Built but not loadable: False, said once."""
     global _warned

@@ -308,6 +308,54 @@ def test_peak_macs_is_a_ceiling_of_the_kernel_on_cached_weights(cpu, dtype):
     assert kernel_rate < 1.1 * peak and peak < 5 * kernel_rate, (kernel_rate, peak)
 
 
+def test_pack_rows_bf16_lays_out_blocks_of_8_rows_by_chunks_of_32():
+    n, k = 16, 64
+    w = torch.arange(n * k, dtype=torch.float32).view(n, k)  # (the packing only moves values: fp32 keeps every index exact)
+    packed = _cpu_ext.pack_rows_bf16(w).flatten()
+    for row in range(n):
+        for col in range(k):
+            at = (row // 8) * 8 * k + (col // 32) * 8 * 32 + (row % 8) * 32 + col % 32
+            assert packed[at] == w[row, col]
+    with pytest.raises(ValueError, match="N must be a multiple of 8 and K of 32"):
+        _cpu_ext.pack_rows_bf16(torch.zeros(12, 64))
+
+
+PACKED_CHECK = """
+import torch
+from kangaroo_rt import _cpu_ext
+cpu = _cpu_ext.load()
+gen = torch.Generator().manual_seed(0)
+shapes = ((8, 32), (16, 64), (72, 96), (576, 576), (192, 1536))
+ws = [torch.randn(n, k, generator=gen).bfloat16() for n, k in shapes]
+packed = [_cpu_ext.pack_rows_bf16(w) for w in ws]
+for m in (1, 2, 3, 4, 5, 8, 13, 64, 65):
+    x = torch.randn(m, 1536, generator=gen).bfloat16()
+    want = cpu.linear_sweep(x, ws)
+    assert torch.equal(cpu.linear_sweep(x, packed, packed=True), want), (cpu.isa(), m)
+print(cpu.isa(), "ok")
+"""
+
+
+def test_packed_weights_give_the_row_major_bits_on_every_variant(cpu):
+    """The packed layout (kr_cpu_linear_rows_bf16_packed through linear_sweep(packed=True)) against the row-major
+    kernel, bit for bit, at every row count path (1, 2, groups of 3 with a remainder, passes past 64) and on every
+    variant this CPU runs (each in its own process: the variant is chosen once per process)."""
+    for isa in cpu.supported_isas():
+        env = {**os.environ, "KANGAROO_RT_CPU_ISA": isa}
+        done = subprocess.run([sys.executable, "-c", PACKED_CHECK], env=env, capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0 and done.stdout.strip() == f"{isa} ok", done.stderr[-2000:]
+
+
+def test_packed_sweeps_refuse_what_they_cannot_run(cpu):
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="packed weights are bf16 only"):
+        cpu.linear_sweep(x, [torch.randn(8, 64)], packed=True)
+    with pytest.raises(ValueError, match="packed weight 0 must have N a multiple of 8 and K of 32"):
+        cpu.linear_sweep(x.bfloat16(), [torch.randn(12, 64).bfloat16()], packed=True)
+    with pytest.raises(ValueError, match="packed weight 0 must have N a multiple of 8 and K of 32"):
+        cpu.linear_sweep(x.bfloat16(), [torch.randn(8, 48).bfloat16()], packed=True)
+
+
 def test_peak_macs_refuses_bad_arguments(cpu):
     with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16', got 'float16'"):
         cpu.peak_macs("float16", 1)

@@ -62,7 +62,7 @@ int run_sweep(int isa, const kr_cpu_linear_sweep_args& a) {
   int64_t col = 0;
   for (int64_t i = 0; i < a.n_linears; ++i) {
     linear_phase<T>(ph, isa, static_cast<const T*>(a.x), a.rows, a.n_in[i], a.ld_x, a.weights[i], a.n_out[i], nullptr,
-                    static_cast<T*>(a.y) + col, a.ld_y, false, reinterpret_cast<float*>(ws + l.yf));
+                    static_cast<T*>(a.y) + col, a.ld_y, false, reinterpret_cast<float*>(ws + l.yf), a.packed != 0);
     col += a.n_out[i];
   }
   return static_cast<int>(__atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED));
@@ -89,6 +89,8 @@ extern "C" int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args
   int64_t cols = 0;
   for (int64_t i = 0; i < a->n_linears; ++i) {
     if (a->weights[i] == nullptr || a->n_in[i] <= 0 || a->n_in[i] > a->ld_x || a->n_out[i] <= 0)
+      return KR_CPU_BAD_ARGUMENT;
+    if (a->packed && (a->dtype != KR_CPU_BFLOAT16 || a->n_in[i] % 32 != 0 || a->n_out[i] % KR_CPU_PACK_ROWS != 0))
       return KR_CPU_BAD_ARGUMENT;
     cols += a->n_out[i];
   }

@@ -72,6 +72,16 @@ int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_
 int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
+// The same as kr_cpu_linear_rows_bf16 (the same bits), with W in the packed layout: blocks of KR_CPU_PACK_ROWS
+// rows, each block's K in chunks of 32, chunk c of rows n..n+7 the 8 x 32 bf16 at (n * K + c * 8 * 32): row j's
+// 32 at + j * 32. A block then streams as one sequential run of memory, where row-major rows are 8 streams.
+// K must be a multiple of 32, N and n_begin, n_end multiples of KR_CPU_PACK_ROWS. Variants without a packed loop
+// (AVX2, portable) unpack each block first.
+#define KR_CPU_PACK_ROWS 8
+int kr_cpu_linear_rows_bf16_packed(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
+                                   int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+                                   int64_t n_end);
+
 // dst[i] = src[i] rounded to bf16 (nearest even; NaN -> the canonical quiet NaN 0x7fc0, as c10::BFloat16), for
 // i < n: how a linear with bf16 activations stores its fp32 rows, inside the task that computed them. Every variant
 // gives the same bits. Returns a kr_cpu_status.
@@ -368,6 +378,7 @@ typedef struct kr_cpu_linear_sweep_args {
   int64_t ld_y;                // >= the sum of n_out
   int64_t threads;             // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;             // kr_cpu_linear_sweep_workspace_bytes(args) bytes, 64-byte aligned, see below
+  int packed;                  // bf16 only: every weight in kr_cpu_linear_rows_bf16_packed's layout
 } kr_cpu_linear_sweep_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes.

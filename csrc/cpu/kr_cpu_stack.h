@@ -153,11 +153,12 @@ int embed_row(const void* embed, int64_t vocab, int64_t token, int64_t D, T* h) 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // y = x W^T (+ bias) over output rows claimed in chunks of whole row blocks, stored to dst (M, N) of row stride
-// ld_dst in T; with add, dst += y (each rounded to T, as torch's h + linear(x)).
+// ld_dst in T; with add, dst += y (each rounded to T, as torch's h + linear(x)). packed (bf16): w is in
+// kr_cpu_linear_rows_bf16_packed's layout.
 // x: (M, K) of row stride ldx.
 template <typename T>
 void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N,
-                  const float* bias, T* dst, int64_t ld_dst, bool add, float* yf) {
+                  const float* bias, T* dst, int64_t ld_dst, bool add, float* yf, bool packed = false) {
   const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
   const int64_t block_bytes = KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
   const int64_t min_blocks = ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes));
@@ -169,8 +170,10 @@ void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t
     const int64_t ldy = direct ? ld_dst : N;
     const int rc = kFloat ? kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, ldx, w,
                                                    KR_CPU_FLOAT32, N, bias, y, ldy, n0, n1)
-                          : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
-                                                    static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
+                   : packed ? kr_cpu_linear_rows_bf16_packed(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
+                                                             static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1)
+                            : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
+                                                      static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
     if (rc != KR_CPU_OK || direct) return rc;
     if constexpr (!kFloat) {
       if (!add) {

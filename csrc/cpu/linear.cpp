@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kr_cpu_common.h"
 
@@ -462,7 +463,9 @@ KR_TARGET_AVX512_BF16 inline void chunk_bf16_avx512(const uint16_t* x, int64_t l
   }
 }
 
-template <int NB, int MB, bool kHw>
+// kPacked: the block's NB rows of W are in the packed layout (kr_cpu_linear_rows_bf16_packed, NB = KR_CPU_PACK_ROWS,
+// K a multiple of 32): chunk c of its rows is NB x 32 consecutive bf16, row j's 32 at c * NB * 32 + j * 32.
+template <int NB, int MB, bool kHw, bool kPacked = false>
 KR_TARGET_AVX512_BF16 void tile_bf16_avx512(const uint16_t* x, int64_t ldx, const uint16_t* w, Prefetch pf,
                                             int64_t K, const float* bias, float* y, int64_t ldy) {
   __m512 acc[NB][MB];
@@ -471,22 +474,25 @@ KR_TARGET_AVX512_BF16 void tile_bf16_avx512(const uint16_t* x, int64_t ldx, cons
   const int64_t k_full = K - K % kPairChunk;
   for (int64_t k = 0; k < k_full; k += kPairChunk) {
     pf.step(k + kPairChunk);
-    chunk_bf16_avx512<NB, MB, kHw, false>(x + k, ldx, w + k, K, 0, acc);
+    if constexpr (kPacked)
+      chunk_bf16_avx512<NB, MB, kHw, false>(x + k, ldx, w + k * NB, kPairChunk, 0, acc);
+    else
+      chunk_bf16_avx512<NB, MB, kHw, false>(x + k, ldx, w + k, K, 0, acc);
   }
-  if (k_full < K) {
+  if (!kPacked && k_full < K) {
     const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
     chunk_bf16_avx512<NB, MB, kHw, true>(x + k_full, ldx, w + k_full, K, mask, acc);
   }
   store_tile_avx512<NB, MB>(acc, bias, y, ldy);
 }
 
-template <int NB, int MB, bool kHw>
+template <int NB, int MB, bool kHw, bool kPacked = false>
 KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t ldx, const uint16_t* w, Prefetch pf,
                                              int64_t K, const float* bias, float* y, int64_t ldy) {
   if constexpr (MB > 1) {
-    if (mb < MB) return group_bf16_avx512<NB, MB - 1, kHw>(mb, x, ldx, w, pf, K, bias, y, ldy);
+    if (mb < MB) return group_bf16_avx512<NB, MB - 1, kHw, kPacked>(mb, x, ldx, w, pf, K, bias, y, ldy);
   }
-  tile_bf16_avx512<NB, MB, kHw>(x, ldx, w, pf, K, bias, y, ldy);
+  tile_bf16_avx512<NB, MB, kHw, kPacked>(x, ldx, w, pf, K, bias, y, ldy);
 }
 
 // One row count's loop over the rows of W in a function of its own, with everything it calls inlined into it
@@ -495,12 +501,13 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
 // folds away). Measured (benchmarks/bench_ab.py --in-process): two rows in blocks of 8 rows of W took 0.86-0.92x
 // the time of the 2 x 4 blocks with the row count propagated, 0.96x without; with the paths inlined into one
 // dispatcher, adding the two-row path made one row 6-15% slower.
-template <int NB, int MB, bool kHw, int kAhead>
+template <int NB, int MB, bool kHw, int kAhead, bool kPacked = false>
 __attribute__((noinline, flatten)) KR_TARGET_AVX512_BF16 void rows_path_bf16_avx512(
     const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, const float* bias, float* y,
     int64_t ldy, int64_t n_begin, int64_t n_end) {
-  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw>, group_bf16_avx512<1, MB, kHw>, kAhead>(
-      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  // (packed calls cover whole packs of NB rows: the one-row Single never runs for them)
+  for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw, kPacked>, group_bf16_avx512<1, MB, kHw>,
+                 kAhead>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
 // kHw = false never reaches an AVX512-BF16 instruction: only chunk_bf16_avx512's kHw branch has one (the target
@@ -519,6 +526,28 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                                                                      n_begin, n_end);
   return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy, n_begin,
                                                                            n_end);
+}
+
+// The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (the one-row path's blocks), each read as one
+// sequential run of memory. One and two rows as in rows_bf16_avx512; more in groups of kMbPacked activation rows
+// (24 accumulators) with the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
+// (SmolLM2's matrices, one call per pass, 2 threads, in one process, passes back to back and alternating, four
+// runs): 1 row 0.86-0.95x, 2 rows 0.82-0.99x, 3 rows 0.82-0.91x, 4 rows 0.88-0.99x, 5 rows 0.91-0.97x, 8 rows
+// 0.91-0.96x; in bench_linear's interleaving (each pass after a torch pass) 0.99-1.09x at 1-8 rows, 0.81-0.94x at
+// 16-32. Groups of 2 or no prefetch were slower from 4 or 5 rows on (up to 1.23x at 8 rows), groups of 4 (32
+// accumulators) mixed. Not used by the layer stack yet.
+constexpr int kMbPacked = 3;
+template <bool kHw>
+KR_TARGET_AVX512_BF16 void rows_bf16_packed_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                                                   const uint16_t* w, int64_t N, const float* bias, float* y,
+                                                   int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int P = KR_CPU_PACK_ROWS;
+  if (M == 1)
+    return rows_path_bf16_avx512<P, 1, kHw, kAheadOneRow, true>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (M == 2)
+    return rows_path_bf16_avx512<P, 2, kHw, kAheadOneRow, true>(x, 2, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  return rows_path_bf16_avx512<P, kMbPacked, kHw, kPrefetchBlocks, true>(x, M, K, ldx, w, N, bias, y, ldy, n_begin,
+                                                                          n_end);
 }
 
 // AVX2: lanes 0-7 hold the pairs of k's 0-15 of a chunk, lanes 8-15 those of k's 16-31; two FMAs per pair as in
@@ -697,6 +726,39 @@ void run_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx
   }
 }
 
+// Packed rows on a variant without a packed loop: each pack's rows unpacked into a row-major block, then that
+// variant's row-major rows (the same operations, so the same bits).
+void run_rows_bf16_packed(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
+                          const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t P = KR_CPU_PACK_ROWS;
+  switch (isa) {
+#if KR_CPU_X86
+    case KR_CPU_ISA_AVX512_BF16: {
+      const FlushDenormals flush;
+      rows_bf16_packed_avx512<true>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+      return;
+    }
+    case KR_CPU_ISA_AVX512: {
+      const FlushDenormals flush;
+      rows_bf16_packed_avx512<false>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+      return;
+    }
+#endif
+    default: {
+      static thread_local std::vector<uint16_t> block;
+      block.resize(static_cast<size_t>(P * K));
+      for (int64_t n = n_begin; n < n_end; n += P) {
+        const uint16_t* pack = w + n * K;
+        for (int64_t c = 0; c < K / kPairChunk; ++c)
+          for (int64_t j = 0; j < P; ++j)
+            std::memcpy(block.data() + j * K + c * kPairChunk, pack + (c * P + j) * kPairChunk,
+                        kPairChunk * sizeof(uint16_t));
+        run_rows_bf16(isa, x, M, K, ldx, block.data(), P, bias != nullptr ? bias + n : nullptr, y + n, ldy, 0, P);
+      }
+    }
+  }
+}
+
 bool bad_rows_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, int64_t n_begin, int64_t n_end) {
   return M < 0 || K < 0 || N < 0 || n_begin < 0 || n_end < n_begin || n_end > N || (M > 1 && ldx < K) ||
          (M > 1 && ldy < n_end);
@@ -752,6 +814,22 @@ int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, in
   for (int64_t m0 = 0; m0 < M; m0 += KR_CPU_MAX_ROWS_PER_PASS) {  // passes as in kr_cpu_linear_rows_isa
     const int64_t rows = std::min<int64_t>(KR_CPU_MAX_ROWS_PER_PASS, M - m0);
     run_rows_bf16(isa, x + m0 * ldx, rows, K, ldx, w, N, bias, y + m0 * ldy, ldy, n_begin, n_end);
+  }
+  return KR_CPU_OK;
+}
+
+int kr_cpu_linear_rows_bf16_packed(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
+                                   int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+                                   int64_t n_end) {
+  if (!cpu_runs(isa)) return KR_CPU_BAD_ISA;
+  if (bad_rows_args(M, K, ldx, N, ldy, n_begin, n_end) || K % kPairChunk != 0 || N % KR_CPU_PACK_ROWS != 0 ||
+      n_begin % KR_CPU_PACK_ROWS != 0 || n_end % KR_CPU_PACK_ROWS != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  if (M == 0 || n_begin == n_end) return KR_CPU_OK;
+  if (y == nullptr || (K > 0 && (x == nullptr || w == nullptr))) return KR_CPU_BAD_ARGUMENT;
+  for (int64_t m0 = 0; m0 < M; m0 += KR_CPU_MAX_ROWS_PER_PASS) {  // passes as in kr_cpu_linear_rows_isa
+    const int64_t rows = std::min<int64_t>(KR_CPU_MAX_ROWS_PER_PASS, M - m0);
+    run_rows_bf16_packed(isa, x + m0 * ldx, rows, K, ldx, w, N, bias, y + m0 * ldy, ldy, n_begin, n_end);
   }
   return KR_CPU_OK;
 }
