@@ -531,11 +531,11 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 // The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (the one-row path's blocks), each read as one
 // sequential run of memory. One and two rows as in rows_bf16_avx512; more in groups of kMbPacked activation rows
 // (24 accumulators) with the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
-// (SmolLM2's matrices, one call per pass, 2 threads, in one process, passes back to back and alternating, four
-// runs): 1 row 0.86-0.95x, 2 rows 0.82-0.99x, 3 rows 0.82-0.91x, 4 rows 0.88-0.99x, 5 rows 0.91-0.97x, 8 rows
-// 0.91-0.96x; in bench_linear's interleaving (each pass after a torch pass) 0.99-1.09x at 1-8 rows, 0.81-0.94x at
-// 16-32. Groups of 2 or no prefetch were slower from 4 or 5 rows on (up to 1.23x at 8 rows), groups of 4 (32
-// accumulators) mixed. Not used by the layer stack yet.
+// (bench_linear, SmolLM2's matrices, one call per pass, 2 threads, passes back to back as decode steps run,
+// cpu-20261205-s12-linear-packed): 1 / 2 / 4 / 8 rows 0.95 / 0.99 / 0.97 / 0.96x, 16 / 32 / 64 rows 0.85 / 0.80 /
+// 0.78x; scratch runs in one process gave 0.86-0.99x at 1-8 rows. After a torch pass instead (no warm pass before)
+// 0.99-1.09x at 1-8 rows. Groups of 2 or no prefetch were slower from 4 or 5 rows on (up to 1.23x at 8 rows), groups
+// of 4 (32 accumulators) mixed. Not used by the layer stack yet.
 constexpr int kMbPacked = 3;
 template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_packed_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
