@@ -12,6 +12,7 @@ both alike. Reports tokens/s per (pages, method), the 2 MB / 4 KB ratios, and wh
 Prints a table and writes ``<out>/bench_hugepages.json`` (``bench_hugepages-smoke.json`` with --smoke: a random
 tiny model placed with no size threshold, a few tokens; the numbers only show that the script works).
 """
+# gpu_suite: gpu-args --smoke
 from __future__ import annotations
 
 import argparse
