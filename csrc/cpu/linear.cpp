@@ -535,7 +535,8 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 // cpu-20261205-s12-linear-packed): 1 / 2 / 4 / 8 rows 0.95 / 0.99 / 0.97 / 0.96x, 16 / 32 / 64 rows 0.85 / 0.80 /
 // 0.78x; scratch runs in one process gave 0.86-0.99x at 1-8 rows. After a torch pass instead (no warm pass before)
 // 0.99-1.09x at 1-8 rows. Groups of 2 or no prefetch were slower from 4 or 5 rows on (up to 1.23x at 8 rows), groups
-// of 4 (32 accumulators) mixed. Not used by the layer stack yet.
+// of 4 (32 accumulators) mixed. Not used by the layer stack: a scratch build whose stack read packed weights took
+// 1.04-1.10x the time of a plain step and 1.15-1.20x of a 2-token verify (0.97-0.99x at 5-7 tokens).
 constexpr int kMbPacked = 3;
 template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_packed_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
