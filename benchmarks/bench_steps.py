@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kangaroo_rt import _cpu_ext, ops  # noqa: E402
+from kangaroo_rt import _cpu_ext, hugepages, ops  # noqa: E402
 from kangaroo_rt.adapter import Adapter  # noqa: E402
 from kangaroo_rt.config import ModelConfig  # noqa: E402
 from kangaroo_rt.draft_vocab import DraftHead  # noqa: E402
@@ -138,7 +138,10 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
                 else:
                     p.normal_(0.0, std, generator=gen)
     target.inv_freq = rope_inv_freq(config).to(device)
-    return target.eval().fuse_projections(), adapter.eval()  # fused q/k/v and gate/up, as loading does
+    target = target.eval().fuse_projections()  # fused q/k/v and gate/up, as loading does
+    if device.type == "cpu":
+        hugepages.place(target)  # and the weights in 2 MB pages, as loading does (kangaroo_rt/hugepages.py)
+    return target, adapter.eval()
 
 
 def param_bytes(module: torch.nn.Module) -> int:
