@@ -11,8 +11,7 @@ point into (:class:`kangaroo_rt.model.FusedRows`), into one such mapping, keepin
 bytes: the values, dtypes, shapes and strides are unchanged, so every result keeps its bits. Measured on SmolLM2
 in bf16 (AMD EPYC, 2 cores; in one process against the same model in 4 KB pages, 8 Spec-Bench prompts x 400 tokens
 twice, alternating: benchmarks/bench_hugepages.py): plain decoding 1.03x, Kangaroo 1.03-1.06x, every token
-identical. :func:`kangaroo_rt.loading.load_model`
-places every model it loads onto the CPU.
+identical. :func:`kangaroo_rt.loading.load_model` places every model it loads onto the CPU (MIN_BYTES and up).
 
 ``KANGAROO_RT_HUGEPAGES=0`` turns it off; off Linux, or where huge pages are disabled (``never``), it does nothing.
 """

@@ -476,7 +476,8 @@ KR_TARGET_AVX512_BF16 void tile_bf16_avx512(const uint16_t* x, int64_t ldx, cons
   // The 3-4 and 5+ row blocks take two chunks a trip (the same chunks in the same order: the same bits). Measured
   // (bench_ab --in-process probes, three processes): verify steps over 4 / 5 / 6-7 tokens 0.95-0.97 / 0.94-0.95 /
   // 0.98-0.99x, the 5-row pass 0.92-0.94x, the 8-row pass 1.02-1.04x, 1-3 rows unchanged.
-  if constexpr (NB == kNbFewBf16 || NB == kNbAvx512) {
+  static_assert(!kPacked || NB == KR_CPU_PACK_ROWS, "a packed block is KR_CPU_PACK_ROWS rows");
+  if constexpr (!kPacked && (NB == kNbFewBf16 || NB == kNbAvx512)) {  // (row-major addressing below)
     for (; k + 2 * kPairChunk <= k_full; k += 2 * kPairChunk) {
       pf.step(k + kPairChunk);
       chunk_bf16_avx512<NB, MB, kHw, false>(x + k, ldx, w + k, K, 0, acc);
@@ -550,6 +551,7 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 // of 4 (32 accumulators) mixed. Not used by the layer stack: a scratch build whose stack read packed weights took
 // 1.04-1.10x the time of a plain step and 1.15-1.20x of a 2-token verify (0.97-0.99x at 5-7 tokens).
 constexpr int kMbPacked = 3;
+static_assert(KR_CPU_PACK_ROWS == kNbOneRow, "packs are the one-row path's blocks");
 template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_packed_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
                                                    const uint16_t* w, int64_t N, const float* bias, float* y,
