@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <string>
@@ -488,18 +490,23 @@ void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int6
 
 // A kernel that runs on one set of threads meeting at counters (the decoder stack and a linear sweep: decoder.cpp;
 // the draft chain; the target pass): sets args.threads and a workspace of the size bytes() asks (its counters
-// zeroed), checks the arguments once before any thread starts (so that no thread stops alone), then runs one task
-// per thread, each calling run(isa, &args) with the same arguments. Fewer threads (a nested call runs inline)
-// compute the same bits.
+// zeroed; kept in region for the next call, and grown when that call asks for more), checks the arguments once
+// before any thread starts (so that no thread stops alone), then runs one task per thread, each calling
+// run(isa, &args) with the same arguments. Fewer threads (a nested call runs inline) compute the same bits.
+struct Region {
+  at::Tensor workspace;
+};
+
 template <typename Args>
-void run_one_region(Args& args, int64_t (*bytes)(const Args*, int64_t*), int (*check)(int, const Args*),
-                    int (*run)(int, const Args*), const char* what) {
+void run_region(Args& args, Region& region, int64_t (*bytes)(const Args*, int64_t*), int (*check)(int, const Args*),
+                int (*run)(int, const Args*), const char* what) {
   args.threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t zeroed = 0;
   const int64_t n = bytes(&args, &zeroed);
   TORCH_CHECK_VALUE(n >= 0, what, ": impossible sizes");
-  const at::Tensor workspace = at::empty({n}, at::TensorOptions().dtype(at::kByte));  // (64-byte aligned)
-  args.workspace = workspace.data_ptr();
+  if (!region.workspace.defined() || region.workspace.numel() < n)
+    region.workspace = at::empty({n}, at::TensorOptions().dtype(at::kByte));  // (64-byte aligned)
+  args.workspace = region.workspace.data_ptr();
   std::memset(args.workspace, 0, static_cast<size_t>(zeroed));  // the counters; the scratch rows need no zeros
   const int isa = process_isa();
   const int checked = check(isa, &args);
@@ -511,6 +518,13 @@ void run_one_region(Args& args, int64_t (*bytes)(const Args*, int64_t*), int (*c
   for (int rc : status)
     TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
                 ")");
+}
+
+template <typename Args>
+void run_one_region(Args& args, int64_t (*bytes)(const Args*, int64_t*), int (*check)(int, const Args*),
+                    int (*run)(int, const Args*), const char* what) {
+  Region region;
+  run_region(args, region, bytes, check, run, what);
 }
 
 // The layers ls (their pointers set and checked) over out (B, Q, D), the input overwritten by the output: the rope
@@ -660,30 +674,51 @@ void check_rope_rows(const at::Tensor& cos, const at::Tensor& sin, const at::Ten
 // contiguous; embed (V, D); rope_cos, rope_sin (T, Dh): the RoPE tables of positions 0..T-1; the target's layers
 // 0..l-1 as decoder_layers takes them, and the adapter's (gate/up and down None); head (N, D) with head_ids (N,)
 // (None: row n is token n) -> k, the drafting steps run.
-int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Tensor& n_gen, const at::Tensor& max_new,
-                    const at::Tensor& finished, const at::Tensor& e_prev, at::Tensor cap, at::Tensor active,
-                    at::Tensor conf, at::Tensor x, at::Tensor drafts, at::Tensor n_drafts, at::Tensor exits,
-                    const at::Tensor& embed, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                    const std::vector<c10::optional<at::Tensor>>& weights,
-                    const std::vector<c10::optional<at::Tensor>>& qkv_bias,
-                    const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
-                    std::vector<at::Tensor> v_caches, const std::vector<c10::optional<at::Tensor>>& adapter_weights,
-                    at::Tensor adapter_k_cache, at::Tensor adapter_v_cache, const at::Tensor& head,
-                    const c10::optional<at::Tensor>& head_ids, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    double eps, double adapter_eps, int64_t gamma, double eta, int64_t base_len) {
+// draft_chain's arguments, checked once and kept (the args point into the plan, which stays in place): run() drafts
+// one round from the slots base_len (max(pos) + 1) on; the loop of greedy_decode runs it every round.
+struct DraftPlan {
+  kr_cpu_draft_args a{};
+  std::vector<kr_cpu_decoder_layer> ls, adapter;
+  std::vector<at::Tensor> keep;  // what the pointers point into (biases, head ids, the state and chain tensors)
+  int64_t steps = 0;
+  Region region;
+
+  // -> k, the drafting steps run.
+  int64_t run(int64_t base_len) {
+    steps = 0;
+    if (a.batch == 0) return steps;
+    a.base_len = base_len;
+    run_region(a, region, kr_cpu_draft_workspace_bytes, kr_cpu_draft_check, kr_cpu_draft_chain,
+               "kangaroo_rt._cpu.draft_chain");
+    return steps;
+  }
+};
+
+std::unique_ptr<DraftPlan> plan_draft_chain(
+    const at::Tensor& pos, const at::Tensor& token, const at::Tensor& n_gen, const at::Tensor& max_new,
+    const at::Tensor& finished, const at::Tensor& e_prev, at::Tensor cap, at::Tensor active, at::Tensor conf,
+    at::Tensor x, at::Tensor drafts, at::Tensor n_drafts, at::Tensor exits, const at::Tensor& embed,
+    const at::Tensor& rope_cos, const at::Tensor& rope_sin, const std::vector<c10::optional<at::Tensor>>& weights,
+    const std::vector<c10::optional<at::Tensor>>& qkv_bias, const std::vector<c10::optional<at::Tensor>>& o_bias,
+    std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
+    const std::vector<c10::optional<at::Tensor>>& adapter_weights, at::Tensor adapter_k_cache,
+    at::Tensor adapter_v_cache, const at::Tensor& head, const c10::optional<at::Tensor>& head_ids, int64_t n_heads,
+    int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta) {
   const char* what = "kangaroo_rt._cpu.draft_chain";
   TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
                     ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
   const int64_t B = exits.size(0), D = exits.size(2);
   const at::Tensor probe = exits.narrow(1, 0, 1);  // (B, 1, D): what the layers' checks compare against
+  auto plan = std::make_unique<DraftPlan>();
   int64_t inter = 0, adapter_inter = 0;
-  std::vector<at::Tensor> biases;
-  const std::vector<kr_cpu_decoder_layer> ls = layers_of(probe, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
-                                                         n_kv_heads, head_dim, inter, biases, what);
+  std::vector<at::Tensor>& biases = plan->keep;
+  const std::vector<kr_cpu_decoder_layer>& ls = plan->ls = layers_of(probe, weights, qkv_bias, o_bias, k_caches,
+                                                                      v_caches, n_heads, n_kv_heads, head_dim, inter,
+                                                                      biases, what);
   std::vector<at::Tensor> ak{adapter_k_cache}, av{adapter_v_cache};
   const std::vector<c10::optional<at::Tensor>> no_bias(1);
-  const std::vector<kr_cpu_decoder_layer> adapter = layers_of(probe, adapter_weights, no_bias, no_bias, ak, av, n_heads,
-                                                              n_kv_heads, head_dim, adapter_inter, biases, what);
+  const std::vector<kr_cpu_decoder_layer>& adapter = plan->adapter = layers_of(
+      probe, adapter_weights, no_bias, no_bias, ak, av, n_heads, n_kv_heads, head_dim, adapter_inter, biases, what);
   TORCH_CHECK_VALUE(!ls.empty() && adapter.size() == 1 && adapter_inter == 0, what,
                     ": expects at least one target layer and one attention-only adapter layer");
   TORCH_CHECK_VALUE(ak[0].strides() == k_caches[0].strides() && ak[0].size(2) == k_caches[0].size(2), what,
@@ -712,15 +747,17 @@ int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Te
     TORCH_CHECK_VALUE(head_ids->size(0) == head.size(0), what, ": head_ids must have one id per head row");
     ids = head_ids->contiguous();
   }
-  int64_t steps = 0;
-  if (B == 0) return steps;
-  kr_cpu_draft_args a{};
+  // the state and chain tensors the pointers below point into
+  for (const at::Tensor& t : {pos, token, n_gen, max_new, finished, e_prev, cap, active, conf, x, drafts, n_drafts,
+                              exits, ids})
+    plan->keep.push_back(t);
+  kr_cpu_draft_args& a = plan->a;
   a.dtype = dtype_code(exits, what, "exits");
   a.batch = B, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads, a.head_dim = head_dim;
   a.intermediate = inter, a.max_len = T;
   a.eps = static_cast<float>(eps), a.adapter_eps = static_cast<float>(adapter_eps);
   a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  a.gamma = gamma, a.eta = static_cast<float>(eta), a.base_len = base_len;
+  a.gamma = gamma, a.eta = static_cast<float>(eta);
   a.exit_layer = static_cast<int64_t>(ls.size()), a.layers = ls.data(), a.adapter = adapter.data();
   for (int d = 0; d < 3; ++d) a.cache_stride[d] = k_caches[0].stride(d);
   a.embed = embed.const_data_ptr(), a.vocab = embed.size(0);
@@ -733,17 +770,37 @@ int64_t draft_chain(const at::Tensor& pos, const at::Tensor& token, const at::Te
   a.cap = cap.mutable_data_ptr<int64_t>(), a.active = reinterpret_cast<uint8_t*>(active.mutable_data_ptr<bool>());
   a.conf = conf.mutable_data_ptr<float>(), a.x = x.mutable_data_ptr<int64_t>();
   a.drafts = drafts.mutable_data_ptr<int64_t>(), a.n_drafts = n_drafts.mutable_data_ptr<int64_t>();
-  a.exits = exits.mutable_data_ptr(), a.steps = &steps;
-  run_one_region(a, kr_cpu_draft_workspace_bytes, kr_cpu_draft_check, kr_cpu_draft_chain, what);
-  return steps;
+  a.exits = exits.mutable_data_ptr(), a.steps = &plan->steps;
+  return plan;
 }
+
 
 // A target pass with greedy acceptance (csrc/cpu/target_pass.cpp), in place on the decode state pos, token, n_gen,
 // max_new (B,) int64, finished (B,) bool, out (B, W) int64, e_prev (B, D) or None: from embed (V, D) over each row's
 // token (q_len 1: a plain step), or from exits (B, >= q_len, D) with drafts (B, >= q_len - 1) and n_drafts (B,) (a
 // verification); the layers as decoder_layers takes them; norm (D,), head (N, D), RoPE tables (T, Dh) ->
 // (accepted, committed) (B,) int64.
-std::tuple<at::Tensor, at::Tensor> target_pass(
+// target_pass's arguments, checked once and kept (the args point into the plan, which stays in place): run() makes
+// one pass over q_len <= q_len_max tokens a row reading kv_len slots; the loop of greedy_decode runs it every step.
+struct TargetPlan {
+  kr_cpu_target_pass_args a{};
+  std::vector<kr_cpu_decoder_layer> ls;
+  std::vector<at::Tensor> keep;  // what the pointers point into (biases, the state tensors, the inputs)
+  at::Tensor eos_holder, accepted, committed;  // (B,) int64 each: the last run's
+  int64_t q_len_max = 1;
+  Region region;
+
+  void run(int64_t q_len, int64_t kv_len) {
+    TORCH_CHECK_VALUE(1 <= q_len && q_len <= q_len_max, "kangaroo_rt._cpu.target_pass: q_len ", q_len,
+                      " is outside [1, ", q_len_max, "]");
+    if (a.batch == 0) return;
+    a.q_len = q_len, a.kv_len = kv_len;
+    run_region(a, region, kr_cpu_target_pass_workspace_bytes, kr_cpu_target_pass_check, kr_cpu_target_pass,
+               "kangaroo_rt._cpu.target_pass");
+  }
+};
+
+std::unique_ptr<TargetPlan> plan_target_pass(
     at::Tensor pos, at::Tensor token, at::Tensor out, at::Tensor n_gen, at::Tensor finished, const at::Tensor& max_new,
     const c10::optional<at::Tensor>& eos, c10::optional<at::Tensor> e_prev, const c10::optional<at::Tensor>& embed,
     const c10::optional<at::Tensor>& exits, const c10::optional<at::Tensor>& drafts,
@@ -751,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
     const std::vector<c10::optional<at::Tensor>>& weights, const std::vector<c10::optional<at::Tensor>>& qkv_bias,
     const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
     std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
-    int64_t n_kv_heads, int64_t head_dim, double eps, int64_t kv_len) {
+    int64_t n_kv_heads, int64_t head_dim, double eps) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -765,18 +822,19 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
   const int64_t D = src.size(-1);
   const at::Tensor ref = embed.has_value() ? embed->narrow(0, 0, 1).unsqueeze(0).expand({B, 1, D})
                                            : exits->narrow(1, 0, q_len);  // (B, q_len, D): what the checks compare
+  auto plan = std::make_unique<TargetPlan>();
+  plan->q_len_max = q_len;
   int64_t inter = 0;
-  std::vector<at::Tensor> biases;
-  const std::vector<kr_cpu_decoder_layer> ls = layers_of(ref, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
-                                                         n_kv_heads, head_dim, inter, biases, what);
+  const std::vector<kr_cpu_decoder_layer>& ls = plan->ls = layers_of(ref, weights, qkv_bias, o_bias, k_caches, v_caches,
+                                                                      n_heads, n_kv_heads, head_dim, inter, plan->keep,
+                                                                      what);
   TORCH_CHECK_VALUE(!ls.empty(), what, ": expects at least one layer");
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&pos), static_cast<const at::Tensor*>(&token),
                               static_cast<const at::Tensor*>(&n_gen), &max_new})
     check_state_row(*t, B, at::kLong, what, "a state row");
   check_state_row(finished, B, at::kBool, what, "finished");
   check_out(out, B, what);
-  at::Tensor eos_holder;
-  const auto e = eos_ids(eos, eos_holder, what);
+  const auto e = eos_ids(eos, plan->eos_holder, what);
   for (const at::Tensor* t : {&norm, &head}) {
     check_like(*t, ref, what, "the norm or the head");
     TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == D, what,
@@ -796,12 +854,17 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
                       ": drafts must be (B, >= q_len - 1) of unit column stride, got ", drafts->sizes());
     check_state_row(*n_drafts, B, at::kLong, what, "n_drafts");
   }
-  at::Tensor accepted = at::zeros({B}, pos.options()), committed = at::zeros({B}, pos.options());
-  if (B == 0) return {accepted, committed};
-  kr_cpu_target_pass_args a{};
+  plan->accepted = at::zeros({B}, pos.options()), plan->committed = at::zeros({B}, pos.options());
+  // the state tensors and inputs the pointers below point into
+  for (const at::Tensor& t : {pos, token, out, n_gen, finished, max_new, norm, head, rope_cos, rope_sin})
+    plan->keep.push_back(t);
+  for (const c10::optional<at::Tensor>* t :
+       std::initializer_list<const c10::optional<at::Tensor>*>{&e_prev, &embed, &exits, &drafts, &n_drafts})
+    if (t->has_value()) plan->keep.push_back(**t);
+  kr_cpu_target_pass_args& a = plan->a;
   a.dtype = dtype_code(ref, what, "hidden");
   a.batch = B, a.q_len = q_len, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads;
-  a.head_dim = head_dim, a.intermediate = inter, a.max_len = k_caches[0].size(2), a.kv_len = kv_len;
+  a.head_dim = head_dim, a.intermediate = inter, a.max_len = k_caches[0].size(2);
   a.eps = static_cast<float>(eps), a.norm_eps = static_cast<float>(norm_eps);
   a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   a.n_layers = static_cast<int64_t>(ls.size()), a.layers = ls.data();
@@ -822,9 +885,107 @@ std::tuple<at::Tensor, at::Tensor> target_pass(
   a.finished = reinterpret_cast<uint8_t*>(finished.mutable_data_ptr<bool>());
   a.max_new = max_new.const_data_ptr<int64_t>(), a.eos = e.first, a.n_eos = e.second;
   a.e_prev = e_prev.has_value() ? e_prev->mutable_data_ptr() : nullptr;
-  a.accepted = accepted.mutable_data_ptr<int64_t>(), a.committed = committed.mutable_data_ptr<int64_t>();
-  run_one_region(a, kr_cpu_target_pass_workspace_bytes, kr_cpu_target_pass_check, kr_cpu_target_pass, what);
-  return {accepted, committed};
+  a.accepted = plan->accepted.mutable_data_ptr<int64_t>(), a.committed = plan->committed.mutable_data_ptr<int64_t>();
+  return plan;
+}
+
+
+// Greedy decoding to the end in one call: Decoder.decode's loop when no streamer waits for each step. Plain steps
+// (draft None: pass from the rows' tokens, kv_len max(pos) + 1) or Kangaroo rounds (draft's chain from base_len =
+// max(pos) + 1, then pass over its k drafts, kv_len base_len + k), each run as draft_chain and target_pass run it,
+// with no Python between them: the same tokens and bits. Stops when every row is finished, after max_rounds, or
+// before a round whose slots would pass the cache (base_len + gamma, or a plain step's kv_len, above T: the Python
+// loop takes over there). -> (rounds run R, and per round: rows active at its start (R, B) bool, tokens committed,
+// drafts proposed, drafts accepted (R, B) int64, drafting steps (R,) int64, seconds drafting and verifying (R, 2)
+// fp64).
+// Plans travel to Python as capsules (no pybind11 class: two builds of this extension load side by side in one
+// process, as benchmarks/bench_ab.py does, and a class would be registered twice).
+constexpr const char* kTargetPlan = "kangaroo_rt._cpu.TargetPlan";
+constexpr const char* kDraftPlan = "kangaroo_rt._cpu.DraftPlan";
+
+template <typename Plan>
+py::capsule to_capsule(std::unique_ptr<Plan> plan, const char* name) {
+  return py::capsule(plan.release(), name, [](PyObject* o) {
+    delete static_cast<Plan*>(PyCapsule_GetPointer(o, PyCapsule_GetName(o)));
+  });
+}
+
+// draft_chain(args..., base_len) and target_pass(args..., kv_len): a plan made and run once.
+template <typename... Args>
+auto draft_once(std::unique_ptr<DraftPlan> (*make)(Args...)) {
+  return [make](Args... args, int64_t base_len) { return make(args...)->run(base_len); };
+}
+
+template <typename... Args>
+auto pass_once(std::unique_ptr<TargetPlan> (*make)(Args...)) {
+  return [make](Args... args, int64_t kv_len) {
+    const std::unique_ptr<TargetPlan> plan = make(args...);
+    plan->run(plan->q_len_max, kv_len);
+    return std::make_tuple(plan->accepted, plan->committed);
+  };
+}
+
+// A binding of make(args...) that hands its plan to Python as a capsule.
+template <typename Plan, typename... Args>
+auto capsuled(std::unique_ptr<Plan> (*make)(Args...), const char* name) {
+  return [make, name](Args... args) { return to_capsule(make(args...), name); };
+}
+
+template <typename Plan>
+Plan* from_capsule(const py::object& o, const char* name, const char* what) {
+  TORCH_CHECK_VALUE(PyCapsule_CheckExact(o.ptr()) && PyCapsule_IsValid(o.ptr(), name), what, ": expected a plan from ",
+                    name == kTargetPlan ? "plan_target_pass" : "plan_draft_chain");
+  return static_cast<Plan*>(PyCapsule_GetPointer(o.ptr(), name));
+}
+
+std::vector<at::Tensor> greedy_decode_plans(TargetPlan& pass, DraftPlan* draft, int64_t max_rounds) {
+  using Clock = std::chrono::steady_clock;
+  const char* what = "kangaroo_rt._cpu.greedy_decode";
+  TORCH_CHECK_VALUE(max_rounds >= 0, what, ": max_rounds must be >= 0");
+  const kr_cpu_target_pass_args& a = pass.a;
+  TORCH_CHECK_VALUE(draft == nullptr || (draft->a.batch == a.batch && draft->a.pos == a.pos &&
+                                          pass.q_len_max == draft->a.gamma + 1 && a.exits == draft->a.exits),
+                    what, ": the pass must verify the draft plan's chain over the same state (q_len gamma + 1)");
+  TORCH_CHECK_VALUE(draft != nullptr || a.embed != nullptr, what, ": plain steps need a pass from the rows' tokens");
+  const int64_t B = a.batch, T = a.max_len, gamma = draft == nullptr ? 0 : draft->a.gamma;
+  const at::TensorOptions i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor active = at::zeros({max_rounds, B}, at::TensorOptions().dtype(at::kBool));
+  at::Tensor committed = at::zeros({max_rounds, B}, i64), n_drafts = at::zeros({max_rounds, B}, i64);
+  at::Tensor accepted = at::zeros({max_rounds, B}, i64), steps = at::zeros({max_rounds}, i64);
+  at::Tensor seconds = at::zeros({max_rounds, 2}, at::TensorOptions().dtype(at::kDouble));
+  int64_t r = 0;
+  for (; r < max_rounds; ++r) {
+    bool any = false;
+    int64_t max_pos = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      any = any || a.finished[b] == 0;
+      max_pos = b == 0 ? a.pos[b] : std::max(max_pos, a.pos[b]);
+    }
+    const int64_t base_len = max_pos + 1;
+    if (!any || base_len + gamma > T) break;
+    for (int64_t b = 0; b < B; ++b) active[r][b] = a.finished[b] == 0;
+    const Clock::time_point start = Clock::now();
+    const int64_t k = draft == nullptr ? 0 : draft->run(base_len);
+    const Clock::time_point drafted = Clock::now();
+    pass.run(k + 1, base_len + k);
+    const std::chrono::duration<double> draft_s = drafted - start, verify_s = Clock::now() - drafted;
+    committed[r].copy_(pass.committed);
+    accepted[r].copy_(pass.accepted);
+    if (draft != nullptr)
+      std::copy(draft->a.n_drafts, draft->a.n_drafts + B, n_drafts[r].mutable_data_ptr<int64_t>());
+    steps[r] = k;
+    seconds[r][0] = draft_s.count(), seconds[r][1] = verify_s.count();
+  }
+  return {at::scalar_tensor(r, i64), active.narrow(0, 0, r), committed.narrow(0, 0, r), n_drafts.narrow(0, 0, r),
+          accepted.narrow(0, 0, r), steps.narrow(0, 0, r), seconds.narrow(0, 0, r)};
+}
+
+std::vector<at::Tensor> greedy_decode(const py::object& plan, const py::object& draft, int64_t max_rounds) {
+  const char* what = "kangaroo_rt._cpu.greedy_decode";
+  TargetPlan* pass = from_capsule<TargetPlan>(plan, kTargetPlan, what);
+  DraftPlan* chain = draft.is_none() ? nullptr : from_capsule<DraftPlan>(draft, kDraftPlan, what);
+  py::gil_scoped_release release;
+  return greedy_decode_plans(*pass, chain, max_rounds);
 }
 
 // x: (M, K_max) fp32 or bf16, contiguous; weights: (N_i, K_i) of x's dtype, contiguous, K_i <= K_max -> (M, sum N_i)
@@ -922,24 +1083,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a stack of Llama decoder layers (fused q/k/v and gate/up weights; gate/up and down None: an "
         "attention-only layer with a normed output, Kangaroo's adapter) over the static cache in one call; "
         "the bits of the per-op path");
-  m.def("draft_chain", &draft_chain, py::arg("pos"), py::arg("token"), py::arg("n_gen"), py::arg("max_new"),
-        py::arg("finished"), py::arg("e_prev"), py::arg("cap"), py::arg("active"), py::arg("conf"), py::arg("x"),
-        py::arg("drafts"), py::arg("n_drafts"), py::arg("exits"), py::arg("embed"), py::arg("rope_cos"),
-        py::arg("rope_sin"), py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"),
-        py::arg("v_caches"), py::arg("adapter_weights"), py::arg("adapter_k_cache"), py::arg("adapter_v_cache"),
-        py::arg("head"), py::arg("head_ids"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
-        py::arg("eps"), py::arg("adapter_eps"), py::arg("gamma"), py::arg("eta"), py::arg("base_len"),
+// The arguments of plan_draft_chain and plan_target_pass (draft_chain and target_pass add base_len and kv_len).
+#define KR_CHAIN_ARGS                                                                                                 \
+  py::arg("pos"), py::arg("token"), py::arg("n_gen"), py::arg("max_new"), py::arg("finished"), py::arg("e_prev"),     \
+      py::arg("cap"), py::arg("active"), py::arg("conf"), py::arg("x"), py::arg("drafts"), py::arg("n_drafts"),       \
+      py::arg("exits"), py::arg("embed"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("weights"),               \
+      py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("adapter_weights"),   \
+      py::arg("adapter_k_cache"), py::arg("adapter_v_cache"), py::arg("head"), py::arg("head_ids"),                  \
+      py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("adapter_eps"),        \
+      py::arg("gamma"), py::arg("eta")
+#define KR_PASS_ARGS                                                                                                  \
+  py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("max_new"),        \
+      py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \
+      py::arg("q_len"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("weights"), py::arg("qkv_bias"),            \
+      py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("norm"), py::arg("norm_eps"),              \
+      py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps")
+  m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a round's greedy Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), "
         "in place on the chain's tensors; the bits of the per-step path; -> k, the drafting steps run");
-  m.def("target_pass", &target_pass, py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"),
-        py::arg("finished"), py::arg("max_new"), py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"),
-        py::arg("drafts"), py::arg("n_drafts"), py::arg("q_len"), py::arg("rope_cos"), py::arg("rope_sin"),
-        py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
-        py::arg("norm"), py::arg("norm_eps"), py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"),
-        py::arg("head_dim"), py::arg("eps"), py::arg("kv_len"), py::call_guard<py::gil_scoped_release>(),
+  m.def("target_pass", pass_once(&plan_target_pass), KR_PASS_ARGS, py::arg("kv_len"),
+        py::call_guard<py::gil_scoped_release>(),
         "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy acceptance "
         "and commit, in place on the decode state; the bits of the step-by-step path; -> (accepted, committed)");
+  m.def("plan_draft_chain", capsuled(&plan_draft_chain, kDraftPlan), KR_CHAIN_ARGS,
+        "draft_chain's arguments without base_len, checked once: a plan (capsule) for greedy_decode");
+  m.def("plan_target_pass", capsuled(&plan_target_pass, kTargetPlan), KR_PASS_ARGS,
+        "target_pass's arguments without kv_len, checked once: a plan (capsule) for greedy_decode; q_len is the most "
+        "tokens a row a pass may take");
+#undef KR_CHAIN_ARGS
+#undef KR_PASS_ARGS
+  m.def("greedy_decode", &greedy_decode, py::arg("plan"), py::arg("draft").none(true), py::arg("max_rounds"),
+        "plain steps (draft None) or Kangaroo rounds until every row is finished, in one call: -> (rounds, active, "
+        "committed, n_drafts, accepted, steps, seconds)");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
         py::arg("packed") = false,
         py::call_guard<py::gil_scoped_release>(),

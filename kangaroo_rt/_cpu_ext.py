@@ -238,6 +238,15 @@ def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_cac
                                  n_heads, n_kv_heads, head_dim, eps, kv_len)
 
 
+def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
+                n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float) -> tuple:
+    weights, qkv_bias, o_bias = stack
+    return (state.pos, state.token, state.n_gen, state.max_new, state.finished, state.e_prev, chain.cap, chain.active,
+            chain.conf, chain.x, chain.drafts, chain.n_drafts, chain.exits, embed, *rope_tables, weights, qkv_bias,
+            o_bias, *caches, adapter_weights, *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
+            adapter_eps, chain.drafts.shape[1], eta)
+
+
 def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
                 base_len: int) -> int:
@@ -247,12 +256,25 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     target's layers 0..l-1 as :func:`decoder_layers` takes them (weights, qkv biases, o biases); ``caches`` and
     ``adapter_caches``: (k, v) lists and pairs. The caller (``Decoder._cpu_chain``) checks that every op would be
     served by this extension. Returns k, the drafting steps run."""
+    return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
+                                           adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
+                                           adapter_eps, eta), base_len)
+
+
+def plan_draft_chain(*args, **kwargs):
+    """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`greedy_decode`."""
+    return load().plan_draft_chain(*_chain_args(*args, **kwargs))
+
+
+def _pass_args(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
+               head_dim: int, eps: float, embed=None, chain=None) -> tuple:
     weights, qkv_bias, o_bias = stack
-    return load().draft_chain(state.pos, state.token, state.n_gen, state.max_new, state.finished, state.e_prev,
-                              chain.cap, chain.active, chain.conf, chain.x, chain.drafts, chain.n_drafts, chain.exits,
-                              embed, *rope_tables, weights, qkv_bias, o_bias, *caches, adapter_weights,
-                              *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps, adapter_eps,
-                              chain.drafts.shape[1], eta, base_len)
+    exits = drafts = n_drafts = e_prev = None
+    if chain is not None:
+        exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
+    return (state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new, state.eos, e_prev, embed,
+            exits, drafts, n_drafts, q_len, *rope_tables, weights, qkv_bias, o_bias, *caches, norm.weight, norm.eps,
+            head.weight, n_heads, n_kv_heads, head_dim, eps)
 
 
 def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
@@ -262,11 +284,21 @@ def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_hea
     greedy acceptance and commit in one call (csrc/cpu/target_pass.cpp), in place on ``state``; the bits of the
     step-by-step path. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension.
     Returns (accepted, committed) (B,) int64."""
-    weights, qkv_bias, o_bias = stack
-    exits = drafts = n_drafts = e_prev = None
-    if chain is not None:
-        exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
-    return load().target_pass(state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new,
-                              state.eos, e_prev, embed, exits, drafts, n_drafts, q_len, *rope_tables, weights,
-                              qkv_bias, o_bias, *caches, norm.weight, norm.eps, head.weight, n_heads, n_kv_heads,
-                              head_dim, eps, kv_len)
+    return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads, n_kv_heads,
+                                          head_dim, eps, embed=embed, chain=chain), kv_len)
+
+
+def plan_target_pass(*args, **kwargs):
+    """:func:`target_pass`'s arguments without ``kv_len``, checked once (``q_len``: the most tokens a row a pass
+    takes): a plan for :func:`greedy_decode`."""
+    return load().plan_target_pass(*_pass_args(*args, **kwargs))
+
+
+def greedy_decode(plan, draft_plan, max_rounds: int):
+    """Plain steps (``draft_plan`` None) or greedy Kangaroo rounds until every row is finished, in one call with no
+    Python between the steps (csrc/cpu_bindings.cpp): the tokens and bits of calling :func:`target_pass` (and
+    :func:`draft_chain`) once a step. It stops early, with the remaining rounds left to the caller, where a round
+    would read past the cache. Returns (rounds R, active (R, B) bool, committed, n_drafts, accepted (R, B) int64,
+    drafting steps (R,) int64, seconds drafting and verifying (R, 2) fp64)."""
+    rounds, *per_round = load().greedy_decode(plan, draft_plan, max_rounds)
+    return (int(rounds), *per_round)

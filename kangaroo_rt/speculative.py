@@ -521,12 +521,19 @@ class Decoder:
 
     def _cpu_chain(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float, base_len: int) -> Optional[int]:
         """:meth:`draft_round` in one extension call (csrc/cpu/draft.cpp), with the same bits, where every op of
-        it would be served by the CPU extension anyway: greedy choice, CPU tensors, the target's layers ``0..l-1``
-        and the adapter each servable in one call, the head served by the extension's linear and argmax. Returns
-        k, or None when the step-by-step path must serve."""
+        it would be served by the CPU extension anyway (:meth:`_chain_inputs`). Returns k, or None when the
+        step-by-step path must serve."""
+        if base_len + gamma > self.cache.max_len:
+            return None
+        inputs = self._chain_inputs(state, chain, gamma, eta)
+        return None if inputs is None else _cpu_ext.draft_chain(*inputs, base_len=base_len)
+
+    def _chain_inputs(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float) -> Optional[tuple]:
+        """The arguments of :func:`_cpu_ext.draft_chain` but ``base_len`` where it serves a round: greedy choice,
+        CPU tensors, the target's layers ``0..l-1`` and the adapter each servable in one call, the head served by
+        the extension's linear and argmax; else None."""
         target, adapter, l, c = self.target, self.adapter, self.exit_layer, self.target.config
-        if (not state.sampler.greedy or state.e_prev is None or base_len + gamma > self.cache.max_len
-                or chain.drafts.shape[1] != gamma):
+        if not state.sampler.greedy or state.e_prev is None or chain.drafts.shape[1] != gamma:
             return None
         probe = chain.exits[:, :1]  # (B, 1, D)
         positions = state.pos[:, None]
@@ -548,19 +555,27 @@ class Decoder:
                 and self.adapter_cache.k.shape[1:] == self.cache.k.shape[1:]
                 and self.adapter_cache.k.stride()[1:] == self.cache.k.stride()[1:]):
             return None
-        return _cpu_ext.draft_chain(state, chain, target.embed_tokens.weight, self._rope_tables(), stack,
-                                    self.cache.layers(0, l), adapter_weights, self.adapter_cache.layer(0), head, ids,
-                                    c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
-                                    a.rms_norm_eps, eta, base_len)
+        return (state, chain, target.embed_tokens.weight, self._rope_tables(), stack, self.cache.layers(0, l),
+                adapter_weights, self.adapter_cache.layer(0), head, ids, c.num_attention_heads,
+                c.num_key_value_heads, c.head_dim, c.rms_norm_eps, a.rms_norm_eps, eta)
 
     def _cpu_pass(self, state: DecodeState, chain: Optional[DraftChain], k: int,
                   kv_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """A plain step (``chain`` None) or the verification of ``chain``'s first ``k`` drafts, with the head,
         greedy acceptance and commit, in one extension call (csrc/cpu/target_pass.cpp) with the same bits and tokens
-        as :meth:`ar_step` / :meth:`verify`, where every op of them would be served by the CPU extension anyway.
-        Returns (accepted, committed) (B,), or None when the step-by-step path must serve."""
+        as :meth:`ar_step` / :meth:`verify`, where every op of them would be served by the CPU extension anyway
+        (:meth:`_pass_inputs`). Returns (accepted, committed) (B,), or None when the step-by-step path must serve."""
+        if kv_len > self.cache.max_len:
+            return None
+        inputs = self._pass_inputs(state, chain, k)
+        return None if inputs is None else _cpu_ext.target_pass(*inputs[0], kv_len=kv_len, **inputs[1])
+
+    def _pass_inputs(self, state: DecodeState, chain: Optional[DraftChain], k: int) -> Optional[Tuple[tuple, dict]]:
+        """The arguments of :func:`_cpu_ext.target_pass` but ``kv_len`` (positional, keywords) for a pass over
+        ``k + 1`` tokens a row where it serves: greedy choice, CPU tensors, the layers servable in one call, the
+        head without bias, the final norm, head and embedding dense in the model's dtype; else None."""
         target = self.target
-        if not state.sampler.greedy or kv_len > self.cache.max_len or target.lm_head.bias is not None:
+        if not state.sampler.greedy or target.lm_head.bias is not None:
             return None
         start = 0 if chain is None else self.exit_layer
         positions = state.pos[:, None]
@@ -572,10 +587,44 @@ class Decoder:
         if not _dense_of(target.dtype, target.lm_head.weight, target.norm.weight, target.embed_tokens.weight):
             return None  # (the step-by-step path sends these to torch, with other bits)
         c = target.config
-        return _cpu_ext.target_pass(state, self._rope_tables(), stack, self.cache.layers(start, target.num_layers),
-                                    target.norm, target.lm_head, k + 1, c.num_attention_heads, c.num_key_value_heads,
-                                    c.head_dim, c.rms_norm_eps, kv_len,
-                                    embed=target.embed_tokens.weight if chain is None else None, chain=chain)
+        return ((state, self._rope_tables(), stack, self.cache.layers(start, target.num_layers), target.norm,
+                 target.lm_head, k + 1, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps),
+                dict(embed=target.embed_tokens.weight if chain is None else None, chain=chain))
+
+    def _cpu_decode(self, state: DecodeState, kcfg: Optional[KangarooConfig], stats: DecodeStats) -> None:
+        """Plain steps (``kcfg`` None) or greedy Kangaroo rounds until every row is finished, in one extension call
+        (:func:`_cpu_ext.greedy_decode`) where each of them would take the one-call paths above anyway: the same
+        tokens and bits as :meth:`ar_step` / :meth:`kangaroo_round` a step at a time, without the Python and the
+        argument checks around each step's calls; ``stats`` count the rounds as :meth:`kangaroo_round` does.
+        Whatever it does not run (a round that would read past the cache) is left to the caller's loop."""
+        if state.pos.device.type != "cpu" or not _cpu_ext.is_available():
+            return
+        unfinished = ~state.finished
+        if not bool(unfinished.any()):
+            return
+        max_rounds = int((state.max_new - state.n_gen)[unfinished].clamp(min=0).max())  # a round commits >= 1
+        draft = None
+        if kcfg is None:
+            inputs = self._pass_inputs(state, None, 0)
+        else:
+            chain = self._chain_for(state, kcfg.gamma)
+            chain_inputs = self._chain_inputs(state, chain, kcfg.gamma, float(kcfg.eta))
+            inputs = None if chain_inputs is None else self._pass_inputs(state, chain, kcfg.gamma)
+            if inputs is not None:
+                draft = _cpu_ext.plan_draft_chain(*chain_inputs)
+        if inputs is None:
+            return
+        plan = _cpu_ext.plan_target_pass(*inputs[0], **inputs[1])
+        rounds, active, committed, n_drafts, accepted, steps, seconds = _cpu_ext.greedy_decode(plan, draft,
+                                                                                               max_rounds)
+        if kcfg is None:
+            return
+        for act, com, nd, acc, k, (draft_s, verify_s) in zip(active.tolist(), committed.tolist(), n_drafts.tolist(),
+                                                             accepted.tolist(), steps.tolist(), seconds.tolist()):
+            stats.draft_time_s += draft_s
+            stats.verify_time_s += verify_s
+            stats.add_verify(k + 1, verify_s)
+            stats.add_round(act, com, nd, acc)
 
     def _rope_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, head_dim) of positions 0..T-1 for the cache's T, by :meth:`Transformer.rope` (elementwise,
@@ -653,6 +702,8 @@ class Decoder:
         if rounds is not None:
             rounds(stats, emit)
         with steady():  # the layer stacks' and the adapter's call plans checked once for the loop
+            if on_tokens is None:  # (a streamer is called after every round: the rounds stay in Python)
+                self._cpu_decode(state, kcfg if use_kangaroo else None, stats)
             while not bool(state.finished.all()):
                 if use_kangaroo:
                     self.kangaroo_round(state, kcfg, stats, timed=True)
