@@ -412,6 +412,28 @@ def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
     assert set(result["tokens_per_s"]) == {"4k ar", "4k kangaroo", "2m ar", "2m kangaroo"}
 
 
+def test_bench_greedy_decode_smoke_compares_the_loops(tmp_path):
+    """bench_greedy_decode --smoke: a tiny model decoded by the Python loop and by the one-call loop, plain and
+    Kangaroo; every output the same, and the Python loop's patch undone."""
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.speculative import Decoder
+
+    bench = load_benchmark("bench_greedy_decode")
+    one_call = Decoder._cpu_decode
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert Decoder._cpu_decode is one_call
+    if not _cpu_ext.is_available():
+        assert not (tmp_path / "bench_greedy_decode-smoke.json").exists()
+        return
+    result = json.loads((tmp_path / "bench_greedy_decode-smoke.json").read_text())
+    assert result["identical_outputs"] and set(result["one_call_vs_python"]) == {"ar", "kangaroo"}
+    assert set(result["tokens_per_s"]) == {"python ar", "python kangaroo", "one_call ar", "one_call kangaroo"}
+
+
 def test_make_readme_table_keeps_the_newest_days_lengths():
     """End-to-end runs: the newest per number of new tokens, among the lengths run on the group's newest day."""
     make = load_benchmark("make_readme_table")
