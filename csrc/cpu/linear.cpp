@@ -4,8 +4,8 @@
 //
 // Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
 // W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
-// from DRAM once and is re-read from L1 for the other groups. Meanwhile the block two ahead is prefetched into
-// L2, its requests spread evenly over the groups' K loops: that lets the arithmetic of 8 rows hide under the
+// from DRAM once and is re-read from L1 for the other groups. Meanwhile the block two ahead is prefetched (hint
+// NTA), its requests spread evenly over the groups' K loops: that lets the arithmetic of 8 rows hide under the
 // DRAM read (without it, 8 rows cost 1.4x one row in fp32; with it, 1.05x).
 //
 // The reduction order, which makes a row's bits independent of the batch (Kangaroo's verification over k + 1
@@ -153,8 +153,11 @@ constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
 // step 0.96-0.98x, 3-8 rows within 3%. fp32 (twice the bytes, bound by the stream) measured no gain.
 constexpr int kNbOneRow = 8;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
-// Software prefetch, into L2, of the weights this many blocks ahead (measured: 2 beats 0, 1 and 4; prefetching
-// into L1 evicts the block being read when K is large).
+// Software prefetch of the weights this many blocks ahead (measured with the T1 hint: 2 beats 0, 1 and 4;
+// prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
+// T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
+// measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
+// 8-row sweep 0.95x (fp32 0.86x); one and two bf16 rows do not prefetch (kAheadOneRow).
 constexpr int kPrefetchBlocks = 2;
 // One or two bf16 activation rows in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the
 // one-row stream slower where it makes 2-8 rows in the smaller blocks much faster (measured, bench_ab, SmolLM2's
@@ -163,7 +166,7 @@ constexpr int kPrefetchBlocks = 2;
 // 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
 
-// Software prefetch into L2 of the block kPrefetchBlocks ahead of the current one. The register groups of a block
+// Software prefetch (NTA) of the block kPrefetchBlocks ahead of the current one. The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
 // at an even rate whatever M. The rate is fixed-point bytes per k, set once a call: a division per chunk (or per
 // block) costs as much as a few-row chunk's arithmetic.
@@ -187,7 +190,7 @@ struct Prefetch {
   KR_TARGET_AVX2 inline void step(int64_t k) {
     if (begin == nullptr) return;
     const int64_t until = (rate * k) >> 16;
-    for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_T1);
+    for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_NTA);
   }
 };
 
