@@ -85,7 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "spec_bench-*.json / bench_embedded.json under benchmarks/results)")
     p.add_argument("--no-graphs", action="store_true", help="eager timings only")
     p.add_argument("--cpu-repeats", type=int, default=5,
-                   help="wall times per step on the CPU, median reported (default 5; more on a noisy host)")
+                   help="wall times per step on the CPU, median reported (default 5; more on a noisy host); the "
+                   "steps of one batch and context take turns, so that the host's drift hits them alike")
     p.add_argument("--draft-vocab", default="32768,16384,8192,4096",
                    help="draft-vocabulary sizes K timed beside the full-head draft step (sizes >= vocab skipped)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else a --smoke run")
@@ -173,6 +174,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, cpu_repeats: int = 5
     for _ in range(3):  # one warm-up call left the first case (the plain step) cold at times: 7.5 ms against 4.2
         fn()
     return 1e3 * statistics.median(_wall(fn) for _ in range(cpu_repeats))
+
+
+def interleaved_cpu_ms(fns: Sequence[Callable[[], object]], cpu_repeats: int) -> List[float]:
+    """Median milliseconds per call of each of ``fns`` on the CPU, timed in turns: every repeat calls each function
+    once, in order. This host's memory bandwidth drifts by tens of percent within a minute, so timing one step's
+    repeats after another's put that drift between them (a 5-token verify measured anywhere from 0.98 to 1.44 plain
+    steps in one run); in turns, the drift hits every step alike and their ratios hold. Each call also follows a
+    different step, as in decoding, where a step's weights were not the last ones read."""
+    for fn in fns:
+        for _ in range(3):  # one warm-up call left the first case (the plain step) cold at times: 7.5 ms against 4.2
+            fn()
+    walls: List[List[float]] = [[] for _ in fns]
+    for _ in range(cpu_repeats):
+        for i, fn in enumerate(fns):
+            walls[i].append(_wall(fn))
+    return [1e3 * statistics.median(w) for w in walls]
 
 
 def graph_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -306,8 +323,11 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
-                for label, exit_layer, q, (fn, nbytes) in cases:
-                    eager = time_ms(fn, device, args.cpu_repeats)
+                eagers = (interleaved_cpu_ms([fn for _, _, _, (fn, _) in cases], args.cpu_repeats)
+                          if device.type == "cpu" else [None] * len(cases))
+                for (label, exit_layer, q, (fn, nbytes)), eager in zip(cases, eagers):
+                    if eager is None:
+                        eager = time_ms(fn, device, args.cpu_repeats)
                     graph, graph_error = None, None
                     if use_graphs:
                         try:

@@ -230,6 +230,17 @@ def test_bench_steps_smoke(tmp_path):
     assert steps.expected_tokens([1.0, 0.5], 3) == pytest.approx(1 + 1 + 0.5 + 0.25)
 
 
+def test_bench_steps_times_cpu_steps_in_turns():
+    """On the CPU every repeat calls each step once, in order (after each step's warm-up calls), so that the host's
+    bandwidth drift hits all steps alike; one median per step comes back."""
+    steps = load_benchmark("bench_steps")
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    ms = steps.interleaved_cpu_ms(fns, cpu_repeats=4)
+    assert len(ms) == 3 and all(m >= 0 for m in ms)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a", "b", "c"] * 4
+
+
 def test_bench_linear_quick(tmp_path):
     """benchmarks/bench_linear.py --quick: every table row and fused comparison, in the JSON."""
     from kangaroo_rt import _cpu_ext
