@@ -157,14 +157,20 @@ constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
 // T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
 // measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
-// 8-row sweep 0.95x (fp32 0.86x); one and two bf16 rows do not prefetch (kAheadOneRow).
+// 8-row sweep 0.95x (fp32 0.86x). One and two bf16 rows: kAheadOneRow, kAheadTwoRows.
 constexpr int kPrefetchBlocks = 2;
-// One or two bf16 activation rows in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the
-// one-row stream slower where it makes 2-8 rows in the smaller blocks much faster (measured, bench_ab, SmolLM2's
+// One bf16 activation row in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the one-row
+// stream slower where it makes 2-8 rows in the smaller blocks much faster (measured with T1, bench_ab, SmolLM2's
 // matrices, 2 threads, context 600: without it one row 0.87-0.92x, a plain bf16 step 0.84-0.91x; 2-8 rows in 2 x 4
 // and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
 // 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
+// Two bf16 rows (8-row blocks, the commonest verification: one draft) prefetch one block ahead (NTA). A cold two-row
+// stream costs ~1.18x one row though the arithmetic hides in it when hot (the same 8-row blocks, 2 dp a load).
+// bench_ab --in-process, 2-token verify step against no prefetch, eight runs of 5-8 rounds: 0.92-0.965x in the host's
+// slow phases (plain step >= 6 ms), 0.99-1.035x in its fast ones (plain 4.7-5.4 ms); two blocks ahead was 1.08x in
+// a fast phase (an 8-row block of the down projection is 24 KB: two of them ahead overrun a 48 KB L1).
+constexpr int kAheadTwoRows = 1;
 
 // Software prefetch (NTA) of the block kPrefetchBlocks ahead of the current one. The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
@@ -536,7 +542,7 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
   if (M == 1)
     return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M == 2)
-    return rows_path_bf16_avx512<kNbOneRow, 2, kHw, kAheadOneRow>(x, 2, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+    return rows_path_bf16_avx512<kNbOneRow, 2, kHw, kAheadTwoRows>(x, 2, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
     return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy,
                                                                                      n_begin, n_end);
