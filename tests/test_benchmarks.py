@@ -377,6 +377,26 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
         assert len(row["base"]) == len(row["this"]) == 1 and row["this_vs_base"] > 0
 
 
+def test_bench_ab_decode_case_reports_kangaroo_over_plain(tmp_path):
+    """bench_ab --quick --cases decode: real decoding (a tiny agreeing pair) plain and Kangaroo on both sides, and each
+    side's Kangaroo / plain ratio from those two cases."""
+    bench_ab = load_benchmark("bench_ab")
+    threads = torch.get_num_threads()
+    try:
+        assert bench_ab.main(["--quick", "--out", str(tmp_path), "--dtypes", "float32", "--cases", "decode"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "bench_ab-smoke.json").read_text())
+    cases = result["cases"]
+    assert set(cases) == {"float32 decode plain", "float32 decode kangaroo"}
+    ratio = result["decode_kangaroo_vs_plain"]["float32"]
+    for side in ("base", "this"):
+        assert ratio[side] == pytest.approx(
+            cases["float32 decode plain"][f"{side}_ms"] / cases["float32 decode kangaroo"][f"{side}_ms"])
+    with pytest.raises(SystemExit):
+        bench_ab.parse_args(["--cases", "decode", "--decode-tokens", "0"])
+
+
 def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monkeypatch):
     """bench_ab --quick --in-process: both sides in one process; every case runs on the base's module and on this
     tree's (counted by wrapping the loader), and the tree's own module is back in place afterwards."""
