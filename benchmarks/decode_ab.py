@@ -24,6 +24,7 @@ from kangaroo_rt.bench import device_name  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("ar", "kangaroo")
 SMOKE_TOKENS = 8
+QUESTIONS = os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl")  # the held-out prompts
 
 # (variant, method, ids (1, T), max_new_tokens) -> output sequences (1, T + n)
 Decode = Callable[[str, str, torch.Tensor, int], torch.Tensor]
@@ -32,7 +33,7 @@ Decode = Callable[[str, str, torch.Tensor, int], torch.Tensor]
 def parse_args(doc: str, argv: Optional[Sequence[str]] = None, max_new_tokens: int = 400) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", choices=[n for n in models.REGISTRY if n != "embedded"])
-    p.add_argument("--questions", default=os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl"))
+    p.add_argument("--questions", default=QUESTIONS)
     p.add_argument("--prompts", type=int, default=8, help="one per category, in file order (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
