@@ -230,7 +230,7 @@ OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "
 
 def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,
                    n_kv_heads: int, head_dim: int, eps: float, kv_len=None) -> torch.Tensor:
-    """A stack of decoder layers in one call (csrc/cpu_bindings.cpp): the ops of :data:`OPS` in the order
+    """A stack of decoder layers in one call (csrc/cpu_bindings_decode.cpp): the ops of :data:`OPS` in the order
     ``kangaroo_rt.model.DecoderLayer`` calls them, on the same kernels, so the same bits without a Python round
     trip per op. The caller (``Transformer.forward_layers``) checks that every op would be served by this
     extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up)."""
@@ -296,7 +296,7 @@ def plan_target_pass(*args, **kwargs):
 
 def greedy_decode(plan, draft_plan, max_rounds: int):
     """Plain steps (``draft_plan`` None) or greedy Kangaroo rounds until every row is finished, in one call with no
-    Python between the steps (csrc/cpu_bindings.cpp): the tokens and bits of calling :func:`target_pass` (and
+    Python between the steps (csrc/cpu_bindings_decode.cpp): the tokens and bits of calling :func:`target_pass` (and
     :func:`draft_chain`) once a step. It stops early, with the remaining rounds left to the caller, where a round
     would read past the cache. Returns (rounds R, active (R, B) bool, committed, n_drafts, accepted (R, B) int64,
     drafting steps (R,) int64, seconds drafting and verifying (R, 2) fp64)."""

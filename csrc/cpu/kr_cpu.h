@@ -1,5 +1,5 @@
 // CPU kernels of kangaroo_rt: plain C signatures (raw pointers, strides in elements), no ATen, no pybind11,
-// so that csrc/cpu/*.cpp compile in seconds; csrc/cpu_bindings.cpp wraps them for torch as kangaroo_rt._cpu.
+// so that csrc/cpu/*.cpp compile in seconds; csrc/cpu_bindings*.cpp wrap them for torch as kangaroo_rt._cpu.
 #pragma once
 
 #include <stdint.h>
