@@ -356,11 +356,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
               "context": args.context, "cases": cases, "decode_kangaroo_vs_plain": kangaroo_vs_plain}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    sys.path.insert(0, HERE)
+    import kernel_bench_utils as kb
+
+    kb.write_result(args.out, NAME + ("-smoke" if args.quick else ""), result)
     return 0
 
 

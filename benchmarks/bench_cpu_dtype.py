@@ -9,19 +9,22 @@ a row in fp32 in one fixed order and rounds once; torch's GEMM blocks by shape),
 fastest Kangaroo decoding among the dtypes whose checks held is the recommendation: speed alone decides between
 them. The registry's ``cpu_dtype`` in the shipped ``kangaroo.json`` records the choice.
 
-    PYTHONPATH=. python benchmarks/bench_cpu_dtype.py --model smollm2 --threads 2
+    PYTHONPATH=. python benchmarks/bench_cpu_dtype.py --model smollm2 --threads 2 [--smoke]
 
-Prints a table and writes ``benchmarks/results/cpu_dtype-<model>.json`` (or ``--out``).
+Prints a table and writes ``benchmarks/results/cpu_dtype-<model>.json`` (or ``--out``). ``--smoke`` runs a random
+tiny Llama (written in the HF layout to a temporary folder, so that transformers loads the same weights) with a
+random adapter on two random prompts: it shows that the script works, and its numbers mean nothing.
 """
+# gpu_suite: gpu-args --smoke
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
+import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -30,6 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_embedded import measure  # noqa: E402
+from kernel_bench_utils import write_result  # noqa: E402
 
 from kangaroo_rt import models  # noqa: E402
 from kangaroo_rt.adapter import Adapter  # noqa: E402
@@ -65,7 +69,23 @@ def _plain_sequences(target, prompts: List[torch.Tensor], new_tokens: int) -> Li
     return [model.generate(ids, max_new_tokens=new_tokens, kangaroo=None) for ids in prompts]  # stops at EOS
 
 
-def main() -> int:
+def _write_smoke_model(folder: str, seed: int = 0) -> Dict:
+    """A random tiny Llama in the HF layout at ``folder``, its head scaled up so that greedy choices have clear
+    margins (fp32 plain == transformers then does not hinge on round-off) -> the Kangaroo settings to run it with."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)
+    hf.save_pretrained(folder)
+    return {"exit_layer": 1, "gamma": 3, "eta": 0.3}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from transformers import AutoModelForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,24 +94,40 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a random tiny model, 8 tokens on two random prompts: shows that the script works")
+    args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be positive")
     torch.set_num_threads(args.threads)
-    folder = models.model_folder(args.model)
-    shipped = models.settings(args.model)
-    tok = models.load_tokenizer(args.model)
-    prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"]]) for p in PROMPTS]
+    with tempfile.TemporaryDirectory(prefix="bench_cpu_dtype-") as smoke_folder:
+        return _run(args, smoke_folder, AutoModelForCausalLM)
+
+
+def _run(args: argparse.Namespace, smoke_folder: str, auto_model) -> int:
+    if args.smoke:
+        folder, shipped, name_in_file = smoke_folder, _write_smoke_model(smoke_folder), "smoke"
+        args.max_new_tokens = min(args.max_new_tokens, 8)
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 211, (1, 6), generator=gen) for _ in range(2)]
+    else:
+        folder, shipped, name_in_file = models.model_folder(args.model), models.settings(args.model), args.model
+        tok = models.load_tokenizer(args.model)
+        prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)["input_ids"]])
+                   for p in PROMPTS]
     rows = []
     for name in args.dtypes:
         dtype = getattr(torch, name)
         target = load_model(folder, dtype=dtype)
-        adapter = Adapter.from_pretrained(models.entry(args.model).adapter_folder, target.config, dtype=dtype)
+        if args.smoke:
+            adapter = Adapter.random(target.config, seed=1, dtype=dtype)
+        else:
+            adapter = Adapter.from_pretrained(models.entry(args.model).adapter_folder, target.config, dtype=dtype)
         r = measure(target, adapter, shipped["exit_layer"], prompts, gamma=shipped["gamma"], eta=shipped["eta"],
                     max_new_tokens=args.max_new_tokens)
         plain = _plain_sequences(target, prompts, args.max_new_tokens)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        hf = auto_model.from_pretrained(folder, dtype=dtype).eval()
         r.update(_hf_tokens_per_s(hf, prompts, args.max_new_tokens, plain), dtype=name)
         r["lossless"] = r["greedy_mismatches"] == 0 and (name != "float32" or r["hf_mismatches"] == 0)
         rows.append(r)
@@ -108,17 +144,13 @@ def main() -> int:
               f"{len(prompts) - r['hf_mismatches']}/{len(prompts)} |")
     lossless = [r for r in rows if r["lossless"]]
     best = max(lossless, key=lambda r: r["kangaroo_tokens_per_s"])["dtype"] if lossless else None
-    print(f"\nrecommended CPU dtype for {args.model}: {best} (fastest Kangaroo decoding where Kangaroo == plain, and "
+    print(f"\nrecommended CPU dtype for {name_in_file}: {best} (fastest Kangaroo decoding where Kangaroo == plain, and "
           "plain == transformers in float32)")
-    record = {"benchmark": "bench_cpu_dtype", "model": args.model, "device": device_name(torch.device("cpu")),
+    record = {"benchmark": "bench_cpu_dtype", "smoke_run": args.smoke, "model": name_in_file, "device": device_name(torch.device("cpu")),
               "threads": args.threads, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens_per_prompt": args.max_new_tokens, "adapter_settings": shipped,
               "results": rows, "recommended": best}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cpu_dtype-{args.model}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, f"cpu_dtype-{name_in_file}", record)
     return 0 if best else 1
 
 

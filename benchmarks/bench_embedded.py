@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -24,6 +23,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from kernel_bench_utils import write_result  # noqa: E402
 
 from kangaroo_rt.bench import device_name  # noqa: E402
 from kangaroo_rt.config import KangarooConfig  # noqa: E402
@@ -117,12 +119,8 @@ def main() -> int:
     print(f"exit layer {r['exit_layer']}, gamma {gamma}, eta {eta}, {r['prompts']} prompts{after} x "
           f"{args.max_new_tokens} tokens, {name}; acceptance by position "
           f"{[None if a is None else round(a, 2) for a in r['acceptance_by_position']]}")
-    os.makedirs(args.out, exist_ok=True)
-    stem = "bench_embedded" + (f"-skip{args.skip}" if args.skip else "") + ("-smoke" if args.smoke else "")
-    path = os.path.join(args.out, stem + ".json")
-    with open(path, "w") as f:
-        json.dump(r, f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, "bench_embedded" + (f"-skip{args.skip}" if args.skip else "") +
+                 ("-smoke" if args.smoke else ""), r)
     if r["greedy_mismatches"]:
         print(f"ERROR: {r['greedy_mismatches']} prompts decoded differently by Kangaroo and plain decoding")
         return 1

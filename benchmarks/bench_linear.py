@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -349,12 +348,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
               "fused": fused, "prefill": prefill, "parts": measured["parts"]}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{NAME}{'-smoke' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
     shared = "unknown" if others is None else f"{others:.2f} cores"
-    print(f"other processes kept {shared} busy during the run (above ~0.1 the numbers are not clean)\nwrote {path}")
+    print(f"other processes kept {shared} busy during the run (above ~0.1 the numbers are not clean)")
+    kb.write_result(args.out, NAME + ("-smoke" if args.quick else ""), result)
     return 0
 
 

@@ -17,6 +17,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from kernel_bench_utils import write_result  # noqa: E402
 
 from kangaroo_rt import models  # noqa: E402
 from kangaroo_rt.bench import device_name  # noqa: E402
@@ -120,9 +123,5 @@ def report(name: str, args: argparse.Namespace, variants: Tuple[str, str], label
               "model": "random tiny" if args.smoke else args.model, "dtype": dtype, "prompts": n_prompts,
               "max_new_tokens": tokens, "tokens_per_s": rate, ratio_key: ratios,
               "identical_outputs": identical, **extra}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{name}{'-smoke' if args.smoke else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, name + ("-smoke" if args.smoke else ""), result)
     return 0 if identical else 1

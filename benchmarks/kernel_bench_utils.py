@@ -18,6 +18,17 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
+def write_result(out: str, stem: str, result: Dict) -> str:
+    """Every benchmark's last step: ``result`` as ``<out>/<stem>.json`` (out created if missing); prints and returns
+    the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return path
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -172,10 +183,5 @@ def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, sm
            {"triton": __import__("triton").__version__, "copy_bandwidth_gbs": bandwidth}),
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    suffix = "-cpu" if on_cpu else ("-smoke" if smoke else "")
-    path = os.path.join(args.out, f"{name}{suffix}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, name + ("-cpu" if on_cpu else ("-smoke" if smoke else "")), result)
     return rows

@@ -477,3 +477,20 @@ def test_make_readme_table_keeps_the_newest_days_lengths():
                run(64, "2026-12-05T09:00", "new64"), run(1024, "2026-12-05T10:00", "new1024"),
                run(1024, "2026-12-05T08:00", "early1024")]
     assert [path for path, _ in make.newest_per_device(results, "spec_bench")] == ["new64.json", "new1024.json"]
+
+
+def test_bench_cpu_dtype_smoke_checks_every_dtype(tmp_path):
+    """bench_cpu_dtype --smoke: a random tiny Llama in the HF layout, decoded by transformers, plain and Kangaroo in
+    each dtype; Kangaroo == plain everywhere, plain == transformers in float32, and a recommendation among them."""
+    bench = load_benchmark("bench_cpu_dtype")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "cpu_dtype-smoke.json").read_text())
+    assert result["smoke_run"] and result["model"] == "smoke" and result["new_tokens_per_prompt"] == 8
+    assert [r["dtype"] for r in result["results"]] == ["float32", "bfloat16", "float16"]
+    assert all(r["greedy_mismatches"] == 0 for r in result["results"])
+    assert result["results"][0]["hf_mismatches"] == 0 and result["results"][0]["lossless"]
+    assert result["recommended"] in {"float32", "bfloat16", "float16"}
