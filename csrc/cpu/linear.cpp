@@ -136,28 +136,32 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // Register blocks: NB rows of W by MB activation rows, one accumulator (two ymm halves on AVX2) per pair.
 // AVX-512: 16 accumulators, 4 x and 1 w register; AVX2 (16 ymm): 12 accumulators, 3 x and 1 w.
 constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
-// bf16 x bf16 (AVX512-BF16) with 3-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
+// bf16 x bf16 (AVX512-BF16) with 2-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
 // the activation rows, in one group, so that only 2 rows of W stream at a time. Measured here on SmolLM2-shaped
 // random weights, 2 threads, interleaved A/B runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
 // 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. 5 or more rows keep 4 x 4, slower in
-// these blocks (the few accumulators leave vdpbf16ps's latency exposed). The same blocks for fp32 were faster alone
-// on the model's matrices but not inside the layer stack, and slower with bf16 weights widened to fp32: those stay
-// 4 x 4.
+// these blocks (the few accumulators leave vdpbf16ps's latency exposed; one group of 5-8 rows here, 16 accumulators,
+// made the 8-row pass 1.08x slower). The same blocks for fp32 were faster alone on the model's matrices but not
+// inside the layer stack, and slower with bf16 weights widened to fp32: those stay 4 x 4.
+// Two rows joined these blocks on 2026-12-05, from the one-row path's 8-row blocks with the NTA prefetch one block
+// ahead (bench_ab --in-process, SmolLM2's matrices, 2 threads, context 600, four runs of 6-8 rounds): in the host's
+// fast phases (plain step 4.8-5.1 ms) the two-row pass 0.955-0.968x and a 2-token verify step 0.957-0.959x, in its
+// slow ones (6.2 ms) the pass 0.93-1.0x and the verify step 0.98-1.0x; 2 x 4 rows of W (the 5+ row blocks) gave
+// 0.985-0.988x. With the T1 hint before it, the 8-row blocks had been the faster ones (0.85-0.92x).
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
-// One or two activation rows (a plain step, a draft step; a verification of one draft) of bf16 x bf16 on AVX-512:
-// blocks of 8 rows of W, 8 or 16 independent accumulators where 4 x 4 blocks give one row 4, which leave
-// vdpbf16ps's latency exposed. One row, measured (bench_ab, SmolLM2's matrices, 2 threads, two runs): the bf16 pass
-// 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights in cache a 1536 x 576 matrix 10.7 against 15.0 us.
-// Two rows, measured against the 2 x 4 blocks above (benchmarks/bench_ab.py --in-process, builds at seven code
-// offsets, SmolLM2's matrices, 2 threads): the pass 0.85-0.92x, a verify step over 2 tokens 0.88-0.94x, a plain
-// step 0.96-0.98x, 3-8 rows within 3%. fp32 (twice the bytes, bound by the stream) measured no gain.
+// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512: blocks of 8 rows of W, 8 independent
+// accumulators where 4 x 4 blocks give one row 4, which leave vdpbf16ps's latency exposed. Measured (bench_ab,
+// SmolLM2's matrices, 2 threads, two runs): the bf16 pass 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights
+// in cache a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
 constexpr int kNbOneRow = 8;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch of the weights this many blocks ahead (measured with the T1 hint: 2 beats 0, 1 and 4;
 // prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
 // T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
 // measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
-// 8-row sweep 0.95x (fp32 0.86x). One and two bf16 rows: kAheadOneRow, kAheadTwoRows.
+// 8-row sweep 0.95x (fp32 0.86x). One bf16 row: kAheadOneRow. A second, far prefetch (T1 16 KB or T2 32 KB
+// ahead, a block's lines at each block's start) made 2-8 rows 1.04-1.16x slower (no performance counters here to
+// say why; a software prefetch that misses holds one of the L1's miss buffers, which the stream's loads need too).
 constexpr int kPrefetchBlocks = 2;
 // One bf16 activation row in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the one-row
 // stream slower where it makes 2-8 rows in the smaller blocks much faster (measured with T1, bench_ab, SmolLM2's
@@ -165,12 +169,6 @@ constexpr int kPrefetchBlocks = 2;
 // and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
 // 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
-// Two bf16 rows (8-row blocks, the commonest verification: one draft) prefetch one block ahead (NTA). A cold two-row
-// stream costs ~1.18x one row though the arithmetic hides in it when hot (the same 8-row blocks, 2 dp a load).
-// bench_ab --in-process, 2-token verify step against no prefetch, eight runs of 5-8 rounds: 0.92-0.965x in the host's
-// slow phases (plain step >= 6 ms), 0.99-1.035x in its fast ones (plain 4.7-5.4 ms); two blocks ahead was 1.08x in
-// a fast phase (an 8-row block of the down projection is 24 KB: two of them ahead overrun a 48 KB L1).
-constexpr int kAheadTwoRows = 1;
 
 // Software prefetch (NTA) of the block kPrefetchBlocks ahead of the current one. The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
@@ -518,9 +516,9 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
 }
 
 // One row count's loop over the rows of W in a function of its own, with everything it calls inlined into it
-// (flatten), so that a path compiles to the same code whatever the other paths are. The dispatcher passes one and
-// two rows as literals, which the compiler propagates into those paths (their group bookkeeping in for_each_group
-// folds away). Measured (benchmarks/bench_ab.py --in-process): two rows in blocks of 8 rows of W took 0.86-0.92x
+// (flatten), so that a path compiles to the same code whatever the other paths are. The dispatcher passes one row
+// as a literal, which the compiler propagates into its path (the group bookkeeping in for_each_group folds away).
+// Measured (benchmarks/bench_ab.py --in-process), when two rows had a path of their own in 8-row blocks: 0.86-0.92x
 // the time of the 2 x 4 blocks with the row count propagated, 0.96x without; with the paths inlined into one
 // dispatcher, adding the two-row path made one row 6-15% slower.
 template <int NB, int MB, bool kHw, int kAhead, bool kPacked = false>
@@ -541,8 +539,6 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                             int64_t n_end) {
   if (M == 1)
     return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
-  if (M == 2)
-    return rows_path_bf16_avx512<kNbOneRow, 2, kHw, kAheadTwoRows>(x, 2, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
     return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy,
                                                                                      n_begin, n_end);
@@ -551,7 +547,8 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 }
 
 // The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (the one-row path's blocks), each read as one
-// sequential run of memory. One and two rows as in rows_bf16_avx512; more in groups of kMbPacked activation rows
+// sequential run of memory. One and two rows in 8-row blocks (two rows as the row-major path had them before
+// 2026-12-05); more in groups of kMbPacked activation rows
 // (24 accumulators) with the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
 // (bench_linear, SmolLM2's matrices, one call per pass, 2 threads, passes back to back as decode steps run,
 // cpu-20261205-s12-linear-packed): 1 / 2 / 4 / 8 rows 0.95 / 0.99 / 0.97 / 0.96x, 16 / 32 / 64 rows 0.85 / 0.80 /
