@@ -2,6 +2,9 @@
 import importlib.util
 import os
 from types import ModuleType
+from typing import List
+
+import torch
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -15,3 +18,14 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark(name: str, argv: List[str]) -> int:
+    """benchmarks/<name>.py's main(argv) -> its exit status, torch's thread count as it was before (the scripts set
+    their own)."""
+    module = load_benchmark(name)
+    threads = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)

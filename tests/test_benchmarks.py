@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bench_loader import BENCH_DIR, load_benchmark
+from bench_loader import BENCH_DIR, load_benchmark, run_benchmark
 from kangaroo_rt import bench, cli
 from kangaroo_rt.config import KangarooConfig
 from kangaroo_rt.generate import KangarooModel
@@ -247,12 +247,7 @@ def test_bench_linear_quick(tmp_path):
 
     if not _cpu_ext.is_built():
         pytest.skip("kangaroo_rt._cpu is not built (KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .)")
-    linear = load_benchmark("bench_linear")
-    threads = torch.get_num_threads()
-    try:
-        assert linear.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("bench_linear", ["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "bench_linear-smoke.json") as f:
         result = json.load(f)
     assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512_bf16", "avx512", "avx2", "portable")
@@ -380,12 +375,8 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
 def test_bench_ab_decode_case_reports_kangaroo_over_plain(tmp_path):
     """bench_ab --quick --cases decode: real decoding (a tiny agreeing pair) plain and Kangaroo on both sides, and each
     side's Kangaroo / plain ratio from those two cases."""
-    bench_ab = load_benchmark("bench_ab")
-    threads = torch.get_num_threads()
-    try:
-        assert bench_ab.main(["--quick", "--out", str(tmp_path), "--dtypes", "float32", "--cases", "decode"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["--quick", "--out", str(tmp_path), "--dtypes", "float32", "--cases", "decode"]
+    assert run_benchmark("bench_ab", argv) == 0
     result = json.loads((tmp_path / "bench_ab-smoke.json").read_text())
     cases = result["cases"]
     assert set(cases) == {"float32 decode plain", "float32 decode kangaroo"}
@@ -394,7 +385,7 @@ def test_bench_ab_decode_case_reports_kangaroo_over_plain(tmp_path):
         assert ratio[side] == pytest.approx(
             cases["float32 decode plain"][f"{side}_ms"] / cases["float32 decode kangaroo"][f"{side}_ms"])
     with pytest.raises(SystemExit):
-        bench_ab.parse_args(["--cases", "decode", "--decode-tokens", "0"])
+        load_benchmark("bench_ab").parse_args(["--cases", "decode", "--decode-tokens", "0"])
 
 
 def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monkeypatch):
@@ -429,12 +420,7 @@ def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
     """bench_hugepages --smoke: a tiny model in 4 KB and in 2 MB pages, plain and Kangaroo; every output the same."""
     from kangaroo_rt import hugepages
 
-    bench = load_benchmark("bench_hugepages")
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("bench_hugepages", ["--smoke", "--out", str(tmp_path)]) == 0
     if not hugepages.available():
         assert not (tmp_path / "bench_hugepages-smoke.json").exists()
         return
@@ -449,13 +435,8 @@ def test_bench_greedy_decode_smoke_compares_the_loops(tmp_path):
     from kangaroo_rt import _cpu_ext
     from kangaroo_rt.speculative import Decoder
 
-    bench = load_benchmark("bench_greedy_decode")
     one_call = Decoder._cpu_decode
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("bench_greedy_decode", ["--smoke", "--out", str(tmp_path)]) == 0
     assert Decoder._cpu_decode is one_call
     if not _cpu_ext.is_available():
         assert not (tmp_path / "bench_greedy_decode-smoke.json").exists()
@@ -482,12 +463,7 @@ def test_make_readme_table_keeps_the_newest_days_lengths():
 def test_bench_cpu_dtype_smoke_checks_every_dtype(tmp_path):
     """bench_cpu_dtype --smoke: a random tiny Llama in the HF layout, decoded by transformers, plain and Kangaroo in
     each dtype; Kangaroo == plain everywhere, plain == transformers in float32, and a recommendation among them."""
-    bench = load_benchmark("bench_cpu_dtype")
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("bench_cpu_dtype", ["--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "cpu_dtype-smoke.json").read_text())
     assert result["smoke_run"] and result["model"] == "smoke" and result["new_tokens_per_prompt"] == 8
     assert [r["dtype"] for r in result["results"]] == ["float32", "bfloat16", "float16"]
