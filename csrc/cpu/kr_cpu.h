@@ -152,10 +152,13 @@ typedef struct kr_cpu_attention_args {
 
 // Tasks are [0, kr_cpu_attention_tasks(a)): tiles of at most kr_cpu_attention_tile_pairs(D) (query, head) pairs
 // that read one kv head of one row (the heads of a GQA group, the queries of a verify pass), each pair in one
-// task. Per pair: scores q.k_j * scale by the fixed 16-lane dot (fused multiply-adds), their max,
-// e_j = exp(s_j - max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, fused
-// multiply-adds in j order) / l. Nothing depends on the other queries or heads, on the tiling, on Q or on kv_len
-// beyond the slots read.
+// task. Per pair: scores q.k_j * scale by the fixed 16-lane dot (fused multiply-adds), their max, e_j = exp(s_j -
+// max) (a polynomial exp), l = the fixed-order sum of e_j, out = (sum_j e_j v_j, fused multiply-adds in j order) / l.
+// bf16 takes AVX512-BF16's vdpbf16ps order for both products: in the dot, lane l takes d = 32c + 2l + 1, then
+// 32c + 2l; e_j is rounded to bf16 (l sums the rounded values) and the value sum takes the keys in pairs, e_{j+1}
+// v_{j+1}[d] and then e_j v_j[d] for even j (a missing last key as zeros); the whole bf16 call runs with denormals
+// flushed (DAZ + FTZ) in every variant. Nothing depends on the other queries or heads, on the tiling, on Q or on
+// kv_len beyond the slots read.
 int kr_cpu_attention(int isa, const kr_cpu_attention_args* a, int64_t task_begin, int64_t task_end);
 
 // The number of attention tasks of a call (0 for an empty or invalid one), and the pairs a tile holds at most.

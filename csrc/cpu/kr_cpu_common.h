@@ -68,6 +68,23 @@ KR_INLINE uint16_t from_float<uint16_t>(float v) { return float_to_bf16_bits(v);
 template <typename T>
 KR_INLINE float round_to(float v) { return to_float(from_float<T>(v)); }
 
+// fma(a, b, c) as x86 computes it with denormals flushed (DAZ on the inputs, FTZ on the result), on any platform.
+// x86's FTZ judges a result tiny after rounding it to 24 bits as if the exponent were unbounded, so an exact result
+// just below 2^-126 that rounds up to 2^-126 in fp32 (denormals on) can still be tiny there and flush: the scaled
+// recomputation decides those (scaling by 2^24 is exact here: a result near 2^-126 from bf16 products and a
+// flushed accumulator has operands far from overflow).
+KR_INLINE float fma_ftz(float a, float b, float c) {
+  a = flush_denormal(a);
+  b = flush_denormal(b);
+  c = flush_denormal(c);
+  const float r = std::fma(a, b, c);
+  if (std::fabs(r) == 0x1p-126f) {
+    const float scaled = std::fma(a * 0x1p24f, b, c * 0x1p24f);
+    if (std::fabs(scaled) < 0x1p-102f) return std::copysign(0.0f, scaled);
+  }
+  return flush_denormal(r);
+}
+
 // The fixed 16 -> 1 summation tree.
 KR_INLINE float tree16(const float* a) {
   float s8[8], s4[4];
@@ -89,6 +106,19 @@ KR_INLINE float dot_fixed(const float* a, const T* b, int64_t n) {
     for (int l = 0; l < kLanes; ++l) acc[l] = full + l < n ? std::fma(a[full + l], to_float(b[full + l]), acc[l])
                                                            : acc[l] + 0.0f;  // a zero-padded lane: fma(0, 0, acc)
   return tree16(acc);
+}
+
+// The 16 lanes of sum_k a[k] * b[k] over k < n for bf16 a and b in the order of AVX512-BF16's vdpbf16ps: per chunk of
+// 32 k's, lane l takes k = 32c + 2l + 1 and then k = 32c + 2l, each one fused multiply-add with denormals flushed
+// (fma_ftz), the last chunk zero-padded.
+KR_INLINE void dot_bf16_pairs_lanes(const uint16_t* a, const uint16_t* b, int64_t n, float* acc) {
+  for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
+  for (int64_t k = 0; k < n; k += 2 * kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t even = k + 2 * l, odd = even + 1;
+      acc[l] = fma_ftz(odd < n ? to_float(a[odd]) : 0.0f, odd < n ? to_float(b[odd]) : 0.0f, acc[l]);
+      acc[l] = fma_ftz(even < n ? to_float(a[even]) : 0.0f, even < n ? to_float(b[even]) : 0.0f, acc[l]);
+    }
 }
 
 // sum_k a[k] over k < n in the fixed order.
@@ -150,5 +180,24 @@ KR_INLINE float exp_fixed(float x) {
   const float e = (p * exp2_integer(n - top)) * (1.0f + top);
   return x >= kOverflow ? __builtin_inff() : e;
 }
+
+#if KR_CPU_X86
+// DAZ + FTZ in this thread's MXCSR while alive: every SSE/AVX operation between reads denormal inputs as zero and
+// flushes denormal results, as vdpbf16ps always does. The compiler barriers keep the loads and stores of the work
+// between them (the arithmetic between depends on those loads and feeds those stores).
+struct FlushDenormals {
+  unsigned saved;
+  FlushDenormals() : saved(__builtin_ia32_stmxcsr()) {
+    __builtin_ia32_ldmxcsr(saved | 0x8040u);  // DAZ (bit 6) | FTZ (bit 15)
+    asm volatile("" ::: "memory");
+  }
+  ~FlushDenormals() {
+    asm volatile("" ::: "memory");
+    __builtin_ia32_ldmxcsr(saved);
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+#endif
 
 }  // namespace kr_cpu

@@ -86,23 +86,8 @@ void rows_portable(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* 
   }
 }
 
-// bf16 x bf16 in vdpbf16ps's order (see the top of this file), each operation flushing denormals as DAZ + FTZ do.
-// x86's FTZ judges a result tiny after rounding it to 24 bits as if the exponent were unbounded, so an exact result
-// just below 2^-126 that rounds up to 2^-126 in fp32 (denormals on) can still be tiny there and flush: the scaled
-// recomputation decides those (scaling by 2^24 is exact here: a result near 2^-126 from bf16 products and a
-// flushed accumulator has operands far from overflow).
-KR_INLINE float fma_ftz(float a, float b, float c) {
-  a = flush_denormal(a);
-  b = flush_denormal(b);
-  c = flush_denormal(c);
-  const float r = std::fma(a, b, c);
-  if (std::fabs(r) == 0x1p-126f) {
-    const float scaled = std::fma(a * 0x1p24f, b, c * 0x1p24f);
-    if (std::fabs(scaled) < 0x1p-102f) return std::copysign(0.0f, scaled);
-  }
-  return flush_denormal(r);
-}
-
+// bf16 x bf16 in vdpbf16ps's order (see the top of this file), each operation flushing denormals as DAZ + FTZ do
+// (kr_cpu::fma_ftz and these).
 KR_INLINE float add_ftz(float a, float b) { return flush_denormal(flush_denormal(a) + flush_denormal(b)); }
 
 KR_INLINE float tree16_ftz(const float* a) {
@@ -118,13 +103,8 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
     const uint16_t* wr = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const uint16_t* xr = x + m * ldx;
-      float acc[kLanes] = {};
-      for (int64_t k = 0; k < K; k += kPairChunk)
-        for (int l = 0; l < kLanes; ++l) {
-          const int64_t even = k + 2 * l, odd = even + 1;
-          acc[l] = fma_ftz(odd < K ? to_float(wr[odd]) : 0.0f, odd < K ? to_float(xr[odd]) : 0.0f, acc[l]);
-          acc[l] = fma_ftz(even < K ? to_float(wr[even]) : 0.0f, even < K ? to_float(xr[even]) : 0.0f, acc[l]);
-        }
+      float acc[kLanes];
+      kr_cpu::dot_bf16_pairs_lanes(wr, xr, K, acc);
       const float s = tree16_ftz(acc);
       y[m * ldy + n] = bias != nullptr ? add_ftz(s, bias[n]) : s;
     }
@@ -423,21 +403,7 @@ KR_TARGET_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, int64_t ldx,
 
 // ----- bf16 x bf16 (vdpbf16ps's order) on x86: the caller holds a FlushDenormals for the whole call.
 
-// DAZ + FTZ in this thread's MXCSR while alive. The compiler barriers keep the loads and stores of the work
-// between them (the arithmetic between depends on those loads and feeds those stores).
-struct FlushDenormals {
-  unsigned saved;
-  FlushDenormals() : saved(_mm_getcsr()) {
-    _mm_setcsr(saved | 0x8040u);  // DAZ (bit 6) | FTZ (bit 15)
-    asm volatile("" ::: "memory");
-  }
-  ~FlushDenormals() {
-    asm volatile("" ::: "memory");
-    _mm_setcsr(saved);
-  }
-  FlushDenormals(const FlushDenormals&) = delete;
-  FlushDenormals& operator=(const FlushDenormals&) = delete;
-};
+using kr_cpu::FlushDenormals;  // (kr_cpu_common.h)
 
 // One chunk of 32 k's of an NB x MB block: kHw uses vdpbf16ps, otherwise the odd halves of the 32-bit pairs
 // (the high bf16, masked) and then the even ones (the low bf16, shifted up) are fused-multiply-added. kTail
