@@ -224,6 +224,7 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
     spec.loader.exec_module(base)
     modules = {"base": base, "this": _cpu_ext.load()}
     sides: Dict[str, List[Dict[str, float]]] = {"base": [], "this": []}
+    outputs: Dict[str, Dict[str, str]] = {"base": {}, "this": {}}  # the decode cases' tokens, as a digest
     try:
         with torch.no_grad():
             for r in range(args.rounds):
@@ -232,7 +233,9 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
                     for case, fn in cases.items():
                         for side in (("base", "this") if (r * args.repeats + i) % 2 == 0 else ("this", "base")):
                             _cpu_ext._loaded = modules[side]
-                            fn()  # (the first call after a swap pays for the other side's caches)
+                            out = fn()  # (the first call after a swap pays for the other side's caches)
+                            if " decode " in case:
+                                outputs[side][case] = token_digest(out)
                             start = time.perf_counter()
                             fn()
                             times[side][case].append(time.perf_counter() - start)
@@ -240,7 +243,14 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
                     sides[side].append({c: 1e3 * statistics.median(t) for c, t in times[side].items()})
     finally:
         _cpu_ext._loaded = modules["this"]
-    return sides
+    return {**sides, "decode_tokens": outputs}
+
+
+def token_digest(sequences) -> str:
+    """A decode case's output, the generated sequences of its prompts, as one digest."""
+    import hashlib
+
+    return hashlib.sha256(repr([s.tolist() for s in sequences]).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -351,11 +361,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             kangaroo_vs_plain[dtype] = {side: plain[f"{side}_ms"] / kangaroo[f"{side}_ms"] for side in ("base", "this")}
             print(f"{dtype} decode: Kangaroo / plain decoding {kangaroo_vs_plain[dtype]['base']:.3f}x (base), "
                   f"{kangaroo_vs_plain[dtype]['this']:.3f}x (this)")
+    tokens = sides.get("decode_tokens", {})  # (--in-process only)
+    same_tokens = {case: tokens["base"][case] == tokens["this"][case] for case in tokens.get("this", {})
+                   if case in tokens.get("base", {})}
+    for case, same in same_tokens.items():
+        if not same:
+            print(f"WARNING: {case}: the two builds decoded different tokens (their numerics differ), so this row "
+                  "times different texts (Kangaroo's acceptance differs with them); the steps rows compare the "
+                  "builds on the same work")
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
-              "context": args.context, "cases": cases, "decode_kangaroo_vs_plain": kangaroo_vs_plain}
+              "context": args.context, "cases": cases, "decode_kangaroo_vs_plain": kangaroo_vs_plain,
+              "decode_same_tokens": same_tokens}
     sys.path.insert(0, HERE)
     import kernel_bench_utils as kb
 

@@ -390,14 +390,16 @@ def test_bench_ab_decode_case_reports_kangaroo_over_plain(tmp_path):
 
 def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monkeypatch):
     """bench_ab --quick --in-process: both sides in one process; every case runs on the base's module and on this
-    tree's (counted by wrapping the loader), and the tree's own module is back in place afterwards."""
+    tree's (counted by wrapping the loader), and the tree's own module is back in place afterwards. The decode
+    cases' tokens come back as a digest per side (the same build on both sides here: the same tokens)."""
     bench_ab = load_benchmark("bench_ab")
     from kangaroo_rt import _cpu_ext
 
     if not _cpu_ext.is_available():
         pytest.skip("no CPU extension built")
     this = _cpu_ext.load()
-    args = bench_ab.parse_args(["--quick", "--in-process", "--dtypes", "float32", "--cases", "linear,attention"])
+    args = bench_ab.parse_args(["--quick", "--in-process", "--dtypes", "float32", "--cases",
+                                "linear,attention,decode"])
     args.base_module = bench_ab.extension_file(bench_ab.ROOT)
     monkeypatch.chdir(bench_ab.ROOT)
     seen = []
@@ -409,9 +411,11 @@ def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert _cpu_ext._loaded is this
+    tokens = sides.pop("decode_tokens")
     assert set(sides) == {"base", "this"} and len(sides["base"]) == len(sides["this"]) == 1
     assert set(sides["base"][0]) == set(sides["this"][0]) >= {"float32 linear M=1", "float32 attention q=1 ctx=16"}
     assert all(t > 0 for side in sides.values() for t in side[0].values())
+    assert set(tokens["base"]) == {"float32 decode plain", "float32 decode kangaroo"} and tokens["base"] == tokens["this"]
     used = {id(m) for m in seen}
     assert id(this) in used and len(used) == 2  # the base's module is another object, and both ran
 
