@@ -23,15 +23,8 @@
 #include <vector>
 
 #include "kr_cpu.h"
+#include "kr_cpu_avx512.h"
 #include "kr_cpu_common.h"
-
-#if KR_CPU_X86
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC bug 105593, as in linear.cpp
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#endif
 
 namespace {
 
@@ -148,15 +141,6 @@ KR_TARGET_AVX2 void attend_avx2(const kr_cpu_attention_args& a, int64_t t0, int6
 
 constexpr int kMaxChunks = 8;  // head_dim <= 128
 
-KR_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-KR_TARGET_AVX512 inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-KR_TARGET_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-
 // kr_cpu::float_to_bf16_bits on 16 lanes: round to nearest even, NaN -> 0x7fc0; the bits in the low half of each
 // 32-bit lane.
 KR_TARGET_AVX512 inline __m512i bf16_bits16(__m512 v) {
@@ -250,30 +234,46 @@ struct Query<uint16_t, C, NQ, kHw> {
     for (int p = 0; p < P; ++p)  // (an odd C's last chunk holds 16 of the key's values: the rest read as zeros)
       kv[p] = (C % 2 == 1 && p == P - 1) ? _mm512_maskz_loadu_epi16(0xffffu, kr + 32 * p)
                                          : _mm512_loadu_si512(kr + 32 * p);
-    if constexpr (kHw) {
-      for (int q = 0; q < NQ; ++q) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int p = 0; p < P; ++p) acc = _mm512_dpbf16_ps(acc, (__m512bh)kv[p], (__m512bh)qb[q][p]);
-        part[q][t] = acc;
-      }
-    } else {
-      const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-      __m512 ko[P], ke[P];
-      for (int p = 0; p < P; ++p) {
-        ko[p] = _mm512_castsi512_ps(_mm512_and_si512(kv[p], high));
-        ke[p] = _mm512_castsi512_ps(_mm512_slli_epi32(kv[p], 16));
-      }
-      for (int q = 0; q < NQ; ++q) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int p = 0; p < P; ++p) {
-          acc = _mm512_fmadd_ps(ko[p], _mm512_castsi512_ps(_mm512_and_si512(qb[q][p], high)), acc);
-          acc = _mm512_fmadd_ps(ke[p], _mm512_castsi512_ps(_mm512_slli_epi32(qb[q][p], 16)), acc);
-        }
-        part[q][t] = acc;
-      }
+    for (int q = 0; q < NQ; ++q) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) acc = kr_cpu::dp_pairs<kHw>(acc, kv[p], qb[q][p]);
+      part[q][t] = acc;
     }
   }
 };
+
+// The value sums of an fp32 tile, out = sum_j e_j v_j / l with e_j in s: each query's keys in order, one fused
+// multiply-add each, the queries' chains interleaved.
+template <int C, int NQ>
+KR_TARGET_AVX512 void values_fp32(const int64_t* n, int64_t n_min, int64_t n_max, const float* vb, int64_t stride_t,
+                                  const float* s, int64_t ls, const float* l, float* const* o) {
+  __m512 acc[NQ][C];
+  for (int q = 0; q < NQ; ++q)
+    for (int c = 0; c < C; ++c) acc[q][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n_min; ++j) {  // every query's key
+    const float* vr = vb + j * stride_t;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    for (int q = 0; q < NQ; ++q) {
+      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
+      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
+    }
+  }
+  for (int64_t j = n_min; j < n_max; ++j) {  // the keys only some queries see (a verify pass's later ones)
+    const float* vr = vb + j * stride_t;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    for (int q = 0; q < NQ; ++q) {
+      if (j >= n[q]) continue;
+      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
+      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    const __m512 lq = _mm512_set1_ps(l[q]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(o[q] + 16 * c, _mm512_div_ps(acc[q][c], lq));
+  }
+}
 
 // The value sums of a bf16 tile, out = sum_j e_j v_j / l with e_j in bf16 (eb, zero from n[q] on): keys in pairs
 // (j, j + 1), j even, one vdpbf16ps each (kHw; otherwise two fused multiply-adds on the odd and even halves under
@@ -307,20 +307,8 @@ KR_TARGET_AVX512_BF16 void values_bf16(const int64_t* n, int64_t n_min, int64_t 
     std::memcpy(&pair, eb + q * ls + j, sizeof pair);  // e_j in the low half, e_{j+1} in the high
     const __m512i e2 = _mm512_set1_epi32(static_cast<int>(pair));
     for (int p = 0; p < P; ++p) {
-      if constexpr (kHw) {
-        acc[q][2 * p] = _mm512_dpbf16_ps(acc[q][2 * p], (__m512bh)lo[p], (__m512bh)e2);
-        acc[q][2 * p + 1] = _mm512_dpbf16_ps(acc[q][2 * p + 1], (__m512bh)hi[p], (__m512bh)e2);
-      } else {
-        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-        const __m512 eo = _mm512_castsi512_ps(_mm512_and_si512(e2, high));
-        const __m512 ee = _mm512_castsi512_ps(_mm512_slli_epi32(e2, 16));
-        for (int h = 0; h < 2; ++h) {
-          const __m512i v = h == 0 ? lo[p] : hi[p];
-          __m512& a = acc[q][2 * p + h];
-          a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), eo, a);
-          a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), ee, a);
-        }
-      }
+      acc[q][2 * p] = kr_cpu::dp_pairs<kHw>(acc[q][2 * p], lo[p], e2);
+      acc[q][2 * p + 1] = kr_cpu::dp_pairs<kHw>(acc[q][2 * p + 1], hi[p], e2);
     }
   };
   __m512i lo[P], hi[P];
@@ -357,7 +345,7 @@ KR_TARGET_AVX512_BF16 void values_bf16(const int64_t* n, int64_t n_min, int64_t 
 }
 
 // The NQ pairs of a tile, each one query over its n[q] >= 1 keys, side by side: the same operations per pair as
-// attend_tasks in the same order (so the same bits), each key and value widened once for all of them. The score of
+// attend_tasks in the same order (so the same bits), each key and value read once for all of them. The score of
 // key j is the fixed-order dot times the scale, computed for j < max n (the keys past a pair's own n are real keys
 // of the row, read for the others, and their scores are never used); the max is exact in any order. The value sum
 // runs each pair's keys in order, the pairs' chains interleaved. x > -87 in exp16 matters only where the scalar
@@ -415,36 +403,10 @@ KR_TARGET_AVX512_BF16 void attend_tile_avx512(const float* qf, const int64_t* n,
     _mm512_storeu_ps(lane_sums, lanes);
     l[q] = kr_cpu::tree16(lane_sums);
   }
-  if constexpr (kBf16) {
+  if constexpr (kBf16)
     values_bf16<C, NQ, kHw>(n, n_min, n_max, vb, stride_t, eb, ls, l, o);
-    return;
-  }
-  __m512 acc[NQ][C];
-  for (int q = 0; q < NQ; ++q)
-    for (int c = 0; c < C; ++c) acc[q][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n_min; ++j) {  // every pair's key
-    const T* vr = vb + j * stride_t;
-    __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(vr + 16 * c);
-    for (int q = 0; q < NQ; ++q) {
-      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
-      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
-    }
-  }
-  for (int64_t j = n_min; j < n_max; ++j) {  // the keys only some pairs see (a verify pass's later queries)
-    const T* vr = vb + j * stride_t;
-    __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(vr + 16 * c);
-    for (int q = 0; q < NQ; ++q) {
-      if (j >= n[q]) continue;
-      const __m512 e = _mm512_set1_ps(s[q * ls + j]);
-      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_fmadd_ps(e, vv[c], acc[q][c]);
-    }
-  }
-  for (int q = 0; q < NQ; ++q) {
-    const __m512 lq = _mm512_set1_ps(l[q]);
-    for (int c = 0; c < C; ++c) store16(o[q] + 16 * c, _mm512_div_ps(acc[q][c], lq));
-  }
+  else
+    values_fp32<C, NQ>(n, n_min, n_max, vb, stride_t, s, ls, l, o);
 }
 
 // attend_tile_avx512<T, C, nq, kHw> for 1 <= nq <= NQ.
@@ -458,8 +420,8 @@ KR_TARGET_AVX512_BF16 void tile_avx512(int nq, const float* qf, const int64_t* n
   attend_tile_avx512<T, C, NQ, kHw>(qf, n, kb, vb, stride_t, scale, s, eb, ls, o);
 }
 
-// kHw = false never reaches an AVX512-BF16 instruction: only Query<uint16_t>::dots' kHw branch has one (the
-// target attribute is shared so that one template serves both, as in linear.cpp).
+// kHw = false never reaches an AVX512-BF16 instruction: only kr_cpu::dp_pairs<true> has one (the target attribute
+// is shared so that one template serves both, as in linear.cpp).
 template <typename T, int C, bool kHw>
 KR_TARGET_AVX512_BF16 void attend_tasks_avx512(const kr_cpu_attention_args& a, int64_t task_begin,
                                                int64_t task_end) {

@@ -39,17 +39,8 @@
 #include <string>
 #include <vector>
 
+#include "kr_cpu_avx512.h"
 #include "kr_cpu_common.h"
-
-#if KR_CPU_X86
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-// GCC 12 warns that the _mm*_undefined_*() placeholders inside its own AVX-512 intrinsics are uninitialized
-// (GCC bug 105593, fixed in GCC 13).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#endif
 
 namespace {
 
@@ -420,16 +411,11 @@ KR_TARGET_AVX512_BF16 inline void chunk_bf16_avx512(const uint16_t* x, int64_t l
       for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_dpbf16_ps(acc[j][m], (__m512bh)wv, (__m512bh)xv[m]);
     }
   } else {
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
     __m512 xo[MB], xe[MB];
-    for (int m = 0; m < MB; ++m) {
-      xo[m] = _mm512_castsi512_ps(_mm512_and_si512(xv[m], high));
-      xe[m] = _mm512_castsi512_ps(_mm512_slli_epi32(xv[m], 16));
-    }
+    for (int m = 0; m < MB; ++m) xo[m] = kr_cpu::bf16_odd(xv[m]), xe[m] = kr_cpu::bf16_even(xv[m]);
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = kTail ? _mm512_maskz_loadu_epi16(mask, w + j * ldw) : _mm512_loadu_si512(w + j * ldw);
-      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      const __m512 wo = kr_cpu::bf16_odd(wv), we = kr_cpu::bf16_even(wv);
       for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wo, xo[m], acc[j][m]);
       for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(we, xe[m], acc[j][m]);
     }

@@ -1,0 +1,39 @@
+// AVX-512 pieces shared by the CPU kernels of csrc/cpu/ (internal: not part of the C ABI of kr_cpu.h): the
+// intrinsics header, and the bf16 pairs that AVX512-BF16's vdpbf16ps multiplies, with their emulation.
+#pragma once
+
+#include "kr_cpu_common.h"
+
+#if KR_CPU_X86
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+// GCC 12 warns that the _mm*_undefined_*() placeholders inside its own AVX-512 intrinsics are uninitialized
+// (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace kr_cpu {
+
+// The odd (high) and the even (low) bf16 of each 32-bit pair of v, widened to fp32 (exact).
+KR_TARGET_AVX512 inline __m512 bf16_odd(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+KR_TARGET_AVX512 inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+
+// acc plus the pairs of a and b in vdpbf16ps's order: per lane the odd product, then the even one, each a fused
+// multiply-add. kHw: the instruction itself; otherwise two fused multiply-adds, which give its bits under the
+// caller's DAZ + FTZ (FlushDenormals). kHw = false never reaches an AVX512-BF16 instruction (the target attribute
+// is shared so that one template serves both).
+template <bool kHw>
+KR_TARGET_AVX512_BF16 inline __m512 dp_pairs(__m512 acc, __m512i a, __m512i b) {
+  if constexpr (kHw) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  } else {
+    acc = _mm512_fmadd_ps(bf16_odd(a), bf16_odd(b), acc);
+    return _mm512_fmadd_ps(bf16_even(a), bf16_even(b), acc);
+  }
+}
+
+}  // namespace kr_cpu
+#endif
