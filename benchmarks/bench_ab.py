@@ -171,17 +171,9 @@ def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object
     --quick a random tiny pair whose adapter agrees with its target, 8 tokens."""
     import decode_ab  # (benchmarks/, on sys.path)
 
-    from kangaroo_rt import KangarooConfig, KangarooModel, models
+    from kangaroo_rt import models
 
-    if args.quick:
-        from kangaroo_rt.testing import agreeing_pair, tiny_config
-
-        target, adapter = agreeing_pair(tiny_config(vocab_size=211, hidden_size=128, num_layers=4,
-                                                    intermediate_size=256), exit_layer=1, seed=3)
-        model = KangarooModel(target.to(dtype), adapter.to(dtype), exit_layer=1,
-                              kangaroo=KangarooConfig(gamma=4, eta=0.3))
-    else:
-        model = models.load_named("smollm2", dtype=dtype)
+    model = decode_ab.smoke_model(dtype) if args.quick else models.load_named("smollm2", dtype=dtype)
     prompt_args = argparse.Namespace(smoke=args.quick, model="smollm2", prompts=args.decode_prompts,
                                      questions=decode_ab.QUESTIONS)
     prompts = decode_ab.prompts(prompt_args)

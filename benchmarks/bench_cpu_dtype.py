@@ -86,8 +86,6 @@ def _write_smoke_model(folder: str, seed: int = 0) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from transformers import AutoModelForCausalLM
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=[n for n in models.REGISTRY if n != "embedded"])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
@@ -100,22 +98,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be positive")
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench_cpu_dtype-") as smoke_folder:
-        return _run(args, smoke_folder, AutoModelForCausalLM)
-
-
-def _run(args: argparse.Namespace, smoke_folder: str, auto_model) -> int:
-    if args.smoke:
-        folder, shipped, name_in_file = smoke_folder, _write_smoke_model(smoke_folder), "smoke"
-        args.max_new_tokens = min(args.max_new_tokens, 8)
-        gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, 211, (1, 6), generator=gen) for _ in range(2)]
-    else:
-        folder, shipped, name_in_file = models.model_folder(args.model), models.settings(args.model), args.model
+    if not args.smoke:
         tok = models.load_tokenizer(args.model)
         prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                          tokenize=True, return_dict=True)["input_ids"]])
                    for p in PROMPTS]
+        return _run(args, models.model_folder(args.model), models.settings(args.model), args.model, prompts)
+    args.max_new_tokens = min(args.max_new_tokens, 8)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 211, (1, 6), generator=gen) for _ in range(2)]
+    with tempfile.TemporaryDirectory(prefix="bench_cpu_dtype-") as folder:
+        return _run(args, folder, _write_smoke_model(folder), "smoke", prompts)
+
+
+def _run(args: argparse.Namespace, folder: str, shipped: Dict, name_in_file: str, prompts: List[torch.Tensor]) -> int:
+    """Every dtype on the model at folder (shipped: its Kangaroo settings), the table, the JSON -> exit status."""
+    from transformers import AutoModelForCausalLM
+
     rows = []
     for name in args.dtypes:
         dtype = getattr(torch, name)
@@ -127,7 +126,7 @@ def _run(args: argparse.Namespace, smoke_folder: str, auto_model) -> int:
         r = measure(target, adapter, shipped["exit_layer"], prompts, gamma=shipped["gamma"], eta=shipped["eta"],
                     max_new_tokens=args.max_new_tokens)
         plain = _plain_sequences(target, prompts, args.max_new_tokens)
-        hf = auto_model.from_pretrained(folder, dtype=dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         r.update(_hf_tokens_per_s(hf, prompts, args.max_new_tokens, plain), dtype=name)
         r["lossless"] = r["greedy_mismatches"] == 0 and (name != "float32" or r["hf_mismatches"] == 0)
         rows.append(r)
@@ -146,7 +145,8 @@ def _run(args: argparse.Namespace, smoke_folder: str, auto_model) -> int:
     best = max(lossless, key=lambda r: r["kangaroo_tokens_per_s"])["dtype"] if lossless else None
     print(f"\nrecommended CPU dtype for {name_in_file}: {best} (fastest Kangaroo decoding where Kangaroo == plain, and "
           "plain == transformers in float32)")
-    record = {"benchmark": "bench_cpu_dtype", "smoke_run": args.smoke, "model": name_in_file, "device": device_name(torch.device("cpu")),
+    record = {"benchmark": "bench_cpu_dtype", "smoke_run": args.smoke, "model": name_in_file,
+              "device": device_name(torch.device("cpu")),
               "threads": args.threads, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "prompts": len(prompts), "new_tokens_per_prompt": args.max_new_tokens, "adapter_settings": shipped,
               "results": rows, "recommended": best}

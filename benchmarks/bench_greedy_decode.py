@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_ab  # noqa: E402
-from kangaroo_rt import KangarooConfig, KangarooModel, _cpu_ext, models  # noqa: E402
+from kangaroo_rt import _cpu_ext, models  # noqa: E402
 from kangaroo_rt.speculative import Decoder  # noqa: E402
 
 NAME = "bench_greedy_decode"
@@ -48,11 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{NAME}: kangaroo_rt._cpu is not built here; nothing to compare")
         return 0
     if args.smoke:
-        from kangaroo_rt.testing import agreeing_pair, tiny_config
-
-        target, adapter = agreeing_pair(tiny_config(vocab_size=211, hidden_size=128, num_layers=4,
-                                                    intermediate_size=256), exit_layer=1, seed=3)
-        model = KangarooModel(target, adapter, exit_layer=1, kangaroo=KangarooConfig(gamma=4, eta=0.3))
+        model = decode_ab.smoke_model()
     else:
         model = models.load_named(args.model, dtype=decode_ab.DTYPES[args.dtype])
     prompts = decode_ab.prompts(args)

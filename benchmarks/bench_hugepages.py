@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_ab  # noqa: E402
-from kangaroo_rt import KangarooConfig, KangarooModel, hugepages, models  # noqa: E402
+from kangaroo_rt import KangarooModel, hugepages, models  # noqa: E402
 
 NAME = "bench_hugepages"
 
@@ -31,13 +31,8 @@ NAME = "bench_hugepages"
 def _models(args) -> Dict[str, KangarooModel]:
     """{"4k": model, "2m": the same model placed}."""
     if args.smoke:
-        from kangaroo_rt.testing import agreeing_pair, tiny_config
-
-        pairs = [agreeing_pair(tiny_config(vocab_size=211, hidden_size=128, num_layers=4, intermediate_size=256),
-                               exit_layer=1, seed=3) for _ in range(2)]
-        hugepages.place(pairs[1][0], min_bytes=0)
-        return {name: KangarooModel(t, a, exit_layer=1, kangaroo=KangarooConfig(gamma=4, eta=0.3))
-                for name, (t, a) in zip(("4k", "2m"), pairs)}
+        return {"4k": decode_ab.smoke_model(),
+                "2m": decode_ab.smoke_model(place=lambda target: hugepages.place(target, min_bytes=0))}
     dtype = decode_ab.DTYPES[args.dtype]
     saved = os.environ.get("KANGAROO_RT_HUGEPAGES")
     try:

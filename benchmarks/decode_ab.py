@@ -50,7 +50,24 @@ def parse_args(doc: str, argv: Optional[Sequence[str]] = None, max_new_tokens: i
     return args
 
 
-def prompts(args: argparse.Namespace, vocab: int = 211) -> List[torch.Tensor]:
+SMOKE_VOCAB = 211
+
+
+def smoke_model(dtype: torch.dtype = torch.float32, place: Optional[Callable[[torch.nn.Module], None]] = None):
+    """The --smoke model of these benchmarks: a random tiny target whose adapter mostly agrees with it (exit layer
+    1, gamma 4, eta 0.3), in dtype; place(target), when given, runs before the model is built (bench_hugepages)."""
+    from kangaroo_rt import KangarooConfig, KangarooModel
+    from kangaroo_rt.testing import agreeing_pair, tiny_config
+
+    target, adapter = agreeing_pair(tiny_config(vocab_size=SMOKE_VOCAB, hidden_size=128, num_layers=4,
+                                                intermediate_size=256), exit_layer=1, seed=3)
+    target, adapter = target.to(dtype), adapter.to(dtype)
+    if place is not None:
+        place(target)
+    return KangarooModel(target, adapter, exit_layer=1, kangaroo=KangarooConfig(gamma=4, eta=0.3))
+
+
+def prompts(args: argparse.Namespace, vocab: int = SMOKE_VOCAB) -> List[torch.Tensor]:
     """The prompts' token ids (1, T) each: --prompts held-out questions, one per category, with the model's chat
     template; with --smoke two random ones below ``vocab``."""
     if args.smoke:
