@@ -41,7 +41,12 @@ base's kangaroo_rt._cpu loaded beside it, swapped under it for each repeat of ea
 warm-up call after each swap). A host whose bandwidth drifts between processes then moves both sides alike: two
 builds of the same code measure within 1-2% of each other where separate processes scatter 5-10%. It compares the
 C++ only (the Python is this tree's on both sides), so the two extensions must share their Python-facing API. Each
-of --rounds blocks of --repeats gives a median per case and side; the table's spread is over the blocks.
+of --rounds blocks of --repeats gives a median per case and side; the table's spread is over the blocks. The two
+sides of a case run back to back, so their ratio within one repeat is nearly free of the drift: the table adds
+the median of those paired ratios ("paired"), and, with the steps case, the same over the third of the repeats in
+which the host was fastest and the third in which it was slowest (by the mean of both sides' plain step in that
+repeat). The phases matter: in a slow phase (the stream at ~45 GB/s) the extra rows of a verification hide under the
+stream, and a change to how they stream may only show in the fast one (~90 GB/s).
 
 --base-dir DIR uses a tree that is already built as the base instead (no checkout, no build); --quick runs
 a tiny model with one round, against this tree itself unless --base-dir says otherwise (CI and the GPU suite:
@@ -217,11 +222,13 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
     modules = {"base": base, "this": _cpu_ext.load()}
     sides: Dict[str, List[Dict[str, float]]] = {"base": [], "this": []}
     outputs: Dict[str, Dict[str, str]] = {"base": {}, "this": {}}  # the decode cases' tokens, as a digest
+    pairs: List[Dict[str, List[float]]] = []  # per repeat: {case: [base ms, this ms]}, measured back to back
     try:
         with torch.no_grad():
             for r in range(args.rounds):
                 times: Dict[str, Dict[str, List[float]]] = {side: {case: [] for case in cases} for side in sides}
                 for i in range(args.repeats):
+                    pairs.append({})
                     for case, fn in cases.items():
                         for side in (("base", "this") if (r * args.repeats + i) % 2 == 0 else ("this", "base")):
                             _cpu_ext._loaded = modules[side]
@@ -231,11 +238,32 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
                             start = time.perf_counter()
                             fn()
                             times[side][case].append(time.perf_counter() - start)
+                        pairs[-1][case] = [1e3 * times[side][case][-1] for side in ("base", "this")]
                 for side in sides:
                     sides[side].append({c: 1e3 * statistics.median(t) for c, t in times[side].items()})
     finally:
         _cpu_ext._loaded = modules["this"]
-    return {**sides, "decode_tokens": outputs}
+    return {**sides, "decode_tokens": outputs, "pairs": pairs}
+
+
+def paired_ratios(pairs: List[Dict[str, List[float]]], dtypes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """--in-process: per case, the median over repeats of this / base within a repeat ("all"), and, where a plain
+    step case ran, over the third of the repeats with the fastest host ("fast") and the slowest ("slow"), the phase
+    of a repeat being the mean of both sides' plain step in it."""
+    phase_case = next((f"{d} plain" for d in dtypes if pairs and f"{d} plain" in pairs[0]), None)
+    ranked = sorted(range(len(pairs)), key=lambda i: statistics.mean(pairs[i][phase_case])) if phase_case else []
+    third = len(ranked) // 3
+    groups = {"all": range(len(pairs))}
+    if third > 0:
+        groups.update(fast=ranked[:third], slow=ranked[-third:])
+    out: Dict[str, Dict[str, float]] = {}
+    for case in (pairs[0] if pairs else {}):
+        out[case] = {name: statistics.median(pairs[i][case][1] / pairs[i][case][0] for i in idx)
+                     for name, idx in groups.items()}
+        if phase_case:
+            out[case].update({f"{name}_plain_ms": statistics.median(statistics.mean(pairs[i][phase_case]) for i in idx)
+                              for name, idx in groups.items() if name != "all"})
+    return out
 
 
 def token_digest(sequences) -> str:
@@ -334,6 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sides[side].append(run_side(trees[side], args))
                 print(f"{NAME}: round {r + 1}/{args.rounds} {side} done", flush=True)
     cases = summarize(sides)
+    paired = paired_ratios(sides.get("pairs", []), args.dtypes)
     where = device_name(torch.device("cpu"))
     how = ("rounds in one process (both extensions loaded, swapped per repeat)" if args.in_process
            else "rounds of interleaved processes")
@@ -341,11 +370,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{describe(base)['commit'][:12]}, this tree {describe(ROOT)['commit'][:12]}"
           + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "") + f"; context {args.context}"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
-    print(f"{'case':<24} {'base ms':>9} {'(spread)':>17} {'this ms':>9} {'(spread)':>17} {'this/base':>9}")
+    phases = [p for p in ("fast", "slow") if any(p in r for r in paired.values())]
+    print(f"{'case':<24} {'base ms':>9} {'(spread)':>17} {'this ms':>9} {'(spread)':>17} {'this/base':>9}"
+          + (f" {'paired':>8}" if paired else "") + "".join(f" {p + ' 1/3':>9}" for p in phases))
     for case, row in cases.items():
         spread = {s: f"({min(row[s]):.2f}-{max(row[s]):.2f})" for s in ("base", "this")}
         print(f"{case:<24} {row['base_ms']:>9.2f} {spread['base']:>17} {row['this_ms']:>9.2f} {spread['this']:>17} "
-              f"{row['this_vs_base']:>8.3f}x")
+              f"{row['this_vs_base']:>8.3f}x" + (f" {paired[case]['all']:>7.3f}x" if case in paired else "")
+              + "".join(f" {paired[case][p]:>8.3f}x" for p in phases if case in paired))
+    if phases:
+        some = next(iter(paired.values()))
+        print(f"(host phases by the plain step: fast third {some['fast_plain_ms']:.2f} ms, slow third "
+              f"{some['slow_plain_ms']:.2f} ms)")
     kangaroo_vs_plain = {}
     for dtype in args.dtypes:  # the decode case: each side's Kangaroo over plain decoding
         plain, kangaroo = cases.get(f"{dtype} decode plain"), cases.get(f"{dtype} decode kangaroo")
@@ -365,7 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
-              "context": args.context, "cases": cases, "decode_kangaroo_vs_plain": kangaroo_vs_plain,
+              "context": args.context, "cases": cases, "paired_this_vs_base": paired,
+              "decode_kangaroo_vs_plain": kangaroo_vs_plain,
               "decode_same_tokens": same_tokens}
     sys.path.insert(0, HERE)
     import kernel_bench_utils as kb

@@ -412,12 +412,33 @@ def test_bench_ab_in_process_swaps_the_extension_under_the_cases(tmp_path, monke
         torch.set_num_threads(threads)
     assert _cpu_ext._loaded is this
     tokens = sides.pop("decode_tokens")
+    pairs = sides.pop("pairs")  # one repeat: each case's base and this time, back to back
+    assert len(pairs) == args.repeats and set(pairs[0]) == set(sides["this"][0])
+    assert all(len(p) == 2 and min(p) > 0 for p in pairs[0].values())
     assert set(sides) == {"base", "this"} and len(sides["base"]) == len(sides["this"]) == 1
     assert set(sides["base"][0]) == set(sides["this"][0]) >= {"float32 linear M=1", "float32 attention q=1 ctx=16"}
     assert all(t > 0 for side in sides.values() for t in side[0].values())
     assert set(tokens["base"]) == {"float32 decode plain", "float32 decode kangaroo"} and tokens["base"] == tokens["this"]
     used = {id(m) for m in seen}
     assert id(this) in used and len(used) == 2  # the base's module is another object, and both ran
+
+
+def test_bench_ab_paired_ratios_split_by_the_host_phase():
+    """paired_ratios: the median of this / base within each repeat, and over the third of the repeats whose plain step
+    (the mean of both sides) was fastest and the third where it was slowest."""
+    bench_ab = load_benchmark("bench_ab")
+    # six repeats: the host fast in the first three (plain ~4 ms), slow in the last three (~8 ms); the change wins
+    # 10% on "x" while fast, nothing while slow
+    pairs = [{"bfloat16 plain": [p, p], "bfloat16 x": [10.0, r]}
+             for p, r in ((4.0, 9.0), (4.1, 9.0), (4.2, 9.0), (8.0, 10.0), (8.1, 10.0), (8.2, 10.0))]
+    out = bench_ab.paired_ratios(pairs, ["bfloat16"])
+    assert out["bfloat16 x"]["fast"] == pytest.approx(0.9) and out["bfloat16 x"]["slow"] == pytest.approx(1.0)
+    assert out["bfloat16 x"]["all"] == pytest.approx(0.95)
+    assert out["bfloat16 plain"]["fast_plain_ms"] == pytest.approx(4.05)  # thirds of six: two repeats each
+    assert out["bfloat16 plain"]["slow_plain_ms"] == pytest.approx(8.15)
+    no_steps = bench_ab.paired_ratios([{"bfloat16 x": [2.0, 1.0]}], ["bfloat16"])  # no plain case: no phases
+    assert no_steps == {"bfloat16 x": {"all": 0.5}}
+    assert bench_ab.paired_ratios([], ["bfloat16"]) == {}
 
 
 def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
