@@ -140,6 +140,20 @@ constexpr int kPrefetchBlocks = 2;
 // and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
 // 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
+// The bf16 paths of 2-8 rows prefetch about this many bytes ahead, in whole blocks (at least one): SmolLM2's 2-row
+// blocks 4 ahead for K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its 4-row blocks 2 (9.2 KB) and 1 (12.3 KB),
+// where kPrefetchBlocks had put the 2-row blocks only 4.6 KB ahead for K = 576 and the 4-row ones 24.6 KB for
+// K = 1536. Measured (2026-12-05, SmolLM2-shaped, 2 threads, the three builds in one process, 1484 repeats, ratios
+// within a repeat, split by the host's phase): in its fast phase (plain step ~5.0 ms) the 2-4 row passes
+// 0.945-0.971x, 5 / 8 rows 0.989 / 0.946x, verify steps over 2 / 3 / 4 / 5 tokens 0.992 / 0.967 / 0.970 / 0.966x;
+// in its slow phase (~6.9 ms) 2-4 rows 0.999-1.004x, 5-8 rows 0.976-0.983x, the 5-token verify 0.985x. The 2-row
+// blocks alone 3 or 4 ahead at every K: 0.96x in the fast phase, and 4 ahead 1.01-1.02x slower in the slow one.
+constexpr int64_t kPrefetchBytesBf16 = 9 * 1024;
+
+// The whole blocks nearest to bytes ahead, at least one.
+inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
+  return static_cast<int>(std::max<int64_t>(1, (bytes + block_bytes / 2) / std::max<int64_t>(1, block_bytes)));
+}
 
 // Software prefetch (NTA) of the block kPrefetchBlocks ahead of the current one. The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
@@ -173,7 +187,8 @@ struct Prefetch {
 // of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kPrefetchBlocks
 // ahead requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
 // into each variant's rows function, so that the group functions, of the same target, inline as well.
-template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int kAhead = kPrefetchBlocks>
+template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int kAhead = kPrefetchBlocks,
+          int64_t kAheadBytes = 0>
 KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                               const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   // The groups' first rows and slices of the block ahead, computed once a call: a division per block costs as much
@@ -184,13 +199,14 @@ KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, co
   int64_t m_at[kMaxGroups + 1], pf_at[kMaxGroups + 1], pf_rate[kMaxGroups];
   for (int64_t g = 0; g <= groups; ++g) m_at[g] = std::min<int64_t>(M, g * MB), pf_at[g] = block_bytes * g / groups;
   for (int64_t g = 0; g < groups; ++g) pf_rate[g] = ((pf_at[g + 1] - pf_at[g]) << 16) / std::max<int64_t>(K, 1);
+  const int ahead = kAheadBytes > 0 ? ahead_blocks(kAheadBytes, block_bytes) : kAhead;
   int64_t n = n_begin;
   for (; n + NB <= n_end; n += NB) {
     const WT* block = w + n * K;
     const float* b = bias != nullptr ? bias + n : nullptr;
     const int64_t tail_bytes = (N - n) * K * static_cast<int64_t>(sizeof(WT));
     for (int64_t g = 0; g < groups; ++g) {
-      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g], kAhead);
+      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g], ahead);
       Group(static_cast<int>(m_at[g + 1] - m_at[g]), x + m_at[g] * ldx, ldx, block, pf, K, b, y + m_at[g] * ldy + n,
             ldy);
     }
@@ -473,13 +489,13 @@ KR_TARGET_AVX512_BF16 void group_bf16_avx512(int mb, const uint16_t* x, int64_t 
 // Measured (benchmarks/bench_ab.py --in-process), when two rows had a path of their own in 8-row blocks: 0.86-0.92x
 // the time of the 2 x 4 blocks with the row count propagated, 0.96x without; with the paths inlined into one
 // dispatcher, adding the two-row path made one row 6-15% slower.
-template <int NB, int MB, bool kHw, int kAhead, bool kPacked = false>
+template <int NB, int MB, bool kHw, int kAhead, bool kPacked = false, int64_t kAheadBytes = 0>
 __attribute__((noinline, flatten)) KR_TARGET_AVX512_BF16 void rows_path_bf16_avx512(
     const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, const float* bias, float* y,
     int64_t ldy, int64_t n_begin, int64_t n_end) {
   // (packed calls cover whole packs of NB rows: the one-row Single never runs for them)
   for_each_group<NB, MB, uint16_t, uint16_t, group_bf16_avx512<NB, MB, kHw, kPacked>, group_bf16_avx512<1, MB, kHw>,
-                 kAhead>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+                 kAhead, kAheadBytes>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
 // kHw = false never reaches an AVX512-BF16 instruction: only chunk_bf16_avx512's kHw branch has one (the target
@@ -492,10 +508,10 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
   if (M == 1)
     return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
-    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy,
-                                                                                     n_begin, n_end);
-  return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, kPrefetchBlocks>(x, M, K, ldx, w, N, bias, y, ldy, n_begin,
-                                                                           n_end);
+    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytesBf16>(
+        x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, 0, false, kPrefetchBytesBf16>(x, M, K, ldx, w, N, bias, y,
+                                                                                       ldy, n_begin, n_end);
 }
 
 // The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (the one-row path's blocks), each read as one
