@@ -143,11 +143,12 @@ constexpr int kAheadOneRow = 0;
 // The bf16 paths of 2-8 rows prefetch about this many bytes ahead, in whole blocks (at least one): SmolLM2's 2-row
 // blocks 4 ahead for K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its 4-row blocks 2 (9.2 KB) and 1 (12.3 KB),
 // where kPrefetchBlocks had put the 2-row blocks only 4.6 KB ahead for K = 576 and the 4-row ones 24.6 KB for
-// K = 1536. Measured (2026-12-05, SmolLM2-shaped, 2 threads, the three builds in one process, 1484 repeats, ratios
-// within a repeat, split by the host's phase): in its fast phase (plain step ~5.0 ms) the 2-4 row passes
-// 0.945-0.971x, 5 / 8 rows 0.989 / 0.946x, verify steps over 2 / 3 / 4 / 5 tokens 0.992 / 0.967 / 0.970 / 0.966x;
-// in its slow phase (~6.9 ms) 2-4 rows 0.999-1.004x, 5-8 rows 0.976-0.983x, the 5-token verify 0.985x. The 2-row
-// blocks alone 3 or 4 ahead at every K: 0.96x in the fast phase, and 4 ahead 1.01-1.02x slower in the slow one.
+// K = 1536. Measured (bench_ab --in-process against the 2-block build, SmolLM2's matrices, 2 threads, context 600,
+// 300 repeats, cpu-20261205-s15-prefetch-bytes): in the third of the repeats where the host was fastest (plain step
+// 5.0 ms) the 2-4 row passes 0.948-0.974x, 5-8 rows 0.955-0.979x, verify steps over 2-5 tokens 0.966-0.974x, the
+// unchanged plain step 1.009x; in the slowest third (7.4 ms) 2-4 rows 1.008-1.022x, 5-8 rows 0.967-0.994x, verify
+// steps 1.002-1.022x, the plain step 1.018x. Scratch runs: the 2-row blocks alone 3 or 4 ahead at every K, 0.96x in
+// the fast phase, 4 ahead 1.01-1.02x slower in the slow one; 3 blocks of 4 rows made 5-8 rows 1.02-1.03x slower.
 constexpr int64_t kPrefetchBytesBf16 = 9 * 1024;
 
 // The whole blocks nearest to bytes ahead, at least one.
@@ -155,7 +156,8 @@ inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
   return static_cast<int>(std::max<int64_t>(1, (bytes + block_bytes / 2) / std::max<int64_t>(1, block_bytes)));
 }
 
-// Software prefetch (NTA) of the block kPrefetchBlocks ahead of the current one. The register groups of a block
+// Software prefetch (NTA) of the block a few ahead of the current one (kPrefetchBlocks, or the blocks nearest to a
+// distance in bytes). The register groups of a block
 // (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
 // at an even rate whatever M. The rate is fixed-point bytes per k, set once a call: a division per chunk (or per
 // block) costs as much as a few-row chunk's arithmetic.
@@ -184,8 +186,8 @@ struct Prefetch {
 };
 
 // The row loop every SIMD variant shares: blocks of NB rows of W, each run against the activation rows in groups
-// of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kPrefetchBlocks
-// ahead requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
+// of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kAhead ahead (or
+// ahead_blocks(kAheadBytes) when that is set) requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
 // into each variant's rows function, so that the group functions, of the same target, inline as well.
 template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int kAhead = kPrefetchBlocks,
           int64_t kAheadBytes = 0>
