@@ -126,7 +126,8 @@ constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
 // in cache a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
 constexpr int kNbOneRow = 8;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
-// Software prefetch of the weights this many blocks ahead (measured with the T1 hint: 2 beats 0, 1 and 4;
+// Software prefetch of the weights this many blocks ahead: the AVX2 paths and the packed layout's; the AVX-512
+// paths now go kPrefetchBytes ahead (below). History (measured with the T1 hint: 2 beats 0, 1 and 4;
 // prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
 // T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
 // measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
@@ -140,16 +141,22 @@ constexpr int kPrefetchBlocks = 2;
 // and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
 // 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
-// The bf16 paths of 2-8 rows prefetch about this many bytes ahead, in whole blocks (at least one): SmolLM2's 2-row
-// blocks 4 ahead for K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its 4-row blocks 2 (9.2 KB) and 1 (12.3 KB),
-// where kPrefetchBlocks had put the 2-row blocks only 4.6 KB ahead for K = 576 and the 4-row ones 24.6 KB for
-// K = 1536. Measured (bench_ab --in-process against the 2-block build, SmolLM2's matrices, 2 threads, context 600,
-// 300 repeats, cpu-20261205-s15-prefetch-bytes): in the third of the repeats where the host was fastest (plain step
-// 5.0 ms) the 2-4 row passes 0.948-0.974x, 5-8 rows 0.955-0.979x, verify steps over 2-5 tokens 0.966-0.974x, the
-// unchanged plain step 1.009x; in the slowest third (7.4 ms) 2-4 rows 1.008-1.022x, 5-8 rows 0.967-0.994x, verify
-// steps 1.002-1.022x, the plain step 1.018x. Scratch runs: the 2-row blocks alone 3 or 4 ahead at every K, 0.96x in
-// the fast phase, 4 ahead 1.01-1.02x slower in the slow one; 3 blocks of 4 rows made 5-8 rows 1.02-1.03x slower.
-constexpr int64_t kPrefetchBytesBf16 = 9 * 1024;
+// The AVX-512 paths that prefetch (bf16 with 2-8 rows, fp32 with any) go about this many bytes ahead, in whole
+// blocks (at least one): SmolLM2's bf16 2-row blocks 4 ahead for K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its
+// 4-row blocks 2 (9.2 KB) and 1 (12.3 KB), its fp32 4-row blocks 1 (9.2 KB and 24.6 KB), where kPrefetchBlocks had
+// put the bf16 2-row blocks only 4.6 KB ahead for K = 576 and the others 18-49 KB ahead. Measured with bench_ab
+// --in-process against the 2-block build (SmolLM2's matrices, 2 threads, context 600), the third of the repeats
+// where the host was fastest / slowest:
+//   bf16 (300 repeats, cpu-20261205-s15-prefetch-bytes; plain step 5.0 / 7.4 ms): 2-4 row passes 0.948-0.974x /
+//   1.008-1.022x, 5-8 rows 0.955-0.979x / 0.967-0.994x, verify steps over 2-5 tokens 0.966-0.974x / 1.002-1.022x,
+//   the unchanged plain step 1.009x / 1.018x (the noise);
+//   fp32 (150 repeats, cpu-20261205-s15-prefetch-bytes-fp32; plain step 9.7 / 13.1 ms): passes of 1-8 rows
+//   0.947-0.994x / 0.962-0.994x, the plain step 0.981x / 1.002x, verify steps over 2-5 tokens 0.959-0.972x /
+//   0.977-1.005x.
+// Scratch runs: the bf16 2-row blocks alone 3 or 4 ahead at every K, 0.96x in the fast phase, 4 ahead 1.01-1.02x
+// slower in the slow one; 3 blocks of 4 rows made bf16 5-8 rows 1.02-1.03x slower; one bf16 row (kAheadOneRow) 1
+// block ahead (9.2 KB) 1.10-1.12x slower in the fast third.
+constexpr int64_t kPrefetchBytes = 9 * 1024;
 
 // The whole blocks nearest to bytes ahead, at least one.
 inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
@@ -324,8 +331,8 @@ template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   constexpr int NB = kNbAvx512, MB = kMbAvx512;
-  for_each_group<NB, MB, float, WT, group_avx512<NB, MB, WT>, group_avx512<1, MB, WT>>(x, M, K, ldx, w, N, bias, y,
-                                                                                       ldy, n_begin, n_end);
+  for_each_group<NB, MB, float, WT, group_avx512<NB, MB, WT>, group_avx512<1, MB, WT>, 0, kPrefetchBytes>(
+      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
 // ----- AVX2 + FMA: the 16 lanes are two ymm, lanes 0-7 and 8-15.
@@ -510,9 +517,9 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
   if (M == 1)
     return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
-    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytesBf16>(
+    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytes>(
         x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
-  return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, 0, false, kPrefetchBytesBf16>(x, M, K, ldx, w, N, bias, y,
+  return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, 0, false, kPrefetchBytes>(x, M, K, ldx, w, N, bias, y,
                                                                                        ldy, n_begin, n_end);
 }
 
