@@ -164,10 +164,9 @@ inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
 }
 
 // Software prefetch (NTA) of the block a few ahead of the current one (kPrefetchBlocks, or the blocks nearest to a
-// distance in bytes). The register groups of a block
-// (one per MB activation rows) each take an equal slice of it, spread over their K loop, so that requests go out
-// at an even rate whatever M. The rate is fixed-point bytes per k, set once a call: a division per chunk (or per
-// block) costs as much as a few-row chunk's arithmetic.
+// distance in bytes). The register groups of a block (one per MB activation rows) each take an equal slice of it,
+// spread over their K loop, so that requests go out at an even rate whatever M. The rate is fixed-point bytes per k,
+// set once a call: a division per chunk (or per block) costs as much as a few-row chunk's arithmetic.
 struct Prefetch {
   const char* begin = nullptr;  // nullptr: nothing to prefetch
   int64_t rate = 0;             // the slice's bytes * 2^16 / K
@@ -194,8 +193,9 @@ struct Prefetch {
 
 // The row loop every SIMD variant shares: blocks of NB rows of W, each run against the activation rows in groups
 // of at most MB (Group(mb, x, ldx, w, prefetch, K, bias, y, ldy) with 1 <= mb <= MB), the block kAhead ahead (or
-// ahead_blocks(kAheadBytes) when that is set) requested along the way; the last (n_end - n_begin) % NB rows one at a time (Single, no prefetch). Inlined
-// into each variant's rows function, so that the group functions, of the same target, inline as well.
+// ahead_blocks(kAheadBytes) when that is set) requested along the way; the last (n_end - n_begin) % NB rows one at
+// a time (Single, no prefetch). Inlined into each variant's rows function, so that the group functions, of the same
+// target, inline as well.
 template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int kAhead = kPrefetchBlocks,
           int64_t kAheadBytes = 0>
 KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
