@@ -246,24 +246,23 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
     return {**sides, "decode_tokens": outputs, "pairs": pairs}
 
 
-def paired_ratios(pairs: List[Dict[str, List[float]]], dtypes: Sequence[str]) -> Dict[str, Dict[str, float]]:
-    """--in-process: per case, the median over repeats of this / base within a repeat ("all"), and, where a plain
-    step case ran, over the third of the repeats with the fastest host ("fast") and the slowest ("slow"), the phase
-    of a repeat being the mean of both sides' plain step in it."""
+def paired_ratios(pairs: List[Dict[str, List[float]]], dtypes: Sequence[str]) -> Dict[str, Dict]:
+    """--in-process: {"per_case": {case: ratios}, "plain_ms": {phase: ms}}. A case's ratios are the median over
+    repeats of this / base within a repeat ("all"), and, where a plain step case ran, the same over the third of the
+    repeats with the fastest host ("fast") and the slowest ("slow"), the phase of a repeat being the mean of both
+    sides' plain step in it; plain_ms holds each third's median of that mean (empty without a plain step case)."""
     phase_case = next((f"{d} plain" for d in dtypes if pairs and f"{d} plain" in pairs[0]), None)
     ranked = sorted(range(len(pairs)), key=lambda i: statistics.mean(pairs[i][phase_case])) if phase_case else []
     third = len(ranked) // 3
     groups = {"all": range(len(pairs))}
     if third > 0:
         groups.update(fast=ranked[:third], slow=ranked[-third:])
-    out: Dict[str, Dict[str, float]] = {}
-    for case in (pairs[0] if pairs else {}):
-        out[case] = {name: statistics.median(pairs[i][case][1] / pairs[i][case][0] for i in idx)
-                     for name, idx in groups.items()}
-        if phase_case:
-            out[case].update({f"{name}_plain_ms": statistics.median(statistics.mean(pairs[i][phase_case]) for i in idx)
-                              for name, idx in groups.items() if name != "all"})
-    return out
+    per_case = {case: {name: statistics.median(pairs[i][case][1] / pairs[i][case][0] for i in idx)
+                       for name, idx in groups.items()}
+                for case in (pairs[0] if pairs else {})}
+    plain_ms = {name: statistics.median(statistics.mean(pairs[i][phase_case]) for i in idx)
+                for name, idx in groups.items() if name != "all"}
+    return {"per_case": per_case, "plain_ms": plain_ms}
 
 
 def token_digest(sequences) -> str:
@@ -370,18 +369,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{describe(base)['commit'][:12]}, this tree {describe(ROOT)['commit'][:12]}"
           + (" + uncommitted changes" if describe(ROOT)["uncommitted_changes"] else "") + f"; context {args.context}"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
-    phases = [p for p in ("fast", "slow") if any(p in r for r in paired.values())]
+    per_case, phases = paired["per_case"], list(paired["plain_ms"])
     print(f"{'case':<24} {'base ms':>9} {'(spread)':>17} {'this ms':>9} {'(spread)':>17} {'this/base':>9}"
-          + (f" {'paired':>8}" if paired else "") + "".join(f" {p + ' 1/3':>9}" for p in phases))
+          + (f" {'paired':>8}" if per_case else "") + "".join(f" {p + ' 1/3':>9}" for p in phases))
     for case, row in cases.items():
         spread = {s: f"({min(row[s]):.2f}-{max(row[s]):.2f})" for s in ("base", "this")}
         print(f"{case:<24} {row['base_ms']:>9.2f} {spread['base']:>17} {row['this_ms']:>9.2f} {spread['this']:>17} "
-              f"{row['this_vs_base']:>8.3f}x" + (f" {paired[case]['all']:>7.3f}x" if case in paired else "")
-              + "".join(f" {paired[case][p]:>8.3f}x" for p in phases if case in paired))
+              f"{row['this_vs_base']:>8.3f}x" + (f" {per_case[case]['all']:>7.3f}x" if case in per_case else "")
+              + "".join(f" {per_case[case][p]:>8.3f}x" for p in phases if case in per_case))
     if phases:
-        some = next(iter(paired.values()))
-        print(f"(host phases by the plain step: fast third {some['fast_plain_ms']:.2f} ms, slow third "
-              f"{some['slow_plain_ms']:.2f} ms)")
+        print(f"(host phases by the plain step: fast third {paired['plain_ms']['fast']:.2f} ms, slow third "
+              f"{paired['plain_ms']['slow']:.2f} ms)")
     kangaroo_vs_plain = {}
     for dtype in args.dtypes:  # the decode case: each side's Kangaroo over plain decoding
         plain, kangaroo = cases.get(f"{dtype} decode plain"), cases.get(f"{dtype} decode kangaroo")

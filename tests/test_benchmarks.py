@@ -432,13 +432,14 @@ def test_bench_ab_paired_ratios_split_by_the_host_phase():
     pairs = [{"bfloat16 plain": [p, p], "bfloat16 x": [10.0, r]}
              for p, r in ((4.0, 9.0), (4.1, 9.0), (4.2, 9.0), (8.0, 10.0), (8.1, 10.0), (8.2, 10.0))]
     out = bench_ab.paired_ratios(pairs, ["bfloat16"])
-    assert out["bfloat16 x"]["fast"] == pytest.approx(0.9) and out["bfloat16 x"]["slow"] == pytest.approx(1.0)
-    assert out["bfloat16 x"]["all"] == pytest.approx(0.95)
-    assert out["bfloat16 plain"]["fast_plain_ms"] == pytest.approx(4.05)  # thirds of six: two repeats each
-    assert out["bfloat16 plain"]["slow_plain_ms"] == pytest.approx(8.15)
+    x = out["per_case"]["bfloat16 x"]
+    assert x["fast"] == pytest.approx(0.9) and x["slow"] == pytest.approx(1.0)
+    assert x["all"] == pytest.approx(0.95)
+    assert out["plain_ms"]["fast"] == pytest.approx(4.05)  # thirds of six: two repeats each
+    assert out["plain_ms"]["slow"] == pytest.approx(8.15)
     no_steps = bench_ab.paired_ratios([{"bfloat16 x": [2.0, 1.0]}], ["bfloat16"])  # no plain case: no phases
-    assert no_steps == {"bfloat16 x": {"all": 0.5}}
-    assert bench_ab.paired_ratios([], ["bfloat16"]) == {}
+    assert no_steps == {"per_case": {"bfloat16 x": {"all": 0.5}}, "plain_ms": {}}
+    assert bench_ab.paired_ratios([], ["bfloat16"]) == {"per_case": {}, "plain_ms": {}}
 
 
 def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
