@@ -319,6 +319,68 @@ std::tuple<at::Tensor, at::Tensor> greedy_with_confidence(const at::Tensor& logi
   return {index, conf};
 }
 
+// ---- The screened greedy head (csrc/cpu/head_screen.cpp): x's int8 parts, then the head's rows in parallel.
+
+// x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows.
+struct ScreenRun {
+  at::Tensor x, u, stats, hi, lo;
+  kr_cpu_head_screen s{};
+};
+
+ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, const char* what) {
+  const int dtype = dtype_code(x, what, "x");
+  check_like(x, x, what, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, what, ": x must be (M, K), got ", x.sizes());
+  ScreenRun r;
+  r.x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), V = screen.empty() ? 0 : screen[0].size(0);
+  r.s = screen_of(screen, V, K, what);
+  r.u = at::empty({M, 2, r.s.kp}, x.options().dtype(at::kByte));
+  r.stats = at::empty({M, KR_CPU_SCREEN_STATS}, x.options().dtype(at::kDouble));
+  r.hi = at::empty({M, V}, x.options().dtype(at::kFloat));
+  r.lo = at::empty({M, V}, x.options().dtype(at::kFloat));
+  if (M == 0) return r;
+  const int isa = process_isa();
+  int rc = kr_cpu_screen_prepare_rows(dtype, r.x.const_data_ptr(), K, K, r.s.kp, r.u.mutable_data_ptr<uint8_t>(),
+                                      r.stats.mutable_data_ptr<double>(), 0, M);
+  TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  at::parallel_for(0, (V + 63) / 64, grain_for(64 * r.s.kp), [&](int64_t b0, int64_t b1) {
+    const int rr = kr_cpu_screen_rows(isa, r.u.const_data_ptr<uint8_t>(), r.stats.const_data_ptr<double>(), M, K,
+                                      &r.s, r.hi.mutable_data_ptr<float>(), r.lo.mutable_data_ptr<float>(), V,
+                                      b0 * 64, std::min(V, b1 * 64));
+    TORCH_CHECK(rr == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rr, ")");
+  });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen) {
+  ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_bounds");
+  return {r.hi, r.lo};
+}
+
+at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const std::vector<at::Tensor>& screen) {
+  const char* what = "kangaroo_rt._cpu.screened_argmax";
+  check_like(head, x, what, "head");
+  TORCH_CHECK_VALUE(head.dim() == 2 && head.is_contiguous() && x.dim() == 2 && head.size(1) == x.size(-1), what,
+                    ": head must be a contiguous (V, K) for x (M, K), got ", head.sizes(), " and ", x.sizes());
+  TORCH_CHECK_VALUE(!screen.empty() && screen[0].size(0) == head.size(0), what, ": the screen is not this head's");
+  ScreenRun r = run_screen(x, screen, what);
+  const int64_t M = x.size(0), K = x.size(1), V = head.size(0);
+  at::Tensor index = at::empty({M}, x.options().dtype(at::kLong));
+  const int isa = process_isa(), dtype = dtype_code(x, what, "x");
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int rc = kr_cpu_screen_argmax_row(
+          isa, dtype, static_cast<const char*>(r.x.const_data_ptr()) + m * K * x.element_size(), K,
+          head.const_data_ptr(), V, r.stats.const_data_ptr<double>() + m * KR_CPU_SCREEN_STATS,
+          r.hi.const_data_ptr<float>() + m * V, r.lo.mutable_data_ptr<float>() + m * V,
+          index.mutable_data_ptr<int64_t>() + m);
+      TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+    }
+  });
+  return index;
+}
+
 // ---- A round's commit and greedy acceptance (csrc/cpu/accept.cpp), in place on the decode state.
 
 // count-like (B,) of any integer type -> contiguous int64
@@ -426,6 +488,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>(),
         "silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16): the activation of a Llama MLP");
   kr_bind::define_decode(m);  // decoder_layers, draft_chain, target_pass, their plans, greedy_decode, linear_sweep
+  m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::call_guard<py::gil_scoped_release>(),
+        "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (hi, lo) (M, V) fp32: bounds of the "
+        "logits the head computes");
+  m.def("screened_argmax", &screened_argmax, py::arg("x"), py::arg("head"), py::arg("screen"),
+        py::call_guard<py::gil_scoped_release>(),
+        "x (M, K), head (V, K) fp32/bf16 and its screen -> (M,) int64: argmax(linear(x, head)), each row's head "
+        "logits rounded to the dtype, from the int8 screen and the few rows that can win");
   m.def("argmax", &argmax, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
         "logits (..., n) fp32/bf16 -> (...) int64: the first index of the largest value, a NaN the largest");
   m.def("greedy_with_confidence", &greedy_with_confidence, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),

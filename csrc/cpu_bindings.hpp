@@ -75,6 +75,27 @@ inline void check_rope_tables(const at::Tensor& cos, const at::Tensor& sin, cons
   }
 }
 
+// The screened head's tensors (q (V, kp) int8, scale, qsum int32, err, wnorm (V,) float32; _cpu_ext.head_screen
+// makes them) for a head of V rows of D, checked.
+inline kr_cpu_head_screen screen_of(const std::vector<at::Tensor>& t, int64_t V, int64_t D, const char* what) {
+  TORCH_CHECK_VALUE(t.size() == 5, what, ": head_screen must be (q, scale, qsum, err, wnorm), got ", t.size(),
+                    " tensors");
+  const at::ScalarType types[5] = {at::kChar, at::kFloat, at::kInt, at::kFloat, at::kFloat};
+  for (int i = 0; i < 5; ++i)
+    TORCH_CHECK_VALUE(t[i].device().is_cpu() && t[i].scalar_type() == types[i] && t[i].is_contiguous() &&
+                          t[i].dim() == (i == 0 ? 2 : 1) && t[i].size(0) == V,
+                      what, ": head_screen tensor ", i, " must be a contiguous CPU ", types[i], " with ", V,
+                      " rows, got ", t[i].scalar_type(), " ", t[i].sizes());
+  const int64_t kp = t[0].size(1);
+  TORCH_CHECK_VALUE(kp >= D && kp % 64 == 0 && kp <= 32768, what,
+                    ": head_screen's q must have a multiple of 64 in [", D, ", 32768] columns, got ", kp);
+  kr_cpu_head_screen s{};
+  s.q = t[0].const_data_ptr<int8_t>(), s.scale = t[1].const_data_ptr<float>();
+  s.qsum = t[2].const_data_ptr<int32_t>(), s.err = t[3].const_data_ptr<float>();
+  s.wnorm = t[4].const_data_ptr<float>(), s.kp = kp;
+  return s;
+}
+
 inline at::Tensor check_positions(const at::Tensor& positions, int64_t B, int64_t Q, const char* what) {
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong && positions.device().is_cpu(), what,
                    ": positions must be a CPU int64 tensor, got ", positions.scalar_type(), " on ",

@@ -335,6 +335,7 @@ struct TargetPlan {
   std::vector<kr_cpu_decoder_layer> ls;
   std::vector<at::Tensor> keep;  // what the pointers point into (biases, the state tensors, the inputs)
   at::Tensor eos_holder, accepted, committed;  // (B,) int64 each: the last run's
+  kr_cpu_head_screen screen{};                 // a.head_screen's, when given
   int64_t q_len_max = 1;
   Region region;
 
@@ -356,7 +357,7 @@ std::unique_ptr<TargetPlan> plan_target_pass(
     const std::vector<c10::optional<at::Tensor>>& weights, const std::vector<c10::optional<at::Tensor>>& qkv_bias,
     const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
     std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
-    int64_t n_kv_heads, int64_t head_dim, double eps) {
+    int64_t n_kv_heads, int64_t head_dim, double eps, const c10::optional<std::vector<at::Tensor>>& head_screen) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -422,6 +423,11 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   else
     a.exits = exits->const_data_ptr(), a.exits_stride = exits->stride(0);
   a.norm = norm.const_data_ptr(), a.head = head.const_data_ptr(), a.head_rows = head.size(0);
+  if (head_screen.has_value()) {
+    plan->screen = screen_of(*head_screen, head.size(0), D, what);
+    for (const at::Tensor& t : *head_screen) plan->keep.push_back(t);
+    a.head_screen = &plan->screen;
+  }
   a.rope_cos = rope_cos.const_data_ptr(), a.rope_sin = rope_sin.const_data_ptr();
   if (q_len > 1) {
     a.drafts = drafts->const_data_ptr<int64_t>(), a.drafts_stride = drafts->stride(0);
@@ -602,7 +608,8 @@ void define_decode(py::module_& m) {
       py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \
       py::arg("q_len"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("weights"), py::arg("qkv_bias"),            \
       py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("norm"), py::arg("norm_eps"),              \
-      py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps")
+      py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),               \
+      py::arg("head_screen").none(true)
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a round's greedy Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), "

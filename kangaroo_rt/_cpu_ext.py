@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import warnings
 from typing import Optional
 
@@ -266,6 +267,63 @@ def plan_draft_chain(*args, **kwargs):
     return load().plan_draft_chain(*_chain_args(*args, **kwargs))
 
 
+SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)
+
+
+def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
+    """fp64 -> the float32 values >= x (x >= 0), so that a bound stays a bound."""
+    f = x.float()
+    return torch.where(f.double() < x, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
+
+
+def make_head_screen(weight: torch.Tensor, rows_at_once: int = 8192) -> Optional[tuple]:
+    """The screened greedy head's tensors for a head weight (V, K) (csrc/cpu/head_screen.cpp): q (V, kp) int8 =
+    round(W / scale) with one scale per row (absmax / 127), kp = K rounded up to 64 (zeros past K), scale (V,)
+    float32, qsum (V,) int32, and the bounds err >= ||W - scale q|| and wnorm >= ||W|| per row (fp64, rounded up to
+    float32). None for a weight with a non-finite value, of another dtype or with rows longer than 32768. About
+    half the head's bytes in bf16 and a quarter in fp32, which the greedy passes read instead of it."""
+    if weight.dim() != 2 or weight.dtype not in _KERNEL_DTYPES or weight.device.type != "cpu":
+        return None
+    V, K = weight.shape
+    kp = (K + 63) // 64 * 64
+    if kp > 32768:  # (the kernel's int32 dots)
+        return None
+    q = torch.zeros(V, kp, dtype=torch.int8)
+    scale = torch.empty(V, dtype=torch.float32)
+    qsum = torch.empty(V, dtype=torch.int32)
+    err = torch.empty(V, dtype=torch.float32)
+    wnorm = torch.empty(V, dtype=torch.float32)
+    with torch.no_grad():
+        for r0 in range(0, V, rows_at_once):
+            w = weight[r0:r0 + rows_at_once].double()
+            if not bool(torch.isfinite(w).all()):
+                return None
+            s = (w.abs().amax(dim=1) / 127).float()
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            qi = torch.round(w / s.double()[:, None]).clamp_(-127, 127)
+            q[r0:r0 + rows_at_once, :K] = qi.to(torch.int8)
+            scale[r0:r0 + rows_at_once] = s
+            qsum[r0:r0 + rows_at_once] = qi.sum(dim=1).to(torch.int32)
+            up = 1 + 1e-12  # the fp64 sums' rounding
+            err[r0:r0 + rows_at_once] = _round_up_f32((w - s.double()[:, None] * qi).norm(dim=1) * up)
+            wnorm[r0:r0 + rows_at_once] = _round_up_f32(w.norm(dim=1) * up)
+    return q, scale, qsum, err, wnorm
+
+
+def head_screen(head) -> Optional[tuple]:
+    """``make_head_screen`` of an ``nn.Linear`` head's weight, made once and kept on the module while the weight is
+    the same tensor at the same version; None where the screen is off (KANGAROO_RT_HEAD_SCREEN=0) or cannot serve."""
+    if os.environ.get(SCREEN_ENV, "1") == "0":
+        return None
+    w = head.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    kept = getattr(head, "_kr_head_screen", None)
+    if kept is None or kept[0] != key:
+        kept = (key, make_head_screen(w.detach()))
+        head._kr_head_screen = kept
+    return kept[1]
+
+
 def _pass_args(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
                head_dim: int, eps: float, embed=None, chain=None) -> tuple:
     weights, qkv_bias, o_bias = stack
@@ -274,7 +332,7 @@ def _pass_args(state, rope_tables, stack, caches, norm, head, q_len: int, n_head
         exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
     return (state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new, state.eos, e_prev, embed,
             exits, drafts, n_drafts, q_len, *rope_tables, weights, qkv_bias, o_bias, *caches, norm.weight, norm.eps,
-            head.weight, n_heads, n_kv_heads, head_dim, eps)
+            head.weight, n_heads, n_kv_heads, head_dim, eps, head_screen(head))
 
 
 def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,

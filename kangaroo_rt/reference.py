@@ -193,6 +193,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def head_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K), a head weight (V, K) -> (M,) int64: the greedy token of the head's logits in x's dtype, the first
+    maximal index (what the screened head of csrc/cpu/head_screen.cpp chooses without reading the whole head)."""
+    return argmax(torch.nn.functional.linear(x, weight.to(x.dtype)))
+
+
 def greedy_with_confidence(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits: (B, V) -> (argmax token (B,) int64, its softmax probability (B,) fp32)."""
     probs = torch.softmax(logits.float(), dim=-1)

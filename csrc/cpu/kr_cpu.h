@@ -179,6 +179,45 @@ int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, 
 int kr_cpu_argmax_rows(int isa, int dtype, const void* x, int64_t ld, int64_t n, int64_t* index, float* conf,
                        int64_t m_begin, int64_t m_end);
 
+// ---- The screened greedy head (head_screen.cpp): the first index of the largest logit of y = x W^T, with y rounded
+// to the dtype as the head computes it (kr_cpu_linear_rows / _bf16 + rounding), the same index as
+// kr_cpu_argmax_rows over the whole row, while most of W is read as int8. W ~ scale[v] * q[v] (per-row int8); x is
+// split into two int8 parts, x ~ s1 * u1 + s2 * u2, so that the integer dots (exact) give an estimate of every
+// logit and a proven bound on its distance from the computed logit (Cauchy-Schwarz over the two quantization errors,
+// plus the rounding of the estimate and of the head's own fixed-order sum). Only the rows whose interval can reach
+// the largest are computed exactly, by the head's kernel on that row alone (whose bits do not depend on the rows
+// it is called with), and the choice among them is the one over the whole row. A row with a non-finite input, or
+// whose best logit is zero, takes the whole head.
+typedef struct kr_cpu_head_screen {
+  const int8_t* q;       // (V, kp): round(W / scale[v]) in [-127, 127], zero past K
+  const float* scale;    // (V,) > 0
+  const int32_t* qsum;   // (V,): sum of q[v]
+  const float* err;      // (V,) >= || W[v] - scale[v] * q[v] ||_2
+  const float* wnorm;    // (V,) >= || W[v] ||_2
+  int64_t kp;            // q's row stride: a multiple of 64, >= K, <= 32768 (the int32 dots)
+} kr_cpu_head_screen;
+
+enum { KR_CPU_SCREEN_STATS = 8 };  // doubles per row of kr_cpu_screen_prepare_rows
+
+// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 8):
+// the bounds' constants of each row (a row with a non-finite value is marked for the whole head). Tasks are rows.
+int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K, int64_t kp, uint8_t* u,
+                               double* stats, int64_t m_begin, int64_t m_end);
+
+// For rows v in [n_begin, n_end) of the head and each of the M prepared rows: hi[m * ld + v] and lo[m * ld + v],
+// bounds of the logit the head computes. isa: AVX-512 with VNNI where the CPU has it, otherwise portable (the same
+// integers, so the same bounds).
+int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
+                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end);
+
+// The most rows (batch x tokens) of a pass for which the screened head is faster than the whole head, by dtype.
+int64_t kr_cpu_screen_max_rows(int dtype);
+
+// The choice of one row m: *index over V logits from its bounds (hi, lo: V each, lo overwritten) and exact logits
+// of the rows that can win (x_row (K,) in the dtype, head (V, K) in the dtype, as the pass's head takes them).
+int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V,
+                             const double* stats, const float* hi, float* lo, int64_t* index);
+
 // ---- The commit of a round's tokens and greedy acceptance fused with it (accept.cpp): csrc/accept.cu's semantics.
 // tokens (B, n) of strides (stk0, stk1): row b commits its first min(count[b], n) tokens into out (B, out_width) of
 // row stride out_row_stride from column n_gen[b] on, up to and including the first of the n_eos ids in eos, unless
@@ -332,6 +371,7 @@ typedef struct kr_cpu_target_pass_args {
   const void* norm;   // (D,)
   const void* head;   // (head_rows, D) contiguous
   int64_t head_rows;
+  const kr_cpu_head_screen* head_screen;  // NULL: the whole head, then the argmax; else the screened head
   const void* rope_cos;  // (T, Dh) contiguous: cos and sin of positions 0..T-1; needs pos[b] + Q <= T
   const void* rope_sin;
   const int64_t* drafts;  // (B, Q - 1) of row stride drafts_stride, NULL when Q == 1

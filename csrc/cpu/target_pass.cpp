@@ -10,10 +10,12 @@ namespace {
 
 using namespace kr_cpu;
 
-constexpr int64_t kExtraPhases = 6;  // inputs, final norm, head, choice, acceptance (+ one spare)
+// inputs, final norm, head, choice, acceptance (+ one spare); the screened head: its inputs, the screen, the choice
+constexpr int64_t kExtraPhases = 6;
 
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
+  int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
 };
 
 kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
@@ -29,6 +31,11 @@ kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
   return s;
 }
 
+// Whether the pass takes the screened head (given, and this many rows are faster with it).
+bool screened(const kr_cpu_target_pass_args& a) {
+  return a.head_screen != nullptr && a.batch * a.q_len <= kr_cpu_screen_max_rows(a.dtype);
+}
+
 PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   const int64_t e = elt_size(a.dtype), M = a.batch * a.q_len, D = a.hidden_size, Dh = a.head_dim, V = a.head_rows;
   PassLayout l{};
@@ -40,12 +47,16 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.positions = take(M * 8);
   l.cos = take(M * Dh * e);
   l.sin = take(M * Dh * e);
-  l.logits = take(M * V * e);
-  l.yf = take(a.dtype == KR_CPU_FLOAT32 ? 0 : M * V * 4);
+  const bool screen = screened(a);
+  l.logits = take(screen ? 0 : M * V * e);
+  l.yf = take(a.dtype == KR_CPU_FLOAT32 && !screen ? 0 : M * V * 4);  // screened: the lower bounds
   l.idx = take(M * 8);
   l.next = take(a.batch * 8);
   l.no_drafts = take(a.batch * 8);
   l.stack = take(StackBuffers(sizes_of(stack_args(a)), a.dtype).total);
+  l.screen_u = take(screen ? M * 2 * a.head_screen->kp : 0);
+  l.screen_stats = take(screen ? M * KR_CPU_SCREEN_STATS * 8 : 0);
+  l.screen_hi = take(screen ? M * V * 4 : 0);
   l.total = take.at;
   return l;
 }
@@ -91,8 +102,25 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     return kr_cpu_rms_norm_rows(isa, a.dtype, h, D, nullptr, 0, a.norm, D, a.norm_eps, xn, nullptr, c * norm_rows,
                                 std::min(M, (c + 1) * norm_rows));
   });
-  linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
-  ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
+  if (!screened(a)) {
+    linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
+    ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
+  } else {  // the same choices from the int8 head and the few rows that can win (head_screen.cpp)
+    const kr_cpu_head_screen* sc = a.head_screen;
+    uint8_t* u = reinterpret_cast<uint8_t*>(ws + l.screen_u);
+    double* stats = reinterpret_cast<double*>(ws + l.screen_stats);
+    float* hi = reinterpret_cast<float*>(ws + l.screen_hi);
+    float* lo = reinterpret_cast<float*>(ws + l.yf);
+    ph.each(M, [&](int64_t m) { return kr_cpu_screen_prepare_rows(a.dtype, xn, D, D, sc->kp, u, stats, m, m + 1); });
+    const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
+    ph.run(ceil_div(V, 64), ceil_div(min_rows, 64), kGuide, [&](int64_t b0, int64_t b1) {
+      return kr_cpu_screen_rows(isa, u, stats, M, D, sc, hi, lo, V, b0 * 64, std::min(V, b1 * 64));
+    });
+    ph.each(M, [&](int64_t m) {
+      return kr_cpu_screen_argmax_row(isa, a.dtype, xn + m * D, D, a.head, V, stats + m * KR_CPU_SCREEN_STATS,
+                                      hi + m * V, lo + m * V, idx + m);
+    });
+  }
   ph.each(1, [&](int64_t) {  // acceptance and commit, the limits, the next round's token and exit state
     int64_t* no_drafts = reinterpret_cast<int64_t*>(ws + l.no_drafts);
     if (Q == 1) std::fill(no_drafts, no_drafts + B, int64_t{0});
@@ -141,6 +169,10 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
       a->finished == nullptr || a->max_new == nullptr || (a->eos == nullptr && a->n_eos > 0) ||
       a->accepted == nullptr || a->committed == nullptr || a->workspace == nullptr ||
       reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  const kr_cpu_head_screen* sc = a->head_screen;
+  if (sc != nullptr && (sc->q == nullptr || sc->scale == nullptr || sc->qsum == nullptr || sc->err == nullptr ||
+                        sc->wnorm == nullptr || sc->kp < a->hidden_size || sc->kp % 64 != 0 || sc->kp > 32768))
     return KR_CPU_BAD_ARGUMENT;
   for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 0 || a->pos[b] + a->q_len > a->max_len) return KR_CPU_BAD_ARGUMENT;

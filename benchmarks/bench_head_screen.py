@@ -1,0 +1,76 @@
+"""Microbenchmark of the screened greedy head (csrc/cpu/head_screen.cpp) against the whole head and its argmax, both
+from the CPU extension, and the torch reference (F.linear, then argmax), on SmolLM2's head shape (49152 x 576,
+random weights; 57 MB in bf16, 113 MB in fp32; the screen reads 28 MB of int8) for M = 1, 2, 4, 8 rows, cold cache
+(64 MB written between calls, as a decode step's layers stream through the caches between two heads). Reports each
+one's median ms, the screen's GB/s of int8 bytes and their fraction of the DRAM read bandwidth measured in the same
+run, the screened / whole-head ratio and the median count of rows computed exactly (those whose bounds can reach
+the best). The target pass takes the screen for up to kr_cpu_screen_max_rows(dtype) rows, from these ratios.
+
+    python benchmarks/bench_head_screen.py --cpu [--threads N] [--out DIR]
+"""
+import statistics
+import time
+
+import kernel_bench_utils as kb
+
+NAME = "bench_head_screen"
+
+
+def cold_ms(fn, flush, repeats: int = 15) -> float:
+    """Median ms of fn over repeats, the caches overwritten (flush.add_) before each call."""
+    times = []
+    for _ in range(repeats + 2):
+        flush.add_(1)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]) * 1e3
+
+
+def main():
+    args = kb.parse_args(__doc__)
+    kb.setup(NAME, args, cpu_only=True)
+    import torch
+
+    from kangaroo_rt import _cpu_ext, reference
+
+    cpu = _cpu_ext.load()
+    V, K = 49152, 576
+    bandwidth = kb.cpu_read_bandwidth_gbs()
+    flush = torch.ones(64 << 20, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"DRAM read bandwidth {bandwidth:.1f} GB/s (torch.sum); head {V} x {K}, cold cache")
+    print(f"{'dtype':>6} {'M':>3} {'whole ms':>9} {'torch ms':>9} {'screen ms':>10} {'screen/whole':>13} "
+          f"{'GB/s':>6} {'% bw':>5} {'exact rows':>10}")
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(V, K, generator=gen) * 0.05).to(dtype)
+        screen = list(_cpu_ext.make_head_screen(w))
+        screen_bytes = sum(t.numel() * t.element_size() for t in screen)
+        for M in (1, 2, 4, 8):
+            x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+            want = reference.head_argmax(x, w)
+            assert torch.equal(cpu.screened_argmax(x, w, screen), want), "screened_argmax differs from the head's"
+            hi, lo = cpu.screen_bounds(x, screen)
+            exact_rows = statistics.median((hi >= lo.max(dim=1, keepdim=True).values).sum(dim=1).tolist())
+            t_whole = cold_ms(lambda: cpu.argmax(cpu.linear(x, w)), flush)
+            t_torch = cold_ms(lambda: reference.head_argmax(x, w), flush)
+            t_screen = cold_ms(lambda: cpu.screened_argmax(x, w, screen), flush)
+            gbs = screen_bytes / t_screen / 1e6
+            row = {"dtype": str(dtype)[6:], "rows": M, "whole_ms": t_whole, "torch_ms": t_torch, "screen_ms": t_screen,
+                   "screen_vs_whole": t_screen / t_whole, "screen_bytes": screen_bytes, "screen_gbs": gbs,
+                   "fraction_of_read_bw": gbs / bandwidth, "exact_rows_median": exact_rows}
+            rows.append(row)
+            print(f"{row['dtype']:>6} {M:>3} {t_whole:>9.3f} {t_torch:>9.3f} {t_screen:>10.3f} "
+                  f"{row['screen_vs_whole']:>12.2f}x {gbs:>6.1f} {100 * gbs / bandwidth:>5.1f} {exact_rows:>10.0f}")
+    from kangaroo_rt.bench import device_name
+
+    kb.write_result(args.out, NAME + "-cpu", {
+        "benchmark": NAME, "kernel": "kangaroo_rt._cpu", "smoke_run": False,
+        "device": f"{device_name(torch.device('cpu'))}, {cpu.isa()} variant", "threads": args.threads,
+        "date": __import__("datetime").datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "read_bandwidth_gbs": bandwidth, "head": [V, K], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

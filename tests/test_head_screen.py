@@ -1,0 +1,124 @@
+"""The screened greedy head (csrc/cpu/head_screen.cpp): its bounds hold the logits the head computes, its choice is
+the whole head's argmax (the first index of the largest logit in the dtype) for any rows, near ties and exact ties
+included, a non-finite or all-zero input takes the whole head, and the one-call target pass chooses the same tokens
+with it and without it."""
+import pytest
+import torch
+
+from kangaroo_rt import _cpu_ext, reference
+from test_cpu_ext import DTYPES, cpu  # noqa: F401 (cpu: the extension module, a fixture)
+
+
+def _head(V, K, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, K, generator=gen) * 0.05
+    w[:, 3] *= 20  # a column of large weights, and one row far larger than the rest
+    w[V // 2] *= 8
+    return w.to(dtype)
+
+
+def _rows(M, K, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * 3
+    x[:, K // 2] = 40.0  # an outlier dimension, as real hidden states have
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V,K,M", [(1000, 576, 1), (1003, 576, 2), (517, 100, 3), (64, 64, 5), (9, 33, 8),
+                                   (2050, 130, 1)])
+def test_screened_argmax_is_the_heads_argmax(cpu, dtype, V, K, M):
+    w, x = _head(V, K, dtype), _rows(M, K, dtype)
+    screen = _cpu_ext.make_head_screen(w)
+    assert screen[0].shape == (V, (K + 63) // 64 * 64) and screen[0].dtype == torch.int8
+    want = reference.head_argmax(x, w)
+    assert torch.equal(cpu.screened_argmax(x, w, list(screen)), want)
+    assert torch.equal(cpu.argmax(cpu.linear(x, w)), want)  # (the kernel's head is the reference's here)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_bounds_hold_the_computed_and_the_exact_logits(cpu, dtype):
+    V, K = 3000, 200
+    w, x = _head(V, K, dtype, seed=3), _rows(4, K, dtype, seed=4)
+    hi, lo = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(w)))
+    exact = x.double() @ w.double().T
+    computed = cpu.linear(x, w).double() if dtype == torch.float32 else None
+    assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+    if computed is not None:
+        assert bool((lo <= computed).all()) and bool((computed <= hi).all())
+    gauss = (torch.randn(V, K, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    hi, lo = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(gauss)))
+    spread = (x.double() @ gauss.double().T).std(dim=1)
+    assert bool(((hi - lo).double().median(dim=1).values < 0.25 * spread).all())  # tight: few rows can win
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_ties_and_near_ties_choose_the_first_index(cpu, dtype):
+    V, K = 700, 96
+    w = _head(V, K, dtype, seed=5)
+    x = _rows(3, K, dtype, seed=6)
+    logits = torch.nn.functional.linear(x, w)
+    best = int(logits[0].float().argmax())
+    w = w.clone()
+    w[best + 7] = w[best]  # an exact tie after the best: the first stays
+    w[5] = w[best]  # and one before it: now the first
+    near = w[best].float().clone()
+    near[0] += 1e-3  # a near tie, which rounds to the same bf16 logit or not
+    w[2] = near.to(dtype)
+    screen = _cpu_ext.make_head_screen(w)
+    want = reference.head_argmax(x, w)
+    assert int(want[0]) in (2, 5)
+    assert torch.equal(cpu.screened_argmax(x, w, list(screen)), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_non_finite_and_zero_rows_take_the_whole_head(cpu, dtype):
+    V, K = 300, 64
+    w = _head(V, K, dtype, seed=7)
+    x = _rows(4, K, dtype, seed=8)
+    x[1, 5] = float("nan")
+    x[2, 9] = float("inf")
+    x[3] = 0  # every logit 0: index 0
+    screen = _cpu_ext.make_head_screen(w)
+    got = cpu.screened_argmax(x, w, list(screen))
+    assert torch.equal(got, reference.head_argmax(x, w))
+    assert int(got[3]) == 0
+
+
+def test_make_head_screen_bounds_and_refusals():
+    w = _head(50, 70, torch.float32, seed=9)
+    q, scale, qsum, err, wnorm = _cpu_ext.make_head_screen(w)
+    wd = w.double()
+    assert q.shape == (50, 128) and bool((q[:, 70:] == 0).all()) and bool((q.abs() <= 127).all())
+    assert torch.equal(qsum, q.sum(1, dtype=torch.int32))
+    assert bool(((wd - scale.double()[:, None] * q[:, :70].double()).norm(dim=1) <= err.double()).all())
+    assert bool((wd.norm(dim=1) <= wnorm.double()).all())
+    bad = w.clone()
+    bad[7, 3] = float("inf")
+    assert _cpu_ext.make_head_screen(bad) is None
+    assert _cpu_ext.make_head_screen(w.half()) is None
+
+
+def test_a_screen_for_another_head_is_refused(cpu):
+    w = _head(40, 64, torch.float32)
+    other = list(_cpu_ext.make_head_screen(_head(41, 64, torch.float32)))
+    with pytest.raises(ValueError, match="not this head's|rows"):
+        cpu.screened_argmax(_rows(1, 64, torch.float32), w, other)
+    with pytest.raises(ValueError, match="head_screen must be"):
+        cpu.screen_bounds(_rows(1, 64, torch.float32), other[:3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kangaroo", [False, True], ids=["plain", "kangaroo"])
+def test_one_call_passes_with_and_without_the_screen_agree(cpu, dtype, kangaroo, monkeypatch):
+    """A random model's one-call passes (plain steps of 1 row, verifications of 2-5) with the screened head (the
+    default; test_target_pass checks it against the step-by-step path) and with the whole head
+    (KANGAROO_RT_HEAD_SCREEN=0): the same tokens, states and caches."""
+    from test_target_pass import _run
+
+    runs = {}
+    for screen in ("1", "0"):
+        monkeypatch.setenv(_cpu_ext.SCREEN_ENV, screen)
+        runs[screen] = _run(True, dtype, 1, 1, 4, 0.0, False, None, 4, kangaroo)
+    for a, b in zip(runs["1"], runs["0"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
