@@ -2,6 +2,10 @@
 the whole head's argmax (the first index of the largest logit in the dtype) for any rows, near ties and exact ties
 included, a non-finite or all-zero input takes the whole head, and the one-call target pass chooses the same tokens
 with it and without it."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -37,19 +41,22 @@ def test_screened_argmax_is_the_heads_argmax(cpu, dtype, V, K, M):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_bounds_hold_the_computed_and_the_exact_logits(cpu, dtype):
+@pytest.mark.parametrize("parts", [2, 1])
+def test_bounds_hold_the_computed_and_the_exact_logits(cpu, dtype, parts):
     V, K = 3000, 200
     w, x = _head(V, K, dtype, seed=3), _rows(4, K, dtype, seed=4)
-    hi, lo = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(w)))
+    hi, lo = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(w)), parts)
     exact = x.double() @ w.double().T
     computed = cpu.linear(x, w).double() if dtype == torch.float32 else None
     assert bool((lo <= exact).all()) and bool((exact <= hi).all())
     if computed is not None:
         assert bool((lo <= computed).all()) and bool((computed <= hi).all())
     gauss = (torch.randn(V, K, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
-    hi, lo = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(gauss)))
+    hi2, lo2 = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(gauss)))
+    hi1, lo1 = cpu.screen_bounds(x, list(_cpu_ext.make_head_screen(gauss)), 1)
     spread = (x.double() @ gauss.double().T).std(dim=1)
-    assert bool(((hi - lo).double().median(dim=1).values < 0.25 * spread).all())  # tight: few rows can win
+    assert bool(((hi2 - lo2).double().median(dim=1).values < 0.25 * spread).all())  # tight: few rows can win
+    assert bool(((hi1 - lo1) > (hi2 - lo2)).all())  # one part: wider (the rows that can win are narrowed after)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -122,3 +129,29 @@ def test_one_call_passes_with_and_without_the_screen_agree(cpu, dtype, kangaroo,
         runs[screen] = _run(True, dtype, 1, 1, 4, 0.0, False, None, 4, kangaroo)
     for a, b in zip(runs["1"], runs["0"]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+_VARIANT_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from test_head_screen import _head, _rows
+from kangaroo_rt import _cpu_ext, reference
+cpu = _cpu_ext.load()
+for dtype in (torch.float32, torch.bfloat16):
+    for M in (1, 3):
+        w, x = _head(1001, 200, dtype, seed=M), _rows(M, 200, dtype, seed=M + 1)
+        assert torch.equal(cpu.screened_argmax(x, w, list(_cpu_ext.make_head_screen(w))), reference.head_argmax(x, w))
+print(cpu.isa())
+"""
+
+
+def test_every_variant_chooses_the_heads_argmax(cpu):
+    """The portable screen (the AVX2 and portable variants) and the VNNI one: the same choices."""
+    from test_cpu_ext import ROOT
+
+    for isa in cpu.supported_isas():
+        env = dict(os.environ, KANGAROO_RT_CPU_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == isa
