@@ -155,3 +155,15 @@ def test_every_variant_chooses_the_heads_argmax(cpu):
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == isa
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_a_logit_that_overflows_is_seen(cpu, dtype):
+    """Row 0's products overflow to +inf and -inf inside the head's sum (a NaN logit: the largest, for argmax)
+    while its estimate is 0; inputs of 1e19 and more take the whole head at once."""
+    w = torch.tensor([[1e22, -1e22], [1e10, 0.0], [3.0, 4.0]]).to(dtype)
+    for scale in (1e17, 1e20):
+        x = torch.tensor([[scale, scale]]).to(dtype)
+        want = cpu.argmax(cpu.linear(x, w))
+        assert dtype == torch.bfloat16 or int(want) == 0  # (fp32: +inf + -inf; bf16's pairs overflow otherwise)
+        assert torch.equal(cpu.screened_argmax(x, w, list(_cpu_ext.make_head_screen(w))), want)

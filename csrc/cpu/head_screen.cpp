@@ -35,6 +35,10 @@ static_assert(2 * kOnePart == KR_CPU_SCREEN_STATS, "two sets of stats a row");
 
 constexpr double kUnit = 1.0 / 16777216.0;  // 2^-24, fp32's unit roundoff
 constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmetic of the bounds (a few roundings)
+// A row v with ||x|| ||W_v|| above this could overflow fp32 inside the head's sum (F_v infinite or NaN, which the
+// whole head's argmax sees): its bounds are (-inf, +inf), so that it is always computed exactly.
+constexpr float kMaxNormProduct = 1.2676506e30f;  // 2^100
+constexpr double kMaxInput = 1.152921504606846976e18;  // 2^60: larger inputs take the whole head
 constexpr int kBlock = 8;  // rows of W a screening step takes
 // The software prefetch, into L1, two blocks (9 KB for SmolLM2) ahead of the first prepared row's pass: each chunk
 // of 64 weights costs one or two vpdpbusd, so few of the stream's loads fit the out-of-order window without it
@@ -58,7 +62,9 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     if (!std::isfinite(h)) return;  // kValid stays 0: the whole head
     amax = std::max(amax, std::fabs(h));
   }
-  const float s1 = amax > 0.0 ? static_cast<float>(amax / 127.0) : 1.0f;
+  if (amax > kMaxInput) return;  // (the estimates' float arithmetic could overflow): the whole head
+  // (a scale that underflows to 0 in float takes 1: u is then 0 there, and the bounds hold for any scale)
+  const float s1f = static_cast<float>(amax / 127.0), s1 = s1f > 0.0f ? s1f : 1.0f;
   double rmax = 0.0;
   for (int64_t i = 0; i < K; ++i) {
     const double h = kr_cpu::to_float(x[i]);
@@ -66,7 +72,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     u[i] = static_cast<uint8_t>(static_cast<int>(q) + 128);
     rmax = std::max(rmax, std::fabs(h - s1 * q));  // exact: s1 * q has at most 31 significant bits
   }
-  const float s2 = rmax > 0.0 ? static_cast<float>(rmax / 127.0) : 1.0f;
+  const float s2f = static_cast<float>(rmax / 127.0), s2 = s2f > 0.0f ? s2f : 1.0f;
   double dh2 = 0.0, xh2 = 0.0, x2 = 0.0, dh2_one = 0.0, xh2_one = 0.0;
   for (int64_t i = 0; i < K; ++i) {
     const double h = kr_cpu::to_float(x[i]);
@@ -82,7 +88,9 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
   const double gamma = 1.01 * n * kUnit / (1.0 - n * kUnit);
   const double up = 1.0 + 1e-12;  // the fp64 sums' own rounding, many times over
   st[kValid] = 1.0, st[kS1] = s1, st[kS2] = s2;
-  st[kCoefNorm] = (std::sqrt(dh2) + gamma * std::sqrt(x2)) * up;
+  // (a denormal x_i read as 0 by DAZ loses |x_i w_i| <= 2^-126 |w_i|, and sum |w_i| <= sqrt(K) ||W_v||)
+  const double daz = std::ldexp(std::sqrt(static_cast<double>(K)), -126);
+  st[kCoefNorm] = (std::sqrt(dh2) + gamma * std::sqrt(x2) + daz) * up;
   st[kCoefErr] = std::sqrt(xh2) * up;
   st[kCoefScale] = 16.0 * kUnit * 127.0 * 127.0 * static_cast<double>(K) * (static_cast<double>(s1) + s2);
   st[kXNorm] = std::sqrt(x2) * up;
@@ -91,7 +99,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
   double* one = st + kOnePart;
   std::copy(st, st + kOnePart, one);
   one[kS2] = 0.0;
-  one[kCoefNorm] = (std::sqrt(dh2_one) + gamma * std::sqrt(x2)) * up;
+  one[kCoefNorm] = (std::sqrt(dh2_one) + gamma * std::sqrt(x2) + daz) * up;
   one[kCoefErr] = std::sqrt(xh2_one) * up;
   one[kCoefScale] = 16.0 * kUnit * 127.0 * 127.0 * static_cast<double>(K) * static_cast<double>(s1);
 }
@@ -106,7 +114,8 @@ KR_INLINE void bounds(const kr_cpu_head_screen* s, const double* st, int64_t v, 
                    static_cast<float>(st[kCoefScale]) * s->scale[v] + static_cast<float>(st[kAbs])) *
                       kInflate +
                   std::fabs(a) * (1.0f / 1048576.0f);
-  *hi = a + r, *lo = a - r;
+  const bool wide = !(static_cast<float>(st[kXNorm]) * s->wnorm[v] <= kMaxNormProduct);
+  *hi = wide ? __builtin_inff() : a + r, *lo = wide ? -__builtin_inff() : a - r;
 }
 
 void screen_portable(const uint8_t* u, const double* stats, int64_t M, int64_t K, const kr_cpu_head_screen* s,
@@ -169,8 +178,10 @@ KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st
   r = _mm256_mul_ps(_mm256_add_ps(r, _mm256_set1_ps(static_cast<float>(st[kAbs]))), _mm256_set1_ps(kInflate));
   const __m256 abs_a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
   r = _mm256_add_ps(r, _mm256_mul_ps(abs_a, _mm256_set1_ps(1.0f / 1048576.0f)));
-  _mm256_storeu_ps(hi, _mm256_add_ps(a, r));
-  _mm256_storeu_ps(lo, _mm256_sub_ps(a, r));
+  const __m256 product = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kXNorm])), _mm256_loadu_ps(s->wnorm + v0));
+  const __m256 wide = _mm256_cmp_ps(product, _mm256_set1_ps(kMaxNormProduct), _CMP_NLE_UQ);  // (as bounds())
+  _mm256_storeu_ps(hi, _mm256_blendv_ps(_mm256_add_ps(a, r), _mm256_set1_ps(__builtin_inff()), wide));
+  _mm256_storeu_ps(lo, _mm256_blendv_ps(_mm256_sub_ps(a, r), _mm256_set1_ps(-__builtin_inff()), wide));
 }
 
 // kBlock rows of W against the M prepared rows: the rows' int8 chunks of 64 stream once from memory and are re-read

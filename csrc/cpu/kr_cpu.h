@@ -199,7 +199,7 @@ typedef struct kr_cpu_head_screen {
 
 enum { KR_CPU_SCREEN_STATS = 16 };  // doubles per row of kr_cpu_screen_prepare_rows
 
-// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 8):
+// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 16):
 // the bounds' constants of each row (a row with a non-finite value is marked for the whole head). Tasks are rows.
 int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K, int64_t kp, uint8_t* u,
                                double* stats, int64_t m_begin, int64_t m_end);
