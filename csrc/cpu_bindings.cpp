@@ -327,7 +327,7 @@ struct ScreenRun {
   kr_cpu_head_screen s{};
 };
 
-ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, int parts, const char* what) {
+ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, const char* what) {
   const int dtype = dtype_code(x, what, "x");
   check_like(x, x, what, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, what, ": x must be (M, K), got ", x.sizes());
@@ -347,16 +347,14 @@ ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen,
   at::parallel_for(0, (V + 63) / 64, grain_for(64 * r.s.kp), [&](int64_t b0, int64_t b1) {
     const int rr = kr_cpu_screen_rows(isa, r.u.const_data_ptr<uint8_t>(), r.stats.const_data_ptr<double>(), M, K,
                                       &r.s, r.hi.mutable_data_ptr<float>(), r.lo.mutable_data_ptr<float>(), V,
-                                      b0 * 64, std::min(V, b1 * 64), parts);
+                                      b0 * 64, std::min(V, b1 * 64));
     TORCH_CHECK(rr == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rr, ")");
   });
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen,
-                                                 int64_t parts) {
-  TORCH_CHECK_VALUE(parts == 1 || parts == 2, "kangaroo_rt._cpu.screen_bounds: parts must be 1 or 2, got ", parts);
-  ScreenRun r = run_screen(x, screen, static_cast<int>(parts), "kangaroo_rt._cpu.screen_bounds");
+std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen) {
+  ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_bounds");
   return {r.hi, r.lo};
 }
 
@@ -367,8 +365,7 @@ at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const st
                     ": head must be a contiguous (V, K) for x (M, K), got ", head.sizes(), " and ", x.sizes());
   TORCH_CHECK_VALUE(!screen.empty() && screen[0].size(0) == head.size(0), what, ": the screen is not this head's");
   const int dtype = dtype_code(x, what, "x");
-  const int parts = kr_cpu_screen_parts(dtype, x.size(0));
-  ScreenRun r = run_screen(x, screen, parts, what);
+  ScreenRun r = run_screen(x, screen, what);
   const int64_t M = x.size(0), K = x.size(1), V = head.size(0);
   at::Tensor index = at::empty({M}, x.options().dtype(at::kLong));
   const int isa = process_isa();
@@ -376,9 +373,8 @@ at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const st
     for (int64_t m = m0; m < m1; ++m) {
       const int rc = kr_cpu_screen_argmax_row(
           isa, dtype, static_cast<const char*>(r.x.const_data_ptr()) + m * K * x.element_size(), K,
-          head.const_data_ptr(), V, &r.s, r.u.const_data_ptr<uint8_t>() + m * 2 * r.s.kp, parts,
-          r.stats.const_data_ptr<double>() + m * KR_CPU_SCREEN_STATS, r.hi.mutable_data_ptr<float>() + m * V,
-          r.lo.mutable_data_ptr<float>() + m * V,
+          head.const_data_ptr(), V, r.stats.const_data_ptr<double>() + m * KR_CPU_SCREEN_STATS,
+          r.hi.const_data_ptr<float>() + m * V, r.lo.mutable_data_ptr<float>() + m * V,
           index.mutable_data_ptr<int64_t>() + m);
       TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
     }
@@ -493,10 +489,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>(),
         "silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16): the activation of a Llama MLP");
   kr_bind::define_decode(m);  // decoder_layers, draft_chain, target_pass, their plans, greedy_decode, linear_sweep
-  m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::arg("parts") = 2,
-        py::call_guard<py::gil_scoped_release>(),
+  m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (hi, lo) (M, V) fp32: bounds of the "
-        "logits the head computes, from both int8 parts of x (parts 2) or the first (1)");
+        "logits the head computes");
   m.def("screened_argmax", &screened_argmax, py::arg("x"), py::arg("head"), py::arg("screen"),
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K), head (V, K) fp32/bf16 and its screen -> (M,) int64: argmax(linear(x, head)), each row's head "

@@ -28,10 +28,8 @@
 
 namespace {
 
-// stats of a prepared row (KR_CPU_SCREEN_STATS doubles): the two-part set, then at kOnePart the one-part set (the
-// same fields for x ~ s1 u1 alone: s2 = 0, so that the second dot, whatever it is, adds nothing)
-enum Stat { kValid = 0, kS1, kS2, kCoefNorm, kCoefErr, kCoefScale, kXNorm, kAbs, kOnePart };
-static_assert(2 * kOnePart == KR_CPU_SCREEN_STATS, "two sets of stats a row");
+// stats of a prepared row (KR_CPU_SCREEN_STATS doubles)
+enum Stat { kValid = 0, kS1, kS2, kCoefNorm, kCoefErr, kCoefScale, kXNorm, kAbs };
 
 constexpr double kUnit = 1.0 / 16777216.0;  // 2^-24, fp32's unit roundoff
 constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmetic of the bounds (a few roundings)
@@ -40,9 +38,9 @@ constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmet
 constexpr float kMaxNormProduct = 1.2676506e30f;  // 2^100
 constexpr double kMaxInput = 1.152921504606846976e18;  // 2^60: larger inputs take the whole head
 constexpr int kBlock = 8;  // rows of W a screening step takes
-// The software prefetch, into L1, two blocks (9 KB for SmolLM2) ahead of the first prepared row's pass: each chunk
-// of 64 weights costs one or two vpdpbusd, so few of the stream's loads fit the out-of-order window without it
-// (measured: 4 and 8 bf16 rows 0.65 / 0.81x the time without it, one row 0.97x).
+// The software prefetch, into L1, two blocks (9 KB for SmolLM2) ahead of the first prepared row's pass, where
+// each 64 weights cost a load and two vpdpbusd a row: without it, both parts for every row had taken 0.66 / 0.65 /
+// 1.46 / 1.71x the whole bf16 head's time at 1 / 2 / 4 / 8 rows.
 constexpr int kAheadRows = 2 * kBlock;
 // the longest rows whose integer dots stay within int32: |sum| <= 255 * 127 * kp (kr_cpu.h's kr_cpu_head_screen)
 constexpr int64_t kMaxKp = 32768;
@@ -73,7 +71,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     rmax = std::max(rmax, std::fabs(h - s1 * q));  // exact: s1 * q has at most 31 significant bits
   }
   const float s2f = static_cast<float>(rmax / 127.0), s2 = s2f > 0.0f ? s2f : 1.0f;
-  double dh2 = 0.0, xh2 = 0.0, x2 = 0.0, dh2_one = 0.0, xh2_one = 0.0;
+  double dh2 = 0.0, xh2 = 0.0, x2 = 0.0;
   for (int64_t i = 0; i < K; ++i) {
     const double h = kr_cpu::to_float(x[i]);
     const double q1 = static_cast<double>(u[i]) - 128.0;
@@ -82,7 +80,6 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     u[kp + i] = static_cast<uint8_t>(static_cast<int>(q2) + 128);
     const double xh = s1 * q1 + s2 * q2;
     dh2 += (h - xh) * (h - xh), xh2 += xh * xh, x2 += h * h;
-    dh2_one += r * r, xh2_one += (s1 * q1) * (s1 * q1);
   }
   const double n = static_cast<double>(K) / 16.0 + 8.0;
   const double gamma = 1.01 * n * kUnit / (1.0 - n * kUnit);
@@ -96,12 +93,6 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
   st[kXNorm] = std::sqrt(x2) * up;
   // what flushing denormal products and sums to zero (DAZ + FTZ in the bf16 head) can move a logit, and more
   st[kAbs] = 1e-30 + 4.0 * (static_cast<double>(K) + 16.0) * std::ldexp(amax + 1.0, -126);
-  double* one = st + kOnePart;
-  std::copy(st, st + kOnePart, one);
-  one[kS2] = 0.0;
-  one[kCoefNorm] = (std::sqrt(dh2_one) + gamma * std::sqrt(x2) + daz) * up;
-  one[kCoefErr] = std::sqrt(xh2_one) * up;
-  one[kCoefScale] = 16.0 * kUnit * 127.0 * 127.0 * static_cast<double>(K) * static_cast<double>(s1);
 }
 
 // hi/lo of rows v of the block from their integer dots d1, d2 (row m's parts).
@@ -207,35 +198,6 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
   }
 }
 
-// One part of x (stats: the one-part set): kBlock rows of W against two prepared rows at a time, 16 accumulators,
-// one vpdpbusd per 64 weights and row, half the two-part screen's. An odd last row is run twice, stored once.
-KR_TARGET_VNNI void screen_one_part_vnni(const uint8_t* u, const double* stats, int64_t M,
-                                         const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t v0) {
-  const int64_t kp = s->kp;
-  const int8_t* q = s->q + v0 * kp;
-  for (int64_t m = 0; m < M; m += 2) {
-    const int64_t mb = std::min(m + 1, M - 1);
-    const uint8_t* ua = u + m * 2 * kp;
-    const uint8_t* ub = u + mb * 2 * kp;
-    __m512i acc[2 * kBlock];  // row m's d1 of the kBlock rows of W, then row mb's
-    for (int j = 0; j < 2 * kBlock; ++j) acc[j] = _mm512_setzero_si512();
-    for (int64_t c = 0; c < kp; c += 64) {
-      const __m512i x = _mm512_loadu_si512(ua + c), y = _mm512_loadu_si512(ub + c);
-      for (int j = 0; j < kBlock; ++j) {
-        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRows + j) * kp + c), _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(q + j * kp + c);
-        acc[j] = _mm512_dpbusd_epi32(acc[j], x, w);
-        acc[kBlock + j] = _mm512_dpbusd_epi32(acc[kBlock + j], y, w);
-      }
-    }
-    const __m512i d = hsum16(acc);  // (the upper half goes in as d2, which s2 = 0 zeroes)
-    bounds8(s, stats + m * KR_CPU_SCREEN_STATS, v0, d, hi + m * ld + v0, lo + m * ld + v0);
-    if (mb != m)
-      bounds8(s, stats + mb * KR_CPU_SCREEN_STATS, v0, _mm512_shuffle_i64x2(d, d, _MM_SHUFFLE(1, 0, 3, 2)),
-              hi + mb * ld + v0, lo + mb * ld + v0);
-  }
-}
-
 // One row of W (a call's last, fewer than kBlock).
 KR_TARGET_VNNI void screen_row_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
                                     float* hi, float* lo, int64_t ld, int64_t v) {
@@ -255,12 +217,9 @@ KR_TARGET_VNNI void screen_row_vnni(const uint8_t* u, const double* stats, int64
 }
 
 KR_TARGET_VNNI void screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
-                                float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end, int parts) {
+                                float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
   int64_t v = n_begin;
-  if (parts == 1)
-    for (; v + kBlock <= n_end; v += kBlock) screen_one_part_vnni(u, stats, M, s, hi, lo, ld, v);
-  else
-    for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v);
+  for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v);
   for (; v < n_end; ++v) screen_row_vnni(u, stats, M, s, hi, lo, ld, v);
 }
 #endif
@@ -312,30 +271,6 @@ void for_each_at_least(int isa, const float* x, int64_t n, float t, F&& f) {
     if (x[i] >= t) f(i);
 }
 
-// Row v's two integer dots (u1 and u2 of a prepared row against q_v, with the +128 offset's sum, as the kernels
-// give them).
-#if KR_CPU_X86
-KR_TARGET_VNNI void row_dots_vnni(const uint8_t* u, const int8_t* q, int64_t kp, int32_t* d1, int32_t* d2) {
-  __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512();
-  for (int64_t c = 0; c < kp; c += 64) {
-    const __m512i w = _mm512_loadu_si512(q + c);
-    a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(u + c), w);
-    a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(u + kp + c), w);
-  }
-  *d1 = _mm512_reduce_add_epi32(a1), *d2 = _mm512_reduce_add_epi32(a2);
-}
-#endif
-
-void row_dots(int isa, const uint8_t* u, const int8_t* q, int64_t kp, int32_t* d1, int32_t* d2) {
-#if KR_CPU_X86
-  if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni()) return row_dots_vnni(u, q, kp, d1, d2);
-#endif
-  (void)isa;
-  int32_t a = 0, b = 0;
-  for (int64_t i = 0; i < kp; ++i) a += u[i] * q[i], b += u[kp + i] * q[i];
-  *d1 = a, *d2 = b;
-}
-
 // The logit of row v of the head for x_row, as the pass computes it (the head's kernel, then rounded to the
 // dtype), into *out.
 int exact_logit(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V, int64_t v,
@@ -357,19 +292,13 @@ int exact_logit(int isa, int dtype, const void* x_row, int64_t K, const void* he
 }  // namespace
 
 // Measured against the whole head and its argmax (benchmarks/bench_head_screen.py: SmolLM2's head shape, 2 threads,
-// caches flushed between calls; the AMD EPYC, 2026-12-05, cpu-20261205-s16-head-screen): with one part of x from 2
-// rows on and the software prefetch, bf16 1 / 2 / 4 / 8 rows 0.63 / 0.63 / 0.45 / 0.86x the time, fp32 0.25 / 0.25
-// / 0.32 / 0.41x. Both parts for every row had made 4 and 8 bf16 rows 1.46-1.71x slower than the whole head: two
-// vpdpbusd per 64 weights and row, where the head's vdpbf16ps does 32 multiply-adds at twice vpdpbusd's rate; one
-// part for one row gained nothing (its stream, not its arithmetic, bounds it).
+// caches flushed between calls; the AMD EPYC, 2026-12-05, cpu-20261205-s16-head-screen): bf16 1 / 2 / 4 / 8 rows
+// 0.59 / 0.60 / 0.69 / 0.85x the time, fp32 0.30 / 0.36 / 0.48 / 0.31x. Tried: the first part of x alone from two
+// rows on (half the vpdpbusd; faster on random rows), but on SmolLM2's real hidden states its bounds leave a median
+// of 107 and a 90th percentile of 6451 rows that can win, and Kangaroo's decoding took 1.074x the time.
 extern "C" int64_t kr_cpu_screen_max_rows(int dtype) {
   (void)dtype;
   return 8;
-}
-
-extern "C" int kr_cpu_screen_parts(int dtype, int64_t M) {
-  (void)dtype;
-  return M <= 1 ? 2 : 1;
 }
 
 extern "C" int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K, int64_t kp, uint8_t* u,
@@ -388,30 +317,26 @@ extern "C" int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx,
 
 extern "C" int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
                                   const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin,
-                                  int64_t n_end, int parts) {
+                                  int64_t n_end) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (u == nullptr || stats == nullptr || s == nullptr || s->q == nullptr || s->scale == nullptr ||
       s->qsum == nullptr || s->err == nullptr || s->wnorm == nullptr || hi == nullptr || lo == nullptr || M < 0 ||
-      K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 || n_end < n_begin || ld < n_end ||
-      (parts != 1 && parts != 2))
+      K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 || n_end < n_begin || ld < n_end)
     return KR_CPU_BAD_ARGUMENT;
-  const double* set = stats + (parts == 1 ? kOnePart : 0);
 #if KR_CPU_X86
   if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni()) {
-    screen_vnni(u, set, M, s, hi, lo, ld, n_begin, n_end, parts);
+    screen_vnni(u, stats, M, s, hi, lo, ld, n_begin, n_end);
     return KR_CPU_OK;
   }
 #endif
-  screen_portable(u, set, M, K, s, hi, lo, ld, n_begin, n_end);
+  screen_portable(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
   return KR_CPU_OK;
 }
 
 extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head,
-                                        int64_t V, const kr_cpu_head_screen* s, const uint8_t* u_row, int parts,
-                                        const double* stats, float* hi, float* lo, int64_t* index) {
+                                        int64_t V, const double* stats, const float* hi, float* lo, int64_t* index) {
   if (x_row == nullptr || head == nullptr || stats == nullptr || hi == nullptr || lo == nullptr ||
-      index == nullptr || K <= 0 || V <= 0 || V >= (int64_t{1} << 31) || (parts != 1 && parts != 2) ||
-      (parts == 1 && (s == nullptr || u_row == nullptr)))
+      index == nullptr || K <= 0 || V <= 0 || V >= (int64_t{1} << 31))
     return KR_CPU_BAD_ARGUMENT;
   float* ex = lo;  // the exact logits, over the lower bounds once their max is taken
   auto whole_head = [&]() -> int {
@@ -422,20 +347,8 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
     return kr_cpu_argmax_rows(isa, KR_CPU_FLOAT32, ex, V, V, index, nullptr, 0, 1);
   };
   if (stats[kValid] != 1.0) return whole_head();
-  float floor = max_of(isa, lo, V);  // the largest logit is at least this
+  const float floor = max_of(isa, lo, V);  // the largest logit is at least this
   if (!std::isfinite(floor)) return whole_head();
-  if (parts == 1) {  // the rows that can reach floor take the two-part bounds too (both hold: their intersection)
-    float raised = floor;
-    for_each_at_least(isa, hi, V, floor, [&](int64_t v) {
-      int32_t d1, d2;
-      row_dots(isa, u_row, s->q + v * s->kp, s->kp, &d1, &d2);
-      float h2, l2;
-      bounds(s, stats, v, d1, d2, &h2, &l2);
-      hi[v] = std::min(hi[v], h2), lo[v] = std::max(lo[v], l2);
-      raised = std::max(raised, lo[v]);
-    });
-    floor = raised;
-  }
   // the rows that can reach floor, computed exactly; their best, rounded as the pass rounds, is the row's best
   float best = -__builtin_inff();
   int rc = KR_CPU_OK;

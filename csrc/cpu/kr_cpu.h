@@ -197,34 +197,26 @@ typedef struct kr_cpu_head_screen {
   int64_t kp;            // q's row stride: a multiple of 64, >= K, <= 32768 (the int32 dots)
 } kr_cpu_head_screen;
 
-enum { KR_CPU_SCREEN_STATS = 16 };  // doubles per row of kr_cpu_screen_prepare_rows
+enum { KR_CPU_SCREEN_STATS = 8 };  // doubles per row of kr_cpu_screen_prepare_rows
 
-// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 16):
+// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 8):
 // the bounds' constants of each row (a row with a non-finite value is marked for the whole head). Tasks are rows.
 int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K, int64_t kp, uint8_t* u,
                                double* stats, int64_t m_begin, int64_t m_end);
 
 // For rows v in [n_begin, n_end) of the head and each of the M prepared rows: hi[m * ld + v] and lo[m * ld + v],
-// bounds of the logit the head computes, from both int8 parts of x (parts 2) or the first alone (parts 1: half the
-// arithmetic, wider bounds, which kr_cpu_screen_argmax_row narrows for the rows that can win). isa: AVX-512 with
-// VNNI where the CPU has it, otherwise portable (the same integers, so the same bounds).
+// bounds of the logit the head computes. isa: AVX-512 with VNNI where the CPU has it, otherwise portable (the same
+// integers, so the same bounds).
 int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
-                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end,
-                       int parts);
-
-// How many parts of x the screen of a pass of M rows takes (1 or 2).
-int kr_cpu_screen_parts(int dtype, int64_t M);
+                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end);
 
 // The most rows (batch x tokens) of a pass for which the screened head is faster than the whole head, by dtype.
 int64_t kr_cpu_screen_max_rows(int dtype);
 
-// The choice of one row m: *index over V logits from its bounds (hi, lo: V each, both overwritten) and exact
-// logits of the rows that can win (x_row (K,) in the dtype, head (V, K) in the dtype, as the pass's head takes
-// them). parts: of kr_cpu_screen_rows's bounds; with 1, s and the row's u_row (2, kp) give the rows that can win
-// their two-part bounds first.
+// The choice of one row m: *index over V logits from its bounds (hi, lo: V each, lo overwritten) and exact logits
+// of the rows that can win (x_row (K,) in the dtype, head (V, K) in the dtype, as the pass's head takes them).
 int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V,
-                             const kr_cpu_head_screen* s, const uint8_t* u_row, int parts, const double* stats,
-                             float* hi, float* lo, int64_t* index);
+                             const double* stats, const float* hi, float* lo, int64_t* index);
 
 // ---- The commit of a round's tokens and greedy acceptance fused with it (accept.cpp): csrc/accept.cu's semantics.
 // tokens (B, n) of strides (stk0, stk1): row b commits its first min(count[b], n) tokens into out (B, out_width) of

@@ -113,13 +113,12 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     float* lo = reinterpret_cast<float*>(ws + l.yf);
     ph.each(M, [&](int64_t m) { return kr_cpu_screen_prepare_rows(a.dtype, xn, D, D, sc->kp, u, stats, m, m + 1); });
     const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
-    const int parts = kr_cpu_screen_parts(a.dtype, M);
     ph.run(ceil_div(V, 64), ceil_div(min_rows, 64), kGuide, [&](int64_t b0, int64_t b1) {
-      return kr_cpu_screen_rows(isa, u, stats, M, D, sc, hi, lo, V, b0 * 64, std::min(V, b1 * 64), parts);
+      return kr_cpu_screen_rows(isa, u, stats, M, D, sc, hi, lo, V, b0 * 64, std::min(V, b1 * 64));
     });
     ph.each(M, [&](int64_t m) {
-      return kr_cpu_screen_argmax_row(isa, a.dtype, xn + m * D, D, a.head, V, sc, u + m * 2 * sc->kp, parts,
-                                      stats + m * KR_CPU_SCREEN_STATS, hi + m * V, lo + m * V, idx + m);
+      return kr_cpu_screen_argmax_row(isa, a.dtype, xn + m * D, D, a.head, V, stats + m * KR_CPU_SCREEN_STATS,
+                                      hi + m * V, lo + m * V, idx + m);
     });
   }
   ph.each(1, [&](int64_t) {  // acceptance and commit, the limits, the next round's token and exit state
