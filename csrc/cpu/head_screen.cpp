@@ -198,29 +198,12 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
   }
 }
 
-// One row of W (a call's last, fewer than kBlock).
-KR_TARGET_VNNI void screen_row_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
-                                    float* hi, float* lo, int64_t ld, int64_t v) {
-  const int64_t kp = s->kp;
-  const int8_t* q = s->q + v * kp;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* u1 = u + m * 2 * kp;
-    __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512();
-    for (int64_t c = 0; c < kp; c += 64) {
-      const __m512i w = _mm512_loadu_si512(q + c);
-      a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(u1 + c), w);
-      a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(u1 + kp + c), w);
-    }
-    bounds(s, stats + m * KR_CPU_SCREEN_STATS, v, _mm512_reduce_add_epi32(a1), _mm512_reduce_add_epi32(a2),
-           hi + m * ld + v, lo + m * ld + v);
-  }
-}
-
-KR_TARGET_VNNI void screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
-                                float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
+// Whole blocks of rows here; the last few rows (fewer than kBlock) by the portable loop: the same integers.
+KR_TARGET_VNNI int64_t screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
+                                   float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
   int64_t v = n_begin;
   for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v);
-  for (; v < n_end; ++v) screen_row_vnni(u, stats, M, s, hi, lo, ld, v);
+  return v;
 }
 #endif
 
@@ -271,20 +254,19 @@ void for_each_at_least(int isa, const float* x, int64_t n, float t, F&& f) {
     if (x[i] >= t) f(i);
 }
 
-// The logit of row v of the head for x_row, as the pass computes it (the head's kernel, then rounded to the
-// dtype), into *out.
-int exact_logit(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V, int64_t v,
-                float* scratch_row) {
-  int rc;
-  if (dtype == KR_CPU_FLOAT32) {
-    rc = kr_cpu_linear_rows_isa(isa, static_cast<const float*>(x_row), 1, K, K, head, KR_CPU_FLOAT32, V, nullptr,
-                                scratch_row, V, v, v + 1);
-  } else {
-    rc = kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(x_row), 1, K, K,
-                                 static_cast<const uint16_t*>(head), V, nullptr, scratch_row, V, v, v + 1);
+// The logits of rows [v0, v1) of the head for x_row, as the pass computes them (the head's kernel, then rounded to
+// the dtype), into out[v0..v1) (out: V floats).
+int exact_logits(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V, int64_t v0,
+                 int64_t v1, float* out) {
+  if (dtype == KR_CPU_FLOAT32)
+    return kr_cpu_linear_rows_isa(isa, static_cast<const float*>(x_row), 1, K, K, head, KR_CPU_FLOAT32, V, nullptr,
+                                  out, V, v0, v1);
+  int rc = kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(x_row), 1, K, K,
+                                   static_cast<const uint16_t*>(head), V, nullptr, out, V, v0, v1);
+  for (int64_t v = v0; rc == KR_CPU_OK && v < v1; ++v) {
     uint16_t bits = 0;
-    if (rc == KR_CPU_OK) rc = kr_cpu_round_bf16(isa, scratch_row + v, &bits, 1);
-    scratch_row[v] = kr_cpu::bf16_bits_to_float(bits);
+    rc = kr_cpu_round_bf16(isa, out + v, &bits, 1);
+    out[v] = kr_cpu::bf16_bits_to_float(bits);
   }
   return rc;
 }
@@ -324,10 +306,7 @@ extern "C" int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats
       K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 || n_end < n_begin || ld < n_end)
     return KR_CPU_BAD_ARGUMENT;
 #if KR_CPU_X86
-  if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni()) {
-    screen_vnni(u, stats, M, s, hi, lo, ld, n_begin, n_end);
-    return KR_CPU_OK;
-  }
+  if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni()) n_begin = screen_vnni(u, stats, M, s, hi, lo, ld, n_begin, n_end);
 #endif
   screen_portable(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
   return KR_CPU_OK;
@@ -340,11 +319,8 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
     return KR_CPU_BAD_ARGUMENT;
   float* ex = lo;  // the exact logits, over the lower bounds once their max is taken
   auto whole_head = [&]() -> int {
-    for (int64_t v = 0; v < V; ++v) {
-      const int rc = exact_logit(isa, dtype, x_row, K, head, V, v, ex);
-      if (rc != KR_CPU_OK) return rc;
-    }
-    return kr_cpu_argmax_rows(isa, KR_CPU_FLOAT32, ex, V, V, index, nullptr, 0, 1);
+    const int rc = exact_logits(isa, dtype, x_row, K, head, V, 0, V, ex);
+    return rc != KR_CPU_OK ? rc : kr_cpu_argmax_rows(isa, KR_CPU_FLOAT32, ex, V, V, index, nullptr, 0, 1);
   };
   if (stats[kValid] != 1.0) return whole_head();
   const float floor = max_of(isa, lo, V);  // the largest logit is at least this
@@ -353,7 +329,7 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
   float best = -__builtin_inff();
   int rc = KR_CPU_OK;
   for_each_at_least(isa, hi, V, floor, [&](int64_t v) {
-    if (rc == KR_CPU_OK) rc = exact_logit(isa, dtype, x_row, K, head, V, v, ex);
+    if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, V, v, v + 1, ex);
     best = std::max(best, rc == KR_CPU_OK && std::isfinite(ex[v]) ? ex[v] : __builtin_inff());
   });
   if (rc != KR_CPU_OK) return rc;
@@ -365,7 +341,7 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
   bool finite = true;
   for_each_at_least(isa, hi, V, boundary, [&](int64_t v) {
     if (!(hi[v] >= floor)) {  // not computed above
-      if (rc == KR_CPU_OK) rc = exact_logit(isa, dtype, x_row, K, head, V, v, ex);
+      if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, V, v, v + 1, ex);
       finite = finite && std::isfinite(ex[v]);
     }
     if (ex[v] > top) top = ex[v], at = v;
