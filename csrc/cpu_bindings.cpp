@@ -319,6 +319,65 @@ std::tuple<at::Tensor, at::Tensor> greedy_with_confidence(const at::Tensor& logi
   return {index, conf};
 }
 
+// ---- Sampling (csrc/cpu/sampling.cpp): rows in parallel.
+
+// logits (..., n) fp32/bf16 -> (probs (..., n) fp32, left (...) bool: the rows the kernel left to the caller, those
+// with a NaN or +inf score or only -inf ones, whose probs are undefined).
+std::tuple<at::Tensor, at::Tensor> process_logits(const at::Tensor& logits, double temperature, int64_t top_k,
+                                                  double top_p) {
+  const char* what = "kangaroo_rt._cpu.process_logits";
+  const int dtype = dtype_code(logits, what, "logits");
+  check_like(logits, logits, what, "logits");
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) > 0 && logits.size(-1) < INT32_MAX, what,
+                    ": logits must be (..., n) with 0 < n < 2^31, got ", logits.sizes());
+  TORCH_CHECK_VALUE(!std::isnan(temperature) && !std::isnan(top_p), what, ": temperature and top_p must not be NaN");
+  const int64_t n = logits.size(-1);
+  const std::pair<at::Tensor, int64_t> rows = as_rows(logits, n);
+  at::Tensor probs = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  const int64_t M = rows.first.size(0);
+  at::Tensor status = at::zeros({M}, logits.options().dtype(at::kInt));
+  if (M > 0) {
+    const int isa = process_isa();
+    const float divisor = static_cast<float>(std::max(temperature, 1e-6));  // the reference's max(T, 1e-6)
+    const float p = top_p >= 1.0 ? 1.0f : static_cast<float>(top_p);
+    const void* x = rows.first.const_data_ptr();
+    float* pp = probs.mutable_data_ptr<float>();
+    int32_t* sp = status.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, M, grain_for(16 * n), [&](int64_t m0, int64_t m1) {
+      const int rc = kr_cpu_process_logits_rows(isa, dtype, x, rows.second, n, divisor, top_k, p, pp, n, sp, m0, m1);
+      TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+    });
+  }
+  return {probs, status.ne(0).reshape(logits.sizes().slice(0, logits.dim() - 1))};
+}
+
+// probs (B, n) fp32, u (B,) float64 in [0, 1) -> tokens (B,) int64, -1 on rows that are not distributions.
+at::Tensor sample(const at::Tensor& probs, const at::Tensor& u) {
+  const char* what = "kangaroo_rt._cpu.sample";
+  TORCH_CHECK_TYPE(probs.scalar_type() == at::kFloat && probs.device().is_cpu() && probs.layout() == at::kStrided,
+                   what, ": probs must be a dense float32 CPU tensor, got ", probs.scalar_type(), " on ",
+                   probs.device());
+  TORCH_CHECK_VALUE(probs.dim() == 2 && probs.size(1) > 0, what, ": probs must be (B, n) with n > 0, got ",
+                    probs.sizes());
+  TORCH_CHECK_VALUE(u.scalar_type() == at::kDouble && u.device().is_cpu() && u.dim() == 1 &&
+                        u.size(0) == probs.size(0),
+                    what, ": u must be a (", probs.size(0), ",) float64 CPU tensor, got ", u.scalar_type(), " ",
+                    u.sizes());
+  const int64_t n = probs.size(1);
+  const std::pair<at::Tensor, int64_t> rows = as_rows(probs, n);
+  const at::Tensor uc = u.contiguous();
+  const int64_t B = probs.size(0);
+  at::Tensor tokens = at::empty({B}, probs.options().dtype(at::kLong));
+  const float* pp = rows.first.const_data_ptr<float>();
+  const double* up = uc.const_data_ptr<double>();
+  int64_t* tp = tokens.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, B, grain_for(2 * n), [&](int64_t m0, int64_t m1) {
+    const int rc = kr_cpu_sample_rows(pp, rows.second, n, up, tp, m0, m1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+  return tokens;
+}
+
 // ---- The screened greedy head (csrc/cpu/head_screen.cpp): x's int8 parts, then the head's rows in parallel.
 
 // x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows.
@@ -500,6 +559,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "logits (..., n) fp32/bf16 -> (...) int64: the first index of the largest value, a NaN the largest");
   m.def("greedy_with_confidence", &greedy_with_confidence, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
         "logits (..., n) fp32/bf16 -> (argmax (...) int64, its softmax probability (...) fp32)");
+  m.def("process_logits", &process_logits, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"), py::call_guard<py::gil_scoped_release>(),
+        "logits (..., n) fp32/bf16 -> (probs (..., n) fp32 after temperature / top-k (0: none) / top-p (1: none), "
+        "left (...) bool: rows with a NaN or +inf score or only -inf ones, whose probs the caller must compute)");
+  m.def("sample", &sample, py::arg("probs"), py::arg("u"), py::call_guard<py::gil_scoped_release>(),
+        "probs (B, n) fp32, u (B,) float64 in [0, 1) -> (B,) int64: the first index where the running sum passes "
+        "u * the row's sum (a draw, as torch.multinomial's); -1 on a row that is not a distribution");
   m.def("commit_tokens", &commit_tokens, py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("tokens"),
         py::arg("count"), py::arg("eos") = py::none(),
         "commit (B, n) tokens into out at n_gen, up to an EOS, in place; -> committed (B,)");

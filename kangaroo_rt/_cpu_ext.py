@@ -188,6 +188,45 @@ def greedy_with_confidence(logits: torch.Tensor):
     return load().greedy_with_confidence(logits)
 
 
+def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float]) -> torch.Tensor:
+    """See :func:`kangaroo_rt.reference.process_logits` (csrc/cpu/sampling.cpp): the same kept tokens, found among
+    the scores near the largest instead of by a sort of the whole row (tokens tied at the top-p cut: the lower indices
+    first, where torch's unstable sort keeps any of them), and their probabilities within a few ulp of torch's
+    softmax. Rows with a NaN or +inf score, or only -inf ones, are torch's."""
+    vocab = logits.shape[-1] if logits.dim() else 0
+    if not (_logits_ok(logits) and temperature == temperature and (top_k is None or 0 < top_k)
+            and (top_p is None or top_p == top_p)):
+        return reference.process_logits(logits, temperature, top_k, top_p)
+    k = 0 if top_k is None or top_k >= vocab else int(top_k)
+    p = 1.0 if top_p is None or top_p >= 1.0 else float(top_p)
+    probs, left = load().process_logits(logits, float(temperature), k, p)
+    if bool(left.any()):
+        probs[left] = reference.process_logits(logits[left], temperature, top_k, top_p)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """See :func:`kangaroo_rt.reference.sample` (csrc/cpu/sampling.cpp): a draw from each row, as
+    ``torch.multinomial`` makes it, from one float64 uniform per row of ``generator`` (so a seed gives other tokens
+    than torch's draw does, from the same distribution). Rows that are not distributions get torch's error."""
+    if not (probs.dtype == torch.float32 and probs.is_cpu and probs.layout == torch.strided and probs.dim() == 2
+            and probs.shape[1] > 0 and (generator is None or generator.device.type == "cpu")):
+        return reference.sample(probs, generator)
+    u = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator)
+    tokens = load().sample(probs, u)
+    if bool((tokens < 0).any()):
+        return reference.sample(probs, generator)  # torch.multinomial's error for that row
+    return tokens
+
+
+def accept_sampling(drafts, n_drafts, target_probs, draft_probs, uniforms, generator=None):
+    """See :func:`kangaroo_rt.reference.accept_sampling`: its acceptance, then the draw of :func:`sample`."""
+    accepted = reference.accept_sampling_counts(drafts, n_drafts, target_probs, draft_probs, uniforms)
+    dist = reference.after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs)
+    return accepted, sample(dist, generator)
+
+
 def _round_state_ok(tokens: torch.Tensor, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor,
                     counts: torch.Tensor, eos: Optional[torch.Tensor], *more: torch.Tensor) -> bool:
     """The decode state the commit kernels index by raw pointer: int64 tokens (B, n) and out (>= B, W) of unit
@@ -226,7 +265,7 @@ def accept_greedy_commit(drafts: torch.Tensor, n_drafts: torch.Tensor, target_to
 
 
 OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul", "argmax",
-       "greedy_with_confidence", "commit_tokens", "accept_greedy_commit")
+       "greedy_with_confidence", "process_logits", "sample", "accept_sampling", "commit_tokens", "accept_greedy_commit")
 
 
 def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,

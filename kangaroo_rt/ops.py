@@ -325,8 +325,8 @@ def backend_table(device: torch.device | str = "cpu") -> Dict[str, str]:
 
 _ALL = ("cpu", "cuda", "mps", "xpu", "meta")
 _TORCH_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul",
-              "process_logits", "argmax", "greedy_with_confidence", "accept_greedy", "accept_sampling", "commit_tokens",
-              "accept_greedy_commit")
+              "process_logits", "sample", "argmax", "greedy_with_confidence", "accept_greedy", "accept_sampling",
+              "commit_tokens", "accept_greedy_commit")
 for _name in _TORCH_OPS:
     register(_name, "torch", getattr(reference, _name), _ALL)
 
@@ -393,6 +393,12 @@ def attention(q, k_cache, v_cache, positions, kv_len=None) -> torch.Tensor:
 def process_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
     """(..., V) logits -> (..., V) fp32 probabilities after temperature / top-k / top-p."""
     return _serve("process_logits", logits.device, logits)(logits, temperature, top_k, top_p)
+
+
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row drawn from probs (B, V) fp32 -> (B,) int64, as ``torch.multinomial(probs, 1)`` draws it (on
+    CPU with the extension: one pass per row, from one float64 uniform per row of ``generator``)."""
+    return resolve("sample", probs.device)[1](probs, generator)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,19 @@ def sample_after_acceptance(accepted: torch.Tensor, n_drafts: torch.Tensor, targ
                             draft_probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The token after the accepted run (B,): from normalize(max(p_j - q_j, 0)) at a rejection j,
     from p_k after a fully accepted chain. accepted, n_drafts: (B,); probs as in :func:`accept_sampling`."""
+    return sample(after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs), generator)
+
+
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row drawn from probs (B, V) (non-negative, any positive sum) -> (B,) int64:
+    ``torch.multinomial(probs, 1)``."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def after_acceptance_distribution(accepted: torch.Tensor, n_drafts: torch.Tensor, target_probs: torch.Tensor,
+                                  draft_probs: torch.Tensor) -> torch.Tensor:
+    """The distribution (B, V) :func:`sample_after_acceptance` draws from: normalize(max(p_j - q_j, 0)) at a
+    rejection j, p_k after a fully accepted chain."""
     batch = accepted.shape[0]
     vocab = target_probs.shape[-1]
     p_next = target_probs.gather(1, accepted[:, None, None].expand(batch, 1, vocab)).squeeze(1)
@@ -267,8 +280,7 @@ def sample_after_acceptance(accepted: torch.Tensor, n_drafts: torch.Tensor, targ
     norm = residual.sum(-1, keepdim=True)
     # A rejection implies p != q, so the residual has mass; guard against fp round-off anyway.
     residual = torch.where(norm > 0, residual / norm.clamp(min=1e-30), p_next)
-    dist = torch.where(rejected[:, None], residual, p_next)
-    return torch.multinomial(dist, 1, generator=generator).squeeze(1)
+    return torch.where(rejected[:, None], residual, p_next)
 
 
 def commit_tokens(out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor,

@@ -141,14 +141,14 @@ class BatchSampling:
         """logits (B, V) -> tokens (B,)."""
         if self.greedy:
             return greedy_tokens(logits)
-        return torch.multinomial(_probs(self.sampling, logits), 1, generator=self.gen).squeeze(1)
+        return ops.sample(_probs(self.sampling, logits), self.gen)
 
     def draft(self, logits: torch.Tensor, active: torch.Tensor):
         """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
         if self.greedy:
             return (*ops.greedy_with_confidence(logits), None)
         q = _probs(self.sampling, logits)
-        return torch.multinomial(q, 1, generator=self.gen).squeeze(1), q.max(dim=-1).values, q
+        return ops.sample(q, self.gen), q.max(dim=-1).values, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +182,7 @@ class RowSampling:
         tokens = greedy_tokens(logits)
         for r in self.sampled:
             sampling, gen = self.rows[r]
-            tokens[r] = torch.multinomial(_probs(sampling, logits[r:r + 1]), 1, generator=gen)[0, 0]
+            tokens[r] = ops.sample(_probs(sampling, logits[r:r + 1]), gen)[0]
         return tokens
 
     def draft(self, logits: torch.Tensor, active: torch.Tensor):
@@ -195,7 +195,7 @@ class RowSampling:
         for r in (r for r in self.sampled if on[r]):
             sampling, gen = self.rows[r]
             q[r] = _probs(sampling, logits[r:r + 1])[0]
-            token[r] = torch.multinomial(q[r:r + 1], 1, generator=gen)[0, 0]
+            token[r] = ops.sample(q[r:r + 1], gen)[0]
             conf[r] = q[r].max()
         return token, conf, q
 

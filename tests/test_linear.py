@@ -398,7 +398,7 @@ def test_backend_table(cpu, monkeypatch):
     monkeypatch.setenv("KANGAROO_RT_BACKEND", "cpu")
     table = ops.backend_table("cpu")
     assert {op for op, backend in table.items() if backend == "cpu"} == set(_cpu_ext.OPS)
-    assert table["accept_sampling"] == "torch"  # an op the CPU extension lacks: forced cpu falls back
+    assert table["accept_greedy"] == "torch"  # an op the CPU extension lacks: forced cpu falls back
 
 
 CHILD = r"""

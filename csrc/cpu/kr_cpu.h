@@ -179,6 +179,25 @@ int kr_cpu_silu_mul_rows(int isa, int dtype, const void* gate, int64_t ld_gate, 
 int kr_cpu_argmax_rows(int isa, int dtype, const void* x, int64_t ld, int64_t n, int64_t* index, float* conf,
                        int64_t m_begin, int64_t m_end);
 
+// ---- Sampling (sampling.cpp).
+// probs[m] = the probabilities of kangaroo_rt.reference.process_logits for row m of logits (M, n), row stride ld,
+// fp32 or bf16 bits: scores = logits / divisor (divisor = max(temperature, 1e-6), > 0), then top-k (top_k in
+// (0, n): the scores below the k-th largest removed; otherwise none), then top-p (top_p < 1: a token stays while the
+// mass of the tokens ranked above it, by descending score and then index, is below top_p; the first always stays),
+// then exp(s - max) / sum over the kept tokens, 0 elsewhere. probs: (M, n) fp32, row stride ldp. status[m] = 0, or
+// 1 when the row has a NaN or +inf score or only -inf ones (probs[m] then undefined: the caller computes it).
+// Tasks are rows, [m_begin, m_end). n in [1, 2^31).
+int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits, int64_t ld, int64_t n, float divisor,
+                               int64_t top_k, float top_p, float* probs, int64_t ldp, int32_t* status, int64_t m_begin,
+                               int64_t m_end);
+
+// tokens[m] = the first index j of row m of probs (M, n) (row stride ld, fp32, non-negative) at which the running sum
+// of probs[m, 0..j] passes u[m] * (the row's sum), u[m] in [0, 1): a draw from the row's distribution, as
+// torch.multinomial(probs, 1) makes one. Sums in double, in chunks of 64. tokens[m] = -1 where the row is not a
+// distribution (a negative, NaN or infinite value, a sum of 0) or u[m] is outside [0, 1). Tasks are rows.
+int kr_cpu_sample_rows(const float* probs, int64_t ld, int64_t n, const double* u, int64_t* tokens, int64_t m_begin,
+                       int64_t m_end);
+
 // ---- The screened greedy head (head_screen.cpp): the first index of the largest logit of y = x W^T, with y rounded
 // to the dtype as the head computes it (kr_cpu_linear_rows / _bf16 + rounding), the same index as
 // kr_cpu_argmax_rows over the whole row, while most of W is read as int8. W ~ scale[v] * q[v] (per-row int8); x is
