@@ -13,7 +13,6 @@ decodes N held-out Spec-Bench prompts with SmolLM2 in bf16, greedy, 256 new toke
 on and off (KANGAROO_RT_HEAD_SCREEN) alternating call by call in this one process, so that both sides see the same
 phases of a shared host: ms per token each way, their ratio, and whether the tokens are the same.
 """
-import json
 import os
 import statistics
 import time
@@ -80,61 +79,18 @@ def main():
         "read_bandwidth_gbs": bandwidth, "head": [V, K], "rows": rows, "decode": decode})
 
 
-def decode_ab(n_prompts: int, new_tokens: int = 256, repeats: int = 3):
+def decode_ab(n_prompts: int):
     """SmolLM2 bf16 greedy decoding of n_prompts held-out prompts, plain and Kangaroo, the screen on and off in
-    turns: {method: {on_ms, off_ms (per token, medians over repeats of the prompt set), on_vs_off, same_tokens}}."""
-    if n_prompts <= 0:
-        return None
-    import torch
-
-    import kangaroo_rt
+    turns (kernel_bench_utils.decode_ab)."""
     from kangaroo_rt import _cpu_ext
-    from kangaroo_rt.models import load_tokenizer
 
-    model = kangaroo_rt.load_default(dtype=torch.bfloat16, name="smollm2")
-    tok = load_tokenizer("smollm2")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spec_bench", "question.jsonl")
-    with open(path) as f:
-        questions = [json.loads(line) for line in f][::10][:n_prompts]
-    prompts = []
-    for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
-                                      return_tensors="pt")
-        prompts.append(ids if torch.is_tensor(ids) else ids["input_ids"])
-    methods = (("plain", {"kangaroo": None}), ("kangaroo", {}))
-    times = {(m, sc): [] for m, _ in methods for sc in ("1", "0")}
-    tokens = {}
-    for r in range(repeats + 1):  # the first: warm-up (the screen is made there), not timed
-        for method, kw in methods:  # methods and settings in turns, so that each repeat sees one phase of the host
-            for screen in ("1", "0"):
-                os.environ[_cpu_ext.SCREEN_ENV] = screen
-                n, outs, t0 = 0, [], time.perf_counter()
-                for ids in prompts:
-                    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kw)
-                    outs.append(out[0, ids.shape[1]:].tolist())
-                    n += out.shape[1] - ids.shape[1]
-                if r > 0:
-                    times[(method, screen)].append((time.perf_counter() - t0) / n * 1e3)
-                tokens[(method, screen)] = outs
-    os.environ.pop(_cpu_ext.SCREEN_ENV, None)
+    def switch(on: bool) -> None:
+        os.environ[_cpu_ext.SCREEN_ENV] = "1" if on else "0"
 
-    def paired(a, b):  # median over repeats of a / b
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-    result = {}
-    for method, _ in methods:
-        on, off = (method, "1"), (method, "0")
-        result[method] = {"on_ms": statistics.median(times[on]), "off_ms": statistics.median(times[off]),
-                          "on_vs_off": paired(on, off), "same_tokens": tokens[on] == tokens[off],
-                          "on_ms_repeats": times[on], "off_ms_repeats": times[off]}
-        print(f"decode {method}: {result[method]['on_ms']:.3f} ms/token with the screen, {result[method]['off_ms']:.3f} "
-              f"without: {result[method]['on_vs_off']:.3f}x (paired), tokens "
-              f"{'the same' if result[method]['same_tokens'] else 'DIFFERENT'}")
-    result["kangaroo_over_plain"] = {"on": paired(("plain", "1"), ("kangaroo", "1")),
-                                     "off": paired(("plain", "0"), ("kangaroo", "0"))}
-    print(f"decode: Kangaroo over plain {result['kangaroo_over_plain']['on']:.3f}x with the screen, "
-          f"{result['kangaroo_over_plain']['off']:.3f}x without (paired by repeat)")
-    return result
+    try:
+        return kb.decode_ab(n_prompts, switch, "the screen", {"do_sample": False})
+    finally:
+        os.environ.pop(_cpu_ext.SCREEN_ENV, None)
 
 
 if __name__ == "__main__":

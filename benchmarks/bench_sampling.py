@@ -1,7 +1,22 @@
-"""Microbenchmark of kernels/sampling.py (greedy argmax + top-1 probability) vs the torch reference.
+"""Microbenchmark of the sampling kernels against the torch reference.
+
+On a GPU (or --interpret): kernels/sampling.py, greedy argmax with its top-1 probability. With --cpu: the CPU
+extension's sampling (csrc/cpu/sampling.cpp) over SmolLM2's 49152 logits, for a plain step's 1 row and a verify
+pass's 3 and 7: process_logits with temperature 0.7 and top-p 0.9 (torch: a sort of the whole row), with top-k 50
+and top-p 0.9 (torch: topk, then the sort), temperature alone (torch: softmax), and the draw of one token per row
+(torch.multinomial). GB/s counts the logits read and the probabilities written (a draw: the probabilities read), all
+in cache, against the DRAM read bandwidth: the fraction says how far the kernel is from a pure stream.
+
+With --cpu and KANGAROO_RT_SAMPLING_DECODE=N (N prompts; `kangaroo-rt fetch smollm2` first) it also decodes N
+held-out Spec-Bench prompts with SmolLM2 in bf16, sampling (temperature 0.7, top-p 0.9), 256 new tokens, plain and
+Kangaroo, with these kernels and with torch's sampling (the reference's process_logits, torch.multinomial) in turns
+in this one process: ms per token each way and their ratio.
 
     python benchmarks/bench_sampling.py [--out DIR] [--interpret]
+    KANGAROO_RT_SAMPLING_DECODE=3 python benchmarks/bench_sampling.py --cpu [--threads N] [--out DIR]
 """
+import os
+
 import kernel_bench_utils as kb
 
 NAME = "bench_sampling"
@@ -14,9 +29,76 @@ def _check(mod, logits):
         raise AssertionError("the kernel's argmax differs from the reference")
 
 
+def _cpu_cases(device, smoke):
+    import torch
+
+    from kangaroo_rt import _cpu_ext, reference
+
+    _cpu_ext.load()
+    vocab = 97 if smoke else 49152
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype)[6:]
+        for rows in (1, 3, 7):
+            logits = (3 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+            traffic = logits.numel() * (logits.element_size() + 4)
+            for label, args in (("T0.7 p0.9", (0.7, None, 0.9)), ("T0.7 k50 p0.9", (0.7, 50, 0.9)),
+                                ("T0.7", (0.7, None, None))):
+                cases.append({
+                    "case": f"process_logits {label} {rows}x{vocab} {name}", "bytes": traffic,
+                    "check": lambda x=logits, a=args: _check_probs(_cpu_ext.process_logits(x, *a),
+                                                                   reference.process_logits(x, *a)),
+                    "cpu": lambda x=logits, a=args: _cpu_ext.process_logits(x, *a),
+                    "torch": lambda x=logits, a=args: reference.process_logits(x, *a),
+                })
+        if dtype == torch.float32:
+            for rows in (1, 7):
+                probs = reference.process_logits((3 * torch.randn(rows, vocab, generator=gen)), 1.0, None, None)
+                cases.append({"case": f"sample {rows}x{vocab}", "bytes": probs.numel() * 4,
+                              "cpu": lambda p=probs: _cpu_ext.sample(p, gen),
+                              "torch": lambda p=probs: reference.sample(p, gen)})
+    return cases
+
+
+SAMPLING_OPS = ("process_logits", "sample", "accept_sampling")
+
+
+def _decode_ab(n_prompts):
+    """Sampled decoding with the CPU extension's sampling ops and with torch's (the reference's, registered as the
+    cpu backend for the off turns), in turns (kernel_bench_utils.decode_ab)."""
+    from kangaroo_rt import _cpu_ext, ops, reference
+
+    def switch(on: bool) -> None:
+        for op in SAMPLING_OPS:
+            ops.register(op, "cpu", ops.LazyExtensionOp(op, _cpu_ext) if on else getattr(reference, op), ("cpu",))
+
+    try:
+        return kb.decode_ab(n_prompts, switch, "the sampling kernels",
+                            {"do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    finally:
+        switch(True)
+
+
+def _check_probs(got, want):
+    """Ties in bf16 scores may sit at the top-p cut, where torch's unstable sort keeps any of them: compare the
+    number of kept tokens and the probabilities where both keep a token."""
+    import torch
+
+    if not torch.equal((got > 0).sum(-1), (want > 0).sum(-1)):
+        raise AssertionError("the kernel keeps another number of tokens than the reference")
+    both = (got > 0) & (want > 0)
+    torch.testing.assert_close(got[both], want[both], atol=1e-6, rtol=1e-4)
+
+
 def main():
     args = kb.parse_args(__doc__)
     device, smoke = kb.setup(NAME, args)
+    if args.cpu:
+        n_prompts = int(os.environ.get("KANGAROO_RT_SAMPLING_DECODE", "0"))
+        kb.run_cases(NAME, _cpu_cases(device, smoke), args, device, smoke,
+                     extra=lambda: {"decode": _decode_ab(n_prompts)})
+        return
     import torch
 
     from kangaroo_rt import ops, reference

@@ -137,10 +137,11 @@ def cpu_read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float
     return buf.numel() * 4 / best / 1e9
 
 
-def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool) -> List[Dict]:
+def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool,
+              extra: Optional[Callable[[], Dict]] = None) -> List[Dict]:
     """cases: dicts with "case" (str), "bytes" (int, minimum traffic), the kernel's callable ("triton", or "cpu"
     with --cpu) and "torch", and optionally "check" (callable raising on a wrong result). Prints a table, writes
-    JSON."""
+    JSON, with the entries extra() returns (run after the table) added."""
     import torch
 
     on_cpu = getattr(args, "cpu", False)
@@ -182,6 +183,77 @@ def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, sm
         **({"read_bandwidth_gbs": bandwidth} if on_cpu else
            {"triton": __import__("triton").__version__, "copy_bandwidth_gbs": bandwidth}),
         "rows": rows,
+        **(extra() if extra is not None else {}),
     }
     write_result(args.out, name + ("-cpu" if on_cpu else ("-smoke" if smoke else "")), result)
     return rows
+
+
+def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generate_kwargs: Dict,
+              new_tokens: int = 256, repeats: int = 3) -> Optional[Dict]:
+    """Decoding A/B of a runtime switch in one process: SmolLM2 in bf16 (fetched: ``kangaroo-rt fetch smollm2``) on
+    n_prompts held-out Spec-Bench prompts (every tenth, chat template), new_tokens each with generate_kwargs, plain
+    and Kangaroo, ``switch(True)`` and ``switch(False)`` in turns within each repeat, so that both sides see the same
+    phases of a shared host; the first round warms up and is not timed. -> {method: {on_ms, off_ms (ms per token,
+    medians over repeats), on_vs_off (the median of the paired ratios), same_tokens, mean_accepted (Kangaroo's mean
+    tokens per round), ...}, "kangaroo_over_plain": {on, off}}, or None for n_prompts <= 0. Prints a line per result;
+    ``what`` names the switch in them."""
+    if n_prompts <= 0:
+        return None
+    import statistics
+    import time
+
+    import torch
+
+    import kangaroo_rt
+    from kangaroo_rt.models import load_tokenizer
+
+    model = kangaroo_rt.load_default(dtype=torch.bfloat16, name="smollm2")
+    tok = load_tokenizer("smollm2")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spec_bench", "question.jsonl")
+    with open(path) as f:
+        questions = [json.loads(line) for line in f][::10][:n_prompts]
+    prompts = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        prompts.append(ids if torch.is_tensor(ids) else ids["input_ids"])
+    methods = (("plain", {"kangaroo": None}), ("kangaroo", {}))
+    times = {(m, on): [] for m, _ in methods for on in (True, False)}
+    tokens, accepted = {}, {}
+    for r in range(repeats + 1):
+        for method, kw in methods:  # methods and settings in turns, so that each repeat sees one phase of the host
+            for on in (True, False):
+                switch(on)
+                n, outs, rounds, t0 = 0, [], 0, time.perf_counter()
+                for i, ids in enumerate(prompts):
+                    out = model.generate(ids, max_new_tokens=new_tokens, seed=i, return_dict_in_generate=True,
+                                         **generate_kwargs, **kw)
+                    outs.append(out.sequences[0, ids.shape[1]:].tolist())
+                    n += out.sequences.shape[1] - ids.shape[1]
+                    rounds += sum(out.rounds)
+                if r > 0:
+                    times[(method, on)].append((time.perf_counter() - t0) / n * 1e3)
+                tokens[(method, on)] = outs
+                accepted[(method, on)] = n / max(1, rounds)
+
+    def paired(a, b):  # median over repeats of a / b
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    result = {}
+    for method, _ in methods:
+        on, off = (method, True), (method, False)
+        result[method] = {"on_ms": statistics.median(times[on]), "off_ms": statistics.median(times[off]),
+                          "on_vs_off": paired(on, off), "same_tokens": tokens[on] == tokens[off],
+                          "on_ms_repeats": times[on], "off_ms_repeats": times[off]}
+        if method == "kangaroo":
+            result[method].update(mean_accepted_on=accepted[on], mean_accepted_off=accepted[off])
+        print(f"decode {method}: {result[method]['on_ms']:.3f} ms/token with {what}, {result[method]['off_ms']:.3f} "
+              f"without: {result[method]['on_vs_off']:.3f}x (paired), tokens "
+              f"{'the same' if result[method]['same_tokens'] else 'not the same'}")
+    result["kangaroo_over_plain"] = {"on": paired(("plain", True), ("kangaroo", True)),
+                                     "off": paired(("plain", False), ("kangaroo", False))}
+    print(f"decode: Kangaroo over plain {result['kangaroo_over_plain']['on']:.3f}x with {what}, "
+          f"{result['kangaroo_over_plain']['off']:.3f}x without (paired by repeat); Kangaroo's tokens per round "
+          f"{accepted[('kangaroo', True)]:.2f} / {accepted[('kangaroo', False)]:.2f}")
+    return result

@@ -371,8 +371,9 @@ at::Tensor sample(const at::Tensor& probs, const at::Tensor& u) {
   const float* pp = rows.first.const_data_ptr<float>();
   const double* up = uc.const_data_ptr<double>();
   int64_t* tp = tokens.mutable_data_ptr<int64_t>();
+  const int isa = process_isa();
   at::parallel_for(0, B, grain_for(2 * n), [&](int64_t m0, int64_t m1) {
-    const int rc = kr_cpu_sample_rows(pp, rows.second, n, up, tp, m0, m1);
+    const int rc = kr_cpu_sample_rows(isa, pp, rows.second, n, up, tp, m0, m1);
     TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
   });
   return tokens;

@@ -132,6 +132,8 @@ template <typename T>
 void attend_portable(const kr_cpu_attention_args& a, int64_t t0, int64_t t1) { attend_tasks<T>(a, t0, t1); }
 
 #if KR_CPU_X86
+using kr_cpu::exp16;
+
 template <typename T>
 KR_TARGET_AVX2 void attend_avx2(const kr_cpu_attention_args& a, int64_t t0, int64_t t1) { attend_tasks<T>(a, t0, t1); }
 
@@ -173,25 +175,6 @@ KR_TARGET_AVX512 inline __m512 tree16x16(const __m512* v) {
                                  _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
   const __m512i where = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(where, s);
-}
-
-// kr_cpu::exp_nonpositive on 16 lanes, operation for operation.
-KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // a NaN x stays NaN, as in the scalar select
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.42860682030941723e-06f)));
-  __m512 p = _mm512_set1_ps(1.98412698412698413e-04f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.38888888888888889e-03f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.33333333333333333e-03f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.16666666666666667e-02f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.66666666666666667e-01f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
 // The queries of a tile and their 16 score lanes against a key (to be summed by tree16x16). fp32: q widened (qf,

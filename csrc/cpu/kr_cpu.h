@@ -195,8 +195,8 @@ int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits, int64_t l
 // of probs[m, 0..j] passes u[m] * (the row's sum), u[m] in [0, 1): a draw from the row's distribution, as
 // torch.multinomial(probs, 1) makes one. Sums in double, in chunks of 64. tokens[m] = -1 where the row is not a
 // distribution (a negative, NaN or infinite value, a sum of 0) or u[m] is outside [0, 1). Tasks are rows.
-int kr_cpu_sample_rows(const float* probs, int64_t ld, int64_t n, const double* u, int64_t* tokens, int64_t m_begin,
-                       int64_t m_end);
+int kr_cpu_sample_rows(int isa, const float* probs, int64_t ld, int64_t n, const double* u, int64_t* tokens,
+                       int64_t m_begin, int64_t m_end);
 
 // ---- The screened greedy head (head_screen.cpp): the first index of the largest logit of y = x W^T, with y rounded
 // to the dtype as the head computes it (kr_cpu_linear_rows / _bf16 + rounding), the same index as

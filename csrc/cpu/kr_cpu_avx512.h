@@ -1,5 +1,5 @@
 // AVX-512 pieces shared by the CPU kernels of csrc/cpu/ (internal: not part of the C ABI of kr_cpu.h): the
-// intrinsics header, and the bf16 pairs that AVX512-BF16's vdpbf16ps multiplies, with their emulation.
+// intrinsics header, the bf16 pairs that AVX512-BF16's vdpbf16ps multiplies, with their emulation, and the fixed exp.
 #pragma once
 
 #include "kr_cpu_common.h"
@@ -33,6 +33,25 @@ KR_TARGET_AVX512_BF16 inline __m512 dp_pairs(__m512 acc, __m512i a, __m512i b) {
     acc = _mm512_fmadd_ps(bf16_odd(a), bf16_odd(b), acc);
     return _mm512_fmadd_ps(bf16_even(a), bf16_even(b), acc);
   }
+}
+
+// kr_cpu::exp_nonpositive on 16 lanes, operation for operation.
+KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // a NaN x stays NaN, as in the scalar select
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.42860682030941723e-06f)));
+  __m512 p = _mm512_set1_ps(1.98412698412698413e-04f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.38888888888888889e-03f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.33333333333333333e-03f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.16666666666666667e-02f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.66666666666666667e-01f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
 }  // namespace kr_cpu

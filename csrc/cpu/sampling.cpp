@@ -22,11 +22,13 @@
 // get exactly 0. A row with a NaN or +inf score (torch's softmax is NaN there) or only -inf scores is left to the
 // caller (status 1): the wrappers compute it with torch, which gives its NaNs or its error.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <utility>
 #include <vector>
 
 #include "kr_cpu.h"
+#include "kr_cpu_avx512.h"
 #include "kr_cpu_common.h"
 
 namespace {
@@ -34,80 +36,178 @@ namespace {
 using kr_cpu::kLanes;
 
 constexpr float kNegInf = -__builtin_inff();
+constexpr float kPosInf = __builtin_inff();
+constexpr int64_t kChunk = 64;  // elements per partial sum of a draw
 
-// s[i] = x[i] / divisor for i < n -> the largest s; *bad when an s is NaN or +inf.
-template <typename T>
-KR_INLINE float scale_max(const T* x, int64_t n, float divisor, float* s, bool* bad) {
-  float best[kLanes];
-  int32_t flag[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) best[l] = kNegInf;
-  const int64_t full = n - n % kLanes;
-  for (int64_t k = 0; k < full; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = kr_cpu::to_float(x[k + l]) / divisor;
-      s[k + l] = v;
-      best[l] = v > best[l] ? v : best[l];
-      flag[l] |= (v != v || v == __builtin_inff()) ? 1 : 0;
+// The passes over a row, in plain C++ (the portable and AVX2 variants) and with AVX-512 intrinsics: the same
+// operations lane for lane, so the same bits. Lanes: element k of a row is lane k % 16 (a draw's sums: k % 8).
+struct PlainLoops {
+  // s[i] = x[i] / divisor for i < n -> the largest s; *bad when an s is NaN or +inf.
+  template <typename T>
+  static KR_INLINE float scale_max(const T* x, int64_t n, float divisor, float* s, bool* bad) {
+    float best = kNegInf;
+    bool flag = false;
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = kr_cpu::to_float(x[k]) / divisor;
+      s[k] = v;
+      best = v > best ? v : best;
+      flag = flag || v != v || v == kPosInf;
     }
-  for (int64_t k = full; k < n; ++k) {
-    const float v = kr_cpu::to_float(x[k]) / divisor;
-    s[k] = v;
-    best[0] = v > best[0] ? v : best[0];
-    flag[0] |= (v != v || v == __builtin_inff()) ? 1 : 0;
+    *bad = flag;
+    return best;
   }
-  float m = kNegInf;
-  int32_t any = 0;
-  for (int l = 0; l < kLanes; ++l) m = best[l] > m ? best[l] : m, any |= flag[l];
-  *bad = any != 0;
-  return m;
-}
 
-// e[i] = exp(s[i] - m) for the scores at or above floor (not -inf), else 0 -> their sum, in double (16 lanes, then
-// in order).
-KR_INLINE double exp_sum(const float* s, int64_t n, float m, float floor, float* e) {
-  double acc[kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t k = 0; k < full; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = s[k + l];
+  // e[i] = exp(s[i] - m) for the scores at or above floor (not -inf), else 0 -> their sum: per lane in double, then
+  // the lanes in order.
+  static KR_INLINE double exp_sum(const float* s, int64_t n, float m, float floor, float* e) {
+    double acc[kLanes] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = s[k];
       const float t = (v >= floor && v > kNegInf) ? kr_cpu::exp_nonpositive(v - m) : 0.0f;
-      e[k + l] = t;
-      acc[l] += static_cast<double>(t);
+      e[k] = t;
+      acc[k % kLanes] += static_cast<double>(t);
     }
-  for (int64_t k = full; k < n; ++k) {
-    const float v = s[k];
-    const float t = (v >= floor && v > kNegInf) ? kr_cpu::exp_nonpositive(v - m) : 0.0f;
-    e[k] = t;
-    acc[0] += static_cast<double>(t);
+    double total = 0.0;
+    for (int l = 0; l < kLanes; ++l) total += acc[l];
+    return total;
   }
-  double total = 0.0;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
 
-// The indices i < n with s[i] >= floor, in increasing order, into idx -> their count.
-KR_INLINE int64_t collect(const float* s, int64_t n, float floor, int32_t* idx) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    idx[c] = static_cast<int32_t>(i);
-    c += s[i] >= floor ? 1 : 0;
+  // The indices i < n with s[i] >= floor, in increasing order, into idx -> their count.
+  static KR_INLINE int64_t collect(const float* s, int64_t n, float floor, int32_t* idx) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      idx[c] = static_cast<int32_t>(i);
+      c += s[i] >= floor ? 1 : 0;
+    }
+    return c;
   }
-  return c;
-}
 
-// p[i] = e[i] / total (in double, rounded once) where i ranks at or above the cut (score > cut_score, or == cut_score
-// at an index <= cut_index), else 0. No cut (cut_index < 0): every e[i] / total.
-KR_INLINE void normalize(const float* s, float* p, int64_t n, double total, float cut_score, int64_t cut_index) {
-  const double inv = 1.0 / total;  // (e / total within an ulp of double: far below fp32's rounding)
-  if (cut_index < 0) {
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<double>(p[i]) * inv);
-    return;
+  // p[i] = e[i] * (1 / total) in double, rounded once, where i ranks at or above the cut (score > cut_score, or
+  // == cut_score at an index <= cut_index), else 0.
+  static KR_INLINE void normalize(const float* s, float* p, int64_t n, double inv, float cut_score, int64_t cut_index) {
+    for (int64_t i = 0; i < n; ++i) {
+      const bool kept = s[i] > cut_score || (s[i] == cut_score && i <= cut_index);
+      p[i] = kept ? static_cast<float>(static_cast<double>(p[i]) * inv) : 0.0f;
+    }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const bool kept = s[i] > cut_score || (s[i] == cut_score && i <= cut_index);
-    p[i] = kept ? static_cast<float>(static_cast<double>(p[i]) * inv) : 0.0f;
+
+  // The sum of p[0..len), len <= kChunk, in double (8 lanes, a fixed tree); *bad when a value is negative, NaN or
+  // +inf.
+  static KR_INLINE double chunk_sum(const float* p, int64_t len, bool* bad) {
+    double acc[8] = {};
+    bool flag = false;
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = p[k];
+      acc[k % 8] += static_cast<double>(v);
+      flag = flag || !(v >= 0.0f && v < kPosInf);
+    }
+    *bad = *bad || flag;
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
   }
-}
+};
+
+#if KR_CPU_X86
+struct Avx512Loops {
+  static KR_TARGET_AVX512 inline __m512 load16(const float* x, __mmask16 live) { return _mm512_maskz_loadu_ps(live, x); }
+  static KR_TARGET_AVX512 inline __m512 load16(const uint16_t* x, __mmask16 live) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static KR_TARGET_AVX512 inline __mmask16 live_of(int64_t k, int64_t n) {
+    return n - k >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1u);
+  }
+
+  template <typename T>
+  static KR_TARGET_AVX512 inline float scale_max(const T* x, int64_t n, float divisor, float* s, bool* bad) {
+    const __m512 d = _mm512_set1_ps(divisor), inf = _mm512_set1_ps(kPosInf);
+    __m512 best = _mm512_set1_ps(kNegInf);
+    __mmask16 flag = 0;
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const __mmask16 live = live_of(k, n);
+      const __m512 v = _mm512_div_ps(load16(x + k, live), d);
+      _mm512_mask_storeu_ps(s + k, live, v);
+      best = _mm512_mask_max_ps(best, live, v, best);
+      flag |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(live, v, inf, _CMP_EQ_OQ);
+    }
+    *bad = flag != 0;
+    return _mm512_reduce_max_ps(best);
+  }
+
+  static KR_TARGET_AVX512 inline double exp_sum(const float* s, int64_t n, float m, float floor, float* e) {
+    const __m512 mv = _mm512_set1_ps(m), fv = _mm512_set1_ps(floor), ninf = _mm512_set1_ps(kNegInf);
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const __mmask16 live = live_of(k, n);
+      const __m512 v = _mm512_maskz_loadu_ps(live, s + k);
+      const __mmask16 on = live & _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, ninf, _CMP_GT_OQ);
+      const __m512 t = _mm512_maskz_mov_ps(on, kr_cpu::exp16(_mm512_sub_ps(v, mv)));
+      _mm512_mask_storeu_ps(e + k, live, t);
+      lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(t)));
+      hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1))));
+    }
+    double acc[kLanes];
+    _mm512_storeu_pd(acc, lo);
+    _mm512_storeu_pd(acc + 8, hi);
+    double total = 0.0;
+    for (int l = 0; l < kLanes; ++l) total += acc[l];
+    return total;
+  }
+
+  static KR_TARGET_AVX512 inline int64_t collect(const float* s, int64_t n, float floor, int32_t* idx) {
+    const __m512 fv = _mm512_set1_ps(floor);
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(kLanes);
+    int64_t c = 0;
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const __mmask16 live = live_of(k, n);
+      const __mmask16 in = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, s + k), fv, _CMP_GE_OQ);
+      _mm512_mask_compressstoreu_epi32(idx + c, in, at);
+      c += __builtin_popcount(static_cast<unsigned>(in));
+      at = _mm512_add_epi32(at, step);
+    }
+    return c;
+  }
+
+  static KR_TARGET_AVX512 inline void normalize(const float* s, float* p, int64_t n, double inv, float cut_score,
+                                                int64_t cut_index) {
+    const __m512 cv = _mm512_set1_ps(cut_score);
+    const __m512d iv = _mm512_set1_pd(inv);
+    const __m512i ci = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(cut_index, INT32_MAX)));
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(kLanes);
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const __mmask16 live = live_of(k, n);
+      const __m512 v = _mm512_maskz_loadu_ps(live, s + k);
+      const __mmask16 kept = _mm512_cmp_ps_mask(v, cv, _CMP_GT_OQ) |
+                             (_mm512_cmp_ps_mask(v, cv, _CMP_EQ_OQ) & _mm512_cmple_epi32_mask(at, ci));
+      const __m512 e = _mm512_maskz_loadu_ps(live, p + k);
+      const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)), iv));
+      const __m256 hi = _mm512_cvtpd_ps(
+          _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))), iv));
+      const __m512 q = _mm512_castpd_ps(
+          _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+      _mm512_mask_storeu_ps(p + k, live, _mm512_maskz_mov_ps(kept, q));
+      at = _mm512_add_epi32(at, step);
+    }
+  }
+
+  static KR_TARGET_AVX512 inline double chunk_sum(const float* p, int64_t len, bool* bad) {
+    __m512d acc = _mm512_setzero_pd();
+    const __m256 zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(kPosInf);
+    __mmask8 flag = 0;
+    for (int64_t k = 0; k < len; k += 8) {
+      const __mmask8 live = len - k >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (len - k)) - 1u);
+      const __m256 v = _mm256_maskz_loadu_ps(live, p + k);
+      acc = _mm512_add_pd(acc, _mm512_cvtps_pd(v));
+      flag |= live & ~(_mm256_cmp_ps_mask(v, zero, _CMP_GE_OQ) & _mm256_cmp_ps_mask(v, inf, _CMP_LT_OQ));
+    }
+    *bad = *bad || flag != 0;
+    double a[8];
+    _mm512_storeu_pd(a, acc);
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+  }
+};
+#endif
 
 struct Scratch {
   std::vector<float> s;
@@ -116,19 +216,19 @@ struct Scratch {
 };
 
 // One row: 0, or 1 when the caller must compute it (a NaN or +inf score, or only -inf).
-template <typename T>
+template <class L, typename T>
 KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, float top_p, float* p, Scratch& w) {
   w.s.resize(static_cast<size_t>(n));
   w.idx.resize(static_cast<size_t>(n));
   float* s = w.s.data();
   int32_t* idx = w.idx.data();
   bool bad = false;
-  const float m = scale_max(x, n, divisor, s, &bad);
+  const float m = L::scale_max(x, n, divisor, s, &bad);
   if (bad || m == kNegInf) return 1;
   const bool use_k = top_k > 0 && top_k < n, use_p = top_p < 1.0f;
   if (!use_k && !use_p) {
-    const double total = exp_sum(s, n, m, kNegInf, p);
-    normalize(s, p, n, total, 0.0f, -1);
+    const double total = L::exp_sum(s, n, m, kNegInf, p);
+    L::normalize(s, p, n, 1.0 / total, kNegInf, n);  // every score
     return 0;
   }
   // The candidates: the scores within D of the largest, D widened (8, 64, then everything) until they hold the k-th
@@ -138,7 +238,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
   int64_t count = 0;
   for (const float d : {8.0f, 64.0f, __builtin_inff()}) {
     const float lo = m - d;  // (-inf at the last step: every index)
-    count = collect(s, n, lo, idx);
+    count = L::collect(s, n, lo, idx);
     if (use_k) {
       if (count < top_k) continue;  // (at the last step count = n > top_k)
       w.ranked.resize(static_cast<size_t>(count));
@@ -146,7 +246,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
       std::nth_element(w.ranked.begin(), w.ranked.begin() + (top_k - 1), w.ranked.end());
       floor = -w.ranked[top_k - 1].first;
     }
-    total = exp_sum(s, n, m, floor, p);
+    total = L::exp_sum(s, n, m, floor, p);
     if (!use_p) break;
     // the candidates with mass at or above floor (with top-k, every score at or above floor is one of them)
     int64_t kept = 0;
@@ -159,7 +259,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
     if (use_k || lo == kNegInf || mass >= static_cast<double>(top_p) * total) break;
   }
   if (!use_p) {
-    normalize(s, p, n, total, floor, n);  // every index at or above floor
+    L::normalize(s, p, n, 1.0 / total, floor, n);  // every score at or above floor
     return 0;
   }
   w.ranked.resize(static_cast<size_t>(count));
@@ -174,52 +274,31 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
   }
   double kept_total = 0.0;
   for (int64_t r = 0; r <= last; ++r) kept_total += p[w.ranked[r].second];
-  normalize(s, p, n, kept_total, -w.ranked[last].first, w.ranked[last].second);
+  L::normalize(s, p, n, 1.0 / kept_total, -w.ranked[last].first, w.ranked[last].second);
   return 0;
 }
 
-template <typename T>
+template <class L, typename T>
 KR_INLINE void process_rows(const T* x, int64_t ld, int64_t n, float divisor, int64_t top_k, float top_p, float* probs,
                             int64_t ldp, int32_t* status, int64_t m0, int64_t m1) {
   static thread_local Scratch scratch;
   for (int64_t m = m0; m < m1; ++m)
-    status[m] = process_row(x + m * ld, n, divisor, top_k, top_p, probs + m * ldp, scratch);
-}
-
-constexpr int64_t kChunk = 64;  // elements per partial sum of a draw
-
-// The chunk sum of p[0..len) in double (8 lanes, fixed order); *bad when a value is negative, NaN or +inf.
-KR_INLINE double chunk_sum(const float* p, int64_t len, bool* bad) {
-  double acc[8] = {};
-  int32_t flag = 0;
-  int64_t k = 0;
-  for (; k + 8 <= len; k += 8)
-    for (int l = 0; l < 8; ++l) {
-      const float v = p[k + l];
-      acc[l] += static_cast<double>(v);
-      flag |= (v >= 0.0f && v < __builtin_inff()) ? 0 : 1;
-    }
-  for (; k < len; ++k) {
-    const float v = p[k];
-    acc[0] += static_cast<double>(v);
-    flag |= (v >= 0.0f && v < __builtin_inff()) ? 0 : 1;
-  }
-  *bad = *bad || flag != 0;
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    status[m] = process_row<L>(x + m * ld, n, divisor, top_k, top_p, probs + m * ldp, scratch);
 }
 
 // The token drawn from one row with u in [0, 1), or -1 when the row is not a distribution (a negative, NaN or
 // infinite value, or a sum of 0).
+template <class L>
 KR_INLINE int64_t sample_row(const float* p, int64_t n, double u) {
   bool bad = false;
   double total = 0.0;
-  for (int64_t c = 0; c < n; c += kChunk) total += chunk_sum(p + c, std::min(kChunk, n - c), &bad);
+  for (int64_t c = 0; c < n; c += kChunk) total += L::chunk_sum(p + c, std::min(kChunk, n - c), &bad);
   if (bad || !(total > 0.0) || !(u >= 0.0 && u < 1.0)) return -1;
   const double target = u * total;
   double run = 0.0;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
-    const double next = run + chunk_sum(p + c, len, &bad);
+    const double next = run + L::chunk_sum(p + c, len, &bad);
     if (next > target) {  // the same partial sums as total's: some chunk passes target < total
       int64_t last = -1;
       for (int64_t j = 0; j < len; ++j) {
@@ -235,17 +314,38 @@ KR_INLINE int64_t sample_row(const float* p, int64_t n, double u) {
   return -1;  // unreachable: target < total
 }
 
+template <class L>
+KR_INLINE void sample_rows(const float* p, int64_t ld, int64_t n, const double* u, int64_t* tokens, int64_t m0,
+                           int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) tokens[m] = sample_row<L>(p + m * ld, n, u[m]);
+}
+
+template <typename T>
+void process_portable(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p, int64_t ldp,
+                      int32_t* st, int64_t m0, int64_t m1) {
+  process_rows<PlainLoops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
+}
+
+void sample_portable(const float* p, int64_t ld, int64_t n, const double* u, int64_t* t, int64_t m0, int64_t m1) {
+  sample_rows<PlainLoops>(p, ld, n, u, t, m0, m1);
+}
+
 #if KR_CPU_X86
 template <typename T>
 KR_TARGET_AVX512 void process_avx512(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p,
                                      int64_t ldp, int32_t* st, int64_t m0, int64_t m1) {
-  process_rows<T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
+  process_rows<Avx512Loops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
 }
 
 template <typename T>
 KR_TARGET_AVX2 void process_avx2(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p,
                                  int64_t ldp, int32_t* st, int64_t m0, int64_t m1) {
-  process_rows<T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
+  process_rows<PlainLoops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
+}
+
+KR_TARGET_AVX512 void sample_avx512(const float* p, int64_t ld, int64_t n, const double* u, int64_t* t, int64_t m0,
+                                    int64_t m1) {
+  sample_rows<Avx512Loops>(p, ld, n, u, t, m0, m1);
 }
 #endif
 
@@ -259,7 +359,7 @@ void process_dispatch(int isa, const void* x, int64_t ld, int64_t n, float d, in
     case KR_CPU_ISA_AVX512: process_avx512<T>(xt, ld, n, d, k, tp, p, ldp, st, m0, m1); return;
     case KR_CPU_ISA_AVX2: process_avx2<T>(xt, ld, n, d, k, tp, p, ldp, st, m0, m1); return;
 #endif
-    default: process_rows<T>(xt, ld, n, d, k, tp, p, ldp, st, m0, m1); return;
+    default: process_portable<T>(xt, ld, n, d, k, tp, p, ldp, st, m0, m1); return;
   }
 }
 
@@ -281,11 +381,18 @@ extern "C" int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits
   return KR_CPU_OK;
 }
 
-extern "C" int kr_cpu_sample_rows(const float* probs, int64_t ld, int64_t n, const double* u, int64_t* tokens,
-                                  int64_t m_begin, int64_t m_end) {
+extern "C" int kr_cpu_sample_rows(int isa, const float* probs, int64_t ld, int64_t n, const double* u,
+                                  int64_t* tokens, int64_t m_begin, int64_t m_end) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (n <= 0 || m_begin < 0 || m_end < m_begin) return KR_CPU_BAD_ARGUMENT;
   if (m_begin == m_end) return KR_CPU_OK;
   if (probs == nullptr || u == nullptr || tokens == nullptr) return KR_CPU_BAD_ARGUMENT;
-  for (int64_t m = m_begin; m < m_end; ++m) tokens[m] = sample_row(probs + m * ld, n, u[m]);
+#if KR_CPU_X86
+  if (isa >= KR_CPU_ISA_AVX512) {
+    sample_avx512(probs, ld, n, u, tokens, m_begin, m_end);
+    return KR_CPU_OK;
+  }
+#endif
+  sample_portable(probs, ld, n, u, tokens, m_begin, m_end);
   return KR_CPU_OK;
 }
