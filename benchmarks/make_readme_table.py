@@ -51,23 +51,36 @@ def newest_per_device(results: List[Tuple[str, Dict]], benchmark: str) -> List[T
             continue
         key = (str(data.get("device")), str(data.get("model")), int(data.get("skipped_prompts") or 0),
                str(data.get("dtype") or ""),  # a float32 and a bfloat16 run of one model are two results
-               int(data.get("max_new_tokens") or 0) if benchmark == "spec_bench" else 0)
+               int(data.get("max_new_tokens") or 0) if benchmark == "spec_bench" else 0,
+               json.dumps(data.get("sampling"), sort_keys=True))  # a sampled run and a greedy one: two results
         if key not in best or str(data.get("date", "")) > str(best[key][1].get("date", "")):
             best[key] = (path, data)
     newest_day: Dict[Tuple, str] = {}
     for key, (_, data) in best.items():
-        newest_day[key[:4]] = max(newest_day.get(key[:4], ""), str(data.get("date", ""))[:10])
-    return [best[k] for k in sorted(best) if str(best[k][1].get("date", ""))[:10] == newest_day[k[:4]]]
+        group = key[:4] + key[5:]
+        newest_day[group] = max(newest_day.get(group, ""), str(data.get("date", ""))[:10])
+    return [best[k] for k in sorted(best) if str(best[k][1].get("date", ""))[:10] == newest_day[k[:4] + k[5:]]]
 
 
 def _x(v: Optional[float], spec: str = ".2f", suffix: str = "x") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _decoding(sampling: Optional[Dict]) -> str:
+    """'greedy', or a sampled run's settings (kangaroo_rt.bench.sampling_settings)."""
+    if not sampling:
+        return "greedy"
+    parts = [f"temperature {sampling['temperature']:g}"]
+    parts += [f"top-k {sampling['top_k']}"] if sampling.get("top_k") is not None else []
+    parts += [f"top-p {sampling['top_p']:g}"] if sampling.get("top_p") is not None else []
+    return f"sampling ({', '.join(parts)}, seed {sampling['seed']}; tokens not compared)"
+
+
 def spec_bench_section(path: str, d: Dict) -> List[str]:
     overall = d["results"].get("overall", {})
     lines = [f"**End to end** ({d['model'] if not d.get('embedded_model') else 'the embedded model'}, "
-             f"{d['prompts']} prompts from {d['prompts_source']}, up to {d['max_new_tokens']} new tokens, greedy, "
+             f"{d['prompts']} prompts from {d['prompts_source']}, up to {d['max_new_tokens']} new tokens, "
+             f"{_decoding(d.get('sampling'))}, "
              f"batch 1, {d['dtype']}; exit layer {d['exit_layer']}, gamma {d['gamma']}, eta {d['eta']}) on "
              f"**{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| method | tokens/s | speedup vs HF generate | speedup vs kangaroo_rt AR | MAT |", "|---|---|---|---|---|"]

@@ -6,6 +6,8 @@ Prompts come from a Spec-Bench-format JSONL (``question_id``, ``category``, ``tu
 of each question, in the Vicuna v1.1 template by default) or, by default, from the embedded model's
 held-out code prompts. Decoding is greedy at batch 1 (the Spec-Bench protocol); every method's tokens
 are compared with this project's plain decoding and any mismatch is reported with its first index.
+``--temperature T`` (with ``--top-k``, ``--top-p``, ``--seed``) samples instead, every method with the same
+settings; tokens are then not compared (each method draws its own), and speed is tokens/s as before.
 
 Speedups are ratios of tokens/s over the same prompts in the same run (equal to Spec-Bench's ratio of
 wall times whenever the methods produce the same tokens). MAT counts the bonus token.
@@ -239,11 +241,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate_kwargs(max_new_tokens: int, eos: Optional[int], ignore_eos: bool) -> Dict[str, Any]:
+def _generate_kwargs(max_new_tokens: int, eos: Optional[int], ignore_eos: bool,
+                     sampling: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``generate`` keywords; ``sampling`` (:func:`sampling_settings`): do_sample with its temperature, top-k,
+    top-p and seed (the same seed for every prompt)."""
     kw: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     if eos is not None and not ignore_eos:
         kw["eos_token_id"] = eos
+    if sampling is not None:
+        kw.update(do_sample=True, **sampling)
     return kw
+
+
+def sampling_settings(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
+                      seed: int) -> Optional[Dict[str, Any]]:
+    """None for greedy decoding (no temperature, or 0), else the sampling keywords every method gets."""
+    if temperature is None or temperature == 0:
+        if top_k is not None or top_p is not None:
+            raise ValueError("--top-k and --top-p need --temperature > 0 (sampling)")
+        return None
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"--top-k must be positive, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    return {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "seed": int(seed)}
+
+
+def describe_decoding(sampling: Optional[Dict[str, Any]]) -> str:
+    """'greedy', or the sampling settings in words."""
+    if sampling is None:
+        return "greedy"
+    parts = [f"temperature {sampling['temperature']:g}"]
+    parts += [f"top-k {sampling['top_k']}"] if sampling.get("top_k") is not None else []
+    parts += [f"top-p {sampling['top_p']:g}"] if sampling.get("top_p") is not None else []
+    return f"sampling ({', '.join(parts)}, seed {sampling['seed']})"
 
 
 def _kangaroo_runner(model: Any, kcfg: KangarooConfig, kw: Dict[str, Any], graphs: bool = False) -> Callable:
@@ -255,12 +288,12 @@ def _kangaroo_runner(model: Any, kcfg: KangarooConfig, kw: Dict[str, Any], graph
 
 
 def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Optional[int],
-                ignore_eos: bool) -> List[Method]:
+                ignore_eos: bool, sampling: Optional[Dict[str, Any]] = None) -> List[Method]:
     """This project's plain decoding and Kangaroo: eager with the default op dispatch; on CUDA also with
     CUDA graphs and eager with the torch reference ops only."""
     from . import ops
 
-    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos)
+    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos, sampling)
 
     def plain(ids: torch.Tensor):
         out = model.generate(ids, kangaroo=None, return_dict_in_generate=True, **kw)
@@ -288,7 +321,8 @@ def our_methods(model: Any, kcfg: KangarooConfig, max_new_tokens: int, eos: Opti
 
 
 def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[str], kcfg: KangarooConfig,
-                        max_new_tokens: int, eos: Optional[int], ignore_eos: bool) -> List[Method]:
+                        max_new_tokens: int, eos: Optional[int], ignore_eos: bool,
+                        sampling: Optional[Dict[str, Any]] = None) -> List[Method]:
     """Kangaroo with the adapter's draft vocabulary resized to each of ``sizes`` ("full": none), side by side
     with ``kangaroo`` (the adapter as shipped): one KangarooModel per size over the same target weights."""
     import copy
@@ -296,7 +330,7 @@ def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[
     from . import draft_vocab
     from .generate import KangarooModel
 
-    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos)
+    kw = _generate_kwargs(max_new_tokens, eos, ignore_eos, sampling)
     methods = []
     for size in sizes:
         name = f"kangaroo_vocab_{size}"
@@ -316,10 +350,11 @@ def draft_vocab_methods(model: Any, adapter_dir: Optional[str], sizes: Sequence[
 
 
 def hf_methods(folder: str, dtype: torch.dtype, device: torch.device, exit_layer: int, max_new_tokens: int,
-               eos: Optional[int], ignore_eos: bool) -> List[Method]:
+               eos: Optional[int], ignore_eos: bool, sampling: Optional[Dict[str, Any]] = None) -> List[Method]:
     """transformers ``generate`` (eager attention, the Spec-Bench baseline) and assisted generation with
     an early-exit assistant (``assistant_early_exit``, LayerSkip-style); 'unsupported' entries instead
-    of errors when transformers or the feature is missing or the checkpoint does not load."""
+    of errors when transformers or the feature is missing or the checkpoint does not load. With ``sampling``
+    they sample with the same settings, seeded through torch's global generator before each prompt."""
     names = [("hf_generate", "transformers generate (eager)"),
              ("hf_assisted_early_exit", f"transformers assisted, early-exit assistant (layer {exit_layer})")]
     try:
@@ -340,10 +375,15 @@ def hf_methods(folder: str, dtype: torch.dtype, device: torch.device, exit_layer
         hf.generation_config.eos_token_id = None
     pad = eos if eos is not None else 0
     base = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
+    if sampling is not None:
+        base.update(do_sample=True, temperature=sampling["temperature"], top_k=sampling["top_k"],
+                    top_p=sampling["top_p"])
 
     def runner(gen_config: Any):
         @torch.no_grad()
         def run(ids: torch.Tensor):
+            if sampling is not None:
+                torch.manual_seed(sampling["seed"])
             seq = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
             return seq[0, ids.shape[1]:], None
         return run
@@ -380,13 +420,14 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
 
 def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: torch.device, progress: bool = True,
                 on_failure: Optional[Callable[[Method, Exception], None]] = None,
-                time_limit_s: Optional[float] = None) -> Tuple[Dict, List[Dict], int]:
+                time_limit_s: Optional[float] = None, compare: bool = True) -> Tuple[Dict, List[Dict], int]:
     """Run every available method on every prompt, interleaved (the order rotates from prompt to prompt).
 
     Returns ({group: {method: Tally}} with groups = categories + 'overall', mismatches vs 'ar', prompts
     measured). A method that raises is reported through ``on_failure`` and dropped from the rest of the run.
     With ``time_limit_s``, no prompt is started once that many seconds have passed (every method still
-    runs every prompt it starts, so the ratios stay over the same prompts).
+    runs every prompt it starts, so the ratios stay over the same prompts). ``compare=False`` (sampling, where
+    each method draws its own tokens) reports no mismatches.
     """
     live = [m for m in methods if m.available]
     if not prompts:
@@ -422,7 +463,7 @@ def run_methods(prompts: Sequence[Prompt], methods: Sequence[Method], device: to
             outputs[m.name] = new.tolist()
             for group in (p.category, "overall"):
                 tallies.setdefault(group, {}).setdefault(m.name, Tally()).add(len(outputs[m.name]), dt, stats)
-        ref = outputs.get("ar")
+        ref = outputs.get("ar") if compare else None
         for name, toks in outputs.items():
             if ref is not None and name != "ar":
                 at = first_mismatch(ref, toks)
@@ -603,6 +644,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default on CPU: the adapter's kangaroo.json cpu_dtype, else float32; float16 on CUDA")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    parser.add_argument("--temperature", type=float,
+                        help="sample with this temperature instead of greedy decoding (0 or unset: greedy); every "
+                             "method samples with the same settings and tokens are not compared")
+    parser.add_argument("--top-k", type=int, help="with --temperature: keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="with --temperature: keep the nucleus of this mass")
+    parser.add_argument("--seed", type=int, default=0, help="with --temperature: the seed of every prompt (default 0)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--draft-vocab", nargs="+", metavar="K", type=_vocab_size,
                         help="also run Kangaroo with the adapter's draft vocabulary resized to each K ('full': the "
@@ -720,26 +767,35 @@ def run(args: argparse.Namespace) -> int:
         limit = args.prompts or (4 if args.smoke else None)
         max_prompt = args.max_prompt_tokens or (48 if args.smoke else None)
         max_new = args.max_new_tokens or (24 if args.smoke else 128)
+        sampling = sampling_settings(args.temperature, args.top_k, args.top_p, args.seed)
         kcfg = KangarooConfig(gamma=args.gamma if args.gamma is not None else settings.get("gamma", 6),
                               eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
         prompts = build_prompts(questions, encode, template, limit, max_prompt)
         # One cache size for the whole run: no reallocation (or graph re-capture) inside a timed call.
         model.max_len = max(p.ids.shape[1] for p in prompts) + max_new + kcfg.gamma + 1
-        methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos)
+        methods = our_methods(model, kcfg, max_new, eos, args.ignore_eos, sampling)
         if args.draft_vocab:
-            methods += draft_vocab_methods(model, adapter_dir, args.draft_vocab, kcfg, max_new, eos, args.ignore_eos)
+            methods += draft_vocab_methods(model, adapter_dir, args.draft_vocab, kcfg, max_new, eos, args.ignore_eos,
+                                           sampling)
         if args.no_hf:
             methods += [Method(n, n, reason="skipped (--no-hf)") for n in ("hf_generate", "hf_assisted_early_exit")]
         else:
-            methods += hf_methods(folder, dtype, device, model.exit_layer, max_new, eos, args.ignore_eos)
-        if args.llama_cpp is not None:
+            methods += hf_methods(folder, dtype, device, model.exit_layer, max_new, eos, args.ignore_eos, sampling)
+        if args.llama_cpp is not None and sampling is not None:
+            from . import llama_cpp
+
+            methods += [Method(llama_cpp.method_name(p), f"llama.cpp, {p} GGUF",
+                               reason="greedy only here (llama.cpp's samplers are not this project's)")
+                        for p in (args.llama_cpp or llama_cpp.PRECISIONS)]
+        elif args.llama_cpp is not None:
             from . import llama_cpp
 
             name = args.model if not args.smoke and args.model in _registry_names() else None
             methods += llama_cpp.methods(name, args.llama_cpp or llama_cpp.PRECISIONS,
                                          args.threads or torch.get_num_threads(), model.max_len, max_new, eos,
                                          args.ignore_eos, Method)
-        print(f"spec_bench: {what}; {len(prompts)} prompts, {max_new} new tokens max, greedy, batch 1, "
+        print(f"spec_bench: {what}; {len(prompts)} prompts, {max_new} new tokens max, {describe_decoding(sampling)}, "
+              f"batch 1, "
               f"{str(dtype).replace('torch.', '')} on {device_name(device)}")
         print(f"Kangaroo exit layer {model.exit_layer}, gamma {kcfg.gamma}, eta {kcfg.eta}; template {template}")
         for m in methods:
@@ -750,7 +806,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"ERROR: method {m.name} failed and is dropped: {type(e).__name__}: {e}", file=sys.stderr)
 
         tallies, mismatches, measured = run_methods(prompts, methods, device, progress=not args.no_progress,
-                                                    on_failure=failed, time_limit_s=args.time_limit)
+                                                    on_failure=failed, time_limit_s=args.time_limit,
+                                                    compare=sampling is None)
     if measured < len(prompts):
         print(f"spec_bench: --time-limit {args.time_limit:g} s reached: {measured} of {len(prompts)} prompts measured")
     summary = summarize(tallies, methods)
@@ -766,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
         "exit_layer": model.exit_layer, "gamma": kcfg.gamma, "eta": kcfg.eta,
         "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
         "methods": {m.name: {"label": m.label, "available": m.available, "reason": m.reason} for m in methods},
-        "results": summary, "greedy_mismatches": mismatches,
+        "results": summary, "greedy_mismatches": mismatches, "sampling": sampling,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"spec_bench-{'smoke' if args.smoke else device.type}")
@@ -774,19 +831,25 @@ def run(args: argparse.Namespace) -> int:
         json.dump(result, f, indent=2)
     plots = [] if args.no_plots else plot(summary, stem, f"{what}, {result['device']}")
     print("wrote " + ", ".join([stem + ".json"] + plots))
-    return _verdict(mismatches, methods, args.strict, exact=dtype == torch.float32)
+    return _verdict(mismatches, methods, args.strict, exact=dtype == torch.float32, sampled=sampling is not None)
 
 
-def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool, exact: bool = True) -> int:
+def _verdict(mismatches: List[Dict], methods: Sequence[Method], strict: bool, exact: bool = True,
+             sampled: bool = False) -> int:
     """Exit status: 1 when one of our methods did not run, or differs from plain decoding in fp32 (a
     lossless violation), or on any mismatch with ``strict``. In half precision a verify pass over k
-    tokens and k single-token steps round differently, so a near-tie may flip: reported, not fatal."""
+    tokens and k single-token steps round differently, so a near-tie may flip: reported, not fatal.
+    Sampled runs compare no tokens (``sampled``)."""
     status = 0
     for name in ("ar", "kangaroo"):
         m = next((m for m in methods if m.name == name), None)
         if m is not None and not m.available:
             print(f"ERROR: {name} did not run: {m.reason}", file=sys.stderr)
             status = 1
+    if sampled:
+        print("sampling: tokens are not compared (each method draws its own; tests/test_speculative.py checks "
+              "Kangaroo's sampled distribution)")
+        return status
     if not mismatches:
         print("greedy tokens: all methods identical to kangaroo_rt plain decoding")
         return status

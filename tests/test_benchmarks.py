@@ -75,6 +75,33 @@ def test_spec_bench_smoke_runs_all_methods_and_agrees(smoke_result):
         assert (out / png).stat().st_size > 1000
 
 
+def test_spec_bench_sampled_smoke(tmp_path, capsys):
+    """--temperature samples every method with the same settings; tokens are not compared, every method of ours
+    runs, the JSON and the README table say how it sampled, and bad settings are refused."""
+    questions = _write_jsonl(tmp_path / "question.jsonl", QUESTIONS[:2])
+    out = tmp_path / "out"
+    rc = bench.main(["--smoke", "--questions", questions, "--max-new-tokens", "10", "--out", str(out),
+                     "--no-progress", "--no-plots", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20",
+                     "--seed", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "sampling (temperature 0.8, top-k 20, top-p 0.9, seed 3)" in text
+    assert "tokens are not compared" in text
+    with open(out / "spec_bench-smoke.json") as f:
+        result = json.load(f)
+    assert result["sampling"] == {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}
+    assert result["greedy_mismatches"] == []
+    overall = result["results"]["overall"]
+    for name in ("ar", "kangaroo", "hf_generate"):
+        assert overall[name]["tokens"] == 2 * 10, name  # the smoke model has no EOS
+    assert overall["kangaroo"]["mat"] >= 1.0
+    make = load_benchmark("make_readme_table")
+    assert "sampling (temperature 0.8, top-k 20, top-p 0.9, seed 3" in make.spec_bench_section("x.json", result)[0]
+    for bad in (["--top-p", "0.9"], ["--temperature", "-1"], ["--temperature", "1", "--top-p", "1.5"],
+                ["--temperature", "1", "--top-k", "0"]):
+        assert bench.main(["--smoke", "--no-hf", "--prompts", "1", "--out", str(out), "--no-progress", *bad]) == 2
+
+
 def test_cli_bench_smoke(tmp_path, capsys):
     rc = cli.main(["bench", "--smoke", "--no-hf", "--prompts", "1", "--max-new-tokens", "6", "--out", str(tmp_path),
                    "--no-plots", "--no-progress"])
@@ -484,6 +511,10 @@ def test_make_readme_table_keeps_the_newest_days_lengths():
                run(64, "2026-12-05T09:00", "new64"), run(1024, "2026-12-05T10:00", "new1024"),
                run(1024, "2026-12-05T08:00", "early1024")]
     assert [path for path, _ in make.newest_per_device(results, "spec_bench")] == ["new64.json", "new1024.json"]
+    sampled = run(1024, "2026-12-05T11:00", "sampled1024")  # newer, but sampled: a result of its own
+    sampled[1]["sampling"] = {"temperature": 0.7, "top_k": None, "top_p": 0.9, "seed": 0}
+    assert sorted(path for path, _ in make.newest_per_device(results + [sampled], "spec_bench")) == [
+        "new1024.json", "new64.json", "sampled1024.json"]
 
 
 def test_bench_cpu_dtype_smoke_checks_every_dtype(tmp_path):
