@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> process_logits(const at::Tensor& logits, doub
   if (M > 0) {
     const int isa = process_isa();
     const float divisor = static_cast<float>(std::max(temperature, 1e-6));  // the reference's max(T, 1e-6)
-    const float p = top_p >= 1.0 ? 1.0f : static_cast<float>(top_p);
+    const double p = top_p >= 1.0 ? 1.0 : top_p;  // (in double: a float's step near 1 moves the cut's tail)
     const void* x = rows.first.const_data_ptr();
     float* pp = probs.mutable_data_ptr<float>();
     int32_t* sp = status.mutable_data_ptr<int32_t>();

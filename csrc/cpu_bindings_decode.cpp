@@ -251,7 +251,9 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
     const std::vector<c10::optional<at::Tensor>>& adapter_weights, at::Tensor adapter_k_cache,
     at::Tensor adapter_v_cache, const at::Tensor& head, const c10::optional<at::Tensor>& head_ids, int64_t n_heads,
-    int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta) {
+    int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta,
+    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_u, double temperature,
+    int64_t top_k, double top_p) {
   const char* what = "kangaroo_rt._cpu.draft_chain";
   TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
                     ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
@@ -295,11 +297,31 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     TORCH_CHECK_VALUE(head_ids->size(0) == head.size(0), what, ": head_ids must have one id per head row");
     ids = head_ids->contiguous();
   }
+  TORCH_CHECK_VALUE(sample_q.has_value() == sample_u.has_value(), what, ": sampled drafts need sample_q and sample_u");
+  if (sample_q.has_value()) {
+    TORCH_CHECK_VALUE(sample_q->device().is_cpu() && sample_q->scalar_type() == at::kFloat &&
+                          sample_q->is_contiguous() && sample_q->dim() == 3 && sample_q->size(0) == B &&
+                          sample_q->size(1) == gamma && sample_q->size(2) == head.size(0),
+                      what, ": sample_q must be a contiguous float32 (", B, ", ", gamma, ", ", head.size(0), "), got ",
+                      sample_q->scalar_type(), " ", sample_q->sizes());
+    TORCH_CHECK_VALUE(sample_u->device().is_cpu() && sample_u->scalar_type() == at::kDouble &&
+                          sample_u->is_contiguous() && sample_u->dim() == 2 && sample_u->size(0) == B &&
+                          sample_u->size(1) == gamma,
+                      what, ": sample_u must be a contiguous float64 (", B, ", ", gamma, "), got ",
+                      sample_u->scalar_type(), " ", sample_u->sizes());
+    TORCH_CHECK_VALUE(!std::isnan(temperature) && !std::isnan(top_p), what, ": temperature and top_p must not be NaN");
+  }
   // the state and chain tensors the pointers below point into
   for (const at::Tensor& t : {pos, token, n_gen, max_new, finished, e_prev, cap, active, conf, x, drafts, n_drafts,
                               exits, ids})
     plan->keep.push_back(t);
+  if (sample_q.has_value()) plan->keep.push_back(*sample_q), plan->keep.push_back(*sample_u);
   kr_cpu_draft_args& a = plan->a;
+  if (sample_q.has_value()) {  // process_logits' arguments, as its binding makes them
+    a.sample_q = sample_q->mutable_data_ptr<float>(), a.sample_u = sample_u->const_data_ptr<double>();
+    a.sample_divisor = static_cast<float>(std::max(temperature, 1e-6));
+    a.sample_top_k = top_k, a.sample_top_p = top_p >= 1.0 ? 1.0 : top_p;
+  }
   a.dtype = dtype_code(exits, what, "exits");
   a.batch = B, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads, a.head_dim = head_dim;
   a.intermediate = inter, a.max_len = T;
@@ -602,7 +624,8 @@ void define_decode(py::module_& m) {
       py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("adapter_weights"),   \
       py::arg("adapter_k_cache"), py::arg("adapter_v_cache"), py::arg("head"), py::arg("head_ids"),                  \
       py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("adapter_eps"),        \
-      py::arg("gamma"), py::arg("eta")
+      py::arg("gamma"), py::arg("eta"), py::arg("sample_q") = py::none(), py::arg("sample_u") = py::none(),           \
+      py::arg("temperature") = 1.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0
 #define KR_PASS_ARGS                                                                                                  \
   py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("max_new"),        \
       py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \
@@ -612,8 +635,9 @@ void define_decode(py::module_& m) {
       py::arg("head_screen").none(true)
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
-        "a round's greedy Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), "
-        "in place on the chain's tensors; the bits of the per-step path; -> k, the drafting steps run");
+        "a round's Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), in place "
+        "on the chain's tensors, greedy or (sample_q, sample_u) sampled; the bits of the per-step path; -> k, the "
+        "drafting steps run");
   m.def("target_pass", pass_once(&plan_target_pass), KR_PASS_ARGS, py::arg("kv_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy acceptance "

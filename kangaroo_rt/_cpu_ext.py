@@ -169,7 +169,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _logits_ok(logits: torch.Tensor) -> bool:
     return (logits.dtype in _KERNEL_DTYPES and logits.is_cpu and logits.layout == torch.strided and logits.dim() >= 1
-            and 0 < logits.shape[-1] < 2 ** 31)
+            and 0 < logits.shape[-1] < 2 ** 31 - 1)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -188,6 +188,22 @@ def greedy_with_confidence(logits: torch.Tensor):
     return load().greedy_with_confidence(logits)
 
 
+class InvalidDistribution(ValueError, RuntimeError):
+    """torch's error for sampling inputs that are no distribution (NaN, negative or infinite probabilities, a zero
+    sum, top_k <= 0), raised as a ValueError too: a caller's bad input, which must not make :mod:`kangaroo_rt.ops`
+    count the extension's op as broken and hand it to torch for the rest of the process."""
+
+
+def _torch_error(fn, *args):
+    """fn(*args) (the reference), its RuntimeError re-raised as :class:`InvalidDistribution`."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        if isinstance(exc, ValueError):
+            raise
+        raise InvalidDistribution(str(exc)) from exc
+
+
 def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int],
                    top_p: Optional[float]) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.process_logits` (csrc/cpu/sampling.cpp): the same kept tokens, found among
@@ -197,7 +213,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int
     vocab = logits.shape[-1] if logits.dim() else 0
     if not (_logits_ok(logits) and temperature == temperature and (top_k is None or 0 < top_k)
             and (top_p is None or top_p == top_p)):
-        return reference.process_logits(logits, temperature, top_k, top_p)
+        return _torch_error(reference.process_logits, logits, temperature, top_k, top_p)
     k = 0 if top_k is None or top_k >= vocab else int(top_k)
     p = 1.0 if top_p is None or top_p >= 1.0 else float(top_p)
     probs, left = load().process_logits(logits, float(temperature), k, p)
@@ -206,17 +222,21 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int
     return probs
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+           u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.sample` (csrc/cpu/sampling.cpp): a draw from each row, as
-    ``torch.multinomial`` makes it, from one float64 uniform per row of ``generator`` (so a seed gives other tokens
-    than torch's draw does, from the same distribution). Rows that are not distributions get torch's error."""
+    ``torch.multinomial`` makes it, from one float64 uniform per row of ``generator`` or the given ones ``u`` (so a
+    seed gives other tokens than torch's draw does, from the same distribution). Rows that are not distributions get
+    torch's error."""
     if not (probs.dtype == torch.float32 and probs.is_cpu and probs.layout == torch.strided and probs.dim() == 2
-            and probs.shape[1] > 0 and (generator is None or generator.device.type == "cpu")):
-        return reference.sample(probs, generator)
-    u = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator)
+            and probs.shape[1] > 0 and (generator is None or generator.device.type == "cpu")
+            and (u is None or (u.dtype == torch.float64 and u.is_cpu and u.shape == probs.shape[:1]))):
+        return _torch_error(reference.sample, probs, generator, u)
+    if u is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator)
     tokens = load().sample(probs, u)
     if bool((tokens < 0).any()):
-        return reference.sample(probs, generator)  # torch.multinomial's error for that row
+        return _torch_error(reference.sample, probs, generator, u)  # torch's error for that row
     return tokens
 
 
@@ -289,16 +309,19 @@ def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights
 
 def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
-                base_len: int) -> int:
-    """A round's greedy drafting in one call (csrc/cpu/draft.cpp), in place on ``chain``
+                base_len: int, sampled: Optional[tuple] = None) -> int:
+    """A round's drafting in one call (csrc/cpu/draft.cpp), in place on ``chain``
     (:class:`kangaroo_rt.speculative.DraftChain`) from ``state`` (:class:`~kangaroo_rt.speculative.DecodeState`):
     the bits of the per-step path. ``rope_tables``: cos, sin (T, head_dim) of positions 0..T-1; ``stack``: the
     target's layers 0..l-1 as :func:`decoder_layers` takes them (weights, qkv biases, o biases); ``caches`` and
-    ``adapter_caches``: (k, v) lists and pairs. The caller (``Decoder._cpu_chain``) checks that every op would be
+    ``adapter_caches``: (k, v) lists and pairs. ``sampled``: (q (B, gamma, N) float32, out: each step's draft
+    distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; temperature, top_k (0:
+    none), top_p (1: none)), else greedy drafts. The caller (``Decoder._cpu_chain``) checks that every op would be
     served by this extension. Returns k, the drafting steps run."""
+    extra = {} if sampled is None else dict(zip(("sample_q", "sample_u", "temperature", "top_k", "top_p"), sampled))
     return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
                                            adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                           adapter_eps, eta), base_len)
+                                           adapter_eps, eta), base_len=base_len, **extra)
 
 
 def plan_draft_chain(*args, **kwargs):

@@ -395,10 +395,12 @@ def process_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
     return _serve("process_logits", logits.device, logits)(logits, temperature, top_k, top_p)
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+           u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row drawn from probs (B, V) fp32 -> (B,) int64, as ``torch.multinomial(probs, 1)`` draws it (on
-    CPU with the extension: one pass per row, from one float64 uniform per row of ``generator``)."""
-    return resolve("sample", probs.device)[1](probs, generator)
+    CPU with the extension: one pass per row, from one float64 uniform per row of ``generator``); u (B,) float64 in
+    [0, 1): those uniforms instead of the generator's (see :func:`kangaroo_rt.reference.sample`)."""
+    return resolve("sample", probs.device)[1](probs, generator, u)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -260,10 +260,21 @@ def sample_after_acceptance(accepted: torch.Tensor, n_drafts: torch.Tensor, targ
     return sample(after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs), generator)
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+           u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row drawn from probs (B, V) (non-negative, any positive sum) -> (B,) int64:
-    ``torch.multinomial(probs, 1)``."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    ``torch.multinomial(probs, 1)``; with uniforms u (B,) float64 in [0, 1) instead of the generator, the first
+    index at which the running sum (in float64) passes u * the row's sum."""
+    if u is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if not bool(((probs >= 0) & torch.isfinite(probs)).all()):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+    cum = probs.double().cumsum(-1)
+    total = cum[:, -1:]
+    if not bool((total > 0).all()):
+        raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+    token = torch.searchsorted(cum, u.to(cum.dtype)[:, None] * total, right=True)[:, 0]
+    return token.clamp(max=probs.shape[-1] - 1)
 
 
 def after_acceptance_distribution(accepted: torch.Tensor, n_drafts: torch.Tensor, target_probs: torch.Tensor,

@@ -132,10 +132,17 @@ class BatchSampling:
     def __init__(self, sampling: SamplingConfig, gen: Optional[torch.Generator]) -> None:
         self.sampling = sampling
         self.gen = gen
+        self.round_u: Optional[torch.Tensor] = None  # (B, gamma) float64: this round's draft uniforms
 
     @property
     def greedy(self) -> bool:
         return self.sampling.greedy
+
+    def begin_round(self, batch: int, gamma: int, device: torch.device) -> None:
+        """Draw the round's draft uniforms (B, gamma), one a row and step, before any draft: the step-by-step
+        path and the one-call chain then take the same random numbers (rows that stop early leave theirs)."""
+        if not self.greedy:
+            self.round_u = torch.rand(batch, gamma, dtype=torch.float64, generator=self.gen).to(device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
@@ -143,12 +150,13 @@ class BatchSampling:
             return greedy_tokens(logits)
         return ops.sample(_probs(self.sampling, logits), self.gen)
 
-    def draft(self, logits: torch.Tensor, active: torch.Tensor):
-        """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
+    def draft(self, logits: torch.Tensor, active: torch.Tensor, step: Union[int, torch.Tensor] = 0):
+        """logits (B, V), active (B,) bool, the draft step -> (draft (B,), confidence (B,), draft probs (B, V) or
+        None); a sampled draft takes the round's uniform of its step (:meth:`begin_round`)."""
         if self.greedy:
             return (*ops.greedy_with_confidence(logits), None)
         q = _probs(self.sampling, logits)
-        return ops.sample(q, self.gen), q.max(dim=-1).values, q
+        return ops.sample(q, self.gen, self.round_u[:, step]), q.max(dim=-1).values, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +180,21 @@ class RowSampling:
     def __init__(self, rows: Sequence[Optional[Tuple[SamplingConfig, Optional[torch.Generator]]]]) -> None:
         self.rows = list(rows)
         self.sampled = [r for r, item in enumerate(self.rows) if item is not None and not item[0].greedy]
+        self.round_u: Optional[torch.Tensor] = None
 
     @property
     def greedy(self) -> bool:
         return not self.sampled
+
+    def begin_round(self, batch: int, gamma: int, device: torch.device) -> None:
+        """Each sampled row draws its round's gamma draft uniforms from its own generator (as
+        :meth:`BatchSampling.begin_round` does for a batch of one)."""
+        if self.greedy:
+            return
+        self.round_u = torch.zeros(batch, gamma, dtype=torch.float64)
+        for r in self.sampled:
+            self.round_u[r] = torch.rand(gamma, dtype=torch.float64, generator=self.rows[r][1])
+        self.round_u = self.round_u.to(device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
@@ -185,8 +204,9 @@ class RowSampling:
             tokens[r] = ops.sample(_probs(sampling, logits[r:r + 1]), gen)[0]
         return tokens
 
-    def draft(self, logits: torch.Tensor, active: torch.Tensor):
-        """logits (B, V), active (B,) bool -> (draft (B,), confidence (B,), draft probs (B, V) or None)."""
+    def draft(self, logits: torch.Tensor, active: torch.Tensor, step: Union[int, torch.Tensor] = 0):
+        """logits (B, V), active (B,) bool, the draft step -> (draft (B,), confidence (B,), draft probs (B, V) or
+        None)."""
         token, conf = ops.greedy_with_confidence(logits)
         if self.greedy:
             return token, conf, None
@@ -195,7 +215,7 @@ class RowSampling:
         for r in (r for r in self.sampled if on[r]):
             sampling, gen = self.rows[r]
             q[r] = _probs(sampling, logits[r:r + 1])[0]
-            token[r] = ops.sample(q[r:r + 1], gen)[0]
+            token[r] = ops.sample(q[r:r + 1], gen, self.round_u[r:r + 1, step])[0]
             conf[r] = q[r].max()
         return token, conf, q
 
@@ -453,7 +473,7 @@ class Decoder:
         else:
             a_in = exit_state
         hidden = self.adapter(a_in, pos, *rope, self.adapter_cache, kv_len=kv_len)[:, -1]
-        token, conf, probs = self.propose(hidden, state.sampler, chain.active)
+        token, conf, probs = self.propose(hidden, state.sampler, chain.active, step)
         if probs is not None:
             chain.probs.append(probs)
         _put(chain.drafts, step, torch.where(chain.active, token, torch.full_like(token, -1)))
@@ -461,7 +481,8 @@ class Decoder:
         chain.conf.copy_(conf)
         chain.x.copy_(token)
 
-    def propose(self, hidden: torch.Tensor, sampler: "Sampler", active: torch.Tensor):
+    def propose(self, hidden: torch.Tensor, sampler: "Sampler", active: torch.Tensor,
+                step: Union[int, torch.Tensor] = 0):
         """The draft head: the adapter's output (B, D) -> (draft token (B,), confidence (B,), draft
         distribution (B, V) or None under greedy). The one place that maps a draft state to a draft token.
         With a draft vocabulary the choice, its confidence and q are over the K subset logits; the token and
@@ -469,8 +490,8 @@ class Decoder:
         rows = hidden[:, None]  # (B, 1, D): one token a row, so ops.linear serves any batch as decode rows
         if self.draft_head is None:
             head = self.target.lm_head
-            return sampler.draft(ops.linear(rows, head.weight, head.bias)[:, 0], active)
-        sub, conf, q = sampler.draft(self.draft_head(rows)[:, 0], active)
+            return sampler.draft(ops.linear(rows, head.weight, head.bias)[:, 0], active, step)
+        sub, conf, q = sampler.draft(self.draft_head(rows)[:, 0], active, step)
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
     def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
@@ -526,21 +547,42 @@ class Decoder:
         if base_len + gamma > self.cache.max_len:
             return None
         inputs = self._chain_inputs(state, chain, gamma, eta)
-        return None if inputs is None else _cpu_ext.draft_chain(*inputs, base_len=base_len)
+        if inputs is None:
+            return None
+        if state.sampler.greedy:
+            return _cpu_ext.draft_chain(*inputs, base_len=base_len)
+        head = inputs[8]  # (N, D): the draft head's rows
+        key = (state.batch, gamma, head.shape[0])
+        if getattr(self, "_chain_q_key", None) != key:
+            self._chain_q = torch.empty(state.batch, gamma, head.shape[0], dtype=torch.float32)
+            self._chain_q_key = key
+        s = state.sampler.sampling  # process_logits' arguments, as _cpu_ext.process_logits makes them
+        top_k = 0 if s.top_k is None or s.top_k >= head.shape[0] else int(s.top_k)
+        top_p = 1.0 if s.top_p is None or s.top_p >= 1.0 else float(s.top_p)
+        k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
+                                 sampled=(self._chain_q, state.sampler.round_u, float(s.temperature), top_k, top_p))
+        full = (lambda q: q) if self.draft_head is None else self.draft_head.full_probs
+        chain.probs[:] = [full(self._chain_q[:, j]) for j in range(k)]
+        return k
 
     def _chain_inputs(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float) -> Optional[tuple]:
-        """The arguments of :func:`_cpu_ext.draft_chain` but ``base_len`` where it serves a round: greedy choice,
-        CPU tensors, the target's layers ``0..l-1`` and the adapter each servable in one call, the head served by
-        the extension's linear and argmax; else None."""
+        """The arguments of :func:`_cpu_ext.draft_chain` but ``base_len`` where it serves a round: greedy choice, or
+        one sampling configuration for the batch (:class:`BatchSampling`), CPU tensors, the target's layers
+        ``0..l-1`` and the adapter each servable in one call, the head served by the extension's linear and argmax
+        (sampled: process_logits and sample); else None."""
         target, adapter, l, c = self.target, self.adapter, self.exit_layer, self.target.config
-        if not state.sampler.greedy or state.e_prev is None or chain.drafts.shape[1] != gamma:
+        sampled = not state.sampler.greedy
+        if (sampled and not isinstance(state.sampler, BatchSampling)) or state.e_prev is None or \
+                chain.drafts.shape[1] != gamma:
             return None
         probe = chain.exits[:, :1]  # (B, 1, D)
         positions = state.pos[:, None]
         stack = target._cpu_stack(probe, positions, 0, l)
         adapter_weights = adapter._cpu_layer(probe, positions)
-        if stack is None or adapter_weights is None or ops.backends(("greedy_with_confidence",), probe.device) != (
-                "cpu",):
+        choice = ("process_logits", "sample") if sampled else ("greedy_with_confidence",)
+        if stack is None or adapter_weights is None or set(ops.backends(choice, probe.device)) != {"cpu"}:
+            return None
+        if sampled and (state.sampler.gen is not None and state.sampler.gen.device.type != "cpu"):
             return None
         if self.draft_head is not None:
             head, ids = self.draft_head.weight, self.draft_head.ids
@@ -656,6 +698,7 @@ class Decoder:
         base_len = int(state.pos.max()) + 1
         sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
+        state.sampler.begin_round(state.batch, gamma, state.pos.device)
         step = self._cpu_chain(state, chain, gamma, eta, base_len)
         if step is None:
             step = self.draft_round(state, chain, gamma, eta, base_len)

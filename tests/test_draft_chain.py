@@ -7,7 +7,7 @@ import torch
 
 import kangaroo_rt as K
 from kangaroo_rt import _cpu_ext
-from kangaroo_rt.speculative import BatchSampling, DecodeState, Decoder, DraftChain
+from kangaroo_rt.speculative import BatchSampling, DecodeState, Decoder, DraftChain, RowSampling
 from kangaroo_rt.config import SamplingConfig
 from kangaroo_rt.testing import random_target, tiny_config
 
@@ -27,8 +27,9 @@ def _decoder(dtype, exit_layer, draft_ids=None, qwen=False):
     return Decoder(target, adapter, exit_layer=exit_layer)
 
 
-def _started_state(decoder, batch, gamma, seed):
-    """A batch after prefills of different lengths, one row finished and one near its token limit."""
+def _started_state(decoder, batch, gamma, seed, sampling=None):
+    """A batch after prefills of different lengths, one row finished and one near its token limit; ``sampling``
+    (SamplingConfig keywords): sampled decoding from a generator seeded with ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     vocab, width = decoder.target.config.vocab_size, 9
     decoder.ensure_caches(batch, width + 40 + gamma + 1)
@@ -36,7 +37,8 @@ def _started_state(decoder, batch, gamma, seed):
     ids = torch.randint(0, vocab, (batch, width), generator=gen)
     state = DecodeState.allocate(batch, 40 + gamma + 2, ids.device, eos=None, dtype=decoder.target.dtype,
                                  hidden=decoder.target.config.hidden_size)
-    state.sampler = BatchSampling(SamplingConfig(), None)
+    state.sampler = BatchSampling(SamplingConfig(**(sampling or {})),
+                                  torch.Generator().manual_seed(seed) if sampling else None)
     decoder.prefill(ids, lengths, state, 40)
     if batch > 1:
         state.finished[1] = True
@@ -55,27 +57,31 @@ def _round_shapes(outs):
     return [(k, snap[5].tolist()) for k, _, snap in outs]
 
 
-def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3):
+def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sampling=None):
     """Rounds of the one-call chain and of the step-by-step path from the same state: each round's k, exit states,
-    chain, positions and caches must be equal. Returns the one-call run's rounds."""
+    chain, positions and caches must be equal (sampled: the draft distributions too, and the rounds' acceptance).
+    Returns the one-call run's rounds."""
     results = []
     for one_call in (True, False):
         torch.manual_seed(0)
         decoder = _decoder(dtype, exit_layer, draft_ids, qwen)
         with torch.no_grad():
-            state = _started_state(decoder, batch, gamma, seed=11)
+            state = _started_state(decoder, batch, gamma, seed=11, sampling=sampling)
             outs = []
             for _ in range(rounds):  # rounds, each verified so that the next starts from a new state
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
+                state.sampler.begin_round(batch, gamma, state.pos.device)
                 k = (decoder._cpu_chain if one_call else decoder.draft_round)(state, chain, gamma, eta, base_len)
                 assert k is not None
-                outs.append((k, chain.exits[:, :k + 1].clone(), _snapshot(decoder, state, chain)))
+                outs.append((k, chain.exits[:, :k + 1].clone(), _snapshot(decoder, state, chain)
+                             + [q.clone() for q in chain.probs]))
                 decoder.verify(state, chain, k, base_len + k)
         results.append(outs)
     for (k1, e1, s1), (k2, e2, s2) in zip(*results):
         assert k1 == k2
         assert torch.equal(e1, e2)
+        assert len(s1) == len(s2)
         for a, b in zip(s1, s2):
             assert torch.equal(a, b)
     return results[0]
@@ -95,6 +101,23 @@ def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta
         assert all(k == gamma for k, _ in rounds), rounds
     if shape == "mixed":  # a row stopped at eta or its cap while another drafted on
         assert any(0 < n < k for k, ns in rounds for n in ns), rounds
+
+
+SAMPLED = [dict(do_sample=True, temperature=0.8, top_p=0.9), dict(do_sample=True, temperature=1.3, top_k=7),
+           dict(do_sample=True, temperature=0.6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exit_layer,batch,gamma,eta,draft_ids,sampling", [
+    (1, 1, 4, 0.0, None, SAMPLED[0]),  # every step drafts
+    (2, 3, 5, 0.05, None, SAMPLED[1]),  # rows stop at eta, at their cap, one finished
+    (1, 4, 6, 0.02, list(range(0, 97, 3)), SAMPLED[2]),  # a draft vocabulary: q mapped back to the vocabulary
+])
+def test_sampled_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, sampling):
+    """Sampled drafts: the round's uniforms drawn before drafting, so both paths draw the same drafts from the same
+    distributions (the chain's q, mapped as the step path maps it), and accept the same."""
+    rounds = _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, False, rounds=4, sampling=sampling)
+    assert any(k > 0 for k, _, _ in rounds)
 
 
 def test_chain_equals_the_step_by_step_path_above_64_rows():
@@ -148,8 +171,8 @@ def test_the_step_by_step_path_serves_where_the_chain_cannot():
         state = _started_state(decoder, 2, 3, seed=2)
         chain = DraftChain.allocate(2, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
         base_len = int(state.pos.max()) + 1
-        state.sampler = BatchSampling(SamplingConfig(do_sample=True), None)
-        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None  # sampling
+        state.sampler = RowSampling([(SamplingConfig(do_sample=True), None), None])
+        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None  # rows sampled each their own way
         state.sampler = BatchSampling(SamplingConfig(), None)
         assert decoder._cpu_chain(state, chain, 3, 0.5, decoder.cache.max_len) is None  # past the cache
     with torch.enable_grad():  # no autograd in the extension's stacks

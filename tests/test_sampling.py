@@ -25,7 +25,8 @@ def _fp64(logits, temperature, top_k, top_p):
     rounding of the top-p cut, where fp32 sums may fall either side)."""
     s32 = logits.float() / max(float(temperature), 1e-6)
     s = s32.double().reshape(-1, s32.shape[-1])
-    keep = torch.ones_like(s, dtype=torch.bool)
+    # exp(s - max) below exp(-87) is 0 (the kernel's floor; torch gives denormals or 0 there)
+    keep = (s32 - s32.amax(dim=-1, keepdim=True)).reshape(s.shape) >= -87
     uncertain = torch.zeros_like(keep)
     if top_k is not None and top_k < s.shape[-1]:
         kth = torch.topk(s, top_k, dim=-1).values[:, -1:]
@@ -39,7 +40,7 @@ def _fp64(logits, temperature, top_k, top_p):
         limit = top_p * total
         keep_sorted = above < limit
         keep_sorted[:, 0] = True
-        unsure_sorted = (above - limit).abs() <= 1e-5 * total
+        unsure_sorted = (above - limit).abs() <= 2e-6 * total
         keep &= torch.zeros_like(keep).scatter(1, order, keep_sorted)
         uncertain = torch.zeros_like(keep).scatter(1, order, unsure_sorted)
     e = e * keep
@@ -48,7 +49,27 @@ def _fp64(logits, temperature, top_k, top_p):
 
 
 CASES = [(1.0, None, None), (0.7, None, 0.9), (1.0, 50, None), (0.7, 50, 0.9), (0.3, None, 0.95), (1.5, None, 0.5),
-         (1.0, 1000, 0.99), (0.8, 1, None), (1.0, None, 0.01), (2.0, 7, 1.0)]
+         (1.0, 1000, 0.99), (0.8, 1, None), (1.0, None, 0.01), (2.0, 7, 1.0), (1.0, None, 0.999999)]
+
+
+def test_process_logits_widens_its_candidates(cpu):
+    """Flat rows, where the top_p mass lies far below the largest score (beyond the first candidates, within 8 of
+    it, and the second, within 64), and a top_p whose float rounding would move the tail."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.stack([torch.linspace(0, -100, 2000)[torch.randperm(2000, generator=gen)],
+                        torch.linspace(0, -30, 2000)[torch.randperm(2000, generator=gen)]])
+    for top_p in (0.9999, 0.999999, 0.5):
+        got = _cpu_ext.process_logits(rows, 1.0, None, top_p)
+        want, keep, uncertain = _fp64(rows, 1.0, None, top_p)
+        assert torch.equal((got > 0)[~uncertain], keep[~uncertain])
+        assert (got - want).abs().max().item() < 1e-6
+    assert int((_cpu_ext.process_logits(rows, 1.0, None, 0.9999)[0] > 0).sum()) > 160  # (160 lie within 8 of the max)
+    for top_k in (1500, 30):  # the 1500th score lies 75 below the largest: past the second candidates too
+        got = _cpu_ext.process_logits(rows, 1.0, top_k, 0.99)
+        want, keep, uncertain = _fp64(rows, 1.0, top_k, 0.99)
+        assert torch.equal((got > 0)[~uncertain], keep[~uncertain])
+        assert (got - want).abs().max().item() < 1e-6
+        assert torch.equal(_cpu_ext.process_logits(rows, 1.0, top_k, None) > 0, _fp64(rows, 1.0, top_k, None)[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -93,9 +114,9 @@ def test_process_logits_masked_and_non_finite_rows(cpu, dtype):
     logits[1, 7] = math.nan
     logits[2, 9] = math.inf
     logits[3] = -math.inf
-    logits[4, :3] = 1e30  # finite, but +inf once divided by a small temperature
+    logits[4, :3] = 3e38  # finite, but +inf once divided by a temperature below 1
     logits = logits.to(dtype)
-    for temperature, top_k, top_p in [(1.0, None, None), (0.7, 10, 0.9), (1e-9, None, 0.8)]:
+    for temperature, top_k, top_p in [(0.9, None, None), (0.7, 10, 0.9), (1e-9, None, 0.8)]:
         got = ops.process_logits(logits, temperature, top_k, top_p)
         want = reference.process_logits(logits, temperature, top_k, top_p)
         assert torch.equal(got.isnan(), want.isnan())
@@ -115,14 +136,18 @@ def test_process_logits_falls_back_for_inputs_it_does_not_cover(cpu):
 
 
 _VARIANT_SCRIPT = """
-import torch
+import hashlib, math, torch
 from kangaroo_rt import _cpu
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
-    x = (torch.randn(3, 4099) * 3).to(dtype)
-    for args in ((1.0, 0, 1.0), (0.7, 0, 0.9), (0.7, 40, 0.95), (1.3, 100, 1.0)):
-        probs, left = _cpu.process_logits(x, *args)
-        print(probs.view(torch.int32).sum(dtype=torch.int64).item(), probs.view(torch.int32)[:, ::7].tolist()[0][:50])
+for n in (1, 7, 17, 64, 4099):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, n) * 3).round().to(dtype)  # ties
+        x[1, 1::5] = -math.inf
+        for args in ((1.0, 0, 1.0), (0.7, 0, 0.9), (0.7, 3, 0.95), (1.3, 100, 1.0), (0.5, 0, 0.0)):
+            probs, left = _cpu.process_logits(x, *args)
+            assert not left.any()
+            u = torch.tensor([0.0, 0.37, 1 - 2 ** -53], dtype=torch.float64)
+            print(n, hashlib.sha256(probs.numpy().tobytes()).hexdigest()[:16], _cpu.sample(probs, u).tolist())
 print(_cpu.isa())
 """
 
@@ -144,7 +169,8 @@ def test_every_variant_gives_the_same_bits(cpu):
 
 def test_sample_draws_from_the_distribution(cpu):
     gen = torch.Generator().manual_seed(0)
-    p = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.15, 0.0, 0.5, 0.0] + [0.0] * 200)
+    p = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.15, 0.0, 0.25, 0.0] + [0.0] * 200)
+    p[150], p[207] = 0.15, 0.1  # mass in the third and fourth chunks of 64
     trials = 40000
     tokens = ops.sample(p.expand(trials, -1).contiguous(), gen)
     assert tokens.dtype == torch.long and tokens.shape == (trials,)
@@ -179,8 +205,13 @@ def test_sample_edges(cpu):
             ops.sample(q)  # torch.multinomial's error
     with pytest.raises(RuntimeError):
         ops.sample(torch.zeros(1, 10))
+    assert ops.backend_table("cpu")["sample"] == "cpu"  # a caller's bad input: the kernel still serves
     with pytest.raises(ValueError):
         cpu.sample(p, torch.zeros(2, dtype=torch.float64))
+    # given uniforms: the kernel's choice, and the reference's (its cumulative sum in float64)
+    q = torch.rand(5, 300, generator=torch.Generator().manual_seed(3)) * (torch.rand(5, 300) < 0.2)
+    u = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ops.sample(q, u=u), reference.sample(q, u=u))
 
 
 def test_accept_sampling_on_the_cpu_is_lossless(cpu):

@@ -176,9 +176,12 @@ def test_sampling_matches_target_distribution(sampling, draft_ids):
     assert p_value > 1e-3, (p_value, plain, spec)
 
 
-def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch):
+@pytest.mark.parametrize("path", ["step_by_step", "one_call_chain"])
+def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch, path):
     """The check above has power over the speculative path: acceptance fed a q other than the one the drafts
-    were sampled from (shifted by one token) changes the output distribution, and the test sees it."""
+    were sampled from (shifted by one token) changes the output distribution, and the test sees it; on the
+    step-by-step drafting path and on the CPU extension's one-call chain (which the sampled rounds take when built)."""
+    from kangaroo_rt import _cpu_ext
     from kangaroo_rt.speculative import Decoder
 
     cfg = tiny_config(vocab_size=8, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
@@ -186,16 +189,33 @@ def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch):
     model = K.KangarooModel(random_target(cfg, seed=5), K.Adapter.random(cfg, seed=11, std=cfg.hidden_size ** -0.5),
                             exit_layer=1)
     prompt = torch.tensor([1, 2, 3])
-    propose = Decoder.propose
-
-    def wrong_q(self, hidden, sampler, active):
-        token, conf, q = propose(self, hidden, sampler, active)
-        return token, conf, None if q is None else q.roll(1, dims=-1)
-
     plain = _speculated_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
-    monkeypatch.setattr(Decoder, "propose", wrong_q)
+    if path == "step_by_step":
+        propose = Decoder.propose
+
+        def wrong_q(self, hidden, sampler, active, step=0):
+            token, conf, q = propose(self, hidden, sampler, active, step)
+            return token, conf, None if q is None else q.roll(1, dims=-1)
+
+        monkeypatch.setattr(Decoder, "_cpu_chain", lambda *args: None)
+        monkeypatch.setattr(Decoder, "propose", wrong_q)
+    else:
+        if not _cpu_ext.is_available():
+            pytest.skip("kangaroo_rt._cpu is not built")
+        chain_round = Decoder._cpu_chain
+        calls = []
+
+        def wrong_chain_q(self, state, chain, *args):
+            k = chain_round(self, state, chain, *args)
+            if k is not None:
+                calls.append(k)
+                chain.probs[:] = [q.roll(1, dims=-1) for q in chain.probs]
+            return k
+
+        monkeypatch.setattr(Decoder, "_cpu_chain", wrong_chain_q)
     spec = _speculated_tokens_counts(model, prompt, 2, K.KangarooConfig(gamma=3, eta=0.0), 3000, seed=2,
                                      temperature=1.0)
+    assert path == "step_by_step" or calls
     assert _chi_square_p(plain, spec) < 1e-3
 
 

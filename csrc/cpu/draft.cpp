@@ -1,4 +1,5 @@
-// Kangaroo's greedy draft chain in one call, on one set of threads. See kr_cpu.h for the contract.
+// Kangaroo's draft chain in one call, on one set of threads: greedy drafts, or sampled ones (sampling.cpp's kernels
+// on each step's head logits, with uniforms drawn before the call). See kr_cpu.h for the contract.
 //
 // Drafting a round step by step from Python costs ~0.5 ms beyond the kernels' work (SmolLM2, bf16: per step an
 // embedding, a RoPE table, two extension calls, the head, the choice and a dozen small tensor ops; ~0.14 of a plain
@@ -60,6 +61,26 @@ DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
   l.adapter = take(StackBuffers(sizes_of(stack_args(a, true, 2)), a.dtype).total);
   l.total = take.at;
   return l;
+}
+
+// A sampled draft of row b at step s from its head logits (N of them): q at sample_q[b, s], the draw with
+// sample_u[b, s] into *index (a head row), the largest q into *conf.
+template <typename T>
+int sample_draft(int isa, const kr_cpu_draft_args& a, const T* logits, int64_t b, int64_t s, int64_t* index,
+                 float* conf) {
+  const int64_t N = a.head_rows;
+  float* q = a.sample_q + (b * a.gamma + s) * N;
+  int32_t left = 0;
+  int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, N, N, a.sample_divisor, a.sample_top_k, a.sample_top_p,
+                                      q, N, &left, 0, 1);
+  if (rc != KR_CPU_OK) return rc;
+  if (left != 0) return KR_CPU_FAILED;  // a NaN or infinite logit: no distribution to draw from
+  rc = kr_cpu_sample_rows(isa, q, N, N, a.sample_u + b * a.gamma + s, index, 0, 1);
+  if (rc != KR_CPU_OK || *index < 0) return rc != KR_CPU_OK ? rc : KR_CPU_FAILED;
+  float top = 0.0f;
+  for (int64_t n = 0; n < N; ++n) top = q[n] > top ? q[n] : top;
+  *conf = top;
+  return KR_CPU_OK;
 }
 
 template <typename T>
@@ -151,7 +172,11 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
     linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf);
-    ph.each(B, [&](int64_t b) { return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1); });
+    if (a.sample_q == nullptr) {
+      ph.each(B, [&](int64_t b) { return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1); });
+    } else {
+      ph.each(B, [&](int64_t b) { return sample_draft(isa, a, logits + b * N, b, step, idx + b, cf + b); });
+    }
     ph.each(1, [&](int64_t) {  // the draft appended where the row drafts; x, conf for the next step
       for (int64_t b = 0; b < B; ++b) {
         const int64_t token = a.head_ids != nullptr ? a.head_ids[idx[b]] : idx[b];
@@ -190,7 +215,9 @@ static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
       a->pos == nullptr || a->token == nullptr || a->n_gen == nullptr || a->max_new == nullptr ||
       a->finished == nullptr || a->e_prev == nullptr || a->cap == nullptr || a->active == nullptr ||
       a->conf == nullptr || a->x == nullptr || a->drafts == nullptr || a->n_drafts == nullptr || a->exits == nullptr ||
-      a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+      a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0 ||
+      (a->sample_q != nullptr && (a->sample_u == nullptr || !(a->sample_divisor > 0.0f) ||
+                                  !(a->sample_top_p == a->sample_top_p))))
     return KR_CPU_BAD_ARGUMENT;
   for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 1 || a->pos[b] + a->gamma >= a->max_len) return KR_CPU_BAD_ARGUMENT;

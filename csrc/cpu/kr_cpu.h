@@ -184,11 +184,11 @@ int kr_cpu_argmax_rows(int isa, int dtype, const void* x, int64_t ld, int64_t n,
 // fp32 or bf16 bits: scores = logits / divisor (divisor = max(temperature, 1e-6), > 0), then top-k (top_k in
 // (0, n): the scores below the k-th largest removed; otherwise none), then top-p (top_p < 1: a token stays while the
 // mass of the tokens ranked above it, by descending score and then index, is below top_p; the first always stays),
-// then exp(s - max) / sum over the kept tokens, 0 elsewhere. probs: (M, n) fp32, row stride ldp. status[m] = 0, or
+// then exp(s - max) / sum over the kept tokens, 0 elsewhere (and where s - max < -87). probs: (M, n) fp32, row stride ldp. status[m] = 0, or
 // 1 when the row has a NaN or +inf score or only -inf ones (probs[m] then undefined: the caller computes it).
 // Tasks are rows, [m_begin, m_end). n in [1, 2^31).
 int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits, int64_t ld, int64_t n, float divisor,
-                               int64_t top_k, float top_p, float* probs, int64_t ldp, int32_t* status, int64_t m_begin,
+                               int64_t top_k, double top_p, float* probs, int64_t ldp, int32_t* status, int64_t m_begin,
                                int64_t m_end);
 
 // tokens[m] = the first index j of row m of probs (M, n) (row stride ld, fp32, non-negative) at which the running sum
@@ -354,6 +354,15 @@ typedef struct kr_cpu_draft_args {
   int64_t* n_drafts;
   void* exits;
   int64_t* steps;   // out: the drafting steps run, k (the exit states of exits[:, :k + 1] are set)
+  // Sampled drafts (sample_q not NULL): step s of row b draws its draft from q = kr_cpu_process_logits_rows of its
+  // head logits (sample_divisor, sample_top_k, sample_top_p as there), stored to sample_q (B, gamma, head_rows)
+  // fp32 at [b, s], with kr_cpu_sample_rows and the uniform sample_u (B, gamma) float64 at [b, s]; its confidence
+  // is the largest q. A row whose logits are not finite fails the call (KR_CPU_FAILED). NULL: the greedy choice.
+  float* sample_q;
+  const double* sample_u;
+  float sample_divisor;
+  double sample_top_p;
+  int64_t sample_top_k;
   int64_t threads;  // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;  // kr_cpu_draft_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_draft_args;

@@ -37,6 +37,9 @@ using kr_cpu::kLanes;
 
 constexpr float kNegInf = -__builtin_inff();
 constexpr float kPosInf = __builtin_inff();
+// exp(s - max) below this is 0: kr_cpu's exp clamps there (exp(-87) ~ 1.6e-38), and torch's fp32 softmax gives such
+// a token a denormal or 0; neither can be drawn in practice, but 0 keeps "a token torch gives no mass never gets any".
+constexpr float kExpFloor = -87.0f;
 constexpr int64_t kChunk = 64;  // elements per partial sum of a draw
 
 // The passes over a row, in plain C++ (the portable and AVX2 variants) and with AVX-512 intrinsics: the same
@@ -57,13 +60,14 @@ struct PlainLoops {
     return best;
   }
 
-  // e[i] = exp(s[i] - m) for the scores at or above floor (not -inf), else 0 -> their sum: per lane in double, then
-  // the lanes in order.
+  // e[i] = exp(s[i] - m) for the scores at or above floor with s[i] - m >= kExpFloor, else 0 -> their sum: per lane
+  // in double, then the lanes in order.
   static KR_INLINE double exp_sum(const float* s, int64_t n, float m, float floor, float* e) {
     double acc[kLanes] = {};
     for (int64_t k = 0; k < n; ++k) {
       const float v = s[k];
-      const float t = (v >= floor && v > kNegInf) ? kr_cpu::exp_nonpositive(v - m) : 0.0f;
+      const float d = v - m;  // (-inf for -inf scores)
+      const float t = (v >= floor && d >= kExpFloor) ? kr_cpu::exp_nonpositive(d) : 0.0f;
       e[k] = t;
       acc[k % kLanes] += static_cast<double>(t);
     }
@@ -134,13 +138,14 @@ struct Avx512Loops {
   }
 
   static KR_TARGET_AVX512 inline double exp_sum(const float* s, int64_t n, float m, float floor, float* e) {
-    const __m512 mv = _mm512_set1_ps(m), fv = _mm512_set1_ps(floor), ninf = _mm512_set1_ps(kNegInf);
+    const __m512 mv = _mm512_set1_ps(m), fv = _mm512_set1_ps(floor), lowest = _mm512_set1_ps(kExpFloor);
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
     for (int64_t k = 0; k < n; k += kLanes) {
       const __mmask16 live = live_of(k, n);
       const __m512 v = _mm512_maskz_loadu_ps(live, s + k);
-      const __mmask16 on = live & _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, ninf, _CMP_GT_OQ);
-      const __m512 t = _mm512_maskz_mov_ps(on, kr_cpu::exp16(_mm512_sub_ps(v, mv)));
+      const __m512 d = _mm512_sub_ps(v, mv);
+      const __mmask16 on = live & _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(d, lowest, _CMP_GE_OQ);
+      const __m512 t = _mm512_maskz_mov_ps(on, kr_cpu::exp16(d));
       _mm512_mask_storeu_ps(e + k, live, t);
       lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(t)));
       hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1))));
@@ -217,7 +222,7 @@ struct Scratch {
 
 // One row: 0, or 1 when the caller must compute it (a NaN or +inf score, or only -inf).
 template <class L, typename T>
-KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, float top_p, float* p, Scratch& w) {
+KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, double top_p, float* p, Scratch& w) {
   w.s.resize(static_cast<size_t>(n));
   w.idx.resize(static_cast<size_t>(n));
   float* s = w.s.data();
@@ -225,7 +230,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
   bool bad = false;
   const float m = L::scale_max(x, n, divisor, s, &bad);
   if (bad || m == kNegInf) return 1;
-  const bool use_k = top_k > 0 && top_k < n, use_p = top_p < 1.0f;
+  const bool use_k = top_k > 0 && top_k < n, use_p = top_p < 1.0;
   if (!use_k && !use_p) {
     const double total = L::exp_sum(s, n, m, kNegInf, p);
     L::normalize(s, p, n, 1.0 / total, kNegInf, n);  // every score
@@ -256,7 +261,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
       if (s[i] >= floor && p[i] > 0.0f) idx[kept++] = i, mass += p[i];
     }
     count = kept;
-    if (use_k || lo == kNegInf || mass >= static_cast<double>(top_p) * total) break;
+    if (use_k || lo == kNegInf || mass >= top_p * total) break;
   }
   if (!use_p) {
     L::normalize(s, p, n, 1.0 / total, floor, n);  // every score at or above floor
@@ -265,7 +270,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
   w.ranked.resize(static_cast<size_t>(count));
   for (int64_t c = 0; c < count; ++c) w.ranked[c] = {-s[idx[c]], idx[c]};
   std::sort(w.ranked.begin(), w.ranked.end());
-  const double limit = static_cast<double>(top_p) * total;
+  const double limit = top_p * total;
   double above = p[w.ranked[0].second];
   int64_t last = 0;  // the most likely token always stays
   for (int64_t r = 1; r < count && above < limit; ++r) {
@@ -279,7 +284,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, f
 }
 
 template <class L, typename T>
-KR_INLINE void process_rows(const T* x, int64_t ld, int64_t n, float divisor, int64_t top_k, float top_p, float* probs,
+KR_INLINE void process_rows(const T* x, int64_t ld, int64_t n, float divisor, int64_t top_k, double top_p, float* probs,
                             int64_t ldp, int32_t* status, int64_t m0, int64_t m1) {
   static thread_local Scratch scratch;
   for (int64_t m = m0; m < m1; ++m)
@@ -321,7 +326,7 @@ KR_INLINE void sample_rows(const float* p, int64_t ld, int64_t n, const double* 
 }
 
 template <typename T>
-void process_portable(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p, int64_t ldp,
+void process_portable(const T* x, int64_t ld, int64_t n, float d, int64_t k, double tp, float* p, int64_t ldp,
                       int32_t* st, int64_t m0, int64_t m1) {
   process_rows<PlainLoops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
 }
@@ -332,13 +337,13 @@ void sample_portable(const float* p, int64_t ld, int64_t n, const double* u, int
 
 #if KR_CPU_X86
 template <typename T>
-KR_TARGET_AVX512 void process_avx512(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p,
+KR_TARGET_AVX512 void process_avx512(const T* x, int64_t ld, int64_t n, float d, int64_t k, double tp, float* p,
                                      int64_t ldp, int32_t* st, int64_t m0, int64_t m1) {
   process_rows<Avx512Loops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
 }
 
 template <typename T>
-KR_TARGET_AVX2 void process_avx2(const T* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p,
+KR_TARGET_AVX2 void process_avx2(const T* x, int64_t ld, int64_t n, float d, int64_t k, double tp, float* p,
                                  int64_t ldp, int32_t* st, int64_t m0, int64_t m1) {
   process_rows<PlainLoops, T>(x, ld, n, d, k, tp, p, ldp, st, m0, m1);
 }
@@ -350,7 +355,7 @@ KR_TARGET_AVX512 void sample_avx512(const float* p, int64_t ld, int64_t n, const
 #endif
 
 template <typename T>
-void process_dispatch(int isa, const void* x, int64_t ld, int64_t n, float d, int64_t k, float tp, float* p,
+void process_dispatch(int isa, const void* x, int64_t ld, int64_t n, float d, int64_t k, double tp, float* p,
                       int64_t ldp, int32_t* st, int64_t m0, int64_t m1) {
   const T* xt = static_cast<const T*>(x);
   switch (isa) {
@@ -366,7 +371,7 @@ void process_dispatch(int isa, const void* x, int64_t ld, int64_t n, float d, in
 }  // namespace
 
 extern "C" int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits, int64_t ld, int64_t n,
-                                          float divisor, int64_t top_k, float top_p, float* probs, int64_t ldp,
+                                          float divisor, int64_t top_k, double top_p, float* probs, int64_t ldp,
                                           int32_t* status, int64_t m_begin, int64_t m_end) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (n <= 0 || n >= INT32_MAX || m_begin < 0 || m_end < m_begin || !(top_p == top_p) || !(divisor > 0.0f) ||
