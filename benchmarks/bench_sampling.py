@@ -10,7 +10,8 @@ in cache, against the DRAM read bandwidth: the fraction says how far the kernel 
 With --cpu and KANGAROO_RT_SAMPLING_DECODE=N (N prompts; `kangaroo-rt fetch smollm2` first) it also decodes N
 held-out Spec-Bench prompts with SmolLM2 in bf16, sampling (temperature 0.7, top-p 0.9), 256 new tokens, plain and
 Kangaroo, with these kernels and with torch's sampling (the reference's process_logits, torch.multinomial) in turns
-in this one process: ms per token each way and their ratio.
+in this one process: ms per token each way and their ratio; then the same with the sampled rounds' drafting in the
+one-call chain and step by step from Python (the same tokens both ways).
 
     python benchmarks/bench_sampling.py [--out DIR] [--interpret]
     KANGAROO_RT_SAMPLING_DECODE=3 python benchmarks/bench_sampling.py --cpu [--threads N] [--out DIR]
@@ -80,6 +81,24 @@ def _decode_ab(n_prompts):
         switch(True)
 
 
+def _decode_chain_ab(n_prompts):
+    """Sampled decoding with the rounds' drafting in the one-call chain (csrc/cpu/draft.cpp) and step by step from
+    Python, in turns: both take the same uniforms, so the tokens must be the same."""
+    from kangaroo_rt.speculative import Decoder
+
+    chain = Decoder._cpu_chain
+
+    def switch(on: bool) -> None:
+        Decoder._cpu_chain = chain if on else (lambda self, state, *args: chain(self, state, *args)
+                                               if state.sampler.greedy else None)
+
+    try:
+        return kb.decode_ab(n_prompts, switch, "the one-call sampled chain",
+                            {"do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    finally:
+        Decoder._cpu_chain = chain
+
+
 def _check_probs(got, want):
     """Ties in bf16 scores may sit at the top-p cut, where torch's unstable sort keeps any of them: compare the
     number of kept tokens and the probabilities where both keep a token."""
@@ -97,7 +116,7 @@ def main():
     if args.cpu:
         n_prompts = int(os.environ.get("KANGAROO_RT_SAMPLING_DECODE", "0"))
         kb.run_cases(NAME, _cpu_cases(device, smoke), args, device, smoke,
-                     extra=lambda: {"decode": _decode_ab(n_prompts)})
+                     extra=lambda: {"decode": _decode_ab(n_prompts), "decode_chain": _decode_chain_ab(n_prompts)})
         return
     import torch
 
