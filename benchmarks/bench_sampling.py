@@ -4,8 +4,10 @@ On a GPU (or --interpret): kernels/sampling.py, greedy argmax with its top-1 pro
 extension's sampling (csrc/cpu/sampling.cpp) over SmolLM2's 49152 logits, for a plain step's 1 row and a verify
 pass's 3 and 7: process_logits with temperature 0.7 and top-p 0.9 (torch: a sort of the whole row), with top-k 50
 and top-p 0.9 (torch: topk, then the sort), temperature alone (torch: softmax), and the draw of one token per row
-(torch.multinomial). GB/s counts the logits read and the probabilities written (a draw: the probabilities read), all
-in cache, against the DRAM read bandwidth: the fraction says how far the kernel is from a pure stream.
+(torch.multinomial), and a verification's acceptance (accept_sampling over k + 1 = 2 and 4 positions with uniforms
+of 1, so that a draft stays only where p(d) > q(d): torch's gathers and residual, then its draw). GB/s counts the logits read and the
+probabilities written (a draw, an acceptance: the probabilities read), all in cache, against the DRAM read
+bandwidth: the fraction says how far the kernel is from a pure stream.
 
 With --cpu and KANGAROO_RT_SAMPLING_DECODE=N (N prompts; `kangaroo-rt fetch smollm2` first) it also decodes N
 held-out Spec-Bench prompts with SmolLM2 in bf16, sampling (temperature 0.7, top-p 0.9), 256 new tokens, plain and
@@ -59,6 +61,14 @@ def _cpu_cases(device, smoke):
                 cases.append({"case": f"sample {rows}x{vocab}", "bytes": probs.numel() * 4,
                               "cpu": lambda p=probs: _cpu_ext.sample(p, gen),
                               "torch": lambda p=probs: reference.sample(p, gen)})
+            for k in (1, 3):  # a verification's acceptance of k drafts (one row)
+                p = reference.process_logits(3 * torch.randn(1, k + 1, vocab, generator=gen), 0.7, None, 0.9)
+                q = reference.process_logits(3 * torch.randn(1, k, vocab, generator=gen), 0.7, None, 0.9)
+                drafts = q[0].argmax(-1)[None]
+                args = (drafts, torch.full((1,), k), p, q, torch.ones(1, k))
+                cases.append({"case": f"accept_sampling 1x{k + 1}x{vocab}", "bytes": (p.numel() + q.numel()) * 4,
+                              "cpu": lambda a=args: _cpu_ext.accept_sampling(*a, gen),
+                              "torch": lambda a=args: reference.accept_sampling(*a, gen)})
     return cases
 
 

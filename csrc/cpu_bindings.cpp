@@ -379,6 +379,46 @@ at::Tensor sample(const at::Tensor& probs, const at::Tensor& u) {
   return tokens;
 }
 
+// drafts (B, K) int64 (unit column stride), n_drafts (B,) int64, p (B, K + 1, V) and q (B, K, V) float32, u_accept
+// (B, K) float32, u_next (B,) float64 -> (accepted (B,), next (B,)) int64; next -1 on rows that are not distributions.
+std::tuple<at::Tensor, at::Tensor> accept_sampling(const at::Tensor& drafts, const at::Tensor& n_drafts,
+                                                   const at::Tensor& p, const at::Tensor& q, const at::Tensor& u_accept,
+                                                   const at::Tensor& u_next) {
+  const char* what = "kangaroo_rt._cpu.accept_sampling";
+  TORCH_CHECK_VALUE(drafts.dim() == 2 && drafts.scalar_type() == at::kLong && drafts.device().is_cpu() &&
+                        (drafts.size(1) == 0 || drafts.stride(1) == 1),
+                    what, ": drafts must be a (B, K) int64 CPU tensor of unit column stride, got ", drafts.sizes());
+  const int64_t B = drafts.size(0), K = drafts.size(1);
+  TORCH_CHECK_VALUE(p.dim() == 3 && p.size(0) == B && p.size(1) == K + 1 && p.size(2) > 0, what,
+                    ": p must be (B, K + 1, V) = (", B, ", ", K + 1, ", V), got ", p.sizes());
+  const int64_t V = p.size(2);
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(0) == B && q.size(1) == K && q.size(2) == V, what, ": q must be (", B, ", ",
+                    K, ", ", V, "), got ", q.sizes());
+  for (const at::Tensor* t : {&p, &q, &u_accept})
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous(), what,
+                      ": p, q and u_accept must be contiguous float32 CPU tensors");
+  TORCH_CHECK_VALUE(u_accept.dim() == 2 && u_accept.size(0) == B && u_accept.size(1) == K, what,
+                    ": u_accept must be (B, K), got ", u_accept.sizes());
+  TORCH_CHECK_VALUE(n_drafts.dim() == 1 && n_drafts.size(0) == B && n_drafts.scalar_type() == at::kLong &&
+                        n_drafts.device().is_cpu() && n_drafts.is_contiguous(),
+                    what, ": n_drafts must be a contiguous (B,) int64 CPU tensor");
+  TORCH_CHECK_VALUE(u_next.dim() == 1 && u_next.size(0) == B && u_next.scalar_type() == at::kDouble &&
+                        u_next.device().is_cpu() && u_next.is_contiguous(),
+                    what, ": u_next must be a contiguous (B,) float64 CPU tensor");
+  at::Tensor accepted = at::empty({B}, n_drafts.options()), next = at::empty({B}, n_drafts.options());
+  if (B == 0) return {accepted, next};
+  const int isa = process_isa();
+  const int64_t ld = K > 0 ? drafts.stride(0) : 0;
+  at::parallel_for(0, B, grain_for(3 * V), [&](int64_t m0, int64_t m1) {
+    const int rc = kr_cpu_accept_sampling_rows(
+        isa, drafts.const_data_ptr<int64_t>(), ld, n_drafts.const_data_ptr<int64_t>(), p.const_data_ptr<float>(),
+        q.const_data_ptr<float>(), K, V, u_accept.const_data_ptr<float>(), u_next.const_data_ptr<double>(),
+        accepted.mutable_data_ptr<int64_t>(), next.mutable_data_ptr<int64_t>(), m0, m1);
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
+  });
+  return {accepted, next};
+}
+
 // ---- The screened greedy head (csrc/cpu/head_screen.cpp): x's int8 parts, then the head's rows in parallel.
 
 // x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows.
@@ -567,6 +607,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample", &sample, py::arg("probs"), py::arg("u"), py::call_guard<py::gil_scoped_release>(),
         "probs (B, n) fp32, u (B,) float64 in [0, 1) -> (B,) int64: the first index where the running sum passes "
         "u * the row's sum (a draw, as torch.multinomial's); -1 on a row that is not a distribution");
+  m.def("accept_sampling", &accept_sampling, py::arg("drafts"), py::arg("n_drafts"), py::arg("p"), py::arg("q"),
+        py::arg("u_accept"), py::arg("u_next"), py::call_guard<py::gil_scoped_release>(),
+        "speculative sampling's acceptance and next token, (B,) each: the drafts before the first with "
+        "!(u_accept * q(d) < p(d)), then a draw with u_next from max(p - q, 0) or, after a full acceptance, p");
   m.def("commit_tokens", &commit_tokens, py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("tokens"),
         py::arg("count"), py::arg("eos") = py::none(),
         "commit (B, n) tokens into out at n_gen, up to an EOS, in place; -> committed (B,)");

@@ -241,10 +241,26 @@ def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
 
 
 def accept_sampling(drafts, n_drafts, target_probs, draft_probs, uniforms, generator=None):
-    """See :func:`kangaroo_rt.reference.accept_sampling`: its acceptance, then the draw of :func:`sample`."""
-    accepted = reference.accept_sampling_counts(drafts, n_drafts, target_probs, draft_probs, uniforms)
-    dist = reference.after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs)
-    return accepted, sample(dist, generator)
+    """See :func:`kangaroo_rt.reference.accept_sampling` (csrc/cpu/sampling.cpp): its acceptance test, then the next
+    token drawn as :func:`sample` draws, from max(p - q, 0) unnormalized (the draw divides by the sum), one float64
+    uniform of ``generator`` a row."""
+    tensors = (drafts, n_drafts, target_probs, draft_probs, uniforms)
+    if not (all(t.is_cpu and t.layout == torch.strided for t in tensors) and drafts.dim() == 2
+            and target_probs.dtype == draft_probs.dtype == uniforms.dtype == torch.float32
+            and drafts.dtype == n_drafts.dtype == torch.long and (generator is None or generator.device.type == "cpu")
+            and target_probs.dim() == 3 and target_probs.shape[1] == drafts.shape[1] + 1):
+        accepted = reference.accept_sampling_counts(drafts, n_drafts, target_probs, draft_probs, uniforms)
+        dist = reference.after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs)
+        return accepted, sample(dist, generator)
+    u_next = torch.rand(drafts.shape[0], dtype=torch.float64, generator=generator)
+    accepted, nxt = load().accept_sampling(drafts if drafts.shape[1] == 0 or drafts.stride(1) == 1
+                                           else drafts.contiguous(), n_drafts.contiguous(),
+                                           target_probs.contiguous(), draft_probs.contiguous(), uniforms.contiguous(),
+                                           u_next)
+    if bool((nxt < 0).any()):  # not a distribution: torch's error
+        dist = reference.after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs)
+        return accepted, _torch_error(reference.sample, dist, generator, u_next)
+    return accepted, nxt
 
 
 def _round_state_ok(tokens: torch.Tensor, out: torch.Tensor, n_gen: torch.Tensor, finished: torch.Tensor,

@@ -229,3 +229,35 @@ def test_accept_sampling_on_the_cpu_is_lossless(cpu):
     torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
     assert ops.backend_table("cpu")["accept_sampling"] == "cpu"
     assert ops.backend_table("cpu")["sample"] == "cpu" and ops.backend_table("cpu")["process_logits"] == "cpu"
+
+
+def test_accept_sampling_kernel_against_the_reference(cpu):
+    """The fused kernel: the reference's acceptance counts (the same float test) and, with the same uniforms, the
+    next token the reference's distribution gives (rejections, full acceptances, rows without drafts, K = 0)."""
+    gen = torch.Generator().manual_seed(7)
+    B, K, V = 64, 4, 50
+
+    def dist(*shape):
+        x = torch.rand(*shape, generator=gen) ** 3 * (torch.rand(*shape, generator=gen) < 0.6)
+        return x / x.sum(-1, keepdim=True)
+
+    p, q = dist(B, K + 1, V), dist(B, K, V)
+    n = torch.randint(0, K + 1, (B,), generator=gen)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K)
+    drafts[:8] = p[:8, :K].argmax(-1)  # likely accepted: some rows accept every draft
+    drafts = torch.where(torch.arange(K)[None] < n[:, None], drafts, torch.full_like(drafts, -1))
+    u = torch.rand(B, K, generator=gen)
+    u[:8] = 0.0
+    u_next = torch.rand(B, dtype=torch.float64, generator=gen)
+    accepted, nxt = cpu.accept_sampling(drafts, n, p, q, u, u_next)
+    want = reference.accept_sampling_counts(drafts, n, p, q, u)
+    assert torch.equal(accepted, want)
+    assert bool((accepted == n).any()) and bool((accepted < n).any()) and bool((n == 0).any())
+    d = reference.after_acceptance_distribution(want, n, p, q)
+    assert torch.equal(nxt, reference.sample(d, u=u_next))
+    assert bool((d.gather(1, nxt[:, None]) > 0).all())
+    a0, n0 = cpu.accept_sampling(drafts[:, :0], torch.zeros(B, dtype=torch.long), p[:, :1].contiguous(),
+                                 q[:, :0].contiguous(), u[:, :0].contiguous(), u_next)
+    assert bool((a0 == 0).all()) and torch.equal(n0, reference.sample(p[:, 0], u=u_next))
+    with pytest.raises(ValueError):
+        cpu.accept_sampling(drafts, n, p, q[:, :2].contiguous(), u, u_next)

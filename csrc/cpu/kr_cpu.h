@@ -198,6 +198,17 @@ int kr_cpu_process_logits_rows(int isa, int dtype, const void* logits, int64_t l
 int kr_cpu_sample_rows(int isa, const float* probs, int64_t ld, int64_t n, const double* u, int64_t* tokens,
                        int64_t m_begin, int64_t m_end);
 
+// Speculative sampling's acceptance (kangaroo_rt.reference.accept_sampling) for rows [m_begin, m_end): drafts (B, K)
+// int64 (row stride ld_drafts), n_drafts (B,) in [0, K], p (B, K + 1, V) and q (B, K, V) fp32 contiguous, u_accept
+// (B, K) fp32 contiguous, u_next (B,) float64 in [0, 1). accepted[b] = the drafts i < n_drafts[b] before the first
+// with !(u_accept[b, i] * q[b, i, d_i] < p[b, i, d_i]) (in fp32, as the reference tests it); next[b] = a draw as
+// kr_cpu_sample_rows makes it with u_next[b]: from max(p - q, 0) at a rejection (p where that has no mass), from
+// p[b, n_drafts[b]] after a full acceptance; -1 where that row is not a distribution.
+int kr_cpu_accept_sampling_rows(int isa, const int64_t* drafts, int64_t ld_drafts, const int64_t* n_drafts,
+                                const float* p, const float* q, int64_t K, int64_t V, const float* u_accept,
+                                const double* u_next, int64_t* accepted, int64_t* next, int64_t m_begin,
+                                int64_t m_end);
+
 // ---- The screened greedy head (head_screen.cpp): the first index of the largest logit of y = x W^T, with y rounded
 // to the dtype as the head computes it (kr_cpu_linear_rows / _bf16 + rounding), the same index as
 // kr_cpu_argmax_rows over the whole row, while most of W is read as int8. W ~ scale[v] * q[v] (per-row int8); x is

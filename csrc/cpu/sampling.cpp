@@ -325,6 +325,40 @@ KR_INLINE void sample_rows(const float* p, int64_t ld, int64_t n, const double* 
   for (int64_t m = m0; m < m1; ++m) tokens[m] = sample_row<L>(p + m * ld, n, u[m]);
 }
 
+// Speculative sampling's acceptance and next token for rows [m0, m1) (kr_cpu_accept_sampling_rows).
+template <class L>
+KR_INLINE void accept_rows(const int64_t* drafts, int64_t ld_drafts, const int64_t* n_drafts, const float* p,
+                           const float* q, int64_t K, int64_t V, const float* u_accept, const double* u_next,
+                           int64_t* accepted, int64_t* next, int64_t m0, int64_t m1) {
+  static thread_local std::vector<float> residual;
+  residual.resize(static_cast<size_t>(V));
+  for (int64_t b = m0; b < m1; ++b) {
+    const float* pb = p + b * (K + 1) * V;
+    const float* qb = q + b * K * V;
+    const int64_t n = n_drafts[b];
+    int64_t a = 0;
+    for (; a < n; ++a) {  // the reference's float test: u * q(d) < p(d)
+      const int64_t d = drafts[b * ld_drafts + a];
+      if (d < 0 || d >= V || !(u_accept[b * K + a] * qb[a * V + d] < pb[a * V + d])) break;
+    }
+    accepted[b] = a;
+    const float* pa = pb + a * V;
+    if (a < n) {  // rejected at a: max(p_a - q_a, 0), or p_a where round-off left it no mass
+      const float* qa = qb + a * V;
+      float* r = residual.data();
+      bool any = false;
+      for (int64_t v = 0; v < V; ++v) {
+        const float x = pa[v] - qa[v];
+        r[v] = x > 0.0f ? x : 0.0f;
+        any = any || r[v] > 0.0f;
+      }
+      next[b] = sample_row<L>(any ? r : pa, V, u_next[b]);
+    } else {
+      next[b] = sample_row<L>(pa, V, u_next[b]);
+    }
+  }
+}
+
 template <typename T>
 void process_portable(const T* x, int64_t ld, int64_t n, float d, int64_t k, double tp, float* p, int64_t ldp,
                       int32_t* st, int64_t m0, int64_t m1) {
@@ -333,6 +367,12 @@ void process_portable(const T* x, int64_t ld, int64_t n, float d, int64_t k, dou
 
 void sample_portable(const float* p, int64_t ld, int64_t n, const double* u, int64_t* t, int64_t m0, int64_t m1) {
   sample_rows<PlainLoops>(p, ld, n, u, t, m0, m1);
+}
+
+void accept_portable(const int64_t* d, int64_t ldd, const int64_t* nd, const float* p, const float* q, int64_t K,
+                     int64_t V, const float* ua, const double* un, int64_t* acc, int64_t* next, int64_t m0,
+                     int64_t m1) {
+  accept_rows<PlainLoops>(d, ldd, nd, p, q, K, V, ua, un, acc, next, m0, m1);
 }
 
 #if KR_CPU_X86
@@ -351,6 +391,12 @@ KR_TARGET_AVX2 void process_avx2(const T* x, int64_t ld, int64_t n, float d, int
 KR_TARGET_AVX512 void sample_avx512(const float* p, int64_t ld, int64_t n, const double* u, int64_t* t, int64_t m0,
                                     int64_t m1) {
   sample_rows<Avx512Loops>(p, ld, n, u, t, m0, m1);
+}
+
+KR_TARGET_AVX512 void accept_avx512(const int64_t* d, int64_t ldd, const int64_t* nd, const float* p, const float* q,
+                                    int64_t K, int64_t V, const float* ua, const double* un, int64_t* acc,
+                                    int64_t* next, int64_t m0, int64_t m1) {
+  accept_rows<Avx512Loops>(d, ldd, nd, p, q, K, V, ua, un, acc, next, m0, m1);
 }
 #endif
 
@@ -399,5 +445,27 @@ extern "C" int kr_cpu_sample_rows(int isa, const float* probs, int64_t ld, int64
   }
 #endif
   sample_portable(probs, ld, n, u, tokens, m_begin, m_end);
+  return KR_CPU_OK;
+}
+
+extern "C" int kr_cpu_accept_sampling_rows(int isa, const int64_t* drafts, int64_t ld_drafts, const int64_t* n_drafts,
+                                           const float* p, const float* q, int64_t K, int64_t V, const float* u_accept,
+                                           const double* u_next, int64_t* accepted, int64_t* next, int64_t m_begin,
+                                           int64_t m_end) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (K < 0 || V <= 0 || ld_drafts < K || m_begin < 0 || m_end < m_begin) return KR_CPU_BAD_ARGUMENT;
+  if (m_begin == m_end) return KR_CPU_OK;
+  if (n_drafts == nullptr || p == nullptr || u_next == nullptr || accepted == nullptr || next == nullptr ||
+      (K > 0 && (drafts == nullptr || q == nullptr || u_accept == nullptr)))
+    return KR_CPU_BAD_ARGUMENT;
+  for (int64_t b = m_begin; b < m_end; ++b)
+    if (n_drafts[b] < 0 || n_drafts[b] > K) return KR_CPU_BAD_ARGUMENT;
+#if KR_CPU_X86
+  if (isa >= KR_CPU_ISA_AVX512) {
+    accept_avx512(drafts, ld_drafts, n_drafts, p, q, K, V, u_accept, u_next, accepted, next, m_begin, m_end);
+    return KR_CPU_OK;
+  }
+#endif
+  accept_portable(drafts, ld_drafts, n_drafts, p, q, K, V, u_accept, u_next, accepted, next, m_begin, m_end);
   return KR_CPU_OK;
 }
