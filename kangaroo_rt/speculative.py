@@ -142,7 +142,8 @@ class BatchSampling:
         """Draw the round's draft uniforms (B, gamma), one a row and step, before any draft: the step-by-step
         path and the one-call chain then take the same random numbers (rows that stop early leave theirs)."""
         if not self.greedy:
-            self.round_u = torch.rand(batch, gamma, dtype=torch.float64, generator=self.gen).to(device)
+            on = self.gen.device if self.gen is not None else torch.device("cpu")  # (a CUDA generator draws there)
+            self.round_u = torch.rand(batch, gamma, dtype=torch.float64, generator=self.gen, device=on).to(device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
@@ -191,10 +192,11 @@ class RowSampling:
         :meth:`BatchSampling.begin_round` does for a batch of one)."""
         if self.greedy:
             return
-        self.round_u = torch.zeros(batch, gamma, dtype=torch.float64)
+        self.round_u = torch.zeros(batch, gamma, dtype=torch.float64, device=device)
         for r in self.sampled:
-            self.round_u[r] = torch.rand(gamma, dtype=torch.float64, generator=self.rows[r][1])
-        self.round_u = self.round_u.to(device)
+            gen = self.rows[r][1]
+            on = gen.device if gen is not None else torch.device("cpu")
+            self.round_u[r] = torch.rand(gamma, dtype=torch.float64, generator=gen, device=on).to(device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
