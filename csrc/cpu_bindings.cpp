@@ -386,8 +386,10 @@ std::tuple<at::Tensor, at::Tensor> accept_sampling(const at::Tensor& drafts, con
                                                    const at::Tensor& u_next) {
   const char* what = "kangaroo_rt._cpu.accept_sampling";
   TORCH_CHECK_VALUE(drafts.dim() == 2 && drafts.scalar_type() == at::kLong && drafts.device().is_cpu() &&
-                        (drafts.size(1) == 0 || drafts.stride(1) == 1),
-                    what, ": drafts must be a (B, K) int64 CPU tensor of unit column stride, got ", drafts.sizes());
+                        (drafts.size(1) <= 1 || drafts.stride(1) == 1) &&
+                        (drafts.size(0) <= 1 || drafts.size(1) == 0 || drafts.stride(0) >= drafts.size(1)),
+                    what, ": drafts must be a (B, K) int64 CPU tensor of unit column stride and rows that do not overlap, "
+                    "got ", drafts.sizes(), " strides ", drafts.strides());
   const int64_t B = drafts.size(0), K = drafts.size(1);
   TORCH_CHECK_VALUE(p.dim() == 3 && p.size(0) == B && p.size(1) == K + 1 && p.size(2) > 0, what,
                     ": p must be (B, K + 1, V) = (", B, ", ", K + 1, ", V), got ", p.sizes());
@@ -408,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor> accept_sampling(const at::Tensor& drafts, con
   at::Tensor accepted = at::empty({B}, n_drafts.options()), next = at::empty({B}, n_drafts.options());
   if (B == 0) return {accepted, next};
   const int isa = process_isa();
-  const int64_t ld = K > 0 ? drafts.stride(0) : 0;
+  const int64_t ld = B <= 1 ? K : drafts.stride(0);
   at::parallel_for(0, B, grain_for(3 * V), [&](int64_t m0, int64_t m1) {
     const int rc = kr_cpu_accept_sampling_rows(
         isa, drafts.const_data_ptr<int64_t>(), ld, n_drafts.const_data_ptr<int64_t>(), p.const_data_ptr<float>(),

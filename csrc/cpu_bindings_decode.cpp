@@ -519,6 +519,8 @@ std::vector<at::Tensor> greedy_decode_plans(TargetPlan& pass, DraftPlan* draft, 
   const char* what = "kangaroo_rt._cpu.greedy_decode";
   TORCH_CHECK_VALUE(max_rounds >= 0, what, ": max_rounds must be >= 0");
   const kr_cpu_target_pass_args& a = pass.a;
+  TORCH_CHECK_VALUE(draft == nullptr || draft->a.sample_q == nullptr, what,
+                    ": greedy_decode takes a greedy draft plan (sampled drafts need fresh uniforms each round)");
   TORCH_CHECK_VALUE(draft == nullptr || (draft->a.batch == a.batch && draft->a.pos == a.pos &&
                                           pass.q_len_max == draft->a.gamma + 1 && a.exits == draft->a.exits),
                     what, ": the pass must verify the draft plan's chain over the same state (q_len gamma + 1)");

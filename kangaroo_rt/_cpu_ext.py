@@ -253,8 +253,10 @@ def accept_sampling(drafts, n_drafts, target_probs, draft_probs, uniforms, gener
         dist = reference.after_acceptance_distribution(accepted, n_drafts, target_probs, draft_probs)
         return accepted, sample(dist, generator)
     u_next = torch.rand(drafts.shape[0], dtype=torch.float64, generator=generator)
-    accepted, nxt = load().accept_sampling(drafts if drafts.shape[1] == 0 or drafts.stride(1) == 1
-                                           else drafts.contiguous(), n_drafts.contiguous(),
+    B, K = drafts.shape
+    if not ((K <= 1 or drafts.stride(1) == 1) and (B <= 1 or K == 0 or drafts.stride(0) >= K)):
+        drafts = torch.empty(drafts.shape, dtype=torch.long).copy_(drafts)  # rows of their own, unit column stride
+    accepted, nxt = load().accept_sampling(drafts, n_drafts.contiguous(),
                                            target_probs.contiguous(), draft_probs.contiguous(), uniforms.contiguous(),
                                            u_next)
     if bool((nxt < 0).any()):  # not a distribution: torch's error

@@ -157,7 +157,7 @@ class BatchSampling:
         if self.greedy:
             return (*ops.greedy_with_confidence(logits), None)
         q = _probs(self.sampling, logits)
-        return ops.sample(q, self.gen, self.round_u[:, step]), q.max(dim=-1).values, q
+        return ops.sample(q, self.gen, self.round_u[:, step].reshape(-1)), q.max(dim=-1).values, q
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +172,8 @@ class RowSampling:
     """Per-row sampling parameters and generators (the engine's batches mix requests).
 
     ``rows[r]`` is ``(SamplingConfig, generator)`` for row r, or None for a free slot (treated as greedy,
-    consumes no randomness). A row draws random numbers only from its own generator, and only as many as
-    its own drafts and tokens need, in the same order as a batch of one under :class:`BatchSampling`:
+    consumes no randomness). A row draws random numbers only from its own generator (gamma draft uniforms a round,
+    then what its acceptance and tokens need), in the same order as a batch of one under :class:`BatchSampling`:
     a seeded request gets the tokens it would get alone, whatever else is in the batch (up to
     floating-point differences between batched and single-row kernels).
     """
@@ -217,7 +217,7 @@ class RowSampling:
         for r in (r for r in self.sampled if on[r]):
             sampling, gen = self.rows[r]
             q[r] = _probs(sampling, logits[r:r + 1])[0]
-            token[r] = ops.sample(q[r:r + 1], gen, self.round_u[r:r + 1, step])[0]
+            token[r] = ops.sample(q[r:r + 1], gen, self.round_u[r, step].reshape(1))[0]
             conf[r] = q[r].max()
         return token, conf, q
 

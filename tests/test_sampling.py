@@ -261,3 +261,24 @@ def test_accept_sampling_kernel_against_the_reference(cpu):
     assert bool((a0 == 0).all()) and torch.equal(n0, reference.sample(p[:, 0], u=u_next))
     with pytest.raises(ValueError):
         cpu.accept_sampling(drafts, n, p, q[:, :2].contiguous(), u, u_next)
+
+
+def test_accept_sampling_kernel_edges(cpu):
+    """A NaN at a rejection is torch's error, not a draw from the rest; drafts of odd strides are read as torch reads
+    them; a draft of -1 within n_drafts is rejected."""
+    p = torch.full((1, 2, 4), 0.25)
+    q = torch.tensor([[[0.7, 0.1, 0.1, 0.1]]])
+    drafts, n, u = torch.tensor([[0]]), torch.tensor([1]), torch.ones(1, 1)
+    assert _cpu_ext.accept_sampling(drafts, n, p, q, u)[0].tolist() == [0]  # rejected: 0.7 > 0.25
+    bad = p.clone()
+    bad[0, 0, 2] = math.nan
+    with pytest.raises(RuntimeError):
+        _cpu_ext.accept_sampling(drafts, n, bad, q, u)
+    wide = torch.zeros(3, 3, dtype=torch.long)[:, :1]  # (3, 1) of row stride 3
+    odd = torch.zeros(1, 3, dtype=torch.long).t()  # (3, 1) of row stride 1
+    for d in (wide, odd, torch.zeros(1, dtype=torch.long).expand(3, 1)):
+        args = (d, torch.ones(3, dtype=torch.long), p.expand(3, -1, -1).contiguous(), q.expand(3, -1, -1).contiguous(),
+                torch.zeros(3, 1))
+        assert _cpu_ext.accept_sampling(*args)[0].tolist() == reference.accept_sampling_counts(*args).tolist() == [1] * 3
+    u_next = torch.zeros(1, dtype=torch.float64)
+    assert cpu.accept_sampling(torch.tensor([[-1]]), n, p, q, torch.zeros(1, 1), u_next)[0].tolist() == [0]

@@ -203,7 +203,8 @@ int kr_cpu_sample_rows(int isa, const float* probs, int64_t ld, int64_t n, const
 // (B, K) fp32 contiguous, u_next (B,) float64 in [0, 1). accepted[b] = the drafts i < n_drafts[b] before the first
 // with !(u_accept[b, i] * q[b, i, d_i] < p[b, i, d_i]) (in fp32, as the reference tests it); next[b] = a draw as
 // kr_cpu_sample_rows makes it with u_next[b]: from max(p - q, 0) at a rejection (p where that has no mass), from
-// p[b, n_drafts[b]] after a full acceptance; -1 where that row is not a distribution.
+// p[b, n_drafts[b]] after a full acceptance; -1 where that row is not a distribution (a NaN in p - q included). A
+// draft outside [0, V) within n_drafts is rejected (the reference clamps it to token 0; the decoder never has one).
 int kr_cpu_accept_sampling_rows(int isa, const int64_t* drafts, int64_t ld_drafts, const int64_t* n_drafts,
                                 const float* p, const float* q, int64_t K, int64_t V, const float* u_accept,
                                 const double* u_next, int64_t* accepted, int64_t* next, int64_t m_begin,

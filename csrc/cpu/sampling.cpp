@@ -346,13 +346,14 @@ KR_INLINE void accept_rows(const int64_t* drafts, int64_t ld_drafts, const int64
     if (a < n) {  // rejected at a: max(p_a - q_a, 0), or p_a where round-off left it no mass
       const float* qa = qb + a * V;
       float* r = residual.data();
-      bool any = false;
+      bool any = false, nan = false;
       for (int64_t v = 0; v < V; ++v) {
         const float x = pa[v] - qa[v];
         r[v] = x > 0.0f ? x : 0.0f;
         any = any || r[v] > 0.0f;
+        nan = nan || x != x;
       }
-      next[b] = sample_row<L>(any ? r : pa, V, u_next[b]);
+      next[b] = nan ? -1 : sample_row<L>(any ? r : pa, V, u_next[b]);  // (-1: the caller raises torch's error)
     } else {
       next[b] = sample_row<L>(pa, V, u_next[b]);
     }
