@@ -338,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor> process_logits(const at::Tensor& logits, doub
   at::Tensor status = at::zeros({M}, logits.options().dtype(at::kInt));
   if (M > 0) {
     const int isa = process_isa();
-    const float divisor = static_cast<float>(std::max(temperature, 1e-6));  // the reference's max(T, 1e-6)
-    const double p = top_p >= 1.0 ? 1.0 : top_p;  // (in double: a float's step near 1 moves the cut's tail)
+    const float divisor = sampling_divisor(temperature);
+    const double p = sampling_top_p(top_p);  // (in double: a float's step near 1 moves the cut's tail)
     const void* x = rows.first.const_data_ptr();
     float* pp = probs.mutable_data_ptr<float>();
     int32_t* sp = status.mutable_data_ptr<int32_t>();

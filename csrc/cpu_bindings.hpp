@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -22,6 +23,11 @@ inline bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::
   TORCH_CHECK_VALUE(isa != KR_CPU_ISA_INVALID, "kangaroo_rt._cpu: ", kr_cpu_isa_error());
   return isa;
 }
+
+// kr_cpu_process_logits_rows' divisor and top_p from a sampling configuration, as the reference applies them: the
+// temperature clamped to 1e-6 (then float, as torch divides the fp32 scores), top_p in double, 1 for none.
+inline float sampling_divisor(double temperature) { return static_cast<float>(std::max(temperature, 1e-6)); }
+inline double sampling_top_p(double top_p) { return top_p >= 1.0 ? 1.0 : top_p; }
 
 // An optional bias (N,), float32 or bfloat16, as the fp32 (N,) the kernels add; an undefined tensor without one.
 inline at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias, int64_t N, const std::string& what) {

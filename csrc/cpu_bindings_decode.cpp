@@ -319,8 +319,8 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
   kr_cpu_draft_args& a = plan->a;
   if (sample_q.has_value()) {  // process_logits' arguments, as its binding makes them
     a.sample_q = sample_q->mutable_data_ptr<float>(), a.sample_u = sample_u->const_data_ptr<double>();
-    a.sample_divisor = static_cast<float>(std::max(temperature, 1e-6));
-    a.sample_top_k = top_k, a.sample_top_p = top_p >= 1.0 ? 1.0 : top_p;
+    a.sample_divisor = sampling_divisor(temperature);
+    a.sample_top_k = top_k, a.sample_top_p = sampling_top_p(top_p);
   }
   a.dtype = dtype_code(exits, what, "exits");
   a.batch = B, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads, a.head_dim = head_dim;

@@ -204,6 +204,12 @@ def _torch_error(fn, *args):
         raise InvalidDistribution(str(exc)) from exc
 
 
+def filter_args(vocab: int, top_k: Optional[int], top_p: Optional[float]) -> tuple:
+    """(top_k, top_p) as the kernels take them for rows of ``vocab`` logits: 0 and 1.0 for none."""
+    k = 0 if top_k is None or top_k >= vocab else int(top_k)
+    return k, 1.0 if top_p is None or top_p >= 1.0 else float(top_p)
+
+
 def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int],
                    top_p: Optional[float]) -> torch.Tensor:
     """See :func:`kangaroo_rt.reference.process_logits` (csrc/cpu/sampling.cpp): the same kept tokens, found among
@@ -214,9 +220,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int
     if not (_logits_ok(logits) and temperature == temperature and (top_k is None or 0 < top_k)
             and (top_p is None or top_p == top_p)):
         return _torch_error(reference.process_logits, logits, temperature, top_k, top_p)
-    k = 0 if top_k is None or top_k >= vocab else int(top_k)
-    p = 1.0 if top_p is None or top_p >= 1.0 else float(top_p)
-    probs, left = load().process_logits(logits, float(temperature), k, p)
+    probs, left = load().process_logits(logits, float(temperature), *filter_args(vocab, top_k, top_p))
     if bool(left.any()):
         probs[left] = reference.process_logits(logits[left], temperature, top_k, top_p)
     return probs

@@ -126,6 +126,13 @@ def _probs(sampling: SamplingConfig, logits: torch.Tensor) -> torch.Tensor:
     return ops.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
+def _uniforms(shape: Tuple[int, ...], gen: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """float64 uniforms in [0, 1) of ``shape`` from ``gen`` (drawn on its device: a CUDA generator cannot fill a CPU
+    tensor; the default CPU one without it), on ``device``."""
+    on = gen.device if gen is not None else torch.device("cpu")
+    return torch.rand(shape, dtype=torch.float64, generator=gen, device=on).to(device)
+
+
 class BatchSampling:
     """One :class:`SamplingConfig` and one generator for the whole batch (what ``generate`` uses)."""
 
@@ -142,8 +149,7 @@ class BatchSampling:
         """Draw the round's draft uniforms (B, gamma), one a row and step, before any draft: the step-by-step
         path and the one-call chain then take the same random numbers (rows that stop early leave theirs)."""
         if not self.greedy:
-            on = self.gen.device if self.gen is not None else torch.device("cpu")  # (a CUDA generator draws there)
-            self.round_u = torch.rand(batch, gamma, dtype=torch.float64, generator=self.gen, device=on).to(device)
+            self.round_u = _uniforms((batch, gamma), self.gen, device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
@@ -194,9 +200,7 @@ class RowSampling:
             return
         self.round_u = torch.zeros(batch, gamma, dtype=torch.float64, device=device)
         for r in self.sampled:
-            gen = self.rows[r][1]
-            on = gen.device if gen is not None else torch.device("cpu")
-            self.round_u[r] = torch.rand(gamma, dtype=torch.float64, generator=gen, device=on).to(device)
+            self.round_u[r] = _uniforms((gamma,), self.rows[r][1], device)
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
@@ -558,11 +562,10 @@ class Decoder:
         if getattr(self, "_chain_q_key", None) != key:
             self._chain_q = torch.empty(state.batch, gamma, head.shape[0], dtype=torch.float32)
             self._chain_q_key = key
-        s = state.sampler.sampling  # process_logits' arguments, as _cpu_ext.process_logits makes them
-        top_k = 0 if s.top_k is None or s.top_k >= head.shape[0] else int(s.top_k)
-        top_p = 1.0 if s.top_p is None or s.top_p >= 1.0 else float(s.top_p)
+        s = state.sampler.sampling
         k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
-                                 sampled=(self._chain_q, state.sampler.round_u, float(s.temperature), top_k, top_p))
+                                 sampled=(self._chain_q, state.sampler.round_u, float(s.temperature),
+                                          *_cpu_ext.filter_args(head.shape[0], s.top_k, s.top_p)))
         full = (lambda q: q) if self.draft_head is None else self.draft_head.full_probs
         chain.probs[:] = [full(self._chain_q[:, j]) for j in range(k)]
         return k

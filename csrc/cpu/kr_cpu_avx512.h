@@ -35,6 +35,13 @@ KR_TARGET_AVX512_BF16 inline __m512 dp_pairs(__m512 acc, __m512i a, __m512i b) {
   }
 }
 
+// 16 elements from p as fp32 (bf16 widened exactly), the lanes outside mask 0.
+KR_TARGET_AVX512 inline __m512 load16_tail(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+KR_TARGET_AVX512 inline __m512 load16_tail(const uint16_t* p, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // kr_cpu::exp_nonpositive on 16 lanes, operation for operation.
 KR_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // a NaN x stays NaN, as in the scalar select

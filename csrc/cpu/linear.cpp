@@ -237,12 +237,7 @@ KR_TARGET_AVX512 inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-KR_TARGET_AVX512 inline __m512 load16_tail(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-
-KR_TARGET_AVX512 inline __m512 load16_tail(const uint16_t* p, __mmask16 mask) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using kr_cpu::load16_tail;
 
 KR_TARGET_AVX512 inline float tree16_avx512(__m512 a) {
   const __m256 lo = _mm512_castps512_ps256(a);

@@ -112,11 +112,6 @@ struct PlainLoops {
 
 #if KR_CPU_X86
 struct Avx512Loops {
-  static KR_TARGET_AVX512 inline __m512 load16(const float* x, __mmask16 live) { return _mm512_maskz_loadu_ps(live, x); }
-  static KR_TARGET_AVX512 inline __m512 load16(const uint16_t* x, __mmask16 live) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, x));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
   static KR_TARGET_AVX512 inline __mmask16 live_of(int64_t k, int64_t n) {
     return n - k >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1u);
   }
@@ -128,7 +123,7 @@ struct Avx512Loops {
     __mmask16 flag = 0;
     for (int64_t k = 0; k < n; k += kLanes) {
       const __mmask16 live = live_of(k, n);
-      const __m512 v = _mm512_div_ps(load16(x + k, live), d);
+      const __m512 v = _mm512_div_ps(kr_cpu::load16_tail(x + k, live), d);
       _mm512_mask_storeu_ps(s + k, live, v);
       best = _mm512_mask_max_ps(best, live, v, best);
       flag |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(live, v, inf, _CMP_EQ_OQ);
@@ -218,6 +213,12 @@ struct Scratch {
   std::vector<float> s;
   std::vector<int32_t> idx;
   std::vector<std::pair<float, int32_t>> ranked;  // (-score, index): ascending = the ranking
+
+  // ranked = the candidates idx[0..count) with their scores, to be ordered.
+  void rank(const float* scores, const int32_t* at, int64_t count) {
+    ranked.resize(static_cast<size_t>(count));
+    for (int64_t c = 0; c < count; ++c) ranked[c] = {-scores[at[c]], at[c]};
+  }
 };
 
 // One row: 0, or 1 when the caller must compute it (a NaN or +inf score, or only -inf).
@@ -246,8 +247,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, d
     count = L::collect(s, n, lo, idx);
     if (use_k) {
       if (count < top_k) continue;  // (at the last step count = n > top_k)
-      w.ranked.resize(static_cast<size_t>(count));
-      for (int64_t c = 0; c < count; ++c) w.ranked[c] = {-s[idx[c]], idx[c]};
+      w.rank(s, idx, count);
       std::nth_element(w.ranked.begin(), w.ranked.begin() + (top_k - 1), w.ranked.end());
       floor = -w.ranked[top_k - 1].first;
     }
@@ -267,8 +267,7 @@ KR_INLINE int process_row(const T* x, int64_t n, float divisor, int64_t top_k, d
     L::normalize(s, p, n, 1.0 / total, floor, n);  // every score at or above floor
     return 0;
   }
-  w.ranked.resize(static_cast<size_t>(count));
-  for (int64_t c = 0; c < count; ++c) w.ranked[c] = {-s[idx[c]], idx[c]};
+  w.rank(s, idx, count);
   std::sort(w.ranked.begin(), w.ranked.end());
   const double limit = top_p * total;
   double above = p[w.ranked[0].second];
