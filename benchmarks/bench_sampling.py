@@ -13,7 +13,10 @@ With --cpu and KANGAROO_RT_SAMPLING_DECODE=N (N prompts; `kangaroo-rt fetch smol
 held-out Spec-Bench prompts with SmolLM2 in bf16, sampling (temperature 0.7, top-p 0.9), 256 new tokens, plain and
 Kangaroo, with these kernels and with torch's sampling (the reference's process_logits, torch.multinomial) in turns
 in this one process: ms per token each way and their ratio; then the same with the sampled rounds' drafting in the
-one-call chain and step by step from Python (the same tokens both ways).
+one-call chain and step by step from Python (the same tokens both ways); then with the sampled passes (plain steps
+and verifications: layers, head, probabilities, draws, acceptance and commit) in one extension call and the whole
+decode in one (csrc/cpu/target_pass.cpp, kangaroo_rt._cpu.decode_loop) against those passes from Python (the same
+tokens both ways).
 
     python benchmarks/bench_sampling.py [--out DIR] [--interpret]
     KANGAROO_RT_SAMPLING_DECODE=3 python benchmarks/bench_sampling.py --cpu [--threads N] [--out DIR]
@@ -75,38 +78,62 @@ def _cpu_cases(device, smoke):
 SAMPLING_OPS = ("process_logits", "sample", "accept_sampling")
 
 
+SAMPLED = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
+def _one_call_sampling(paths, on: bool) -> None:
+    """The Decoder's one-call paths named in ``paths`` (_cpu_chain, _cpu_pass, _cpu_decode) as built (on), or
+    serving greedy decoding only, sampled decoding going step by step from Python (off)."""
+    from kangaroo_rt.speculative import Decoder
+
+    for name in paths:
+        built = _BUILT.setdefault(name, getattr(Decoder, name))
+        setattr(Decoder, name, built if on else (lambda built: lambda self, state, *args: built(self, state, *args)
+                                                 if state.sampler.greedy else None)(built))
+
+
+_BUILT = {}
+ONE_CALL = ("_cpu_chain", "_cpu_pass", "_cpu_decode")
+
+
 def _decode_ab(n_prompts):
     """Sampled decoding with the CPU extension's sampling ops and with torch's (the reference's, registered as the
-    cpu backend for the off turns), in turns (kernel_bench_utils.decode_ab)."""
+    cpu backend for the off turns; the one-call paths, which call the kernels themselves, off then too), in turns
+    (kernel_bench_utils.decode_ab)."""
     from kangaroo_rt import _cpu_ext, ops, reference
 
     def switch(on: bool) -> None:
         for op in SAMPLING_OPS:
             ops.register(op, "cpu", ops.LazyExtensionOp(op, _cpu_ext) if on else getattr(reference, op), ("cpu",))
+        _one_call_sampling(ONE_CALL, on)
 
     try:
-        return kb.decode_ab(n_prompts, switch, "the sampling kernels",
-                            {"do_sample": True, "temperature": 0.7, "top_p": 0.9})
+        return kb.decode_ab(n_prompts, switch, "the sampling kernels", SAMPLED)
     finally:
         switch(True)
 
 
 def _decode_chain_ab(n_prompts):
     """Sampled decoding with the rounds' drafting in the one-call chain (csrc/cpu/draft.cpp) and step by step from
-    Python, in turns: both take the same uniforms, so the tokens must be the same."""
-    from kangaroo_rt.speculative import Decoder
-
-    chain = Decoder._cpu_chain
-
-    def switch(on: bool) -> None:
-        Decoder._cpu_chain = chain if on else (lambda self, state, *args: chain(self, state, *args)
-                                               if state.sampler.greedy else None)
-
+    Python, the passes from Python both ways, in turns: both take the same uniforms, so the tokens must be the
+    same."""
     try:
-        return kb.decode_ab(n_prompts, switch, "the one-call sampled chain",
-                            {"do_sample": True, "temperature": 0.7, "top_p": 0.9})
+        _one_call_sampling(("_cpu_pass", "_cpu_decode"), False)
+        return kb.decode_ab(n_prompts, lambda on: _one_call_sampling(("_cpu_chain",), on), "the one-call sampled chain",
+                            SAMPLED)
     finally:
-        Decoder._cpu_chain = chain
+        _one_call_sampling(ONE_CALL, True)
+
+
+def _decode_pass_ab(n_prompts):
+    """Sampled decoding with the passes and the loop in one extension call (Decoder._cpu_pass, ._cpu_decode) and with
+    the passes from Python (the drafting in the one-call chain both ways), in turns: the same uniforms from the same
+    generator, so the tokens must be the same."""
+    try:
+        return kb.decode_ab(n_prompts, lambda on: _one_call_sampling(("_cpu_pass", "_cpu_decode"), on),
+                            "the one-call sampled passes and loop", SAMPLED)
+    finally:
+        _one_call_sampling(ONE_CALL, True)
 
 
 def _check_probs(got, want):
@@ -126,7 +153,8 @@ def main():
     if args.cpu:
         n_prompts = int(os.environ.get("KANGAROO_RT_SAMPLING_DECODE", "0"))
         kb.run_cases(NAME, _cpu_cases(device, smoke), args, device, smoke,
-                     extra=lambda: {"decode": _decode_ab(n_prompts), "decode_chain": _decode_chain_ab(n_prompts)})
+                     extra=lambda: {"decode": _decode_ab(n_prompts), "decode_chain": _decode_chain_ab(n_prompts),
+                                    "decode_pass": _decode_pass_ab(n_prompts)})
         return
     import torch
 

@@ -590,7 +590,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each query's bits do not depend on the others");
   m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>(),
         "silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16): the activation of a Llama MLP");
-  kr_bind::define_decode(m);  // decoder_layers, draft_chain, target_pass, their plans, greedy_decode, linear_sweep
+  kr_bind::define_decode(m);  // decoder_layers, draft_chain, target_pass, their plans, decode_loop, linear_sweep
   m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (hi, lo) (M, V) fp32: bounds of the "
         "logits the head computes");

@@ -63,9 +63,13 @@ void run_region(Args& args, Region& region, int64_t (*bytes)(const Args*, int64_
   at::parallel_for(0, args.threads, 1, [&](int64_t t0, int64_t) {
     status[static_cast<size_t>(t0)] = run(isa, &args);
   });
-  for (int rc : status)
+  for (int rc : status) {
+    TORCH_CHECK_VALUE(rc != KR_CPU_NOT_A_DISTRIBUTION, what,
+                      ": probability tensor contains either `inf`, `nan` or element < 0 (a sampled position's logits "
+                      "or distribution cannot be drawn from)");
     TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
                 ")");
+  }
 }
 
 template <typename Args>
@@ -223,11 +227,12 @@ void check_rope_rows(const at::Tensor& cos, const at::Tensor& sin, const at::Ten
 // 0..l-1 as decoder_layers takes them, and the adapter's (gate/up and down None); head (N, D) with head_ids (N,)
 // (None: row n is token n) -> k, the drafting steps run.
 // draft_chain's arguments, checked once and kept (the args point into the plan, which stays in place): run() drafts
-// one round from the slots base_len (max(pos) + 1) on; the loop of greedy_decode runs it every round.
+// one round from the slots base_len (max(pos) + 1) on; the loop of decode_loop runs it every round.
 struct DraftPlan {
   kr_cpu_draft_args a{};
   std::vector<kr_cpu_decoder_layer> ls, adapter;
   std::vector<at::Tensor> keep;  // what the pointers point into (biases, head ids, the state and chain tensors)
+  at::Tensor sample_u, sample_q;  // sampled drafts: the round's uniforms (B, gamma) and draft probabilities
   int64_t steps = 0;
   Region region;
 
@@ -315,7 +320,7 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
   for (const at::Tensor& t : {pos, token, n_gen, max_new, finished, e_prev, cap, active, conf, x, drafts, n_drafts,
                               exits, ids})
     plan->keep.push_back(t);
-  if (sample_q.has_value()) plan->keep.push_back(*sample_q), plan->keep.push_back(*sample_u);
+  if (sample_q.has_value()) plan->sample_q = *sample_q, plan->sample_u = *sample_u;
   kr_cpu_draft_args& a = plan->a;
   if (sample_q.has_value()) {  // process_logits' arguments, as its binding makes them
     a.sample_q = sample_q->mutable_data_ptr<float>(), a.sample_u = sample_u->const_data_ptr<double>();
@@ -351,7 +356,7 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
 // verification); the layers as decoder_layers takes them; norm (D,), head (N, D), RoPE tables (T, Dh) ->
 // (accepted, committed) (B,) int64.
 // target_pass's arguments, checked once and kept (the args point into the plan, which stays in place): run() makes
-// one pass over q_len <= q_len_max tokens a row reading kv_len slots; the loop of greedy_decode runs it every step.
+// one pass over q_len <= q_len_max tokens a row reading kv_len slots; the loop of decode_loop runs it every step.
 struct TargetPlan {
   kr_cpu_target_pass_args a{};
   std::vector<kr_cpu_decoder_layer> ls;
@@ -359,6 +364,7 @@ struct TargetPlan {
   at::Tensor eos_holder, accepted, committed;  // (B,) int64 each: the last run's
   kr_cpu_head_screen screen{};                 // a.head_screen's, when given
   int64_t q_len_max = 1;
+  at::Tensor u_next, u_accept, q;              // sampled: the uniforms and draft probabilities the pass reads
   Region region;
 
   void run(int64_t q_len, int64_t kv_len) {
@@ -371,6 +377,44 @@ struct TargetPlan {
   }
 };
 
+// A sampled pass's inputs (kr_cpu_target_pass_args' sample_*): u_next (B,) float64; for a verification (q_len_max >
+// 1) u_accept (B, >= q_len_max - 1) fp32 of unit column stride and q (B, >= q_len_max - 1, N) fp32 whose last two
+// dimensions are contiguous, N the head's rows; temperature, top_k (0: none), top_p (1: none) as process_logits
+// takes them.
+void set_sampled(TargetPlan& plan, const at::Tensor& u_next, const c10::optional<at::Tensor>& u_accept,
+                 const c10::optional<at::Tensor>& q, double temperature, int64_t top_k, double top_p,
+                 const char* what) {
+  kr_cpu_target_pass_args& a = plan.a;
+  const int64_t B = a.batch, K = plan.q_len_max - 1, N = a.head_rows;
+  TORCH_CHECK_VALUE(u_next.device().is_cpu() && u_next.scalar_type() == at::kDouble && u_next.dim() == 1 &&
+                        u_next.size(0) == B && u_next.is_contiguous(),
+                    what, ": sample_u_next must be a contiguous float64 (", B, ",), got ", u_next.scalar_type(), " ",
+                    u_next.sizes());
+  TORCH_CHECK_VALUE(!std::isnan(temperature) && !std::isnan(top_p) && top_k >= 0, what,
+                    ": temperature and top_p must not be NaN, top_k must be >= 0");
+  TORCH_CHECK_VALUE(a.head_screen == nullptr, what, ": a sampled pass takes the whole head, not head_screen");
+  plan.u_next = u_next;
+  a.sample_u_next = u_next.const_data_ptr<double>();
+  a.sample_divisor = sampling_divisor(temperature), a.sample_top_k = top_k, a.sample_top_p = sampling_top_p(top_p);
+  if (K == 0) return;
+  TORCH_CHECK_VALUE(u_accept.has_value() && q.has_value(), what,
+                    ": a sampled verification needs sample_u_accept and sample_q");
+  TORCH_CHECK_VALUE(u_accept->device().is_cpu() && u_accept->scalar_type() == at::kFloat && u_accept->dim() == 2 &&
+                        u_accept->size(0) == B && u_accept->size(1) >= K && u_accept->stride(1) == 1 &&
+                        (B == 1 || u_accept->stride(0) >= K),
+                    what, ": sample_u_accept must be a float32 (", B, ", >= ", K, ") of rows of their own, unit column stride, got ",
+                    u_accept->scalar_type(), " ", u_accept->sizes());
+  TORCH_CHECK_VALUE(q->device().is_cpu() && q->scalar_type() == at::kFloat && q->dim() == 3 && q->size(0) == B &&
+                        q->size(1) >= K && q->size(2) == N && q->stride(2) == 1 && q->stride(1) == N &&
+                        (B == 1 || q->stride(0) >= K * N),
+                    what, ": sample_q must be a float32 (", B, ", >= ", K, ", ", N,
+                    ") with contiguous rows of draft probabilities, got ", q->scalar_type(), " ", q->sizes(),
+                    " strides ", q->strides());
+  plan.u_accept = *u_accept, plan.q = *q;
+  a.sample_u_accept = u_accept->const_data_ptr<float>(), a.sample_u_accept_stride = B > 1 ? u_accept->stride(0) : K;
+  a.sample_q = q->const_data_ptr<float>(), a.sample_q_stride = B > 1 ? q->stride(0) : K * N;
+}
+
 std::unique_ptr<TargetPlan> plan_target_pass(
     at::Tensor pos, at::Tensor token, at::Tensor out, at::Tensor n_gen, at::Tensor finished, const at::Tensor& max_new,
     const c10::optional<at::Tensor>& eos, c10::optional<at::Tensor> e_prev, const c10::optional<at::Tensor>& embed,
@@ -379,7 +423,9 @@ std::unique_ptr<TargetPlan> plan_target_pass(
     const std::vector<c10::optional<at::Tensor>>& weights, const std::vector<c10::optional<at::Tensor>>& qkv_bias,
     const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
     std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
-    int64_t n_kv_heads, int64_t head_dim, double eps, const c10::optional<std::vector<at::Tensor>>& head_screen) {
+    int64_t n_kv_heads, int64_t head_dim, double eps, const c10::optional<std::vector<at::Tensor>>& head_screen,
+    const c10::optional<at::Tensor>& sample_u_next, const c10::optional<at::Tensor>& sample_u_accept,
+    const c10::optional<at::Tensor>& sample_q, double temperature, int64_t top_k, double top_p) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -462,20 +508,26 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   a.max_new = max_new.const_data_ptr<int64_t>(), a.eos = e.first, a.n_eos = e.second;
   a.e_prev = e_prev.has_value() ? e_prev->mutable_data_ptr() : nullptr;
   a.accepted = plan->accepted.mutable_data_ptr<int64_t>(), a.committed = plan->committed.mutable_data_ptr<int64_t>();
+  if (sample_u_next.has_value())
+    set_sampled(*plan, *sample_u_next, sample_u_accept, sample_q, temperature, top_k, top_p, what);
+  else
+    TORCH_CHECK_VALUE(!sample_u_accept.has_value() && !sample_q.has_value(), what,
+                      ": sample_u_accept and sample_q come with sample_u_next (a sampled pass)");
   return plan;
 }
 
 
-// Greedy decoding to the end in one call: Decoder.decode's loop when no streamer waits for each step. Plain steps
-// (draft None: pass from the rows' tokens, kv_len max(pos) + 1) or Kangaroo rounds (draft's chain from base_len =
-// max(pos) + 1, then pass over its k drafts, kv_len base_len + k), each run as draft_chain and target_pass run it,
-// with no Python between them: the same tokens and bits. Stops when every row is finished, after max_rounds, or
-// before a round whose slots would pass the cache (base_len + gamma, or a plain step's kv_len, above T: the Python
-// loop takes over there). -> (rounds run R, and per round: rows active at its start (R, B) bool, tokens committed,
-// drafts proposed, drafts accepted (R, B) int64, drafting steps (R,) int64, seconds drafting and verifying (R, 2)
-// fp64).
-// Plans travel to Python as capsules (no pybind11 class: two builds of this extension load side by side in one
-// process, as benchmarks/bench_ab.py does, and a class would be registered twice).
+// Decoding to the end in one call: Decoder.decode's loop when no streamer waits for each step. Plain steps (draft
+// None: pass from the rows' tokens, kv_len max(pos) + 1) or Kangaroo rounds (draft's chain from base_len = max(pos)
+// + 1, then pass over its k drafts, kv_len base_len + k), each run as draft_chain and target_pass run it, with no
+// Python between them: the same tokens and bits. Sampled plans (a sampled pass, and a sampled chain with it) take
+// their uniforms from gen (None: torch's default generator) in the order and dtypes that BatchSampling draws them a
+// round: the chain's (B, gamma) float64, then the acceptance's (B, k) fp32, then the next tokens' (B,) float64 (a
+// plain step: that last one only), so that a seed gives the Python loop's tokens. Stops when every row is finished,
+// after max_rounds, or before a round whose slots would pass the cache (base_len + gamma, or a plain step's kv_len,
+// above T: the Python loop takes over there). -> (rounds run R, and per round: rows active at its start (R, B)
+// bool, tokens committed, drafts proposed, drafts accepted (R, B) int64, drafting steps (R,) int64, seconds
+// drafting and verifying (R, 2) fp64).
 constexpr const char* kTargetPlan = "kangaroo_rt._cpu.TargetPlan";
 constexpr const char* kDraftPlan = "kangaroo_rt._cpu.DraftPlan";
 
@@ -514,18 +566,25 @@ Plan* from_capsule(const py::object& o, const char* name, const char* what) {
   return static_cast<Plan*>(PyCapsule_GetPointer(o.ptr(), name));
 }
 
-std::vector<at::Tensor> greedy_decode_plans(TargetPlan& pass, DraftPlan* draft, int64_t max_rounds) {
+std::vector<at::Tensor> decode_loop_plans(TargetPlan& pass, DraftPlan* draft, int64_t max_rounds,
+                                          const c10::optional<at::Generator>& gen) {
   using Clock = std::chrono::steady_clock;
-  const char* what = "kangaroo_rt._cpu.greedy_decode";
+  const char* what = "kangaroo_rt._cpu.decode_loop";
   TORCH_CHECK_VALUE(max_rounds >= 0, what, ": max_rounds must be >= 0");
   const kr_cpu_target_pass_args& a = pass.a;
-  TORCH_CHECK_VALUE(draft == nullptr || draft->a.sample_q == nullptr, what,
-                    ": greedy_decode takes a greedy draft plan (sampled drafts need fresh uniforms each round)");
+  const bool sampled = a.sample_u_next != nullptr;
   TORCH_CHECK_VALUE(draft == nullptr || (draft->a.batch == a.batch && draft->a.pos == a.pos &&
                                           pass.q_len_max == draft->a.gamma + 1 && a.exits == draft->a.exits),
                     what, ": the pass must verify the draft plan's chain over the same state (q_len gamma + 1)");
+  TORCH_CHECK_VALUE(draft == nullptr || (draft->a.sample_q != nullptr) == sampled, what,
+                    ": the draft plan and the pass must both be greedy or both be sampled");
+  TORCH_CHECK_VALUE(draft == nullptr || !sampled || (draft->a.head_ids == nullptr && a.sample_q == draft->a.sample_q),
+                    what, ": a sampled pass must read the draft plan's own draft probabilities (sample_q, over the "
+                    "whole vocabulary)");
+  TORCH_CHECK_VALUE(!gen.has_value() || gen->device().is_cpu(), what, ": the generator must be a CPU generator");
   TORCH_CHECK_VALUE(draft != nullptr || a.embed != nullptr, what, ": plain steps need a pass from the rows' tokens");
   const int64_t B = a.batch, T = a.max_len, gamma = draft == nullptr ? 0 : draft->a.gamma;
+  const at::TensorOptions f64 = at::TensorOptions().dtype(at::kDouble), f32 = at::TensorOptions().dtype(at::kFloat);
   const at::TensorOptions i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor active = at::zeros({max_rounds, B}, at::TensorOptions().dtype(at::kBool));
   at::Tensor committed = at::zeros({max_rounds, B}, i64), n_drafts = at::zeros({max_rounds, B}, i64);
@@ -543,8 +602,13 @@ std::vector<at::Tensor> greedy_decode_plans(TargetPlan& pass, DraftPlan* draft, 
     if (!any || base_len + gamma > T) break;
     for (int64_t b = 0; b < B; ++b) active[r][b] = a.finished[b] == 0;
     const Clock::time_point start = Clock::now();
+    if (sampled && draft != nullptr) draft->sample_u.copy_(at::rand({B, gamma}, gen, f64));
     const int64_t k = draft == nullptr ? 0 : draft->run(base_len);
     const Clock::time_point drafted = Clock::now();
+    if (sampled) {
+      if (draft != nullptr) pass.u_accept.narrow(1, 0, k).copy_(at::rand({B, k}, gen, f32));
+      pass.u_next.copy_(at::rand({B}, gen, f64));
+    }
     pass.run(k + 1, base_len + k);
     const std::chrono::duration<double> draft_s = drafted - start, verify_s = Clock::now() - drafted;
     committed[r].copy_(pass.committed);
@@ -558,12 +622,13 @@ std::vector<at::Tensor> greedy_decode_plans(TargetPlan& pass, DraftPlan* draft, 
           accepted.narrow(0, 0, r), steps.narrow(0, 0, r), seconds.narrow(0, 0, r)};
 }
 
-std::vector<at::Tensor> greedy_decode(const py::object& plan, const py::object& draft, int64_t max_rounds) {
-  const char* what = "kangaroo_rt._cpu.greedy_decode";
+std::vector<at::Tensor> decode_loop(const py::object& plan, const py::object& draft, int64_t max_rounds,
+                                    const c10::optional<at::Generator>& generator) {
+  const char* what = "kangaroo_rt._cpu.decode_loop";
   TargetPlan* pass = from_capsule<TargetPlan>(plan, kTargetPlan, what);
   DraftPlan* chain = draft.is_none() ? nullptr : from_capsule<DraftPlan>(draft, kDraftPlan, what);
   py::gil_scoped_release release;
-  return greedy_decode_plans(*pass, chain, max_rounds);
+  return decode_loop_plans(*pass, chain, max_rounds, generator);
 }
 
 // x: (M, K_max) fp32 or bf16, contiguous; weights: (N_i, K_i) of x's dtype, contiguous, K_i <= K_max -> (M, sum N_i)
@@ -634,7 +699,9 @@ void define_decode(py::module_& m) {
       py::arg("q_len"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("weights"), py::arg("qkv_bias"),            \
       py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("norm"), py::arg("norm_eps"),              \
       py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),               \
-      py::arg("head_screen").none(true)
+      py::arg("head_screen").none(true), py::arg("sample_u_next") = py::none(),                                       \
+      py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(), py::arg("temperature") = 1.0,        \
+      py::arg("top_k") = 0, py::arg("top_p") = 1.0
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a round's Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), in place "
@@ -642,18 +709,20 @@ void define_decode(py::module_& m) {
         "drafting steps run");
   m.def("target_pass", pass_once(&plan_target_pass), KR_PASS_ARGS, py::arg("kv_len"),
         py::call_guard<py::gil_scoped_release>(),
-        "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy acceptance "
-        "and commit, in place on the decode state; the bits of the step-by-step path; -> (accepted, committed)");
+        "a plain step (from embed) or a verification (from exits) with the final norm, the head, greedy or "
+        "(sample_u_next, ...) sampled acceptance and commit, in place on the decode state; the bits and tokens of "
+        "the step-by-step path; -> (accepted, committed)");
   m.def("plan_draft_chain", capsuled(&plan_draft_chain, kDraftPlan), KR_CHAIN_ARGS,
-        "draft_chain's arguments without base_len, checked once: a plan (capsule) for greedy_decode");
+        "draft_chain's arguments without base_len, checked once: a plan (capsule) for decode_loop");
   m.def("plan_target_pass", capsuled(&plan_target_pass, kTargetPlan), KR_PASS_ARGS,
-        "target_pass's arguments without kv_len, checked once: a plan (capsule) for greedy_decode; q_len is the most "
+        "target_pass's arguments without kv_len, checked once: a plan (capsule) for decode_loop; q_len is the most "
         "tokens a row a pass may take");
 #undef KR_CHAIN_ARGS
 #undef KR_PASS_ARGS
-  m.def("greedy_decode", &greedy_decode, py::arg("plan"), py::arg("draft").none(true), py::arg("max_rounds"),
-        "plain steps (draft None) or Kangaroo rounds until every row is finished, in one call: -> (rounds, active, "
-        "committed, n_drafts, accepted, steps, seconds)");
+  m.def("decode_loop", &decode_loop, py::arg("plan"), py::arg("draft").none(true), py::arg("max_rounds"),
+        py::arg("generator") = py::none(),
+        "plain steps (draft None) or Kangaroo rounds until every row is finished, in one call, greedy or sampled "
+        "(uniforms from generator): -> (rounds, active, committed, n_drafts, accepted, steps, seconds)");
   m.def("linear_sweep", &linear_sweep, py::arg("x"), py::arg("weights"), py::arg("out") = py::none(),
         py::arg("packed") = false,
         py::call_guard<py::gil_scoped_release>(),

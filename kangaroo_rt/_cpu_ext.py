@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -340,15 +340,24 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; temperature, top_k (0:
     none), top_p (1: none)), else greedy drafts. The caller (``Decoder._cpu_chain``) checks that every op would be
     served by this extension. Returns k, the drafting steps run."""
-    extra = {} if sampled is None else dict(zip(("sample_q", "sample_u", "temperature", "top_k", "top_p"), sampled))
     return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
                                            adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                           adapter_eps, eta), base_len=base_len, **extra)
+                                           adapter_eps, eta), base_len=base_len, **_named(_CHAIN_SAMPLING, sampled))
 
 
-def plan_draft_chain(*args, **kwargs):
-    """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`greedy_decode`."""
-    return load().plan_draft_chain(*_chain_args(*args, **kwargs))
+_CHAIN_SAMPLING = ("sample_q", "sample_u", "temperature", "top_k", "top_p")
+_PASS_SAMPLING = ("sample_u_next", "sample_u_accept", "sample_q", "temperature", "top_k", "top_p")
+
+
+def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
+    """A sampled call's arguments as keywords (none for a greedy one)."""
+    return {} if values is None else dict(zip(names, values))
+
+
+def plan_draft_chain(*args, sampled: Optional[tuple] = None):
+    """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`decode_loop`; sampled
+    as there (:func:`decode_loop` refills its uniforms every round)."""
+    return load().plan_draft_chain(*_chain_args(*args), **_named(_CHAIN_SAMPLING, sampled))
 
 
 SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)
@@ -409,38 +418,44 @@ def head_screen(head) -> Optional[tuple]:
 
 
 def _pass_args(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
-               head_dim: int, eps: float, embed=None, chain=None) -> tuple:
+               head_dim: int, eps: float, embed=None, chain=None, sampled: Optional[tuple] = None) -> tuple:
     weights, qkv_bias, o_bias = stack
     exits = drafts = n_drafts = e_prev = None
     if chain is not None:
         exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
     return (state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new, state.eos, e_prev, embed,
             exits, drafts, n_drafts, q_len, *rope_tables, weights, qkv_bias, o_bias, *caches, norm.weight, norm.eps,
-            head.weight, n_heads, n_kv_heads, head_dim, eps, head_screen(head))
+            head.weight, n_heads, n_kv_heads, head_dim, eps, None if sampled is not None else head_screen(head))
 
 
 def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
-                head_dim: int, eps: float, kv_len: int, embed=None, chain=None):
+                head_dim: int, eps: float, kv_len: int, embed=None, chain=None, sampled: Optional[tuple] = None):
     """A plain step (``embed`` given: from each row's token) or a verification of ``chain``'s first ``q_len - 1``
     drafts (from its exit states) with the final norm (an ``RMSNorm``), the head (an ``nn.Linear`` without bias),
-    greedy acceptance and commit in one call (csrc/cpu/target_pass.cpp), in place on ``state``; the bits of the
-    step-by-step path. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension.
-    Returns (accepted, committed) (B,) int64."""
+    acceptance and commit in one call (csrc/cpu/target_pass.cpp), in place on ``state``; the bits and tokens of the
+    step-by-step path. Greedy, or ``sampled``: (u_next (B,) float64, the uniforms of the next tokens' draws;
+    u_accept (B, >= q_len - 1) float32, those of the acceptance tests; q (B, >= q_len - 1, V) float32, the drafts'
+    probabilities; temperature, top_k (0: none), top_p (1: none)), as ``BatchSampling`` picks tokens with those
+    uniforms. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension. Returns
+    (accepted, committed) (B,) int64."""
     return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads, n_kv_heads,
-                                          head_dim, eps, embed=embed, chain=chain), kv_len)
+                                          head_dim, eps, embed=embed, chain=chain, sampled=sampled),
+                              kv_len=kv_len, **_named(_PASS_SAMPLING, sampled))
 
 
-def plan_target_pass(*args, **kwargs):
+def plan_target_pass(*args, sampled: Optional[tuple] = None, **kwargs):
     """:func:`target_pass`'s arguments without ``kv_len``, checked once (``q_len``: the most tokens a row a pass
-    takes): a plan for :func:`greedy_decode`."""
-    return load().plan_target_pass(*_pass_args(*args, **kwargs))
+    takes): a plan for :func:`decode_loop`, which refills a sampled plan's uniforms every round."""
+    return load().plan_target_pass(*_pass_args(*args, sampled=sampled, **kwargs), **_named(_PASS_SAMPLING, sampled))
 
 
-def greedy_decode(plan, draft_plan, max_rounds: int):
-    """Plain steps (``draft_plan`` None) or greedy Kangaroo rounds until every row is finished, in one call with no
-    Python between the steps (csrc/cpu_bindings_decode.cpp): the tokens and bits of calling :func:`target_pass` (and
-    :func:`draft_chain`) once a step. It stops early, with the remaining rounds left to the caller, where a round
-    would read past the cache. Returns (rounds R, active (R, B) bool, committed, n_drafts, accepted (R, B) int64,
-    drafting steps (R,) int64, seconds drafting and verifying (R, 2) fp64)."""
-    rounds, *per_round = load().greedy_decode(plan, draft_plan, max_rounds)
+def decode_loop(plan, draft_plan, max_rounds: int, generator: Optional[torch.Generator] = None):
+    """Plain steps (``draft_plan`` None) or Kangaroo rounds until every row is finished, in one call with no Python
+    between the steps (csrc/cpu_bindings_decode.cpp): the tokens and bits of calling :func:`target_pass` (and
+    :func:`draft_chain`) once a step. Sampled plans draw each round's uniforms from ``generator`` (None: torch's
+    default CPU generator) in ``BatchSampling``'s order: a seed gives the step-by-step path's tokens. It stops early,
+    with the remaining rounds left to the caller, where a round would read past the cache. Returns (rounds R, active
+    (R, B) bool, committed, n_drafts, accepted (R, B) int64, drafting steps (R,) int64, seconds drafting and
+    verifying (R, 2) fp64)."""
+    rounds, *per_round = load().decode_loop(plan, draft_plan, max_rounds, generator)
     return (int(rounds), *per_round)

@@ -170,7 +170,7 @@ class BatchSampling:
         """Sampling acceptance. chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
         p = _probs(self.sampling, logits)
         q = torch.stack(draft_probs, dim=1) if draft_probs else p[:, :0]
-        u = torch.rand(chain.shape, device=chain.device, generator=self.gen)
+        u = torch.rand(chain.shape, dtype=torch.float32, device=chain.device, generator=self.gen)
         return ops.accept_sampling(chain, n_drafts, p, q, u, self.gen)
 
 
@@ -237,7 +237,7 @@ class RowSampling:
             p = _probs(sampling, logits[r:r + 1])  # (1, K+1, V)
             q = q_all[r:r + 1] if q_all is not None else p[:, :0]
             u = torch.zeros(1, chain.shape[1], device=chain.device)
-            u[:, :counts[r]] = torch.rand(1, counts[r], device=chain.device, generator=gen)
+            u[:, :counts[r]] = torch.rand(1, counts[r], dtype=torch.float32, device=chain.device, generator=gen)
             a_r, n_r = ops.accept_sampling(chain[r:r + 1], n_drafts[r:r + 1], p, q, u, gen)
             accepted[r], nxt[r] = a_r[0], n_r[0]
         return accepted, nxt
@@ -557,18 +557,21 @@ class Decoder:
             return None
         if state.sampler.greedy:
             return _cpu_ext.draft_chain(*inputs, base_len=base_len)
-        head = inputs[8]  # (N, D): the draft head's rows
-        key = (state.batch, gamma, head.shape[0])
-        if getattr(self, "_chain_q_key", None) != key:
-            self._chain_q = torch.empty(state.batch, gamma, head.shape[0], dtype=torch.float32)
-            self._chain_q_key = key
-        s = state.sampler.sampling
+        q = self._chain_q_for(state.batch, gamma, inputs[8].shape[0])  # inputs[8]: the draft head (N, D)
         k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
-                                 sampled=(self._chain_q, state.sampler.round_u, float(s.temperature),
-                                          *_cpu_ext.filter_args(head.shape[0], s.top_k, s.top_p)))
+                                 sampled=(q, state.sampler.round_u, *_filter(state.sampler.sampling, q.shape[2])))
         full = (lambda q: q) if self.draft_head is None else self.draft_head.full_probs
-        chain.probs[:] = [full(self._chain_q[:, j]) for j in range(k)]
+        chain.probs[:] = [full(q[:, j]) for j in range(k)]
         return k
+
+    def _chain_q_for(self, batch: int, gamma: int, rows: int) -> torch.Tensor:
+        """The one-call chain's sampled draft probabilities (batch, gamma, rows) fp32 over the draft head's rows,
+        allocated once for these sizes."""
+        key = (batch, gamma, rows)
+        if getattr(self, "_chain_q_key", None) != key:
+            self._chain_q = torch.empty(batch, gamma, rows, dtype=torch.float32)
+            self._chain_q_key = key
+        return self._chain_q
 
     def _chain_inputs(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float) -> Optional[tuple]:
         """The arguments of :func:`_cpu_ext.draft_chain` but ``base_len`` where it serves a round: greedy choice, or
@@ -587,7 +590,7 @@ class Decoder:
         choice = ("process_logits", "sample") if sampled else ("greedy_with_confidence",)
         if stack is None or adapter_weights is None or set(ops.backends(choice, probe.device)) != {"cpu"}:
             return None
-        if sampled and (state.sampler.gen is not None and state.sampler.gen.device.type != "cpu"):
+        if sampled and not _cpu_generator(state.sampler.gen):
             return None
         if self.draft_head is not None:
             head, ids = self.draft_head.weight, self.draft_head.ids
@@ -615,21 +618,47 @@ class Decoder:
         if kv_len > self.cache.max_len:
             return None
         inputs = self._pass_inputs(state, chain, k)
-        return None if inputs is None else _cpu_ext.target_pass(*inputs[0], kv_len=kv_len, **inputs[1])
+        if inputs is None:
+            return None
+        args, kwargs = inputs
+        if not state.sampler.greedy:  # this pass's uniforms, drawn as BatchSampling.accept / .select draw them
+            gen, b = state.sampler.gen, state.batch
+            u_accept = None if chain is None else torch.rand(b, k, dtype=torch.float32, generator=gen)
+            u_next = torch.rand(b, dtype=torch.float64, generator=gen)
+            kwargs = dict(kwargs, sampled=(u_next, u_accept, self._draft_q(chain, k),
+                                           *_filter(state.sampler.sampling, self.target.lm_head.weight.shape[0])))
+        return _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs)
+
+    def _draft_q(self, chain: Optional[DraftChain], k: int) -> Optional[torch.Tensor]:
+        """The first ``k`` drafts' probabilities as a (B, >= k, V) fp32 tensor with contiguous rows (None for none):
+        the one-call chain's own buffer where it drafted them over the whole vocabulary, else stacked."""
+        if chain is None or k == 0:
+            return None
+        q = getattr(self, "_chain_q", None)
+        if self.draft_head is None and q is not None and chain.probs[0].data_ptr() == q.data_ptr() and \
+                q.shape[0] == chain.probs[0].shape[0]:
+            return q
+        return torch.stack(chain.probs[:k], dim=1)
 
     def _pass_inputs(self, state: DecodeState, chain: Optional[DraftChain], k: int) -> Optional[Tuple[tuple, dict]]:
         """The arguments of :func:`_cpu_ext.target_pass` but ``kv_len`` (positional, keywords) for a pass over
-        ``k + 1`` tokens a row where it serves: greedy choice, CPU tensors, the layers servable in one call, the
-        head without bias, the final norm, head and embedding dense in the model's dtype; else None."""
-        target = self.target
-        if not state.sampler.greedy or target.lm_head.bias is not None:
+        ``k + 1`` tokens a row where it serves: greedy choice, or one sampling configuration for the batch
+        (:class:`BatchSampling`) with a CPU generator; CPU tensors, the layers servable in one call, the head without
+        bias, the final norm, head and embedding dense in the model's dtype; else None. (A sampled pass also takes
+        its uniforms: :meth:`_cpu_pass` draws them.)"""
+        target, sampler = self.target, state.sampler
+        if target.lm_head.bias is not None:
+            return None
+        if not sampler.greedy and not (isinstance(sampler, BatchSampling) and _cpu_generator(sampler.gen)):
             return None
         start = 0 if chain is None else self.exit_layer
         positions = state.pos[:, None]
         probe = chain.exits[:, :k + 1] if chain is not None else torch.empty(
             state.batch, 1, 0, dtype=target.dtype, device=positions.device)
         stack = target._cpu_stack(probe, positions, start, target.num_layers)
-        if stack is None or ops.backends(("argmax", "accept_greedy_commit"), positions.device) != ("cpu", "cpu"):
+        choice = ("argmax", "accept_greedy_commit") if sampler.greedy else \
+            ("process_logits", "sample", "accept_sampling", "commit_tokens")
+        if stack is None or set(ops.backends(choice, positions.device)) != {"cpu"}:
             return None
         if not _dense_of(target.dtype, target.lm_head.weight, target.norm.weight, target.embed_tokens.weight):
             return None  # (the step-by-step path sends these to torch, with other bits)
@@ -639,31 +668,45 @@ class Decoder:
                 dict(embed=target.embed_tokens.weight if chain is None else None, chain=chain))
 
     def _cpu_decode(self, state: DecodeState, kcfg: Optional[KangarooConfig], stats: DecodeStats) -> None:
-        """Plain steps (``kcfg`` None) or greedy Kangaroo rounds until every row is finished, in one extension call
-        (:func:`_cpu_ext.greedy_decode`) where each of them would take the one-call paths above anyway: the same
-        tokens and bits as :meth:`ar_step` / :meth:`kangaroo_round` a step at a time, without the Python and the
-        argument checks around each step's calls; ``stats`` count the rounds as :meth:`kangaroo_round` does.
-        Whatever it does not run (a round that would read past the cache) is left to the caller's loop."""
+        """Plain steps (``kcfg`` None) or Kangaroo rounds until every row is finished, in one extension call
+        (:func:`_cpu_ext.decode_loop`) where each of them would take the one-call paths above anyway: the same
+        tokens and bits as :meth:`ar_step` / :meth:`kangaroo_round` a step at a time (sampled: the same uniforms from
+        the same generator, in the same order), without the Python and the argument checks around each step's calls;
+        ``stats`` count the rounds as :meth:`kangaroo_round` does. Whatever it does not run (a round that would read
+        past the cache) is left to the caller's loop. Sampled rounds with a draft vocabulary stay in Python (the
+        chain's q is over the subset)."""
         if state.pos.device.type != "cpu" or not _cpu_ext.is_available():
             return
         unfinished = ~state.finished
         if not bool(unfinished.any()):
             return
         max_rounds = int((state.max_new - state.n_gen)[unfinished].clamp(min=0).max())  # a round commits >= 1
-        draft = None
+        sampler, b = state.sampler, state.batch
+        sampled = not sampler.greedy
+        if sampled and kcfg is not None and self.draft_head is not None:
+            return
+        draft = pass_sampling = None
         if kcfg is None:
             inputs = self._pass_inputs(state, None, 0)
         else:
             chain = self._chain_for(state, kcfg.gamma)
             chain_inputs = self._chain_inputs(state, chain, kcfg.gamma, float(kcfg.eta))
             inputs = None if chain_inputs is None else self._pass_inputs(state, chain, kcfg.gamma)
-            if inputs is not None:
-                draft = _cpu_ext.plan_draft_chain(*chain_inputs)
         if inputs is None:
             return
-        plan = _cpu_ext.plan_target_pass(*inputs[0], **inputs[1])
-        rounds, active, committed, n_drafts, accepted, steps, seconds = _cpu_ext.greedy_decode(plan, draft,
-                                                                                               max_rounds)
+        if sampled:  # buffers the loop refills with each round's uniforms
+            vocab = self.target.lm_head.weight.shape[0]
+            filters = _filter(sampler.sampling, vocab)
+            gamma = 0 if kcfg is None else kcfg.gamma
+            q = None if kcfg is None else self._chain_q_for(b, gamma, vocab)
+            pass_sampling = (torch.zeros(b, dtype=torch.float64), torch.zeros(b, gamma, dtype=torch.float32), q,
+                             *filters)
+            chain_sampling = None if kcfg is None else (q, torch.zeros(b, gamma, dtype=torch.float64), *filters)
+        if kcfg is not None:
+            draft = _cpu_ext.plan_draft_chain(*chain_inputs, sampled=chain_sampling if sampled else None)
+        plan = _cpu_ext.plan_target_pass(*inputs[0], sampled=pass_sampling, **inputs[1])
+        rounds, active, committed, n_drafts, accepted, steps, seconds = _cpu_ext.decode_loop(
+            plan, draft, max_rounds, sampler.gen if sampled else None)
         if kcfg is None:
             return
         for act, com, nd, acc, k, (draft_s, verify_s) in zip(active.tolist(), committed.tolist(), n_drafts.tolist(),
@@ -761,6 +804,17 @@ class Decoder:
         stats.wall_time_s = clock(ids.device, ids.device.type == "cuda") - start
         stats.new_tokens = state.n_gen.tolist()
         return state.out[:, :max_new], state.n_gen, stats
+
+
+def _cpu_generator(gen: Optional[torch.Generator]) -> bool:
+    """Whether a sampler's uniforms come from a CPU generator (None: torch's default one), which the one-call CPU
+    paths draw from."""
+    return gen is None or gen.device.type == "cpu"
+
+
+def _filter(sampling: SamplingConfig, vocab: int) -> tuple:
+    """(temperature, top_k, top_p) as the one-call CPU paths take them for rows of ``vocab`` logits."""
+    return (float(sampling.temperature), *_cpu_ext.filter_args(vocab, sampling.top_k, sampling.top_p))
 
 
 def _dense_of(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
-"""Greedy decoding to the end in one extension call (``kangaroo_rt._cpu.greedy_decode``, ``Decoder._cpu_decode``):
-plain steps and Kangaroo rounds equal the Python loop of one-call passes (``ar_step`` / ``kangaroo_round``) bit for
-bit: tokens, counters, caches and the round statistics."""
+"""Decoding to the end in one extension call (``kangaroo_rt._cpu.decode_loop``, ``Decoder._cpu_decode``): plain
+steps and Kangaroo rounds equal the Python loop of one-call passes (``ar_step`` / ``kangaroo_round``) bit for bit:
+tokens, counters, caches and the round statistics; greedy, and sampled from the same generator (whose uniforms the
+loop draws in the Python loop's order), where they also equal the step-by-step path's ops."""
 import pytest
 import torch
 
@@ -25,23 +26,30 @@ def _stats(stats):
             {k: v[0] for k, v in stats.verify_by_tokens.items()})
 
 
-def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo, max_new=24, monkeypatch=None):
+def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo, max_new=24, monkeypatch=None,
+            sampling=None, per_op=False, seed=11):
+    """``sampling``: SamplingConfig keywords (a generator seeded with ``seed``); ``per_op`` (one_call False): the
+    step-by-step path's ops too, without the one-call chain and pass."""
     torch.manual_seed(0)
     decoder = _decoder(dtype, exit_layer, None, qwen)
     calls = []
     if one_call:
-        original = _cpu_ext.greedy_decode
-        monkeypatch.setattr(_cpu_ext, "greedy_decode", lambda *a: calls.append(a[2]) or original(*a))
+        original = _cpu_ext.decode_loop
+        monkeypatch.setattr(_cpu_ext, "decode_loop", lambda *a: calls.append(a[2]) or original(*a))
     else:
         monkeypatch.setattr(Decoder, "_cpu_decode", lambda self, *a: None)
+        if per_op:
+            monkeypatch.setattr(Decoder, "_cpu_pass", lambda self, *a: None)
+            monkeypatch.setattr(Decoder, "_cpu_chain", lambda self, *a: None)
     gen = torch.Generator().manual_seed(7)
     vocab = decoder.target.config.vocab_size
     ids = torch.randint(0, vocab, (batch, 9), generator=gen)
     lengths = torch.randint(3, 10, (batch,), generator=gen)
     kcfg = KangarooConfig(gamma=gamma, eta=eta) if kangaroo else None
     with torch.no_grad():
-        out, n_gen, stats = decoder.decode(ids, lengths, max_new, SamplingConfig(), kcfg,
-                                           None if eos is None else torch.tensor(eos), None)
+        out, n_gen, stats = decoder.decode(ids, lengths, max_new, SamplingConfig(**(sampling or {})), kcfg,
+                                           None if eos is None else torch.tensor(eos),
+                                           torch.Generator().manual_seed(seed) if sampling else None)
     assert bool(calls) == one_call  # the one-call loop ran, or did not
     return [out.clone(), n_gen.clone(), decoder.cache.k.clone(), decoder.cache.v.clone()], _stats(
         stats if kangaroo else None)
@@ -65,6 +73,55 @@ def test_one_call_decode_equals_the_python_loop(monkeypatch, dtype, kangaroo, ex
     for x, y in zip(fused, loop):
         assert torch.equal(x, y)
     assert fused_stats == loop_stats
+
+
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
+    (False, 1, 1, 4, 0.0, False, None),
+    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),
+    (True, 1, 1, 4, 0.0, False, None),
+    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
+    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),
+])
+def test_sampled_one_call_decode_equals_the_python_loop_and_the_ops(monkeypatch, dtype, kangaroo, exit_layer, batch,
+                                                                    gamma, eta, qwen, eos):
+    runs = []
+    for one_call, per_op in ((True, False), (False, False), (False, True)):
+        runs.append(_decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo,
+                            monkeypatch=monkeypatch, sampling=SAMPLED, per_op=per_op))
+        monkeypatch.undo()
+    (fused, fused_stats), (loop, loop_stats), (ops, ops_stats) = runs
+    for x, y, z in zip(fused, loop, ops):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert fused_stats == loop_stats == ops_stats
+    if kangaroo:  # drafts were accepted and rejected
+        assert fused_stats[3] and any(0 < a < 1 + d for row_a, row_d in zip(fused_stats[3], fused_stats[4])
+                                      for a, d in zip(row_a, row_d))
+
+
+def test_a_seed_gives_other_tokens_and_a_draft_vocabulary_stays_in_python(monkeypatch):
+    """The loop's draws come from the generator: another seed, other tokens. A draft vocabulary's q covers only its
+    subset, so sampled rounds with one stay in the Python loop (plain steps still take the one-call loop)."""
+    a, _ = _decode(True, torch.float32, 1, 2, 4, 0.05, False, None, True, monkeypatch=monkeypatch, sampling=SAMPLED)
+    monkeypatch.undo()
+    b, _ = _decode(True, torch.float32, 1, 2, 4, 0.05, False, None, True, monkeypatch=monkeypatch, sampling=SAMPLED,
+                   seed=12)
+    monkeypatch.undo()
+    assert not torch.equal(a[0], b[0])
+    decoder = _decoder(torch.float32, 1)
+    from kangaroo_rt.draft_vocab import DraftHead
+
+    decoder.draft_head = DraftHead(decoder.target.lm_head.weight, torch.arange(0, 97, 2))
+    calls = []
+    monkeypatch.setattr(_cpu_ext, "decode_loop", lambda *args: calls.append(1))
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        decoder.decode(ids, torch.tensor([6]), 8, SamplingConfig(**SAMPLED), KangarooConfig(gamma=3, eta=0.1), None,
+                       torch.Generator().manual_seed(2))
+    assert not calls
 
 
 def test_more_threads_than_cores_give_the_same_decode(monkeypatch):
@@ -114,18 +171,18 @@ def test_plans_that_do_not_belong_together_are_refused():
                                           **decoder._pass_inputs(state, None, 0)[1])
         draft = _cpu_ext.plan_draft_chain(*decoder._chain_inputs(state, chain, 3, 0.1))
         with pytest.raises(ValueError, match="must verify the draft plan's chain"):
-            _cpu_ext.greedy_decode(plain, draft, 5)
+            _cpu_ext.decode_loop(plain, draft, 5)
         with pytest.raises(ValueError, match="max_rounds"):
-            _cpu_ext.greedy_decode(plain, None, -1)
+            _cpu_ext.decode_loop(plain, None, -1)
         short = _cpu_ext.plan_target_pass(*decoder._pass_inputs(state, chain, 1)[0],
                                           **decoder._pass_inputs(state, chain, 1)[1])
         with pytest.raises(ValueError, match="must verify the draft plan's chain"):
-            _cpu_ext.greedy_decode(short, draft, 5)  # a plan for 2 tokens a row cannot verify 3 drafts
+            _cpu_ext.decode_loop(short, draft, 5)  # a plan for 2 tokens a row cannot verify 3 drafts
         with pytest.raises(ValueError, match="expected a plan from plan_target_pass"):
-            _cpu_ext.greedy_decode(draft, None, 1)
+            _cpu_ext.decode_loop(draft, None, 1)
         with pytest.raises(ValueError, match="expected a plan from plan_draft_chain"):
-            _cpu_ext.greedy_decode(plain, plain, 1)
-        assert _cpu_ext.greedy_decode(plain, None, 0)[0] == 0
+            _cpu_ext.decode_loop(plain, plain, 1)
+        assert _cpu_ext.decode_loop(plain, None, 0)[0] == 0
 
 
 def test_a_streamer_keeps_the_rounds_in_python(monkeypatch):
@@ -135,8 +192,8 @@ def test_a_streamer_keeps_the_rounds_in_python(monkeypatch):
     model = K.KangarooModel(decoder.target, decoder.adapter, exit_layer=2)
     prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(3))
     calls, seen = [], []
-    original = _cpu_ext.greedy_decode
-    monkeypatch.setattr(_cpu_ext, "greedy_decode", lambda *a: calls.append(1) or original(*a))
+    original = _cpu_ext.decode_loop
+    monkeypatch.setattr(_cpu_ext, "decode_loop", lambda *a: calls.append(1) or original(*a))
 
     class Streamer:
         def put(self, value):

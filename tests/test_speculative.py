@@ -196,7 +196,9 @@ def test_sampling_matches_target_distribution_over_drafting_steps():
 def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch, path):
     """The check above has power over the speculative path: acceptance fed a q other than the one the drafts
     were sampled from (shifted by one token) changes the output distribution, and the test sees it; on the
-    step-by-step drafting path and on the CPU extension's one-call chain (which the sampled rounds take when built)."""
+    step-by-step drafting path and on the CPU extension's one-call chain (which the sampled rounds take when built).
+    (The one-call loop, which the rounds take by default, gives these paths' tokens bit for bit:
+    test_greedy_decode.)"""
     from kangaroo_rt import _cpu_ext
     from kangaroo_rt.speculative import Decoder
 
@@ -206,6 +208,7 @@ def test_sampling_check_catches_a_wrong_draft_distribution(monkeypatch, path):
                             exit_layer=1)
     prompt = torch.tensor([1, 2, 3])
     plain = _speculated_tokens_counts(model, prompt, 2, None, 3000, seed=1, temperature=1.0)
+    monkeypatch.setattr(Decoder, "_cpu_decode", lambda *args: None)  # rounds one at a time, through the paths below
     if path == "step_by_step":
         propose = Decoder.propose
 

@@ -1,6 +1,6 @@
 """A target pass in one extension call (csrc/cpu/target_pass.cpp, ``Decoder._cpu_pass``): the plain step and the
 verification equal the step-by-step path (``ar_step`` / ``verify`` with ``_cpu_pass`` off) bit for bit: tokens,
-counters, positions, exit states and caches."""
+counters, positions, exit states and caches, greedy and sampled (the same generator, drawn in the same order)."""
 import pytest
 import torch
 
@@ -21,20 +21,24 @@ def _state_tensors(decoder, state):
         [state.e_prev.clone()] if state.e_prev is not None else []) + [decoder.cache.k.clone(), decoder.cache.v.clone()]
 
 
-def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo):
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+
+
+def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None):
     torch.manual_seed(0)
     decoder = _decoder(dtype, exit_layer, None, qwen)
     if not one_call:
         decoder._cpu_pass = lambda *args: None
     snaps = []
     with torch.no_grad():
-        state = _started_state(decoder, batch, gamma, seed=13)
+        state = _started_state(decoder, batch, gamma, seed=13, sampling=sampling)
         if eos is not None:
             state.eos = torch.tensor(eos)
         for _ in range(rounds):
             if kangaroo:
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
+                state.sampler.begin_round(batch, gamma, state.pos.device)
                 k = decoder.draft_round(state, chain, gamma, eta, base_len)
                 result = decoder.verify(state, chain, k, base_len + k)
             else:
@@ -60,6 +64,60 @@ def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer,
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
+    (False, 1, 1, 4, 0.0, False, None),
+    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),
+    (True, 1, 1, 4, 0.0, False, None),
+    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
+    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),
+])
+def test_sampled_one_call_pass_equals_the_step_by_step_path(monkeypatch, dtype, kangaroo, exit_layer, batch, gamma,
+                                                            eta, qwen, eos):
+    """Sampled: the pass draws its tokens from the uniforms the step-by-step path draws from the same generator (the
+    acceptance's, then the next token's), so the same tokens, acceptances and bits."""
+    calls, original = [], _cpu_ext.target_pass
+    monkeypatch.setattr(_cpu_ext, "target_pass", lambda *a, **k: calls.append(k["sampled"]) or original(*a, **k))
+    fused = _run(True, dtype, exit_layer, batch, gamma, eta, qwen, eos, 6, kangaroo, SAMPLED)
+    steps = _run(False, dtype, exit_layer, batch, gamma, eta, qwen, eos, 6, kangaroo, SAMPLED)
+    assert len(calls) == 6 and all(c is not None for c in calls)  # every fused step was a sampled one-call pass
+    for a, b in zip(fused, steps):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    if kangaroo:  # the rounds accepted some drafts and rejected others: both branches of the acceptance ran
+        accepted = torch.stack([snap[1] for snap in fused])
+        assert bool((accepted > 0).any()) and bool((accepted == 0).any())
+
+
+def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
+    """A sampled pass without its uniforms or draft probabilities is refused; logits with a NaN fail the pass with
+    torch's multinomial message, before anything is committed."""
+    decoder = _decoder(torch.float32, 1)
+    with torch.no_grad():
+        state = _started_state(decoder, 2, 3, seed=2, sampling=SAMPLED)
+        chain = DraftChain.allocate(2, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
+        args, kwargs = decoder._pass_inputs(state, chain, 2)
+        u_next, u_accept = torch.rand(2, dtype=torch.float64), torch.rand(2, 2)
+        q = torch.full((2, 2, decoder.target.config.vocab_size), 1e-2)
+        kv_len = int(state.pos.max()) + 3
+        for bad, match in [((u_next.float(), u_accept, q), "sample_u_next"), ((u_next, None, q), "sample_u_accept"),
+                           ((u_next, u_accept[:, :1], q), "sample_u_accept"), ((u_next, u_accept, q[:, :, 1:]),
+                                                                               "sample_q")]:
+            with pytest.raises(ValueError, match=match):
+                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(*bad, 1.0, 0, 1.0))
+        before = [t.clone() for t in (state.out, state.n_gen, state.pos, state.token)]
+        weight = decoder.target.lm_head.weight
+        saved = weight[3].clone()
+        weight[3] = float("nan")
+        try:
+            with pytest.raises(ValueError, match="probability tensor contains"):
+                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, 1.0, 0, 1.0))
+        finally:
+            weight[3] = saved
+        assert all(torch.equal(x, y) for x, y in zip(before, (state.out, state.n_gen, state.pos, state.token)))
+
+
 def test_more_threads_than_cores_give_the_same_passes():
     """Threads that start late (5 on this machine's cores) claim what is left of each phase, some after the others
     have advanced the state: the same bits and tokens."""
@@ -69,17 +127,21 @@ def test_more_threads_than_cores_give_the_same_passes():
             steps = _run(False, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo)
             for a, b in zip(fused, steps):
                 assert all(torch.equal(x, y) for x, y in zip(a, b))
+            sampled = _run(True, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo, SAMPLED)
+            for a, b in zip(sampled, _run(False, torch.bfloat16, 2, 3, 5, 0.2, True, [5, 17, 60], 4, kangaroo,
+                                          SAMPLED)):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_the_step_by_step_path_serves_sampling_and_past_the_cache():
+def test_the_step_by_step_path_serves_row_sampling_and_past_the_cache():
     from kangaroo_rt.config import SamplingConfig
-    from kangaroo_rt.speculative import BatchSampling
+    from kangaroo_rt.speculative import RowSampling
 
     decoder = _decoder(torch.float32, 1)
     with torch.no_grad():
         state = _started_state(decoder, 2, 3, seed=2)
         assert decoder._cpu_pass(state, None, 0, decoder.cache.max_len + 1) is None
-        state.sampler = BatchSampling(SamplingConfig(do_sample=True), None)
+        state.sampler = RowSampling([(SamplingConfig(do_sample=True), None), None])
         assert decoder._cpu_pass(state, None, 0, int(state.pos.max()) + 1) is None
 
 

@@ -23,7 +23,15 @@ enum kr_cpu_isa_code {
 };
 
 // Return codes.
-enum kr_cpu_status { KR_CPU_OK = 0, KR_CPU_BAD_ARGUMENT = 1, KR_CPU_BAD_ISA = 2, KR_CPU_FAILED = 3 };
+// KR_CPU_NOT_A_DISTRIBUTION: a sampled choice met logits or probabilities it cannot draw from (a NaN or infinite
+// logit; torch.multinomial refuses those rows too).
+enum kr_cpu_status {
+  KR_CPU_OK = 0,
+  KR_CPU_BAD_ARGUMENT = 1,
+  KR_CPU_BAD_ISA = 2,
+  KR_CPU_FAILED = 3,
+  KR_CPU_NOT_A_DISTRIBUTION = 4
+};
 
 // Output rows per block: a caller that splits [0, N) over threads should cut it at multiples of this, so that
 // every thread runs whole register blocks (any split gives the same bits; this one is just the fastest).
@@ -389,13 +397,21 @@ int kr_cpu_draft_check(int isa, const kr_cpu_draft_args* a);
 // One thread's part of the chain. Returns a kr_cpu_status (KR_CPU_BAD_ARGUMENT for a token outside the vocabulary).
 int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 
-// ---- A target pass with greedy acceptance in one call (target_pass.cpp): a plain decoding step (the embedding of
+// ---- A target pass with its acceptance in one call (target_pass.cpp): a plain decoding step (the embedding of
 // each row's token at pos, all layers) or Kangaroo's verification (the exit states of a round's k drafts + 1 at
 // pos .. pos + k, layers l..N-1), then the final norm, the LM head, the greedy choice per position and
 // kr_cpu_accept_greedy_commit's acceptance and commit (k = 0: the step's token committed), the rows that reached
 // max_new finished, token set to each row's next token and, for a verification, e_prev to the exit state at the
 // accepted length. What kangaroo_rt.speculative.Decoder.ar_step and .verify do under greedy choice, each op on the
 // kernels above with the same arguments: the same bits and tokens.
+// Sampled (sample_u_next not NULL; no head_screen): instead of the greedy choice, every position's probabilities p
+// = kr_cpu_process_logits_rows of its logits (sample_divisor, sample_top_k, sample_top_p as there), then per row a
+// plain step's draw (kr_cpu_sample_rows with sample_u_next[b]) or kr_cpu_accept_sampling_rows over the k drafts with
+// their draft probabilities sample_q + b * sample_q_stride ((k, head_rows) fp32 contiguous), the uniforms
+// sample_u_accept + b * sample_u_accept_stride ((k,) fp32) and sample_u_next[b]; the accepted drafts and the drawn
+// token are committed as kr_cpu_commit_tokens commits them and pos advances past them on rows not finished before:
+// Decoder.ar_step and .verify under kangaroo_rt.speculative.BatchSampling with those uniforms. A position whose
+// logits or distribution cannot be drawn from fails the call (KR_CPU_NOT_A_DISTRIBUTION) before any commit.
 typedef struct kr_cpu_target_pass_args {
   int dtype;
   int64_t batch, q_len;  // B; Q = k + 1 positions per row (1 for a plain step)
@@ -430,6 +446,15 @@ typedef struct kr_cpu_target_pass_args {
   void* e_prev;
   int64_t* accepted;   // out (B,)
   int64_t* committed;  // out (B,)
+  // The sampled choice (see above); sample_u_next NULL: greedy.
+  const double* sample_u_next;    // (B,) float64 in [0, 1)
+  const float* sample_u_accept;   // (B, >= Q - 1) fp32, row stride sample_u_accept_stride; NULL when Q == 1
+  int64_t sample_u_accept_stride;
+  const float* sample_q;          // (B, >= Q - 1, head_rows) fp32, row stride sample_q_stride; NULL when Q == 1
+  int64_t sample_q_stride;
+  float sample_divisor;
+  double sample_top_p;
+  int64_t sample_top_k;
   int64_t threads;     // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_target_pass_args;

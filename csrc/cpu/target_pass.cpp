@@ -1,4 +1,5 @@
-// A target pass with greedy acceptance in one call, on one set of threads. See kr_cpu.h for the contract.
+// A target pass with its acceptance in one call, on one set of threads: greedy, or sampled from given uniforms. See
+// kr_cpu.h for the contract.
 //
 // The step-by-step path (Decoder.ar_step / .verify) spends ~0.1 ms (a plain step) to ~0.27 ms (a verification) in
 // Python around its extension calls on SmolLM2: positions and RoPE rows, the stack call's argument lists, the
@@ -10,12 +11,14 @@ namespace {
 
 using namespace kr_cpu;
 
-// inputs, final norm, head, choice, acceptance (+ one spare); the screened head: its inputs, the screen, the choice
+// inputs, final norm, head, choice, acceptance (+ one spare); the screened head: its inputs, the screen, the choice;
+// sampled: the probabilities, the draws, the commit
 constexpr int64_t kExtraPhases = 6;
 
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
   int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
+  int64_t probs, left, run;  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q)
 };
 
 kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
@@ -31,9 +34,11 @@ kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
   return s;
 }
 
-// Whether the pass takes the screened head (given, and this many rows are faster with it).
+bool sampled(const kr_cpu_target_pass_args& a) { return a.sample_u_next != nullptr; }
+
+// Whether the pass takes the screened head (given, greedy, and this many rows are faster with it).
 bool screened(const kr_cpu_target_pass_args& a) {
-  return a.head_screen != nullptr && a.batch * a.q_len <= kr_cpu_screen_max_rows(a.dtype);
+  return a.head_screen != nullptr && !sampled(a) && a.batch * a.q_len <= kr_cpu_screen_max_rows(a.dtype);
 }
 
 PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
@@ -57,8 +62,76 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.screen_u = take(screen ? M * 2 * a.head_screen->kp : 0);
   l.screen_stats = take(screen ? M * KR_CPU_SCREEN_STATS * 8 : 0);
   l.screen_hi = take(screen ? M * V * 4 : 0);
+  l.probs = take(sampled(a) ? M * V * 4 : 0);
+  l.left = take(sampled(a) ? M * 4 : 0);
+  l.run = take(sampled(a) ? M * 8 : 0);
   l.total = take.at;
   return l;
+}
+
+// After the commit: the rows that reached max_new finished, each row's next token, and e_prev the exit state at the
+// accepted length.
+template <typename T>
+void finish_round(const kr_cpu_target_pass_args& a, const int64_t* next) {
+  const int64_t D = a.hidden_size;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    if (a.n_gen[b] >= a.max_new[b]) a.finished[b] = 1;
+    a.token[b] = next[b];
+    if (a.e_prev != nullptr)
+      std::memcpy(static_cast<T*>(a.e_prev) + b * D, static_cast<const T*>(a.exits) + b * a.exits_stride +
+                  a.accepted[b] * D, static_cast<size_t>(D) * sizeof(T));
+  }
+}
+
+// The sampled choice over the logits (B * Q, V) (Decoder.ar_step / .verify with BatchSampling): p per position, a
+// draw or the speculative acceptance per row into accepted and next, then the commit of the accepted drafts and
+// the drawn token. A position that cannot be drawn from sets KR_CPU_NOT_A_DISTRIBUTION and nothing is committed.
+template <typename T>
+void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const PassLayout& l, const T* logits,
+                    int64_t* next) {
+  char* ws = static_cast<char*>(a.workspace);
+  const int64_t B = a.batch, Q = a.q_len, V = a.head_rows;
+  float* p = reinterpret_cast<float*>(ws + l.probs);
+  int32_t* left = reinterpret_cast<int32_t*>(ws + l.left);
+  ph.each(B * Q, [&](int64_t m) -> int {
+    const int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, V, V, a.sample_divisor, a.sample_top_k,
+                                              a.sample_top_p, p, V, left, m, m + 1);
+    return rc != KR_CPU_OK ? rc : left[m] != 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
+  });
+  ph.each(B, [&](int64_t b) -> int {
+    int rc;
+    if (Q == 1) {
+      a.accepted[b] = 0;
+      rc = kr_cpu_sample_rows(isa, p + b * V, V, V, a.sample_u_next + b, next + b, 0, 1);
+    } else {
+      rc = kr_cpu_accept_sampling_rows(isa, a.drafts + b * a.drafts_stride, a.drafts_stride, a.n_drafts + b,
+                                       p + b * Q * V, a.sample_q + b * a.sample_q_stride, Q - 1, V,
+                                       a.sample_u_accept + b * a.sample_u_accept_stride, a.sample_u_next + b,
+                                       a.accepted + b, next + b, 0, 1);
+    }
+    return rc != KR_CPU_OK ? rc : next[b] < 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
+  });
+  ph.each(1, [&](int64_t) -> int {  // the commit: the accepted drafts, then the drawn token
+    const int64_t failed = __atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED);
+    if (failed != KR_CPU_OK) return static_cast<int>(failed);
+    int64_t* run = reinterpret_cast<int64_t*>(ws + l.run);   // (B, Q)
+    int64_t* count = reinterpret_cast<int64_t*>(ws + l.idx);  // (B,): accepted + 1
+    uint8_t* was_active = reinterpret_cast<uint8_t*>(ws + l.no_drafts);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t acc = a.accepted[b];
+      for (int64_t i = 0; i < acc; ++i) run[b * Q + i] = a.drafts[b * a.drafts_stride + i];
+      run[b * Q + acc] = next[b];
+      count[b] = acc + 1;
+      was_active[b] = a.finished[b] == 0;
+    }
+    const int rc = kr_cpu_commit_tokens(run, Q, 1, Q, count, a.out, a.out_stride, a.out_width, a.n_gen, a.finished,
+                                        a.eos, a.n_eos, B, a.committed);
+    if (rc != KR_CPU_OK) return rc;
+    for (int64_t b = 0; b < B; ++b)
+      if (was_active[b]) a.pos[b] += a.accepted[b] + 1;
+    finish_round<T>(a, next);
+    return KR_CPU_OK;
+  });
 }
 
 template <typename T>
@@ -102,6 +175,11 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     return kr_cpu_rms_norm_rows(isa, a.dtype, h, D, nullptr, 0, a.norm, D, a.norm_eps, xn, nullptr, c * norm_rows,
                                 std::min(M, (c + 1) * norm_rows));
   });
+  if (sampled(a)) {
+    linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
+    sampled_choice(ph, isa, a, l, logits, next);
+    return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
+  }
   if (!screened(a)) {
     linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
     ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
@@ -128,12 +206,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     const int rc = kr_cpu_accept_greedy_commit(a.drafts, a.drafts_stride, 1, n_drafts, idx, Q, 1, B, Q - 1, a.out,
                                                a.out_stride, a.out_width, a.n_gen, a.finished, a.pos, a.eos, a.n_eos,
                                                a.accepted, next, a.committed);
-    for (int64_t b = 0; rc == KR_CPU_OK && b < B; ++b) {
-      if (a.n_gen[b] >= a.max_new[b]) a.finished[b] = 1;
-      a.token[b] = next[b];
-      if (a.e_prev != nullptr)
-        std::memcpy(static_cast<T*>(a.e_prev) + b * D, exits + b * a.exits_stride + a.accepted[b] * D, row_bytes);
-    }
+    if (rc == KR_CPU_OK) finish_round<T>(a, next);
     return rc;
   });
   return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
@@ -169,6 +242,13 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
       a->finished == nullptr || a->max_new == nullptr || (a->eos == nullptr && a->n_eos > 0) ||
       a->accepted == nullptr || a->committed == nullptr || a->workspace == nullptr ||
       reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
+    return KR_CPU_BAD_ARGUMENT;
+  if (a->sample_u_next != nullptr &&
+      (a->head_screen != nullptr || !(a->sample_divisor > 0.0f) || !(a->sample_top_p == a->sample_top_p) ||
+       a->sample_top_k < 0 ||
+       (a->q_len > 1 && (a->sample_q == nullptr || a->sample_u_accept == nullptr ||
+                         a->sample_q_stride < (a->q_len - 1) * a->head_rows ||
+                         a->sample_u_accept_stride < a->q_len - 1))))
     return KR_CPU_BAD_ARGUMENT;
   const kr_cpu_head_screen* sc = a->head_screen;
   if (sc != nullptr && (sc->q == nullptr || sc->scale == nullptr || sc->qsum == nullptr || sc->err == nullptr ||
