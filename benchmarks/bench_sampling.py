@@ -16,7 +16,9 @@ in this one process: ms per token each way and their ratio; then the same with t
 one-call chain and step by step from Python (the same tokens both ways); then with the sampled passes (plain steps
 and verifications: layers, head, probabilities, draws, acceptance and commit) in one extension call and the whole
 decode in one (csrc/cpu/target_pass.cpp, kangaroo_rt._cpu.decode_loop) against those passes from Python (the same
-tokens both ways).
+tokens both ways); last, the serving engine (kangaroo_rt.Engine: the N prompts as concurrent requests, each with
+its own seed, temperature 0.7 and top-p 0.9, one a greedy request) with its rounds' drafting and passes in one call
+each against step by step from Python (the same tokens both ways).
 
     python benchmarks/bench_sampling.py [--out DIR] [--interpret]
     KANGAROO_RT_SAMPLING_DECODE=3 python benchmarks/bench_sampling.py --cpu [--threads N] [--out DIR]
@@ -136,6 +138,58 @@ def _decode_pass_ab(n_prompts):
         _one_call_sampling(ONE_CALL, True)
 
 
+def _engine_ab(n_prompts, new_tokens=256, repeats=3):
+    """The engine's sampled rounds (RowSampling: a generator and settings per request) with the one-call chain and
+    passes and step by step from Python, in turns: n_prompts concurrent requests (the last one greedy), plain and
+    Kangaroo. -> {method: {on_ms, off_ms (ms per token, medians), on_vs_off (median paired ratio), same_tokens}}."""
+    if n_prompts <= 0:
+        return None
+    import statistics
+    import time
+
+    import torch
+
+    import kangaroo_rt
+    from kangaroo_rt.engine import Engine, RequestParams
+
+    model = kangaroo_rt.load_default(dtype=torch.bfloat16, name="smollm2")
+    prompts = kb.held_out_prompts(n_prompts)
+    methods = (("plain", None), ("kangaroo", model.kangaroo))
+    times, tokens = {}, {}
+    try:
+        for r in range(repeats + 1):
+            for method, kcfg in methods:
+                for on in (True, False):
+                    _one_call_sampling(ONE_CALL, on)
+                    engine = Engine(model, max_batch=len(prompts), max_len=1024, kangaroo=kcfg)
+                    ids = [engine.add_request(p[0].tolist(), RequestParams(
+                        max_new_tokens=new_tokens, seed=i, **({} if i == len(prompts) - 1 and i > 0 else
+                                                              dict(temperature=0.7, top_p=0.9))))
+                        for i, p in enumerate(prompts)]
+                    got = {rid: [] for rid in ids}
+                    t0 = time.perf_counter()
+                    while engine.has_unfinished():
+                        for out in engine.step():
+                            got[out.request_id] += out.new_token_ids
+                    n = sum(len(v) for v in got.values())
+                    if r > 0:
+                        times.setdefault((method, on), []).append((time.perf_counter() - t0) / n * 1e3)
+                    tokens[(method, on)] = [got[rid] for rid in ids]
+    finally:
+        _one_call_sampling(ONE_CALL, True)
+    result = {}
+    for method, _ in methods:
+        on, off = times[(method, True)], times[(method, False)]
+        result[method] = {"on_ms": statistics.median(on), "off_ms": statistics.median(off),
+                          "on_vs_off": statistics.median(a / b for a, b in zip(on, off)),
+                          "same_tokens": tokens[(method, True)] == tokens[(method, False)],
+                          "on_ms_repeats": on, "off_ms_repeats": off}
+        print(f"engine {method}: {result[method]['on_ms']:.3f} ms/token with the one-call sampled rounds, "
+              f"{result[method]['off_ms']:.3f} without: {result[method]['on_vs_off']:.3f}x (paired), tokens "
+              f"{'the same' if result[method]['same_tokens'] else 'NOT the same'}")
+    return result
+
+
 def _check_probs(got, want):
     """Ties in bf16 scores may sit at the top-p cut, where torch's unstable sort keeps any of them: compare the
     number of kept tokens and the probabilities where both keep a token."""
@@ -154,7 +208,7 @@ def main():
         n_prompts = int(os.environ.get("KANGAROO_RT_SAMPLING_DECODE", "0"))
         kb.run_cases(NAME, _cpu_cases(device, smoke), args, device, smoke,
                      extra=lambda: {"decode": _decode_ab(n_prompts), "decode_chain": _decode_chain_ab(n_prompts),
-                                    "decode_pass": _decode_pass_ab(n_prompts)})
+                                    "decode_pass": _decode_pass_ab(n_prompts), "engine": _engine_ab(n_prompts)})
         return
     import torch
 

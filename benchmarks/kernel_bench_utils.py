@@ -189,6 +189,25 @@ def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, sm
     return rows
 
 
+def held_out_prompts(n_prompts: int) -> List:
+    """n_prompts held-out Spec-Bench prompts (every tenth question's first turn) in SmolLM2's chat template, each a
+    (1, T) int64 tensor."""
+    import torch
+
+    from kangaroo_rt.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spec_bench", "question.jsonl")
+    with open(path) as f:
+        questions = [json.loads(line) for line in f][::10][:n_prompts]
+    prompts = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        prompts.append(ids if torch.is_tensor(ids) else ids["input_ids"])
+    return prompts
+
+
 def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generate_kwargs: Dict,
               new_tokens: int = 256, repeats: int = 3) -> Optional[Dict]:
     """Decoding A/B of a runtime switch in one process: SmolLM2 in bf16 (fetched: ``kangaroo-rt fetch smollm2``) on
@@ -206,18 +225,9 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
     import torch
 
     import kangaroo_rt
-    from kangaroo_rt.models import load_tokenizer
 
     model = kangaroo_rt.load_default(dtype=torch.bfloat16, name="smollm2")
-    tok = load_tokenizer("smollm2")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spec_bench", "question.jsonl")
-    with open(path) as f:
-        questions = [json.loads(line) for line in f][::10][:n_prompts]
-    prompts = []
-    for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
-                                      return_tensors="pt")
-        prompts.append(ids if torch.is_tensor(ids) else ids["input_ids"])
+    prompts = held_out_prompts(n_prompts)
     methods = (("plain", {"kangaroo": None}), ("kangaroo", {}))
     times = {(m, on): [] for m, _ in methods for on in (True, False)}
     tokens, accepted = {}, {}

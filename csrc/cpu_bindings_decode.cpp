@@ -220,6 +220,34 @@ void check_rope_rows(const at::Tensor& cos, const at::Tensor& sin, const at::Ten
   }
 }
 
+// Per-row sampling settings (kr_cpu_row_sampling) from (B,) CPU tensors: temperature (0: a greedy row), top_k (0:
+// none) and top_p (>= 1: none), converted as the sampling op's binding converts them; the arrays stay with the plan.
+struct RowSamplingArrays {
+  at::Tensor divisor, top_k, top_p;
+
+  RowSamplingArrays(const at::Tensor& temperature, const at::Tensor& k, const at::Tensor& p, int64_t B,
+                    const char* what) {
+    for (const at::Tensor* t : {&temperature, &k, &p})
+      TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == B, what,
+                        ": temperature, top_k and top_p must be (", B, ",) CPU tensors, one setting a row, got ",
+                        t->sizes());
+    const at::Tensor t = temperature.to(at::kDouble).contiguous(), pp = p.to(at::kDouble).contiguous();
+    top_k = k.to(at::kLong).contiguous().clone();
+    divisor = at::empty({B}, at::TensorOptions().dtype(at::kFloat)), top_p = at::empty({B}, pp.options());
+    for (int64_t b = 0; b < B; ++b) {
+      const double tb = t.const_data_ptr<double>()[b], pb = pp.const_data_ptr<double>()[b];
+      TORCH_CHECK_VALUE(tb >= 0.0 && !std::isnan(pb) && top_k.const_data_ptr<int64_t>()[b] >= 0, what, ": row ", b,
+                        ": temperature must be >= 0, top_k >= 0 and top_p not NaN");
+      divisor.mutable_data_ptr<float>()[b] = tb == 0.0 ? 0.0f : sampling_divisor(tb);
+      top_p.mutable_data_ptr<double>()[b] = sampling_top_p(pb);
+    }
+  }
+
+  kr_cpu_row_sampling view() const {
+    return {divisor.const_data_ptr<float>(), top_k.const_data_ptr<int64_t>(), top_p.const_data_ptr<double>()};
+  }
+};
+
 // Kangaroo's greedy draft chain of one round (csrc/cpu/draft.cpp), in place on the chain's tensors: the decode state
 // pos, token, n_gen, max_new (B,) int64, finished (B,) bool, e_prev (B, D); the chain cap (B,) int64, active (B,)
 // bool, conf (B,) fp32, x (B,) int64, drafts (B, gamma) int64, n_drafts (B,) int64, exits (B, gamma + 1, D), all
@@ -233,6 +261,7 @@ struct DraftPlan {
   std::vector<kr_cpu_decoder_layer> ls, adapter;
   std::vector<at::Tensor> keep;  // what the pointers point into (biases, head ids, the state and chain tensors)
   at::Tensor sample_u, sample_q;  // sampled drafts: the round's uniforms (B, gamma) and draft probabilities
+  std::unique_ptr<RowSamplingArrays> sampling;
   int64_t steps = 0;
   Region region;
 
@@ -257,8 +286,9 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     const std::vector<c10::optional<at::Tensor>>& adapter_weights, at::Tensor adapter_k_cache,
     at::Tensor adapter_v_cache, const at::Tensor& head, const c10::optional<at::Tensor>& head_ids, int64_t n_heads,
     int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta,
-    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_u, double temperature,
-    int64_t top_k, double top_p) {
+    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_u,
+    const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
+    const c10::optional<at::Tensor>& top_p) {
   const char* what = "kangaroo_rt._cpu.draft_chain";
   TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
                     ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
@@ -314,7 +344,9 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
                           sample_u->size(1) == gamma,
                       what, ": sample_u must be a contiguous float64 (", B, ", ", gamma, "), got ",
                       sample_u->scalar_type(), " ", sample_u->sizes());
-    TORCH_CHECK_VALUE(!std::isnan(temperature) && !std::isnan(top_p), what, ": temperature and top_p must not be NaN");
+    TORCH_CHECK_VALUE(temperature.has_value() && top_k.has_value() && top_p.has_value(), what,
+                      ": sampled drafts need each row's temperature, top_k and top_p");
+    plan->sampling = std::make_unique<RowSamplingArrays>(*temperature, *top_k, *top_p, B, what);
   }
   // the state and chain tensors the pointers below point into
   for (const at::Tensor& t : {pos, token, n_gen, max_new, finished, e_prev, cap, active, conf, x, drafts, n_drafts,
@@ -322,10 +354,9 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     plan->keep.push_back(t);
   if (sample_q.has_value()) plan->sample_q = *sample_q, plan->sample_u = *sample_u;
   kr_cpu_draft_args& a = plan->a;
-  if (sample_q.has_value()) {  // process_logits' arguments, as its binding makes them
+  if (sample_q.has_value()) {
     a.sample_q = sample_q->mutable_data_ptr<float>(), a.sample_u = sample_u->const_data_ptr<double>();
-    a.sample_divisor = sampling_divisor(temperature);
-    a.sample_top_k = top_k, a.sample_top_p = sampling_top_p(top_p);
+    a.sampling = plan->sampling->view();
   }
   a.dtype = dtype_code(exits, what, "exits");
   a.batch = B, a.hidden_size = D, a.n_heads = n_heads, a.n_kv_heads = n_kv_heads, a.head_dim = head_dim;
@@ -365,6 +396,7 @@ struct TargetPlan {
   kr_cpu_head_screen screen{};                 // a.head_screen's, when given
   int64_t q_len_max = 1;
   at::Tensor u_next, u_accept, q;              // sampled: the uniforms and draft probabilities the pass reads
+  std::unique_ptr<RowSamplingArrays> sampling;
   Region region;
 
   void run(int64_t q_len, int64_t kv_len) {
@@ -379,31 +411,32 @@ struct TargetPlan {
 
 // A sampled pass's inputs (kr_cpu_target_pass_args' sample_*): u_next (B,) float64; for a verification (q_len_max >
 // 1) u_accept (B, >= q_len_max - 1) fp32 of unit column stride and q (B, >= q_len_max - 1, N) fp32 whose last two
-// dimensions are contiguous, N the head's rows; temperature, top_k (0: none), top_p (1: none) as process_logits
-// takes them.
+// dimensions are contiguous, N the head's rows; each row's temperature, top_k, top_p (RowSamplingArrays).
 void set_sampled(TargetPlan& plan, const at::Tensor& u_next, const c10::optional<at::Tensor>& u_accept,
-                 const c10::optional<at::Tensor>& q, double temperature, int64_t top_k, double top_p,
-                 const char* what) {
+                 const c10::optional<at::Tensor>& q, const c10::optional<at::Tensor>& temperature,
+                 const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p, const char* what) {
   kr_cpu_target_pass_args& a = plan.a;
   const int64_t B = a.batch, K = plan.q_len_max - 1, N = a.head_rows;
   TORCH_CHECK_VALUE(u_next.device().is_cpu() && u_next.scalar_type() == at::kDouble && u_next.dim() == 1 &&
                         u_next.size(0) == B && u_next.is_contiguous(),
                     what, ": sample_u_next must be a contiguous float64 (", B, ",), got ", u_next.scalar_type(), " ",
                     u_next.sizes());
-  TORCH_CHECK_VALUE(!std::isnan(temperature) && !std::isnan(top_p) && top_k >= 0, what,
-                    ": temperature and top_p must not be NaN, top_k must be >= 0");
+  TORCH_CHECK_VALUE(temperature.has_value() && top_k.has_value() && top_p.has_value(), what,
+                    ": a sampled pass needs each row's temperature, top_k and top_p");
   TORCH_CHECK_VALUE(a.head_screen == nullptr, what, ": a sampled pass takes the whole head, not head_screen");
+  plan.sampling = std::make_unique<RowSamplingArrays>(*temperature, *top_k, *top_p, B, what);
+  a.sampling = plan.sampling->view();
   plan.u_next = u_next;
   a.sample_u_next = u_next.const_data_ptr<double>();
-  a.sample_divisor = sampling_divisor(temperature), a.sample_top_k = top_k, a.sample_top_p = sampling_top_p(top_p);
   if (K == 0) return;
   TORCH_CHECK_VALUE(u_accept.has_value() && q.has_value(), what,
                     ": a sampled verification needs sample_u_accept and sample_q");
   TORCH_CHECK_VALUE(u_accept->device().is_cpu() && u_accept->scalar_type() == at::kFloat && u_accept->dim() == 2 &&
                         u_accept->size(0) == B && u_accept->size(1) >= K && u_accept->stride(1) == 1 &&
                         (B == 1 || u_accept->stride(0) >= K),
-                    what, ": sample_u_accept must be a float32 (", B, ", >= ", K, ") of rows of their own, unit column stride, got ",
-                    u_accept->scalar_type(), " ", u_accept->sizes());
+                    what, ": sample_u_accept must be a float32 (", B, ", >= ", K,
+                    ") of rows of their own, unit column stride, got ", u_accept->scalar_type(), " ",
+                    u_accept->sizes());
   TORCH_CHECK_VALUE(q->device().is_cpu() && q->scalar_type() == at::kFloat && q->dim() == 3 && q->size(0) == B &&
                         q->size(1) >= K && q->size(2) == N && q->stride(2) == 1 && q->stride(1) == N &&
                         (B == 1 || q->stride(0) >= K * N),
@@ -425,7 +458,8 @@ std::unique_ptr<TargetPlan> plan_target_pass(
     std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
     int64_t n_kv_heads, int64_t head_dim, double eps, const c10::optional<std::vector<at::Tensor>>& head_screen,
     const c10::optional<at::Tensor>& sample_u_next, const c10::optional<at::Tensor>& sample_u_accept,
-    const c10::optional<at::Tensor>& sample_q, double temperature, int64_t top_k, double top_p) {
+    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& temperature,
+    const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -692,7 +726,7 @@ void define_decode(py::module_& m) {
       py::arg("adapter_k_cache"), py::arg("adapter_v_cache"), py::arg("head"), py::arg("head_ids"),                  \
       py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("adapter_eps"),        \
       py::arg("gamma"), py::arg("eta"), py::arg("sample_q") = py::none(), py::arg("sample_u") = py::none(),           \
-      py::arg("temperature") = 1.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0
+      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none()
 #define KR_PASS_ARGS                                                                                                  \
   py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("max_new"),        \
       py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \
@@ -700,8 +734,8 @@ void define_decode(py::module_& m) {
       py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("norm"), py::arg("norm_eps"),              \
       py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),               \
       py::arg("head_screen").none(true), py::arg("sample_u_next") = py::none(),                                       \
-      py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(), py::arg("temperature") = 1.0,        \
-      py::arg("top_k") = 0, py::arg("top_p") = 1.0
+      py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(),                                      \
+      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none()
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a round's Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), in place "

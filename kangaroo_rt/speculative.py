@@ -165,6 +165,19 @@ class BatchSampling:
         q = _probs(self.sampling, logits)
         return ops.sample(q, self.gen, self.round_u[:, step].reshape(-1)), q.max(dim=-1).values, q
 
+    def row_settings(self, batch: int, vocab: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's (temperature (B,) float64, 0 for greedy; top_k (B,) int64, 0 for none; top_p (B,) float64, 1
+        for none) over ``vocab`` logits, as the one-call CPU paths take them."""
+        return _settings([None if self.greedy else self.sampling] * batch, vocab)
+
+    def pass_uniforms(self, batch: int, n_drafts: Optional[torch.Tensor],
+                      k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The uniforms a pass's choice takes, drawn as :meth:`accept` (a verification of ``k`` drafts, n_drafts
+        (B,)) or :meth:`select` (n_drafts None) draws them: (next tokens' (B,) float64, acceptance's (B, k) fp32 or
+        None)."""
+        u_accept = None if n_drafts is None else torch.rand(batch, k, dtype=torch.float32, generator=self.gen)
+        return torch.rand(batch, dtype=torch.float64, generator=self.gen), u_accept
+
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sampling acceptance. chain (B, K); n_drafts (B,); logits (B, K+1, V); draft_probs K x (B, V)."""
@@ -217,13 +230,31 @@ class RowSampling:
         if self.greedy:
             return token, conf, None
         q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        on = active.tolist()
-        for r in (r for r in self.sampled if on[r]):
+        for r in self.sampled:  # (rows that stopped drafting too, as BatchSampling and the one-call chain do)
             sampling, gen = self.rows[r]
             q[r] = _probs(sampling, logits[r:r + 1])[0]
             token[r] = ops.sample(q[r:r + 1], gen, self.round_u[r, step].reshape(1))[0]
             conf[r] = q[r].max()
         return token, conf, q
+
+    def row_settings(self, batch: int, vocab: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`BatchSampling.row_settings`, each row's own (free slots and greedy rows: greedy)."""
+        return _settings([self.rows[r][0] if r in self.sampled else None for r in range(batch)], vocab)
+
+    def pass_uniforms(self, batch: int, n_drafts: Optional[torch.Tensor],
+                      k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As :meth:`BatchSampling.pass_uniforms`, drawn as :meth:`accept` / :meth:`select` draw them: each sampled
+        row from its own generator, its acceptance's n_drafts[r] uniforms, then its next token's (zeros
+        elsewhere)."""
+        u_next = torch.zeros(batch, dtype=torch.float64)
+        u_accept = None if n_drafts is None else torch.zeros(batch, k, dtype=torch.float32)
+        counts = None if n_drafts is None else n_drafts.tolist()
+        for r in self.sampled:
+            gen = self.rows[r][1]
+            if counts is not None:
+                u_accept[r, :counts[r]] = torch.rand(1, counts[r], dtype=torch.float32, generator=gen)
+            u_next[r] = torch.rand(1, dtype=torch.float64, generator=gen)[0]
+        return u_next, u_accept
 
     def accept(self, chain: torch.Tensor, n_drafts: torch.Tensor, logits: torch.Tensor,
                draft_probs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +275,15 @@ class RowSampling:
 
 
 Sampler = Union[BatchSampling, RowSampling]
+
+
+def _settings(rows: Sequence[Optional[SamplingConfig]], vocab: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature, top_k, top_p) (B,) tensors of per-row configs (None or greedy: temperature 0), the filters as
+    the kernels take them over ``vocab`` logits (:func:`_cpu_ext.filter_args`)."""
+    temperature = [0.0 if s is None or s.greedy else float(s.temperature) for s in rows]
+    filters = [(0, 1.0) if s is None or s.greedy else _cpu_ext.filter_args(vocab, s.top_k, s.top_p) for s in rows]
+    return (torch.tensor(temperature, dtype=torch.float64), torch.tensor([k for k, _ in filters], dtype=torch.long),
+            torch.tensor([p for _, p in filters], dtype=torch.float64))
 
 
 @dataclass
@@ -557,9 +597,13 @@ class Decoder:
             return None
         if state.sampler.greedy:
             return _cpu_ext.draft_chain(*inputs, base_len=base_len)
+        u = state.sampler.round_u
+        if u is None or tuple(u.shape) != (state.batch, gamma) or u.device.type != "cpu":
+            return None  # (no round's uniforms: the sampler's begin_round did not run for this round's shape)
         q = self._chain_q_for(state.batch, gamma, inputs[8].shape[0])  # inputs[8]: the draft head (N, D)
         k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
-                                 sampled=(q, state.sampler.round_u, *_filter(state.sampler.sampling, q.shape[2])))
+                                 sampled=(q, state.sampler.round_u,
+                                          *state.sampler.row_settings(state.batch, q.shape[2])))
         full = (lambda q: q) if self.draft_head is None else self.draft_head.full_probs
         chain.probs[:] = [full(q[:, j]) for j in range(k)]
         return k
@@ -580,8 +624,7 @@ class Decoder:
         (sampled: process_logits and sample); else None."""
         target, adapter, l, c = self.target, self.adapter, self.exit_layer, self.target.config
         sampled = not state.sampler.greedy
-        if (sampled and not isinstance(state.sampler, BatchSampling)) or state.e_prev is None or \
-                chain.drafts.shape[1] != gamma:
+        if state.e_prev is None or chain.drafts.shape[1] != gamma:
             return None
         probe = chain.exits[:, :1]  # (B, 1, D)
         positions = state.pos[:, None]
@@ -590,7 +633,7 @@ class Decoder:
         choice = ("process_logits", "sample") if sampled else ("greedy_with_confidence",)
         if stack is None or adapter_weights is None or set(ops.backends(choice, probe.device)) != {"cpu"}:
             return None
-        if sampled and not _cpu_generator(state.sampler.gen):
+        if not _cpu_generators(state.sampler):
             return None
         if self.draft_head is not None:
             head, ids = self.draft_head.weight, self.draft_head.ids
@@ -621,12 +664,11 @@ class Decoder:
         if inputs is None:
             return None
         args, kwargs = inputs
-        if not state.sampler.greedy:  # this pass's uniforms, drawn as BatchSampling.accept / .select draw them
-            gen, b = state.sampler.gen, state.batch
-            u_accept = None if chain is None else torch.rand(b, k, dtype=torch.float32, generator=gen)
-            u_next = torch.rand(b, dtype=torch.float64, generator=gen)
+        sampler = state.sampler
+        if not sampler.greedy:  # this pass's uniforms, drawn as the sampler's accept / select draw them
+            u_next, u_accept = sampler.pass_uniforms(state.batch, None if chain is None else chain.n_drafts, k)
             kwargs = dict(kwargs, sampled=(u_next, u_accept, self._draft_q(chain, k),
-                                           *_filter(state.sampler.sampling, self.target.lm_head.weight.shape[0])))
+                                           *sampler.row_settings(state.batch, self.target.lm_head.weight.shape[0])))
         return _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs)
 
     def _draft_q(self, chain: Optional[DraftChain], k: int) -> Optional[torch.Tensor]:
@@ -642,14 +684,12 @@ class Decoder:
 
     def _pass_inputs(self, state: DecodeState, chain: Optional[DraftChain], k: int) -> Optional[Tuple[tuple, dict]]:
         """The arguments of :func:`_cpu_ext.target_pass` but ``kv_len`` (positional, keywords) for a pass over
-        ``k + 1`` tokens a row where it serves: greedy choice, or one sampling configuration for the batch
-        (:class:`BatchSampling`) with a CPU generator; CPU tensors, the layers servable in one call, the head without
-        bias, the final norm, head and embedding dense in the model's dtype; else None. (A sampled pass also takes
-        its uniforms: :meth:`_cpu_pass` draws them.)"""
+        ``k + 1`` tokens a row where it serves: greedy choice, or sampling (per batch or per row) from CPU
+        generators; CPU tensors, the layers servable in one call, the head without bias, the final norm, head and
+        embedding dense in the model's dtype; else None. (A sampled pass also takes its uniforms: :meth:`_cpu_pass`
+        draws them.)"""
         target, sampler = self.target, state.sampler
-        if target.lm_head.bias is not None:
-            return None
-        if not sampler.greedy and not (isinstance(sampler, BatchSampling) and _cpu_generator(sampler.gen)):
+        if target.lm_head.bias is not None or not _cpu_generators(sampler):
             return None
         start = 0 if chain is None else self.exit_layer
         positions = state.pos[:, None]
@@ -683,8 +723,8 @@ class Decoder:
         max_rounds = int((state.max_new - state.n_gen)[unfinished].clamp(min=0).max())  # a round commits >= 1
         sampler, b = state.sampler, state.batch
         sampled = not sampler.greedy
-        if sampled and kcfg is not None and self.draft_head is not None:
-            return
+        if sampled and ((kcfg is not None and self.draft_head is not None) or not isinstance(sampler, BatchSampling)):
+            return  # (the loop draws from one generator; the engine's rows have their own, and step a round a call)
         draft = pass_sampling = None
         if kcfg is None:
             inputs = self._pass_inputs(state, None, 0)
@@ -696,7 +736,7 @@ class Decoder:
             return
         if sampled:  # buffers the loop refills with each round's uniforms
             vocab = self.target.lm_head.weight.shape[0]
-            filters = _filter(sampler.sampling, vocab)
+            filters = sampler.row_settings(b, vocab)
             gamma = 0 if kcfg is None else kcfg.gamma
             q = None if kcfg is None else self._chain_q_for(b, gamma, vocab)
             pass_sampling = (torch.zeros(b, dtype=torch.float64), torch.zeros(b, gamma, dtype=torch.float32), q,
@@ -806,15 +846,11 @@ class Decoder:
         return state.out[:, :max_new], state.n_gen, stats
 
 
-def _cpu_generator(gen: Optional[torch.Generator]) -> bool:
-    """Whether a sampler's uniforms come from a CPU generator (None: torch's default one), which the one-call CPU
+def _cpu_generators(sampler: Sampler) -> bool:
+    """Whether a sampler's uniforms come from CPU generators (None: torch's default one), which the one-call CPU
     paths draw from."""
-    return gen is None or gen.device.type == "cpu"
-
-
-def _filter(sampling: SamplingConfig, vocab: int) -> tuple:
-    """(temperature, top_k, top_p) as the one-call CPU paths take them for rows of ``vocab`` logits."""
-    return (float(sampling.temperature), *_cpu_ext.filter_args(vocab, sampling.top_k, sampling.top_p))
+    gens = [sampler.gen] if isinstance(sampler, BatchSampling) else [sampler.rows[r][1] for r in sampler.sampled]
+    return all(gen is None or gen.device.type == "cpu" for gen in gens)
 
 
 def _dense_of(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:

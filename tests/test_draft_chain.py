@@ -172,7 +172,7 @@ def test_the_step_by_step_path_serves_where_the_chain_cannot():
         chain = DraftChain.allocate(2, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
         base_len = int(state.pos.max()) + 1
         state.sampler = RowSampling([(SamplingConfig(do_sample=True), None), None])
-        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None  # rows sampled each their own way
+        assert decoder._cpu_chain(state, chain, 3, 0.5, base_len) is None  # no round's uniforms (begin_round)
         state.sampler = BatchSampling(SamplingConfig(), None)
         assert decoder._cpu_chain(state, chain, 3, 0.5, decoder.cache.max_len) is None  # past the cache
     with torch.enable_grad():  # no autograd in the extension's stacks

@@ -24,14 +24,27 @@ def _state_tensors(decoder, state):
 SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
 
 
-def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None):
+def _row_sampler(rows):
+    """An engine's RowSampling of (SamplingConfig keywords or None for a free slot, seed) per row."""
+    from kangaroo_rt.config import SamplingConfig
+    from kangaroo_rt.speculative import RowSampling
+
+    return RowSampling([None if cfg is None else (SamplingConfig(**cfg), torch.Generator().manual_seed(seed))
+                        for cfg, seed in rows])
+
+
+def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None, rows=None):
+    """``rows``: the state's sampler becomes :func:`_row_sampler` of them after the prefill (an engine's batch)."""
     torch.manual_seed(0)
     decoder = _decoder(dtype, exit_layer, None, qwen)
     if not one_call:
         decoder._cpu_pass = lambda *args: None
+        decoder._cpu_chain = lambda *args: None
     snaps = []
     with torch.no_grad():
         state = _started_state(decoder, batch, gamma, seed=13, sampling=sampling)
+        if rows is not None:
+            state.sampler = _row_sampler(rows)
         if eos is not None:
             state.eos = torch.tensor(eos)
         for _ in range(rounds):
@@ -39,7 +52,9 @@ def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kang
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
                 state.sampler.begin_round(batch, gamma, state.pos.device)
-                k = decoder.draft_round(state, chain, gamma, eta, base_len)
+                k = decoder._cpu_chain(state, chain, gamma, eta, base_len) if one_call else None
+                if k is None:
+                    k = decoder.draft_round(state, chain, gamma, eta, base_len)
                 result = decoder.verify(state, chain, k, base_len + k)
             else:
                 result = (decoder.ar_step(state),)
@@ -90,6 +105,25 @@ def test_sampled_one_call_pass_equals_the_step_by_step_path(monkeypatch, dtype, 
         assert bool((accepted > 0).any()) and bool((accepted == 0).any())
 
 
+ROWS = [(SAMPLED, 1), (None, 0), ({}, 0), (dict(do_sample=True, temperature=1.3, top_k=20), 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kangaroo", [False, True])
+def test_engine_rows_in_one_call_equal_the_step_by_step_path(monkeypatch, dtype, kangaroo):
+    """An engine's batch (RowSampling): sampled rows with their own settings and generators, a free slot and a greedy
+    row, drafted by the one-call chain and verified by the one-call pass, against both from Python: the same bits."""
+    calls, chains, original, chain = [], [], _cpu_ext.target_pass, _cpu_ext.draft_chain
+    monkeypatch.setattr(_cpu_ext, "target_pass", lambda *a, **k: calls.append(k["sampled"]) or original(*a, **k))
+    monkeypatch.setattr(_cpu_ext, "draft_chain", lambda *a, **k: chains.append(k["sampled"]) or chain(*a, **k))
+    fused = _run(True, dtype, 2, 4, 5, 0.1, True, [5, 17, 60], 6, kangaroo, rows=ROWS)
+    steps = _run(False, dtype, 2, 4, 5, 0.1, True, [5, 17, 60], 6, kangaroo, rows=ROWS)
+    assert len(calls) == 6 and all(c is not None for c in calls)
+    assert len(chains) == (6 if kangaroo else 0) and all(c is not None for c in chains)
+    for a, b in zip(fused, steps):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
     """A sampled pass without its uniforms or draft probabilities is refused; logits with a NaN fail the pass with
     torch's multinomial message, before anything is committed."""
@@ -101,18 +135,23 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
         u_next, u_accept = torch.rand(2, dtype=torch.float64), torch.rand(2, 2)
         q = torch.full((2, 2, decoder.target.config.vocab_size), 1e-2)
         kv_len = int(state.pos.max()) + 3
-        for bad, match in [((u_next.float(), u_accept, q), "sample_u_next"), ((u_next, None, q), "sample_u_accept"),
-                           ((u_next, u_accept[:, :1], q), "sample_u_accept"), ((u_next, u_accept, q[:, :, 1:]),
-                                                                               "sample_q")]:
+        settings = state.sampler.row_settings(2, decoder.target.config.vocab_size)
+        negative = (settings[0], torch.tensor([0, -1]), settings[2])
+        for bad, match in [((u_next.float(), u_accept, q, *settings), "sample_u_next"),
+                           ((u_next, None, q, *settings), "sample_u_accept"),
+                           ((u_next, u_accept[:, :1], q, *settings), "sample_u_accept"),
+                           ((u_next, u_accept, q[:, :, 1:], *settings), "sample_q"),
+                           ((u_next, u_accept, q, settings[0][:1], *settings[1:]), "one setting a row"),
+                           ((u_next, u_accept, q, *negative), "top_k >= 0")]:
             with pytest.raises(ValueError, match=match):
-                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(*bad, 1.0, 0, 1.0))
+                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=bad)
         before = [t.clone() for t in (state.out, state.n_gen, state.pos, state.token)]
         weight = decoder.target.lm_head.weight
         saved = weight[3].clone()
         weight[3] = float("nan")
         try:
             with pytest.raises(ValueError, match="probability tensor contains"):
-                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, 1.0, 0, 1.0))
+                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, *settings))
         finally:
             weight[3] = saved
         assert all(torch.equal(x, y) for x, y in zip(before, (state.out, state.n_gen, state.pos, state.token)))
@@ -133,16 +172,11 @@ def test_more_threads_than_cores_give_the_same_passes():
                 assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_the_step_by_step_path_serves_row_sampling_and_past_the_cache():
-    from kangaroo_rt.config import SamplingConfig
-    from kangaroo_rt.speculative import RowSampling
-
+def test_the_step_by_step_path_serves_past_the_cache():
     decoder = _decoder(torch.float32, 1)
     with torch.no_grad():
         state = _started_state(decoder, 2, 3, seed=2)
         assert decoder._cpu_pass(state, None, 0, decoder.cache.max_len + 1) is None
-        state.sampler = RowSampling([(SamplingConfig(do_sample=True), None), None])
-        assert decoder._cpu_pass(state, None, 0, int(state.pos.max()) + 1) is None
 
 
 def test_a_token_outside_the_vocabulary_is_an_error():

@@ -71,8 +71,8 @@ int sample_draft(int isa, const kr_cpu_draft_args& a, const T* logits, int64_t b
   const int64_t N = a.head_rows;
   float* q = a.sample_q + (b * a.gamma + s) * N;
   int32_t left = 0;
-  int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, N, N, a.sample_divisor, a.sample_top_k, a.sample_top_p,
-                                      q, N, &left, 0, 1);
+  int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, N, N, a.sampling.divisor[b], a.sampling.top_k[b],
+                                      a.sampling.top_p[b], q, N, &left, 0, 1);
   if (rc != KR_CPU_OK) return rc;
   if (left != 0) return KR_CPU_FAILED;  // a NaN or infinite logit: no distribution to draw from
   rc = kr_cpu_sample_rows(isa, q, N, N, a.sample_u + b * a.gamma + s, index, 0, 1);
@@ -172,11 +172,12 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
     linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf);
-    if (a.sample_q == nullptr) {
-      ph.each(B, [&](int64_t b) { return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1); });
-    } else {
-      ph.each(B, [&](int64_t b) { return sample_draft(isa, a, logits + b * N, b, step, idx + b, cf + b); });
-    }
+    ph.each(B, [&](int64_t b) {
+      if (a.sample_q != nullptr && a.sampling.divisor[b] > 0.0f)
+        return sample_draft(isa, a, logits + b * N, b, step, idx + b, cf + b);
+      if (a.sample_q != nullptr) std::fill_n(a.sample_q + (b * G + step) * N, N, 0.0f);  // a greedy row: no q
+      return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1);
+    });
     ph.each(1, [&](int64_t) {  // the draft appended where the row drafts; x, conf for the next step
       for (int64_t b = 0; b < B; ++b) {
         const int64_t token = a.head_ids != nullptr ? a.head_ids[idx[b]] : idx[b];
@@ -216,8 +217,8 @@ static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
       a->finished == nullptr || a->e_prev == nullptr || a->cap == nullptr || a->active == nullptr ||
       a->conf == nullptr || a->x == nullptr || a->drafts == nullptr || a->n_drafts == nullptr || a->exits == nullptr ||
       a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0 ||
-      (a->sample_q != nullptr && (a->sample_u == nullptr || !(a->sample_divisor > 0.0f) ||
-                                  !(a->sample_top_p == a->sample_top_p))))
+      (a->sample_q != nullptr &&
+       (a->sample_u == nullptr || kr_cpu_row_sampling_check(&a->sampling, a->batch) != KR_CPU_OK)))
     return KR_CPU_BAD_ARGUMENT;
   for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 1 || a->pos[b] + a->gamma >= a->max_len) return KR_CPU_BAD_ARGUMENT;

@@ -275,6 +275,18 @@ int kr_cpu_accept_greedy_commit(const int64_t* drafts, int64_t sd0, int64_t sd1,
                                 uint8_t* finished, int64_t* pos, const int64_t* eos, int64_t n_eos, int64_t* accepted,
                                 int64_t* next_token, int64_t* committed);
 
+// ---- Per-row sampling settings of a decode batch (the draft chain's and the target pass's sampled choice): row b is
+// greedy where divisor[b] == 0, else sampled as kr_cpu_process_logits_rows takes divisor[b] (> 0), top_k[b] (0:
+// none) and top_p[b] (1: none). Each array (B,).
+typedef struct kr_cpu_row_sampling {
+  const float* divisor;
+  const int64_t* top_k;
+  const double* top_p;
+} kr_cpu_row_sampling;
+
+// KR_CPU_OK when every row's settings are valid (a divisor >= 0, not NaN; top_k >= 0; top_p not NaN).
+int kr_cpu_row_sampling_check(const kr_cpu_row_sampling* s, int64_t batch);
+
 // ---- A stack of Llama decoder layers in one call (decoder.cpp): per layer, the ops above in the order of
 // kangaroo_rt.model.DecoderLayer (input norm, fused q/k/v linear, RoPE + cache append, attention, o linear,
 // residual add + post-attention norm, fused gate/up linear, silu * up, down linear + residual add), each output
@@ -374,15 +386,14 @@ typedef struct kr_cpu_draft_args {
   int64_t* n_drafts;
   void* exits;
   int64_t* steps;   // out: the drafting steps run, k (the exit states of exits[:, :k + 1] are set)
-  // Sampled drafts (sample_q not NULL): step s of row b draws its draft from q = kr_cpu_process_logits_rows of its
-  // head logits (sample_divisor, sample_top_k, sample_top_p as there), stored to sample_q (B, gamma, head_rows)
-  // fp32 at [b, s], with kr_cpu_sample_rows and the uniform sample_u (B, gamma) float64 at [b, s]; its confidence
-  // is the largest q. A row whose logits are not finite fails the call (KR_CPU_FAILED). NULL: the greedy choice.
+  // Sampled drafts (sample_q not NULL): step s of a sampled row b (see kr_cpu_row_sampling) draws its draft from q =
+  // kr_cpu_process_logits_rows of its head logits (with the row's settings), stored to sample_q (B, gamma,
+  // head_rows) fp32 at [b, s], with kr_cpu_sample_rows and the uniform sample_u (B, gamma) float64 at [b, s]; its
+  // confidence is the largest q. A greedy row drafts as with sample_q NULL (its q set to 0). A sampled row whose
+  // logits are not finite fails the call (KR_CPU_FAILED). NULL: every row greedy.
   float* sample_q;
   const double* sample_u;
-  float sample_divisor;
-  double sample_top_p;
-  int64_t sample_top_k;
+  kr_cpu_row_sampling sampling;
   int64_t threads;  // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;  // kr_cpu_draft_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_draft_args;
@@ -404,14 +415,15 @@ int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 // max_new finished, token set to each row's next token and, for a verification, e_prev to the exit state at the
 // accepted length. What kangaroo_rt.speculative.Decoder.ar_step and .verify do under greedy choice, each op on the
 // kernels above with the same arguments: the same bits and tokens.
-// Sampled (sample_u_next not NULL; no head_screen): instead of the greedy choice, every position's probabilities p
-// = kr_cpu_process_logits_rows of its logits (sample_divisor, sample_top_k, sample_top_p as there), then per row a
-// plain step's draw (kr_cpu_sample_rows with sample_u_next[b]) or kr_cpu_accept_sampling_rows over the k drafts with
-// their draft probabilities sample_q + b * sample_q_stride ((k, head_rows) fp32 contiguous), the uniforms
-// sample_u_accept + b * sample_u_accept_stride ((k,) fp32) and sample_u_next[b]; the accepted drafts and the drawn
-// token are committed as kr_cpu_commit_tokens commits them and pos advances past them on rows not finished before:
-// Decoder.ar_step and .verify under kangaroo_rt.speculative.BatchSampling with those uniforms. A position whose
-// logits or distribution cannot be drawn from fails the call (KR_CPU_NOT_A_DISTRIBUTION) before any commit.
+// Sampled (sample_u_next not NULL; no head_screen): on a sampled row (see kr_cpu_row_sampling), instead of the
+// greedy choice, every position's probabilities p = kr_cpu_process_logits_rows of its logits (with the row's
+// settings), then a plain step's draw (kr_cpu_sample_rows with sample_u_next[b]) or kr_cpu_accept_sampling_rows over
+// the k drafts with their draft probabilities sample_q + b * sample_q_stride ((k, head_rows) fp32 contiguous), the
+// uniforms sample_u_accept + b * sample_u_accept_stride ((k,) fp32) and sample_u_next[b]; a greedy row takes the
+// greedy choice and acceptance; then every row's accepted drafts and next token are committed as
+// kr_cpu_commit_tokens commits them and pos advances past them on rows not finished before: Decoder.ar_step and
+// .verify under kangaroo_rt.speculative's BatchSampling or RowSampling with those uniforms. A position whose logits
+// or distribution cannot be drawn from fails the call (KR_CPU_NOT_A_DISTRIBUTION) before any commit.
 typedef struct kr_cpu_target_pass_args {
   int dtype;
   int64_t batch, q_len;  // B; Q = k + 1 positions per row (1 for a plain step)
@@ -452,9 +464,7 @@ typedef struct kr_cpu_target_pass_args {
   int64_t sample_u_accept_stride;
   const float* sample_q;          // (B, >= Q - 1, head_rows) fp32, row stride sample_q_stride; NULL when Q == 1
   int64_t sample_q_stride;
-  float sample_divisor;
-  double sample_top_p;
-  int64_t sample_top_k;
+  kr_cpu_row_sampling sampling;
   int64_t threads;     // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, see below
 } kr_cpu_target_pass_args;

@@ -469,3 +469,11 @@ extern "C" int kr_cpu_accept_sampling_rows(int isa, const int64_t* drafts, int64
   accept_portable(drafts, ld_drafts, n_drafts, p, q, K, V, u_accept, u_next, accepted, next, m_begin, m_end);
   return KR_CPU_OK;
 }
+
+extern "C" int kr_cpu_row_sampling_check(const kr_cpu_row_sampling* s, int64_t batch) {
+  if (s == nullptr || batch < 0 || (batch > 0 && (s->divisor == nullptr || s->top_k == nullptr || s->top_p == nullptr)))
+    return KR_CPU_BAD_ARGUMENT;
+  for (int64_t b = 0; b < batch; ++b)
+    if (!(s->divisor[b] >= 0.0f) || s->top_k[b] < 0 || s->top_p[b] != s->top_p[b]) return KR_CPU_BAD_ARGUMENT;
+  return KR_CPU_OK;
+}

@@ -18,7 +18,8 @@ constexpr int64_t kExtraPhases = 6;
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
   int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
-  int64_t probs, left, run;  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q)
+  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q), the rows not finished (B,)
+  int64_t probs, left, run, was_active;
 };
 
 kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
@@ -65,6 +66,7 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.probs = take(sampled(a) ? M * V * 4 : 0);
   l.left = take(sampled(a) ? M * 4 : 0);
   l.run = take(sampled(a) ? M * 8 : 0);
+  l.was_active = take(sampled(a) ? a.batch : 0);
   l.total = take.at;
   return l;
 }
@@ -83,9 +85,10 @@ void finish_round(const kr_cpu_target_pass_args& a, const int64_t* next) {
   }
 }
 
-// The sampled choice over the logits (B * Q, V) (Decoder.ar_step / .verify with BatchSampling): p per position, a
-// draw or the speculative acceptance per row into accepted and next, then the commit of the accepted drafts and
-// the drawn token. A position that cannot be drawn from sets KR_CPU_NOT_A_DISTRIBUTION and nothing is committed.
+// The sampled choice over the logits (B * Q, V) (Decoder.ar_step / .verify with BatchSampling or RowSampling): on a
+// sampled row p per position, then a draw or the speculative acceptance into accepted and next; on a greedy row the
+// argmax per position and the greedy acceptance; then the commit of the accepted drafts and the next token. A
+// position that cannot be drawn from sets KR_CPU_NOT_A_DISTRIBUTION and nothing is committed.
 template <typename T>
 void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const PassLayout& l, const T* logits,
                     int64_t* next) {
@@ -93,13 +96,24 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
   const int64_t B = a.batch, Q = a.q_len, V = a.head_rows;
   float* p = reinterpret_cast<float*>(ws + l.probs);
   int32_t* left = reinterpret_cast<int32_t*>(ws + l.left);
+  int64_t* target = reinterpret_cast<int64_t*>(ws + l.idx);  // (B * Q): a greedy row's choices
+  const kr_cpu_row_sampling& rs = a.sampling;
   ph.each(B * Q, [&](int64_t m) -> int {
-    const int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, V, V, a.sample_divisor, a.sample_top_k,
-                                              a.sample_top_p, p, V, left, m, m + 1);
+    const int64_t b = m / Q;
+    if (rs.divisor[b] == 0.0f) return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, target, nullptr, m, m + 1);
+    const int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, V, V, rs.divisor[b], rs.top_k[b], rs.top_p[b], p,
+                                              V, left, m, m + 1);
     return rc != KR_CPU_OK ? rc : left[m] != 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
   });
   ph.each(B, [&](int64_t b) -> int {
     int rc;
+    if (rs.divisor[b] == 0.0f) {  // the greedy acceptance: the drafts that agree with the target's choices
+      const int64_t n = Q == 1 ? 0 : a.n_drafts[b];
+      int64_t acc = 0;
+      while (acc < n && a.drafts[b * a.drafts_stride + acc] == target[b * Q + acc]) ++acc;
+      a.accepted[b] = acc, next[b] = target[b * Q + acc];
+      return KR_CPU_OK;
+    }
     if (Q == 1) {
       a.accepted[b] = 0;
       rc = kr_cpu_sample_rows(isa, p + b * V, V, V, a.sample_u_next + b, next + b, 0, 1);
@@ -114,9 +128,9 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
   ph.each(1, [&](int64_t) -> int {  // the commit: the accepted drafts, then the drawn token
     const int64_t failed = __atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED);
     if (failed != KR_CPU_OK) return static_cast<int>(failed);
-    int64_t* run = reinterpret_cast<int64_t*>(ws + l.run);   // (B, Q)
-    int64_t* count = reinterpret_cast<int64_t*>(ws + l.idx);  // (B,): accepted + 1
-    uint8_t* was_active = reinterpret_cast<uint8_t*>(ws + l.no_drafts);
+    int64_t* run = reinterpret_cast<int64_t*>(ws + l.run);  // (B, Q)
+    int64_t* count = reinterpret_cast<int64_t*>(ws + l.no_drafts);  // (B,): accepted + 1
+    uint8_t* was_active = reinterpret_cast<uint8_t*>(ws + l.was_active);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t acc = a.accepted[b];
       for (int64_t i = 0; i < acc; ++i) run[b * Q + i] = a.drafts[b * a.drafts_stride + i];
@@ -244,8 +258,7 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
       reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0)
     return KR_CPU_BAD_ARGUMENT;
   if (a->sample_u_next != nullptr &&
-      (a->head_screen != nullptr || !(a->sample_divisor > 0.0f) || !(a->sample_top_p == a->sample_top_p) ||
-       a->sample_top_k < 0 ||
+      (a->head_screen != nullptr || kr_cpu_row_sampling_check(&a->sampling, a->batch) != KR_CPU_OK ||
        (a->q_len > 1 && (a->sample_q == nullptr || a->sample_u_accept == nullptr ||
                          a->sample_q_stride < (a->q_len - 1) * a->head_rows ||
                          a->sample_u_accept_stride < a->q_len - 1))))
