@@ -1,4 +1,4 @@
-"""What decoding to the end in one extension call buys on the CPU (``kangaroo_rt._cpu.greedy_decode``, used by
+"""What decoding to the end in one extension call buys on the CPU (``kangaroo_rt._cpu.decode_loop``, used by
 ``Decoder.decode`` when no streamer waits for each step), measured in one process against the Python loop it
 replaces (one ``target_pass`` call a plain step; ``draft_chain`` and ``target_pass`` a Kangaroo round).
 

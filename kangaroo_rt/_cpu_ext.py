@@ -13,6 +13,7 @@ kernels raise ValueError at every call: it is a request that cannot be met, so i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -194,6 +195,21 @@ class InvalidDistribution(ValueError, RuntimeError):
     count the extension's op as broken and hand it to torch for the rest of the process."""
 
 
+NOT_A_DISTRIBUTION = "probability tensor contains"  # the one-call paths' message for it, torch.multinomial's
+
+
+@contextlib.contextmanager
+def _distribution_errors():
+    """A one-call path's refusal of a sampled position that is no distribution (a ValueError with
+    :data:`NOT_A_DISTRIBUTION`) re-raised as :class:`InvalidDistribution`, as the step-by-step path raises it."""
+    try:
+        yield
+    except ValueError as exc:
+        if NOT_A_DISTRIBUTION in str(exc) and not isinstance(exc, InvalidDistribution):
+            raise InvalidDistribution(str(exc)) from exc
+        raise
+
+
 def _torch_error(fn, *args):
     """fn(*args) (the reference), its RuntimeError re-raised as :class:`InvalidDistribution`."""
     try:
@@ -337,12 +353,15 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     the bits of the per-step path. ``rope_tables``: cos, sin (T, head_dim) of positions 0..T-1; ``stack``: the
     target's layers 0..l-1 as :func:`decoder_layers` takes them (weights, qkv biases, o biases); ``caches`` and
     ``adapter_caches``: (k, v) lists and pairs. ``sampled``: (q (B, gamma, N) float32, out: each step's draft
-    distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; temperature, top_k (0:
-    none), top_p (1: none)), else greedy drafts. The caller (``Decoder._cpu_chain``) checks that every op would be
-    served by this extension. Returns k, the drafting steps run."""
-    return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
-                                           adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                           adapter_eps, eta), base_len=base_len, **_named(_CHAIN_SAMPLING, sampled))
+    distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; each row's temperature (B,)
+    float64 (0: a greedy row), top_k (B,) int64 (0: none), top_p (B,) float64 (1: none)), else greedy drafts. The
+    caller (``Decoder._cpu_chain``) checks that every op would be served by this extension. Returns k, the drafting
+    steps run. A sampled row with no distribution to draw from raises :class:`InvalidDistribution`."""
+    with _distribution_errors():
+        return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
+                                               adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
+                                               adapter_eps, eta), base_len=base_len,
+                                  **_named(_CHAIN_SAMPLING, sampled))
 
 
 _CHAIN_SAMPLING = ("sample_q", "sample_u", "temperature", "top_k", "top_p")
@@ -438,9 +457,10 @@ def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_hea
     probabilities; temperature, top_k (0: none), top_p (1: none)), as ``BatchSampling`` picks tokens with those
     uniforms. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension. Returns
     (accepted, committed) (B,) int64."""
-    return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads, n_kv_heads,
-                                          head_dim, eps, embed=embed, chain=chain, sampled=sampled),
-                              kv_len=kv_len, **_named(_PASS_SAMPLING, sampled))
+    with _distribution_errors():
+        return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads,
+                                              n_kv_heads, head_dim, eps, embed=embed, chain=chain, sampled=sampled),
+                                  kv_len=kv_len, **_named(_PASS_SAMPLING, sampled))
 
 
 def plan_target_pass(*args, sampled: Optional[tuple] = None, **kwargs):
@@ -457,5 +477,6 @@ def decode_loop(plan, draft_plan, max_rounds: int, generator: Optional[torch.Gen
     with the remaining rounds left to the caller, where a round would read past the cache. Returns (rounds R, active
     (R, B) bool, committed, n_drafts, accepted (R, B) int64, drafting steps (R,) int64, seconds drafting and
     verifying (R, 2) fp64)."""
-    rounds, *per_round = load().decode_loop(plan, draft_plan, max_rounds, generator)
+    with _distribution_errors():
+        rounds, *per_round = load().decode_loop(plan, draft_plan, max_rounds, generator)
     return (int(rounds), *per_round)

@@ -630,10 +630,10 @@ class Decoder:
         positions = state.pos[:, None]
         stack = target._cpu_stack(probe, positions, 0, l)
         adapter_weights = adapter._cpu_layer(probe, positions)
-        choice = ("process_logits", "sample") if sampled else ("greedy_with_confidence",)
+        choice = ("process_logits", "sample", "greedy_with_confidence") if sampled else ("greedy_with_confidence",)
         if stack is None or adapter_weights is None or set(ops.backends(choice, probe.device)) != {"cpu"}:
             return None
-        if not _cpu_generators(state.sampler):
+        if sampled and not _cpu_generators(state.sampler):
             return None
         if self.draft_head is not None:
             head, ids = self.draft_head.weight, self.draft_head.ids
@@ -654,10 +654,11 @@ class Decoder:
 
     def _cpu_pass(self, state: DecodeState, chain: Optional[DraftChain], k: int,
                   kv_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """A plain step (``chain`` None) or the verification of ``chain``'s first ``k`` drafts, with the head,
-        greedy acceptance and commit, in one extension call (csrc/cpu/target_pass.cpp) with the same bits and tokens
-        as :meth:`ar_step` / :meth:`verify`, where every op of them would be served by the CPU extension anyway
-        (:meth:`_pass_inputs`). Returns (accepted, committed) (B,), or None when the step-by-step path must serve."""
+        """A plain step (``chain`` None) or the verification of ``chain``'s first ``k`` drafts, with the head, the
+        sampler's choice (greedy, or sampled from uniforms it draws here as its step-by-step choice would) and the
+        commit, in one extension call (csrc/cpu/target_pass.cpp) with the same bits and tokens as :meth:`ar_step` /
+        :meth:`verify`, where every op of them would be served by the CPU extension anyway (:meth:`_pass_inputs`).
+        Returns (accepted, committed) (B,), or None when the step-by-step path must serve."""
         if kv_len > self.cache.max_len:
             return None
         inputs = self._pass_inputs(state, chain, k)
@@ -689,7 +690,7 @@ class Decoder:
         embedding dense in the model's dtype; else None. (A sampled pass also takes its uniforms: :meth:`_cpu_pass`
         draws them.)"""
         target, sampler = self.target, state.sampler
-        if target.lm_head.bias is not None or not _cpu_generators(sampler):
+        if target.lm_head.bias is not None or not (sampler.greedy or _cpu_generators(sampler)):
             return None
         start = 0 if chain is None else self.exit_layer
         positions = state.pos[:, None]
@@ -697,7 +698,7 @@ class Decoder:
             state.batch, 1, 0, dtype=target.dtype, device=positions.device)
         stack = target._cpu_stack(probe, positions, start, target.num_layers)
         choice = ("argmax", "accept_greedy_commit") if sampler.greedy else \
-            ("process_logits", "sample", "accept_sampling", "commit_tokens")
+            ("process_logits", "sample", "accept_sampling", "commit_tokens", "argmax")
         if stack is None or set(ops.backends(choice, positions.device)) != {"cpu"}:
             return None
         if not _dense_of(target.dtype, target.lm_head.weight, target.norm.weight, target.embed_tokens.weight):

@@ -33,8 +33,11 @@ def _row_sampler(rows):
                         for cfg, seed in rows])
 
 
-def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None, rows=None):
-    """``rows``: the state's sampler becomes :func:`_row_sampler` of them after the prefill (an engine's batch)."""
+def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None, rows=None,
+         chain_call=True):
+    """``rows``: the state's sampler becomes :func:`_row_sampler` of them after the prefill (an engine's batch);
+    ``chain_call`` False: one_call's rounds draft step by step (their draft probabilities then stacked for the
+    pass)."""
     torch.manual_seed(0)
     decoder = _decoder(dtype, exit_layer, None, qwen)
     if not one_call:
@@ -52,7 +55,7 @@ def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kang
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
                 state.sampler.begin_round(batch, gamma, state.pos.device)
-                k = decoder._cpu_chain(state, chain, gamma, eta, base_len) if one_call else None
+                k = decoder._cpu_chain(state, chain, gamma, eta, base_len) if one_call and chain_call else None
                 if k is None:
                     k = decoder.draft_round(state, chain, gamma, eta, base_len)
                 result = decoder.verify(state, chain, k, base_len + k)
@@ -108,6 +111,20 @@ def test_sampled_one_call_pass_equals_the_step_by_step_path(monkeypatch, dtype, 
 ROWS = [(SAMPLED, 1), (None, 0), ({}, 0), (dict(do_sample=True, temperature=1.3, top_k=20), 2)]
 
 
+@pytest.mark.parametrize("rows", [None, ROWS])
+def test_sampled_pass_after_step_by_step_drafts_equals_the_step_by_step_path(monkeypatch, rows):
+    """Drafts made step by step (their q a list of (B, V) rows, stacked for the pass) verified in one call."""
+    calls, original = [], _cpu_ext.target_pass
+    monkeypatch.setattr(_cpu_ext, "target_pass", lambda *a, **k: calls.append(k["sampled"][2]) or original(*a, **k))
+    batch = 4 if rows else 3
+    sampling = None if rows else SAMPLED
+    fused = _run(True, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows, chain_call=False)
+    steps = _run(False, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows)
+    assert len(calls) == 6 and any(q is not None for q in calls)
+    for a, b in zip(fused, steps):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kangaroo", [False, True])
 def test_engine_rows_in_one_call_equal_the_step_by_step_path(monkeypatch, dtype, kangaroo):
@@ -150,7 +167,7 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
         saved = weight[3].clone()
         weight[3] = float("nan")
         try:
-            with pytest.raises(ValueError, match="probability tensor contains"):
+            with pytest.raises(_cpu_ext.InvalidDistribution, match="probability tensor contains"):
                 _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, *settings))
         finally:
             weight[3] = saved

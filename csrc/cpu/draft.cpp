@@ -74,9 +74,9 @@ int sample_draft(int isa, const kr_cpu_draft_args& a, const T* logits, int64_t b
   int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, N, N, a.sampling.divisor[b], a.sampling.top_k[b],
                                       a.sampling.top_p[b], q, N, &left, 0, 1);
   if (rc != KR_CPU_OK) return rc;
-  if (left != 0) return KR_CPU_FAILED;  // a NaN or infinite logit: no distribution to draw from
+  if (left != 0) return KR_CPU_NOT_A_DISTRIBUTION;  // a NaN or infinite logit: no distribution to draw from
   rc = kr_cpu_sample_rows(isa, q, N, N, a.sample_u + b * a.gamma + s, index, 0, 1);
-  if (rc != KR_CPU_OK || *index < 0) return rc != KR_CPU_OK ? rc : KR_CPU_FAILED;
+  if (rc != KR_CPU_OK || *index < 0) return rc != KR_CPU_OK ? rc : KR_CPU_NOT_A_DISTRIBUTION;
   float top = 0.0f;
   for (int64_t n = 0; n < N; ++n) top = q[n] > top ? q[n] : top;
   *conf = top;

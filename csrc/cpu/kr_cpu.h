@@ -390,7 +390,7 @@ typedef struct kr_cpu_draft_args {
   // kr_cpu_process_logits_rows of its head logits (with the row's settings), stored to sample_q (B, gamma,
   // head_rows) fp32 at [b, s], with kr_cpu_sample_rows and the uniform sample_u (B, gamma) float64 at [b, s]; its
   // confidence is the largest q. A greedy row drafts as with sample_q NULL (its q set to 0). A sampled row whose
-  // logits are not finite fails the call (KR_CPU_FAILED). NULL: every row greedy.
+  // logits are not finite fails the call (KR_CPU_NOT_A_DISTRIBUTION). NULL: every row greedy.
   float* sample_q;
   const double* sample_u;
   kr_cpu_row_sampling sampling;
@@ -422,8 +422,10 @@ int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 // uniforms sample_u_accept + b * sample_u_accept_stride ((k,) fp32) and sample_u_next[b]; a greedy row takes the
 // greedy choice and acceptance; then every row's accepted drafts and next token are committed as
 // kr_cpu_commit_tokens commits them and pos advances past them on rows not finished before: Decoder.ar_step and
-// .verify under kangaroo_rt.speculative's BatchSampling or RowSampling with those uniforms. A position whose logits
-// or distribution cannot be drawn from fails the call (KR_CPU_NOT_A_DISTRIBUTION) before any commit.
+// .verify under kangaroo_rt.speculative's BatchSampling or RowSampling with those uniforms. A sampled row whose
+// acceptance reaches a position that cannot be drawn from (a NaN or infinite logit: the test of its draft, or the
+// next token's draw there) fails the call (KR_CPU_NOT_A_DISTRIBUTION) before any commit; positions past the first
+// such one are not read. Drafts past n_drafts[b] or q_len - 1 are not tested.
 typedef struct kr_cpu_target_pass_args {
   int dtype;
   int64_t batch, q_len;  // B; Q = k + 1 positions per row (1 for a plain step)

@@ -101,29 +101,34 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
   ph.each(B * Q, [&](int64_t m) -> int {
     const int64_t b = m / Q;
     if (rs.divisor[b] == 0.0f) return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, target, nullptr, m, m + 1);
-    const int rc = kr_cpu_process_logits_rows(isa, a.dtype, logits, V, V, rs.divisor[b], rs.top_k[b], rs.top_p[b], p,
-                                              V, left, m, m + 1);
-    return rc != KR_CPU_OK ? rc : left[m] != 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
+    return kr_cpu_process_logits_rows(isa, a.dtype, logits, V, V, rs.divisor[b], rs.top_k[b], rs.top_p[b], p, V,
+                                      left, m, m + 1);
   });
   ph.each(B, [&](int64_t b) -> int {
-    int rc;
+    const int64_t n = Q == 1 ? 0 : std::min(std::max<int64_t>(a.n_drafts[b], 0), Q - 1);  // the drafts to test
     if (rs.divisor[b] == 0.0f) {  // the greedy acceptance: the drafts that agree with the target's choices
-      const int64_t n = Q == 1 ? 0 : a.n_drafts[b];
       int64_t acc = 0;
       while (acc < n && a.drafts[b * a.drafts_stride + acc] == target[b * Q + acc]) ++acc;
       a.accepted[b] = acc, next[b] = target[b * Q + acc];
       return KR_CPU_OK;
     }
-    if (Q == 1) {
+    // Positions from the first without a distribution f on (a NaN or infinite logit) are not read: the step-by-step
+    // path fails only where it reaches f, a test of draft f or the next token's draw there.
+    int64_t f = 0;
+    while (f < Q && left[b * Q + f] == 0) ++f;
+    int rc;
+    if (Q == 1) {  // a plain step's draw
       a.accepted[b] = 0;
-      rc = kr_cpu_sample_rows(isa, p + b * V, V, V, a.sample_u_next + b, next + b, 0, 1);
+      rc = f == 0 ? KR_CPU_OK : kr_cpu_sample_rows(isa, p + b * V, V, V, a.sample_u_next + b, next + b, 0, 1);
     } else {
-      rc = kr_cpu_accept_sampling_rows(isa, a.drafts + b * a.drafts_stride, a.drafts_stride, a.n_drafts + b,
-                                       p + b * Q * V, a.sample_q + b * a.sample_q_stride, Q - 1, V,
+      const int64_t tested = std::min(n, f);
+      rc = kr_cpu_accept_sampling_rows(isa, a.drafts + b * a.drafts_stride, a.drafts_stride, &tested, p + b * Q * V,
+                                       a.sample_q + b * a.sample_q_stride, Q - 1, V,
                                        a.sample_u_accept + b * a.sample_u_accept_stride, a.sample_u_next + b,
                                        a.accepted + b, next + b, 0, 1);
     }
-    return rc != KR_CPU_OK ? rc : next[b] < 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
+    if (rc != KR_CPU_OK) return rc;
+    return a.accepted[b] == f || next[b] < 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
   });
   ph.each(1, [&](int64_t) -> int {  // the commit: the accepted drafts, then the drawn token
     const int64_t failed = __atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED);
