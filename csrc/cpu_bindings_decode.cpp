@@ -395,7 +395,7 @@ struct TargetPlan {
   at::Tensor eos_holder, accepted, committed;  // (B,) int64 each: the last run's
   kr_cpu_head_screen screen{};                 // a.head_screen's, when given
   int64_t q_len_max = 1;
-  at::Tensor u_next, u_accept, q;              // sampled: the uniforms and draft probabilities the pass reads
+  at::Tensor u_next, u_accept, q, q_ids;       // sampled: the uniforms and draft probabilities the pass reads
   std::unique_ptr<RowSamplingArrays> sampling;
   Region region;
 
@@ -411,12 +411,22 @@ struct TargetPlan {
 
 // A sampled pass's inputs (kr_cpu_target_pass_args' sample_*): u_next (B,) float64; for a verification (q_len_max >
 // 1) u_accept (B, >= q_len_max - 1) fp32 of unit column stride and q (B, >= q_len_max - 1, N) fp32 whose last two
-// dimensions are contiguous, N the head's rows; each row's temperature, top_k, top_p (RowSamplingArrays).
+// dimensions are contiguous: over the head's rows, or over the N token ids q_ids (a draft vocabulary's); each row's
+// temperature, top_k, top_p (RowSamplingArrays).
 void set_sampled(TargetPlan& plan, const at::Tensor& u_next, const c10::optional<at::Tensor>& u_accept,
-                 const c10::optional<at::Tensor>& q, const c10::optional<at::Tensor>& temperature,
-                 const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p, const char* what) {
+                 const c10::optional<at::Tensor>& q, const c10::optional<at::Tensor>& q_ids,
+                 const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
+                 const c10::optional<at::Tensor>& top_p, const char* what) {
   kr_cpu_target_pass_args& a = plan.a;
-  const int64_t B = a.batch, K = plan.q_len_max - 1, N = a.head_rows;
+  const int64_t B = a.batch, K = plan.q_len_max - 1;
+  int64_t N = a.head_rows;
+  if (q_ids.has_value()) {
+    check_tokens(*q_ids, 1, what, "sample_q_ids");
+    TORCH_CHECK_VALUE(q_ids->size(0) >= 1 && q_ids->size(0) <= N, what, ": sample_q_ids must name 1 to ", N,
+                      " tokens, got ", q_ids->size(0));
+    plan.q_ids = q_ids->contiguous();
+    N = q_ids->size(0);
+  }
   TORCH_CHECK_VALUE(u_next.device().is_cpu() && u_next.scalar_type() == at::kDouble && u_next.dim() == 1 &&
                         u_next.size(0) == B && u_next.is_contiguous(),
                     what, ": sample_u_next must be a contiguous float64 (", B, ",), got ", u_next.scalar_type(), " ",
@@ -444,6 +454,8 @@ void set_sampled(TargetPlan& plan, const at::Tensor& u_next, const c10::optional
                     ") with contiguous rows of draft probabilities, got ", q->scalar_type(), " ", q->sizes(),
                     " strides ", q->strides());
   plan.u_accept = *u_accept, plan.q = *q;
+  a.sample_q_rows = N;
+  a.sample_q_ids = plan.q_ids.defined() ? plan.q_ids.const_data_ptr<int64_t>() : nullptr;
   a.sample_u_accept = u_accept->const_data_ptr<float>(), a.sample_u_accept_stride = B > 1 ? u_accept->stride(0) : K;
   a.sample_q = q->const_data_ptr<float>(), a.sample_q_stride = B > 1 ? q->stride(0) : K * N;
 }
@@ -458,8 +470,9 @@ std::unique_ptr<TargetPlan> plan_target_pass(
     std::vector<at::Tensor> v_caches, const at::Tensor& norm, double norm_eps, const at::Tensor& head, int64_t n_heads,
     int64_t n_kv_heads, int64_t head_dim, double eps, const c10::optional<std::vector<at::Tensor>>& head_screen,
     const c10::optional<at::Tensor>& sample_u_next, const c10::optional<at::Tensor>& sample_u_accept,
-    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& temperature,
-    const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
+    const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_q_ids,
+    const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
+    const c10::optional<at::Tensor>& top_p) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -543,10 +556,10 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   a.e_prev = e_prev.has_value() ? e_prev->mutable_data_ptr() : nullptr;
   a.accepted = plan->accepted.mutable_data_ptr<int64_t>(), a.committed = plan->committed.mutable_data_ptr<int64_t>();
   if (sample_u_next.has_value())
-    set_sampled(*plan, *sample_u_next, sample_u_accept, sample_q, temperature, top_k, top_p, what);
+    set_sampled(*plan, *sample_u_next, sample_u_accept, sample_q, sample_q_ids, temperature, top_k, top_p, what);
   else
-    TORCH_CHECK_VALUE(!sample_u_accept.has_value() && !sample_q.has_value(), what,
-                      ": sample_u_accept and sample_q come with sample_u_next (a sampled pass)");
+    TORCH_CHECK_VALUE(!sample_u_accept.has_value() && !sample_q.has_value() && !sample_q_ids.has_value(), what,
+                      ": sample_u_accept, sample_q and sample_q_ids come with sample_u_next (a sampled pass)");
   return plan;
 }
 
@@ -612,9 +625,13 @@ std::vector<at::Tensor> decode_loop_plans(TargetPlan& pass, DraftPlan* draft, in
                     what, ": the pass must verify the draft plan's chain over the same state (q_len gamma + 1)");
   TORCH_CHECK_VALUE(draft == nullptr || (draft->a.sample_q != nullptr) == sampled, what,
                     ": the draft plan and the pass must both be greedy or both be sampled");
-  TORCH_CHECK_VALUE(draft == nullptr || !sampled || (draft->a.head_ids == nullptr && a.sample_q == draft->a.sample_q),
-                    what, ": a sampled pass must read the draft plan's own draft probabilities (sample_q, over the "
-                    "whole vocabulary)");
+  TORCH_CHECK_VALUE(draft == nullptr || !sampled ||
+                        (a.sample_q == draft->a.sample_q && a.sample_q_rows == draft->a.head_rows &&
+                         (a.sample_q_ids == nullptr) == (draft->a.head_ids == nullptr) &&
+                         (a.sample_q_ids == nullptr ||
+                          std::equal(a.sample_q_ids, a.sample_q_ids + a.sample_q_rows, draft->a.head_ids))),
+                    what, ": a sampled pass must read the draft plan's own draft probabilities (sample_q, over its "
+                    "head's ids)");
   TORCH_CHECK_VALUE(!gen.has_value() || gen->device().is_cpu(), what, ": the generator must be a CPU generator");
   TORCH_CHECK_VALUE(draft != nullptr || a.embed != nullptr, what, ": plain steps need a pass from the rows' tokens");
   const int64_t B = a.batch, T = a.max_len, gamma = draft == nullptr ? 0 : draft->a.gamma;
@@ -734,7 +751,7 @@ void define_decode(py::module_& m) {
       py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"), py::arg("norm"), py::arg("norm_eps"),              \
       py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),               \
       py::arg("head_screen").none(true), py::arg("sample_u_next") = py::none(),                                       \
-      py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(),                                      \
+      py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(), py::arg("sample_q_ids") = py::none(), \
       py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none()
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),

@@ -370,7 +370,8 @@ class DraftChain:
     ``cap`` (B,) drafts allowed this round; ``active`` (B,) bool rows still drafting; ``conf`` (B,) fp32
     confidence of the newest draft; ``x`` (B,) the token the next step embeds; ``drafts`` (B, gamma) int64,
     -1 past ``n_drafts`` (B,); ``exits`` (B, gamma + 1, D) the exit states to verify; ``probs``: the draft
-    distributions (B, V) per step under sampling (empty under greedy).
+    distributions (B, V) per step under sampling (empty under greedy), or (B, K) over the token ids
+    ``probs_ids`` (K,) (a draft vocabulary's, zero elsewhere) where the one-call chain left them so.
     """
 
     cap: torch.Tensor
@@ -381,6 +382,20 @@ class DraftChain:
     n_drafts: torch.Tensor
     exits: torch.Tensor
     probs: List[torch.Tensor] = field(default_factory=list)
+    probs_ids: Optional[torch.Tensor] = None
+    probs_vocab: int = 0  # the vocabulary size ``probs_ids`` index into
+
+    def full_probs(self) -> List[torch.Tensor]:
+        """``probs`` over the whole vocabulary (B, V) each: zero outside ``probs_ids`` where those are set."""
+        if self.probs_ids is None:
+            return self.probs
+        return [torch.zeros(q.shape[0], self.probs_vocab, dtype=q.dtype, device=q.device).index_copy_(
+            1, self.probs_ids, q) for q in self.probs]
+
+    def set_probs(self, probs: List[torch.Tensor], ids: Optional[torch.Tensor] = None, vocab: int = 0) -> None:
+        """The round's draft distributions: (B, V) each, or (B, K) over the token ids ``ids`` of a ``vocab``."""
+        self.probs[:] = probs
+        self.probs_ids, self.probs_vocab = ids, vocab
 
     @classmethod
     def allocate(cls, batch: int, gamma: int, hidden: int, dtype: torch.dtype, device: torch.device) -> "DraftChain":
@@ -495,7 +510,7 @@ class Decoder:
         chain.drafts.fill_(-1)
         chain.n_drafts.zero_()
         chain.x.copy_(state.token)
-        chain.probs.clear()
+        chain.set_probs([])
 
     def shallow_step(self, state: DecodeState, chain: DraftChain, step: Union[int, torch.Tensor], kv_len: int):
         """Target layers ``0..l-1`` on ``chain.x`` at ``pos + step``: writes the shallow KV and
@@ -560,7 +575,7 @@ class Decoder:
                                                                 state.eos)
             state.finish_at_limit()
         else:
-            accepted, nxt = state.sampler.accept(drafts, chain.n_drafts, logits, chain.probs)
+            accepted, nxt = state.sampler.accept(drafts, chain.n_drafts, logits, chain.full_probs())
             run = torch.cat([drafts, torch.zeros_like(nxt)[:, None]], dim=1)  # (B, K+1)
             run.scatter_(1, accepted[:, None], nxt[:, None])
             committed = state.commit(run, accepted + 1)
@@ -604,8 +619,9 @@ class Decoder:
         k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
                                  sampled=(q, state.sampler.round_u,
                                           *state.sampler.row_settings(state.batch, q.shape[2])))
-        full = (lambda q: q) if self.draft_head is None else self.draft_head.full_probs
-        chain.probs[:] = [full(q[:, j]) for j in range(k)]
+        head = self.draft_head
+        chain.set_probs([q[:, j] for j in range(k)], None if head is None else head.ids,
+                        0 if head is None else head.vocab_size)
         return k
 
     def _chain_q_for(self, batch: int, gamma: int, rows: int) -> torch.Tensor:
@@ -668,20 +684,21 @@ class Decoder:
         sampler = state.sampler
         if not sampler.greedy:  # this pass's uniforms, drawn as the sampler's accept / select draw them
             u_next, u_accept = sampler.pass_uniforms(state.batch, None if chain is None else chain.n_drafts, k)
-            kwargs = dict(kwargs, sampled=(u_next, u_accept, self._draft_q(chain, k),
+            kwargs = dict(kwargs, sampled=(u_next, u_accept, *self._draft_q(chain, k),
                                            *sampler.row_settings(state.batch, self.target.lm_head.weight.shape[0])))
         return _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs)
 
-    def _draft_q(self, chain: Optional[DraftChain], k: int) -> Optional[torch.Tensor]:
-        """The first ``k`` drafts' probabilities as a (B, >= k, V) fp32 tensor with contiguous rows (None for none):
-        the one-call chain's own buffer where it drafted them over the whole vocabulary, else stacked."""
+    def _draft_q(self, chain: Optional[DraftChain], k: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The first ``k`` drafts' probabilities as a (B, >= k, N) fp32 tensor with contiguous rows, and the token ids
+        of its N columns (None: the whole vocabulary) ((None, None) for none): the one-call chain's own buffer where
+        it drafted them, else stacked."""
         if chain is None or k == 0:
-            return None
+            return None, None
         q = getattr(self, "_chain_q", None)
-        if self.draft_head is None and q is not None and chain.probs[0].data_ptr() == q.data_ptr() and \
-                q.shape[0] == chain.probs[0].shape[0]:
-            return q
-        return torch.stack(chain.probs[:k], dim=1)
+        if q is not None and chain.probs[0].data_ptr() == q.data_ptr() and q.shape[0] == chain.probs[0].shape[0] \
+                and q.shape[2] == chain.probs[0].shape[1]:
+            return q, chain.probs_ids
+        return torch.stack(chain.probs[:k], dim=1), chain.probs_ids
 
     def _pass_inputs(self, state: DecodeState, chain: Optional[DraftChain], k: int) -> Optional[Tuple[tuple, dict]]:
         """The arguments of :func:`_cpu_ext.target_pass` but ``kv_len`` (positional, keywords) for a pass over
@@ -724,7 +741,7 @@ class Decoder:
         max_rounds = int((state.max_new - state.n_gen)[unfinished].clamp(min=0).max())  # a round commits >= 1
         sampler, b = state.sampler, state.batch
         sampled = not sampler.greedy
-        if sampled and ((kcfg is not None and self.draft_head is not None) or not isinstance(sampler, BatchSampling)):
+        if sampled and not isinstance(sampler, BatchSampling):
             return  # (the loop draws from one generator; the engine's rows have their own, and step a round a call)
         draft = pass_sampling = None
         if kcfg is None:
@@ -739,9 +756,10 @@ class Decoder:
             vocab = self.target.lm_head.weight.shape[0]
             filters = sampler.row_settings(b, vocab)
             gamma = 0 if kcfg is None else kcfg.gamma
-            q = None if kcfg is None else self._chain_q_for(b, gamma, vocab)
+            head = self.draft_head
+            q = None if kcfg is None else self._chain_q_for(b, gamma, vocab if head is None else head.ids.shape[0])
             pass_sampling = (torch.zeros(b, dtype=torch.float64), torch.zeros(b, gamma, dtype=torch.float32), q,
-                             *filters)
+                             None if head is None or kcfg is None else head.ids, *filters)
             chain_sampling = None if kcfg is None else (q, torch.zeros(b, gamma, dtype=torch.float64), *filters)
         if kcfg is not None:
             draft = _cpu_ext.plan_draft_chain(*chain_inputs, sampled=chain_sampling if sampled else None)

@@ -75,7 +75,7 @@ def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sa
                 k = (decoder._cpu_chain if one_call else decoder.draft_round)(state, chain, gamma, eta, base_len)
                 assert k is not None
                 outs.append((k, chain.exits[:, :k + 1].clone(), _snapshot(decoder, state, chain)
-                             + [q.clone() for q in chain.probs]))
+                             + [q.clone() for q in chain.full_probs()]))
                 decoder.verify(state, chain, k, base_len + k)
         results.append(outs)
     for (k1, e1, s1), (k2, e2, s2) in zip(*results):

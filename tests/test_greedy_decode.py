@@ -10,6 +10,7 @@ from kangaroo_rt.config import KangarooConfig, SamplingConfig
 from kangaroo_rt.speculative import Decoder
 
 from test_draft_chain import _decoder, _started_state, torch_threads
+from test_target_pass import CASES, SAMPLED
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,11 +28,11 @@ def _stats(stats):
 
 
 def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo, max_new=24, monkeypatch=None,
-            sampling=None, per_op=False, seed=11):
+            sampling=None, per_op=False, seed=11, draft_ids=None):
     """``sampling``: SamplingConfig keywords (a generator seeded with ``seed``); ``per_op`` (one_call False): the
     step-by-step path's ops too, without the one-call chain and pass."""
     torch.manual_seed(0)
-    decoder = _decoder(dtype, exit_layer, None, qwen)
+    decoder = _decoder(dtype, exit_layer, draft_ids, qwen)
     calls = []
     if one_call:
         original = _cpu_ext.decode_loop
@@ -56,13 +57,7 @@ def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
-    (False, 1, 1, 4, 0.0, False, None),
-    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),  # EOS ids: rows finishing at different steps; q/k/v biases
-    (True, 1, 1, 4, 0.0, False, None),
-    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
-    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),  # rows finishing at EOS mid-round
-])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", CASES)
 def test_one_call_decode_equals_the_python_loop(monkeypatch, dtype, kangaroo, exit_layer, batch, gamma, eta, qwen,
                                                eos):
     fused, fused_stats = _decode(True, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo,
@@ -75,17 +70,9 @@ def test_one_call_decode_equals_the_python_loop(monkeypatch, dtype, kangaroo, ex
     assert fused_stats == loop_stats
 
 
-SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
-    (False, 1, 1, 4, 0.0, False, None),
-    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),
-    (True, 1, 1, 4, 0.0, False, None),
-    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
-    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),
-])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", CASES)
 def test_sampled_one_call_decode_equals_the_python_loop_and_the_ops(monkeypatch, dtype, kangaroo, exit_layer, batch,
                                                                     gamma, eta, qwen, eos):
     runs = []
@@ -102,26 +89,27 @@ def test_sampled_one_call_decode_equals_the_python_loop_and_the_ops(monkeypatch,
                                       for a, d in zip(row_a, row_d))
 
 
-def test_a_seed_gives_other_tokens_and_a_draft_vocabulary_stays_in_python(monkeypatch):
-    """The loop's draws come from the generator: another seed, other tokens. A draft vocabulary's q covers only its
-    subset, so sampled rounds with one stay in the Python loop (plain steps still take the one-call loop)."""
+def test_a_seed_gives_other_tokens(monkeypatch):
+    """The loop's draws come from the generator: another seed, other tokens."""
     a, _ = _decode(True, torch.float32, 1, 2, 4, 0.05, False, None, True, monkeypatch=monkeypatch, sampling=SAMPLED)
     monkeypatch.undo()
     b, _ = _decode(True, torch.float32, 1, 2, 4, 0.05, False, None, True, monkeypatch=monkeypatch, sampling=SAMPLED,
                    seed=12)
-    monkeypatch.undo()
     assert not torch.equal(a[0], b[0])
-    decoder = _decoder(torch.float32, 1)
-    from kangaroo_rt.draft_vocab import DraftHead
 
-    decoder.draft_head = DraftHead(decoder.target.lm_head.weight, torch.arange(0, 97, 2))
-    calls = []
-    monkeypatch.setattr(_cpu_ext, "decode_loop", lambda *args: calls.append(1))
-    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        decoder.decode(ids, torch.tensor([6]), 8, SamplingConfig(**SAMPLED), KangarooConfig(gamma=3, eta=0.1), None,
-                       torch.Generator().manual_seed(2))
-    assert not calls
+
+@pytest.mark.parametrize("sampling", [None, SAMPLED])
+def test_a_draft_vocabulary_in_one_call_equals_the_python_loop_and_the_ops(monkeypatch, sampling):
+    """A draft vocabulary (the chain's q over its ids) decoded by the loop, by the Python loop of one-call rounds
+    and step by step: the same bits."""
+    runs = []
+    for one_call, per_op in ((True, False), (False, False), (False, True)):
+        runs.append(_decode(one_call, torch.bfloat16, 2, 3, 5, 0.1, True, [5, 17, 60], True, monkeypatch=monkeypatch,
+                            sampling=sampling, per_op=per_op, draft_ids=list(range(0, 97, 3))))
+        monkeypatch.undo()
+    (fused, fused_stats), (loop, loop_stats), (ops, ops_stats) = runs
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(fused, loop, ops))
+    assert fused_stats == loop_stats == ops_stats
 
 
 def test_more_threads_than_cores_give_the_same_decode(monkeypatch):

@@ -22,6 +22,14 @@ def _state_tensors(decoder, state):
 
 
 SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+# (kangaroo, exit layer, batch, gamma, eta, qwen, EOS ids) of the passes compared with the step-by-step path
+CASES = [
+    (False, 1, 1, 4, 0.0, False, None),
+    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),  # EOS ids, a finished row, a row at its limit; q/k/v biases
+    (True, 1, 1, 4, 0.0, False, None),  # verification over gamma + 1 positions
+    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
+    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),  # rows finishing at EOS mid-round
+]
 
 
 def _row_sampler(rows):
@@ -34,12 +42,12 @@ def _row_sampler(rows):
 
 
 def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kangaroo, sampling=None, rows=None,
-         chain_call=True):
+         chain_call=True, draft_ids=None):
     """``rows``: the state's sampler becomes :func:`_row_sampler` of them after the prefill (an engine's batch);
     ``chain_call`` False: one_call's rounds draft step by step (their draft probabilities then stacked for the
-    pass)."""
+    pass); ``draft_ids``: a draft vocabulary."""
     torch.manual_seed(0)
-    decoder = _decoder(dtype, exit_layer, None, qwen)
+    decoder = _decoder(dtype, exit_layer, draft_ids, qwen)
     if not one_call:
         decoder._cpu_pass = lambda *args: None
         decoder._cpu_chain = lambda *args: None
@@ -66,13 +74,7 @@ def _run(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, rounds, kang
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
-    (False, 1, 1, 4, 0.0, False, None),
-    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),  # EOS ids, a finished row, a row at its limit; q/k/v biases
-    (True, 1, 1, 4, 0.0, False, None),  # verification over gamma + 1 positions
-    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
-    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),  # rows finishing at EOS mid-round
-])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", CASES)
 def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer, batch, gamma, eta, qwen, eos):
     fused = _run(True, dtype, exit_layer, batch, gamma, eta, qwen, eos, 5, kangaroo)
     steps = _run(False, dtype, exit_layer, batch, gamma, eta, qwen, eos, 5, kangaroo)
@@ -83,13 +85,7 @@ def test_one_call_pass_equals_the_step_by_step_path(dtype, kangaroo, exit_layer,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", [
-    (False, 1, 1, 4, 0.0, False, None),
-    (False, 2, 3, 4, 0.0, True, [5, 17, 60]),
-    (True, 1, 1, 4, 0.0, False, None),
-    (True, 2, 3, 5, 0.2, True, [5, 17, 60]),
-    (True, 1, 4, 6, 0.05, False, list(range(0, 97, 4))),
-])
+@pytest.mark.parametrize("kangaroo,exit_layer,batch,gamma,eta,qwen,eos", CASES)
 def test_sampled_one_call_pass_equals_the_step_by_step_path(monkeypatch, dtype, kangaroo, exit_layer, batch, gamma,
                                                             eta, qwen, eos):
     """Sampled: the pass draws its tokens from the uniforms the step-by-step path draws from the same generator (the
@@ -111,16 +107,24 @@ def test_sampled_one_call_pass_equals_the_step_by_step_path(monkeypatch, dtype, 
 ROWS = [(SAMPLED, 1), (None, 0), ({}, 0), (dict(do_sample=True, temperature=1.3, top_k=20), 2)]
 
 
+DRAFT_IDS = list(range(0, 97, 3))
+
+
 @pytest.mark.parametrize("rows", [None, ROWS])
-def test_sampled_pass_after_step_by_step_drafts_equals_the_step_by_step_path(monkeypatch, rows):
-    """Drafts made step by step (their q a list of (B, V) rows, stacked for the pass) verified in one call."""
+@pytest.mark.parametrize("chain_call,draft_ids", [(False, None), (True, DRAFT_IDS), (False, DRAFT_IDS)])
+def test_sampled_pass_of_other_drafts_equals_the_step_by_step_path(monkeypatch, rows, chain_call, draft_ids):
+    """Drafts made step by step (their q a list of (B, V) rows, stacked for the pass), or over a draft vocabulary
+    (the chain's q over its ids, which the pass spreads over the vocabulary), verified in one call."""
     calls, original = [], _cpu_ext.target_pass
-    monkeypatch.setattr(_cpu_ext, "target_pass", lambda *a, **k: calls.append(k["sampled"][2]) or original(*a, **k))
+    monkeypatch.setattr(_cpu_ext, "target_pass", lambda *a, **k: calls.append(k["sampled"]) or original(*a, **k))
     batch = 4 if rows else 3
     sampling = None if rows else SAMPLED
-    fused = _run(True, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows, chain_call=False)
-    steps = _run(False, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows)
-    assert len(calls) == 6 and any(q is not None for q in calls)
+    fused = _run(True, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows,
+                 chain_call=chain_call, draft_ids=draft_ids)
+    steps = _run(False, torch.bfloat16, 2, batch, 5, 0.1, True, [5, 17, 60], 6, True, sampling, rows,
+                 draft_ids=draft_ids)
+    assert len(calls) == 6 and any(c[2] is not None for c in calls)
+    assert all((c[3] is not None) == (chain_call and draft_ids is not None) for c in calls if c[2] is not None)
     for a, b in zip(fused, steps):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -154,12 +158,13 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
         kv_len = int(state.pos.max()) + 3
         settings = state.sampler.row_settings(2, decoder.target.config.vocab_size)
         negative = (settings[0], torch.tensor([0, -1]), settings[2])
-        for bad, match in [((u_next.float(), u_accept, q, *settings), "sample_u_next"),
-                           ((u_next, None, q, *settings), "sample_u_accept"),
-                           ((u_next, u_accept[:, :1], q, *settings), "sample_u_accept"),
-                           ((u_next, u_accept, q[:, :, 1:], *settings), "sample_q"),
-                           ((u_next, u_accept, q, settings[0][:1], *settings[1:]), "one setting a row"),
-                           ((u_next, u_accept, q, *negative), "top_k >= 0")]:
+        for bad, match in [((u_next.float(), u_accept, q, None, *settings), "sample_u_next"),
+                           ((u_next, None, q, None, *settings), "sample_u_accept"),
+                           ((u_next, u_accept[:, :1], q, None, *settings), "sample_u_accept"),
+                           ((u_next, u_accept, q[:, :, 1:], None, *settings), "sample_q"),
+                           ((u_next, u_accept, q, torch.arange(3), *settings), "sample_q"),
+                           ((u_next, u_accept, q, None, settings[0][:1], *settings[1:]), "one setting a row"),
+                           ((u_next, u_accept, q, None, *negative), "top_k >= 0")]:
             with pytest.raises(ValueError, match=match):
                 _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=bad)
         before = [t.clone() for t in (state.out, state.n_gen, state.pos, state.token)]
@@ -168,7 +173,7 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
         weight[3] = float("nan")
         try:
             with pytest.raises(_cpu_ext.InvalidDistribution, match="probability tensor contains"):
-                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, *settings))
+                _cpu_ext.target_pass(*args, kv_len=kv_len, **kwargs, sampled=(u_next, u_accept, q, None, *settings))
         finally:
             weight[3] = saved
         assert all(torch.equal(x, y) for x, y in zip(before, (state.out, state.n_gen, state.pos, state.token)))

@@ -418,7 +418,7 @@ int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 // Sampled (sample_u_next not NULL; no head_screen): on a sampled row (see kr_cpu_row_sampling), instead of the
 // greedy choice, every position's probabilities p = kr_cpu_process_logits_rows of its logits (with the row's
 // settings), then a plain step's draw (kr_cpu_sample_rows with sample_u_next[b]) or kr_cpu_accept_sampling_rows over
-// the k drafts with their draft probabilities sample_q + b * sample_q_stride ((k, head_rows) fp32 contiguous), the
+// the k drafts with their draft probabilities sample_q + b * sample_q_stride ((k, sample_q_rows) fp32 contiguous), the
 // uniforms sample_u_accept + b * sample_u_accept_stride ((k,) fp32) and sample_u_next[b]; a greedy row takes the
 // greedy choice and acceptance; then every row's accepted drafts and next token are committed as
 // kr_cpu_commit_tokens commits them and pos advances past them on rows not finished before: Decoder.ar_step and
@@ -464,8 +464,12 @@ typedef struct kr_cpu_target_pass_args {
   const double* sample_u_next;    // (B,) float64 in [0, 1)
   const float* sample_u_accept;   // (B, >= Q - 1) fp32, row stride sample_u_accept_stride; NULL when Q == 1
   int64_t sample_u_accept_stride;
-  const float* sample_q;          // (B, >= Q - 1, head_rows) fp32, row stride sample_q_stride; NULL when Q == 1
-  int64_t sample_q_stride;
+  // (B, >= Q - 1, sample_q_rows) fp32, row stride sample_q_stride; NULL when Q == 1. Row n of a position's q is
+  // token sample_q_ids[n]'s probability (sample_q_ids NULL: token n's, sample_q_rows == head_rows), 0 elsewhere:
+  // a draft vocabulary's.
+  const float* sample_q;
+  int64_t sample_q_stride, sample_q_rows;
+  const int64_t* sample_q_ids;
   kr_cpu_row_sampling sampling;
   int64_t threads;     // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;     // kr_cpu_target_pass_workspace_bytes(args) bytes, 64-byte aligned, see below

@@ -18,8 +18,9 @@ constexpr int64_t kExtraPhases = 6;
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
   int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
-  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q), the rows not finished (B,)
-  int64_t probs, left, run, was_active;
+  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q), the rows not finished (B,),
+  // the drafts' q over the whole vocabulary (B, Q - 1, V) fp32 when they come over a draft vocabulary's ids
+  int64_t probs, left, run, was_active, q_dense;
 };
 
 kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
@@ -67,6 +68,7 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.left = take(sampled(a) ? M * 4 : 0);
   l.run = take(sampled(a) ? M * 8 : 0);
   l.was_active = take(sampled(a) ? a.batch : 0);
+  l.q_dense = take(sampled(a) && a.sample_q_ids != nullptr ? a.batch * (a.q_len - 1) * V * 4 : 0);
   l.total = take.at;
   return l;
 }
@@ -114,6 +116,15 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
     }
     // Positions from the first without a distribution f on (a NaN or infinite logit) are not read: the step-by-step
     // path fails only where it reaches f, a test of draft f or the next token's draw there.
+    const float* q = Q > 1 ? a.sample_q + b * a.sample_q_stride : nullptr;
+    if (Q > 1 && a.sample_q_ids != nullptr) {  // q over the draft vocabulary's ids -> over the whole vocabulary
+      float* dense = reinterpret_cast<float*>(ws + l.q_dense) + b * (Q - 1) * V;
+      for (int64_t i = 0; i < n; ++i) {
+        std::fill_n(dense + i * V, V, 0.0f);
+        for (int64_t r = 0; r < a.sample_q_rows; ++r) dense[i * V + a.sample_q_ids[r]] = q[i * a.sample_q_rows + r];
+      }
+      q = dense;
+    }
     int64_t f = 0;
     while (f < Q && left[b * Q + f] == 0) ++f;
     int rc;
@@ -123,9 +134,8 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
     } else {
       const int64_t tested = std::min(n, f);
       rc = kr_cpu_accept_sampling_rows(isa, a.drafts + b * a.drafts_stride, a.drafts_stride, &tested, p + b * Q * V,
-                                       a.sample_q + b * a.sample_q_stride, Q - 1, V,
-                                       a.sample_u_accept + b * a.sample_u_accept_stride, a.sample_u_next + b,
-                                       a.accepted + b, next + b, 0, 1);
+                                       q, Q - 1, V, a.sample_u_accept + b * a.sample_u_accept_stride,
+                                       a.sample_u_next + b, a.accepted + b, next + b, 0, 1);
     }
     if (rc != KR_CPU_OK) return rc;
     return a.accepted[b] == f || next[b] < 0 ? KR_CPU_NOT_A_DISTRIBUTION : KR_CPU_OK;
@@ -265,7 +275,9 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
   if (a->sample_u_next != nullptr &&
       (a->head_screen != nullptr || kr_cpu_row_sampling_check(&a->sampling, a->batch) != KR_CPU_OK ||
        (a->q_len > 1 && (a->sample_q == nullptr || a->sample_u_accept == nullptr ||
-                         a->sample_q_stride < (a->q_len - 1) * a->head_rows ||
+                         (a->sample_q_ids == nullptr ? a->sample_q_rows != a->head_rows
+                                                     : a->sample_q_rows < 1 || a->sample_q_rows > a->head_rows) ||
+                         a->sample_q_stride < (a->q_len - 1) * a->sample_q_rows ||
                          a->sample_u_accept_stride < a->q_len - 1))))
     return KR_CPU_BAD_ARGUMENT;
   const kr_cpu_head_screen* sc = a->head_screen;
@@ -274,6 +286,8 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
     return KR_CPU_BAD_ARGUMENT;
   for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 0 || a->pos[b] + a->q_len > a->max_len) return KR_CPU_BAD_ARGUMENT;
+  for (int64_t r = 0; state && a->sample_u_next != nullptr && a->sample_q_ids != nullptr && r < a->sample_q_rows; ++r)
+    if (a->sample_q_ids[r] < 0 || a->sample_q_ids[r] >= a->head_rows) return KR_CPU_BAD_ARGUMENT;
   kr_cpu_decoder_args s = stack_args(*a);
   s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->pos, s.workspace = a->workspace;
   return kr_cpu_decoder_check(isa, &s);
