@@ -179,6 +179,36 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
         assert all(torch.equal(x, y) for x, y in zip(before, (state.out, state.n_gen, state.pos, state.token)))
 
 
+def test_a_sampled_row_fails_only_where_its_acceptance_reaches_no_distribution():
+    """Exit states with a NaN from position 1 on give logits with no distribution there (attention is causal, so
+    position 0 keeps its own). A row whose draft at position 0 is rejected draws its token there, as the step-by-step
+    path does; one that accepts it reaches position 1 and fails, before anything is committed."""
+    decoder = _decoder(torch.float32, 1)
+    vocab = decoder.target.config.vocab_size
+    with torch.no_grad():
+        state = _started_state(decoder, 1, 3, seed=8, sampling=dict(do_sample=True, temperature=1.0))
+        chain = DraftChain.allocate(1, 3, decoder.target.config.hidden_size, torch.float32, state.pos.device)
+        base_len = int(state.pos.max()) + 1
+        state.sampler.begin_round(1, 3, state.pos.device)
+        k = decoder.draft_round(state, chain, 3, 0.0, base_len)
+        assert k == 3
+        chain.exits[:, 1:] = float("nan")
+        args, kwargs = decoder._pass_inputs(state, chain, k)
+        settings = state.sampler.row_settings(1, vocab)
+        u_next = torch.tensor([0.5], dtype=torch.float64)
+        before = [t.clone() for t in (state.out, state.n_gen, state.pos, state.token)]
+        reach = (u_next, torch.zeros(1, k), torch.zeros(1, k, vocab), None, *settings)  # 0 * q < p: accepted
+        with pytest.raises(_cpu_ext.InvalidDistribution):
+            _cpu_ext.target_pass(*args, kv_len=base_len + k, **kwargs, sampled=reach)
+        assert all(torch.equal(x, y) for x, y in zip(before, (state.out, state.n_gen, state.pos, state.token)))
+        q = torch.zeros(1, k, vocab)
+        q[0, 0, chain.drafts[0, 0]] = 10.0  # 1 * 10 < p fails: rejected at position 0
+        accepted, committed = _cpu_ext.target_pass(*args, kv_len=base_len + k, **kwargs,
+                                                   sampled=(u_next, torch.ones(1, k), q, None, *settings))
+        assert accepted.tolist() == [0] and committed.tolist() == [1]
+        assert int(state.token[0]) != int(chain.drafts[0, 0])  # drawn from max(p - q, 0), which excludes it
+
+
 def test_more_threads_than_cores_give_the_same_passes():
     """Threads that start late (5 on this machine's cores) claim what is left of each phase, some after the others
     have advanced the state: the same bits and tokens."""
