@@ -67,8 +67,8 @@ void run_region(Args& args, Region& region, int64_t (*bytes)(const Args*, int64_
     TORCH_CHECK_VALUE(rc != KR_CPU_NOT_A_DISTRIBUTION, what,
                       ": probability tensor contains either `inf`, `nan` or element < 0 (a sampled position's logits "
                       "or distribution cannot be drawn from)");
-    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc, rc == KR_CPU_FAILED ? ": out of memory?" : "",
-                ")");
+    TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc,
+                rc == KR_CPU_FAILED ? ": out of memory?" : "", ")");
   }
 }
 
@@ -426,6 +426,10 @@ void set_sampled(TargetPlan& plan, const at::Tensor& u_next, const c10::optional
                       " tokens, got ", q_ids->size(0));
     plan.q_ids = q_ids->contiguous();
     N = q_ids->size(0);
+    const int64_t* ids = plan.q_ids.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r)
+      TORCH_CHECK_VALUE(0 <= ids[r] && ids[r] < a.head_rows, what, ": sample_q_ids[", r, "] = ", ids[r],
+                        " is outside the head's ", a.head_rows, " rows");
   }
   TORCH_CHECK_VALUE(u_next.device().is_cpu() && u_next.scalar_type() == at::kDouble && u_next.dim() == 1 &&
                         u_next.size(0) == B && u_next.is_contiguous(),

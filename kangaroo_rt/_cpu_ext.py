@@ -365,7 +365,8 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
 
 
 _CHAIN_SAMPLING = ("sample_q", "sample_u", "temperature", "top_k", "top_p")
-_PASS_SAMPLING = ("sample_u_next", "sample_u_accept", "sample_q", "sample_q_ids", "temperature", "top_k", "top_p")
+_PASS_SAMPLING = ("sample_u_next", "sample_u_accept", "sample_q", "sample_q_ids", "temperature", "top_k",
+                  "top_p")
 
 
 def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
@@ -456,8 +457,8 @@ def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_hea
     u_accept (B, >= q_len - 1) float32, those of the acceptance tests; q (B, >= q_len - 1, N) float32, the drafts'
     probabilities over the head's rows or over the N token ids q_ids (N,) int64 (a draft vocabulary's; None: the
     head's rows); each row's temperature (B,) float64 (0: a greedy row), top_k (B,) int64 (0: none), top_p (B,)
-    float64 (1: none)), as the samplers pick tokens with those uniforms. The caller (``Decoder._cpu_pass``) checks that every op would be served by this extension. Returns
-    (accepted, committed) (B,) int64."""
+    float64 (1: none)), as the samplers pick tokens with those uniforms. The caller (``Decoder._cpu_pass``) checks
+    that every op would be served by this extension. Returns (accepted, committed) (B,) int64."""
     with _distribution_errors():
         return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads,
                                               n_kv_heads, head_dim, eps, embed=embed, chain=chain, sampled=sampled),

@@ -731,8 +731,7 @@ class Decoder:
         tokens and bits as :meth:`ar_step` / :meth:`kangaroo_round` a step at a time (sampled: the same uniforms from
         the same generator, in the same order), without the Python and the argument checks around each step's calls;
         ``stats`` count the rounds as :meth:`kangaroo_round` does. Whatever it does not run (a round that would read
-        past the cache) is left to the caller's loop. Sampled rounds with a draft vocabulary stay in Python (the
-        chain's q is over the subset)."""
+        past the cache) is left to the caller's loop. (The engine's RowSampling steps a round a call.)"""
         if state.pos.device.type != "cpu" or not _cpu_ext.is_available():
             return
         unfinished = ~state.finished

@@ -125,6 +125,8 @@ def test_sampled_pass_of_other_drafts_equals_the_step_by_step_path(monkeypatch, 
                  draft_ids=draft_ids)
     assert len(calls) == 6 and any(c[2] is not None for c in calls)
     assert all((c[3] is not None) == (chain_call and draft_ids is not None) for c in calls if c[2] is not None)
+    accepted = torch.stack([snap[1] for snap in fused])  # acceptances and rejections (the residual's q) both ran
+    assert bool((accepted > 0).any()) and bool((accepted == 0).any())
     for a, b in zip(fused, steps):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -163,6 +165,7 @@ def test_sampled_pass_checks_its_inputs_and_refuses_what_it_cannot_draw_from():
                            ((u_next, u_accept[:, :1], q, None, *settings), "sample_u_accept"),
                            ((u_next, u_accept, q[:, :, 1:], None, *settings), "sample_q"),
                            ((u_next, u_accept, q, torch.arange(3), *settings), "sample_q"),
+                           ((u_next, u_accept, q[:, :, :2], torch.tensor([0, 97]), *settings), "outside the head"),
                            ((u_next, u_accept, q, None, settings[0][:1], *settings[1:]), "one setting a row"),
                            ((u_next, u_accept, q, None, *negative), "top_k >= 0")]:
             with pytest.raises(ValueError, match=match):

@@ -466,7 +466,7 @@ typedef struct kr_cpu_target_pass_args {
   int64_t sample_u_accept_stride;
   // (B, >= Q - 1, sample_q_rows) fp32, row stride sample_q_stride; NULL when Q == 1. Row n of a position's q is
   // token sample_q_ids[n]'s probability (sample_q_ids NULL: token n's, sample_q_rows == head_rows), 0 elsewhere:
-  // a draft vocabulary's.
+  // a draft vocabulary's (distinct ids in [0, head_rows)).
   const float* sample_q;
   int64_t sample_q_stride, sample_q_rows;
   const int64_t* sample_q_ids;

@@ -116,23 +116,23 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
     }
     // Positions from the first without a distribution f on (a NaN or infinite logit) are not read: the step-by-step
     // path fails only where it reaches f, a test of draft f or the next token's draw there.
+    int64_t f = 0;
+    while (f < Q && left[b * Q + f] == 0) ++f;
+    const int64_t tested = std::min(n, f);
     const float* q = Q > 1 ? a.sample_q + b * a.sample_q_stride : nullptr;
-    if (Q > 1 && a.sample_q_ids != nullptr) {  // q over the draft vocabulary's ids -> over the whole vocabulary
+    if (Q > 1 && a.sample_q_ids != nullptr) {  // the tested drafts' q over the draft vocabulary's ids -> over all
       float* dense = reinterpret_cast<float*>(ws + l.q_dense) + b * (Q - 1) * V;
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < tested; ++i) {
         std::fill_n(dense + i * V, V, 0.0f);
         for (int64_t r = 0; r < a.sample_q_rows; ++r) dense[i * V + a.sample_q_ids[r]] = q[i * a.sample_q_rows + r];
       }
       q = dense;
     }
-    int64_t f = 0;
-    while (f < Q && left[b * Q + f] == 0) ++f;
     int rc;
     if (Q == 1) {  // a plain step's draw
       a.accepted[b] = 0;
       rc = f == 0 ? KR_CPU_OK : kr_cpu_sample_rows(isa, p + b * V, V, V, a.sample_u_next + b, next + b, 0, 1);
     } else {
-      const int64_t tested = std::min(n, f);
       rc = kr_cpu_accept_sampling_rows(isa, a.drafts + b * a.drafts_stride, a.drafts_stride, &tested, p + b * Q * V,
                                        q, Q - 1, V, a.sample_u_accept + b * a.sample_u_accept_stride,
                                        a.sample_u_next + b, a.accepted + b, next + b, 0, 1);
