@@ -5,13 +5,15 @@ up, then runs ``--rounds`` rounds of ``--clients`` concurrent clients sending ``
 each (alternating streamed and plain completions and, when the tokenizer has a chat template, chat
 completions). Prints throughput, latency and time-to-first-token percentiles, errors, the server's
 resident memory (RSS) after warm-up and after each round, and the server's own metrics (MAT, slots
-freed); writes JSON to benchmarks/results/ or --out.
+freed); writes JSON to benchmarks/results/ or --out. Requests are greedy, or sampled with ``--temperature`` (and
+``--top-p``), each with its index as its seed.
 Exit status 1 when any request failed or a slot stayed occupied.
 
     PYTHONPATH=. python benchmarks/bench_server.py                       # the embedded model
     PYTHONPATH=. python benchmarks/bench_server.py --tiny                # a random tiny model (smoke)
     PYTHONPATH=. python benchmarks/bench_server.py --model M --adapter A --clients 32 --requests 5
     PYTHONPATH=. python benchmarks/bench_server.py --device cuda --dtype float16   # the server on a GPU
+    PYTHONPATH=. python benchmarks/bench_server.py --model smollm2 --temperature 0.7 --top-p 0.9    # sampled
 """
 # gpu_suite: needs fastapi uvicorn openai
 # gpu_suite: gpu-args --device cuda
@@ -177,14 +179,24 @@ async def chat_supported(url: str, model: str, timeout: float) -> bool:
         await client.close()
 
 
-async def one_request(client: Any, model: str, i: int, max_tokens: int, chat_ok: bool = True) -> Dict[str, Any]:
-    """Request i of a client: alternates completions / chat (when ``chat_ok``) and plain / streamed."""
+def sampling_kwargs(temperature: float, top_p: Optional[float], i: int) -> Dict[str, Any]:
+    """Request i's sampling fields: greedy (temperature 0), or sampled with the seed i (reproducible runs)."""
+    if temperature == 0:
+        return {"temperature": 0}
+    return {"temperature": temperature, "seed": i, **({} if top_p is None else {"top_p": top_p})}
+
+
+async def one_request(client: Any, model: str, i: int, max_tokens: int, chat_ok: bool = True,
+                      sampling: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Request i of a client: alternates completions / chat (when ``chat_ok``) and plain / streamed; ``sampling``:
+    the request's temperature (and seed, top_p) fields (None: greedy)."""
     prompt = PROMPTS[i % len(PROMPTS)]
     chat, stream = chat_ok and (i // 2) % 2 == 1, i % 2 == 1
     t0 = time.perf_counter()
     ttft, tokens = None, 0
+    fields = sampling or {"temperature": 0}
     if chat:
-        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, **fields)
         if stream:
             async for ch in await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                                  **kw):
@@ -195,7 +207,7 @@ async def one_request(client: Any, model: str, i: int, max_tokens: int, chat_ok:
         else:
             tokens = (await client.chat.completions.create(**kw)).usage.completion_tokens
     else:
-        kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, **fields)
         if stream:
             async for ch in await client.completions.create(stream=True, stream_options={"include_usage": True},
                                                             **kw):
@@ -209,7 +221,8 @@ async def one_request(client: Any, model: str, i: int, max_tokens: int, chat_ok:
 
 
 async def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int,
-                    timeout: float, chat_ok: bool = True) -> Dict[str, Any]:
+                    timeout: float, chat_ok: bool = True, temperature: float = 0.0,
+                    top_p: Optional[float] = None) -> Dict[str, Any]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout)
@@ -219,7 +232,9 @@ async def run_round(url: str, model: str, clients: int, requests: int, max_token
     async def worker(c: int) -> None:
         for r in range(requests):
             try:
-                results.append(await one_request(client, model, c * requests + r, max_tokens, chat_ok))
+                i = c * requests + r
+                results.append(await one_request(client, model, i, max_tokens, chat_ok,
+                                                 sampling_kwargs(temperature, top_p, i)))
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
@@ -255,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=5, help="requests per client per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds (RSS is read after each)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="every request's temperature (default 0: greedy); sampled requests carry seed = their index")
+    p.add_argument("--top-p", type=float, help="every sampled request's top_p")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request client timeout (s)")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path, or a folder for bench_server.json "
@@ -266,7 +284,10 @@ def _print(result: Dict[str, Any]) -> None:
     print(f"host: {result['host']['cpu']}, {result['host']['cpus']} CPUs, server threads "
           f"{result['host']['server_threads'] or 'default'}")
     print(f"server: {result['server']}   load: {result['clients']} clients x {result['requests_per_client']} "
-          f"requests x {len(result['rounds'])} rounds, max_tokens {result['max_tokens']}")
+          f"requests x {len(result['rounds'])} rounds, max_tokens {result['max_tokens']}, "
+          + ("greedy" if not result.get("temperature") else
+             f"temperature {result['temperature']:g}" + ("" if result.get("top_p") is None
+                                                          else f", top-p {result['top_p']:g}")))
     print(f"{'round':>5} {'ok':>5} {'err':>4} {'wall s':>7} {'req/s':>6} {'tok/s':>7} "
           f"{'lat p50':>8} {'p90':>7} {'p99':>7} {'ttft p50':>9} {'p90':>7} {'p99':>7} {'RSS MiB':>8}")
     for i, r in enumerate(result["rounds"]):
@@ -332,12 +353,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         chat_ok = asyncio.run(chat_supported(url, args.served_model_name, args.timeout))
         if not chat_ok:
             print("the served tokenizer has no chat template: the load uses /v1/completions only", file=sys.stderr)
-        asyncio.run(run_round(url, args.served_model_name, 2, 1, args.max_tokens, args.timeout, chat_ok))  # warm-up
+        asyncio.run(run_round(url, args.served_model_name, 2, 1, args.max_tokens, args.timeout, chat_ok,
+                              args.temperature, args.top_p))  # warm-up
         rss_warm = rss_mib(pid)
         rounds, rss_after = [], []
         for _ in range(args.rounds):
             rounds.append(asyncio.run(run_round(url, args.served_model_name, args.clients, args.requests,
-                                                args.max_tokens, args.timeout, chat_ok)))
+                                                args.max_tokens, args.timeout, chat_ok, args.temperature, args.top_p)))
             rss_after.append(rss_mib(pid))
         metrics = parse_metrics(http_get(f"{url}/metrics"))
     finally:
@@ -359,6 +381,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "server": url if args.url else ("tiny random model" if args.tiny else (args.model or "embedded model")),
         "mode": "plain" if args.no_kangaroo else "kangaroo",
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "top_p": args.top_p,
         "max_batch": args.max_batch, "max_len": args.max_len,
         "rounds": rounds,
         "rss_mib": {"after_warmup": rss_warm, "after_rounds": rss_after},

@@ -306,3 +306,16 @@ def test_bench_server_small_load_through_the_cli(tmp_path):
     assert res["endpoints"] == "completions and chat"
     assert res["rounds"][0]["latency_s"]["p50"] > 0 and res["rss_mib"]["after_rounds"][1] is not None
     assert json.loads(out.read_text())["clients"] == 4
+
+
+def test_bench_server_sampled_load(tmp_path):
+    """--temperature / --top-p: every request sampled with its index as its seed, through the engine's sampled
+    rounds; the JSON records the settings."""
+    assert bench_server.sampling_kwargs(0.0, 0.9, 3) == {"temperature": 0}
+    assert bench_server.sampling_kwargs(0.8, None, 3) == {"temperature": 0.8, "seed": 3}
+    res = bench_server.main(["--tiny", "--clients", "3", "--requests", "2", "--rounds", "1", "--max-tokens", "16",
+                             "--max-batch", "3", "--threads", "1", "--temperature", "0.8", "--top-p", "0.9",
+                             "--out", str(tmp_path)])
+    assert all(r["errors"] == 0 and r["ok"] == 6 for r in res["rounds"])
+    assert (res["temperature"], res["top_p"]) == (0.8, 0.9)
+    assert res["server_metrics"]["kangaroo_rt_requests_running"] == 0
