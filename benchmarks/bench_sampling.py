@@ -5,9 +5,9 @@ extension's sampling (csrc/cpu/sampling.cpp) over SmolLM2's 49152 logits, for a 
 pass's 3 and 7: process_logits with temperature 0.7 and top-p 0.9 (torch: a sort of the whole row), with top-k 50
 and top-p 0.9 (torch: topk, then the sort), temperature alone (torch: softmax), and the draw of one token per row
 (torch.multinomial), and a verification's acceptance (accept_sampling over k + 1 = 2 and 4 positions with uniforms
-of 1, so that a draft stays only where p(d) > q(d): torch's gathers and residual, then its draw). GB/s counts the logits read and the
-probabilities written (a draw, an acceptance: the probabilities read), all in cache, against the DRAM read
-bandwidth: the fraction says how far the kernel is from a pure stream.
+of 1, so that a draft stays only where p(d) > q(d): torch's gathers and residual, then its draw). GB/s counts the
+logits read and the probabilities written (a draw, an acceptance: the probabilities read), all in cache, against the
+DRAM read bandwidth: the fraction says how far the kernel is from a pure stream.
 
 With --cpu and KANGAROO_RT_SAMPLING_DECODE=N (N prompts; `kangaroo-rt fetch smollm2` first) it also decodes N
 held-out Spec-Bench prompts with SmolLM2 in bf16, sampling (temperature 0.7, top-p 0.9), 256 new tokens, plain and
@@ -144,7 +144,6 @@ def _engine_ab(n_prompts, new_tokens=256, repeats=3):
     Kangaroo. -> {method: {on_ms, off_ms (ms per token, medians), on_vs_off (median paired ratio), same_tokens}}."""
     if n_prompts <= 0:
         return None
-    import statistics
     import time
 
     import torch
@@ -177,17 +176,9 @@ def _engine_ab(n_prompts, new_tokens=256, repeats=3):
                     tokens[(method, on)] = [got[rid] for rid in ids]
     finally:
         _one_call_sampling(ONE_CALL, True)
-    result = {}
-    for method, _ in methods:
-        on, off = times[(method, True)], times[(method, False)]
-        result[method] = {"on_ms": statistics.median(on), "off_ms": statistics.median(off),
-                          "on_vs_off": statistics.median(a / b for a, b in zip(on, off)),
-                          "same_tokens": tokens[(method, True)] == tokens[(method, False)],
-                          "on_ms_repeats": on, "off_ms_repeats": off}
-        print(f"engine {method}: {result[method]['on_ms']:.3f} ms/token with the one-call sampled rounds, "
-              f"{result[method]['off_ms']:.3f} without: {result[method]['on_vs_off']:.3f}x (paired), tokens "
-              f"{'the same' if result[method]['same_tokens'] else 'NOT the same'}")
-    return result
+    return {method: kb.ab_entry(f"engine {method}", "the one-call sampled rounds", times[(method, True)],
+                                times[(method, False)], tokens[(method, True)], tokens[(method, False)])
+            for method, _ in methods}
 
 
 def _check_probs(got, want):

@@ -208,6 +208,20 @@ def held_out_prompts(n_prompts: int) -> List:
     return prompts
 
 
+def ab_entry(name: str, what: str, on_ms: List[float], off_ms: List[float], on_tokens, off_tokens) -> Dict:
+    """One side-by-side result of an A/B in turns: ms per token with ``what`` on and off (per repeat), and the
+    tokens each way -> {on_ms, off_ms (medians), on_vs_off (the median of the paired ratios), same_tokens, the
+    repeats}; prints a line named ``name``."""
+    import statistics
+
+    entry = {"on_ms": statistics.median(on_ms), "off_ms": statistics.median(off_ms),
+             "on_vs_off": statistics.median(a / b for a, b in zip(on_ms, off_ms)),
+             "same_tokens": on_tokens == off_tokens, "on_ms_repeats": on_ms, "off_ms_repeats": off_ms}
+    print(f"{name}: {entry['on_ms']:.3f} ms/token with {what}, {entry['off_ms']:.3f} without: "
+          f"{entry['on_vs_off']:.3f}x (paired), tokens {'the same' if entry['same_tokens'] else 'not the same'}")
+    return entry
+
+
 def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generate_kwargs: Dict,
               new_tokens: int = 256, repeats: int = 3) -> Optional[Dict]:
     """Decoding A/B of a runtime switch in one process: SmolLM2 in bf16 (fetched: ``kangaroo-rt fetch smollm2``) on
@@ -253,14 +267,9 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
     result = {}
     for method, _ in methods:
         on, off = (method, True), (method, False)
-        result[method] = {"on_ms": statistics.median(times[on]), "off_ms": statistics.median(times[off]),
-                          "on_vs_off": paired(on, off), "same_tokens": tokens[on] == tokens[off],
-                          "on_ms_repeats": times[on], "off_ms_repeats": times[off]}
+        result[method] = ab_entry(f"decode {method}", what, times[on], times[off], tokens[on], tokens[off])
         if method == "kangaroo":
             result[method].update(mean_accepted_on=accepted[on], mean_accepted_off=accepted[off])
-        print(f"decode {method}: {result[method]['on_ms']:.3f} ms/token with {what}, {result[method]['off_ms']:.3f} "
-              f"without: {result[method]['on_vs_off']:.3f}x (paired), tokens "
-              f"{'the same' if result[method]['same_tokens'] else 'not the same'}")
     result["kangaroo_over_plain"] = {"on": paired(("plain", True), ("kangaroo", True)),
                                      "off": paired(("plain", False), ("kangaroo", False))}
     print(f"decode: Kangaroo over plain {result['kangaroo_over_plain']['on']:.3f}x with {what}, "

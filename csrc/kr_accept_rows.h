@@ -59,8 +59,21 @@ KR_ROW_FN int64_t commit_tokens_row(int64_t b, const int64_t* tokens, int64_t st
   return commit_row(b, token_at, c, out, out_row_stride, out_width, n_gen, finished, eos, n_eos);
 }
 
-// Row b of accept_greedy_commit: greedy_count, the commit of the accepted drafts and the next token, and
-// pos[b] += accepted + 1 on a row not finished before. Returns the number committed.
+// Row b of a round's commit once its acceptance is known: the first a drafts, then nxt, and pos[b] += a + 1 on a row
+// not finished before. Returns the number committed.
+KR_ROW_FN int64_t commit_accepted_row(int64_t b, const int64_t* drafts, int64_t sd0, int64_t sd1, int64_t a,
+                                      int64_t nxt, int64_t* out, int64_t out_row_stride, int64_t out_width,
+                                      int64_t* n_gen, uint8_t* finished, int64_t* pos, const int64_t* eos,
+                                      int64_t n_eos) {
+  const bool was_active = finished[b] == 0;
+  auto token_at = [&](int64_t i) { return i == a ? nxt : drafts[b * sd0 + i * sd1]; };
+  const int64_t committed = commit_row(b, token_at, a + 1, out, out_row_stride, out_width, n_gen, finished, eos,
+                                       n_eos);
+  if (was_active) pos[b] += a + 1;
+  return committed;
+}
+
+// Row b of accept_greedy_commit: greedy_count, then commit_accepted_row. Returns the number committed.
 KR_ROW_FN int64_t accept_commit_row(int64_t b, const int64_t* drafts, int64_t sd0, int64_t sd1,
                                     const int64_t* n_drafts, const int64_t* target, int64_t st0, int64_t st1, int64_t k,
                                     int64_t* out, int64_t out_row_stride, int64_t out_width, int64_t* n_gen,
@@ -68,14 +81,10 @@ KR_ROW_FN int64_t accept_commit_row(int64_t b, const int64_t* drafts, int64_t sd
                                     int64_t* accepted, int64_t* next_token) {
   int64_t a, nxt;
   greedy_count(b, drafts, sd0, sd1, n_drafts, target, st0, st1, k, &a, &nxt);
-  const bool was_active = finished[b] == 0;
-  auto token_at = [&](int64_t i) { return i == a ? nxt : drafts[b * sd0 + i * sd1]; };
-  const int64_t committed = commit_row(b, token_at, a + 1, out, out_row_stride, out_width, n_gen, finished, eos,
-                                       n_eos);
-  if (was_active) pos[b] += a + 1;
   *accepted = a;
   *next_token = nxt;
-  return committed;
+  return commit_accepted_row(b, drafts, sd0, sd1, a, nxt, out, out_row_stride, out_width, n_gen, finished, pos, eos,
+                             n_eos);
 }
 
 }  // namespace kr_rows

@@ -617,8 +617,7 @@ class Decoder:
             return None  # (no round's uniforms: the sampler's begin_round did not run for this round's shape)
         q = self._chain_q_for(state.batch, gamma, inputs[8].shape[0])  # inputs[8]: the draft head (N, D)
         k = _cpu_ext.draft_chain(*inputs, base_len=base_len,
-                                 sampled=(q, state.sampler.round_u,
-                                          *state.sampler.row_settings(state.batch, q.shape[2])))
+                                 sampled=(q, u, *state.sampler.row_settings(state.batch, q.shape[2])))
         head = self.draft_head
         chain.set_probs([q[:, j] for j in range(k)], None if head is None else head.ids,
                         0 if head is None else head.vocab_size)
@@ -635,9 +634,9 @@ class Decoder:
 
     def _chain_inputs(self, state: DecodeState, chain: DraftChain, gamma: int, eta: float) -> Optional[tuple]:
         """The arguments of :func:`_cpu_ext.draft_chain` but ``base_len`` where it serves a round: greedy choice, or
-        one sampling configuration for the batch (:class:`BatchSampling`), CPU tensors, the target's layers
-        ``0..l-1`` and the adapter each servable in one call, the head served by the extension's linear and argmax
-        (sampled: process_logits and sample); else None."""
+        sampling (per batch or per row) from CPU generators; CPU tensors, the target's layers ``0..l-1`` and the
+        adapter each servable in one call, the head served by the extension's linear and argmax (sampled: also
+        process_logits and sample); else None."""
         target, adapter, l, c = self.target, self.adapter, self.exit_layer, self.target.config
         sampled = not state.sampler.greedy
         if state.e_prev is None or chain.drafts.shape[1] != gamma:

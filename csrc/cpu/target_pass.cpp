@@ -7,6 +7,8 @@
 // phases of one region on the decoder stack's machinery (kr_cpu_stack.h).
 #include "kr_cpu_stack.h"
 
+#include "../kr_accept_rows.h"
+
 namespace {
 
 using namespace kr_cpu;
@@ -18,9 +20,9 @@ constexpr int64_t kExtraPhases = 6;
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
   int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
-  // sampled: p (M, V) fp32, process_logits' row status (M,), the tokens to commit (B, Q), the rows not finished (B,),
-  // the drafts' q over the whole vocabulary (B, Q - 1, V) fp32 when they come over a draft vocabulary's ids
-  int64_t probs, left, run, was_active, q_dense;
+  // sampled: p (M, V) fp32, process_logits' row status (M,), the drafts' q over the whole vocabulary (B, Q - 1, V)
+  // fp32 when they come over a draft vocabulary's ids
+  int64_t probs, left, q_dense;
 };
 
 kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
@@ -66,8 +68,6 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.screen_hi = take(screen ? M * V * 4 : 0);
   l.probs = take(sampled(a) ? M * V * 4 : 0);
   l.left = take(sampled(a) ? M * 4 : 0);
-  l.run = take(sampled(a) ? M * 8 : 0);
-  l.was_active = take(sampled(a) ? a.batch : 0);
   l.q_dense = take(sampled(a) && a.sample_q_ids != nullptr ? a.batch * (a.q_len - 1) * V * 4 : 0);
   l.total = take.at;
   return l;
@@ -109,9 +109,8 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
   ph.each(B, [&](int64_t b) -> int {
     const int64_t n = Q == 1 ? 0 : std::min(std::max<int64_t>(a.n_drafts[b], 0), Q - 1);  // the drafts to test
     if (rs.divisor[b] == 0.0f) {  // the greedy acceptance: the drafts that agree with the target's choices
-      int64_t acc = 0;
-      while (acc < n && a.drafts[b * a.drafts_stride + acc] == target[b * Q + acc]) ++acc;
-      a.accepted[b] = acc, next[b] = target[b * Q + acc];
+      kr_rows::greedy_count(0, Q > 1 ? a.drafts + b * a.drafts_stride : nullptr, 0, 1, &n, target + b * Q, 0, 1, Q - 1,
+                            a.accepted + b, next + b);
       return KR_CPU_OK;
     }
     // Positions from the first without a distribution f on (a NaN or infinite logit) are not read: the step-by-step
@@ -143,21 +142,10 @@ void sampled_choice(Phases& ph, int isa, const kr_cpu_target_pass_args& a, const
   ph.each(1, [&](int64_t) -> int {  // the commit: the accepted drafts, then the drawn token
     const int64_t failed = __atomic_load_n(reinterpret_cast<int64_t*>(ws + l.status), __ATOMIC_RELAXED);
     if (failed != KR_CPU_OK) return static_cast<int>(failed);
-    int64_t* run = reinterpret_cast<int64_t*>(ws + l.run);  // (B, Q)
-    int64_t* count = reinterpret_cast<int64_t*>(ws + l.no_drafts);  // (B,): accepted + 1
-    uint8_t* was_active = reinterpret_cast<uint8_t*>(ws + l.was_active);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t acc = a.accepted[b];
-      for (int64_t i = 0; i < acc; ++i) run[b * Q + i] = a.drafts[b * a.drafts_stride + i];
-      run[b * Q + acc] = next[b];
-      count[b] = acc + 1;
-      was_active[b] = a.finished[b] == 0;
-    }
-    const int rc = kr_cpu_commit_tokens(run, Q, 1, Q, count, a.out, a.out_stride, a.out_width, a.n_gen, a.finished,
-                                        a.eos, a.n_eos, B, a.committed);
-    if (rc != KR_CPU_OK) return rc;
     for (int64_t b = 0; b < B; ++b)
-      if (was_active[b]) a.pos[b] += a.accepted[b] + 1;
+      a.committed[b] = kr_rows::commit_accepted_row(b, a.drafts, a.drafts_stride, 1, a.accepted[b], next[b], a.out,
+                                                    a.out_stride, a.out_width, a.n_gen, a.finished, a.pos, a.eos,
+                                                    a.n_eos);
     finish_round<T>(a, next);
     return KR_CPU_OK;
   });
@@ -204,13 +192,12 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     return kr_cpu_rms_norm_rows(isa, a.dtype, h, D, nullptr, 0, a.norm, D, a.norm_eps, xn, nullptr, c * norm_rows,
                                 std::min(M, (c + 1) * norm_rows));
   });
-  if (sampled(a)) {
+  if (!screened(a)) {  // (a sampled pass is never screened)
     linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
-    sampled_choice(ph, isa, a, l, logits, next);
-    return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
-  }
-  if (!screened(a)) {
-    linear_phase<T>(ph, isa, xn, M, D, D, a.head, V, nullptr, logits, V, false, reinterpret_cast<float*>(ws + l.yf));
+    if (sampled(a)) {
+      sampled_choice(ph, isa, a, l, logits, next);
+      return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
+    }
     ph.each(M, [&](int64_t m) { return kr_cpu_argmax_rows(isa, a.dtype, logits, V, V, idx, nullptr, m, m + 1); });
   } else {  // the same choices from the int8 head and the few rows that can win (head_screen.cpp)
     const kr_cpu_head_screen* sc = a.head_screen;
