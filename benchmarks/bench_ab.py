@@ -26,14 +26,18 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
                follows draft steps and the context grows. A call takes seconds: run it with few repeats and
                rounds (--repeats 2 --rounds 3 takes about three minutes at 3 prompts x 256 tokens).
 
---cases picks among linear (the linear and sweep rows), steps (plain and verify), attention and decode (default
-the first three); attention's share of a step grows with the context, which --context sets for the steps.
+  engine       serving, opt-in (--cases engine): the decode case's prompts and model, all of them at once as
+               concurrent greedy requests of kangaroo_rt.Engine (as many slots), plain ("engine plain") and Kangaroo
+               ("engine kangaroo"): a batch's rounds, where the rows' chains differ in length.
+
+--cases picks among linear (the linear and sweep rows), steps (plain and verify), attention, decode and engine
+(default the first three); attention's share of a step grows with the context, which --context sets for the steps.
 
 Every case reports, per side, the median over rounds of each process's median, the spread (lowest and
 highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
-        [--cases linear,steps,attention,decode] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
+        [--cases linear,steps,attention,decode,engine] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
         [--in-process] [--out DIR]
 
 --in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
@@ -73,7 +77,7 @@ ROWS = (1, 2, 3, 4, 5, 8)
 VERIFY_TOKENS = (2, 3, 4, 5)
 CONTEXT = 256
 CASES = ("linear", "steps", "attention")  # the default
-OPT_IN_CASES = ("decode",)
+OPT_IN_CASES = ("decode", "engine")
 ATTENTION = ((1, 256), (1, 1024), (1, 2048), (3, 1024), (5, 256), (5, 1024))  # (queries, cached keys)
 
 
@@ -160,7 +164,7 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                     pos = (ctx + torch.arange(q_len))[None]
                     cases[f"{name} attention q={q_len} ctx={ctx}"] = (
                         lambda q=q, kc=kc, vc=vc, pos=pos: [cpu().attention(q, kc, vc, pos, None) for _ in range(30)])
-            if "decode" in args.cases:
+            if "decode" in args.cases or "engine" in args.cases:
                 cases.update(decode_cases(args, name, dtype))
             if "steps" not in args.cases:
                 continue
@@ -172,8 +176,8 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object]:
-    """The decode case's two callables (plain, Kangaroo) for dtype: the SmolLM2 chat model and its adapter, or with
-    --quick a random tiny pair whose adapter agrees with its target, 8 tokens."""
+    """The decode and engine cases' callables (plain, Kangaroo) for dtype, those of args.cases: the SmolLM2 chat model
+    and its adapter, or with --quick a random tiny pair whose adapter agrees with its target, 8 tokens."""
     import decode_ab  # (benchmarks/, on sys.path)
 
     from kangaroo_rt import models
@@ -183,9 +187,32 @@ def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object
                                      questions=decode_ab.QUESTIONS)
     prompts = decode_ab.prompts(prompt_args)
     tokens = decode_ab.SMOKE_TOKENS if args.quick else args.decode_tokens
-    return {f"{name} decode plain": lambda: [model.generate(ids, max_new_tokens=tokens, kangaroo=None)
-                                             for ids in prompts],
-            f"{name} decode kangaroo": lambda: [model.generate(ids, max_new_tokens=tokens) for ids in prompts]}
+    cases = {}
+    if "decode" in args.cases:
+        cases[f"{name} decode plain"] = lambda: [model.generate(ids, max_new_tokens=tokens, kangaroo=None)
+                                                 for ids in prompts]
+        cases[f"{name} decode kangaroo"] = lambda: [model.generate(ids, max_new_tokens=tokens) for ids in prompts]
+    if "engine" in args.cases:
+        length = max(ids.shape[1] for ids in prompts) + tokens + model.kangaroo.gamma + 2
+        cases[f"{name} engine plain"] = lambda: engine_run(model, prompts, tokens, length, None)
+        cases[f"{name} engine kangaroo"] = lambda: engine_run(model, prompts, tokens, length, model.kangaroo)
+    return cases
+
+
+def engine_run(model, prompts, tokens: int, max_len: int, kangaroo) -> List:
+    """The prompts as concurrent greedy requests of one kangaroo_rt.Engine (a slot each), stepped to the end -> the
+    generated tokens of each (tensors, for token_digest)."""
+    import torch
+
+    from kangaroo_rt.engine import Engine, RequestParams
+
+    engine = Engine(model, max_batch=len(prompts), max_len=max_len, kangaroo=kangaroo)
+    ids = [engine.add_request(p[0].tolist(), RequestParams(max_new_tokens=tokens)) for p in prompts]
+    got: Dict[str, List[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    return [torch.tensor(got[i]) for i in ids]
 
 
 def probe(args: argparse.Namespace) -> Dict[str, float]:
@@ -233,7 +260,7 @@ def probe_in_process(args: argparse.Namespace) -> Dict[str, List[Dict[str, float
                         for side in (("base", "this") if (r * args.repeats + i) % 2 == 0 else ("this", "base")):
                             _cpu_ext._loaded = modules[side]
                             out = fn()  # (the first call after a swap pays for the other side's caches)
-                            if " decode " in case:
+                            if " decode " in case or " engine " in case:
                                 outputs[side][case] = token_digest(out)
                             start = time.perf_counter()
                             fn()
@@ -381,12 +408,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"(host phases by the plain step: fast third {paired['plain_ms']['fast']:.2f} ms, slow third "
               f"{paired['plain_ms']['slow']:.2f} ms)")
     kangaroo_vs_plain = {}
-    for dtype in args.dtypes:  # the decode case: each side's Kangaroo over plain decoding
-        plain, kangaroo = cases.get(f"{dtype} decode plain"), cases.get(f"{dtype} decode kangaroo")
-        if plain and kangaroo:
-            kangaroo_vs_plain[dtype] = {side: plain[f"{side}_ms"] / kangaroo[f"{side}_ms"] for side in ("base", "this")}
-            print(f"{dtype} decode: Kangaroo / plain decoding {kangaroo_vs_plain[dtype]['base']:.3f}x (base), "
-                  f"{kangaroo_vs_plain[dtype]['this']:.3f}x (this)")
+    for dtype in args.dtypes:  # the decode and engine cases: each side's Kangaroo over plain decoding
+        for what in ("decode", "engine"):
+            plain, kangaroo = cases.get(f"{dtype} {what} plain"), cases.get(f"{dtype} {what} kangaroo")
+            if plain and kangaroo:
+                key = dtype if what == "decode" else f"{dtype} engine"
+                kangaroo_vs_plain[key] = {side: plain[f"{side}_ms"] / kangaroo[f"{side}_ms"]
+                                          for side in ("base", "this")}
+                print(f"{dtype} {what}: Kangaroo / plain decoding {kangaroo_vs_plain[key]['base']:.3f}x (base), "
+                      f"{kangaroo_vs_plain[key]['this']:.3f}x (this)")
     tokens = sides.get("decode_tokens", {})  # (--in-process only)
     same_tokens = {case: tokens["base"][case] == tokens["this"][case] for case in tokens.get("this", {})
                    if case in tokens.get("base", {})}

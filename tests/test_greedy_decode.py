@@ -10,7 +10,7 @@ from kangaroo_rt.config import KangarooConfig, SamplingConfig
 from kangaroo_rt.speculative import Decoder
 
 from test_draft_chain import _decoder, _started_state, torch_threads
-from test_target_pass import CASES, SAMPLED
+from test_target_pass import CASES, SAMPLED, _valid_slots
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,8 @@ def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo,
                                            None if eos is None else torch.tensor(eos),
                                            torch.Generator().manual_seed(seed) if sampling else None)
     assert bool(calls) == one_call  # the one-call loop ran, or did not
-    return [out.clone(), n_gen.clone(), decoder.cache.k.clone(), decoder.cache.v.clone()], _stats(
+    valid = lengths + n_gen - 1  # each row's position: the slots before it hold its committed tokens
+    return [out.clone(), n_gen.clone(), _valid_slots(decoder.cache.k, valid), _valid_slots(decoder.cache.v, valid)], _stats(
         stats if kangaroo else None)
 
 
@@ -140,7 +141,8 @@ def test_it_stops_before_a_round_past_the_cache():
                 while int(state.pos.max()) + 1 + gamma <= T and not bool(state.finished.all()):
                     decoder.kangaroo_round(state, kcfg, _empty_stats(2, gamma), timed=False)
         assert not bool(state.finished.all()) and int(state.pos.max()) + 1 + gamma > T
-        states.append([state.out.clone(), state.n_gen.clone(), state.pos.clone(), decoder.cache.k.clone()])
+        states.append([state.out.clone(), state.n_gen.clone(), state.pos.clone(),
+                       _valid_slots(decoder.cache.k, state.pos)])
     assert all(torch.equal(x, y) for x, y in zip(*states))
 
 

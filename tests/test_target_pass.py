@@ -16,9 +16,20 @@ def built():
         pytest.skip("kangaroo_rt._cpu is not built")
 
 
+def _valid_slots(cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A copy of a cache (layers, B_max, H, T, Dh) with each row's slots from its position on zeroed: those past a
+    row's accepted length hold nothing (the one-call pass computes only the positions its acceptance reads, where
+    the step-by-step path pads every row to the round's longest chain)."""
+    slots = torch.arange(cache.shape[3])
+    keep = torch.zeros(cache.shape[1], cache.shape[3], dtype=torch.bool)
+    keep[:pos.shape[0]] = slots[None, :] < pos[:, None]
+    return torch.where(keep[None, :, None, :, None], cache, torch.zeros((), dtype=cache.dtype))
+
+
 def _state_tensors(decoder, state):
     return [t.clone() for t in (state.out, state.n_gen, state.finished, state.pos, state.token)] + (
-        [state.e_prev.clone()] if state.e_prev is not None else []) + [decoder.cache.k.clone(), decoder.cache.v.clone()]
+        [state.e_prev.clone()] if state.e_prev is not None else []) + [
+        _valid_slots(decoder.cache.k, state.pos), _valid_slots(decoder.cache.v, state.pos)]
 
 
 SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
@@ -210,6 +221,47 @@ def test_a_sampled_row_fails_only_where_its_acceptance_reaches_no_distribution()
                                                    sampled=(u_next, torch.ones(1, k), q, None, *settings))
         assert accepted.tolist() == [0] and committed.tolist() == [1]
         assert int(state.token[0]) != int(chain.drafts[0, 0])  # drawn from max(p - q, 0), which excludes it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_verification_computes_only_the_positions_its_acceptance_reads(dtype, sampled):
+    """Rows of 3, 0 and 1 drafts in a pass over k + 1 = 4 positions: the pass runs 4 + 1 + 2 tokens, not 3 x 4 (the
+    deep layers' cache slots past each row's tokens keep what they held), and gives the step-by-step path's tokens,
+    positions and valid cache slots."""
+    gamma, n_drafts = 3, torch.tensor([3, 0, 1])
+    results = []
+    for one_call in (True, False):
+        torch.manual_seed(0)
+        decoder = _decoder(dtype, 1)
+        if not one_call:
+            decoder._cpu_pass = lambda *args: None
+        with torch.no_grad():
+            state = _started_state(decoder, 3, gamma, seed=4, sampling=SAMPLED if sampled else None)
+            state.finished.zero_()
+            state.max_new.fill_(40)
+            chain = DraftChain.allocate(3, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
+            base_len = int(state.pos.max()) + 1
+            state.sampler.begin_round(3, gamma, state.pos.device)
+            k = decoder.draft_round(state, chain, gamma, 0.0, base_len)
+            assert k == gamma and chain.n_drafts.tolist() == [gamma] * 3
+            chain.n_drafts.copy_(n_drafts)
+            chain.drafts[1:, 1:] = -1
+            chain.drafts[1, 0] = -1
+            if sampled:
+                chain.set_probs([q.clone() for q in chain.full_probs()])
+            pos0 = state.pos.clone()
+            deep = decoder.cache.k[decoder.exit_layer:]
+            deep[:, :3].fill_(7.0)  # a mark in every deep slot: the pass overwrites what it computes
+            result = decoder.verify(state, chain, k, base_len + k)
+            for b in range(3):
+                slots = deep[:, b, :, pos0[b]:pos0[b] + k + 1].transpose(0, 2)  # (k + 1, H, layers, Dh)
+                written = slots.ne(7.0).flatten(1).all(1)
+                expected = [i <= int(n_drafts[b]) for i in range(k + 1)] if one_call else [True] * (k + 1)
+                assert written.tolist() == expected, (b, written)
+        results.append([r.clone() for r in result] + _state_tensors(decoder, state))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
 
 
 def test_more_threads_than_cores_give_the_same_passes():

@@ -63,8 +63,9 @@ template <typename T, typename Fn>
 KR_INLINE void for_each_pair(const kr_cpu_attention_args& a, const Tiling& tiling, int64_t task, Fn&& fn) {
   int64_t b, g, p0, p1;
   tiling.task(a, task, &b, &g, &p0, &p1);
-  const T* kb = static_cast<const T*>(a.k_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
-  const T* vb = static_cast<const T*>(a.v_cache) + b * a.cache_stride[0] + g * a.cache_stride[1];
+  const int64_t row = a.cache_rows != nullptr ? a.cache_rows[b] : b;
+  const T* kb = static_cast<const T*>(a.k_cache) + row * a.cache_stride[0] + g * a.cache_stride[1];
+  const T* vb = static_cast<const T*>(a.v_cache) + row * a.cache_stride[0] + g * a.cache_stride[1];
   for (int64_t pair = p0; pair < p1; ++pair) {
     const int64_t i = pair / tiling.group, h = g * tiling.group + pair % tiling.group;
     const int64_t n = visible_keys(a, b, i);

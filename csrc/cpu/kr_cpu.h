@@ -135,6 +135,7 @@ typedef struct kr_cpu_rope_args {
   void* v_cache;
   int64_t cache_stride[3];  // strides of B, H, T (both caches)
   void* q_out;              // (B, Hq, Q, D) contiguous: the rotated q
+  const int64_t* cache_rows;  // (B,): the cache row batch row b writes (rows sharing one: distinct positions); NULL: b
 } kr_cpu_rope_args;
 
 // Tasks are tokens b * Q + i. Each element is x * cos + rotate_half(x) * sin with torch's roundings (bf16: each
@@ -156,6 +157,7 @@ typedef struct kr_cpu_attention_args {
   int64_t pos_stride[2];
   void* out;  // (B, Hq, Q, D)
   int64_t out_stride[3];  // strides of B, H, Q (contiguous: Hq * Q * D, Q * D, D)
+  const int64_t* cache_rows;  // (B,): the cache row batch row b reads; NULL: row b
 } kr_cpu_attention_args;
 
 // Tasks are [0, kr_cpu_attention_tasks(a)): tiles of at most kr_cpu_attention_tile_pairs(D) (query, head) pairs
@@ -327,6 +329,9 @@ typedef struct kr_cpu_decoder_args {
   void* hidden;       // (B * Q, D) contiguous: the input, overwritten by the output
   int64_t threads;    // how many threads are expected to call (sizes the chunks; any number may)
   void* workspace;    // kr_cpu_decoder_workspace_bytes(args) bytes, 64-byte aligned, see below
+  // (B,): the cache row of batch row b, for RoPE's append and attention; NULL: row b. Rows that share a cache row
+  // must hold distinct positions (the target pass's compacted tokens: one batch row a token).
+  const int64_t* cache_rows;
 } kr_cpu_decoder_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes. *zeroed_bytes (when not NULL) is set to the

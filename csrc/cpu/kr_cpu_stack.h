@@ -235,7 +235,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     }
     r.cos = a.cos, r.sin = a.sin, r.positions = a.positions;
     r.pos_stride[0] = a.pos_stride[0], r.pos_stride[1] = a.pos_stride[1];
-    r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot;
+    r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot, r.cache_rows = a.cache_rows;
     // A row's tokens in one chunk, in order: two tokens at one position write one slot, and the last one must win.
     ph.each(B, [&](int64_t b) { return kr_cpu_rope_cache_append(isa, &r, b * Q, (b + 1) * Q); });
 
@@ -244,7 +244,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     t.batch = B, t.n_heads = Hq, t.n_kv_heads = Hkv, t.q_len = Q, t.head_dim = Dh, t.kv_len = a.kv_len;
     t.scale = a.scale;
     t.q = q_rot, t.q_stride[0] = Hq * Q * Dh, t.q_stride[1] = Q * Dh, t.q_stride[2] = Dh;
-    t.k_cache = L.k_cache, t.v_cache = L.v_cache;
+    t.k_cache = L.k_cache, t.v_cache = L.v_cache, t.cache_rows = a.cache_rows;
     for (int d = 0; d < 3; ++d) t.cache_stride[d] = a.cache_stride[d];
     t.positions = a.positions, t.pos_stride[0] = a.pos_stride[0], t.pos_stride[1] = a.pos_stride[1];
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;

@@ -39,8 +39,9 @@ KR_INLINE void rope_tasks(const kr_cpu_rope_args& a, int64_t task_begin, int64_t
              q_out + ((b * a.n_heads + h) * a.q_len + i) * D);
     const int64_t p = a.positions[b * a.pos_stride[0] + i * a.pos_stride[1]];
     if (p < 0 || p >= a.max_len) continue;
+    const int64_t row = a.cache_rows != nullptr ? a.cache_rows[b] : b;
     for (int64_t h = 0; h < a.n_kv_heads; ++h) {
-      const int64_t slot = b * a.cache_stride[0] + h * a.cache_stride[1] + p * a.cache_stride[2];
+      const int64_t slot = row * a.cache_stride[0] + h * a.cache_stride[1] + p * a.cache_stride[2];
       rotate(k + b * a.k_stride[0] + h * a.k_stride[1] + i * a.k_stride[2], cos, sin, D, k_cache + slot);
       const T* vr = v + b * a.v_stride[0] + h * a.v_stride[1] + i * a.v_stride[2];
       for (int64_t d = 0; d < D; ++d) v_cache[slot + d] = vr[d];
