@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default="kangaroo-rt")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--max-verify-tokens", type=int, help="the server's --max-verify-tokens (default: none)")
     p.add_argument("--threads", type=int, help="server torch threads")
     p.add_argument("--device", default="cpu", help="the server's device (kangaroo-rt serve --device)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="the server's weight dtype")
@@ -333,6 +334,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     cmd += [f"--{key}", value]
             if args.no_kangaroo:
                 cmd.append("--no-kangaroo")
+            if args.max_verify_tokens:
+                cmd += ["--max-verify-tokens", str(args.max_verify_tokens)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             cmd += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
@@ -382,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "mode": "plain" if args.no_kangaroo else "kangaroo",
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "top_p": args.top_p,
-        "max_batch": args.max_batch, "max_len": args.max_len,
+        "max_batch": args.max_batch, "max_len": args.max_len, "max_verify_tokens": args.max_verify_tokens,
         "rounds": rounds,
         "rss_mib": {"after_warmup": rss_warm, "after_rounds": rss_after},
         "server_metrics": metrics,

@@ -270,7 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, tokenizer = load_engine(args.model, args.adapter, args.tokenizer, exit_layer=args.exit_layer,
                                     gamma=args.gamma, eta=args.eta, no_kangaroo=args.no_kangaroo, dtype=args.dtype,
                                     device=args.device, max_batch=args.max_batch, max_len=args.max_len,
-                                    max_queue=args.max_queue)
+                                    max_queue=args.max_queue, max_verify_tokens=args.max_verify_tokens)
     m = engine.metrics()
     print(f"kangaroo-rt serve: {m['mode']} decoding, {engine.max_batch} slots x {engine.max_len} positions, "
           f"model name {args.served_model_name!r}, http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together")
     srv.add_argument("--max-len", type=int, help="cache positions per slot (prompt + completion + gamma + 1)")
     srv.add_argument("--max-queue", type=int, default=1024, help="requests that may wait for a slot (then 429)")
+    srv.add_argument("--max-verify-tokens", type=int,
+                     help="cap each round's drafts a row at this // running requests - 1 (default: no cap; see "
+                          "docs/engine.md)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default="kangaroo-rt", help="the 'model' clients must send")

@@ -115,13 +115,19 @@ class Engine:
     ``gamma=0`` decodes plainly). max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for
     drafting); default the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the
     model config's EOS by default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may
-    wait for a slot before :meth:`add_request` refuses more.
+    wait for a slot before :meth:`add_request` refuses more. max_verify_tokens: a verification budget, off by default:
+    each Kangaroo round caps every row's drafts at ``max_verify_tokens // running requests - 1`` (at most ``gamma``;
+    0 gives a round without drafts, about a plain step, that keeps the adapter's cache whole), so that a round
+    verifies at most that many positions. With many requests a round's verification is bound by arithmetic, not by
+    the weight stream, and long chains cost more than their accepted tokens gain (docs/engine.md). Greedy requests
+    keep their tokens; a seeded sampled request draws one uniform per draft slot of a round, so with a budget its
+    tokens depend on the load (still distribution-exact).
     """
 
     def __init__(self, model: KangarooModel, max_batch: int = 8, max_len: Optional[int] = None,
                  kangaroo: Optional[KangarooConfig] = _MODEL_DEFAULT,
                  eos_token_id: Union[None, int, Sequence[int]] = None, ignore_eos: bool = False,
-                 max_queue: int = 1024) -> None:
+                 max_queue: int = 1024, max_verify_tokens: Optional[int] = None) -> None:
         if not isinstance(model, KangarooModel):
             raise ValueError(f"model must be a KangarooModel, got {type(model).__name__}")
         target = model.target
@@ -130,6 +136,8 @@ class Engine:
             max_len = model.max_len or min(2048, target.config.max_position_embeddings)
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_queue", max_queue)):
             check_positive_int(name, value)
+        check_positive_int("max_verify_tokens", max_verify_tokens, allow_none=True)
+        self.max_verify_tokens = max_verify_tokens
         self.gamma = self.kangaroo.gamma if self.kangaroo is not None else 0
         if max_len < self.gamma + 3:
             raise ValueError(f"max_len={max_len} leaves no room for a 1-token prompt, 1 new token and "
@@ -287,11 +295,18 @@ class Engine:
             if self.kangaroo is None:
                 self.decoder.ar_step(state)
             else:
-                self.decoder.kangaroo_round(state, self.kangaroo, self._stats, timed=False)
+                self.decoder.kangaroo_round(state, self.kangaroo, self._stats, timed=False,
+                                            max_drafts=self.draft_cap(sum(live)))
         outputs = self._collect(n)
         self._counters["steps"] += 1
         self._step_time_s += time.perf_counter() - t_start
         return outputs
+
+    def draft_cap(self, running: int) -> Optional[int]:
+        """Drafts a row in a round over ``running`` requests under ``max_verify_tokens`` (None: no budget, ``gamma``)."""
+        if self.max_verify_tokens is None:
+            return None
+        return min(self.gamma, max(0, self.max_verify_tokens // max(running, 1) - 1))
 
     def _collect(self, n: int) -> List[RequestOutput]:
         n_gen = self._state.n_gen[:n].tolist()

@@ -656,7 +656,8 @@ def _prometheus(m: Dict[str, Any], http_counts: Dict[Tuple[str, int], int], star
 def load_engine(model: Optional[str] = None, adapter: Optional[str] = None, tokenizer: Optional[str] = None,
                 exit_layer: int = 2, gamma: Optional[int] = None, eta: Optional[float] = None,
                 no_kangaroo: bool = False, dtype: Optional[str] = None, device: str = "cpu", max_batch: int = 8,
-                max_len: Optional[int] = None, max_queue: int = 1024) -> Tuple[Engine, Any]:
+                max_len: Optional[int] = None, max_queue: int = 1024,
+                max_verify_tokens: Optional[int] = None) -> Tuple[Engine, Any]:
     """(engine, tokenizer) for a local target folder (+ adapter folder), or for a named model of
     :mod:`kangaroo_rt.models` (None: the embedded one) with its shipped adapter and settings. EOS: the model config's ids plus the tokenizer's ``eos_token_id``."""
     import torch
@@ -686,7 +687,7 @@ def load_engine(model: Optional[str] = None, adapter: Optional[str] = None, toke
     if getattr(tok, "eos_token_id", None) is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     engine = Engine(kmodel, max_batch=max_batch, max_len=max_len, kangaroo=kcfg, eos_token_id=eos,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_verify_tokens=max_verify_tokens)
     return engine, tok
 
 

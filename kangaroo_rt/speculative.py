@@ -527,13 +527,10 @@ class Decoder:
                    exit_state: torch.Tensor, pos: torch.Tensor, rope) -> None:
         """The adapter on the exit state of ``step`` (step 0 also on ``e_prev`` at ``pos - 1``), then
         :meth:`propose`; rows in ``chain.active`` get the draft ``chain.drafts[:, step]``, the others -1."""
-        if isinstance(step, int) and step == 0:  # two-position catch-up
-            a_in = torch.cat([state.e_prev[:, None], exit_state], dim=1)
-            pos = torch.cat([pos - 1, pos], dim=1)
-            rope = self.target.rope(pos)
+        if isinstance(step, int) and step == 0:
+            hidden = self.adapter_catch_up(state, exit_state, pos, kv_len)
         else:
-            a_in = exit_state
-        hidden = self.adapter(a_in, pos, *rope, self.adapter_cache, kv_len=kv_len)[:, -1]
+            hidden = self.adapter(exit_state, pos, *rope, self.adapter_cache, kv_len=kv_len)[:, -1]
         token, conf, probs = self.propose(hidden, state.sampler, chain.active, step)
         if probs is not None:
             chain.probs.append(probs)
@@ -541,6 +538,15 @@ class Decoder:
         chain.n_drafts.add_(chain.active.long())
         chain.conf.copy_(conf)
         chain.x.copy_(token)
+
+    def adapter_catch_up(self, state: DecodeState, exit_state: torch.Tensor, pos: torch.Tensor,
+                         kv_len: int) -> torch.Tensor:
+        """The adapter over two positions, ``e_prev`` at ``pos - 1`` and ``exit_state`` (B, 1, D) at ``pos`` (B, 1):
+        a round's first draft step, which also writes the adapter's KV of the last round's final position. Returns
+        the adapter's output at ``pos`` (B, D)."""
+        a_in = torch.cat([state.e_prev[:, None], exit_state], dim=1)
+        pos = torch.cat([pos - 1, pos], dim=1)
+        return self.adapter(a_in, pos, *self.target.rope(pos), self.adapter_cache, kv_len=kv_len)[:, -1]
 
     def propose(self, hidden: torch.Tensor, sampler: "Sampler", active: torch.Tensor,
                 step: Union[int, torch.Tensor] = 0):
@@ -556,7 +562,8 @@ class Decoder:
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
     def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
-        """Target layers ``l..N-1`` over the first ``k + 1`` exit states, the head, acceptance and commit (up to
+        """Target layers ``l..N-1`` over the first ``k + 1`` exit states (the one-call pass: each row's first
+        ``n_drafts + 1`` only, the positions its acceptance reads), the head, acceptance and commit (up to
         EOS and the row limits), ``pos`` advanced past the committed tokens, ``token`` and ``e_prev`` set for the
         next round. Returns (rows that were active (B,) bool, accepted drafts (B,), committed tokens (B,))."""
         was_active = ~state.finished
@@ -593,6 +600,8 @@ class Decoder:
         while True:
             exit_state, pos, rope = self.shallow_step(state, chain, step, base_len + step)
             if step == gamma:
+                if gamma == 0:  # a round without drafts still takes the new exit state into the adapter's cache
+                    self.adapter_catch_up(state, exit_state, pos, base_len)
                 return step
             if step > 0:
                 chain.keep_drafting(step, eta)
@@ -794,17 +803,23 @@ class Decoder:
             self._chain_key = key
         return self._chain
 
-    def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool) -> torch.Tensor:
+    def kangaroo_round(self, state: DecodeState, kcfg: KangarooConfig, stats: DecodeStats, timed: bool,
+                       max_drafts: Optional[int] = None) -> torch.Tensor:
         """One draft-verify-accept round, eagerly: drafting stops when no row drafts, attention reads the live
         length. ``timed``: on CUDA, synchronize so that the draft and verify seconds in ``stats`` are the device's
-        (the engine does not). Returns the tokens committed per row (B,)."""
+        (the engine does not). ``max_drafts``: at most this many drafts a row this round instead of ``gamma`` (the
+        engine's verification budget); 0 runs a round without drafts, the shallow step and the adapter's catch-up
+        (its cache stays whole for later rounds) then a verification of one position: about a plain step. Returns
+        the tokens committed per row (B,)."""
         gamma, eta = kcfg.gamma, float(kcfg.eta)
+        if max_drafts is not None:
+            gamma = max(0, min(gamma, max_drafts))
         chain = self._chain_for(state, gamma)
         base_len = int(state.pos.max()) + 1
         sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
         state.sampler.begin_round(state.batch, gamma, state.pos.device)
-        step = self._cpu_chain(state, chain, gamma, eta, base_len)
+        step = self._cpu_chain(state, chain, gamma, eta, base_len) if gamma > 0 else None
         if step is None:
             step = self.draft_round(state, chain, gamma, eta, base_len)
         t_verify = clock(state.pos.device, sync)

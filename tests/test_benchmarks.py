@@ -527,3 +527,15 @@ def test_bench_cpu_dtype_smoke_checks_every_dtype(tmp_path):
     assert all(r["greedy_mismatches"] == 0 for r in result["results"])
     assert result["results"][0]["hf_mismatches"] == 0 and result["results"][0]["lossless"]
     assert result["recommended"] in {"float32", "bfloat16", "float16"}
+
+
+def test_bench_engine_smoke_compares_budgets_with_plain_decoding(tmp_path):
+    """bench_engine --smoke: plain, Kangaroo and a verification budget at 1 and 3 concurrent greedy requests, every
+    method's tokens those of plain decoding, and a budget capping drafts where three requests share it."""
+    assert run_benchmark("bench_engine", ["--smoke", "--budgets", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_engine-smoke.json").read_text())
+    rows = {(r["requests"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(n, m) for n in (1, 3) for m in ("plain", "kangaroo", "budget 3")}
+    assert all(r["same_tokens_as_plain"] and r["tok_s"] > 0 for r in rows.values())
+    assert rows[(3, "budget 3")]["mean_draft_length"] == 0 < rows[(3, "kangaroo")]["mean_draft_length"]
+    assert rows[(1, "budget 3")]["mean_draft_length"] > 0  # one request: 3 // 1 - 1 = 2 drafts a round

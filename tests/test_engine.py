@@ -197,3 +197,63 @@ def test_engine_from_a_bare_target_and_bad_construction():
         Engine(K.KangarooModel(target, K.Adapter.random(cfg), exit_layer=1), kangaroo=K.KangarooConfig(exit_layer=3))
     with pytest.raises(ValueError, match="max_batch"):
         Engine(K.KangarooModel(target, None, exit_layer=1), max_batch=0)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 6, 100])
+def test_a_verification_budget_caps_drafts_and_keeps_greedy_tokens(pair, monkeypatch, budget):
+    """max_verify_tokens caps each round's drafts a row at budget // running - 1 (0: rounds without drafts): the
+    caps the rounds ran, and every request's tokens those of generate alone (greedy)."""
+    from kangaroo_rt.speculative import Decoder
+
+    model = _model(pair)
+    prompts = _prompts(3, pair[0].vocab_size, seed=5)
+    caps, original = [], Decoder.kangaroo_round
+    monkeypatch.setattr(Decoder, "kangaroo_round", lambda self, state, kcfg, stats, timed, max_drafts=None: (
+        caps.append((int((~state.finished).sum()), max_drafts)) or original(self, state, kcfg, stats, timed,
+                                                                             max_drafts)))
+    engine = Engine(model, max_batch=3, max_len=64, max_verify_tokens=budget)
+    tokens, _, _ = _run(engine, {0: [(i, p, RequestParams(max_new_tokens=20)) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert tokens[i] == _alone(model, p, RequestParams(max_new_tokens=20)), i
+    assert caps and all(cap == min(GAMMA, max(0, budget // running - 1)) for running, cap in caps)
+    m = engine.metrics()
+    if budget == 1:  # every round without drafts
+        assert m["mean_draft_length"] == 0 and m["mat"] == 1.0
+    if budget == 100:  # no cap below gamma: the rounds of an engine without a budget
+        plain = Engine(model, max_batch=3, max_len=64)
+        _run(plain, {0: [(i, p, RequestParams(max_new_tokens=20)) for i, p in enumerate(prompts)]})
+        assert m["mean_draft_length"] == plain.metrics()["mean_draft_length"] > 0 and m["mat"] == plain.metrics()["mat"]
+
+
+def test_rounds_without_drafts_keep_the_adapter_cache_whole(pair):
+    """A request decoded by rounds without drafts (a budget of 1) leaves the adapter's cache as full rounds do: every
+    slot before its last two positions written, with the keys and values that full rounds wrote there, bit for bit, so
+    drafting resumes as well as before once the load drops."""
+    model = _model(pair)
+    prompt = _prompts(1, pair[0].vocab_size, seed=9)[0]
+    runs = []
+    for budget in (None, 1):
+        engine = Engine(model, max_batch=1, max_len=64, max_verify_tokens=budget)
+        cache = engine.decoder.adapter_cache
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+        tokens, _, _ = _run(engine, {0: [(0, prompt, RequestParams(max_new_tokens=16))]})
+        runs.append((cache.k[:, 0].clone(), cache.v[:, 0].clone(), tokens[0]))
+    (k_full, v_full, full), (k_cap, v_cap, capped) = runs
+    assert capped == full
+    last = len(prompt) + 16 - 1  # the final token's position: no round has run the adapter on it
+    assert not k_cap[:, :, :last - 1].isnan().any() and not v_cap[:, :, :last - 1].isnan().any()
+    written = ~k_full.isnan().any(-1).any(1).any(0)  # (T,): the slots full rounds wrote (k: (layers, H, T, Dh))
+    assert written[:last - 1 - GAMMA].all()  # full rounds leave their last round's drafts' slots to the next round
+    assert torch.equal(k_cap[:, :, written], k_full[:, :, written]) and torch.equal(v_cap[:, :, written],
+                                                                                    v_full[:, :, written])
+
+
+def test_a_verification_budget_is_validated(pair):
+    model = _model(pair)
+    for bad in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="max_verify_tokens must be a positive int or None"):
+            Engine(model, max_batch=2, max_len=64, max_verify_tokens=bad)
+    engine = Engine(model, max_batch=4, max_len=64, max_verify_tokens=8)
+    assert [engine.draft_cap(n) for n in (1, 2, 3, 4, 8, 9)] == [GAMMA, 3, 1, 1, 0, 0]
+    assert Engine(model, max_batch=2, max_len=64).draft_cap(2) is None

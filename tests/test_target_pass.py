@@ -227,8 +227,8 @@ def test_a_sampled_row_fails_only_where_its_acceptance_reaches_no_distribution()
 @pytest.mark.parametrize("sampled", [False, True])
 def test_a_verification_computes_only_the_positions_its_acceptance_reads(dtype, sampled):
     """Rows of 3, 0 and 1 drafts in a pass over k + 1 = 4 positions: the pass runs 4 + 1 + 2 tokens, not 3 x 4 (the
-    deep layers' cache slots past each row's tokens keep what they held), and gives the step-by-step path's tokens,
-    positions and valid cache slots."""
+    deep layers' cache slots past each row's tokens keep the NaN they held, which nothing reads), and gives the
+    step-by-step path's tokens, positions and valid cache slots."""
     gamma, n_drafts = 3, torch.tensor([3, 0, 1])
     results = []
     for one_call in (True, False):
@@ -251,12 +251,14 @@ def test_a_verification_computes_only_the_positions_its_acceptance_reads(dtype, 
             if sampled:
                 chain.set_probs([q.clone() for q in chain.full_probs()])
             pos0 = state.pos.clone()
-            deep = decoder.cache.k[decoder.exit_layer:]
-            deep[:, :3].fill_(7.0)  # a mark in every deep slot: the pass overwrites what it computes
+            deep = [cache[decoder.exit_layer:] for cache in (decoder.cache.k, decoder.cache.v)]
+            for cache in deep:
+                for b in range(3):  # a mark in every slot the round may write: the pass overwrites what it computes
+                    cache[:, b, :, pos0[b]:].fill_(float("nan"))
             result = decoder.verify(state, chain, k, base_len + k)
             for b in range(3):
-                slots = deep[:, b, :, pos0[b]:pos0[b] + k + 1].transpose(0, 2)  # (k + 1, H, layers, Dh)
-                written = slots.ne(7.0).flatten(1).all(1)
+                slots = torch.cat([c[:, b, :, pos0[b]:pos0[b] + k + 1] for c in deep]).transpose(0, 2)
+                written = slots.isnan().logical_not().flatten(1).all(1)  # per position (k + 1,)
                 expected = [i <= int(n_drafts[b]) for i in range(k + 1)] if one_call else [True] * (k + 1)
                 assert written.tolist() == expected, (b, written)
         results.append([r.clone() for r in result] + _state_tensors(decoder, state))

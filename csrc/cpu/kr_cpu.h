@@ -131,7 +131,7 @@ typedef struct kr_cpu_rope_args {
   const void* sin;  // (B, Q, D) contiguous
   const int64_t* positions;  // (B, Q): cache slot of each token; outside [0, T) writes nothing
   int64_t pos_stride[2];
-  void* k_cache;  // (B_max >= B, Hkv, T, D)
+  void* k_cache;  // (B_max, Hkv, T, D): B_max > every cache row (b, or cache_rows[b])
   void* v_cache;
   int64_t cache_stride[3];  // strides of B, H, T (both caches)
   void* q_out;              // (B, Hq, Q, D) contiguous: the rotated q
@@ -150,7 +150,7 @@ typedef struct kr_cpu_attention_args {
   float scale;                                                  // softmax scale, 1 / sqrt(D) for Llama
   const void* q;                                                // (B, Hq, Q, D)
   int64_t q_stride[3];
-  const void* k_cache;  // (B_max >= B, Hkv, T >= kv_len, D)
+  const void* k_cache;  // (B_max, Hkv, T >= kv_len, D): B_max > every cache row (b, or cache_rows[b])
   const void* v_cache;
   int64_t cache_stride[3];
   const int64_t* positions;  // (B, Q)
@@ -309,7 +309,7 @@ typedef struct kr_cpu_decoder_layer {
   const void* post_norm;   // (D,): the post-attention norm (an attention-only layer: the output's norm)
   const void* gate_up;     // (2 * I, D) contiguous: gate rows, then up rows; NULL: attention-only (with down)
   const void* down;        // (D, I) contiguous, or NULL
-  void* k_cache;           // (B_max >= B, Hkv, T, Dh) with the strides cache_stride (unit last stride)
+  void* k_cache;           // (B_max, Hkv, T, Dh), strides cache_stride (unit last), B_max > every cache row
   void* v_cache;
 } kr_cpu_decoder_layer;
 
@@ -419,7 +419,9 @@ int kr_cpu_draft_chain(int isa, const kr_cpu_draft_args* a);
 // kr_cpu_accept_greedy_commit's acceptance and commit (k = 0: the step's token committed), the rows that reached
 // max_new finished, token set to each row's next token and, for a verification, e_prev to the exit state at the
 // accepted length. What kangaroo_rt.speculative.Decoder.ar_step and .verify do under greedy choice, each op on the
-// kernels above with the same arguments: the same bits and tokens.
+// kernels above: the same bits and tokens. Of a row's k + 1 positions only the first 1 + min(max(n_drafts[b], 0), k)
+// are computed (those the acceptance reads; the step-by-step path pads every row to k + 1), each one a row of the
+// layer stack in row b's cache (kr_cpu_decoder_args.cache_rows): the cache slots past them are not written.
 // Sampled (sample_u_next not NULL; no head_screen): on a sampled row (see kr_cpu_row_sampling), instead of the
 // greedy choice, every position's probabilities p = kr_cpu_process_logits_rows of its logits (with the row's
 // settings), then a plain step's draw (kr_cpu_sample_rows with sample_u_next[b]) or kr_cpu_accept_sampling_rows over

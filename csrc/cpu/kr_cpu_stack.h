@@ -237,6 +237,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     r.pos_stride[0] = a.pos_stride[0], r.pos_stride[1] = a.pos_stride[1];
     r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot, r.cache_rows = a.cache_rows;
     // A row's tokens in one chunk, in order: two tokens at one position write one slot, and the last one must win.
+    // (Batch rows that share a cache row, cache_rows, hold distinct positions.)
     ph.each(B, [&](int64_t b) { return kr_cpu_rope_cache_append(isa, &r, b * Q, (b + 1) * Q); });
 
     kr_cpu_attention_args t{};  // q_rot (B, Hq, Q, Dh) contiguous -> attn laid out (B, Q, Hq, Dh): o's input rows

@@ -6,13 +6,13 @@
 // final norm, the head, the choice, the acceptance and a few state updates, each a call of its own. Here they are
 // phases of one region on the decoder stack's machinery (kr_cpu_stack.h).
 //
-// Only the positions the acceptance reads are computed: row b's first 1 + min(n_drafts[b], Q - 1) (a plain step's
-// one), packed one after another ("tokens"), where a batch's verification pads every row to Q = k + 1 for the row
-// with the most drafts (SmolLM2 with the shipped adapter, 4 concurrent requests: 9.5 of 13.8 rows a round on average,
-// 8 requests: 14.6 of 26.3). Each token is a batch row of its own for the layer stack, reading and writing its
-// row's cache (kr_cpu_decoder_args.cache_rows); every op gives a row's bits whatever the rows beside it, so the
-// tokens get the bits of the padded pass. The cache slots past a row's tokens are not written (nothing reads them:
-// they are past the row's accepted length).
+// Only the positions the acceptance reads are computed: row b's first 1 + min(max(n_drafts[b], 0), Q - 1) (a plain
+// step's one), packed one after another ("tokens"), where a batch's verification pads every row to Q = k + 1 for the
+// row with the most drafts (SmolLM2 with the shipped adapter, 4 concurrent requests: 9.5 of 13.8 rows a round on
+// average, 8 requests: 14.6 of 26.3). Each token is a batch row of its own for the layer stack, reading and writing its
+// row's cache (kr_cpu_decoder_args.cache_rows); every op gives a row's bits whatever the rows beside it, so the tokens
+// get the bits of the padded pass. The cache slots past a row's tokens are not written (nothing reads them: they are
+// past the row's accepted length).
 #include "kr_cpu_stack.h"
 
 #include "../kr_accept_rows.h"
@@ -221,7 +221,8 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     return kr_cpu_rms_norm_rows(isa, a.dtype, h, D, nullptr, 0, a.norm, D, a.norm_eps, xn, nullptr, c * norm_rows,
                                 std::min(n_tok, (c + 1) * norm_rows));
   });
-  // The greedy choices go to idx[b * Q + i], where the acceptance reads them.
+  // The whole or screened head's greedy choices go to idx[b * Q + i], where the acceptance reads them (the sampled
+  // choice reads its rows packed: sampled_choice).
   if (!screened(a)) {  // (a sampled pass is never screened)
     linear_phase<T>(ph, isa, xn, n_tok, D, D, a.head, V, nullptr, logits, V, false,
                     reinterpret_cast<float*>(ws + l.yf));
