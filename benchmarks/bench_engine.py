@@ -4,18 +4,19 @@ For each number of concurrent requests in --requests (default 1, 2, 4, 8), held-
 question's first turn, SmolLM2's chat template; repeated when more are asked for than there are) go to one
 ``kangaroo_rt.Engine`` all at once, --tokens new tokens each, and the engine steps until every one finished. The
 methods run in turns within each repeat (the order reversed every other repeat), so a shared host's drifting memory
-bandwidth moves them alike: ``plain`` (``kangaroo=None``), ``kangaroo`` (the model's settings) and
+bandwidth moves them alike; requests end at EOS or their limit, so the count is the load a run starts with: ``plain`` (``kangaroo=None``), ``kangaroo`` (the model's settings) and
 ``budget N`` (``max_verify_tokens=N``, for each N of --budgets, default 8 and 12: each round's drafts a row capped
 at N // running requests - 1, docs/engine.md). The first repeat warms up and is not timed. Reported per method:
 tokens per second (the median over repeats), its ratio to plain decoding (the median of the per-repeat ratios),
 MAT and the mean draft length, and whether its tokens equal plain decoding's (greedy: they must; sampled, with
---temperature: a budget changes a seeded request's draws, so they need not).
+--temperature, Kangaroo's draws differ from plain decoding's with or without a budget, so this says nothing).
 
     PYTHONPATH=. python benchmarks/bench_engine.py [--dtype bfloat16] [--requests 1,2,4,8] [--tokens 128]
-        [--budgets 8,12] [--repeats 3] [--temperature 0] [--top-p P] [--out DIR] [--smoke]
+        [--budgets 8,12] [--repeats 4] [--temperature 0] [--top-p P] [--out DIR] [--smoke]
 
 Prints a table and writes ``<out>/bench_engine.json`` (``bench_engine-smoke.json`` with --smoke: a random tiny
-pair, two request counts, one budget; the numbers only show that the script works).
+pair, 1 and 3 requests, budget 3, which gives the three rounds without drafts; the numbers only show that the
+script works).
 """
 # gpu_suite: gpu-args --smoke
 from __future__ import annotations
@@ -44,7 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--requests", default="1,2,4,8", help="comma list of concurrent request counts")
     p.add_argument("--tokens", type=int, default=128, help="new tokens a request")
     p.add_argument("--budgets", default="8,12", help="comma list of max_verify_tokens values ('' for none)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (one more warms up)")
+    p.add_argument("--repeats", type=int, default=4, help="timed repeats (one more warms up; even: both orders)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else every request sampled, seeded")
     p.add_argument("--top-p", type=float)
     p.add_argument("--threads", type=int, default=2)
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.tokens < 1 or args.repeats < 1 or args.temperature < 0:
         p.error("--tokens and --repeats must be positive, --temperature >= 0")
     if args.smoke:
-        args.requests, args.budgets, args.tokens, args.repeats = [1, 3], args.budgets[:1] or [4], 8, 1
+        args.requests, args.budgets, args.tokens, args.repeats = [1, 3], [3], 8, 1
     return args
 
 

@@ -334,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     cmd += [f"--{key}", value]
             if args.no_kangaroo:
                 cmd.append("--no-kangaroo")
-            if args.max_verify_tokens:
+            if args.max_verify_tokens is not None:
                 cmd += ["--max-verify-tokens", str(args.max_verify_tokens)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]

@@ -118,7 +118,7 @@ class Engine:
     wait for a slot before :meth:`add_request` refuses more. max_verify_tokens: a verification budget, off by default:
     each Kangaroo round caps every row's drafts at ``max_verify_tokens // running requests - 1`` (at most ``gamma``;
     0 gives a round without drafts, about a plain step, that keeps the adapter's cache whole), so that a round
-    verifies at most that many positions. With many requests a round's verification is bound by arithmetic, not by
+    verifies at most max(max_verify_tokens, running requests) positions. With many requests a round's verification is bound by arithmetic, not by
     the weight stream, and long chains cost more than their accepted tokens gain (docs/engine.md). Greedy requests
     keep their tokens; a seeded sampled request draws one uniform per draft slot of a round, so with a budget its
     tokens depend on the load (still distribution-exact).

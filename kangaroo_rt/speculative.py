@@ -819,7 +819,7 @@ class Decoder:
         sync = timed and state.pos.device.type == "cuda"
         t_start = time.perf_counter()
         state.sampler.begin_round(state.batch, gamma, state.pos.device)
-        step = self._cpu_chain(state, chain, gamma, eta, base_len) if gamma > 0 else None
+        step = self._cpu_chain(state, chain, gamma, eta, base_len)
         if step is None:
             step = self.draft_round(state, chain, gamma, eta, base_len)
         t_verify = clock(state.pos.device, sync)

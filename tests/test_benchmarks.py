@@ -532,7 +532,7 @@ def test_bench_cpu_dtype_smoke_checks_every_dtype(tmp_path):
 def test_bench_engine_smoke_compares_budgets_with_plain_decoding(tmp_path):
     """bench_engine --smoke: plain, Kangaroo and a verification budget at 1 and 3 concurrent greedy requests, every
     method's tokens those of plain decoding, and a budget capping drafts where three requests share it."""
-    assert run_benchmark("bench_engine", ["--smoke", "--budgets", "3", "--out", str(tmp_path)]) == 0
+    assert run_benchmark("bench_engine", ["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_engine-smoke.json").read_text())
     rows = {(r["requests"], r["method"]): r for r in result["rows"]}
     assert set(rows) == {(n, m) for n in (1, 3) for m in ("plain", "kangaroo", "budget 3")}

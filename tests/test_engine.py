@@ -202,38 +202,55 @@ def test_engine_from_a_bare_target_and_bad_construction():
 @pytest.mark.parametrize("budget", [1, 3, 6, 100])
 def test_a_verification_budget_caps_drafts_and_keeps_greedy_tokens(pair, monkeypatch, budget):
     """max_verify_tokens caps each round's drafts a row at budget // running - 1 (0: rounds without drafts): the
-    caps the rounds ran, and every request's tokens those of generate alone (greedy)."""
+    caps the rounds ran, and every request's tokens those of generate alone (greedy). The requests end at different
+    lengths, so the caps change as they leave (budget 3: rounds without drafts, then 2 drafts for the last one)."""
     from kangaroo_rt.speculative import Decoder
 
     model = _model(pair)
     prompts = _prompts(3, pair[0].vocab_size, seed=5)
+    lengths = [6, 12, 24]
     caps, original = [], Decoder.kangaroo_round
     monkeypatch.setattr(Decoder, "kangaroo_round", lambda self, state, kcfg, stats, timed, max_drafts=None: (
         caps.append((int((~state.finished).sum()), max_drafts)) or original(self, state, kcfg, stats, timed,
                                                                              max_drafts)))
     engine = Engine(model, max_batch=3, max_len=64, max_verify_tokens=budget)
-    tokens, _, _ = _run(engine, {0: [(i, p, RequestParams(max_new_tokens=20)) for i, p in enumerate(prompts)]})
+    tokens, _, _ = _run(engine, {0: [(i, p, RequestParams(max_new_tokens=n))
+                                      for i, (p, n) in enumerate(zip(prompts, lengths))]})
     for i, p in enumerate(prompts):
-        assert tokens[i] == _alone(model, p, RequestParams(max_new_tokens=20)), i
+        assert tokens[i] == _alone(model, p, RequestParams(max_new_tokens=lengths[i])), i
     assert caps and all(cap == min(GAMMA, max(0, budget // running - 1)) for running, cap in caps)
+    if budget == 3:  # drafting resumed after rounds without drafts
+        assert [c for _, c in caps][0] == 0 and [c for _, c in caps][-1] == 2
     m = engine.metrics()
     if budget == 1:  # every round without drafts
         assert m["mean_draft_length"] == 0 and m["mat"] == 1.0
     if budget == 100:  # no cap below gamma: the rounds of an engine without a budget
         plain = Engine(model, max_batch=3, max_len=64)
-        _run(plain, {0: [(i, p, RequestParams(max_new_tokens=20)) for i, p in enumerate(prompts)]})
+        _run(plain, {0: [(i, p, RequestParams(max_new_tokens=n)) for i, (p, n) in enumerate(zip(prompts, lengths))]})
         assert m["mean_draft_length"] == plain.metrics()["mean_draft_length"] > 0 and m["mat"] == plain.metrics()["mat"]
 
 
-def test_rounds_without_drafts_keep_the_adapter_cache_whole(pair):
+@pytest.mark.parametrize("one_call", [True, False])
+def test_rounds_without_drafts_keep_the_adapter_cache_whole(pair, monkeypatch, one_call):
     """A request decoded by rounds without drafts (a budget of 1) leaves the adapter's cache as full rounds do: every
     slot before its last two positions written, with the keys and values that full rounds wrote there, bit for bit, so
-    drafting resumes as well as before once the load drops."""
+    drafting resumes as well as before once the load drops. Both ways: the CPU extension's chain (gamma 0) where it
+    is built, and the step-by-step path."""
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.speculative import Decoder
+
+    if not _cpu_ext.is_available():  # (the bits of one and two positions are the same only with its kernels)
+        pytest.skip("kangaroo_rt._cpu is not built")
+    gammas, original = [], _cpu_ext.draft_chain
+    monkeypatch.setattr(_cpu_ext, "draft_chain", lambda *a, **k: gammas.append(a[1].drafts.shape[1]) or original(
+        *a, **k))
     model = _model(pair)
     prompt = _prompts(1, pair[0].vocab_size, seed=9)[0]
     runs = []
     for budget in (None, 1):
         engine = Engine(model, max_batch=1, max_len=64, max_verify_tokens=budget)
+        if budget is not None and not one_call:
+            monkeypatch.setattr(Decoder, "_cpu_chain", lambda self, *args: None)
         cache = engine.decoder.adapter_cache
         cache.k.fill_(float("nan"))
         cache.v.fill_(float("nan"))
@@ -241,12 +258,28 @@ def test_rounds_without_drafts_keep_the_adapter_cache_whole(pair):
         runs.append((cache.k[:, 0].clone(), cache.v[:, 0].clone(), tokens[0]))
     (k_full, v_full, full), (k_cap, v_cap, capped) = runs
     assert capped == full
+    assert (0 in gammas) == one_call  # the rounds without drafts ran in the extension's chain, or step by step
     last = len(prompt) + 16 - 1  # the final token's position: no round has run the adapter on it
     assert not k_cap[:, :, :last - 1].isnan().any() and not v_cap[:, :, :last - 1].isnan().any()
     written = ~k_full.isnan().any(-1).any(1).any(0)  # (T,): the slots full rounds wrote (k: (layers, H, T, Dh))
     assert written[:last - 1 - GAMMA].all()  # full rounds leave their last round's drafts' slots to the next round
     assert torch.equal(k_cap[:, :, written], k_full[:, :, written]) and torch.equal(v_cap[:, :, written],
                                                                                     v_full[:, :, written])
+
+
+def test_sampled_requests_under_a_budget_that_never_binds_keep_their_tokens(pair):
+    """A budget of (gamma + 1) x requests caps nothing: seeded sampled requests (and a greedy one) get the tokens of an
+    engine without a budget; a tighter one gives rounds without drafts to sampled rows too, and still finishes."""
+    model = _model(pair)
+    prompts = _prompts(3, pair[0].vocab_size, seed=2)
+    params = [RequestParams(max_new_tokens=14, temperature=0.9, top_p=0.9, seed=1),
+              RequestParams(max_new_tokens=9, temperature=0.7, seed=2), RequestParams(max_new_tokens=11)]
+    schedule = {0: [(i, p, q) for i, (p, q) in enumerate(zip(prompts, params))]}
+    runs = [_run(Engine(model, max_batch=3, max_len=64, max_verify_tokens=b), schedule)[0]
+            for b in (None, (GAMMA + 1) * 3, 2)]
+    assert runs[0] == runs[1]
+    assert [len(runs[2][i]) for i in range(3)] == [14, 9, 11]
+    assert runs[2][2] == runs[0][2]  # the greedy request's tokens under any budget
 
 
 def test_a_verification_budget_is_validated(pair):

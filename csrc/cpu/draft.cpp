@@ -145,15 +145,11 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       __atomic_store_n(go, static_cast<int64_t>(any), __ATOMIC_RELAXED);
       return KR_CPU_OK;
     });
-    // Every thread reads the flag after the phase's end (which publishes it); a thread that ran ahead alone can only
-    // set it again at the next step's control, and only to stop a chain that this thread would then leave early.
-    if (!__atomic_load_n(go, __ATOMIC_RELAXED)) break;
-
     // The adapter: at step 0 over (e_prev at pos - 1, the exit state at pos), after that over the exit state in place.
     const int64_t Q = step == 0 ? 2 : 1;
     kr_cpu_decoder_args adapter = stack_args(a, true, Q);
     adapter.kv_len = a.base_len + step;
-    if (Q == 2) {
+    auto adapter_step0 = [&]() {  // (e_prev, the exit state) -> the adapter's two positions
       ph.each(1, [&](int64_t) {
         for (int64_t b = 0; b < B; ++b) {
           std::memcpy(a_in + 2 * b * D, static_cast<const T*>(a.e_prev) + b * D, row_bytes);
@@ -165,10 +161,20 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
         return KR_CPU_OK;
       });
       adapter.hidden = a_in, adapter.positions = pos_a, adapter.cos = cos_a, adapter.sin = sin_a;
+      stack_body<T>(ph, isa, adapter, ws + l.adapter);
+    };
+    // Every thread reads the flag after the phase's end (which publishes it); a thread that ran ahead alone can only
+    // set it again at the next step's control, and only to stop a chain that this thread would then leave early.
+    if (!__atomic_load_n(go, __ATOMIC_RELAXED)) {
+      if (G == 0) adapter_step0();  // a round without drafts: the adapter's cache still takes the new exit state
+      break;
+    }
+    if (Q == 2) {
+      adapter_step0();
     } else {
       adapter.hidden = h, adapter.positions = pos_s, adapter.cos = cos_s, adapter.sin = sin_s;
+      stack_body<T>(ph, isa, adapter, ws + l.adapter);
     }
-    stack_body<T>(ph, isa, adapter, ws + l.adapter);
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
     linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf);
@@ -196,7 +202,7 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
 
 extern "C" int64_t kr_cpu_draft_workspace_bytes(const kr_cpu_draft_args* a, int64_t* zeroed_bytes) {
   if (a == nullptr || a->batch < 0 || a->hidden_size <= 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 ||
-      a->head_dim <= 0 || a->intermediate < 0 || a->gamma < 1 || a->exit_layer < 1 || a->head_rows <= 0 ||
+      a->head_dim <= 0 || a->intermediate < 0 || a->gamma < 0 || a->exit_layer < 1 || a->head_rows <= 0 ||
       a->head_rows >= (int64_t{1} << 31) || (a->dtype != KR_CPU_FLOAT32 && a->dtype != KR_CPU_BFLOAT16))
     return -1;
   const DraftLayout l = draft_layout_of(*a);
@@ -215,7 +221,8 @@ static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
   if (a->embed == nullptr || a->head == nullptr || a->rope_cos == nullptr || a->rope_sin == nullptr ||
       a->pos == nullptr || a->token == nullptr || a->n_gen == nullptr || a->max_new == nullptr ||
       a->finished == nullptr || a->e_prev == nullptr || a->cap == nullptr || a->active == nullptr ||
-      a->conf == nullptr || a->x == nullptr || a->drafts == nullptr || a->n_drafts == nullptr || a->exits == nullptr ||
+      a->conf == nullptr || a->x == nullptr || (a->drafts == nullptr && a->gamma > 0) || a->n_drafts == nullptr ||
+      a->exits == nullptr ||
       a->steps == nullptr || a->workspace == nullptr || reinterpret_cast<uintptr_t>(a->workspace) % 64 != 0 ||
       (a->sample_q != nullptr &&
        (a->sample_u == nullptr || kr_cpu_row_sampling_check(&a->sampling, a->batch) != KR_CPU_OK)))

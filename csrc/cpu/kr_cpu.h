@@ -355,12 +355,14 @@ int kr_cpu_decoder_layers(int isa, const kr_cpu_decoder_args* a);
 // confidence as kr_cpu_argmax_rows gives them, the draft (-1 on rows that stopped) appended. Every op runs on the
 // kernels above with the same arguments as the per-step path, and RoPE's cos and sin are rows of tables made by
 // the same function: the same bits. Rows that stopped are computed with the others (their results are not used).
+// gamma 0 (a round without drafts: the engine's verification budget) runs the shallow step, then the adapter over
+// step 0's two positions without the head, so that the adapter's cache takes the new exit state.
 // Every thread that takes part calls kr_cpu_draft_chain with the same arguments, as for the decoder stack.
 typedef struct kr_cpu_draft_args {
   int dtype;
   int64_t batch, hidden_size, n_heads, n_kv_heads, head_dim, intermediate, max_len;  // B, D, Hq, Hkv, Dh, I, T
   float eps, adapter_eps, scale;  // the target's and the adapter's RMSNorm epsilon; the softmax scale
-  int64_t gamma;                  // drafts a round at most (>= 1)
+  int64_t gamma;                  // drafts a round at most (>= 0)
   float eta;                      // confidence threshold
   int64_t base_len;               // slots the attention of step 0 reads (max(pos) + 1); step s reads base_len + s
   int64_t exit_layer;             // l >= 1
