@@ -202,17 +202,13 @@ def decode_cases(args: argparse.Namespace, name: str, dtype) -> Dict[str, object
 def engine_run(model, prompts, tokens: int, max_len: int, kangaroo) -> List:
     """The prompts as concurrent greedy requests of one kangaroo_rt.Engine (a slot each), stepped to the end -> the
     generated tokens of each (tensors, for token_digest)."""
+    import kernel_bench_utils as kb  # (benchmarks/, on sys.path)
     import torch
 
-    from kangaroo_rt.engine import Engine, RequestParams
+    from kangaroo_rt.engine import RequestParams
 
-    engine = Engine(model, max_batch=len(prompts), max_len=max_len, kangaroo=kangaroo)
-    ids = [engine.add_request(p[0].tolist(), RequestParams(max_new_tokens=tokens)) for p in prompts]
-    got: Dict[str, List[int]] = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-    return [torch.tensor(got[i]) for i in ids]
+    _, got, _ = kb.serve_all(model, prompts, [RequestParams(max_new_tokens=tokens)] * len(prompts), max_len, kangaroo)
+    return [torch.tensor(t) for t in got]
 
 
 def probe(args: argparse.Namespace) -> Dict[str, float]:

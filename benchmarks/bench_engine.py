@@ -4,12 +4,13 @@ For each number of concurrent requests in --requests (default 1, 2, 4, 8), held-
 question's first turn, SmolLM2's chat template; repeated when more are asked for than there are) go to one
 ``kangaroo_rt.Engine`` all at once, --tokens new tokens each, and the engine steps until every one finished. The
 methods run in turns within each repeat (the order reversed every other repeat), so a shared host's drifting memory
-bandwidth moves them alike; requests end at EOS or their limit, so the count is the load a run starts with: ``plain`` (``kangaroo=None``), ``kangaroo`` (the model's settings) and
-``budget N`` (``max_verify_tokens=N``, for each N of --budgets, default 8 and 12: each round's drafts a row capped
-at N // running requests - 1, docs/engine.md). The first repeat warms up and is not timed. Reported per method:
-tokens per second (the median over repeats), its ratio to plain decoding (the median of the per-repeat ratios),
-MAT and the mean draft length, and whether its tokens equal plain decoding's (greedy: they must; sampled, with
---temperature, Kangaroo's draws differ from plain decoding's with or without a budget, so this says nothing).
+bandwidth moves them alike; requests end at EOS or their limit, so the count is the load a run starts with:
+``plain`` (``kangaroo=None``), ``kangaroo`` (the model's settings) and ``budget N`` (``max_verify_tokens=N``, for
+each N of --budgets, default 8 and 12: each round's drafts a row capped at N // running requests - 1,
+docs/engine.md). The first repeat warms up and is not timed. Reported per method: tokens per second (the median over
+repeats), its ratio to plain decoding (the median of the per-repeat ratios), MAT and the mean draft length, and
+whether its tokens equal plain decoding's (greedy: they must; sampled, with --temperature, Kangaroo's draws differ
+from plain decoding's with or without a budget, so this says nothing).
 
     PYTHONPATH=. python benchmarks/bench_engine.py [--dtype bfloat16] [--requests 1,2,4,8] [--tokens 128]
         [--budgets 8,12] [--repeats 4] [--temperature 0] [--top-p P] [--out DIR] [--smoke]
@@ -26,7 +27,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,20 +86,14 @@ def _model(args: argparse.Namespace):
 def _serve(model, prompts: List, args: argparse.Namespace, kangaroo, budget: Optional[int]):
     """All prompts as concurrent requests of one Engine, stepped to the end -> (seconds, tokens per request,
     metrics)."""
-    from kangaroo_rt.engine import Engine, RequestParams
+    from kangaroo_rt.engine import RequestParams
 
     max_len = max(p.shape[1] for p in prompts) + args.tokens + model.kangaroo.gamma + 2
-    engine = Engine(model, max_batch=len(prompts), max_len=max_len, kangaroo=kangaroo, max_verify_tokens=budget)
     sampled = args.temperature > 0
-    ids = [engine.add_request(p[0].tolist(), RequestParams(
-        max_new_tokens=args.tokens, temperature=args.temperature, top_p=args.top_p if sampled else None,
-        seed=i if sampled else None)) for i, p in enumerate(prompts)]
-    got: Dict[str, List[int]] = {i: [] for i in ids}
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-    return time.perf_counter() - start, [got[i] for i in ids], engine.metrics()
+    params = [RequestParams(max_new_tokens=args.tokens, temperature=args.temperature,
+                            top_p=args.top_p if sampled else None, seed=i if sampled else None)
+              for i in range(len(prompts))]
+    return kb.serve_all(model, prompts, params, max_len, kangaroo, budget)
 
 
 def measure(model, prompts: List, n: int, args: argparse.Namespace) -> List[Dict]:

@@ -144,12 +144,10 @@ def _engine_ab(n_prompts, new_tokens=256, repeats=3):
     Kangaroo. -> {method: {on_ms, off_ms (ms per token, medians), on_vs_off (median paired ratio), same_tokens}}."""
     if n_prompts <= 0:
         return None
-    import time
-
     import torch
 
     import kangaroo_rt
-    from kangaroo_rt.engine import Engine, RequestParams
+    from kangaroo_rt.engine import RequestParams
 
     model = kangaroo_rt.load_default(dtype=torch.bfloat16, name="smollm2")
     prompts = kb.held_out_prompts(n_prompts)
@@ -160,20 +158,13 @@ def _engine_ab(n_prompts, new_tokens=256, repeats=3):
             for method, kcfg in methods:
                 for on in (True, False):
                     _one_call_sampling(ONE_CALL, on)
-                    engine = Engine(model, max_batch=len(prompts), max_len=1024, kangaroo=kcfg)
-                    ids = [engine.add_request(p[0].tolist(), RequestParams(
-                        max_new_tokens=new_tokens, seed=i, **({} if i == len(prompts) - 1 and i > 0 else
-                                                              dict(temperature=0.7, top_p=0.9))))
-                        for i, p in enumerate(prompts)]
-                    got = {rid: [] for rid in ids}
-                    t0 = time.perf_counter()
-                    while engine.has_unfinished():
-                        for out in engine.step():
-                            got[out.request_id] += out.new_token_ids
-                    n = sum(len(v) for v in got.values())
+                    params = [RequestParams(max_new_tokens=new_tokens, seed=i, **(
+                        {} if i == len(prompts) - 1 and i > 0 else dict(temperature=0.7, top_p=0.9)))
+                        for i in range(len(prompts))]
+                    seconds, got, _ = kb.serve_all(model, prompts, params, 1024, kcfg)
                     if r > 0:
-                        times.setdefault((method, on), []).append((time.perf_counter() - t0) / n * 1e3)
-                    tokens[(method, on)] = [got[rid] for rid in ids]
+                        times.setdefault((method, on), []).append(seconds / sum(len(t) for t in got) * 1e3)
+                    tokens[(method, on)] = got
     finally:
         _one_call_sampling(ONE_CALL, True)
     return {method: kb.ab_entry(f"engine {method}", "the one-call sampled rounds", times[(method, True)],

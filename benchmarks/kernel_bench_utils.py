@@ -208,6 +208,25 @@ def held_out_prompts(n_prompts: int) -> List:
     return prompts
 
 
+def serve_all(model, prompts: List, params: List, max_len: int, kangaroo, max_verify_tokens: Optional[int] = None):
+    """The prompts ((1, T) each) as concurrent requests of one kangaroo_rt.Engine (a slot each, request i with
+    ``params[i]``, a RequestParams), stepped until every one finished -> (seconds the steps took, each request's
+    generated tokens, the engine's metrics)."""
+    import time
+
+    from kangaroo_rt.engine import Engine
+
+    engine = Engine(model, max_batch=len(prompts), max_len=max_len, kangaroo=kangaroo,
+                    max_verify_tokens=max_verify_tokens)
+    ids = [engine.add_request(p[0].tolist(), q) for p, q in zip(prompts, params)]
+    got: Dict[str, List[int]] = {i: [] for i in ids}
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    return time.perf_counter() - start, [got[i] for i in ids], engine.metrics()
+
+
 def ab_entry(name: str, what: str, on_ms: List[float], off_ms: List[float], on_tokens, off_tokens) -> Dict:
     """One side-by-side result of an A/B in turns: ms per token with ``what`` on and off (per repeat), and the
     tokens each way -> {on_ms, off_ms (medians), on_vs_off (the median of the paired ratios), same_tokens, the

@@ -115,13 +115,13 @@ class Engine:
     ``gamma=0`` decodes plainly). max_len: cache positions per slot (prompt + new tokens + ``gamma + 1`` for
     drafting); default the model's ``max_len`` or ``min(2048, max_position_embeddings)``. eos_token_id: the
     model config's EOS by default; ``ignore_eos=True`` stops on length only. max_queue: how many requests may
-    wait for a slot before :meth:`add_request` refuses more. max_verify_tokens: a verification budget, off by default:
-    each Kangaroo round caps every row's drafts at ``max_verify_tokens // running requests - 1`` (at most ``gamma``;
-    0 gives a round without drafts, about a plain step, that keeps the adapter's cache whole), so that a round
-    verifies at most max(max_verify_tokens, running requests) positions. With many requests a round's verification is bound by arithmetic, not by
-    the weight stream, and long chains cost more than their accepted tokens gain (docs/engine.md). Greedy requests
-    keep their tokens; a seeded sampled request draws one uniform per draft slot of a round, so with a budget its
-    tokens depend on the load (still distribution-exact).
+    wait for a slot before :meth:`add_request` refuses more. max_verify_tokens: a verification budget, off by
+    default: each Kangaroo round caps every row's drafts at ``max_verify_tokens // running requests - 1`` (at most
+    ``gamma``; 0 gives a round without drafts, about a plain step, that keeps the adapter's cache whole), so that a
+    round verifies at most max(max_verify_tokens, running requests) positions. With many requests a round's
+    verification is bound by arithmetic, not by the weight stream, and long chains cost more than their accepted
+    tokens gain (docs/engine.md). Greedy requests keep their tokens; a seeded sampled request draws one uniform per
+    draft slot of a round, so with a budget its tokens depend on the load (still distribution-exact).
     """
 
     def __init__(self, model: KangarooModel, max_batch: int = 8, max_len: Optional[int] = None,
@@ -303,7 +303,8 @@ class Engine:
         return outputs
 
     def draft_cap(self, running: int) -> Optional[int]:
-        """Drafts a row in a round over ``running`` requests under ``max_verify_tokens`` (None: no budget, ``gamma``)."""
+        """Drafts a row in a round over ``running`` requests under ``max_verify_tokens`` (None: no budget, so
+        ``gamma``)."""
         if self.max_verify_tokens is None:
             return None
         return min(self.gamma, max(0, self.max_verify_tokens // max(running, 1) - 1))

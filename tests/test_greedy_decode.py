@@ -53,7 +53,8 @@ def _decode(one_call, dtype, exit_layer, batch, gamma, eta, qwen, eos, kangaroo,
                                            torch.Generator().manual_seed(seed) if sampling else None)
     assert bool(calls) == one_call  # the one-call loop ran, or did not
     valid = lengths + n_gen - 1  # each row's position: the slots before it hold its committed tokens
-    return [out.clone(), n_gen.clone(), _valid_slots(decoder.cache.k, valid), _valid_slots(decoder.cache.v, valid)], _stats(
+    caches = [_valid_slots(decoder.cache.k, valid), _valid_slots(decoder.cache.v, valid)]
+    return [out.clone(), n_gen.clone()] + caches, _stats(
         stats if kangaroo else None)
 
 
