@@ -95,6 +95,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"tokens in the cache before the plain and verify steps (default {CONTEXT})")
     p.add_argument("--decode-prompts", type=int, default=3, help="prompts of the decode case (default 3)")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens a prompt in the decode case")
+    p.add_argument("--rows", default=",".join(map(str, ROWS)),
+                   help=f"comma list of the linear case's row counts, 1-64 (default {','.join(map(str, ROWS))})")
+    p.add_argument("--verify-tokens", default=",".join(map(str, VERIFY_TOKENS)),
+                   help="comma list of the steps case's verify lengths, 1-64 tokens (default "
+                        f"{','.join(map(str, VERIFY_TOKENS))})")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")
@@ -114,6 +119,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--cases must name some of {', '.join(CASES + OPT_IN_CASES)}, got {args.cases}")
     if args.context < 1 or args.decode_prompts < 1 or args.decode_tokens < 1:
         p.error("--context, --decode-prompts and --decode-tokens must be positive")
+    for option in ("rows", "verify_tokens"):
+        try:
+            counts = tuple(int(v) for v in getattr(args, option).split(",") if v.strip())
+        except ValueError:
+            counts = ()
+        if not counts or any(not 1 <= c <= 64 for c in counts):
+            p.error(f"--{option.replace('_', '-')} must be a comma list of integers in 1..64, got "
+                    f"{getattr(args, option)!r}")
+        setattr(args, option, counts)
     if args.quick:
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
@@ -141,7 +155,7 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
 
     torch.set_num_threads(args.threads)
     config, exit_layer = bench_steps.SMOKE_SHAPE if args.quick else bench_steps.SHAPES["smollm2"]
-    rows = ((1, 4) if args.quick else ROWS) if "linear" in args.cases else ()
+    rows = ((1, 4) if args.quick else args.rows) if "linear" in args.cases else ()
     cases: Dict[str, object] = {}
     cpu = _cpu_ext.load
     with torch.no_grad():
@@ -168,9 +182,9 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                 cases.update(decode_cases(args, name, dtype))
             if "steps" not in args.cases:
                 continue
-            steps = bench_steps.Steps(target, adapter, 1, args.context + max(VERIFY_TOKENS) + 1)
+            steps = bench_steps.Steps(target, adapter, 1, args.context + max(args.verify_tokens) + 1)
             cases[f"{name} plain"] = steps.plain(1, args.context)[0]
-            for k in VERIFY_TOKENS:
+            for k in args.verify_tokens:
                 cases[f"{name} verify {k}"] = steps.verify(1, args.context, exit_layer, k)[0]
     return cases
 
@@ -320,14 +334,26 @@ def base_tree(args: argparse.Namespace) -> str:
     return tree
 
 
+def probe_command(args: argparse.Namespace, base_module: Optional[str] = None) -> List[str]:
+    """The probe process's command line: every option that shapes a case, as parsed here (until 2026-12-06 the decode
+    and engine cases' --decode-prompts and --decode-tokens were left out, so their probes ran the defaults)."""
+    def counts(values: Sequence[int]) -> str:
+        return ",".join(map(str, values))
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--repeats", str(args.repeats), "--dtypes",
+           ",".join(args.dtypes), "--threads", str(args.threads), "--cases", ",".join(args.cases), "--context",
+           str(args.context), "--rounds", str(args.rounds), "--decode-prompts", str(args.decode_prompts),
+           "--decode-tokens", str(args.decode_tokens), "--rows", counts(args.rows), "--verify-tokens",
+           counts(args.verify_tokens)] + (["--quick"] if args.quick else [])
+    if base_module is not None:
+        cmd += ["--base-module", base_module]
+    return cmd
+
+
 def run_side(tree: str, args: argparse.Namespace, base_module: Optional[str] = None):
     """The probe in a fresh process in tree: {case: median ms}, or with base_module (--in-process) both sides'
     rounds, {side: [{case: median ms}]}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--repeats", str(args.repeats), "--dtypes",
-           ",".join(args.dtypes), "--threads", str(args.threads), "--cases", ",".join(args.cases), "--context",
-           str(args.context), "--rounds", str(args.rounds)] + (["--quick"] if args.quick else [])
-    if base_module is not None:
-        cmd += ["--base-module", base_module]
+    cmd = probe_command(args, base_module)
     env = {**os.environ, "PYTHONPATH": tree}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:

@@ -399,6 +399,25 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
         assert len(row["base"]) == len(row["this"]) == 1 and row["this_vs_base"] > 0
 
 
+def test_bench_ab_probe_gets_every_option_that_shapes_a_case():
+    """The probe process parses back the options the parent was given (its command once left out --decode-prompts and
+    --decode-tokens, so the decode and engine cases ran 3 prompts x 256 tokens whatever was asked)."""
+    bench_ab = load_benchmark("bench_ab")
+    args = bench_ab.parse_args(["--dtypes", "float32", "--cases", "linear,steps,engine", "--context", "96",
+                                "--decode-prompts", "5", "--decode-tokens", "40", "--rows", "1,6,7",
+                                "--verify-tokens", "6,8", "--repeats", "4", "--rounds", "2", "--threads", "1"])
+    assert args.rows == (1, 6, 7) and args.verify_tokens == (6, 8)
+    cmd = bench_ab.probe_command(args, base_module="/elsewhere/_cpu.so")
+    probe = bench_ab.parse_args(cmd[2:])
+    assert probe.probe and probe.base_module == "/elsewhere/_cpu.so"
+    for option in ("dtypes", "cases", "context", "decode_prompts", "decode_tokens", "rows", "verify_tokens",
+                   "repeats", "rounds", "threads", "quick"):
+        assert getattr(probe, option) == getattr(args, option), option
+    for bad in (["--rows", "0"], ["--rows", "65"], ["--verify-tokens", "two"], ["--rows", ""]):
+        with pytest.raises(SystemExit):
+            bench_ab.parse_args(bad)
+
+
 def test_bench_ab_decode_case_reports_kangaroo_over_plain(tmp_path):
     """bench_ab --quick --cases decode: real decoding (a tiny agreeing pair) plain and Kangaroo on both sides, and each
     side's Kangaroo / plain ratio from those two cases."""
