@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kr_cpu_avx512.h"
@@ -125,6 +126,14 @@ constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
 // SmolLM2's matrices, 2 threads, two runs): the bf16 pass 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights
 // in cache a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
 constexpr int kNbOneRow = 8;
+// fp32 x fp32 with 5-6 activation rows (verify steps over 5-6 tokens, a batch's rounds): blocks of 2 rows of W by
+// all the rows in one group (10-12 accumulators), where 4 x 4 blocks take a group of 4 and one of 1-2 rows, the
+// second re-reading the block from L1 while only the prefetch streams (which made 5-6 rows cost more than 7-8).
+// Measured with bench_ab --in-process against 5e68e5f (SmolLM2's matrices, fp32, 2 threads, 3 x 8 repeats, paired
+// medians, cpu-20261206-s20-fp32-rows56): the 5 / 6 row passes 0.89-0.91x / 0.94x, verify steps over 5 / 6 tokens
+// 0.91x / 0.96x, 1, 4, 7 and 8 rows (unchanged code) 0.98-1.03x. The same blocks for 7-8 rows (2 x 8) made those
+// 1.04-1.05x slower there (two-by-eight/), where a scratch harness outside the layer stack had them 5-9% faster.
+constexpr int kNbManyFp32 = 2, kMbManyFp32 = 6;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch of the weights this many blocks ahead: the AVX2 paths and the packed layout's; the AVX-512
 // paths now go kPrefetchBytes ahead (below). History (measured with the T1 hint: 2 beats 0, 1 and 4;
@@ -322,12 +331,21 @@ KR_TARGET_AVX512 void group_avx512(int mb, const float* x, int64_t ldx, const WT
   tile_avx512<NB, MB>(x, ldx, w, pf, K, bias, y, ldy);
 }
 
+// One row count's loop in a function of its own, everything it calls inlined (as rows_path_bf16_avx512).
+template <int NB, int MB, typename WT>
+__attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
+    const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N, const float* bias, float* y,
+    int64_t ldy, int64_t n_begin, int64_t n_end) {
+  for_each_group<NB, MB, float, WT, group_avx512<NB, MB, WT>, group_avx512<1, MB, WT>, 0, kPrefetchBytes>(
+      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+}
+
 template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  constexpr int NB = kNbAvx512, MB = kMbAvx512;
-  for_each_group<NB, MB, float, WT, group_avx512<NB, MB, WT>, group_avx512<1, MB, WT>, 0, kPrefetchBytes>(
-      x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (std::is_same<WT, float>::value && M > kMbAvx512 && M <= kMbManyFp32)
+    return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  rows_path_avx512<kNbAvx512, kMbAvx512, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
 // ----- AVX2 + FMA: the 16 lanes are two ymm, lanes 0-7 and 8-15.
