@@ -488,6 +488,37 @@ def test_bench_ab_paired_ratios_split_by_the_host_phase():
     assert bench_ab.paired_ratios([], ["bfloat16"]) == {"per_case": {}, "plain_ms": {}}
 
 
+def test_bench_host_bandwidth_smoke_reports_a_timeline(tmp_path):
+    """bench_host_bandwidth --smoke: no idling, a second of passes, bucketed; every bucket's GB/s positive and the
+    passes all counted."""
+    assert run_benchmark("bench_host_bandwidth", ["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_host_bandwidth-smoke.json").read_text())
+    assert result["smoke_run"] and result["idle_s"] == 0 and result["bytes_per_pass"] > 0
+    buckets = result["buckets"]
+    assert buckets and all(b["gbs"] > 0 and b["passes"] >= 1 for b in buckets)
+    assert [b["start_s"] for b in buckets] == sorted(b["start_s"] for b in buckets)
+    assert result["first_10s_median_gbs"] > 0 and result["second_half_median_gbs"] > 0
+
+
+def test_bench_host_bandwidth_buckets_and_medians(monkeypatch):
+    """timeline() puts each pass in the bucket of its end time and a bucket's GB/s is its bytes over its passes' time;
+    summary() takes the medians of the buckets in the first 10 s and in the second half."""
+    bench = load_benchmark("bench_host_bandwidth")
+    clock = iter([0.0, 0.0, 0.4, 0.4, 0.9, 0.9, 1.2, 1.2, 2.6])  # start, then (t0, t1) of each pass
+    passes = []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    rows = bench.timeline(lambda: passes.append(1), 1e9, 2.5, 1.0)
+    monkeypatch.undo()
+    assert len(passes) == 4  # the pass ending at 2.6 s >= 2.5 s is the last
+    assert [(r["start_s"], r["passes"]) for r in rows] == [(0.0, 2), (1.0, 1), (2.0, 1)]
+    assert rows[0]["gbs"] == pytest.approx(2 / 0.9) and rows[2]["gbs"] == pytest.approx(1 / 1.4)
+    totals = bench.summary([{"start_s": float(t), "gbs": g} for t, g in enumerate([80, 82, 50, 48, 49, 47])], 6.0)
+    assert totals == {"first_10s_median_gbs": pytest.approx(49.5), "second_half_median_gbs": 48}
+    assert bench.summary([], 4.0) == {"first_10s_median_gbs": None, "second_half_median_gbs": None}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seconds", "0"])
+
+
 def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
     """bench_hugepages --smoke: a tiny model in 4 KB and in 2 MB pages, plain and Kangaroo; every output the same."""
     from kangaroo_rt import hugepages
