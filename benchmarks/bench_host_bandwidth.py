@@ -1,13 +1,15 @@
-"""The host's memory read bandwidth over time: how fast a decode-like weight stream runs once the machine has idled,
-and how fast it runs after streaming for a while.
+"""The host's memory read bandwidth over time: how fast a decode-like weight stream runs, second by second, after
+the machine has idled.
 
-Why it exists: on the shared 2-core AMD EPYC this project measures on, a stream of weights ran at about 80 GB/s
-for the first seconds after the machine had been idle and then settled near 48 GB/s (measured 2026-12-06). A
-benchmark that times its first case right after a pause therefore times it in the burst and its later cases after
-it, and a ratio between the two (M rows over one row, say) mixes the two regimes. This script measures that
-timeline so the other benchmarks' numbers can be read against it: it idles for --idle seconds, then streams for
---seconds, and reports the GB/s of every --bucket seconds, with the medians over the first 10 seconds and over the
-second half of the run.
+Why it exists: on the shared 2-core AMD EPYC this project measures on, the bandwidth a stream gets swings between
+about 40 and 80 GB/s over seconds to tens of seconds, which the other benchmarks' notes call fast and slow phases.
+Measured 2026-12-06 (cpu-20261206-s20-host-bandwidth): after 90 s idle, 60-70 GB/s for 45 s with dips to 48;
+after 120 s idle, 45-50 for 7 s, 60-68 for the next 20, then 53-58, then 38-45 to the end of 90 s. (A scratch
+C++ read loop the same morning read ~80 GB/s for 12 s after a 120 s pause, then ~48.) So a pause does not
+dependably bring a fast phase, and a benchmark that times one case after another mixes the phases into its ratios
+(M rows over one row, say): time the cases in turns, as bench_ab and bench_linear do. This script idles for
+--idle seconds, then streams for --seconds, and reports the GB/s of every --bucket seconds, with the medians over
+the first 10 seconds and over the second half of the run.
 
 The stream is what a decode step reads: one row (M = 1) through the CPU linear kernel over SmolLM2-135M's 30
 layers of fp32 matrices (q, k, v, o, gate, up, down: 425 MB, far more than the last-level cache), one

@@ -18,9 +18,11 @@ timed pass right after an untimed one of its kind, as decode steps follow one an
 the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one
 (960, 576) weight and gate/up as one (3072, 576), one call per layer, against separate calls. Then prefill: 128 and 512 rows over 4 layers'
 matrices (compute-bound: GFLOP/s, kernel against torch), the numbers behind _cpu_ext.linear's sending bf16
-calls of more than 64 rows to torch. Kernel and torch passes alternate, so that a load
-from another process hits both; how many cores other processes kept busy meanwhile is measured and recorded
-(from /proc/stat, less this process's own CPU time): above ~0.1 the numbers are not clean.
+calls of more than 64 rows to torch. Kernel and torch passes alternate, and so do the row counts (each repeat
+times every row count's passes in turn, since 2026-12-06; before, one row count's repeats ran before the next
+one's), so that a load from another process, or a swing of the host's bandwidth (bench_host_bandwidth), hits
+all of them alike; how many cores other processes kept busy meanwhile is measured and recorded (from /proc/stat,
+less this process's own CPU time): above ~0.1 the numbers are not clean.
 
     PYTHONPATH=. python benchmarks/bench_linear.py [--threads 2] [--out DIR] [--quick]
 
@@ -36,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,9 @@ def _pass(linear: Callable, mats: List[Tuple[str, torch.Tensor]], xs: Dict[int, 
     return run
 
 
-def _time_pair(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+def _time_pair(fns: Dict[Hashable, Callable[[], None]], repeats: int) -> Dict[Hashable, float]:
     """Median seconds per call of each function, their calls interleaved."""
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: Dict[Hashable, List[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up: page faults, thread pool
     for _ in range(repeats):
@@ -108,10 +110,10 @@ def _time_pair(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _time_back_to_back(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+def _time_back_to_back(fns: Dict[Hashable, Callable[[], None]], repeats: int) -> Dict[Hashable, float]:
     """Median seconds of each function's second call of two in a row, the functions alternating (the order reversed
     every repeat): as decode steps run, one pass right after another of the same kind."""
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: Dict[Hashable, List[float]] = {name: [] for name in fns}
     items = list(fns.items())
     for r in range(repeats):
         for name, fn in (items if r % 2 == 0 else items[::-1]):
@@ -189,30 +191,39 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
     rows: List[Dict] = []
     weights = [w for _, w in mats]
     k_max = max(w.shape[1] for w in weights)
-    for m in QUICK_ROWS if args.quick else ROWS:
+    # Every row count's passes in turns within each repeat, so that M rows over one row compares passes of the same
+    # minutes: this host's read bandwidth moves by tens of percent within a minute (bench_host_bandwidth).
+    timed: Dict[Tuple[int, str], Callable[[], None]] = {}
+    pairs: Dict[Tuple[int, str], Callable[[], None]] = {}
+    counts = QUICK_ROWS if args.quick else ROWS
+    for m in counts:
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
         x_all = torch.randn(m, k_max).to(dtype)
         out = torch.empty(m, sum(w.shape[0] for w in weights), dtype=dtype)
-        t = _time_pair({"kernel": _pass(cpu.linear, mats, xs), "sweep": lambda: cpu.linear_sweep(x_all, weights, out),
-                        "torch": _pass(F.linear, mats, xs)}, args.repeats)
+        sweep = lambda x_all=x_all, out=out: cpu.linear_sweep(x_all, weights, out)  # noqa: E731
+        timed.update({(m, "kernel"): _pass(cpu.linear, mats, xs), (m, "sweep"): sweep,
+                      (m, "torch"): _pass(F.linear, mats, xs)})
         if packed is not None:  # row-major and packed sweeps back to back
-            b2b = _time_back_to_back({"sweep": lambda: cpu.linear_sweep(x_all, weights, out),
-                                      "packed": lambda: cpu.linear_sweep(x_all, packed, out, packed=True)},
-                                     args.repeats + 6)
+            pairs.update({(m, "sweep"): sweep,
+                          (m, "packed"): lambda x_all=x_all, out=out: cpu.linear_sweep(x_all, packed, out,
+                                                                                         packed=True)})
+    t = _time_pair(timed, args.repeats)
+    b2b = _time_back_to_back(pairs, args.repeats + 6) if pairs else {}
+    for m in counts:
         row = {"weights": label, "rows": m, "bytes": nbytes, "peak_macs_per_s": peak,
                **roof(nbytes, m * sum(w.numel() for w in weights), bandwidth, peak)}
         for name in ("kernel", "sweep", "torch"):
-            row[f"{name}_ms"] = 1e3 * t[name]
-            row[f"{name}_gbs"] = nbytes / t[name] / 1e9
+            row[f"{name}_ms"] = 1e3 * t[m, name]
+            row[f"{name}_gbs"] = nbytes / t[m, name] / 1e9
             row[f"{name}_fraction_of_read_bw"] = row[f"{name}_gbs"] / bandwidth
             row[f"{name}_fraction_of_roof"] = row["roof_ms"] / row[f"{name}_ms"]
         if packed is not None:
-            row["sweep_back_to_back_ms"] = 1e3 * b2b["sweep"]
-            row["packed_ms"] = 1e3 * b2b["packed"]
-            row["packed_gbs"] = nbytes / b2b["packed"] / 1e9
+            row["sweep_back_to_back_ms"] = 1e3 * b2b[m, "sweep"]
+            row["packed_ms"] = 1e3 * b2b[m, "packed"]
+            row["packed_gbs"] = nbytes / b2b[m, "packed"] / 1e9
             row["packed_fraction_of_read_bw"] = row["packed_gbs"] / bandwidth
-            row["packed_vs_sweep"] = b2b["packed"] / b2b["sweep"]
-        row["speedup"] = t["torch"] / t["kernel"]
+            row["packed_vs_sweep"] = b2b[m, "packed"] / b2b[m, "sweep"]
+        row["speedup"] = t[m, "torch"] / t[m, "kernel"]
         one = next((r for r in rows if r["rows"] == 1), row)
         for name in ("kernel", "sweep", "torch"):
             row[f"{name}_vs_m1"] = row[f"{name}_ms"] / one[f"{name}_ms"]
