@@ -175,7 +175,10 @@ inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
 // Software prefetch (NTA) of the block a few ahead of the current one (kPrefetchBlocks, or the blocks nearest to a
 // distance in bytes). The register groups of a block (one per MB activation rows) each take an equal slice of it,
 // spread over their K loop, so that requests go out at an even rate whatever M. The rate is fixed-point bytes per k,
-// set once a call: a division per chunk (or per block) costs as much as a few-row chunk's arithmetic.
+// set once a call: a division per chunk (or per block) costs as much as a few-row chunk's arithmetic. The even spread
+// matters: the whole block ahead requested during the first group instead (bench_ab --in-process, 2026-12-06,
+// cpu-20261206-s20-prefetch-front) made 7 / 8 / 16 row passes 1.09 / 1.13-1.15 / 1.36-1.46x slower in fp32 and
+// 1.03-1.09 / 1.10-1.12 / 1.33-1.43x in bf16.
 struct Prefetch {
   const char* begin = nullptr;  // nullptr: nothing to prefetch
   int64_t rate = 0;             // the slice's bytes * 2^16 / K
