@@ -38,7 +38,7 @@ highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
         [--cases linear,steps,attention,decode,engine] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
-        [--in-process] [--out DIR]
+        [--rows 1,2,3,4,5,8] [--verify-tokens 2,3,4,5] [--in-process] [--out DIR]
 
 --in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
 base's kangaroo_rt._cpu loaded beside it, swapped under it for each repeat of each case (the order alternating, a
@@ -96,7 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--decode-prompts", type=int, default=3, help="prompts of the decode case (default 3)")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens a prompt in the decode case")
     p.add_argument("--rows", default=",".join(map(str, ROWS)),
-                   help=f"comma list of the linear case's row counts, 1-64 (default {','.join(map(str, ROWS))})")
+                   help="comma list of the linear case's row counts, 1-64 (default "
+                        f"{','.join(map(str, ROWS))}; --quick times 1 and 4)")
     p.add_argument("--verify-tokens", default=",".join(map(str, VERIFY_TOKENS)),
                    help="comma list of the steps case's verify lengths, 1-64 tokens (default "
                         f"{','.join(map(str, VERIFY_TOKENS))})")
@@ -127,7 +128,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if not counts or any(not 1 <= c <= 64 for c in counts):
             p.error(f"--{option.replace('_', '-')} must be a comma list of integers in 1..64, got "
                     f"{getattr(args, option)!r}")
-        setattr(args, option, counts)
+        setattr(args, option, tuple(dict.fromkeys(counts)))  # in order, once each
     if args.quick:
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
@@ -451,7 +452,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
-              "context": args.context, "cases": cases, "paired_this_vs_base": paired,
+              "context": args.context, "dtypes": args.dtypes, "requested_cases": args.cases,
+              "rows": list((1, 4) if args.quick else args.rows), "verify_tokens": list(args.verify_tokens),
+              "decode_prompts": args.decode_prompts, "decode_tokens": args.decode_tokens,
+              "cases": cases, "paired_this_vs_base": paired,
               "decode_kangaroo_vs_plain": kangaroo_vs_plain,
               "decode_same_tokens": same_tokens}
     sys.path.insert(0, HERE)

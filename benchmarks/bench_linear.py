@@ -38,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ QUICK_LAYERS, QUICK_HEAD, QUICK_ROWS = 2, ("head", 1024, 576), (1, 8)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 PREFILL_ROWS, PREFILL_LAYERS = (128, 512), 4
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Key = TypeVar("Key", bound=Hashable)  # a timed case's name
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -97,9 +98,9 @@ def _pass(linear: Callable, mats: List[Tuple[str, torch.Tensor]], xs: Dict[int, 
     return run
 
 
-def _time_pair(fns: Dict[Hashable, Callable[[], None]], repeats: int) -> Dict[Hashable, float]:
+def _time_pair(fns: Dict[Key, Callable[[], None]], repeats: int) -> Dict[Key, float]:
     """Median seconds per call of each function, their calls interleaved."""
-    times: Dict[Hashable, List[float]] = {name: [] for name in fns}
+    times: Dict[Key, List[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up: page faults, thread pool
     for _ in range(repeats):
@@ -110,10 +111,10 @@ def _time_pair(fns: Dict[Hashable, Callable[[], None]], repeats: int) -> Dict[Ha
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _time_back_to_back(fns: Dict[Hashable, Callable[[], None]], repeats: int) -> Dict[Hashable, float]:
+def _time_back_to_back(fns: Dict[Key, Callable[[], None]], repeats: int) -> Dict[Key, float]:
     """Median seconds of each function's second call of two in a row, the functions alternating (the order reversed
     every repeat): as decode steps run, one pass right after another of the same kind."""
-    times: Dict[Hashable, List[float]] = {name: [] for name in fns}
+    times: Dict[Key, List[float]] = {name: [] for name in fns}
     items = list(fns.items())
     for r in range(repeats):
         for name, fn in (items if r % 2 == 0 else items[::-1]):

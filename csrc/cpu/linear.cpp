@@ -4,9 +4,9 @@
 //
 // Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
 // W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
-// from DRAM once and is re-read from L1 for the other groups. Meanwhile the block two ahead is prefetched (hint
-// NTA), its requests spread evenly over the groups' K loops: that lets the arithmetic of 8 rows hide under the
-// DRAM read (without it, 8 rows cost 1.4x one row in fp32; with it, 1.05x).
+// from DRAM once and is re-read from L1 for the other groups. Meanwhile a block about 9 KB ahead is prefetched
+// (hint NTA), a request for every line, spread evenly over the groups' K loops: that lets most of the arithmetic of
+// 8 rows hide under the DRAM read (without it, 8 rows cost 1.4x one row in fp32; with it, 1.05x).
 //
 // The reduction order, which makes a row's bits independent of the batch (Kangaroo's verification over k + 1
 // tokens must give the bits of k + 1 single steps): y[m, n] is computed as if on 16 fp32 lanes. Lane l starts
@@ -114,7 +114,8 @@ constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
 // 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. 5 or more rows keep 4 x 4, slower in
 // these blocks (the few accumulators leave vdpbf16ps's latency exposed; one group of 5-8 rows here, 16 accumulators,
 // made the 8-row pass 1.08x slower). The same blocks for fp32 were faster alone on the model's matrices but not
-// inside the layer stack, and slower with bf16 weights widened to fp32: those stay 4 x 4.
+// inside the layer stack, and slower with bf16 weights widened to fp32: those stay 4 x 4 (fp32 with 5-6 rows has
+// its own 2-row blocks since 2026-12-06: kNbManyFp32).
 // Two rows joined these blocks on 2026-12-05, from the one-row path's 8-row blocks with the NTA prefetch one block
 // ahead (bench_ab --in-process, SmolLM2's matrices, 2 threads, context 600, four runs of 6-8 rounds): in the host's
 // fast phases (plain step 4.8-5.1 ms) the two-row pass 0.955-0.968x and a 2-token verify step 0.957-0.959x, in its
@@ -131,8 +132,9 @@ constexpr int kNbOneRow = 8;
 // second re-reading the block from L1 while only the prefetch streams (which made 5-6 rows cost more than 7-8).
 // Measured with bench_ab --in-process against 5e68e5f (SmolLM2's matrices, fp32, 2 threads, 3 x 8 repeats, paired
 // medians, cpu-20261206-s20-fp32-rows56): the 5 / 6 row passes 0.89-0.91x / 0.94x, verify steps over 5 / 6 tokens
-// 0.91x / 0.96x, 1, 4, 7 and 8 rows (unchanged code) 0.98-1.03x. The same blocks for 7-8 rows (2 x 8) made those
-// 1.04-1.05x slower there (two-by-eight/), where a scratch harness outside the layer stack had them 5-9% faster.
+// 0.91x / 0.96x, 1, 4, 7 and 8 rows (unchanged code) 0.98-1.03x. The same blocks for 7-8 rows (2 x 8, two-by-eight/)
+// took 1.04-1.05x the time in calls per matrix, 0.99x (7 rows) and 1.05x (8 rows) in one call per pass, and verify
+// steps over 7 / 8 tokens 1.02x / 1.04x, where a scratch harness outside the layer stack had them 5-9% faster.
 constexpr int kNbManyFp32 = 2, kMbManyFp32 = 6;
 constexpr int kNbAvx2 = 2, kMbAvx2 = 3;
 // Software prefetch of the weights this many blocks ahead: the AVX2 paths and the packed layout's; the AVX-512
@@ -178,7 +180,9 @@ inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
 // set once a call: a division per chunk (or per block) costs as much as a few-row chunk's arithmetic. The even spread
 // matters: the whole block ahead requested during the first group instead (bench_ab --in-process, 2026-12-06,
 // cpu-20261206-s20-prefetch-front) made 7 / 8 / 16 row passes 1.09 / 1.13-1.15 / 1.36-1.46x slower in fp32 and
-// 1.03-1.09 / 1.10-1.12 / 1.33-1.43x in bf16.
+// 1.03-1.09 / 1.10-1.12 / 1.33-1.43x in bf16. So does every line: a request for every other line only (leaving the
+// rest to the hardware prefetchers) made 1-8 row passes 1.16-1.65x slower in fp32 and 2-8 rows 1.75-2.1x in bf16
+// (cpu-20261206-s20-prefetch-half; bf16's one row, which does not prefetch, unchanged).
 struct Prefetch {
   const char* begin = nullptr;  // nullptr: nothing to prefetch
   int64_t rate = 0;             // the slice's bytes * 2^16 / K
@@ -346,8 +350,10 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  if (std::is_same<WT, float>::value && M > kMbAvx512 && M <= kMbManyFp32)
-    return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if constexpr (std::is_same_v<WT, float>) {
+    if (M > kMbAvx512 && M <= kMbManyFp32)
+      return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  }
   rows_path_avx512<kNbAvx512, kMbAvx512, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
@@ -642,66 +648,8 @@ KR_TARGET_AVX512 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t
 
 #endif  // KR_CPU_X86
 
-// ---------------------------------------------------------------------------------------------------------------
-// Variant choice, once per process.
-
-bool cpu_runs(int isa) {
-  switch (isa) {
-    case KR_CPU_ISA_PORTABLE: return true;
-#if KR_CPU_X86 && (defined(__GNUC__) || defined(__clang__))
-    case KR_CPU_ISA_AVX2:
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case KR_CPU_ISA_AVX512:
-      __builtin_cpu_init();  // the checks include the OS's support for the AVX-512 register state
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-    case KR_CPU_ISA_AVX512_BF16:
-      return cpu_runs(KR_CPU_ISA_AVX512) && __builtin_cpu_supports("avx512bf16");
-#endif
-    default: return false;
-  }
-}
-
-struct IsaChoice {
-  int isa = KR_CPU_ISA_INVALID;
-  std::string error;
-};
-
-IsaChoice choose_isa() {
-  IsaChoice choice;
-  int best = KR_CPU_ISA_PORTABLE;
-  for (int isa : {KR_CPU_ISA_AVX512_BF16, KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2}) {
-    if (cpu_runs(isa)) {
-      best = isa;
-      break;
-    }
-  }
-  const char* env = std::getenv("KANGAROO_RT_CPU_ISA");
-  if (env == nullptr || *env == '\0') {
-    choice.isa = best;
-    return choice;
-  }
-  const std::string wanted(env);
-  int isa = KR_CPU_ISA_INVALID;
-  for (int candidate : {KR_CPU_ISA_AVX512_BF16, KR_CPU_ISA_AVX512, KR_CPU_ISA_AVX2, KR_CPU_ISA_PORTABLE})
-    if (wanted == kr_cpu_isa_name(candidate)) isa = candidate;
-  if (isa == KR_CPU_ISA_INVALID) {
-    choice.error = "KANGAROO_RT_CPU_ISA=" + wanted + " is not one of avx512_bf16, avx512, avx2, portable (unset it for the best "
-                   "variant this CPU runs, " + kr_cpu_isa_name(best) + ")";
-  } else if (!cpu_runs(isa)) {
-    choice.error = "KANGAROO_RT_CPU_ISA=" + wanted + " asks for a variant this CPU cannot run (the best it runs is " +
-                   kr_cpu_isa_name(best) + ")";
-  } else {
-    choice.isa = isa;
-  }
-  return choice;
-}
-
-const IsaChoice& process_isa() {
-  static const IsaChoice choice = choose_isa();  // thread-safe, once
-  return choice;
-}
+// Whether this CPU runs a variant (isa.cpp).
+inline bool cpu_runs(int isa) { return kr_cpu_isa_supported(isa) != 0; }
 
 template <typename WT>
 void run_rows(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N, const float* bias,
@@ -781,22 +729,6 @@ bool bad_rows_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, in
 }  // namespace
 
 extern "C" {
-
-int kr_cpu_isa(void) { return process_isa().isa; }
-
-const char* kr_cpu_isa_error(void) { return process_isa().error.c_str(); }
-
-const char* kr_cpu_isa_name(int isa) {
-  switch (isa) {
-    case KR_CPU_ISA_AVX512_BF16: return "avx512_bf16";
-    case KR_CPU_ISA_AVX512: return "avx512";
-    case KR_CPU_ISA_AVX2: return "avx2";
-    case KR_CPU_ISA_PORTABLE: return "portable";
-    default: return "invalid";
-  }
-}
-
-int kr_cpu_isa_supported(int isa) { return cpu_runs(isa) ? 1 : 0; }
 
 int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, int w_dtype,
                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
