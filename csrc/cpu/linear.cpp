@@ -217,7 +217,9 @@ template <int NB, int MB, typename XT, typename WT, auto Group, auto Single, int
 KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                               const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   // The groups' first rows and slices of the block ahead, computed once a call: a division per block costs as much
-  // as a few-row block's stores (measured: 3-4 rows 8-17% slower with two divisions a block).
+  // as a few-row block's stores (measured: 3-4 rows 8-17% slower with two divisions a block). Full groups then the
+  // rest: groups of equal size instead (2 + 3 rows for 5, 3 + 3 + 3 for 9) measured 0.97-1.03x, the same within the
+  // noise (bench_ab --in-process, 2026-12-06, cpu-20261206-s20-balanced-groups).
   constexpr int64_t kMaxGroups = (KR_CPU_MAX_ROWS_PER_PASS + MB - 1) / MB;
   const int64_t groups = std::min<int64_t>(kMaxGroups, (M + MB - 1) / MB);  // (M <= KR_CPU_MAX_ROWS_PER_PASS)
   const int64_t block_bytes = NB * K * static_cast<int64_t>(sizeof(WT));
