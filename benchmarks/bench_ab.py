@@ -453,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
               "context": args.context, "dtypes": args.dtypes, "requested_cases": args.cases,
-              "rows": list((1, 4) if args.quick else args.rows), "verify_tokens": list(args.verify_tokens),
+              "linear_rows": list((1, 4) if args.quick else args.rows), "verify_tokens": list(args.verify_tokens),
               "decode_prompts": args.decode_prompts, "decode_tokens": args.decode_tokens,
               "cases": cases, "paired_this_vs_base": paired,
               "decode_kangaroo_vs_plain": kangaroo_vs_plain,

@@ -6,7 +6,8 @@ v 192x576, o 576x576, gate 1536x576, up 1536x576, down 576x1536} and the tied 49
 269 MB in bf16: far more than the last-level cache, so every weight comes from DRAM, as in decoding). For
 M = 1, 2, 4, 8, 16, 32, 64 activation rows, with fp32 weights (fp32 activations) and bf16 weights (bf16
 activations, as a bf16 model decodes), it reports the median time per pass, the GB/s of weight bytes and their
-fraction of the DRAM read bandwidth measured in the same run (torch.sum over 512 MB), kernel vs torch, and M
+fraction of the DRAM read bandwidth (torch.sum over 512 MB, timed in turns with the passes: the median of one sum
+per repeat; the probe at the start, the best of 14, is recorded too), kernel vs torch, and M
 rows vs one row, and the hardware's limit for the pass (roof: the weight bytes at the read bandwidth, or its
 multiply-adds, weights x M, at the peak rate of the kernel's inner instruction on these threads, measured in the
 same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it; for bf16 also the
@@ -178,8 +179,9 @@ def roof(nbytes: int, macs: int, bandwidth: float, peak: float) -> Dict[str, flo
             "bound": "memory" if memory_ms >= compute_ms else "compute"}
 
 
-def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float) -> Dict[str, List[Dict]]:
-    """{"rows": per row count, "parts": head / layers at one row, "fused": fused projections, "prefill": ...}"""
+def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tensor) -> Dict[str, List[Dict]]:
+    """{"rows": per row count, "parts": head / layers at one row, "fused": fused projections, "prefill": ...,
+    "read_bandwidth": [GB/s of probe.sum() timed in turns with the row counts' passes]}"""
     dtype = WEIGHTS[label]
     layers, head = (QUICK_LAYERS, QUICK_HEAD) if args.quick else (LAYERS, HEAD)
     mats = _model(dtype, layers, head)
@@ -197,6 +199,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
     timed: Dict[Tuple[int, str], Callable[[], None]] = {}
     pairs: Dict[Tuple[int, str], Callable[[], None]] = {}
     counts = QUICK_ROWS if args.quick else ROWS
+    timed[0, "read"] = probe.sum  # the read bandwidth, in the same turns
     for m in counts:
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
         x_all = torch.randn(m, k_max).to(dtype)
@@ -210,8 +213,11 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
                                                                                          packed=True)})
     t = _time_pair(timed, args.repeats)
     b2b = _time_back_to_back(pairs, args.repeats + 6) if pairs else {}
+    bandwidth = probe.numel() * probe.element_size() / t[0, "read"] / 1e9
+    print(f"{label:>5}   read bandwidth timed in turns with these passes: {bandwidth:.1f} GB/s (torch.sum, median)",
+          flush=True)
     for m in counts:
-        row = {"weights": label, "rows": m, "bytes": nbytes, "peak_macs_per_s": peak,
+        row = {"weights": label, "rows": m, "bytes": nbytes, "peak_macs_per_s": peak, "read_bandwidth_gbs": bandwidth,
                **roof(nbytes, m * sum(w.numel() for w in weights), bandwidth, peak)}
         for name in ("kernel", "sweep", "torch"):
             row[f"{name}_ms"] = 1e3 * t[m, name]
@@ -239,6 +245,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, bandwidth: float)
               flush=True)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
+            "read_bandwidth": [bandwidth],
             "prefill": measure_prefill(cpu, label, mats, args)}
 
 
@@ -342,22 +349,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bandwidth = max(bandwidth, kb.cpu_read_bandwidth_gbs(probe, repeats=7))
     where = device_name(torch.device("cpu"))
     print(f"{NAME}: {where}, kernel variant {cpu.isa()}, DRAM read bandwidth {bandwidth:.1f} GB/s "
-          f"(torch.sum, {args.threads} threads)"
+          f"(torch.sum, {args.threads} threads; the %bw columns use the probe timed in turns with each dtype's passes)"
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
           f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
-    measured: Dict[str, List[Dict]] = {"rows": [], "parts": [], "fused": [], "prefill": []}
+    measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": []}
+    in_turns: Dict[str, float] = {}
+    probe_buf = torch.ones(probe // 4)
     for label in WEIGHTS:
-        for key, values in measure_weights(cpu, label, args, bandwidth).items():
-            measured[key] += values
+        for key, values in measure_weights(cpu, label, args, probe_buf).items():
+            if key == "read_bandwidth":
+                in_turns[label] = values[0]
+            else:
+                measured[key] += values
     rows, fused, prefill = measured["rows"], measured["fused"], measured["prefill"]
     _print_fused(fused)
     _print_prefill(prefill)
     others = load.stop()
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
               "isa": cpu.isa(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "repeats": args.repeats,
+              "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "read_bandwidth_in_turns_gbs": in_turns,
+              "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
               "fused": fused, "prefill": prefill, "parts": measured["parts"]}
     shared = "unknown" if others is None else f"{others:.2f} cores"

@@ -217,13 +217,23 @@ def cpu_dtype_section(path: str, d: Dict) -> List[str]:
     return lines
 
 
+def _linear_bandwidth(d: Dict) -> str:
+    """What bench_linear's "% of read bandwidth" divides by: the probe timed in turns with each dtype's passes (results
+    since 2026-12-06), else the one probe at the start."""
+    turns = d.get("read_bandwidth_in_turns_gbs")
+    if turns:
+        each = ", ".join(f"{label} {gbs:.0f}" for label, gbs in turns.items())
+        return f"DRAM read bandwidth {each} GB/s, timed in turns with each dtype's passes"
+    return f"DRAM read bandwidth {d['read_bandwidth_gbs']:.0f} GB/s measured in the same run"
+
+
 def linear_section(path: str, d: Dict) -> List[str]:
     """benchmarks/bench_linear.py: the CPU linear kernel against torch per row count, cold cache."""
     sweep = all("sweep_ms" in r for r in d["rows"])  # results written before the one-call pass have none
     lines = [f"**CPU linear kernel** (`bench_linear`, SmolLM2's 210 layer matrices (30 x q, k, v, o, gate, up, "
              "down) and head streamed cold, "
-             f"{d['threads']} threads, variant {d['isa']}; DRAM read bandwidth {d['read_bandwidth_gbs']:.0f} GB/s "
-             f"measured in the same run) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
+             f"{d['threads']} threads, variant {d['isa']}; " + _linear_bandwidth(d)
+             + f") on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| weights | rows | kernel ms | torch ms | kernel GB/s (% of read bandwidth) | kernel vs torch | "
              "kernel vs 1 row |" + (" one call per pass: ms | GB/s (%) | vs 1 row |" if sweep else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|---|" if sweep else "")]
@@ -280,7 +290,7 @@ SECTIONS = {"spec_bench": spec_bench_section, "bench_cpu_dtype": cpu_dtype_secti
 def render(results: List[Tuple[str, Dict]]) -> str:
     parts = [section(path, d) for name, section in SECTIONS.items() for path, d in newest_per_device(results, name)]
     kernel_names = sorted({d["benchmark"] for _, d in results if d["benchmark"] not in SECTIONS
-                           and isinstance(d.get("rows"), list) and d["rows"]
+                           and isinstance(d.get("rows"), list) and d["rows"] and isinstance(d["rows"][0], dict)
                            and ("triton_ms" in d["rows"][0] or "cpu_ms" in d["rows"][0])})
     kernels = [item for name in kernel_names for item in newest_per_device(results, name)]
     if kernels:

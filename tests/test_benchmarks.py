@@ -280,9 +280,13 @@ def test_bench_linear_quick(tmp_path):
     assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512_bf16", "avx512", "avx2", "portable")
     assert result["other_processes_cores"] is None or result["other_processes_cores"] >= 0
     assert [(r["weights"], r["rows"]) for r in result["rows"]] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
+    in_turns = result["read_bandwidth_in_turns_gbs"]
+    assert set(in_turns) == {"fp32", "bf16"} and all(v > 0 for v in in_turns.values())
     for r in result["rows"]:
         assert r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["kernel_ms"])
         assert r["kernel_gbs"] == pytest.approx(r["bytes"] / r["kernel_ms"] / 1e6)
+        assert r["read_bandwidth_gbs"] == in_turns[r["weights"]]
+        assert r["kernel_fraction_of_read_bw"] == pytest.approx(r["kernel_gbs"] / in_turns[r["weights"]])
     assert {(f["weights"], f["group"], f["rows"], f["impl"]) for f in result["fused"]} == {
         (w, g, m, i) for w in ("fp32", "bf16") for g in ("qkv", "gate_up") for m in (1, 8) for i in ("kernel", "torch")}
     assert [(p["weights"], p["rows"]) for p in result["prefill"]] == [("fp32", 8), ("bf16", 8)]
@@ -393,7 +397,7 @@ def test_bench_ab_smoke_compares_two_trees(tmp_path):
     assert bench_ab.main(["--quick", "--out", str(tmp_path), "--dtypes", "float32"]) == 0
     result = json.loads((tmp_path / "bench_ab-smoke.json").read_text())
     assert result["base"]["commit"] == result["this"]["commit"] and result["rounds"] == 1
-    assert result["rows"] == [1, 4] and result["dtypes"] == ["float32"] and result["decode_tokens"] == 256
+    assert result["linear_rows"] == [1, 4] and result["dtypes"] == ["float32"] and result["decode_tokens"] == 256
     cases = result["cases"]
     assert {"float32 linear M=1", "float32 plain", "float32 verify 5"} <= set(cases)
     for row in cases.values():
@@ -546,6 +550,14 @@ def test_bench_greedy_decode_smoke_compares_the_loops(tmp_path):
     result = json.loads((tmp_path / "bench_greedy_decode-smoke.json").read_text())
     assert result["identical_outputs"] and set(result["one_call_vs_python"]) == {"ar", "kangaroo"}
     assert set(result["tokens_per_s"]) == {"python ar", "python kangaroo", "one_call ar", "one_call kangaroo"}
+
+
+def test_make_readme_table_renders_the_committed_results():
+    """Every committed result loads and renders: a benchmark whose JSON reuses a key the tables read (bench_ab once
+    wrote "rows" as a list of row counts, which crashed the kernel table's scan) must not break the README."""
+    make = load_benchmark("make_readme_table")
+    block = make.render(make.load_results(os.path.join(BENCH_DIR, "results")))
+    assert "**CPU linear kernel**" in block
 
 
 def test_make_readme_table_keeps_the_newest_days_lengths():
