@@ -13,7 +13,9 @@ multiply-adds, weights x M, at the peak rate of the kernel's inner instruction o
 same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it; for bf16 also the
 sweep over the same weights in the packed layout (blocks of 8 rows, each one sequential run: _cpu_ext.pack_rows_bf16,
 kr_cpu_linear_rows_bf16_packed) and its time over the row-major sweep's (pk/sw), these two timed back to back (each
-timed pass right after an untimed one of its kind, as decode steps follow one another). The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
+timed pass right after an untimed one of its kind, as decode steps follow one another). The layer matrices of each
+K (576: q, k, v, o, gate, up; 1536: down) are also timed alone at 1 and 8 rows, one call per pass ("by_k").
+The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
 the kernel's stream as the layer stack drives it). Then fused projections, kernel and torch alike: q/k/v as one
@@ -200,6 +202,15 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tens
     pairs: Dict[Tuple[int, str], Callable[[], None]] = {}
     counts = QUICK_ROWS if args.quick else ROWS
     timed[0, "read"] = probe.sum  # the read bandwidth, in the same turns
+    # The layer matrices of each K alone, one call per pass (how the row count's cost depends on K: 8 fp32 rows of
+    # x at K = 1536 are 48 KB, an L1 of Zen 5 by themselves)
+    by_k = {k: [w for name, w in mats if name != HEAD[0] and w.shape[1] == k] for k in sorted(
+        {w.shape[1] for name, w in mats if name != HEAD[0]})}
+    k_counts = [m for m in counts if m in (1, 8)] or list(counts[:1])
+    for k, ws in by_k.items():
+        for m in k_counts:
+            x_k, out_k = torch.randn(m, k).to(dtype), torch.empty(m, sum(w.shape[0] for w in ws), dtype=dtype)
+            timed[m, f"K={k}"] = lambda x_k=x_k, out_k=out_k, ws=ws: cpu.linear_sweep(x_k, ws, out_k)
     for m in counts:
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
         x_all = torch.randn(m, k_max).to(dtype)
@@ -243,9 +254,18 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tens
               f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%"
               + (f" {row['packed_ms']:>9.2f} {row['packed_vs_sweep']:>6.2f}x" if packed is not None else ""),
               flush=True)
+    k_rows = []
+    for k, ws in by_k.items():
+        nbytes_k = sum(w.numel() * w.element_size() for w in ws)
+        for m in k_counts:
+            ms = 1e3 * t[m, f"K={k}"]
+            k_rows.append({"weights": label, "k": k, "rows": m, "matrices": len(ws), "bytes": nbytes_k, "ms": ms,
+                           "gbs": nbytes_k / ms / 1e6, "vs_m1": ms / (1e3 * t[k_counts[0], f"K={k}"])})
+            print(f"{label:>5}   K={k:<5} layer matrices only ({len(ws)}), one call per pass, {m} rows: {ms:7.2f} ms, "
+                  f"{k_rows[-1]['gbs']:6.1f} GB/s, {k_rows[-1]['vs_m1']:.2f}x {k_counts[0]} row(s)", flush=True)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
-            "read_bandwidth": [bandwidth],
+            "read_bandwidth": [bandwidth], "by_k": k_rows,
             "prefill": measure_prefill(cpu, label, mats, args)}
 
 
@@ -354,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
           f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
-    measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": []}
+    measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": [], "by_k": []}
     in_turns: Dict[str, float] = {}
     probe_buf = torch.ones(probe // 4)
     for label in WEIGHTS:
@@ -372,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "read_bandwidth_in_turns_gbs": in_turns,
               "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
-              "fused": fused, "prefill": prefill, "parts": measured["parts"]}
+              "fused": fused, "prefill": prefill, "parts": measured["parts"], "by_k": measured["by_k"]}
     shared = "unknown" if others is None else f"{others:.2f} cores"
     print(f"other processes kept {shared} busy during the run (above ~0.1 the numbers are not clean)")
     kb.write_result(args.out, NAME + ("-smoke" if args.quick else ""), result)

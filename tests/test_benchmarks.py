@@ -280,6 +280,10 @@ def test_bench_linear_quick(tmp_path):
     assert result["smoke_run"] and result["read_bandwidth_gbs"] > 0 and result["isa"] in ("avx512_bf16", "avx512", "avx2", "portable")
     assert result["other_processes_cores"] is None or result["other_processes_cores"] >= 0
     assert [(r["weights"], r["rows"]) for r in result["rows"]] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
+    assert {(r["weights"], r["k"], r["rows"]) for r in result["by_k"]} == {
+        (w, k, m) for w in ("fp32", "bf16") for k in (576, 1536) for m in (1, 8)}
+    assert all(r["ms"] > 0 and r["vs_m1"] > 0 for r in result["by_k"])
+    assert all(r["vs_m1"] == 1.0 for r in result["by_k"] if r["rows"] == 1)
     in_turns = result["read_bandwidth_in_turns_gbs"]
     assert set(in_turns) == {"fp32", "bf16"} and all(v > 0 for v in in_turns.values())
     for r in result["rows"]:
