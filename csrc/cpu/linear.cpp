@@ -300,6 +300,33 @@ KR_TARGET_AVX512 inline void store_tile_avx512(const __m512 (&acc)[NB][MB], cons
   }
 }
 
+// The chunks of k in [k0, k1) of the block at w (NB rows of W, row stride K) against x (MB rows, row stride ldx),
+// added to acc; k1 == K takes the zero-padded last chunk too. pf's slice of a later block is requested along the
+// way, in proportion to k - k0.
+template <int NB, int MB, typename WT>
+KR_TARGET_AVX512 KR_INLINE void tile_piece_avx512(const float* x, int64_t ldx, const WT* w, Prefetch& pf, int64_t K,
+                                                  int64_t k0, int64_t k1, __m512 (&acc)[NB][MB]) {
+  const int64_t k_full = k1 == K ? K - K % kLanes : k1;
+  for (int64_t k = k0; k < k_full; k += kLanes) {
+    pf.step(k - k0 + kLanes);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = load16(w + j * K + k);
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
+    }
+  }
+  if (k_full < k1) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k1 - k_full)) - 1u);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k_full);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = load16_tail(w + j * K + k_full, mask);
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
+    }
+  }
+}
+
 // y[m, j] for m < MB, j < NB of the block at w (NB rows of W, row stride K), x (MB rows, row stride ldx); pf's
 // slice of a later block is requested along the K loop.
 template <int NB, int MB, typename WT>
@@ -308,25 +335,7 @@ KR_TARGET_AVX512 void tile_avx512(const float* x, int64_t ldx, const WT* w, Pref
   __m512 acc[NB][MB];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
-  const int64_t k_full = K - K % kLanes;
-  for (int64_t k = 0; k < k_full; k += kLanes) {
-    pf.step(k + kLanes);
-    __m512 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
-    for (int j = 0; j < NB; ++j) {
-      const __m512 wv = load16(w + j * K + k);
-      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
-    }
-  }
-  if (k_full < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k_full)) - 1u);
-    __m512 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k_full);
-    for (int j = 0; j < NB; ++j) {
-      const __m512 wv = load16_tail(w + j * K + k_full, mask);
-      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_fmadd_ps(wv, xv[m], acc[j][m]);
-    }
-  }
+  tile_piece_avx512<NB, MB, WT>(x, ldx, w, pf, K, 0, K, acc);
   store_tile_avx512<NB, MB>(acc, bias, y, ldy);
 }
 
@@ -349,12 +358,75 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
       x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
+// fp32 x fp32 with 7-8 activation rows and a wide K (SmolLM2's down projection, K = 1536): the two register groups
+// of 4 x 4 blocks take K in pieces of kKPiece, both groups a piece at a time, each group's accumulators kept in a
+// small buffer between its pieces. Each lane still adds its k's in increasing order (a piece is a whole number of
+// chunks of 16), so the bits are those of the whole-K loop. It keeps the rows of x that a piece reads (8 rows x 1 KB)
+// in L1 beside the weights: over the whole K, 8 rows of x are 48 KB, Zen 5's whole L1, and a 4-row block of W and
+// the block being prefetched are 24.6 KB each. Measured with bench_ab --in-process against b4929a1 (SmolLM2's
+// matrices, fp32, 2 threads, 3 x 8 repeats, paired medians, cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
+// 0.95-0.97x, verify steps over 7 / 8 tokens 0.955x / 0.979x, 1 and 4 rows unchanged (0.98-1.01x). A scratch harness
+// over down projections alone: 8 rows 1.40-1.55x one row before, 1.19-1.27x in pieces of 256 (1.22-1.36x in 512 or
+// 768). The 5-6 row path (one group, K whole) and bf16 (half the bytes of x) are not blocked.
+constexpr int64_t kKPiece = 256, kKBlockMinK = 1024;
+
+// One register group's piece [k0, k1) of a K-blocked block: its accumulators from saved (zeros for the first piece),
+// and back to saved, or, after the last piece, summed into y.
+template <int NB, int MB>
+KR_TARGET_AVX512 KR_INLINE void kblocked_piece(const float* x, int64_t ldx, const float* block, Prefetch pf, int64_t K,
+                                               int64_t k0, int64_t k1, bool first, bool last,
+                                               float (&saved)[NB][MB][kLanes], const float* bias, float* y,
+                                               int64_t ldy) {
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) acc[j][m] = first ? _mm512_setzero_ps() : _mm512_load_ps(saved[j][m]);
+  tile_piece_avx512<NB, MB, float>(x, ldx, block, pf, K, k0, k1, acc);
+  if (last) return store_tile_avx512<NB, MB>(acc, bias, y, ldy);
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(saved[j][m], acc[j][m]);
+}
+template <int NB, int MB1>
+__attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_kblocked_avx512(
+    const float* x, int64_t K, int64_t ldx, const float* w, int64_t N, const float* bias, float* y, int64_t ldy,
+    int64_t n_begin, int64_t n_end) {
+  constexpr int MB0 = kMbAvx512;
+  const int64_t pieces = (K + kKPiece - 1) / kKPiece, slices = 2 * pieces;
+  const int64_t block_bytes = NB * K * static_cast<int64_t>(sizeof(float));
+  const int ahead = ahead_blocks(kPrefetchBytes, block_bytes);
+  alignas(64) float saved0[NB][MB0][kLanes], saved1[NB][MB1][kLanes];
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    const float* block = w + n * K;
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    const int64_t tail_bytes = (N - n) * K * static_cast<int64_t>(sizeof(float));
+    for (int64_t p = 0; p < pieces; ++p) {
+      const int64_t k0 = p * kKPiece, k1 = std::min(K, k0 + kKPiece);
+      const bool last = p + 1 == pieces;
+      const auto slice = [&](int64_t s) {
+        const int64_t lo = block_bytes * s / slices, hi = block_bytes * (s + 1) / slices;
+        return Prefetch::slice(block, block_bytes, tail_bytes, lo, ((hi - lo) << 16) / (k1 - k0), ahead);
+      };
+      kblocked_piece<NB, MB0>(x, ldx, block, slice(2 * p), K, k0, k1, p == 0, last, saved0, b, y + n, ldy);
+      kblocked_piece<NB, MB1>(x + MB0 * ldx, ldx, block, slice(2 * p + 1), K, k0, k1, p == 0, last, saved1, b,
+                              y + MB0 * ldy + n, ldy);
+    }
+  }
+  for (; n < n_end; ++n) {  // the last (n_end - n_begin) % NB rows of W, one at a time, whole K
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    group_avx512<1, MB0, float>(MB0, x, ldx, w + n * K, Prefetch(), K, b, y + n, ldy);
+    group_avx512<1, MB0, float>(MB1, x + MB0 * ldx, ldx, w + n * K, Prefetch(), K, b, y + MB0 * ldy + n, ldy);
+  }
+}
+
 template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   if constexpr (std::is_same_v<WT, float>) {
     if (M > kMbAvx512 && M <= kMbManyFp32)
       return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+    if (K >= kKBlockMinK && (M == 7 || M == 8))
+      return M == 7 ? rows_kblocked_avx512<kNbAvx512, 3>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end)
+                    : rows_kblocked_avx512<kNbAvx512, 4>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   }
   rows_path_avx512<kNbAvx512, kMbAvx512, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
