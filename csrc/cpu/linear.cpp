@@ -361,9 +361,10 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 // fp32 x fp32 with 7-8 activation rows and a wide K (SmolLM2's down projection, K = 1536): the two register groups
 // of 4 x 4 blocks take K in pieces of kKPiece, both groups a piece at a time, each group's accumulators kept in a
 // small buffer between its pieces. Each lane still adds its k's in increasing order (a piece is a whole number of
-// chunks of 16), so the bits are those of the whole-K loop. It keeps the rows of x that a piece reads (8 rows x 1 KB)
-// in L1 beside the weights: over the whole K, 8 rows of x are 48 KB, Zen 5's whole L1, and a 4-row block of W and
-// the block being prefetched are 24.6 KB each. Measured with bench_ab --in-process against b4929a1 (SmolLM2's
+// chunks of 16), so the bits are those of the whole-K loop. The second group then re-reads a piece of the block
+// (4 rows of W x 1 KB) right after the first read it, from L1, where over the whole K it re-read the 24.6 KB block
+// after the first group had streamed that block and its 4 rows of x (24 KB) through the 48 KB L1, besides the
+// block being prefetched. (x itself, 48 KB for 8 rows, is still read whole once per block.) Measured with bench_ab --in-process against b4929a1 (SmolLM2's
 // matrices, fp32, 2 threads, 3 x 8 repeats, paired medians, cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
 // 0.95-0.97x, verify steps over 7 / 8 tokens 0.955x / 0.979x, 1 and 4 rows unchanged (0.98-1.01x). A scratch harness
 // over down projections alone: 8 rows 1.40-1.55x one row before, 1.19-1.27x in pieces of 256 (1.22-1.36x in 512 or
