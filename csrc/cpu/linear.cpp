@@ -368,7 +368,9 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 // matrices, fp32, 2 threads, 3 x 8 repeats, paired medians, cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
 // 0.95-0.97x, verify steps over 7 / 8 tokens 0.955x / 0.979x, 1 and 4 rows unchanged (0.98-1.01x). A scratch harness
 // over down projections alone: 8 rows 1.40-1.55x one row before, 1.19-1.27x in pieces of 256 (1.22-1.36x in 512 or
-// 768). The 5-6 row path (one group, K whole) and bf16 (half the bytes of x) are not blocked.
+// 768). The 5-6 row path (one group, K whole) and bf16 (half the bytes of x) are not blocked. For 2-4 rows at
+// K >= 1024, 2-row blocks of W (12.3 KB) instead of 4 measured 0.98-1.0x the passes' time and 0.93-1.01x the
+// verify steps' (cpu-20261206-s20-two-row-blocks-wide-k): too little to take.
 constexpr int64_t kKPiece = 256, kKBlockMinK = 1024;
 
 // One register group's piece [k0, k1) of a K-blocked block: its accumulators from saved (zeros for the first piece),
