@@ -39,14 +39,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernel_bench_utils as kb  # noqa: E402
+from bench_linear import LAYER, LAYERS, QUICK_LAYERS  # noqa: E402  (SmolLM2's layer matrices, (name, N, K))
 
 from kangaroo_rt import _cpu_ext  # noqa: E402
 from kangaroo_rt.bench import device_name  # noqa: E402
 
 NAME = "bench_host_bandwidth"
-# (N, K) of one SmolLM2-135M layer's matrices: q, k, v, o, gate, up, down
-LAYER = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
-LAYERS, QUICK_LAYERS = 30, 2
 FIRST_S = 10.0  # the first window reported on its own (first_10s_median_gbs)
 
 
@@ -71,8 +69,8 @@ def stream(quick: bool) -> Tuple[str, int, Callable[[], None]]:
     """(what streams, bytes per pass, one pass)."""
     if _cpu_ext.is_available():
         layers = QUICK_LAYERS if quick else LAYERS
-        weights = [torch.randn(n, k) for _ in range(layers) for n, k in LAYER]
-        x = torch.randn(1, max(k for _, k in LAYER))
+        weights = [torch.randn(n, k) for _ in range(layers) for _, n, k in LAYER]
+        x = torch.randn(1, max(k for _, _, k in LAYER))
         out = torch.empty(1, sum(w.shape[0] for w in weights))
         cpu = _cpu_ext.load()
         nbytes = sum(w.numel() * w.element_size() for w in weights)

@@ -364,8 +364,9 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 // chunks of 16), so the bits are those of the whole-K loop. The second group then re-reads a piece of the block
 // (4 rows of W x 1 KB) right after the first read it, from L1, where over the whole K it re-read the 24.6 KB block
 // after the first group had streamed that block and its 4 rows of x (24 KB) through the 48 KB L1, besides the
-// block being prefetched. (x itself, 48 KB for 8 rows, is still read whole once per block.) Measured with bench_ab --in-process against b4929a1 (SmolLM2's
-// matrices, fp32, 2 threads, 3 x 8 repeats, paired medians, cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
+// block being prefetched. (x itself, 48 KB for 8 rows, is still read whole once per block.) Measured with bench_ab
+// --in-process against b4929a1 (SmolLM2's matrices, fp32, 2 threads, 3 x 8 repeats, paired medians,
+// cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
 // 0.95-0.97x, verify steps over 7 / 8 tokens 0.955x / 0.979x, 1 and 4 rows unchanged (0.98-1.01x). A scratch harness
 // over down projections alone: 8 rows 1.40-1.55x one row before, 1.19-1.27x in pieces of 256 (1.22-1.36x in 512 or
 // 768). The 5-6 row path (one group, K whole) and bf16 (half the bytes of x) are not blocked. For 2-4 rows at
@@ -414,11 +415,8 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_kblocked_avx512(
                               y + MB0 * ldy + n, ldy);
     }
   }
-  for (; n < n_end; ++n) {  // the last (n_end - n_begin) % NB rows of W, one at a time, whole K
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    group_avx512<1, MB0, float>(MB0, x, ldx, w + n * K, Prefetch(), K, b, y + n, ldy);
-    group_avx512<1, MB0, float>(MB1, x + MB0 * ldx, ldx, w + n * K, Prefetch(), K, b, y + MB0 * ldy + n, ldy);
-  }
+  // the last (n_end - n_begin) % NB rows of W: the whole-K path's one-row-at-a-time tail
+  rows_path_avx512<NB, MB0, float>(x, MB0 + MB1, K, ldx, w, N, bias, y, ldy, n, n_end);
 }
 
 template <typename WT>

@@ -199,7 +199,8 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     int64_t t = 0;
     for (int64_t b = 0; b < B; ++b) {
       row_start[b] = t;
-      for (int64_t i = 0; i < row_tokens(a, b); ++i, ++t) {
+      const int64_t n = row_tokens(a, b);
+      for (int64_t i = 0; i < n; ++i, ++t) {
         const int64_t p = a.pos[b] + i;
         tok_row[t] = b, tok_at[t] = b * Q + i, positions[t] = p;
         rope_row(a.rope_cos, a.rope_sin, p, Dh, cos + t * Dh, sin + t * Dh);
