@@ -95,6 +95,20 @@ def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype, x_dtype):
     assert torch.equal(cpu.linear_with_isa(x[perm], w, b, isa), full[perm])
 
 
+@pytest.mark.parametrize("k,n", [(1100, 75), (1024, 16), (2048, 3)])
+def test_wide_k_panels_keep_the_bits_and_the_accuracy(cpu, isa, k, n):
+    """fp32's 7-8 row path at K >= 1024 (panels of 4 blocks of W, K in pieces of 192, prefetch into the next
+    panel): a last piece shorter than 192 with a tail chunk (K = 1100), panels of 4 + 4 + 4 + 4 + 2 blocks and 3
+    rows of W past the blocks (N = 75), one whole panel (N = 16), no whole block (N = 3). Each row equals its own
+    call, and the rows meet the tolerance rule."""
+    x, w, b = _inputs(8, k, n, torch.float32, torch.float32, True, seed=6)
+    for rows in (7, 8):
+        got = cpu.linear_with_isa(x[:rows], w, b, isa)
+        for i in range(rows):
+            assert torch.equal(cpu.linear_with_isa(x[i:i + 1], w, b, isa)[0], got[i]), (rows, i)
+        assert_tolerance_rule(got, F.linear(x[:rows], w, b), _fp64(x[:rows], w, b))
+
+
 def test_every_variant_gives_the_same_bits(cpu):
     """The variants run one reduction order, so they agree exactly (which also pins the order down)."""
     for k, n, m, w_dtype, x_dtype in ((1539, 37, 9, torch.float32, torch.float32),

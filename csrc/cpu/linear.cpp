@@ -86,10 +86,10 @@ KR_TARGET_AVX512 inline __m512 load16(const uint16_t* p) {
 using kr_cpu::load16_tail;
 
 // The chunks of k in [k0, k1) of the block at w (NB rows of W, row stride K) against x (MB rows, row stride ldx),
-// added to acc; k1 == K takes the zero-padded last chunk too. pf's slice of a later block is requested along the
-// way, in proportion to k - k0.
-template <int NB, int MB, typename WT>
-KR_TARGET_AVX512 KR_INLINE void tile_piece_avx512(const float* x, int64_t ldx, const WT* w, Prefetch& pf, int64_t K,
+// added to acc; k1 == K takes the zero-padded last chunk too. pf (a Prefetch or a RowsPrefetch) is stepped along
+// the way, in proportion to k - k0.
+template <int NB, int MB, typename WT, typename PF>
+KR_TARGET_AVX512 KR_INLINE void tile_piece_avx512(const float* x, int64_t ldx, const WT* w, PF& pf, int64_t K,
                                                   int64_t k0, int64_t k1, __m512 (&acc)[NB][MB]) {
   const int64_t k_full = k1 == K ? K - K % kLanes : k1;
   for (int64_t k = k0; k < k_full; k += kLanes) {
@@ -143,29 +143,63 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
       x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
 
-// fp32 x fp32 with 7-8 activation rows and a wide K (SmolLM2's down projection, K = 1536): the two register groups
-// of 4 x 4 blocks take K in pieces of kKPiece, both groups a piece at a time, each group's accumulators kept in a
-// small buffer between its pieces. Each lane still adds its k's in increasing order (a piece is a whole number of
-// chunks of 16), so the bits are those of the whole-K loop. The second group then re-reads a piece of the block
-// (4 rows of W x 1 KB) right after the first read it, from L1, where over the whole K it re-read the 24.6 KB block
-// after the first group had streamed that block and its 4 rows of x (24 KB) through the 48 KB L1, besides the
-// block being prefetched. (x itself, 48 KB for 8 rows, is still read whole once per block.) Measured with bench_ab
-// --in-process against b4929a1 (SmolLM2's matrices, fp32, 2 threads, 3 x 8 repeats, paired medians,
-// cpu-20261206-s20-kblocked): 7 / 8 row passes 0.95x /
-// 0.95-0.97x, verify steps over 7 / 8 tokens 0.955x / 0.979x, 1 and 4 rows unchanged (0.98-1.01x). A scratch harness
-// over down projections alone: 8 rows 1.40-1.55x one row before, 1.19-1.27x in pieces of 256 (1.22-1.36x in 512 or
-// 768). The 5-6 row path (one group, K whole) and bf16 (half the bytes of x) are not blocked. For 2-4 rows at
-// K >= 1024, 2-row blocks of W (12.3 KB) instead of 4 measured 0.98-1.0x the passes' time and 0.93-1.01x the
-// verify steps' (cpu-20261206-s20-two-row-blocks-wide-k): too little to take.
-constexpr int64_t kKPiece = 256, kKBlockMinK = 1024;
+// fp32 x fp32 with 7-8 activation rows and a wide K (SmolLM2's down projection, K = 1536): panels of kPanelBlocks
+// 4 x 4 blocks (16 rows of W) taken a piece of K (kKPiece) at a time: for each piece, every block of the panel, each
+// by both register groups, their accumulators kept in a buffer between pieces. Each lane still adds its k's in
+// increasing order (a piece is a whole number of chunks of 16), so the bits are those of the whole-K loop. What
+// that buys: the rows of x a piece reads (8 x 768 B) serve the panel's 4 blocks from L1, and the second group
+// re-reads a block's piece straight after the first, where over the whole K the rows of x (48 KB for 8 rows, Zen
+// 5's whole L1) and the 24.6 KB block came from L2 again. The software prefetch (RowsPrefetch) asks for exactly
+// the piece of a block that comes kPrefetchUnits (block, piece) units later in this order, into the next panel at
+// the end of one; the block-ahead slices of the whole-K path would be 24.6 KB ahead here, 1 KB-wide units of the
+// block after next (the first K-blocked build, 2026-12-06, took pieces of 256 one block at a time with those).
+// Measured in a scratch harness over 120 down projections (2 threads, each a half of every matrix, paired with one
+// row in every repeat), 8 rows over 1 row, against the one-block pieces: in the third of the repeats where the host
+// streamed fastest (one row at 57-62 GB/s) 1.15-1.21x against 1.51-1.59x, in the others the same within 1-3%; with
+// the weights in L2, one thread, 88-94 against 74-79 GMAC/s (fp32 peak 133). Pieces of 128 and 256 were 2-8%
+// slower than 192 in the fast third; panels of 1, 2, 6 or 8 blocks slower; 8 units ahead the same as 4. At K = 576
+// (whole-K pieces, 4-block panels) the harness measured 0.91x in the fast third and 0.99x in the others, but 0.86x
+// the hot rate: not used there. bench_ab --in-process against the pieces of 256 (SmolLM2's matrices, fp32, 2
+// threads, 4 x 8 repeats, paired medians, cpu-20261206-s21-panels): a run whose host stayed fast, 7-8 row passes
+// 0.92-0.94x and verify steps over 7-8 tokens 0.93-0.95x; a run that swung, 0.92-0.95x in its fast third and
+// 0.99-1.04x in its slow one. Panels for 5-6 rows (groups of 4 and 1-2) took 1.0-1.03x the 2-row blocks' time
+// (rows56-tried/): those keep kNbManyFp32.
+constexpr int64_t kKPiece = 192, kKBlockMinK = 1024;
+constexpr int kPanelBlocks = 4, kPrefetchUnits = 4;
 
-// One register group's piece [k0, k1) of a K-blocked block: its accumulators from saved (zeros for the first piece),
-// and back to saved, or, after the last piece, summed into y.
+// Software prefetch (NTA) of rows of W: bytes [0, row_bytes) of rows at row, row + row_stride, ..., requested at an
+// even rate along a K loop (rate: fixed-point bytes per k, as Prefetch's), a line at a time.
+struct RowsPrefetch {
+  const char* row = nullptr;  // nullptr: nothing to prefetch
+  int64_t row_stride = 0, row_bytes = 0, rate = 0, issued = 0, at = 0;
+
+  static RowsPrefetch rows(const float* first, int64_t rows, int64_t K, int64_t k0, int64_t k1, int64_t span) {
+    RowsPrefetch p;
+    p.row = reinterpret_cast<const char*>(first + k0);
+    p.row_stride = K * static_cast<int64_t>(sizeof(float));
+    p.row_bytes = (k1 - k0) * static_cast<int64_t>(sizeof(float));
+    p.rate = ((rows * ((p.row_bytes + 63) / 64 * 64)) << 16) / span;
+    return p;
+  }
+
+  KR_TARGET_AVX2 inline void step(int64_t k) {
+    if (row == nullptr) return;
+    const int64_t until = (rate * k) >> 16;
+    for (; issued < until; issued += 64) {
+      _mm_prefetch(row + at, _MM_HINT_NTA);
+      at += 64;
+      if (at >= row_bytes) at = 0, row += row_stride;
+    }
+  }
+};
+
+// One register group's piece [k0, k1) of a block: its accumulators from saved (zeros for the first piece), and back
+// to saved, or, after the last piece, summed into y.
 template <int NB, int MB>
-KR_TARGET_AVX512 KR_INLINE void kblocked_piece(const float* x, int64_t ldx, const float* block, Prefetch pf, int64_t K,
-                                               int64_t k0, int64_t k1, bool first, bool last,
-                                               float (&saved)[NB][MB][kLanes], const float* bias, float* y,
-                                               int64_t ldy) {
+KR_TARGET_AVX512 KR_INLINE void panel_piece(const float* x, int64_t ldx, const float* block, RowsPrefetch pf,
+                                            int64_t K, int64_t k0, int64_t k1, bool first, bool last,
+                                            float (&saved)[NB][MB][kLanes], const float* bias, float* y,
+                                            int64_t ldy) {
   __m512 acc[NB][MB];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = first ? _mm512_setzero_ps() : _mm512_load_ps(saved[j][m]);
@@ -174,31 +208,39 @@ KR_TARGET_AVX512 KR_INLINE void kblocked_piece(const float* x, int64_t ldx, cons
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) _mm512_store_ps(saved[j][m], acc[j][m]);
 }
-template <int NB, int MB1>
-__attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_kblocked_avx512(
+
+template <int MB1>
+__attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_panels_avx512(
     const float* x, int64_t K, int64_t ldx, const float* w, int64_t N, const float* bias, float* y, int64_t ldy,
     int64_t n_begin, int64_t n_end) {
-  constexpr int MB0 = kMbAvx512;
-  const int64_t pieces = (K + kKPiece - 1) / kKPiece, slices = 2 * pieces;
-  const int64_t block_bytes = NB * K * static_cast<int64_t>(sizeof(float));
-  const int ahead = ahead_blocks(kPrefetchBytes, block_bytes);
-  alignas(64) float saved0[NB][MB0][kLanes], saved1[NB][MB1][kLanes];
+  constexpr int NB = kNbAvx512, MB0 = kMbAvx512, S = kPanelBlocks;
+  const int64_t pieces = (K + kKPiece - 1) / kKPiece;
+  alignas(64) float saved0[S][NB][MB0][kLanes], saved1[S][NB][MB1][kLanes];
   int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    const float* block = w + n * K;
-    const float* b = bias != nullptr ? bias + n : nullptr;
-    const int64_t tail_bytes = (N - n) * K * static_cast<int64_t>(sizeof(float));
+  while (n + NB <= n_end) {
+    const int64_t blocks = std::min<int64_t>(S, (n_end - n) / NB), units = pieces * blocks;
+    // the panel after this one as far as W goes (it may be another thread's: a prefetch only reads)
+    const int64_t next_n = n + blocks * NB, next_blocks = std::min<int64_t>(S, (N - next_n) / NB);
     for (int64_t p = 0; p < pieces; ++p) {
       const int64_t k0 = p * kKPiece, k1 = std::min(K, k0 + kKPiece);
-      const bool last = p + 1 == pieces;
-      const auto slice = [&](int64_t s) {
-        const int64_t lo = block_bytes * s / slices, hi = block_bytes * (s + 1) / slices;
-        return Prefetch::slice(block, block_bytes, tail_bytes, lo, ((hi - lo) << 16) / (k1 - k0), ahead);
-      };
-      kblocked_piece<NB, MB0>(x, ldx, block, slice(2 * p), K, k0, k1, p == 0, last, saved0, b, y + n, ldy);
-      kblocked_piece<NB, MB1>(x + MB0 * ldx, ldx, block, slice(2 * p + 1), K, k0, k1, p == 0, last, saved1, b,
-                              y + MB0 * ldy + n, ldy);
+      for (int64_t t = 0; t < blocks; ++t) {
+        int64_t u = p * blocks + t + kPrefetchUnits, pn = n, pb = blocks;  // the unit ahead: (piece, block) of a panel
+        if (u >= units) u -= units, pn = next_n, pb = next_blocks;
+        RowsPrefetch pf0, pf1;
+        if (pb > 0 && u < pieces * pb) {
+          const float* ahead = w + (pn + (u % pb) * NB) * K;
+          const int64_t a0 = (u / pb) * kKPiece, a1 = std::min(K, a0 + kKPiece);
+          pf0 = RowsPrefetch::rows(ahead, NB / 2, K, a0, a1, k1 - k0);  // rows 0-1 with the first group,
+          pf1 = RowsPrefetch::rows(ahead + (NB / 2) * K, NB - NB / 2, K, a0, a1, k1 - k0);  // 2-3 with the second
+        }
+        const float* block = w + (n + t * NB) * K;
+        const float* b = bias != nullptr ? bias + n + t * NB : nullptr;
+        panel_piece<NB, MB0>(x, ldx, block, pf0, K, k0, k1, p == 0, p + 1 == pieces, saved0[t], b, y + n + t * NB, ldy);
+        panel_piece<NB, MB1>(x + MB0 * ldx, ldx, block, pf1, K, k0, k1, p == 0, p + 1 == pieces, saved1[t], b,
+                             y + MB0 * ldy + n + t * NB, ldy);
+      }
     }
+    n = next_n;
   }
   // the last (n_end - n_begin) % NB rows of W: the whole-K path's one-row-at-a-time tail
   rows_path_avx512<NB, MB0, float>(x, MB0 + MB1, K, ldx, w, N, bias, y, ldy, n, n_end);
@@ -211,8 +253,8 @@ KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t 
     if (M > kMbAvx512 && M <= kMbManyFp32)
       return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
     if (K >= kKBlockMinK && (M == 7 || M == 8))
-      return M == 7 ? rows_kblocked_avx512<kNbAvx512, 3>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end)
-                    : rows_kblocked_avx512<kNbAvx512, 4>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+      return M == 7 ? rows_panels_avx512<3>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end)
+                    : rows_panels_avx512<4>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   }
   rows_path_avx512<kNbAvx512, kMbAvx512, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
 }
