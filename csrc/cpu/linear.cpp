@@ -163,7 +163,8 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 // threads, 4 x 8 repeats, paired medians, cpu-20261206-s21-panels): a run whose host stayed fast, 7-8 row passes
 // 0.92-0.94x and verify steps over 7-8 tokens 0.93-0.95x; a run that swung, 0.92-0.95x in its fast third and
 // 0.99-1.04x in its slow one. Panels for 5-6 rows (groups of 4 and 1-2) took 1.0-1.03x the 2-row blocks' time
-// (rows56-tried/): those keep kNbManyFp32.
+// (rows56-tried/): those keep kNbManyFp32. bf16 x bf16 panels (pieces of 384 k's, the same bytes, for 5-8 rows)
+// took 0.99-1.08x the whole-K 4 x 4 blocks' time (bf16-tried/): not used.
 constexpr int64_t kKPiece = 192, kKBlockMinK = 1024;
 constexpr int kPanelBlocks = 4, kPrefetchUnits = 4;
 
