@@ -57,7 +57,9 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // random weights, 2 threads, interleaved A/B runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
 // 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. 5 or more rows keep 4 x 4, slower in
 // these blocks (the few accumulators leave vdpbf16ps's latency exposed; one group of 5-8 rows here, 16 accumulators,
-// made the 8-row pass 1.08x slower). The same blocks for fp32 were faster alone on the model's matrices but not
+// made the 8-row pass 1.08x slower; measured again on 2026-12-06 with the prefetch 9 KB ahead, 2 x 8 blocks took
+// 0.99x / 1.03-1.06x the 5 / 8 row passes' time, verify steps over 5 / 8 tokens 0.98x / 1.03x, in a slow phase,
+// cpu-20261206-s21-panels/bf16-2x8-tried). The same blocks for fp32 were faster alone on the model's matrices but not
 // inside the layer stack, and slower with bf16 weights widened to fp32: those stay 4 x 4 (fp32 with 5-6 rows has
 // its own 2-row blocks since 2026-12-06: kNbManyFp32).
 // Two rows joined these blocks on 2026-12-05, from the one-row path's 8-row blocks with the NTA prefetch one block
