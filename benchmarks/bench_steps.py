@@ -14,7 +14,14 @@ Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
               paper's exit layer, 2 for 7B and 3 for 13B)
 at batch 1, 4, 16 and context 512 / 2048. Each step's floor is the bytes it must read (weights of the
 layers it runs + the KV cache it attends over + the KV it writes; activations and logits excluded)
-divided by the device-to-device copy bandwidth measured in the same run.
+divided by the device-to-device copy bandwidth measured in the same run. On the CPU it is divided by the DRAM
+read bandwidth instead (a step reads its bytes; bench_linear's probe, torch.sum over 512 MB), timed in turns
+with the steps of each (batch, context), one read per repeat, the median: the host's bandwidth swings by tens of
+percent within seconds. Before 2026-12-06 the CPU floor used the best of 5 host copies at the start, which counts
+the bytes read and written and could catch a fast spell the steps never saw (cpu-20261206-s20-steps-bfloat16 put
+a bf16 plain step at 47-50% of that floor; against the read bandwidth of its own seconds, cpu-20261206-s21-steps-*,
+a plain step reads at 69-80%). Each row records its bandwidth as ``floor_bandwidth_gbs``; the copy at the start
+stays ``copy_bandwidth_gbs``.
 
 From these latencies, the end-to-end speedup of Kangaroo over plain decoding is modeled at fixed
 gamma (no eta early stop): E[tokens/round] = 1 + sum_i prod_{j<=i} a_j for per-position acceptance
@@ -150,6 +157,16 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- timing
+
+READ_PROBE_BYTES, READ_PROBE_BYTES_SMOKE = 512 * 2**20, 16 * 2**20
+
+
+def cpu_read_probe(nbytes: int) -> Tuple[Callable[[], object], int]:
+    """A read of ``nbytes`` of host memory (torch.sum over a buffer allocated once, as bench_linear's probe): the
+    CPU floor's bandwidth, since a decode step's bytes are read, not copied. Returns (probe, bytes read)."""
+    buf = torch.ones(nbytes // 4)
+    return (lambda: buf.sum()), buf.numel() * 4
+
 
 def cpu_copy_bandwidth_gbs() -> float:
     """Bytes read + written per second by a 64 MiB host copy (best of 5), in GB/s."""
@@ -323,8 +340,16 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
-                eagers = (interleaved_cpu_ms([fn for _, _, _, (fn, _) in cases], args.cpu_repeats)
-                          if device.type == "cpu" else [None] * len(cases))
+                group_bandwidth = bandwidth_gbs
+                if device.type == "cpu":  # the read probe in turns with the steps: the floor of the same seconds
+                    probe, probe_bytes = cpu_read_probe(READ_PROBE_BYTES_SMOKE if args.smoke else READ_PROBE_BYTES)
+                    *eagers, probe_ms = interleaved_cpu_ms([fn for _, _, _, (fn, _) in cases] + [probe],
+                                                           args.cpu_repeats)
+                    group_bandwidth = probe_bytes / (probe_ms / 1e3) / 1e9
+                    print(f"(DRAM read bandwidth timed in turns with these steps: {group_bandwidth:.1f} GB/s, "
+                          "torch.sum, median)")
+                else:
+                    eagers = [None] * len(cases)
                 for (label, exit_layer, q, (fn, nbytes)), eager in zip(cases, eagers):
                     if eager is None:
                         eager = time_ms(fn, device, args.cpu_repeats)
@@ -335,13 +360,14 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                         except Exception as e:  # a step that cannot be captured is reported, not fatal
                             graph_error = f"{type(e).__name__}: {e}"
                     best = min(t for t in (eager, graph) if t is not None)
-                    floor = nbytes / (bandwidth_gbs * 1e9) * 1e3
+                    floor = nbytes / (group_bandwidth * 1e9) * 1e3
                     kind = label.split("@")[0]
                     vocab = int(kind[len("draftK"):]) if kind.startswith("draftK") else None
                     rows.append({"shape": name, "step": "draft_vocab" if vocab else kind, "draft_vocab": vocab,
                                  "exit_layer": exit_layer, "tokens": q,
                                  "batch": batch, "context": context, "eager_ms": eager, "graph_ms": graph,
                                  "graph_error": graph_error, "bytes": nbytes, "floor_ms": floor,
+                                 "floor_bandwidth_gbs": group_bandwidth,
                                  "fraction_of_floor": floor / best})
                     print(f"{label:<14} {batch:>3} {context:>5} {eager:>9.3f} "
                           f"{'-' if graph is None else f'{graph:.3f}':>9} {floor:>9.3f} {100 * floor / best:>9.1f}%")

@@ -135,9 +135,15 @@ def steps_section(path: str, d: Dict) -> List[str]:
     index = {(r["shape"], r["step"], r["exit_layer"], r["tokens"], r["batch"], r["context"]): r for r in rows}
     verify_k = {shape: max((k[3] for k in index if k[:2] == (shape, "verify") and k[3] <= 7), default=None)
                 for shape in {r["shape"] for r in rows}}
+    in_turns = sorted({r["floor_bandwidth_gbs"] for r in rows if r.get("floor_bandwidth_gbs") is not None})
+    if in_turns:
+        lo, hi = in_turns[0], in_turns[-1]
+        bandwidth = (f"DRAM read bandwidth timed in turns with the steps (torch.sum), {lo:.0f}"
+                     + (f"-{hi:.0f}" if round(hi) > round(lo) else "") + " GB/s")
+    else:
+        bandwidth = f"copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s measured in the same run"
     lines = [f"**Step latency vs the memory floor** (random {d['dtype']} weights, floor = weights + KV bytes / "
-             f"copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s measured in the same run; best of eager and "
-             f"CUDA graph) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
+             f"{bandwidth}; best of eager and CUDA graph) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| shape | batch | context | plain step ms (% of floor) | plain step, ops one by one, ms | "
              "draft step ms (exit layer) | verify ms (tokens) | verify / plain step, by tokens |",
              "|---|---|---|---|---|---|---|---|"]

@@ -248,6 +248,10 @@ def test_bench_steps_smoke(tmp_path):
                     and (r["batch"], r["context"]) == (sub["batch"], sub["context"]))
         assert sub["draft_vocab"] == 64 and sub["bytes"] < full["bytes"]
     assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in result["rows"])
+    for r in result["rows"]:  # the CPU's floor uses the copy timed in turns with the steps of its (batch, context)
+        assert r["floor_ms"] == pytest.approx(r["bytes"] / (r["floor_bandwidth_gbs"] * 1e9) * 1e3)
+    assert len({r["floor_bandwidth_gbs"] for r in result["rows"]}) == len({(r["batch"], r["context"])
+                                                                          for r in result["rows"]})
     plain = next(r for r in result["rows"] if r["step"] == "plain")
     verify = [r for r in result["rows"] if r["step"] == "verify"]
     assert all(v["bytes"] < plain["bytes"] for v in verify)  # verify skips the shallow layers
