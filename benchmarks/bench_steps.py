@@ -20,8 +20,9 @@ with the steps of each (batch, context), one read per repeat, the median: the ho
 percent within seconds. Before 2026-12-06 the CPU floor used the best of 5 host copies at the start, which counts
 the bytes read and written and could catch a fast spell the steps never saw (cpu-20261206-s20-steps-bfloat16 put
 a bf16 plain step at 47-50% of that floor; against the read bandwidth of its own seconds, cpu-20261206-s21-steps-*,
-a plain step reads at 69-80%). Each row records its bandwidth as ``floor_bandwidth_gbs``; the copy at the start
-stays ``copy_bandwidth_gbs``.
+a plain step reads at 71-91%). The probe runs right after the plain step in each repeat, so the plain step still
+follows the last verify step. Each CPU row records its bandwidth as ``floor_bandwidth_gbs`` (None on CUDA); the
+copy at the start stays ``copy_bandwidth_gbs``.
 
 From these latencies, the end-to-end speedup of Kangaroo over plain decoding is modeled at fixed
 gamma (no eta early stop): E[tokens/round] = 1 + sum_i prod_{j<=i} a_j for per-position acceptance
@@ -317,13 +318,14 @@ class Steps:
 
 
 def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argparse.Namespace, device: torch.device,
-                  dtype: torch.dtype, bandwidth_gbs: float) -> List[Dict]:
+                  dtype: torch.dtype, bandwidth_gbs: float, smoke: bool = False) -> List[Dict]:
     """Draft and shallow steps at every exit layer of ``args``; verify steps at ``verify_exit`` (the paper's)."""
     target, adapter = random_model(config, dtype, device)
     exits = sorted({l for l in args.exit_layers if l < config.num_hidden_layers} | {verify_exit})
     steps = Steps(target, adapter, max(args.batches), max(args.contexts) + max(args.verify_tokens) + 1)
     rows: List[Dict] = []
     use_graphs = device.type == "cuda" and not args.no_graphs
+    read_probe = cpu_read_probe(READ_PROBE_BYTES_SMOKE if smoke else READ_PROBE_BYTES) if device.type == "cpu" else None
     print(f"\n{name}: {config.num_hidden_layers} layers, d {config.hidden_size}, vocab {config.vocab_size}, "
           f"{sum(steps.layer_bytes) / 1e9:.2f} GB of layer weights ({dtype})")
     print(f"{'step':<14} {'B':>3} {'ctx':>5} {'eager ms':>9} {'graph ms':>9} {'floor ms':>9} {'% of floor':>10}")
@@ -341,10 +343,12 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
                 group_bandwidth = bandwidth_gbs
-                if device.type == "cpu":  # the read probe in turns with the steps: the floor of the same seconds
-                    probe, probe_bytes = cpu_read_probe(READ_PROBE_BYTES_SMOKE if args.smoke else READ_PROBE_BYTES)
-                    *eagers, probe_ms = interleaved_cpu_ms([fn for _, _, _, (fn, _) in cases] + [probe],
-                                                           args.cpu_repeats)
+                if read_probe is not None:  # the read probe in turns with the steps: the floor of the same seconds
+                    probe, probe_bytes = read_probe
+                    fns = [fn for _, _, _, (fn, _) in cases]
+                    # after the plain step, so that the plain step still follows the last verify step, as before
+                    eagers = interleaved_cpu_ms(fns[:1] + [probe] + fns[1:], args.cpu_repeats)
+                    probe_ms = eagers.pop(1)
                     group_bandwidth = probe_bytes / (probe_ms / 1e3) / 1e9
                     print(f"(DRAM read bandwidth timed in turns with these steps: {group_bandwidth:.1f} GB/s, "
                           "torch.sum, median)")
@@ -367,7 +371,7 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                                  "exit_layer": exit_layer, "tokens": q,
                                  "batch": batch, "context": context, "eager_ms": eager, "graph_ms": graph,
                                  "graph_error": graph_error, "bytes": nbytes, "floor_ms": floor,
-                                 "floor_bandwidth_gbs": group_bandwidth,
+                                 "floor_bandwidth_gbs": group_bandwidth if read_probe is not None else None,
                                  "fraction_of_floor": floor / best})
                     print(f"{label:<14} {batch:>3} {context:>5} {eager:>9.3f} "
                           f"{'-' if graph is None else f'{graph:.3f}':>9} {floor:>9.3f} {100 * floor / best:>9.1f}%")
@@ -498,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return model
 
     for name, (config, exit_layer) in shapes.items():
-        rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth)
+        rows += measure_shape(name, config, exit_layer, args, device, dtype, bandwidth, smoke)
         if device.type == "cuda":  # the shape's weights and caches are gone with measure_shape's frame
             torch.cuda.empty_cache()
         save(complete=False)

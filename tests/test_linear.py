@@ -98,9 +98,9 @@ def test_a_row_has_the_same_bits_whatever_the_batch(cpu, isa, w_dtype, x_dtype):
 @pytest.mark.parametrize("k,n", [(1100, 75), (1024, 16), (2048, 3)])
 def test_wide_k_panels_keep_the_bits_and_the_accuracy(cpu, isa, k, n):
     """fp32's 7-8 row path at K >= 1024 (panels of 4 blocks of W, K in pieces of 192, prefetch into the next
-    panel): a last piece shorter than 192 with a tail chunk (K = 1100), panels of 4 + 4 + 4 + 4 + 2 blocks and 3
-    rows of W past the blocks (N = 75), one whole panel (N = 16), no whole block (N = 3). Each row equals its own
-    call, and the rows meet the tolerance rule."""
+    panel): a last piece shorter than 192 with a tail chunk (K = 1100), a partial panel and 3 rows of W past the
+    blocks (N = 75: panels of 4 + 4 + 4 + 4 + 2 blocks on one thread, 4 + 4 + 4 and 4 + 2 on two), one whole panel
+    (N = 16), no whole block (N = 3). Each row equals its own call, and the rows meet the tolerance rule."""
     x, w, b = _inputs(8, k, n, torch.float32, torch.float32, True, seed=6)
     for rows in (7, 8):
         got = cpu.linear_with_isa(x[:rows], w, b, isa)

@@ -1,6 +1,6 @@
 // CPU linear kernel of the decode path: y = x W^T (+ bias) for a handful of activation rows, fp32 accumulation:
-// fp32 activations with fp32 weights or bf16 weights (widened exactly to fp32), and bf16 activations with bf16
-// weights in the order of AVX512-BF16's dot product (below). See kr_cpu.h for the contract.
+// fp32 activations with fp32 weights or bf16 weights (widened exactly to fp32); bf16 activations with bf16 weights
+// take the order of AVX512-BF16's dot product, in linear_bf16.cpp. See kr_cpu.h for the contract.
 //
 // Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
 // W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
@@ -151,8 +151,8 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 // re-reads a block's piece straight after the first, where over the whole K the rows of x (48 KB for 8 rows, Zen
 // 5's whole L1) and the 24.6 KB block came from L2 again. The software prefetch (RowsPrefetch) asks for exactly
 // the piece of a block that comes kPrefetchUnits (block, piece) units later in this order, into the next panel at
-// the end of one; the block-ahead slices of the whole-K path would be 24.6 KB ahead here, 1 KB-wide units of the
-// block after next (the first K-blocked build, 2026-12-06, took pieces of 256 one block at a time with those).
+// the end of one, where the first K-blocked build (2026-12-06: pieces of 256, one block at a time) requested the
+// whole next block (24.6 KB ahead of the block being read) in contiguous slices of 2 KB, one per group and piece.
 // Measured in a scratch harness over 120 down projections (2 threads, each a half of every matrix, paired with one
 // row in every repeat), 8 rows over 1 row, against the one-block pieces: in the third of the repeats where the host
 // streamed fastest (one row at 57-62 GB/s) 1.15-1.21x against 1.51-1.59x, in the others the same within 1-3%; with
@@ -178,7 +178,8 @@ struct RowsPrefetch {
     RowsPrefetch p;
     p.row = reinterpret_cast<const char*>(first + k0);
     p.row_stride = K * static_cast<int64_t>(sizeof(float));
-    p.row_bytes = (k1 - k0) * static_cast<int64_t>(sizeof(float));
+    // a row that does not start on a line (K not a multiple of 16) spans one more line than its bytes
+    p.row_bytes = (k1 - k0) * static_cast<int64_t>(sizeof(float)) + (p.row_stride % 64 != 0 ? 63 : 0);
     p.rate = ((rows * ((p.row_bytes + 63) / 64 * 64)) << 16) / span;
     return p;
   }
@@ -205,6 +206,7 @@ KR_TARGET_AVX512 KR_INLINE void panel_piece(const float* x, int64_t ldx, const f
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) acc[j][m] = first ? _mm512_setzero_ps() : _mm512_load_ps(saved[j][m]);
   tile_piece_avx512<NB, MB, float>(x, ldx, block, pf, K, k0, k1, acc);
+  pf.step(k1 - k0);  // the rest of the unit ahead, where the piece ends in a partial chunk (its loop steps whole ones)
   if (last) return store_tile_avx512<NB, MB>(acc, bias, y, ldy);
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < MB; ++m) _mm512_store_ps(saved[j][m], acc[j][m]);
@@ -220,7 +222,9 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_panels_avx512(
   int64_t n = n_begin;
   while (n + NB <= n_end) {
     const int64_t blocks = std::min<int64_t>(S, (n_end - n) / NB), units = pieces * blocks;
-    // the panel after this one as far as W goes (it may be another thread's: a prefetch only reads)
+    // the panel after this one as far as W goes (it may be another thread's: a prefetch only reads), laid out as
+    // the panel a range starting there would take, which it is when ranges are cut at multiples of 16 rows, as
+    // KR_CPU_ROW_BLOCK asks and every caller here does (elsewhere only the prefetch's aim suffers)
     const int64_t next_n = n + blocks * NB, next_blocks = std::min<int64_t>(S, (N - next_n) / NB);
     for (int64_t p = 0; p < pieces; ++p) {
       const int64_t k0 = p * kKPiece, k1 = std::min(K, k0 + kKPiece);
