@@ -76,8 +76,8 @@ def stream(quick: bool) -> Tuple[str, int, Callable[[], None]]:
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         return (f"kangaroo_rt._cpu.linear_sweep, one row over {layers} SmolLM2 layers (fp32)", nbytes,
                 lambda: cpu.linear_sweep(x, weights, out))
-    buf = torch.ones((64 if quick else 512) * 2**20 // 4)
-    return "torch.sum over an fp32 buffer", buf.numel() * 4, lambda: buf.sum()
+    read, nbytes = kb.cpu_read_probe((64 if quick else 512) * 2**20)
+    return "torch.sum over an fp32 buffer", nbytes, read
 
 
 def timeline(run: Callable[[], None], nbytes: int, seconds: float, bucket: float,

@@ -181,9 +181,10 @@ def roof(nbytes: int, macs: int, bandwidth: float, peak: float) -> Dict[str, flo
             "bound": "memory" if memory_ms >= compute_ms else "compute"}
 
 
-def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tensor) -> Dict[str, List[Dict]]:
+def measure_weights(cpu, label: str, args: argparse.Namespace,
+                    probe: Tuple[Callable[[], object], int]) -> Dict[str, List[Dict]]:
     """{"rows": per row count, "parts": head / layers at one row, "fused": fused projections, "prefill": ...,
-    "read_bandwidth": [GB/s of probe.sum() timed in turns with the row counts' passes]}"""
+    "read_bandwidth": [GB/s of probe (kb.cpu_read_probe) timed in turns with the row counts' passes]}"""
     dtype = WEIGHTS[label]
     layers, head = (QUICK_LAYERS, QUICK_HEAD) if args.quick else (LAYERS, HEAD)
     mats = _model(dtype, layers, head)
@@ -201,7 +202,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tens
     timed: Dict[Tuple[int, str], Callable[[], None]] = {}
     pairs: Dict[Tuple[int, str], Callable[[], None]] = {}
     counts = QUICK_ROWS if args.quick else ROWS
-    timed[0, "read"] = probe.sum  # the read bandwidth, in the same turns
+    timed[0, "read"] = probe[0]  # the read bandwidth, in the same turns
     # The layer matrices of each K alone, one call per pass (how the row count's cost depends on K: 8 fp32 rows of
     # x at K = 1536 are 48 KB, an L1 of Zen 5 by themselves)
     by_k = {k: [w for name, w in mats if name != HEAD[0] and w.shape[1] == k] for k in sorted(
@@ -224,7 +225,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace, probe: torch.Tens
                                                                                          packed=True)})
     t = _time_pair(timed, args.repeats)
     b2b = _time_back_to_back(pairs, args.repeats + 6) if pairs else {}
-    bandwidth = probe.numel() * probe.element_size() / t[0, "read"] / 1e9
+    bandwidth = probe[1] / t[0, "read"] / 1e9
     print(f"{label:>5}   read bandwidth timed in turns with these passes: {bandwidth:.1f} GB/s (torch.sum, median)",
           flush=True)
     for m in counts:
@@ -376,9 +377,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
     measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": [], "by_k": []}
     in_turns: Dict[str, float] = {}
-    probe_buf = torch.ones(probe // 4)
+    probe_read = kb.cpu_read_probe(probe)
     for label in WEIGHTS:
-        for key, values in measure_weights(cpu, label, args, probe_buf).items():
+        for key, values in measure_weights(cpu, label, args, probe_read).items():
             if key == "read_bandwidth":
                 in_turns[label] = values[0]
             else:

@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import kernel_bench_utils as kb  # noqa: E402
 from kangaroo_rt import _cpu_ext, hugepages, ops  # noqa: E402
 from kangaroo_rt.adapter import Adapter  # noqa: E402
 from kangaroo_rt.config import ModelConfig  # noqa: E402
@@ -159,14 +160,7 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------- timing
 
-READ_PROBE_BYTES, READ_PROBE_BYTES_SMOKE = 512 * 2**20, 16 * 2**20
-
-
-def cpu_read_probe(nbytes: int) -> Tuple[Callable[[], object], int]:
-    """A read of ``nbytes`` of host memory (torch.sum over a buffer allocated once, as bench_linear's probe): the
-    CPU floor's bandwidth, since a decode step's bytes are read, not copied. Returns (probe, bytes read)."""
-    buf = torch.ones(nbytes // 4)
-    return (lambda: buf.sum()), buf.numel() * 4
+READ_PROBE_BYTES, READ_PROBE_BYTES_SMOKE = 512 * 2**20, 16 * 2**20  # the CPU floor's read probe (a step reads)
 
 
 def cpu_copy_bandwidth_gbs() -> float:
@@ -325,7 +319,8 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
     steps = Steps(target, adapter, max(args.batches), max(args.contexts) + max(args.verify_tokens) + 1)
     rows: List[Dict] = []
     use_graphs = device.type == "cuda" and not args.no_graphs
-    read_probe = cpu_read_probe(READ_PROBE_BYTES_SMOKE if smoke else READ_PROBE_BYTES) if device.type == "cpu" else None
+    read_probe = (kb.cpu_read_probe(READ_PROBE_BYTES_SMOKE if smoke else READ_PROBE_BYTES) if device.type == "cpu"
+                  else None)
     print(f"\n{name}: {config.num_hidden_layers} layers, d {config.hidden_size}, vocab {config.vocab_size}, "
           f"{sum(steps.layer_bytes) / 1e9:.2f} GB of layer weights ({dtype})")
     print(f"{'step':<14} {'B':>3} {'ctx':>5} {'eager ms':>9} {'graph ms':>9} {'floor ms':>9} {'% of floor':>10}")
@@ -468,8 +463,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bandwidth = cpu_copy_bandwidth_gbs()
         device_name = describe(device)
     else:
-        import kernel_bench_utils as kb
-
         device, dtype = torch.device("cuda"), getattr(torch, args.dtype or "float16")
         shapes = {s: SHAPES[s] for s in args.shapes}
         bandwidth = kb.copy_bandwidth_gbs(device, smoke=False)

@@ -15,7 +15,7 @@ import datetime
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 
 def write_result(out: str, stem: str, result: Dict) -> str:
@@ -120,21 +120,28 @@ def copy_bandwidth_gbs(device, smoke: bool) -> Optional[float]:
     return 2 * src.numel() / ms / 1e6
 
 
-def cpu_read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Host DRAM read bandwidth: bytes per second of ``tensor.sum`` over an fp32 buffer of ``nbytes`` (best of
-    ``repeats``, on torch's threads), in GB/s. A buffer far larger than the last-level cache reads from DRAM."""
-    import time
-
+def cpu_read_probe(nbytes: int = 512 * 2**20) -> Tuple[Callable[[], object], int]:
+    """The host's DRAM read probe: ``tensor.sum`` over an fp32 buffer of ``nbytes`` (allocated once, on torch's
+    threads; a buffer far larger than the last-level cache reads from DRAM). Returns (one read, bytes it reads), for
+    a benchmark to time in turns with its own cases."""
     import torch
 
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    buf.sum()
+    return buf.sum, buf.numel() * 4
+
+
+def cpu_read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Host DRAM read bandwidth: bytes per second of :func:`cpu_read_probe` (best of ``repeats``), in GB/s."""
+    import time
+
+    read, nbytes = cpu_read_probe(nbytes)
+    read()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        buf.sum()
+        read()
         best = min(best, time.perf_counter() - start)
-    return buf.numel() * 4 / best / 1e9
+    return nbytes / best / 1e9
 
 
 def run_cases(name: str, cases: List[Dict], args: argparse.Namespace, device, smoke: bool,
