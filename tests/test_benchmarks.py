@@ -418,15 +418,19 @@ def test_bench_ab_probe_gets_every_option_that_shapes_a_case():
     bench_ab = load_benchmark("bench_ab")
     args = bench_ab.parse_args(["--dtypes", "float32", "--cases", "linear,steps,engine", "--context", "96",
                                 "--decode-prompts", "5", "--decode-tokens", "40", "--rows", "1,6,7",
-                                "--verify-tokens", "6,8,6", "--repeats", "4", "--rounds", "2", "--threads", "1"])
+                                "--verify-tokens", "6,8,6", "--repeats", "4", "--rounds", "2", "--threads", "1",
+                                "--attention", "5:2048,1:300,5:2048"])
     assert args.rows == (1, 6, 7) and args.verify_tokens == (6, 8)  # (a repeated count is timed once)
+    assert args.attention == ((5, 2048), (1, 300))
     cmd = bench_ab.probe_command(args, base_module="/elsewhere/_cpu.so")
     probe = bench_ab.parse_args(cmd[2:])
     assert probe.probe and probe.base_module == "/elsewhere/_cpu.so"
     for option in ("dtypes", "cases", "context", "decode_prompts", "decode_tokens", "rows", "verify_tokens",
-                   "repeats", "rounds", "threads", "quick"):
+                   "attention", "repeats", "rounds", "threads", "quick"):
         assert getattr(probe, option) == getattr(args, option), option
-    for bad in (["--rows", "0"], ["--rows", "65"], ["--verify-tokens", "two"], ["--rows", ""]):
+    for bad in (["--rows", "0"], ["--rows", "65"], ["--verify-tokens", "two"], ["--rows", ""], ["--attention", "5"],
+                ["--attention", "0:64"], ["--attention", "65:64"], ["--attention", "5:0"], ["--attention", "5:x"],
+                ["--attention", "1:2:3"], ["--attention", ""]):
         with pytest.raises(SystemExit):
             bench_ab.parse_args(bad)
 
