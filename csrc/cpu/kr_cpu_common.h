@@ -132,22 +132,24 @@ KR_INLINE float sum_fixed(const float* a, int64_t n) {
   return tree16(acc);
 }
 
-// exp(r) and n for x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2, in plain multiplies and adds (so that a loop of
-// it vectorizes, with the same bits at every width): exp(r) by its degree-7 Taylor polynomial (relative error below
-// 1e-8 there). x must lie in [-87, 88.73] (or be NaN).
+// exp(r) and n for x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2 (a hair more where the fused rounding of n falls
+// the other way), each step one fused multiply-add (std::fma: one rounding at every width, so a loop of it
+// vectorizes with the same bits wherever the target has FMA): exp(r) by its degree-7 Taylor polynomial in Horner's
+// form (relative error below 1e-8 there). x must lie in [-87, 88.73] (or be NaN). (Until 2026-12-06 the steps were
+// separate multiplies and adds: 28 vector operations per 16 lanes where these are 16.)
 KR_INLINE float exp_reduced(float x, float* n_out) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693145751953125f;  // ln2 split in two for an exact n * ln2_hi
-  r = r - n * 1.42860682030941723e-06f;
+  const float n = std::fma(x, 1.44269504088896341f, magic) - magic;
+  float r = std::fma(-n, 0.693145751953125f, x);  // ln2 split in two for an exact n * ln2_hi
+  r = std::fma(-n, 1.42860682030941723e-06f, r);
   float p = 1.98412698412698413e-04f;  // 1/7!
-  p = p * r + 1.38888888888888889e-03f;
-  p = p * r + 8.33333333333333333e-03f;
-  p = p * r + 4.16666666666666667e-02f;
-  p = p * r + 1.66666666666666667e-01f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = std::fma(p, r, 1.38888888888888889e-03f);
+  p = std::fma(p, r, 8.33333333333333333e-03f);
+  p = std::fma(p, r, 4.16666666666666667e-02f);
+  p = std::fma(p, r, 1.66666666666666667e-01f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
   *n_out = n;
   return p;
 }
