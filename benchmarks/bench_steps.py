@@ -10,6 +10,12 @@ Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
   draftK@l    the same over a draft vocabulary of K tokens (kangaroo_rt.draft_vocab: a K-row head), for
               each K of --draft-vocab below the shape's vocabulary, at the shape's exit layer
   shallow@l   layers 0..l-1 only (the last step of a draft chain)
+  chain@l/g   on the CPU with kangaroo_rt._cpu: what a Kangaroo round drafts with there, the decoder's one-call
+              draft chain (csrc/cpu/draft.cpp) of g greedy drafts (eta 0: none stops early) and the shallow step
+              after them, for each g = k - 1 of the verify steps; the draft@l row times one step driven from Python
+              (2.4-3.3 ms at SmolLM2's shape, against ~1.1 ms a draft in the chain), which the CPU decoder does not
+              run. Its floor counts every draft's bytes as read from DRAM; a chain's drafts re-read the same shallow
+              layers, adapter and head back to back, part of which the L3 keeps, so it can pass 100%
   verify@l/k  layers l..N-1 on k = gamma+1 stacked exit states, final norm, LM head, argmax (l: the
               paper's exit layer, 2 for 7B and 3 for 13B)
 at batch 1, 4, 16 and context 512 / 2048. Each step's floor is the bytes it must read (weights of the
@@ -26,8 +32,9 @@ copy at the start stays ``copy_bandwidth_gbs``.
 
 From these latencies, the end-to-end speedup of Kangaroo over plain decoding is modeled at fixed
 gamma (no eta early stop): E[tokens/round] = 1 + sum_i prod_{j<=i} a_j for per-position acceptance
-a_j, round time = gamma * draft + shallow + verify(gamma + 1), speedup = E * plain / round, best gamma
-reported, for constant acceptance profiles, for --acceptance, and for the embedded model's profile
+a_j, round time = gamma * draft + shallow + verify(gamma + 1) (on the CPU, chain(gamma) + verify(gamma + 1),
+where the chain rows were measured: each model entry's ``drafts`` says which), speedup = E * plain / round, best
+gamma reported, for constant acceptance profiles, for --acceptance, and for the embedded model's profile
 measured by spec_bench / bench_embedded (newest non-smoke JSON under benchmarks/results/).
 
 Without CUDA (or with --smoke) a tiny shape runs on the CPU and the script says so; its numbers
@@ -151,7 +158,9 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
     target = target.eval().fuse_projections()  # fused q/k/v and gate/up, as loading does
     if device.type == "cpu":
         hugepages.place(target)  # and the weights in 2 MB pages, as loading does (kangaroo_rt/hugepages.py)
-    return target, adapter.eval()
+    # (the adapter's q/k/v fused too, as Adapter.load and Adapter.random do: until 2026-12-06 they were not, so the
+    # draft rows ran the adapter op by op, where the decoder runs it as one call)
+    return target, adapter.eval().fuse_projections()
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -297,6 +306,35 @@ class Steps:
             bytes_ += self.adapter_bytes + head_bytes + self._kv(1, batch, context, 1)
         return step, bytes_
 
+    def chain(self, batch: int, context: int, exit_layer: int, gamma: int):
+        """The CPU decoder's one-call draft chain of ``gamma`` greedy drafts (eta 0) and the shallow step after them,
+        at ``context`` cached tokens, over the decoder's own caches (a 4-token prefill, then the rows moved to
+        ``context``: what the slots hold does not change the work). None where the decoder would draft step by
+        step instead (no CPU extension, a CUDA device)."""
+        from kangaroo_rt.config import SamplingConfig
+        from kangaroo_rt.speculative import BatchSampling, DecodeState, Decoder, DraftChain
+
+        t = self.target
+        if t.device.type != "cpu" or not _cpu_ext.is_available():
+            return None
+        decoder = Decoder(t, self.adapter, exit_layer=exit_layer)
+        decoder.ensure_caches(batch, context + gamma + 2)
+        state = DecodeState.allocate(batch, gamma + 4, t.device, hidden=t.config.hidden_size, dtype=t.dtype)
+        state.sampler = BatchSampling(SamplingConfig(), None)
+        ids = torch.randint(0, t.config.vocab_size, (batch, 4), device=t.device)
+        decoder.prefill(ids, torch.full((batch,), 4, device=t.device), state, gamma + 3)
+        state.pos.fill_(context)
+        chain = DraftChain.allocate(batch, gamma, t.config.hidden_size, t.dtype, t.device)
+        if decoder._cpu_chain(state, chain, gamma, 0.0, context + 1) != gamma:
+            return None
+
+        def step():
+            return decoder._cpu_chain(state, chain, gamma, 0.0, context + 1)
+
+        _, draft_bytes = self.draft(batch, context, exit_layer)
+        _, shallow_bytes = self.draft(batch, context, exit_layer, with_adapter=False)
+        return step, gamma * draft_bytes + shallow_bytes
+
     def verify(self, batch: int, context: int, exit_layer: int, k: int):
         t = self.target
         _, pos = self._inputs(batch, context, k)
@@ -337,6 +375,10 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
+                for g in sorted({k - 1 for k in args.verify_tokens if k >= 2}):
+                    chain = steps.chain(batch, context, verify_exit, g)
+                    if chain is not None:
+                        cases.append((f"chain@{verify_exit}/{g}", verify_exit, g, chain))
                 group_bandwidth = bandwidth_gbs
                 if read_probe is not None:  # the read probe in turns with the steps: the floor of the same seconds
                     probe, probe_bytes = read_probe
@@ -401,14 +443,17 @@ def modeled_speedups(rows: List[Dict], profiles: Dict[str, List[float]], exit_la
             best = None
             for k in sorted({key[3] for key in table if key[0] == shape and key[1] == "verify"}):
                 verify = table.get((shape, "verify", l, k, batch, context))
-                if None in (draft, shallow, verify):
-                    continue
                 gamma = k - 1
+                chain = table.get((shape, "chain", l, gamma, batch, context))
+                if verify is None or (chain is None and None in (draft, shallow)):
+                    continue
+                drafting = chain if chain is not None else gamma * draft + shallow
                 tokens = expected_tokens(profile, gamma)
-                speedup = tokens * plain / (gamma * draft + shallow + verify)
+                speedup = tokens * plain / (drafting + verify)
                 if best is None or speedup > best["speedup"]:
                     best = {"shape": shape, "batch": batch, "context": context, "exit_layer": l, "profile": pname,
-                            "gamma": gamma, "expected_tokens_per_round": tokens, "speedup": speedup}
+                            "gamma": gamma, "expected_tokens_per_round": tokens, "speedup": speedup,
+                            "drafts": "one-call chain" if chain is not None else "draft and shallow steps"}
             if best is not None:
                 out.append(best)
     return out

@@ -145,8 +145,9 @@ def steps_section(path: str, d: Dict) -> List[str]:
     lines = [f"**Step latency vs the memory floor** (random {d['dtype']} weights, floor = weights + KV bytes / "
              f"{bandwidth}; best of eager and CUDA graph) on **{d['device']}**, {d['date'][:10]}, `{path}`:", "",
              "| shape | batch | context | plain step ms (% of floor) | plain step, ops one by one, ms | "
-             "draft step ms (exit layer) | verify ms (tokens) | verify / plain step, by tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "draft step ms (exit layer) | one-call draft chain ms (drafts) | verify ms (tokens) | "
+             "verify / plain step, by tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (shape, step, _, _, b, ctx), r in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][5])):
         if step != "plain":
             continue
@@ -156,11 +157,13 @@ def steps_section(path: str, d: Dict) -> List[str]:
         draft = None if verify is None else index.get((shape, "draft", verify["exit_layer"], 1, b, ctx))
         per_op = index.get((shape, "plain_per_op", None, 1, b, ctx))
         draft_cell = "-" if draft is None else f"{best(draft):.2f} ({draft['exit_layer']})"
+        chain = None if verify is None else index.get((shape, "chain", verify["exit_layer"], k - 1, b, ctx))
+        chain_cell = "-" if chain is None else f"{best(chain):.2f} ({k - 1})"
         verify_cell = "-" if verify is None else f"{best(verify):.2f} ({k})"
         ratio_cell = ", ".join(f"{tokens}: {best(v) / best(r):.2f}" for tokens, v in verifies) or "-"
         per_op_cell = "-" if per_op is None else f"{best(per_op):.2f}"
         lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | {per_op_cell} | "
-                     f"{draft_cell} | {verify_cell} | {ratio_cell} |")
+                     f"{draft_cell} | {chain_cell} | {verify_cell} | {ratio_cell} |")
     subsets = [r for r in rows if r["step"] == "draft_vocab"]
     if subsets:
         sizes = sorted({r["draft_vocab"] for r in subsets}, reverse=True)
@@ -180,7 +183,9 @@ def steps_section(path: str, d: Dict) -> List[str]:
     model = d.get("modeled_speedup") or []
     if model:
         profiles = sorted({m["profile"] for m in model})
-        lines += ["", "Modeled Kangaroo speedup from these latencies (best gamma, fixed-length drafts):", "",
+        chained = any(m.get("drafts") == "one-call chain" for m in model)
+        lines += ["", "Modeled Kangaroo speedup from these latencies (best gamma, fixed-length drafts"
+                  + ("; a round's drafts timed as the decoder's one-call chain" if chained else "") + "):", "",
                   "| shape | batch | context | " + " | ".join(profiles) + " |", "|---" * (len(profiles) + 3) + "|"]
         keys = sorted({(m["shape"], m["batch"], m["context"]) for m in model})
         for key in keys:

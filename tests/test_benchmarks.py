@@ -240,9 +240,14 @@ def test_bench_steps_smoke(tmp_path):
     with open(out / "bench_steps-smoke.json") as f:
         result = json.load(f)
     assert result["smoke_run"] and result["copy_bandwidth_gbs"] > 0
-    # plain_per_op: the CPU with the extension, where the layers otherwise run as one call
+    # plain_per_op: the CPU with the extension, where the layers otherwise run as one call; chain: the decoder's
+    # one-call draft chain there, for gamma = k - 1 of each verify step
     assert {r["step"] for r in result["rows"]} == {"plain", "draft", "draft_vocab", "shallow", "verify"} | (
-        {"plain_per_op"} if steps._cpu_ext.is_available() else set())
+        {"plain_per_op", "chain"} if steps._cpu_ext.is_available() else set())
+    if steps._cpu_ext.is_available():
+        chains = {(r["batch"], r["tokens"]) for r in result["rows"] if r["step"] == "chain"}
+        assert chains == {(b, g) for b in (1, 2) for g in (1, 2)}
+        assert {m["drafts"] for m in result["modeled_speedup"]} == {"one-call chain"}
     for sub in (r for r in result["rows"] if r["step"] == "draft_vocab"):  # a 64-row head reads less than 256 rows
         full = next(r for r in result["rows"] if r["step"] == "draft" and r["exit_layer"] == sub["exit_layer"]
                     and (r["batch"], r["context"]) == (sub["batch"], sub["context"]))
