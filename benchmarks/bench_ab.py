@@ -103,7 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         f"{','.join(map(str, VERIFY_TOKENS))})")
     p.add_argument("--attention", default=",".join(f"{q}:{t}" for q, t in ATTENTION),
                    help="comma list of the attention case's QUERIES:CACHED_KEYS shapes (default "
-                        f"{','.join(f'{q}:{t}' for q, t in ATTENTION)})")
+                        f"{','.join(f'{q}:{t}' for q, t in ATTENTION)}; --quick times 1:16 and 3:16)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", "--smoke", action="store_true", dest="quick",
                    help="a tiny model, one round: shows that the script works")

@@ -13,7 +13,7 @@ Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
   chain@l/g   on the CPU with kangaroo_rt._cpu: what a Kangaroo round drafts with there, the decoder's one-call
               draft chain (csrc/cpu/draft.cpp) of g greedy drafts (eta 0: none stops early) and the shallow step
               after them, for each g = k - 1 of the verify steps; the draft@l row times one step driven from Python
-              (2.4-3.3 ms at SmolLM2's shape, against ~1.1 ms a draft in the chain), which the CPU decoder does not
+              (2.3-3.3 ms in bf16 at SmolLM2's shape, ~1.1 ms a draft in the chain), which the CPU decoder does not
               run. Its floor counts every draft's bytes as read from DRAM; a chain's drafts re-read the same shallow
               layers, adapter and head back to back, part of which the L3 keeps, so it can pass 100%
   verify@l/k  layers l..N-1 on k = gamma+1 stacked exit states, final norm, LM head, argmax (l: the
@@ -317,7 +317,11 @@ class Steps:
         t = self.target
         if t.device.type != "cpu" or not _cpu_ext.is_available():
             return None
-        decoder = Decoder(t, self.adapter, exit_layer=exit_layer)
+        # one decoder per exit layer for every (batch, context, gamma): its caches grow to the largest, once each
+        decoders = self.__dict__.setdefault("_decoders", {})
+        decoder = decoders.get(exit_layer)
+        if decoder is None:
+            decoder = decoders[exit_layer] = Decoder(t, self.adapter, exit_layer=exit_layer)
         decoder.ensure_caches(batch, context + gamma + 2)
         state = DecodeState.allocate(batch, gamma + 4, t.device, hidden=t.config.hidden_size, dtype=t.dtype)
         state.sampler = BatchSampling(SamplingConfig(), None)
@@ -325,7 +329,10 @@ class Steps:
         decoder.prefill(ids, torch.full((batch,), 4, device=t.device), state, gamma + 3)
         state.pos.fill_(context)
         chain = DraftChain.allocate(batch, gamma, t.config.hidden_size, t.dtype, t.device)
-        if decoder._cpu_chain(state, chain, gamma, 0.0, context + 1) != gamma:
+        k = decoder._cpu_chain(state, chain, gamma, 0.0, context + 1)
+        if k != gamma:
+            print(f"{NAME}: the one-call draft chain did not serve (drafts: {k}, wanted {gamma}); the model falls back "
+                  "to the draft and shallow rows, driven from Python")
             return None
 
         def step():
@@ -546,10 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         save(complete=False)
     model = save(complete=True)
     print("\nmodeled Kangaroo speedup over plain decoding (best gamma, fixed-length drafts):")
-    print(f"{'shape':<6} {'B':>3} {'ctx':>5} {'profile':<28} {'gamma':>5} {'tok/round':>9} {'speedup':>8}")
+    print(f"{'shape':<6} {'B':>3} {'ctx':>5} {'profile':<28} {'gamma':>5} {'tok/round':>9} {'speedup':>8}  drafts")
     for m in model:
         print(f"{m['shape']:<6} {m['batch']:>3} {m['context']:>5} {m['profile']:<28} {m['gamma']:>5} "
-              f"{m['expected_tokens_per_round']:>9.2f} {m['speedup']:>7.2f}x")
+              f"{m['expected_tokens_per_round']:>9.2f} {m['speedup']:>7.2f}x  {m['drafts']}")
     print(f"wrote {path}")
     return 0
 

@@ -183,9 +183,12 @@ def steps_section(path: str, d: Dict) -> List[str]:
     model = d.get("modeled_speedup") or []
     if model:
         profiles = sorted({m["profile"] for m in model})
-        chained = any(m.get("drafts") == "one-call chain" for m in model)
-        lines += ["", "Modeled Kangaroo speedup from these latencies (best gamma, fixed-length drafts"
-                  + ("; a round's drafts timed as the decoder's one-call chain" if chained else "") + "):", "",
+        chained = [m.get("drafts") == "one-call chain" for m in model]
+        drafts = ("; a round's drafts timed as the decoder's one-call chain" if all(chained) else
+                  "; a round's drafts timed as the decoder's one-call chain where it was measured" if any(chained)
+                  else "")
+        lines += ["", "Modeled Kangaroo speedup from these latencies (best gamma, fixed-length drafts" + drafts + "):",
+                  "",
                   "| shape | batch | context | " + " | ".join(profiles) + " |", "|---" * (len(profiles) + 3) + "|"]
         keys = sorted({(m["shape"], m["batch"], m["context"]) for m in model})
         for key in keys:

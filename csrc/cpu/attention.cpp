@@ -394,9 +394,11 @@ KR_TARGET_AVX512_BF16 void attend_tile_avx512(const float* qf, const int64_t* n,
       const int cnt = static_cast<int>(std::min<int64_t>(16, n[q] - j0));
       const __mmask16 live = static_cast<__mmask16>((1u << cnt) - 1u);
       __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sq + j0), m)));
-      if constexpr (kBf16 && kHw) {  // the same rounding in one instruction (round to nearest even, as bf16_bits16;
-        // its NaN keeps the sign and payload, so NaN lanes take bf16_bits16's 0x7fc0)
-        const __m256i h = _mm256_mask_mov_epi16(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)),
+      if constexpr (kBf16 && kHw) {  // the same rounding in one instruction: round to nearest even, as bf16_bits16,
+        // for the values e takes here, 0 or at least 2^-126 (x >= -87, and FTZ under the call's DAZ + FTZ): a denormal
+        // input would flush to zero where bf16_bits16 rounds it. Its NaN keeps the sign and payload; NaN lanes take
+        // bf16_bits16's 0x7fc0, so that eb holds the emulation's bits (the output is NaN either way).
+        const __m256i h = _mm256_mask_mov_epi16((__m256i)_mm512_cvtneps_pbh(e),
                                                 _mm512_cmp_ps_mask(e, e, _CMP_UNORD_Q), _mm256_set1_epi16(0x7fc0));
         e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
         _mm256_mask_storeu_epi16(eb + q * ls + j0, live, h);

@@ -136,7 +136,7 @@ KR_INLINE float sum_fixed(const float* a, int64_t n) {
 // the other way), each step one fused multiply-add (std::fma: one rounding at every width, so a loop of it
 // vectorizes with the same bits wherever the target has FMA): exp(r) by its degree-7 Taylor polynomial in Horner's
 // form (relative error below 1e-8 there). x must lie in [-87, 88.73] (or be NaN). (Until 2026-12-06 the steps were
-// separate multiplies and adds: 28 vector operations per 16 lanes where these are 16. The portable variant, built
+// separate multiplies and adds: 26 vector operations per 16 lanes where these are 16. The portable variant, built
 // without FMA, calls libm's fma: 1.0-1.04x its attention's time on this CPU, which has FMA behind libm's ifunc;
 // software-emulated on a CPU without it.)
 KR_INLINE float exp_reduced(float x, float* n_out) {
