@@ -74,6 +74,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAME = "bench_ab"
 ROWS = (1, 2, 3, 4, 5, 8)
+QUICK_ROWS, QUICK_ATTENTION = (1, 4), ((1, 16), (3, 16))  # what --quick times instead of --rows and --attention
 VERIFY_TOKENS = (2, 3, 4, 5)
 CONTEXT = 256
 CASES = ("linear", "steps", "attention")  # the default
@@ -141,6 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 f"cached key, got {args.attention!r}")
     args.attention = tuple(dict.fromkeys(shapes))
     if args.quick:
+        args.rows, args.attention = QUICK_ROWS, QUICK_ATTENTION
         args.rounds = 1
         args.base_dir = args.base_dir or ROOT
     return args
@@ -167,7 +169,7 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
 
     torch.set_num_threads(args.threads)
     config, exit_layer = bench_steps.SMOKE_SHAPE if args.quick else bench_steps.SHAPES["smollm2"]
-    rows = ((1, 4) if args.quick else args.rows) if "linear" in args.cases else ()
+    rows = args.rows if "linear" in args.cases else ()
     cases: Dict[str, object] = {}
     cpu = _cpu_ext.load
     with torch.no_grad():
@@ -183,8 +185,7 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
                     cases[f"{name} sweep M={m}"] = lambda x=x, y=y, mats=mats: cpu().linear_sweep(x, mats, y)
             if "attention" in args.cases:
-                shapes = ((1, 16), (3, 16)) if args.quick else args.attention
-                for q_len, ctx in shapes:
+                for q_len, ctx in args.attention:
                     q = torch.randn(1, 9, q_len, 64).to(dtype)
                     kc, vc = torch.randn(1, 3, ctx + q_len, 64).to(dtype), torch.randn(1, 3, ctx + q_len, 64).to(dtype)
                     pos = (ctx + torch.arange(q_len))[None]
@@ -465,8 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "rounds": args.rounds, "repeats": args.repeats, "in_process": args.in_process,
               "base": describe(base), "this": describe(ROOT),
               "context": args.context, "dtypes": args.dtypes, "requested_cases": args.cases,
-              "linear_rows": list((1, 4) if args.quick else args.rows), "verify_tokens": list(args.verify_tokens),
-              "attention_shapes": [list(s) for s in (((1, 16), (3, 16)) if args.quick else args.attention)],
+              "linear_rows": list(args.rows), "verify_tokens": list(args.verify_tokens),
+              "attention_shapes": [list(s) for s in args.attention],
               "decode_prompts": args.decode_prompts, "decode_tokens": args.decode_tokens,
               "cases": cases, "paired_this_vs_base": paired,
               "decode_kangaroo_vs_plain": kangaroo_vs_plain,
