@@ -1,8 +1,11 @@
 """Regenerate README.md's performance tables from the committed results JSON.
 
-Reads every ``*.json`` under benchmarks/results/ (recursively; smoke runs and the gpu_suite summary are
-skipped), keeps the newest result of each benchmark per device (and per prompt subset: ``skipped_prompts``),
-and rewrites only the block between ``<!-- perf:begin -->`` and ``<!-- perf:end -->`` in README.md.
+Reads every ``*.json`` under benchmarks/results/ (recursively; smoke runs, the gpu_suite summary and every folder
+that holds a file named ``NOT_IN_README`` are skipped), keeps the newest result of each benchmark per device (and
+per prompt subset: ``skipped_prompts``), and rewrites only the block between ``<!-- perf:begin -->`` and
+``<!-- perf:end -->`` in README.md. The marker is for runs that are kept as data but must not become the README's
+table: a quick ``kangaroo-rt bench --no-hf`` A/B, say, which as the newest end-to-end run would otherwise replace
+the table that has llama.cpp and transformers in it (write the marker's reason into the file).
 Nothing is typed in by hand: every number in the block comes from a results file, which the block names
 with its device and date.
 
@@ -26,10 +29,28 @@ GPU, everything (extension build, GPU tests, kernel and step benchmarks, end to 
 `OUT=benchmarks/results/gpu-$(date +%Y%m%d) bash benchmarks/gpu_suite.sh && python benchmarks/make_readme_table.py`."""
 
 
+MARKER = "NOT_IN_README"  # a results folder holding this file (any content) is left out, with its subfolders
+
+
+def excluded(path: str, folder: str) -> bool:
+    """Whether a folder between ``folder`` (included) and the file at ``path`` holds the MARKER file."""
+    top = os.path.abspath(folder)
+    here = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(here, MARKER)):
+            return True
+        if here == top or os.path.dirname(here) == here or not here.startswith(top):
+            return False
+        here = os.path.dirname(here)
+
+
 def load_results(folder: str) -> List[Tuple[str, Dict]]:
-    """(path relative to the repo, data) of every non-smoke benchmark JSON under ``folder``."""
+    """(path relative to the repo, data) of every non-smoke benchmark JSON under ``folder``, but those in a folder
+    marked NOT_IN_README."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
+        if excluded(path, folder):
+            continue
         try:
             with open(path) as f:
                 data = json.load(f)

@@ -577,6 +577,29 @@ def test_make_readme_table_renders_the_committed_results():
     assert "**CPU linear kernel**" in block
 
 
+def test_make_readme_table_skips_marked_folders(tmp_path):
+    """A folder with a NOT_IN_README file, and every folder under it, is left out of the tables; its siblings are
+    not. Without the marker the newer end-to-end run would replace the older one."""
+    make = load_benchmark("make_readme_table")
+
+    def write(rel: str, date: str) -> None:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"benchmark": "spec_bench", "device": "Test CPU", "model": "m",
+                                    "dtype": "bfloat16", "max_new_tokens": 64, "date": date}))
+
+    write("full/spec_bench-cpu.json", "2026-12-05T10:00")
+    write("quick-ab/spec_bench-cpu.json", "2026-12-06T10:00")
+    write("quick-ab/sub/spec_bench-cpu.json", "2026-12-06T11:00")
+    newest = lambda: [os.path.relpath(p, make.ROOT) for p, _ in  # noqa: E731
+                      make.newest_per_device(make.load_results(str(tmp_path)), "spec_bench")]
+    assert newest() == [os.path.relpath(str(tmp_path / "quick-ab/sub/spec_bench-cpu.json"), make.ROOT)]
+    (tmp_path / "quick-ab" / make.MARKER).write_text("a quick A/B, not the README's run\n")
+    assert newest() == [os.path.relpath(str(tmp_path / "full/spec_bench-cpu.json"), make.ROOT)]
+    assert not make.excluded(str(tmp_path / "full/spec_bench-cpu.json"), str(tmp_path))
+    assert make.excluded(str(tmp_path / "quick-ab/sub/spec_bench-cpu.json"), str(tmp_path))
+
+
 def test_make_readme_table_keeps_the_newest_days_lengths():
     """End-to-end runs: the newest per number of new tokens, among the lengths run on the group's newest day."""
     make = load_benchmark("make_readme_table")
