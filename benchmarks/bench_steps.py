@@ -300,11 +300,18 @@ class Steps:
             token, conf = ops.greedy_with_confidence(head(y))
             return head.full_ids(token), conf
 
+        return step, self.draft_bytes(batch, context, exit_layer, with_adapter, draft_vocab)
+
+    def draft_bytes(self, batch: int, context: int, exit_layer: int, with_adapter: bool = True,
+                    draft_vocab: Optional[int] = None) -> int:
+        """The bytes a draft step (or, without the adapter, a shallow step) reads: the exit layers' weights and
+        caches, then the adapter's, and the head's rows (K of them with a draft vocabulary)."""
+        t = self.target
         bytes_ = sum(self.layer_bytes[:exit_layer]) + self._kv(exit_layer, batch, context, 1)
         if with_adapter:
-            head_bytes = param_bytes(t.lm_head) if head is None else head.weight.numel() * self.elt
-            bytes_ += self.adapter_bytes + head_bytes + self._kv(1, batch, context, 1)
-        return step, bytes_
+            head = param_bytes(t.lm_head) if draft_vocab is None else draft_vocab * t.lm_head.weight.shape[1] * self.elt
+            bytes_ += self.adapter_bytes + head + self._kv(1, batch, context, 1)
+        return bytes_
 
     def chain(self, batch: int, context: int, exit_layer: int, gamma: int):
         """The CPU decoder's one-call draft chain of ``gamma`` greedy drafts (eta 0) and the shallow step after them,
@@ -338,9 +345,8 @@ class Steps:
         def step():
             return decoder._cpu_chain(state, chain, gamma, 0.0, context + 1)
 
-        _, draft_bytes = self.draft(batch, context, exit_layer)
-        _, shallow_bytes = self.draft(batch, context, exit_layer, with_adapter=False)
-        return step, gamma * draft_bytes + shallow_bytes
+        return step, (gamma * self.draft_bytes(batch, context, exit_layer)
+                      + self.draft_bytes(batch, context, exit_layer, with_adapter=False))
 
     def verify(self, batch: int, context: int, exit_layer: int, k: int):
         t = self.target
