@@ -14,7 +14,10 @@ same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's
 sweep over the same weights in the packed layout (blocks of 8 rows, each one sequential run: _cpu_ext.pack_rows_bf16,
 kr_cpu_linear_rows_bf16_packed) and its time over the row-major sweep's (pk/sw), these two timed back to back (each
 timed pass right after an untimed one of its kind, as decode steps follow one another). The layer matrices of each
-K (576: q, k, v, o, gate, up; 1536: down) are also timed alone at 1 and 8 rows, one call per pass ("by_k").
+K (576: q, k, v, o, gate, up; 1536: down) are also timed alone at 1 and 8 rows, one call per pass ("by_k"). And 1-8
+rows with the weights in cache ("hot": a 1.8 MB matrix swept 16 times in one call): the kernel's multiply-add rate
+there, its fraction of the peak, and the weight bytes a second it stands for, the fastest M rows can stream however
+fast the memory is; where that is not well above the read bandwidth, M rows cannot cost what one row does.
 The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
@@ -66,6 +69,10 @@ LAYERS = 30
 QUICK_LAYERS, QUICK_HEAD, QUICK_ROWS = 2, ("head", 1024, 576), (1, 8)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 PREFILL_ROWS, PREFILL_LAYERS = (128, 512), 4
+# The kernel with its weights in cache: a K = 576 matrix of about HOT_BYTES (SmolLM2's gate in bf16), which the two
+# cores' L2 (1 MB each on the AMD EPYC here) hold, swept HOT_PASSES times in one call so that the call's start-up is a
+# small part, at HOT_ROWS rows
+HOT_BYTES, HOT_PASSES, HOT_K, HOT_ROWS = 1536 * 576 * 2, 16, 576, (1, 2, 3, 4, 5, 6, 7, 8)
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Key = TypeVar("Key", bound=Hashable)  # a timed case's name
 
@@ -264,9 +271,10 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
                            "gbs": nbytes_k / ms / 1e6, "vs_m1": ms / (1e3 * t[k_counts[0], f"K={k}"])})
             print(f"{label:>5}   K={k:<5} layer matrices only ({len(ws)}), one call per pass, {m} rows: {ms:7.2f} ms, "
                   f"{k_rows[-1]['gbs']:6.1f} GB/s, {k_rows[-1]['vs_m1']:.2f}x {k_counts[0]} row(s)", flush=True)
+    hot = measure_hot(cpu, label, args, peak, bandwidth)
     fused = measure_fused(cpu, label, mats, args)
     return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
-            "read_bandwidth": [bandwidth], "by_k": k_rows,
+            "read_bandwidth": [bandwidth], "by_k": k_rows, "hot": hot,
             "prefill": measure_prefill(cpu, label, mats, args)}
 
 
@@ -296,6 +304,35 @@ def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
         print(f"{label:>5}   1 {part:>6}: {1e3 * t[part]:8.2f} ms over {len(ms)} calls, {out[-1]['kernel_gbs']:6.1f} GB/s "
               f"({100 * out[-1]['kernel_fraction_of_read_bw']:.0f}% of read bandwidth)", flush=True)
     return out
+
+
+def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidth: float) -> List[Dict]:
+    """The decode row counts with the weights in cache (HOT_BYTES swept HOT_PASSES times in one call): the kernel's
+    multiply-adds a second, their fraction of the inner instruction's peak (peak_macs), and the weight bytes a second
+    that rate stands for. That is the fastest a pass of M rows can stream whatever the memory gives; where it is not
+    well above the read bandwidth, M rows cost more than one row even with arithmetic and stream overlapped perfectly
+    (hot_vs_read_bw: that rate over the read bandwidth timed in turns with the passes)."""
+    dtype = WEIGHTS[label]
+    n = HOT_BYTES // (HOT_K * torch.empty((), dtype=dtype).element_size())
+    weights = [torch.randn(n, HOT_K).to(dtype)] * HOT_PASSES
+    counts = QUICK_ROWS if args.quick else HOT_ROWS
+    fns = {}
+    for m in counts:
+        x, out = torch.randn(m, HOT_K).to(dtype), torch.empty(m, n * HOT_PASSES, dtype=dtype)
+        fns[m] = lambda x=x, out=out: cpu.linear_sweep(x, weights, out)
+    t = _time_pair(fns, args.repeats)
+    nbytes = n * HOT_K * torch.empty((), dtype=dtype).element_size() * HOT_PASSES
+    rows = []
+    for m in counts:
+        macs = m * n * HOT_K * HOT_PASSES
+        row = {"weights": label, "rows": m, "bytes": nbytes, "macs": macs, "ms": 1e3 * t[m],
+               "gmacs": macs / t[m] / 1e9, "fraction_of_peak": macs / t[m] / peak,
+               "weight_gbs": nbytes / t[m] / 1e9, "hot_vs_read_bw": nbytes / t[m] / 1e9 / bandwidth}
+        rows.append(row)
+        print(f"{label:>5} {m:>3}   weights in cache: {row['gmacs']:6.0f} GMAC/s ({100 * row['fraction_of_peak']:3.0f}% "
+              f"of the peak), {row['weight_gbs']:6.1f} GB/s of weights, {row['hot_vs_read_bw']:.2f}x the read "
+              "bandwidth", flush=True)
+    return rows
 
 
 def measure_prefill(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
@@ -375,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
           f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
-    measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": [], "by_k": []}
+    measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": [], "by_k": [], "hot": []}
     in_turns: Dict[str, float] = {}
     probe_read = kb.cpu_read_probe(probe)
     for label in WEIGHTS:
@@ -393,7 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "read_bandwidth_in_turns_gbs": in_turns,
               "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
-              "fused": fused, "prefill": prefill, "parts": measured["parts"], "by_k": measured["by_k"]}
+              "fused": fused, "prefill": prefill, "parts": measured["parts"], "by_k": measured["by_k"],
+              "hot": measured["hot"]}
     shared = "unknown" if others is None else f"{others:.2f} cores"
     print(f"other processes kept {shared} busy during the run (above ~0.1 the numbers are not clean)")
     kb.write_result(args.out, NAME + ("-smoke" if args.quick else ""), result)

@@ -293,6 +293,14 @@ def linear_section(path: str, d: Dict) -> List[str]:
                           "starts at each matrix, as a decode step's stream does): " + "; ".join(
                               f"{p['weights']} {p['read_gbs']:.1f} GB/s ({100 * p['read_fraction_of_read_bw']:.0f}%)"
                               for p in read) + ".")
+    if d.get("hot"):
+        lines += ["", "Decode row counts with the weights in cache (a 1.8 MB matrix swept 16 times in one call): the "
+                  "kernel's multiply-add rate, its fraction of the inner instruction's peak, and the weight bytes a "
+                  "second it stands for, against the read bandwidth above: the fastest M rows can stream, so where it "
+                  "is not well above the read bandwidth M rows cannot cost what one row does.", "",
+                  "| weights | rows | GMAC/s (% of peak) | GB/s of weights (x read bandwidth) |", "|---|---|---|---|"]
+        lines += [f"| {h['weights']} | {h['rows']} | {h['gmacs']:.0f} ({100 * h['fraction_of_peak']:.0f}%) | "
+                  f"{h['weight_gbs']:.0f} ({h['hot_vs_read_bw']:.2f}x) |" for h in d["hot"]]
     if d.get("prefill"):
         lines += ["", "Prefill (weights in cache, compute-bound; `_cpu_ext.linear` sends bf16 calls of more than 64 "
                   "rows to torch):", "", "| weights | rows | kernel GFLOP/s | torch GFLOP/s | kernel vs torch |",

@@ -293,6 +293,11 @@ def test_bench_linear_quick(tmp_path):
         (w, k, m) for w in ("fp32", "bf16") for k in (576, 1536) for m in (1, 8)}
     assert all(r["ms"] > 0 and r["vs_m1"] > 0 for r in result["by_k"])
     assert all(r["vs_m1"] == 1.0 for r in result["by_k"] if r["rows"] == 1)
+    assert [(r["weights"], r["rows"]) for r in result["hot"]] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
+    for r in result["hot"]:
+        assert r["ms"] > 0 and 0 < r["fraction_of_peak"] and r["hot_vs_read_bw"] > 0
+        assert r["gmacs"] == pytest.approx(r["macs"] / r["ms"] / 1e6)
+        assert r["weight_gbs"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
     in_turns = result["read_bandwidth_in_turns_gbs"]
     assert set(in_turns) == {"fp32", "bf16"} and all(v > 0 for v in in_turns.values())
     for r in result["rows"]:
