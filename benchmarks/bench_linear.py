@@ -16,8 +16,9 @@ kr_cpu_linear_rows_bf16_packed) and its time over the row-major sweep's (pk/sw),
 timed pass right after an untimed one of its kind, as decode steps follow one another). The layer matrices of each
 K (576: q, k, v, o, gate, up; 1536: down) are also timed alone at 1 and 8 rows, one call per pass ("by_k"). And 1-8
 rows with the weights in cache ("hot": a 1.8 MB matrix swept 16 times in one call): the kernel's multiply-add rate
-there, its fraction of the peak, and the weight bytes a second it stands for, the fastest M rows can stream however
-fast the memory is; where that is not well above the read bandwidth, M rows cannot cost what one row does.
+there, its fraction of the peak, and the weight bytes a second it stands for, about the fastest M rows can stream
+however fast the memory is; below the read bandwidth M rows cannot cost what one row does, and near it they are
+unlikely to.
 The kernel runs twice: one call per matrix from Python, as the head and the adapter call it
 (each call pays a few microseconds of binding, allocation and thread start-up), and the whole pass as one call
 ("sweep": the matrices one after another on one set of threads that claim chunks as the decoder stack does, so
@@ -69,9 +70,10 @@ LAYERS = 30
 QUICK_LAYERS, QUICK_HEAD, QUICK_ROWS = 2, ("head", 1024, 576), (1, 8)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 PREFILL_ROWS, PREFILL_LAYERS = (128, 512), 4
-# The kernel with its weights in cache: a K = 576 matrix of about HOT_BYTES (SmolLM2's gate in bf16), which the two
-# cores' L2 (1 MB each on the AMD EPYC here) hold, swept HOT_PASSES times in one call so that the call's start-up is a
-# small part, at HOT_ROWS rows
+# The kernel with its weights in cache: a K = 576 matrix of about HOT_BYTES (SmolLM2's gate in bf16), swept HOT_PASSES
+# times in one call so that the call's start-up is a small part, at HOT_ROWS rows. The caches hold it (1 MB of L2 a
+# core and 32 MB of L3 on the AMD EPYC here; the threads claim chunks as they come, so some of it comes from L3): a
+# lower bound on the in-cache rate
 HOT_BYTES, HOT_PASSES, HOT_K, HOT_ROWS = 1536 * 576 * 2, 16, 576, (1, 2, 3, 4, 5, 6, 7, 8)
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Key = TypeVar("Key", bound=Hashable)  # a timed case's name
@@ -309,14 +311,14 @@ def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
 def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidth: float) -> List[Dict]:
     """The decode row counts with the weights in cache (HOT_BYTES swept HOT_PASSES times in one call): the kernel's
     multiply-adds a second, their fraction of the inner instruction's peak (peak_macs), and the weight bytes a second
-    that rate stands for. That is the fastest a pass of M rows can stream whatever the memory gives; where it is not
-    well above the read bandwidth, M rows cost more than one row even with arithmetic and stream overlapped perfectly
-    (hot_vs_read_bw: that rate over the read bandwidth timed in turns with the passes)."""
+    that rate stands for: about the fastest a pass of M rows can stream whatever the memory gives. Below the read
+    bandwidth, M rows cost more than one row even with arithmetic and stream overlapped perfectly; near it, they are
+    likely to (hot_vs_read_bw: that rate over the read bandwidth timed in turns with the passes)."""
     dtype = WEIGHTS[label]
     n = HOT_BYTES // (HOT_K * torch.empty((), dtype=dtype).element_size())
     weights = [torch.randn(n, HOT_K).to(dtype)] * HOT_PASSES
     counts = QUICK_ROWS if args.quick else HOT_ROWS
-    fns = {}
+    fns: Dict[int, Callable[[], object]] = {}
     for m in counts:
         x, out = torch.randn(m, HOT_K).to(dtype), torch.empty(m, n * HOT_PASSES, dtype=dtype)
         fns[m] = lambda x=x, out=out: cpu.linear_sweep(x, weights, out)
@@ -325,7 +327,8 @@ def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidt
     rows = []
     for m in counts:
         macs = m * n * HOT_K * HOT_PASSES
-        row = {"weights": label, "rows": m, "bytes": nbytes, "macs": macs, "ms": 1e3 * t[m],
+        row = {"weights": label, "rows": m, "bytes": nbytes, "matrix_bytes": nbytes // HOT_PASSES,
+               "passes": HOT_PASSES, "macs": macs, "ms": 1e3 * t[m],
                "gmacs": macs / t[m] / 1e9, "fraction_of_peak": macs / t[m] / peak,
                "weight_gbs": nbytes / t[m] / 1e9, "hot_vs_read_bw": nbytes / t[m] / 1e9 / bandwidth}
         rows.append(row)

@@ -36,10 +36,12 @@ def excluded(path: str, folder: str) -> bool:
     """Whether a folder between ``folder`` (included) and the file at ``path`` holds the MARKER file."""
     top = os.path.abspath(folder)
     here = os.path.dirname(os.path.abspath(path))
+    if os.path.commonpath([top, here]) != top:  # not under folder: nothing of folder's marks it
+        return False
     while True:
         if os.path.isfile(os.path.join(here, MARKER)):
             return True
-        if here == top or os.path.dirname(here) == here or not here.startswith(top):
+        if here == top:
             return False
         here = os.path.dirname(here)
 
@@ -294,10 +296,14 @@ def linear_section(path: str, d: Dict) -> List[str]:
                               f"{p['weights']} {p['read_gbs']:.1f} GB/s ({100 * p['read_fraction_of_read_bw']:.0f}%)"
                               for p in read) + ".")
     if d.get("hot"):
-        lines += ["", "Decode row counts with the weights in cache (a 1.8 MB matrix swept 16 times in one call): the "
-                  "kernel's multiply-add rate, its fraction of the inner instruction's peak, and the weight bytes a "
-                  "second it stands for, against the read bandwidth above: the fastest M rows can stream, so where it "
-                  "is not well above the read bandwidth M rows cannot cost what one row does.", "",
+        h0 = d["hot"][0]
+        swept = (f"a {h0['matrix_bytes'] / 1e6:.1f} MB matrix swept {h0['passes']} times in one call"
+                 if "passes" in h0 else "one matrix swept several times in one call")  # (the first results: 16)
+        lines += ["", f"Decode row counts with the weights in cache ({swept}): the kernel's multiply-add rate, its "
+                  "fraction of the inner "
+                  "instruction's peak, and the weight bytes a second it stands for, against the read bandwidth above: "
+                  "about the fastest M rows can stream. Near the read bandwidth, M rows are unlikely to cost what one "
+                  "row does; below it, they cannot.", "",
                   "| weights | rows | GMAC/s (% of peak) | GB/s of weights (x read bandwidth) |", "|---|---|---|---|"]
         lines += [f"| {h['weights']} | {h['rows']} | {h['gmacs']:.0f} ({100 * h['fraction_of_peak']:.0f}%) | "
                   f"{h['weight_gbs']:.0f} ({h['hot_vs_read_bw']:.2f}x) |" for h in d["hot"]]

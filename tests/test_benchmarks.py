@@ -298,6 +298,9 @@ def test_bench_linear_quick(tmp_path):
         assert r["ms"] > 0 and 0 < r["fraction_of_peak"] and r["hot_vs_read_bw"] > 0
         assert r["gmacs"] == pytest.approx(r["macs"] / r["ms"] / 1e6)
         assert r["weight_gbs"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
+        assert r["matrix_bytes"] * r["passes"] == r["bytes"]
+    block = "\n".join(load_benchmark("make_readme_table").linear_section("bench_linear-smoke.json", result))
+    assert "matrix swept 16 times in one call" in block and "| bf16 | 8 |" in block
     in_turns = result["read_bandwidth_in_turns_gbs"]
     assert set(in_turns) == {"fp32", "bf16"} and all(v > 0 for v in in_turns.values())
     for r in result["rows"]:
@@ -603,6 +606,9 @@ def test_make_readme_table_skips_marked_folders(tmp_path):
     assert newest() == [os.path.relpath(str(tmp_path / "full/spec_bench-cpu.json"), make.ROOT)]
     assert not make.excluded(str(tmp_path / "full/spec_bench-cpu.json"), str(tmp_path))
     assert make.excluded(str(tmp_path / "quick-ab/sub/spec_bench-cpu.json"), str(tmp_path))
+    assert not make.excluded(str(tmp_path / "quick-ab/spec_bench-cpu.json"), str(tmp_path / "full"))  # outside
+    (tmp_path / make.MARKER).write_text("everything\n")  # a marker in the results folder itself leaves out all
+    assert make.load_results(str(tmp_path)) == []
 
 
 def test_make_readme_table_keeps_the_newest_days_lengths():
