@@ -315,7 +315,9 @@ def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidt
     bandwidth, M rows cost more than one row even with arithmetic and stream overlapped perfectly; near it, they are
     likely to (hot_vs_read_bw: that rate over the read bandwidth timed in turns with the passes)."""
     dtype = WEIGHTS[label]
-    n = HOT_BYTES // (HOT_K * torch.empty((), dtype=dtype).element_size())
+    elt = torch.empty((), dtype=dtype).element_size()
+    n = HOT_BYTES // (HOT_K * elt)
+    matrix_bytes = n * HOT_K * elt
     weights = [torch.randn(n, HOT_K).to(dtype)] * HOT_PASSES
     counts = QUICK_ROWS if args.quick else HOT_ROWS
     fns: Dict[int, Callable[[], object]] = {}
@@ -323,11 +325,11 @@ def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidt
         x, out = torch.randn(m, HOT_K).to(dtype), torch.empty(m, n * HOT_PASSES, dtype=dtype)
         fns[m] = lambda x=x, out=out: cpu.linear_sweep(x, weights, out)
     t = _time_pair(fns, args.repeats)
-    nbytes = n * HOT_K * torch.empty((), dtype=dtype).element_size() * HOT_PASSES
+    nbytes = matrix_bytes * HOT_PASSES
     rows = []
     for m in counts:
         macs = m * n * HOT_K * HOT_PASSES
-        row = {"weights": label, "rows": m, "bytes": nbytes, "matrix_bytes": nbytes // HOT_PASSES,
+        row = {"weights": label, "rows": m, "bytes": nbytes, "matrix_bytes": matrix_bytes,
                "passes": HOT_PASSES, "macs": macs, "ms": 1e3 * t[m],
                "gmacs": macs / t[m] / 1e9, "fraction_of_peak": macs / t[m] / peak,
                "weight_gbs": nbytes / t[m] / 1e9, "hot_vs_read_bw": nbytes / t[m] / 1e9 / bandwidth}
