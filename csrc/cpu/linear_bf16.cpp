@@ -68,16 +68,17 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // slow ones (6.2 ms) the pass 0.93-1.0x and the verify step 0.98-1.0x; 2 x 4 rows of W (the 5+ row blocks) gave
 // 0.985-0.988x. With the T1 hint before it, the 8-row blocks had been the faster ones (0.85-0.92x).
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
-// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512: blocks of 8 rows of W, 8 independent
-// accumulators where 4 x 4 blocks give one row 4, which leave vdpbf16ps's latency exposed. Measured (bench_ab,
-// SmolLM2's matrices, 2 threads, two runs): the bf16 pass 0.93-0.95x, a bf16 plain step 0.95-0.97x; with the weights
-// in cache a 1536 x 576 matrix 10.7 against 15.0 us. fp32 (twice the bytes, bound by the stream) measured no gain.
+// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512 runs in the 2-4 rows' blocks of 2 rows
+// of W, with their software prefetch kPrefetchBytes ahead, since 2026-12-06: measured on a 2-core AMD EPYC 9004
+// (Zen 4, 35-58 GB/s) with bench_ab --in-process (cpu-20261206-s24-one-row), the one-row pass of SmolLM2's matrices
+// 0.63-0.69x the time of the 8-row blocks below, a plain bf16 step 0.68-0.77x; there one row had been slower than
+// two (plain step 13.2 ms, a 2-token verification 9.7). The 8-row blocks with the same prefetch measured 0.94-0.95x,
+// 4-row blocks 0.95x: it is the two rows of W streaming at a time, not the prefetch, that pays there. Before, on the
+// Zen 5 EPYC of the earlier sessions, one row had 8-row blocks without prefetch (8 independent accumulators: the
+// pass 0.93-0.95x the time of 4 x 4 blocks; their prefetch made it slower there, 1.10-1.12x at one block ahead);
+// one row in 2-row blocks was not measured on that machine.
+// The packed layout (below) keeps 8-row blocks without prefetch for one and two rows.
 constexpr int kNbOneRow = 8;
-// One bf16 activation row in blocks of 8 rows of W (rows_bf16_avx512): no software prefetch. It made the one-row
-// stream slower where it makes 2-8 rows in the smaller blocks much faster (measured with T1, bench_ab, SmolLM2's
-// matrices, 2 threads, context 600: without it one row 0.87-0.92x, a plain bf16 step 0.84-0.91x; 2-8 rows in 2 x 4
-// and 4 x 4 blocks 1.3-1.7x slower). The fp32 path keeps it: a branch for one row in rows_avx512 made its 2-8 rows
-// 6-22% slower, inlined or not.
 constexpr int kAheadOneRow = 0;
 
 // ----- bf16 x bf16 (vdpbf16ps's order) on x86: the caller holds a FlushDenormals for the whole call.
@@ -177,8 +178,9 @@ template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                             int64_t n_end) {
-  if (M == 1)
-    return rows_path_bf16_avx512<kNbOneRow, 1, kHw, kAheadOneRow>(x, 1, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
+  if (M == 1)  // (its own path: the row count a literal, see above)
+    return rows_path_bf16_avx512<kNbFewBf16, 1, kHw, 0, false, kPrefetchBytes>(x, 1, K, ldx, w, N, bias, y, ldy,
+                                                                               n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
     return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytes>(
         x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
@@ -186,8 +188,8 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                                                                        ldy, n_begin, n_end);
 }
 
-// The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (the one-row path's blocks), each read as one
-// sequential run of memory. One and two rows in 8-row blocks (two rows as the row-major path had them before
+// The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (kNbOneRow: the one-row path's blocks until
+// 2026-12-06), each read as one sequential run of memory. One and two rows in 8-row blocks (two rows as the row-major path had them before
 // 2026-12-05); more in groups of kMbPacked activation rows
 // (24 accumulators) with the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
 // (bench_linear, SmolLM2's matrices, one call per pass, 2 threads, passes back to back as decode steps run,
@@ -197,7 +199,7 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 // of 4 (32 accumulators) mixed. Not used by the layer stack: a scratch build whose stack read packed weights took
 // 1.04-1.10x the time of a plain step and 1.15-1.20x of a 2-token verify (0.97-0.99x at 5-7 tokens).
 constexpr int kMbPacked = 3;
-static_assert(KR_CPU_PACK_ROWS == kNbOneRow, "packs are the one-row path's blocks");
+static_assert(KR_CPU_PACK_ROWS == kNbOneRow, "packs are kNbOneRow rows");
 template <bool kHw>
 KR_TARGET_AVX512_BF16 void rows_bf16_packed_avx512(const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
                                                    const uint16_t* w, int64_t N, const float* bias, float* y,
