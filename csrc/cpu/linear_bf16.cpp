@@ -52,23 +52,27 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 
 #if KR_CPU_X86
 
-// bf16 x bf16 (AVX512-BF16) with 2-4 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
-// the activation rows, in one group, so that only 2 rows of W stream at a time. Measured here on SmolLM2-shaped
-// random weights, 2 threads, interleaved A/B runs: the verify step (layers 1-29 and the head) over 3 / 4 tokens took
-// 4.98-5.06 / 5.35-5.37 ms against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks. 5 or more rows keep 4 x 4, slower in
-// these blocks (the few accumulators leave vdpbf16ps's latency exposed; one group of 5-8 rows here, 16 accumulators,
-// made the 8-row pass 1.08x slower; measured again on 2026-12-06 with the prefetch 9 KB ahead, 2 x 8 blocks took
-// 0.99x / 1.03-1.06x the 5 / 8 row passes' time, verify steps over 5 / 8 tokens 0.98x / 1.03x, in a slow phase,
-// cpu-20261206-s21-panels/bf16-2x8-tried). The same blocks for fp32 were faster alone on the model's matrices but not
-// inside the layer stack, and slower with bf16 weights widened to fp32: those stay 4 x 4 (fp32 with 5-6 rows has
-// its own 2-row blocks since 2026-12-06: kNbManyFp32).
+// bf16 x bf16 (AVX512-BF16) with 2-7 rows, as a verify step has (k + 1 for k drafts): blocks of 2 rows of W by all
+// the activation rows, in one group, so that only 2 rows of W stream at a time. On the Zen 5 EPYC of the earlier
+// sessions (SmolLM2-shaped random weights, 2 threads, interleaved A/B runs) the verify step (layers 1-29 and the
+// head) over 3 / 4 tokens took 4.98-5.06 / 5.35-5.37 ms here against 5.81-5.90 / 5.96-6.11 with 4 x 4 blocks, and 5
+// or more rows were slower or neutral here: one group of 5-8 rows, 16 accumulators, made the 8-row pass 1.08x
+// slower; with the prefetch 9 KB ahead, 2 x 8 blocks took 0.99x / 1.03-1.06x the 5 / 8 row passes' time, verify
+// steps over 5 / 8 tokens 0.98x / 1.03x, in a slow phase (cpu-20261206-s21-panels/bf16-2x8-tried); 5-8 rows in
+// groups of up to 4 here, 0.99-1.07x (cpu-20261206-s23-tried/linear-2row-blocks-5-8). 5-7 rows joined on
+// 2026-12-06 on this session's 2-core Zen 4 EPYC (bench_ab --in-process, cpu-20261206-s24-rows-5-7), where the 4 x 4
+// blocks re-read each block for a 5th row: the 5 / 6 / 7 row passes 0.74-0.83 / 0.78-0.88 / 0.84-0.91x the time of
+// the 4 x 4 blocks, verify steps over 5 / 6 / 7 tokens 0.75-0.78 / 0.81-0.84 / 0.92-0.94x; 8 rows in one group here
+// measured 1.04-1.10x the pass and 1.04-1.06x the 8-token verify step, so 8 rows keep 4 x 4. The same blocks for
+// fp32 were faster alone on the model's matrices but not inside the layer stack, and slower with bf16 weights widened
+// to fp32: those stay 4 x 4 (fp32 with 5-6 rows has its own 2-row blocks since 2026-12-06: kNbManyFp32).
 // Two rows joined these blocks on 2026-12-05, from the one-row path's 8-row blocks with the NTA prefetch one block
 // ahead (bench_ab --in-process, SmolLM2's matrices, 2 threads, context 600, four runs of 6-8 rounds): in the host's
 // fast phases (plain step 4.8-5.1 ms) the two-row pass 0.955-0.968x and a 2-token verify step 0.957-0.959x, in its
 // slow ones (6.2 ms) the pass 0.93-1.0x and the verify step 0.98-1.0x; 2 x 4 rows of W (the 5+ row blocks) gave
 // 0.985-0.988x. With the T1 hint before it, the 8-row blocks had been the faster ones (0.85-0.92x).
-constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 4;
-// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512 runs in the 2-4 rows' blocks of 2 rows
+constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 7;
+// One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512 runs in the 2-7 rows' blocks of 2 rows
 // of W, with their software prefetch kPrefetchBytes ahead, since 2026-12-06: measured on a 2-core AMD EPYC 9004
 // (Zen 4, 35-58 GB/s) with bench_ab --in-process (cpu-20261206-s24-one-row), the one-row pass of SmolLM2's matrices
 // 0.63-0.69x the time of the 8-row blocks below, a plain bf16 step 0.68-0.77x; there one row had been slower than
