@@ -63,9 +63,13 @@ void rows_portable(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* 
 
 #if KR_CPU_X86
 
-// fp32 x fp32 with 5-6 activation rows (verify steps over 5-6 tokens, a batch's rounds): blocks of 2 rows of W by
-// all the rows in one group (10-12 accumulators), where 4 x 4 blocks take a group of 4 and one of 1-2 rows, the
-// second re-reading the block from L1 while only the prefetch streams (which made 5-6 rows cost more than 7-8).
+// fp32 x fp32 with 1-6 activation rows (plain and verify steps, a batch's rounds): blocks of 2 rows of W by all the
+// rows in one group (2-12 accumulators). 1-4 rows joined on 2026-12-06, on this session's 2-core Zen 4 EPYC
+// (bench_ab --in-process against the 4 x 4 blocks, cpu-20261206-s24-fp32-rows-1-4): the 1 / 2 / 4 row passes
+// 0.89-0.93 / 0.95-1.01 / 0.75-0.82x, the plain step 0.91-0.92x, verify steps over 2 / 4 tokens 1.01x / 0.86-0.91x
+// (not measured on the Zen 5 EPYC of the earlier sessions). 5-6 rows since 2026-12-06 (Zen 5), where 4 x 4 blocks
+// take a group of 4 and one of 1-2 rows, the second re-reading the block from L1 while only the prefetch streams
+// (which made 5-6 rows cost more than 7-8).
 // Measured with bench_ab --in-process against 5e68e5f (SmolLM2's matrices, fp32, 2 threads, 3 x 8 repeats, paired
 // medians, cpu-20261206-s20-fp32-rows56): the 5 / 6 row passes 0.89-0.91x / 0.94x, verify steps over 5 / 6 tokens
 // 0.91x / 0.96x, 1, 4, 7 and 8 rows (unchanged code) 0.98-1.03x. The same blocks for 7-8 rows (2 x 8, two-by-eight/)
@@ -255,7 +259,7 @@ template <typename WT>
 KR_TARGET_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* w, int64_t N,
                                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   if constexpr (std::is_same_v<WT, float>) {
-    if (M > kMbAvx512 && M <= kMbManyFp32)
+    if (M <= kMbManyFp32)
       return rows_path_avx512<kNbManyFp32, kMbManyFp32, WT>(x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
     if (K >= kKBlockMinK && (M == 7 || M == 8))
       return M == 7 ? rows_panels_avx512<3>(x, K, ldx, w, N, bias, y, ldy, n_begin, n_end)
