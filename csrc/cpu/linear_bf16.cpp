@@ -72,8 +72,13 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // slow ones (6.2 ms) the pass 0.93-1.0x and the verify step 0.98-1.0x; 2 x 4 rows of W (the 5+ row blocks) gave
 // 0.985-0.988x. With the T1 hint before it, the 8-row blocks had been the faster ones (0.85-0.92x).
 constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 7;
+// Their software prefetch goes about 4.5 KB ahead (2 blocks at K = 576, 1 at K = 1536), where the other paths go
+// kPrefetchBytes (9 KB): on the Zen 4 host (bench_ab --in-process against 9 KB, cpu-20261206-s24-prefetch-bytes) the
+// one-row pass 0.93-0.95x the time, a plain bf16 step 0.95-1.0x, a 5-token verify 0.97-0.98x; fp32's one and two
+// rows 1.06-1.2x slower that way, so fp32 keeps 9 KB. 18 KB made every case 1.04-1.35x slower (18kb-tried/).
+constexpr int64_t kPrefetchBytesFewBf16 = 4608;
 // One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512 runs in the 2-7 rows' blocks of 2 rows
-// of W, with their software prefetch kPrefetchBytes ahead, since 2026-12-06: measured on a 2-core AMD EPYC 9004
+// of W, with their software prefetch (then 9 KB ahead), since 2026-12-06: measured on a 2-core AMD EPYC 9004
 // (Zen 4, 35-58 GB/s) with bench_ab --in-process (cpu-20261206-s24-one-row), the one-row pass of SmolLM2's matrices
 // 0.63-0.69x the time of the 8-row blocks below, a plain bf16 step 0.68-0.77x; there one row had been slower than
 // two (plain step 13.2 ms, a 2-token verification 9.7). The 8-row blocks with the same prefetch measured 0.94-0.95x,
@@ -183,10 +188,10 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
                                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                             int64_t n_end) {
   if (M == 1)  // (its own path: the row count a literal, see above)
-    return rows_path_bf16_avx512<kNbFewBf16, 1, kHw, 0, false, kPrefetchBytes>(x, 1, K, ldx, w, N, bias, y, ldy,
-                                                                               n_begin, n_end);
+    return rows_path_bf16_avx512<kNbFewBf16, 1, kHw, 0, false, kPrefetchBytesFewBf16>(x, 1, K, ldx, w, N, bias, y,
+                                                                                      ldy, n_begin, n_end);
   if (M <= kFewRowsMaxBf16)
-    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytes>(
+    return rows_path_bf16_avx512<kNbFewBf16, kFewRowsMaxBf16, kHw, 0, false, kPrefetchBytesFewBf16>(
         x, M, K, ldx, w, N, bias, y, ldy, n_begin, n_end);
   return rows_path_bf16_avx512<kNbAvx512, kMbAvx512, kHw, 0, false, kPrefetchBytes>(x, M, K, ldx, w, N, bias, y,
                                                                                        ldy, n_begin, n_end);
