@@ -609,11 +609,21 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    break  # the first processor's block ends at its blank line
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = fields.get("model name", model)
+    # A virtual machine's model name can be generic ("AMD EPYC"): the family and model numbers tell its
+    # generations apart (AMD family 25 is Zen 3 / Zen 4, 26 is Zen 5), whose memory systems measure differently.
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
