@@ -159,7 +159,7 @@ def _cpu_extension():
         return skip("the build flags are written for GCC and Clang; Windows is not supported")
     max_jobs = _max_jobs()
     # -falign-functions=64 / -falign-loops=64: the kernels' loops keep their place against cache lines and the op
-    # cache when other code changes size (docs/design.md: unaligned, a change elsewhere moved a pass by 3-20%).
+    # cache when other code changes size (docs/design.md: unaligned, a change elsewhere moved a pass by 3-30%).
     flags = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-falign-functions=64", "-falign-loops=64"]
     link = []
     # at::parallel_for is an inline template: with torch's OpenMP backend it must be compiled with -fopenmp, or

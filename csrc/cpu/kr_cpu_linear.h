@@ -31,14 +31,17 @@ constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
 // prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
 // T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
 // measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
-// 8-row sweep 0.95x (fp32 0.86x). One bf16 row: kAheadOneRow. A second, far prefetch (T1 16 KB or T2 32 KB
+// 8-row sweep 0.95x (fp32 0.86x). One bf16 row: the 2-row blocks with kPrefetchBytesFewBf16 since 2026-12-06 (the
+// packed layout's: kAheadOneRow). A second, far prefetch (T1 16 KB or T2 32 KB
 // ahead, a block's lines at each block's start) made 2-8 rows 1.04-1.16x slower (no performance counters here to
 // say why; a software prefetch that misses holds one of the L1's miss buffers, which the stream's loads need too).
 constexpr int kPrefetchBlocks = 2;
-// The AVX-512 paths that prefetch (bf16 with 2-8 rows, fp32 with any) go about this many bytes ahead, in whole
-// blocks (at least one): SmolLM2's bf16 2-row blocks 4 ahead for K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its
-// 4-row blocks 2 (9.2 KB) and 1 (12.3 KB), its fp32 4-row blocks 1 (9.2 KB and 24.6 KB), where kPrefetchBlocks had
-// put the bf16 2-row blocks only 4.6 KB ahead for K = 576 and the others 18-49 KB ahead. Measured with bench_ab
+// The AVX-512 paths that prefetch go about this many bytes ahead, in whole blocks (at least one): fp32 with any
+// rows, bf16 with 8 or more (bf16 with 1-7 rows, in the 2-row blocks: kPrefetchBytesFewBf16, linear_bf16.cpp, since
+// 2026-12-06). As measured on the Zen 5 host when bf16 2-8 rows took it: SmolLM2's bf16 2-row blocks 4 ahead for
+// K = 576 (9.2 KB) and 2 for K = 1536 (12.3 KB), its 4-row blocks 2 (9.2 KB) and 1 (12.3 KB), its fp32 4-row blocks
+// 1 (9.2 KB and 24.6 KB), where kPrefetchBlocks had put the bf16 2-row blocks only 4.6 KB ahead for K = 576 and the
+// others 18-49 KB ahead. Measured with bench_ab
 // --in-process against the 2-block build (SmolLM2's matrices, 2 threads, context 600), the third of the repeats
 // where the host was fastest / slowest:
 //   bf16 (300 repeats, cpu-20261205-s15-prefetch-bytes; plain step 5.0 / 7.4 ms): 2-4 row passes 0.948-0.974x /
@@ -65,7 +68,7 @@ inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
 // cpu-20261206-s20-prefetch-front) made 7 / 8 / 16 row passes 1.09 / 1.13-1.15 / 1.36-1.46x slower in fp32 and
 // 1.03-1.09 / 1.10-1.12 / 1.33-1.43x in bf16. So does every line: a request for every other line only (leaving the
 // rest to the hardware prefetchers) made 1-8 row passes 1.16-1.65x slower in fp32 and 2-8 rows 1.75-2.1x in bf16
-// (cpu-20261206-s20-prefetch-half; bf16's one row, which does not prefetch, unchanged).
+// (cpu-20261206-s20-prefetch-half; bf16's one row, which then did not prefetch, unchanged).
 struct Prefetch {
   const char* begin = nullptr;  // nullptr: nothing to prefetch
   int64_t rate = 0;             // the slice's bytes * 2^16 / K

@@ -65,7 +65,7 @@ void rows_portable_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // the 4 x 4 blocks, verify steps over 5 / 6 / 7 tokens 0.75-0.78 / 0.81-0.84 / 0.92-0.94x; 8 rows in one group here
 // measured 1.04-1.10x the pass and 1.04-1.06x the 8-token verify step, so 8 rows keep 4 x 4. The same blocks for
 // fp32 were faster alone on the model's matrices but not inside the layer stack, and slower with bf16 weights widened
-// to fp32: those stay 4 x 4 (fp32 with 5-6 rows has its own 2-row blocks since 2026-12-06: kNbManyFp32).
+// to fp32: fp32 with 1-6 rows has its own 2-row blocks since 2026-12-06 (kNbManyFp32, linear.cpp).
 // Two rows joined these blocks on 2026-12-05, from the one-row path's 8-row blocks with the NTA prefetch one block
 // ahead (bench_ab --in-process, SmolLM2's matrices, 2 threads, context 600, four runs of 6-8 rounds): in the host's
 // fast phases (plain step 4.8-5.1 ms) the two-row pass 0.955-0.968x and a 2-token verify step 0.957-0.959x, in its
@@ -79,8 +79,9 @@ constexpr int kNbFewBf16 = 2, kFewRowsMaxBf16 = 7;
 constexpr int64_t kPrefetchBytesFewBf16 = 4608;
 // One activation row (a plain step, a draft step) of bf16 x bf16 on AVX-512 runs in the 2-7 rows' blocks of 2 rows
 // of W, with their software prefetch (then 9 KB ahead), since 2026-12-06: measured on a 2-core AMD EPYC 9004
-// (Zen 4, 35-58 GB/s) with bench_ab --in-process (cpu-20261206-s24-one-row), the one-row pass of SmolLM2's matrices
-// 0.63-0.69x the time of the 8-row blocks below, a plain bf16 step 0.68-0.77x; there one row had been slower than
+// (Zen 4, 29-58 GB/s) with bench_ab --in-process (cpu-20261206-s24-one-row), the one-row pass of SmolLM2's matrices
+// 0.63-0.69x the time of the 8-row blocks below, a plain bf16 step 0.68-0.77x (the AVX-512 variant without
+// AVX512-BF16 took the same path, untimed); there one row had been slower than
 // two (plain step 13.2 ms, a 2-token verification 9.7). The 8-row blocks with the same prefetch measured 0.94-0.95x,
 // 4-row blocks 0.95x: it is the two rows of W streaming at a time, not the prefetch, that pays there. Before, on the
 // Zen 5 EPYC of the earlier sessions, one row had 8-row blocks without prefetch (8 independent accumulators: the
@@ -130,7 +131,8 @@ KR_TARGET_AVX512_BF16 void tile_bf16_avx512(const uint16_t* x, int64_t ldx, cons
     for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
   const int64_t k_full = K - K % kPairChunk;
   int64_t k = 0;
-  // The 3-4 and 5+ row blocks take two chunks a trip (the same chunks in the same order: the same bits). Measured
+  // The 2-row blocks (1-7 rows since 2026-12-06) and the 4 x 4 ones (8+) take two chunks a trip (the same chunks in
+  // the same order: the same bits). Measured
   // (bench_ab --in-process probes, three processes): verify steps over 4 / 5 / 6-7 tokens 0.95-0.97 / 0.94-0.95 /
   // 0.98-0.99x, the 5-row pass 0.92-0.94x, the 8-row pass 1.02-1.04x, 1-3 rows unchanged.
   static_assert(!kPacked || NB == KR_CPU_PACK_ROWS, "a packed block is KR_CPU_PACK_ROWS rows");
@@ -198,9 +200,9 @@ KR_TARGET_AVX512_BF16 void rows_bf16_avx512(const uint16_t* x, int64_t M, int64_
 }
 
 // The packed layout's rows: blocks of KR_CPU_PACK_ROWS rows of W (kNbOneRow: the one-row path's blocks until
-// 2026-12-06), each read as one sequential run of memory. One and two rows in 8-row blocks (two rows as the row-major path had them before
-// 2026-12-05); more in groups of kMbPacked activation rows
-// (24 accumulators) with the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
+// 2026-12-06), each read as one sequential run of memory. One and two rows in 8-row blocks (two rows as the
+// row-major path had them before 2026-12-05); more in groups of kMbPacked activation rows (24 accumulators) with
+// the software prefetch of the 2 x 4 and 4 x 4 blocks. Measured against the row-major paths
 // (bench_linear, SmolLM2's matrices, one call per pass, 2 threads, passes back to back as decode steps run,
 // cpu-20261205-s12-linear-packed): 1 / 2 / 4 / 8 rows 0.95 / 0.99 / 0.97 / 0.96x, 16 / 32 / 64 rows 0.85 / 0.80 /
 // 0.78x; scratch runs in one process gave 0.86-0.99x at 1-8 rows. After a torch pass instead (no warm pass before)
