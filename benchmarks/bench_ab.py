@@ -26,18 +26,22 @@ tree's kangaroo_rt (checked). The probe is this file's, the same code for both s
                follows draft steps and the context grows. A call takes seconds: run it with few repeats and
                rounds (--repeats 2 --rounds 3 takes about three minutes at 3 prompts x 256 tokens).
 
+  head         screen M=m, opt-in (--cases head): the screened greedy head (kangaroo_rt._cpu.screened_argmax) at
+               SmolLM2's head shape, m rows (--rows), one call on each of 4 random heads in turn, so that each
+               head's 28 MB int8 screen comes from DRAM (the other three evict it, as a step's layers do)
+
   engine       serving, opt-in (--cases engine): the decode case's prompts and model, all of them at once as
                concurrent greedy requests of kangaroo_rt.Engine (as many slots), plain ("engine plain") and Kangaroo
                ("engine kangaroo"): a batch's rounds, where the rows' chains differ in length.
 
---cases picks among linear (the linear and sweep rows), steps (plain and verify), attention, decode and engine
+--cases picks among linear (the linear and sweep rows), steps (plain and verify), attention, decode, engine and head
 (default the first three); attention's share of a step grows with the context, which --context sets for the steps.
 
 Every case reports, per side, the median over rounds of each process's median, the spread (lowest and
 highest process) and this/base. Results: a table and ``<out>/bench_ab.json``.
 
     PYTHONPATH=. python benchmarks/bench_ab.py [--base REV] [--rounds 5] [--dtypes bfloat16,float32]
-        [--cases linear,steps,attention,decode,engine] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
+        [--cases linear,steps,attention,decode,engine,head] [--context 256] [--decode-prompts 3] [--decode-tokens 256]
         [--rows 1,2,3,4,5,8] [--verify-tokens 2,3,4,5] [--attention 1:256,5:2048] [--in-process] [--out DIR]
 
 --in-process measures both builds in one process instead: this tree's kangaroo_rt with its own extension and the
@@ -78,7 +82,7 @@ QUICK_ROWS, QUICK_ATTENTION = (1, 4), ((1, 16), (3, 16))  # what --quick times i
 VERIFY_TOKENS = (2, 3, 4, 5)
 CONTEXT = 256
 CASES = ("linear", "steps", "attention")  # the default
-OPT_IN_CASES = ("decode", "engine")
+OPT_IN_CASES = ("decode", "engine", "head")
 ATTENTION = ((1, 256), (1, 1024), (1, 2048), (3, 1024), (5, 256), (5, 1024))  # (queries, cached keys)
 
 
@@ -184,6 +188,14 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                     x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
                     cases[f"{name} sweep M={m}"] = lambda x=x, y=y, mats=mats: cpu().linear_sweep(x, mats, y)
+            if "head" in args.cases and hasattr(cpu(), "screened_argmax"):
+                heads = [(torch.randn(49152, 576) * 0.05).to(dtype) for _ in range(4)]
+                screens = [list(_cpu_ext.make_head_screen(w)) for w in heads]
+                for m in args.rows:
+                    x = (torch.randn(m, 576) * 3).to(dtype)
+                    cases[f"{name} head screen M={m}"] = (
+                        lambda x=x, heads=heads, screens=screens:
+                        [cpu().screened_argmax(x, w, s) for w, s in zip(heads, screens)])
             if "attention" in args.cases:
                 for q_len, ctx in args.attention:
                     q = torch.randn(1, 9, q_len, 64).to(dtype)

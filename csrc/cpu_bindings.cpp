@@ -546,6 +546,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy_commit(
 
 std::string isa() { return kr_cpu_isa_name(process_isa()); }
 
+std::string prefetch_target() {
+  process_isa();  // (raises where KANGAROO_RT_CPU_PREFETCH or KANGAROO_RT_CPU_ISA is invalid)
+  return kr_cpu_prefetch_name(kr_cpu_prefetch_target());
+}
+
 double peak_macs(const std::string& dtype, int64_t threads, int64_t iters) {
   TORCH_CHECK_VALUE(dtype == "float32" || dtype == "bfloat16",
                     "kangaroo_rt._cpu.peak_macs: dtype must be 'float32' or 'bfloat16', got '", dtype, "'");
@@ -626,6 +631,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "'bfloat16') on this many threads together: its arithmetic ceiling");
   m.def("isa", &isa, "the variant this process uses; ValueError when KANGAROO_RT_CPU_ISA asks for one it cannot");
   m.def("supported_isas", &supported_isas, "the variants this CPU runs, best first");
+  m.def("prefetch_target", &prefetch_target,
+        "where the kernels' software prefetch of the weights goes in this process: 'nta' or 'l2' (this CPU's default, "
+        "or KANGAROO_RT_CPU_PREFETCH); ValueError when that variable is invalid");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;
   m.attr("MAX_ROWS_PER_PASS") = KR_CPU_MAX_ROWS_PER_PASS;
 }

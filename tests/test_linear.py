@@ -472,3 +472,47 @@ def test_a_bf16_prefill_goes_to_torch_and_decode_rows_to_the_kernel(cpu):
     assert torch.equal(ops.linear(x, w), cpu.linear(x, w))
     x32, w32 = torch.randn(130, 96), torch.randn(40, 96)
     assert torch.equal(ops.linear(x32, w32), cpu.linear(x32, w32))
+
+
+_PREFETCH_CHILD = r"""
+import hashlib, sys, torch
+from kangaroo_rt import _cpu_ext
+cpu = _cpu_ext.load()
+try:
+    target = cpu.prefetch_target()
+except ValueError as exc:
+    print("error", exc)
+    sys.exit(0)
+gen = torch.Generator().manual_seed(5)
+digest = hashlib.sha256()
+# the paths that prefetch: fp32 and bf16 rows in each block shape, the fp32 panels (7-8 rows at K = 1536), many
+# rows, and the screened head (more than a few blocks of rows, so that the prefetch reaches ahead)
+for dtype in (torch.float32, torch.bfloat16):
+    for M, K, N in ((1, 576, 2304), (2, 576, 1152), (3, 1536, 576), (5, 576, 1536), (7, 1536, 576),
+                    (8, 1536, 640), (8, 576, 1152), (17, 576, 640)):
+        x, w = torch.randn(M, K, generator=gen).to(dtype), torch.randn(N, K, generator=gen).to(dtype)
+        digest.update(cpu.linear(x, w).float().numpy().tobytes())
+    w = torch.randn(4096, 576, generator=gen).to(dtype)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 576, generator=gen).to(dtype) * 3
+        digest.update(cpu.screened_argmax(x, w, list(_cpu_ext.make_head_screen(w))).numpy().tobytes())
+print(target, digest.hexdigest())
+"""
+
+
+def _prefetch_child(value):
+    env = dict(os.environ, PYTHONPATH=ROOT, KANGAROO_RT_CPU_PREFETCH=value)
+    res = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.strip().split()
+
+
+def test_the_prefetch_target_changes_no_bits_and_a_bad_one_is_an_error(cpu):
+    """KANGAROO_RT_CPU_PREFETCH=nta|l2 (kr_cpu_prefetch_target: where the weights' software prefetch goes) gives the
+    same outputs both ways, and the CPU's default is one of them; any other value is a clear error."""
+    default, nta, l2 = _prefetch_child(""), _prefetch_child("nta"), _prefetch_child("l2")
+    assert nta[0] == "nta" and l2[0] == "l2" and default[0] in ("nta", "l2")
+    assert nta[1] == l2[1] == default[1]
+    out = " ".join(_prefetch_child("t0"))
+    assert out.startswith("error") and "KANGAROO_RT_CPU_PREFETCH=t0 is not one of nta, l2" in out

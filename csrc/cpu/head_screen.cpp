@@ -38,10 +38,13 @@ constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmet
 constexpr float kMaxNormProduct = 1.2676506e30f;  // 2^100
 constexpr double kMaxInput = 1.152921504606846976e18;  // 2^60: larger inputs take the whole head
 constexpr int kBlock = 8;  // rows of W a screening step takes
-// The software prefetch, into L1, two blocks (9 KB for SmolLM2) ahead of the first prepared row's pass, where
-// each 64 weights cost a load and two vpdpbusd a row: without it, both parts for every row had taken 0.66 / 0.65 /
-// 1.46 / 1.71x the whole bf16 head's time at 1 / 2 / 4 / 8 rows.
-constexpr int kAheadRows = 2 * kBlock;
+// The software prefetch of the rows ahead of the pair being read. Into L1 (T0), two blocks (9 KB for SmolLM2) ahead,
+// where each 64 weights cost a load and two vpdpbusd a row: without it, both parts for every row had taken 0.66 /
+// 0.65 / 1.46 / 1.71x the whole bf16 head's time at 1 / 2 / 4 / 8 rows (the Zen 5 host). Where the kernels
+// prefetch into L2 (kr_cpu_prefetch_target(), the Zen 4 host), T1 four blocks (18 KB) ahead: there the stream ran
+// at ~20 GB/s with T0 whatever the distance (4.6-37 KB) or with NTA, at 29-39 GB/s with T1 or T2 at 9-74 KB (a
+// scratch harness of this loop, 2 threads, cold, 4 KB and 2 MB pages).
+constexpr int kAheadRowsL1 = 2 * kBlock, kAheadRowsL2 = 4 * kBlock;
 // the longest rows whose integer dots stay within int32: |sum| <= 255 * 127 * kp (kr_cpu.h's kr_cpu_head_screen)
 constexpr int64_t kMaxKp = 32768;
 
@@ -175,34 +178,83 @@ KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st
   _mm256_storeu_ps(lo, _mm256_blendv_ps(_mm256_sub_ps(a, r), _mm256_set1_ps(-__builtin_inff()), wide));
 }
 
-// kBlock rows of W against the M prepared rows: the rows' int8 chunks of 64 stream once from memory and are re-read
-// from L1 for the prepared rows after the first.
+// Rows v0 + j and v0 + j + 1 of W (at q) against the G prepared rows at u: their d1 and d2 into part[g * 2 * kBlock
+// + j (+ 1)] and part[g * 2 * kBlock + kBlock + j (+ 1)], hsum16's order. Each 64-byte chunk of the two rows is loaded
+// once for the G rows, and the rows' chunks stream in order, two rows at a time: on the Zen 4 host the stream of
+// the head ran at ~20 GB/s in blocks of 8 rows read chunk by chunk (8 strided streams), the prepared rows after
+// the first re-reading the block from L1 while no load went to memory.
+enum class Ahead { kNone, kL1, kL2 };
+
+template <int G>
+KR_TARGET_VNNI KR_INLINE void screen_pair_vnni(const uint8_t* u, int64_t kp, const int8_t* q, Ahead ahead, int j,
+                                                __m512i* part) {
+  __m512i acc[G][4];  // (d1 of row j, d1 of row j + 1, d2 of row j, d2 of row j + 1) of each prepared row
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < kp; c += 64) {
+    if (ahead == Ahead::kL2) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + kAheadRowsL2 * kp + c), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRowsL2 + 1) * kp + c), _MM_HINT_T1);
+    } else if (ahead == Ahead::kL1) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + kAheadRowsL1 * kp + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRowsL1 + 1) * kp + c), _MM_HINT_T0);
+    }
+    const __m512i w0 = _mm512_loadu_si512(q + c), w1 = _mm512_loadu_si512(q + kp + c);
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* ug = u + g * 2 * kp;
+      const __m512i x1 = _mm512_loadu_si512(ug + c), x2 = _mm512_loadu_si512(ug + kp + c);
+      acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], x1, w0);
+      acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], x1, w1);
+      acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], x2, w0);
+      acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], x2, w1);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512i* pg = part + g * 2 * kBlock;
+    pg[j] = acc[g][0], pg[j + 1] = acc[g][1], pg[kBlock + j] = acc[g][2], pg[kBlock + j + 1] = acc[g][3];
+  }
+}
+
+// kBlock rows of W against the M prepared rows, in groups of at most kGroupMax rows (one group up to kOneGroupMax:
+// 4 accumulators a prepared row, 24 at 6, with the two weight chunks and x's two parts in the 32 registers); a
+// group after the first re-reads the block from L1. The integer dots are exact, so any order gives the same bounds.
+constexpr int kOneGroupMax = 6, kGroupMax = 4;
+
 KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
-                                      float* hi, float* lo, int64_t ld, int64_t v0) {
+                                      float* hi, float* lo, int64_t ld, int64_t v0, bool l2) {
   const int64_t kp = s->kp;
   const int8_t* q = s->q + v0 * kp;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* u1 = u + m * 2 * kp;
-    __m512i acc[2 * kBlock];  // d1 of the rows, then their d2
-    for (int j = 0; j < 2 * kBlock; ++j) acc[j] = _mm512_setzero_si512();
-    for (int64_t c = 0; c < kp; c += 64) {
-      const __m512i x1 = _mm512_loadu_si512(u1 + c), x2 = _mm512_loadu_si512(u1 + kp + c);
-      for (int j = 0; j < kBlock; ++j) {
-        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRows + j) * kp + c), _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(q + j * kp + c);
-        acc[j] = _mm512_dpbusd_epi32(acc[j], x1, w);
-        acc[kBlock + j] = _mm512_dpbusd_epi32(acc[kBlock + j], x2, w);
+  const int64_t group = M <= kOneGroupMax ? M : kGroupMax;
+  __m512i part[kOneGroupMax * 2 * kBlock];
+  for (int64_t m0 = 0; m0 < M; m0 += group) {
+    const int64_t g = std::min(group, M - m0);
+    const uint8_t* ug = u + m0 * 2 * kp;
+    for (int j = 0; j < kBlock; j += 2) {
+      const int8_t* qj = q + j * kp;
+      const Ahead prefetch = m0 > 0 ? Ahead::kNone : l2 ? Ahead::kL2 : Ahead::kL1;
+      switch (g) {
+        case 1: screen_pair_vnni<1>(ug, kp, qj, prefetch, j, part); break;
+        case 2: screen_pair_vnni<2>(ug, kp, qj, prefetch, j, part); break;
+        case 3: screen_pair_vnni<3>(ug, kp, qj, prefetch, j, part); break;
+        case 4: screen_pair_vnni<4>(ug, kp, qj, prefetch, j, part); break;
+        case 5: screen_pair_vnni<5>(ug, kp, qj, prefetch, j, part); break;
+        default: screen_pair_vnni<6>(ug, kp, qj, prefetch, j, part); break;
       }
     }
-    bounds8(s, stats + m * KR_CPU_SCREEN_STATS, v0, hsum16(acc), hi + m * ld + v0, lo + m * ld + v0);
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t m = m0 + i;
+      bounds8(s, stats + m * KR_CPU_SCREEN_STATS, v0, hsum16(part + i * 2 * kBlock), hi + m * ld + v0,
+              lo + m * ld + v0);
+    }
   }
 }
 
 // Whole blocks of rows here; the last few rows (fewer than kBlock) by the portable loop: the same integers.
 KR_TARGET_VNNI int64_t screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
                                    float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
+  const bool l2 = kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2;
   int64_t v = n_begin;
-  for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v);
+  for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v, l2);
   return v;
 }
 #endif

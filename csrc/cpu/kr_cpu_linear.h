@@ -28,10 +28,12 @@ inline bool bad_rows_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t 
 constexpr int kNbAvx512 = 4, kMbAvx512 = 4;
 // Software prefetch of the weights this many blocks ahead: the AVX2 paths and the packed layout's; the AVX-512
 // paths now go kPrefetchBytes ahead (below). History (measured with the T1 hint: 2 beats 0, 1 and 4;
-// prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal: against
-// T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two runs of 3 and 5 rounds)
-// measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row sweeps 0.87-0.97x, the
-// 8-row sweep 0.95x (fp32 0.86x). One bf16 row: the 2-row blocks with kPrefetchBytesFewBf16 since 2026-12-06 (the
+// prefetching into L1 with T0 evicts the block being read when K is large). The hint is NTA, non-temporal, on the
+// Zen 5 host: against T1 (into L2), bench_ab --in-process (SmolLM2's matrices, bf16, 2 threads, context 600, two
+// runs of 3 and 5 rounds) measured verify steps over 3 / 4 / 5 tokens 0.89-0.95 / 0.92-0.93 / 0.95x, the 3-5 row
+// sweeps 0.87-0.97x, the 8-row sweep 0.95x (fp32 0.86x). On the Zen 4 host T1 is the faster one from 3 rows and in
+// fp32 (kL2MinRowsBf16 below, kr_cpu_prefetch_target()). One bf16 row: the 2-row blocks with kPrefetchBytesFewBf16
+// since 2026-12-06 (the
 // packed layout's: kAheadOneRow). A second, far prefetch (T1 16 KB or T2 32 KB
 // ahead, a block's lines at each block's start) made 2-8 rows 1.04-1.16x slower (no performance counters here to
 // say why; a software prefetch that misses holds one of the L1's miss buffers, which the stream's loads need too).
@@ -55,12 +57,21 @@ constexpr int kPrefetchBlocks = 2;
 // block ahead (9.2 KB) 1.10-1.12x slower in the fast third.
 constexpr int64_t kPrefetchBytes = 9 * 1024;
 
+// Where the target is L2 (kr_cpu_prefetch_target(): the Zen 4 host), fp32 passes and bf16 passes of this many
+// activation rows or more prefetch into L2 (T1); fewer bf16 rows stay non-temporal (NTA). There, over SmolLM2's
+// matrices in 2 MB pages (a scratch harness loading the builds in one process, 12 repeats), T1 took 0.88-0.93x NTA's
+// time at 5-8 bf16 rows and 0.58-0.70x at 5-8 fp32 rows, where the arithmetic per weight byte had held the NTA stream
+// back, but 1.05-1.11x at one bf16 row and 1.01-1.09x at two (fp32 0.97x and 1.02-1.06x, within the noise; with NTA
+// below 3 fp32 rows, bench_ab measured the fp32 one-row pass 1.17-1.22x slower, with T1 0.88-0.93x: docs/design.md).
+constexpr int64_t kL2MinRowsBf16 = 3;
+
 // The whole blocks nearest to bytes ahead, at least one.
 inline int ahead_blocks(int64_t bytes, int64_t block_bytes) {
   return static_cast<int>(std::max<int64_t>(1, (bytes + block_bytes / 2) / std::max<int64_t>(1, block_bytes)));
 }
 
-// Software prefetch (NTA) of the block a few ahead of the current one (kPrefetchBlocks, or the blocks nearest to a
+// Software prefetch (NTA, or T1 where kr_cpu_prefetch_target() says L2: above) of the block a few ahead of the
+// current one (kPrefetchBlocks, or the blocks nearest to a
 // distance in bytes). The register groups of a block (one per MB activation rows) each take an equal slice of it,
 // spread over their K loop, so that requests go out at an even rate whatever M. The rate is fixed-point bytes per k,
 // set once a call: a division per chunk (or per block) costs as much as a few-row chunk's arithmetic. The even spread
@@ -73,15 +84,17 @@ struct Prefetch {
   const char* begin = nullptr;  // nullptr: nothing to prefetch
   int64_t rate = 0;             // the slice's bytes * 2^16 / K
   int64_t issued = 0;
+  bool l2 = false;              // T1 (kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2) instead of NTA
 
   // The slice [lo, lo + bytes of rate) of the block ahead; nothing when W (tail_bytes from the block's start on) ends
   // before it.
   static Prefetch slice(const void* block, int64_t block_bytes, int64_t tail_bytes, int64_t lo, int64_t rate,
-                        int ahead) {
+                        int ahead, bool l2) {
     Prefetch p;
     if (ahead == 0 || (ahead + 1) * block_bytes > tail_bytes) return p;
     p.begin = static_cast<const char*>(block) + ahead * block_bytes + lo;
     p.rate = rate;
+    p.l2 = l2;
     return p;
   }
 
@@ -89,7 +102,11 @@ struct Prefetch {
   KR_TARGET_AVX2 inline void step(int64_t k) {
     if (begin == nullptr) return;
     const int64_t until = (rate * k) >> 16;
-    for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_NTA);
+    if (l2) {
+      for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_T1);
+    } else {
+      for (; issued < until; issued += 64) _mm_prefetch(begin + issued, _MM_HINT_NTA);
+    }
   }
 };
 
@@ -113,13 +130,14 @@ KR_INLINE void for_each_group(const XT* x, int64_t M, int64_t K, int64_t ldx, co
   for (int64_t g = 0; g <= groups; ++g) m_at[g] = std::min<int64_t>(M, g * MB), pf_at[g] = block_bytes * g / groups;
   for (int64_t g = 0; g < groups; ++g) pf_rate[g] = ((pf_at[g + 1] - pf_at[g]) << 16) / std::max<int64_t>(K, 1);
   const int ahead = kAheadBytes > 0 ? ahead_blocks(kAheadBytes, block_bytes) : kAhead;
+  const bool l2 = (sizeof(WT) == 4 || M >= kL2MinRowsBf16) && kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2;
   int64_t n = n_begin;
   for (; n + NB <= n_end; n += NB) {
     const WT* block = w + n * K;
     const float* b = bias != nullptr ? bias + n : nullptr;
     const int64_t tail_bytes = (N - n) * K * static_cast<int64_t>(sizeof(WT));
     for (int64_t g = 0; g < groups; ++g) {
-      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g], ahead);
+      const Prefetch pf = Prefetch::slice(block, block_bytes, tail_bytes, pf_at[g], pf_rate[g], ahead, l2);
       Group(static_cast<int>(m_at[g + 1] - m_at[g]), x + m_at[g] * ldx, ldx, block, pf, K, b, y + m_at[g] * ldy + n,
             ldy);
     }

@@ -172,14 +172,18 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_path_avx512(
 constexpr int64_t kKPiece = 192, kKBlockMinK = 1024;
 constexpr int kPanelBlocks = 4, kPrefetchUnits = 4;
 
-// Software prefetch (NTA) of rows of W: bytes [0, row_bytes) of rows at row, row + row_stride, ..., requested at an
+// Software prefetch (NTA, or T1 where kr_cpu_prefetch_target() says L2) of rows of W: bytes [0, row_bytes) of rows
+// at row, row + row_stride, ..., requested at an
 // even rate along a K loop (rate: fixed-point bytes per k, as Prefetch's), a line at a time.
 struct RowsPrefetch {
   const char* row = nullptr;  // nullptr: nothing to prefetch
   int64_t row_stride = 0, row_bytes = 0, rate = 0, issued = 0, at = 0;
+  bool l2 = false;  // T1 instead of NTA (kr_cpu_prefetch_target())
 
-  static RowsPrefetch rows(const float* first, int64_t rows, int64_t K, int64_t k0, int64_t k1, int64_t span) {
+  static RowsPrefetch rows(const float* first, int64_t rows, int64_t K, int64_t k0, int64_t k1, int64_t span,
+                           bool l2) {
     RowsPrefetch p;
+    p.l2 = l2;
     p.row = reinterpret_cast<const char*>(first + k0);
     p.row_stride = K * static_cast<int64_t>(sizeof(float));
     // a row that does not start on a line (K not a multiple of 16) spans one more line than its bytes
@@ -192,7 +196,10 @@ struct RowsPrefetch {
     if (row == nullptr) return;
     const int64_t until = (rate * k) >> 16;
     for (; issued < until; issued += 64) {
-      _mm_prefetch(row + at, _MM_HINT_NTA);
+      if (l2)
+        _mm_prefetch(row + at, _MM_HINT_T1);
+      else
+        _mm_prefetch(row + at, _MM_HINT_NTA);
       at += 64;
       if (at >= row_bytes) at = 0, row += row_stride;
     }
@@ -223,6 +230,7 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_panels_avx512(
   constexpr int NB = kNbAvx512, MB0 = kMbAvx512, S = kPanelBlocks;
   const int64_t pieces = (K + kKPiece - 1) / kKPiece;
   alignas(64) float saved0[S][NB][MB0][kLanes], saved1[S][NB][MB1][kLanes];
+  const bool l2 = kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2;
   int64_t n = n_begin;
   while (n + NB <= n_end) {
     const int64_t blocks = std::min<int64_t>(S, (n_end - n) / NB), units = pieces * blocks;
@@ -239,8 +247,8 @@ __attribute__((noinline, flatten)) KR_TARGET_AVX512 void rows_panels_avx512(
         if (pb > 0 && u < pieces * pb) {
           const float* ahead = w + (pn + (u % pb) * NB) * K;
           const int64_t a0 = (u / pb) * kKPiece, a1 = std::min(K, a0 + kKPiece);
-          pf0 = RowsPrefetch::rows(ahead, NB / 2, K, a0, a1, k1 - k0);  // rows 0-1 with the first group,
-          pf1 = RowsPrefetch::rows(ahead + (NB / 2) * K, NB - NB / 2, K, a0, a1, k1 - k0);  // 2-3 with the second
+          pf0 = RowsPrefetch::rows(ahead, NB / 2, K, a0, a1, k1 - k0, l2);  // rows 0-1 with the first group,
+          pf1 = RowsPrefetch::rows(ahead + (NB / 2) * K, NB - NB / 2, K, a0, a1, k1 - k0, l2);  // 2-3 with the second
         }
         const float* block = w + (n + t * NB) * K;
         const float* b = bias != nullptr ? bias + n + t * NB : nullptr;
