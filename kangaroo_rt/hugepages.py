@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -75,15 +75,10 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
         total += (storage.nbytes() + 63) // 64 * 64
     if total < (MIN_BYTES if min_bytes is None else min_bytes):
         return 0
-    size = (total + 2 * HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive while any view of it lives
-    start = (-raw.data_ptr()) % HUGE_PAGE
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
+    arena = _arena(total)
+    if arena is None:
         return 0
-    arena = raw[start:start + total]
+    raw, start = arena.untyped_storage(), arena.storage_offset()
     # One storage at a time: copy it, then point every tensor on it at the copy, so that the old storage is freed
     # before the next one is copied (the peak is the mapping plus one storage, not the model twice).
     by_storage: Dict[int, List[int]] = {}
@@ -99,8 +94,7 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
         for key in keys:
             t = tensors[key]
             moved[key] = torch.empty(0, dtype=t.dtype).set_(
-                raw.untyped_storage(), (offsets[ptr] + start) // t.element_size() + t.storage_offset(), t.shape,
-                t.stride())
+                raw, (offsets[ptr] + start) // t.element_size() + t.storage_offset(), t.shape, t.stride())
             new_ptr[t.data_ptr()] = moved[key].data_ptr()
         for key in keys:
             t = tensors[key]
@@ -120,6 +114,43 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
     return total
 
 
+def _arena(total: int) -> Optional[torch.Tensor]:
+    """``total`` bytes (uint8) starting on a 2 MB boundary of a new anonymous mapping advised for huge pages (the
+    tensor keeps the mapping alive while any view of it lives), or None where the advice fails."""
+    size = (total + 2 * HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return None
+    return raw[start:start + total]
+
+
+def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> List[torch.Tensor]:
+    """Contiguous copies of CPU ``tensors`` (same values, dtypes and shapes) in one mapping advised for huge pages,
+    for tensors made after loading that a step streams (the screened head's int8 copy of the head:
+    ``_cpu_ext.head_screen``); the tensors themselves when :func:`available` is false, any is not on the CPU, or they
+    hold fewer than ``min_bytes`` (MIN_BYTES by default)."""
+    tensors = list(tensors)
+    if not available() or any(t.device.type != "cpu" or t.is_sparse for t in tensors):
+        return tensors
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
+    total = sum(sizes)
+    if total == 0 or total < (MIN_BYTES if min_bytes is None else min_bytes):
+        return tensors
+    arena = _arena(total)
+    if arena is None:
+        return tensors
+    out, at = [], 0
+    for t, size in zip(tensors, sizes):
+        n = t.numel() * t.element_size()
+        out.append(arena[at:at + n].view(t.dtype).view(t.shape).copy_(t))
+        at += size
+    return out
+
+
 def huge_page_bytes() -> int:
     """This process's anonymous memory in huge pages (``AnonHugePages`` of /proc/self/smaps_rollup), or -1."""
     try:
@@ -132,4 +163,4 @@ def huge_page_bytes() -> int:
     return -1
 
 
-__all__: Tuple[str, ...] = ("available", "place", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")
+__all__: Tuple[str, ...] = ("available", "place", "copy", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")

@@ -84,3 +84,32 @@ def test_huge_page_bytes_reads_this_process():
     assert got == -1 or got >= 0
     if os.path.exists("/proc/self/smaps_rollup"):
         assert got >= 0
+
+
+@needs_thp
+def test_copy_puts_tensors_in_one_mapping_and_keeps_their_values():
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randint(-127, 128, (300, 64), generator=gen, dtype=torch.int8),
+               torch.randn(300, generator=gen), torch.randint(0, 9, (300,), generator=gen, dtype=torch.int32)]
+    got = hugepages.copy(tensors, min_bytes=0)
+    assert [t.dtype for t in got] == [t.dtype for t in tensors] and [t.shape for t in got] == [t.shape for t in tensors]
+    assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, tensors))
+    assert got[0].data_ptr() % hugepages.HUGE_PAGE == 0 and all(t.data_ptr() % 64 == 0 for t in got)
+    assert got[-1].data_ptr() - got[0].data_ptr() < hugepages.HUGE_PAGE  # one mapping, in order
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, tensors))
+    assert all(a is b for a, b in zip(hugepages.copy(tensors), tensors))  # under MIN_BYTES: the tensors themselves
+
+
+@needs_thp
+def test_the_screened_head_is_kept_in_huge_pages(monkeypatch):
+    from kangaroo_rt import _cpu_ext
+
+    head = torch.nn.Linear(64, 300, bias=False)
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    screen = _cpu_ext.head_screen(head)
+    assert screen is not None and screen[0].data_ptr() % hugepages.HUGE_PAGE == 0
+    want = _cpu_ext.make_head_screen(head.weight.detach())
+    assert all(torch.equal(a, b) for a, b in zip(screen, want))
+    assert _cpu_ext.head_screen(head) is screen  # made once
+    monkeypatch.setenv("KANGAROO_RT_HUGEPAGES", "0")
+    assert all(a is b for a, b in zip(hugepages.copy(want, min_bytes=0), want))  # switched off: left alone
