@@ -431,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _print_prefill(prefill)
     others = load.stop()
     result = {"benchmark": NAME, "smoke_run": args.quick, "device": where, "threads": args.threads,
-              "isa": cpu.isa(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "isa": cpu.isa(), "prefetch": cpu.prefetch_target(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "read_bandwidth_gbs": bandwidth, "read_bandwidth_in_turns_gbs": in_turns,
               "repeats": args.repeats,
               "other_processes_cores": others, "rows": rows,
