@@ -433,8 +433,8 @@ def head_screen(head) -> Optional[tuple]:
     kept = getattr(head, "_kr_head_screen", None)
     if kept is None or kept[0] != key:
         screen = make_head_screen(w.detach())
-        # in 2 MB pages, as loading puts the weights (a step streams it: 0.84-0.95x the time in a scratch run on the
-        # Zen 4 host, 1-8 rows against 4 KB pages)
+        # in 2 MB pages, as loading puts the weights (a step streams it: 0.81-0.93x the time in a scratch run on the
+        # Zen 4 host, 1-8 rows against 4 KB pages; docs/design.md)
         kept = (key, tuple(hugepages.copy(screen)) if screen is not None else None)
         head._kr_head_screen = kept
     return kept[1]

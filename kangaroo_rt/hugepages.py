@@ -144,10 +144,11 @@ def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> Li
     if arena is None:
         return tensors
     out, at = [], 0
-    for t, size in zip(tensors, sizes):
-        n = t.numel() * t.element_size()
-        out.append(arena[at:at + n].view(t.dtype).view(t.shape).copy_(t))
-        at += size
+    with torch.no_grad():
+        for t, size in zip(tensors, sizes):
+            n = t.numel() * t.element_size()
+            out.append(arena[at:at + n].view(t.dtype).view(t.shape).copy_(t))
+            at += size
     return out
 
 

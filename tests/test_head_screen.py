@@ -57,6 +57,24 @@ def test_bounds_hold_the_computed_and_the_exact_logits(cpu, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_each_rows_bounds_do_not_depend_on_the_other_rows(cpu, dtype):
+    """The VNNI loop runs the prepared rows in groups (one group up to 6, groups of 4 beyond): every row count gives
+    each row the bounds it has alone, bit for bit, and they hold the exact logits (V not a multiple of the 8-row
+    blocks, so the portable tail runs too)."""
+    V, K = 203, 150
+    w = _head(V, K, dtype, seed=6)
+    screen = list(_cpu_ext.make_head_screen(w))
+    x = _rows(13, K, dtype, seed=7)
+    alone = [cpu.screen_bounds(x[m:m + 1], screen) for m in range(13)]
+    exact = x.double() @ w.double().T
+    for M in (1, 2, 5, 6, 7, 8, 9, 13):
+        hi, lo = cpu.screen_bounds(x[:M], screen)
+        for m in range(M):
+            assert torch.equal(hi[m], alone[m][0][0]) and torch.equal(lo[m], alone[m][1][0]), (M, m)
+        assert bool((lo <= exact[:M]).all()) and bool((exact[:M] <= hi).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_ties_and_near_ties_choose_the_first_index(cpu, dtype):
     V, K = 700, 96
     w = _head(V, K, dtype, seed=5)

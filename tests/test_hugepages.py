@@ -1,6 +1,7 @@
 """kangaroo_rt.hugepages: moving a model's CPU weights into one mapping advised for 2 MB pages keeps every value,
 every view relation (fused q/k/v and gate/up, the tied head) and every generated token; loads place weights
 above the size threshold, and KANGAROO_RT_HUGEPAGES=0 turns it off."""
+import gc
 import os
 
 import pytest
@@ -90,14 +91,23 @@ def test_huge_page_bytes_reads_this_process():
 def test_copy_puts_tensors_in_one_mapping_and_keeps_their_values():
     gen = torch.Generator().manual_seed(1)
     tensors = [torch.randint(-127, 128, (300, 64), generator=gen, dtype=torch.int8),
-               torch.randn(300, generator=gen), torch.randint(0, 9, (300,), generator=gen, dtype=torch.int32)]
+               torch.randn(300, generator=gen).requires_grad_(),
+               torch.randint(0, 9, (300,), generator=gen, dtype=torch.int32)]
     got = hugepages.copy(tensors, min_bytes=0)
     assert [t.dtype for t in got] == [t.dtype for t in tensors] and [t.shape for t in got] == [t.shape for t in tensors]
-    assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, tensors))
+    assert all(torch.equal(a.detach(), b.detach()) and a.is_contiguous() for a, b in zip(got, tensors))
     assert got[0].data_ptr() % hugepages.HUGE_PAGE == 0 and all(t.data_ptr() % 64 == 0 for t in got)
     assert got[-1].data_ptr() - got[0].data_ptr() < hugepages.HUGE_PAGE  # one mapping, in order
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, tensors))
     assert all(a is b for a, b in zip(hugepages.copy(tensors), tensors))  # under MIN_BYTES: the tensors themselves
+    want = [t.detach().clone() for t in tensors]
+    got_grad_fn = got[1].grad_fn
+    del tensors
+    last = got[-1]
+    del got
+    gc.collect()  # the mapping lives while a copy does
+    assert torch.equal(last, want[-1])
+    assert got_grad_fn is None  # plain copies, outside autograd
 
 
 @needs_thp
@@ -105,6 +115,7 @@ def test_the_screened_head_is_kept_in_huge_pages(monkeypatch):
     from kangaroo_rt import _cpu_ext
 
     head = torch.nn.Linear(64, 300, bias=False)
+    monkeypatch.delenv(_cpu_ext.SCREEN_ENV, raising=False)
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
     screen = _cpu_ext.head_screen(head)
     assert screen is not None and screen[0].data_ptr() % hugepages.HUGE_PAGE == 0

@@ -191,13 +191,16 @@ KR_TARGET_VNNI KR_INLINE void screen_pair_vnni(const uint8_t* u, int64_t kp, con
   __m512i acc[G][4];  // (d1 of row j, d1 of row j + 1, d2 of row j, d2 of row j + 1) of each prepared row
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
+  const uintptr_t at = reinterpret_cast<uintptr_t>(q);
   for (int64_t c = 0; c < kp; c += 64) {
+    // (addresses formed as integers: near the end of the head they lie past it, where a prefetch is harmless but
+    // pointer arithmetic would not be defined)
     if (ahead == Ahead::kL2) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + kAheadRowsL2 * kp + c), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRowsL2 + 1) * kp + c), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(at + kAheadRowsL2 * kp + c), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(at + (kAheadRowsL2 + 1) * kp + c), _MM_HINT_T1);
     } else if (ahead == Ahead::kL1) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + kAheadRowsL1 * kp + c), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(q + (kAheadRowsL1 + 1) * kp + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(at + kAheadRowsL1 * kp + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(at + (kAheadRowsL1 + 1) * kp + c), _MM_HINT_T0);
     }
     const __m512i w0 = _mm512_loadu_si512(q + c), w1 = _mm512_loadu_si512(q + kp + c);
     for (int g = 0; g < G; ++g) {

@@ -54,12 +54,14 @@ const char* kr_cpu_isa_name(int isa);
 // Whether this CPU (and its operating system) runs the variant.
 int kr_cpu_isa_supported(int isa);
 
-// Where the kernels' software prefetch of the weights asks lines to go, fixed for the process at the first call
-// (kr_cpu_linear.h's Prefetch, linear.cpp's RowsPrefetch, the screened head): KR_CPU_PREFETCH_NTA (non-temporal,
-// the choice measured on the Zen 5 EPYC host) or KR_CPU_PREFETCH_L2 (T1, into L2: on the Zen 4 EPYC host the
-// same streams ran up to 1.7x faster that way). L2 on AMD family 19h with AVX-512 (Zen 4), NTA elsewhere, or what
-// KANGAROO_RT_CPU_PREFETCH=nta|l2 names. Either gives the same bits. An invalid value makes kr_cpu_isa() invalid,
-// with kr_cpu_isa_error() saying why.
+// Where the kernels' software prefetch of the weights asks lines to go, fixed for the process at the first call:
+// KR_CPU_PREFETCH_NTA, the choice measured on the Zen 5 EPYC host (the linear passes' Prefetch and RowsPrefetch
+// non-temporal, the screened head's T0, into L1), or KR_CPU_PREFETCH_L2 (T1, into L2, for the screened head, every
+// fp32-weight pass and bf16-weight passes of 3 rows or more, kr_cpu_linear.h's kL2MinRowsBf16; fewer bf16 rows stay
+// NTA): on the Zen 4 EPYC host the same streams ran up to 1.7x faster that way. L2 on AMD family 19h with AVX-512
+// (Zen 4), NTA elsewhere, or what KANGAROO_RT_CPU_PREFETCH=nta|l2 names; every ISA variant follows it (the AVX2 paths
+// with L2 were not measured). Either gives the same bits. An invalid value makes kr_cpu_isa() invalid, with
+// kr_cpu_isa_error() saying why.
 enum kr_cpu_prefetch_code { KR_CPU_PREFETCH_NTA = 0, KR_CPU_PREFETCH_L2 = 1 };
 int kr_cpu_prefetch_target(void);
 

@@ -57,8 +57,9 @@ constexpr int kPrefetchBlocks = 2;
 // block ahead (9.2 KB) 1.10-1.12x slower in the fast third.
 constexpr int64_t kPrefetchBytes = 9 * 1024;
 
-// Where the target is L2 (kr_cpu_prefetch_target(): the Zen 4 host), fp32 passes and bf16 passes of this many
-// activation rows or more prefetch into L2 (T1); fewer bf16 rows stay non-temporal (NTA). There, over SmolLM2's
+// Where the target is L2 (kr_cpu_prefetch_target(): the Zen 4 host), passes over fp32 weights, and over bf16
+// weights with this many activation rows or more, prefetch into L2 (T1); fewer rows over bf16 weights stay
+// non-temporal (NTA). There, over SmolLM2's
 // matrices in 2 MB pages (a scratch harness loading the builds in one process, 12 repeats), T1 took 0.88-0.93x NTA's
 // time at 5-8 bf16 rows and 0.58-0.70x at 5-8 fp32 rows, where the arithmetic per weight byte had held the NTA stream
 // back, but 1.05-1.11x at one bf16 row and 1.01-1.09x at two (fp32 0.97x and 1.02-1.06x, within the noise; with NTA

@@ -5,8 +5,9 @@
 // Memory: decoding a few rows is bound by reading the weights. The kernel takes a block of output rows (rows of
 // W) and runs every activation row against it, in register-blocked groups, before it moves on: the block comes
 // from DRAM once and is re-read from L1 for the other groups. Meanwhile a block about 9 KB ahead is prefetched
-// (hint NTA), a request for every line, spread evenly over the groups' K loops: that lets most of the arithmetic of
-// 8 rows hide under the DRAM read (without it, 8 rows cost 1.4x one row in fp32; with it, 1.05x).
+// (hint NTA, or T1: kr_cpu_prefetch_target()), a request for every line, spread evenly over the groups' K loops:
+// that lets most of the arithmetic of 8 rows hide under the DRAM read (without it, 8 rows cost 1.4x one row in
+// fp32; with it, 1.05x).
 //
 // The reduction order, which makes a row's bits independent of the batch (Kangaroo's verification over k + 1
 // tokens must give the bits of k + 1 single steps): y[m, n] is computed as if on 16 fp32 lanes. Lane l starts
