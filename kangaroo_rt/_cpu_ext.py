@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import hugepages, reference
+from . import huge_mapping, reference
 
 _MODULE = "kangaroo_rt._cpu"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -435,7 +435,7 @@ def head_screen(head) -> Optional[tuple]:
         screen = make_head_screen(w.detach())
         # in 2 MB pages, as loading puts the weights (a step streams it: 0.81-0.93x the time in a scratch run on the
         # Zen 4 host, 1-8 rows against 4 KB pages; docs/design.md)
-        kept = (key, tuple(hugepages.copy(screen)) if screen is not None else None)
+        kept = (key, tuple(huge_mapping.copy(screen)) if screen is not None else None)
         head._kr_head_screen = kept
     return kept[1]
 

@@ -17,28 +17,12 @@ identical. :func:`kangaroo_rt.loading.load_model` places every model it loads on
 """
 from __future__ import annotations
 
-import mmap
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-HUGE_PAGE = 2 << 20
-MIN_BYTES = 8 << 20  # smaller models gain nothing measurable; a 2 MB-aligned mapping would waste most of itself
-_THP_POLICY = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def available() -> bool:
-    """Whether :func:`place` can advise huge pages here (Linux, not disabled by the kernel's policy or by
-    ``KANGAROO_RT_HUGEPAGES=0``)."""
-    if os.environ.get("KANGAROO_RT_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
-    try:
-        with open(_THP_POLICY) as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
+from .huge_mapping import HUGE_PAGE, MIN_BYTES, arena, available, copy, huge_page_bytes
 
 
 def _fused_holders(module: nn.Module) -> List[object]:
@@ -75,10 +59,10 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
         total += (storage.nbytes() + 63) // 64 * 64
     if total < (MIN_BYTES if min_bytes is None else min_bytes):
         return 0
-    arena = _arena(total)
-    if arena is None:
+    block = arena(total)
+    if block is None:
         return 0
-    raw, start = arena.untyped_storage(), arena.storage_offset()
+    raw, start = block.untyped_storage(), block.storage_offset()
     # One storage at a time: copy it, then point every tensor on it at the copy, so that the old storage is freed
     # before the next one is copied (the peak is the mapping plus one storage, not the model twice).
     by_storage: Dict[int, List[int]] = {}
@@ -87,7 +71,7 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
     buffer_slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
     for ptr, keys in by_storage.items():
         storage = storages.pop(ptr)
-        arena[offsets[ptr]:offsets[ptr] + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        block[offsets[ptr]:offsets[ptr] + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
         del storage
         moved: Dict[int, torch.Tensor] = {}
         new_ptr: Dict[int, int] = {}
@@ -112,56 +96,6 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
         for key in keys:  # (drops this function's last reference to the old storage)
             tensors[key] = moved[key]
     return total
-
-
-def _arena(total: int) -> Optional[torch.Tensor]:
-    """``total`` bytes (uint8) starting on a 2 MB boundary of a new anonymous mapping advised for huge pages (the
-    tensor keeps the mapping alive while any view of it lives), or None where the advice fails."""
-    size = (total + 2 * HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % HUGE_PAGE
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        return None
-    return raw[start:start + total]
-
-
-def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> List[torch.Tensor]:
-    """Contiguous copies of CPU ``tensors`` (same values, dtypes and shapes) in one mapping advised for huge pages,
-    for tensors made after loading that a step streams (the screened head's int8 copy of the head:
-    ``_cpu_ext.head_screen``); the tensors themselves when :func:`available` is false, any is not on the CPU, or they
-    hold fewer than ``min_bytes`` (MIN_BYTES by default)."""
-    tensors = list(tensors)
-    if not available() or any(t.device.type != "cpu" or t.is_sparse for t in tensors):
-        return tensors
-    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
-    total = sum(sizes)
-    if total == 0 or total < (MIN_BYTES if min_bytes is None else min_bytes):
-        return tensors
-    arena = _arena(total)
-    if arena is None:
-        return tensors
-    out, at = [], 0
-    with torch.no_grad():
-        for t, size in zip(tensors, sizes):
-            n = t.numel() * t.element_size()
-            out.append(arena[at:at + n].view(t.dtype).view(t.shape).copy_(t))
-            at += size
-    return out
-
-
-def huge_page_bytes() -> int:
-    """This process's anonymous memory in huge pages (``AnonHugePages`` of /proc/self/smaps_rollup), or -1."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
 
 
 __all__: Tuple[str, ...] = ("available", "place", "copy", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")

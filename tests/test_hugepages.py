@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kangaroo_rt import KangarooConfig, KangarooModel, hugepages
+from kangaroo_rt import KangarooConfig, KangarooModel, huge_mapping, hugepages
 from kangaroo_rt.loading import load_model, save_model
 from kangaroo_rt.testing import agreeing_pair, tiny_config
 
@@ -116,7 +116,7 @@ def test_the_screened_head_is_kept_in_huge_pages(monkeypatch):
 
     head = torch.nn.Linear(64, 300, bias=False)
     monkeypatch.delenv(_cpu_ext.SCREEN_ENV, raising=False)
-    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    monkeypatch.setattr(huge_mapping, "MIN_BYTES", 1)
     screen = _cpu_ext.head_screen(head)
     assert screen is not None and screen[0].data_ptr() % hugepages.HUGE_PAGE == 0
     want = _cpu_ext.make_head_screen(head.weight.detach())
