@@ -232,9 +232,9 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
   for (int64_t m0 = 0; m0 < M; m0 += group) {
     const int64_t g = std::min(group, M - m0);
     const uint8_t* ug = u + m0 * 2 * kp;
+    const Ahead prefetch = m0 > 0 ? Ahead::kNone : l2 ? Ahead::kL2 : Ahead::kL1;  // (the first group's pass)
     for (int j = 0; j < kBlock; j += 2) {
       const int8_t* qj = q + j * kp;
-      const Ahead prefetch = m0 > 0 ? Ahead::kNone : l2 ? Ahead::kL2 : Ahead::kL1;
       switch (g) {
         case 1: screen_pair_vnni<1>(ug, kp, qj, prefetch, j, part); break;
         case 2: screen_pair_vnni<2>(ug, kp, qj, prefetch, j, part); break;
