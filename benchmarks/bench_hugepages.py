@@ -6,15 +6,21 @@ and Kangaroo, the order alternating prompt by prompt and over two passes, so tha
 both alike (benchmarks/decode_ab.py). Reports tokens/s per (pages, method), the 2 MB / 4 KB ratios, and whether
 every output is identical (it must be: the bytes are the same).
 
-    PYTHONPATH=. python benchmarks/bench_hugepages.py [--model smollm2] [--prompts 8] [--max-new-tokens 400]
-        [--dtype bfloat16] [--threads 2] [--out DIR] [--smoke]
+    PYTHONPATH=. python benchmarks/bench_hugepages.py [--kv-cache] [--model smollm2] [--prompts 8]
+        [--max-new-tokens 400] [--dtype bfloat16] [--threads 2] [--out DIR] [--smoke]
 
-Prints a table and writes ``<out>/bench_hugepages.json`` (``bench_hugepages-smoke.json`` with --smoke: a random
-tiny model placed with no size threshold, a few tokens; the numbers only show that the script works).
+With ``--kv-cache``, one model (its weights in 2 MB pages) decodes every prompt with two target KV caches of the
+same size in turn (:class:`kangaroo_rt.StaticKVCache`): one in torch's 4 KB pages, one in the mapping advised for
+huge pages that the cache takes on the CPU. (The adapter's one-layer cache is the same for both.)
+
+Prints a table and writes ``<out>/bench_hugepages.json`` (``bench_hugepages-kv.json`` with --kv-cache;
+``...-smoke.json`` with --smoke: a random tiny model placed with no size threshold, a few tokens; the numbers only
+show that the script works).
 """
 # gpu_suite: gpu-args --smoke
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -48,23 +54,49 @@ def _models(args) -> Dict[str, KangarooModel]:
     return {"4k": small, "2m": huge}
 
 
+def _kv_model(args, positions: int) -> KangarooModel:
+    """The model of --kv-cache, its cache length fixed to hold ``positions`` (+ a round's drafts), with
+    ``kv_caches``: {"4k": a target cache in 4 KB pages, "2m": one in 2 MB pages}, of the decoder's size."""
+    if args.smoke:
+        model = decode_ab.smoke_model(place=functools.partial(hugepages.place, min_bytes=0))
+    else:
+        model = models.load_named(args.model, dtype=decode_ab.DTYPES[args.dtype])
+    model.max_len = positions + model.kangaroo.gamma + 2
+    model.decoder.ensure_caches(1, model.max_len)
+    batch, length = model.decoder.cache.max_batch, model.decoder.cache.max_len
+    model.decoder.cache = None  # (freed before the two are made)
+    model.kv_caches = {pages: model.target.new_cache(batch, length, huge_pages=pages == "2m") for pages in ("4k", "2m")}
+    return model
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = decode_ab.parse_args(__doc__, argv)
+    args = decode_ab.parse_args(__doc__, argv, extra=lambda p: p.add_argument(
+        "--kv-cache", action="store_true", help="weights in 2 MB pages on both sides; compare the KV cache's pages"))
     torch.set_num_threads(args.threads)
     if not hugepages.available():
         print(f"{NAME}: no transparent huge pages to advise here (or KANGAROO_RT_HUGEPAGES=0); nothing to compare")
         return 0
-    built = _models(args)
     prompts = decode_ab.prompts(args)
     tokens = decode_ab.SMOKE_TOKENS if args.smoke else args.max_new_tokens
+    if args.kv_cache:
+        model = _kv_model(args, max(p.shape[1] for p in prompts) + tokens)
+        built = {"4k": model, "2m": model}
+    else:
+        built = _models(args)
 
     def decode(pages: str, method: str, ids: torch.Tensor, n: int) -> torch.Tensor:
+        if args.kv_cache:
+            model.decoder.cache = model.kv_caches[pages]
         return built[pages].generate(ids, max_new_tokens=n, **({"kangaroo": None} if method == "ar" else {}))
 
     rate, identical = decode_ab.alternate(("4k", "2m"), decode, prompts, tokens)
+    what = f"huge pages now {hugepages.huge_page_bytes() / 2**20:.0f} MB of this process"
+    if args.kv_cache:
+        return decode_ab.report(NAME + "-kv", args, ("4k", "2m"), ("KV 4 KB", "KV 2 MB"), "two_mb_vs_four_kb", rate,
+                                identical, len(prompts), "weights in 2 MB pages on both sides; " + what,
+                                {"compared": "kv_cache"})
     return decode_ab.report(NAME, args, ("4k", "2m"), ("4 KB", "2 MB"), "two_mb_vs_four_kb", rate, identical,
-                            len(prompts), f"huge pages now {hugepages.huge_page_bytes() / 2**20:.0f} MB of this process",
-                            {})
+                            len(prompts), what, {"compared": "weights"})
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ QUESTIONS = os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jso
 Decode = Callable[[str, str, torch.Tensor, int], torch.Tensor]
 
 
-def parse_args(doc: str, argv: Optional[Sequence[str]] = None, max_new_tokens: int = 400) -> argparse.Namespace:
+def parse_args(doc: str, argv: Optional[Sequence[str]] = None, max_new_tokens: int = 400,
+               extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The shared options; extra(parser) adds a benchmark's own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(p)
     p.add_argument("--model", default="smollm2", choices=[n for n in models.REGISTRY if n != "embedded"])
     p.add_argument("--questions", default=QUESTIONS)
     p.add_argument("--prompts", type=int, default=8, help="one per category, in file order (default 8)")

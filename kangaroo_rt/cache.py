@@ -5,6 +5,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from . import huge_mapping
+
 
 def _free_device_bytes(device: torch.device) -> Optional[int]:
     """Free memory on ``device`` in bytes, or None when it cannot be told (CPU: available RAM)."""
@@ -31,10 +33,18 @@ class StaticKVCache:
     The cache keeps no lengths: the decoder's per-row positions say what is valid. Slots past a row's
     position hold stale data that attention never reads (a query at position p sees keys 0..p only, and every
     slot is rewritten before it is read again), so rolling back is moving the positions, never a copy.
+
+    On the CPU, keys and values of HUGE_PAGE bytes or more live in one anonymous mapping advised for 2 MB pages
+    (:mod:`kangaroo_rt.huge_mapping`, as the weights do), zero-filled as ``torch.zeros`` would be: attention reads
+    each kv head's keys and values as one run, which in 4 KB pages crosses a page (a TLB miss, and a restart of the
+    hardware prefetchers) every 32 bf16 keys of 64 dims. Measured on SmolLM2 in bf16 (a 2-core AMD EPYC 9004,
+    benchmarks/bench_hugepages.py --kv-cache): see docs/design.md. ``huge_pages``: None decides so (off with
+    ``KANGAROO_RT_HUGEPAGES=0``), False never, True wherever :func:`huge_mapping.available` allows.
     """
 
     def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                 huge_pages: Optional[bool] = None) -> None:
         for name, value in (("num_layers", num_layers), ("max_batch", max_batch), ("kv_heads", kv_heads),
                             ("max_len", max_len), ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
@@ -52,8 +62,20 @@ class StaticKVCache:
         self.shape = shape
         self.dtype = dtype
         self.device = device
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = self._allocate(shape, dtype, device, needed, huge_pages)
+
+    @staticmethod
+    def _allocate(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, needed: int,
+                  huge_pages: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed keys and values of ``shape``: in 2 MB pages where the class docstring says, else torch's."""
+        wanted = huge_pages is not False and (huge_pages or needed >= huge_mapping.HUGE_PAGE)
+        if wanted and device.type == "cpu" and huge_mapping.available():
+            each = needed // 2
+            v_at = (each + 63) // 64 * 64  # v starts on a cache line
+            block = huge_mapping.arena(v_at + each)  # a fresh anonymous mapping reads as zeros
+            if block is not None:
+                return block[:each].view(dtype).view(shape), block[v_at:v_at + each].view(dtype).view(shape)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def num_layers(self) -> int:

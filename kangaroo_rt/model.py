@@ -327,10 +327,11 @@ class Transformer(FusesProjections, nn.Module):
         """Final norm + LM head: (B, q, D) -> (B, q, V) logits."""
         return _linear(self.lm_head, self.norm(hidden))
 
-    def new_cache(self, max_batch: int, max_len: int) -> StaticKVCache:
+    def new_cache(self, max_batch: int, max_len: int, huge_pages: Optional[bool] = None) -> StaticKVCache:
+        """A cache for every layer (``huge_pages``: see :class:`StaticKVCache`)."""
         c = self.config
         return StaticKVCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, max_len, c.head_dim,
-                             dtype=self.dtype, device=self.device)
+                             dtype=self.dtype, device=self.device, huge_pages=huge_pages)
 
     # -- forward --------------------------------------------------------------------------------
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int,

@@ -558,6 +558,20 @@ def test_bench_hugepages_smoke_compares_the_pages(tmp_path):
     result = json.loads((tmp_path / "bench_hugepages-smoke.json").read_text())
     assert result["identical_outputs"] and set(result["two_mb_vs_four_kb"]) == {"ar", "kangaroo"}
     assert set(result["tokens_per_s"]) == {"4k ar", "4k kangaroo", "2m ar", "2m kangaroo"}
+    assert result["compared"] == "weights"
+
+
+def test_bench_hugepages_kv_cache_smoke_compares_the_cache_pages(tmp_path):
+    """bench_hugepages --kv-cache --smoke: both tiny models placed, the KV caches in 4 KB against 2 MB pages; every
+    output the same."""
+    from kangaroo_rt import hugepages
+
+    assert run_benchmark("bench_hugepages", ["--kv-cache", "--smoke", "--out", str(tmp_path)]) == 0
+    if not hugepages.available():
+        return
+    result = json.loads((tmp_path / "bench_hugepages-kv-smoke.json").read_text())
+    assert result["identical_outputs"] and result["compared"] == "kv_cache"
+    assert set(result["tokens_per_s"]) == {"4k ar", "4k kangaroo", "2m ar", "2m kangaroo"}
 
 
 def test_bench_greedy_decode_smoke_compares_the_loops(tmp_path):

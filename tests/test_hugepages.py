@@ -124,3 +124,49 @@ def test_the_screened_head_is_kept_in_huge_pages(monkeypatch):
     assert _cpu_ext.head_screen(head) is screen  # made once
     monkeypatch.setenv("KANGAROO_RT_HUGEPAGES", "0")
     assert all(a is b for a, b in zip(hugepages.copy(want, min_bytes=0), want))  # switched off: left alone
+
+
+@needs_thp
+def test_the_kv_cache_takes_huge_pages_from_one_page_on(monkeypatch):
+    """A CPU cache of HUGE_PAGE bytes or more: keys and values zeroed in one 2 MB-aligned mapping, shapes, dtypes and
+    strides as torch.zeros gives, the two apart (writes to one never show in the other); smaller ones, other
+    devices, huge_pages=False and KANGAROO_RT_HUGEPAGES=0 get torch's tensors; huge_pages=True places any size."""
+    from kangaroo_rt import StaticKVCache
+
+    def is_huge(cache):  # k on a 2 MB boundary and v right after it, on the next cache line
+        at = cache.k.data_ptr()
+        return at % hugepages.HUGE_PAGE == 0 and cache.v.data_ptr() == at + (cache.k.nbytes + 63) // 64 * 64
+
+    monkeypatch.delenv("KANGAROO_RT_HUGEPAGES", raising=False)
+    shape = (4, 2, 3, 700, 64)  # k + v: 2.15 MB of bf16
+    big = StaticKVCache(*shape[:3], shape[3], shape[4], dtype=torch.bfloat16)
+    plain = torch.zeros(shape, dtype=torch.bfloat16)
+    for t in (big.k, big.v):
+        assert t.shape == plain.shape and t.dtype == plain.dtype and t.stride() == plain.stride()
+        assert torch.equal(t, plain) and t.data_ptr() % 64 == 0
+    big.k.fill_(1.5)
+    assert is_huge(big)  # one mapping: v right after k
+    assert torch.equal(big.v, plain) and bool((big.k == 1.5).all())
+    k0, v0 = big.layer(0)
+    k0[0, 0, 5] = 2.0
+    assert big.k[0, 0, 0, 5].eq(2.0).all() and big.rows(1, 2).k.shape == (4, 1, 3, 700, 64)
+
+    small = StaticKVCache(2, 1, 3, 64, 64, dtype=torch.bfloat16)  # 98 KB
+    assert torch.equal(small.k, torch.zeros_like(small.k)) and not is_huge(small)
+    forced = StaticKVCache(2, 1, 3, 64, 64, dtype=torch.float32, huge_pages=True)
+    assert is_huge(forced) and torch.equal(forced.v, torch.zeros_like(forced.v))
+    assert not is_huge(StaticKVCache(*shape[:3], shape[3], shape[4], dtype=torch.bfloat16, huge_pages=False))
+    assert StaticKVCache(*shape[:3], shape[3], shape[4], device="meta", huge_pages=True).k.device.type == "meta"
+    monkeypatch.setenv("KANGAROO_RT_HUGEPAGES", "0")
+    assert not is_huge(StaticKVCache(*shape[:3], shape[3], shape[4], dtype=torch.bfloat16))
+    assert not is_huge(StaticKVCache(2, 1, 3, 64, 64, huge_pages=True))  # switched off: even when asked
+
+
+def test_a_model_makes_its_cache_with_the_pages_asked_for():
+    """Transformer.new_cache passes huge_pages on (None: the cache's own rule)."""
+    target, _ = _pair()
+    cache = target.new_cache(1, 16, huge_pages=False)
+    assert cache.shape == (target.config.num_hidden_layers, 1, target.config.num_key_value_heads, 16,
+                           target.config.head_dim)
+    if hugepages.available():
+        assert target.new_cache(1, 16, huge_pages=True).k.data_ptr() % hugepages.HUGE_PAGE == 0
