@@ -69,12 +69,10 @@ class StaticKVCache:
                   huge_pages: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Zeroed keys and values of ``shape``: in 2 MB pages where the class docstring says, else torch's."""
         wanted = huge_pages is not False and (huge_pages or needed >= huge_mapping.HUGE_PAGE)
-        if wanted and device.type == "cpu" and huge_mapping.available():
-            each = needed // 2
-            v_at = (each + 63) // 64 * 64  # v starts on a cache line
-            block = huge_mapping.arena(v_at + each)  # a fresh anonymous mapping reads as zeros
-            if block is not None:
-                return block[:each].view(dtype).view(shape), block[v_at:v_at + each].view(dtype).view(shape)
+        if wanted and device.type == "cpu":
+            kv = huge_mapping.zeros([(shape, dtype)] * 2)  # v right after k, on a cache line
+            if kv is not None:
+                return kv[0], kv[1]
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
     @property

@@ -4,6 +4,7 @@ model's weights into such a mapping), kept apart from it so that the CPU extensi
 model. ``KANGAROO_RT_HUGEPAGES=0`` turns both off."""
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -41,27 +42,48 @@ def arena(total: int) -> Optional[torch.Tensor]:
     return raw[start:start + total]
 
 
+def _carve(specs: Sequence[Tuple[Sequence[int], torch.dtype]], min_bytes: int) -> Optional[List[torch.Tensor]]:
+    """Tensors of each (shape, dtype) of ``specs``, one after another in one new mapping advised for huge pages,
+    each starting on a cache line; as a fresh anonymous mapping they read as zeros. None where :func:`available` is
+    false, they hold no bytes or fewer than ``min_bytes`` (counted with their 64-byte rounding), or the advice fails."""
+    if not available():
+        return None
+    nbytes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+    sizes = [(n + 63) // 64 * 64 for n in nbytes]
+    total = sum(sizes)
+    if total == 0 or total < min_bytes:
+        return None
+    block = arena(total)
+    if block is None:
+        return None
+    out, at = [], 0
+    for (shape, dtype), n, size in zip(specs, nbytes, sizes):
+        out.append(block[at:at + n].view(dtype).view(tuple(shape)))
+        at += size
+    return out
+
+
+def zeros(specs: Sequence[Tuple[Sequence[int], torch.dtype]]) -> Optional[List[torch.Tensor]]:
+    """Zeroed tensors of each (shape, dtype) of ``specs`` in one mapping advised for huge pages (pages never
+    written take no memory), each on a cache line, for buffers a step streams that are made in place (the KV cache:
+    :class:`kangaroo_rt.StaticKVCache`); None where :func:`available` is false or the advice fails."""
+    return _carve(specs, 0)
+
+
 def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> List[torch.Tensor]:
     """Contiguous copies of CPU ``tensors`` (same values, dtypes and shapes) in one mapping advised for huge pages,
     for tensors made after loading that a step streams (the screened head's int8 copy of the head:
     ``_cpu_ext.head_screen``); the tensors themselves when :func:`available` is false, any is not on the CPU, or they
     hold fewer than ``min_bytes`` (MIN_BYTES by default)."""
     tensors = list(tensors)
-    if not available() or any(t.device.type != "cpu" or t.is_sparse for t in tensors):
+    if any(t.device.type != "cpu" or t.is_sparse for t in tensors):
         return tensors
-    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
-    total = sum(sizes)
-    if total == 0 or total < (MIN_BYTES if min_bytes is None else min_bytes):
+    out = _carve([(t.shape, t.dtype) for t in tensors], MIN_BYTES if min_bytes is None else min_bytes)
+    if out is None:
         return tensors
-    block = arena(total)
-    if block is None:
-        return tensors
-    out, at = [], 0
     with torch.no_grad():
-        for t, size in zip(tensors, sizes):
-            n = t.numel() * t.element_size()
-            out.append(block[at:at + n].view(t.dtype).view(t.shape).copy_(t))
-            at += size
+        for copied, t in zip(out, tensors):
+            copied.copy_(t)
     return out
 
 
@@ -77,4 +99,4 @@ def huge_page_bytes() -> int:
     return -1
 
 
-__all__: Tuple[str, ...] = ("available", "arena", "copy", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")
+__all__: Tuple[str, ...] = ("available", "arena", "copy", "zeros", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")
