@@ -17,13 +17,7 @@ def _free_device_bytes(device: torch.device) -> Optional[int]:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free) + max(0, int(cached))
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        return huge_mapping.proc_kb_field("/proc/meminfo", "MemAvailable")
     return None
 
 

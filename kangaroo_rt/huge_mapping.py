@@ -87,16 +87,22 @@ def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> Li
     return out
 
 
-def huge_page_bytes() -> int:
-    """This process's anonymous memory in huge pages (``AnonHugePages`` of /proc/self/smaps_rollup), or -1."""
+def proc_kb_field(path: str, field: str) -> Optional[int]:
+    """The ``field:  N kB`` line of a /proc file (meminfo, smaps_rollup) in bytes, or None where it cannot be read."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("AnonHugePages:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return -1
+    return None
+
+
+def huge_page_bytes() -> int:
+    """This process's anonymous memory in huge pages (``AnonHugePages`` of /proc/self/smaps_rollup), or -1."""
+    got = proc_kb_field("/proc/self/smaps_rollup", "AnonHugePages")
+    return -1 if got is None else got
 
 
 __all__: Tuple[str, ...] = ("available", "arena", "copy", "zeros", "huge_page_bytes", "HUGE_PAGE", "MIN_BYTES")
