@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_ab  # noqa: E402
-from kangaroo_rt import KangarooModel, hugepages, models  # noqa: E402
+from kangaroo_rt import KangarooModel, StaticKVCache, hugepages, models  # noqa: E402
 
 NAME = "bench_hugepages"
 
@@ -54,9 +54,9 @@ def _models(args) -> Dict[str, KangarooModel]:
     return {"4k": small, "2m": huge}
 
 
-def _kv_model(args, positions: int) -> KangarooModel:
-    """The model of --kv-cache, its cache length fixed to hold ``positions`` (+ a round's drafts), with
-    ``kv_caches``: {"4k": a target cache in 4 KB pages, "2m": one in 2 MB pages}, of the decoder's size."""
+def _kv_model(args, positions: int) -> Tuple[KangarooModel, Dict[str, StaticKVCache]]:
+    """The model of --kv-cache, its cache length fixed to hold ``positions`` (+ a round's drafts), and its target
+    caches of the decoder's size: {"4k": one in 4 KB pages, "2m": one in 2 MB pages}."""
     if args.smoke:
         model = decode_ab.smoke_model(place=functools.partial(hugepages.place, min_bytes=0))
     else:
@@ -65,8 +65,7 @@ def _kv_model(args, positions: int) -> KangarooModel:
     model.decoder.ensure_caches(1, model.max_len)
     batch, length = model.decoder.cache.max_batch, model.decoder.cache.max_len
     model.decoder.cache = None  # (freed before the two are made)
-    model.kv_caches = {pages: model.target.new_cache(batch, length, huge_pages=pages == "2m") for pages in ("4k", "2m")}
-    return model
+    return model, {pages: model.target.new_cache(batch, length, huge_pages=pages == "2m") for pages in ("4k", "2m")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -78,15 +77,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     prompts = decode_ab.prompts(args)
     tokens = decode_ab.SMOKE_TOKENS if args.smoke else args.max_new_tokens
+    caches: Optional[Dict[str, StaticKVCache]] = None
     if args.kv_cache:
-        model = _kv_model(args, max(p.shape[1] for p in prompts) + tokens)
+        model, caches = _kv_model(args, max(p.shape[1] for p in prompts) + tokens)
         built = {"4k": model, "2m": model}
     else:
         built = _models(args)
 
     def decode(pages: str, method: str, ids: torch.Tensor, n: int) -> torch.Tensor:
-        if args.kv_cache:
-            model.decoder.cache = model.kv_caches[pages]
+        if caches is not None:
+            built[pages].decoder.cache = caches[pages]
         return built[pages].generate(ids, max_new_tokens=n, **({"kangaroo": None} if method == "ar" else {}))
 
     rate, identical = decode_ab.alternate(("4k", "2m"), decode, prompts, tokens)
