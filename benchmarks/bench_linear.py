@@ -10,10 +10,10 @@ fraction of the DRAM read bandwidth (torch.sum over 512 MB, timed in turns with 
 per repeat; the probe at the start, the best of 14, is recorded too), kernel vs torch, and M
 rows vs one row, and the hardware's limit for the pass (roof: the weight bytes at the read bandwidth, or its
 multiply-adds, weights x M, at the peak rate of the kernel's inner instruction on these threads, measured in the
-same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it; for bf16 also the
-sweep over the same weights in the packed layout (blocks of 8 rows, each one sequential run: _cpu_ext.pack_rows_bf16,
-kr_cpu_linear_rows_bf16_packed) and its time over the row-major sweep's (pk/sw), these two timed back to back (each
-timed pass right after an untimed one of its kind, as decode steps follow one another). The layer matrices of each
+same run by kangaroo_rt._cpu.peak_macs, whichever takes longer) with the sweep's fraction of it. bf16 weights are
+read as the decode stacks read them, through their packed copies (kangaroo_rt._cpu.pack_bf16, made before timing:
+panels of 16 rows, each one sequential run; a row-major bf16 weight is packed by every call, which is not what
+decoding does). The layer matrices of each
 K (576: q, k, v, o, gate, up; 1536: down) are also timed alone at 1 and 8 rows, one call per pass ("by_k"). And 1-8
 rows with the weights in cache ("hot": a 1.8 MB matrix swept 16 times in one call): the kernel's multiply-add rate
 there, its fraction of the peak, and the weight bytes a second it stands for, about the fastest M rows can stream
@@ -123,20 +123,6 @@ def _time_pair(fns: Dict[Key, Callable[[], None]], repeats: int) -> Dict[Key, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _time_back_to_back(fns: Dict[Key, Callable[[], None]], repeats: int) -> Dict[Key, float]:
-    """Median seconds of each function's second call of two in a row, the functions alternating (the order reversed
-    every repeat): as decode steps run, one pass right after another of the same kind."""
-    times: Dict[Key, List[float]] = {name: [] for name in fns}
-    items = list(fns.items())
-    for r in range(repeats):
-        for name, fn in (items if r % 2 == 0 else items[::-1]):
-            fn()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 class OtherLoad:
     """Cores kept busy by other processes between start() and stop() (Linux /proc/stat); None elsewhere."""
 
@@ -163,15 +149,38 @@ class OtherLoad:
         return max(0.0, others / (time.perf_counter() - self.wall))
 
 
-def _check(cpu, mats: List[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+class Kernel:
+    """kangaroo_rt._cpu's linear and linear_sweep as decoding reads the weights: bf16 ones through their packed copies
+    (pack_bf16, made at a weight's first call and kept for the run, so that no timed pass packs), fp32 row-major."""
+
+    def __init__(self, cpu, dtype: torch.dtype) -> None:
+        self.cpu, self.packed = cpu, dtype == torch.bfloat16
+        self._copies: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its packed copy)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return w
+        kept = self._copies.get(id(w))
+        if kept is None or kept[0] is not w:
+            kept = self._copies[id(w)] = (w, self.cpu.pack_bf16(w))
+        return kept[1]
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.cpu.linear(x, self.weight(w), packed=self.packed)
+
+    def sweep(self, x: torch.Tensor, weights: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        return self.cpu.linear_sweep(x, [self.weight(w) for w in weights], out, packed=self.packed)
+
+
+def _check(kernel: Kernel, mats: List[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
     """The kernel agrees with torch, and a row's bits do not depend on the batch (tests/test_linear.py does it
     thoroughly); a benchmark of wrong numbers would be worthless."""
     w = mats[4][1]
     x = torch.randn(8, w.shape[1]).to(dtype)
-    got = cpu.linear(x, w)
+    got = kernel.linear(x, w)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=tol, rtol=tol)
-    if not all(torch.equal(cpu.linear(x[i:i + 1], w)[0], got[i]) for i in range(x.shape[0])):
+    if not all(torch.equal(kernel.linear(x[i:i + 1], w)[0], got[i]) for i in range(x.shape[0])):
         raise AssertionError("a row's result depends on the batch")
 
 
@@ -197,19 +206,16 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
     dtype = WEIGHTS[label]
     layers, head = (QUICK_LAYERS, QUICK_HEAD) if args.quick else (LAYERS, HEAD)
     mats = _model(dtype, layers, head)
-    _check(cpu, mats, dtype)
+    kernel = Kernel(cpu, dtype)
+    _check(kernel, mats, dtype)
     nbytes = sum(w.numel() * w.element_size() for _, w in mats)
     peak = peak_macs(cpu, label, args.threads, args.quick)
-    # bf16: the same pass with the weights in the packed layout (_cpu_ext.pack_rows_bf16), for the builds that have it
-    packed = ([_cpu_ext.pack_rows_bf16(w) for w in (w for _, w in mats)]
-              if label == "bf16" and hasattr(_cpu_ext, "pack_rows_bf16") else None)
     rows: List[Dict] = []
     weights = [w for _, w in mats]
     k_max = max(w.shape[1] for w in weights)
     # Every row count's passes in turns within each repeat, so that M rows over one row compares passes of the same
     # minutes: this host's read bandwidth moves by tens of percent within a minute (bench_host_bandwidth).
     timed: Dict[Tuple[int, str], Callable[[], None]] = {}
-    pairs: Dict[Tuple[int, str], Callable[[], None]] = {}
     counts = QUICK_ROWS if args.quick else ROWS
     timed[0, "read"] = probe[0]  # the read bandwidth, in the same turns
     # The layer matrices of each K alone, one call per pass (how the row count's cost depends on K: 8 fp32 rows of
@@ -220,20 +226,15 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
     for k, ws in by_k.items():
         for m in k_counts:
             x_k, out_k = torch.randn(m, k).to(dtype), torch.empty(m, sum(w.shape[0] for w in ws), dtype=dtype)
-            timed[m, f"K={k}"] = lambda x_k=x_k, out_k=out_k, ws=ws: cpu.linear_sweep(x_k, ws, out_k)
+            timed[m, f"K={k}"] = lambda x_k=x_k, out_k=out_k, ws=ws: kernel.sweep(x_k, ws, out_k)
     for m in counts:
         xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in weights}}
         x_all = torch.randn(m, k_max).to(dtype)
         out = torch.empty(m, sum(w.shape[0] for w in weights), dtype=dtype)
-        sweep = lambda x_all=x_all, out=out: cpu.linear_sweep(x_all, weights, out)  # noqa: E731
-        timed.update({(m, "kernel"): _pass(cpu.linear, mats, xs), (m, "sweep"): sweep,
+        sweep = lambda x_all=x_all, out=out: kernel.sweep(x_all, weights, out)  # noqa: E731
+        timed.update({(m, "kernel"): _pass(kernel.linear, mats, xs), (m, "sweep"): sweep,
                       (m, "torch"): _pass(F.linear, mats, xs)})
-        if packed is not None:  # row-major and packed sweeps back to back
-            pairs.update({(m, "sweep"): sweep,
-                          (m, "packed"): lambda x_all=x_all, out=out: cpu.linear_sweep(x_all, packed, out,
-                                                                                         packed=True)})
     t = _time_pair(timed, args.repeats)
-    b2b = _time_back_to_back(pairs, args.repeats + 6) if pairs else {}
     bandwidth = probe[1] / t[0, "read"] / 1e9
     print(f"{label:>5}   read bandwidth timed in turns with these passes: {bandwidth:.1f} GB/s (torch.sum, median)",
           flush=True)
@@ -245,12 +246,6 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
             row[f"{name}_gbs"] = nbytes / t[m, name] / 1e9
             row[f"{name}_fraction_of_read_bw"] = row[f"{name}_gbs"] / bandwidth
             row[f"{name}_fraction_of_roof"] = row["roof_ms"] / row[f"{name}_ms"]
-        if packed is not None:
-            row["sweep_back_to_back_ms"] = 1e3 * b2b[m, "sweep"]
-            row["packed_ms"] = 1e3 * b2b[m, "packed"]
-            row["packed_gbs"] = nbytes / b2b[m, "packed"] / 1e9
-            row["packed_fraction_of_read_bw"] = row["packed_gbs"] / bandwidth
-            row["packed_vs_sweep"] = b2b[m, "packed"] / b2b[m, "sweep"]
         row["speedup"] = t[m, "torch"] / t[m, "kernel"]
         one = next((r for r in rows if r["rows"] == 1), row)
         for name in ("kernel", "sweep", "torch"):
@@ -261,9 +256,7 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
               f"{100 * row['torch_fraction_of_read_bw']:>5.0f}% {row['speedup']:>6.2f}x "
               f"{row['kernel_vs_m1']:>6.2f}x {row['torch_vs_m1']:>6.2f}x {row['sweep_ms']:>8.2f} "
               f"{row['sweep_gbs']:>7.1f} {100 * row['sweep_fraction_of_read_bw']:>5.0f}% {row['sweep_vs_m1']:>6.2f}x "
-              f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%"
-              + (f" {row['packed_ms']:>9.2f} {row['packed_vs_sweep']:>6.2f}x" if packed is not None else ""),
-              flush=True)
+              f"{row['roof_ms']:>7.2f} {row['bound']:>7} {100 * row['sweep_fraction_of_roof']:>5.0f}%", flush=True)
     k_rows = []
     for k, ws in by_k.items():
         nbytes_k = sum(w.numel() * w.element_size() for w in ws)
@@ -273,14 +266,14 @@ def measure_weights(cpu, label: str, args: argparse.Namespace,
                            "gbs": nbytes_k / ms / 1e6, "vs_m1": ms / (1e3 * t[k_counts[0], f"K={k}"])})
             print(f"{label:>5}   K={k:<5} layer matrices only ({len(ws)}), one call per pass, {m} rows: {ms:7.2f} ms, "
                   f"{k_rows[-1]['gbs']:6.1f} GB/s, {k_rows[-1]['vs_m1']:.2f}x {k_counts[0]} row(s)", flush=True)
-    hot = measure_hot(cpu, label, args, peak, bandwidth)
-    fused = measure_fused(cpu, label, mats, args)
-    return {"rows": rows, "parts": measure_parts(cpu, label, mats, args, bandwidth), "fused": fused,
+    hot = measure_hot(kernel, label, args, peak, bandwidth)
+    fused = measure_fused(kernel, label, mats, args)
+    return {"rows": rows, "parts": measure_parts(kernel, label, mats, args, bandwidth), "fused": fused,
             "read_bandwidth": [bandwidth], "by_k": k_rows, "hot": hot,
-            "prefill": measure_prefill(cpu, label, mats, args)}
+            "prefill": measure_prefill(kernel, label, mats, args)}
 
 
-def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace,
+def measure_parts(kernel: "Kernel", label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace,
                   bandwidth: float) -> List[Dict]:
     """One row, the head alone and the layer matrices alone: how far the many small matrices (a few microseconds
     of call and thread start-up each) pull the whole pass below the head's rate. And the whole pass read by
@@ -289,7 +282,7 @@ def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
     parts = {"head": [m for m in mats if m[0] == HEAD[0]], "layers": [m for m in mats if m[0] != HEAD[0]]}
     xs = {k: torch.randn(1, k).to(WEIGHTS[label]) for k in {w.shape[1] for _, w in mats}}
     weights = [w for _, w in mats]
-    t = _time_pair({**{part: _pass(cpu.linear, ms, xs) for part, ms in parts.items()},
+    t = _time_pair({**{part: _pass(kernel.linear, ms, xs) for part, ms in parts.items()},
                     "read": lambda: [w.sum() for w in weights]}, args.repeats)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     read = {"weights": label, "rows": 1, "part": "torch.sum of each matrix", "bytes": nbytes,
@@ -308,7 +301,7 @@ def measure_parts(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
     return out
 
 
-def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidth: float) -> List[Dict]:
+def measure_hot(kernel: "Kernel", label: str, args: argparse.Namespace, peak: float, bandwidth: float) -> List[Dict]:
     """The decode row counts with the weights in cache (HOT_BYTES swept HOT_PASSES times in one call): the kernel's
     multiply-adds a second, their fraction of the inner instruction's peak (peak_macs), and the weight bytes a second
     that rate stands for: about the fastest a pass of M rows can stream whatever the memory gives. Below the read
@@ -323,7 +316,7 @@ def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidt
     fns: Dict[int, Callable[[], object]] = {}
     for m in counts:
         x, out = torch.randn(m, HOT_K).to(dtype), torch.empty(m, n * HOT_PASSES, dtype=dtype)
-        fns[m] = lambda x=x, out=out: cpu.linear_sweep(x, weights, out)
+        fns[m] = lambda x=x, out=out: kernel.sweep(x, weights, out)
     t = _time_pair(fns, args.repeats)
     nbytes = matrix_bytes * HOT_PASSES
     rows = []
@@ -340,14 +333,14 @@ def measure_hot(cpu, label: str, args: argparse.Namespace, peak: float, bandwidt
     return rows
 
 
-def measure_prefill(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
+def measure_prefill(kernel: "Kernel", label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
     """GFLOP/s at prefill row counts over the first layers' matrices (weights in cache: compute-bound)."""
     layer_mats = [m for m in mats if m[0] != HEAD[0]][:len(LAYER) * (1 if args.quick else PREFILL_LAYERS)]
     results = []
     for m in (QUICK_ROWS[-1:] if args.quick else PREFILL_ROWS):
         xs = {k: torch.randn(m, k).to(layer_mats[0][1].dtype) for k in {w.shape[1] for _, w in layer_mats}}
         flop = sum(2 * m * w.numel() for _, w in layer_mats)
-        t = _time_pair({"kernel": _pass(cpu.linear, layer_mats, xs), "torch": _pass(F.linear, layer_mats, xs)},
+        t = _time_pair({"kernel": _pass(kernel.linear, layer_mats, xs), "torch": _pass(F.linear, layer_mats, xs)},
                        args.repeats)
         results.append({"weights": label, "rows": m, "flop": flop,
                         "kernel_gflops": flop / t["kernel"] / 1e9, "torch_gflops": flop / t["torch"] / 1e9,
@@ -355,7 +348,7 @@ def measure_prefill(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args:
     return results
 
 
-def measure_fused(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
+def measure_fused(kernel: "Kernel", label: str, mats: List[Tuple[str, torch.Tensor]], args: argparse.Namespace) -> List[Dict]:
     """Per layer, one call on the concatenated weight against one call per projection, over every layer."""
     by_name = dict(mats)
     layers = QUICK_LAYERS if args.quick else LAYERS
@@ -366,7 +359,7 @@ def measure_fused(cpu, label: str, mats: List[Tuple[str, torch.Tensor]], args: a
         nbytes = sum(w.numel() * w.element_size() for w in fused)
         for m in QUICK_ROWS if args.quick else FUSED_ROWS:
             x = torch.randn(m, separate[0].shape[1]).to(separate[0].dtype)
-            for impl, linear in (("kernel", cpu.linear), ("torch", F.linear)):
+            for impl, linear in (("kernel", kernel.linear), ("torch", F.linear)):
                 t = _time_pair({"fused": lambda: [linear(x, w) for w in fused],
                                 "separate": lambda: [linear(x, w) for w in separate]}, args.repeats)
                 row = {"weights": label, "group": group, "rows": m, "impl": impl, "bytes": nbytes,
@@ -416,7 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ("; --quick: a tiny model, the numbers only show that the script works" if args.quick else ""))
     print(f"{'w':>5} {'M':>3} {'kernel ms':>9} {'torch ms':>9} {'kGB/s':>7} {'%bw':>6} {'tGB/s':>7} {'%bw':>6} "
           f"{'k/t':>7} {'kM/M1':>7} {'tM/M1':>7} {'sweep ms':>8} {'sGB/s':>7} {'%bw':>6} {'sM/M1':>7} "
-          f"{'roof ms':>7} {'bound':>7} {'%roof':>6} {'packed ms':>9} {'pk/sw':>7}")
+          f"{'roof ms':>7} {'bound':>7} {'%roof':>6}")
     measured: Dict[str, List] = {"rows": [], "parts": [], "fused": [], "prefill": [], "by_k": [], "hot": []}
     in_turns: Dict[str, float] = {}
     probe_read = kb.cpu_read_probe(probe)

@@ -41,8 +41,10 @@ int isa_by_name(const std::string& name) {
 // dtype. bf16 activations with bf16 weights take kr_cpu_linear_rows_bf16 (vdpbf16ps's order); bf16 activations
 // with fp32 weights are widened to fp32 (exact). The fp32 result is rounded to bf16 at the end, as torch's bf16
 // linear does. Rows are independent: any number of them, computed in passes of at most
-// KR_CPU_MAX_ROWS_PER_PASS, gives each row the bits it has alone.
-at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int isa) {
+// KR_CPU_MAX_ROWS_PER_PASS, gives each row the bits it has alone. packed: a bf16 weight in kr_cpu_pack_bf16's
+// layout ((N, K) for an even K, (N, K + 1) for an odd one), with bf16 x: the same bits as the row-major weight.
+at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int isa,
+                       bool packed) {
   const char* what = "kangaroo_rt._cpu.linear";
   TORCH_CHECK_VALUE(x.layout() == at::kStrided && weight.layout() == at::kStrided, what,
                     ": x and weight must be dense (strided) tensors");
@@ -52,9 +54,13 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
   TORCH_CHECK_TYPE(kernel_dtype(weight.scalar_type()), what, ": weight must be float32 or bfloat16, got ",
                    weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 2, what, ": weight must be (N, K), got shape ", weight.sizes());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, what, ": x must be (..., K) with K = weight.shape[1] = ", K,
-                    ", got shape ", x.sizes());
+  TORCH_CHECK_VALUE(!packed || (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16), what,
+                    ": a packed weight takes bf16 x and a bf16 weight, got ", x.scalar_type(), " and ",
+                    weight.scalar_type());
+  const int64_t N = weight.size(0), K = packed && x.dim() >= 1 ? x.size(-1) : weight.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K && weight.size(1) == (packed ? K + K % 2 : K), what,
+                    ": x must be (..., K) with K = weight.shape[1] = ", weight.size(1),
+                    packed ? " (a packed weight: K rounded up to even)" : "", ", got shape ", x.sizes());
   TORCH_CHECK_VALUE(weight.is_contiguous(), what, ": weight must be contiguous (row-major (N, K), as nn.Linear ",
                     "stores it), got strides ", weight.strides());
   const at::Tensor bias_f = bias_as_float(bias, N, what);
@@ -88,7 +94,9 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
     at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
       const int64_t n_begin = b0 * KR_CPU_ROW_BLOCK, n_end = std::min(N, b1 * KR_CPU_ROW_BLOCK);
       const int rc =
-          pairs ? kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(xp), M, K, ldx,
+          packed ? kr_cpu_linear_rows_bf16_packed(isa, static_cast<const uint16_t*>(xp), M, K, ldx,
+                                                  static_cast<const uint16_t*>(wp), N, bp, yp, N, n_begin, n_end)
+          : pairs ? kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(xp), M, K, ldx,
                                           static_cast<const uint16_t*>(wp), N, bp, yp, N, n_begin, n_end)
                 : kr_cpu_linear_rows_isa(isa, static_cast<const float*>(xp), M, K, ldx, wp, w_dtype, N, bp, yp, N,
                                          n_begin, n_end);
@@ -101,13 +109,33 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const c10:
   return out.view(out_shape);
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return linear_with(x, weight, bias, process_isa());
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool packed) {
+  return linear_with(x, weight, bias, process_isa(), packed);
 }
 
 at::Tensor linear_with_isa(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           const std::string& isa) {
-  return linear_with(x, weight, bias, isa_by_name(isa));
+                           const std::string& isa, bool packed) {
+  return linear_with(x, weight, bias, isa_by_name(isa), packed);
+}
+
+// weight (N, K) bf16 -> kr_cpu_pack_bf16's layout of it, an (N, K + K % 2) bf16 tensor (into out when given).
+at::Tensor pack_bf16(const at::Tensor& weight, c10::optional<at::Tensor> out) {
+  const char* what = "kangaroo_rt._cpu.pack_bf16";
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.layout() == at::kStrided && weight.dim() == 2, what,
+                    ": weight must be a dense 2-d CPU tensor, got ", weight.sizes(), " on ", weight.device());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kBFloat16, what, ": weight must be bfloat16, got ", weight.scalar_type());
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor packed = out.has_value() ? *out : at::empty({N, K + K % 2}, w.options());
+  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 2 &&
+                        packed.size(0) == N && packed.size(1) == K + K % 2 && packed.is_contiguous(),
+                    what, ": out must be a contiguous bfloat16 (", N, ", ", K + K % 2, ") CPU tensor, got ",
+                    packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK_VALUE(!packed.is_same(w) && packed.data_ptr() != w.data_ptr(), what, ": out must not be the weight");
+  if (N > 0 && K > 0)
+    kr_cpu_pack_bf16(static_cast<const uint16_t*>(w.const_data_ptr()), N, K,
+                     static_cast<uint16_t*>(packed.mutable_data_ptr()));
+  return packed;
 }
 
 // ---- The other ops of a decode layer (csrc/cpu/{rms_norm,rope_cache_append,attention}.cpp).
@@ -475,7 +503,7 @@ at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const st
     for (int64_t m = m0; m < m1; ++m) {
       const int rc = kr_cpu_screen_argmax_row(
           isa, dtype, static_cast<const char*>(r.x.const_data_ptr()) + m * K * x.element_size(), K,
-          head.const_data_ptr(), V, r.stats.const_data_ptr<double>() + m * KR_CPU_SCREEN_STATS,
+          head.const_data_ptr(), 0, V, r.stats.const_data_ptr<double>() + m * KR_CPU_SCREEN_STATS,
           r.hi.const_data_ptr<float>() + m * V, r.lo.mutable_data_ptr<float>() + m * V,
           index.mutable_data_ptr<int64_t>() + m);
       TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
@@ -574,12 +602,15 @@ std::vector<std::string> supported_isas() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kangaroo_rt's CPU kernels (csrc/cpu/); kangaroo_rt.ops dispatches to them";
-  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("packed") = false,
         py::call_guard<py::gil_scoped_release>(),
         "x (..., K) fp32/bf16 @ weight (N, K) fp32/bf16 contiguous ^T (+ bias (N,)) -> (..., N) in x's dtype; "
-        "each row's bits are those it has alone");
+        "each row's bits are those it has alone; packed: a bf16 weight from pack_bf16 (the same bits)");
+  m.def("pack_bf16", &pack_bf16, py::arg("weight"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "weight (N, K) bf16 -> its packed layout (N, K + K % 2) for linear(packed=True) and the decode stacks: "
+        "panels of 16 rows, pair-major (csrc/cpu/kr_cpu.h)");
   m.def("linear_with_isa", &linear_with_isa, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("packed") = false, py::call_guard<py::gil_scoped_release>(),
         "linear() with a given variant (avx512_bf16, avx512, avx2, portable), for tests and benchmarks");
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(), "RMSNorm of x (..., D) by weight (D,), one dtype (fp32/bf16)");

@@ -29,8 +29,9 @@ namespace {
 constexpr size_t kLayerWeights = 6;
 
 void check_matrix(const at::Tensor& w, const at::Tensor& ref, int64_t rows, int64_t cols, const char* what, size_t layer,
-                  const char* name) {
+                  const char* name, bool packed = false) {
   check_like(w, ref, what, name);
+  if (packed) cols += cols % 2;  // kr_cpu_pack_bf16's pairs
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous(), what, ": layer ",
                     layer, ": ", name, " must be a contiguous (", rows, ", ", cols, "), got ", w.sizes(), " strides ",
                     w.strides());
@@ -84,7 +85,7 @@ void run_one_region(Args& args, int64_t (*bytes)(const Args*, int64_t*), int (*c
 void run_stack(at::Tensor& out, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                const std::vector<kr_cpu_decoder_layer>& ls, const at::Tensor& cache0, int64_t n_heads,
                int64_t n_kv_heads, int64_t head_dim, int64_t inter, double eps, c10::optional<int64_t> kv_len,
-               const char* what) {
+               bool packed, const char* what) {
   const int64_t B = out.size(0), Q = out.size(1), D = out.size(2);
   check_rope_tables(cos, sin, out, B, Q, head_dim, what);
   const at::Tensor c = cos.contiguous(), s = sin.contiguous();
@@ -102,7 +103,7 @@ void run_stack(at::Tensor& out, const at::Tensor& positions, const at::Tensor& c
   for (int d = 0; d < 3; ++d) a.cache_stride[d] = cache0.stride(d);
   a.cos = c.const_data_ptr(), a.sin = s.const_data_ptr();
   a.positions = pos.const_data_ptr<int64_t>(), a.pos_stride[0] = pos.stride(0), a.pos_stride[1] = pos.stride(1);
-  a.hidden = out.mutable_data_ptr();
+  a.hidden = out.mutable_data_ptr(), a.packed = packed ? 1 : 0;
   run_one_region(a, kr_cpu_decoder_workspace_bytes, kr_cpu_decoder_check, kr_cpu_decoder_layers, what);
 }
 
@@ -119,7 +120,9 @@ std::vector<kr_cpu_decoder_layer> layers_of(const at::Tensor& hidden,
                                             const std::vector<c10::optional<at::Tensor>>& o_bias,
                                             std::vector<at::Tensor>& k_caches, std::vector<at::Tensor>& v_caches,
                                             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t& inter,
-                                            std::vector<at::Tensor>& biases, const char* what) {
+                                            std::vector<at::Tensor>& biases, bool packed, const char* what) {
+  TORCH_CHECK_VALUE(!packed || hidden.scalar_type() == at::kBFloat16, what, ": packed weights are bf16 only, got ",
+                    hidden.scalar_type(), " hidden states");
   const size_t layers = k_caches.size();
   TORCH_CHECK_VALUE(weights.size() == kLayerWeights * layers && qkv_bias.size() == layers &&
                         o_bias.size() == layers && v_caches.size() == layers,
@@ -166,11 +169,11 @@ std::vector<kr_cpu_decoder_layer> layers_of(const at::Tensor& hidden,
       TORCH_CHECK_VALUE(w[j].dim() == 1 && w[j].size(0) == D && w[j].is_contiguous(), what, ": layer ", i,
                         ": norm weights must be contiguous (", D, ",), got ", w[j].sizes());
     }
-    check_matrix(w[1], hidden, q_width + 2 * kv_width, D, what, i, "the fused q/k/v weight");
-    check_matrix(w[2], hidden, D, q_width, what, i, "the o weight");
+    check_matrix(w[1], hidden, q_width + 2 * kv_width, D, what, i, "the fused q/k/v weight", packed);
+    check_matrix(w[2], hidden, D, q_width, what, i, "the o weight", packed);
     if (mlp) {
-      check_matrix(w[4], hidden, 2 * inter, D, what, i, "the fused gate/up weight");
-      check_matrix(w[5], hidden, D, inter, what, i, "the down weight");
+      check_matrix(w[4], hidden, 2 * inter, D, what, i, "the fused gate/up weight", packed);
+      check_matrix(w[5], hidden, D, inter, what, i, "the down weight", packed);
     }
     for (const at::Tensor* c : {&k_caches[i], &v_caches[i]}) {
       check_cache(*c, hidden, B, n_kv_heads, head_dim, what, "a cache");
@@ -198,15 +201,15 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                           const std::vector<c10::optional<at::Tensor>>& qkv_bias,
                           const std::vector<c10::optional<at::Tensor>>& o_bias, std::vector<at::Tensor> k_caches,
                           std::vector<at::Tensor> v_caches, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                          double eps, c10::optional<int64_t> kv_len) {
+                          double eps, c10::optional<int64_t> kv_len, bool packed) {
   const char* what = "kangaroo_rt._cpu.decoder_layers";
   int64_t inter = 0;
   std::vector<at::Tensor> biases;  // fp32 copies, kept alive for the call
   const std::vector<kr_cpu_decoder_layer> ls = layers_of(hidden, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads,
-                                                         n_kv_heads, head_dim, inter, biases, what);
+                                                         n_kv_heads, head_dim, inter, biases, packed, what);
   at::Tensor out = hidden.clone(at::MemoryFormat::Contiguous);
   if (ls.empty() || out.numel() == 0) return out;
-  run_stack(out, positions, cos, sin, ls, k_caches[0], n_heads, n_kv_heads, head_dim, inter, eps, kv_len, what);
+  run_stack(out, positions, cos, sin, ls, k_caches[0], n_heads, n_kv_heads, head_dim, inter, eps, kv_len, packed, what);
   return out;
 }
 
@@ -288,7 +291,7 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta,
     const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_u,
     const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
-    const c10::optional<at::Tensor>& top_p) {
+    const c10::optional<at::Tensor>& top_p, bool packed) {
   const char* what = "kangaroo_rt._cpu.draft_chain";
   TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
                     ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
@@ -299,11 +302,12 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
   std::vector<at::Tensor>& biases = plan->keep;
   const std::vector<kr_cpu_decoder_layer>& ls = plan->ls = layers_of(probe, weights, qkv_bias, o_bias, k_caches,
                                                                       v_caches, n_heads, n_kv_heads, head_dim, inter,
-                                                                      biases, what);
+                                                                      biases, packed, what);
   std::vector<at::Tensor> ak{adapter_k_cache}, av{adapter_v_cache};
   const std::vector<c10::optional<at::Tensor>> no_bias(1);
   const std::vector<kr_cpu_decoder_layer>& adapter = plan->adapter = layers_of(
-      probe, adapter_weights, no_bias, no_bias, ak, av, n_heads, n_kv_heads, head_dim, adapter_inter, biases, what);
+      probe, adapter_weights, no_bias, no_bias, ak, av, n_heads, n_kv_heads, head_dim, adapter_inter, biases, packed,
+      what);
   TORCH_CHECK_VALUE(!ls.empty() && adapter.size() == 1 && adapter_inter == 0, what,
                     ": expects at least one target layer and one attention-only adapter layer");
   TORCH_CHECK_VALUE(ak[0].strides() == k_caches[0].strides() && ak[0].size(2) == k_caches[0].size(2), what,
@@ -322,8 +326,10 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     TORCH_CHECK_VALUE(t->dim() == 2 && t->is_contiguous(), what, ": e_prev, embed and head must be contiguous 2-d ",
                       "tensors, got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(e_prev.size(0) == B && e_prev.size(1) == D && embed.size(1) == D && head.size(1) == D, what,
-                    ": e_prev (B, D), embed (V, D) and head (N, D) must match exits' D = ", D);
+  TORCH_CHECK_VALUE(e_prev.size(0) == B && e_prev.size(1) == D && embed.size(1) == D &&
+                        head.size(1) == (packed ? D + D % 2 : D),
+                    what, ": e_prev (B, D), embed (V, D) and head (N, D) must match exits' D = ", D,
+                    packed ? " (a packed head: D rounded up to even)" : "");
   const int64_t T = k_caches[0].size(2);
   check_rope_rows(rope_cos, rope_sin, exits, T, head_dim, what);
   at::Tensor ids;
@@ -367,7 +373,7 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
   a.exit_layer = static_cast<int64_t>(ls.size()), a.layers = ls.data(), a.adapter = adapter.data();
   for (int d = 0; d < 3; ++d) a.cache_stride[d] = k_caches[0].stride(d);
   a.embed = embed.const_data_ptr(), a.vocab = embed.size(0);
-  a.head = head.const_data_ptr(), a.head_rows = head.size(0);
+  a.head = head.const_data_ptr(), a.head_rows = head.size(0), a.packed = packed ? 1 : 0;
   a.head_ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
   a.rope_cos = rope_cos.const_data_ptr(), a.rope_sin = rope_sin.const_data_ptr();
   a.pos = pos.const_data_ptr<int64_t>(), a.token = token.const_data_ptr<int64_t>();
@@ -476,7 +482,7 @@ std::unique_ptr<TargetPlan> plan_target_pass(
     const c10::optional<at::Tensor>& sample_u_next, const c10::optional<at::Tensor>& sample_u_accept,
     const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_q_ids,
     const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
-    const c10::optional<at::Tensor>& top_p) {
+    const c10::optional<at::Tensor>& top_p, bool packed) {
   const char* what = "kangaroo_rt._cpu.target_pass";
   TORCH_CHECK_VALUE(embed.has_value() != exits.has_value(), what, ": give embed (a plain step) or exits, not both");
   TORCH_CHECK_VALUE(q_len >= 1 && (exits.has_value() || q_len == 1), what, ": q_len must be >= 1 (1 from embed)");
@@ -495,7 +501,7 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   int64_t inter = 0;
   const std::vector<kr_cpu_decoder_layer>& ls = plan->ls = layers_of(ref, weights, qkv_bias, o_bias, k_caches, v_caches,
                                                                       n_heads, n_kv_heads, head_dim, inter, plan->keep,
-                                                                      what);
+                                                                      packed, what);
   TORCH_CHECK_VALUE(!ls.empty(), what, ": expects at least one layer");
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&pos), static_cast<const at::Tensor*>(&token),
                               static_cast<const at::Tensor*>(&n_gen), &max_new})
@@ -505,7 +511,7 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   const auto e = eos_ids(eos, plan->eos_holder, what);
   for (const at::Tensor* t : {&norm, &head}) {
     check_like(*t, ref, what, "the norm or the head");
-    TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == D, what,
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->size(-1) == (packed && t == &head ? D + D % 2 : D), what,
                       ": the norm (D,) and head (N, D) must be contiguous, got ", t->sizes());
   }
   TORCH_CHECK_VALUE(norm.dim() == 1 && head.dim() == 2, what, ": bad norm or head shapes");
@@ -542,6 +548,7 @@ std::unique_ptr<TargetPlan> plan_target_pass(
   else
     a.exits = exits->const_data_ptr(), a.exits_stride = exits->stride(0);
   a.norm = norm.const_data_ptr(), a.head = head.const_data_ptr(), a.head_rows = head.size(0);
+  a.packed = packed ? 1 : 0;
   if (head_screen.has_value()) {
     plan->screen = screen_of(*head_screen, head.size(0), D, what);
     for (const at::Tensor& t : *head_screen) plan->keep.push_back(t);
@@ -707,8 +714,8 @@ at::Tensor linear_sweep(const at::Tensor& x, const std::vector<at::Tensor>& weig
     TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && w.size(0) > 0 && w.size(1) > 0 && w.size(1) <= x.size(1),
                       what, ": weight ", i, " must be a contiguous, non-empty (N, K) with K <= x.shape[1] = ",
                       x.size(1), ", got ", w.sizes(), " strides ", w.strides());
-    TORCH_CHECK_VALUE(!packed || (w.size(0) % KR_CPU_PACK_ROWS == 0 && w.size(1) % 32 == 0), what, ": packed weight ",
-                      i, " must have N a multiple of ", KR_CPU_PACK_ROWS, " and K of 32, got ", w.sizes());
+    TORCH_CHECK_VALUE(!packed || w.size(1) % 2 == 0, what, ": packed weight ", i,
+                      " must be (N, K) of an even K (kr_cpu_pack_bf16 rounds K up to pairs), got ", w.sizes());
     ptrs.push_back(w.const_data_ptr());
     n_out.push_back(w.size(0));
     n_in.push_back(w.size(1));
@@ -734,7 +741,7 @@ void define_decode(py::module_& m) {
   m.def("decoder_layers", &decoder_layers, py::arg("hidden"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
         py::arg("weights"), py::arg("qkv_bias"), py::arg("o_bias"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("kv_len") = py::none(),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("packed") = false, py::call_guard<py::gil_scoped_release>(),
         "a stack of Llama decoder layers (fused q/k/v and gate/up weights; gate/up and down None: an "
         "attention-only layer with a normed output, Kangaroo's adapter) over the static cache in one call; "
         "the bits of the per-op path");
@@ -747,7 +754,8 @@ void define_decode(py::module_& m) {
       py::arg("adapter_k_cache"), py::arg("adapter_v_cache"), py::arg("head"), py::arg("head_ids"),                  \
       py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("adapter_eps"),        \
       py::arg("gamma"), py::arg("eta"), py::arg("sample_q") = py::none(), py::arg("sample_u") = py::none(),           \
-      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none()
+      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none(),             \
+      py::arg("packed") = false
 #define KR_PASS_ARGS                                                                                                  \
   py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("max_new"),        \
       py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \
@@ -756,7 +764,8 @@ void define_decode(py::module_& m) {
       py::arg("head"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),               \
       py::arg("head_screen").none(true), py::arg("sample_u_next") = py::none(),                                       \
       py::arg("sample_u_accept") = py::none(), py::arg("sample_q") = py::none(), py::arg("sample_q_ids") = py::none(), \
-      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none()
+      py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none(),             \
+      py::arg("packed") = false
   m.def("draft_chain", draft_once(&plan_draft_chain), KR_CHAIN_ARGS, py::arg("base_len"),
         py::call_guard<py::gil_scoped_release>(),
         "a round's Kangaroo drafting in one call (begin_round, shallow steps, keep_drafting, draft steps), in place "
@@ -782,7 +791,7 @@ void define_decode(py::module_& m) {
         py::arg("packed") = false,
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) @ each weight (N_i, K_i <= K)^T in one call on one set of threads -> (M, sum N_i) (into out when "
-        "given), for benchmarks; packed: bf16 weights in the packed layout (_cpu_ext.pack_rows_bf16)");
+        "given), for benchmarks; packed: bf16 weights in the packed layout (_cpu.pack_bf16)");
 }
 
 }  // namespace kr_bind

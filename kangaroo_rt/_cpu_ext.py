@@ -18,7 +18,8 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,17 +55,71 @@ def load():
                       "`KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .` (needs a C++ compiler)")
 
 
-PACK_ROWS, PACK_K = 8, 32  # csrc/cpu/kr_cpu.h: KR_CPU_PACK_ROWS, the bf16 pair chunk
+PACK_ROWS = 16  # csrc/cpu/kr_cpu.h: KR_CPU_PACK_ROWS
 
 
 def pack_rows_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) -> the same values in kr_cpu_linear_rows_bf16_packed's layout, as an (N, K) tensor: blocks of
-    8 rows, each block's K in chunks of 32, chunk c of a block its 8 rows' 32 values one after another (a block streams
-    as one run of memory). N must be a multiple of 8 and K of 32."""
+    """weight (N, K) bf16 -> the same values in kr_cpu_pack_bf16's layout, computed with torch (the reference of
+    ``_cpu.pack_bf16``, for tests): an (N, K + K % 2) tensor of panels of 16 rows (the last one what is left), each
+    row as its pairs of bf16 (k = 2p low, 2p + 1 high; a zero after an odd K), stored pair by pair across the
+    panel's rows."""
     n, k = weight.shape
-    if n % PACK_ROWS or k % PACK_K:
-        raise ValueError(f"pack_rows_bf16: N must be a multiple of {PACK_ROWS} and K of {PACK_K}, got {tuple(weight.shape)}")
-    return weight.reshape(n // PACK_ROWS, PACK_ROWS, k // PACK_K, PACK_K).permute(0, 2, 1, 3).contiguous().view(n, k)
+    if k % 2:
+        weight = torch.cat([weight, weight.new_zeros(n, 1)], dim=1)
+    pairs = weight.contiguous().view(torch.int32)  # (N, K2): one 32-bit word per pair
+    panels = [pairs[b:b + PACK_ROWS].t().contiguous().flatten() for b in range(0, n, PACK_ROWS)]
+    flat = torch.cat(panels) if panels else pairs.flatten()
+    return flat.view(weight.dtype).view(n, weight.shape[1])
+
+
+# Packed copies of bf16 weights (kr_cpu_pack_bf16's layout: what the decode stacks stream), made once and kept while
+# their weight lives, at the same memory, version and stamp: id(weight) -> (weakref to it, (data_ptr, _version,
+# stamp), copy).
+_packed: Dict[int, Tuple["weakref.ref[torch.Tensor]", tuple, torch.Tensor]] = {}
+
+
+def _packed_entry(weight: torch.Tensor, stamp: tuple) -> Optional[torch.Tensor]:
+    entry = _packed.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == (weight.data_ptr(), weight._version, stamp):
+        return entry[2]
+    return None
+
+
+def packed_bf16(weights: Sequence[torch.Tensor], stamps: Optional[Sequence[tuple]] = None) -> List[torch.Tensor]:
+    """The packed copies (``_cpu.pack_bf16``) of contiguous (N, K) bf16 CPU ``weights``, for the decode stacks
+    (``packed=True``): made at the first call (those missing together, in one mapping in 2 MB pages where
+    :mod:`kangaroo_rt.huge_mapping` allows, as the weights themselves are placed) and kept while their weight lives
+    at the same memory, unchanged (an in-place change, such as ``load_state_dict``, bumps its version: a new copy is
+    made). ``stamps``: per weight, more that its copy must match, such as the versions of parameters that are views
+    of it (a fused projection's: ``FusedRows``, whose views keep version counters of their own). A weight's copy
+    doubles its memory; decoding then streams only the copy."""
+    stamps = [()] * len(weights) if stamps is None else list(stamps)
+    out: List[Optional[torch.Tensor]] = [_packed_entry(w, s) for w, s in zip(weights, stamps)]
+    missing = [i for i, p in enumerate(out) if p is None]
+    if missing:
+        cpu = load()
+        shapes = [(weights[i].shape[0], weights[i].shape[1] + weights[i].shape[1] % 2) for i in missing]
+        room = huge_mapping.copy_room([(shape, torch.bfloat16) for shape in shapes])
+        for j, i in enumerate(missing):
+            w = weights[i]
+            packed = cpu.pack_bf16(w, out=room[j] if room is not None else None)
+            key = id(w)
+            _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)),
+                            (w.data_ptr(), w._version, stamps[i]), packed)
+            out[i] = packed
+    return out  # type: ignore[return-value]
+
+
+def pack_matrices(weights: List[Optional[torch.Tensor]], stamps: Sequence, dtype: torch.dtype) -> bool:
+    """For a bf16 decode stack's argument list: replaces ``weights[i]`` by its packed copy (:func:`packed_bf16`, with
+    ``stamps[i]``) wherever ``stamps[i]`` is not False (the matrices; False marks norms), and returns True; False,
+    changing nothing, for other dtypes (the fp32 kernel reads row-major weights)."""
+    if dtype != torch.bfloat16:
+        return False
+    at = [i for i, s in enumerate(stamps) if s is not False]
+    for i, p in zip(at, packed_bf16([weights[i] for i in at], [stamps[i] for i in at])):
+        weights[i] = p
+    return True
 
 
 def is_available() -> bool:
@@ -106,10 +161,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     over AVX512-BF16's dot products is 1.0-1.5x the kernel at 128-600 rows here (the kernel is tuned for a
     handful of rows; docs/design.md). Its bits depend on the row count, as attention's do over more than
     64 queries; decode, draft and verify steps never have that many tokens a row, and a prompt's prefill is shared
-    by plain and Kangaroo decoding. In fp32 the kernel stays: it is faster than torch's GEMM at every size here."""
+    by plain and Kangaroo decoding. In fp32 the kernel stays: it is faster than torch's GEMM at every size here.
+
+    A bf16 weight is read through its packed copy (:func:`packed_bf16`, made at its first call here and kept), the
+    layout the kernel streams at the memory's rate: the same bits as the row-major weight."""
     if not _linear_ok(x, weight, bias) or (
             x.dtype == torch.bfloat16 and x.dim() >= 2 and x.shape[-2] > reference.INVARIANT_MAX_QUERIES):
         return reference.linear(x, weight, bias)
+    if x.dtype == torch.bfloat16:
+        return load().linear(x, packed_bf16([weight])[0], bias, packed=True)
     return load().linear(x, weight, bias)
 
 
@@ -327,18 +387,24 @@ OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "
 
 
 def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches, n_heads: int,
-                   n_kv_heads: int, head_dim: int, eps: float, kv_len=None) -> torch.Tensor:
+                   n_kv_heads: int, head_dim: int, eps: float, kv_len=None, packed: bool = False) -> torch.Tensor:
     """A stack of decoder layers in one call (csrc/cpu_bindings_decode.cpp): the ops of :data:`OPS` in the order
     ``kangaroo_rt.model.DecoderLayer`` calls them, on the same kernels, so the same bits without a Python round
     trip per op. The caller (``Transformer.forward_layers``) checks that every op would be served by this
-    extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up)."""
+    extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up; packed: a bf16 stack's
+    matrices as :func:`packed_bf16` copies)."""
     return load().decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches,
-                                 n_heads, n_kv_heads, head_dim, eps, kv_len)
+                                 n_heads, n_kv_heads, head_dim, eps, kv_len, packed=packed)
 
 
 def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float) -> tuple:
-    weights, qkv_bias, o_bias = stack
+    weights, qkv_bias, o_bias, packed = stack
+    adapter_weights, adapter_packed = adapter_weights
+    if adapter_packed != packed:
+        raise ValueError("draft_chain: the target's layers and the adapter must both be packed (bf16) or neither")
+    if packed:
+        head = packed_bf16([head])[0]
     return (state.pos, state.token, state.n_gen, state.max_new, state.finished, state.e_prev, chain.cap, chain.active,
             chain.conf, chain.x, chain.drafts, chain.n_drafts, chain.exits, embed, *rope_tables, weights, qkv_bias,
             o_bias, *caches, adapter_weights, *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
@@ -351,7 +417,8 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     """A round's drafting in one call (csrc/cpu/draft.cpp), in place on ``chain``
     (:class:`kangaroo_rt.speculative.DraftChain`) from ``state`` (:class:`~kangaroo_rt.speculative.DecodeState`):
     the bits of the per-step path. ``rope_tables``: cos, sin (T, head_dim) of positions 0..T-1; ``stack``: the
-    target's layers 0..l-1 as :func:`decoder_layers` takes them (weights, qkv biases, o biases); ``caches`` and
+    target's layers 0..l-1 as ``Transformer._cpu_stack`` gives them (weights, qkv biases, o biases, packed), and
+    ``adapter_weights`` as ``Adapter._cpu_layer`` does (weights, packed; the head then packed too); ``caches`` and
     ``adapter_caches``: (k, v) lists and pairs. ``sampled``: (q (B, gamma, N) float32, out: each step's draft
     distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; each row's temperature (B,)
     float64 (0: a greedy row), top_k (B,) int64 (0: none), top_p (B,) float64 (1: none)), else greedy drafts. The
@@ -360,7 +427,7 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     with _distribution_errors():
         return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
                                                adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                               adapter_eps, eta), base_len=base_len,
+                                               adapter_eps, eta), base_len=base_len, packed=stack[3],
                                   **_named(_CHAIN_SAMPLING, sampled))
 
 
@@ -377,7 +444,7 @@ def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
 def plan_draft_chain(*args, sampled: Optional[tuple] = None):
     """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`decode_loop`; sampled
     as there (:func:`decode_loop` refills its uniforms every round)."""
-    return load().plan_draft_chain(*_chain_args(*args), **_named(_CHAIN_SAMPLING, sampled))
+    return load().plan_draft_chain(*_chain_args(*args), packed=args[4][3], **_named(_CHAIN_SAMPLING, sampled))
 
 
 SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)
@@ -442,13 +509,14 @@ def head_screen(head) -> Optional[tuple]:
 
 def _pass_args(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
                head_dim: int, eps: float, embed=None, chain=None, sampled: Optional[tuple] = None) -> tuple:
-    weights, qkv_bias, o_bias = stack
+    weights, qkv_bias, o_bias, packed = stack
     exits = drafts = n_drafts = e_prev = None
     if chain is not None:
         exits, drafts, n_drafts, e_prev = chain.exits, chain.drafts, chain.n_drafts, state.e_prev
     return (state.pos, state.token, state.out, state.n_gen, state.finished, state.max_new, state.eos, e_prev, embed,
             exits, drafts, n_drafts, q_len, *rope_tables, weights, qkv_bias, o_bias, *caches, norm.weight, norm.eps,
-            head.weight, n_heads, n_kv_heads, head_dim, eps, None if sampled is not None else head_screen(head))
+            packed_bf16([head.weight])[0] if packed else head.weight, n_heads, n_kv_heads, head_dim, eps,
+            None if sampled is not None else head_screen(head))
 
 
 def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_heads: int, n_kv_heads: int,
@@ -465,13 +533,14 @@ def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_hea
     with _distribution_errors():
         return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads,
                                               n_kv_heads, head_dim, eps, embed=embed, chain=chain, sampled=sampled),
-                                  kv_len=kv_len, **_named(_PASS_SAMPLING, sampled))
+                                  kv_len=kv_len, packed=stack[3], **_named(_PASS_SAMPLING, sampled))
 
 
 def plan_target_pass(*args, sampled: Optional[tuple] = None, **kwargs):
     """:func:`target_pass`'s arguments without ``kv_len``, checked once (``q_len``: the most tokens a row a pass
     takes): a plan for :func:`decode_loop`, which refills a sampled plan's uniforms every round."""
-    return load().plan_target_pass(*_pass_args(*args, sampled=sampled, **kwargs), **_named(_PASS_SAMPLING, sampled))
+    return load().plan_target_pass(*_pass_args(*args, sampled=sampled, **kwargs), packed=args[2][3],
+                                   **_named(_PASS_SAMPLING, sampled))
 
 
 def decode_loop(plan, draft_plan, max_rounds: int, generator: Optional[torch.Generator] = None):

@@ -129,19 +129,21 @@ class Adapter(FusesProjections, nn.Module):
         """exit_hidden: (B, q, D) at positions (B, q); cos/sin from the target's RoPE -> (B, q, D)."""
         layer = self.layers[0]
         k_cache, v_cache = cache.layer(0)
-        weights = self._cpu_layer(exit_hidden, positions) if cos.dtype == sin.dtype == exit_hidden.dtype else None
-        if weights is not None:  # the per-op path's bits in one extension call
+        entry = self._cpu_layer(exit_hidden, positions) if cos.dtype == sin.dtype == exit_hidden.dtype else None
+        if entry is not None:  # the per-op path's bits in one extension call
             c = self.config
+            weights, packed = entry
             return _cpu_ext.decoder_layers(exit_hidden, positions, cos, sin, weights, [None], [None], [k_cache],
                                            [v_cache], c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                           c.rms_norm_eps, kv_len)
+                                           c.rms_norm_eps, kv_len, packed=packed)
         x = exit_hidden + layer.self_attn(layer.input_layernorm(exit_hidden), positions, cos, sin,
                                           k_cache, v_cache, kv_len)
         return self.norm(layer.feed_forward(x))
 
     def _cpu_layer(self, exit_hidden: torch.Tensor, positions: torch.Tensor):
         """The paper's adapter as an attention-only layer of :func:`kangaroo_rt._cpu_ext.decoder_layers` (input norm,
-        fused q/k/v, o, the output norm; no gate/up, no down), or None where the per-op path must serve (see
+        fused q/k/v, o, the output norm; no gate/up, no down) with whether its matrices are packed copies (bf16:
+        ``_cpu_ext.packed_bf16``), or None where the per-op path must serve (see
         :func:`kangaroo_rt.model._one_call_serves`; the MLP variant; q/k/v not fused; norms of other epsilons). The
         list is built once and kept while the modules, parameters and settings it comes from are the same
         (:class:`kangaroo_rt.model.Watch`): the checks cost ~25 us, a sixth of a draft step's adapter call."""
@@ -153,7 +155,7 @@ class Adapter(FusesProjections, nn.Module):
         return entry[0]
 
     def _build_cpu_layer(self):
-        """-> (the weights of :meth:`_cpu_layer` or None, the :class:`Watch` of what they come from)."""
+        """-> ((the weights of :meth:`_cpu_layer`, packed) or None, the :class:`Watch` of what they come from)."""
         layer = self.layers[0]
         attn = layer.self_attn
         slots = [(self.__dict__, "mlp"), (self.__dict__, "config"), (self.config.__dict__, "rms_norm_eps"),
@@ -165,6 +167,8 @@ class Adapter(FusesProjections, nn.Module):
         modules = (layer.input_layernorm, self.norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         slots += [(m._parameters, name) for m in modules for name in m._parameters]
         params = [p for m in modules for p in m._parameters.values() if p is not None]
+        if attn.qkv is not None:  # (changed in place, the fused tensor changes the call too)
+            params.append(attn.qkv.weight)
         watch = Watch(slots, params)
         same_eps = layer.input_layernorm.eps == self.norm.eps == self.config.rms_norm_eps
         if self.mlp or attn.qkv is None or not (same_eps and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))):
@@ -172,7 +176,9 @@ class Adapter(FusesProjections, nn.Module):
         weights = [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight, self.norm.weight]
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or attn.o_proj.bias is not None:
             return None, watch
-        return weights + [None, None], watch
+        stamps = [False, tuple(p.weight._version for p in (attn.q_proj, attn.k_proj, attn.v_proj)), (), False]
+        packed = _cpu_ext.pack_matrices(weights, stamps, self.dtype)
+        return (weights + [None, None], packed), watch
 
     def forward_train(self, exit_hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal forward for training (plain torch, differentiable).

@@ -70,6 +70,14 @@ def zeros(specs: Sequence[Tuple[Sequence[int], torch.dtype]]) -> Optional[List[t
     return _carve(specs, 0)
 
 
+def copy_room(specs: Sequence[Tuple[Sequence[int], torch.dtype]],
+              min_bytes: Optional[int] = None) -> Optional[List[torch.Tensor]]:
+    """Room for tensors of each (shape, dtype) of ``specs`` that a caller fills itself, made after loading, that a
+    step streams (the decode stacks' packed weights: ``_cpu_ext.packed_bf16``), in one mapping advised for huge
+    pages; None where :func:`copy` would return its tensors (not available, or under ``min_bytes``: MIN_BYTES)."""
+    return _carve(specs, MIN_BYTES if min_bytes is None else min_bytes)
+
+
 def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> List[torch.Tensor]:
     """Contiguous copies of CPU ``tensors`` (same values, dtypes and shapes) in one mapping advised for huge pages,
     for tensors made after loading that a step streams (the screened head's int8 copy of the head:
@@ -78,7 +86,7 @@ def copy(tensors: Sequence[torch.Tensor], min_bytes: Optional[int] = None) -> Li
     tensors = list(tensors)
     if any(t.device.type != "cpu" or t.is_sparse for t in tensors):
         return tensors
-    out = _carve([(t.shape, t.dtype) for t in tensors], MIN_BYTES if min_bytes is None else min_bytes)
+    out = copy_room([(t.shape, t.dtype) for t in tensors], min_bytes)
     if out is None:
         return tensors
     with torch.no_grad():

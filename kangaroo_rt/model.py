@@ -171,9 +171,10 @@ class Watch:
     """What a cached call plan (the argument lists of an extension call) depends on: slots (an owner dict and a
     name: a module's ``_modules`` or ``_parameters``, or an object's ``__dict__``) and the parameters among them.
     :meth:`current` says whether every slot still holds its object (compared by id: the watch keeps the objects
-    alive, so an id cannot be reused) and every parameter its memory: two list comprehensions and two list
-    comparisons (a per-item generator cost ~80 us per call over SmolLM2's 30 layers); inside a :func:`steady`
-    scope, once."""
+    alive, so an id cannot be reused) and every parameter its memory and version (an in-place change, such as
+    ``load_state_dict``, must reach the packed copies a bf16 plan streams: ``_cpu_ext.packed_bf16``): list
+    comprehensions and comparisons (a per-item generator cost ~80 us per call over SmolLM2's 30 layers); inside a
+    :func:`steady` scope, once."""
 
     def __init__(self, slots: List[Tuple[Dict, str]], params: List[torch.Tensor]) -> None:
         self.slots = slots
@@ -181,6 +182,7 @@ class Watch:
         self.ids = [id(obj) for obj in self.objects]
         self.params = params
         self.pointers = [p.data_ptr() for p in params]
+        self.versions = [p._version for p in params]
         self.checked_in: Optional[object] = getattr(_steady, "scope", None)  # built (so checked) in this scope
 
     def current(self) -> bool:
@@ -188,7 +190,8 @@ class Watch:
         if scope is not None and self.checked_in is scope:
             return True
         ok = ([id(owner.get(name)) for owner, name in self.slots] == self.ids
-              and [p.data_ptr() for p in self.params] == self.pointers)
+              and [p.data_ptr() for p in self.params] == self.pointers
+              and [p._version for p in self.params] == self.versions)
         if ok:
             self.checked_in = scope
         return ok
@@ -349,20 +352,23 @@ class Transformer(FusesProjections, nn.Module):
         if stack is not None:
             c = self.config
             k_caches, v_caches = cache.layers(start, end)
-            return _cpu_ext.decoder_layers(hidden, positions, cos, sin, *stack, k_caches, v_caches,
+            weights, qkv_bias, o_bias, packed = stack
+            return _cpu_ext.decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches,
                                            c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                           c.rms_norm_eps, kv_len)
+                                           c.rms_norm_eps, kv_len, packed=packed)
         for i in range(start, end):
             k_cache, v_cache = cache.layer(i)
             hidden = self.layers[i](hidden, positions, cos, sin, k_cache, v_cache, kv_len)
         return hidden
 
     def _cpu_stack(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int):
-        """(weights, qkv biases, o biases) for :func:`kangaroo_rt._cpu_ext.decoder_layers` over layers
-        ``start..end-1``, or None when the per-op path must serve: where :func:`_one_call_serves` says no, or a
+        """(weights, qkv biases, o biases, packed) for :func:`kangaroo_rt._cpu_ext.decoder_layers` over layers
+        ``start..end-1`` (a bf16 model's matrices as their packed copies, packed True: ``_cpu_ext.packed_bf16``), or
+        None when the per-op path must serve: where :func:`_one_call_serves` says no, or a
         layer's q/k/v or gate/up are not fused. The lists are built once per layer range and kept while every
-        module and parameter of those layers is still the one it was, parameters at the same memory (checked per
-        call: a dict lookup per module and parameter, and a pointer per parameter)."""
+        module and parameter of those layers is still the one it was, parameters (and the fused tensors) at the same
+        memory and version (checked per call, or once in a :func:`steady` scope: a dict lookup per module and
+        parameter, a pointer and a version per parameter)."""
         if end <= start or not _one_call_serves(hidden, positions, self.dtype):
             return None
         stacks = self.__dict__.setdefault("_stacks", {})
@@ -372,9 +378,9 @@ class Transformer(FusesProjections, nn.Module):
         return entry[0] if entry is not None else None
 
     def _build_stack(self, start: int, end: int):
-        """-> ((weights, qkv biases, o biases), the :class:`Watch` of the modules and parameters they come from), or
-        None when a layer is not fused."""
-        weights, qkv_bias, o_bias, slots, params = [], [], [], [], []
+        """-> ((weights, qkv biases, o biases, packed), the :class:`Watch` of the modules and parameters they come
+        from), or None when a layer is not fused."""
+        weights, qkv_bias, o_bias, slots, params, stamps = [], [], [], [], [], []
         for i in range(start, end):
             layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
@@ -389,6 +395,10 @@ class Transformer(FusesProjections, nn.Module):
                 return None
             weights += [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight,
                         layer.post_attention_layernorm.weight, mlp.gate_up.weight, mlp.down_proj.weight]
+            # the versions of the parameters that are views of a fused weight (theirs are not the fused tensor's)
+            stamps += [False, tuple(p.weight._version for p in (attn.q_proj, attn.k_proj, attn.v_proj)), (), False,
+                       tuple(p.weight._version for p in (mlp.gate_proj, mlp.up_proj)), ()]
+            params += [attn.qkv.weight, mlp.gate_up.weight]  # (watched too: changed in place, they change the stack)
             qkv_bias.append(attn.qkv.bias)
             o_bias.append(attn.o_proj.bias)
             for module in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
@@ -399,7 +409,8 @@ class Transformer(FusesProjections, nn.Module):
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or any(
                 b is not None and b.dtype != self.dtype for b in qkv_bias + o_bias):
             return None  # the per-op path sends a bias of another dtype to torch, with other bits
-        return (weights, qkv_bias, o_bias), Watch(slots, params)
+        packed = _cpu_ext.pack_matrices(weights, stamps, self.dtype)
+        return (weights, qkv_bias, o_bias, packed), Watch(slots, params)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                 kv_len: Optional[int] = None) -> torch.Tensor:

@@ -174,7 +174,7 @@ def test_rope_cache_append_gives_the_reference_bits(cpu, dtype, b, hq, hkv, q_le
 
 def _stack_model(dtype):
     """A random 3-layer stack (GQA, q/k/v biases, head size 24, I = 200), its fused weights and biases, and a cache of
-    2 rows x 16 slots: (model, (weights, qkv biases, o biases), k caches, v caches)."""
+    2 rows x 16 slots: (model, (weights, qkv biases, o biases, packed), k caches, v caches)."""
     from kangaroo_rt.model import Transformer
     from kangaroo_rt.testing import tiny_config
 
@@ -190,7 +190,7 @@ def _stack_model(dtype):
 def _stack_inputs(dtype=torch.float32):
     """_stack_model's stack and the arguments of a 5-token prefill: (weights, qkv biases, o biases, k caches,
     v caches, (hidden, positions, cos, sin))."""
-    model, (weights, qkv_bias, o_bias), k_caches, v_caches = _stack_model(dtype)
+    model, (weights, qkv_bias, o_bias, _), k_caches, v_caches = _stack_model(dtype)
     pos = torch.arange(5).expand(2, 5)
     h = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
     return list(weights), list(qkv_bias), list(o_bias), k_caches, v_caches, (h, pos, *model.rope(pos))
@@ -207,7 +207,8 @@ def _stack_case(dtype):
     torch.set_grad_enabled(False)  # the stack serves no autograd
     for pos in (torch.arange(5).expand(2, 5), torch.tensor([[5], [3]])):
         h = torch.randn(2, pos.shape[1], 96, generator=gen).to(dtype)
-        outs.append(_cpu_ext.decoder_layers(h, pos, *model.rope(pos), *stack, k_caches, v_caches, 4, 2, 24, 1e-6, 16))
+        outs.append(_cpu_ext.decoder_layers(h, pos, *model.rope(pos), *stack[:3], k_caches, v_caches, 4, 2, 24, 1e-6,
+                                            16, packed=stack[3]))
     return outs + k_caches + v_caches
 
 
@@ -372,3 +373,33 @@ def test_the_stack_keeps_the_last_write_when_a_row_repeats_a_position(cpu, monke
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(fast, run(per_op=False)))
     assert all(torch.equal(a, b) for a, b in zip(fast, run(per_op=True)))
+
+
+@torch.no_grad()
+def test_packed_stacks_check_their_weights():
+    """A bf16 stack's matrices come as packed copies (packed=True); other dtypes, or a matrix that is not the packed
+    shape of its place, get a clear error, and the packed stack gives the row-major stack's bits."""
+    from kangaroo_rt import _cpu_ext
+
+    model, (weights, qkv_bias, o_bias, packed), k_caches, v_caches = _stack_model(torch.bfloat16)
+    assert packed
+    pos = torch.arange(5).expand(2, 5)
+    h = torch.randn(2, 5, 96).bfloat16()
+    cos, sin = model.rope(pos)
+    args = (qkv_bias, o_bias, k_caches, v_caches, 4, 2, 24, 1e-6, 16)
+    row_major = [w if i % 6 in (0, 3) else getattr(*_layer_matrix(model, i)) for i, w in enumerate(weights)]
+    assert torch.equal(_cpu_ext.decoder_layers(h, pos, cos, sin, weights, *args, packed=True),
+                       _cpu_ext.decoder_layers(h, pos, cos, sin, row_major, *args))
+    with pytest.raises(ValueError, match="packed weights are bf16 only"):
+        _cpu_ext.decoder_layers(h.float(), pos, cos.float(), sin.float(), weights, *args, packed=True)
+    narrow = list(weights)
+    narrow[2] = weights[2][:, :-2].contiguous()  # (the o weight) not (D, 2 ceil(Hq Dh / 2))
+    with pytest.raises(ValueError, match="the o weight must be a contiguous"):
+        _cpu_ext.decoder_layers(h, pos, cos, sin, narrow, *args, packed=True)
+
+
+def _layer_matrix(model, i):
+    """(the owner, the attribute name) of the row-major matrix at position i of a stack's weight list."""
+    layer = model.layers[i // 6]
+    return {1: (layer.self_attn.qkv, "weight"), 2: (layer.self_attn.o_proj, "weight"), 4: (layer.mlp.gate_up, "weight"),
+            5: (layer.mlp.down_proj, "weight")}[i % 6]

@@ -215,7 +215,7 @@ def test_the_adapter_call_plan_follows_its_modules():
     old = attn.o_proj
     attn.o_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)  # a replaced module
     replaced = adapter._cpu_layer(h, pos)
-    assert replaced is not first and replaced[2] is attn.o_proj.weight
+    assert replaced is not first and replaced[0][2] is attn.o_proj.weight and replaced[1] is False  # fp32: row-major
     attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.clone())  # q/k/v no longer fused: per op
     assert adapter._cpu_layer(h, pos) is None
     attn.fuse()
@@ -232,8 +232,42 @@ def test_the_adapter_call_plan_follows_its_modules():
     with torch.enable_grad():
         assert adapter._cpu_layer(h, pos) is None
     moved = adapter.to(torch.bfloat16)  # new memory, fused again
-    weights = moved._cpu_layer(h.bfloat16(), pos)
-    assert weights is not None and weights[1] is moved.layers[0].self_attn.qkv.weight
+    entry = moved._cpu_layer(h.bfloat16(), pos)  # bf16: the matrices' packed copies
+    qkv = moved.layers[0].self_attn.qkv.weight
+    assert entry is not None and entry[1] is True
+    assert torch.equal(entry[0][1].view(torch.int16), _cpu_ext.pack_rows_bf16(qkv).view(torch.int16))
+    assert entry[0][0] is moved.layers[0].input_layernorm.weight  # norms as they are
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("change", ["param_copy", "load_state_dict", "fused_in_place"])
+def test_packed_copies_follow_in_place_changes(change):
+    """A bf16 stack streams packed copies of its matrices (_cpu_ext.packed_bf16): an in-place change of a weight
+    (a parameter that is a view of a fused projection keeps a version counter of its own) must reach them, so that
+    the one-call stack keeps the per-op path's bits after it."""
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0, dtype=torch.bfloat16)
+    h = torch.randn(1, 1, SMOL["hidden_size"]).bfloat16()
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    cache = model.new_cache(1, 4)
+    model.forward_layers(h, pos, 0, 2, cache, 1)  # packs
+    attn, mlp = model.layers[1].self_attn, model.layers[1].mlp
+    new = torch.randn(attn.k_proj.weight.shape).bfloat16()
+    if change == "param_copy":
+        attn.k_proj.weight.copy_(new)
+    elif change == "load_state_dict":
+        attn.k_proj.load_state_dict({"weight": new} | ({"bias": attn.k_proj.bias} if attn.k_proj.bias is not None else {}))
+    else:
+        mlp.gate_up.weight.mul_(2)  # the fused tensor itself
+        new = attn.k_proj.weight.clone()
+    assert torch.equal(attn.k_proj.weight, new)
+    one_call = model.forward_layers(h, pos, 0, 2, cache, 1)
+    real = Transformer._cpu_stack
+    try:
+        Transformer._cpu_stack = lambda *a: None
+        per_op = model.forward_layers(h, pos, 0, 2, cache, 1)
+    finally:
+        Transformer._cpu_stack = real
+    assert torch.equal(one_call, per_op)
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ extern "C" int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args
   for (int64_t i = 0; i < a->n_linears; ++i) {
     if (a->weights[i] == nullptr || a->n_in[i] <= 0 || a->n_in[i] > a->ld_x || a->n_out[i] <= 0)
       return KR_CPU_BAD_ARGUMENT;
-    if (a->packed && (a->dtype != KR_CPU_BFLOAT16 || a->n_in[i] % 32 != 0 || a->n_out[i] % KR_CPU_PACK_ROWS != 0))
+    if (a->packed && (a->dtype != KR_CPU_BFLOAT16 || a->n_in[i] % 2 != 0))
       return KR_CPU_BAD_ARGUMENT;
     cols += a->n_out[i];
   }
@@ -117,7 +117,8 @@ extern "C" int64_t kr_cpu_decoder_workspace_bytes(const kr_cpu_decoder_args* a, 
 extern "C" int kr_cpu_decoder_check(int isa, const kr_cpu_decoder_args* a) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (kr_cpu_decoder_workspace_bytes(a, nullptr) < 0 || a->n_heads % a->n_kv_heads != 0 || a->head_dim % 2 != 0 ||
-      a->max_len < 0 || a->kv_len < 0 || a->kv_len > a->max_len || a->threads < 1)
+      a->max_len < 0 || a->kv_len < 0 || a->kv_len > a->max_len || a->threads < 1 ||
+      (a->packed != 0 && a->dtype != KR_CPU_BFLOAT16))
     return KR_CPU_BAD_ARGUMENT;
   if (a->n_layers == 0 || a->batch * a->q_len == 0) return KR_CPU_OK;
   if (a->layers == nullptr || a->cos == nullptr || a->sin == nullptr || a->positions == nullptr ||

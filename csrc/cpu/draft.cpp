@@ -30,7 +30,7 @@ kr_cpu_decoder_args stack_args(const kr_cpu_draft_args& a, bool adapter, int64_t
   s.n_kv_heads = a.n_kv_heads, s.head_dim = a.head_dim, s.intermediate = adapter ? 0 : a.intermediate;
   s.max_len = a.max_len, s.kv_len = a.base_len;
   s.eps = adapter ? a.adapter_eps : a.eps, s.scale = a.scale;
-  s.n_layers = adapter ? 1 : a.exit_layer, s.layers = adapter ? a.adapter : a.layers;
+  s.n_layers = adapter ? 1 : a.exit_layer, s.layers = adapter ? a.adapter : a.layers, s.packed = a.packed;
   for (int d = 0; d < 3; ++d) s.cache_stride[d] = a.cache_stride[d];
   s.pos_stride[0] = q_len, s.pos_stride[1] = 1;
   s.threads = a.threads;
@@ -177,7 +177,7 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
     }
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
-    linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf);
+    linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf, a.packed != 0);
     ph.each(B, [&](int64_t b) {
       if (a.sample_q != nullptr && a.sampling.divisor[b] > 0.0f)
         return sample_draft(isa, a, logits + b * N, b, step, idx + b, cf + b);

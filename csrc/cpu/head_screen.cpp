@@ -8,7 +8,7 @@
 // same integers), give each logit an estimate a_v = scale_v (s1 d1 + s2 d2) and a bound R_v on its distance from
 // the logit F_v the head's own kernel computes:
 //   |x.W_v - xh.Wh_v| <= ||x - xh|| ||W_v|| + ||xh|| ||W_v - Wh_v||   (Cauchy-Schwarz, xh and Wh the int8 forms)
-//   |F_v - x.W_v|     <= gamma_n ||x|| ||W_v|| + (flushes)            (the head's fixed-order sum, n = K / 16 + 8)
+//   |F_v - x.W_v|     <= gamma_n ||x|| ||W_v|| + (flushes)            (the head kernel's fixed order: a bf16 chain of K fused multiply-adds, or fp32's K / 16 and a tree; n = K + 8 bounds both)
 // plus the float rounding of a_v itself; the per-row norms come from the caller (computed in fp64, rounded up).
 // Every v whose interval [a_v - R_v, a_v + R_v] cannot reach max_u (a_u - R_u) is not the largest F; the rest (a
 // few rows: a median of 3 of 49152 on SmolLM2's real hidden states) are computed exactly, by the head's kernel on
@@ -84,7 +84,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     const double xh = s1 * q1 + s2 * q2;
     dh2 += (h - xh) * (h - xh), xh2 += xh * xh, x2 += h * h;
   }
-  const double n = static_cast<double>(K) / 16.0 + 8.0;
+  const double n = static_cast<double>(K) + 8.0;
   const double gamma = 1.01 * n * kUnit / (1.0 - n * kUnit);
   const double up = 1.0 + 1e-12;  // the fp64 sums' own rounding, many times over
   st[kValid] = 1.0, st[kS1] = s1, st[kS2] = s2;
@@ -310,14 +310,30 @@ void for_each_at_least(int isa, const float* x, int64_t n, float t, F&& f) {
 }
 
 // The logits of rows [v0, v1) of the head for x_row, as the pass computes them (the head's kernel, then rounded to
-// the dtype), into out[v0..v1) (out: V floats).
-int exact_logits(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V, int64_t v0,
-                 int64_t v1, float* out) {
+// the dtype), into out[v0..v1) (out: V floats). packed (bf16): the head in kr_cpu_pack_bf16's layout, where one row
+// is computed with the 16 of its panel (a panel is a packed matrix of its own), the others' logits not stored.
+int exact_logits(int isa, int dtype, const void* x_row, int64_t K, const void* head, bool packed, int64_t V,
+                 int64_t v0, int64_t v1, float* out) {
   if (dtype == KR_CPU_FLOAT32)
     return kr_cpu_linear_rows_isa(isa, static_cast<const float*>(x_row), 1, K, K, head, KR_CPU_FLOAT32, V, nullptr,
                                   out, V, v0, v1);
-  int rc = kr_cpu_linear_rows_bf16(isa, static_cast<const uint16_t*>(x_row), 1, K, K,
-                                   static_cast<const uint16_t*>(head), V, nullptr, out, V, v0, v1);
+  const uint16_t* x = static_cast<const uint16_t*>(x_row);
+  const uint16_t* w = static_cast<const uint16_t*>(head);
+  int rc = KR_CPU_OK;
+  if (!packed) {
+    rc = kr_cpu_linear_rows_bf16(isa, x, 1, K, K, w, V, nullptr, out, V, v0, v1);
+  } else if (v0 == 0 && v1 == V) {
+    rc = kr_cpu_linear_rows_bf16_packed(isa, x, 1, K, K, w, V, nullptr, out, V, 0, V);
+  } else {
+    constexpr int64_t P = KR_CPU_PACK_ROWS;
+    const int64_t Kp = K + K % 2;
+    float panel_out[P];
+    for (int64_t v = v0; rc == KR_CPU_OK && v < v1; ++v) {
+      const int64_t b = v / P, rows = std::min<int64_t>(P, V - b * P);
+      rc = kr_cpu_linear_rows_bf16_packed(isa, x, 1, K, K, w + b * P * Kp, rows, nullptr, panel_out, rows, 0, rows);
+      out[v] = panel_out[v - b * P];
+    }
+  }
   for (int64_t v = v0; rc == KR_CPU_OK && v < v1; ++v) {
     uint16_t bits = 0;
     rc = kr_cpu_round_bf16(isa, out + v, &bits, 1);
@@ -368,13 +384,13 @@ extern "C" int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats
 }
 
 extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head,
-                                        int64_t V, const double* stats, const float* hi, float* lo, int64_t* index) {
+                                        int packed, int64_t V, const double* stats, const float* hi, float* lo, int64_t* index) {
   if (x_row == nullptr || head == nullptr || stats == nullptr || hi == nullptr || lo == nullptr ||
       index == nullptr || K <= 0 || V <= 0 || V >= (int64_t{1} << 31))
     return KR_CPU_BAD_ARGUMENT;
   float* ex = lo;  // the exact logits, over the lower bounds once their max is taken
   auto whole_head = [&]() -> int {
-    const int rc = exact_logits(isa, dtype, x_row, K, head, V, 0, V, ex);
+    const int rc = exact_logits(isa, dtype, x_row, K, head, packed != 0, V, 0, V, ex);
     return rc != KR_CPU_OK ? rc : kr_cpu_argmax_rows(isa, KR_CPU_FLOAT32, ex, V, V, index, nullptr, 0, 1);
   };
   if (stats[kValid] != 1.0) return whole_head();
@@ -384,7 +400,7 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
   float best = -__builtin_inff();
   int rc = KR_CPU_OK;
   for_each_at_least(isa, hi, V, floor, [&](int64_t v) {
-    if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, V, v, v + 1, ex);
+    if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, packed != 0, V, v, v + 1, ex);
     best = std::max(best, rc == KR_CPU_OK && std::isfinite(ex[v]) ? ex[v] : __builtin_inff());
   });
   if (rc != KR_CPU_OK) return rc;
@@ -396,7 +412,7 @@ extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, i
   bool finite = true;
   for_each_at_least(isa, hi, V, boundary, [&](int64_t v) {
     if (!(hi[v] >= floor)) {  // not computed above
-      if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, V, v, v + 1, ex);
+      if (rc == KR_CPU_OK) rc = exact_logits(isa, dtype, x_row, K, head, packed != 0, V, v, v + 1, ex);
       finite = finite && std::isfinite(ex[v]);
     }
     if (ex[v] > top) top = ex[v], at = v;

@@ -85,21 +85,26 @@ int kr_cpu_linear_rows_isa(int isa, const float* x, int64_t M, int64_t K, int64_
                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for bf16 x and bf16 w, as kr_cpu_linear_rows, in the order of
-// AVX512-BF16's dot product (vdpbf16ps), one instruction for 32 multiply-adds on bf16 pairs: on 16 fp32 lanes,
-// lane l takes, for each chunk of 32 k's in increasing order, first the odd k = 32c + 2l + 1 and then the even
-// k = 32c + 2l, each as one fused multiply-add; the last chunk is zero-padded; then tree16, then the bias. The
-// whole computation flushes denormals, inputs and results, to zero, as vdpbf16ps does (every variant performs
+// AVX512-BF16's dot product (vdpbf16ps) on one lane: each y[m, n] is one chain of fused multiply-adds over the pairs
+// of k's from 0, for p = 0, 1, ..., ceil(K / 2) - 1 first k = 2p + 1 (zero past K) and then k = 2p, then the bias.
+// The whole computation flushes denormals, inputs and results, to zero, as vdpbf16ps does (every variant performs
 // this, so all give the same bits). x: (M, K) bf16 bits, row stride ldx; w: (N, K) bf16 bits, contiguous; bias:
-// (N,) fp32 or NULL; y: (M, N) fp32, row stride ldy.
+// (N,) fp32 or NULL; y: (M, N) fp32, row stride ldy. Row-major W is packed into a scratch panel set (below) by
+// each call, run by run: a decode step's weights should be packed once (kr_cpu_pack_bf16) and read with
+// kr_cpu_linear_rows_bf16_packed, which streams them at the memory's rate.
 int kr_cpu_linear_rows_bf16(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                             int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
-// The same as kr_cpu_linear_rows_bf16 (the same bits), with W in the packed layout: blocks of KR_CPU_PACK_ROWS
-// rows, each block's K in chunks of 32, chunk c of rows n..n+7 the 8 x 32 bf16 at (n * K + c * 8 * 32): row j's
-// 32 at + j * 32. A block then streams as one sequential run of memory, where row-major rows are 8 streams.
-// K must be a multiple of 32, N and n_begin, n_end multiples of KR_CPU_PACK_ROWS. Variants without a packed loop
-// (AVX2, portable) unpack each block first.
-#define KR_CPU_PACK_ROWS 8
+// The packed layout of a bf16 (N, K) weight: panels of KR_CPU_PACK_ROWS rows, panel b holding rows 16b..16b+r-1
+// (r = 16, or what is left for the last one), each row as its K2 = ceil(K / 2) pairs of bf16 (k = 2p low, 2p + 1
+// high, zero past K) as 32-bit words, stored pair-major: word (p, l) of panel b at 16 b K2 + p r + l. So a panel
+// streams as one run of memory, and each 64 bytes of it is one step of 16 rows' chains. N * K2 words in all:
+// out holds N * 2 * K2 bf16 (an (N, K) tensor's size for an even K).
+#define KR_CPU_PACK_ROWS 16
+void kr_cpu_pack_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* out);
+
+// kr_cpu_linear_rows_bf16 (the same bits) with W in the packed layout (kr_cpu_pack_bf16); n_begin a multiple of
+// KR_CPU_PACK_ROWS, n_end one too or N.
 int kr_cpu_linear_rows_bf16_packed(int isa, const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w,
                                    int64_t N, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                                    int64_t n_end);
@@ -269,8 +274,9 @@ int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M
 int64_t kr_cpu_screen_max_rows(int dtype);
 
 // The choice of one row m: *index over V logits from its bounds (hi, lo: V each, lo overwritten) and exact logits
-// of the rows that can win (x_row (K,) in the dtype, head (V, K) in the dtype, as the pass's head takes them).
-int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head, int64_t V,
+// of the rows that can win (x_row (K,) in the dtype, head (V, K) in the dtype, as the pass's head takes them;
+// packed: a bf16 head in kr_cpu_pack_bf16's layout).
+int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head, int packed, int64_t V,
                              const double* stats, const float* hi, float* lo, int64_t* index);
 
 // ---- The commit of a round's tokens and greedy acceptance fused with it (accept.cpp): csrc/accept.cu's semantics.
@@ -346,6 +352,7 @@ typedef struct kr_cpu_decoder_args {
   // (B,): the cache row of batch row b, for RoPE's append and attention; NULL: row b. Rows that share a cache row
   // must hold distinct positions (the target pass's compacted tokens: one batch row a token).
   const int64_t* cache_rows;
+  int packed;  // bf16 only: every layer's qkv, o, gate_up and down in kr_cpu_pack_bf16's layout
 } kr_cpu_decoder_args;
 
 // Bytes of workspace the call needs; -1 for impossible sizes. *zeroed_bytes (when not NULL) is set to the
@@ -387,6 +394,7 @@ typedef struct kr_cpu_draft_args {
   int64_t vocab;
   const void* head;         // (head_rows, D) contiguous
   int64_t head_rows;
+  int packed;               // bf16 only: the layers', the adapter's and the head's weights in kr_cpu_pack_bf16's layout
   const int64_t* head_ids;  // (head_rows,): the vocabulary id of each head row, or NULL (row n is id n)
   const void* rope_cos;     // (T, Dh) contiguous: cos and sin of positions 0..T-1
   const void* rope_sin;
@@ -464,6 +472,7 @@ typedef struct kr_cpu_target_pass_args {
   const void* norm;   // (D,)
   const void* head;   // (head_rows, D) contiguous
   int64_t head_rows;
+  int packed;         // bf16 only: the layers' and the head's weights in kr_cpu_pack_bf16's layout
   const kr_cpu_head_screen* head_screen;  // NULL: the whole head, then the argmax; else the screened head
   const void* rope_cos;  // (T, Dh) contiguous: cos and sin of positions 0..T-1; needs pos[b] + Q <= T
   const void* rope_sin;

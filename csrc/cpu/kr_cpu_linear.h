@@ -1,6 +1,8 @@
-// Pieces shared by the CPU linear kernels (internal: not part of the C ABI of kr_cpu.h): linear.cpp (fp32
-// activations, fp32 or bf16 weights) and linear_bf16.cpp (bf16 x bf16). The register blocks' row loop with its
-// software prefetch of the weights, and the lane sums that store a tile (see linear.cpp for the reduction order).
+// Pieces of the CPU linear kernel with fp32 activations, linear.cpp (fp32 or bf16 weights; internal: not part of the
+// C ABI of kr_cpu.h): the register blocks' row loop with its software prefetch of the weights, and the lane sums
+// that store a tile (see linear.cpp for the reduction order). Until 2026-12-06 the bf16 x bf16 kernel
+// (linear_bf16.cpp) shared them too: the measurements below that name bf16 rows or "2-row blocks" were made on its
+// K-in-lanes blocks, which its packed panels (rows of W in the lanes) have replaced.
 #pragma once
 
 #include <algorithm>

@@ -222,7 +222,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
       return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
                                   c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
-    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf);
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf, a.packed != 0);
 
     kr_cpu_rope_args r{};  // q, k, v: column slices of qkv (B*Q, Nqkv) seen as (B, H, Q, Dh)
     r.dtype = a.dtype;
@@ -251,7 +251,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
     ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
-    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf);
+    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf, a.packed != 0);
     // h = o + h (in place), xn = post_norm(h); an attention-only layer: xn = o + h, h = post_norm(xn) (a row's sum
     // is stored before its norm is written over h)
     const bool attention_only = L.gate_up == nullptr;
@@ -260,14 +260,14 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
                                   attention_only ? xn : h, c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
     if (attention_only) continue;
-    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf);
+    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf, a.packed != 0);
     ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
       const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
       const int64_t n = std::min(kSiluChunk, s.I - j0);
       const T* g = gu + m * 2 * s.I + j0;
       return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
     });
-    linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf);  // h += down(act)
+    linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf, a.packed != 0);  // h += down(act)
   }
 }
 

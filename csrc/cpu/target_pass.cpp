@@ -40,7 +40,7 @@ kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
   s.batch = a.batch, s.q_len = a.q_len, s.hidden_size = a.hidden_size, s.n_heads = a.n_heads;
   s.n_kv_heads = a.n_kv_heads, s.head_dim = a.head_dim, s.intermediate = a.intermediate;
   s.max_len = a.max_len, s.kv_len = a.kv_len, s.eps = a.eps, s.scale = a.scale;
-  s.n_layers = a.n_layers, s.layers = a.layers;
+  s.n_layers = a.n_layers, s.layers = a.layers, s.packed = a.packed;
   for (int d = 0; d < 3; ++d) s.cache_stride[d] = a.cache_stride[d];
   s.pos_stride[0] = a.q_len, s.pos_stride[1] = 1;
   s.threads = a.threads;
@@ -226,7 +226,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
   // choice reads its rows packed: sampled_choice).
   if (!screened(a)) {  // (a sampled pass is never screened)
     linear_phase<T>(ph, isa, xn, n_tok, D, D, a.head, V, nullptr, logits, V, false,
-                    reinterpret_cast<float*>(ws + l.yf));
+                    reinterpret_cast<float*>(ws + l.yf), a.packed != 0);
     if (sampled(a)) {
       sampled_choice(ph, isa, a, l, logits, n_tok, next);
       return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
@@ -248,7 +248,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
       return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, b0 * 64, std::min(V, b1 * 64));
     });
     ph.each(n_tok, [&](int64_t t) {
-      return kr_cpu_screen_argmax_row(isa, a.dtype, xn + t * D, D, a.head, V, stats + t * KR_CPU_SCREEN_STATS,
+      return kr_cpu_screen_argmax_row(isa, a.dtype, xn + t * D, D, a.head, a.packed, V, stats + t * KR_CPU_SCREEN_STATS,
                                       hi + t * V, lo + t * V, idx + tok_at[t]);
     });
   }
