@@ -110,11 +110,22 @@ def packed_bf16(weights: Sequence[torch.Tensor], stamps: Optional[Sequence[tuple
     return out  # type: ignore[return-value]
 
 
+def packs() -> bool:
+    """Whether the loaded extension reads bf16 weights packed (``pack_bf16``; builds before 2026-12-06 read them
+    row-major, which ``benchmarks/bench_ab.py --in-process`` swaps in under this module)."""
+    return hasattr(load(), "pack_bf16")
+
+
+def _packed_kw(packed: bool) -> dict:
+    """The ``packed`` keyword of a stack call, given only when set (an extension without packing has none)."""
+    return {"packed": True} if packed else {}
+
+
 def pack_matrices(weights: List[Optional[torch.Tensor]], stamps: Sequence, dtype: torch.dtype) -> bool:
     """For a bf16 decode stack's argument list: replaces ``weights[i]`` by its packed copy (:func:`packed_bf16`, with
     ``stamps[i]``) wherever ``stamps[i]`` is not False (the matrices; False marks norms), and returns True; False,
-    changing nothing, for other dtypes (the fp32 kernel reads row-major weights)."""
-    if dtype != torch.bfloat16:
+    changing nothing, for other dtypes (the fp32 kernel reads row-major weights) or where :func:`packs` is False."""
+    if dtype != torch.bfloat16 or not packs():
         return False
     at = [i for i, s in enumerate(stamps) if s is not False]
     for i, p in zip(at, packed_bf16([weights[i] for i in at], [stamps[i] for i in at])):
@@ -168,7 +179,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if not _linear_ok(x, weight, bias) or (
             x.dtype == torch.bfloat16 and x.dim() >= 2 and x.shape[-2] > reference.INVARIANT_MAX_QUERIES):
         return reference.linear(x, weight, bias)
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and packs():
         return load().linear(x, packed_bf16([weight])[0], bias, packed=True)
     return load().linear(x, weight, bias)
 
@@ -394,7 +405,7 @@ def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_cac
     extension; shapes are as there (weights: six per layer, fused q/k/v and gate/up; packed: a bf16 stack's
     matrices as :func:`packed_bf16` copies)."""
     return load().decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_caches, v_caches,
-                                 n_heads, n_kv_heads, head_dim, eps, kv_len, packed=packed)
+                                 n_heads, n_kv_heads, head_dim, eps, kv_len, **_packed_kw(packed))
 
 
 def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
@@ -427,7 +438,7 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     with _distribution_errors():
         return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
                                                adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                               adapter_eps, eta), base_len=base_len, packed=stack[3],
+                                               adapter_eps, eta), base_len=base_len, **_packed_kw(stack[3]),
                                   **_named(_CHAIN_SAMPLING, sampled))
 
 
@@ -444,7 +455,7 @@ def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
 def plan_draft_chain(*args, sampled: Optional[tuple] = None):
     """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`decode_loop`; sampled
     as there (:func:`decode_loop` refills its uniforms every round)."""
-    return load().plan_draft_chain(*_chain_args(*args), packed=args[4][3], **_named(_CHAIN_SAMPLING, sampled))
+    return load().plan_draft_chain(*_chain_args(*args), **_packed_kw(args[4][3]), **_named(_CHAIN_SAMPLING, sampled))
 
 
 SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)
@@ -533,13 +544,13 @@ def target_pass(state, rope_tables, stack, caches, norm, head, q_len: int, n_hea
     with _distribution_errors():
         return load().target_pass(*_pass_args(state, rope_tables, stack, caches, norm, head, q_len, n_heads,
                                               n_kv_heads, head_dim, eps, embed=embed, chain=chain, sampled=sampled),
-                                  kv_len=kv_len, packed=stack[3], **_named(_PASS_SAMPLING, sampled))
+                                  kv_len=kv_len, **_packed_kw(stack[3]), **_named(_PASS_SAMPLING, sampled))
 
 
 def plan_target_pass(*args, sampled: Optional[tuple] = None, **kwargs):
     """:func:`target_pass`'s arguments without ``kv_len``, checked once (``q_len``: the most tokens a row a pass
     takes): a plan for :func:`decode_loop`, which refills a sampled plan's uniforms every round."""
-    return load().plan_target_pass(*_pass_args(*args, sampled=sampled, **kwargs), packed=args[2][3],
+    return load().plan_target_pass(*_pass_args(*args, sampled=sampled, **kwargs), **_packed_kw(args[2][3]),
                                    **_named(_PASS_SAMPLING, sampled))
 
 

@@ -149,9 +149,10 @@ class Adapter(FusesProjections, nn.Module):
         (:class:`kangaroo_rt.model.Watch`): the checks cost ~25 us, a sixth of a draft step's adapter call."""
         if not _one_call_serves(exit_hidden, positions, self.dtype):
             return None
+        packs = _cpu_ext.packs()  # (an A/B may swap the extension: bench_ab --in-process)
         entry = self.__dict__.get("_cpu_entry")
-        if entry is None or not entry[1].current():
-            entry = self.__dict__["_cpu_entry"] = self._build_cpu_layer()
+        if entry is None or entry[2] != packs or not entry[1].current():
+            entry = self.__dict__["_cpu_entry"] = (*self._build_cpu_layer(), packs)
         return entry[0]
 
     def _build_cpu_layer(self):

@@ -372,9 +372,10 @@ class Transformer(FusesProjections, nn.Module):
         if end <= start or not _one_call_serves(hidden, positions, self.dtype):
             return None
         stacks = self.__dict__.setdefault("_stacks", {})
-        entry = stacks.get((start, end))
+        key = (start, end, _cpu_ext.packs())  # (an A/B may swap the extension: bench_ab --in-process)
+        entry = stacks.get(key)
         if entry is None or not entry[1].current():
-            entry = stacks[(start, end)] = self._build_stack(start, end)
+            entry = stacks[key] = self._build_stack(start, end)
         return entry[0] if entry is not None else None
 
     def _build_stack(self, start: int, end: int):
