@@ -49,7 +49,7 @@ KR_INLINE uint32_t pair_at(const uint16_t* row, int64_t K, int64_t p) {
   return lo | (hi << 16);
 }
 
-// The packed layout's panel b: its row count, and where it starts (every panel before it is full).
+// The packed layout's panel b: its row count (16, or what is left for the last one; it starts at 16 b K2 words).
 KR_INLINE int64_t panel_rows(int64_t N, int64_t b) { return std::min<int64_t>(P, N - b * P); }
 
 // ----- portable: the chain per output element, explicit flushes.
@@ -97,12 +97,14 @@ struct PaddedRows {
     if (K % 2 == 0) return ld = ldx, x;
     ld = K + 1;
     v.assign(static_cast<size_t>(M * ld), 0);
-    for (int64_t m = 0; m < M; ++m) std::memcpy(v.data() + m * ld, x + m * ldx, static_cast<size_t>(K) * sizeof(uint16_t));
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(v.data() + m * ld, x + m * ldx, static_cast<size_t>(K) * sizeof(uint16_t));
     return v.data();
   }
 };
 
-// NV full panels (or one panel of `rows` < 16 rows: kPart) by R activation rows: acc[v][m] lane l is y[m, n + 16v + l].
+// NV full panels (or one panel of `rows` < 16 rows: kPart) by R activation rows: acc[v][m] lane l is y[m, 16v + l]
+// of the group.
 // kHw: vdpbf16ps with the pair broadcast; otherwise the odd then the even halves as two FMAs (under the caller's
 // DAZ + FTZ: the same bits).
 // kAhead > 0: each full panel's line kAhead steps (64 bytes a step) ahead is prefetched at every step, into L2 (T1)
@@ -117,8 +119,10 @@ KR_TARGET_AVX512_BF16 inline void panels_avx512(const uint16_t* x, int64_t ldx, 
   const int64_t stride = kPart ? rows : P;
   for (int64_t p = 0; p < K2; ++p) {
     if constexpr (kAhead > 0 && !kPart) {
+      // (past the last panel the line is not W's: a prefetch never faults)
       for (int v = 0; v < NV; ++v)
-        _mm_prefetch(reinterpret_cast<const char*>(w + v * P * K2 + (p + kAhead) * P), kL2 ? _MM_HINT_T1 : _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(w + v * P * K2 + (p + kAhead) * P),
+                     kL2 ? _MM_HINT_T1 : _MM_HINT_NTA);
     }
     __m512i wv[NV];
     for (int v = 0; v < NV; ++v)
@@ -143,17 +147,20 @@ KR_TARGET_AVX512_BF16 inline void panels_avx512(const uint16_t* x, int64_t ldx, 
 // R activation rows (1 <= r <= R) over the panels [b_begin, b_end): groups of NV full panels, then single ones, the
 // last possibly partial.
 template <int NV, int R, bool kHw, int kAhead, bool kL2>
-KR_TARGET_AVX512_BF16 void row_group_avx512(int r, const uint16_t* x, int64_t ldx, int64_t K2, const uint32_t* w, int64_t N,
-                                            const float* bias, float* y, int64_t ldy, int64_t b_begin, int64_t b_end) {
+KR_TARGET_AVX512_BF16 void row_group_avx512(int r, const uint16_t* x, int64_t ldx, int64_t K2, const uint32_t* w,
+                                            int64_t N, const float* bias, float* y, int64_t ldy, int64_t b_begin,
+                                            int64_t b_end) {
   if constexpr (R > 1) {
     if (r < R) return row_group_avx512<NV, R - 1, kHw, kAhead, kL2>(r, x, ldx, K2, w, N, bias, y, ldy, b_begin, b_end);
   }
   int64_t b = b_begin;
   const int64_t full_end = std::min(b_end, N / P);
   for (; b + NV <= full_end; b += NV)
-    panels_avx512<NV, R, kHw, false, kAhead, kL2>(x, ldx, K2, w + b * P * K2, P, bias ? bias + b * P : nullptr, y + b * P, ldy);
+    panels_avx512<NV, R, kHw, false, kAhead, kL2>(x, ldx, K2, w + b * P * K2, P, bias ? bias + b * P : nullptr,
+                                                  y + b * P, ldy);
   for (; b < full_end; ++b)
-    panels_avx512<1, R, kHw, false, kAhead, kL2>(x, ldx, K2, w + b * P * K2, P, bias ? bias + b * P : nullptr, y + b * P, ldy);
+    panels_avx512<1, R, kHw, false, kAhead, kL2>(x, ldx, K2, w + b * P * K2, P, bias ? bias + b * P : nullptr,
+                                                 y + b * P, ldy);
   if (b < b_end)
     panels_avx512<1, R, kHw, true>(x, ldx, K2, w + b * P * K2, static_cast<int>(panel_rows(N, b)),
                                    bias ? bias + b * P : nullptr, y + b * P, ldy);
@@ -164,11 +171,12 @@ KR_TARGET_AVX512_BF16 void row_group_avx512(int r, const uint16_t* x, int64_t ld
 // Measured (scratch harness, 2-core Zen 4, in cache): 4 panels 184-213 G multiply-adds a second at 1-6 rows against
 // 138-213 for 2; 2 panels 199-215 at 7-8 rows against 191-198 for 4 (28-32 accumulators: spills).
 template <bool kHw, int kAhead, bool kL2>
-KR_TARGET_AVX512_BF16 void panels_rows_avx512_hint(const uint16_t* x, int64_t ldx, int64_t M, int64_t K2, const uint32_t* w, int64_t N,
-                                              const float* bias, float* y, int64_t ldy, int64_t b_begin,
-                                              int64_t b_end) {
-  if (M <= 6) return row_group_avx512<4, 6, kHw, kAhead, kL2>(static_cast<int>(M), x, ldx, K2, w, N, bias, y, ldy, b_begin, b_end);
-  if (M <= 8) return row_group_avx512<2, 8, kHw, kAhead, kL2>(static_cast<int>(M), x, ldx, K2, w, N, bias, y, ldy, b_begin, b_end);
+KR_TARGET_AVX512_BF16 void panels_rows_avx512_hint(const uint16_t* x, int64_t ldx, int64_t M, int64_t K2,
+                                                   const uint32_t* w, int64_t N, const float* bias, float* y,
+                                                   int64_t ldy, int64_t b_begin, int64_t b_end) {
+  const int r = static_cast<int>(M);
+  if (M <= 6) return row_group_avx512<4, 6, kHw, kAhead, kL2>(r, x, ldx, K2, w, N, bias, y, ldy, b_begin, b_end);
+  if (M <= 8) return row_group_avx512<2, 8, kHw, kAhead, kL2>(r, x, ldx, K2, w, N, bias, y, ldy, b_begin, b_end);
   const int64_t groups = (M + 7) / 8;
   constexpr int64_t kStep = 2;  // panels a trip, every group over them before the next
   for (int64_t b = b_begin; b < b_end; b += kStep) {
@@ -203,9 +211,9 @@ KR_TARGET_AVX512_BF16 void panels_rows_avx512(const uint16_t* x, int64_t ldx, in
 
 // AVX2: a panel's lanes 0-7 and 8-15 as two halves, one panel and up to 2 rows at a time, two FMAs a pair.
 template <int R>
-KR_TARGET_AVX2 void panel_avx2(const uint16_t* x, int64_t ldx, int64_t K2, const uint32_t* w, int rows, const float* bias,
-                               float* y, int64_t ldy) {
-  const int64_t stride = rows == P ? P : rows;
+KR_TARGET_AVX2 void panel_avx2(const uint16_t* x, int64_t ldx, int64_t K2, const uint32_t* w, int rows,
+                               const float* bias, float* y, int64_t ldy) {
+  const int64_t stride = rows;  // (a full panel: P)
   alignas(32) int32_t lane_on[16];
   for (int l = 0; l < 16; ++l) lane_on[l] = l < rows ? -1 : 0;
   const __m256i on_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_on));
@@ -216,8 +224,10 @@ KR_TARGET_AVX2 void panel_avx2(const uint16_t* x, int64_t ldx, int64_t K2, const
   for (int64_t p = 0; p < K2; ++p) {
     const int* at = reinterpret_cast<const int*>(w + p * stride);
     const __m256i wl = _mm256_maskload_epi32(at, on_lo), wh = _mm256_maskload_epi32(at + 8, on_hi);
-    const __m256 wlo = _mm256_castsi256_ps(_mm256_and_si256(wl, high)), wle = _mm256_castsi256_ps(_mm256_slli_epi32(wl, 16));
-    const __m256 who = _mm256_castsi256_ps(_mm256_and_si256(wh, high)), whe = _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16));
+    const __m256 wlo = _mm256_castsi256_ps(_mm256_and_si256(wl, high));  // lanes 0-7: odd halves, then even
+    const __m256 wle = _mm256_castsi256_ps(_mm256_slli_epi32(wl, 16));
+    const __m256 who = _mm256_castsi256_ps(_mm256_and_si256(wh, high));  // lanes 8-15
+    const __m256 whe = _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16));
     for (int m = 0; m < R; ++m) {
       const uint32_t pair = x_pair(x, ldx, m, p);
       const __m256 xo = _mm256_set1_ps(kr_cpu::bf16_bits_to_float(static_cast<uint16_t>(pair >> 16)));
@@ -236,8 +246,9 @@ KR_TARGET_AVX2 void panel_avx2(const uint16_t* x, int64_t ldx, int64_t K2, const
   }
 }
 
-KR_TARGET_AVX2 void panels_rows_avx2(const uint16_t* x, int64_t ldx, int64_t M, int64_t K2, const uint32_t* w, int64_t N,
-                                     const float* bias, float* y, int64_t ldy, int64_t b_begin, int64_t b_end) {
+KR_TARGET_AVX2 void panels_rows_avx2(const uint16_t* x, int64_t ldx, int64_t M, int64_t K2, const uint32_t* w,
+                                     int64_t N, const float* bias, float* y, int64_t ldy, int64_t b_begin,
+                                     int64_t b_end) {
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int rows = static_cast<int>(panel_rows(N, b));
     const float* bb = bias != nullptr ? bias + b * P : nullptr;
