@@ -132,9 +132,17 @@ at::Tensor pack_bf16(const at::Tensor& weight, c10::optional<at::Tensor> out) {
                     what, ": out must be a contiguous bfloat16 (", N, ", ", K + K % 2, ") CPU tensor, got ",
                     packed.scalar_type(), " ", packed.sizes());
   TORCH_CHECK_VALUE(!packed.is_same(w) && packed.data_ptr() != w.data_ptr(), what, ": out must not be the weight");
-  if (N > 0 && K > 0)
-    kr_cpu_pack_bf16(static_cast<const uint16_t*>(w.const_data_ptr()), N, K,
-                     static_cast<uint16_t*>(packed.mutable_data_ptr()));
+  if (N > 0 && K > 0) {
+    const uint16_t* src = static_cast<const uint16_t*>(w.const_data_ptr());
+    uint16_t* dst = static_cast<uint16_t*>(packed.mutable_data_ptr());
+    const int64_t Kp = K + K % 2, panels = (N + KR_CPU_PACK_ROWS - 1) / KR_CPU_PACK_ROWS;
+    // a run of whole panels is a packed matrix of its own, so the threads take runs of them
+    at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t{1} << 20) / (KR_CPU_PACK_ROWS * Kp * 2)),
+                     [&](int64_t b0, int64_t b1) {
+                       const int64_t n0 = b0 * KR_CPU_PACK_ROWS, n1 = std::min(N, b1 * KR_CPU_PACK_ROWS);
+                       kr_cpu_pack_bf16(src + n0 * K, n1 - n0, K, dst + n0 * Kp);
+                     });
+  }
   return packed;
 }
 

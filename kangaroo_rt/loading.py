@@ -147,6 +147,7 @@ def _build(config: ModelConfig, tensors: Dict[str, torch.Tensor], source: str, d
     model = model.eval().fuse_projections()
     if device.type == "cpu":
         hugepages.place(model)  # a decode step streams every weight: 2 MB pages (see kangaroo_rt/hugepages.py)
+        model.pack_for_cpu()  # bf16: the packed copies the decode stacks stream, made now rather than at the first step
     return model
 
 

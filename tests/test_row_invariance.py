@@ -295,3 +295,22 @@ def test_steady_checks_a_call_plan_once_per_scope():
     with steady():
         weight = new_o_proj()
         assert model._cpu_stack(h, pos, 0, 1)[0][2] is weight  # a new scope checks again
+
+
+@torch.no_grad()
+def test_pack_for_cpu_makes_the_copies_a_decode_step_streams():
+    """Transformer.pack_for_cpu (load_model calls it) packs every matrix and the head up front: a decode step after it
+    streams those copies and makes no new one, and an fp32 model gets none."""
+    model = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0, dtype=torch.bfloat16)
+    matrices = [w for layer in model.layers for w in (layer.self_attn.qkv.weight, layer.self_attn.o_proj.weight,
+                                                       layer.mlp.gate_up.weight, layer.mlp.down_proj.weight)]
+    matrices.append(model.lm_head.weight)
+    assert not any(id(w) in _cpu_ext._packed for w in matrices)
+    assert model.pack_for_cpu() is model
+    copies = [_cpu_ext._packed[id(w)][2] for w in matrices]
+    model(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), model.new_cache(1, 4), 1)
+    assert all(_cpu_ext._packed[id(w)][2] is c for w, c in zip(matrices, copies))
+    stack = model._cpu_stack(torch.zeros(1, 1, SMOL["hidden_size"]).bfloat16(), torch.zeros(1, 1, dtype=torch.long), 0, 2)
+    assert stack[3] is True and stack[0][1] is copies[0] and stack[0][5] is copies[3]
+    fp32 = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)
+    assert fp32.pack_for_cpu() is fp32 and id(fp32.layers[0].self_attn.qkv.weight) not in _cpu_ext._packed

@@ -299,9 +299,13 @@ void kr_cpu_pack_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) {
   for (int64_t b = 0; b * P < N; ++b) {
     const int64_t rows = panel_rows(N, b);
     uint32_t* panel = o + b * P * K2;
-    for (int64_t l = 0; l < rows; ++l) {
-      const uint16_t* row = w + (b * P + l) * K;
-      for (int64_t p = 0; p < K2; ++p) panel[p * rows + l] = pair_at(row, K, p);
+    const uint16_t* first = w + b * P * K;
+    if (K % 2 == 0) {  // (the pairs read in place: the writes go in order, the reads along the panel's rows)
+      for (int64_t p = 0; p < K2; ++p)
+        for (int64_t l = 0; l < rows; ++l) std::memcpy(panel + p * rows + l, first + l * K + 2 * p, sizeof(uint32_t));
+    } else {
+      for (int64_t p = 0; p < K2; ++p)
+        for (int64_t l = 0; l < rows; ++l) panel[p * rows + l] = pair_at(first + l * K, K, p);
     }
   }
 }
