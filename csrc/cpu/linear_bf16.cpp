@@ -124,12 +124,14 @@ KR_TARGET_AVX512_BF16 inline void panels_avx512(const uint16_t* x, int64_t ldx, 
         _mm_prefetch(reinterpret_cast<const char*>(w + v * P * K2 + (p + kAhead) * P),
                      kL2 ? _MM_HINT_T1 : _MM_HINT_NTA);
     }
-    __m512i wv[NV];
-    for (int v = 0; v < NV; ++v)
-      wv[v] = kPart ? _mm512_maskz_loadu_epi32(mask, w + p * stride) : _mm512_loadu_si512(w + v * P * K2 + p * P);
-    for (int m = 0; m < R; ++m) {
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(x_pair(x, ldx, m, p)));
-      for (int v = 0; v < NV; ++v) acc[v][m] = kr_cpu::dp_pairs<kHw>(acc[v][m], wv[v], xb);
+    // each activation pair broadcast once a step, then each panel's 64 bytes loaded once and used by every row (in
+    // that order GCC keeps both in registers; with the rows outer it loaded each panel's vector again for every row)
+    __m512i xb[R];
+    for (int m = 0; m < R; ++m) xb[m] = _mm512_set1_epi32(static_cast<int>(x_pair(x, ldx, m, p)));
+    for (int v = 0; v < NV; ++v) {
+      const __m512i wv =
+          kPart ? _mm512_maskz_loadu_epi32(mask, w + p * stride) : _mm512_loadu_si512(w + v * P * K2 + p * P);
+      for (int m = 0; m < R; ++m) acc[v][m] = kr_cpu::dp_pairs<kHw>(acc[v][m], wv, xb[m]);
     }
   }
   for (int v = 0; v < NV; ++v) {
