@@ -4,7 +4,7 @@ random weights; 57 MB in bf16, 113 MB in fp32; the screen reads 28 MB of int8) f
 (64 MB written between calls, as a decode step's layers stream through the caches between two heads). Reports each
 one's median ms, the screen's GB/s of int8 bytes and their fraction of the DRAM read bandwidth measured in the same
 run, the screened / whole-head ratio and the median count of rows computed exactly (those whose bounds can reach
-the best). The target pass takes the screen for up to kr_cpu_screen_max_rows(dtype) rows, from these ratios.
+the best). The target pass takes the screen for up to kr_cpu_screen_max_rows(dtype) rows, from these ratios. A bf16 whole head is read through its packed copy, as the pass reads it.
 
     python benchmarks/bench_head_screen.py --cpu [--threads N] [--out DIR]
 
@@ -52,6 +52,9 @@ def main():
     for dtype in (torch.bfloat16, torch.float32):
         w = (torch.randn(V, K, generator=gen) * 0.05).to(dtype)
         screen = list(_cpu_ext.make_head_screen(w))
+        # the whole head as the target pass reads it: a bf16 head through its packed copy (kr_cpu_pack_bf16)
+        packed = dtype == torch.bfloat16
+        head = cpu.pack_bf16(w) if packed else w
         screen_bytes = sum(t.numel() * t.element_size() for t in screen)
         for M in (1, 2, 4, 8):
             x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
@@ -59,7 +62,7 @@ def main():
             assert torch.equal(cpu.screened_argmax(x, w, screen), want), "screened_argmax differs from the head's"
             hi, lo = cpu.screen_bounds(x, screen)
             exact_rows = statistics.median((hi >= lo.max(dim=1, keepdim=True).values).sum(dim=1).tolist())
-            t_whole = cold_ms(lambda: cpu.argmax(cpu.linear(x, w)), flush)
+            t_whole = cold_ms(lambda: cpu.argmax(cpu.linear(x, head, packed=packed)), flush)
             t_torch = cold_ms(lambda: reference.head_argmax(x, w), flush)
             t_screen = cold_ms(lambda: cpu.screened_argmax(x, w, screen), flush)
             gbs = screen_bytes / t_screen / 1e6
