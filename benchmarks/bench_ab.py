@@ -181,13 +181,23 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
             dtype = getattr(torch, name)
             target, adapter = bench_steps.random_model(config, dtype, torch.device("cpu"))
             mats = [p for layer in target.layers for p in layer.parameters() if p.dim() == 2] + [target.lm_head.weight]
+            # bf16 weights as each build's decode path reads them: packed (_cpu_ext.packed_bf16, in 2 MB pages, builds
+            # since 2026-12-06, which pack a row-major bf16 weight at every call) or row-major (the builds before)
+            packed = (_cpu_ext.packed_bf16(mats)
+                      if dtype == torch.bfloat16 and hasattr(_cpu_ext, "packs") and _cpu_ext.packs() else None)
+
+            def weights(packed=packed, mats=mats):
+                return (packed, {"packed": True}) if packed is not None and hasattr(cpu(), "pack_bf16") else (mats, {})
+
             for m in rows:
                 xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in mats}}
-                cases[f"{name} linear M={m}"] = lambda xs=xs, mats=mats: [cpu().linear(xs[w.shape[1]], w) for w in mats]
+                cases[f"{name} linear M={m}"] = lambda xs=xs, weights=weights: [
+                    cpu().linear(xs[w.shape[1]], w, **kw) for ws, kw in [weights()] for w in ws]
                 if hasattr(cpu(), "linear_sweep"):  # one call per pass (builds since it exists)
                     x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
-                    cases[f"{name} sweep M={m}"] = lambda x=x, y=y, mats=mats: cpu().linear_sweep(x, mats, y)
+                    cases[f"{name} sweep M={m}"] = lambda x=x, y=y, weights=weights: cpu().linear_sweep(
+                        x, *weights()[:1], y, **weights()[1])
             if "head" in args.cases and hasattr(cpu(), "screened_argmax"):
                 heads = [(torch.randn(49152, 576) * 0.05).to(dtype) for _ in range(4)]
                 screens = [list(_cpu_ext.make_head_screen(w)) for w in heads]
