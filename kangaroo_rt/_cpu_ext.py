@@ -73,28 +73,25 @@ def pack_rows_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 # Packed copies of bf16 weights (kr_cpu_pack_bf16's layout: what the decode stacks stream), made once and kept while
-# their weight lives, at the same memory, version and stamp: id(weight) -> (weakref to it, (data_ptr, _version,
-# stamp), copy).
-_packed: Dict[int, Tuple["weakref.ref[torch.Tensor]", tuple, torch.Tensor]] = {}
+# their weight lives, at the same memory and version: id(weight) -> (weakref to it, (data_ptr, _version), copy).
+_packed: Dict[int, Tuple["weakref.ref[torch.Tensor]", Tuple[int, int], torch.Tensor]] = {}
 
 
-def _packed_entry(weight: torch.Tensor, stamp: tuple) -> Optional[torch.Tensor]:
+def _packed_entry(weight: torch.Tensor) -> Optional[torch.Tensor]:
     entry = _packed.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == (weight.data_ptr(), weight._version, stamp):
+    if entry is not None and entry[0]() is weight and entry[1] == (weight.data_ptr(), weight._version):
         return entry[2]
     return None
 
 
-def packed_bf16(weights: Sequence[torch.Tensor], stamps: Optional[Sequence[tuple]] = None) -> List[torch.Tensor]:
+def packed_bf16(weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The packed copies (``_cpu.pack_bf16``) of contiguous (N, K) bf16 CPU ``weights``, for the decode stacks
     (``packed=True``): made at the first call (those missing together, in one mapping in 2 MB pages where
     :mod:`kangaroo_rt.huge_mapping` allows, as the weights themselves are placed) and kept while their weight lives
     at the same memory, unchanged (an in-place change, such as ``load_state_dict``, bumps its version: a new copy is
-    made). ``stamps``: per weight, more that its copy must match, such as the versions of parameters that are views
-    of it (a fused projection's: ``FusedRows``, whose views keep version counters of their own). A weight's copy
-    doubles its memory; decoding then streams only the copy."""
-    stamps = [()] * len(weights) if stamps is None else list(stamps)
-    out: List[Optional[torch.Tensor]] = [_packed_entry(w, s) for w, s in zip(weights, stamps)]
+    made; a fused projection's tensor follows its views' changes: ``FusedRows.serves``). A weight's copy doubles its
+    memory; decoding then streams only the copy."""
+    out: List[Optional[torch.Tensor]] = [_packed_entry(w) for w in weights]
     missing = [i for i, p in enumerate(out) if p is None]
     if missing:
         cpu = load()
@@ -104,8 +101,8 @@ def packed_bf16(weights: Sequence[torch.Tensor], stamps: Optional[Sequence[tuple
             w = weights[i]
             packed = cpu.pack_bf16(w, out=room[j] if room is not None else None)
             key = id(w)
-            _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)),
-                            (w.data_ptr(), w._version, stamps[i]), packed)
+            _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)), (w.data_ptr(), w._version),
+                            packed)
             out[i] = packed
     return out  # type: ignore[return-value]
 
@@ -121,14 +118,14 @@ def _packed_kw(packed: bool) -> dict:
     return {"packed": True} if packed else {}
 
 
-def pack_matrices(weights: List[Optional[torch.Tensor]], stamps: Sequence, dtype: torch.dtype) -> bool:
-    """For a bf16 decode stack's argument list: replaces ``weights[i]`` by its packed copy (:func:`packed_bf16`, with
-    ``stamps[i]``) wherever ``stamps[i]`` is not False (the matrices; False marks norms), and returns True; False,
-    changing nothing, for other dtypes (the fp32 kernel reads row-major weights) or where :func:`packs` is False."""
+def pack_matrices(weights: List[Optional[torch.Tensor]], dtype: torch.dtype) -> bool:
+    """For a bf16 decode stack's argument list: replaces each matrix (a 2-d weight; norms are 1-d, absent ones None)
+    by its packed copy (:func:`packed_bf16`) and returns True; False, changing nothing, for other dtypes (the fp32
+    kernel reads row-major weights) or where :func:`packs` is False."""
     if dtype != torch.bfloat16 or not packs():
         return False
-    at = [i for i, s in enumerate(stamps) if s is not False]
-    for i, p in zip(at, packed_bf16([weights[i] for i in at], [stamps[i] for i in at])):
+    at = [i for i, w in enumerate(weights) if w is not None and w.dim() == 2]
+    for i, p in zip(at, packed_bf16([weights[i] for i in at])):
         weights[i] = p
     return True
 

@@ -168,17 +168,18 @@ class Adapter(FusesProjections, nn.Module):
         modules = (layer.input_layernorm, self.norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         slots += [(m._parameters, name) for m in modules for name in m._parameters]
         params = [p for m in modules for p in m._parameters.values() if p is not None]
+        # (before the watch: serving moves the fused tensor's version on after a change of its views)
+        fused = attn.qkv is not None and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
         if attn.qkv is not None:  # (changed in place, the fused tensor changes the call too)
             params.append(attn.qkv.weight)
         watch = Watch(slots, params)
         same_eps = layer.input_layernorm.eps == self.norm.eps == self.config.rms_norm_eps
-        if self.mlp or attn.qkv is None or not (same_eps and attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))):
+        if self.mlp or not (fused and same_eps):
             return None, watch
         weights = [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight, self.norm.weight]
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or attn.o_proj.bias is not None:
             return None, watch
-        stamps = [False, tuple(p.weight._version for p in (attn.q_proj, attn.k_proj, attn.v_proj)), (), False]
-        packed = _cpu_ext.pack_matrices(weights, stamps, self.dtype)
+        packed = _cpu_ext.pack_matrices(weights, self.dtype)
         return (weights + [None, None], packed), watch
 
     def forward_train(self, exit_hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

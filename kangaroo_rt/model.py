@@ -89,6 +89,7 @@ class FusedRows:
                 layer.bias.data = self.bias[start:start + n]
             start += n
         self._ptrs = self._pointers(layers)
+        self._versions = self._weight_versions(layers)
 
     @staticmethod
     def fusable(layers: Tuple[nn.Linear, ...]) -> bool:
@@ -102,12 +103,25 @@ class FusedRows:
     def _pointers(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
         return tuple(t.data_ptr() for layer in layers for t in (layer.weight, layer.bias) if t is not None)
 
+    @staticmethod
+    def _weight_versions(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
+        return tuple(layer.weight._version for layer in layers)
+
     def serves(self, layers: Tuple[nn.Linear, ...]) -> bool:
         """Whether one call on the fused tensor computes the layers now (this object keeps the fused memory
-        alive, so equal pointers mean the parameters are still views of it)."""
+        alive, so equal pointers mean the parameters are still views of it). A weight changed in place since the
+        last call (``load_state_dict``) moves the fused tensor's version on: the views keep version counters of their
+        own, and what is derived from the fused tensor (its packed copy, ``_cpu_ext.packed_bf16``) follows its
+        version."""
         if torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers):
             return False
-        return self._pointers(layers) == self._ptrs
+        if self._pointers(layers) != self._ptrs:
+            return False
+        versions = self._weight_versions(layers)
+        if versions != self._versions:
+            torch.autograd.graph.increment_version(self.weight)
+            self._versions = versions
+        return True
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """x: (..., K) -> one (..., N_i) view per layer."""
@@ -393,7 +407,7 @@ class Transformer(FusesProjections, nn.Module):
     def _build_stack(self, start: int, end: int):
         """-> ((weights, qkv biases, o biases, packed), the :class:`Watch` of the modules and parameters they come
         from), or None when a layer is not fused."""
-        weights, qkv_bias, o_bias, slots, params, stamps = [], [], [], [], [], []
+        weights, qkv_bias, o_bias, slots, params = [], [], [], [], []
         for i in range(start, end):
             layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
@@ -408,9 +422,6 @@ class Transformer(FusesProjections, nn.Module):
                 return None
             weights += [layer.input_layernorm.weight, attn.qkv.weight, attn.o_proj.weight,
                         layer.post_attention_layernorm.weight, mlp.gate_up.weight, mlp.down_proj.weight]
-            # the versions of the parameters that are views of a fused weight (theirs are not the fused tensor's)
-            stamps += [False, tuple(p.weight._version for p in (attn.q_proj, attn.k_proj, attn.v_proj)), (), False,
-                       tuple(p.weight._version for p in (mlp.gate_proj, mlp.up_proj)), ()]
             params += [attn.qkv.weight, mlp.gate_up.weight]  # (watched too: changed in place, they change the stack)
             qkv_bias.append(attn.qkv.bias)
             o_bias.append(attn.o_proj.bias)
@@ -422,7 +433,7 @@ class Transformer(FusesProjections, nn.Module):
         if any(w.dtype != self.dtype or not w.is_contiguous() for w in weights) or any(
                 b is not None and b.dtype != self.dtype for b in qkv_bias + o_bias):
             return None  # the per-op path sends a bias of another dtype to torch, with other bits
-        packed = _cpu_ext.pack_matrices(weights, stamps, self.dtype)
+        packed = _cpu_ext.pack_matrices(weights, self.dtype)
         return (weights, qkv_bias, o_bias, packed), Watch(slots, params)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,

@@ -314,3 +314,21 @@ def test_pack_for_cpu_makes_the_copies_a_decode_step_streams():
     assert stack[3] is True and stack[0][1] is copies[0] and stack[0][5] is copies[3]
     fp32 = Transformer.random(tiny_config(num_layers=2, **SMOL), seed=0)
     assert fp32.pack_for_cpu() is fp32 and id(fp32.layers[0].self_attn.qkv.weight) not in _cpu_ext._packed
+
+
+@torch.no_grad()
+def test_a_fused_projection_called_per_op_follows_its_views_changed_in_place():
+    """The per-op path reads a fused projection through the packed copy of its fused tensor: a view (a layer's weight)
+    changed in place keeps a version counter of its own, so FusedRows.serves moves the fused tensor's version on and
+    the copy is made again; the result stays that of the row-major weight as it is now."""
+    from kangaroo_rt.model import _fused_call
+
+    model = Transformer.random(tiny_config(num_layers=1, **SMOL), seed=0, dtype=torch.bfloat16)
+    attn = model.layers[0].self_attn
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(3, SMOL["hidden_size"]).bfloat16()
+    before = torch.cat(_fused_call(attn.qkv, layers, x), dim=-1)  # (packs the fused tensor)
+    attn.k_proj.weight.copy_(torch.randn(attn.k_proj.weight.shape).bfloat16())
+    after = torch.cat(_fused_call(attn.qkv, layers, x), dim=-1)
+    want = _cpu_ext.load().linear(x, attn.qkv.weight, attn.qkv.bias)  # row-major: packed by the call, as it is now
+    assert not torch.equal(before, after) and torch.equal(after, want)
