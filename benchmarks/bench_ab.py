@@ -196,8 +196,8 @@ def probe_cases(args: argparse.Namespace) -> Dict[str, object]:
                 if hasattr(cpu(), "linear_sweep"):  # one call per pass (builds since it exists)
                     x = torch.randn(m, max(w.shape[1] for w in mats)).to(dtype)
                     y = torch.empty(m, sum(w.shape[0] for w in mats), dtype=dtype)
-                    cases[f"{name} sweep M={m}"] = lambda x=x, y=y, weights=weights: cpu().linear_sweep(
-                        x, *weights()[:1], y, **weights()[1])
+                    cases[f"{name} sweep M={m}"] = lambda x=x, y=y, weights=weights: [
+                        cpu().linear_sweep(x, ws, y, **kw) for ws, kw in [weights()]]
             if "head" in args.cases and hasattr(cpu(), "screened_argmax"):
                 heads = [(torch.randn(49152, 576) * 0.05).to(dtype) for _ in range(4)]
                 screens = [list(_cpu_ext.make_head_screen(w)) for w in heads]

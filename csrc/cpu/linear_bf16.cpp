@@ -22,23 +22,16 @@
 #include <cstring>
 #include <vector>
 
-#include "kr_cpu.h"
-#include "kr_cpu_avx512.h"
-#include "kr_cpu_common.h"
+#include "kr_cpu_linear.h"  // (kr_cpu.h, the intrinsics, and the argument checks both linear kernels share)
 
 namespace {
 
 using kr_cpu::flush_denormal;
 using kr_cpu::fma_ftz;
+using kr_cpu_linear::bad_rows_args;
+using kr_cpu_linear::cpu_runs;
 
 constexpr int64_t P = KR_CPU_PACK_ROWS;  // rows of W in a panel: the lanes of a step
-
-inline bool cpu_runs(int isa) { return kr_cpu_isa_supported(isa) != 0; }
-
-inline bool bad_rows_args(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  return M < 0 || K < 0 || N < 0 || n_begin < 0 || n_end < n_begin || n_end > N || (M > 1 && ldx < K) ||
-         (M > 1 && ldy < n_end);
-}
 
 inline int64_t pairs_of(int64_t K) { return (K + 1) / 2; }
 
