@@ -606,6 +606,17 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
+// {kind name: (body ns, wait ns, phases)} of the kinds that ran since the last reset (kr_cpu_phase_stats_read).
+py::dict phase_stats(bool reset) {
+  std::vector<int64_t> v(3 * KR_CPU_PHASE_KINDS);
+  kr_cpu_phase_stats_read(v.data());
+  if (reset) kr_cpu_phase_stats_reset();
+  py::dict out;
+  for (int k = 0; k < KR_CPU_PHASE_KINDS; ++k)
+    if (v[3 * k + 2] > 0) out[kr_cpu_phase_kind_name(k)] = py::make_tuple(v[3 * k], v[3 * k + 1], v[3 * k + 2]);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -673,6 +684,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefetch_target", &prefetch_target,
         "where the kernels' software prefetch of the weights goes in this process: 'nta' or 'l2' (this CPU's default, "
         "or KANGAROO_RT_CPU_PREFETCH); ValueError when that variable is invalid");
+  m.def("phase_stats_enable", [](bool on) { return kr_cpu_phase_stats_enable(on ? 1 : 0) != 0; }, py::arg("on"),
+        "turn the per-phase time accounting of the one-call regions (decoder_layers, draft_chain, target_pass, "
+        "decode_loop, linear_sweep) on or off -> the previous setting; off by default");
+  m.def("phase_kinds", []() {
+          std::vector<std::string> names;
+          for (int k = 0; k < KR_CPU_PHASE_KINDS; ++k) names.emplace_back(kr_cpu_phase_kind_name(k));
+          return names;
+        }, "every kind of phase the accounting names, in kr_cpu.h's order");
+  m.def("phase_stats", &phase_stats, py::arg("reset") = false,
+        "{kind: (body_ns, wait_ns, phases)} summed over threads since the last reset (then reset, with reset=True): "
+        "kinds 'layers.qkv', 'shallow.down[n]' ('[n]': over more than one row), 'adapter.attention', 'head', "
+        "'draft_head', 'screen', 'other'");
   m.attr("ROW_BLOCK") = KR_CPU_ROW_BLOCK;
   m.attr("MAX_ROWS_PER_PASS") = KR_CPU_MAX_ROWS_PER_PASS;
 }

@@ -147,6 +147,28 @@ def is_available() -> bool:
         return False
 
 
+PhaseTimes = Dict[str, Tuple[int, int, int]]
+
+
+@contextlib.contextmanager
+def phase_times():
+    """Time the phases of the extension's one-call regions (the decoder stack, the draft chain, the target pass)
+    while the block runs: yields a dict that is filled on exit with ``{kind: (body_ns, wait_ns, phases)}`` summed
+    over the threads, kinds as ``_cpu.phase_stats`` names them ('layers.gate_up', 'layers.gate_up[n]' over more than
+    one row, 'shallow.*', 'adapter.*', 'head', 'draft_head', 'screen', 'other'). ``wait_ns`` is a thread's time
+    claiming chunks and waiting at the phase's end for the other threads' last ones. For profiling: the totals are
+    process-wide, so one such block at a time."""
+    cpu = load()
+    times: PhaseTimes = {}
+    was_on = cpu.phase_stats_enable(True)
+    cpu.phase_stats(reset=True)
+    try:
+        yield times
+    finally:
+        times.update(cpu.phase_stats(reset=True))
+        cpu.phase_stats_enable(was_on)
+
+
 def _linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Inputs the kernel computes as torch.nn.functional.linear would: dense CPU tensors of one dtype, fp32 or
     bf16, a contiguous (N, K) weight, x (..., K), bias (N,) or None. (Called on every linear of a decode step:

@@ -677,7 +677,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, scratch: str):
+def load_run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, scratch: str):
     """-> (KangarooModel, HF folder, adapter folder (None for the smoke run's in-memory adapter), encode, eos id,
     questions, template, settings, description)."""
     from .generate import KangarooModel
@@ -770,8 +770,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     with tempfile.TemporaryDirectory(prefix="kangaroo_bench_") as scratch:
-        model, folder, adapter_dir, encode, eos, questions, template, settings, what = _load(args, device, dtype,
-                                                                                             scratch)
+        model, folder, adapter_dir, encode, eos, questions, template, settings, what = load_run(args, device, dtype,
+                                                                                                scratch)
         if args.per_category:
             questions = per_category(questions, args.per_category)
         limit = args.prompts or (4 if args.smoke else None)

@@ -266,6 +266,27 @@ def test_bench_steps_smoke(tmp_path):
     assert steps.expected_tokens([1.0, 0.5], 3) == pytest.approx(1 + 1 + 0.5 + 0.25)
 
 
+def test_bench_phases_smoke(tmp_path):
+    """benchmarks/bench_phases.py --smoke: plain steps and Kangaroo rounds of a tiny agreeing pair, each op's body
+    and wait per step or round, the same tokens both ways."""
+    from kangaroo_rt import _cpu_ext
+
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+    assert run_benchmark("bench_phases", ["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_phases-smoke.json").read_text())
+    assert result["smoke_run"] and result["tokens_identical"] and result["prompts"] == 2
+    plain, kangaroo = result["plain"], result["kangaroo"]
+    assert plain["unit"] == "step" and kangaroo["unit"] == "round" and kangaroo["mat"] >= 1
+    for mode in (plain, kangaroo):
+        assert mode["wall_ms_per_unit"] > 0 and mode["body_ms_per_unit"] > 0
+        assert mode["body_ms_per_unit"] == pytest.approx(sum(k["body_ms"] for k in mode["kinds"].values()))
+    # the prefill is taken out: plain steps run the layers over one row only
+    assert plain["kinds"]["layers.gate_up"]["phases_per_unit"] == pytest.approx(6)  # the smoke model's 6 layers
+    assert not [name for name in plain["kinds"] if name.endswith("[n]")]
+    assert {"shallow.qkv", "draft_head"} <= set(kangaroo["kinds"])
+
+
 def test_bench_steps_times_cpu_steps_in_turns():
     """On the CPU every repeat calls each step once, in order (after each step's warm-up calls), so that the host's
     bandwidth drift hits all steps alike; one median per step comes back."""

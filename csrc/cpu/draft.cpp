@@ -131,7 +131,10 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       return rc;
     });
     shallow.kv_len = a.base_len + step;
-    stack_body<T>(ph, isa, shallow, ws + l.shallow);
+    {
+      const phase_stats::PartScope part(phase_stats::kShallow);
+      stack_body<T>(ph, isa, shallow, ws + l.shallow);
+    }
     ph.each(1, [&](int64_t) {  // the exit state; keep_drafting; whether a draft step follows
       for (int64_t b = 0; b < B; ++b) std::memcpy(exits + (b * (G + 1) + step) * D, h + b * D, row_bytes);
       bool any = false;
@@ -161,6 +164,7 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
         return KR_CPU_OK;
       });
       adapter.hidden = a_in, adapter.positions = pos_a, adapter.cos = cos_a, adapter.sin = sin_a;
+      const phase_stats::PartScope part(phase_stats::kAdapter);
       stack_body<T>(ph, isa, adapter, ws + l.adapter);
     };
     // Every thread reads the flag after the phase's end (which publishes it); a thread that ran ahead alone can only
@@ -173,10 +177,12 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       adapter_step0();
     } else {
       adapter.hidden = h, adapter.positions = pos_s, adapter.cos = cos_s, adapter.sin = sin_s;
+      const phase_stats::PartScope part(phase_stats::kAdapter);
       stack_body<T>(ph, isa, adapter, ws + l.adapter);
     }
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
+    phase_stats::name(phase_stats::kDraftHead);  // the head and the choice
     linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf, a.packed != 0);
     ph.each(B, [&](int64_t b) {
       if (a.sample_q != nullptr && a.sampling.divisor[b] > 0.0f)
@@ -184,6 +190,7 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       if (a.sample_q != nullptr) std::fill_n(a.sample_q + (b * G + step) * N, N, 0.0f);  // a greedy row: no q
       return kr_cpu_argmax_rows(isa, a.dtype, logits, N, N, idx, cf, b, b + 1);
     });
+    phase_stats::name(phase_stats::kOther);
     ph.each(1, [&](int64_t) {  // the draft appended where the row drafts; x, conf for the next step
       for (int64_t b = 0; b < B; ++b) {
         const int64_t token = a.head_ids != nullptr ? a.head_ids[idx[b]] : idx[b];

@@ -546,6 +546,32 @@ int kr_cpu_linear_sweep_check(int isa, const kr_cpu_linear_sweep_args* a);
 // One thread's part of the sweep. Returns a kr_cpu_status.
 int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a);
 
+// Where the one-call regions' time goes (the decoder stack, the draft chain, the target pass, the linear sweep): every
+// phase (an op of a layer, the head, the screen, the bookkeeping) adds, per thread, the wall time its chunks' bodies
+// took and the time the thread spent claiming and waiting for the other threads' last chunks, under a kind that
+// names the op, the part of the model (the target's layers, the draft's shallow layers, the adapter) and whether
+// it ran over one row or more. Off by default (a relaxed load per phase); for profiling, not for decoding.
+// Kinds: for part p (0 layers, 1 shallow, 2 adapter), rows r (0: one, 1: more) and op o (KR_CPU_PHASE_OPS of them,
+// in the stack's order) the kind (p * 2 + r) * KR_CPU_PHASE_OPS + o; then the head, the draft head, the screen,
+// and everything else. kr_cpu_phase_kind_name says which.
+#define KR_CPU_PHASE_OPS 9
+#define KR_CPU_PHASE_KINDS (6 * KR_CPU_PHASE_OPS + 4)
+
+// Turns the accounting on (nonzero) or off; returns the previous setting.
+int kr_cpu_phase_stats_enable(int on);
+
+// Zeroes the totals. Call it between regions, not while one runs.
+void kr_cpu_phase_stats_reset(void);
+
+// "layers.qkv", "shallow.down[n]" (over more than one row), "adapter.attention", "head", "draft_head", "screen",
+// "other"; "" for a kind out of range.
+const char* kr_cpu_phase_kind_name(int kind);
+
+// The totals over all threads since the last reset: out[3 * kind] nanoseconds in the bodies of chunks, out[3 * kind
+// + 1] nanoseconds claiming and waiting, out[3 * kind + 2] phases run (one per thread that ran the phase).
+// out: (3 * KR_CPU_PHASE_KINDS,).
+void kr_cpu_phase_stats_read(int64_t* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 
 #include "kr_cpu.h"
@@ -75,6 +77,42 @@ struct StackBuffers {
   }
 };
 
+// The phase time accounting (kr_cpu_phase_stats_*, phase_stats.cpp). A thread's phases count under the kind its
+// code last named: stack_body names each op (with the part the caller set and its row count), the regions name
+// their heads and screens, and anything else is kOther (each Phases starts there).
+namespace phase_stats {
+
+enum Part : int { kLayers = 0, kShallow = 1, kAdapter = 2 };
+enum Op : int { kInputNorm, kQkv, kRope, kAttention, kO, kPostNorm, kGateUp, kSilu, kDown };
+constexpr int kExtra = 6 * KR_CPU_PHASE_OPS;
+enum Extra : int { kHead = kExtra, kDraftHead, kScreen, kOther, kKinds };
+static_assert(kKinds == KR_CPU_PHASE_KINDS, "kr_cpu.h's count of phase kinds");
+
+extern std::atomic<int> g_on;
+inline thread_local int t_part = kLayers;
+inline thread_local int t_kind = kOther;
+
+inline bool on() { return g_on.load(std::memory_order_relaxed) != 0; }
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline void name_op(Op op, int64_t rows) { t_kind = (t_part * 2 + (rows > 1 ? 1 : 0)) * KR_CPU_PHASE_OPS + op; }
+inline void name(int kind) { t_kind = kind; }
+void record(int kind, int64_t body_ns, int64_t wait_ns);
+
+// The part of the model a stack_body call runs (the shallow layers and the adapter of the draft chain), for its
+// scope.
+class PartScope {
+ public:
+  explicit PartScope(Part part) { t_part = part; }
+  ~PartScope() { t_part = kLayers, t_kind = kOther; }
+  PartScope(const PartScope&) = delete;
+  PartScope& operator=(const PartScope&) = delete;
+};
+
+}  // namespace phase_stats
+
 KR_INLINE void spin_pause() {
 #if KR_CPU_X86
   _mm_pause();
@@ -86,7 +124,9 @@ KR_INLINE void spin_pause() {
 class Phases {
  public:
   Phases(int64_t* counters, int64_t* status, int64_t threads)
-      : counters_(counters), status_(status), threads_(threads) {}
+      : counters_(counters), status_(status), threads_(threads) {
+    phase_stats::t_part = phase_stats::kLayers, phase_stats::t_kind = phase_stats::kOther;
+  }
 
   // body(begin, end) over chunks of items: each claim takes max(min_claim, remaining / (guide * threads)) items
   // (guided self-scheduling: large chunks first, which stream well, small ones last, which keep the threads
@@ -96,6 +136,9 @@ class Phases {
     int64_t* next = counters_ + index_ * kCounterStride;
     int64_t* done = next + kCounterStride / 2;
     ++index_;
+    const bool timed = phase_stats::on();
+    const int64_t t_start = timed ? phase_stats::now_ns() : 0;
+    int64_t body_ns = 0;
     for (;;) {
       int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end = begin;  // (set before use; GCC cannot tell)
       do {
@@ -105,11 +148,13 @@ class Phases {
       } while (!__atomic_compare_exchange_n(next, &begin, end, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
       if (begin >= n_items) break;
       int rc;
+      const int64_t t_body = timed ? phase_stats::now_ns() : 0;
       try {
         rc = body(begin, end);
       } catch (...) {  // (a kernel's scratch allocation): the chunk still counts as done, or the others would wait
         rc = KR_CPU_FAILED;
       }
+      if (timed) body_ns += phase_stats::now_ns() - t_body;
       if (rc != KR_CPU_OK) __atomic_store_n(status_, static_cast<int64_t>(rc), __ATOMIC_RELAXED);
       __atomic_fetch_add(done, end - begin, __ATOMIC_RELEASE);  // publishes this chunk's writes
     }
@@ -119,6 +164,7 @@ class Phases {
       else
         sched_yield();  // the thread with the last chunk may have lost its core
     }
+    if (timed) phase_stats::record(phase_stats::t_kind, body_ns, phase_stats::now_ns() - t_start - body_ns);
   }
 
   // One item per claim.
@@ -215,13 +261,16 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
   const int64_t B = a.batch, Q = a.q_len, Dh = a.head_dim, Hq = a.n_heads, Hkv = a.n_kv_heads;
   const int64_t norm_rows = std::max<int64_t>(1, 4096 / s.D);
   const int64_t silu_per_row = ceil_div(s.I, kSiluChunk);
+  namespace ps = phase_stats;
 
   for (int64_t li = 0; li < a.n_layers; ++li) {
     const kr_cpu_decoder_layer& L = a.layers[li];
+    ps::name_op(ps::kInputNorm, s.M);
     ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // xn = input_norm(h)
       return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
                                   c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
+    ps::name_op(ps::kQkv, s.M);
     linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf, a.packed != 0);
 
     kr_cpu_rope_args r{};  // q, k, v: column slices of qkv (B*Q, Nqkv) seen as (B, H, Q, Dh)
@@ -238,6 +287,7 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     r.k_cache = L.k_cache, r.v_cache = L.v_cache, r.q_out = q_rot, r.cache_rows = a.cache_rows;
     // A row's tokens in one chunk, in order: two tokens at one position write one slot, and the last one must win.
     // (Batch rows that share a cache row, cache_rows, hold distinct positions.)
+    ps::name_op(ps::kRope, s.M);
     ph.each(B, [&](int64_t b) { return kr_cpu_rope_cache_append(isa, &r, b * Q, (b + 1) * Q); });
 
     kr_cpu_attention_args t{};  // q_rot (B, Hq, Q, Dh) contiguous -> attn laid out (B, Q, Hq, Dh): o's input rows
@@ -249,26 +299,33 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     for (int d = 0; d < 3; ++d) t.cache_stride[d] = a.cache_stride[d];
     t.positions = a.positions, t.pos_stride[0] = a.pos_stride[0], t.pos_stride[1] = a.pos_stride[1];
     t.out = attn, t.out_stride[0] = Q * s.QW, t.out_stride[1] = Dh, t.out_stride[2] = s.QW;
+    ps::name_op(ps::kAttention, s.M);
     ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
+    ps::name_op(ps::kO, s.M);
     linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf, a.packed != 0);
     // h = o + h (in place), xn = post_norm(h); an attention-only layer: xn = o + h, h = post_norm(xn) (a row's sum
     // is stored before its norm is written over h)
     const bool attention_only = L.gate_up == nullptr;
+    ps::name_op(ps::kPostNorm, s.M);
     ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {
       return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, attention_only ? h : xn,
                                   attention_only ? xn : h, c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
     });
     if (attention_only) continue;
+    ps::name_op(ps::kGateUp, s.M);
     linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf, a.packed != 0);
+    ps::name_op(ps::kSilu, s.M);
     ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
       const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
       const int64_t n = std::min(kSiluChunk, s.I - j0);
       const T* g = gu + m * 2 * s.I + j0;
       return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
     });
+    ps::name_op(ps::kDown, s.M);
     linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf, a.packed != 0);  // h += down(act)
   }
+  ps::name(ps::kOther);
 }
 
 }  // namespace kr_cpu

@@ -224,6 +224,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
   });
   // The whole or screened head's greedy choices go to idx[b * Q + i], where the acceptance reads them (the sampled
   // choice reads its rows packed: sampled_choice).
+  phase_stats::name(screened(a) ? phase_stats::kScreen : phase_stats::kHead);  // the head and the choices
   if (!screened(a)) {  // (a sampled pass is never screened)
     linear_phase<T>(ph, isa, xn, n_tok, D, D, a.head, V, nullptr, logits, V, false,
                     reinterpret_cast<float*>(ws + l.yf), a.packed != 0);
@@ -252,6 +253,7 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
                                       hi + t * V, lo + t * V, idx + tok_at[t]);
     });
   }
+  phase_stats::name(phase_stats::kOther);
   ph.each(1, [&](int64_t) {  // acceptance and commit, the limits, the next round's token and exit state
     int64_t* no_drafts = reinterpret_cast<int64_t*>(ws + l.no_drafts);
     if (Q == 1) std::fill(no_drafts, no_drafts + B, int64_t{0});

@@ -1,0 +1,194 @@
+"""Where the CPU decode path's time goes, op by op: greedy decoding of held-out Spec-Bench prompts, plain and
+Kangaroo in turns prompt by prompt (so that both see the same phases of a shared host's bandwidth), in one process,
+with the CPU extension's phase accounting on (``kangaroo_rt._cpu_ext.phase_times``).
+
+The one-call regions (the target pass, the draft chain) run every op of a layer as a phase whose chunks the threads
+claim, and a thread moves on when the phase's last chunk is done. For every kind of phase (an op of the target's
+layers over one row or several ("[n]"), of the draft's shallow layers or of the adapter; the head, the draft head,
+the screened head; everything else) this reports the milliseconds a thread spends per plain step and per Kangaroo
+round in the chunks' bodies and in waiting (claiming chunks, and at the phase's end for the other threads' last
+ones), beside the wall time per step and round. Each prompt's prefill is measured apart (the prompt decoded to one
+token, just before) and taken out, so the numbers are the decode loop's. Between the phases the threads run no kernel, so the bodies and
+waits of a thread add up to nearly all of its time in a region.
+
+    python benchmarks/bench_phases.py [--model smollm2] [--dtype bfloat16] [--prompts 4] [--max-new-tokens 256]
+                                      [--threads 2] [--out DIR]
+    python benchmarks/bench_phases.py --smoke      (a random tiny model: seconds; the numbers mean nothing)
+
+Results: ``<out>/bench_phases-<model>.json`` (``bench_phases-smoke.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import torch  # noqa: E402
+
+from kernel_bench_utils import write_result  # noqa: E402
+
+# gpu_suite: gpu-args --smoke
+NAME = "bench_phases"
+QUESTIONS = os.path.join(ROOT, "benchmarks", "data", "spec_bench", "question.jsonl")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="a model name of kangaroo_rt.models (default smollm2)")
+    p.add_argument("--questions", default=QUESTIONS, help="Spec-Bench-format JSONL; the first prompt of each "
+                   "category is taken, in file order")
+    p.add_argument("--prompts", type=int, default=4, help="prompts to decode (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the model's cpu_dtype")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--smoke", action="store_true", help="a random tiny agreeing pair, 2 prompts x 12 tokens")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    for name in ("prompts", "max_new_tokens", "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def load(args: argparse.Namespace, scratch: str):
+    """-> (KangarooModel, KangarooConfig, prompts as (1, T) id tensors, eos id or None, what was loaded)."""
+    from kangaroo_rt import bench
+    from kangaroo_rt.config import KangarooConfig
+
+    ns = argparse.Namespace(smoke=args.smoke, model=args.model, adapter=None, tokenizer=None,
+                            questions=None if args.smoke else args.questions, template="auto", exit_layer=None)
+    dtype = torch.float32 if args.smoke else None
+    if dtype is None:
+        from kangaroo_rt.models import preferred_dtype, resolve
+
+        dtype = getattr(torch, args.dtype) if args.dtype else preferred_dtype(resolve(args.model).settings,
+                                                                               torch.device("cpu"))
+    model, _, _, encode, eos, questions, template, settings, what = bench.load_run(ns, torch.device("cpu"), dtype,
+                                                                                   scratch)
+    questions = bench.per_category(questions, 1)
+    prompts = [p.ids for p in bench.build_prompts(questions, encode, template, args.prompts,
+                                                  48 if args.smoke else None)]
+    kcfg = KangarooConfig(gamma=settings.get("gamma", 6), eta=settings.get("eta", 0.6))
+    return model, kcfg, prompts, eos, f"{what}, {str(dtype).removeprefix('torch.')}"
+
+
+def timed_generate(model, ids: torch.Tensor, max_new: int, kcfg, eos: Optional[int]):
+    """One greedy decoding under the phase accounting -> (phase times, wall s, new tokens, rounds, its tokens)."""
+    from kangaroo_rt import _cpu_ext
+
+    with _cpu_ext.phase_times() as times:
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new, eos_token_id=eos, kangaroo=kcfg, return_dict_in_generate=True)
+        wall = time.perf_counter() - t0
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    return dict(times), wall, len(new), sum(out.stats.rounds) if kcfg is not None else 0, new
+
+
+class Tally:
+    """One mode's decode loops, the prefill taken out: phase times (ns, summed over threads), wall, tokens, rounds."""
+
+    def __init__(self) -> None:
+        self.times: Dict[str, List[int]] = {}
+        self.wall = 0.0
+        self.tokens = self.rounds = self.prompts = 0
+        self.outputs: List[List[int]] = []
+
+    def add(self, full, prefill) -> None:
+        times, wall, tokens, rounds, new = full
+        for kind, v in times.items():
+            acc = self.times.setdefault(kind, [0, 0, 0])
+            for i, (x, y) in enumerate(zip(v, prefill[0].get(kind, (0, 0, 0)))):
+                acc[i] += x - y
+        self.wall += wall - prefill[1]
+        self.tokens, self.rounds, self.prompts = self.tokens + tokens, self.rounds + rounds, self.prompts + 1
+        self.outputs.append(new)
+
+    def per_unit(self, kangaroo: bool, threads: int) -> Dict:
+        """Its phases per unit (a Kangaroo round, or a plain step after the prefill's token) and thread, in ms."""
+        units = self.rounds if kangaroo else self.tokens - self.prompts  # a prompt's first token: its prefill's
+        if units <= 0:
+            raise RuntimeError("the prompts decoded to no step beyond their first token: raise --max-new-tokens")
+        scale = 1e-6 / units / threads  # ns summed over threads -> ms per unit and thread
+        kinds = {k: {"body_ms": v[0] * scale, "wait_ms": v[1] * scale, "phases_per_unit": v[2] / units / threads}
+                 for k, v in self.times.items() if v[2] > 0}  # (kinds of the prefill alone left out)
+        return {"units": units, "unit": "round" if kangaroo else "step", "new_tokens": self.tokens,
+                "wall_ms_per_unit": self.wall * 1e3 / units,
+                "body_ms_per_unit": sum(v["body_ms"] for v in kinds.values()),
+                "wait_ms_per_unit": sum(v["wait_ms"] for v in kinds.values()),
+                "mat": (self.tokens - self.prompts) / self.rounds if kangaroo else None, "kinds": kinds}
+
+
+def measure(model, prompts: List[torch.Tensor], max_new: int, kcfg, eos: Optional[int], threads: int):
+    """Plain decoding and Kangaroo prompt by prompt in turns, so that both see the same phases of a shared host's
+    bandwidth; each prompt's prefill (decoded to one token) timed just before and taken out. -> (plain, Kangaroo
+    per unit, whether their tokens are the same)."""
+    for k in (None, kcfg):  # warm-up: packed copies, plans, caches
+        timed_generate(model, prompts[0], 4, k, eos)
+    plain, kangaroo = Tally(), Tally()
+    for ids in prompts:
+        for k, tally in ((None, plain), (kcfg, kangaroo)):
+            prefill = timed_generate(model, ids, 1, k, eos)
+            tally.add(timed_generate(model, ids, max_new, k, eos), prefill)
+    return (plain.per_unit(False, threads), kangaroo.per_unit(True, threads), plain.outputs == kangaroo.outputs)
+
+
+def table(plain: Dict, kangaroo: Dict) -> str:
+    kinds = sorted(set(plain["kinds"]) | set(kangaroo["kinds"]),
+                   key=lambda k: -sum(m["kinds"].get(k, {}).get("body_ms", 0) + m["kinds"].get(k, {}).get("wait_ms", 0)
+                                      for m in (plain, kangaroo)))
+
+    def cells(m: Dict, k: str) -> str:
+        v = m["kinds"].get(k)
+        return f"{'-':>9} {'-':>9}" if v is None else f"{v['body_ms']:9.3f} {v['wait_ms']:9.3f}"
+
+    lines = [f"{'':24} {'plain, ms a step':>19}  {'Kangaroo, ms a round':>19}",
+             f"{'phase kind':24} {'body':>9} {'wait':>9}  {'body':>9} {'wait':>9}"]
+    for k in kinds:
+        lines.append(f"{k:24} {cells(plain, k)}  {cells(kangaroo, k)}")
+    lines.append(f"{'all phases':24} {plain['body_ms_per_unit']:9.3f} {plain['wait_ms_per_unit']:9.3f}  "
+                 f"{kangaroo['body_ms_per_unit']:9.3f} {kangaroo['wait_ms_per_unit']:9.3f}")
+    lines.append(f"{'wall':24} {plain['wall_ms_per_unit']:19.3f}  {kangaroo['wall_ms_per_unit']:19.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.bench import device_name
+
+    if not _cpu_ext.is_available():
+        print(f"{NAME}: the CPU extension kangaroo_rt._cpu is not built here; nothing to measure")
+        return 0
+    torch.set_num_threads(args.threads)
+    max_new = 12 if args.smoke else args.max_new_tokens
+    prompts_n = min(args.prompts, 2) if args.smoke else args.prompts
+    args.prompts = prompts_n
+    with tempfile.TemporaryDirectory(prefix="kangaroo_phases_") as scratch:
+        model, kcfg, prompts, eos, what = load(args, scratch)
+        model.max_len = max(p.shape[1] for p in prompts) + max_new + kcfg.gamma + 2
+        plain, kangaroo, same = measure(model, prompts, max_new, kcfg, eos, args.threads)
+    print(f"{what}; {len(prompts)} prompts x up to {max_new} new tokens, greedy, {args.threads} threads; "
+          f"gamma {kcfg.gamma}, eta {kcfg.eta}")
+    print(table(plain, kangaroo))
+    ratio = plain["wall_ms_per_unit"] * kangaroo["mat"] / kangaroo["wall_ms_per_unit"]
+    print(f"Kangaroo: MAT {kangaroo['mat']:.2f}, a round {kangaroo['wall_ms_per_unit'] / plain['wall_ms_per_unit']:.2f} "
+          f"plain steps, {ratio:.2f}x plain decoding's tokens a second; tokens identical: {same}")
+    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what,
+              "prompts": len(prompts), "max_new_tokens": max_new, "threads": args.threads,
+              "gamma": kcfg.gamma, "eta": kcfg.eta, "isa": _cpu_ext.load().isa(), "tokens_identical": same,
+              "kangaroo_over_plain": ratio, "plain": plain, "kangaroo": kangaroo}
+    write_result(args.out, f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}", result)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
