@@ -270,7 +270,8 @@ def test_shapes_strides_and_empty_inputs(cpu):
 @pytest.mark.parametrize("m", (1, 3, 8))
 def test_a_sweep_gives_each_matrix_the_bits_of_its_own_call(cpu, dtype, m):
     """linear_sweep (bench_linear's one-call pass, the stack's claiming of chunks) against linear() per matrix,
-    bit for bit, over shapes that leave tail row blocks and read a prefix of x, with 1 and 2 threads."""
+    bit for bit, over shapes that leave tail row blocks and read a prefix of x, with 1, 2, 3 and 9 threads (more
+    than this machine's cores: late threads claim what is left)."""
     gen = torch.Generator().manual_seed(m)
     shapes = ((17, 33), (576, 576), (5, 1539), (1536, 576), (3, 1))
     ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype) for n, k in shapes]
@@ -278,7 +279,7 @@ def test_a_sweep_gives_each_matrix_the_bits_of_its_own_call(cpu, dtype, m):
     want = torch.cat([cpu.linear(x[:, :w.shape[1]], w) for w in ws], dim=1)
     threads = torch.get_num_threads()
     try:
-        for t in (1, 2):
+        for t in (1, 2, 3, 9):
             torch.set_num_threads(t)
             assert torch.equal(cpu.linear_sweep(x, ws), want)
             out = torch.full_like(want, float("nan"))
