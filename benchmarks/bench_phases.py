@@ -9,7 +9,8 @@ the screened head; everything else) this reports the milliseconds a thread spend
 round in the chunks' bodies and in waiting (claiming chunks, and at the phase's end for the other threads' last
 ones), beside the wall time per step and round. Each prompt's prefill is measured apart (the prompt decoded to one
 token, just before) and taken out, so the numbers are the decode loop's. Between the phases the threads run no kernel, so the bodies and
-waits of a thread add up to nearly all of its time in a region.
+waits of a thread add up to nearly all of its time in a region. A wait is not always time lost: in a phase bound by
+the memory stream (the linears), the other threads stream faster while one waits.
 
     python benchmarks/bench_phases.py [--model smollm2] [--dtype bfloat16] [--prompts 4] [--max-new-tokens 256]
                                       [--threads 2] [--out DIR]
