@@ -74,12 +74,10 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
         block[offsets[ptr]:offsets[ptr] + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
         del storage
         moved: Dict[int, torch.Tensor] = {}
-        new_ptr: Dict[int, int] = {}
         for key in keys:
             t = tensors[key]
             moved[key] = torch.empty(0, dtype=t.dtype).set_(
                 raw, (offsets[ptr] + start) // t.element_size() + t.storage_offset(), t.shape, t.stride())
-            new_ptr[t.data_ptr()] = moved[key].data_ptr()
         for key in keys:
             t = tensors[key]
             if isinstance(t, nn.Parameter):
@@ -92,7 +90,6 @@ def place(module: nn.Module, min_bytes: Optional[int] = None) -> int:
                 h.weight = moved[id(h.weight)]
             if h.bias is not None and id(h.bias) in moved:
                 h.bias = moved[id(h.bias)]
-            h._ptrs = tuple(new_ptr.get(q, q) for q in h._ptrs)
         for key in keys:  # (drops this function's last reference to the old storage)
             tensors[key] = moved[key]
     return total

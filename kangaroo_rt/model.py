@@ -10,6 +10,7 @@ to verify; ``embed``, ``norm`` and ``lm_head`` are callable on their own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -88,7 +89,6 @@ class FusedRows:
             if self.bias is not None:
                 layer.bias.data = self.bias[start:start + n]
             start += n
-        self._ptrs = self._pointers(layers)
         self._versions = self._weight_versions(layers)
 
     @staticmethod
@@ -103,6 +103,19 @@ class FusedRows:
     def _pointers(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
         return tuple(t.data_ptr() for layer in layers for t in (layer.weight, layer.bias) if t is not None)
 
+    def _view_pointers(self) -> Tuple[int, ...]:
+        """The data pointers the layers' weights (and biases) have while they are the fused tensor's row views, in
+        :meth:`_pointers`' order. Derived from the fused tensor itself, so that a deep copy (which copies the views
+        as views of the copied tensor) or a move into other memory (:mod:`kangaroo_rt.hugepages`) keeps serving."""
+        w_row = self.weight.stride(0) * self.weight.element_size()
+        ptrs, start = [], 0
+        for n in self.sizes:
+            ptrs.append(self.weight.data_ptr() + start * w_row)
+            if self.bias is not None:
+                ptrs.append(self.bias.data_ptr() + start * self.bias.element_size())
+            start += n
+        return tuple(ptrs)
+
     @staticmethod
     def _weight_versions(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
         return tuple(layer.weight._version for layer in layers)
@@ -115,7 +128,7 @@ class FusedRows:
         version."""
         if torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers):
             return False
-        if self._pointers(layers) != self._ptrs:
+        if self._pointers(layers) != self._view_pointers():
             return False
         versions = self._weight_versions(layers)
         if versions != self._versions:
@@ -138,6 +151,9 @@ class FusesProjections:
     """A module whose projections :meth:`fuse_projections` fuses (:class:`FusedRows`), and fuses again after
     ``.to()`` / ``.float()`` / ``.cuda()``, which give the parameters new memory and so end the fused views."""
 
+    # what a module keeps of its one-call CPU plans (packed copies included): a deep copy leaves them out
+    _DERIVED = ("_stacks", "_cpu_entry")
+
     def fuse_projections(self):
         raise NotImplementedError
 
@@ -146,6 +162,18 @@ class FusesProjections:
         if getattr(self, "_fused", False):
             self.fuse_projections()
         return result
+
+    def __deepcopy__(self, memo):
+        """A deep copy fuses again too: ``nn.Parameter``'s deep copy clones its data, so the copied parameters are no
+        longer views of the copied fused tensors (a copy that stayed unfused fell off the one-call CPU paths: its
+        draft chain ran op by op, 2.4x the drafting time in ``kangaroo-rt bench --draft-vocab``)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}  # (rebuilt on first use)
+        copied.__setstate__(copy.deepcopy(state, memo))
+        if getattr(copied, "_fused", False):
+            copied.fuse_projections()
+        return copied
 
 
 _STACK_OPS = ("linear", "rms_norm", "add_rms_norm", "rope_cache_append", "attention", "silu_mul")

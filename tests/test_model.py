@@ -1,4 +1,6 @@
 """Our Llama-family model equals transformers' in fp32: prefill, step-by-step decode, generate."""
+import copy
+
 import pytest
 import torch
 
@@ -165,6 +167,33 @@ def _unfused_copy(model):
     other.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
     other.inv_freq = model.inv_freq
     return other.eval()
+
+
+def test_a_deep_copy_fuses_again_and_shares_no_memory():
+    """nn.Parameter's deep copy clones its data, so the copied views would no longer be views of the copied fused
+    tensors: the copy fuses again (its q/k/v and gate/up served by one call over its own memory), leaves the one-call
+    plans (packed copies included) to be built again, and computes what the original does."""
+    model = random_target(tiny_config(), seed=3)
+    adapter = K.Adapter.random(model.config, seed=4)
+    ids = torch.randint(0, 97, (1, 5))
+    pos = torch.arange(5)[None]
+    with torch.no_grad():
+        want = model(ids, pos, model.new_cache(1, 8))  # (builds the one-call plans where the extension serves)
+        copied = copy.deepcopy(model)
+        assert "_stacks" not in copied.__dict__
+        for orig, new in ((model.layers[1], copied.layers[1]),):
+            a, b = orig.self_attn, new.self_attn
+            assert b.qkv is not a.qkv and b.qkv.serves((b.q_proj, b.k_proj, b.v_proj))
+            assert b.q_proj.weight.data_ptr() == b.qkv.weight.data_ptr() != a.qkv.weight.data_ptr()
+            assert torch.equal(b.qkv.weight, a.qkv.weight)
+            assert new.mlp.gate_up.serves((new.mlp.gate_proj, new.mlp.up_proj))
+        assert torch.equal(copied(ids, pos, copied.new_cache(1, 8)), want)
+        copied.layers[0].self_attn.k_proj.weight.add_(1.0)  # the copy's memory is its own
+        assert torch.equal(model(ids, pos, model.new_cache(1, 8)), want)
+        adapter_copy = copy.deepcopy(adapter)
+        a = adapter_copy.layers[0].self_attn
+        assert "_cpu_entry" not in adapter_copy.__dict__ and a.qkv.serves((a.q_proj, a.k_proj, a.v_proj))
+        assert a.qkv.weight.data_ptr() != adapter.layers[0].self_attn.qkv.weight.data_ptr()
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -1,6 +1,8 @@
 """The phase time accounting of the CPU extension's one-call regions (csrc/cpu/phase_stats.cpp,
 ``_cpu_ext.phase_times``): every op of every layer counted under its kind, once per thread that ran it, with the
 parts of the model and the row counts told apart; nothing counted while it is off; the tokens the same either way."""
+import copy
+
 import pytest
 import torch
 
@@ -84,6 +86,16 @@ def test_kangaroo_rounds_name_the_shallow_layers_the_adapter_and_the_verificatio
     verify = phases("layers.qkv[n]") + phases("layers.qkv")
     assert phases("layers.qkv[n]") > 0 and verify == (LAYERS - EXIT) * rounds
     assert phases("screen") > 0 and phases("head") == 0
+
+
+def test_a_deep_copied_adapter_still_drafts_in_one_call(model, one_thread):
+    """A deep copy of the adapter (kangaroo-rt bench --draft-vocab makes one per size) fuses again, so its rounds
+    keep the one-call draft chain (shallow layers and draft head as phases) rather than drafting op by op."""
+    kcfg = K.KangarooConfig(gamma=4, eta=0.0)
+    copied = K.KangarooModel(model.target, copy.deepcopy(model.adapter), exit_layer=EXIT, max_len=128)
+    times, tokens, _ = _timed(copied, 12, kcfg)
+    assert times.get("shallow.qkv", (0, 0, 0))[2] > 0 and "draft_head" in times
+    assert tokens == _decode(model, 12, kcfg)[0]
 
 
 def test_two_threads_each_count_a_phase(model):
