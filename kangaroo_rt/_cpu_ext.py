@@ -55,6 +55,13 @@ def load():
                       "`KANGAROO_RT_BUILD_CPU=1 pip install --no-build-isolation -e .` (needs a C++ compiler)")
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``, the count of its in-place changes, which the caches of things derived from a tensor (packed
+    copies, call plans, screens, RoPE tables) compare; -1 for an inference tensor (made under
+    ``torch.inference_mode``), which keeps no count: a change made in place to one is not seen."""
+    return -1 if t.is_inference() else t._version
+
+
 PACK_ROWS = 16  # csrc/cpu/kr_cpu.h: KR_CPU_PACK_ROWS
 
 
@@ -79,7 +86,7 @@ _packed: Dict[int, Tuple["weakref.ref[torch.Tensor]", Tuple[int, int], torch.Ten
 
 def _packed_entry(weight: torch.Tensor) -> Optional[torch.Tensor]:
     entry = _packed.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == (weight.data_ptr(), weight._version):
+    if entry is not None and entry[0]() is weight and entry[1] == (weight.data_ptr(), tensor_version(weight)):
         return entry[2]
     return None
 
@@ -101,7 +108,7 @@ def packed_bf16(weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
             w = weights[i]
             packed = cpu.pack_bf16(w, out=room[j] if room is not None else None)
             key = id(w)
-            _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)), (w.data_ptr(), w._version),
+            _packed[key] = (weakref.ref(w, lambda _, key=key: _packed.pop(key, None)), (w.data_ptr(), tensor_version(w)),
                             packed)
             out[i] = packed
     return out  # type: ignore[return-value]
@@ -526,7 +533,7 @@ def head_screen(head) -> Optional[tuple]:
     if os.environ.get(SCREEN_ENV, "1") == "0":
         return None
     w = head.weight
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    key = (w.data_ptr(), tensor_version(w), tuple(w.shape), w.dtype)
     kept = getattr(head, "_kr_head_screen", None)
     if kept is None or kept[0] != key:
         screen = make_head_screen(w.detach())

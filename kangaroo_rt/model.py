@@ -118,7 +118,7 @@ class FusedRows:
 
     @staticmethod
     def _weight_versions(layers: Tuple[nn.Linear, ...]) -> Tuple[int, ...]:
-        return tuple(layer.weight._version for layer in layers)
+        return tuple(_cpu_ext.tensor_version(layer.weight) for layer in layers)
 
     def serves(self, layers: Tuple[nn.Linear, ...]) -> bool:
         """Whether one call on the fused tensor computes the layers now (this object keeps the fused memory
@@ -132,7 +132,8 @@ class FusedRows:
             return False
         versions = self._weight_versions(layers)
         if versions != self._versions:
-            torch.autograd.graph.increment_version(self.weight)
+            if not self.weight.is_inference():  # (an inference tensor keeps no count: tensor_version)
+                torch.autograd.graph.increment_version(self.weight)
             self._versions = versions
         return True
 
@@ -224,7 +225,7 @@ class Watch:
         self.ids = [id(obj) for obj in self.objects]
         self.params = params
         self.pointers = [p.data_ptr() for p in params]
-        self.versions = [p._version for p in params]
+        self.versions = [_cpu_ext.tensor_version(p) for p in params]
         self.checked_in: Optional[object] = getattr(_steady, "scope", None)  # built (so checked) in this scope
 
     def current(self) -> bool:
@@ -233,7 +234,7 @@ class Watch:
             return True
         ok = ([id(owner.get(name)) for owner, name in self.slots] == self.ids
               and [p.data_ptr() for p in self.params] == self.pointers
-              and [p._version for p in self.params] == self.versions)
+              and [_cpu_ext.tensor_version(p) for p in self.params] == self.versions)
         if ok:
             self.checked_in = scope
         return ok

@@ -786,7 +786,7 @@ class Decoder:
         """cos, sin (T, head_dim) of positions 0..T-1 for the cache's T, by :meth:`Transformer.rope` (elementwise,
         so row p has the bits of ``rope`` at position p), kept while T, the dtype and ``inv_freq`` are the same."""
         t = self.target
-        key = (self.cache.max_len, t.dtype, t.inv_freq.data_ptr(), t.inv_freq._version)
+        key = (self.cache.max_len, t.dtype, t.inv_freq.data_ptr(), _cpu_ext.tensor_version(t.inv_freq))
         if getattr(self, "_rope_key", None) != key:
             cos, sin = t.rope(torch.arange(self.cache.max_len, device=t.device)[None])
             self._rope_table_pair, self._rope_key = (cos[0], sin[0]), key

@@ -355,3 +355,26 @@ def test_greedy_tokens_is_argmax_with_its_first_index_on_ties_in_every_dtype():
         x = logits.to(dtype)
         assert torch.equal(greedy_tokens(x), x.argmax(dim=-1)), dtype
     assert greedy_tokens(logits.bfloat16())[0, 0] == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_made_under_inference_mode_decodes_as_one_made_outside(dtype):
+    """Inference tensors keep no version counter (torch raises on ``_version``): the caches keyed by versions
+    (fused projections, call plans, bf16 packed copies, RoPE tables) take them as unchanging, so a model made or
+    loaded under ``torch.inference_mode`` decodes, in and out of that mode, the tokens of one made outside."""
+    cfg = tiny_config(num_layers=4)
+    kcfg = K.KangarooConfig(gamma=4, eta=0.2)
+    ids = torch.tensor([[5, 9, 13, 2]])
+
+    def make():
+        target, adapter = agreeing_pair(cfg, exit_layer=2, seed=0)
+        return K.KangarooModel(target.to(dtype), adapter.to(dtype), exit_layer=2, max_len=64)
+
+    ref = make()
+    want = [ref.generate(ids, max_new_tokens=12, kangaroo=k).tolist() for k in (None, kcfg)]
+    with torch.inference_mode():
+        model = make()
+        assert model.target.layers[0].self_attn.q_proj.weight.is_inference()
+        inside = [model.generate(ids, max_new_tokens=12, kangaroo=k).tolist() for k in (None, kcfg)]
+    outside = [model.generate(ids, max_new_tokens=12, kangaroo=k).tolist() for k in (None, kcfg)]
+    assert inside == outside == want
