@@ -164,14 +164,18 @@ class FusesProjections:
             self.fuse_projections()
         return result
 
+    def __getstate__(self):
+        """Pickling (``torch.save(module)``) leaves the one-call plans out too: they are rebuilt on first use, and a
+        bf16 model's packed copies would double the file."""
+        return {k: v for k, v in super().__getstate__().items() if k not in self._DERIVED}
+
     def __deepcopy__(self, memo):
         """A deep copy fuses again too: ``nn.Parameter``'s deep copy clones its data, so the copied parameters are no
         longer views of the copied fused tensors (a copy that stayed unfused fell off the one-call CPU paths: its
         draft chain ran op by op, 2.4x the drafting time in ``kangaroo-rt bench --draft-vocab``)."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}  # (rebuilt on first use)
-        copied.__setstate__(copy.deepcopy(state, memo))
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         if getattr(copied, "_fused", False):
             copied.fuse_projections()
         return copied

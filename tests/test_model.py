@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kangaroo_rt as K
-from kangaroo_rt.testing import random_target, tiny_config
+from kangaroo_rt.testing import agreeing_pair, random_target, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,6 +194,25 @@ def test_a_deep_copy_fuses_again_and_shares_no_memory():
         a = adapter_copy.layers[0].self_attn
         assert "_cpu_entry" not in adapter_copy.__dict__ and a.qkv.serves((a.q_proj, a.k_proj, a.v_proj))
         assert a.qkv.weight.data_ptr() != adapter.layers[0].self_attn.qkv.weight.data_ptr()
+
+
+def test_pickling_leaves_the_one_call_plans_out_and_fuses_on_load(tmp_path):
+    """torch.save of a model and adapter that have decoded (their one-call plans built, a bf16 model's packed copies
+    among them) writes neither, and the loaded pair serves fused and decodes the same tokens."""
+    cfg = tiny_config(num_layers=4)
+    target, adapter = agreeing_pair(cfg, exit_layer=2, seed=0)
+    target, adapter = target.to(torch.bfloat16), adapter.to(torch.bfloat16)
+    kcfg = K.KangarooConfig(gamma=4, eta=0.2)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    want = K.KangarooModel(target, adapter, exit_layer=2, max_len=64).generate(ids, max_new_tokens=12, kangaroo=kcfg)
+    torch.save((target, adapter), tmp_path / "pair.pt")
+    loaded, loaded_adapter = torch.load(tmp_path / "pair.pt", weights_only=False)
+    assert "_stacks" not in loaded.__dict__ and "_cpu_entry" not in loaded_adapter.__dict__
+    attn = loaded.layers[2].self_attn
+    with torch.no_grad():
+        assert attn.qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+    model = K.KangarooModel(loaded, loaded_adapter, exit_layer=2, max_len=64)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, kangaroo=kcfg), want)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
