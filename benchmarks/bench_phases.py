@@ -66,14 +66,9 @@ def load(args: argparse.Namespace, scratch: str):
 
     ns = argparse.Namespace(smoke=args.smoke, model=args.model, adapter=None, tokenizer=None,
                             questions=None if args.smoke else args.questions, template="auto", exit_layer=None)
-    dtype = torch.float32 if args.smoke else None
-    if dtype is None:
-        from kangaroo_rt.models import preferred_dtype, resolve
-
-        dtype = getattr(torch, args.dtype) if args.dtype else preferred_dtype(resolve(args.model).settings,
-                                                                               torch.device("cpu"))
-    model, _, _, encode, eos, questions, template, settings, what = bench.load_run(ns, torch.device("cpu"), dtype,
-                                                                                   scratch)
+    cpu = torch.device("cpu")  # (smoke: float32, as kangaroo-rt bench's own smoke run)
+    dtype = getattr(torch, args.dtype) if args.dtype and not args.smoke else bench.default_dtype(ns, cpu)
+    model, _, _, encode, eos, questions, template, settings, what = bench.load_run(ns, cpu, dtype, scratch)
     questions = bench.per_category(questions, 1)
     prompts = [p.ids for p in bench.build_prompts(questions, encode, template, args.prompts,
                                                   48 if args.smoke else None)]

@@ -103,7 +103,7 @@ class Adapter(FusesProjections, nn.Module):
         if self.mlp:
             layer.mlp.fuse()
         self._fused = True
-        self.__dict__.pop("_cpu_entry", None)  # the one-call plan (_cpu_layer) is built again
+        self._forget_plans()  # the one-call plan (_cpu_layer) is built again
         return self
 
     @property

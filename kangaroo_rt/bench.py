@@ -746,7 +746,7 @@ def _vocab_size(text: str) -> str:
     return text
 
 
-def _default_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+def default_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     """fp16 on CUDA; on CPU the dtype the adapter's kangaroo.json recommends (``cpu_dtype``), else fp32."""
     if device.type == "cuda":
         return torch.float16
@@ -762,7 +762,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
-    dtype = getattr(torch, args.dtype) if args.dtype else _default_dtype(args, device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("prompts", "per_category", "max_prompt_tokens", "max_new_tokens", "threads", "time_limit"):

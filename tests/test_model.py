@@ -181,12 +181,11 @@ def test_a_deep_copy_fuses_again_and_shares_no_memory():
         want = model(ids, pos, model.new_cache(1, 8))  # (builds the one-call plans where the extension serves)
         copied = copy.deepcopy(model)
         assert "_stacks" not in copied.__dict__
-        for orig, new in ((model.layers[1], copied.layers[1]),):
-            a, b = orig.self_attn, new.self_attn
-            assert b.qkv is not a.qkv and b.qkv.serves((b.q_proj, b.k_proj, b.v_proj))
-            assert b.q_proj.weight.data_ptr() == b.qkv.weight.data_ptr() != a.qkv.weight.data_ptr()
-            assert torch.equal(b.qkv.weight, a.qkv.weight)
-            assert new.mlp.gate_up.serves((new.mlp.gate_proj, new.mlp.up_proj))
+        a, b = model.layers[1].self_attn, copied.layers[1].self_attn
+        assert b.qkv is not a.qkv and b.qkv.serves((b.q_proj, b.k_proj, b.v_proj))
+        assert b.q_proj.weight.data_ptr() == b.qkv.weight.data_ptr() != a.qkv.weight.data_ptr()
+        assert torch.equal(b.qkv.weight, a.qkv.weight)
+        assert copied.layers[1].mlp.gate_up.serves((copied.layers[1].mlp.gate_proj, copied.layers[1].mlp.up_proj))
         assert torch.equal(copied(ids, pos, copied.new_cache(1, 8)), want)
         copied.layers[0].self_attn.k_proj.weight.add_(1.0)  # the copy's memory is its own
         assert torch.equal(model(ids, pos, model.new_cache(1, 8)), want)
