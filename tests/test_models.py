@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kangaroo_rt import models
-from kangaroo_rt.bench import _default_dtype
+from kangaroo_rt.bench import default_dtype
 
 
 def test_preferred_dtype_applies_on_cpu_only_and_validates():
@@ -38,13 +38,13 @@ def test_load_named_uses_the_recorded_cpu_dtype_unless_told(embedded_with_cpu_dt
 
 def test_bench_default_dtype_follows_the_adapter(embedded_with_cpu_dtype, tmp_path):
     args = argparse.Namespace(model=None, adapter=None, smoke=False)
-    assert _default_dtype(args, torch.device("cpu")) == torch.bfloat16
-    assert _default_dtype(args, torch.device("cuda")) == torch.float16
-    assert _default_dtype(argparse.Namespace(model=None, adapter=None, smoke=True), torch.device("cpu")) == torch.float32
+    assert default_dtype(args, torch.device("cpu")) == torch.bfloat16
+    assert default_dtype(args, torch.device("cuda")) == torch.float16
+    assert default_dtype(argparse.Namespace(model=None, adapter=None, smoke=True), torch.device("cpu")) == torch.float32
     plain_adapter = tmp_path / "plain_adapter"  # an adapter folder without kangaroo.json: float32
     plain_adapter.mkdir()
     args = argparse.Namespace(model=str(embedded_with_cpu_dtype), adapter=str(plain_adapter), smoke=False)
-    assert _default_dtype(args, torch.device("cpu")) == torch.float32
+    assert default_dtype(args, torch.device("cpu")) == torch.float32
 
 
 def test_resolve_names_and_folders(tmp_path):
