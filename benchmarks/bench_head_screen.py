@@ -8,10 +8,14 @@ the best). The target pass takes the screen for up to kr_cpu_screen_max_rows(dty
 
     python benchmarks/bench_head_screen.py --cpu [--threads N] [--out DIR]
 
+A second table times the draft head's int8 estimates (screen_estimate, what Kangaroo's draft chain reads as its
+head's logits) against the whole draft head: 4096 x 576, one row, cold and warm.
+
 With KANGAROO_RT_SCREEN_DECODE=N (N prompts; a real model must be fetched: `kangaroo-rt fetch smollm2`) it also
 decodes N held-out Spec-Bench prompts with SmolLM2 in bf16, greedy, 256 new tokens, plain and Kangaroo, the screen
 on and off (KANGAROO_RT_HEAD_SCREEN) alternating call by call in this one process, so that both sides see the same
 phases of a shared host: ms per token each way, their ratio, and whether the tokens are the same.
+KANGAROO_RT_DRAFT_INT8_DECODE=N does the same with the int8 draft head on and off (KANGAROO_RT_DRAFT_INT8).
 """
 import os
 import statistics
@@ -72,14 +76,65 @@ def main():
             rows.append(row)
             print(f"{row['dtype']:>6} {M:>3} {t_whole:>9.3f} {t_torch:>9.3f} {t_screen:>10.3f} "
                   f"{row['screen_vs_whole']:>12.2f}x {gbs:>6.1f} {100 * gbs / bandwidth:>5.1f} {exact_rows:>10.0f}")
+    draft_rows = draft_head_rows(cpu, bandwidth, flush, gen)
     from kangaroo_rt.bench import device_name
 
     decode = decode_ab(int(os.environ.get("KANGAROO_RT_SCREEN_DECODE", "0")))
+    draft_decode = draft_decode_ab(int(os.environ.get("KANGAROO_RT_DRAFT_INT8_DECODE", "0")))
     kb.write_result(args.out, NAME + "-cpu", {
         "benchmark": NAME, "kernel": "kangaroo_rt._cpu", "smoke_run": False,
         "device": f"{device_name(torch.device('cpu'))}, {cpu.isa()} variant", "threads": args.threads,
         "date": __import__("datetime").datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "read_bandwidth_gbs": bandwidth, "head": [V, K], "rows": rows, "decode": decode})
+        "read_bandwidth_gbs": bandwidth, "head": [V, K], "rows": rows, "decode": decode,
+        "draft_head": draft_rows, "draft_decode": draft_decode})
+
+
+def draft_head_rows(cpu, bandwidth: float, flush, gen):
+    """The draft head's logits (SmolLM2's 4096-token draft vocabulary: 4096 x 576, one row) from its int8 form's
+    estimates (screen_estimate: 2.4 MB of int8) against the whole head (the packed bf16 linear, 4.7 MB; fp32 9.4 MB),
+    cold (64 MB written before each call, as a round's first draft step finds it) and warm (back to back, as the
+    next steps of a chain can find it in L3). -> the table's rows."""
+    import torch
+
+    from kangaroo_rt import _cpu_ext
+
+    N, K = 4096, 576
+    rows = []
+    print(f"\ndraft head {N} x {K}, 1 row: int8 estimates against the whole head")
+    print(f"{'dtype':>6} {'cache':>5} {'whole ms':>9} {'int8 ms':>8} {'int8/whole':>11} {'GB/s':>6} {'% bw':>5}")
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(N, K, generator=gen) * 0.05).to(dtype)
+        screen = list(_cpu_ext.make_head_screen(w))
+        packed = dtype == torch.bfloat16
+        head = cpu.pack_bf16(w) if packed else w
+        q8_bytes = sum(t.numel() * t.element_size() for t in screen[:3])  # (err and wnorm are not read)
+        x = (torch.randn(1, K, generator=gen) * 3).to(dtype)
+        for cache, fl in (("cold", flush), ("warm", torch.ones(1, dtype=torch.uint8))):
+            t_whole = cold_ms(lambda: cpu.linear(x, head, packed=packed), fl, repeats=60)
+            t_q8 = cold_ms(lambda: cpu.screen_estimate(x, screen), fl, repeats=60)
+            gbs = q8_bytes / t_q8 / 1e6
+            row = {"dtype": str(dtype)[6:], "cache": cache, "rows": N, "whole_ms": t_whole, "int8_ms": t_q8,
+                   "int8_vs_whole": t_q8 / t_whole, "int8_bytes": q8_bytes, "int8_gbs": gbs,
+                   "fraction_of_read_bw": gbs / bandwidth}
+            rows.append(row)
+            print(f"{row['dtype']:>6} {cache:>5} {t_whole:>9.3f} {t_q8:>8.3f} {row['int8_vs_whole']:>10.2f}x "
+                  f"{gbs:>6.1f} {100 * gbs / bandwidth:>5.1f}")
+    return rows
+
+
+def draft_decode_ab(n_prompts: int):
+    """SmolLM2 bf16 greedy decoding of n_prompts held-out prompts, plain and Kangaroo, the draft head read as int8
+    (KANGAROO_RT_DRAFT_INT8) and as bf16 in turns (kernel_bench_utils.decode_ab; plain decoding never drafts, so its
+    ratio is the noise)."""
+    from kangaroo_rt import _cpu_ext
+
+    def switch(on: bool) -> None:
+        os.environ[_cpu_ext.DRAFT_INT8_ENV] = "1" if on else "0"
+
+    try:
+        return kb.decode_ab(n_prompts, switch, "the int8 draft head", {"do_sample": False})
+    finally:
+        os.environ.pop(_cpu_ext.DRAFT_INT8_ENV, None)
 
 
 def decode_ab(n_prompts: int):

@@ -255,7 +255,8 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
     and Kangaroo, ``switch(True)`` and ``switch(False)`` in turns within each repeat, so that both sides see the same
     phases of a shared host; the first round warms up and is not timed. -> {method: {on_ms, off_ms (ms per token,
     medians over repeats), on_vs_off (the median of the paired ratios), same_tokens, mean_accepted (Kangaroo's mean
-    tokens per round), ...}, "kangaroo_over_plain": {on, off}}, or None for n_prompts <= 0. Prints a line per result;
+    tokens per round), draft_ms_per_round and verify_ms_per_round (the decode loop's own seconds), ...},
+    "kangaroo_over_plain": {on, off}}, or None for n_prompts <= 0. Prints a line per result;
     ``what`` names the switch in them."""
     if n_prompts <= 0:
         return None
@@ -271,6 +272,7 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
     methods = (("plain", {"kangaroo": None}), ("kangaroo", {}))
     times = {(m, on): [] for m, _ in methods for on in (True, False)}
     tokens, accepted = {}, {}
+    phases = {on: [0.0, 0.0, 0] for on in (True, False)}  # Kangaroo's timed repeats: draft s, verify s, rounds
     for r in range(repeats + 1):
         for method, kw in methods:  # methods and settings in turns, so that each repeat sees one phase of the host
             for on in (True, False):
@@ -282,6 +284,10 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
                     outs.append(out.sequences[0, ids.shape[1]:].tolist())
                     n += out.sequences.shape[1] - ids.shape[1]
                     rounds += sum(out.rounds)
+                    if r > 0 and method == "kangaroo":
+                        phases[on][0] += out.stats.draft_time_s
+                        phases[on][1] += out.stats.verify_time_s
+                        phases[on][2] += sum(out.rounds)
                 if r > 0:
                     times[(method, on)].append((time.perf_counter() - t0) / n * 1e3)
                 tokens[(method, on)] = outs
@@ -296,6 +302,13 @@ def decode_ab(n_prompts: int, switch: Callable[[bool], None], what: str, generat
         result[method] = ab_entry(f"decode {method}", what, times[on], times[off], tokens[on], tokens[off])
         if method == "kangaroo":
             result[method].update(mean_accepted_on=accepted[on], mean_accepted_off=accepted[off])
+            for side, key in ((True, "on"), (False, "off")):  # the decode loop's own seconds, per round
+                draft_s, verify_s, n_rounds = phases[side]
+                result[method][f"draft_ms_per_round_{key}"] = draft_s / max(1, n_rounds) * 1e3
+                result[method][f"verify_ms_per_round_{key}"] = verify_s / max(1, n_rounds) * 1e3
+            print(f"decode kangaroo: drafting {result[method]['draft_ms_per_round_on']:.3f} ms a round with {what}, "
+                  f"{result[method]['draft_ms_per_round_off']:.3f} without; verification "
+                  f"{result[method]['verify_ms_per_round_on']:.3f} / {result[method]['verify_ms_per_round_off']:.3f}")
     result["kangaroo_over_plain"] = {"on": paired(("plain", True), ("kangaroo", True)),
                                      "off": paired(("plain", False), ("kangaroo", False))}
     print(f"decode: Kangaroo over plain {result['kangaroo_over_plain']['on']:.3f}x with {what}, "

@@ -459,13 +459,15 @@ std::tuple<at::Tensor, at::Tensor> accept_sampling(const at::Tensor& drafts, con
 
 // ---- The screened greedy head (csrc/cpu/head_screen.cpp): x's int8 parts, then the head's rows in parallel.
 
-// x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows.
+// x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows (estimate: the estimates in hi, no
+// lo).
 struct ScreenRun {
   at::Tensor x, u, stats, hi, lo;
   kr_cpu_head_screen s{};
 };
 
-ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, const char* what) {
+ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, const char* what,
+                     bool estimate = false) {
   const int dtype = dtype_code(x, what, "x");
   check_like(x, x, what, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, what, ": x must be (M, K), got ", x.sizes());
@@ -476,16 +478,20 @@ ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen,
   r.u = at::empty({M, 2, r.s.kp}, x.options().dtype(at::kByte));
   r.stats = at::empty({M, KR_CPU_SCREEN_STATS}, x.options().dtype(at::kDouble));
   r.hi = at::empty({M, V}, x.options().dtype(at::kFloat));
-  r.lo = at::empty({M, V}, x.options().dtype(at::kFloat));
+  if (!estimate) r.lo = at::empty({M, V}, x.options().dtype(at::kFloat));
   if (M == 0) return r;
   const int isa = process_isa();
   int rc = kr_cpu_screen_prepare_rows(dtype, r.x.const_data_ptr(), K, K, r.s.kp, r.u.mutable_data_ptr<uint8_t>(),
                                       r.stats.mutable_data_ptr<double>(), 0, M);
   TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rc, ")");
   at::parallel_for(0, (V + 63) / 64, grain_for(64 * r.s.kp), [&](int64_t b0, int64_t b1) {
-    const int rr = kr_cpu_screen_rows(isa, r.u.const_data_ptr<uint8_t>(), r.stats.const_data_ptr<double>(), M, K,
-                                      &r.s, r.hi.mutable_data_ptr<float>(), r.lo.mutable_data_ptr<float>(), V,
-                                      b0 * 64, std::min(V, b1 * 64));
+    const uint8_t* u = r.u.const_data_ptr<uint8_t>();
+    const double* stats = r.stats.const_data_ptr<double>();
+    float* hi = r.hi.mutable_data_ptr<float>();
+    const int64_t n0 = b0 * 64, n1 = std::min(V, b1 * 64);
+    const int rr = estimate ? kr_cpu_screen_estimate_rows(isa, u, stats, M, K, &r.s, hi, V, n0, n1)
+                            : kr_cpu_screen_rows(isa, u, stats, M, K, &r.s, hi, r.lo.mutable_data_ptr<float>(), V,
+                                                 n0, n1);
     TORCH_CHECK(rr == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rr, ")");
   });
   return r;
@@ -494,6 +500,19 @@ ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen,
 std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen) {
   ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_bounds");
   return {r.hi, r.lo};
+}
+
+// x (M, K) -> (M, V) in x's dtype: the int8 head's estimates (kr_cpu_screen_estimate_rows), rounded as the draft
+// chain rounds its logits.
+at::Tensor screen_estimate(const at::Tensor& x, const std::vector<at::Tensor>& screen) {
+  ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_estimate", true);
+  if (x.scalar_type() == at::kFloat) return r.hi;
+  at::Tensor out = at::empty(r.hi.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  const int rc = kr_cpu_round_bf16(process_isa(), r.hi.const_data_ptr<float>(),
+                                   reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), out.numel());
+  TORCH_CHECK(rc == KR_CPU_OK, "kangaroo_rt._cpu.screen_estimate: the kernel refused its arguments (status ", rc, ")");
+  return out;
 }
 
 at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const std::vector<at::Tensor>& screen) {
@@ -649,6 +668,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (hi, lo) (M, V) fp32: bounds of the "
         "logits the head computes");
+  m.def("screen_estimate", &screen_estimate, py::arg("x"), py::arg("screen"),
+        py::call_guard<py::gil_scoped_release>(),
+        "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (M, V) in x's dtype: the int8 head's "
+        "estimates of linear(x, head), rounded to the dtype (NaN rows for a non-finite x): the draft chain's int8 "
+        "head logits");
   m.def("screened_argmax", &screened_argmax, py::arg("x"), py::arg("head"), py::arg("screen"),
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K), head (V, K) fp32/bf16 and its screen -> (M,) int64: argmax(linear(x, head)), each row's head "

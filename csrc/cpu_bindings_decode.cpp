@@ -265,6 +265,7 @@ struct DraftPlan {
   std::vector<at::Tensor> keep;  // what the pointers point into (biases, head ids, the state and chain tensors)
   at::Tensor sample_u, sample_q;  // sampled drafts: the round's uniforms (B, gamma) and draft probabilities
   std::unique_ptr<RowSamplingArrays> sampling;
+  kr_cpu_head_screen head_q8{};  // a.head_q8's, when given
   int64_t steps = 0;
   Region region;
 
@@ -291,7 +292,7 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
     int64_t n_kv_heads, int64_t head_dim, double eps, double adapter_eps, int64_t gamma, double eta,
     const c10::optional<at::Tensor>& sample_q, const c10::optional<at::Tensor>& sample_u,
     const c10::optional<at::Tensor>& temperature, const c10::optional<at::Tensor>& top_k,
-    const c10::optional<at::Tensor>& top_p, bool packed) {
+    const c10::optional<at::Tensor>& top_p, bool packed, const c10::optional<std::vector<at::Tensor>>& head_q8) {
   const char* what = "kangaroo_rt._cpu.draft_chain";
   TORCH_CHECK_VALUE(exits.dim() == 3 && exits.is_contiguous() && exits.size(1) == gamma + 1, what,
                     ": exits must be a contiguous (B, gamma + 1, D) with gamma = ", gamma, ", got ", exits.sizes());
@@ -375,6 +376,11 @@ std::unique_ptr<DraftPlan> plan_draft_chain(
   a.embed = embed.const_data_ptr(), a.vocab = embed.size(0);
   a.head = head.const_data_ptr(), a.head_rows = head.size(0), a.packed = packed ? 1 : 0;
   a.head_ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  if (head_q8.has_value()) {  // the head read as its int8 form's estimates
+    plan->head_q8 = screen_of(*head_q8, head.size(0), D, what);
+    for (const at::Tensor& t : *head_q8) plan->keep.push_back(t);
+    a.head_q8 = &plan->head_q8;
+  }
   a.rope_cos = rope_cos.const_data_ptr(), a.rope_sin = rope_sin.const_data_ptr();
   a.pos = pos.const_data_ptr<int64_t>(), a.token = token.const_data_ptr<int64_t>();
   a.n_gen = n_gen.const_data_ptr<int64_t>(), a.max_new = max_new.const_data_ptr<int64_t>();
@@ -755,7 +761,7 @@ void define_decode(py::module_& m) {
       py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("adapter_eps"),        \
       py::arg("gamma"), py::arg("eta"), py::arg("sample_q") = py::none(), py::arg("sample_u") = py::none(),           \
       py::arg("temperature") = py::none(), py::arg("top_k") = py::none(), py::arg("top_p") = py::none(),             \
-      py::arg("packed") = false
+      py::arg("packed") = false, py::arg("head_q8") = py::none()
 #define KR_PASS_ARGS                                                                                                  \
   py::arg("pos"), py::arg("token"), py::arg("out"), py::arg("n_gen"), py::arg("finished"), py::arg("max_new"),        \
       py::arg("eos"), py::arg("e_prev"), py::arg("embed"), py::arg("exits"), py::arg("drafts"), py::arg("n_drafts"),  \

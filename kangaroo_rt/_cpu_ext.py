@@ -435,7 +435,8 @@ def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_cac
 
 
 def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
-                n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float) -> tuple:
+                n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
+                head_q8: Optional[tuple] = None) -> tuple:
     weights, qkv_bias, o_bias, packed = stack
     adapter_weights, adapter_packed = adapter_weights
     if adapter_packed != packed:
@@ -448,9 +449,14 @@ def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights
             adapter_eps, chain.drafts.shape[1], eta)
 
 
+def _q8_kw(head_q8: Optional[tuple]) -> dict:
+    """The ``head_q8`` keyword of a chain call, given only when set."""
+    return {} if head_q8 is None else {"head_q8": list(head_q8)}
+
+
 def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
-                base_len: int, sampled: Optional[tuple] = None) -> int:
+                head_q8: Optional[tuple] = None, base_len: int = 0, sampled: Optional[tuple] = None) -> int:
     """A round's drafting in one call (csrc/cpu/draft.cpp), in place on ``chain``
     (:class:`kangaroo_rt.speculative.DraftChain`) from ``state`` (:class:`~kangaroo_rt.speculative.DecodeState`):
     the bits of the per-step path. ``rope_tables``: cos, sin (T, head_dim) of positions 0..T-1; ``stack``: the
@@ -458,14 +464,16 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     ``adapter_weights`` as ``Adapter._cpu_layer`` does (weights, packed; the head then packed too); ``caches`` and
     ``adapter_caches``: (k, v) lists and pairs. ``sampled``: (q (B, gamma, N) float32, out: each step's draft
     distribution over the head's rows; u (B, gamma) float64, the uniforms of the draws; each row's temperature (B,)
-    float64 (0: a greedy row), top_k (B,) int64 (0: none), top_p (B,) float64 (1: none)), else greedy drafts. The
-    caller (``Decoder._cpu_chain``) checks that every op would be served by this extension. Returns k, the drafting
-    steps run. A sampled row with no distribution to draw from raises :class:`InvalidDistribution`."""
+    float64 (0: a greedy row), top_k (B,) int64 (0: none), top_p (B,) float64 (1: none)), else greedy drafts.
+    ``head_q8``: the head's int8 form (:func:`draft_head_q8`), whose estimates (:func:`screen_estimate`) are then the
+    head's logits. The caller (``Decoder._cpu_chain``) checks that every op would be served by this extension.
+    Returns k, the drafting steps run. A sampled row with no distribution to draw from raises
+    :class:`InvalidDistribution`."""
     with _distribution_errors():
         return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
                                                adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
                                                adapter_eps, eta), base_len=base_len, **_packed_kw(stack[3]),
-                                  **_named(_CHAIN_SAMPLING, sampled))
+                                  **_q8_kw(head_q8), **_named(_CHAIN_SAMPLING, sampled))
 
 
 _CHAIN_SAMPLING = ("sample_q", "sample_u", "temperature", "top_k", "top_p")
@@ -481,7 +489,9 @@ def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
 def plan_draft_chain(*args, sampled: Optional[tuple] = None):
     """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`decode_loop`; sampled
     as there (:func:`decode_loop` refills its uniforms every round)."""
-    return load().plan_draft_chain(*_chain_args(*args), **_packed_kw(args[4][3]), **_named(_CHAIN_SAMPLING, sampled))
+    head_q8 = args[16] if len(args) > 16 else None
+    return load().plan_draft_chain(*_chain_args(*args), **_packed_kw(args[4][3]), **_q8_kw(head_q8),
+                                   **_named(_CHAIN_SAMPLING, sampled))
 
 
 SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)
@@ -532,6 +542,32 @@ def head_screen(head) -> Optional[tuple]:
     the same tensor at the same version; None where the screen is off (KANGAROO_RT_HEAD_SCREEN=0) or cannot serve."""
     if os.environ.get(SCREEN_ENV, "1") == "0":
         return None
+    return _kept_screen(head)
+
+
+DRAFT_INT8_ENV = "KANGAROO_RT_DRAFT_INT8"  # "0": Kangaroo's draft head computes its logits from its own weights
+
+
+def draft_head_q8(head) -> Optional[tuple]:
+    """The int8 form a draft head's logits are estimated from (:func:`screen_estimate`): ``make_head_screen`` of the
+    head module's weight, kept on the module as :func:`head_screen` keeps it (the target's head shares the
+    screened head's). None where it is off (KANGAROO_RT_DRAFT_INT8=0) or cannot serve."""
+    if os.environ.get(DRAFT_INT8_ENV, "1") == "0":
+        return None
+    return _kept_screen(head)
+
+
+def screen_estimate(x: torch.Tensor, screen: tuple) -> torch.Tensor:
+    """x (M, K) fp32/bf16 and a head's int8 form (``make_head_screen``) -> (M, V) in x's dtype: each logit's estimate
+    from the int8 rows and x's two int8 parts (csrc/cpu/head_screen.cpp, ``reference.screen_estimate``), rounded to
+    the dtype; a row of a non-finite x is NaN. Not the head's logits (within the screen's bounds of them): Kangaroo's
+    draft head reads these, half the bytes of a bf16 head, as the one-call draft chain does."""
+    return load().screen_estimate(x, list(screen))
+
+
+def _kept_screen(head) -> Optional[tuple]:
+    """``make_head_screen`` of a head module's weight (in 2 MB pages), made once and kept on the module while the
+    weight is the same tensor at the same version; None where it cannot serve."""
     w = head.weight
     key = (w.data_ptr(), tensor_version(w), tuple(w.shape), w.dtype)
     kept = getattr(head, "_kr_head_screen", None)

@@ -199,6 +199,36 @@ def head_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return argmax(torch.nn.functional.linear(x, weight.to(x.dtype)))
 
 
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """fp64 x -> the nearest integers, halves away from zero (as csrc/cpu/head_screen.cpp rounds)."""
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5).to(x.dtype))
+
+
+def screen_estimate(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, qsum: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32/bf16 and a head's int8 form (``_cpu_ext.make_head_screen``'s q (V, kp) int8, scale (V,) fp32,
+    qsum (V,) int32) -> (M, V) fp32: each logit's estimate from x's two int8 parts, the value the screened head's
+    bounds are centred on (what ``_cpu_ext.screen_estimate`` computes, before its rounding to x's dtype). x ~ s1 u1
+    + s2 u2 with s1 = absmax / 127 and u1 = round(x / s1), s2 and u2 the same of the residual x - s1 u1 (each scale
+    rounded to fp32, 1 where it is 0); the integer dots d_i = u_i . q_v are exact, and the estimate is
+    scale_v (s1 d1 + s2 d2) in fp32. A row with a non-finite value or one above 2^60 is NaN."""
+    K = x.shape[-1]
+    h = x.double()
+    amax = h.abs().amax(dim=-1, keepdim=True)
+    s1 = (amax / 127).float()
+    s1 = torch.where(s1 > 0, s1, torch.ones_like(s1))
+    u1 = _round_half_away(h / s1.double()).clamp(-127, 127)
+    r = h - s1.double() * u1
+    s2 = (r.abs().amax(dim=-1, keepdim=True) / 127).float()
+    s2 = torch.where(s2 > 0, s2, torch.ones_like(s2))
+    u2 = _round_half_away(r / s2.double()).clamp(-127, 127)
+    w = q[:, :K].to(torch.int64)
+    d1 = (u1.to(torch.int64) @ w.t()).float()  # (exact int64 dots, rounded to fp32 as the kernel rounds its int32)
+    d2 = (u2.to(torch.int64) @ w.t()).float()
+    est = scale * ((s1 * d1) + (s2 * d2))
+    bad = ~torch.isfinite(h).all(dim=-1, keepdim=True) | (amax > 2.0 ** 60)
+    return est.masked_fill(bad, float("nan"))
+
+
 def greedy_with_confidence(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits: (B, V) -> (argmax token (B,) int64, its softmax probability (B,) fp32)."""
     probs = torch.softmax(logits.float(), dim=-1)

@@ -433,6 +433,9 @@ class Decoder:
         # The adapter's draft vocabulary, if any: the head's K rows gathered once (kangaroo_rt.draft_vocab).
         ids = None if adapter is None else adapter.draft_ids
         self.draft_head = None if ids is None else DraftHead(target.lm_head.weight, ids)
+        # Draft logits from the draft head's int8 form where the CPU extension serves (:meth:`_draft_q8`); False:
+        # from its own weights (so does KANGAROO_RT_DRAFT_INT8=0). Either way the output is the target's.
+        self.draft_int8 = True
         self.cache: Optional[StaticKVCache] = None
         self.adapter_cache: Optional[StaticKVCache] = None
 
@@ -555,11 +558,33 @@ class Decoder:
         With a draft vocabulary the choice, its confidence and q are over the K subset logits; the token and
         q are mapped back to the full vocabulary (q is zero outside the subset)."""
         rows = hidden[:, None]  # (B, 1, D): one token a row, so ops.linear serves any batch as decode rows
+        q8 = self._draft_q8(hidden)
+        if q8 is not None:  # the head's int8 estimates, as the one-call chain reads them
+            logits = _cpu_ext.screen_estimate(hidden, q8)
+            if self.draft_head is None:
+                return sampler.draft(logits, active, step)
+            sub, conf, q = sampler.draft(logits, active, step)
+            return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
         if self.draft_head is None:
             head = self.target.lm_head
             return sampler.draft(ops.linear(rows, head.weight, head.bias)[:, 0], active, step)
         sub, conf, q = sampler.draft(self.draft_head(rows)[:, 0], active, step)
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
+
+    def _draft_q8(self, x: torch.Tensor) -> Optional[tuple]:
+        """The int8 form of the draft head (the draft vocabulary's rows, or the target's head without a bias) whose
+        estimates (:func:`_cpu_ext.screen_estimate`) are the draft logits, on both drafting paths alike: where the
+        CPU extension serves the linears of ``x``'s device and dtype, ``draft_int8`` is set and
+        KANGAROO_RT_DRAFT_INT8 is not "0"; else None (the head's own logits). Drafts only propose: the tokens kept are the target's either way, and a
+        draft head read as int8 streams half the bytes of a bf16 one (docs/design.md)."""
+        if not self.draft_int8 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if ops.backends(("linear",), x.device) != ("cpu",):
+            return None
+        head = self.draft_head if self.draft_head is not None else self.target.lm_head
+        if self.draft_head is None and (head.bias is not None or head.weight.dtype != x.dtype):
+            return None
+        return _cpu_ext.draft_head_q8(head)
 
     def verify(self, state: DecodeState, chain: DraftChain, k: int, kv_len: int):
         """Target layers ``l..N-1`` over the first ``k + 1`` exit states (the one-call pass: each row's first
@@ -674,7 +699,7 @@ class Decoder:
             return None
         return (state, chain, target.embed_tokens.weight, self._rope_tables(), stack, self.cache.layers(0, l),
                 adapter_weights, self.adapter_cache.layer(0), head, ids, c.num_attention_heads,
-                c.num_key_value_heads, c.head_dim, c.rms_norm_eps, a.rms_norm_eps, eta)
+                c.num_key_value_heads, c.head_dim, c.rms_norm_eps, a.rms_norm_eps, eta, self._draft_q8(probe[:, 0]))
 
     def _cpu_pass(self, state: DecodeState, chain: Optional[DraftChain], k: int,
                   kv_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -18,13 +18,15 @@ def built():
         pytest.skip("kangaroo_rt._cpu is not built")
 
 
-def _decoder(dtype, exit_layer, draft_ids=None, qwen=False):
+def _decoder(dtype, exit_layer, draft_ids=None, qwen=False, int8=True):
     cfg = tiny_config(num_layers=3, model_type="qwen2" if qwen else "llama")
     target = random_target(cfg, seed=3).to(dtype)
     adapter = K.Adapter.random(cfg, seed=5, std=cfg.hidden_size ** -0.5).to(dtype)
     if draft_ids is not None:
         adapter.set_draft_vocab(torch.tensor(draft_ids))
-    return Decoder(target, adapter, exit_layer=exit_layer)
+    decoder = Decoder(target, adapter, exit_layer=exit_layer)
+    decoder.draft_int8 = int8
+    return decoder
 
 
 def _started_state(decoder, batch, gamma, seed, sampling=None):
@@ -52,19 +54,32 @@ def _snapshot(decoder, state, chain):
                                            decoder.adapter_cache.k.clone(), decoder.adapter_cache.v.clone()]
 
 
+@contextlib.contextmanager
+def _spied(module, name, calls):
+    """module.name counting its calls into ``calls`` while inside."""
+    real = getattr(module, name)
+    setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
+
+
 def _round_shapes(outs):
     """(k, n_drafts) of each round of a _compare run."""
     return [(k, snap[5].tolist()) for k, _, snap in outs]
 
 
-def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sampling=None):
+def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sampling=None, int8=True):
     """Rounds of the one-call chain and of the step-by-step path from the same state: each round's k, exit states,
     chain, positions and caches must be equal (sampled: the draft distributions too, and the rounds' acceptance).
-    Returns the one-call run's rounds."""
+    ``int8``: both draft from the head's int8 estimates (the default), else from its weights. Returns the one-call
+    run's rounds."""
     results = []
     for one_call in (True, False):
         torch.manual_seed(0)
-        decoder = _decoder(dtype, exit_layer, draft_ids, qwen)
+        decoder = _decoder(dtype, exit_layer, draft_ids, qwen, int8)
+        estimates = []  # the step path's calls of the int8 head
         with torch.no_grad():
             state = _started_state(decoder, batch, gamma, seed=11, sampling=sampling)
             outs = []
@@ -72,7 +87,15 @@ def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sa
                 chain = DraftChain.allocate(batch, gamma, decoder.target.config.hidden_size, dtype, state.pos.device)
                 base_len = int(state.pos.max()) + 1
                 state.sampler.begin_round(batch, gamma, state.pos.device)
-                k = (decoder._cpu_chain if one_call else decoder.draft_round)(state, chain, gamma, eta, base_len)
+                if one_call:
+                    inputs = decoder._chain_inputs(state, chain, gamma, eta)
+                    assert (inputs[-1] is not None) == int8  # the chain's head_q8
+                    k = decoder._cpu_chain(state, chain, gamma, eta, base_len)
+                else:
+                    with _spied(_cpu_ext, "screen_estimate", estimates):
+                        k = decoder.draft_round(state, chain, gamma, eta, base_len)
+                    assert bool(estimates) == (int8 and k > 0)  # a draft step ran: its head read the int8 form
+                    estimates.clear()
                 assert k is not None
                 outs.append((k, chain.exits[:, :k + 1].clone(), _snapshot(decoder, state, chain)
                              + [q.clone() for q in chain.full_probs()]))
@@ -96,8 +119,9 @@ def _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, rounds=3, sa
     (2, 4, 6, 0.09, list(range(0, 97, 3)), False, "mixed"),
     (2, 3, 0, 0.3, None, True, "none"),  # a round without drafts (the engine's budget): the adapter's catch-up only
 ])
-def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, shape):
-    rounds = _round_shapes(_compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen))
+@pytest.mark.parametrize("int8", [True, False], ids=["int8-head", "exact-head"])
+def test_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, shape, int8):
+    rounds = _round_shapes(_compare(dtype, exit_layer, batch, gamma, eta, draft_ids, qwen, int8=int8))
     if shape == "full":
         assert all(k == gamma for k, _ in rounds), rounds
     if shape == "none":
@@ -117,10 +141,13 @@ SAMPLED = [dict(do_sample=True, temperature=0.8, top_p=0.9), dict(do_sample=True
     (2, 3, 0, 0.05, None, SAMPLED[1]),  # a round without drafts
     (1, 4, 6, 0.02, list(range(0, 97, 3)), SAMPLED[2]),  # a draft vocabulary: q mapped back to the vocabulary
 ])
-def test_sampled_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, sampling):
+@pytest.mark.parametrize("int8", [True, False], ids=["int8-head", "exact-head"])
+def test_sampled_chain_equals_the_step_by_step_path(dtype, exit_layer, batch, gamma, eta, draft_ids, sampling,
+                                                    int8):
     """Sampled drafts: the round's uniforms drawn before drafting, so both paths draw the same drafts from the same
     distributions (the chain's q, mapped as the step path maps it), and accept the same."""
-    rounds = _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, False, rounds=4, sampling=sampling)
+    rounds = _compare(dtype, exit_layer, batch, gamma, eta, draft_ids, False, rounds=4, sampling=sampling,
+                      int8=int8)
     assert any(k > 0 for k, _, _ in rounds) if gamma > 0 else all(k == 0 for k, _, _ in rounds)
 
 

@@ -146,6 +146,52 @@ def test_one_call_passes_with_and_without_the_screen_agree(cpu, dtype, kangaroo,
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V,K,M", [(1000, 576, 1), (1003, 576, 2), (517, 100, 3), (64, 64, 5), (9, 33, 8),
+                                   (4096, 576, 1)])
+def test_screen_estimate_is_the_reference_and_within_the_bounds(cpu, dtype, V, K, M):
+    """The int8 head's estimates (what the draft chain reads as its head's logits): reference.screen_estimate's bits
+    rounded to the dtype (the VNNI blocks and the portable tail alike: V % 8 != 0 included), inside the screen's
+    bounds of the logits, and, for a head without outlier columns, close to them."""
+    w, x = _head(V, K, dtype, seed=V), _rows(M, K, dtype, seed=K)
+    screen = _cpu_ext.make_head_screen(w)
+    est = cpu.screen_estimate(x, list(screen))
+    assert est.dtype == dtype and est.shape == (M, V)
+    ref = reference.screen_estimate(x, *screen[:3])
+    assert torch.equal(est, ref.to(dtype))
+    assert torch.equal(_cpu_ext.screen_estimate(x, screen), est)
+    hi, lo = cpu.screen_bounds(x, list(screen))
+    assert bool((lo <= ref).all()) and bool((ref <= hi).all())
+    gauss = (torch.randn(V, K, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    exact = x.double() @ gauss.double().T
+    error = cpu.screen_estimate(x, list(_cpu_ext.make_head_screen(gauss))).double() - exact
+    assert bool((error.abs().max(dim=1).values < 0.05 * exact.std(dim=1)).all())  # close, as drafting needs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_screen_estimate_rows_alone_and_non_finite_rows(cpu, dtype):
+    """A row's estimates do not depend on the other rows; a row with a NaN or an infinity, or one too large for the
+    bounds' arithmetic, is NaN throughout (a sampled draft then fails as it does on NaN logits), and a zero row is 0."""
+    V, K = 203, 70
+    w = _head(V, K, dtype, seed=7)
+    screen = _cpu_ext.make_head_screen(w)
+    x = _rows(5, K, dtype, seed=8)
+    x[1, 4] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = 0
+    x[4, 1] = 3e19
+    est = cpu.screen_estimate(x, list(screen))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for m in range(5):  # the same bits, NaN rows included
+        assert torch.equal(cpu.screen_estimate(x[m:m + 1], list(screen))[0].view(bits), est[m].view(bits))
+    assert bool(est[1].isnan().all()) and bool(est[2].isnan().all()) and bool(est[4].isnan().all())
+    assert bool((est[3] == 0).all()) and bool(torch.isfinite(est[0]).all())
+    assert torch.equal(est.isnan(), reference.screen_estimate(x, *screen[:3]).isnan())
+    assert cpu.screen_estimate(x[:0], list(screen)).shape == (0, V)
+    with pytest.raises(ValueError, match="rows"):
+        cpu.screen_estimate(x, list(_cpu_ext.make_head_screen(w[:-1]))[:3] + list(screen[3:]))
+
+
 _VARIANT_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
@@ -155,13 +201,16 @@ cpu = _cpu_ext.load()
 for dtype in (torch.float32, torch.bfloat16):
     for M in (1, 3):
         w, x = _head(1001, 200, dtype, seed=M), _rows(M, 200, dtype, seed=M + 1)
-        assert torch.equal(cpu.screened_argmax(x, w, list(_cpu_ext.make_head_screen(w))), reference.head_argmax(x, w))
+        screen = _cpu_ext.make_head_screen(w)
+        assert torch.equal(cpu.screened_argmax(x, w, list(screen)), reference.head_argmax(x, w))
+        assert torch.equal(cpu.screen_estimate(x, list(screen)), reference.screen_estimate(x, *screen[:3]).to(dtype))
 print(cpu.isa())
 """
 
 
 def test_every_variant_chooses_the_heads_argmax(cpu):
-    """The portable screen (the AVX2 and portable variants) and the VNNI one: the same choices."""
+    """The portable screen (the AVX2 and portable variants) and the VNNI one: the same choices, and the same
+    estimates."""
     from test_cpu_ext import ROOT
 
     for isa in cpu.supported_isas():

@@ -104,6 +104,7 @@ def test_full_acceptance_and_catch_up():
     cfg = tiny_config(num_layers=3)
     target, adapter = agreeing_pair(cfg, 2, deep_scale=0.0)  # layers >= 2 do nothing: drafts always agree
     model = K.KangarooModel(target, adapter, exit_layer=2)
+    model.decoder.draft_int8 = False  # (the int8 draft head's estimates can part from the head's at near ties)
     ids = torch.randint(0, cfg.vocab_size, (3, 7))
     ref = model.generate(ids, max_new_tokens=30, kangaroo=None)
     out = model.generate(ids, max_new_tokens=30, kangaroo=K.KangarooConfig(gamma=4, eta=0.0),

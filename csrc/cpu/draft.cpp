@@ -13,12 +13,13 @@ namespace {
 using namespace kr_cpu;
 
 // The phases a draft step takes beyond its layers: the shallow step's inputs, the exit state and the control, the
-// adapter's inputs, the head, the choice, the bookkeeping (and begin_round, once).
-constexpr int64_t kStepPhases = 12;
+// adapter's inputs and its 6 phases, the head (2 for an int8 head), the choice, the bookkeeping (and begin_round,
+// once).
+constexpr int64_t kStepPhases = 13;
 
 struct DraftLayout {
-  int64_t sync, status, go, h, a_in, pos_s, pos_a, cos_s, sin_s, cos_a, sin_a, logits, yf, idx, cf, shallow, adapter,
-      total;
+  int64_t sync, status, go, h, a_in, pos_s, pos_a, cos_s, sin_s, cos_a, sin_a, logits, yf, q8_u, q8_stats, idx, cf,
+      shallow, adapter, total;
 };
 
 // The decoder-stack arguments of the shallow layers (q_len 1) and of the adapter (q_len 1, or 2 at step 0); the
@@ -54,7 +55,9 @@ DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
   l.cos_a = take(2 * B * Dh * e);
   l.sin_a = take(2 * B * Dh * e);
   l.logits = take(B * N * e);
-  l.yf = take(a.dtype == KR_CPU_FLOAT32 ? 0 : B * N * 4);
+  l.yf = take(a.dtype == KR_CPU_FLOAT32 && a.head_q8 == nullptr ? 0 : B * N * 4);  // (int8 head: the estimates)
+  l.q8_u = take(a.head_q8 == nullptr ? 0 : B * 2 * a.head_q8->kp);
+  l.q8_stats = take(a.head_q8 == nullptr ? 0 : B * KR_CPU_SCREEN_STATS * 8);
   l.idx = take(B * 8);
   l.cf = take(B * 4);
   l.shallow = take(StackBuffers(sizes_of(stack_args(a, false, 1)), a.dtype).total);
@@ -183,7 +186,26 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
     // The head over each row's last position, then the greedy choice and its confidence per row.
     const T* last = static_cast<const T*>(adapter.hidden) + (Q - 1) * D;
     phase_stats::name(phase_stats::kDraftHead);  // the head and the choice
-    linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf, a.packed != 0);
+    if (a.head_q8 == nullptr) {
+      linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf, a.packed != 0);
+    } else {  // the int8 form's estimates, rounded to the dtype: x's two int8 parts per row, then the head's rows
+      const kr_cpu_head_screen* sc = a.head_q8;
+      uint8_t* u = reinterpret_cast<uint8_t*>(ws + l.q8_u);
+      double* stats = reinterpret_cast<double*>(ws + l.q8_stats);
+      ph.each(B, [&](int64_t b) { return kr_cpu_screen_prepare_rows(a.dtype, last, Q * D, D, sc->kp, u, stats, b, b + 1); });
+      const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
+      ph.run(ceil_div(N, 64), ceil_div(min_rows, 64), kGuide, [&](int64_t b0, int64_t b1) {
+        const int64_t n0 = b0 * 64, n1 = std::min(N, b1 * 64);
+        int rc = kr_cpu_screen_estimate_rows(isa, u, stats, B, D, sc, yf, N, n0, n1);
+        for (int64_t m = 0; rc == KR_CPU_OK && m < B; ++m) {
+          if constexpr (sizeof(T) == 4)
+            std::memcpy(logits + m * N + n0, yf + m * N + n0, static_cast<size_t>(n1 - n0) * sizeof(float));
+          else
+            rc = kr_cpu_round_bf16(isa, yf + m * N + n0, reinterpret_cast<uint16_t*>(logits + m * N) + n0, n1 - n0);
+        }
+        return rc;
+      });
+    }
     ph.each(B, [&](int64_t b) {
       if (a.sample_q != nullptr && a.sampling.divisor[b] > 0.0f)
         return sample_draft(isa, a, logits + b * N, b, step, idx + b, cf + b);
@@ -239,6 +261,10 @@ static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
   for (int64_t n = 0; state && a->head_ids != nullptr && n < a->head_rows; ++n)
     if (a->head_ids[n] < 0 || a->head_ids[n] >= a->vocab) return KR_CPU_BAD_ARGUMENT;
   if (a->adapter == nullptr || a->adapter->gate_up != nullptr || a->adapter->down != nullptr)
+    return KR_CPU_BAD_ARGUMENT;
+  const kr_cpu_head_screen* sc = a->head_q8;
+  if (sc != nullptr && (sc->q == nullptr || sc->scale == nullptr || sc->qsum == nullptr || sc->kp < a->hidden_size ||
+                        sc->kp % 64 != 0 || sc->kp > 32768))
     return KR_CPU_BAD_ARGUMENT;
   for (int adapter = 0; adapter < 2; ++adapter) {  // each stack as the decoder stack checks it
     kr_cpu_decoder_args s = stack_args(*a, adapter == 1, 1 + adapter);

@@ -98,12 +98,17 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
   st[kAbs] = 1e-30 + 4.0 * (static_cast<double>(K) + 16.0) * std::ldexp(amax + 1.0, -126);
 }
 
+// The estimate a_v of row v's logit from its integer dots d1, d2 (row m's parts).
+KR_INLINE float estimate(const kr_cpu_head_screen* s, const double* st, int64_t v, int32_t d1, int32_t d2) {
+  const float s1 = static_cast<float>(st[kS1]), s2 = static_cast<float>(st[kS2]);
+  const int32_t off = 128 * s->qsum[v];
+  return s->scale[v] * (s1 * static_cast<float>(d1 - off) + s2 * static_cast<float>(d2 - off));
+}
+
 // hi/lo of rows v of the block from their integer dots d1, d2 (row m's parts).
 KR_INLINE void bounds(const kr_cpu_head_screen* s, const double* st, int64_t v, int32_t d1, int32_t d2, float* hi,
                       float* lo) {
-  const float s1 = static_cast<float>(st[kS1]), s2 = static_cast<float>(st[kS2]);
-  const int32_t off = 128 * s->qsum[v];
-  const float a = s->scale[v] * (s1 * static_cast<float>(d1 - off) + s2 * static_cast<float>(d2 - off));
+  const float a = estimate(s, st, v, d1, d2);
   const float r = (static_cast<float>(st[kCoefNorm]) * s->wnorm[v] + static_cast<float>(st[kCoefErr]) * s->err[v] +
                    static_cast<float>(st[kCoefScale]) * s->scale[v] + static_cast<float>(st[kAbs])) *
                       kInflate +
@@ -112,6 +117,8 @@ KR_INLINE void bounds(const kr_cpu_head_screen* s, const double* st, int64_t v, 
   *hi = wide ? __builtin_inff() : a + r, *lo = wide ? -__builtin_inff() : a - r;
 }
 
+// kEstimate: the estimates a_v into hi (NaN for a row marked for the whole head), lo unused; else the bounds.
+template <bool kEstimate>
 void screen_portable(const uint8_t* u, const double* stats, int64_t M, int64_t K, const kr_cpu_head_screen* s,
                      float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
   const int64_t kp = s->kp;
@@ -119,9 +126,13 @@ void screen_portable(const uint8_t* u, const double* stats, int64_t M, int64_t K
     const int8_t* q = s->q + v * kp;
     for (int64_t m = 0; m < M; ++m) {
       const uint8_t* u1 = u + m * 2 * kp;
+      const double* st = stats + m * KR_CPU_SCREEN_STATS;
       int32_t d1 = 0, d2 = 0;
       for (int64_t i = 0; i < K; ++i) d1 += u1[i] * q[i], d2 += u1[kp + i] * q[i];  // (q is 0 past K)
-      bounds(s, stats + m * KR_CPU_SCREEN_STATS, v, d1, d2, hi + m * ld + v, lo + m * ld + v);
+      if constexpr (kEstimate)
+        hi[m * ld + v] = st[kValid] == 1.0 ? estimate(s, st, v, d1, d2) : __builtin_nanf("");
+      else
+        bounds(s, st, v, d1, d2, hi + m * ld + v, lo + m * ld + v);
     }
   }
 }
@@ -157,15 +168,21 @@ KR_TARGET_VNNI inline __m512i hsum16(const __m512i* v) {
   return _mm512_permutexvar_epi32(where, t);
 }
 
-// bounds() on 8 rows v0..v0+7 at once, d1 in the low and d2 in the high half of d: the same operations per lane.
-KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st, int64_t v0, __m512i d, float* hi,
-                                   float* lo) {
+// estimate() on 8 rows v0..v0+7 at once, d1 in the low and d2 in the high half of d: the same operations per lane.
+KR_TARGET_VNNI inline __m256 estimate8(const kr_cpu_head_screen* s, const double* st, int64_t v0, __m512i d) {
   const __m256i off = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s->qsum + v0)), 7);
   const __m256 f1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_castsi512_si256(d), off));
   const __m256 f2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_extracti64x4_epi64(d, 1), off));
   const __m256 scale = _mm256_loadu_ps(s->scale + v0);
-  const __m256 a = _mm256_mul_ps(scale, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS1])), f1),
-                                                      _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS2])), f2)));
+  return _mm256_mul_ps(scale, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS1])), f1),
+                                            _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS2])), f2)));
+}
+
+// bounds() on 8 rows v0..v0+7 at once, as estimate8: the same operations per lane.
+KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st, int64_t v0, __m512i d, float* hi,
+                                   float* lo) {
+  const __m256 scale = _mm256_loadu_ps(s->scale + v0);
+  const __m256 a = estimate8(s, st, v0, d);
   __m256 r = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefNorm])), _mm256_loadu_ps(s->wnorm + v0));
   r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefErr])), _mm256_loadu_ps(s->err + v0)));
   r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefScale])), scale));
@@ -223,6 +240,7 @@ KR_TARGET_VNNI KR_INLINE void screen_pair_vnni(const uint8_t* u, int64_t kp, con
 // group after the first re-reads the block from L1. The integer dots are exact, so any order gives the same bounds.
 constexpr int kOneGroupMax = 6, kGroupMax = 4;
 
+template <bool kEstimate>
 KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
                                       float* hi, float* lo, int64_t ld, int64_t v0, bool l2) {
   const int64_t kp = s->kp;
@@ -246,18 +264,23 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
     }
     for (int64_t i = 0; i < g; ++i) {
       const int64_t m = m0 + i;
-      bounds8(s, stats + m * KR_CPU_SCREEN_STATS, v0, hsum16(part + i * 2 * kBlock), hi + m * ld + v0,
-              lo + m * ld + v0);
+      const double* st = stats + m * KR_CPU_SCREEN_STATS;
+      if constexpr (kEstimate)
+        _mm256_storeu_ps(hi + m * ld + v0, st[kValid] == 1.0 ? estimate8(s, st, v0, hsum16(part + i * 2 * kBlock))
+                                                             : _mm256_set1_ps(__builtin_nanf("")));
+      else
+        bounds8(s, st, v0, hsum16(part + i * 2 * kBlock), hi + m * ld + v0, lo + m * ld + v0);
     }
   }
 }
 
 // Whole blocks of rows here; the last few rows (fewer than kBlock) by the portable loop: the same integers.
+template <bool kEstimate>
 KR_TARGET_VNNI int64_t screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
                                    float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
   const bool l2 = kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2;
   int64_t v = n_begin;
-  for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni(u, stats, M, s, hi, lo, ld, v, l2);
+  for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni<kEstimate>(u, stats, M, s, hi, lo, ld, v, l2);
   return v;
 }
 #endif
@@ -368,19 +391,37 @@ extern "C" int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx,
   return KR_CPU_OK;
 }
 
+namespace {
+
+template <bool kEstimate>
+int screen_or_estimate(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
+                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
+  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
+  if (u == nullptr || stats == nullptr || s == nullptr || s->q == nullptr || s->scale == nullptr ||
+      s->qsum == nullptr || (!kEstimate && (s->err == nullptr || s->wnorm == nullptr || lo == nullptr)) ||
+      hi == nullptr || M < 0 || K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 ||
+      n_end < n_begin || ld < n_end)
+    return KR_CPU_BAD_ARGUMENT;
+#if KR_CPU_X86
+  if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni())
+    n_begin = screen_vnni<kEstimate>(u, stats, M, s, hi, lo, ld, n_begin, n_end);
+#endif
+  screen_portable<kEstimate>(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
+  return KR_CPU_OK;
+}
+
+}  // namespace
+
 extern "C" int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
                                   const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin,
                                   int64_t n_end) {
-  if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
-  if (u == nullptr || stats == nullptr || s == nullptr || s->q == nullptr || s->scale == nullptr ||
-      s->qsum == nullptr || s->err == nullptr || s->wnorm == nullptr || hi == nullptr || lo == nullptr || M < 0 ||
-      K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 || n_end < n_begin || ld < n_end)
-    return KR_CPU_BAD_ARGUMENT;
-#if KR_CPU_X86
-  if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni()) n_begin = screen_vnni(u, stats, M, s, hi, lo, ld, n_begin, n_end);
-#endif
-  screen_portable(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
-  return KR_CPU_OK;
+  return screen_or_estimate<false>(isa, u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
+}
+
+extern "C" int kr_cpu_screen_estimate_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
+                                           const kr_cpu_head_screen* s, float* y, int64_t ld, int64_t n_begin,
+                                           int64_t n_end) {
+  return screen_or_estimate<true>(isa, u, stats, M, K, s, y, nullptr, ld, n_begin, n_end);
 }
 
 extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head,

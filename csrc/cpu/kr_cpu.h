@@ -270,6 +270,15 @@ int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K,
 int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
                        const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end);
 
+// The estimates instead of the bounds: y[m * ld + v] = a_v = scale[v] * (s1 * (d1 - 128 qsum[v]) + s2 * (d2 - 128
+// qsum[v])) in fp32, the value kr_cpu_screen_rows' bounds are centred on (the same bits on every variant), or NaN
+// throughout for a prepared row marked for the whole head (a non-finite or huge input). Its distance from the
+// logit is within those bounds, but it is not the head's logit: for drafting, where any logits will do (Kangaroo's
+// draft head read as int8, half the bytes of bf16; the tokens the target keeps do not depend on them). err and wnorm
+// are not read.
+int kr_cpu_screen_estimate_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
+                                const kr_cpu_head_screen* s, float* y, int64_t ld, int64_t n_begin, int64_t n_end);
+
 // The most rows (batch x tokens) of a pass for which the screened head is faster than the whole head, by dtype.
 int64_t kr_cpu_screen_max_rows(int dtype);
 
@@ -396,6 +405,9 @@ typedef struct kr_cpu_draft_args {
   int64_t head_rows;
   int packed;               // bf16 only: the layers', the adapter's and the head's weights in kr_cpu_pack_bf16's layout
   const int64_t* head_ids;  // (head_rows,): the vocabulary id of each head row, or NULL (row n is id n)
+  // Not NULL: the head's logits are its int8 form's estimates (kr_cpu_screen_estimate_rows of the adapter's output,
+  // prepared as for the screened head), rounded to the dtype, instead of head's (V = head_rows, K = D; head unread).
+  const kr_cpu_head_screen* head_q8;
   const void* rope_cos;     // (T, Dh) contiguous: cos and sin of positions 0..T-1
   const void* rope_sin;
   // The decode state, read: (B,) each; e_prev (B, D) contiguous, the exit state at pos - 1. Needs 1 <= pos[b] and
