@@ -122,33 +122,32 @@ def draft_head_rows(cpu, bandwidth: float, flush, gen):
     return rows
 
 
-def draft_decode_ab(n_prompts: int):
-    """SmolLM2 bf16 greedy decoding of n_prompts held-out prompts, plain and Kangaroo, the draft head read as int8
-    (KANGAROO_RT_DRAFT_INT8) and as bf16 in turns (kernel_bench_utils.decode_ab; plain decoding never drafts, so its
-    ratio is the noise)."""
-    from kangaroo_rt import _cpu_ext
+def env_decode_ab(n_prompts: int, env: str, what: str):
+    """SmolLM2 bf16 greedy decoding of n_prompts held-out prompts, plain and Kangaroo, with the switch ``env`` at "1"
+    and "0" in turns (kernel_bench_utils.decode_ab); ``what`` names it in the lines printed."""
 
     def switch(on: bool) -> None:
-        os.environ[_cpu_ext.DRAFT_INT8_ENV] = "1" if on else "0"
+        os.environ[env] = "1" if on else "0"
 
     try:
-        return kb.decode_ab(n_prompts, switch, "the int8 draft head", {"do_sample": False})
+        return kb.decode_ab(n_prompts, switch, what, {"do_sample": False})
     finally:
-        os.environ.pop(_cpu_ext.DRAFT_INT8_ENV, None)
+        os.environ.pop(env, None)
 
 
 def decode_ab(n_prompts: int):
-    """SmolLM2 bf16 greedy decoding of n_prompts held-out prompts, plain and Kangaroo, the screen on and off in
-    turns (kernel_bench_utils.decode_ab)."""
+    """The screen on and off (KANGAROO_RT_HEAD_SCREEN)."""
     from kangaroo_rt import _cpu_ext
 
-    def switch(on: bool) -> None:
-        os.environ[_cpu_ext.SCREEN_ENV] = "1" if on else "0"
+    return env_decode_ab(n_prompts, _cpu_ext.SCREEN_ENV, "the screen")
 
-    try:
-        return kb.decode_ab(n_prompts, switch, "the screen", {"do_sample": False})
-    finally:
-        os.environ.pop(_cpu_ext.SCREEN_ENV, None)
+
+def draft_decode_ab(n_prompts: int):
+    """The draft head read as int8 and as its own dtype (KANGAROO_RT_DRAFT_INT8; plain decoding never drafts, so its
+    ratio is the noise)."""
+    from kangaroo_rt import _cpu_ext
+
+    return env_decode_ab(n_prompts, _cpu_ext.DRAFT_INT8_ENV, "the int8 draft head")
 
 
 if __name__ == "__main__":
