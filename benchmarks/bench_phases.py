@@ -15,6 +15,11 @@ the memory stream (the linears), the other threads stream faster while one waits
     python benchmarks/bench_phases.py [--model smollm2] [--dtype bfloat16] [--prompts 4] [--max-new-tokens 256]
                                       [--threads 2] [--out DIR]
     python benchmarks/bench_phases.py --smoke      (a random tiny model: seconds; the numbers mean nothing)
+    python benchmarks/bench_phases.py --switch KANGAROO_RT_DRAFT_INT8 [...]
+
+With ``--switch ENV`` it compares Kangaroo with a runtime switch on ("1") and off ("0") instead of plain decoding
+with Kangaroo, the sides in turns prompt by prompt (the first one alternating): each kind per round both ways, MAT,
+ms a round and a token, and whether the tokens are the same (``bench_phases-<model>-<ENV>.json``).
 
 Results: ``<out>/bench_phases-<model>.json`` (``bench_phases-smoke.json``).
 """
@@ -51,6 +56,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the model's cpu_dtype")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--smoke", action="store_true", help="a random tiny agreeing pair, 2 prompts x 12 tokens")
+    p.add_argument("--switch", metavar="ENV", help="instead of plain against Kangaroo: Kangaroo with the environment "
+                   "switch ENV at 1 against 0 (e.g. KANGAROO_RT_DRAFT_INT8, KANGAROO_RT_HEAD_SCREEN), in turns "
+                   "prompt by prompt")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     for name in ("prompts", "max_new_tokens", "threads"):
@@ -122,6 +130,26 @@ class Tally:
                 "mat": (self.tokens - self.prompts) / self.rounds if kangaroo else None, "kinds": kinds}
 
 
+def measure_switch(model, prompts: List[torch.Tensor], max_new: int, kcfg, eos: Optional[int], threads: int,
+                   env: str):
+    """Kangaroo with ``env`` at "1" and at "0", prompt by prompt in turns (the side that goes first alternating), each
+    prompt's prefill taken out as in :func:`measure`. -> (on, off per round, whether their tokens are the same)."""
+    tallies = {"1": Tally(), "0": Tally()}
+    try:
+        for value in ("1", "0"):  # warm-up of both sides
+            os.environ[env] = value
+            timed_generate(model, prompts[0], 4, kcfg, eos)
+        for i, ids in enumerate(prompts):
+            for value in (("1", "0") if i % 2 == 0 else ("0", "1")):
+                os.environ[env] = value
+                prefill = timed_generate(model, ids, 1, kcfg, eos)
+                tallies[value].add(timed_generate(model, ids, max_new, kcfg, eos), prefill)
+    finally:
+        os.environ.pop(env, None)
+    on, off = tallies["1"], tallies["0"]
+    return on.per_unit(True, threads), off.per_unit(True, threads), on.outputs == off.outputs
+
+
 def measure(model, prompts: List[torch.Tensor], max_new: int, kcfg, eos: Optional[int], threads: int):
     """Plain decoding and Kangaroo prompt by prompt in turns, so that both see the same phases of a shared host's
     bandwidth; each prompt's prefill (decoded to one token) timed just before and taken out. -> (plain, Kangaroo
@@ -136,7 +164,7 @@ def measure(model, prompts: List[torch.Tensor], max_new: int, kcfg, eos: Optiona
     return (plain.per_unit(False, threads), kangaroo.per_unit(True, threads), plain.outputs == kangaroo.outputs)
 
 
-def table(plain: Dict, kangaroo: Dict) -> str:
+def table(plain: Dict, kangaroo: Dict, labels=("plain, ms a step", "Kangaroo, ms a round")) -> str:
     kinds = sorted(set(plain["kinds"]) | set(kangaroo["kinds"]),
                    key=lambda k: -sum(m["kinds"].get(k, {}).get("body_ms", 0) + m["kinds"].get(k, {}).get("wait_ms", 0)
                                       for m in (plain, kangaroo)))
@@ -145,7 +173,7 @@ def table(plain: Dict, kangaroo: Dict) -> str:
         v = m["kinds"].get(k)
         return f"{'-':>9} {'-':>9}" if v is None else f"{v['body_ms']:9.3f} {v['wait_ms']:9.3f}"
 
-    lines = [f"{'':24} {'plain, ms a step':>19}  {'Kangaroo, ms a round':>19}",
+    lines = [f"{'':24} {labels[0]:>19}  {labels[1]:>19}",
              f"{'phase kind':24} {'body':>9} {'wait':>9}  {'body':>9} {'wait':>9}"]
     for k in kinds:
         lines.append(f"{k:24} {cells(plain, k)}  {cells(kangaroo, k)}")
@@ -170,9 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kangaroo_phases_") as scratch:
         model, kcfg, prompts, eos, what = load(args, scratch)
         model.max_len = max(p.shape[1] for p in prompts) + max_new + kcfg.gamma + 2
-        plain, kangaroo, same = measure(model, prompts, max_new, kcfg, eos, args.threads)
+        if args.switch:
+            on, off, same = measure_switch(model, prompts, max_new, kcfg, eos, args.threads, args.switch)
+        else:
+            plain, kangaroo, same = measure(model, prompts, max_new, kcfg, eos, args.threads)
     print(f"{what}; {len(prompts)} prompts x up to {max_new} new tokens, greedy, {args.threads} threads; "
           f"gamma {kcfg.gamma}, eta {kcfg.eta}")
+    if args.switch:
+        return report_switch(args, what, kcfg, len(prompts), max_new, on, off, same)
     print(table(plain, kangaroo))
     ratio = plain["wall_ms_per_unit"] * kangaroo["mat"] / kangaroo["wall_ms_per_unit"]
     print(f"Kangaroo: MAT {kangaroo['mat']:.2f}, a round {kangaroo['wall_ms_per_unit'] / plain['wall_ms_per_unit']:.2f} "
@@ -183,6 +216,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "gamma": kcfg.gamma, "eta": kcfg.eta, "isa": _cpu_ext.load().isa(), "tokens_identical": same,
               "kangaroo_over_plain": ratio, "plain": plain, "kangaroo": kangaroo}
     write_result(args.out, f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}", result)
+    return 0 if same else 1
+
+
+def report_switch(args, what: str, kcfg, n_prompts: int, max_new: int, on: Dict, off: Dict, same: bool) -> int:
+    """The --switch mode's table, summary line and JSON (``bench_phases-<model>-<ENV>.json``)."""
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.bench import device_name
+
+    env = args.switch
+    print(table(on, off, (f"{env}=1, ms a round", f"{env}=0, ms a round")))
+    ms_token = {side: m["wall_ms_per_unit"] / m["mat"] for side, m in (("on", on), ("off", off))}
+    print(f"{env}=1 against 0: MAT {on['mat']:.3f} / {off['mat']:.3f}, a round {on['wall_ms_per_unit']:.3f} / "
+          f"{off['wall_ms_per_unit']:.3f} ms, a token {ms_token['on']:.3f} / {ms_token['off']:.3f} ms "
+          f"({ms_token['off'] / ms_token['on']:.3f}x the tokens a second); tokens identical: {same}")
+    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what, "switch": env,
+              "prompts": n_prompts, "max_new_tokens": max_new, "threads": args.threads, "gamma": kcfg.gamma,
+              "eta": kcfg.eta, "isa": _cpu_ext.load().isa(), "tokens_identical": same,
+              "on_over_off": ms_token["off"] / ms_token["on"], "on": on, "off": off}
+    stem = f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}"
+    write_result(args.out, f"{stem}-{env}", result)
     return 0 if same else 1
 
 

@@ -287,6 +287,24 @@ def test_bench_phases_smoke(tmp_path):
     assert {"shallow.qkv", "draft_head"} <= set(kangaroo["kinds"])
 
 
+def test_bench_phases_switch_smoke(tmp_path):
+    """bench_phases --switch: Kangaroo with the int8 draft head on and off, in turns; both sides' rounds and kinds,
+    the same tokens, and the switch restored."""
+    import os
+
+    from kangaroo_rt import _cpu_ext
+
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+    env = _cpu_ext.DRAFT_INT8_ENV
+    assert run_benchmark("bench_phases", ["--smoke", "--switch", env, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"bench_phases-smoke-{env}.json").read_text())
+    assert result["switch"] == env and result["tokens_identical"] and result["on_over_off"] > 0
+    for side in (result["on"], result["off"]):
+        assert side["unit"] == "round" and side["mat"] >= 1 and "draft_head" in side["kinds"]
+    assert env not in os.environ
+
+
 def test_bench_steps_times_cpu_steps_in_turns():
     """On the CPU every repeat calls each step once, in order (after each step's warm-up calls), so that the host's
     bandwidth drift hits all steps alike; one median per step comes back."""
