@@ -234,6 +234,9 @@ for dtype in (torch.float32, torch.bfloat16):
     outs.append(cpu.attention(q, kc, vc, pos, None).isnan().float())
     gate_up = torch.randn(3, 2, 2 * 80, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
     outs.append(cpu.silu_mul(gate_up[..., :80], gate_up[..., 80:]))
+    edge = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 87.0, -87.0, 88.72, 88.73, 89.0, -89.0, 100.0, -100.0, 1e30, -1e30,
+                         float("inf"), float("-inf"), float("nan"), 0.5, -0.5, 20.0, -20.0, 3e-39, 1.0, -1.0] * 2 + [7.0])
+    outs.append(cpu.silu_mul(edge.to(dtype)[None], torch.linspace(-3, 3, 49).to(dtype)[None]))  # (every lane path)
     outs += _stack_case(dtype) + _chain_case(dtype) + _pass_case(dtype)
     logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(11)).to(dtype) * 6
     outs += list(cpu.greedy_with_confidence(logits)) + [cpu.argmax(logits)]
