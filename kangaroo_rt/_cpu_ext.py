@@ -436,7 +436,8 @@ def decoder_layers(hidden, positions, cos, sin, weights, qkv_bias, o_bias, k_cac
 
 def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, adapter_eps: float, eta: float,
-                head_q8: Optional[tuple] = None) -> tuple:
+                head_q8: Optional[tuple] = None) -> Tuple[tuple, dict]:
+    """:func:`draft_chain`'s arguments as the binding takes them: (positional, keywords: packed, head_q8)."""
     weights, qkv_bias, o_bias, packed = stack
     adapter_weights, adapter_packed = adapter_weights
     if adapter_packed != packed:
@@ -446,12 +447,8 @@ def _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights
     return (state.pos, state.token, state.n_gen, state.max_new, state.finished, state.e_prev, chain.cap, chain.active,
             chain.conf, chain.x, chain.drafts, chain.n_drafts, chain.exits, embed, *rope_tables, weights, qkv_bias,
             o_bias, *caches, adapter_weights, *adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-            adapter_eps, chain.drafts.shape[1], eta)
-
-
-def _q8_kw(head_q8: Optional[tuple]) -> dict:
-    """The ``head_q8`` keyword of a chain call, given only when set."""
-    return {} if head_q8 is None else {"head_q8": list(head_q8)}
+            adapter_eps, chain.drafts.shape[1], eta), {**_packed_kw(packed),
+                                                       **({} if head_q8 is None else {"head_q8": list(head_q8)})}
 
 
 def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head, head_ids,
@@ -469,11 +466,10 @@ def draft_chain(state, chain, embed, rope_tables, stack, caches, adapter_weights
     head's logits. The caller (``Decoder._cpu_chain``) checks that every op would be served by this extension.
     Returns k, the drafting steps run. A sampled row with no distribution to draw from raises
     :class:`InvalidDistribution`."""
+    args, kwargs = _chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights, adapter_caches, head,
+                               head_ids, n_heads, n_kv_heads, head_dim, eps, adapter_eps, eta, head_q8)
     with _distribution_errors():
-        return load().draft_chain(*_chain_args(state, chain, embed, rope_tables, stack, caches, adapter_weights,
-                                               adapter_caches, head, head_ids, n_heads, n_kv_heads, head_dim, eps,
-                                               adapter_eps, eta), base_len=base_len, **_packed_kw(stack[3]),
-                                  **_q8_kw(head_q8), **_named(_CHAIN_SAMPLING, sampled))
+        return load().draft_chain(*args, base_len=base_len, **kwargs, **_named(_CHAIN_SAMPLING, sampled))
 
 
 _CHAIN_SAMPLING = ("sample_q", "sample_u", "temperature", "top_k", "top_p")
@@ -489,9 +485,8 @@ def _named(names: Tuple[str, ...], values: Optional[tuple]) -> dict:
 def plan_draft_chain(*args, sampled: Optional[tuple] = None):
     """:func:`draft_chain`'s arguments without ``base_len``, checked once: a plan for :func:`decode_loop`; sampled
     as there (:func:`decode_loop` refills its uniforms every round)."""
-    head_q8 = args[16] if len(args) > 16 else None
-    return load().plan_draft_chain(*_chain_args(*args), **_packed_kw(args[4][3]), **_q8_kw(head_q8),
-                                   **_named(_CHAIN_SAMPLING, sampled))
+    positional, kwargs = _chain_args(*args)
+    return load().plan_draft_chain(*positional, **kwargs, **_named(_CHAIN_SAMPLING, sampled))
 
 
 SCREEN_ENV = "KANGAROO_RT_HEAD_SCREEN"  # "0": the greedy passes compute the whole head (the A/B baseline)

@@ -561,22 +561,22 @@ class Decoder:
         q8 = self._draft_q8(hidden)
         if q8 is not None:  # the head's int8 estimates, as the one-call chain reads them
             logits = _cpu_ext.screen_estimate(hidden, q8)
-            if self.draft_head is None:
-                return sampler.draft(logits, active, step)
-            sub, conf, q = sampler.draft(logits, active, step)
-            return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
+        elif self.draft_head is None:
+            logits = ops.linear(rows, self.target.lm_head.weight, self.target.lm_head.bias)[:, 0]
+        else:
+            logits = self.draft_head(rows)[:, 0]
         if self.draft_head is None:
-            head = self.target.lm_head
-            return sampler.draft(ops.linear(rows, head.weight, head.bias)[:, 0], active, step)
-        sub, conf, q = sampler.draft(self.draft_head(rows)[:, 0], active, step)
+            return sampler.draft(logits, active, step)
+        sub, conf, q = sampler.draft(logits, active, step)
         return self.draft_head.full_ids(sub), conf, None if q is None else self.draft_head.full_probs(q)
 
     def _draft_q8(self, x: torch.Tensor) -> Optional[tuple]:
         """The int8 form of the draft head (the draft vocabulary's rows, or the target's head without a bias) whose
         estimates (:func:`_cpu_ext.screen_estimate`) are the draft logits, on both drafting paths alike: where the
         CPU extension serves the linears of ``x``'s device and dtype, ``draft_int8`` is set and
-        KANGAROO_RT_DRAFT_INT8 is not "0"; else None (the head's own logits). Drafts only propose: the tokens kept are the target's either way, and a
-        draft head read as int8 streams half the bytes of a bf16 one (docs/design.md)."""
+        KANGAROO_RT_DRAFT_INT8 is not "0"; else None (the head's own logits). Drafts only propose: the tokens kept
+        are the target's either way, and a draft head read as int8 streams half the bytes of a bf16 one
+        (docs/design.md)."""
         if not self.draft_int8 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return None
         if ops.backends(("linear",), x.device) != ("cpu",):

@@ -262,10 +262,7 @@ static int check_chain(int isa, const kr_cpu_draft_args* a, bool state) {
     if (a->head_ids[n] < 0 || a->head_ids[n] >= a->vocab) return KR_CPU_BAD_ARGUMENT;
   if (a->adapter == nullptr || a->adapter->gate_up != nullptr || a->adapter->down != nullptr)
     return KR_CPU_BAD_ARGUMENT;
-  const kr_cpu_head_screen* sc = a->head_q8;
-  if (sc != nullptr && (sc->q == nullptr || sc->scale == nullptr || sc->qsum == nullptr || sc->kp < a->hidden_size ||
-                        sc->kp % 64 != 0 || sc->kp > 32768))
-    return KR_CPU_BAD_ARGUMENT;
+  if (!screen_serves(a->head_q8, a->hidden_size, false)) return KR_CPU_BAD_ARGUMENT;
   for (int adapter = 0; adapter < 2; ++adapter) {  // each stack as the decoder stack checks it
     kr_cpu_decoder_args s = stack_args(*a, adapter == 1, 1 + adapter);
     s.cos = a->rope_cos, s.sin = a->rope_sin, s.positions = a->pos, s.hidden = a->exits, s.workspace = a->workspace;

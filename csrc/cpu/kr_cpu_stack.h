@@ -33,6 +33,14 @@ inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 inline int64_t elt_size(int dtype) { return dtype == KR_CPU_FLOAT32 ? 4 : 2; }
 
+// Whether a head's int8 form can serve rows of K: its rows, scales and sums (with bounds: err and wnorm too), its
+// row stride kp a multiple of 64 in [K, 32768] (the int32 dots). NULL serves (nothing is read).
+inline bool screen_serves(const kr_cpu_head_screen* sc, int64_t K, bool bounds) {
+  return sc == nullptr || (sc->q != nullptr && sc->scale != nullptr && sc->qsum != nullptr &&
+                           (!bounds || (sc->err != nullptr && sc->wnorm != nullptr)) && sc->kp >= K &&
+                           sc->kp % 64 == 0 && sc->kp <= 32768);
+}
+
 struct Sizes {
   int64_t M, D, Nqkv, QW, I, Ymax;  // rows, hidden, fused q/k/v rows, q width (Hq * Dh), intermediate, widest y
 };

@@ -306,10 +306,7 @@ static int check_pass(int isa, const kr_cpu_target_pass_args* a, bool state) {
                          a->sample_q_stride < (a->q_len - 1) * a->sample_q_rows ||
                          a->sample_u_accept_stride < a->q_len - 1))))
     return KR_CPU_BAD_ARGUMENT;
-  const kr_cpu_head_screen* sc = a->head_screen;
-  if (sc != nullptr && (sc->q == nullptr || sc->scale == nullptr || sc->qsum == nullptr || sc->err == nullptr ||
-                        sc->wnorm == nullptr || sc->kp < a->hidden_size || sc->kp % 64 != 0 || sc->kp > 32768))
-    return KR_CPU_BAD_ARGUMENT;
+  if (!screen_serves(a->head_screen, a->hidden_size, true)) return KR_CPU_BAD_ARGUMENT;
   for (int64_t b = 0; state && b < a->batch; ++b)
     if (a->pos[b] < 0 || a->pos[b] + a->q_len > a->max_len) return KR_CPU_BAD_ARGUMENT;
   for (int64_t r = 0; state && a->sample_u_next != nullptr && a->sample_q_ids != nullptr && r < a->sample_q_rows; ++r)
