@@ -13,9 +13,9 @@ namespace {
 using namespace kr_cpu;
 
 // The phases a draft step takes beyond its layers: the shallow step's inputs, the exit state and the control, the
-// adapter's inputs and its 6 phases, the head (2 for an int8 head), the choice, the bookkeeping (and begin_round,
+// adapter's inputs and its 5 phases, the head (2 for an int8 head), the choice, the bookkeeping (and begin_round,
 // once).
-constexpr int64_t kStepPhases = 13;
+constexpr int64_t kStepPhases = 12;
 
 struct DraftLayout {
   int64_t sync, status, go, h, a_in, pos_s, pos_a, cos_s, sin_s, cos_a, sin_a, logits, yf, q8_u, q8_stats, idx, cf,

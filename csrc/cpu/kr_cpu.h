@@ -321,7 +321,9 @@ int kr_cpu_row_sampling_check(const kr_cpu_row_sampling* s, int64_t batch);
 // ---- A stack of Llama decoder layers in one call (decoder.cpp): per layer, the ops above in the order of
 // kangaroo_rt.model.DecoderLayer (input norm, fused q/k/v linear, RoPE + cache append, attention, o linear,
 // residual add + post-attention norm, fused gate/up linear, silu * up, down linear + residual add), each output
-// element by the same function as the per-op path, so the same bits. Every thread that takes part calls
+// element by the same function as the per-op path, so the same bits. The ops run in fewer phases than there are
+// ops (kr_cpu_stack.h): each norm at the start of the linear after it, on every thread, the o linear's residual add
+// in its own chunks, silu * up inside the gate/up linear's (where the intermediate size is a multiple of 16). Every thread that takes part calls
 // kr_cpu_decoder_layers with the same arguments; the work of each op is cut into chunks that the threads claim
 // as they come, and an op starts once every chunk of the one before is done. Any number of threads, one
 // included, computes the whole stack, with the same bits.
@@ -565,7 +567,9 @@ int kr_cpu_linear_sweep(int isa, const kr_cpu_linear_sweep_args* a);
 // it ran over one row or more. Off by default (a relaxed load per phase); for profiling, not for decoding.
 // Kinds: for part p (0 layers, 1 shallow, 2 adapter), rows r (0: one, 1: more) and op o (KR_CPU_PHASE_OPS of them,
 // in the stack's order) the kind (p * 2 + r) * KR_CPU_PHASE_OPS + o; then the head, the draft head, the screen,
-// and everything else. kr_cpu_phase_kind_name says which.
+// and everything else. kr_cpu_phase_kind_name says which. The norms count under the linear after them and silu
+// under gate_up where they run in its phase (the stack's regular layers): input_norm, post_norm and silu then
+// have no phases of their own.
 #define KR_CPU_PHASE_OPS 9
 #define KR_CPU_PHASE_KINDS (6 * KR_CPU_PHASE_OPS + 4)
 

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <vector>
 
 #include "kr_cpu.h"
 #include "kr_cpu_common.h"
@@ -21,7 +22,10 @@
 namespace kr_cpu {
 
 
-constexpr int64_t kPhasesPerLayer = 9;
+// Phases of a layer: q/k/v (its input norm run by every thread first), RoPE, attention, o (+ the residual), gate/up
+// with silu (its norm first), down (+ the residual); a gate/up that cannot take silu along (gate_up_fusable) adds
+// silu's, an attention-only layer has the post-attention norm's instead of the last two.
+constexpr int64_t kPhasesPerLayer = 7;
 constexpr int64_t kCounterStride = 16;  // int64s per phase: "next" and "done" on separate 64-byte lines
 constexpr int64_t kMinChunkWeightBytes = 32 * 1024;
 // A linear's claims take 1 / (kGuide * threads) of the rows left (see Phases::run). Measured on SmolLM2 (2 threads):
@@ -141,12 +145,30 @@ class Phases {
   // finishing together), or one item with guide = 0.
   template <typename Body>
   void run(int64_t n_items, int64_t min_claim, int64_t guide, Body&& body) {
+    run(n_items, min_claim, guide, [] { return static_cast<int>(KR_CPU_OK); }, body);
+  }
+
+  // The same, with prologue() run by every thread before it claims its first chunk (each thread's own inputs of the
+  // chunks, such as a norm of the rows that every chunk reads: computed where they are read instead of in a phase
+  // of their own and a meeting of the threads); its time counts as body.
+  template <typename Prologue, typename Body>
+  void run(int64_t n_items, int64_t min_claim, int64_t guide, Prologue&& prologue, Body&& body) {
     int64_t* next = counters_ + index_ * kCounterStride;
     int64_t* done = next + kCounterStride / 2;
     ++index_;
     const bool timed = phase_stats::on();
     const int64_t t_start = timed ? phase_stats::now_ns() : 0;
     int64_t body_ns = 0;
+    if (n_items > 0) {
+      int rc;
+      try {
+        rc = prologue();
+      } catch (...) {
+        rc = KR_CPU_FAILED;
+      }
+      if (rc != KR_CPU_OK) __atomic_store_n(status_, static_cast<int64_t>(rc), __ATOMIC_RELAXED);
+      if (timed) body_ns += phase_stats::now_ns() - t_start;
+    }
     for (;;) {
       int64_t begin = __atomic_load_n(next, __ATOMIC_RELAXED), end = begin;  // (set before use; GCC cannot tell)
       do {
@@ -206,47 +228,102 @@ int embed_row(const void* embed, int64_t vocab, int64_t token, int64_t D, T* h) 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The kernel call of y = x W^T (+ bias) over output rows [n0, n1) into y (M, *) fp32 of row stride ldy (fp32: the
+// destination itself). packed (bf16): w is in kr_cpu_linear_rows_bf16_packed's layout. x: (M, K) of row stride ldx.
+template <typename T>
+int linear_rows(int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N, const float* bias,
+                float* y, int64_t ldy, int64_t n0, int64_t n1, bool packed) {
+  if constexpr (sizeof(T) == 4)
+    return kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, ldx, w, KR_CPU_FLOAT32, N, bias, y,
+                                  ldy, n0, n1);
+  else if (packed)
+    return kr_cpu_linear_rows_bf16_packed(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
+                                          static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
+  else
+    return kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
+                                   static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
+}
+
+// Columns [n0, n1) of the fp32 rows y (M, *) of row stride ldy stored to dst (M, *) of row stride ld_dst in T: each
+// rounded to T, or with add, dst += y (y rounded to T, the sum rounded to T, as torch's h + linear(x)).
+template <typename T>
+int store_rows(int isa, const float* y, int64_t ldy, int64_t M, T* dst, int64_t ld_dst, bool add, int64_t n0,
+               int64_t n1) {
+  if constexpr (sizeof(T) == 2) {
+    if (!add) {
+      for (int64_t m = 0; m < M; ++m) {
+        const int rr = kr_cpu_round_bf16(isa, y + m * ldy + n0, reinterpret_cast<uint16_t*>(dst + m * ld_dst) + n0,
+                                         n1 - n0);
+        if (rr != KR_CPU_OK) return rr;
+      }
+      return KR_CPU_OK;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    T* d = dst + m * ld_dst;
+    const float* ym = y + m * ldy;
+    for (int64_t n = n0; n < n1; ++n)
+      d[n] = add ? kr_cpu::from_float<T>(kr_cpu::to_float(d[n]) + kr_cpu::round_to<T>(ym[n]))
+                 : kr_cpu::from_float<T>(ym[n]);
+  }
+  return KR_CPU_OK;
+}
+
+// The smallest claim of a linear's phase, in items of item_bytes of weights each.
+inline int64_t min_claim_of(int64_t item_bytes) {
+  return ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, item_bytes));
+}
+
 // y = x W^T (+ bias) over output rows claimed in chunks of whole row blocks, stored to dst (M, N) of row stride
 // ld_dst in T; with add, dst += y (each rounded to T, as torch's h + linear(x)). packed (bf16): w is in
-// kr_cpu_linear_rows_bf16_packed's layout.
+// kr_cpu_linear_rows_bf16_packed's layout. prologue: Phases::run's (each thread's x, before its first chunk).
 // x: (M, K) of row stride ldx.
+template <typename T, typename Prologue>
+void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N,
+                  const float* bias, T* dst, int64_t ld_dst, bool add, float* yf, bool packed, Prologue&& prologue) {
+  const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
+  constexpr bool kFloat = sizeof(T) == 4;
+  const bool direct = kFloat && !add;
+  ph.run(n_blocks, min_claim_of(KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T))), kGuide, prologue,
+         [&](int64_t b0, int64_t b1) -> int {
+           const int64_t n0 = b0 * KR_CPU_ROW_BLOCK, n1 = std::min(N, b1 * KR_CPU_ROW_BLOCK);
+           float* y = direct ? reinterpret_cast<float*>(dst) : yf;
+           const int64_t ldy = direct ? ld_dst : N;
+           const int rc = linear_rows<T>(isa, x, M, K, ldx, w, N, bias, y, ldy, n0, n1, packed);
+           if (rc != KR_CPU_OK || direct) return rc;
+           return store_rows<T>(isa, y, ldy, M, dst, ld_dst, add, n0, n1);
+         });
+}
+
 template <typename T>
 void linear_phase(Phases& ph, int isa, const T* x, int64_t M, int64_t K, int64_t ldx, const void* w, int64_t N,
                   const float* bias, T* dst, int64_t ld_dst, bool add, float* yf, bool packed = false) {
-  const int64_t n_blocks = ceil_div(N, KR_CPU_ROW_BLOCK);
-  const int64_t block_bytes = KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
-  const int64_t min_blocks = ceil_div(kMinChunkWeightBytes, std::max<int64_t>(1, block_bytes));
+  linear_phase<T>(ph, isa, x, M, K, ldx, w, N, bias, dst, ld_dst, add, yf, packed,
+                  [] { return static_cast<int>(KR_CPU_OK); });
+}
+
+// act = silu(gate) * up with [gate | up] = x W^T for the fused gate/up weight W (2I, K), in one phase: a chunk takes
+// the same row blocks of both halves (whole panels of the packed layout: I a multiple of KR_CPU_ROW_BLOCK, which
+// gate_up_fusable says), rounds them to T in gu (M, 2I) as the unfused linear does and multiplies them in place
+// (kr_cpu_silu_mul_rows), so that act (M, I) has the bits of the two phases without the meeting between them or a
+// round trip of gate and up through the other core's cache.
+inline bool gate_up_fusable(int64_t I) { return I % KR_CPU_ROW_BLOCK == 0 && I % KR_CPU_PACK_ROWS == 0; }
+
+template <typename T, typename Prologue>
+void gate_up_silu_phase(Phases& ph, int isa, int dtype, const T* x, int64_t M, int64_t K, const void* w, int64_t I,
+                        T* gu, T* act, float* yf, bool packed, Prologue&& prologue) {
   constexpr bool kFloat = sizeof(T) == 4;
-  ph.run(n_blocks, min_blocks, kGuide, [&](int64_t b0, int64_t b1) -> int {
-    const int64_t n0 = b0 * KR_CPU_ROW_BLOCK, n1 = std::min(N, b1 * KR_CPU_ROW_BLOCK);
-    const bool direct = kFloat && !add;
-    float* y = direct ? reinterpret_cast<float*>(dst) : yf;
-    const int64_t ldy = direct ? ld_dst : N;
-    const int rc = kFloat ? kr_cpu_linear_rows_isa(isa, reinterpret_cast<const float*>(x), M, K, ldx, w,
-                                                   KR_CPU_FLOAT32, N, bias, y, ldy, n0, n1)
-                   : packed ? kr_cpu_linear_rows_bf16_packed(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
-                                                             static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1)
-                            : kr_cpu_linear_rows_bf16(isa, reinterpret_cast<const uint16_t*>(x), M, K, ldx,
-                                                      static_cast<const uint16_t*>(w), N, bias, y, ldy, n0, n1);
-    if (rc != KR_CPU_OK || direct) return rc;
-    if constexpr (!kFloat) {
-      if (!add) {
-        for (int64_t m = 0; m < M; ++m) {
-          const int rr = kr_cpu_round_bf16(isa, y + m * ldy + n0, reinterpret_cast<uint16_t*>(dst + m * ld_dst) + n0,
-                                           n1 - n0);
-          if (rr != KR_CPU_OK) return rr;
-        }
-        return KR_CPU_OK;
-      }
+  const int64_t N = 2 * I;
+  const int64_t item_bytes = 2 * KR_CPU_ROW_BLOCK * K * static_cast<int64_t>(sizeof(T));
+  ph.run(I / KR_CPU_ROW_BLOCK, min_claim_of(item_bytes), kGuide, prologue, [&](int64_t b0, int64_t b1) -> int {
+    const int64_t n0 = b0 * KR_CPU_ROW_BLOCK, n1 = b1 * KR_CPU_ROW_BLOCK;
+    float* y = kFloat ? reinterpret_cast<float*>(gu) : yf;
+    for (const int64_t at : {int64_t{0}, I}) {  // the gate's rows, then the up's
+      int rc = linear_rows<T>(isa, x, M, K, K, w, N, nullptr, y, N, at + n0, at + n1, packed);
+      if (rc == KR_CPU_OK && !kFloat) rc = store_rows<T>(isa, y, N, M, gu, N, false, at + n0, at + n1);
+      if (rc != KR_CPU_OK) return rc;
     }
-    for (int64_t m = 0; m < M; ++m) {
-      T* d = dst + m * ld_dst;
-      const float* ym = y + m * ldy;
-      for (int64_t n = n0; n < n1; ++n)
-        d[n] = add ? kr_cpu::from_float<T>(kr_cpu::to_float(d[n]) + kr_cpu::round_to<T>(ym[n]))
-                   : kr_cpu::from_float<T>(ym[n]);
-    }
-    return KR_CPU_OK;
+    return kr_cpu_silu_mul_rows(isa, dtype, gu + n0, N, gu + I + n0, N, n1 - n0, act + n0, I, 0, M);
   });
 }
 
@@ -270,16 +347,27 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
   const int64_t norm_rows = std::max<int64_t>(1, 4096 / s.D);
   const int64_t silu_per_row = ceil_div(s.I, kSiluChunk);
   namespace ps = phase_stats;
+  // Each thread's own normed rows (M, D): the norm before a linear runs on every thread, over every row, in the
+  // linear's phase (the same bits: a row's norm does not depend on the rows beside it), which saves a phase.
+  // (Without its buffer a thread's chunks get a null x, which the kernels refuse: the call fails, and every thread
+  // still runs every phase.)
+  static thread_local std::vector<T> xn_rows;
+  T* xn_t = nullptr;
+  try {
+    if (static_cast<int64_t>(xn_rows.size()) < s.M * s.D) xn_rows.resize(static_cast<size_t>(s.M * s.D));
+    xn_t = xn_rows.data();
+  } catch (...) {
+  }
+  const auto norm_all = [&](const void* weight) -> int {
+    if (xn_t == nullptr && s.M > 0) return KR_CPU_FAILED;
+    return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, weight, s.D, a.eps, xn_t, nullptr, 0, s.M);
+  };
 
   for (int64_t li = 0; li < a.n_layers; ++li) {
     const kr_cpu_decoder_layer& L = a.layers[li];
-    ps::name_op(ps::kInputNorm, s.M);
-    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {  // xn = input_norm(h)
-      return kr_cpu_rms_norm_rows(isa, a.dtype, h, s.D, nullptr, 0, L.input_norm, s.D, a.eps, xn, nullptr,
-                                  c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
-    });
-    ps::name_op(ps::kQkv, s.M);
-    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf, a.packed != 0);
+    ps::name_op(ps::kQkv, s.M);  // each thread's xn_t = input_norm(h), then the q/k/v rows it claims
+    linear_phase<T>(ph, isa, xn_t, s.M, s.D, s.D, L.qkv, s.Nqkv, L.qkv_bias, qkv, s.Nqkv, false, yf, a.packed != 0,
+                    [&] { return norm_all(L.input_norm); });
 
     kr_cpu_rope_args r{};  // q, k, v: column slices of qkv (B*Q, Nqkv) seen as (B, H, Q, Dh)
     r.dtype = a.dtype;
@@ -311,25 +399,32 @@ void stack_body(Phases& ph, int isa, const kr_cpu_decoder_args& a, char* buffers
     ph.each(kr_cpu_attention_tasks(&t), [&](int64_t c) { return kr_cpu_attention(isa, &t, c, c + 1); });
 
     ps::name_op(ps::kO, s.M);
-    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf, a.packed != 0);
-    // h = o + h (in place), xn = post_norm(h); an attention-only layer: xn = o + h, h = post_norm(xn) (a row's sum
-    // is stored before its norm is written over h)
-    const bool attention_only = L.gate_up == nullptr;
-    ps::name_op(ps::kPostNorm, s.M);
-    ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {
-      return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, attention_only ? h : xn,
-                                  attention_only ? xn : h, c * norm_rows, std::min(s.M, (c + 1) * norm_rows));
-    });
-    if (attention_only) continue;
-    ps::name_op(ps::kGateUp, s.M);
-    linear_phase<T>(ph, isa, xn, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf, a.packed != 0);
-    ps::name_op(ps::kSilu, s.M);
-    ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
-      const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
-      const int64_t n = std::min(kSiluChunk, s.I - j0);
-      const T* g = gu + m * 2 * s.I + j0;
-      return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
-    });
+    if (L.gate_up == nullptr) {  // attention-only: xn = o + h, h = post_norm(xn) (a row's sum stored before its norm)
+      linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, o, s.D, false, yf, a.packed != 0);
+      ps::name_op(ps::kPostNorm, s.M);
+      ph.each(ceil_div(s.M, norm_rows), [&](int64_t c) {
+        return kr_cpu_rms_norm_rows(isa, a.dtype, o, s.D, h, s.D, L.post_norm, s.D, a.eps, h, xn, c * norm_rows,
+                                    std::min(s.M, (c + 1) * norm_rows));
+      });
+      continue;
+    }
+    // h += o(attn): the residual add of torch's h + o, rounded as it rounds (o to T, then the sum)
+    linear_phase<T>(ph, isa, attn, s.M, s.QW, s.QW, L.o, s.D, L.o_bias, h, s.D, true, yf, a.packed != 0);
+    ps::name_op(ps::kGateUp, s.M);  // each thread's xn_t = post_norm(h), then gate/up rows it claims (and silu)
+    if (gate_up_fusable(s.I)) {
+      gate_up_silu_phase<T>(ph, isa, a.dtype, xn_t, s.M, s.D, L.gate_up, s.I, gu, act, yf, a.packed != 0,
+                            [&] { return norm_all(L.post_norm); });
+    } else {
+      linear_phase<T>(ph, isa, xn_t, s.M, s.D, s.D, L.gate_up, 2 * s.I, nullptr, gu, 2 * s.I, false, yf,
+                      a.packed != 0, [&] { return norm_all(L.post_norm); });
+      ps::name_op(ps::kSilu, s.M);
+      ph.each(s.M * silu_per_row, [&](int64_t c) {  // act = silu(gate) * up, a column slice of one row
+        const int64_t m = c / silu_per_row, j0 = (c % silu_per_row) * kSiluChunk;
+        const int64_t n = std::min(kSiluChunk, s.I - j0);
+        const T* g = gu + m * 2 * s.I + j0;
+        return kr_cpu_silu_mul_rows(isa, a.dtype, g, 2 * s.I, g + s.I, 2 * s.I, n, act + m * s.I + j0, s.I, 0, 1);
+      });
+    }
     ps::name_op(ps::kDown, s.M);
     linear_phase<T>(ph, isa, act, s.M, s.I, s.I, L.down, s.D, nullptr, h, s.D, true, yf, a.packed != 0);  // h += down(act)
   }
