@@ -16,6 +16,13 @@ the memory stream (the linears), the other threads stream faster while one waits
                                       [--threads 2] [--out DIR]
     python benchmarks/bench_phases.py --smoke      (a random tiny model: seconds; the numbers mean nothing)
     python benchmarks/bench_phases.py --switch KANGAROO_RT_DRAFT_INT8 [...]
+    python benchmarks/bench_phases.py --chains 1,2,4,6 [...]
+
+With ``--chains 1,2,4,6`` it decodes plain and, for each count g, with Kangaroo at gamma g and eta 0 (every round
+drafts g tokens and verifies g + 1), in turns prompt by prompt, and says what a round's verification and drafting
+cost in plain steps as the decode loop runs them (the target pass's phases over the plain step's), per chain length:
+the figure the verify-step budget is about, with the screened head and the one-call passes that decoding uses
+(``bench_phases-<model>-chains.json``).
 
 With ``--switch ENV`` it compares Kangaroo with a runtime switch on ("1") and off ("0") instead of plain decoding
 with Kangaroo, the sides in turns prompt by prompt (the first one alternating): each kind per round both ways, MAT,
@@ -59,8 +66,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--switch", metavar="ENV", help="instead of plain against Kangaroo: Kangaroo with the environment "
                    "switch ENV at 1 against 0 (e.g. KANGAROO_RT_DRAFT_INT8, KANGAROO_RT_HEAD_SCREEN), in turns "
                    "prompt by prompt")
+    p.add_argument("--chains", metavar="G,G,...", help="instead: plain against Kangaroo with fixed chains of G drafts "
+                   "(gamma G, eta 0) for each G, in turns prompt by prompt (e.g. 1,2,4,6)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
+    if args.chains is not None:
+        if args.switch:
+            p.error("--chains and --switch are two modes: pick one")
+        try:
+            args.chains = sorted({int(g) for g in args.chains.split(",") if g.strip()})
+        except ValueError:
+            p.error(f"--chains takes draft counts such as 1,2,4,6, got {args.chains!r}")
+        if not args.chains or args.chains[0] < 1:
+            p.error("--chains: every draft count must be >= 1")
     for name in ("prompts", "max_new_tokens", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -164,6 +182,80 @@ def measure(model, prompts: List[torch.Tensor], max_new: int, kcfg, eos: Optiona
     return (plain.per_unit(False, threads), kangaroo.per_unit(True, threads), plain.outputs == kangaroo.outputs)
 
 
+def measure_chains(model, prompts: List[torch.Tensor], max_new: int, gammas: Sequence[int], eos: Optional[int],
+                   threads: int):
+    """Plain decoding and Kangaroo at gamma g, eta 0 for each g, prompt by prompt in turns (prefills out as in
+    :func:`measure`). -> (plain per step, {g: Kangaroo per round}, whether every mode's tokens equal plain's)."""
+    from kangaroo_rt.config import KangarooConfig
+
+    modes = [(None, None)] + [(g, KangarooConfig(gamma=g, eta=0.0)) for g in gammas]
+    for _, k in modes:  # warm-up: packed copies, plans, caches
+        timed_generate(model, prompts[0], 4, k, eos)
+    tallies = {g: Tally() for g, _ in modes}
+    for ids in prompts:
+        for g, k in modes:
+            prefill = timed_generate(model, ids, 1, k, eos)
+            tallies[g].add(timed_generate(model, ids, max_new, k, eos), prefill)
+    plain = tallies[None]
+    same = all(t.outputs == plain.outputs for t in tallies.values())
+    return plain.per_unit(False, threads), {g: tallies[g].per_unit(True, threads) for g in gammas}, same
+
+
+def part_of(kind: str) -> str:
+    """The part of a decode a phase kind belongs to: "verification" (the target's layers, the head or its screen:
+    a plain step is all of it), "drafting" (the shallow layers, the adapter, the draft head) or "other"."""
+    if kind.startswith("layers.") or kind in ("head", "screen"):
+        return "verification"
+    if kind.startswith(("shallow.", "adapter.")) or kind == "draft_head":
+        return "drafting"
+    return "other"
+
+
+def chain_rows(plain: Dict, rounds: Dict[int, Dict]) -> List[Dict]:
+    """Per chain length: a round's wall time, and its verification's and drafting's phases (bodies and waits, per
+    thread), in plain steps (the plain step's wall, and all of its phases)."""
+    def parts(m: Dict) -> Dict[str, float]:
+        out = {"verification": 0.0, "drafting": 0.0, "other": 0.0}
+        for kind, v in m["kinds"].items():
+            out[part_of(kind)] += v["body_ms"] + v["wait_ms"]
+        return out
+
+    step_phases = sum(parts(plain).values())
+    rows = []
+    for g, m in sorted(rounds.items()):
+        p = parts(m)
+        rows.append({"drafts": g, "verify_tokens": g + 1, "mat": m["mat"], "round_ms": m["wall_ms_per_unit"],
+                     "round_plain_steps": m["wall_ms_per_unit"] / plain["wall_ms_per_unit"],
+                     "verification_ms": p["verification"], "verification_plain_steps": p["verification"] / step_phases,
+                     "drafting_ms": p["drafting"], "drafting_plain_steps": p["drafting"] / step_phases})
+    return rows
+
+
+def report_chains(args, what: str, n_prompts: int, max_new: int, plain: Dict, rounds: Dict[int, Dict],
+                  same: bool) -> int:
+    """The --chains mode's table and JSON (``bench_phases-<model>-chains.json``)."""
+    from kangaroo_rt import _cpu_ext
+    from kangaroo_rt.bench import device_name
+
+    rows = chain_rows(plain, rounds)
+    step_phases = plain["body_ms_per_unit"] + plain["wait_ms_per_unit"]
+    print(f"plain step: {plain['wall_ms_per_unit']:.3f} ms wall, {step_phases:.3f} ms in phases (a thread)")
+    print(f"{'drafts':>6} {'verified':>8} {'round ms':>9} {'round':>7} {'verification':>13} {'drafting':>9}   "
+          "(in plain steps)")
+    for r in rows:
+        print(f"{r['drafts']:>6} {r['verify_tokens']:>8} {r['round_ms']:>9.3f} {r['round_plain_steps']:>7.3f} "
+              f"{r['verification_plain_steps']:>13.3f} {r['drafting_plain_steps']:>9.3f}")
+    print(f"tokens identical to plain decoding in every mode: {same}")
+    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what, "mode": "chains",
+              "prompts": n_prompts, "max_new_tokens": max_new, "threads": args.threads, "eta": 0.0,
+              "isa": _cpu_ext.load().isa(), "tokens_identical": same, "rows": rows, "plain": plain,
+              "kangaroo": {str(g): m for g, m in rounds.items()}}
+    stem = f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}"
+    write_result(args.out, f"{stem}-chains", result)
+    return 0 if same else 1
+
+
 def table(plain: Dict, kangaroo: Dict, labels=("plain, ms a step", "Kangaroo, ms a round")) -> str:
     kinds = sorted(set(plain["kinds"]) | set(kangaroo["kinds"]),
                    key=lambda k: -sum(m["kinds"].get(k, {}).get("body_ms", 0) + m["kinds"].get(k, {}).get("wait_ms", 0)
@@ -197,7 +289,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.prompts = prompts_n
     with tempfile.TemporaryDirectory(prefix="kangaroo_phases_") as scratch:
         model, kcfg, prompts, eos, what = load(args, scratch)
-        model.max_len = max(p.shape[1] for p in prompts) + max_new + kcfg.gamma + 2
+        model.max_len = max(p.shape[1] for p in prompts) + max_new + max([kcfg.gamma] + (args.chains or [])) + 2
+        if args.chains:
+            plain, rounds, same = measure_chains(model, prompts, max_new, args.chains, eos, args.threads)
+            print(f"{what}; {len(prompts)} prompts x up to {max_new} new tokens, greedy, {args.threads} threads; "
+                  f"Kangaroo with eta 0 and gamma {', '.join(map(str, args.chains))}")
+            return report_chains(args, what, len(prompts), max_new, plain, rounds, same)
         if args.switch:
             on, off, same = measure_switch(model, prompts, max_new, kcfg, eos, args.threads, args.switch)
         else:

@@ -305,6 +305,28 @@ def test_bench_phases_switch_smoke(tmp_path):
     assert env not in os.environ
 
 
+def test_bench_phases_chains_smoke(tmp_path):
+    """bench_phases --chains: Kangaroo with fixed chains (eta 0) against plain decoding, a row per chain length with
+    the round's verification and drafting in plain steps; the verification's kinds are the target's layers and head,
+    and bad counts are refused."""
+    from kangaroo_rt import _cpu_ext
+
+    if not _cpu_ext.is_available():
+        pytest.skip("kangaroo_rt._cpu is not built")
+    assert run_benchmark("bench_phases", ["--smoke", "--chains", "3,1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_phases-smoke-chains.json").read_text())
+    assert result["tokens_identical"] and [r["drafts"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["verify_tokens"] == row["drafts"] + 1 and row["mat"] >= 1
+        assert row["verification_plain_steps"] > 0 and row["drafting_plain_steps"] > 0 and row["round_ms"] > 0
+    phases = load_benchmark("bench_phases")
+    assert [phases.part_of(k) for k in ("layers.qkv[n]", "screen", "shallow.down", "draft_head", "other")] == [
+        "verification", "verification", "drafting", "drafting", "other"]
+    for bad in ("0,2", "a"):
+        with pytest.raises(SystemExit):
+            phases.parse_args(["--chains", bad])
+
+
 def test_bench_steps_times_cpu_steps_in_turns():
     """On the CPU every repeat calls each step once, in order (after each step's warm-up calls), so that the host's
     bandwidth drift hits all steps alike; one median per step comes back."""
