@@ -18,6 +18,12 @@ Steps (each timed eagerly and, on CUDA, replayed from a captured CUDA graph):
               layers, adapter and head back to back, part of which the L3 keeps, so it can pass 100%
   verify@l/k  layers l..N-1 on k = gamma+1 stacked exit states, final norm, LM head, argmax (l: the
               paper's exit layer, 2 for 7B and 3 for 13B)
+  pass, vpass@l/k  on the CPU with kangaroo_rt._cpu: the steps the decode loop runs, the decoder's one-call target
+              pass from the rows' tokens (a plain step) or over k exit states (a verification), with the screened
+              head (its int8 copy: bytes counted as one a weight), the greedy choice and the commit. The plain and
+              verify rows above are driven from Python with the whole head, 1.5x a loop's plain step at SmolLM2's
+              shape, so their ratio understates a verification's cost; compare vpass with pass. (Random weights:
+              the screen may compute more rows exactly than on a trained model's states.)
 at batch 1, 4, 16 and context 512 / 2048. Each step's floor is the bytes it must read (weights of the
 layers it runs + the KV cache it attends over + the KV it writes; activations and logits excluded)
 divided by the device-to-device copy bandwidth measured in the same run. On the CPU it is divided by the DRAM
@@ -313,18 +319,17 @@ class Steps:
             bytes_ += self.adapter_bytes + head + self._kv(1, batch, context, 1)
         return bytes_
 
-    def chain(self, batch: int, context: int, exit_layer: int, gamma: int):
-        """The CPU decoder's one-call draft chain of ``gamma`` greedy drafts (eta 0) and the shallow step after them,
-        at ``context`` cached tokens, over the decoder's own caches (a 4-token prefill, then the rows moved to
-        ``context``: what the slots hold does not change the work). None where the decoder would draft step by
-        step instead (no CPU extension, a CUDA device)."""
+    def _decoder_state(self, batch: int, context: int, exit_layer: int, gamma: int):
+        """The CPU decoder of ``exit_layer`` (one per exit layer for every (batch, context, gamma): its caches grow to
+        the largest, once each), a greedy state after a 4-token prefill with its rows moved to ``context`` (what the
+        slots hold does not change the work), and a draft chain of ``gamma``. None without the CPU extension or on
+        a CUDA device."""
         from kangaroo_rt.config import SamplingConfig
         from kangaroo_rt.speculative import BatchSampling, DecodeState, Decoder, DraftChain
 
         t = self.target
         if t.device.type != "cpu" or not _cpu_ext.is_available():
             return None
-        # one decoder per exit layer for every (batch, context, gamma): its caches grow to the largest, once each
         decoders = self.__dict__.setdefault("_decoders", {})
         decoder = decoders.get(exit_layer)
         if decoder is None:
@@ -335,7 +340,49 @@ class Steps:
         ids = torch.randint(0, t.config.vocab_size, (batch, 4), device=t.device)
         decoder.prefill(ids, torch.full((batch,), 4, device=t.device), state, gamma + 3)
         state.pos.fill_(context)
-        chain = DraftChain.allocate(batch, gamma, t.config.hidden_size, t.dtype, t.device)
+        return decoder, state, DraftChain.allocate(batch, gamma, t.config.hidden_size, t.dtype, t.device)
+
+    def passes(self, batch: int, context: int, exit_layer: int, k: int):
+        """The CPU decoder's one-call target pass (csrc/cpu/target_pass.cpp), as its decode loop runs it: over k = 1
+        token from the rows' tokens (a plain step: embedding, every layer, final norm, the screened head, the greedy
+        choice and commit) or over k stacked exit states at ``context`` cached tokens (a verification of k - 1
+        drafts: layers exit_layer..N-1, the screened head, acceptance and commit). Each call first puts the rows
+        back (position ``context``, nothing generated). None where the decoder would not take the one-call pass."""
+        made = self._decoder_state(batch, context, exit_layer, max(k - 1, 1))
+        if made is None:
+            return None
+        decoder, state, chain = made
+        t = self.target
+        chain.exits.copy_(torch.randn(chain.exits.shape, dtype=torch.float32).to(t.dtype))
+        chain.drafts.copy_(torch.randint(0, t.config.vocab_size, chain.drafts.shape))
+        chain.n_drafts.fill_(k - 1)
+        rows = (state.pos, state.n_gen, state.finished)
+
+        def reset():
+            for x, v in zip(rows, (context, 0, False)):
+                x.fill_(v)
+
+        def step():
+            reset()
+            return decoder._cpu_pass(state, None if k == 1 else chain, k - 1, context + k)
+
+        reset()
+        if step() is None:
+            print(f"{NAME}: the one-call target pass did not serve over {k} token(s); no pass rows")
+            return None
+        start = 0 if k == 1 else exit_layer
+        n = t.num_layers - start
+        head = param_bytes(t.norm) + t.lm_head.weight.numel()  # the screen reads the head's int8 copy
+        return step, sum(self.layer_bytes[start:]) + head + self._kv(n, batch, context, k)
+
+    def chain(self, batch: int, context: int, exit_layer: int, gamma: int):
+        """The CPU decoder's one-call draft chain of ``gamma`` greedy drafts (eta 0) and the shallow step after them,
+        at ``context`` cached tokens, over the decoder's own caches (see :meth:`_decoder_state`). None where the
+        decoder would draft step by step instead (no CPU extension, a CUDA device)."""
+        made = self._decoder_state(batch, context, exit_layer, gamma)
+        if made is None:
+            return None
+        decoder, state, chain = made
         k = decoder._cpu_chain(state, chain, gamma, 0.0, context + 1)
         if k != gamma:
             print(f"{NAME}: the one-call draft chain did not serve (drafts: {k}, wanted {gamma}); the model falls back "
@@ -388,6 +435,10 @@ def measure_shape(name: str, config: ModelConfig, verify_exit: int, args: argpar
                 cases += [(f"shallow@{l}", l, 1, steps.draft(batch, context, l, with_adapter=False)) for l in exits]
                 cases += [(f"verify@{verify_exit}/{k}", verify_exit, k, steps.verify(batch, context, verify_exit, k))
                           for k in args.verify_tokens]
+                for k in [1] + sorted(args.verify_tokens):  # the decode loop's one-call passes
+                    made = steps.passes(batch, context, verify_exit, k)
+                    if made is not None:
+                        cases.append(("pass" if k == 1 else f"vpass@{verify_exit}/{k}", verify_exit, k, made))
                 for g in sorted({k - 1 for k in args.verify_tokens if k >= 2}):
                     chain = steps.chain(batch, context, verify_exit, g)
                     if chain is not None:

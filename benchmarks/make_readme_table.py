@@ -187,6 +187,15 @@ def steps_section(path: str, d: Dict) -> List[str]:
         per_op_cell = "-" if per_op is None else f"{best(per_op):.2f}"
         lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} ({100 * r['fraction_of_floor']:.0f}%) | {per_op_cell} | "
                      f"{draft_cell} | {chain_cell} | {verify_cell} | {ratio_cell} |")
+    passes = sorted(((k[0], k[4], k[5]), r) for k, r in index.items() if k[1] == "pass")
+    if passes:  # the decode loop's one-call target pass (bench_steps' pass and vpass rows)
+        lines += ["", "The decode loop's one-call target pass, screened head included (the rows above are steps "
+                  "driven from Python with the whole head):", "",
+                  "| shape | batch | context | plain pass ms | verification / plain pass, by tokens |", "|---|---|---|---|---|"]
+        for (shape, b, ctx), r in passes:
+            vpasses = sorted((key[3], v) for key, v in index.items() if key[:2] == (shape, "vpass") and key[4:] == (b, ctx))
+            cell = ", ".join(f"{tokens}: {best(v) / best(r):.2f}" for tokens, v in vpasses) or "-"
+            lines.append(f"| {shape} | {b} | {ctx} | {best(r):.2f} | {cell} |")
     subsets = [r for r in rows if r["step"] == "draft_vocab"]
     if subsets:
         sizes = sorted({r["draft_vocab"] for r in subsets}, reverse=True)

@@ -241,12 +241,17 @@ def test_bench_steps_smoke(tmp_path):
         result = json.load(f)
     assert result["smoke_run"] and result["copy_bandwidth_gbs"] > 0
     # plain_per_op: the CPU with the extension, where the layers otherwise run as one call; chain: the decoder's
-    # one-call draft chain there, for gamma = k - 1 of each verify step
+    # one-call draft chain there, for gamma = k - 1 of each verify step; pass / vpass: its one-call target pass from
+    # the tokens and over each verify step's k exit states
     assert {r["step"] for r in result["rows"]} == {"plain", "draft", "draft_vocab", "shallow", "verify"} | (
-        {"plain_per_op", "chain"} if steps._cpu_ext.is_available() else set())
+        {"plain_per_op", "chain", "pass", "vpass"} if steps._cpu_ext.is_available() else set())
     if steps._cpu_ext.is_available():
         chains = {(r["batch"], r["tokens"]) for r in result["rows"] if r["step"] == "chain"}
         assert chains == {(b, g) for b in (1, 2) for g in (1, 2)}
+        passes = {(r["step"], r["batch"], r["tokens"]) for r in result["rows"] if r["step"] in ("pass", "vpass")}
+        assert passes == {("pass", b, 1) for b in (1, 2)} | {("vpass", b, k) for b in (1, 2) for k in (2, 3)}
+        one = {r["batch"]: r for r in result["rows"] if r["step"] == "pass"}
+        assert all(r["bytes"] < one[r["batch"]]["bytes"] for r in result["rows"] if r["step"] == "vpass")
         assert {m["drafts"] for m in result["modeled_speedup"]} == {"one-call chain"}
     for sub in (r for r in result["rows"] if r["step"] == "draft_vocab"):  # a 64-row head reads less than 256 rows
         full = next(r for r in result["rows"] if r["step"] == "draft" and r["exit_layer"] == sub["exit_layer"]
