@@ -69,7 +69,7 @@ void run_region(Args& args, Region& region, int64_t (*bytes)(const Args*, int64_
                       ": probability tensor contains either `inf`, `nan` or element < 0 (a sampled position's logits "
                       "or distribution cannot be drawn from)");
     TORCH_CHECK(rc == KR_CPU_OK, what, ": the kernel failed (status ", rc,
-                rc == KR_CPU_FAILED ? ": out of memory?" : "", ")");
+                rc == KR_CPU_FAILED ? ": out of memory, or more phases than the workspace counts" : "", ")");
   }
 }
 

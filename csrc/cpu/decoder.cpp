@@ -32,7 +32,8 @@ int run_stack(int isa, const kr_cpu_decoder_args& a) {
   const Layout l = layout_of(a);
   char* ws = static_cast<char*>(a.workspace);
   int64_t* status = reinterpret_cast<int64_t*>(ws + l.status);
-  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads));
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads),
+            phase_capacity(l.sync, l.status));
   stack_body<T>(ph, isa, a, ws + l.buffers);
   return static_cast<int>(__atomic_load_n(status, __ATOMIC_RELAXED));
 }
@@ -58,7 +59,7 @@ int run_sweep(int isa, const kr_cpu_linear_sweep_args& a) {
   const SweepLayout l = sweep_layout_of(a);
   char* ws = static_cast<char*>(a.workspace);
   Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), reinterpret_cast<int64_t*>(ws + l.status),
-            std::max<int64_t>(1, a.threads));
+            std::max<int64_t>(1, a.threads), phase_capacity(l.sync, l.status));
   int64_t col = 0;
   for (int64_t i = 0; i < a.n_linears; ++i) {
     linear_phase<T>(ph, isa, static_cast<const T*>(a.x), a.rows, a.n_in[i], a.ld_x, a.weights[i], a.n_out[i], nullptr,

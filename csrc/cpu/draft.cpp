@@ -92,7 +92,8 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
   char* ws = static_cast<char*>(a.workspace);
   int64_t* status = reinterpret_cast<int64_t*>(ws + l.status);
   int64_t* go = reinterpret_cast<int64_t*>(ws + l.go);
-  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads));
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads),
+            phase_capacity(l.sync, l.status));
   const int64_t B = a.batch, D = a.hidden_size, Dh = a.head_dim, G = a.gamma, N = a.head_rows;
   T* h = reinterpret_cast<T*>(ws + l.h);
   T* a_in = reinterpret_cast<T*>(ws + l.a_in);

@@ -23,6 +23,8 @@ enum kr_cpu_isa_code {
 };
 
 // Return codes.
+// KR_CPU_FAILED: a kernel's scratch allocation failed, or a one-call region ran more phases than its workspace's
+// counters hold (a bug of the region's phase count: kr_cpu_stack.h's Phases refuses it rather than overrun).
 // KR_CPU_NOT_A_DISTRIBUTION: a sampled choice met logits or probabilities it cannot draw from (a NaN or infinite
 // logit; torch.multinomial refuses those rows too).
 enum kr_cpu_status {

@@ -135,8 +135,9 @@ KR_INLINE void spin_pause() {
 // its own pair of counters: "next" (the first unclaimed item) and "done" (items finished).
 class Phases {
  public:
-  Phases(int64_t* counters, int64_t* status, int64_t threads)
-      : counters_(counters), status_(status), threads_(threads) {
+  // counters: capacity pairs of counters (a phase each, kCounterStride int64s apart), zeroed by the caller.
+  Phases(int64_t* counters, int64_t* status, int64_t threads, int64_t capacity)
+      : counters_(counters), status_(status), threads_(threads), capacity_(capacity) {
     phase_stats::t_part = phase_stats::kLayers, phase_stats::t_kind = phase_stats::kOther;
   }
 
@@ -153,6 +154,11 @@ class Phases {
   // of their own and a meeting of the threads); its time counts as body.
   template <typename Prologue, typename Body>
   void run(int64_t n_items, int64_t min_claim, int64_t guide, Prologue&& prologue, Body&& body) {
+    if (index_ >= capacity_) {  // a region that runs more phases than its workspace counts: fail, never overrun
+      ++index_;                 // (every thread runs the same phases, so every thread skips this one)
+      __atomic_store_n(status_, static_cast<int64_t>(KR_CPU_FAILED), __ATOMIC_RELAXED);
+      return;
+    }
     int64_t* next = counters_ + index_ * kCounterStride;
     int64_t* done = next + kCounterStride / 2;
     ++index_;
@@ -207,8 +213,12 @@ class Phases {
   int64_t* counters_;
   int64_t* status_;
   int64_t threads_;
+  int64_t capacity_;
   int64_t index_ = 0;
 };
+
+// The phases a workspace's counters hold: the bytes from its first counter (sync) to its status word.
+inline int64_t phase_capacity(int64_t sync, int64_t status) { return (status - sync) / (kCounterStride * 8); }
 
 // A step's inputs that a region gathers itself: the RoPE tables' row of position p ((T, Dh) each, p checked by the
 // caller) into c and s, and a token's embedding row ((vocab, D)) into h (KR_CPU_BAD_ARGUMENT, nothing written, for

@@ -176,7 +176,8 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
   const PassLayout l = pass_layout_of(a);
   char* ws = static_cast<char*>(a.workspace);
   int64_t* status = reinterpret_cast<int64_t*>(ws + l.status);
-  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads));
+  Phases ph(reinterpret_cast<int64_t*>(ws + l.sync), status, std::max<int64_t>(1, a.threads),
+            phase_capacity(l.sync, l.status));
   const int64_t B = a.batch, Q = a.q_len, D = a.hidden_size, Dh = a.head_dim, V = a.head_rows;
   T* h = reinterpret_cast<T*>(ws + l.h);
   T* xn = reinterpret_cast<T*>(ws + l.xn);
