@@ -231,12 +231,21 @@ def chain_rows(plain: Dict, rounds: Dict[int, Dict]) -> List[Dict]:
     return rows
 
 
-def report_chains(args, what: str, n_prompts: int, max_new: int, plain: Dict, rounds: Dict[int, Dict],
-                  same: bool) -> int:
-    """The --chains mode's table and JSON (``bench_phases-<model>-chains.json``)."""
+def write_run(args, suffix: str, what: str, n_prompts: int, max_new: int, **fields) -> None:
+    """A mode's JSON, ``bench_phases-<model><suffix>.json`` (``bench_phases-smoke<suffix>.json``): the run's header
+    (host, date, model, prompts, threads, ISA), then the mode's ``fields``."""
     from kangaroo_rt import _cpu_ext
     from kangaroo_rt.bench import device_name
 
+    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what, "prompts": n_prompts,
+              "max_new_tokens": max_new, "threads": args.threads, "isa": _cpu_ext.load().isa(), **fields}
+    write_result(args.out, (f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}") + suffix, result)
+
+
+def report_chains(args, what: str, n_prompts: int, max_new: int, plain: Dict, rounds: Dict[int, Dict],
+                  same: bool) -> int:
+    """The --chains mode's table and JSON (``bench_phases-<model>-chains.json``)."""
     rows = chain_rows(plain, rounds)
     step_phases = plain["body_ms_per_unit"] + plain["wait_ms_per_unit"]
     print(f"plain step: {plain['wall_ms_per_unit']:.3f} ms wall, {step_phases:.3f} ms in phases (a thread)")
@@ -246,13 +255,8 @@ def report_chains(args, what: str, n_prompts: int, max_new: int, plain: Dict, ro
         print(f"{r['drafts']:>6} {r['verify_tokens']:>8} {r['round_ms']:>9.3f} {r['round_plain_steps']:>7.3f} "
               f"{r['verification_plain_steps']:>13.3f} {r['drafting_plain_steps']:>9.3f}")
     print(f"tokens identical to plain decoding in every mode: {same}")
-    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what, "mode": "chains",
-              "prompts": n_prompts, "max_new_tokens": max_new, "threads": args.threads, "eta": 0.0,
-              "isa": _cpu_ext.load().isa(), "tokens_identical": same, "rows": rows, "plain": plain,
-              "kangaroo": {str(g): m for g, m in rounds.items()}}
-    stem = f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}"
-    write_result(args.out, f"{stem}-chains", result)
+    write_run(args, "-chains", what, n_prompts, max_new, mode="chains", eta=0.0, tokens_identical=same, rows=rows,
+              plain=plain, kangaroo={str(g): m for g, m in rounds.items()})
     return 0 if same else 1
 
 
@@ -278,7 +282,6 @@ def table(plain: Dict, kangaroo: Dict, labels=("plain, ms a step", "Kangaroo, ms
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from kangaroo_rt import _cpu_ext
-    from kangaroo_rt.bench import device_name
 
     if not _cpu_ext.is_available():
         print(f"{NAME}: the CPU extension kangaroo_rt._cpu is not built here; nothing to measure")
@@ -307,33 +310,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratio = plain["wall_ms_per_unit"] * kangaroo["mat"] / kangaroo["wall_ms_per_unit"]
     print(f"Kangaroo: MAT {kangaroo['mat']:.2f}, a round {kangaroo['wall_ms_per_unit'] / plain['wall_ms_per_unit']:.2f} "
           f"plain steps, {ratio:.2f}x plain decoding's tokens a second; tokens identical: {same}")
-    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what,
-              "prompts": len(prompts), "max_new_tokens": max_new, "threads": args.threads,
-              "gamma": kcfg.gamma, "eta": kcfg.eta, "isa": _cpu_ext.load().isa(), "tokens_identical": same,
-              "kangaroo_over_plain": ratio, "plain": plain, "kangaroo": kangaroo}
-    write_result(args.out, f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}", result)
+    write_run(args, "", what, len(prompts), max_new, gamma=kcfg.gamma, eta=kcfg.eta, tokens_identical=same,
+              kangaroo_over_plain=ratio, plain=plain, kangaroo=kangaroo)
     return 0 if same else 1
 
 
 def report_switch(args, what: str, kcfg, n_prompts: int, max_new: int, on: Dict, off: Dict, same: bool) -> int:
     """The --switch mode's table, summary line and JSON (``bench_phases-<model>-<ENV>.json``)."""
-    from kangaroo_rt import _cpu_ext
-    from kangaroo_rt.bench import device_name
-
     env = args.switch
     print(table(on, off, (f"{env}=1, ms a round", f"{env}=0, ms a round")))
     ms_token = {side: m["wall_ms_per_unit"] / m["mat"] for side, m in (("on", on), ("off", off))}
     print(f"{env}=1 against 0: MAT {on['mat']:.3f} / {off['mat']:.3f}, a round {on['wall_ms_per_unit']:.3f} / "
           f"{off['wall_ms_per_unit']:.3f} ms, a token {ms_token['on']:.3f} / {ms_token['off']:.3f} ms "
           f"({ms_token['off'] / ms_token['on']:.3f}x the tokens a second); tokens identical: {same}")
-    result = {"benchmark": NAME, "smoke_run": args.smoke, "device": device_name(torch.device("cpu")),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": what, "switch": env,
-              "prompts": n_prompts, "max_new_tokens": max_new, "threads": args.threads, "gamma": kcfg.gamma,
-              "eta": kcfg.eta, "isa": _cpu_ext.load().isa(), "tokens_identical": same,
-              "on_over_off": ms_token["off"] / ms_token["on"], "on": on, "off": off}
-    stem = f"{NAME}-smoke" if args.smoke else f"{NAME}-{args.model}"
-    write_result(args.out, f"{stem}-{env}", result)
+    write_run(args, f"-{env}", what, n_prompts, max_new, switch=env, gamma=kcfg.gamma, eta=kcfg.eta,
+              tokens_identical=same, on_over_off=ms_token["off"] / ms_token["on"], on=on, off=off)
     return 0 if same else 1
 
 

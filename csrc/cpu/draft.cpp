@@ -55,7 +55,7 @@ DraftLayout draft_layout_of(const kr_cpu_draft_args& a) {
   l.cos_a = take(2 * B * Dh * e);
   l.sin_a = take(2 * B * Dh * e);
   l.logits = take(B * N * e);
-  l.yf = take(a.dtype == KR_CPU_FLOAT32 && a.head_q8 == nullptr ? 0 : B * N * 4);  // (int8 head: the estimates)
+  l.yf = take(a.dtype == KR_CPU_FLOAT32 ? 0 : B * N * 4);
   l.q8_u = take(a.head_q8 == nullptr ? 0 : B * 2 * a.head_q8->kp);
   l.q8_stats = take(a.head_q8 == nullptr ? 0 : B * KR_CPU_SCREEN_STATS * 8);
   l.idx = take(B * 8);
@@ -189,21 +189,15 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
     phase_stats::name(phase_stats::kDraftHead);  // the head and the choice
     if (a.head_q8 == nullptr) {
       linear_phase<T>(ph, isa, last, B, D, Q * D, a.head, N, nullptr, logits, N, false, yf, a.packed != 0);
-    } else {  // the int8 form's estimates, rounded to the dtype: x's two int8 parts per row, then the head's rows
+    } else {  // the int8 form's estimates, rounded to the dtype (fp32: straight into the logits)
       const kr_cpu_head_screen* sc = a.head_q8;
       uint8_t* u = reinterpret_cast<uint8_t*>(ws + l.q8_u);
       double* stats = reinterpret_cast<double*>(ws + l.q8_stats);
-      ph.each(B, [&](int64_t b) { return kr_cpu_screen_prepare_rows(a.dtype, last, Q * D, D, sc->kp, u, stats, b, b + 1); });
-      const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
-      ph.run(ceil_div(N, 64), ceil_div(min_rows, 64), kGuide, [&](int64_t b0, int64_t b1) {
-        const int64_t n0 = b0 * 64, n1 = std::min(N, b1 * 64);
-        int rc = kr_cpu_screen_estimate_rows(isa, u, stats, B, D, sc, yf, N, n0, n1);
-        for (int64_t m = 0; rc == KR_CPU_OK && m < B; ++m) {
-          if constexpr (sizeof(T) == 4)
-            std::memcpy(logits + m * N + n0, yf + m * N + n0, static_cast<size_t>(n1 - n0) * sizeof(float));
-          else
-            rc = kr_cpu_round_bf16(isa, yf + m * N + n0, reinterpret_cast<uint16_t*>(logits + m * N) + n0, n1 - n0);
-        }
+      float* est = sizeof(T) == 4 ? reinterpret_cast<float*>(logits) : yf;
+      screen_phases(ph, a.dtype, last, Q * D, B, D, sc, N, u, stats, [&](int64_t n0, int64_t n1) {
+        int rc = kr_cpu_screen_estimate_rows(isa, u, stats, B, D, sc, est, N, n0, n1);
+        for (int64_t m = 0; sizeof(T) == 2 && rc == KR_CPU_OK && m < B; ++m)
+          rc = kr_cpu_round_bf16(isa, yf + m * N + n0, reinterpret_cast<uint16_t*>(logits + m * N) + n0, n1 - n0);
         return rc;
       });
     }

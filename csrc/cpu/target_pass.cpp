@@ -242,12 +242,8 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     double* stats = reinterpret_cast<double*>(ws + l.screen_stats);
     float* hi = reinterpret_cast<float*>(ws + l.screen_hi);
     float* lo = reinterpret_cast<float*>(ws + l.yf);
-    ph.each(n_tok, [&](int64_t t) {
-      return kr_cpu_screen_prepare_rows(a.dtype, xn, D, D, sc->kp, u, stats, t, t + 1);
-    });
-    const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
-    ph.run(ceil_div(V, 64), ceil_div(min_rows, 64), kGuide, [&](int64_t b0, int64_t b1) {
-      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, b0 * 64, std::min(V, b1 * 64));
+    screen_phases(ph, a.dtype, xn, D, n_tok, D, sc, V, u, stats, [&](int64_t v0, int64_t v1) {
+      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, v0, v1);
     });
     ph.each(n_tok, [&](int64_t t) {
       return kr_cpu_screen_argmax_row(isa, a.dtype, xn + t * D, D, a.head, a.packed, V, stats + t * KR_CPU_SCREEN_STATS,
