@@ -4,7 +4,8 @@ random weights; 57 MB in bf16, 113 MB in fp32; the screen reads 28 MB of int8) f
 (64 MB written between calls, as a decode step's layers stream through the caches between two heads). Reports each
 one's median ms, the screen's GB/s of int8 bytes and their fraction of the DRAM read bandwidth measured in the same
 run, the screened / whole-head ratio and the median count of rows computed exactly (those whose bounds can reach
-the best). The target pass takes the screen for up to kr_cpu_screen_max_rows(dtype) rows, from these ratios. A bf16 whole head is read through its packed copy, as the pass reads it.
+the best); then the screen with running floors (x's first int8 part alone where it rules a row out: 6 rows and
+more, as the target pass runs it) against both parts everywhere. The target pass takes the screen for up to kr_cpu_screen_max_rows(dtype) rows, from these ratios. A bf16 whole head is read through its packed copy, as the pass reads it.
 
     python benchmarks/bench_head_screen.py --cpu [--threads N] [--out DIR]
 
@@ -52,7 +53,7 @@ def main():
     rows = []
     print(f"DRAM read bandwidth {bandwidth:.1f} GB/s (torch.sum); head {V} x {K}, cold cache")
     print(f"{'dtype':>6} {'M':>3} {'whole ms':>9} {'torch ms':>9} {'screen ms':>10} {'screen/whole':>13} "
-          f"{'GB/s':>6} {'% bw':>5} {'exact rows':>10}")
+          f"{'GB/s':>6} {'% bw':>5} {'exact rows':>10} {'floors ms':>9} {'floors/screen':>14}")
     for dtype in (torch.bfloat16, torch.float32):
         w = (torch.randn(V, K, generator=gen) * 0.05).to(dtype)
         screen = list(_cpu_ext.make_head_screen(w))
@@ -60,7 +61,7 @@ def main():
         packed = dtype == torch.bfloat16
         head = cpu.pack_bf16(w) if packed else w
         screen_bytes = sum(t.numel() * t.element_size() for t in screen)
-        for M in (1, 2, 4, 8):
+        for M in (1, 2, 4, 6, 8):
             x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
             want = reference.head_argmax(x, w)
             assert torch.equal(cpu.screened_argmax(x, w, screen), want), "screened_argmax differs from the head's"
@@ -68,14 +69,17 @@ def main():
             exact_rows = statistics.median((hi >= lo.max(dim=1, keepdim=True).values).sum(dim=1).tolist())
             t_whole = cold_ms(lambda: cpu.argmax(cpu.linear(x, head, packed=packed)), flush)
             t_torch = cold_ms(lambda: reference.head_argmax(x, w), flush)
-            t_screen = cold_ms(lambda: cpu.screened_argmax(x, w, screen), flush)
+            t_screen = cold_ms(lambda: cpu.screened_argmax(x, w, screen, floors=False), flush)
+            t_floors = cold_ms(lambda: cpu.screened_argmax(x, w, screen, floors=True), flush)
             gbs = screen_bytes / t_screen / 1e6
             row = {"dtype": str(dtype)[6:], "rows": M, "whole_ms": t_whole, "torch_ms": t_torch, "screen_ms": t_screen,
                    "screen_vs_whole": t_screen / t_whole, "screen_bytes": screen_bytes, "screen_gbs": gbs,
-                   "fraction_of_read_bw": gbs / bandwidth, "exact_rows_median": exact_rows}
+                   "fraction_of_read_bw": gbs / bandwidth, "exact_rows_median": exact_rows,
+                   "floors_ms": t_floors, "floors_vs_screen": t_floors / t_screen}
             rows.append(row)
             print(f"{row['dtype']:>6} {M:>3} {t_whole:>9.3f} {t_torch:>9.3f} {t_screen:>10.3f} "
-                  f"{row['screen_vs_whole']:>12.2f}x {gbs:>6.1f} {100 * gbs / bandwidth:>5.1f} {exact_rows:>10.0f}")
+                  f"{row['screen_vs_whole']:>12.2f}x {gbs:>6.1f} {100 * gbs / bandwidth:>5.1f} {exact_rows:>10.0f} "
+                  f"{t_floors:>9.3f} {row['floors_vs_screen']:>13.2f}x")
     draft_rows = draft_head_rows(cpu, bandwidth, flush, gen)
     from kangaroo_rt.bench import device_name
 

@@ -68,8 +68,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "prompt by prompt")
     p.add_argument("--chains", metavar="G,G,...", help="instead: plain against Kangaroo with fixed chains of G drafts "
                    "(gamma G, eta 0) for each G, in turns prompt by prompt (e.g. 1,2,4,6)")
+    p.add_argument("--gamma", type=int, help="Kangaroo's gamma instead of the model's (with --switch or the default "
+                   "mode; e.g. --gamma 6 --eta 0 for fixed 7-token verifications)")
+    p.add_argument("--eta", type=float, help="Kangaroo's eta instead of the model's")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
+    if args.chains is not None and (args.gamma is not None or args.eta is not None):
+        p.error("--chains sets gamma and eta itself (gamma G, eta 0): leave --gamma and --eta out")
+    if args.gamma is not None and args.gamma < 1:
+        p.error(f"--gamma must be >= 1, got {args.gamma}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta must be in [0, 1], got {args.eta}")
     if args.chains is not None:
         if args.switch:
             p.error("--chains and --switch are two modes: pick one")
@@ -98,7 +107,8 @@ def load(args: argparse.Namespace, scratch: str):
     questions = bench.per_category(questions, 1)
     prompts = [p.ids for p in bench.build_prompts(questions, encode, template, args.prompts,
                                                   48 if args.smoke else None)]
-    kcfg = KangarooConfig(gamma=settings.get("gamma", 6), eta=settings.get("eta", 0.6))
+    gamma = args.gamma if args.gamma is not None else settings.get("gamma", 6)
+    kcfg = KangarooConfig(gamma=gamma, eta=args.eta if args.eta is not None else settings.get("eta", 0.6))
     return model, kcfg, prompts, eos, f"{what}, {str(dtype).removeprefix('torch.')}"
 
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <tuple>
 #include <utility>
@@ -459,15 +460,15 @@ std::tuple<at::Tensor, at::Tensor> accept_sampling(const at::Tensor& drafts, con
 
 // ---- The screened greedy head (csrc/cpu/head_screen.cpp): x's int8 parts, then the head's rows in parallel.
 
-// x (M, K) -> u (M, 2, kp), stats (M, 8), hi and lo (M, V) of head_screen's rows (estimate: the estimates in hi, no
-// lo).
+// x (M, K) -> u (M, 2, kp), stats (M, KR_CPU_SCREEN_STATS), hi and lo (M, V) of head_screen's rows (estimate: the
+// estimates in hi, no lo; floors: with running floors (M,), as the target pass screens).
 struct ScreenRun {
-  at::Tensor x, u, stats, hi, lo;
+  at::Tensor x, u, stats, hi, lo, floors;
   kr_cpu_head_screen s{};
 };
 
 ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen, const char* what,
-                     bool estimate = false) {
+                     bool estimate = false, bool floors = false) {
   const int dtype = dtype_code(x, what, "x");
   check_like(x, x, what, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, what, ": x must be (M, K), got ", x.sizes());
@@ -479,6 +480,7 @@ ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen,
   r.stats = at::empty({M, KR_CPU_SCREEN_STATS}, x.options().dtype(at::kDouble));
   r.hi = at::empty({M, V}, x.options().dtype(at::kFloat));
   if (!estimate) r.lo = at::empty({M, V}, x.options().dtype(at::kFloat));
+  if (floors) r.floors = at::full({M}, -std::numeric_limits<float>::infinity(), x.options().dtype(at::kFloat));
   if (M == 0) return r;
   const int isa = process_isa();
   int rc = kr_cpu_screen_prepare_rows(dtype, r.x.const_data_ptr(), K, K, r.s.kp, r.u.mutable_data_ptr<uint8_t>(),
@@ -491,14 +493,15 @@ ScreenRun run_screen(const at::Tensor& x, const std::vector<at::Tensor>& screen,
     const int64_t n0 = b0 * 64, n1 = std::min(V, b1 * 64);
     const int rr = estimate ? kr_cpu_screen_estimate_rows(isa, u, stats, M, K, &r.s, hi, V, n0, n1)
                             : kr_cpu_screen_rows(isa, u, stats, M, K, &r.s, hi, r.lo.mutable_data_ptr<float>(), V,
-                                                 n0, n1);
+                                                 n0, n1, floors ? r.floors.mutable_data_ptr<float>() : nullptr);
     TORCH_CHECK(rr == KR_CPU_OK, what, ": the kernel refused its arguments (status ", rr, ")");
   });
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen) {
-  ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_bounds");
+std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& x, const std::vector<at::Tensor>& screen,
+                                                 bool floors) {
+  ScreenRun r = run_screen(x, screen, "kangaroo_rt._cpu.screen_bounds", false, floors);
   return {r.hi, r.lo};
 }
 
@@ -515,14 +518,15 @@ at::Tensor screen_estimate(const at::Tensor& x, const std::vector<at::Tensor>& s
   return out;
 }
 
-at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const std::vector<at::Tensor>& screen) {
+at::Tensor screened_argmax(const at::Tensor& x, const at::Tensor& head, const std::vector<at::Tensor>& screen,
+                           bool floors) {
   const char* what = "kangaroo_rt._cpu.screened_argmax";
   check_like(head, x, what, "head");
   TORCH_CHECK_VALUE(head.dim() == 2 && head.is_contiguous() && x.dim() == 2 && head.size(1) == x.size(-1), what,
                     ": head must be a contiguous (V, K) for x (M, K), got ", head.sizes(), " and ", x.sizes());
   TORCH_CHECK_VALUE(!screen.empty() && screen[0].size(0) == head.size(0), what, ": the screen is not this head's");
   const int dtype = dtype_code(x, what, "x");
-  ScreenRun r = run_screen(x, screen, what);
+  ScreenRun r = run_screen(x, screen, what, false, floors);
   const int64_t M = x.size(0), K = x.size(1), V = head.size(0);
   at::Tensor index = at::empty({M}, x.options().dtype(at::kLong));
   const int isa = process_isa();
@@ -665,18 +669,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>(),
         "silu(gate) * up for gate, up (..., n) of one dtype (fp32/bf16): the activation of a Llama MLP");
   kr_bind::define_decode(m);  // decoder_layers, draft_chain, target_pass, their plans, decode_loop, linear_sweep
-  m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::call_guard<py::gil_scoped_release>(),
+  m.def("screen_bounds", &screen_bounds, py::arg("x"), py::arg("screen"), py::arg("floors") = false,
+        py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (hi, lo) (M, V) fp32: bounds of the "
-        "logits the head computes");
+        "logits the head computes (floors: with running floors, the first int8 part of x alone where it rules a "
+        "row out)");
   m.def("screen_estimate", &screen_estimate, py::arg("x"), py::arg("screen"),
         py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32/bf16, a head's screen (_cpu_ext.make_head_screen) -> (M, V) in x's dtype: the int8 head's "
         "estimates of linear(x, head), rounded to the dtype (NaN rows for a non-finite x): the draft chain's int8 "
         "head logits");
   m.def("screened_argmax", &screened_argmax, py::arg("x"), py::arg("head"), py::arg("screen"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("floors") = true, py::call_guard<py::gil_scoped_release>(),
         "x (M, K), head (V, K) fp32/bf16 and its screen -> (M,) int64: argmax(linear(x, head)), each row's head "
-        "logits rounded to the dtype, from the int8 screen and the few rows that can win");
+        "logits rounded to the dtype, from the int8 screen (with running floors, as the target pass runs it, or "
+        "without) and the few rows that can win");
   m.def("argmax", &argmax, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),
         "logits (..., n) fp32/bf16 -> (...) int64: the first index of the largest value, a NaN the largest");
   m.def("greedy_with_confidence", &greedy_with_confidence, py::arg("logits"), py::call_guard<py::gil_scoped_release>(),

@@ -193,32 +193,68 @@ def test_screen_estimate_rows_alone_and_non_finite_rows(cpu, dtype):
 
 
 _VARIANT_SCRIPT = r"""
-import sys, torch
+import hashlib, sys, torch
 sys.path.insert(0, "tests")
 from test_head_screen import _head, _rows
 from kangaroo_rt import _cpu_ext, reference
 cpu = _cpu_ext.load()
+torch.set_num_threads(1)  # (the running floors' bounds depend on the order of the calls: one thread, one order)
 for dtype in (torch.float32, torch.bfloat16):
-    for M in (1, 3):
+    for M in (1, 3, 6):
         w, x = _head(1001, 200, dtype, seed=M), _rows(M, 200, dtype, seed=M + 1)
         screen = _cpu_ext.make_head_screen(w)
-        assert torch.equal(cpu.screened_argmax(x, w, list(screen)), reference.head_argmax(x, w))
+        for floors in (False, True):
+            assert torch.equal(cpu.screened_argmax(x, w, list(screen), floors=floors), reference.head_argmax(x, w))
         assert torch.equal(cpu.screen_estimate(x, list(screen)), reference.screen_estimate(x, *screen[:3]).to(dtype))
+        hi, lo = cpu.screen_bounds(x, list(screen), floors=True)
+        print(dtype, M, hashlib.sha256(hi.numpy().tobytes() + lo.numpy().tobytes()).hexdigest())
 print(cpu.isa())
 """
 
 
 def test_every_variant_chooses_the_heads_argmax(cpu):
-    """The portable screen (the AVX2 and portable variants) and the VNNI one: the same choices, and the same
-    estimates."""
+    """The portable screen (the AVX2 and portable variants) and the VNNI one: the same choices, the same estimates,
+    and the same bounds with running floors called in the same order (V = 1001: the VNNI blocks and the portable
+    tail)."""
     from test_cpu_ext import ROOT
 
+    bounds = {}
     for isa in cpu.supported_isas():
         env = dict(os.environ, KANGAROO_RT_CPU_ISA=isa)
         out = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip().splitlines()[-1] == isa
+        lines = out.stdout.strip().splitlines()
+        assert lines[-1] == isa
+        bounds[isa] = lines[:-1]
+    assert len({tuple(b) for b in bounds.values()}) == 1, bounds
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [6, 7, 8])
+def test_running_floors_rule_rows_out_with_the_first_part(cpu, dtype, M):
+    """With running floors (6 rows and more), every row's bounds are either both parts' bounds, bit for bit, or the
+    first part's, whose upper bound is below the row's largest lower bound (a floor the screen reached): the rows
+    those leave out cannot win. The bounds hold the logits, most rows take the first part alone, and the choice is
+    the head's argmax. Fewer than 6 rows ignore the floors."""
+    V, K = 3001, 576
+    w, x = _head(V, K, dtype, seed=11), _rows(M, K, dtype, seed=12)
+    screen = list(_cpu_ext.make_head_screen(w))
+    hi, lo = cpu.screen_bounds(x, screen, floors=True)
+    hi2, lo2 = cpu.screen_bounds(x, screen)
+    both = (hi == hi2) & (lo == lo2)
+    assert bool((both | (hi < lo.max(dim=1, keepdim=True).values)).all())
+    assert bool((both.sum(dim=1) < V // 4).all())  # (the first part ruled most rows out)
+    exact = x.double() @ w.double().T
+    assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+    if dtype == torch.float32:
+        computed = cpu.linear(x, w).double()
+        assert bool((lo <= computed).all()) and bool((computed <= hi).all())
+    want = reference.head_argmax(x, w)
+    assert torch.equal(cpu.screened_argmax(x, w, screen, floors=True), want)
+    assert torch.equal(cpu.screened_argmax(x, w, screen, floors=False), want)
+    few = cpu.screen_bounds(x[:5], screen, floors=True)
+    assert torch.equal(few[0], hi2[:5]) and torch.equal(few[1], lo2[:5])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

@@ -194,7 +194,7 @@ int run_chain(int isa, const kr_cpu_draft_args& a) {
       uint8_t* u = reinterpret_cast<uint8_t*>(ws + l.q8_u);
       double* stats = reinterpret_cast<double*>(ws + l.q8_stats);
       float* est = sizeof(T) == 4 ? reinterpret_cast<float*>(logits) : yf;
-      screen_phases(ph, a.dtype, last, Q * D, B, D, sc, N, u, stats, [&](int64_t n0, int64_t n1) {
+      screen_phases(ph, a.dtype, last, Q * D, B, D, sc, N, u, stats, nullptr, [&](int64_t n0, int64_t n1) {
         int rc = kr_cpu_screen_estimate_rows(isa, u, stats, B, D, sc, est, N, n0, n1);
         for (int64_t m = 0; sizeof(T) == 2 && rc == KR_CPU_OK && m < B; ++m)
           rc = kr_cpu_round_bf16(isa, yf + m * N + n0, reinterpret_cast<uint16_t*>(logits + m * N) + n0, n1 - n0);

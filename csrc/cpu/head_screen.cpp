@@ -29,7 +29,9 @@
 namespace {
 
 // stats of a prepared row (KR_CPU_SCREEN_STATS doubles)
-enum Stat { kValid = 0, kS1, kS2, kCoefNorm, kCoefErr, kCoefScale, kXNorm, kAbs };
+// (kCoefNorm1, kCoefErr1, kCoefScale1: the bounds' constants of the first part alone, xh = s1 u1)
+enum Stat { kValid = 0, kS1, kS2, kCoefNorm, kCoefErr, kCoefScale, kXNorm, kAbs, kCoefNorm1, kCoefErr1, kCoefScale1 };
+static_assert(kCoefScale1 + 1 == KR_CPU_SCREEN_STATS, "kr_cpu.h's KR_CPU_SCREEN_STATS counts the stats");
 
 constexpr double kUnit = 1.0 / 16777216.0;  // 2^-24, fp32's unit roundoff
 constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmetic of the bounds (a few roundings)
@@ -38,6 +40,16 @@ constexpr float kInflate = 1.0f + 1.0f / 65536.0f;  // covers the float arithmet
 constexpr float kMaxNormProduct = 1.2676506e30f;  // 2^100
 constexpr double kMaxInput = 1.152921504606846976e18;  // 2^60: larger inputs take the whole head
 constexpr int kBlock = 8;  // rows of W a screening step takes
+constexpr int kFloorBlock = 2 * kBlock;  // with running floors: rows of W whose first parts one hsum16 sums
+// The fewest prepared rows that take the running floors. Measured on the 2-core Zen 4 EPYC: in a scratch harness
+// (SmolLM2's head shape, random bf16 weights, 2 threads, cold, the same rows in turns) the bounds of 1 / 2 / 3 / 4 /
+// 5 / 6 / 7 / 8 rows took 1.05 / 1.05 / 1.01 / 0.97 / 0.87 / 0.80 / 0.81 / 0.78x the time of both parts everywhere;
+// in SmolLM2's decoding (bench_phases --switch KANGAROO_RT_SCREEN_FLOORS, 8 held-out prompts x 256 tokens, bf16)
+// the screen of 5-token verifications (gamma 4, eta 0) took 1.03x, of 7-token ones (gamma 6, eta 0) 0.83x. Up to 3
+// rows the stream of both parts is memory-bound, and the first part's loop (two loads and two vpdpbusd a chunk)
+// streamed slower than both parts' (one thread at 1 row: 1.3-1.4x the time), whatever its prefetch distance (16-128
+// rows), with four rows a step instead of two, or with its loads kept out of the vpdpbusd.
+constexpr int64_t kFloorMinRows = 6;
 // The software prefetch of the rows ahead of the pair being read. Into L1 (T0), two blocks (9 KB for SmolLM2) ahead,
 // where each 64 weights cost a load and two vpdpbusd a row: without it, both parts for every row had taken 0.66 /
 // 0.65 / 1.46 / 1.71x the whole bf16 head's time at 1 / 2 / 4 / 8 rows (the Zen 5 host). Where the kernels
@@ -74,7 +86,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     rmax = std::max(rmax, std::fabs(h - s1 * q));  // exact: s1 * q has at most 31 significant bits
   }
   const float s2f = static_cast<float>(rmax / 127.0), s2 = s2f > 0.0f ? s2f : 1.0f;
-  double dh2 = 0.0, xh2 = 0.0, x2 = 0.0;
+  double dh2 = 0.0, xh2 = 0.0, x2 = 0.0, d1h2 = 0.0, x1h2 = 0.0;
   for (int64_t i = 0; i < K; ++i) {
     const double h = kr_cpu::to_float(x[i]);
     const double q1 = static_cast<double>(u[i]) - 128.0;
@@ -83,6 +95,7 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
     u[kp + i] = static_cast<uint8_t>(static_cast<int>(q2) + 128);
     const double xh = s1 * q1 + s2 * q2;
     dh2 += (h - xh) * (h - xh), xh2 += xh * xh, x2 += h * h;
+    d1h2 += r * r, x1h2 += (s1 * q1) * (s1 * q1);  // (the first part alone: xh = s1 u1, its residual r)
   }
   const double n = static_cast<double>(K) + 8.0;
   const double gamma = 1.01 * n * kUnit / (1.0 - n * kUnit);
@@ -94,26 +107,41 @@ void prepare_row(const T* x, int64_t K, int64_t kp, uint8_t* u, double* st) {
   st[kCoefErr] = std::sqrt(xh2) * up;
   st[kCoefScale] = 16.0 * kUnit * 127.0 * 127.0 * static_cast<double>(K) * (static_cast<double>(s1) + s2);
   st[kXNorm] = std::sqrt(x2) * up;
+  st[kCoefNorm1] = (std::sqrt(d1h2) + gamma * std::sqrt(x2) + daz) * up;
+  st[kCoefErr1] = std::sqrt(x1h2) * up;
+  st[kCoefScale1] = 16.0 * kUnit * 127.0 * 127.0 * static_cast<double>(K) * static_cast<double>(s1);
   // what flushing denormal products and sums to zero (DAZ + FTZ in the bf16 head) can move a logit, and more
   st[kAbs] = 1e-30 + 4.0 * (static_cast<double>(K) + 16.0) * std::ldexp(amax + 1.0, -126);
 }
 
-// The estimate a_v of row v's logit from its integer dots d1, d2 (row m's parts).
-KR_INLINE float estimate(const kr_cpu_head_screen* s, const double* st, int64_t v, int32_t d1, int32_t d2) {
-  const float s1 = static_cast<float>(st[kS1]), s2 = static_cast<float>(st[kS2]);
+// The bounds' constants of a prepared row (its stats) for both parts of x (kParts 2) or the first alone (1).
+template <int kParts>
+struct Coef {
+  float s1, s2, norm, err, fscale, abs, xnorm;
+  explicit Coef(const double* st)
+      : s1(static_cast<float>(st[kS1])), s2(kParts == 2 ? static_cast<float>(st[kS2]) : 0.0f),
+        norm(static_cast<float>(st[kParts == 2 ? kCoefNorm : kCoefNorm1])),
+        err(static_cast<float>(st[kParts == 2 ? kCoefErr : kCoefErr1])),
+        fscale(static_cast<float>(st[kParts == 2 ? kCoefScale : kCoefScale1])), abs(static_cast<float>(st[kAbs])),
+        xnorm(static_cast<float>(st[kXNorm])) {}
+};
+
+// The estimate a_v of row v's logit from its integer dots d1, d2 (row m's parts; d2 unread for one part).
+template <int kParts>
+KR_INLINE float estimate(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v, int32_t d1, int32_t d2) {
   const int32_t off = 128 * s->qsum[v];
-  return s->scale[v] * (s1 * static_cast<float>(d1 - off) + s2 * static_cast<float>(d2 - off));
+  if constexpr (kParts == 1) return s->scale[v] * (c.s1 * static_cast<float>(d1 - off));
+  return s->scale[v] * (c.s1 * static_cast<float>(d1 - off) + c.s2 * static_cast<float>(d2 - off));
 }
 
 // hi/lo of rows v of the block from their integer dots d1, d2 (row m's parts).
-KR_INLINE void bounds(const kr_cpu_head_screen* s, const double* st, int64_t v, int32_t d1, int32_t d2, float* hi,
+template <int kParts>
+KR_INLINE void bounds(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v, int32_t d1, int32_t d2, float* hi,
                       float* lo) {
-  const float a = estimate(s, st, v, d1, d2);
-  const float r = (static_cast<float>(st[kCoefNorm]) * s->wnorm[v] + static_cast<float>(st[kCoefErr]) * s->err[v] +
-                   static_cast<float>(st[kCoefScale]) * s->scale[v] + static_cast<float>(st[kAbs])) *
-                      kInflate +
+  const float a = estimate(s, c, v, d1, d2);
+  const float r = (c.norm * s->wnorm[v] + c.err * s->err[v] + c.fscale * s->scale[v] + c.abs) * kInflate +
                   std::fabs(a) * (1.0f / 1048576.0f);
-  const bool wide = !(static_cast<float>(st[kXNorm]) * s->wnorm[v] <= kMaxNormProduct);
+  const bool wide = !(c.xnorm * s->wnorm[v] <= kMaxNormProduct);
   *hi = wide ? __builtin_inff() : a + r, *lo = wide ? -__builtin_inff() : a - r;
 }
 
@@ -130,9 +158,58 @@ void screen_portable(const uint8_t* u, const double* stats, int64_t M, int64_t K
       int32_t d1 = 0, d2 = 0;
       for (int64_t i = 0; i < K; ++i) d1 += u1[i] * q[i], d2 += u1[kp + i] * q[i];  // (q is 0 past K)
       if constexpr (kEstimate)
-        hi[m * ld + v] = st[kValid] == 1.0 ? estimate(s, st, v, d1, d2) : __builtin_nanf("");
+        hi[m * ld + v] = st[kValid] == 1.0 ? estimate(s, Coef<2>(st), v, d1, d2) : __builtin_nanf("");
       else
-        bounds(s, st, v, d1, d2, hi + m * ld + v, lo + m * ld + v);
+        bounds(s, Coef<2>(st), v, d1, d2, hi + m * ld + v, lo + m * ld + v);
+    }
+  }
+}
+
+// The running floors (kr_cpu_screen_rows with floors): floor m is a lower bound of prepared row m's largest logit,
+// shared by the threads that screen the pass (any value a thread reads is one), raised to each block's largest lower
+// bound.
+inline float load_floor(const float* f) {
+  float r;
+  __atomic_load(f, &r, __ATOMIC_RELAXED);
+  return r;
+}
+
+// floor = max(floor, top).
+inline void raise_floor(float* floor, float top) {
+  float cur = load_floor(floor);
+  while (top > cur && !__atomic_compare_exchange(floor, &cur, &top, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+// The bounds with running floors: blocks of kFloorBlock rows of W from n_begin (the last one shorter), and for each
+// prepared row m, every row's bounds from x's first part alone, those whose upper bound reaches floor m (as read at
+// the block's start) from both parts instead, then floor m raised to the block's largest lower bound. A row the
+// first part rules out never needs its second: its upper bound is below a lower bound of the largest logit.
+void screen_floor_portable(const uint8_t* u, const double* stats, int64_t M, int64_t K, const kr_cpu_head_screen* s,
+                           float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end, float* floors) {
+  const int64_t kp = s->kp;
+  for (int64_t v0 = n_begin; v0 < n_end; v0 += kFloorBlock) {
+    const int64_t v1 = std::min(n_end, v0 + kFloorBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t* u1 = u + m * 2 * kp;
+      const double* st = stats + m * KR_CPU_SCREEN_STATS;
+      const float floor = load_floor(floors + m);
+      float top = -__builtin_inff();
+      for (int64_t v = v0; v < v1; ++v) {
+        const int8_t* q = s->q + v * kp;
+        int32_t d1 = 0;
+        for (int64_t i = 0; i < K; ++i) d1 += u1[i] * q[i];
+        float h, l;
+        bounds(s, Coef<1>(st), v, d1, 0, &h, &l);
+        if (h >= floor) {
+          int32_t d2 = 0;
+          for (int64_t i = 0; i < K; ++i) d2 += u1[kp + i] * q[i];
+          bounds(s, Coef<2>(st), v, d1, d2, &h, &l);
+        }
+        hi[m * ld + v] = h, lo[m * ld + v] = l;
+        top = std::max(top, l);
+      }
+      raise_floor(floors + m, top);
     }
   }
 }
@@ -169,30 +246,33 @@ KR_TARGET_VNNI inline __m512i hsum16(const __m512i* v) {
 }
 
 // estimate() on 8 rows v0..v0+7 at once, d1 in the low and d2 in the high half of d: the same operations per lane.
-KR_TARGET_VNNI inline __m256 estimate8(const kr_cpu_head_screen* s, const double* st, int64_t v0, __m512i d) {
+template <int kParts>
+KR_TARGET_VNNI inline __m256 estimate8(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v0, __m512i d) {
   const __m256i off = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s->qsum + v0)), 7);
   const __m256 f1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_castsi512_si256(d), off));
-  const __m256 f2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_extracti64x4_epi64(d, 1), off));
   const __m256 scale = _mm256_loadu_ps(s->scale + v0);
-  return _mm256_mul_ps(scale, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS1])), f1),
-                                            _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kS2])), f2)));
+  const __m256 t1 = _mm256_mul_ps(_mm256_set1_ps(c.s1), f1);
+  if constexpr (kParts == 1) return _mm256_mul_ps(scale, t1);
+  const __m256 f2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_extracti64x4_epi64(d, 1), off));
+  return _mm256_mul_ps(scale, _mm256_add_ps(t1, _mm256_mul_ps(_mm256_set1_ps(c.s2), f2)));
 }
 
 // bounds() on 8 rows v0..v0+7 at once, as estimate8: the same operations per lane.
-KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st, int64_t v0, __m512i d, float* hi,
-                                   float* lo) {
+template <int kParts>
+KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v0, __m512i d,
+                                   __m256* hi, __m256* lo) {
   const __m256 scale = _mm256_loadu_ps(s->scale + v0);
-  const __m256 a = estimate8(s, st, v0, d);
-  __m256 r = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefNorm])), _mm256_loadu_ps(s->wnorm + v0));
-  r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefErr])), _mm256_loadu_ps(s->err + v0)));
-  r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kCoefScale])), scale));
-  r = _mm256_mul_ps(_mm256_add_ps(r, _mm256_set1_ps(static_cast<float>(st[kAbs]))), _mm256_set1_ps(kInflate));
+  const __m256 a = estimate8(s, c, v0, d);
+  __m256 r = _mm256_mul_ps(_mm256_set1_ps(c.norm), _mm256_loadu_ps(s->wnorm + v0));
+  r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(c.err), _mm256_loadu_ps(s->err + v0)));
+  r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(c.fscale), scale));
+  r = _mm256_mul_ps(_mm256_add_ps(r, _mm256_set1_ps(c.abs)), _mm256_set1_ps(kInflate));
   const __m256 abs_a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
   r = _mm256_add_ps(r, _mm256_mul_ps(abs_a, _mm256_set1_ps(1.0f / 1048576.0f)));
-  const __m256 product = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(st[kXNorm])), _mm256_loadu_ps(s->wnorm + v0));
+  const __m256 product = _mm256_mul_ps(_mm256_set1_ps(c.xnorm), _mm256_loadu_ps(s->wnorm + v0));
   const __m256 wide = _mm256_cmp_ps(product, _mm256_set1_ps(kMaxNormProduct), _CMP_NLE_UQ);  // (as bounds())
-  _mm256_storeu_ps(hi, _mm256_blendv_ps(_mm256_add_ps(a, r), _mm256_set1_ps(__builtin_inff()), wide));
-  _mm256_storeu_ps(lo, _mm256_blendv_ps(_mm256_sub_ps(a, r), _mm256_set1_ps(-__builtin_inff()), wide));
+  *hi = _mm256_blendv_ps(_mm256_add_ps(a, r), _mm256_set1_ps(__builtin_inff()), wide);
+  *lo = _mm256_blendv_ps(_mm256_sub_ps(a, r), _mm256_set1_ps(-__builtin_inff()), wide);
 }
 
 // Rows v0 + j and v0 + j + 1 of W (at q) against the G prepared rows at u: their d1 and d2 into part[g * 2 * kBlock
@@ -202,12 +282,12 @@ KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const double* st
 // the first re-reading the block from L1 while no load went to memory.
 enum class Ahead { kNone, kL1, kL2 };
 
-template <int G>
+template <int G, int kParts = 2>
 KR_TARGET_VNNI KR_INLINE void screen_pair_vnni(const uint8_t* u, int64_t kp, const int8_t* q, Ahead ahead, int j,
                                                 __m512i* part) {
-  __m512i acc[G][4];  // (d1 of row j, d1 of row j + 1, d2 of row j, d2 of row j + 1) of each prepared row
+  __m512i acc[G][2 * kParts];  // (d1 of row j, d1 of row j + 1, d2 of row j, d2 of row j + 1) of each prepared row
   for (int g = 0; g < G; ++g)
-    for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
+    for (int i = 0; i < 2 * kParts; ++i) acc[g][i] = _mm512_setzero_si512();
   const uintptr_t at = reinterpret_cast<uintptr_t>(q);
   for (int64_t c = 0; c < kp; c += 64) {
     // (addresses formed as integers: near the end of the head they lie past it, where a prefetch is harmless but
@@ -222,23 +302,53 @@ KR_TARGET_VNNI KR_INLINE void screen_pair_vnni(const uint8_t* u, int64_t kp, con
     const __m512i w0 = _mm512_loadu_si512(q + c), w1 = _mm512_loadu_si512(q + kp + c);
     for (int g = 0; g < G; ++g) {
       const uint8_t* ug = u + g * 2 * kp;
-      const __m512i x1 = _mm512_loadu_si512(ug + c), x2 = _mm512_loadu_si512(ug + kp + c);
+      const __m512i x1 = _mm512_loadu_si512(ug + c);
       acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], x1, w0);
       acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], x1, w1);
-      acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], x2, w0);
-      acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], x2, w1);
+      if constexpr (kParts == 2) {
+        const __m512i x2 = _mm512_loadu_si512(ug + kp + c);
+        acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], x2, w0);
+        acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], x2, w1);
+      }
     }
   }
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < G; ++g) {  // (the first part alone: rows j, j + 1 of the prepared row's 16 slots, j < 16)
     __m512i* pg = part + g * 2 * kBlock;
-    pg[j] = acc[g][0], pg[j + 1] = acc[g][1], pg[kBlock + j] = acc[g][2], pg[kBlock + j + 1] = acc[g][3];
+    pg[j] = acc[g][0], pg[j + 1] = acc[g][1];
+    if constexpr (kParts == 2) pg[kBlock + j] = acc[g][2], pg[kBlock + j + 1] = acc[g][3];
   }
+}
+
+// The pairs of a block (q: its first row) against G prepared rows (u: the first's parts): both parts over kBlock rows,
+// or the first part alone over kFloorBlock rows (a prepared row's 16 vectors then hold the 16 rows' d1).
+template <int G, int kParts>
+KR_TARGET_VNNI void screen_pairs_vnni(const uint8_t* u, int64_t kp, const int8_t* q, Ahead ahead, __m512i* part) {
+  constexpr int rows = kParts == 2 ? kBlock : kFloorBlock;
+  for (int j = 0; j < rows; j += 2) screen_pair_vnni<G, kParts>(u, kp, q + j * kp, ahead, j, part);
 }
 
 // kBlock rows of W against the M prepared rows, in groups of at most kGroupMax rows (one group up to kOneGroupMax:
 // 4 accumulators a prepared row, 24 at 6, with the two weight chunks and x's two parts in the 32 registers); a
 // group after the first re-reads the block from L1. The integer dots are exact, so any order gives the same bounds.
-constexpr int kOneGroupMax = 6, kGroupMax = 4;
+// With the first part alone (the running floors' pass), 2 accumulators a row: one group up to kOnePartGroupMax.
+constexpr int kOneGroupMax = 6, kGroupMax = 4, kOnePartGroupMax = 8;
+
+template <int kParts>
+KR_TARGET_VNNI void screen_groups_vnni(int64_t g, const uint8_t* u, int64_t kp, const int8_t* q, Ahead ahead,
+                                       __m512i* part) {
+  switch (g) {
+    case 1: return screen_pairs_vnni<1, kParts>(u, kp, q, ahead, part);
+    case 2: return screen_pairs_vnni<2, kParts>(u, kp, q, ahead, part);
+    case 3: return screen_pairs_vnni<3, kParts>(u, kp, q, ahead, part);
+    case 4: return screen_pairs_vnni<4, kParts>(u, kp, q, ahead, part);
+    case 5: return screen_pairs_vnni<5, kParts>(u, kp, q, ahead, part);
+    case 6: return screen_pairs_vnni<6, kParts>(u, kp, q, ahead, part);
+  }
+  if constexpr (kParts == 1) {
+    if (g == 7) return screen_pairs_vnni<7, 1>(u, kp, q, ahead, part);
+    return screen_pairs_vnni<8, 1>(u, kp, q, ahead, part);
+  }
+}
 
 template <bool kEstimate>
 KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
@@ -249,27 +359,81 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
   __m512i part[kOneGroupMax * 2 * kBlock];
   for (int64_t m0 = 0; m0 < M; m0 += group) {
     const int64_t g = std::min(group, M - m0);
-    const uint8_t* ug = u + m0 * 2 * kp;
     const Ahead prefetch = m0 > 0 ? Ahead::kNone : l2 ? Ahead::kL2 : Ahead::kL1;  // (the first group's pass)
-    for (int j = 0; j < kBlock; j += 2) {
-      const int8_t* qj = q + j * kp;
-      switch (g) {
-        case 1: screen_pair_vnni<1>(ug, kp, qj, prefetch, j, part); break;
-        case 2: screen_pair_vnni<2>(ug, kp, qj, prefetch, j, part); break;
-        case 3: screen_pair_vnni<3>(ug, kp, qj, prefetch, j, part); break;
-        case 4: screen_pair_vnni<4>(ug, kp, qj, prefetch, j, part); break;
-        case 5: screen_pair_vnni<5>(ug, kp, qj, prefetch, j, part); break;
-        default: screen_pair_vnni<6>(ug, kp, qj, prefetch, j, part); break;
-      }
-    }
+    screen_groups_vnni<2>(g, u + m0 * 2 * kp, kp, q, prefetch, part);
     for (int64_t i = 0; i < g; ++i) {
       const int64_t m = m0 + i;
       const double* st = stats + m * KR_CPU_SCREEN_STATS;
-      if constexpr (kEstimate)
-        _mm256_storeu_ps(hi + m * ld + v0, st[kValid] == 1.0 ? estimate8(s, st, v0, hsum16(part + i * 2 * kBlock))
-                                                             : _mm256_set1_ps(__builtin_nanf("")));
-      else
-        bounds8(s, st, v0, hsum16(part + i * 2 * kBlock), hi + m * ld + v0, lo + m * ld + v0);
+      if constexpr (kEstimate) {
+        _mm256_storeu_ps(hi + m * ld + v0, st[kValid] == 1.0
+                                               ? estimate8(s, Coef<2>(st), v0, hsum16(part + i * 2 * kBlock))
+                                               : _mm256_set1_ps(__builtin_nanf("")));
+      } else {
+        __m256 h, l;
+        bounds8(s, Coef<2>(st), v0, hsum16(part + i * 2 * kBlock), &h, &l);
+        _mm256_storeu_ps(hi + m * ld + v0, h);
+        _mm256_storeu_ps(lo + m * ld + v0, l);
+      }
+    }
+  }
+}
+
+// bounds() of the first part alone on 16 rows v0..v0+15 at once (d: their d1): the same operations per lane.
+KR_TARGET_VNNI inline void first_part_bounds16(const kr_cpu_head_screen* s, const Coef<1>& c, int64_t v0, __m512i d,
+                                               __m512* hi, __m512* lo) {
+  const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(s->qsum + v0), 7);
+  const __m512 f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(d, off));
+  const __m512 scale = _mm512_loadu_ps(s->scale + v0), wnorm = _mm512_loadu_ps(s->wnorm + v0);
+  const __m512 a = _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(c.s1), f1));
+  __m512 r = _mm512_mul_ps(_mm512_set1_ps(c.norm), wnorm);
+  r = _mm512_add_ps(r, _mm512_mul_ps(_mm512_set1_ps(c.err), _mm512_loadu_ps(s->err + v0)));
+  r = _mm512_add_ps(r, _mm512_mul_ps(_mm512_set1_ps(c.fscale), scale));
+  r = _mm512_mul_ps(_mm512_add_ps(r, _mm512_set1_ps(c.abs)), _mm512_set1_ps(kInflate));
+  r = _mm512_add_ps(r, _mm512_mul_ps(_mm512_abs_ps(a), _mm512_set1_ps(1.0f / 1048576.0f)));
+  const __mmask16 wide =
+      _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_set1_ps(c.xnorm), wnorm), _mm512_set1_ps(kMaxNormProduct), _CMP_NLE_UQ);
+  *hi = _mm512_mask_blend_ps(wide, _mm512_add_ps(a, r), _mm512_set1_ps(__builtin_inff()));
+  *lo = _mm512_mask_blend_ps(wide, _mm512_sub_ps(a, r), _mm512_set1_ps(-__builtin_inff()));
+}
+
+// v with its upper 8 lanes replaced by h.
+KR_TARGET_VNNI inline __m512 upper(__m512 v, __m256 h) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(v), _mm256_castps_pd(h), 1));
+}
+
+// screen_floor_portable's block of kFloorBlock rows: the same integers, bounds and choices, so the same bits.
+KR_TARGET_VNNI void screen_block_floor_vnni(const uint8_t* u, const double* stats, int64_t M,
+                                            const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t v0,
+                                            bool l2, float* floors) {
+  const int64_t kp = s->kp;
+  const int8_t* q = s->q + v0 * kp;
+  const int64_t group = M <= kOnePartGroupMax ? M : kGroupMax;
+  __m512i part[kOnePartGroupMax * 2 * kBlock];
+  __m512i both[2 * kBlock];
+  for (int64_t m0 = 0; m0 < M; m0 += group) {
+    const int64_t g = std::min(group, M - m0);
+    const Ahead prefetch = m0 > 0 ? Ahead::kNone : l2 ? Ahead::kL2 : Ahead::kL1;  // (the first group's pass)
+    screen_groups_vnni<1>(g, u + m0 * 2 * kp, kp, q, prefetch, part);
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t m = m0 + i;
+      const double* st = stats + m * KR_CPU_SCREEN_STATS;
+      const float floor = load_floor(floors + m);
+      __m512 h, l;
+      first_part_bounds16(s, Coef<1>(st), v0, hsum16(part + i * 2 * kBlock), &h, &l);
+      const __mmask16 need = _mm512_cmp_ps_mask(h, _mm512_set1_ps(floor), _CMP_GE_OQ);
+      for (int half = 0; half < 2; ++half) {  // both parts of this prepared row over the 8 rows (in L1 now)
+        if (((need >> (half * kBlock)) & 0xffu) == 0) continue;
+        screen_groups_vnni<2>(1, u + m * 2 * kp, kp, q + half * kBlock * kp, Ahead::kNone, both);
+        __m256 h2, l2;
+        bounds8(s, Coef<2>(st), v0 + half * kBlock, hsum16(both), &h2, &l2);
+        const __mmask16 take = need & static_cast<__mmask16>(0xffu << (half * kBlock));
+        const __m512 h2w = half == 0 ? _mm512_castps256_ps512(h2) : upper(h, h2);
+        const __m512 l2w = half == 0 ? _mm512_castps256_ps512(l2) : upper(l, l2);
+        h = _mm512_mask_blend_ps(take, h, h2w), l = _mm512_mask_blend_ps(take, l, l2w);
+      }
+      _mm512_storeu_ps(hi + m * ld + v0, h);
+      _mm512_storeu_ps(lo + m * ld + v0, l);
+      raise_floor(floors + m, _mm512_reduce_max_ps(l));  // (lo is never NaN: finite stats, or -inf where wide)
     }
   }
 }
@@ -277,9 +441,14 @@ KR_TARGET_VNNI void screen_block_vnni(const uint8_t* u, const double* stats, int
 // Whole blocks of rows here; the last few rows (fewer than kBlock) by the portable loop: the same integers.
 template <bool kEstimate>
 KR_TARGET_VNNI int64_t screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
-                                   float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
+                                   float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end, float* floors) {
   const bool l2 = kr_cpu_prefetch_target() == KR_CPU_PREFETCH_L2;
   int64_t v = n_begin;
+  if (!kEstimate && floors != nullptr) {
+    for (; v + kFloorBlock <= n_end; v += kFloorBlock)
+      screen_block_floor_vnni(u, stats, M, s, hi, lo, ld, v, l2, floors);
+    return v;
+  }
   for (; v + kBlock <= n_end; v += kBlock) screen_block_vnni<kEstimate>(u, stats, M, s, hi, lo, ld, v, l2);
   return v;
 }
@@ -395,18 +564,23 @@ namespace {
 
 template <bool kEstimate>
 int screen_or_estimate(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
-                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end) {
+                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end,
+                       float* floors) {
   if (!kr_cpu_isa_supported(isa)) return KR_CPU_BAD_ISA;
   if (u == nullptr || stats == nullptr || s == nullptr || s->q == nullptr || s->scale == nullptr ||
       s->qsum == nullptr || (!kEstimate && (s->err == nullptr || s->wnorm == nullptr || lo == nullptr)) ||
       hi == nullptr || M < 0 || K <= 0 || s->kp < K || s->kp % 64 != 0 || s->kp > kMaxKp || n_begin < 0 ||
       n_end < n_begin || ld < n_end)
     return KR_CPU_BAD_ARGUMENT;
+  if (M < kFloorMinRows) floors = nullptr;
 #if KR_CPU_X86
   if (isa >= KR_CPU_ISA_AVX512 && cpu_has_vnni())
-    n_begin = screen_vnni<kEstimate>(u, stats, M, s, hi, lo, ld, n_begin, n_end);
+    n_begin = screen_vnni<kEstimate>(u, stats, M, s, hi, lo, ld, n_begin, n_end, floors);
 #endif
-  screen_portable<kEstimate>(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
+  if (!kEstimate && floors != nullptr)
+    screen_floor_portable(u, stats, M, K, s, hi, lo, ld, n_begin, n_end, floors);
+  else
+    screen_portable<kEstimate>(u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
   return KR_CPU_OK;
 }
 
@@ -414,14 +588,14 @@ int screen_or_estimate(int isa, const uint8_t* u, const double* stats, int64_t M
 
 extern "C" int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
                                   const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin,
-                                  int64_t n_end) {
-  return screen_or_estimate<false>(isa, u, stats, M, K, s, hi, lo, ld, n_begin, n_end);
+                                  int64_t n_end, float* floors) {
+  return screen_or_estimate<false>(isa, u, stats, M, K, s, hi, lo, ld, n_begin, n_end, floors);
 }
 
 extern "C" int kr_cpu_screen_estimate_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
                                            const kr_cpu_head_screen* s, float* y, int64_t ld, int64_t n_begin,
                                            int64_t n_end) {
-  return screen_or_estimate<true>(isa, u, stats, M, K, s, y, nullptr, ld, n_begin, n_end);
+  return screen_or_estimate<true>(isa, u, stats, M, K, s, y, nullptr, ld, n_begin, n_end, nullptr);
 }
 
 extern "C" int kr_cpu_screen_argmax_row(int isa, int dtype, const void* x_row, int64_t K, const void* head,

@@ -259,18 +259,28 @@ typedef struct kr_cpu_head_screen {
   int64_t kp;            // q's row stride: a multiple of 64, >= K, <= 32768 (the int32 dots)
 } kr_cpu_head_screen;
 
-enum { KR_CPU_SCREEN_STATS = 8 };  // doubles per row of kr_cpu_screen_prepare_rows
+enum { KR_CPU_SCREEN_STATS = 11 };  // doubles per row of kr_cpu_screen_prepare_rows
 
-// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats (M, 8):
-// the bounds' constants of each row (a row with a non-finite value is marked for the whole head). Tasks are rows.
+// x (M, K) of row stride ldx in the dtype -> u (M, 2, kp) uint8 (u1 + 128, u2 + 128; 128 past K) and stats
+// (M, KR_CPU_SCREEN_STATS): the bounds' constants of each row, for both parts and for the first alone (a row with a
+// non-finite value is marked for the whole head). Tasks are rows.
 int kr_cpu_screen_prepare_rows(int dtype, const void* x, int64_t ldx, int64_t K, int64_t kp, uint8_t* u,
                                double* stats, int64_t m_begin, int64_t m_end);
 
 // For rows v in [n_begin, n_end) of the head and each of the M prepared rows: hi[m * ld + v] and lo[m * ld + v],
 // bounds of the logit the head computes. isa: AVX-512 with VNNI where the CPU has it, otherwise portable (the same
 // integers, so the same bounds).
+// floors NULL, or M < 6 (where both parts cost about as much: head_screen.cpp): every bound from both of x's
+// parts. Else floors (M,) are running lower bounds of each prepared row's largest logit (-inf, or any such bound,
+// before a pass's first call; the calls of one pass may run at once, each raising them): in blocks of 16 rows of W,
+// each row's bounds come from x's first part alone (half the integer dot products) unless that upper bound reaches
+// the floor as the block starts, where both parts give them, and the floor is then raised to the block's largest
+// lower bound. The first part's bounds hold the logit too, and a row they leave out cannot be the largest, so
+// kr_cpu_screen_argmax_row makes the same choice from either; which rows get which bounds can depend on the order
+// in which the calls ran (the same order gives the same bits on every variant).
 int kr_cpu_screen_rows(int isa, const uint8_t* u, const double* stats, int64_t M, int64_t K,
-                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end);
+                       const kr_cpu_head_screen* s, float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end,
+                       float* floors);
 
 // The estimates instead of the bounds: y[m * ld + v] = a_v = scale[v] * (s1 * (d1 - 128 qsum[v]) + s2 * (d2 - 128
 // qsum[v])) in fp32, the value kr_cpu_screen_rows' bounds are centred on (the same bits on every variant), or NaN

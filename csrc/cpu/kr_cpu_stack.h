@@ -239,12 +239,16 @@ int embed_row(const void* embed, int64_t vocab, int64_t token, int64_t D, T* h) 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The two phases of a pass over a head's int8 form (head_screen.cpp): each of x's M rows (K values, row stride ldx)
-// prepared into u and stats, then the head's V rows claimed in blocks of 64 (at least kMinChunkWeightBytes of int8
-// rows a claim), rows(v0, v1) running the screen's kernel over rows [v0, v1).
+// prepared into u and stats (and its running floor, where floors is not NULL, set to -inf), then the head's V rows
+// claimed in blocks of 64 (at least kMinChunkWeightBytes of int8 rows a claim), rows(v0, v1) running the screen's
+// kernel over rows [v0, v1).
 template <typename Rows>
 void screen_phases(Phases& ph, int dtype, const void* x, int64_t ldx, int64_t M, int64_t K,
-                   const kr_cpu_head_screen* sc, int64_t V, uint8_t* u, double* stats, Rows&& rows) {
-  ph.each(M, [&](int64_t m) { return kr_cpu_screen_prepare_rows(dtype, x, ldx, K, sc->kp, u, stats, m, m + 1); });
+                   const kr_cpu_head_screen* sc, int64_t V, uint8_t* u, double* stats, float* floors, Rows&& rows) {
+  ph.each(M, [&](int64_t m) {
+    if (floors != nullptr) floors[m] = -__builtin_inff();
+    return kr_cpu_screen_prepare_rows(dtype, x, ldx, K, sc->kp, u, stats, m, m + 1);
+  });
   const int64_t min_rows = std::max<int64_t>(64, kMinChunkWeightBytes / sc->kp);
   ph.run(ceil_div(V, 64), ceil_div(min_rows, 64), kGuide,
          [&](int64_t b0, int64_t b1) { return rows(b0 * 64, std::min(V, b1 * 64)); });

@@ -13,6 +13,9 @@
 // row's cache (kr_cpu_decoder_args.cache_rows); every op gives a row's bits whatever the rows beside it, so the tokens
 // get the bits of the padded pass. The cache slots past a row's tokens are not written (nothing reads them: they are
 // past the row's accepted length).
+#include <cstdlib>
+#include <cstring>
+
 #include "kr_cpu_stack.h"
 
 #include "../kr_accept_rows.h"
@@ -28,7 +31,8 @@ constexpr int64_t kExtraPhases = 6;
 struct PassLayout {
   int64_t sync, status, h, xn, positions, cos, sin, logits, yf, idx, next, no_drafts, stack, total;
   int64_t tok_row, tok_at, row_start;  // the packed tokens' rows, their b * Q + i, each row's first token (B + 1)
-  int64_t screen_u, screen_stats, screen_hi;  // the screened head's: x's int8 parts, their stats, the upper bounds
+  int64_t screen_u, screen_stats, screen_hi, screen_floors;  // the screened head's: x's int8 parts, their stats, the
+  // upper bounds, the running floors
   // sampled: p (M, V) fp32, process_logits' row status (M,), the drafts' q over the whole vocabulary (B, Q - 1, V)
   // fp32 when they come over a draft vocabulary's ids
   int64_t probs, left, q_dense;
@@ -48,6 +52,13 @@ kr_cpu_decoder_args stack_args(const kr_cpu_target_pass_args& a) {
 }
 
 bool sampled(const kr_cpu_target_pass_args& a) { return a.sample_u_next != nullptr; }
+
+// Whether the screened head runs with its running floors (kr_cpu_screen_rows): KANGAROO_RT_SCREEN_FLOORS=0 turns
+// them off (every bound from both of x's parts, the A/B baseline), read at each pass as the Python switches are.
+bool screen_floors_on() {
+  const char* env = std::getenv("KANGAROO_RT_SCREEN_FLOORS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
 
 // Whether the pass takes the screened head (given, greedy, and this many rows are faster with it).
 bool screened(const kr_cpu_target_pass_args& a) {
@@ -78,6 +89,7 @@ PassLayout pass_layout_of(const kr_cpu_target_pass_args& a) {
   l.screen_u = take(screen ? M * 2 * a.head_screen->kp : 0);
   l.screen_stats = take(screen ? M * KR_CPU_SCREEN_STATS * 8 : 0);
   l.screen_hi = take(screen ? M * V * 4 : 0);
+  l.screen_floors = take(screen ? M * 4 : 0);
   l.probs = take(sampled(a) ? M * V * 4 : 0);
   l.left = take(sampled(a) ? M * 4 : 0);
   l.q_dense = take(sampled(a) && a.sample_q_ids != nullptr ? a.batch * (a.q_len - 1) * V * 4 : 0);
@@ -242,8 +254,9 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     double* stats = reinterpret_cast<double*>(ws + l.screen_stats);
     float* hi = reinterpret_cast<float*>(ws + l.screen_hi);
     float* lo = reinterpret_cast<float*>(ws + l.yf);
-    screen_phases(ph, a.dtype, xn, D, n_tok, D, sc, V, u, stats, [&](int64_t v0, int64_t v1) {
-      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, v0, v1);
+    float* floors = screen_floors_on() ? reinterpret_cast<float*>(ws + l.screen_floors) : nullptr;
+    screen_phases(ph, a.dtype, xn, D, n_tok, D, sc, V, u, stats, floors, [&](int64_t v0, int64_t v1) {
+      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, v0, v1, floors);
     });
     ph.each(n_tok, [&](int64_t t) {
       return kr_cpu_screen_argmax_row(isa, a.dtype, xn + t * D, D, a.head, a.packed, V, stats + t * KR_CPU_SCREEN_STATS,
