@@ -144,15 +144,7 @@ KR_TARGET_AVX2 void attend_avx2(const kr_cpu_attention_args& a, int64_t t0, int6
 
 constexpr int kMaxChunks = 8;  // head_dim <= 128
 
-// kr_cpu::float_to_bf16_bits on 16 lanes: round to nearest even, NaN -> 0x7fc0; the bits in the low half of each
-// 32-bit lane.
-KR_TARGET_AVX512 inline __m512i bf16_bits16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-}
+using kr_cpu::bf16_bits16;
 
 KR_TARGET_AVX512 inline void store16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits16(v)));
