@@ -363,11 +363,14 @@ def _dev_prompts(n: int):
 def stage_rank(args) -> None:
     """Measured end-to-end speed on dev prompts (greedy, batch 1, --rank-tokens new tokens, in the shipped
     ``cpu_dtype`` unless --rank-dtype) of the shipped adapter and every study adapter of the current vocabulary,
-    against plain decoding in the same run; tokens checked equal. rank.json, best first. Pause every other job
-    first: this is a timing."""
+    against plain decoding in the same run; tokens checked equal. Every setting (plain decoding included) decodes
+    prompt by prompt in turns, the order rotating from prompt to prompt, so that the host's bandwidth drifts (tens
+    of percent within minutes) hit them alike; until 2026-12-07 each setting decoded all its prompts in one go,
+    plain decoding first. rank.json, best first. Pause every other job first: this is a timing."""
     from kangaroo_rt.adapter import Adapter
     from kangaroo_rt.config import KangarooConfig
     from kangaroo_rt.generate import KangarooModel
+    from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.rank_dtype or models.settings("smollm2")["cpu_dtype"])
@@ -376,24 +379,13 @@ def stage_rank(args) -> None:
     prompts = _dev_prompts(args.rank_prompts)
     plain = KangarooModel(target, None, exit_layer=1)
     plain.max_len = 1024
-    _timed_decode(plain, prompts[:1], 8, None)  # warm-up
-    plain_s, plain_tokens, _, _, reference = _timed_decode(plain, prompts, args.rank_tokens, None)
-    rows = []
+    settings = [(None, plain, None, None)]  # (name, model, its record, KangarooConfig); plain decoding first
 
     def measure(name: str, model, rec: dict) -> None:
         model.max_len = 1024
         for gamma in args.gamma:
             for eta in args.eta:
-                kcfg = KangarooConfig(gamma=gamma, eta=eta)
-                _timed_decode(model, prompts[:1], 8, kcfg)
-                secs, tokens, rounds, committed, outs = _timed_decode(model, prompts, args.rank_tokens, kcfg)
-                row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
-                       "dev_top1": rec["dev_top1"], "gamma": gamma, "eta": eta, "mat": committed / max(rounds, 1),
-                       "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
-                       "identical": outs == reference}
-                rows.append(row)
-                print(f"rank: {name:16s} gamma {gamma} eta {eta:.2f}  speedup {row['speedup']:.2f}x  MAT "
-                      f"{row['mat']:.2f}  top-1 {row['dev_top1']}  identical {row['identical']}")
+                settings.append((name, model, rec, KangarooConfig(gamma=gamma, eta=eta)))
 
     runs = {name: rec for name, rec in _study_records().items()
             if rec.get("draft_vocab", 4096) == ids.numel() and (not args.runs or name in args.runs)}
@@ -406,6 +398,30 @@ def stage_rank(args) -> None:
         adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=dtype)
         adapter.set_draft_vocab(ids, source="study")
         measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
+    totals = [[0.0, 0, 0, 0, []] for _ in settings]  # seconds, tokens, rounds, committed, outputs
+    for _, model, _, kcfg in settings:  # warm-up
+        _timed_decode(model, prompts[:1], 8, kcfg)
+    for i, prompt in enumerate(tqdm(prompts, desc="rank", unit="prompt")):
+        for j in range(len(settings)):
+            k = (i + j) % len(settings)
+            secs, tokens, rounds, committed, outs = _timed_decode(settings[k][1], [prompt], args.rank_tokens,
+                                                                  settings[k][3])
+            t = totals[k]
+            t[0] += secs
+            t[1] += tokens
+            t[2] += rounds
+            t[3] += committed
+            t[4].append(outs[0])
+    plain_s, plain_tokens, _, _, reference = totals[0]
+    rows = []
+    for (name, _, rec, kcfg), (secs, tokens, rounds, committed, outs) in zip(settings[1:], totals[1:]):
+        row = {"name": name, "kind": rec["kind"], "exit_layer": rec["exit_layer"], "mlp": rec["mlp"],
+               "dev_top1": rec["dev_top1"], "gamma": kcfg.gamma, "eta": kcfg.eta, "mat": committed / max(rounds, 1),
+               "speedup": (tokens / secs) / (plain_tokens / plain_s), "tokens_per_s": tokens / secs,
+               "identical": outs == reference}
+        rows.append(row)
+        print(f"rank: {name:16s} gamma {kcfg.gamma} eta {kcfg.eta:.2f}  speedup {row['speedup']:.2f}x  MAT "
+              f"{row['mat']:.2f}  top-1 {row['dev_top1']}  identical {row['identical']}")
     rows.sort(key=lambda r: -r["speedup"])
     out = args.rank_out or ("rank.json" if not args.runs else "tune.json")
     shipped_run = models._adapter_settings(models.entry("smollm2").adapter_folder).get("adapter_run")
@@ -414,7 +430,8 @@ def stage_rank(args) -> None:
                    "shipped_run": shipped_run,  # whose rows are named "shipped"
                    "dtype": str(dtype).removeprefix("torch."), "device": device_name(torch.device("cpu")),
                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "rows": rows}, f, indent=2)
+                   "plain_tokens_per_s": plain_tokens / plain_s, "threads": args.threads, "in_turns": True,
+                   "rows": rows}, f, indent=2)
 
 ASSET = os.path.join(ROOT, "kangaroo_rt", "assets", "smollm2")
 
