@@ -381,7 +381,7 @@ def stage_rank(args) -> None:
     plain.max_len = 1024
     settings = [(None, plain, None, None)]  # (name, model, its record, KangarooConfig); plain decoding first
 
-    def measure(name: str, model, rec: dict) -> None:
+    def add_settings(name: str, model, rec: dict) -> None:
         model.max_len = 1024
         for gamma in args.gamma:
             for eta in args.eta:
@@ -392,12 +392,12 @@ def stage_rank(args) -> None:
     if not args.runs or "shipped" in args.runs:
         shipped_exit = models.settings("smollm2")["exit_layer"]  # the reference: the adapter that ships today
         shipped = Adapter.from_pretrained(models.entry("smollm2").adapter_folder, target.config, dtype=dtype)
-        measure("shipped", KangarooModel(target, shipped, exit_layer=shipped_exit),
+        add_settings("shipped", KangarooModel(target, shipped, exit_layer=shipped_exit),
                 {"kind": "shipped", "exit_layer": shipped_exit, "mlp": False, "dev_top1": None})
     for name, rec in runs.items():
         adapter = Adapter.from_pretrained(os.path.join(STUDY, "adapters", name), target.config, dtype=dtype)
         adapter.set_draft_vocab(ids, source="study")
-        measure(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
+        add_settings(name, KangarooModel(target, adapter, exit_layer=rec["exit_layer"]), rec)
     totals = [[0.0, 0, 0, 0, []] for _ in settings]  # seconds, tokens, rounds, committed, outputs
     for _, model, _, kcfg in settings:  # warm-up
         _timed_decode(model, prompts[:1], 8, kcfg)

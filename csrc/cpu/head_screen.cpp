@@ -245,22 +245,21 @@ KR_TARGET_VNNI inline __m512i hsum16(const __m512i* v) {
   return _mm512_permutexvar_epi32(where, t);
 }
 
-// estimate() on 8 rows v0..v0+7 at once, d1 in the low and d2 in the high half of d: the same operations per lane.
-template <int kParts>
-KR_TARGET_VNNI inline __m256 estimate8(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v0, __m512i d) {
+// estimate() of both parts on 8 rows v0..v0+7 at once, d1 in the low and d2 in the high half of d: the same
+// operations per lane.
+KR_TARGET_VNNI inline __m256 estimate8(const kr_cpu_head_screen* s, const Coef<2>& c, int64_t v0, __m512i d) {
   const __m256i off = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s->qsum + v0)), 7);
   const __m256 f1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_castsi512_si256(d), off));
-  const __m256 scale = _mm256_loadu_ps(s->scale + v0);
-  const __m256 t1 = _mm256_mul_ps(_mm256_set1_ps(c.s1), f1);
-  if constexpr (kParts == 1) return _mm256_mul_ps(scale, t1);
   const __m256 f2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm512_extracti64x4_epi64(d, 1), off));
-  return _mm256_mul_ps(scale, _mm256_add_ps(t1, _mm256_mul_ps(_mm256_set1_ps(c.s2), f2)));
+  const __m256 scale = _mm256_loadu_ps(s->scale + v0);
+  return _mm256_mul_ps(scale, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(c.s1), f1),
+                                            _mm256_mul_ps(_mm256_set1_ps(c.s2), f2)));
 }
 
-// bounds() on 8 rows v0..v0+7 at once, as estimate8: the same operations per lane.
-template <int kParts>
-KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const Coef<kParts>& c, int64_t v0, __m512i d,
-                                   __m256* hi, __m256* lo) {
+// bounds() of both parts on 8 rows v0..v0+7 at once, as estimate8: the same operations per lane (the first part
+// alone: first_part_bounds16).
+KR_TARGET_VNNI inline void bounds8(const kr_cpu_head_screen* s, const Coef<2>& c, int64_t v0, __m512i d, __m256* hi,
+                                   __m256* lo) {
   const __m256 scale = _mm256_loadu_ps(s->scale + v0);
   const __m256 a = estimate8(s, c, v0, d);
   __m256 r = _mm256_mul_ps(_mm256_set1_ps(c.norm), _mm256_loadu_ps(s->wnorm + v0));
@@ -438,7 +437,8 @@ KR_TARGET_VNNI void screen_block_floor_vnni(const uint8_t* u, const double* stat
   }
 }
 
-// Whole blocks of rows here; the last few rows (fewer than kBlock) by the portable loop: the same integers.
+// Whole blocks of rows here (kBlock rows, or kFloorBlock with running floors); the last few rows by the portable
+// loop: the same integers.
 template <bool kEstimate>
 KR_TARGET_VNNI int64_t screen_vnni(const uint8_t* u, const double* stats, int64_t M, const kr_cpu_head_screen* s,
                                    float* hi, float* lo, int64_t ld, int64_t n_begin, int64_t n_end, float* floors) {

@@ -254,9 +254,12 @@ int run_pass(int isa, const kr_cpu_target_pass_args& a) {
     double* stats = reinterpret_cast<double*>(ws + l.screen_stats);
     float* hi = reinterpret_cast<float*>(ws + l.screen_hi);
     float* lo = reinterpret_cast<float*>(ws + l.yf);
-    float* floors = screen_floors_on() ? reinterpret_cast<float*>(ws + l.screen_floors) : nullptr;
+    // (the floors are set whatever the switch says: each thread reads it, and a thread that read it on while another
+    // read it off must still find them set)
+    float* floors = reinterpret_cast<float*>(ws + l.screen_floors);
+    float* used = screen_floors_on() ? floors : nullptr;
     screen_phases(ph, a.dtype, xn, D, n_tok, D, sc, V, u, stats, floors, [&](int64_t v0, int64_t v1) {
-      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, v0, v1, floors);
+      return kr_cpu_screen_rows(isa, u, stats, n_tok, D, sc, hi, lo, V, v0, v1, used);
     });
     ph.each(n_tok, [&](int64_t t) {
       return kr_cpu_screen_argmax_row(isa, a.dtype, xn + t * D, D, a.head, a.packed, V, stats + t * KR_CPU_SCREEN_STATS,
